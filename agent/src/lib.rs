@@ -1,1 +1,23 @@
+//! fieldlink edge agent.
+//!
+//! Flow of a reading (see `ARCHITECTURE.md`): [`mqtt`] maps a message to readings and queues them to the
+//! [`buffer`] thread, which commits them to SQLite and only then acknowledges the message to the broker; the
+//! buffer seals the oldest readings into wire-format records ([`batch`], `fieldlink-proto`) with a persisted
+//! sequence number; [`kinesis`] sends sealed records and the buffer deletes each one Kinesis accepted.
+//!
+//! Invariants:
+//! - A message is acknowledged to its source only after its readings are committed (durability per
+//!   `[buffer] durability`).
+//! - A reading is deleted from the disk only after Kinesis accepted the record holding it.
+//! - A record, once sealed, is resent byte-identical under the same `(agent_id, seq)`.
+//! - Every queue is bounded (`[buffer] queue_capacity`, MQTT in-flight window, one `PutRecords` in flight).
 
+pub mod batch;
+pub mod buffer;
+pub mod config;
+pub mod kinesis;
+pub mod metrics;
+pub mod mqtt;
+mod run;
+
+pub use run::{run, RunError};

@@ -1,1 +1,17 @@
+//! Operational plumbing shared by `fieldlink-agent` and `fieldlink-cloud`.
+//!
+//! - [`aws`]: one way to build AWS SDK configuration: a single TLS stack (rustls + ring), explicit connect and
+//!   operation timeouts, optional endpoint override for local emulators.
+//! - [`metrics`]: counters and gauges rendered in the Prometheus text format. Counters only go up and are
+//!   incremented where the event happens; gauges are set from a source of truth, never adjusted by deltas.
+//! - [`http`]: a deliberately tiny HTTP/1.1 responder for `GET /metrics` and `GET /health` (bounded request size,
+//!   per-connection timeout), so the binaries need no HTTP server framework.
+//! - [`logging`], [`shutdown`], [`backoff`]: structured logs, one cancellation token, capped exponential backoff
+//!   with full jitter.
 
+pub mod aws;
+pub mod backoff;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod shutdown;

@@ -1,0 +1,168 @@
+//! The agent's TOML configuration: one file, documented defaults, every problem reported at once.
+//!
+//! Each component owns its section's struct (`mqtt::MqttConfig`, `buffer::BufferConfig`, ...); this module
+//! assembles them and runs every `validate()` before anything starts.
+
+use crate::batch::BatchConfig;
+use crate::buffer::BufferConfig;
+use crate::kinesis::KinesisConfig;
+use crate::mqtt::MqttConfig;
+use fieldlink_ops::aws::AwsSettings;
+use fieldlink_ops::logging::LogSettings;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This agent's id: 1 to 64 characters of `[A-Za-z0-9._-]`. It names the agent in every batch and is the
+    /// Kinesis partition key, so it must be unique per site and must not change (the buffer remembers it).
+    pub agent_id: String,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSettings,
+    /// Address of the `/metrics` and `/health` endpoint. Default `127.0.0.1:9464`.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    /// AWS connection settings (region, endpoint override, timeouts).
+    #[serde(default)]
+    pub aws: AwsSettings,
+    /// The on-disk buffer.
+    pub buffer: BufferConfig,
+    /// When a batch is sealed.
+    #[serde(default)]
+    pub batch: BatchConfig,
+    /// The Kinesis stream batches go to.
+    pub kinesis: KinesisConfig,
+    /// MQTT connections (`[[mqtt]]`, one table per broker).
+    #[serde(default)]
+    pub mqtt: Vec<MqttConfig>,
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown field, wrong type, missing field).
+    #[error("{0}")]
+    Parse(String),
+    /// The file parsed but values are invalid; every problem is listed.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// Checks an agent id: 1..=64 bytes of `[A-Za-z0-9._-]`.
+pub fn agent_id_problem(id: &str) -> Option<String> {
+    if id.is_empty() || id.len() > fieldlink_proto::limits::MAX_AGENT_ID_BYTES {
+        return Some(format!(
+            "agent_id: must be 1 to 64 characters, got {}",
+            id.len()
+        ));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Some(format!(
+            "agent_id: only letters, digits, '.', '_' and '-' are allowed, got {id:?}"
+        ));
+    }
+    None
+}
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let problems = cfg.validate();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Every problem, each naming its field. Empty means valid.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        p.extend(agent_id_problem(&self.agent_id));
+        p.extend(self.log.validate("log"));
+        p.extend(self.aws.validate("aws"));
+        p.extend(self.buffer.validate("buffer"));
+        p.extend(self.batch.validate("batch"));
+        p.extend(self.kinesis.validate("kinesis"));
+        if self.mqtt.is_empty() {
+            p.push("mqtt: at least one [[mqtt]] connection is required".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, m) in self.mqtt.iter().enumerate() {
+            p.extend(m.validate(&format!("mqtt[{i}]")));
+            if !names.insert(m.name.as_str()) {
+                p.push(format!("mqtt[{i}].name: {:?} is used twice", m.name));
+            }
+        }
+        p
+    }
+}
+
+/// The example configuration shipped in `deploy/agent.example.toml` (tested to parse and validate).
+pub const EXAMPLE: &str = include_str!("../../deploy/agent.example.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_is_valid() {
+        if let Err(e) = Config::from_toml(EXAMPLE) {
+            panic!("deploy/agent.example.toml: {e}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_name() {
+        let text = EXAMPLE.replace("[buffer]", "[buffer]\nmax_bytez = 5");
+        let err = Config::from_toml(&text)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("max_bytez"), "{err}");
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let text = EXAMPLE
+            .replace("agent_id = \"edge-demo-1\"", "agent_id = \"bad id!\"")
+            .replace("stream = \"fieldlink-demo\"", "stream = \"\"")
+            .replace("linger_ms = 1000", "linger_ms = 0");
+        let Err(ConfigError::Invalid(problems)) = Config::from_toml(&text) else {
+            panic!("expected invalid")
+        };
+        let all = problems.join("\n");
+        for field in ["agent_id", "kinesis.stream", "batch.linger_ms"] {
+            assert!(all.contains(field), "{field} missing from:\n{all}");
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! `fieldlink-agent` command line.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fieldlink_agent::config::{Config, EXAMPLE};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fieldlink-agent",
+    version,
+    about = "fieldlink edge agent: MQTT in, SQLite buffer, zstd batches to Kinesis"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run {
+        /// Configuration file.
+        #[arg(short, long, default_value = "/etc/fieldlink/agent.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print every problem; exit status 1 if there is any.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(short, long, default_value = "/etc/fieldlink/agent.toml")]
+        config: PathBuf,
+    },
+    /// Print a documented example configuration.
+    GenerateConfig,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::GenerateConfig => {
+            print!("{EXAMPLE}");
+            Ok(())
+        }
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(cfg) => {
+                println!(
+                    "{}: OK (agent {}, {} MQTT connection(s), buffer {}, stream {})",
+                    config.display(),
+                    cfg.agent_id,
+                    cfg.mqtt.len(),
+                    cfg.buffer.path.display(),
+                    cfg.kinesis.stream
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", config.display());
+                std::process::exit(1);
+            }
+        },
+        Command::Run { config } => {
+            let cfg = Config::load(&config)
+                .with_context(|| format!("configuration {}", config.display()))?;
+            cfg.log.init();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(async {
+                let cancel = tokio_util::sync::CancellationToken::new();
+                fieldlink_ops::shutdown::cancel_on_signal(cancel.clone());
+                fieldlink_agent::run(cfg, cancel).await
+            })?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! MQTT source: one task per broker connection.
+//!
+//! Messages are mapped to readings ([`payload`]) and queued to the buffer together with an acknowledgement
+//! callback; the buffer thread runs the callback (which sends the PUBACK) only after the readings are
+//! committed. Manual acks are on, so the broker redelivers anything the agent had not committed when it died.
+//! A payload that cannot be mapped is counted by reason and acknowledged (through the same ordered path, so
+//! PUBACKs leave in arrival order): redelivering it would not make it parseable.
+//!
+//! When the buffer queue is full the task stops polling the connection, the broker's in-flight window fills,
+//! and the broker holds further messages: backpressure reaches the publisher without losing anything.
+
+mod config;
+pub mod payload;
+
+pub use config::{MqttConfig, PayloadConfig, TimeUnit, TopicConfig};
+
+use crate::buffer::{AckFn, BufferHandle};
+use fieldlink_ops::backoff::Backoff;
+use fieldlink_ops::metrics::{Counter, Gauge, Health, Registry};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+/// Per-connection metrics.
+#[derive(Debug, Clone)]
+struct ConnMetrics {
+    connected: Gauge,
+    messages: Counter,
+    bytes: Counter,
+    readings: Counter,
+    skipped_fields: Counter,
+    reconnects: Counter,
+    ack_failed: Counter,
+    registry: Registry,
+    name: String,
+}
+
+impl ConnMetrics {
+    fn new(registry: &Registry, name: &str) -> Self {
+        let l = [("connection", name)];
+        Self {
+            connected: registry.gauge(
+                "fieldlink_mqtt_connected",
+                "1 while the MQTT connection is up.",
+                &l,
+            ),
+            messages: registry.counter(
+                "fieldlink_mqtt_messages_total",
+                "MQTT messages received.",
+                &l,
+            ),
+            bytes: registry.counter(
+                "fieldlink_mqtt_bytes_total",
+                "MQTT payload bytes received.",
+                &l,
+            ),
+            readings: registry.counter(
+                "fieldlink_readings_received_total",
+                "Readings accepted from sources.",
+                &[("source", "mqtt"), ("connection", name)],
+            ),
+            skipped_fields: registry.counter(
+                "fieldlink_mqtt_skipped_fields_total",
+                "Payload fields that gave no reading (null, arrays).",
+                &l,
+            ),
+            reconnects: registry.counter(
+                "fieldlink_mqtt_reconnects_total",
+                "MQTT connection failures followed by a reconnect.",
+                &l,
+            ),
+            ack_failed: registry.counter(
+                "fieldlink_mqtt_ack_failed_total",
+                "PUBACKs that could not be queued (the broker redelivers).",
+                &l,
+            ),
+            registry: registry.clone(),
+            name: name.to_owned(),
+        }
+    }
+
+    fn dead_letter(&self, reason: &str) -> Counter {
+        self.registry.counter(
+            "fieldlink_mqtt_dead_letters_total",
+            "MQTT messages refused by the payload mapping, by reason.",
+            &[("connection", &self.name), ("reason", reason)],
+        )
+    }
+}
+
+fn qos(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtLeastOnce,
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Runs one connection until `cancel` fires. Reconnects forever with capped, jittered backoff.
+pub async fn run(
+    cfg: MqttConfig,
+    agent_id: String,
+    buffer: BufferHandle,
+    registry: Registry,
+    health: Health,
+    cancel: CancellationToken,
+) {
+    let m = ConnMetrics::new(&registry, &cfg.name);
+    let component = format!("mqtt:{}", cfg.name);
+    let client_id = cfg
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("fieldlink-{agent_id}-{}", cfg.name));
+    let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+    opts.set_keep_alive(Duration::from_secs(cfg.keep_alive_s));
+    opts.set_clean_session(cfg.clean_session);
+    opts.set_manual_acks(true);
+    opts.set_inflight(cfg.max_inflight);
+    let max_packet = cfg.payload.max_payload_bytes + 64 * 1024;
+    opts.set_max_packet_size(max_packet, max_packet);
+    // Requests are only acks and subscribes; room for a full in-flight window of acks.
+    let (client, mut eventloop) = AsyncClient::new(opts, usize::from(cfg.max_inflight) * 2 + 16);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    health.set(&component, false, "connecting");
+
+    loop {
+        let event = tokio::select! {
+            _ = cancel.cancelled() => break,
+            ev = eventloop.poll() => ev,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff.reset();
+                m.connected.set(1);
+                health.set(&component, true, "");
+                tracing::info!(connection = %cfg.name, session_present = ack.session_present, "MQTT connected");
+                // Subscribing again is harmless with a present session and required without one.
+                for t in &cfg.topics {
+                    if let Err(e) = client.try_subscribe(t.filter.clone(), qos(t.qos)) {
+                        tracing::error!(connection = %cfg.name, filter = %t.filter, error = %e, "cannot queue subscribe");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                m.messages.inc();
+                m.bytes.add(publish.payload.len() as u64);
+                let topic = publish.topic.clone();
+                let readings = match payload::parse(
+                    &topic,
+                    &publish.payload,
+                    now_ms(),
+                    &cfg.payload,
+                ) {
+                    Ok(parsed) => {
+                        m.readings.add(parsed.readings.len() as u64);
+                        m.skipped_fields.add(parsed.skipped as u64);
+                        parsed.readings
+                    }
+                    Err(e) => {
+                        m.dead_letter(e.reason()).inc();
+                        tracing::debug!(connection = %cfg.name, topic = %topic, error = %e, "payload refused");
+                        Vec::new()
+                    }
+                };
+                let (ack_client, ack_failed) = (client.clone(), m.ack_failed.clone());
+                let ack: AckFn = Box::new(move || {
+                    if ack_client.try_ack(&publish).is_err() {
+                        ack_failed.inc();
+                    }
+                });
+                let send = buffer.append(readings, Some(ack));
+                let sent = tokio::select! {
+                    r = send => r,
+                    _ = cancel.cancelled() => break,
+                };
+                if sent.is_err() {
+                    tracing::error!(connection = %cfg.name, "buffer closed; stopping MQTT connection");
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                m.connected.set(0);
+                m.reconnects.inc();
+                health.set(&component, false, e.to_string());
+                let delay = backoff.next_delay();
+                tracing::warn!(connection = %cfg.name, error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    m.connected.set(0);
+    let _ = client.try_disconnect();
+    // Let the DISCONNECT go out; bounded.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Ok(ev) = eventloop.poll().await {
+            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
+    tracing::info!(connection = %cfg.name, "MQTT connection stopped");
+}
