@@ -1,0 +1,129 @@
+//! The cloud service's TOML configuration; every problem is reported at once.
+
+use crate::consumer::ConsumerConfig;
+use crate::parquet::ParquetConfig;
+use crate::timestream::TimestreamConfig;
+use fieldlink_ops::aws::AwsSettings;
+use fieldlink_ops::logging::LogSettings;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSettings,
+    /// Address of `/metrics` and `/health`. Default `0.0.0.0:9465` (it runs in a container).
+    #[serde(default = "default_listen")]
+    pub metrics_listen: SocketAddr,
+    /// AWS connection settings.
+    #[serde(default)]
+    pub aws: AwsSettings,
+    /// The stream to consume.
+    pub kinesis: ConsumerConfig,
+    /// Timestream sink; absent = off.
+    #[serde(default)]
+    pub timestream: Option<TimestreamConfig>,
+    /// Parquet sink; absent = off.
+    #[serde(default)]
+    pub parquet: Option<ParquetConfig>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9465))
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable file.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not valid TOML for the schema.
+    #[error("{0}")]
+    Parse(String),
+    /// Invalid values, all listed.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let problems = cfg.validate();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Every problem, each naming its field.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        p.extend(self.log.validate("log"));
+        p.extend(self.aws.validate("aws"));
+        p.extend(self.kinesis.validate("kinesis"));
+        if let Some(t) = &self.timestream {
+            p.extend(t.validate("timestream"));
+        }
+        if let Some(q) = &self.parquet {
+            p.extend(q.validate("parquet"));
+        }
+        if self.timestream.is_none() && self.parquet.is_none() {
+            p.push("timestream, parquet: configure at least one sink".into());
+        }
+        p
+    }
+}
+
+/// The shipped example, `deploy/cloud.example.toml` (tested).
+pub const EXAMPLE: &str = include_str!("../../deploy/cloud.example.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_is_valid() {
+        if let Err(e) = Config::from_toml(EXAMPLE) {
+            panic!("deploy/cloud.example.toml: {e}");
+        }
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let text = EXAMPLE
+            .replace("max_records_per_get = 1000", "max_records_per_get = 0")
+            .replace(
+                "location = \"s3://fieldlink-bronze/bronze\"",
+                "location = \"gs://x\"",
+            );
+        let Err(ConfigError::Invalid(p)) = Config::from_toml(&text) else {
+            panic!("expected invalid")
+        };
+        let all = p.join("\n");
+        assert!(
+            all.contains("kinesis.max_records_per_get") && all.contains("parquet.location"),
+            "{all}"
+        );
+    }
+}

@@ -1,0 +1,77 @@
+//! `fieldlink-cloud` command line.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fieldlink_cloud::config::{Config, EXAMPLE};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fieldlink-cloud",
+    version,
+    about = "fieldlink cloud consumer: Kinesis in, Timestream and Parquet out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the consumer.
+    Run {
+        /// Configuration file.
+        #[arg(short, long, default_value = "/etc/fieldlink/cloud.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file; exit status 1 on any problem.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(short, long, default_value = "/etc/fieldlink/cloud.toml")]
+        config: PathBuf,
+    },
+    /// Print a documented example configuration.
+    GenerateConfig,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::GenerateConfig => {
+            print!("{EXAMPLE}");
+            Ok(())
+        }
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(cfg) => {
+                println!(
+                    "{}: OK (stream {}, timestream {}, parquet {})",
+                    config.display(),
+                    cfg.kinesis.stream,
+                    cfg.timestream
+                        .as_ref()
+                        .map_or("off".to_owned(), |t| format!("{}.{}", t.database, t.table)),
+                    cfg.parquet.as_ref().map_or("off", |p| p.location.as_str())
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", config.display());
+                std::process::exit(1);
+            }
+        },
+        Command::Run { config } => {
+            let cfg = Config::load(&config)
+                .with_context(|| format!("configuration {}", config.display()))?;
+            cfg.log.init();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(async {
+                let cancel = tokio_util::sync::CancellationToken::new();
+                fieldlink_ops::shutdown::cancel_on_signal(cancel.clone());
+                fieldlink_cloud::run(cfg, cancel).await
+            })?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! The cloud service's metrics.
+
+use fieldlink_ops::metrics::{Counter, Registry};
+
+/// Handles to the cloud metrics.
+#[derive(Debug, Clone)]
+pub struct CloudMetrics {
+    /// Registry (for labelled metrics created on demand).
+    pub registry: Registry,
+    /// Kinesis records received.
+    pub records_in: Counter,
+    /// Batches landed in every sink.
+    pub batches_landed: Counter,
+    /// Batches skipped as duplicates.
+    pub batches_duplicate: Counter,
+    /// Readings landed.
+    pub readings_landed: Counter,
+    /// Timestream records written.
+    pub timestream_records: Counter,
+    /// Timestream records rejected (by us for breaking limits, or by Timestream).
+    pub timestream_rejected: Counter,
+    /// Parquet files written.
+    pub parquet_files: Counter,
+    /// Parquet rows written.
+    pub parquet_rows: Counter,
+}
+
+impl CloudMetrics {
+    /// Registers the metrics.
+    pub fn new(registry: Registry) -> Self {
+        let c = |n: &str, h: &str| registry.counter(n, h, &[]);
+        Self {
+            records_in: c("fieldlink_cloud_records_total", "Kinesis records received."),
+            batches_landed: c(
+                "fieldlink_cloud_batches_landed_total",
+                "Batches handed to every sink.",
+            ),
+            batches_duplicate: c(
+                "fieldlink_cloud_batches_duplicate_total",
+                "Batches skipped because (agent, seq) was landed before.",
+            ),
+            readings_landed: c(
+                "fieldlink_cloud_readings_landed_total",
+                "Readings handed to every sink.",
+            ),
+            timestream_records: c(
+                "fieldlink_timestream_records_written_total",
+                "Timestream records accepted.",
+            ),
+            timestream_rejected: c(
+                "fieldlink_timestream_records_rejected_total",
+                "Timestream records rejected (limits or service).",
+            ),
+            parquet_files: c("fieldlink_parquet_files_total", "Parquet files written."),
+            parquet_rows: c(
+                "fieldlink_parquet_rows_total",
+                "Rows written to Parquet files.",
+            ),
+            registry,
+        }
+    }
+
+    /// Undecodable records by reason.
+    pub fn dead_letter(&self, reason: &str) -> Counter {
+        self.registry.counter(
+            "fieldlink_cloud_dead_letters_total",
+            "Kinesis records that could not be decoded, by reason.",
+            &[("reason", reason)],
+        )
+    }
+
+    /// Sink failures by sink.
+    pub fn sink_errors(&self, sink: &str) -> Counter {
+        self.registry.counter(
+            "fieldlink_cloud_sink_errors_total",
+            "Sink operations that failed after retries.",
+            &[("sink", sink)],
+        )
+    }
+}

@@ -1,0 +1,256 @@
+//! Batch → Timestream multi-measure records. Pure; enforces Timestream's limits (moto does not).
+//!
+//! Readings that share device, tags and time become one multi-measure record: dimensions `agent`, `device` and
+//! the series' tags; one measure per series measure (the last segment of the series key). A reading whose
+//! quality is not good adds a VARCHAR measure `<measure>_quality`. The record's `Version` is the batch sequence
+//! number, so writing the same batch again is a no-op upsert.
+
+use fieldlink_proto::{Batch, Quality, Value};
+use std::collections::BTreeMap;
+
+/// Timestream limits (Timestream for LiveAnalytics quotas).
+pub mod limits {
+    /// Records per `WriteRecords` call.
+    pub const MAX_RECORDS_PER_CALL: usize = 100;
+    /// Dimensions per record.
+    pub const MAX_DIMENSIONS: usize = 128;
+    /// Bytes in a dimension name.
+    pub const MAX_DIMENSION_NAME: usize = 60;
+    /// Bytes in a dimension value.
+    pub const MAX_DIMENSION_VALUE: usize = 2048;
+    /// Bytes in a measure name.
+    pub const MAX_MEASURE_NAME: usize = 256;
+    /// Measures in one multi-measure record.
+    pub const MAX_MEASURES: usize = 256;
+    /// Bytes in a VARCHAR measure value.
+    pub const MAX_VARCHAR: usize = 2048;
+}
+
+/// A measure's Timestream type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeasureType {
+    /// DOUBLE.
+    Double,
+    /// BIGINT.
+    Bigint,
+    /// BOOLEAN.
+    Boolean,
+    /// VARCHAR.
+    Varchar,
+}
+
+/// One multi-measure record, independent of the SDK's types.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TsRecord {
+    /// Dimensions `(name, value)`.
+    pub dimensions: Vec<(String, String)>,
+    /// Time, Unix ms.
+    pub time_ms: i64,
+    /// Measures `(name, value as text, type)`.
+    pub measures: Vec<(String, String, MeasureType)>,
+    /// Record version.
+    pub version: i64,
+}
+
+/// Why a reading was not turned into a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Series key.
+    pub series: String,
+    /// Reason.
+    pub reason: String,
+}
+
+fn measure(value: &Value) -> Option<(String, MeasureType)> {
+    match value {
+        Value::F64(v) if v.is_finite() => Some((format!("{v}"), MeasureType::Double)),
+        Value::F64(_) => None,
+        Value::I64(v) => Some((v.to_string(), MeasureType::Bigint)),
+        Value::Bool(v) => Some((v.to_string(), MeasureType::Boolean)),
+        Value::Str(s) => Some((s.clone(), MeasureType::Varchar)),
+    }
+}
+
+/// Builds the records of one batch; readings that break a limit are returned as refused.
+pub fn build(batch: &Batch) -> (Vec<TsRecord>, Vec<Refused>) {
+    let mut refused = Vec::new();
+    // Dimensions per series, checked once.
+    let dims: Vec<Result<Vec<(String, String)>, String>> = batch
+        .series
+        .iter()
+        .map(|s| {
+            let mut d = vec![
+                ("agent".to_owned(), batch.agent_id.clone()),
+                ("device".to_owned(), s.device().to_owned()),
+            ];
+            d.extend(s.tags.iter().filter(|(_, v)| !v.is_empty()).cloned());
+            if d.len() > limits::MAX_DIMENSIONS {
+                return Err(format!(
+                    "{} dimensions, limit {}",
+                    d.len(),
+                    limits::MAX_DIMENSIONS
+                ));
+            }
+            for (k, v) in &d {
+                if k.len() > limits::MAX_DIMENSION_NAME || v.len() > limits::MAX_DIMENSION_VALUE {
+                    return Err(format!("dimension {k} too long"));
+                }
+            }
+            if s.measure().len() > limits::MAX_MEASURE_NAME
+                || d.iter().any(|(k, _)| k == s.measure())
+            {
+                return Err(format!(
+                    "measure name {:?} too long or equal to a dimension name",
+                    s.measure()
+                ));
+            }
+            Ok(d)
+        })
+        .collect();
+
+    // Group by (dimensions, time); BTreeMap keeps the output deterministic. Within a group, a later reading of
+    // the same measure replaces an earlier one (Timestream refuses a repeated measure name in one record).
+    type Measures = BTreeMap<String, (String, MeasureType)>;
+    let mut groups: BTreeMap<(Vec<(String, String)>, i64), Measures> = BTreeMap::new();
+    for r in &batch.readings {
+        let s = &batch.series[r.series as usize];
+        let d = match &dims[r.series as usize] {
+            Ok(d) => d,
+            Err(why) => {
+                refused.push(Refused {
+                    series: s.key.clone(),
+                    reason: why.clone(),
+                });
+                continue;
+            }
+        };
+        let Some((text, ty)) = measure(&r.value) else {
+            refused.push(Refused {
+                series: s.key.clone(),
+                reason: "non-finite double".into(),
+            });
+            continue;
+        };
+        if ty == MeasureType::Varchar && text.len() > limits::MAX_VARCHAR {
+            refused.push(Refused {
+                series: s.key.clone(),
+                reason: format!(
+                    "string of {} bytes, limit {}",
+                    text.len(),
+                    limits::MAX_VARCHAR
+                ),
+            });
+            continue;
+        }
+        let m = groups.entry((d.clone(), r.ts_ms)).or_default();
+        m.insert(s.measure().to_owned(), (text, ty));
+        if r.quality != Quality::Good {
+            m.insert(
+                format!("{}_quality", s.measure()),
+                (r.quality.as_str().to_owned(), MeasureType::Varchar),
+            );
+        }
+    }
+
+    let mut records = Vec::with_capacity(groups.len());
+    for ((dimensions, time_ms), measures) in groups {
+        let measures: Vec<_> = measures.into_iter().map(|(k, (v, t))| (k, v, t)).collect();
+        // Split records with more measures than allowed.
+        for chunk in measures.chunks(limits::MAX_MEASURES) {
+            records.push(TsRecord {
+                dimensions: dimensions.clone(),
+                time_ms,
+                measures: chunk.to_vec(),
+                version: batch.seq as i64,
+            });
+        }
+    }
+    (records, refused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fieldlink_proto::{Reading, Series};
+
+    fn r(series: u32, ts: i64, value: Value, quality: Quality) -> Reading {
+        Reading {
+            series,
+            ts_ms: ts,
+            value,
+            quality,
+            late: false,
+        }
+    }
+
+    #[test]
+    fn readings_of_one_device_at_one_time_share_a_record() {
+        let batch = Batch {
+            agent_id: "edge-1".into(),
+            seq: 9,
+            series: vec![
+                Series::new("line3/imu/000/acc_x"),
+                Series::new("line3/imu/000/acc_y"),
+                Series::new("plant/m/001/value"),
+            ],
+            readings: vec![
+                r(0, 100, Value::F64(0.5), Quality::Good),
+                r(1, 100, Value::F64(-1.0), Quality::Bad),
+                r(2, 100, Value::I64(7), Quality::Good),
+                r(0, 200, Value::F64(0.25), Quality::Good),
+            ],
+        };
+        let (recs, refused) = build(&batch);
+        assert!(refused.is_empty());
+        assert_eq!(recs.len(), 3);
+        let first = &recs[0];
+        assert_eq!(
+            first.dimensions,
+            vec![
+                ("agent".into(), "edge-1".into()),
+                ("device".into(), "line3/imu/000".into())
+            ]
+        );
+        assert_eq!(first.time_ms, 100);
+        assert_eq!(first.version, 9);
+        assert_eq!(
+            first.measures,
+            vec![
+                ("acc_x".into(), "0.5".into(), MeasureType::Double),
+                ("acc_y".into(), "-1".into(), MeasureType::Double),
+                ("acc_y_quality".into(), "bad".into(), MeasureType::Varchar),
+            ]
+        );
+        assert_eq!(
+            recs[2].measures,
+            vec![("value".into(), "7".into(), MeasureType::Bigint)]
+        );
+    }
+
+    #[test]
+    fn limits_are_enforced_here_because_the_emulator_does_not() {
+        let long_tag = Series {
+            key: "d/v".into(),
+            tags: vec![("site".into(), "x".repeat(3000))],
+        };
+        let batch = Batch {
+            agent_id: "a".into(),
+            seq: 1,
+            series: vec![
+                long_tag,
+                Series::new("d/device"),
+                Series::new("d/s"),
+                Series::new("d/ok"),
+            ],
+            readings: vec![
+                r(0, 1, Value::F64(1.0), Quality::Good),
+                r(1, 1, Value::F64(1.0), Quality::Good),
+                r(2, 1, Value::Str("y".repeat(3000)), Quality::Good),
+                r(3, 1, Value::F64(f64::NAN), Quality::Good),
+            ],
+        };
+        let (recs, refused) = build(&batch);
+        assert!(recs.is_empty());
+        assert_eq!(refused.len(), 4, "{refused:?}");
+    }
+}
