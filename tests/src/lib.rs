@@ -1,1 +1,314 @@
+//! Test harness: real Mosquitto and moto server on free loopback ports, the fieldlink binaries as child
+//! processes, and the Python helpers in `tests/python` (run with the repo's `.venv`).
+//!
+//! Everything started here is stopped when its guard drops. Nothing uses a fixed port or a fixed sleep: waits
+//! poll a condition with a deadline.
+#![allow(clippy::unwrap_used, unreachable_pub, missing_debug_implementations)]
 
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The venv's Python (created by `deploy/setup.sh`), or `FIELDLINK_PYTHON`.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("FIELDLINK_PYTHON") {
+        return p.into();
+    }
+    let p = root().join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} missing: run deploy/setup.sh (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+/// A helper script under `tests/python`.
+pub fn script(name: &str) -> PathBuf {
+    root().join("tests/python").join(name)
+}
+
+/// Runs a Python helper and returns its stdout; panics with its stderr on failure.
+pub fn run_python(args: &[&str]) -> String {
+    let out = Command::new(python()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "python {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A binary of this workspace, built by `cargo build --workspace --bins` (the test command does this first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `cond` every 100 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// A child process killed (SIGKILL) when dropped unless stopped before.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Self {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = cmd
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Self {
+            name: name.into(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGTERM, then waits up to `timeout` for a clean exit (panics if it does not exit or fails).
+    pub fn terminate(&mut self, timeout: Duration) {
+        let mut child = self.child.take().unwrap();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let status = wait_for(&format!("{} to exit", self.name), timeout, || {
+            child.try_wait().unwrap()
+        });
+        assert!(
+            status.success(),
+            "{} exited with {status}; log:\n{}",
+            self.name,
+            self.log_text()
+        );
+    }
+
+    /// SIGKILL now.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Mosquitto broker on a free loopback port (config file, large queues, no persistence).
+pub struct Mosquitto {
+    pub port: u16,
+    pub proc: Proc,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\nmax_inflight_messages 1000\npersistence false\n"),
+        )
+        .unwrap();
+        let mut cmd = Command::new(mosquitto_bin());
+        cmd.arg("-c").arg(&conf);
+        let proc = Proc::spawn("mosquitto", cmd, &dir.join("mosquitto.log"));
+        wait_for("mosquitto to listen", Duration::from_secs(10), || {
+            port_open(port).then_some(())
+        });
+        Self { port, proc }
+    }
+}
+
+fn mosquitto_bin() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    panic!("mosquitto not installed: run deploy/setup.sh");
+}
+
+/// A moto server on a port it chooses.
+pub struct Moto {
+    pub endpoint: String,
+    pub proc: Proc,
+}
+
+impl Moto {
+    pub fn start(dir: &Path) -> Self {
+        let log = dir.join("moto.log");
+        let moto = python().parent().unwrap().join("moto_server");
+        let mut cmd = Command::new(&moto);
+        cmd.args(["-H", "127.0.0.1", "-p", "0"]);
+        let proc = Proc::spawn("moto", cmd, &log);
+        let port: u16 = wait_for("moto to print its port", Duration::from_secs(30), || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            let at = text.find("Running on http://127.0.0.1:")?;
+            text[at + 28..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        });
+        wait_for("moto to listen", Duration::from_secs(10), || {
+            port_open(port).then_some(())
+        });
+        Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            proc,
+        }
+    }
+
+    /// Creates a stream with `shards` shards, a Timestream database and table, and a bucket.
+    pub fn create(&self, stream: &str, shards: u32, database: &str, table: &str, bucket: &str) {
+        run_python(&[
+            script("aws_setup.py").to_str().unwrap(),
+            &self.endpoint,
+            stream,
+            &shards.to_string(),
+            database,
+            table,
+            bucket,
+        ]);
+    }
+}
+
+/// Environment for our binaries talking to moto.
+pub fn aws_env(cmd: &mut Command) {
+    cmd.env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE");
+}
+
+/// `(series, ts_ms, value)` of the first `n` readings of `shared/datasets/sensors.csv.gz`.
+pub fn dataset(n: usize) -> Vec<(String, i64, f64)> {
+    let path = dataset_path();
+    let mut gz = flate2::read::GzDecoder::new(std::fs::File::open(&path).unwrap());
+    let mut text = String::new();
+    gz.read_to_string(&mut text).unwrap();
+    text.lines()
+        .skip(1)
+        .take(n)
+        .map(|l| {
+            let mut f = l.splitn(3, ',');
+            let ts = f.next().unwrap().parse().unwrap();
+            let series = f.next().unwrap().to_owned();
+            let v = f.next().unwrap().parse().unwrap();
+            (series, ts, v)
+        })
+        .collect()
+}
+
+/// Where the shared dataset is (`../shared/datasets/sensors.csv.gz` beside the repo, or `FIELDLINK_DATASET`).
+pub fn dataset_path() -> PathBuf {
+    if let Ok(p) = std::env::var("FIELDLINK_DATASET") {
+        return p.into();
+    }
+    let p = root()
+        .parent()
+        .unwrap()
+        .join("shared/datasets/sensors.csv.gz");
+    assert!(
+        p.exists(),
+        "{} missing (set FIELDLINK_DATASET)",
+        p.display()
+    );
+    p
+}
+
+/// Reads a process's output lines as they come (for binaries that print a ready line).
+pub fn lines_of(out: Output) -> Vec<String> {
+    BufReader::new(&out.stdout[..])
+        .lines()
+        .map_while(Result::ok)
+        .collect()
+}
+
+/// GET http://127.0.0.1:port/path, returning the body (for /metrics).
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
+/// The value of an unlabelled metric in a Prometheus text body.
+pub fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|r| r.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}

@@ -16,8 +16,13 @@
 //! readings(id INTEGER PRIMARY KEY, series_id INTEGER, ts_ms INTEGER, kind INTEGER, value ANY)
 //! batches(seq INTEGER PRIMARY KEY, record BLOB, readings INTEGER, sealed_ms INTEGER)
 //! ```
-//! `kind` is the wire format's kind byte (value type, quality, late flag); `value` holds a REAL, INTEGER (i64 and
+//! `kind` is the wire format's kind byte (value type, quality, late flag) plus, in bit 7 (reserved on the wire),
+//! an end-of-message mark on the last reading of each source message; `value` holds a REAL, INTEGER (i64 and
 //! bool) or TEXT.
+//!
+//! Sealing cuts only at end-of-message marks, so the readings of one message (e.g. six IMU axes at one
+//! timestamp) always travel in one batch and land as one Timestream multi-measure record. Only a message with
+//! more readings than `max_readings`, or a batch halved to fit 1 MiB, is split.
 //!
 //! # Invariants
 //! - `meta.next_seq` is greater than every `batches.seq` ever written; sequence numbers are never reused, even
@@ -41,6 +46,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// Buffer-only bit of `readings.kind`: the last reading of a source message.
+const END_OF_MESSAGE: u8 = 0x80;
 /// Current schema version.
 const SCHEMA_VERSION: i64 = 1;
 /// Series cached in memory before the cache is dropped and refilled from the table.
@@ -316,9 +323,10 @@ impl Buffer {
         let n = self.in_tx(|b| {
             let mut n = 0u64;
             for group in groups {
-                for r in group {
+                for (i, r) in group.iter().enumerate() {
                     let sid = b.series_id(&r.series)?;
-                    let kind = kind_byte(&r.value, r.quality, false);
+                    let end = if i + 1 == group.len() { END_OF_MESSAGE } else { 0 };
+                    let kind = kind_byte(&r.value, r.quality, false) | end;
                     let mut stmt = b.conn.prepare_cached("INSERT INTO readings(series_id, ts_ms, kind, value) VALUES (?1, ?2, ?3, ?4)")?;
                     match &r.value {
                         Value::F64(v) => stmt.execute(params![sid, r.ts_ms, kind, v])?,
@@ -351,13 +359,16 @@ impl Buffer {
         now_ms: i64,
     ) -> Result<Option<Sealed>, BufferError> {
         let mut rows: Vec<(i64, Row)> = Vec::new();
+        let mut ends: Vec<bool> = Vec::new();
         {
             let mut stmt = self.conn.prepare_cached(
                 "SELECT id, series_id, ts_ms, kind, value FROM readings ORDER BY id LIMIT ?1",
             )?;
             let mut q = stmt.query([max_readings as i64])?;
             while let Some(r) = q.next()? {
-                let kind: u8 = r.get(3)?;
+                let stored: u8 = r.get(3)?;
+                ends.push(stored & END_OF_MESSAGE != 0);
+                let kind = stored & !END_OF_MESSAGE;
                 let value = match (kind & 0x07, r.get_ref(4)?) {
                     (0, v) => Value::F64(v.as_f64().or_else(|_| v.as_i64().map(|i| i as f64))?),
                     (1, v) => Value::I64(v.as_i64()?),
@@ -387,6 +398,12 @@ impl Buffer {
         }
         if rows.is_empty() {
             return Ok(None);
+        }
+        // Cut after the last complete message, unless even one message is longer than the limit.
+        if rows.len() == max_readings {
+            if let Some(end) = ends.iter().rposition(|&e| e) {
+                rows.truncate(end + 1);
+            }
         }
         // Resolve every series first (needs &mut self), then encode with a plain lookup.
         let mut known = HashMap::new();

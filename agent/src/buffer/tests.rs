@@ -166,3 +166,30 @@ fn all_value_types_and_qualities_survive_the_buffer() {
     let want: Vec<_> = group.iter().map(|r| (r.value.clone(), r.quality)).collect();
     assert_eq!(got, want);
 }
+
+#[test]
+fn a_message_is_never_split_across_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir);
+    // Three messages of 4 readings each; batches of at most 6 readings must cut at message ends.
+    let msgs: Vec<Vec<NewReading>> = (0..3)
+        .map(|m| {
+            (0..4)
+                .map(|i| reading(&format!("imu/{m}/{i}"), m, i as f64))
+                .collect()
+        })
+        .collect();
+    b.append(msgs.iter().map(Vec::as_slice)).unwrap();
+    let mut enc = Encoder::new(3).unwrap();
+    let sizes: Vec<usize> =
+        std::iter::from_fn(|| b.seal(&mut enc, 6, 1 << 20, 0).unwrap().map(|s| s.readings))
+            .collect();
+    assert_eq!(sizes, vec![4, 4, 4]);
+    // A message longer than the limit is split rather than stuck.
+    let long: Vec<NewReading> = (0..10).map(|i| reading("big/x", i, 0.0)).collect();
+    b.append([long.as_slice()]).unwrap();
+    let sizes: Vec<usize> =
+        std::iter::from_fn(|| b.seal(&mut enc, 6, 1 << 20, 0).unwrap().map(|s| s.readings))
+            .collect();
+    assert_eq!(sizes, vec![6, 4]);
+}

@@ -138,13 +138,33 @@ pub async fn run(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
                 m.connected.set(1);
-                health.set(&component, true, "");
+                health.set(&component, false, "connected, subscribing");
                 tracing::info!(connection = %cfg.name, session_present = ack.session_present, "MQTT connected");
-                // Subscribing again is harmless with a present session and required without one.
-                for t in &cfg.topics {
-                    if let Err(e) = client.try_subscribe(t.filter.clone(), qos(t.qos)) {
-                        tracing::error!(connection = %cfg.name, filter = %t.filter, error = %e, "cannot queue subscribe");
-                    }
+                // Subscribing again is harmless with a present session and required without one. One SUBSCRIBE
+                // for all filters, so one SUBACK says whether all of them are active.
+                let filters = cfg
+                    .topics
+                    .iter()
+                    .map(|t| rumqttc::SubscribeFilter::new(t.filter.clone(), qos(t.qos)));
+                if let Err(e) = client.try_subscribe_many(filters) {
+                    tracing::error!(connection = %cfg.name, error = %e, "cannot queue subscribe");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    .count();
+                if refused > 0 {
+                    tracing::error!(connection = %cfg.name, refused, "broker refused subscriptions");
+                    health.set(
+                        &component,
+                        false,
+                        format!("{refused} subscription(s) refused"),
+                    );
+                } else {
+                    health.set(&component, true, "subscribed");
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Independent decoder of the fieldlink wire format v1, written from proto/FORMAT.md alone.
+
+Usage: fieldlink_decode.py RECORD_FILE...   prints one JSON object per record:
+  {"agent_id", "seq", "series": [[key, [[name, value], ...]], ...],
+   "readings": [[series_index, ts_ms, type, value, quality, late], ...]}
+f64 values are printed as the hex of their 8 little-endian bytes so NaN and -0.0 compare exactly.
+"""
+import json
+import struct
+import sys
+
+import zstandard
+
+MAX_BODY = 16 * 1024 * 1024
+MAX_SERIES, MAX_READINGS, MAX_TAGS = 65_536, 1_000_000, 64
+MASK64 = (1 << 64) - 1
+
+
+class DecodeError(Exception):
+    pass
+
+
+class Reader:
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def remaining(self):
+        return len(self.buf) - self.pos
+
+    def bytes(self, n, what):
+        if n > self.remaining():
+            raise DecodeError(f"truncated in {what}")
+        b = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return b
+
+    def uvarint(self, what):
+        v, shift = 0, 0
+        for i in range(10):
+            b = self.bytes(1, what)[0]
+            v |= (b & 0x7F) << shift
+            if b < 0x80:
+                if v > MASK64:
+                    raise DecodeError(f"varint overflow in {what}")
+                return v
+            shift += 7
+        raise DecodeError(f"varint too long in {what}")
+
+    def svarint(self, what):
+        u = self.uvarint(what)
+        return (u >> 1) ^ -(u & 1)
+
+    def count(self, what, limit, min_each):
+        n = self.uvarint(what)
+        if n > limit:
+            raise DecodeError(f"{what} {n} above limit {limit}")
+        if n * min_each > self.remaining():
+            raise DecodeError(f"truncated in {what}")
+        return n
+
+    def string(self, what, limit):
+        n = self.count(what, limit, 1)
+        return self.bytes(n, what).decode("utf-8")
+
+
+def wrap_i64(v):
+    v &= MASK64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def decode(record):
+    r = Reader(record)
+    if r.bytes(4, "magic") != b"FLNK":
+        raise DecodeError("bad magic")
+    version = r.bytes(1, "version")[0]
+    if version != 1:
+        raise DecodeError(f"unsupported version {version}")
+    if r.bytes(1, "flags")[0] != 0:
+        raise DecodeError("flags set")
+    id_len = r.bytes(1, "id_len")[0]
+    agent_id = r.bytes(id_len, "agent_id").decode("utf-8")
+    (seq,) = struct.unpack("<Q", r.bytes(8, "seq"))
+    (body_len,) = struct.unpack("<I", r.bytes(4, "body_len"))
+    if body_len > MAX_BODY:
+        raise DecodeError("body too large")
+    body = zstandard.ZstdDecompressor().decompress(r.bytes(r.remaining(), "body"), max_output_size=body_len)
+    if len(body) != body_len:
+        raise DecodeError("body size differs from header")
+
+    b = Reader(body)
+    series = []
+    for _ in range(b.count("series_count", MAX_SERIES, 2)):
+        key = b.string("key", 1024)
+        tags = [[b.string("tag name", 256), b.string("tag value", 1024)] for _ in range(b.count("tags", MAX_TAGS, 2))]
+        series.append([key, tags])
+    n = b.count("reading_count", MAX_READINGS, 2)
+    base = b.svarint("base_ts")
+    runs = [b.uvarint("runs") for _ in series]
+    if sum(runs) != n:
+        raise DecodeError("runs do not sum to reading_count")
+    ts = []
+    for run in runs:
+        prev = base
+        for _ in range(run):
+            prev = wrap_i64(prev + b.svarint("ts"))
+            ts.append(prev)
+    kinds = b.bytes(n, "kinds")
+    types = [k & 0x07 for k in kinds]
+    n_f64 = types.count(0)
+    planes = b.bytes(8 * n_f64, "f64")
+    f64s = [bytes(planes[p * n_f64 + j] for p in range(8)).hex() for j in range(n_f64)]
+    i64s, j = [], 0
+    for run in runs:
+        prev = 0
+        for t in types[j:j + run]:
+            if t == 1:
+                prev = wrap_i64(prev + b.svarint("i64"))
+                i64s.append(prev)
+        j += run
+    bools = list(b.bytes(types.count(2), "bool"))
+    readings, j, fi, ii, bi = [], 0, 0, 0, 0
+    for si, run in enumerate(runs):
+        for _ in range(run):
+            k, t = kinds[j], types[j]
+            if t == 0:
+                v, fi = f64s[fi], fi + 1
+            elif t == 1:
+                v, ii = i64s[ii], ii + 1
+            elif t == 2:
+                if bools[bi] not in (0, 1):
+                    raise DecodeError("bool byte")
+                v, bi = bools[bi] == 1, bi + 1
+            elif t == 3:
+                v = b.string("string", 65_536)
+            else:
+                raise DecodeError("unknown type")
+            readings.append([si, ts[j], ["f64", "i64", "bool", "str"][t], v, (k >> 4) & 3, bool(k & 0x40)])
+            j += 1
+    if b.remaining():
+        raise DecodeError("trailing bytes")
+    return {"agent_id": agent_id, "seq": seq, "series": series, "readings": readings}
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        with open(path, "rb") as f:
+            print(json.dumps(decode(f.read())))

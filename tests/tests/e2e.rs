@@ -1,0 +1,272 @@
+//! The first end-to-end path on real services: a real MQTT client (paho) publishes readings from the shared
+//! dataset to a real Mosquitto; `fieldlink-agent` buffers and sends them to Kinesis on moto server;
+//! `fieldlink-cloud` lands them in moto's Timestream and in Parquet files on moto's S3, read back with pyarrow.
+//! Exactly the published readings must land in both: none missing, none doubled.
+#![allow(clippy::unwrap_used)]
+
+use fieldlink_e2e::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const N: usize = 12_000;
+
+fn agent_config(
+    dir: &Path,
+    mqtt_port: u16,
+    metrics_port: u16,
+    endpoint: &str,
+    stream: &str,
+) -> String {
+    format!(
+        r##"agent_id = "e2e-agent"
+metrics_listen = "127.0.0.1:{metrics_port}"
+[log]
+level = "info"
+[aws]
+endpoint_url = "{endpoint}"
+[buffer]
+path = "{buffer}"
+durability = "normal"
+[batch]
+linger_ms = 200
+max_readings = 2000
+[kinesis]
+stream = "{stream}"
+[[mqtt]]
+name = "local"
+host = "127.0.0.1"
+port = {mqtt_port}
+[[mqtt.topics]]
+filter = "#"
+qos = 1
+"##,
+        buffer = dir.join("agent-buffer.db").display()
+    )
+}
+
+fn cloud_config(metrics_port: u16, endpoint: &str, stream: &str) -> String {
+    format!(
+        r#"metrics_listen = "127.0.0.1:{metrics_port}"
+[log]
+level = "info"
+format = "text"
+[aws]
+endpoint_url = "{endpoint}"
+[kinesis]
+stream = "{stream}"
+idle_poll_ms = 200
+[timestream]
+database = "fieldlink"
+table = "readings"
+[parquet]
+location = "s3://bronze-e2e/bronze"
+idle_flush_ms = 1000
+"#
+    )
+}
+
+type Key = (String, i64, u64);
+
+fn counted(rows: impl IntoIterator<Item = Key>) -> BTreeMap<Key, usize> {
+    let mut m = BTreeMap::new();
+    for r in rows {
+        *m.entry(r).or_insert(0) += 1;
+    }
+    m
+}
+
+fn landed_rows(v: &serde_json::Value, which: &str) -> Vec<Key> {
+    v[which]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let value: f64 = r[2].as_str().unwrap().parse().unwrap();
+            (
+                r[0].as_str().unwrap().to_owned(),
+                r[1].as_i64().unwrap(),
+                value.to_bits(),
+            )
+        })
+        .collect()
+}
+
+fn describe_difference(
+    name: &str,
+    expected: &BTreeMap<Key, usize>,
+    got: &BTreeMap<Key, usize>,
+) -> String {
+    let missing: Vec<_> = expected
+        .keys()
+        .filter(|k| !got.contains_key(*k))
+        .take(5)
+        .collect();
+    let doubled: Vec<_> = got.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    let extra: Vec<_> = got
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .take(5)
+        .collect();
+    format!(
+        "{name}: expected {} readings, got {} ({} distinct); missing e.g. {missing:?}; doubled e.g. {doubled:?}; unexpected e.g. {extra:?}",
+        expected.len(),
+        got.values().sum::<usize>(),
+        got.len()
+    )
+}
+
+#[test]
+fn mqtt_readings_land_exactly_once_in_timestream_and_parquet() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let moto = Moto::start(dir.path());
+    let stream = "fieldlink-e2e";
+    moto.create(stream, 2, "fieldlink", "readings", "bronze-e2e");
+
+    let (agent_port, cloud_port) = (free_port(), free_port());
+    let agent_toml = dir.path().join("agent.toml");
+    let cloud_toml = dir.path().join("cloud.toml");
+    std::fs::write(
+        &agent_toml,
+        agent_config(dir.path(), broker.port, agent_port, &moto.endpoint, stream),
+    )
+    .unwrap();
+    std::fs::write(
+        &cloud_toml,
+        cloud_config(cloud_port, &moto.endpoint, stream),
+    )
+    .unwrap();
+
+    // check-config accepts both files.
+    for (b, cfg) in [
+        ("fieldlink-agent", &agent_toml),
+        ("fieldlink-cloud", &cloud_toml),
+    ] {
+        let out = Command::new(bin(b))
+            .arg("check-config")
+            .arg("--config")
+            .arg(cfg)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{b} check-config: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let mut cmd = Command::new(bin("fieldlink-cloud"));
+    cmd.arg("run").arg("--config").arg(&cloud_toml);
+    aws_env(&mut cmd);
+    let mut cloud = Proc::spawn("fieldlink-cloud", cmd, &dir.path().join("cloud.log"));
+
+    let mut cmd = Command::new(bin("fieldlink-agent"));
+    cmd.arg("run").arg("--config").arg(&agent_toml);
+    aws_env(&mut cmd);
+    let mut agent = Proc::spawn("fieldlink-agent", cmd, &dir.path().join("agent.log"));
+    wait_for("the agent to subscribe", Duration::from_secs(30), || {
+        http_get(agent_port, "/health")
+            .filter(|b| b.contains("mqtt:local: ok"))
+            .map(|_| ())
+    });
+
+    let published = run_python(&[
+        script("publish.py").to_str().unwrap(),
+        "127.0.0.1",
+        &broker.port.to_string(),
+        dataset_path().to_str().unwrap(),
+        &N.to_string(),
+    ]);
+    eprintln!("published: {published}");
+
+    let expected = counted(
+        dataset(N)
+            .into_iter()
+            .map(|(s, ts, v)| (s, ts, v.to_bits())),
+    );
+    assert_eq!(expected.len(), N, "dataset slice has duplicate readings");
+
+    // Every reading reaches Kinesis (the agent's ledger) and Timestream.
+    wait_for(
+        "the agent to send every reading",
+        Duration::from_secs(60),
+        || {
+            let m = http_get(agent_port, "/metrics")?;
+            (metric(&m, "fieldlink_readings_sent_total")? as usize >= N).then_some(())
+        },
+    );
+    let landed_args = [
+        script("landed.py").to_str().unwrap().to_owned(),
+        moto.endpoint.clone(),
+        "fieldlink".into(),
+        "readings".into(),
+        "bronze-e2e".into(),
+        "bronze".into(),
+    ];
+    let landed_args: Vec<&str> = landed_args.iter().map(String::as_str).collect();
+    wait_for(
+        "Timestream to hold every reading",
+        Duration::from_secs(90),
+        || {
+            let v: serde_json::Value = serde_json::from_str(&run_python(&landed_args)).ok()?;
+            (v["timestream"].as_array()?.len() >= N).then_some(())
+        },
+    );
+
+    // Graceful shutdown writes the staged Parquet files; the agent exits cleanly with nothing pending.
+    cloud.terminate(Duration::from_secs(30));
+    let agent_metrics = http_get(agent_port, "/metrics").unwrap();
+    assert_eq!(
+        metric(&agent_metrics, "fieldlink_readings_buffered_total"),
+        Some(N as f64)
+    );
+    assert_eq!(
+        metric(&agent_metrics, "fieldlink_buffer_pending_readings"),
+        Some(0.0)
+    );
+    agent.terminate(Duration::from_secs(30));
+
+    let v: serde_json::Value = serde_json::from_str(&run_python(&landed_args)).unwrap();
+    let ts = counted(landed_rows(&v, "timestream"));
+    let pq = counted(landed_rows(&v, "parquet"));
+    assert!(
+        ts == expected,
+        "{}",
+        describe_difference("timestream", &expected, &ts)
+    );
+    assert!(
+        pq == expected,
+        "{}",
+        describe_difference("parquet", &expected, &pq)
+    );
+    // Multi-measure grouping: one message (one device, one timestamp, up to six measures) is one record, and
+    // the agent never splits a message across batches.
+    let messages = serde_json::from_str::<serde_json::Value>(&published).unwrap()["messages"]
+        .as_u64()
+        .unwrap() as usize;
+    let records = v["timestream_records"].as_u64().unwrap() as usize;
+    assert_eq!(
+        records, messages,
+        "Timestream records for {messages} messages"
+    );
+    // Files are partitioned by event hour.
+    let files: Vec<&str> = v["parquet_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(!files.is_empty());
+    for f in &files {
+        assert!(
+            f.starts_with("bronze-e2e/bronze/dt=2026-03-02/hour="),
+            "unexpected key {f}"
+        );
+    }
+    eprintln!(
+        "landed {N} readings: {records} Timestream records, {} Parquet files",
+        files.len()
+    );
+}
