@@ -173,7 +173,7 @@ impl Mosquitto {
         let conf = dir.join(format!("mosquitto-{port}.conf"));
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\nmax_inflight_messages 1000\npersistence false\n"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\npersistence false\n"),
         )
         .unwrap();
         let mut cmd = Command::new(mosquitto_bin());

@@ -408,14 +408,14 @@ impl Buffer {
         // Resolve every series first (needs &mut self), then encode with a plain lookup.
         let mut known = HashMap::new();
         for (_, row) in &rows {
-            if !known.contains_key(&row.series_id) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = known.entry(row.series_id) {
                 let s =
                     self.series_by_id(row.series_id)?
                         .ok_or_else(|| BufferError::Incompatible {
                             path: "buffer".into(),
                             why: format!("reading refers to missing series {}", row.series_id),
                         })?;
-                known.insert(row.series_id, s);
+                slot.insert(s);
             }
         }
         let plain: Vec<Row> = rows.iter().map(|(_, r)| r.clone()).collect();

@@ -6,6 +6,12 @@
 //! A payload that cannot be mapped is counted by reason and acknowledged (through the same ordered path, so
 //! PUBACKs leave in arrival order): redelivering it would not make it parseable.
 //!
+//! Acknowledgements never block and are never dropped: the buffer thread's callback only records
+//! `(qos, packet id)` in this connection's [`AckQueue`] and wakes the connection task, which moves queued acks
+//! into rumqttc's request channel between polls of the event loop (the loop drains that channel). A full
+//! channel leaves the rest queued for the next turn. The queue holds at most one entry per unacknowledged
+//! message, which the broker's in-flight window bounds.
+//!
 //! When the buffer queue is full the task stops polling the connection, the broker's in-flight window fills,
 //! and the broker holds further messages: backpressure reaches the publisher without losing anything.
 
@@ -18,7 +24,10 @@ use crate::buffer::{AckFn, BufferHandle};
 use fieldlink_ops::backoff::Backoff;
 use fieldlink_ops::metrics::{Counter, Gauge, Health, Registry};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Per-connection metrics.
@@ -30,7 +39,7 @@ struct ConnMetrics {
     readings: Counter,
     skipped_fields: Counter,
     reconnects: Counter,
-    ack_failed: Counter,
+    acks: Counter,
     registry: Registry,
     name: String,
 }
@@ -69,9 +78,9 @@ impl ConnMetrics {
                 "MQTT connection failures followed by a reconnect.",
                 &l,
             ),
-            ack_failed: registry.counter(
-                "fieldlink_mqtt_ack_failed_total",
-                "PUBACKs that could not be queued (the broker redelivers).",
+            acks: registry.counter(
+                "fieldlink_mqtt_acks_total",
+                "QoS 1/2 acknowledgements handed to the MQTT client after the durable commit.",
                 &l,
             ),
             registry: registry.clone(),
@@ -85,6 +94,46 @@ impl ConnMetrics {
             "MQTT messages refused by the payload mapping, by reason.",
             &[("connection", &self.name), ("reason", reason)],
         )
+    }
+}
+
+/// Acknowledgements waiting to be handed to the MQTT client, in commit order.
+#[derive(Debug, Default)]
+pub struct AckQueue {
+    pending: Mutex<VecDeque<(QoS, u16)>>,
+    ready: Notify,
+}
+
+impl AckQueue {
+    /// Records a committed message's acknowledgement (called on the buffer thread; never blocks for long).
+    pub fn push(&self, qos: QoS, pkid: u16) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((qos, pkid));
+        self.ready.notify_one();
+    }
+
+    /// Hands queued acknowledgements to `client` until its request channel is full. Returns how many went.
+    fn flush(&self, client: &AsyncClient) -> u64 {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sent = 0;
+        while let Some(&(qos, pkid)) = pending.front() {
+            let publish = rumqttc::Publish {
+                dup: false,
+                qos,
+                retain: false,
+                topic: String::new(),
+                pkid,
+                payload: Default::default(),
+            };
+            if client.try_ack(&publish).is_err() {
+                break;
+            }
+            pending.pop_front();
+            sent += 1;
+        }
+        sent
     }
 }
 
@@ -127,11 +176,14 @@ pub async fn run(
     // Requests are only acks and subscribes; room for a full in-flight window of acks.
     let (client, mut eventloop) = AsyncClient::new(opts, usize::from(cfg.max_inflight) * 2 + 16);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let acks = Arc::new(AckQueue::default());
     health.set(&component, false, "connecting");
 
     loop {
+        m.acks.add(acks.flush(&client));
         let event = tokio::select! {
             _ = cancel.cancelled() => break,
+            _ = acks.ready.notified() => continue,
             ev = eventloop.poll() => ev,
         };
         match event {
@@ -188,13 +240,11 @@ pub async fn run(
                         Vec::new()
                     }
                 };
-                let (ack_client, ack_failed) = (client.clone(), m.ack_failed.clone());
-                let ack: AckFn = Box::new(move || {
-                    if ack_client.try_ack(&publish).is_err() {
-                        ack_failed.inc();
-                    }
+                let ack: Option<AckFn> = (publish.qos != QoS::AtMostOnce).then(|| {
+                    let (queue, qos, pkid) = (acks.clone(), publish.qos, publish.pkid);
+                    Box::new(move || queue.push(qos, pkid)) as AckFn
                 });
-                let send = buffer.append(readings, Some(ack));
+                let send = buffer.append(readings, ack);
                 let sent = tokio::select! {
                     r = send => r,
                     _ = cancel.cancelled() => break,
@@ -219,6 +269,9 @@ pub async fn run(
         }
     }
     m.connected.set(0);
+    // Committed messages whose acks are still queued are redelivered by the broker next time (duplicates,
+    // never losses).
+    m.acks.add(acks.flush(&client));
     let _ = client.try_disconnect();
     // Let the DISCONNECT go out; bounded.
     let _ = tokio::time::timeout(Duration::from_millis(500), async {

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The local demo, on real local services it starts itself:
+#   Mosquitto (MQTT broker) and moto server (Kinesis, Timestream, S3 emulator) on free loopback ports,
+#   fieldlink-cloud (Kinesis -> Timestream on moto + hourly Parquet files in .demo/bronze),
+#   fieldlink-agent (MQTT -> SQLite buffer -> Kinesis),
+#   then publishes readings from ../shared/datasets/sensors.csv.gz with paho-mqtt and shows what landed where.
+# Usage: deploy/demo.sh [READINGS]      (default 50000; everything is stopped at the end)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+readings=${1:-50000}
+dataset=${FIELDLINK_DATASET:-../shared/datasets/sensors.csv.gz}
+demo=.demo
+rm -rf "$demo" && mkdir -p "$demo/bronze"
+
+deploy/setup.sh --no-cross
+cargo build --workspace --bins --locked -q
+py=.venv/bin/python
+free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+mqtt_port=$(free_port)
+printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\npersistence false\n' "$mqtt_port" > "$demo/mosquitto.conf"
+/usr/sbin/mosquitto -c "$demo/mosquitto.conf" > "$demo/mosquitto.log" 2>&1 & pids+=($!)
+
+.venv/bin/moto_server -H 127.0.0.1 -p 0 > "$demo/moto.log" 2>&1 & pids+=($!)
+for _ in $(seq 100); do grep -q "Running on http://127.0.0.1:" "$demo/moto.log" 2>/dev/null && break; sleep 0.1; done
+endpoint=$(grep -o "http://127.0.0.1:[0-9]*" "$demo/moto.log" | head -1)
+echo "demo: mosquitto on 127.0.0.1:$mqtt_port, moto server on $endpoint"
+"$py" tests/python/aws_setup.py "$endpoint" fieldlink-demo 2 fieldlink readings fieldlink-bronze
+
+agent_port=$(free_port); cloud_port=$(free_port)
+cat > "$demo/agent.toml" <<TOML
+agent_id = "edge-demo-1"
+metrics_listen = "127.0.0.1:$agent_port"
+[aws]
+endpoint_url = "$endpoint"
+[buffer]
+path = "$demo/agent-buffer.db"
+[batch]
+linger_ms = 1000
+[kinesis]
+stream = "fieldlink-demo"
+[[mqtt]]
+name = "local"
+host = "127.0.0.1"
+port = $mqtt_port
+[[mqtt.topics]]
+filter = "#"
+qos = 1
+TOML
+cat > "$demo/cloud.toml" <<TOML
+metrics_listen = "127.0.0.1:$cloud_port"
+[log]
+format = "text"
+[aws]
+endpoint_url = "$endpoint"
+[kinesis]
+stream = "fieldlink-demo"
+idle_poll_ms = 200
+[timestream]
+database = "fieldlink"
+table = "readings"
+[parquet]
+location = "$demo/bronze"
+idle_flush_ms = 5000
+TOML
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
+target/debug/fieldlink-agent check-config --config "$demo/agent.toml"
+target/debug/fieldlink-cloud check-config --config "$demo/cloud.toml"
+target/debug/fieldlink-cloud run --config "$demo/cloud.toml" > "$demo/cloud.log" 2>&1 & cloud_pid=$!; pids+=($cloud_pid)
+target/debug/fieldlink-agent run --config "$demo/agent.toml" > "$demo/agent.log" 2>&1 & agent_pid=$!; pids+=($agent_pid)
+
+metric() { curl -s "http://127.0.0.1:$1/metrics" 2>/dev/null | awk -v m="$2" '$1==m {print $2}'; }
+for _ in $(seq 300); do curl -s "http://127.0.0.1:$agent_port/health" 2>/dev/null | grep -q "mqtt:local: ok" && break; sleep 0.1; done
+
+echo "demo: publishing $readings readings from $dataset (paho-mqtt, QoS 1)"
+"$py" tests/python/publish.py 127.0.0.1 "$mqtt_port" "$dataset" "$readings"
+for _ in $(seq 600); do [ "$(metric "$agent_port" fieldlink_readings_sent_total)" = "$readings" ] && break; sleep 0.1; done
+for _ in $(seq 600); do [ "$(metric "$cloud_port" fieldlink_cloud_readings_landed_total)" = "$readings" ] && break; sleep 0.1; done
+
+echo "demo: agent metrics"
+curl -s "http://127.0.0.1:$agent_port/metrics" | grep -E "^fieldlink_(readings|records|batches|record_bytes|buffer_pending_readings)" | sed 's/^/  /'
+echo "demo: stopping (SIGTERM: the cloud writes its staged Parquet files, the agent drains its buffer)"
+kill -TERM "$cloud_pid" "$agent_pid"; wait "$cloud_pid" "$agent_pid" || true
+"$py" deploy/demo_report.py "$endpoint" fieldlink readings "$demo/bronze" "$readings"

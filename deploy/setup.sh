@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what the demo and the tests need, skipping what is already there:
+#   Debian: mosquitto, mosquitto-clients, socat, cross C compilers for aarch64 and armv7
+#   rustup: aarch64-unknown-linux-gnu and armv7-unknown-linux-gnueabihf targets, clippy, rustfmt
+#   .venv:  the pinned Python packages of tests/python/requirements.txt (moto server, pyarrow, zstandard, paho-mqtt)
+# Usage: deploy/setup.sh [--no-cross]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cross=1
+[ "${1:-}" = "--no-cross" ] && cross=0
+
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+pkgs=(mosquitto mosquitto-clients socat)
+[ $cross = 1 ] && pkgs+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  sudo_ apt-get update -qq
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if command -v rustup >/dev/null; then
+  have=$(rustup component list --installed 2>/dev/null || true)
+  for c in clippy rustfmt; do echo "$have" | grep -q "^$c" || rustup component add "$c"; done
+  if [ $cross = 1 ]; then
+    targets=$(rustup target list --installed)
+    for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
+      echo "$targets" | grep -qx "$t" || rustup target add "$t"
+    done
+  fi
+fi
+
+req=tests/python/requirements.txt
+if [ ! -x .venv/bin/python ] || ! cmp -s "$req" .venv/.requirements 2>/dev/null; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r "$req"
+  cp "$req" .venv/.requirements
+fi
+echo "setup: ok"

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The one command that runs every check and test (CI runs exactly this through .ci/run):
+# installs what is missing, then formatting, clippy with warnings as errors, the unit, integration and
+# end-to-end tests against real Mosquitto and moto server, and cross-builds of the agent for ARM.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+step() { echo; echo "=== $* ($(( $(date +%s) - start ))s)"; }
+
+step "setup"
+deploy/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build binaries (the end-to-end tests run them)"
+cargo build --workspace --bins --locked
+
+step "tests"
+cargo test --workspace --locked
+
+step "cross-build the agent for aarch64 and armv7"
+for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
+  cargo build -p fieldlink-agent --bin fieldlink-agent --locked --target "$t"
+  file "target/$t/debug/fieldlink-agent" 2>/dev/null || ls -l "target/$t/debug/fieldlink-agent"
+done
+
+step "all checks passed"
