@@ -28,4 +28,7 @@ for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
   file "target/$t/debug/fieldlink-agent" 2>/dev/null || ls -l "target/$t/debug/fieldlink-agent"
 done
 
+step "fuzz the wire-format decoder (30 s)"
+deploy/fuzz.sh 30
+
 step "all checks passed"
