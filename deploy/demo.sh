@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local demo, on real local services it starts itself:
-#   Mosquitto (MQTT broker) and moto server (Kinesis, Timestream, S3 emulator) on free loopback ports,
+#   Mosquitto (MQTT broker) and moto server (Kinesis, Timestream, S3 emulator) on free loopback ports
+#   (deploy/services.sh),
 #   fieldlink-cloud (Kinesis -> Timestream on moto + hourly Parquet files in .demo/bronze),
 #   fieldlink-agent (MQTT -> SQLite buffer -> Kinesis),
 #   then publishes readings from ../shared/datasets/sensors.csv.gz with paho-mqtt and shows what landed where.
@@ -18,16 +19,14 @@ py=.venv/bin/python
 free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; deploy/services.sh stop "$demo"; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-mqtt_port=$(free_port)
-printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\npersistence false\n' "$mqtt_port" > "$demo/mosquitto.conf"
-/usr/sbin/mosquitto -c "$demo/mosquitto.conf" > "$demo/mosquitto.log" 2>&1 & pids+=($!)
-
-.venv/bin/moto_server -H 127.0.0.1 -p 0 > "$demo/moto.log" 2>&1 & pids+=($!)
-for _ in $(seq 100); do grep -q "Running on http://127.0.0.1:" "$demo/moto.log" 2>/dev/null && break; sleep 0.1; done
-endpoint=$(grep -o "http://127.0.0.1:[0-9]*" "$demo/moto.log" | head -1)
+deploy/services.sh start "$demo" > /dev/null
+# shellcheck disable=SC1091
+. "$demo/services.env"
+mqtt_port=$MQTT_PORT
+endpoint=$MOTO_ENDPOINT
 echo "demo: mosquitto on 127.0.0.1:$mqtt_port, moto server on $endpoint"
 "$py" tests/python/aws_setup.py "$endpoint" fieldlink-demo 2 fieldlink readings fieldlink-bronze
 

@@ -5,10 +5,10 @@
 //! poll a condition with a deadline.
 #![allow(clippy::unwrap_used, unreachable_pub, missing_debug_implementations)]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The workspace root.
@@ -283,14 +283,6 @@ pub fn dataset_path() -> PathBuf {
         p.display()
     );
     p
-}
-
-/// Reads a process's output lines as they come (for binaries that print a ready line).
-pub fn lines_of(out: Output) -> Vec<String> {
-    BufReader::new(&out.stdout[..])
-        .lines()
-        .map_while(Result::ok)
-        .collect()
 }
 
 /// GET http://127.0.0.1:port/path, returning the body (for /metrics).

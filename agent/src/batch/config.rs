@@ -4,7 +4,7 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
-    /// Seal once this many readings wait. Default 10000.
+    /// Seal once this many readings wait, 1..=65536. Default 10000.
     #[serde(default = "default_max_readings")]
     pub max_readings: usize,
     /// Seal once the oldest waiting reading has waited this long, milliseconds. Default 1000.
@@ -50,9 +50,10 @@ impl BatchConfig {
     /// Problems with this section, prefixed by `path`.
     pub fn validate(&self, path: &str) -> Vec<String> {
         let mut p = Vec::new();
-        if !(1..=fieldlink_proto::limits::MAX_READINGS).contains(&self.max_readings) {
+        // A batch names at most MAX_SERIES series; capping readings there means any mix of series fits.
+        if !(1..=fieldlink_proto::limits::MAX_SERIES).contains(&self.max_readings) {
             p.push(format!(
-                "{path}.max_readings: must be 1..=1000000, got {}",
+                "{path}.max_readings: must be 1..=65536, got {}",
                 self.max_readings
             ));
         }
