@@ -8,6 +8,7 @@ use crate::buffer::BufferConfig;
 use crate::kinesis::KinesisConfig;
 use crate::mqtt::MqttConfig;
 use fieldlink_ops::aws::AwsSettings;
+pub use fieldlink_ops::config::{ConfigError, Validate};
 use fieldlink_ops::logging::LogSettings;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -45,25 +46,6 @@ fn default_metrics_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
-/// Why a configuration was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for this schema (unknown field, wrong type, missing field).
-    #[error("{0}")]
-    Parse(String),
-    /// The file parsed but values are invalid; every problem is listed.
-    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
-    Invalid(Vec<String>),
-}
-
 /// Checks an agent id: 1..=64 bytes of `[A-Za-z0-9._-]`.
 pub fn agent_id_problem(id: &str) -> Option<String> {
     if id.is_empty() || id.len() > fieldlink_proto::limits::MAX_AGENT_ID_BYTES {
@@ -86,26 +68,18 @@ pub fn agent_id_problem(id: &str) -> Option<String> {
 impl Config {
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        let problems = cfg.validate();
-        if problems.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+        fieldlink_ops::config::from_toml(text)
     }
 
     /// Reads, parses and validates a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml(&text)
+        fieldlink_ops::config::load(path)
     }
+}
 
+impl Validate for Config {
     /// Every problem, each naming its field. Empty means valid.
-    pub fn validate(&self) -> Vec<String> {
+    fn validate(&self) -> Vec<String> {
         let mut p = Vec::new();
         p.extend(agent_id_problem(&self.agent_id));
         p.extend(self.log.validate("log"));

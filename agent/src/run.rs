@@ -5,7 +5,7 @@ use crate::buffer::{self, BufferError};
 use crate::config::Config;
 use crate::kinesis::Sender;
 use crate::metrics::AgentMetrics;
-use fieldlink_ops::metrics::{Health, Registry};
+use fieldlink_ops::http::{BindError, Telemetry};
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -17,33 +17,16 @@ pub enum RunError {
     #[error(transparent)]
     Buffer(#[from] BufferError),
     /// The metrics endpoint could not bind.
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics {
-        /// The address.
-        addr: std::net::SocketAddr,
-        /// The cause.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Metrics(#[from] BindError),
 }
 
 /// Runs the agent until `cancel` fires, then shuts down gracefully.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError> {
-    let registry = Registry::new();
-    let health = Health::new();
+    let Telemetry {
+        registry, health, ..
+    } = Telemetry::start(cfg.metrics_listen, cancel.clone()).await?;
     let metrics = AgentMetrics::new(registry.clone());
-
-    let addr = fieldlink_ops::http::serve(
-        cfg.metrics_listen,
-        registry.clone(),
-        health.clone(),
-        cancel.clone(),
-    )
-    .await
-    .map_err(|source| RunError::Metrics {
-        addr: cfg.metrics_listen,
-        source,
-    })?;
-    tracing::info!(%addr, "metrics and health endpoint listening");
 
     let (buffer, buffer_thread) =
         buffer::spawn(&cfg.buffer, &cfg.batch, &cfg.agent_id, metrics.clone())?;

@@ -4,6 +4,7 @@ use crate::consumer::ConsumerConfig;
 use crate::parquet::ParquetConfig;
 use crate::timestream::TimestreamConfig;
 use fieldlink_ops::aws::AwsSettings;
+pub use fieldlink_ops::config::{ConfigError, Validate};
 use fieldlink_ops::logging::LogSettings;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -36,48 +37,21 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 9465))
 }
 
-/// Why a configuration was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// Unreadable file.
-    #[error("cannot read {path}: {source}")]
-    Io {
-        /// File.
-        path: String,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// Not valid TOML for the schema.
-    #[error("{0}")]
-    Parse(String),
-    /// Invalid values, all listed.
-    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
-    Invalid(Vec<String>),
-}
-
 impl Config {
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        let problems = cfg.validate();
-        if problems.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
+        fieldlink_ops::config::from_toml(text)
     }
 
     /// Reads, parses and validates a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_toml(&text)
+        fieldlink_ops::config::load(path)
     }
+}
 
+impl Validate for Config {
     /// Every problem, each naming its field.
-    pub fn validate(&self) -> Vec<String> {
+    fn validate(&self) -> Vec<String> {
         let mut p = Vec::new();
         p.extend(self.log.validate("log"));
         p.extend(self.aws.validate("aws"));

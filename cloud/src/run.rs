@@ -7,7 +7,7 @@ use crate::metrics::CloudMetrics;
 use crate::parquet::ParquetSink;
 use crate::store::{Location, Store};
 use crate::timestream::{self, TimestreamSink};
-use fieldlink_ops::metrics::{Health, Registry};
+use fieldlink_ops::http::{BindError, Telemetry};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -16,13 +16,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The metrics endpoint could not bind.
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics {
-        /// Address.
-        addr: std::net::SocketAddr,
-        /// Cause.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Metrics(#[from] BindError),
     /// A sink could not be set up.
     #[error("{0}")]
     Sink(String),
@@ -30,21 +25,10 @@ pub enum RunError {
 
 /// Runs until `cancel` fires; then stops reading and closes the sinks (writing staged Parquet files).
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError> {
-    let registry = Registry::new();
-    let health = Health::new();
+    let Telemetry {
+        registry, health, ..
+    } = Telemetry::start(cfg.metrics_listen, cancel.clone()).await?;
     let metrics = CloudMetrics::new(registry.clone());
-    let addr = fieldlink_ops::http::serve(
-        cfg.metrics_listen,
-        registry.clone(),
-        health.clone(),
-        cancel.clone(),
-    )
-    .await
-    .map_err(|source| RunError::Metrics {
-        addr: cfg.metrics_listen,
-        source,
-    })?;
-    tracing::info!(%addr, "metrics and health endpoint listening");
 
     let sdk = cfg.aws.sdk_config().await;
     let endpoint_override = cfg.aws.endpoint_url.is_some();

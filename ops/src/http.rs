@@ -10,6 +10,43 @@ use tokio_util::sync::CancellationToken;
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A process's metrics registry and health board, served on one address.
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    /// The metrics.
+    pub registry: Registry,
+    /// The health board.
+    pub health: Health,
+    /// Where they are served.
+    pub addr: SocketAddr,
+}
+
+/// The telemetry endpoint could not bind.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics and health on {addr}: {source}")]
+pub struct BindError {
+    /// The address.
+    pub addr: SocketAddr,
+    /// The cause.
+    pub source: std::io::Error,
+}
+
+impl Telemetry {
+    /// New registry and health board, served on `addr` until `cancel` fires.
+    pub async fn start(addr: SocketAddr, cancel: CancellationToken) -> Result<Self, BindError> {
+        let (registry, health) = (Registry::new(), Health::new());
+        let bound = serve(addr, registry.clone(), health.clone(), cancel)
+            .await
+            .map_err(|source| BindError { addr, source })?;
+        tracing::info!(addr = %bound, "metrics and health endpoint listening");
+        Ok(Self {
+            registry,
+            health,
+            addr: bound,
+        })
+    }
+}
+
 /// Binds `addr` and serves until `cancel` fires. Returns the bound address (useful with port 0).
 pub async fn serve(
     addr: SocketAddr,

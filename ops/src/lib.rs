@@ -6,11 +6,14 @@
 //!   incremented where the event happens; gauges are set from a source of truth, never adjusted by deltas.
 //! - [`http`]: a deliberately tiny HTTP/1.1 responder for `GET /metrics` and `GET /health` (bounded request size,
 //!   per-connection timeout), so the binaries need no HTTP server framework.
+//! - [`config`]: TOML loading with `deny_unknown_fields` schemas and a [`config::Validate`] pass that reports
+//!   every problem at once.
 //! - [`logging`], [`shutdown`], [`backoff`]: structured logs, one cancellation token, capped exponential backoff
 //!   with full jitter.
 
 pub mod aws;
 pub mod backoff;
+pub mod config;
 pub mod http;
 pub mod logging;
 pub mod metrics;
