@@ -7,6 +7,7 @@ use crate::batch::BatchConfig;
 use crate::buffer::BufferConfig;
 use crate::kinesis::KinesisConfig;
 use crate::mqtt::MqttConfig;
+use crate::order::OrderConfig;
 use fieldlink_ops::aws::AwsSettings;
 pub use fieldlink_ops::config::{ConfigError, Validate};
 use fieldlink_ops::logging::LogSettings;
@@ -35,6 +36,9 @@ pub struct Config {
     /// When a batch is sealed.
     #[serde(default)]
     pub batch: BatchConfig,
+    /// Ordering, deduplication and late readings.
+    #[serde(default)]
+    pub order: OrderConfig,
     /// The Kinesis stream batches go to.
     pub kinesis: KinesisConfig,
     /// MQTT connections (`[[mqtt]]`, one table per broker).
@@ -86,6 +90,7 @@ impl Validate for Config {
         p.extend(self.aws.validate("aws"));
         p.extend(self.buffer.validate("buffer"));
         p.extend(self.batch.validate("batch"));
+        p.extend(self.order.validate("order"));
         p.extend(self.kinesis.validate("kinesis"));
         if self.mqtt.is_empty() {
             p.push("mqtt: at least one [[mqtt]] connection is required".into());

@@ -18,6 +18,7 @@ pub mod config;
 pub mod kinesis;
 pub mod metrics;
 pub mod mqtt;
+pub mod order;
 mod run;
 
 pub use run::{run, RunError};

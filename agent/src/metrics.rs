@@ -1,8 +1,9 @@
 //! The agent's metrics, created once and passed to every component.
 //!
-//! Reading counters form a ledger: every reading a source accepts is counted once in `readings_received`, and
-//! then once in `readings_buffered` (committed), `readings_sealed` (in a batch) and `readings_sent` (accepted by
-//! Kinesis). At rest, `received = buffered` and `sealed = sent + pending_readings`.
+//! The reading counters form a ledger that holds at rest:
+//! `received = sent + deduplicated + dead_lettered + dropped + unsealed + pending` (gauges for the last two),
+//! where `received` counts readings committed to the buffer since the process started plus what the buffer held
+//! at start. Late readings that were sent flagged are counted in `sent` and, in addition, in `late`.
 
 use fieldlink_ops::metrics::{Counter, Gauge, Registry};
 
@@ -12,31 +13,43 @@ pub struct AgentMetrics {
     /// Registry they belong to (per-connection metrics are added by the sources).
     pub registry: Registry,
     /// Readings committed to the buffer.
-    pub readings_buffered: Counter,
+    pub readings_received: Counter,
+    /// Readings in records Kinesis acknowledged.
+    pub readings_sent: Counter,
+    /// Readings dropped as duplicates.
+    pub readings_deduplicated: Counter,
+    /// Late readings sent with the late flag.
+    pub readings_late: Counter,
+    /// Late readings withheld into the dead-letter table.
+    pub readings_dead_lettered: Counter,
+    /// Readings dropped by the `drop_oldest` overflow policy.
+    pub readings_dropped: Counter,
     /// Batches sealed.
     pub batches_sealed: Counter,
-    /// Readings put into sealed batches.
-    pub readings_sealed: Counter,
     /// Bytes of sealed records (the wire size).
     pub bytes_sealed: Counter,
     /// Records Kinesis accepted.
     pub records_sent: Counter,
-    /// Readings inside records Kinesis accepted.
-    pub readings_sent: Counter,
     /// Entries of `PutRecords` calls that Kinesis rejected (retried).
     pub records_rejected: Counter,
-    /// Whole `PutRecords` calls that failed (timeout, network, throttling of the call).
+    /// Whole `PutRecords` calls that failed (timeout, network, throttling of the call); retried.
     pub put_calls_failed: Counter,
+    /// Times the sender lowered its rate after throttling.
+    pub throttled: Counter,
     /// Buffer errors (commit, seal, delete); each is retried.
     pub buffer_errors: Counter,
+    /// Corrupt buffer files moved aside at start.
+    pub buffer_corrupt: Counter,
     /// Readings appended but not sealed.
     pub unsealed_readings: Gauge,
     /// Sealed batches waiting for Kinesis.
     pub pending_batches: Gauge,
     /// Readings inside pending batches.
     pub pending_readings: Gauge,
-    /// Bytes of pending batches.
-    pub pending_bytes: Gauge,
+    /// Counted size of the buffer, bytes.
+    pub buffered_bytes: Gauge,
+    /// The sender's current rate limit, bytes per second.
+    pub send_rate: Gauge,
 }
 
 impl AgentMetrics {
@@ -45,17 +58,33 @@ impl AgentMetrics {
         let c = |n: &str, h: &str| registry.counter(n, h, &[]);
         let g = |n: &str, h: &str| registry.gauge(n, h, &[]);
         Self {
-            readings_buffered: c(
-                "fieldlink_readings_buffered_total",
+            readings_received: c(
+                "fieldlink_readings_received_total",
                 "Readings committed to the on-disk buffer.",
+            ),
+            readings_sent: c(
+                "fieldlink_readings_sent_total",
+                "Readings in records acknowledged by Kinesis.",
+            ),
+            readings_deduplicated: c(
+                "fieldlink_readings_deduplicated_total",
+                "Readings dropped as duplicates (same series, time and value).",
+            ),
+            readings_late: c(
+                "fieldlink_readings_late_total",
+                "Late readings sent with the late flag.",
+            ),
+            readings_dead_lettered: c(
+                "fieldlink_readings_dead_lettered_total",
+                "Late readings withheld into the dead-letter table.",
+            ),
+            readings_dropped: c(
+                "fieldlink_readings_dropped_total",
+                "Readings dropped by the drop_oldest overflow policy.",
             ),
             batches_sealed: c(
                 "fieldlink_batches_sealed_total",
                 "Batches sealed into wire-format records.",
-            ),
-            readings_sealed: c(
-                "fieldlink_readings_sealed_total",
-                "Readings put into sealed batches.",
             ),
             bytes_sealed: c(
                 "fieldlink_record_bytes_sealed_total",
@@ -65,10 +94,6 @@ impl AgentMetrics {
                 "fieldlink_records_sent_total",
                 "Records accepted by Kinesis.",
             ),
-            readings_sent: c(
-                "fieldlink_readings_sent_total",
-                "Readings inside records accepted by Kinesis.",
-            ),
             records_rejected: c(
                 "fieldlink_records_rejected_total",
                 "PutRecords entries rejected by Kinesis (retried).",
@@ -77,9 +102,17 @@ impl AgentMetrics {
                 "fieldlink_put_calls_failed_total",
                 "PutRecords calls that failed as a whole (retried).",
             ),
+            throttled: c(
+                "fieldlink_send_throttled_total",
+                "Times the sender halved its rate after Kinesis throttled it.",
+            ),
             buffer_errors: c(
                 "fieldlink_buffer_errors_total",
                 "Buffer operations that failed (retried).",
+            ),
+            buffer_corrupt: c(
+                "fieldlink_buffer_corrupt_total",
+                "Corrupt buffer files moved aside at start.",
             ),
             unsealed_readings: g(
                 "fieldlink_buffer_unsealed_readings",
@@ -93,9 +126,13 @@ impl AgentMetrics {
                 "fieldlink_buffer_pending_readings",
                 "Readings in sealed batches not yet accepted by Kinesis.",
             ),
-            pending_bytes: g(
-                "fieldlink_buffer_pending_bytes",
-                "Bytes of sealed batches not yet accepted by Kinesis.",
+            buffered_bytes: g(
+                "fieldlink_buffer_bytes",
+                "Counted size of the buffer (unsealed readings and pending records), bytes.",
+            ),
+            send_rate: g(
+                "fieldlink_send_rate_bytes_per_second",
+                "The Kinesis sender's current rate limit.",
             ),
             registry,
         }

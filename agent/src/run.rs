@@ -28,8 +28,13 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     } = Telemetry::start(cfg.metrics_listen, cancel.clone()).await?;
     let metrics = AgentMetrics::new(registry.clone());
 
-    let (buffer, buffer_thread) =
-        buffer::spawn(&cfg.buffer, &cfg.batch, &cfg.agent_id, metrics.clone())?;
+    let (buffer, buffer_thread) = buffer::spawn(
+        &cfg.buffer,
+        &cfg.batch,
+        &cfg.order,
+        &cfg.agent_id,
+        metrics.clone(),
+    )?;
     health.set("buffer", true, "");
 
     let sdk = cfg.aws.sdk_config().await;

@@ -219,7 +219,7 @@ fn mqtt_readings_land_exactly_once_in_timestream_and_parquet() {
     cloud.terminate(Duration::from_secs(30));
     let agent_metrics = http_get(agent_port, "/metrics").unwrap();
     assert_eq!(
-        metric(&agent_metrics, "fieldlink_readings_buffered_total"),
+        metric(&agent_metrics, "fieldlink_readings_received_total"),
         Some(N as f64)
     );
     assert_eq!(

@@ -4,10 +4,17 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
-    /// Seal once this many readings wait, 1..=65536. Default 10000.
+    /// Close a batch once its estimated compressed size reaches this many bytes. Default 24576 (24 KiB): Kinesis
+    /// bills writes in 25 KB PUT payload units, so a record just under one unit uses what it pays for, while
+    /// keeping records small enough for fine-grained retries and low latency. Larger targets cut per-batch
+    /// overhead (each batch carries its series table) at the cost of latency.
+    #[serde(default = "default_target")]
+    pub target_record_bytes: usize,
+    /// Close a batch at this many readings, 1..=65536. Default 10000.
     #[serde(default = "default_max_readings")]
     pub max_readings: usize,
-    /// Seal once the oldest waiting reading has waited this long, milliseconds. Default 1000.
+    /// How often waiting readings are sealed, milliseconds. Default 1000. A reading is sealed once it has waited
+    /// `[order] reorder_window_ms`, at the next seal tick.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
     /// Largest record, bytes. Kinesis allows 1 MiB for data plus partition key; the default and maximum,
@@ -19,6 +26,9 @@ pub struct BatchConfig {
     pub zstd_level: i32,
 }
 
+fn default_target() -> usize {
+    24 * 1024
+}
 fn default_max_readings() -> usize {
     10_000
 }
@@ -31,6 +41,7 @@ fn default_max_record_bytes() -> usize {
 
 /// Kinesis' 1 MiB per record, less the longest partition key (256 bytes).
 pub const MAX_RECORD_BYTES: usize = 1024 * 1024 - 256;
+
 fn default_level() -> i32 {
     3
 }
@@ -38,6 +49,7 @@ fn default_level() -> i32 {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
+            target_record_bytes: default_target(),
             max_readings: default_max_readings(),
             linger_ms: default_linger_ms(),
             max_record_bytes: default_max_record_bytes(),
@@ -67,6 +79,12 @@ impl BatchConfig {
             p.push(format!(
                 "{path}.max_record_bytes: must be 1024..={MAX_RECORD_BYTES}, got {}",
                 self.max_record_bytes
+            ));
+        }
+        if self.target_record_bytes == 0 || self.target_record_bytes > self.max_record_bytes {
+            p.push(format!(
+                "{path}.target_record_bytes: must be 1..=max_record_bytes, got {}",
+                self.target_record_bytes
             ));
         }
         if !(1..=19).contains(&self.zstd_level) {

@@ -1,8 +1,11 @@
-//! Batching: turning buffered rows into wire-format batches that fit one Kinesis record.
+//! Batching: released readings → wire-format records that fit one Kinesis record. Pure and synchronous.
 //!
-//! Pure and synchronous. [`fit`] finds the longest prefix of rows whose encoded record fits the size limit,
-//! halving on overflow, so a batch is always a prefix of the buffer in arrival order: the buffer can then delete
-//! exactly the rows it sealed.
+//! The readings arrive grouped by device (the series key without its last segment, plus tags) and, within a
+//! series, in event-time order. [`build`] cuts them into batches **only between devices**, so all readings of
+//! one device and time travel together (one Timestream multi-measure record). A batch closes when its estimated
+//! compressed size reaches `target_record_bytes` or it holds `max_readings`; the estimate is the bytes per
+//! reading of the batches built before. An encoded record above `max_record_bytes` is split in two (between
+//! devices if it has several, else between readings) until it fits.
 
 mod config;
 pub use config::{BatchConfig, MAX_RECORD_BYTES};
@@ -10,13 +13,24 @@ pub use config::{BatchConfig, MAX_RECORD_BYTES};
 use fieldlink_proto::{Batch, EncodeError, Encoder, Reading, Series};
 use std::collections::HashMap;
 
-/// A buffered reading as the batcher sees it: the buffer's series id plus the wire reading fields.
+/// A released reading with the buffer's id of its series.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     /// The buffer's series id.
     pub series_id: i64,
-    /// The reading (its `series` field is ignored and reassigned per batch).
+    /// The reading (its `series` field is reassigned per batch).
     pub reading: Reading,
+}
+
+/// One built record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Built {
+    /// Its batch sequence number.
+    pub seq: u64,
+    /// The record bytes.
+    pub record: Vec<u8>,
+    /// Readings inside.
+    pub readings: usize,
 }
 
 /// Builds the batch for `rows`, numbering series in first-appearance order.
@@ -54,30 +68,159 @@ pub fn assemble(
     Ok(batch)
 }
 
-/// Encodes the longest prefix of `rows` (at most all of them) whose record is at most `max_bytes`.
-/// Returns how many rows it took and the record. Halves the prefix while the record is too large.
-pub fn fit(
-    encoder: &mut Encoder,
-    agent_id: &str,
-    seq: u64,
-    rows: &[Row],
-    max_bytes: usize,
-    series_of: &dyn Fn(i64) -> Option<Series>,
-) -> Result<(usize, Vec<u8>), EncodeError> {
-    let mut n = rows.len();
-    loop {
-        let record = encoder.encode(&assemble(agent_id, seq, &rows[..n], series_of)?)?;
-        if record.len() <= max_bytes || n == 1 {
-            if record.len() > max_bytes {
-                return Err(EncodeError::Invalid {
-                    what: "reading",
-                    why: format!("one reading encodes to {} bytes", record.len()),
-                });
-            }
-            return Ok((n, record));
+/// Splits device groups (their reading counts, in order) into runs of groups: each run closes once its estimated
+/// size reaches `target_bytes` or adding the next group would pass `max_readings`. Returns the group count of
+/// each run.
+pub fn plan(
+    group_lens: &[usize],
+    bytes_per_reading: f64,
+    target_bytes: usize,
+    max_readings: usize,
+) -> Vec<usize> {
+    let mut runs = Vec::new();
+    let (mut groups, mut readings) = (0usize, 0usize);
+    for &len in group_lens {
+        if groups > 0
+            && (readings + len > max_readings
+                || readings as f64 * bytes_per_reading >= target_bytes as f64)
+        {
+            runs.push(groups);
+            (groups, readings) = (0, 0);
         }
-        n = n.div_ceil(2);
+        groups += 1;
+        readings += len;
     }
+    if groups > 0 {
+        runs.push(groups);
+    }
+    runs
+}
+
+/// Context of one [`build`] call.
+pub struct Builder<'a> {
+    /// Reused encoder.
+    pub encoder: &'a mut Encoder,
+    /// Agent id written in every record.
+    pub agent_id: &'a str,
+    /// Series lookup.
+    pub series_of: &'a dyn Fn(i64) -> Option<Series>,
+    /// Limits.
+    pub cfg: &'a BatchConfig,
+}
+
+impl std::fmt::Debug for Builder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("agent_id", &self.agent_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder<'_> {
+    /// Builds the records of `rows` (grouped by device), numbered from `first_seq`. `bytes_per_reading` is the
+    /// running estimate; it is updated from what was built.
+    pub fn build(
+        &mut self,
+        rows: &[Row],
+        first_seq: u64,
+        bytes_per_reading: &mut f64,
+    ) -> Result<Vec<Built>, EncodeError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Device group boundaries.
+        let mut bounds = vec![0usize];
+        let mut device_of: HashMap<i64, String> = HashMap::new();
+        let mut prev: Option<String> = None;
+        for (i, r) in rows.iter().enumerate() {
+            let dev = device_of
+                .entry(r.series_id)
+                .or_insert_with(|| {
+                    (self.series_of)(r.series_id)
+                        .map(|s| device_key(&s))
+                        .unwrap_or_default()
+                })
+                .clone();
+            if prev.as_ref().is_some_and(|p| *p != dev) {
+                bounds.push(i);
+            }
+            prev = Some(dev);
+        }
+        bounds.push(rows.len());
+        let lens: Vec<usize> = bounds.windows(2).map(|w| w[1] - w[0]).collect();
+        let mut out = Vec::new();
+        let mut seq = first_seq;
+        let mut g = 0usize;
+        for run in plan(
+            &lens,
+            *bytes_per_reading,
+            self.cfg.target_record_bytes,
+            self.cfg.max_readings,
+        ) {
+            let (start, end) = (bounds[g], bounds[g + run]);
+            let inner: Vec<usize> = bounds[g..=g + run].iter().map(|b| b - start).collect();
+            self.encode_span(&rows[start..end], &inner, &mut seq, &mut out)?;
+            g += run;
+        }
+        let (bytes, readings): (usize, usize) = out
+            .iter()
+            .fold((0, 0), |(b, n), x| (b + x.record.len(), n + x.readings));
+        if readings > 0 {
+            *bytes_per_reading = 0.5 * *bytes_per_reading + 0.5 * (bytes as f64 / readings as f64);
+        }
+        Ok(out)
+    }
+
+    /// Encodes `rows` as one record, splitting in two while it is too large. `bounds` are the device boundaries
+    /// inside `rows` (first 0, last `rows.len()`).
+    fn encode_span(
+        &mut self,
+        rows: &[Row],
+        bounds: &[usize],
+        seq: &mut u64,
+        out: &mut Vec<Built>,
+    ) -> Result<(), EncodeError> {
+        let record = self
+            .encoder
+            .encode(&assemble(self.agent_id, *seq, rows, self.series_of)?)?;
+        if record.len() <= self.cfg.max_record_bytes {
+            out.push(Built {
+                seq: *seq,
+                record,
+                readings: rows.len(),
+            });
+            *seq += 1;
+            return Ok(());
+        }
+        if bounds.len() > 2 {
+            let mid = bounds.len() / 2;
+            let cut = bounds[mid];
+            let right: Vec<usize> = bounds[mid..].iter().map(|b| b - cut).collect();
+            self.encode_span(&rows[..cut], &bounds[..=mid], seq, out)?;
+            return self.encode_span(&rows[cut..], &right, seq, out);
+        }
+        if rows.len() > 1 {
+            let cut = rows.len() / 2;
+            self.encode_span(&rows[..cut], &[0, cut], seq, out)?;
+            return self.encode_span(&rows[cut..], &[0, rows.len() - cut], seq, out);
+        }
+        Err(EncodeError::Invalid {
+            what: "reading",
+            why: format!("one reading encodes to {} bytes", record.len()),
+        })
+    }
+}
+
+/// The grouping key of a series' device: device path and tags.
+pub fn device_key(s: &Series) -> String {
+    let mut k = s.device().to_owned();
+    for (n, v) in &s.tags {
+        k.push('\u{1f}');
+        k.push_str(n);
+        k.push('=');
+        k.push_str(v);
+    }
+    k
 }
 
 #[cfg(test)]
@@ -85,51 +228,86 @@ mod tests {
     use super::*;
     use fieldlink_proto::{decode, Quality, Value};
 
-    fn rows(n: usize, series: i64) -> Vec<Row> {
-        (0..n)
-            .map(|i| Row {
-                series_id: (i as i64) % series,
-                reading: Reading {
-                    series: 0,
-                    ts_ms: 1_000 + i as i64,
-                    value: Value::Str(format!("{i:0>200}")),
-                    quality: Quality::Good,
-                    late: false,
-                },
-            })
-            .collect()
-    }
-
     fn lookup(id: i64) -> Option<Series> {
-        Some(Series::new(format!("dev/{id}")))
+        // Series ids 0..: device = id / 6, six measures per device.
+        Some(Series::new(format!("dev/{}/m{}", id / 6, id % 6)))
+    }
+
+    fn rows_for(devices: i64, per_device_ts: i64, value: impl Fn(i64) -> Value) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for d in 0..devices {
+            for m in 0..6 {
+                for t in 0..per_device_ts {
+                    rows.push(Row {
+                        series_id: d * 6 + m,
+                        reading: Reading {
+                            series: 0,
+                            ts_ms: t,
+                            value: value(t),
+                            quality: Quality::Good,
+                            late: false,
+                        },
+                    });
+                }
+            }
+        }
+        rows
     }
 
     #[test]
-    fn assemble_numbers_series_by_first_appearance_and_keeps_row_order() {
-        let r = rows(5, 2);
-        let b = assemble("a", 1, &r, &lookup).unwrap_or_default();
-        assert_eq!(b.series, vec![Series::new("dev/0"), Series::new("dev/1")]);
-        assert_eq!(
-            b.readings.iter().map(|r| r.series).collect::<Vec<_>>(),
-            vec![0, 1, 0, 1, 0]
-        );
+    fn plan_closes_runs_on_size_target_and_count() {
+        assert_eq!(plan(&[10, 10, 10, 10], 1.0, 20, 1000), vec![2, 2]);
+        assert_eq!(plan(&[10, 10, 10, 10], 0.001, 1 << 20, 25), vec![2, 2]);
+        assert_eq!(plan(&[100], 1.0, 10, 10), vec![1]); // one group alone may exceed
+        assert!(plan(&[], 1.0, 10, 10).is_empty());
     }
 
     #[test]
-    fn fit_takes_everything_when_it_fits() {
+    fn batches_are_cut_only_between_devices_and_hold_every_reading() {
+        let rows = rows_for(40, 20, |t| Value::F64(t as f64 * 0.37));
         let mut enc = Encoder::new(3).unwrap_or_else(|e| panic!("{e}"));
-        let r = rows(100, 3);
-        let (n, rec) =
-            fit(&mut enc, "a", 1, &r, 1 << 20, &lookup).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(n, 100);
-        assert_eq!(decode(&rec).map(|b| b.readings.len()).ok(), Some(100));
+        let cfg = BatchConfig {
+            target_record_bytes: 2000,
+            ..BatchConfig::default()
+        };
+        let mut b = Builder {
+            encoder: &mut enc,
+            agent_id: "a",
+            series_of: &lookup,
+            cfg: &cfg,
+        };
+        let mut ratio = 10.0;
+        let built = b.build(&rows, 7, &mut ratio).unwrap_or_default();
+        assert!(
+            built.len() > 1,
+            "expected several batches, got {}",
+            built.len()
+        );
+        assert_eq!(
+            built.iter().map(|x| x.seq).collect::<Vec<_>>(),
+            (7..7 + built.len() as u64).collect::<Vec<_>>()
+        );
+        let mut devices_seen = std::collections::HashSet::new();
+        let mut total = 0;
+        for x in &built {
+            let batch = decode(&x.record).unwrap_or_default();
+            total += batch.readings.len();
+            let devices: std::collections::HashSet<String> =
+                batch.series.iter().map(|s| s.device().to_owned()).collect();
+            for d in devices {
+                assert!(
+                    devices_seen.insert(d.clone()),
+                    "device {d} split across batches"
+                );
+            }
+        }
+        assert_eq!(total, rows.len());
     }
 
     #[test]
-    fn fit_shrinks_to_a_prefix_under_the_limit() {
-        let mut enc = Encoder::new(1).unwrap_or_else(|e| panic!("{e}"));
-        // Incompressible strings so the size is predictable.
-        let r: Vec<Row> = (0..2000)
+    fn oversized_records_are_split_until_they_fit() {
+        // Incompressible strings: one device with 2000 readings of 64 random bytes is far above 16 KiB.
+        let rows: Vec<Row> = (0..2000)
             .map(|i| Row {
                 series_id: 0,
                 reading: Reading {
@@ -141,10 +319,21 @@ mod tests {
                 },
             })
             .collect();
-        let (n, rec) =
-            fit(&mut enc, "a", 1, &r, 16 * 1024, &lookup).unwrap_or_else(|e| panic!("{e}"));
-        assert!(rec.len() <= 16 * 1024);
-        assert!(n < 2000 && n > 100, "took {n}");
-        assert_eq!(decode(&rec).map(|b| b.readings.len()).ok(), Some(n));
+        let mut enc = Encoder::new(1).unwrap_or_else(|e| panic!("{e}"));
+        let cfg = BatchConfig {
+            max_record_bytes: 16 * 1024,
+            target_record_bytes: 1 << 20,
+            ..BatchConfig::default()
+        };
+        let mut b = Builder {
+            encoder: &mut enc,
+            agent_id: "a",
+            series_of: &lookup,
+            cfg: &cfg,
+        };
+        let built = b.build(&rows, 1, &mut 10.0).unwrap_or_default();
+        assert!(built.len() >= 8);
+        assert!(built.iter().all(|x| x.record.len() <= 16 * 1024));
+        assert_eq!(built.iter().map(|x| x.readings).sum::<usize>(), 2000);
     }
 }

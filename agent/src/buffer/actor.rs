@@ -1,19 +1,23 @@
-//! The buffer's thread: owns the SQLite connection and serves commands from a bounded channel.
+//! The buffer's thread: owns the SQLite connection and serves two bounded channels, data (appends) and control
+//! (fetch, acknowledge, flush). Under the `backpressure` overflow policy it stops reading the data channel while
+//! the buffer is over its cap, but keeps serving control, so Kinesis acknowledgements can bring it back.
 //!
 //! Appends are group-committed: the thread takes every append already queued (up to `max_group_commit`),
 //! commits them in one transaction, and only then runs their acknowledgement callbacks, in arrival order.
-//! Sealing happens when `max_readings` wait or the oldest unsealed reading has waited `linger_ms`.
+//! Every `linger_ms` it seals the rows committed at least `reorder_window_ms` ago.
 
-use super::{Buffer, BufferConfig, BufferError, NewReading};
+use super::{Buffer, BufferConfig, BufferError, Ledger, NewReading, OverflowPolicy};
 use crate::batch::BatchConfig;
 use crate::metrics::AgentMetrics;
+use crate::order::OrderConfig;
 use fieldlink_ops::backoff::Backoff;
 use fieldlink_proto::Encoder;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{oneshot, Notify};
 
-/// Called once the readings it came with are durably committed (sends the MQTT PUBACK).
+/// Called once the readings it came with are durably committed (queues the MQTT PUBACK).
 pub type AckFn = Box<dyn FnOnce() + Send>;
 
 /// A sealed record waiting for Kinesis.
@@ -27,13 +31,13 @@ pub struct Pending {
     pub record: Vec<u8>,
 }
 
-enum Command {
-    Append {
-        readings: Vec<NewReading>,
-        ack: Option<AckFn>,
-    },
+struct Append {
+    readings: Vec<NewReading>,
+    ack: Option<AckFn>,
+}
+
+enum Control {
     Fetch {
-        after: u64,
         max_records: usize,
         max_bytes: usize,
         reply: oneshot::Sender<Result<Vec<Pending>, String>>,
@@ -53,20 +57,18 @@ enum Command {
 pub struct Closed;
 
 /// Cheap, cloneable access to the buffer thread.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BufferHandle {
-    tx: flume::Sender<Command>,
+    data: flume::Sender<Append>,
+    ctl: flume::Sender<Control>,
     sealed: Arc<Notify>,
 }
 
-impl std::fmt::Debug for Command {
+impl std::fmt::Debug for BufferHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Command::Append { .. } => "Append",
-            Command::Fetch { .. } => "Fetch",
-            Command::Ack { .. } => "Ack",
-            Command::Flush { .. } => "Flush",
-        })
+        f.debug_struct("BufferHandle")
+            .field("queued", &self.data.len())
+            .finish()
     }
 }
 
@@ -77,23 +79,21 @@ impl BufferHandle {
         readings: Vec<NewReading>,
         ack: Option<AckFn>,
     ) -> Result<(), Closed> {
-        self.tx
-            .send_async(Command::Append { readings, ack })
+        self.data
+            .send_async(Append { readings, ack })
             .await
             .map_err(|_| Closed)
     }
 
-    /// Sealed records after `after`, bounded by count and bytes.
+    /// Pending records for one `PutRecords` call (see [`Buffer::pending`]).
     pub async fn fetch(
         &self,
-        after: u64,
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Pending>, Closed> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send_async(Command::Fetch {
-                after,
+        self.ctl
+            .send_async(Control::Fetch {
                 max_records,
                 max_bytes,
                 reply,
@@ -113,18 +113,18 @@ impl BufferHandle {
     /// Deletes records Kinesis accepted; returns once deleted.
     pub async fn ack(&self, seqs: Vec<u64>) -> Result<(), Closed> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send_async(Command::Ack { seqs, reply })
+        self.ctl
+            .send_async(Control::Ack { seqs, reply })
             .await
             .map_err(|_| Closed)?;
         rx.await.map_err(|_| Closed)
     }
 
-    /// Seals everything unsealed now (used at shutdown); returns once done.
+    /// Seals everything unsealed now, ignoring the reorder window (shutdown); returns once done.
     pub async fn flush(&self) -> Result<(), Closed> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send_async(Command::Flush { reply })
+        self.ctl
+            .send_async(Control::Flush { reply })
             .await
             .map_err(|_| Closed)?;
         rx.await.map_err(|_| Closed)
@@ -147,27 +147,34 @@ fn now_ms() -> i64 {
 pub fn spawn(
     cfg: &BufferConfig,
     batch: &BatchConfig,
+    order: &OrderConfig,
     agent_id: &str,
     metrics: AgentMetrics,
 ) -> Result<(BufferHandle, std::thread::JoinHandle<()>), BufferError> {
     let buffer = Buffer::open(&cfg.path, cfg.durability, agent_id)?;
+    if buffer.moved_aside().is_some() {
+        metrics.buffer_corrupt.inc();
+    }
     let encoder = Encoder::new(batch.zstd_level)?;
-    let (tx, rx) = flume::bounded(cfg.queue_capacity);
+    let (data_tx, data) = flume::bounded(cfg.queue_capacity);
+    let (ctl_tx, ctl) = flume::bounded(64);
     let sealed = Arc::new(Notify::new());
+    let ready_id = buffer.last_row_id(); // rows from before a restart are ready at once
     let mut worker = Worker {
         buffer,
         encoder,
-        rx,
+        data,
+        ctl,
         sealed: sealed.clone(),
         metrics,
         cfg: cfg.clone(),
         batch: batch.clone(),
-        oldest_unsealed: None,
+        order: order.clone(),
+        commits: VecDeque::new(),
+        ready_id,
+        published: Ledger::default(),
     };
-    worker.publish_stats();
-    if worker.buffer.stats().unsealed_readings > 0 {
-        worker.oldest_unsealed = Some(Instant::now());
-    }
+    worker.publish();
     let join = std::thread::Builder::new()
         .name("buffer".into())
         .spawn(move || worker.run())
@@ -175,84 +182,104 @@ pub fn spawn(
             path: cfg.path.display().to_string(),
             why: format!("cannot start thread: {e}"),
         })?;
-    Ok((BufferHandle { tx, sealed }, join))
+    Ok((
+        BufferHandle {
+            data: data_tx,
+            ctl: ctl_tx,
+            sealed,
+        },
+        join,
+    ))
+}
+
+enum Msg {
+    Data(Result<Append, flume::RecvError>),
+    Ctl(Result<Control, flume::RecvError>),
 }
 
 struct Worker {
     buffer: Buffer,
     encoder: Encoder,
-    rx: flume::Receiver<Command>,
+    data: flume::Receiver<Append>,
+    ctl: flume::Receiver<Control>,
     sealed: Arc<Notify>,
     metrics: AgentMetrics,
     cfg: BufferConfig,
     batch: BatchConfig,
-    oldest_unsealed: Option<Instant>,
+    order: OrderConfig,
+    /// `(commit time, last row id of that commit)`, oldest first, for commits not yet ready.
+    commits: VecDeque<(Instant, i64)>,
+    /// Rows with `id <= ready_id` have waited the reorder window.
+    ready_id: i64,
+    published: Ledger,
 }
 
 impl Worker {
     fn run(mut self) {
         let linger = Duration::from_millis(self.batch.linger_ms);
+        let mut next_seal = Instant::now() + linger;
         loop {
-            let wait = self.oldest_unsealed.map_or(Duration::from_secs(1), |t| {
-                linger.saturating_sub(t.elapsed())
-            });
-            match self.rx.recv_timeout(wait) {
-                Ok(cmd) => self.handle(cmd),
-                Err(flume::RecvTimeoutError::Timeout) => {}
-                Err(flume::RecvTimeoutError::Disconnected) => {
-                    self.seal_all();
+            let accepting = !(self.cfg.overflow == OverflowPolicy::Backpressure && self.over_cap());
+            let wait = next_seal.saturating_duration_since(Instant::now());
+            let mut sel = flume::Selector::new().recv(&self.ctl, Msg::Ctl);
+            if accepting {
+                sel = sel.recv(&self.data, Msg::Data);
+            }
+            match sel.wait_timeout(wait) {
+                Ok(Msg::Ctl(Ok(c))) => self.control(c),
+                Ok(Msg::Data(Ok(a))) => self.commit(a),
+                Ok(Msg::Ctl(Err(_)) | Msg::Data(Err(_))) => {
+                    // Every handle is gone: seal what is left and stop.
+                    self.seal(true);
                     tracing::info!(stats = ?self.buffer.stats(), "buffer closed");
                     return;
                 }
+                Err(_) => {}
             }
-            self.seal_due(linger);
+            if Instant::now() >= next_seal {
+                self.seal(false);
+                next_seal = Instant::now() + linger;
+            }
         }
     }
 
-    fn handle(&mut self, first: Command) {
-        match first {
-            Command::Append { readings, ack } => {
-                let mut group = vec![(readings, ack)];
-                let mut deferred = Vec::new();
-                while group.len() < self.cfg.max_group_commit {
-                    match self.rx.try_recv() {
-                        Ok(Command::Append { readings, ack }) => group.push((readings, ack)),
-                        Ok(other) => {
-                            deferred.push(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                self.commit(group);
-                for cmd in deferred {
-                    self.handle(cmd);
-                }
-            }
-            Command::Fetch {
-                after,
+    fn over_cap(&self) -> bool {
+        self.buffer.stats().bytes() > self.cfg.max_bytes
+    }
+
+    fn control(&mut self, c: Control) {
+        match c {
+            Control::Fetch {
                 max_records,
                 max_bytes,
                 reply,
             } => {
                 let _ = reply.send(
                     self.buffer
-                        .pending(after, max_records, max_bytes)
+                        .pending(max_records, max_bytes)
                         .map_err(|e| e.to_string()),
                 );
             }
-            Command::Ack { seqs, reply } => {
+            Control::Ack { seqs, reply } => {
                 let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-                while let Err(e) = self.buffer.ack(&seqs) {
-                    self.metrics.buffer_errors.inc();
-                    tracing::error!(error = %e, "deleting acknowledged batches failed; retrying");
-                    std::thread::sleep(backoff.next_delay());
+                loop {
+                    match self.buffer.ack(&seqs) {
+                        Ok((records, _)) => {
+                            self.metrics.records_sent.add(records);
+                            break;
+                        }
+                        Err(e) => {
+                            self.metrics.buffer_errors.inc();
+                            tracing::error!(error = %e, "deleting acknowledged batches failed; retrying");
+                            std::thread::sleep(backoff.next_delay());
+                        }
+                    }
                 }
-                self.publish_stats();
+                self.publish();
                 let _ = reply.send(());
             }
-            Command::Flush { reply } => {
-                self.seal_all();
+            Control::Flush { reply } => {
+                self.seal(true);
                 let _ = reply.send(());
             }
         }
@@ -260,92 +287,127 @@ impl Worker {
 
     /// Commits a group of appends, retrying on errors (disk full, I/O) with backoff while the sources wait.
     /// Acknowledgements run only after a successful commit.
-    fn commit(&mut self, group: Vec<(Vec<NewReading>, Option<AckFn>)>) {
+    fn commit(&mut self, first: Append) {
+        let mut group = vec![first];
+        while group.len() < self.cfg.max_group_commit {
+            match self.data.try_recv() {
+                Ok(a) => group.push(a),
+                Err(_) => break,
+            }
+        }
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
-            match self.buffer.append(group.iter().map(|(r, _)| r.as_slice())) {
-                Ok(n) => {
-                    self.metrics.readings_buffered.add(n);
-                    break;
-                }
+            match self
+                .buffer
+                .append(group.iter().map(|a| a.readings.as_slice()))
+            {
+                Ok(_) => break,
                 Err(e) => {
                     self.metrics.buffer_errors.inc();
                     tracing::error!(error = %e, messages = group.len(), "buffer commit failed; sources wait and the commit is retried");
+                    if self.cfg.overflow == OverflowPolicy::DropOldest {
+                        // A full disk may be relieved by dropping the oldest batches.
+                        let _ = self.buffer.drop_oldest(self.buffer.stats().bytes() / 2);
+                    }
                     std::thread::sleep(backoff.next_delay());
                 }
             }
         }
-        if self.oldest_unsealed.is_none() && self.buffer.stats().unsealed_readings > 0 {
-            self.oldest_unsealed = Some(Instant::now());
-        }
-        for (_, ack) in group {
-            if let Some(ack) = ack {
+        self.commits
+            .push_back((Instant::now(), self.buffer.last_row_id()));
+        for a in group {
+            if let Some(ack) = a.ack {
                 ack();
             }
         }
-        self.publish_stats();
+        self.enforce_cap();
+        self.publish();
     }
 
-    fn seal_due(&mut self, linger: Duration) {
-        loop {
-            let unsealed = self.buffer.stats().unsealed_readings;
-            let full = unsealed >= self.batch.max_readings as u64;
-            let lingered =
-                unsealed > 0 && self.oldest_unsealed.is_some_and(|t| t.elapsed() >= linger);
-            if !(full || lingered) || !self.seal_one() {
+    fn enforce_cap(&mut self) {
+        if self.cfg.overflow == OverflowPolicy::DropOldest && self.over_cap() {
+            match self.buffer.drop_oldest(self.cfg.max_bytes) {
+                Ok(n) if n > 0 => tracing::warn!(
+                    readings = n,
+                    max_bytes = self.cfg.max_bytes,
+                    "buffer full: dropped the oldest batches"
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    self.metrics.buffer_errors.inc();
+                    tracing::error!(error = %e, "dropping the oldest batches failed");
+                }
+            }
+        }
+    }
+
+    /// Seals the ready rows (all rows if `everything`).
+    fn seal(&mut self, everything: bool) {
+        let cutoff =
+            Instant::now().checked_sub(Duration::from_millis(self.order.reorder_window_ms));
+        while let Some(&(t, id)) = self.commits.front() {
+            if everything || cutoff.is_some_and(|c| t <= c) {
+                self.ready_id = self.ready_id.max(id);
+                self.commits.pop_front();
+            } else {
                 break;
             }
         }
-        if self.buffer.stats().unsealed_readings == 0 {
-            self.oldest_unsealed = None;
-        } else if self.oldest_unsealed.is_some_and(|t| t.elapsed() >= linger) {
-            self.oldest_unsealed = Some(Instant::now());
-        }
-    }
-
-    fn seal_all(&mut self) {
-        while self.buffer.stats().unsealed_readings > 0 && self.seal_one() {}
-        self.oldest_unsealed = None;
-    }
-
-    /// Seals one batch; false if nothing was sealed (empty, or an error that was logged).
-    fn seal_one(&mut self) -> bool {
-        match self.buffer.seal(
-            &mut self.encoder,
-            self.batch.max_readings,
-            self.batch.max_record_bytes,
-            now_ms(),
-        ) {
-            Ok(Some(s)) => {
-                self.metrics.batches_sealed.inc();
-                self.metrics.readings_sealed.add(s.readings as u64);
-                self.metrics.bytes_sealed.add(s.bytes as u64);
-                tracing::debug!(
-                    seq = s.seq,
-                    readings = s.readings,
-                    bytes = s.bytes,
-                    "sealed batch"
-                );
-                self.publish_stats();
-                self.sealed.notify_one();
-                true
-            }
-            Ok(None) => false,
-            Err(e) => {
-                self.metrics.buffer_errors.inc();
-                tracing::error!(error = %e, "sealing a batch failed");
-                false
+        let max_rows = self.batch.max_readings.max(10_000) * 2;
+        loop {
+            match self.buffer.seal(
+                self.ready_id,
+                max_rows,
+                &mut self.encoder,
+                &self.batch,
+                self.order.rules(),
+                now_ms(),
+            ) {
+                Ok(r) if r.rows == 0 => break,
+                Ok(r) => {
+                    tracing::debug!(
+                        rows = r.rows,
+                        batches = r.batches,
+                        readings = r.readings,
+                        "sealed"
+                    );
+                    if r.batches > 0 {
+                        self.sealed.notify_one();
+                    }
+                    if (r.rows as usize) < max_rows {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    self.metrics.buffer_errors.inc();
+                    tracing::error!(error = %e, "sealing failed; retried at the next tick");
+                    break;
+                }
             }
         }
+        self.enforce_cap();
+        self.publish();
     }
 
-    fn publish_stats(&self) {
+    /// Brings the metrics up to date: counters by the ledger's growth, gauges from the stats.
+    fn publish(&mut self) {
+        let l = self.buffer.ledger();
+        let p = self.published;
+        let m = &self.metrics;
+        m.readings_received.add(l.appended - p.appended);
+        m.readings_sent.add(l.sent - p.sent);
+        m.readings_deduplicated.add(l.deduplicated - p.deduplicated);
+        m.readings_late.add(l.late_flagged - p.late_flagged);
+        m.readings_dead_lettered
+            .add(l.dead_lettered - p.dead_lettered);
+        m.readings_dropped.add(l.dropped - p.dropped);
+        m.batches_sealed.add(l.batches_sealed - p.batches_sealed);
+        m.bytes_sealed.add(l.bytes_sealed - p.bytes_sealed);
+        self.published = l;
         let s = self.buffer.stats();
-        self.metrics
-            .unsealed_readings
-            .set(s.unsealed_readings as i64);
-        self.metrics.pending_batches.set(s.pending_batches as i64);
-        self.metrics.pending_readings.set(s.pending_readings as i64);
-        self.metrics.pending_bytes.set(s.pending_bytes as i64);
+        m.unsealed_readings.set(s.unsealed_readings as i64);
+        m.pending_batches.set(s.pending_batches as i64);
+        m.pending_readings.set(s.pending_readings as i64);
+        m.buffered_bytes.set(s.bytes() as i64);
     }
 }

@@ -13,6 +13,19 @@ pub enum Durability {
     Normal,
 }
 
+/// What happens when the buffer reaches `max_bytes`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    /// Delete the oldest sealed batches (their readings are counted in `fieldlink_readings_dropped_total`) and
+    /// keep taking new data. Default: the newest data is usually the most valuable.
+    #[default]
+    DropOldest,
+    /// Stop taking new data until Kinesis catches up: sources wait, MQTT messages stay unacknowledged at the
+    /// broker (which then applies its own limits), Modbus polls pause.
+    Backpressure,
+}
+
 /// The on-disk buffer (`[buffer]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +35,13 @@ pub struct BufferConfig {
     /// `full` (default) or `normal`; see the README section "Durability".
     #[serde(default)]
     pub durability: Durability,
+    /// Cap on the buffer's counted size (unsealed readings plus sealed records), bytes. Default 268435456
+    /// (256 MiB). The file itself can be somewhat larger (SQLite pages, WAL).
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// `drop_oldest` (default) or `backpressure`; see [`OverflowPolicy`].
+    #[serde(default)]
+    pub overflow: OverflowPolicy,
     /// Incoming messages that may wait for the buffer thread; when full, sources wait (and MQTT stops reading).
     /// Default 1024.
     #[serde(default = "default_queue")]
@@ -31,6 +51,9 @@ pub struct BufferConfig {
     pub max_group_commit: usize,
 }
 
+fn default_max_bytes() -> u64 {
+    256 * 1024 * 1024
+}
 fn default_queue() -> usize {
     1024
 }
@@ -44,6 +67,12 @@ impl BufferConfig {
         let mut p = Vec::new();
         if self.path.as_os_str().is_empty() {
             p.push(format!("{path}.path: must not be empty"));
+        }
+        if self.max_bytes < 1024 * 1024 {
+            p.push(format!(
+                "{path}.max_bytes: at least 1048576 (1 MiB), got {}",
+                self.max_bytes
+            ));
         }
         if !(1..=1_000_000).contains(&self.queue_capacity) {
             p.push(format!(

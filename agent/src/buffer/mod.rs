@@ -3,11 +3,15 @@
 //! # Life of a reading
 //! 1. **Appended**: a source's readings are inserted into `readings` inside a transaction that groups many source
 //!    messages (group commit). Only after `COMMIT` returns are the sources' acknowledgements (MQTT PUBACKs) sent.
-//! 2. **Sealed**: the oldest unsealed rows (a prefix by `id`) are encoded into one wire-format record, which is
-//!    inserted into `batches` under the next sequence number, and the rows are deleted, in one transaction. From
-//!    then on the record's bytes never change: a resend after a crash sends the same bytes under the same number.
-//! 3. **Acknowledged**: once Kinesis has accepted the record, its row in `batches` is deleted. Nothing is deleted
-//!    earlier: a reading is always in exactly one of `readings` or `batches` until Kinesis has it.
+//! 2. **Released and sealed**: once a reading has waited the reorder window, a seal takes the ready rows (a prefix
+//!    by `id`), releases them through [`crate::order`] (per-series event-time order, duplicates dropped, late
+//!    readings flagged or dead-lettered) and cuts them into wire-format records between devices
+//!    ([`crate::batch`]). In **one transaction** the records are inserted into `batches` under consecutive
+//!    sequence numbers, the series' dedup state is updated, dead letters are stored and the rows are deleted.
+//!    From then on a record's bytes never change: a resend after a crash sends the same bytes under the same
+//!    number.
+//! 3. **Acknowledged**: once Kinesis has accepted a record, its row in `batches` is deleted. Nothing is deleted
+//!    earlier, except by the `drop_oldest` overflow policy (counted).
 //!
 //! # Schema (version 1, in `meta.schema_version`)
 //! ```sql
@@ -15,52 +19,59 @@
 //! series(id INTEGER PRIMARY KEY, key TEXT, tags TEXT, UNIQUE(key, tags))   -- tags: JSON [[name, value], ...]
 //! readings(id INTEGER PRIMARY KEY, series_id INTEGER, ts_ms INTEGER, kind INTEGER, value ANY)
 //! batches(seq INTEGER PRIMARY KEY, record BLOB, readings INTEGER, sealed_ms INTEGER)
+//! series_state(series_id INTEGER PRIMARY KEY, state BLOB)   -- order::SeriesState::to_bytes
+//! dead_letters(id INTEGER PRIMARY KEY, at_ms INTEGER, reason TEXT, series TEXT, ts_ms INTEGER, value ANY)
 //! ```
-//! `kind` is the wire format's kind byte (value type, quality, late flag) plus, in bit 7 (reserved on the wire),
-//! an end-of-message mark on the last reading of each source message; `value` holds a REAL, INTEGER (i64 and
-//! bool) or TEXT.
+//! `kind` is the wire format's kind byte (value type, quality, late flag); `value` holds a REAL, INTEGER (i64 and
+//! bool) or TEXT. `dead_letters` keeps the newest [`MAX_DEAD_LETTERS`] rows.
 //!
-//! Sealing cuts only at end-of-message marks, so the readings of one message (e.g. six IMU axes at one
-//! timestamp) always travel in one batch and land as one Timestream multi-measure record. Only a message with
-//! more readings than `max_readings`, or a batch halved to fit 1 MiB, is split.
+//! # Size and overflow
+//! The buffer counts its logical size: [`ROW_BYTES`] plus the value's size per unsealed reading, plus the bytes of
+//! every pending record. Above `max_bytes`, `drop_oldest` deletes the oldest pending records (their readings are
+//! counted as dropped); `backpressure` makes the buffer thread stop taking appends until Kinesis acknowledgements
+//! bring it back under the cap (sources wait; MQTT stops acknowledging, so the broker holds messages).
 //!
 //! # Invariants
-//! - `meta.next_seq` is greater than every `batches.seq` ever written; sequence numbers are never reused, even
-//!   after the rows are acknowledged and deleted.
-//! - Every row of `readings` has a committed source acknowledgement pending or sent; no acknowledgement is sent for
-//!   a row that is not committed.
-//! - Memory does not grow with the backlog: sealing reads at most `max_readings` rows and [`Buffer::pending`]
-//!   reads a bounded number of records.
-//! - The database is never deleted or recreated by the agent. A file that is not a fieldlink buffer (or of a newer
-//!   schema) is refused with an error naming it.
+//! - `meta.next_seq` is greater than every `batches.seq` ever written; sequence numbers are never reused.
+//! - No acknowledgement is sent for a reading that is not committed.
+//! - Every appended reading is, at any time, in exactly one of: `readings`, a record in `batches`, the counts of
+//!   readings sent, deduplicated, dead-lettered or dropped. The [`Ledger`] holds those counts.
+//! - Memory does not grow with the backlog: a seal reads at most `max_seal_rows` rows and [`Buffer::pending`]
+//!   a bounded number of records.
+//! - The agent never deletes a database file. One that SQLite cannot read is renamed to
+//!   `<path>.corrupt-<unix ms>` (with its `-wal` and `-shm` files) and a new buffer is started, with an error log;
+//!   a file of a newer schema is refused.
 
 mod actor;
 mod config;
 
 pub use actor::{spawn, AckFn, BufferHandle, Pending};
-pub use config::{BufferConfig, Durability};
+pub use config::{BufferConfig, Durability, OverflowPolicy};
 
-use crate::batch::{self, Row};
+use crate::batch::{self, BatchConfig, Builder, Row};
+use crate::order::{self, Rules, SeriesState};
 use fieldlink_proto::{EncodeError, Encoder, Quality, Reading, Series, Value};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-/// Buffer-only bit of `readings.kind`: the last reading of a source message.
-const END_OF_MESSAGE: u8 = 0x80;
 /// Current schema version.
 const SCHEMA_VERSION: i64 = 1;
-/// Series cached in memory before the cache is dropped and refilled from the table.
+/// Series (and series states) cached in memory before the cache is dropped and refilled from the tables.
 const SERIES_CACHE_MAX: usize = 100_000;
+/// Dead letters kept.
+pub const MAX_DEAD_LETTERS: i64 = 10_000;
+/// Size counted per unsealed reading besides its value (row id, series id, timestamp, kind, b-tree overhead).
+pub const ROW_BYTES: u64 = 32;
 
-/// What went wrong in the buffer. `Sqlite` and `Io` are usually disk problems (full, read-only, corrupt):
-/// the caller logs, counts and retries later; `Incompatible` needs an operator.
+/// What went wrong in the buffer. `Sqlite` errors are usually disk problems (full, read-only, I/O): the caller
+/// logs, counts and retries; `Incompatible` needs an operator.
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
     /// SQLite reported an error.
     #[error("buffer database: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// The file exists but is not a buffer this agent can use.
+    /// The file is a buffer this agent cannot use (newer schema), or cannot be moved aside.
     #[error("{path} is not a usable fieldlink buffer: {why}")]
     Incompatible {
         /// The file.
@@ -71,7 +82,7 @@ pub enum BufferError {
     /// A stored value has the wrong type for its kind (the file was modified outside the agent).
     #[error("buffer row has an unexpected value: {0}")]
     Row(#[from] rusqlite::types::FromSqlError),
-    /// A stored row cannot be turned into a record.
+    /// Buffered readings cannot be turned into a record.
     #[error("cannot encode buffered readings: {0}")]
     Encode(#[from] EncodeError),
 }
@@ -89,11 +100,13 @@ pub struct NewReading {
     pub quality: Quality,
 }
 
-/// Counts the buffer knows from its tables.
+/// What the buffer holds now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Stats {
     /// Readings appended but not yet sealed.
     pub unsealed_readings: u64,
+    /// Their counted size.
+    pub unsealed_bytes: u64,
     /// Sealed records not yet acknowledged by Kinesis.
     pub pending_batches: u64,
     /// Readings inside those records.
@@ -102,18 +115,47 @@ pub struct Stats {
     pub pending_bytes: u64,
 }
 
-/// A sealed record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sealed {
-    /// Its sequence number.
-    pub seq: u64,
-    /// How many readings it holds.
-    pub readings: usize,
-    /// Record size in bytes.
-    pub bytes: usize,
+impl Stats {
+    /// The counted size of everything buffered.
+    pub fn bytes(&self) -> u64 {
+        self.unsealed_bytes + self.pending_bytes
+    }
 }
 
-/// The buffer's synchronous core. All methods run on the caller's thread; see [`spawn`] for the async shell.
+/// Where every reading appended since the process started went. At rest (nothing in flight inside the buffer
+/// thread) `appended + at_open = sent + deduplicated + dead_lettered + dropped + unsealed + pending`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ledger {
+    /// Readings committed by [`Buffer::append`].
+    pub appended: u64,
+    /// Readings in records Kinesis acknowledged ([`Buffer::ack`]).
+    pub sent: u64,
+    /// Readings dropped as duplicates.
+    pub deduplicated: u64,
+    /// Late readings released with the flag (also counted in `sent` once acknowledged).
+    pub late_flagged: u64,
+    /// Late readings withheld into `dead_letters`.
+    pub dead_lettered: u64,
+    /// Readings in records deleted by `drop_oldest`.
+    pub dropped: u64,
+    /// Batches sealed.
+    pub batches_sealed: u64,
+    /// Bytes of records sealed.
+    pub bytes_sealed: u64,
+}
+
+/// What one seal did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SealReport {
+    /// Rows consumed from `readings`.
+    pub rows: u64,
+    /// Records written.
+    pub batches: u64,
+    /// Readings in them.
+    pub readings: u64,
+}
+
+/// The buffer's synchronous core. All methods run on the caller's thread; see [`spawn`] for the thread shell.
 #[derive(Debug)]
 pub struct Buffer {
     conn: Connection,
@@ -121,7 +163,12 @@ pub struct Buffer {
     next_seq: u64,
     series_ids: HashMap<Series, i64>,
     series_by_id: HashMap<i64, Series>,
+    states: HashMap<i64, SeriesState>,
+    bytes_per_reading: f64,
     stats: Stats,
+    ledger: Ledger,
+    last_row_id: i64,
+    moved_aside: Option<PathBuf>,
 }
 
 fn tags_json(tags: &[(String, String)]) -> String {
@@ -138,17 +185,72 @@ fn kind_byte(value: &Value, quality: Quality, late: bool) -> u8 {
     t | ((quality as u8) << 4) | if late { 0x40 } else { 0 }
 }
 
+fn value_bytes(v: &Value) -> u64 {
+    match v {
+        Value::Str(s) => s.len() as u64,
+        _ => 8,
+    }
+}
+
+/// Whether an error means "this file is not a readable SQLite database".
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase) | Some(rusqlite::ErrorCode::DatabaseCorrupt)
+    )
+}
+
+fn move_aside(path: &Path) -> Result<PathBuf, BufferError> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    std::fs::rename(path, &aside).map_err(|e| BufferError::Incompatible {
+        path: path.display().to_string(),
+        why: format!("cannot move it aside: {e}"),
+    })?;
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", path.display()));
+        if side.exists() {
+            let _ = std::fs::rename(&side, format!("{}{suffix}", aside.display()));
+        }
+    }
+    Ok(aside)
+}
+
 impl Buffer {
-    /// Opens (or creates) the buffer at `path`.
+    /// Opens (or creates) the buffer at `path`. A file SQLite cannot read is moved aside (see the module doc).
     pub fn open(path: &Path, durability: Durability, agent_id: &str) -> Result<Self, BufferError> {
+        match Self::open_checked(path, durability, agent_id) {
+            Err(BufferError::Sqlite(e)) if is_corruption(&e) => {
+                let aside = move_aside(path)?;
+                tracing::error!(path = %path.display(), moved_to = %aside.display(), error = %e, "buffer database is corrupt; moved aside, starting a new buffer");
+                let mut b = Self::open_checked(path, durability, agent_id)?;
+                b.moved_aside = Some(aside);
+                Ok(b)
+            }
+            other => other,
+        }
+    }
+
+    fn open_checked(
+        path: &Path,
+        durability: Durability,
+        agent_id: &str,
+    ) -> Result<Self, BufferError> {
         let conn = Connection::open(path)?;
+        let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        if check != "ok" {
+            return Err(BufferError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+                Some(format!("quick_check: {check}")),
+            )));
+        }
         let incompatible = |why: String| BufferError::Incompatible {
             path: path.display().to_string(),
             why,
         };
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(|e| incompatible(format!("cannot enable WAL: {e}")))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(incompatible(format!(
                 "journal mode is {mode}, WAL required"
@@ -159,15 +261,16 @@ impl Buffer {
             Durability::Normal => "NORMAL",
         };
         conn.execute_batch(&format!(
-            "PRAGMA synchronous={sync}; PRAGMA foreign_keys=OFF; PRAGMA busy_timeout=5000;"
+            "PRAGMA synchronous={sync}; PRAGMA busy_timeout=5000;"
         ))?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value ANY NOT NULL);
              CREATE TABLE IF NOT EXISTS series(id INTEGER PRIMARY KEY, key TEXT NOT NULL, tags TEXT NOT NULL, UNIQUE(key, tags));
              CREATE TABLE IF NOT EXISTS readings(id INTEGER PRIMARY KEY, series_id INTEGER NOT NULL, ts_ms INTEGER NOT NULL, kind INTEGER NOT NULL, value ANY);
-             CREATE TABLE IF NOT EXISTS batches(seq INTEGER PRIMARY KEY, record BLOB NOT NULL, readings INTEGER NOT NULL, sealed_ms INTEGER NOT NULL);",
-        )
-        .map_err(|e| incompatible(e.to_string()))?;
+             CREATE TABLE IF NOT EXISTS batches(seq INTEGER PRIMARY KEY, record BLOB NOT NULL, readings INTEGER NOT NULL, sealed_ms INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS series_state(series_id INTEGER PRIMARY KEY, state BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS dead_letters(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, reason TEXT NOT NULL, series TEXT NOT NULL, ts_ms INTEGER NOT NULL, value ANY);",
+        )?;
         let get = |k: &str| -> rusqlite::Result<Option<rusqlite::types::Value>> {
             conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
                 .optional()
@@ -212,16 +315,23 @@ impl Buffer {
             next_seq: next_seq as u64,
             series_ids: HashMap::new(),
             series_by_id: HashMap::new(),
+            states: HashMap::new(),
+            bytes_per_reading: 10.0,
             stats: Stats::default(),
+            ledger: Ledger::default(),
+            last_row_id: 0,
+            moved_aside: None,
         };
         b.refresh_stats()?;
         Ok(b)
     }
 
     fn refresh_stats(&mut self) -> Result<(), BufferError> {
-        let unsealed: i64 = self
-            .conn
-            .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))?;
+        let (unsealed, value_bytes, last): (i64, i64, i64) = self.conn.query_row(
+            "SELECT count(*), coalesce(sum(CASE WHEN typeof(value) = 'text' THEN length(value) ELSE 8 END), 0), coalesce(max(id), 0) FROM readings",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
         let (batches, readings, bytes): (i64, i64, i64) = self.conn.query_row(
             "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(record)), 0) FROM batches",
             [],
@@ -229,10 +339,12 @@ impl Buffer {
         )?;
         self.stats = Stats {
             unsealed_readings: unsealed as u64,
+            unsealed_bytes: value_bytes as u64 + unsealed as u64 * ROW_BYTES,
             pending_batches: batches as u64,
             pending_readings: readings as u64,
             pending_bytes: bytes as u64,
         };
+        self.last_row_id = last;
         Ok(())
     }
 
@@ -257,14 +369,29 @@ impl Buffer {
         }
     }
 
-    /// Counts of what the buffer holds.
+    /// What the buffer holds.
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// Where the readings went since open.
+    pub fn ledger(&self) -> Ledger {
+        self.ledger
     }
 
     /// The sequence number the next sealed batch gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
+    }
+
+    /// The id of the newest reading row (0 if none was ever written in this file).
+    pub fn last_row_id(&self) -> i64 {
+        self.last_row_id
+    }
+
+    /// Where a corrupt file was moved at open, if one was.
+    pub fn moved_aside(&self) -> Option<&Path> {
+        self.moved_aside.as_deref()
     }
 
     fn series_id(&mut self, s: &Series) -> Result<i64, BufferError> {
@@ -320,13 +447,12 @@ impl Buffer {
         &mut self,
         groups: impl IntoIterator<Item = &'a [NewReading]>,
     ) -> Result<u64, BufferError> {
-        let n = self.in_tx(|b| {
-            let mut n = 0u64;
+        let res = self.in_tx(|b| {
+            let (mut n, mut bytes) = (0u64, 0u64);
             for group in groups {
-                for (i, r) in group.iter().enumerate() {
+                for r in group {
                     let sid = b.series_id(&r.series)?;
-                    let end = if i + 1 == group.len() { END_OF_MESSAGE } else { 0 };
-                    let kind = kind_byte(&r.value, r.quality, false) | end;
+                    let kind = kind_byte(&r.value, r.quality, false);
                     let mut stmt = b.conn.prepare_cached("INSERT INTO readings(series_id, ts_ms, kind, value) VALUES (?1, ?2, ?3, ?4)")?;
                     match &r.value {
                         Value::F64(v) => stmt.execute(params![sid, r.ts_ms, kind, v])?,
@@ -335,40 +461,60 @@ impl Buffer {
                         Value::Str(v) => stmt.execute(params![sid, r.ts_ms, kind, v])?,
                     };
                     n += 1;
+                    bytes += ROW_BYTES + value_bytes(&r.value);
                 }
             }
-            Ok(n)
+            Ok((n, bytes, b.conn.last_insert_rowid()))
         });
-        if n.is_err() {
-            // Series inserted in the rolled-back transaction must not stay cached.
-            self.series_ids.clear();
-            self.series_by_id.clear();
+        let (n, bytes, last) = match res {
+            Ok(v) => v,
+            Err(e) => {
+                // Series inserted in the rolled-back transaction must not stay cached.
+                self.series_ids.clear();
+                self.series_by_id.clear();
+                return Err(e);
+            }
+        };
+        if n > 0 {
+            self.last_row_id = last;
         }
-        let n = n?;
         self.stats.unsealed_readings += n;
+        self.stats.unsealed_bytes += bytes;
+        self.ledger.appended += n;
         Ok(n)
     }
 
-    /// Seals up to `max_readings` of the oldest unsealed readings into one record of at most `max_bytes`.
-    /// Returns `None` if nothing waits.
+    fn state(&mut self, sid: i64) -> Result<SeriesState, BufferError> {
+        if let Some(s) = self.states.get(&sid) {
+            return Ok(s.clone());
+        }
+        let blob: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT state FROM series_state WHERE series_id = ?1")?
+            .query_row([sid], |r| r.get(0))
+            .optional()?;
+        Ok(blob.map_or_else(SeriesState::new, |b| SeriesState::from_bytes(&b)))
+    }
+
+    /// Seals the readings with `id <= up_to` (at most `max_rows` of them, oldest first): releases them through
+    /// [`order::release`] and writes the resulting records, in one transaction.
     pub fn seal(
         &mut self,
+        up_to: i64,
+        max_rows: usize,
         encoder: &mut Encoder,
-        max_readings: usize,
-        max_bytes: usize,
+        cfg: &BatchConfig,
+        rules: Rules,
         now_ms: i64,
-    ) -> Result<Option<Sealed>, BufferError> {
-        let mut rows: Vec<(i64, Row)> = Vec::new();
-        let mut ends: Vec<bool> = Vec::new();
+    ) -> Result<SealReport, BufferError> {
+        let mut ids_last = 0i64;
+        let mut pending = Vec::new();
+        let mut consumed_bytes = 0u64;
         {
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT id, series_id, ts_ms, kind, value FROM readings ORDER BY id LIMIT ?1",
-            )?;
-            let mut q = stmt.query([max_readings as i64])?;
+            let mut stmt = self.conn.prepare_cached("SELECT id, series_id, ts_ms, kind, value FROM readings WHERE id <= ?1 ORDER BY id LIMIT ?2")?;
+            let mut q = stmt.query(params![up_to, max_rows as i64])?;
             while let Some(r) = q.next()? {
-                let stored: u8 = r.get(3)?;
-                ends.push(stored & END_OF_MESSAGE != 0);
-                let kind = stored & !END_OF_MESSAGE;
+                let kind: u8 = r.get(3)?;
                 let value = match (kind & 0x07, r.get_ref(4)?) {
                     (0, v) => Value::F64(v.as_f64().or_else(|_| v.as_i64().map(|i| i as f64))?),
                     (1, v) => Value::I64(v.as_i64()?),
@@ -380,107 +526,198 @@ impl Buffer {
                     2 => Quality::Bad,
                     _ => Quality::Good,
                 };
-                let reading = Reading {
-                    series: 0,
+                consumed_bytes += ROW_BYTES + value_bytes(&value);
+                ids_last = r.get(0)?;
+                pending.push(order::Pending {
+                    series: r.get(1)?,
                     ts_ms: r.get(2)?,
                     value,
                     quality,
-                    late: kind & 0x40 != 0,
+                });
+            }
+        }
+        if pending.is_empty() {
+            return Ok(SealReport::default());
+        }
+        let rows_n = pending.len() as u64;
+
+        // Series states and series of every series involved.
+        let mut states: HashMap<i64, SeriesState> = HashMap::new();
+        let mut series: HashMap<i64, Series> = HashMap::new();
+        for p in &pending {
+            if let std::collections::hash_map::Entry::Vacant(slot) = states.entry(p.series) {
+                slot.insert(self.state(p.series)?);
+                let s = self
+                    .series_by_id(p.series)?
+                    .ok_or_else(|| BufferError::Incompatible {
+                        path: "buffer".into(),
+                        why: format!("reading refers to missing series {}", p.series),
+                    })?;
+                series.insert(p.series, s);
+            }
+        }
+        let released = order::release(pending, &mut states, rules);
+
+        // Group by device: order the series by (device key, measure); release keeps each series' time order.
+        let mut order_of: Vec<(String, String, i64)> = series
+            .iter()
+            .map(|(id, s)| (batch::device_key(s), s.measure().to_owned(), *id))
+            .collect();
+        order_of.sort();
+        let rank: HashMap<i64, usize> = order_of
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, id))| (*id, i))
+            .collect();
+        let mut rows: Vec<Row> = released
+            .out
+            .into_iter()
+            .map(|o| Row {
+                series_id: o.reading.series,
+                reading: Reading {
+                    series: 0,
+                    ts_ms: o.reading.ts_ms,
+                    value: o.reading.value,
+                    quality: o.reading.quality,
+                    late: o.late,
+                },
+            })
+            .collect();
+        rows.sort_by_key(|r| rank.get(&r.series_id).copied().unwrap_or(usize::MAX)); // stable
+
+        let first_seq = self.next_seq;
+        let mut ratio = self.bytes_per_reading;
+        let built = {
+            let lookup = |id: i64| series.get(&id).cloned();
+            let mut builder = Builder {
+                encoder,
+                agent_id: &self.agent_id,
+                series_of: &lookup,
+                cfg,
+            };
+            builder.build(&rows, first_seq, &mut ratio)?
+        };
+        let next_seq = first_seq + built.len() as u64;
+        let dead = released.dead_lettered;
+        let res = self.in_tx(|b| {
+            for x in &built {
+                b.conn
+                    .prepare_cached("INSERT INTO batches(seq, record, readings, sealed_ms) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![x.seq as i64, x.record, x.readings as i64, now_ms])?;
+            }
+            for p in &dead {
+                let key = series.get(&p.series).map(|s| s.key.clone()).unwrap_or_default();
+                let mut stmt = b.conn.prepare_cached("INSERT INTO dead_letters(at_ms, reason, series, ts_ms, value) VALUES (?1, 'late', ?2, ?3, ?4)")?;
+                match &p.value {
+                    Value::F64(v) => stmt.execute(params![now_ms, key, p.ts_ms, v])?,
+                    Value::I64(v) => stmt.execute(params![now_ms, key, p.ts_ms, v])?,
+                    Value::Bool(v) => stmt.execute(params![now_ms, key, p.ts_ms, i64::from(*v)])?,
+                    Value::Str(v) => stmt.execute(params![now_ms, key, p.ts_ms, v])?,
                 };
-                rows.push((
-                    r.get(0)?,
-                    Row {
-                        series_id: r.get(1)?,
-                        reading,
-                    },
-                ));
             }
-        }
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        // Cut after the last complete message, unless even one message is longer than the limit.
-        if rows.len() == max_readings {
-            if let Some(end) = ends.iter().rposition(|&e| e) {
-                rows.truncate(end + 1);
+            if !dead.is_empty() {
+                b.conn.execute("DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?1", [MAX_DEAD_LETTERS])?;
             }
-        }
-        // Resolve every series first (needs &mut self), then encode with a plain lookup.
-        let mut known = HashMap::new();
-        for (_, row) in &rows {
-            if let std::collections::hash_map::Entry::Vacant(slot) = known.entry(row.series_id) {
-                let s =
-                    self.series_by_id(row.series_id)?
-                        .ok_or_else(|| BufferError::Incompatible {
-                            path: "buffer".into(),
-                            why: format!("reading refers to missing series {}", row.series_id),
-                        })?;
-                slot.insert(s);
+            for (sid, st) in &states {
+                b.conn.prepare_cached("INSERT OR REPLACE INTO series_state(series_id, state) VALUES (?1, ?2)")?.execute(params![sid, st.to_bytes()])?;
             }
-        }
-        let plain: Vec<Row> = rows.iter().map(|(_, r)| r.clone()).collect();
-        let seq = self.next_seq;
-        let (n, record) = batch::fit(encoder, &self.agent_id, seq, &plain, max_bytes, &|id| {
-            known.get(&id).cloned()
-        })?;
-        let last_id = rows[n - 1].0;
-        self.in_tx(|b| {
-            b.conn
-                .prepare_cached(
-                    "INSERT INTO batches(seq, record, readings, sealed_ms) VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![seq as i64, record, n as i64, now_ms])?;
-            b.conn
-                .prepare_cached("DELETE FROM readings WHERE id <= ?1")?
-                .execute([last_id])?;
-            b.conn
-                .prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?
-                .execute([(seq + 1) as i64])?;
+            b.conn.prepare_cached("DELETE FROM readings WHERE id <= ?1")?.execute([ids_last])?;
+            b.conn.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?.execute([next_seq as i64])?;
             Ok(())
-        })?;
-        self.next_seq = seq + 1;
-        self.stats.unsealed_readings = self.stats.unsealed_readings.saturating_sub(n as u64);
-        self.stats.pending_batches += 1;
-        self.stats.pending_readings += n as u64;
-        self.stats.pending_bytes += record.len() as u64;
-        Ok(Some(Sealed {
-            seq,
-            readings: n,
-            bytes: record.len(),
-        }))
+        });
+        if let Err(e) = res {
+            self.states.clear();
+            return Err(e);
+        }
+        if self.states.len() + states.len() > SERIES_CACHE_MAX {
+            self.states.clear();
+        }
+        self.states.extend(states);
+        self.bytes_per_reading = ratio;
+        self.next_seq = next_seq;
+        let (sealed_readings, sealed_bytes) = built.iter().fold((0u64, 0u64), |(n, b), x| {
+            (n + x.readings as u64, b + x.record.len() as u64)
+        });
+        self.stats.unsealed_readings = self.stats.unsealed_readings.saturating_sub(rows_n);
+        self.stats.unsealed_bytes = self.stats.unsealed_bytes.saturating_sub(consumed_bytes);
+        self.stats.pending_batches += built.len() as u64;
+        self.stats.pending_readings += sealed_readings;
+        self.stats.pending_bytes += sealed_bytes;
+        self.ledger.deduplicated += released.duplicates;
+        self.ledger.late_flagged += released.late_flagged;
+        self.ledger.dead_lettered += dead.len() as u64;
+        self.ledger.batches_sealed += built.len() as u64;
+        self.ledger.bytes_sealed += sealed_bytes;
+        Ok(SealReport {
+            rows: rows_n,
+            batches: built.len() as u64,
+            readings: sealed_readings,
+        })
     }
 
-    /// Sealed records with `seq > after`, oldest first: at most `max_records` and at most `max_bytes` in total
-    /// (always at least one if any is pending).
+    /// Pending records for one `PutRecords` call: at most `max_records` and `max_bytes` (always at least one if
+    /// any is pending). When more is pending than fits, up to a quarter of the call goes to the **newest** records
+    /// and the rest to the oldest, so live data keeps flowing while a backlog drains. Returned oldest first.
     pub fn pending(
         &mut self,
-        after: u64,
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Pending>, BufferError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, record, readings FROM batches WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        let read =
+            |conn: &Connection, sql: &str, limit: usize| -> Result<Vec<Pending>, BufferError> {
+                let mut stmt = conn.prepare_cached(sql)?;
+                let mut q = stmt.query([limit as i64])?;
+                let mut out = Vec::new();
+                while let Some(r) = q.next()? {
+                    out.push(Pending {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        readings: r.get::<_, i64>(2)? as u64,
+                        record: r.get(1)?,
+                    });
+                }
+                Ok(out)
+            };
+        let live_share = if self.stats.pending_batches as usize > max_records {
+            max_records / 4
+        } else {
+            0
+        };
+        let newest = read(
+            &self.conn,
+            "SELECT seq, record, readings FROM batches ORDER BY seq DESC LIMIT ?1",
+            live_share,
         )?;
-        let mut q = stmt.query(params![after as i64, max_records as i64])?;
-        let mut out = Vec::new();
+        let oldest = read(
+            &self.conn,
+            "SELECT seq, record, readings FROM batches ORDER BY seq LIMIT ?1",
+            max_records - newest.len(),
+        )?;
+        let mut out: Vec<Pending> = Vec::new();
         let mut bytes = 0usize;
-        while let Some(r) = q.next()? {
-            let record: Vec<u8> = r.get(1)?;
-            if !out.is_empty() && bytes + record.len() > max_bytes {
-                break;
+        // Interleave: oldest first, then newest, each while the byte budget allows.
+        for p in oldest.into_iter().chain(newest.into_iter().rev()) {
+            if out.iter().any(|q| q.seq == p.seq) {
+                continue;
             }
-            bytes += record.len();
-            out.push(Pending {
-                seq: r.get::<_, i64>(0)? as u64,
-                readings: r.get::<_, i64>(2)? as u64,
-                record,
-            });
+            if !out.is_empty() && bytes + p.record.len() > max_bytes {
+                continue;
+            }
+            bytes += p.record.len();
+            out.push(p);
         }
+        out.sort_by_key(|p| p.seq);
         Ok(out)
     }
 
-    /// Deletes acknowledged records. Unknown sequence numbers (already deleted) are ignored.
-    pub fn ack(&mut self, seqs: &[u64]) -> Result<(), BufferError> {
+    /// Deletes records Kinesis acknowledged; counts their readings as sent. Unknown sequence numbers (already
+    /// dropped by the overflow policy) are ignored. Returns `(records, readings)` deleted.
+    pub fn ack(&mut self, seqs: &[u64]) -> Result<(u64, u64), BufferError> {
+        let gone = self.delete_batches(seqs)?;
+        self.ledger.sent += gone.pending_readings;
+        Ok((gone.pending_batches, gone.pending_readings))
+    }
+
+    fn delete_batches(&mut self, seqs: &[u64]) -> Result<Stats, BufferError> {
         let gone = self.in_tx(|b| {
             let mut gone = Stats::default();
             for &s in seqs {
@@ -502,7 +739,44 @@ impl Buffer {
         self.stats.pending_batches -= gone.pending_batches;
         self.stats.pending_readings -= gone.pending_readings;
         self.stats.pending_bytes -= gone.pending_bytes;
-        Ok(())
+        Ok(gone)
+    }
+
+    /// `drop_oldest`: deletes the oldest pending records until the counted size is at most `max_bytes` (or no
+    /// record is left). Returns the readings dropped.
+    pub fn drop_oldest(&mut self, max_bytes: u64) -> Result<u64, BufferError> {
+        let mut dropped = 0;
+        while self.stats.bytes() > max_bytes && self.stats.pending_batches > 0 {
+            let excess = self.stats.bytes() - max_bytes;
+            let mut seqs = Vec::new();
+            let mut freed = 0u64;
+            {
+                let mut stmt = self.conn.prepare_cached(
+                    "SELECT seq, length(record) FROM batches ORDER BY seq LIMIT 256",
+                )?;
+                let mut q = stmt.query([])?;
+                while let Some(r) = q.next()? {
+                    seqs.push(r.get::<_, i64>(0)? as u64);
+                    freed += r.get::<_, i64>(1)? as u64;
+                    if freed >= excess {
+                        break;
+                    }
+                }
+            }
+            let gone = self.delete_batches(&seqs)?;
+            dropped += gone.pending_readings;
+        }
+        self.ledger.dropped += dropped;
+        Ok(dropped)
+    }
+
+    /// The newest dead letters: `(reason, series, ts_ms)`.
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<(String, String, i64)>, BufferError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT reason, series, ts_ms FROM dead_letters ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 

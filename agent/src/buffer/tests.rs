@@ -1,7 +1,8 @@
-#![allow(clippy::unwrap_used)]
-
 use super::*;
+use crate::order::LatePolicy;
 use fieldlink_proto::decode;
+use proptest::prelude::*;
+use std::collections::BTreeSet;
 
 fn reading(key: &str, ts: i64, v: f64) -> NewReading {
     NewReading {
@@ -16,112 +17,240 @@ fn open(dir: &tempfile::TempDir) -> Buffer {
     Buffer::open(&dir.path().join("b.db"), Durability::Normal, "edge-1").unwrap()
 }
 
-#[test]
-fn sealed_batches_hold_exactly_the_appended_readings_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut b = open(&dir);
-    let group: Vec<_> = (0..25)
-        .map(|i| reading(&format!("d/{}", i % 3), i, i as f64))
-        .collect();
-    b.append([group.as_slice()]).unwrap();
-    let mut enc = Encoder::new(3).unwrap();
-    let s1 = b.seal(&mut enc, 10, 1 << 20, 0).unwrap().unwrap();
-    let s2 = b.seal(&mut enc, 10, 1 << 20, 0).unwrap().unwrap();
-    let s3 = b.seal(&mut enc, 10, 1 << 20, 0).unwrap().unwrap();
-    assert_eq!(
-        (s1.seq, s1.readings, s2.seq, s3.seq, s3.readings),
-        (1, 10, 2, 3, 5)
-    );
-    assert!(b.seal(&mut enc, 10, 1 << 20, 0).unwrap().is_none());
-    let pending = b.pending(0, 100, 1 << 20).unwrap();
-    let mut got: Vec<(String, i64)> = Vec::new();
-    for p in &pending {
+fn rules() -> Rules {
+    Rules {
+        dedup_window_ms: 60_000,
+        max_recent: 1024,
+        late: LatePolicy::Flag,
+    }
+}
+
+fn cfg(target: usize) -> BatchConfig {
+    BatchConfig {
+        target_record_bytes: target,
+        ..BatchConfig::default()
+    }
+}
+
+fn seal_all(b: &mut Buffer, enc: &mut Encoder, target: usize) -> SealReport {
+    b.seal(i64::MAX, 100_000, enc, &cfg(target), rules(), 0)
+        .unwrap()
+}
+
+/// `(series, ts, value bits, late)` of every reading in the pending records.
+fn pending_readings(b: &mut Buffer) -> Vec<(String, i64, u64, bool)> {
+    let mut out = Vec::new();
+    for p in b.pending(500, usize::MAX).unwrap() {
         let batch = decode(&p.record).unwrap();
         assert_eq!(batch.seq, p.seq);
         for r in batch.readings {
-            got.push((batch.series[r.series as usize].key.clone(), r.ts_ms));
+            let bits = match r.value {
+                Value::F64(f) => f.to_bits(),
+                _ => 0,
+            };
+            out.push((
+                batch.series[r.series as usize].key.clone(),
+                r.ts_ms,
+                bits,
+                r.late,
+            ));
         }
     }
-    got.sort_by_key(|(_, ts)| *ts);
+    out
+}
+
+#[test]
+fn sealed_batches_hold_exactly_the_appended_readings_in_series_time_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir);
+    let group: Vec<_> = (0..25)
+        .rev()
+        .map(|i| reading(&format!("d{}/v", i % 3), i, i as f64))
+        .collect();
+    b.append([group.as_slice()]).unwrap();
+    let r = seal_all(&mut b, &mut Encoder::new(3).unwrap(), 24 * 1024);
+    assert_eq!((r.rows, r.readings), (25, 25));
+    let got = pending_readings(&mut b);
+    let mut expected: Vec<_> = (0..25)
+        .map(|i| (format!("d{}/v", i % 3), i, (i as f64).to_bits(), false))
+        .collect();
+    expected.sort();
     assert_eq!(
-        got,
-        (0..25)
-            .map(|i| (format!("d/{}", i % 3), i))
-            .collect::<Vec<_>>()
+        got, expected,
+        "grouped by series (device), each in time order"
     );
+    assert_eq!(b.stats().pending_readings, 25);
+    assert_eq!(b.stats().unsealed_readings, 0);
+}
+
+#[test]
+fn only_rows_up_to_the_ready_id_are_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir);
+    b.append([vec![reading("a/x", 1, 1.0)].as_slice()]).unwrap();
+    let first = b.last_row_id();
+    b.append([vec![reading("a/x", 2, 2.0)].as_slice()]).unwrap();
+    let r = b
+        .seal(
+            first,
+            1000,
+            &mut Encoder::new(3).unwrap(),
+            &cfg(1024),
+            rules(),
+            0,
+        )
+        .unwrap();
+    assert_eq!(r.rows, 1);
+    assert_eq!(b.stats().unsealed_readings, 1);
+}
+
+#[test]
+fn duplicates_are_dropped_across_reopen_and_late_readings_flagged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut enc = Encoder::new(3).unwrap();
+    {
+        let mut b = open(&dir);
+        b.append([vec![reading("a/x", 100, 1.0), reading("a/x", 200, 2.0)].as_slice()])
+            .unwrap();
+        seal_all(&mut b, &mut enc, 1024);
+    }
+    let mut b = open(&dir);
+    // A redelivery of both, one new reading and one late reading.
+    b.append([vec![
+        reading("a/x", 100, 1.0),
+        reading("a/x", 200, 2.0),
+        reading("a/x", 300, 3.0),
+        reading("a/x", 150, 9.0),
+    ]
+    .as_slice()])
+        .unwrap();
+    seal_all(&mut b, &mut enc, 1024);
+    let l = b.ledger();
+    assert_eq!((l.deduplicated, l.late_flagged), (2, 1));
+    let got = pending_readings(&mut b);
+    assert!(got.contains(&("a/x".into(), 150, 9f64.to_bits(), true)));
+    assert_eq!(got.len(), 4);
+}
+
+#[test]
+fn late_readings_can_be_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir);
+    let mut enc = Encoder::new(3).unwrap();
+    let dl = Rules {
+        late: LatePolicy::DeadLetter,
+        ..rules()
+    };
+    b.append([vec![reading("a/x", 100, 1.0)].as_slice()])
+        .unwrap();
+    b.seal(i64::MAX, 1000, &mut enc, &cfg(1024), dl, 0).unwrap();
+    b.append([vec![reading("a/x", 50, 1.0)].as_slice()])
+        .unwrap();
+    b.seal(i64::MAX, 1000, &mut enc, &cfg(1024), dl, 0).unwrap();
+    assert_eq!(b.ledger().dead_lettered, 1);
     assert_eq!(
-        b.stats(),
-        Stats {
-            unsealed_readings: 0,
-            pending_batches: 3,
-            pending_readings: 25,
-            pending_bytes: pending.iter().map(|p| p.record.len() as u64).sum()
-        }
+        b.dead_letters(10).unwrap(),
+        vec![("late".into(), "a/x".into(), 50)]
     );
 }
 
 #[test]
-fn records_are_deleted_only_when_acknowledged_and_survive_reopen_byte_identical() {
+fn records_survive_reopen_byte_identical_and_sequence_numbers_are_never_reused() {
     let dir = tempfile::tempdir().unwrap();
     let mut enc = Encoder::new(3).unwrap();
     let before = {
         let mut b = open(&dir);
-        b.append([vec![reading("a/x", 1, 1.0), reading("a/y", 2, 2.0)].as_slice()])
+        b.append([vec![reading("a/x", 1, 1.0), reading("b/y", 2, 2.0)].as_slice()])
             .unwrap();
-        b.seal(&mut enc, 100, 1 << 20, 0).unwrap();
+        seal_all(&mut b, &mut enc, 1024);
         b.append([vec![reading("a/x", 3, 3.0)].as_slice()]).unwrap();
-        b.pending(0, 10, 1 << 20).unwrap()
+        b.pending(500, usize::MAX).unwrap()
     };
     let mut b = open(&dir);
     assert_eq!(
-        b.pending(0, 10, 1 << 20).unwrap(),
+        b.pending(500, usize::MAX).unwrap(),
         before,
-        "sealed record changed across reopen"
+        "sealed records changed across reopen"
     );
     assert_eq!(b.stats().unsealed_readings, 1);
-    assert_eq!(b.next_seq(), 2);
-    b.ack(&[1]).unwrap();
-    assert!(b.pending(0, 10, 1 << 20).unwrap().is_empty());
-    // Sequence numbers are never reused after acknowledgement.
-    let s = b.seal(&mut enc, 100, 1 << 20, 0).unwrap().unwrap();
-    assert_eq!(s.seq, 2);
+    let acked: Vec<u64> = before.iter().map(|p| p.seq).collect();
+    assert_eq!(b.ack(&acked).unwrap().1, 2);
+    let next = b.next_seq();
+    seal_all(&mut b, &mut enc, 1024);
+    assert_eq!(b.pending(500, usize::MAX).unwrap()[0].seq, next);
     drop(b);
-    assert_eq!(open(&dir).next_seq(), 3);
+    assert_eq!(open(&dir).next_seq(), next + 1);
 }
 
 #[test]
-fn pending_is_bounded_by_count_and_bytes_but_returns_at_least_one() {
+fn pending_interleaves_newest_records_into_a_backlog() {
     let dir = tempfile::tempdir().unwrap();
     let mut b = open(&dir);
     let mut enc = Encoder::new(3).unwrap();
-    for i in 0..5 {
+    for i in 0..20 {
         b.append([vec![reading("a/x", i, i as f64)].as_slice()])
             .unwrap();
-        b.seal(&mut enc, 100, 1 << 20, 0).unwrap();
+        seal_all(&mut b, &mut enc, 1024);
     }
-    assert_eq!(b.pending(0, 2, 1 << 20).unwrap().len(), 2);
-    assert_eq!(b.pending(0, 10, 1).unwrap().len(), 1);
+    let seqs: Vec<u64> = b
+        .pending(8, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|p| p.seq)
+        .collect();
     assert_eq!(
-        b.pending(3, 10, 1 << 20)
-            .unwrap()
-            .iter()
-            .map(|p| p.seq)
-            .collect::<Vec<_>>(),
-        vec![4, 5]
+        seqs,
+        vec![1, 2, 3, 4, 5, 6, 19, 20],
+        "six oldest and the two newest"
+    );
+    assert_eq!(
+        b.pending(500, 1).unwrap().len(),
+        1,
+        "at least one record whatever the byte budget"
     );
 }
 
 #[test]
-fn a_file_that_is_not_a_buffer_is_refused_not_recreated() {
+fn drop_oldest_frees_space_and_counts_the_readings() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir);
+    let mut enc = Encoder::new(3).unwrap();
+    for i in 0..10 {
+        let group: Vec<_> = (0..50)
+            .map(|j| reading(&format!("d{j}/v"), i * 100 + j, fastrand::f64()))
+            .collect();
+        b.append([group.as_slice()]).unwrap();
+        seal_all(&mut b, &mut enc, 1024);
+    }
+    let before = b.stats();
+    let cap = before.bytes() / 2;
+    let dropped = b.drop_oldest(cap).unwrap();
+    assert!(b.stats().bytes() <= cap);
+    assert_eq!(
+        dropped,
+        before.pending_readings - b.stats().pending_readings
+    );
+    assert_eq!(b.ledger().dropped, dropped);
+    assert!(
+        b.pending(1, usize::MAX).unwrap()[0].seq > 1,
+        "the oldest went first"
+    );
+}
+
+#[test]
+fn a_corrupt_file_is_moved_aside_not_overwritten() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("b.db");
-    std::fs::write(&path, b"this is not sqlite, and it is someone's data").unwrap();
-    let err = Buffer::open(&path, Durability::Full, "edge-1").unwrap_err();
-    assert!(err.to_string().contains("b.db"), "{err}");
+    std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
+    let b = Buffer::open(&path, Durability::Full, "edge-1").unwrap();
+    let aside = b.moved_aside().unwrap().to_path_buf();
+    assert!(aside.display().to_string().contains("b.db.corrupt-"));
     assert_eq!(
-        std::fs::read(&path).unwrap(),
-        b"this is not sqlite, and it is someone's data"
+        std::fs::read(&aside).unwrap(),
+        vec![0x42u8; 8192],
+        "the original bytes are kept"
     );
+    assert_eq!(b.stats(), Stats::default());
 }
 
 #[test]
@@ -154,9 +283,8 @@ fn all_value_types_and_qualities_survive_the_buffer() {
         })
         .collect();
     b.append([group.as_slice()]).unwrap();
-    b.seal(&mut Encoder::new(3).unwrap(), 100, 1 << 20, 0)
-        .unwrap();
-    let batch = decode(&b.pending(0, 1, 1 << 20).unwrap()[0].record).unwrap();
+    seal_all(&mut b, &mut Encoder::new(3).unwrap(), 1024);
+    let batch = decode(&b.pending(1, usize::MAX).unwrap()[0].record).unwrap();
     assert_eq!(batch.series, vec![s]);
     let got: Vec<_> = batch
         .readings
@@ -167,29 +295,93 @@ fn all_value_types_and_qualities_survive_the_buffer() {
     assert_eq!(got, want);
 }
 
-#[test]
-fn a_message_is_never_split_across_batches() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut b = open(&dir);
-    // Three messages of 4 readings each; batches of at most 6 readings must cut at message ends.
-    let msgs: Vec<Vec<NewReading>> = (0..3)
-        .map(|m| {
-            (0..4)
-                .map(|i| reading(&format!("imu/{m}/{i}"), m, i as f64))
-                .collect()
-        })
-        .collect();
-    b.append(msgs.iter().map(Vec::as_slice)).unwrap();
-    let mut enc = Encoder::new(3).unwrap();
-    let sizes: Vec<usize> =
-        std::iter::from_fn(|| b.seal(&mut enc, 6, 1 << 20, 0).unwrap().map(|s| s.readings))
-            .collect();
-    assert_eq!(sizes, vec![4, 4, 4]);
-    // A message longer than the limit is split rather than stuck.
-    let long: Vec<NewReading> = (0..10).map(|i| reading("big/x", i, 0.0)).collect();
-    b.append([long.as_slice()]).unwrap();
-    let sizes: Vec<usize> =
-        std::iter::from_fn(|| b.seal(&mut enc, 6, 1 << 20, 0).unwrap().map(|s| s.readings))
-            .collect();
-    assert_eq!(sizes, vec![6, 4]);
+#[derive(Debug, Clone)]
+enum Op {
+    Append(Vec<(u8, i64, u8)>),
+    Seal,
+    Ack(usize),
+    Drop(u8),
+    Reopen,
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => prop::collection::vec((0u8..4, 0i64..60, 0u8..3), 1..15).prop_map(Op::Append),
+        2 => Just(Op::Seal),
+        2 => (0usize..4).prop_map(Op::Ack),
+        1 => (0u8..100).prop_map(Op::Drop),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// The buffer against a model: nothing appended is lost (every distinct reading is in a record that was sent,
+    /// is pending, or was dropped by policy), the ledger balances across restarts, sequence numbers only grow,
+    /// and pending records survive a reopen byte for byte.
+    #[test]
+    fn buffer_state_machine_matches_the_model(ops in prop::collection::vec(arb_op(), 1..30)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut enc = Encoder::new(1).unwrap();
+        let mut b = open(&dir);
+        let mut appended = 0u64;
+        let mut lifetimes = Ledger::default(); // ledgers of closed lifetimes
+        let mut distinct_in: BTreeSet<(String, i64, u64)> = BTreeSet::new();
+        let mut distinct_out: BTreeSet<(String, i64, u64)> = BTreeSet::new();
+        let mut last_seq = 0u64;
+        let note_records = |b: &mut Buffer, out: &mut BTreeSet<(String, i64, u64)>, last: &mut u64| {
+            for (s, ts, bits, _) in pending_readings(b) {
+                out.insert((s, ts, bits));
+            }
+            for p in b.pending(500, usize::MAX).unwrap() {
+                *last = (*last).max(p.seq);
+            }
+        };
+        for op in ops {
+            match op {
+                Op::Append(rs) => {
+                    let group: Vec<_> = rs.iter().map(|&(s, ts, v)| reading(&format!("d{s}/v"), ts, f64::from(v))).collect();
+                    for r in &group {
+                        distinct_in.insert((r.series.key.clone(), r.ts_ms, match r.value { Value::F64(f) => f.to_bits(), _ => 0 }));
+                    }
+                    appended += b.append([group.as_slice()]).unwrap();
+                }
+                Op::Seal => {
+                    let before = b.next_seq();
+                    let r = seal_all(&mut b, &mut enc, 256);
+                    prop_assert_eq!(b.next_seq(), before + r.batches);
+                    note_records(&mut b, &mut distinct_out, &mut last_seq);
+                }
+                Op::Ack(n) => {
+                    let seqs: Vec<u64> = b.pending(500, usize::MAX).unwrap().iter().take(n).map(|p| p.seq).collect();
+                    b.ack(&seqs).unwrap();
+                }
+                Op::Drop(pct) => {
+                    let cap = b.stats().bytes() * u64::from(pct) / 100;
+                    b.drop_oldest(cap).unwrap();
+                }
+                Op::Reopen => {
+                    let before = b.pending(500, usize::MAX).unwrap();
+                    let l = b.ledger();
+                    lifetimes = Ledger { sent: lifetimes.sent + l.sent, deduplicated: lifetimes.deduplicated + l.deduplicated, dead_lettered: lifetimes.dead_lettered + l.dead_lettered, dropped: lifetimes.dropped + l.dropped, ..lifetimes };
+                    drop(b);
+                    b = open(&dir);
+                    prop_assert_eq!(b.pending(500, usize::MAX).unwrap(), before);
+                }
+            }
+            let (l, s) = (b.ledger(), b.stats());
+            prop_assert_eq!(
+                appended,
+                lifetimes.sent + l.sent + lifetimes.deduplicated + l.deduplicated + lifetimes.dead_lettered + l.dead_lettered
+                    + lifetimes.dropped + l.dropped + s.unsealed_readings + s.pending_readings,
+                "ledger out of balance"
+            );
+            prop_assert!(b.next_seq() > last_seq);
+        }
+        // Seal the rest: every distinct reading appended has been in some record.
+        seal_all(&mut b, &mut enc, 256);
+        note_records(&mut b, &mut distinct_out, &mut last_seq);
+        prop_assert_eq!(distinct_in, distinct_out);
+    }
 }

@@ -17,6 +17,14 @@ pub struct KinesisConfig {
     /// Records per `PutRecords` call, 1..=500. Default 500.
     #[serde(default = "default_max_records")]
     pub max_records_per_call: usize,
+    /// Highest send rate, bytes per second. Default 1048576: Kinesis accepts 1 MiB/s per shard, and one agent's
+    /// records share a partition key, hence a shard. The sender halves its rate when Kinesis throttles and
+    /// raises it again step by step while calls succeed.
+    #[serde(default = "default_max_rate")]
+    pub max_bytes_per_second: u64,
+    /// Lowest send rate the throttling adaptation goes down to, bytes per second. Default 16384.
+    #[serde(default = "default_min_rate")]
+    pub min_bytes_per_second: u64,
     /// At shutdown, how long to keep sending sealed batches before exiting (what is left stays buffered),
     /// milliseconds. Default 5000.
     #[serde(default = "default_drain")]
@@ -25,6 +33,12 @@ pub struct KinesisConfig {
 
 fn default_max_records() -> usize {
     MAX_RECORDS_PER_CALL
+}
+fn default_max_rate() -> u64 {
+    1024 * 1024
+}
+fn default_min_rate() -> u64 {
+    16 * 1024
 }
 fn default_drain() -> u64 {
     5000
@@ -53,6 +67,12 @@ impl KinesisConfig {
             p.push(format!(
                 "{path}.max_records_per_call: must be 1..=500, got {}",
                 self.max_records_per_call
+            ));
+        }
+        if self.min_bytes_per_second == 0 || self.min_bytes_per_second > self.max_bytes_per_second {
+            p.push(format!(
+                "{path}.min_bytes_per_second: must be 1..=max_bytes_per_second, got {}",
+                self.min_bytes_per_second
             ));
         }
         if self.shutdown_drain_ms > 600_000 {

@@ -1,12 +1,18 @@
-//! Kinesis sink: sends sealed records with `PutRecords` and deletes each from the buffer once accepted.
+//! Kinesis sink: sends sealed records with `PutRecords`; the buffer deletes each one Kinesis accepted.
 //!
-//! - One call at a time, at most 500 records and 5 MiB (Kinesis' limits); the buffer hands out the oldest
-//!   pending records first.
+//! - One call at a time, at most 500 records and 5 MiB (Kinesis' limits). When more is pending than one call
+//!   holds, a quarter of the call goes to the newest records and the rest to the oldest ([`Buffer::pending`]):
+//!   a backlog drains at full speed while live data keeps flowing.
 //! - A partly failed call is retried with only the entries that failed (per-entry `ErrorCode`), after a capped,
 //!   jittered backoff; accepted entries are deleted from the buffer immediately.
 //! - A failed call (timeout, network, throttling, missing stream) is retried with backoff; the records stay in
 //!   the buffer, so nothing is lost while Kinesis is unreachable.
+//! - Adaptive rate (AIMD): calls are paced to `rate` bytes per second; throttling (an entry or a call refused
+//!   with `ProvisionedThroughputExceededException`, or a throttling error) halves the rate, down to
+//!   `min_bytes_per_second`; every clean call raises it by 1/16 of `max_bytes_per_second`.
 //! - The partition key is the agent id (configurable), never random: one agent's batches stay on one shard.
+//!
+//! [`Buffer::pending`]: crate::buffer::Buffer::pending
 
 mod config;
 
@@ -14,14 +20,51 @@ pub use config::{KinesisConfig, MAX_BYTES_PER_CALL, MAX_RECORDS_PER_CALL};
 
 use crate::buffer::{BufferHandle, Pending};
 use crate::metrics::AgentMetrics;
+use aws_sdk_kinesis::operation::put_records::PutRecordsError;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use fieldlink_ops::backoff::Backoff;
 use fieldlink_ops::metrics::Health;
 use std::time::Duration;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 const COMPONENT: &str = "kinesis";
+
+/// Additive-increase, multiplicative-decrease pacing of the send rate. Pure.
+#[derive(Debug, Clone)]
+pub struct Pace {
+    rate: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Pace {
+    /// Starts at `max` bytes per second.
+    pub fn new(min: u64, max: u64) -> Self {
+        Self {
+            rate: max as f64,
+            min: min as f64,
+            max: max as f64,
+        }
+    }
+    /// Current rate, bytes per second.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+    /// Kinesis throttled: halve.
+    pub fn throttled(&mut self) {
+        self.rate = (self.rate / 2.0).max(self.min);
+    }
+    /// A clean call: raise by a sixteenth of the maximum.
+    pub fn succeeded(&mut self) {
+        self.rate = (self.rate + self.max / 16.0).min(self.max);
+    }
+    /// How long a call of `bytes` occupies the budget.
+    pub fn spacing(&self, bytes: usize) -> Duration {
+        Duration::from_secs_f64(bytes as f64 / self.rate)
+    }
+}
 
 /// The sender.
 #[derive(Debug)]
@@ -34,6 +77,8 @@ pub struct Sender {
     metrics: AgentMetrics,
     health: Health,
     backoff: Backoff,
+    pace: Pace,
+    next_call: Instant,
 }
 
 /// What a send attempt ended with.
@@ -43,6 +88,16 @@ enum Outcome {
     Done,
     /// Stopped before that (cancelled or deadline); the rest stays buffered.
     Stopped,
+}
+
+fn is_throttle_code(code: &str) -> bool {
+    matches!(
+        code,
+        "ProvisionedThroughputExceededException"
+            | "ThrottlingException"
+            | "LimitExceededException"
+            | "KMSThrottlingException"
+    )
 }
 
 impl Sender {
@@ -55,6 +110,8 @@ impl Sender {
         metrics: AgentMetrics,
         health: Health,
     ) -> Self {
+        let pace = Pace::new(cfg.min_bytes_per_second, cfg.max_bytes_per_second);
+        metrics.send_rate.set(pace.rate() as i64);
         Self {
             client,
             stream: cfg.stream.clone(),
@@ -67,6 +124,8 @@ impl Sender {
             metrics,
             health,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(20)),
+            pace,
+            next_call: Instant::now(),
         }
     }
 
@@ -79,11 +138,7 @@ impl Sender {
         let sealed = self.buffer.sealed();
         self.health.set(COMPONENT, true, "");
         while !cancel.is_cancelled() {
-            let Ok(pending) = self
-                .buffer
-                .fetch(0, self.max_records, self.max_bytes())
-                .await
-            else {
+            let Ok(pending) = self.buffer.fetch(self.max_records, self.max_bytes()).await else {
                 return;
             };
             if pending.is_empty() {
@@ -109,11 +164,7 @@ impl Sender {
             guard.cancel();
         });
         loop {
-            let Ok(pending) = self
-                .buffer
-                .fetch(0, self.max_records, self.max_bytes())
-                .await
-            else {
+            let Ok(pending) = self.buffer.fetch(self.max_records, self.max_bytes()).await else {
                 break;
             };
             if pending.is_empty() || self.send(pending, &stop).await == Outcome::Stopped {
@@ -123,8 +174,23 @@ impl Sender {
         timer.abort();
     }
 
+    async fn wait(&self, until: Instant, cancel: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep_until(until) => true,
+        }
+    }
+
     async fn send(&mut self, mut pending: Vec<Pending>, cancel: &CancellationToken) -> Outcome {
         loop {
+            if !self.wait(self.next_call, cancel).await {
+                return Outcome::Stopped;
+            }
+            let bytes: usize = pending
+                .iter()
+                .map(|p| p.record.len() + self.partition_key.len())
+                .sum();
+            self.next_call = Instant::now() + self.pace.spacing(bytes);
             let entries: Vec<PutRecordsRequestEntry> = pending
                 .iter()
                 .filter_map(|p| {
@@ -145,55 +211,89 @@ impl Sender {
                 r = call => r,
                 _ = cancel.cancelled() => return Outcome::Stopped,
             };
+            let mut throttled = false;
             match result {
                 Ok(out) => {
                     let mut accepted = Vec::new();
                     let mut failed = Vec::new();
                     let results = out.records();
                     for (i, p) in pending.into_iter().enumerate() {
-                        match results.get(i) {
-                            Some(r) if r.error_code().is_none() => accepted.push(p),
-                            Some(r) => {
+                        match results.get(i).and_then(|r| r.error_code()) {
+                            None if i < results.len() => accepted.push(p.seq),
+                            code => {
                                 self.metrics.records_rejected.inc();
+                                throttled |= code.is_some_and(is_throttle_code);
                                 tracing::debug!(
                                     seq = p.seq,
-                                    code = r.error_code().unwrap_or(""),
+                                    code = code.unwrap_or("missing"),
                                     "record rejected; will retry"
                                 );
                                 failed.push(p);
                             }
-                            None => failed.push(p),
                         }
                     }
-                    if !accepted.is_empty() {
-                        let seqs: Vec<u64> = accepted.iter().map(|p| p.seq).collect();
-                        if self.buffer.ack(seqs).await.is_err() {
-                            return Outcome::Stopped;
-                        }
-                        self.metrics.records_sent.add(accepted.len() as u64);
-                        self.metrics
-                            .readings_sent
-                            .add(accepted.iter().map(|p| p.readings).sum());
+                    if !accepted.is_empty() && self.buffer.ack(accepted).await.is_err() {
+                        return Outcome::Stopped;
                     }
                     self.health.set(COMPONENT, true, "");
                     if failed.is_empty() {
                         self.backoff.reset();
+                        self.pace.succeeded();
+                        self.metrics.send_rate.set(self.pace.rate() as i64);
                         return Outcome::Done;
                     }
                     pending = failed;
                 }
                 Err(e) => {
                     self.metrics.put_calls_failed.inc();
+                    throttled = matches!(
+                        e.as_service_error(),
+                        Some(
+                            PutRecordsError::ProvisionedThroughputExceededException(_)
+                                | PutRecordsError::KmsThrottlingException(_)
+                        )
+                    ) || e
+                        .as_service_error()
+                        .and_then(|s| aws_sdk_kinesis::error::ProvideErrorMetadata::code(s))
+                        .is_some_and(is_throttle_code);
                     let msg = aws_sdk_kinesis::error::DisplayErrorContext(&e).to_string();
                     self.health.set(COMPONENT, false, msg.clone());
                     tracing::warn!(error = %msg, records = pending.len(), "PutRecords failed; records stay buffered");
                 }
             }
+            if throttled {
+                self.pace.throttled();
+                self.metrics.throttled.inc();
+                self.metrics.send_rate.set(self.pace.rate() as i64);
+            }
             let delay = self.backoff.next_delay();
-            tokio::select! {
-                _ = cancel.cancelled() => return Outcome::Stopped,
-                _ = tokio::time::sleep(delay) => {}
+            if !self.wait(Instant::now() + delay, cancel).await {
+                return Outcome::Stopped;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pace;
+
+    #[test]
+    fn pace_halves_on_throttling_and_recovers_additively() {
+        let mut p = Pace::new(1000, 16_000);
+        p.throttled();
+        p.throttled();
+        assert_eq!(p.rate(), 4000.0);
+        for _ in 0..3 {
+            p.throttled();
+        }
+        assert_eq!(p.rate(), 1000.0, "floor");
+        p.succeeded();
+        assert_eq!(p.rate(), 2000.0);
+        for _ in 0..100 {
+            p.succeeded();
+        }
+        assert_eq!(p.rate(), 16_000.0, "ceiling");
+        assert_eq!(p.spacing(8000).as_millis(), 500);
     }
 }

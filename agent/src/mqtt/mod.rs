@@ -64,9 +64,9 @@ impl ConnMetrics {
                 &l,
             ),
             readings: registry.counter(
-                "fieldlink_readings_received_total",
-                "Readings accepted from sources.",
-                &[("source", "mqtt"), ("connection", name)],
+                "fieldlink_mqtt_readings_total",
+                "Readings mapped from MQTT messages.",
+                &l,
             ),
             skipped_fields: registry.counter(
                 "fieldlink_mqtt_skipped_fields_total",

@@ -1,0 +1,192 @@
+use super::*;
+use proptest::prelude::*;
+
+fn p(series: i64, ts: i64, v: f64) -> Pending {
+    Pending {
+        series,
+        ts_ms: ts,
+        value: Value::F64(v),
+        quality: Quality::Good,
+    }
+}
+
+fn rules(late: LatePolicy) -> Rules {
+    Rules {
+        dedup_window_ms: 10_000,
+        max_recent: 1024,
+        late,
+    }
+}
+
+fn ts_of(r: &Released) -> Vec<(i64, i64, bool)> {
+    r.out
+        .iter()
+        .map(|o| (o.reading.series, o.reading.ts_ms, o.late))
+        .collect()
+}
+
+#[test]
+fn readings_within_one_release_leave_sorted_per_series() {
+    let mut st = HashMap::new();
+    let r = release(
+        vec![p(2, 30, 0.0), p(1, 20, 0.0), p(2, 10, 0.0), p(1, 5, 0.0)],
+        &mut st,
+        rules(LatePolicy::Flag),
+    );
+    assert_eq!(
+        ts_of(&r),
+        vec![
+            (1, 5, false),
+            (1, 20, false),
+            (2, 10, false),
+            (2, 30, false)
+        ]
+    );
+}
+
+#[test]
+fn a_redelivered_reading_is_dropped_even_in_a_later_release() {
+    let mut st = HashMap::new();
+    release(
+        vec![p(1, 100, 1.5), p(1, 200, 2.5)],
+        &mut st,
+        rules(LatePolicy::Flag),
+    );
+    let r = release(
+        vec![p(1, 100, 1.5), p(1, 200, 2.5), p(1, 300, 3.5)],
+        &mut st,
+        rules(LatePolicy::Flag),
+    );
+    assert_eq!(r.duplicates, 2);
+    assert_eq!(ts_of(&r), vec![(1, 300, false)]);
+    // Same timestamp, different value: not a duplicate, and not late (same time as the newest).
+    let r = release(vec![p(1, 300, 9.0)], &mut st, rules(LatePolicy::Flag));
+    assert_eq!((r.duplicates, ts_of(&r)), (0, vec![(1, 300, false)]));
+}
+
+#[test]
+fn duplicates_inside_one_release_are_dropped() {
+    let mut st = HashMap::new();
+    let r = release(
+        vec![p(1, 5, 1.0), p(1, 5, 1.0), p(1, 5, 1.0)],
+        &mut st,
+        rules(LatePolicy::Flag),
+    );
+    assert_eq!((r.out.len(), r.duplicates), (1, 2));
+}
+
+#[test]
+fn late_readings_are_flagged_or_dead_lettered() {
+    let mut st = HashMap::new();
+    release(vec![p(1, 100, 0.0)], &mut st, rules(LatePolicy::Flag));
+    let r = release(
+        vec![p(1, 50, 0.0), p(1, 150, 0.0)],
+        &mut st,
+        rules(LatePolicy::Flag),
+    );
+    assert_eq!(
+        (ts_of(&r), r.late_flagged),
+        (vec![(1, 50, true), (1, 150, false)], 1)
+    );
+    let r = release(vec![p(1, 60, 0.0)], &mut st, rules(LatePolicy::DeadLetter));
+    assert!(r.out.is_empty());
+    assert_eq!(r.dead_lettered, vec![p(1, 60, 0.0)]);
+}
+
+#[test]
+fn state_memory_is_bounded_by_window_and_count() {
+    let mut st = HashMap::new();
+    let many: Vec<_> = (0..5000).map(|i| p(1, i * 10, 0.0)).collect();
+    release(
+        many,
+        &mut st,
+        Rules {
+            dedup_window_ms: 1000,
+            max_recent: 64,
+            late: LatePolicy::Flag,
+        },
+    );
+    let s = &st[&1];
+    assert!(s.recent.len() <= 64);
+    assert!(s.recent.iter().all(|&(ts, _)| ts >= s.last_ts - 1000));
+    assert_eq!(SeriesState::from_bytes(&s.to_bytes()), *s);
+}
+
+/// A reference model: remembers every released reading forever.
+#[derive(Default)]
+struct Model {
+    last: HashMap<i64, i64>,
+    seen: HashMap<i64, Vec<(i64, u64)>>,
+}
+
+impl Model {
+    fn release(
+        &mut self,
+        mut input: Vec<Pending>,
+        rules: Rules,
+    ) -> (Vec<(i64, i64, bool)>, u64, usize) {
+        input.sort_by_key(|p| p.series); // stable, like grouping
+        let mut series: Vec<i64> = input.iter().map(|p| p.series).collect();
+        series.dedup();
+        let (mut out, mut dups, mut dead) = (Vec::new(), 0, 0);
+        for s in series {
+            let mut rows: Vec<&Pending> = input.iter().filter(|p| p.series == s).collect();
+            rows.sort_by_key(|p| p.ts_ms);
+            for p in rows {
+                let last = *self.last.get(&s).unwrap_or(&i64::MIN);
+                let horizon = last.saturating_sub(rules.dedup_window_ms);
+                let bits = match p.value {
+                    Value::F64(f) => f.to_bits(),
+                    _ => 0,
+                };
+                let seen = self.seen.entry(s).or_default();
+                if p.ts_ms >= horizon
+                    && seen
+                        .iter()
+                        .any(|&(ts, b)| ts == p.ts_ms && b == bits && ts >= horizon)
+                {
+                    dups += 1;
+                    continue;
+                }
+                seen.push((p.ts_ms, bits));
+                let late = p.ts_ms < last;
+                self.last.insert(s, last.max(p.ts_ms));
+                if late && rules.late == LatePolicy::DeadLetter {
+                    dead += 1;
+                } else {
+                    out.push((s, p.ts_ms, late));
+                }
+            }
+        }
+        (out, dups, dead)
+    }
+}
+
+fn arb_calls() -> impl Strategy<Value = Vec<Vec<Pending>>> {
+    let reading = (0i64..3, 0i64..40, 0u8..3).prop_map(|(s, ts, v)| p(s, ts, f64::from(v)));
+    prop::collection::vec(prop::collection::vec(reading, 0..20), 1..8)
+}
+
+proptest! {
+    #[test]
+    fn release_matches_the_model(calls in arb_calls(), window in 0i64..30, dead in any::<bool>()) {
+        let rules = Rules { dedup_window_ms: window, max_recent: usize::MAX, late: if dead { LatePolicy::DeadLetter } else { LatePolicy::Flag } };
+        let (mut states, mut model) = (HashMap::new(), Model::default());
+        for call in calls {
+            let n = call.len();
+            let r = release(call.clone(), &mut states, rules);
+            let (out, dups, dead_n) = model.release(call, rules);
+            prop_assert_eq!(ts_of(&r), out);
+            prop_assert_eq!(r.duplicates, dups);
+            prop_assert_eq!(r.dead_lettered.len(), dead_n);
+            // Every reading is accounted for exactly once.
+            prop_assert_eq!(r.out.len() + r.duplicates as usize + r.dead_lettered.len(), n);
+            // Non-late output is in event-time order per series.
+            for w in r.out.windows(2) {
+                if w[0].reading.series == w[1].reading.series && !w[1].late {
+                    prop_assert!(w[0].reading.ts_ms <= w[1].reading.ts_ms);
+                }
+            }
+        }
+    }
+}
