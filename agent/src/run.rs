@@ -38,7 +38,13 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     health.set("buffer", true, "");
 
     let sdk = cfg.aws.sdk_config().await;
-    let kinesis = aws_sdk_kinesis::Client::new(&sdk);
+    // The sender retries (only the failed entries, with backoff) and adapts its rate to throttling itself; SDK
+    // retries would hide throttling from it.
+    let kinesis = aws_sdk_kinesis::Client::from_conf(
+        aws_sdk_kinesis::config::Builder::from(&sdk)
+            .retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled())
+            .build(),
+    );
     let mut sender = Sender::new(
         &cfg.kinesis,
         &cfg.agent_id,

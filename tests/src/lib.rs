@@ -290,7 +290,11 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
@@ -303,4 +307,232 @@ pub fn metric(body: &str, name: &str) -> Option<f64> {
             .and_then(|r| r.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
     })
+}
+
+/// The fault-injecting proxy (`tests/python/fault_proxy.py`) in front of an upstream (moto).
+pub struct FaultProxy {
+    pub endpoint: String,
+    pub proc: Proc,
+}
+
+impl FaultProxy {
+    pub fn start(dir: &Path, upstream: &str) -> Self {
+        let log = dir.join(format!("fault-proxy-{}.log", free_port()));
+        let mut cmd = Command::new(python());
+        cmd.arg("-u").arg(script("fault_proxy.py")).arg(upstream);
+        let proc = Proc::spawn("fault proxy", cmd, &log);
+        let port: u16 = wait_for("the fault proxy to listen", Duration::from_secs(10), || {
+            std::fs::read_to_string(&log)
+                .ok()?
+                .split("listening on ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        });
+        Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            proc,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.endpoint.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// Sets fault parameters, e.g. `throttle=0.2&reject=0.3&down=0`; returns the counters.
+    pub fn set(&self, query: &str) -> serde_json::Value {
+        serde_json::from_str(&http_get(self.port(), &format!("/__fault/set?{query}")).unwrap())
+            .unwrap()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&http_get(self.port(), "/__fault/stats").unwrap()).unwrap()
+    }
+}
+
+/// One decoded Kinesis record.
+#[derive(Debug, Clone)]
+pub struct DumpedRecord {
+    pub agent: String,
+    pub seq: u64,
+    pub sha256: String,
+    /// `(series, ts_ms, value as text, late)`.
+    pub readings: Vec<(String, i64, String, bool)>,
+}
+
+/// Every record in the stream, decoded by the independent Python decoder.
+pub fn kinesis_dump(endpoint: &str, stream: &str) -> Vec<DumpedRecord> {
+    let out = run_python(&[
+        script("kinesis_dump.py").to_str().unwrap(),
+        endpoint,
+        stream,
+    ]);
+    out.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            DumpedRecord {
+                agent: v["agent"].as_str().unwrap().to_owned(),
+                seq: v["seq"].as_u64().unwrap(),
+                sha256: v["sha256"].as_str().unwrap().to_owned(),
+                readings: v["readings"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| {
+                        (
+                            r[0].as_str().unwrap().to_owned(),
+                            r[1].as_i64().unwrap(),
+                            r[2].as_str().unwrap().to_owned(),
+                            r[3].as_bool().unwrap(),
+                        )
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// A fieldlink agent process with its config, restartable.
+pub struct AgentProc {
+    pub config: PathBuf,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+impl AgentProc {
+    /// Writes a config (MQTT on `mqtt_port`, topics `#`, Kinesis `stream` at `endpoint`) with `extra` TOML
+    /// appended to the `[buffer]` section and `sections` appended after it.
+    pub fn new(
+        dir: &Path,
+        id: &str,
+        mqtt_port: u16,
+        endpoint: &str,
+        stream: &str,
+        buffer_extra: &str,
+        sections: &str,
+    ) -> Self {
+        let metrics_port = free_port();
+        let config = dir.join(format!("{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r##"agent_id = "{id}"
+metrics_listen = "127.0.0.1:{metrics_port}"
+[aws]
+endpoint_url = "{endpoint}"
+attempt_timeout_ms = 3000
+[buffer]
+path = "{buffer}"
+{buffer_extra}
+[batch]
+linger_ms = 200
+[order]
+reorder_window_ms = 200
+[kinesis]
+stream = "{stream}"
+shutdown_drain_ms = 2000
+{sections}
+[[mqtt]]
+name = "local"
+host = "127.0.0.1"
+port = {mqtt_port}
+keep_alive_s = 5
+[[mqtt.topics]]
+filter = "#"
+qos = 1
+"##,
+                buffer = dir.join(format!("{id}.db")).display()
+            ),
+        )
+        .unwrap();
+        Self {
+            config,
+            metrics_port,
+            log: dir.join(format!("{id}.log")),
+            proc: None,
+        }
+    }
+
+    /// Starts the agent and waits until it has subscribed.
+    pub fn start(&mut self) {
+        let mut cmd = Command::new(bin("fieldlink-agent"));
+        cmd.arg("run").arg("--config").arg(&self.config);
+        aws_env(&mut cmd);
+        self.proc = Some(Proc::spawn("fieldlink-agent", cmd, &self.log));
+        let port = self.metrics_port;
+        wait_for("the agent to subscribe", Duration::from_secs(30), || {
+            http_get(port, "/health")
+                .filter(|b| b.contains("mqtt:local: ok"))
+                .map(|_| ())
+        });
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// SIGTERM and a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.terminate(Duration::from_secs(30));
+        }
+    }
+
+    /// Value of an unlabelled metric (0 if absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        http_get(self.metrics_port, "/metrics")
+            .and_then(|m| metric(&m, name))
+            .unwrap_or(0.0)
+    }
+
+    /// Checks the reading ledger: received = sent + deduplicated + dead-lettered + dropped + unsealed + pending.
+    pub fn ledger(&self) -> (f64, f64) {
+        let m = http_get(self.metrics_port, "/metrics").unwrap();
+        let g = |n: &str| metric(&m, n).unwrap_or(0.0);
+        let received = g("fieldlink_readings_received_total");
+        let accounted = g("fieldlink_readings_sent_total")
+            + g("fieldlink_readings_deduplicated_total")
+            + g("fieldlink_readings_dead_lettered_total")
+            + g("fieldlink_readings_dropped_total")
+            + g("fieldlink_buffer_unsealed_readings")
+            + g("fieldlink_buffer_pending_readings");
+        (received, accounted)
+    }
+}
+
+/// Publishes `count` numbered readings (`publish_numbered.py`) and returns the numbers the broker acknowledged.
+pub fn publish_numbered(port: u16, count: usize, rate: f64, pad: usize, dir: &Path) -> Vec<u64> {
+    let acked = dir.join(format!("acked-{}.txt", free_port()));
+    run_python(&[
+        script("publish_numbered.py").to_str().unwrap(),
+        "127.0.0.1",
+        &port.to_string(),
+        &count.to_string(),
+        &rate.to_string(),
+        acked.to_str().unwrap(),
+        &pad.to_string(),
+    ]);
+    std::fs::read_to_string(&acked)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
+/// The numbers `n` carried by `crash/devK/n` readings in the dump.
+pub fn numbers_in(records: &[DumpedRecord]) -> Vec<u64> {
+    records
+        .iter()
+        .flat_map(|r| r.readings.iter())
+        .filter(|(s, _, _, _)| s.starts_with("crash/") && s.ends_with("/n"))
+        .map(|(_, _, v, _)| v.parse::<f64>().unwrap() as u64)
+        .collect()
 }

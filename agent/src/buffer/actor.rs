@@ -49,6 +49,7 @@ enum Control {
     Flush {
         reply: oneshot::Sender<()>,
     },
+    Release,
 }
 
 /// The buffer thread stopped (after a shutdown, or a fatal error it logged).
@@ -118,6 +119,14 @@ impl BufferHandle {
             .await
             .map_err(|_| Closed)?;
         rx.await.map_err(|_| Closed)
+    }
+
+    /// The records of the last fetch are no longer in flight (the call failed); the overflow policy may drop them.
+    pub async fn release(&self) -> Result<(), Closed> {
+        self.ctl
+            .send_async(Control::Release)
+            .await
+            .map_err(|_| Closed)
     }
 
     /// Seals everything unsealed now, ignoring the reorder window (shutdown); returns once done.
@@ -281,6 +290,11 @@ impl Worker {
             Control::Flush { reply } => {
                 self.seal(true);
                 let _ = reply.send(());
+            }
+            Control::Release => {
+                self.buffer.release_in_flight();
+                self.enforce_cap();
+                self.publish();
             }
         }
     }

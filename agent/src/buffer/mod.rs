@@ -169,6 +169,8 @@ pub struct Buffer {
     ledger: Ledger,
     last_row_id: i64,
     moved_aside: Option<PathBuf>,
+    /// Records handed to the sender by the last [`Buffer::pending`] and not acknowledged: never dropped.
+    in_flight: std::collections::HashSet<u64>,
 }
 
 fn tags_json(tags: &[(String, String)]) -> String {
@@ -321,6 +323,7 @@ impl Buffer {
             ledger: Ledger::default(),
             last_row_id: 0,
             moved_aside: None,
+            in_flight: std::collections::HashSet::new(),
         };
         b.refresh_stats()?;
         Ok(b)
@@ -656,7 +659,8 @@ impl Buffer {
     }
 
     /// Pending records for one `PutRecords` call: at most `max_records` and `max_bytes` (always at least one if
-    /// any is pending). When more is pending than fits, up to a quarter of the call goes to the **newest** records
+    /// any is pending). They are in flight from now until acknowledged or the next call of `pending`; the
+    /// overflow policy does not drop records in flight. When more is pending than fits, up to a quarter of the call goes to the **newest** records
     /// and the rest to the oldest, so live data keeps flowing while a backlog drains. Returned oldest first.
     pub fn pending(
         &mut self,
@@ -706,6 +710,7 @@ impl Buffer {
             out.push(p);
         }
         out.sort_by_key(|p| p.seq);
+        self.in_flight = out.iter().map(|p| p.seq).collect();
         Ok(out)
     }
 
@@ -713,6 +718,9 @@ impl Buffer {
     /// dropped by the overflow policy) are ignored. Returns `(records, readings)` deleted.
     pub fn ack(&mut self, seqs: &[u64]) -> Result<(u64, u64), BufferError> {
         let gone = self.delete_batches(seqs)?;
+        for s in seqs {
+            self.in_flight.remove(s);
+        }
         self.ledger.sent += gone.pending_readings;
         Ok((gone.pending_batches, gone.pending_readings))
     }
@@ -742,8 +750,13 @@ impl Buffer {
         Ok(gone)
     }
 
-    /// `drop_oldest`: deletes the oldest pending records until the counted size is at most `max_bytes` (or no
-    /// record is left). Returns the readings dropped.
+    /// Forgets the in-flight records (their call failed): the overflow policy may drop them again.
+    pub fn release_in_flight(&mut self) {
+        self.in_flight.clear();
+    }
+
+    /// `drop_oldest`: deletes the oldest pending records not in flight until the counted size is at most
+    /// `max_bytes` (or none is left). Returns the readings dropped.
     pub fn drop_oldest(&mut self, max_bytes: u64) -> Result<u64, BufferError> {
         let mut dropped = 0;
         while self.stats.bytes() > max_bytes && self.stats.pending_batches > 0 {
@@ -752,16 +765,23 @@ impl Buffer {
             let mut freed = 0u64;
             {
                 let mut stmt = self.conn.prepare_cached(
-                    "SELECT seq, length(record) FROM batches ORDER BY seq LIMIT 256",
+                    "SELECT seq, length(record) FROM batches ORDER BY seq LIMIT ?1",
                 )?;
-                let mut q = stmt.query([])?;
+                let mut q = stmt.query([(256 + self.in_flight.len()) as i64])?;
                 while let Some(r) = q.next()? {
-                    seqs.push(r.get::<_, i64>(0)? as u64);
+                    let seq = r.get::<_, i64>(0)? as u64;
+                    if self.in_flight.contains(&seq) {
+                        continue;
+                    }
+                    seqs.push(seq);
                     freed += r.get::<_, i64>(1)? as u64;
                     if freed >= excess {
                         break;
                     }
                 }
+            }
+            if seqs.is_empty() {
+                break; // everything left is in flight
             }
             let gone = self.delete_batches(&seqs)?;
             dropped += gone.pending_readings;

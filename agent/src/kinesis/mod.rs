@@ -3,10 +3,11 @@
 //! - One call at a time, at most 500 records and 5 MiB (Kinesis' limits). When more is pending than one call
 //!   holds, a quarter of the call goes to the newest records and the rest to the oldest ([`Buffer::pending`]):
 //!   a backlog drains at full speed while live data keeps flowing.
-//! - A partly failed call is retried with only the entries that failed (per-entry `ErrorCode`), after a capped,
-//!   jittered backoff; accepted entries are deleted from the buffer immediately.
-//! - A failed call (timeout, network, throttling, missing stream) is retried with backoff; the records stay in
-//!   the buffer, so nothing is lost while Kinesis is unreachable.
+//! - Entries Kinesis accepted are deleted from the buffer immediately; entries it rejected (per-entry
+//!   `ErrorCode`) are retried after a capped, jittered backoff — never the accepted ones.
+//! - A failed call (timeout, network, throttling, missing stream) is retried with backoff, fetching the records
+//!   again; they stay in the buffer, so nothing is lost while Kinesis is unreachable. Records of the call under
+//!   way are never dropped by the buffer's overflow policy, so "sent" and "dropped" are counted exactly.
 //! - Adaptive rate (AIMD): calls are paced to `rate` bytes per second; throttling (an entry or a call refused
 //!   with `ProvisionedThroughputExceededException`, or a throttling error) halves the rate, down to
 //!   `min_bytes_per_second`; every clean call raises it by 1/16 of `max_bytes_per_second`.
@@ -86,6 +87,8 @@ pub struct Sender {
 enum Outcome {
     /// Every record was accepted.
     Done,
+    /// Some or all records failed: fetch again after the backoff.
+    Refetch,
     /// Stopped before that (cancelled or deadline); the rest stays buffered.
     Stopped,
 }
@@ -181,96 +184,103 @@ impl Sender {
         }
     }
 
-    async fn send(&mut self, mut pending: Vec<Pending>, cancel: &CancellationToken) -> Outcome {
-        loop {
-            if !self.wait(self.next_call, cancel).await {
-                return Outcome::Stopped;
-            }
-            let bytes: usize = pending
-                .iter()
-                .map(|p| p.record.len() + self.partition_key.len())
-                .sum();
-            self.next_call = Instant::now() + self.pace.spacing(bytes);
-            let entries: Vec<PutRecordsRequestEntry> = pending
-                .iter()
-                .filter_map(|p| {
-                    PutRecordsRequestEntry::builder()
-                        .data(Blob::new(p.record.clone()))
-                        .partition_key(&self.partition_key)
-                        .build()
-                        .ok()
-                })
-                .collect();
-            let call = self
-                .client
-                .put_records()
-                .stream_name(&self.stream)
-                .set_records(Some(entries))
-                .send();
-            let result = tokio::select! {
-                r = call => r,
-                _ = cancel.cancelled() => return Outcome::Stopped,
-            };
-            let mut throttled = false;
-            match result {
-                Ok(out) => {
-                    let mut accepted = Vec::new();
-                    let mut failed = Vec::new();
-                    let results = out.records();
-                    for (i, p) in pending.into_iter().enumerate() {
-                        match results.get(i).and_then(|r| r.error_code()) {
-                            None if i < results.len() => accepted.push(p.seq),
-                            code => {
-                                self.metrics.records_rejected.inc();
-                                throttled |= code.is_some_and(is_throttle_code);
-                                tracing::debug!(
-                                    seq = p.seq,
-                                    code = code.unwrap_or("missing"),
-                                    "record rejected; will retry"
-                                );
-                                failed.push(p);
-                            }
+    /// One `PutRecords` attempt. Accepted records are deleted from the buffer; after any failure the records
+    /// are released (the overflow policy may drop them from now on), the sender backs off and fetches again,
+    /// which retries exactly the records that failed (they are still the oldest) and never the accepted ones.
+    async fn send(&mut self, pending: Vec<Pending>, cancel: &CancellationToken) -> Outcome {
+        if !self.wait(self.next_call, cancel).await {
+            return Outcome::Stopped;
+        }
+        let bytes: usize = pending
+            .iter()
+            .map(|p| p.record.len() + self.partition_key.len())
+            .sum();
+        self.next_call = Instant::now() + self.pace.spacing(bytes);
+        let entries: Vec<PutRecordsRequestEntry> = pending
+            .iter()
+            .filter_map(|p| {
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(p.record.clone()))
+                    .partition_key(&self.partition_key)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        let call = self
+            .client
+            .put_records()
+            .stream_name(&self.stream)
+            .set_records(Some(entries))
+            .send();
+        let result = tokio::select! {
+            r = call => r,
+            _ = cancel.cancelled() => return Outcome::Stopped,
+        };
+        let throttled;
+        match result {
+            Ok(out) => {
+                let results = out.records();
+                let mut accepted = Vec::new();
+                let mut rejected = 0u64;
+                let mut throttled_entry = false;
+                for (i, p) in pending.iter().enumerate() {
+                    match results.get(i).map(|r| r.error_code()) {
+                        Some(None) => accepted.push(p.seq),
+                        code => {
+                            rejected += 1;
+                            let code = code.flatten();
+                            throttled_entry |= code.is_some_and(is_throttle_code);
+                            tracing::debug!(
+                                seq = p.seq,
+                                code = code.unwrap_or("missing"),
+                                "record rejected; will retry"
+                            );
                         }
                     }
-                    if !accepted.is_empty() && self.buffer.ack(accepted).await.is_err() {
-                        return Outcome::Stopped;
-                    }
-                    self.health.set(COMPONENT, true, "");
-                    if failed.is_empty() {
-                        self.backoff.reset();
-                        self.pace.succeeded();
-                        self.metrics.send_rate.set(self.pace.rate() as i64);
-                        return Outcome::Done;
-                    }
-                    pending = failed;
                 }
-                Err(e) => {
-                    self.metrics.put_calls_failed.inc();
-                    throttled = matches!(
-                        e.as_service_error(),
-                        Some(
-                            PutRecordsError::ProvisionedThroughputExceededException(_)
-                                | PutRecordsError::KmsThrottlingException(_)
-                        )
-                    ) || e
-                        .as_service_error()
-                        .and_then(|s| aws_sdk_kinesis::error::ProvideErrorMetadata::code(s))
-                        .is_some_and(is_throttle_code);
-                    let msg = aws_sdk_kinesis::error::DisplayErrorContext(&e).to_string();
-                    self.health.set(COMPONENT, false, msg.clone());
-                    tracing::warn!(error = %msg, records = pending.len(), "PutRecords failed; records stay buffered");
+                if !accepted.is_empty() && self.buffer.ack(accepted).await.is_err() {
+                    return Outcome::Stopped;
                 }
+                self.health.set(COMPONENT, true, "");
+                if rejected == 0 {
+                    self.backoff.reset();
+                    self.pace.succeeded();
+                    self.metrics.send_rate.set(self.pace.rate() as i64);
+                    return Outcome::Done;
+                }
+                self.metrics.records_rejected.add(rejected);
+                throttled = throttled_entry;
             }
-            if throttled {
-                self.pace.throttled();
-                self.metrics.throttled.inc();
-                self.metrics.send_rate.set(self.pace.rate() as i64);
-            }
-            let delay = self.backoff.next_delay();
-            if !self.wait(Instant::now() + delay, cancel).await {
-                return Outcome::Stopped;
+            Err(e) => {
+                self.metrics.put_calls_failed.inc();
+                throttled = matches!(
+                    e.as_service_error(),
+                    Some(
+                        PutRecordsError::ProvisionedThroughputExceededException(_)
+                            | PutRecordsError::KmsThrottlingException(_)
+                    )
+                ) || e
+                    .as_service_error()
+                    .and_then(|s| aws_sdk_kinesis::error::ProvideErrorMetadata::code(s))
+                    .is_some_and(is_throttle_code);
+                let msg = aws_sdk_kinesis::error::DisplayErrorContext(&e).to_string();
+                self.health.set(COMPONENT, false, msg.clone());
+                tracing::warn!(error = %msg, records = pending.len(), "PutRecords failed; records stay buffered");
             }
         }
+        if throttled {
+            self.pace.throttled();
+            self.metrics.throttled.inc();
+            self.metrics.send_rate.set(self.pace.rate() as i64);
+        }
+        if self.buffer.release().await.is_err() {
+            return Outcome::Stopped;
+        }
+        let delay = self.backoff.next_delay();
+        if !self.wait(Instant::now() + delay, cancel).await {
+            return Outcome::Stopped;
+        }
+        Outcome::Refetch
     }
 }
 

@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""A fault-injecting HTTP proxy in front of moto server, for what no emulator produces.
+
+Usage: fault_proxy.py UPSTREAM_URL   (listens on a free loopback port and prints "listening on PORT")
+
+Every request is forwarded to UPSTREAM_URL unchanged, except Kinesis PutRecords calls, which may be
+  - refused whole with 400 ProvisionedThroughputExceededException   (share `throttle`),
+  - forwarded with only some entries, the others answered as failed with ErrorCode
+    ProvisionedThroughputExceededException or InternalFailure      (share `reject` per entry).
+Rejected entries are never sent to moto, so "failed" is true. With `down` set, every request gets a
+connection reset (an unreachable service).
+
+Control: GET /__fault/set?throttle=0.2&reject=0.3&down=0   and   GET /__fault/stats  (JSON counters).
+"""
+import http.client
+import http.server
+import json
+import random
+import socketserver
+import sys
+import threading
+import urllib.parse
+
+UPSTREAM = urllib.parse.urlparse(sys.argv[1])
+state = {"throttle": 0.0, "reject": 0.0, "down": False}
+stats = {"calls": 0, "throttled_calls": 0, "rejected_entries": 0, "forwarded_entries": 0, "refused_connections": 0}
+lock = threading.Lock()
+rng = random.Random(7)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status, body, headers):
+        self.send_response(status)
+        for k, v in headers:
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def forward(self, body):
+        conn = http.client.HTTPConnection(UPSTREAM.hostname, UPSTREAM.port, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("content-length", "host")}
+        headers["Content-Length"] = str(len(body))
+        headers["Host"] = f"{UPSTREAM.hostname}:{UPSTREAM.port}"
+        conn.request(self.command, self.path, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, data, resp.getheaders()
+
+    def control(self):
+        url = urllib.parse.urlparse(self.path)
+        if url.path == "/__fault/set":
+            q = urllib.parse.parse_qs(url.query)
+            with lock:
+                for k in ("throttle", "reject"):
+                    if k in q:
+                        state[k] = float(q[k][0])
+                if "down" in q:
+                    state["down"] = q["down"][0] in ("1", "true")
+        with lock:
+            body = json.dumps({**state, **stats}).encode()
+        self.reply(200, body, [("Content-Type", "application/json")])
+
+    def handle_any(self):
+        if self.path.startswith("/__fault/"):
+            return self.control()
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+        with lock:
+            down, throttle, reject = state["down"], state["throttle"], state["reject"]
+        if down:
+            with lock:
+                stats["refused_connections"] += 1
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        target = self.headers.get("X-Amz-Target", "")
+        if not target.endswith(".PutRecords"):
+            status, data, headers = self.forward(body)
+            return self.reply(status, data, headers)
+        with lock:
+            stats["calls"] += 1
+            throttled = rng.random() < throttle
+            if throttled:
+                stats["throttled_calls"] += 1
+        if throttled:
+            err = {"__type": "ProvisionedThroughputExceededException", "message": "Rate exceeded for shard (fault proxy)"}
+            return self.reply(400, json.dumps(err).encode(), [("Content-Type", "application/x-amz-json-1.1")])
+        req = json.loads(body)
+        entries = req["Records"]
+        with lock:
+            keep = [rng.random() >= reject for _ in entries]
+        req["Records"] = [e for e, k in zip(entries, keep) if k]
+        results = []
+        if req["Records"]:
+            status, data, headers = self.forward(json.dumps(req).encode())
+            if status != 200:
+                return self.reply(status, data, headers)
+            results = json.loads(data)["Records"]
+        out, it, failed = [], iter(results), 0
+        for i, k in enumerate(keep):
+            if k:
+                out.append(next(it))
+            else:
+                failed += 1
+                code = "ProvisionedThroughputExceededException" if i % 2 == 0 else "InternalFailure"
+                out.append({"ErrorCode": code, "ErrorMessage": "injected by fault proxy"})
+        with lock:
+            stats["rejected_entries"] += failed
+            stats["forwarded_entries"] += len(results)
+        body = json.dumps({"FailedRecordCount": failed, "Records": out}).encode()
+        self.reply(200, body, [("Content-Type", "application/x-amz-json-1.1")])
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = handle_any
+
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+server = Server(("127.0.0.1", 0), Handler)
+print(f"listening on {server.server_address[1]}", flush=True)
+server.serve_forever()

@@ -1,0 +1,254 @@
+//! Delivery guarantees of the agent against real Mosquitto and moto server (through a fault-injecting proxy where
+//! moto cannot produce the fault): SIGKILL at random moments, Kinesis outages, a buffer cap that is too small,
+//! rejected entries and throttled calls.
+//!
+//! `FIELDLINK_CRASH_ROUNDS` sets the number of kill rounds (default 20; `deploy/crash-test.sh` runs 100).
+
+use fieldlink_e2e::*;
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+/// Each batch id that appears more than once in the stream has identical content.
+fn assert_resends_identical(records: &[DumpedRecord]) -> usize {
+    let mut by_id: HashMap<(String, u64), &str> = HashMap::new();
+    let mut resent = 0;
+    for r in records {
+        if let Some(prev) = by_id.insert((r.agent.clone(), r.seq), &r.sha256) {
+            assert_eq!(
+                prev, r.sha256,
+                "batch {} of {} was resent with different content",
+                r.seq, r.agent
+            );
+            resent += 1;
+        }
+    }
+    resent
+}
+
+fn missing(acked: &[u64], records: &[DumpedRecord]) -> Vec<u64> {
+    let got: BTreeSet<u64> = numbers_in(records).into_iter().collect();
+    acked.iter().copied().filter(|n| !got.contains(n)).collect()
+}
+
+#[test]
+fn every_acknowledged_reading_survives_sigkill_at_random_moments() {
+    let rounds: usize = std::env::var("FIELDLINK_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let moto = Moto::start(dir.path());
+    moto.create("crash", 1, "unused-db", "unused-table", "unused-bucket");
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "crash-agent",
+        broker.port,
+        &moto.endpoint,
+        "crash",
+        "durability = \"full\"",
+        "",
+    );
+    agent.start(); // the persistent session exists from here on: the broker queues for the agent while it is dead
+
+    let rate = 1500.0;
+    let count = (rate * 0.45 * rounds as f64) as usize + 1000;
+    let (port, path) = (broker.port, dir.path().to_path_buf());
+    let publisher = std::thread::spawn(move || publish_numbered(port, count, rate, 0, &path));
+    let seed = fastrand::u64(..);
+    eprintln!("kill schedule seed {seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for round in 0..rounds {
+        std::thread::sleep(Duration::from_millis(rng.u64(50..600)));
+        agent.kill9();
+        if round + 1 < rounds {
+            agent.start();
+        }
+    }
+    agent.start();
+    let acked = publisher.join().unwrap();
+    assert!(
+        acked.len() > count * 9 / 10,
+        "the broker acknowledged only {} of {count}",
+        acked.len()
+    );
+
+    let records = wait_for(
+        "every acknowledged reading in Kinesis",
+        Duration::from_secs(120),
+        || {
+            let records = kinesis_dump(&moto.endpoint, "crash");
+            missing(&acked, &records).is_empty().then_some(records)
+        },
+    );
+    let resent = assert_resends_identical(&records);
+    agent.stop();
+    eprintln!(
+        "{rounds} SIGKILL rounds: {} readings acknowledged by the broker, all in Kinesis; {} records, {resent} resent byte-identical",
+        acked.len(),
+        records.len()
+    );
+}
+
+#[test]
+fn an_outage_is_buffered_and_drained_and_a_small_cap_drops_exactly_what_it_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let moto = Moto::start(dir.path());
+    moto.create("outage", 1, "unused-db", "unused-table", "unused-bucket");
+    let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
+
+    // Ample cap: everything is kept through the outage and drains afterwards.
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "outage-agent",
+        broker.port,
+        &proxy.endpoint,
+        "outage",
+        "",
+        "",
+    );
+    agent.start();
+    proxy.set("down=1");
+    let acked = publish_numbered(broker.port, 3000, 3000.0, 0, dir.path());
+    wait_for(
+        "the agent to buffer every reading",
+        Duration::from_secs(30),
+        || (agent.metric("fieldlink_readings_received_total") >= acked.len() as f64).then_some(()),
+    );
+    wait_for(
+        "readings sealed while Kinesis is down",
+        Duration::from_secs(30),
+        || (agent.metric("fieldlink_buffer_pending_readings") > 0.0).then_some(()),
+    );
+    assert_eq!(agent.metric("fieldlink_readings_sent_total"), 0.0);
+    assert!(http_get(agent.metrics_port, "/health")
+        .unwrap()
+        .contains("kinesis: FAIL"));
+    proxy.set("down=0");
+    wait_for("the backlog to drain", Duration::from_secs(90), || {
+        (agent.metric("fieldlink_readings_sent_total") >= acked.len() as f64
+            && agent.metric("fieldlink_buffer_pending_readings") == 0.0)
+            .then_some(())
+    });
+    let records = kinesis_dump(&moto.endpoint, "outage");
+    assert!(missing(&acked, &records).is_empty());
+    let (received, accounted) = agent.ledger();
+    assert_eq!(received, accounted, "ledger");
+    agent.stop();
+
+    // A 1 MiB cap with 1 KB readings: drop_oldest must drop, and count exactly what it dropped.
+    let mut small = AgentProc::new(
+        dir.path(),
+        "small-agent",
+        broker.port,
+        &proxy.endpoint,
+        "outage",
+        "max_bytes = 1048576\noverflow = \"drop_oldest\"",
+        "",
+    );
+    small.start();
+    proxy.set("down=1");
+    let acked = publish_numbered(broker.port, 3000, 3000.0, 1000, dir.path());
+    wait_for(
+        "the agent to take every reading",
+        Duration::from_secs(30),
+        || {
+            (small.metric("fieldlink_readings_received_total") >= 2.0 * acked.len() as f64)
+                .then_some(())
+        },
+    );
+    wait_for("the cap to be enforced", Duration::from_secs(30), || {
+        (small.metric("fieldlink_readings_dropped_total") > 0.0).then_some(())
+    });
+    wait_for("the burst to be sealed", Duration::from_secs(30), || {
+        (small.metric("fieldlink_buffer_unsealed_readings") == 0.0).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500)); // one more seal tick and a failed call
+    let bytes = small.metric("fieldlink_buffer_bytes");
+    assert!(
+        bytes <= 1_048_576.0,
+        "buffer at {bytes} bytes, above its 1 MiB cap"
+    );
+    proxy.set("down=0");
+    wait_for("the rest to drain", Duration::from_secs(90), || {
+        (small.metric("fieldlink_buffer_pending_readings") == 0.0
+            && small.metric("fieldlink_buffer_unsealed_readings") == 0.0)
+            .then_some(())
+    });
+    let (received, accounted) = small.ledger();
+    assert_eq!(received, accounted, "ledger with drops");
+    let sent = small.metric("fieldlink_readings_sent_total");
+    let dropped = small.metric("fieldlink_readings_dropped_total");
+    // Each batch once (a resend after a lost response may repeat one).
+    let mut seen = BTreeSet::new();
+    let in_stream: usize = kinesis_dump(&moto.endpoint, "outage")
+        .iter()
+        .filter(|r| r.agent == "small-agent" && seen.insert(r.seq))
+        .map(|r| r.readings.len())
+        .sum();
+    assert_eq!(
+        in_stream as f64, sent,
+        "Kinesis holds exactly the readings counted as sent"
+    );
+    assert_eq!(
+        sent + dropped,
+        2.0 * acked.len() as f64,
+        "every reading is sent or counted as dropped"
+    );
+    small.stop();
+    eprintln!("outage: {} readings buffered and drained; small cap: {sent} sent, {dropped} dropped (counted exactly)", 3000);
+}
+
+#[test]
+fn rejected_entries_and_throttled_calls_lose_nothing_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let moto = Moto::start(dir.path());
+    moto.create("faults", 2, "unused-db", "unused-table", "unused-bucket");
+    let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
+    proxy.set("throttle=0.25&reject=0.3");
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "fault-agent",
+        broker.port,
+        &proxy.endpoint,
+        "faults",
+        "",
+        "",
+    );
+    // Small records, so that each call carries many entries to reject.
+    let config = std::fs::read_to_string(&agent.config)
+        .unwrap()
+        .replace("[batch]\n", "[batch]\ntarget_record_bytes = 1024\n");
+    std::fs::write(&agent.config, config).unwrap();
+    agent.start();
+    let acked = publish_numbered(broker.port, 6000, 3000.0, 0, dir.path());
+    wait_for(
+        "every reading sent despite the faults",
+        Duration::from_secs(120),
+        || {
+            (agent.metric("fieldlink_readings_sent_total") >= acked.len() as f64
+                && agent.metric("fieldlink_buffer_pending_readings") == 0.0)
+                .then_some(())
+        },
+    );
+    let records = kinesis_dump(&moto.endpoint, "faults");
+    assert!(missing(&acked, &records).is_empty(), "lost readings");
+    assert_resends_identical(&records);
+    let stats = proxy.stats();
+    let rejected = stats["rejected_entries"].as_f64().unwrap();
+    let throttled = stats["throttled_calls"].as_f64().unwrap();
+    assert!(
+        rejected > 0.0 && throttled > 0.0,
+        "the proxy injected nothing: {stats}"
+    );
+    // The agent counted exactly what the proxy injected.
+    assert_eq!(agent.metric("fieldlink_records_rejected_total"), rejected);
+    assert_eq!(agent.metric("fieldlink_put_calls_failed_total"), throttled);
+    assert!(agent.metric("fieldlink_send_throttled_total") > 0.0);
+    let (received, accounted) = agent.ledger();
+    assert_eq!(received, accounted, "ledger");
+    agent.stop();
+    eprintln!("faults: {} readings, {rejected} entries rejected and {throttled} calls throttled by the proxy, all retried, none lost", acked.len());
+}
