@@ -52,8 +52,14 @@ pub fn run_python(args: &[&str]) -> String {
 /// A binary of this workspace, built by `cargo build --workspace --bins` (the test command does this first).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
-    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    // A test runs from target/<profile>/deps/, a binary from target/<profile>/; the binaries are in the latter.
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
+    let p = dir.join(name);
     assert!(
         p.exists(),
         "{} missing: run `cargo build --workspace --bins` first",

@@ -197,7 +197,54 @@ fn an_outage_is_buffered_and_drained_and_a_small_cap_drops_exactly_what_it_count
         "every reading is sent or counted as dropped"
     );
     small.stop();
-    eprintln!("outage: {} readings buffered and drained; small cap: {sent} sent, {dropped} dropped (counted exactly)", 3000);
+
+    // The same cap with backpressure: the agent stops taking data (the broker holds it), drops nothing, and
+    // after the outage every acknowledged reading arrives.
+    let mut bp = AgentProc::new(
+        dir.path(),
+        "bp-agent",
+        broker.port,
+        &proxy.endpoint,
+        "outage",
+        "max_bytes = 1048576\noverflow = \"backpressure\"",
+        "",
+    );
+    bp.start();
+    proxy.set("down=1");
+    let acked_bp = publish_numbered(broker.port, 3000, 3000.0, 1000, dir.path());
+    wait_for("the cap to be reached", Duration::from_secs(30), || {
+        (bp.metric("fieldlink_buffer_bytes") >= 1_048_576.0 * 0.9).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let taken = bp.metric("fieldlink_readings_received_total");
+    assert!(
+        taken < 2.0 * acked_bp.len() as f64 * 0.8,
+        "backpressure did not stop intake: {taken} readings taken"
+    );
+    proxy.set("down=0");
+    wait_for(
+        "everything to arrive after the outage",
+        Duration::from_secs(120),
+        || {
+            (bp.metric("fieldlink_readings_received_total") >= 2.0 * acked_bp.len() as f64
+                && bp.metric("fieldlink_buffer_pending_readings") == 0.0
+                && bp.metric("fieldlink_buffer_unsealed_readings") == 0.0)
+                .then_some(())
+        },
+    );
+    let bp_records: Vec<DumpedRecord> = kinesis_dump(&moto.endpoint, "outage")
+        .into_iter()
+        .filter(|r| r.agent == "bp-agent")
+        .collect();
+    assert!(
+        missing(&acked_bp, &bp_records).is_empty(),
+        "backpressure lost readings"
+    );
+    assert_eq!(bp.metric("fieldlink_readings_dropped_total"), 0.0);
+    let (received, accounted) = bp.ledger();
+    assert_eq!(received, accounted, "ledger with backpressure");
+    bp.stop();
+    eprintln!("outage: 3000 readings buffered and drained; drop_oldest: {sent} sent, {dropped} dropped (counted exactly); backpressure: intake paused at {taken} readings, nothing lost");
 }
 
 #[test]
