@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("configuration {}", config.display()))?;
             cfg.log.init();
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(1)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;

@@ -263,7 +263,7 @@ impl Buffer {
             Durability::Normal => "NORMAL",
         };
         conn.execute_batch(&format!(
-            "PRAGMA synchronous={sync}; PRAGMA busy_timeout=5000;"
+            "PRAGMA synchronous={sync}; PRAGMA busy_timeout=5000; PRAGMA cache_size=-1024;"
         ))?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value ANY NOT NULL);
