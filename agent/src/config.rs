@@ -6,6 +6,7 @@
 use crate::batch::BatchConfig;
 use crate::buffer::BufferConfig;
 use crate::kinesis::KinesisConfig;
+use crate::modbus::ModbusConfig;
 use crate::mqtt::MqttConfig;
 use crate::order::OrderConfig;
 use fieldlink_ops::aws::AwsSettings;
@@ -44,6 +45,9 @@ pub struct Config {
     /// MQTT connections (`[[mqtt]]`, one table per broker).
     #[serde(default)]
     pub mqtt: Vec<MqttConfig>,
+    /// Modbus devices (`[[modbus]]`, one table per device).
+    #[serde(default)]
+    pub modbus: Vec<ModbusConfig>,
 }
 
 fn default_metrics_listen() -> SocketAddr {
@@ -92,8 +96,18 @@ impl Validate for Config {
         p.extend(self.batch.validate("batch"));
         p.extend(self.order.validate("order"));
         p.extend(self.kinesis.validate("kinesis"));
-        if self.mqtt.is_empty() {
-            p.push("mqtt: at least one [[mqtt]] connection is required".into());
+        if self.mqtt.is_empty() && self.modbus.is_empty() {
+            p.push(
+                "mqtt, modbus: at least one [[mqtt]] connection or [[modbus]] device is required"
+                    .into(),
+            );
+        }
+        let mut devices = std::collections::HashSet::new();
+        for (i, m) in self.modbus.iter().enumerate() {
+            p.extend(m.validate(&format!("modbus[{i}]")));
+            if !devices.insert(m.name.as_str()) {
+                p.push(format!("modbus[{i}].name: {:?} is used twice", m.name));
+            }
         }
         let mut names = std::collections::HashSet::new();
         for (i, m) in self.mqtt.iter().enumerate() {

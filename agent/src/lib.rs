@@ -17,6 +17,7 @@ pub mod buffer;
 pub mod config;
 pub mod kinesis;
 pub mod metrics;
+pub mod modbus;
 pub mod mqtt;
 pub mod order;
 mod run;

@@ -44,13 +44,19 @@ fn main() -> anyhow::Result<()> {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(cfg) => {
                 println!(
-                    "{}: OK (agent {}, {} MQTT connection(s), buffer {}, stream {})",
+                    "{}: OK (agent {}, {} MQTT connection(s), {} Modbus device(s), buffer {}, stream {})",
                     config.display(),
                     cfg.agent_id,
                     cfg.mqtt.len(),
+                    cfg.modbus.len(),
                     cfg.buffer.path.display(),
                     cfg.kinesis.stream
                 );
+                for device in &cfg.modbus {
+                    for line in fieldlink_agent::modbus::compile(device).describe() {
+                        println!("{line}");
+                    }
+                }
                 Ok(())
             }
             Err(e) => {

@@ -73,7 +73,17 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
             cancel.clone(),
         ));
     }
-    tracing::info!(agent_id = %cfg.agent_id, mqtt = cfg.mqtt.len(), "agent running");
+    if !cfg.modbus.is_empty() {
+        let plans = cfg.modbus.iter().map(crate::modbus::compile).collect();
+        sources.spawn(crate::modbus::run(
+            plans,
+            buffer.clone(),
+            registry.clone(),
+            health.clone(),
+            cancel.clone(),
+        ));
+    }
+    tracing::info!(agent_id = %cfg.agent_id, mqtt = cfg.mqtt.len(), modbus = cfg.modbus.len(), "agent running");
 
     cancel.cancelled().await;
     tracing::info!("shutting down: stopping sources");

@@ -2,7 +2,8 @@
 //!
 //! Readings that share device, tags and time become one multi-measure record: dimensions `agent`, `device` and
 //! the series' tags; one measure per series measure (the last segment of the series key). A reading whose
-//! quality is not good adds a VARCHAR measure `<measure>_quality`. The record's `Version` is the batch sequence
+//! quality is not good adds a VARCHAR measure `<measure>_quality`; a bad reading without a finite value (a
+//! Modbus exception) lands as that quality measure alone. The record's `Version` is the batch sequence
 //! number, so writing the same batch again is a no-op upsert.
 
 use fieldlink_proto::{Batch, Quality, Value};
@@ -125,6 +126,15 @@ pub fn build(batch: &Batch) -> (Vec<TsRecord>, Vec<Refused>) {
             }
         };
         let Some((text, ty)) = measure(&r.value) else {
+            if r.quality != Quality::Good {
+                // A bad reading without a value (e.g. a Modbus exception): record only its quality.
+                let m = groups.entry((d.clone(), r.ts_ms)).or_default();
+                m.insert(
+                    format!("{}_quality", s.measure()),
+                    (r.quality.as_str().to_owned(), MeasureType::Varchar),
+                );
+                continue;
+            }
             refused.push(Refused {
                 series: s.key.clone(),
                 reason: "non-finite double".into(),
@@ -224,6 +234,22 @@ mod tests {
         assert_eq!(
             recs[2].measures,
             vec![("value".into(), "7".into(), MeasureType::Bigint)]
+        );
+    }
+
+    #[test]
+    fn a_bad_reading_without_a_value_lands_as_its_quality() {
+        let batch = Batch {
+            agent_id: "a".into(),
+            seq: 1,
+            series: vec![Series::new("meter/v")],
+            readings: vec![r(0, 1, Value::F64(f64::NAN), Quality::Bad)],
+        };
+        let (recs, refused) = build(&batch);
+        assert!(refused.is_empty());
+        assert_eq!(
+            recs[0].measures,
+            vec![("v_quality".into(), "bad".into(), MeasureType::Varchar)]
         );
     }
 

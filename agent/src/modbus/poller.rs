@@ -1,0 +1,382 @@
+//! The async shell of the Modbus source: one task per TCP device and one per serial bus.
+
+use super::config::{Parity, Transport};
+use super::deadband::LastSent;
+use super::plan::{Request, Table};
+use super::DevicePlan;
+use crate::buffer::{BufferHandle, NewReading};
+use fieldlink_ops::backoff::Backoff;
+use fieldlink_ops::metrics::{Counter, Gauge, Health, Registry};
+use fieldlink_proto::{Quality, Value};
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_modbus::client::{Context, Reader};
+use tokio_modbus::slave::{Slave, SlaveContext};
+use tokio_util::sync::CancellationToken;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Per-device metrics.
+#[derive(Debug, Clone)]
+struct DeviceMetrics {
+    connected: Gauge,
+    requests: Counter,
+    readings: Counter,
+    exceptions: Counter,
+    transport_errors: Counter,
+    skipped_ticks: Counter,
+}
+
+impl DeviceMetrics {
+    fn new(r: &Registry, device: &str) -> Self {
+        let l = [("device", device)];
+        Self {
+            connected: r.gauge(
+                "fieldlink_modbus_connected",
+                "1 while the device's connection is up.",
+                &l,
+            ),
+            requests: r.counter(
+                "fieldlink_modbus_requests_total",
+                "Modbus read requests sent.",
+                &l,
+            ),
+            readings: r.counter(
+                "fieldlink_modbus_readings_total",
+                "Readings produced (after deadband).",
+                &l,
+            ),
+            exceptions: r.counter(
+                "fieldlink_modbus_exceptions_total",
+                "Modbus exception responses (points sent with quality bad).",
+                &l,
+            ),
+            transport_errors: r.counter(
+                "fieldlink_modbus_transport_errors_total",
+                "Timeouts, resets and refused connections (reconnect with backoff).",
+                &l,
+            ),
+            skipped_ticks: r.counter(
+                "fieldlink_modbus_skipped_ticks_total",
+                "Poll ticks skipped (late, or backing off after a fault).",
+                &l,
+            ),
+        }
+    }
+}
+
+/// A transport fault: the connection is dropped and re-established with backoff.
+#[derive(Debug)]
+struct Fault(String);
+
+/// The next aligned tick of each poll group.
+#[derive(Debug)]
+struct Schedule {
+    /// `(device, group, interval ms, next tick ms)`.
+    ticks: Vec<(usize, usize, i64, i64)>,
+}
+
+impl Schedule {
+    fn new(devices: &[DevicePlan]) -> Self {
+        let now = now_ms();
+        let ticks = devices
+            .iter()
+            .enumerate()
+            .flat_map(|(d, p)| {
+                p.groups
+                    .iter()
+                    .enumerate()
+                    .map(move |(g, grp)| (d, g, grp.interval_ms as i64))
+            })
+            .map(|(d, g, iv)| (d, g, iv, (now / iv + 1) * iv))
+            .collect();
+        Self { ticks }
+    }
+
+    /// The earliest due `(slot, at_ms)`.
+    fn next(&self) -> Option<(usize, i64)> {
+        self.ticks
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, t)| t.3)
+            .map(|(i, t)| (i, t.3))
+    }
+
+    /// Moves slot `i` to its next aligned tick after now; returns how many ticks were missed.
+    fn advance(&mut self, i: usize) -> u64 {
+        let now = now_ms();
+        let (_, _, iv, at) = &mut self.ticks[i];
+        let next = (now / *iv + 1) * *iv;
+        let missed = ((next - *at) / *iv - 1).max(0) as u64;
+        *at = next;
+        missed
+    }
+}
+
+async fn read(
+    ctx: &mut Context,
+    r: &Request,
+) -> Result<Result<Vec<u16>, tokio_modbus::ExceptionCode>, tokio_modbus::Error> {
+    let bits = |v: Vec<bool>| v.into_iter().map(u16::from).collect::<Vec<u16>>();
+    Ok(match r.table {
+        Table::Coil => ctx.read_coils(r.start, r.count).await?.map(bits),
+        Table::Discrete => ctx.read_discrete_inputs(r.start, r.count).await?.map(bits),
+        Table::Holding => ctx.read_holding_registers(r.start, r.count).await?,
+        Table::Input => ctx.read_input_registers(r.start, r.count).await?,
+    })
+}
+
+/// Polls one group of one device: every request in turn. Exceptions become `bad` readings; a transport fault
+/// ends the poll.
+async fn poll_group(
+    ctx: &mut Context,
+    plan: &DevicePlan,
+    group: usize,
+    last: &mut [LastSent],
+    m: &DeviceMetrics,
+) -> Result<Vec<NewReading>, Fault> {
+    let timeout = Duration::from_millis(plan.cfg.timeout_ms);
+    let mut out = Vec::new();
+    for r in &plan.groups[group].requests {
+        m.requests.inc();
+        let res = tokio::time::timeout(timeout, read(ctx, r))
+            .await
+            .map_err(|_| Fault(format!("timeout after {} ms", plan.cfg.timeout_ms)))?;
+        let at = now_ms();
+        match res {
+            Err(e) => return Err(Fault(e.to_string())),
+            Ok(Err(exception)) => {
+                m.exceptions.inc();
+                tracing::debug!(device = %plan.cfg.name, table = ?r.table, start = r.start, ?exception, "Modbus exception");
+                for &(i, _) in &r.points {
+                    out.push(NewReading {
+                        series: plan.points[i].series.clone(),
+                        ts_ms: at,
+                        value: Value::F64(f64::NAN),
+                        quality: Quality::Bad,
+                    });
+                }
+            }
+            Ok(Ok(data)) => {
+                for &(i, off) in &r.points {
+                    let p = &plan.points[i];
+                    let (off, size) = (off as usize, p.size as usize);
+                    let Some(regs) = data.get(off..off + size) else {
+                        m.exceptions.inc();
+                        continue;
+                    };
+                    let value = plan.value_from_registers(i, regs);
+                    let send = match &value {
+                        Value::Str(s) => last[i].text(p.deadband.as_ref(), s, at),
+                        Value::F64(f) => last[i].numeric(p.deadband.as_ref(), *f, at),
+                        Value::I64(n) => last[i].numeric(p.deadband.as_ref(), *n as f64, at),
+                        Value::Bool(b) => {
+                            last[i].numeric(p.deadband.as_ref(), f64::from(u8::from(*b)), at)
+                        }
+                    };
+                    if send {
+                        out.push(NewReading {
+                            series: p.series.clone(),
+                            ts_ms: at,
+                            value,
+                            quality: Quality::Good,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    m.readings.add(out.len() as u64);
+    Ok(out)
+}
+
+/// Runs every configured device until `cancel` fires.
+pub async fn run(
+    devices: Vec<DevicePlan>,
+    buffer: BufferHandle,
+    registry: Registry,
+    health: Health,
+    cancel: CancellationToken,
+) {
+    let mut tasks = JoinSet::new();
+    let mut buses: BTreeMap<String, Vec<DevicePlan>> = BTreeMap::new();
+    for d in devices {
+        match d.cfg.transport {
+            Transport::Tcp => {
+                tasks.spawn(bus(
+                    vec![d],
+                    buffer.clone(),
+                    registry.clone(),
+                    health.clone(),
+                    cancel.clone(),
+                ));
+            }
+            Transport::Rtu => buses
+                .entry(d.cfg.port.clone().unwrap_or_default())
+                .or_default()
+                .push(d),
+        }
+    }
+    for (_, devs) in buses {
+        tasks.spawn(bus(
+            devs,
+            buffer.clone(),
+            registry.clone(),
+            health.clone(),
+            cancel.clone(),
+        ));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Connects one TCP device, or opens a serial port and attaches the first device's unit id.
+async fn connect(plan: &DevicePlan) -> Result<Context, Fault> {
+    let cfg = &plan.cfg;
+    let timeout = Duration::from_millis(cfg.timeout_ms);
+    match cfg.transport {
+        Transport::Tcp => {
+            let address = cfg.address.clone().unwrap_or_default();
+            let addr = tokio::net::lookup_host(&address)
+                .await
+                .map_err(|e| Fault(format!("resolving {address}: {e}")))?
+                .next()
+                .ok_or_else(|| Fault(format!("{address} resolves to nothing")))?;
+            tokio::time::timeout(
+                timeout,
+                tokio_modbus::client::tcp::connect_slave(addr, Slave(cfg.unit_id)),
+            )
+            .await
+            .map_err(|_| Fault(format!("connect to {address}: timeout")))?
+            .map_err(|e| Fault(format!("connect to {address}: {e}")))
+        }
+        Transport::Rtu => {
+            let port = cfg.port.clone().unwrap_or_default();
+            let builder = tokio_serial::new(&port, cfg.baud)
+                .parity(match cfg.parity {
+                    Parity::None => tokio_serial::Parity::None,
+                    Parity::Even => tokio_serial::Parity::Even,
+                    Parity::Odd => tokio_serial::Parity::Odd,
+                })
+                .data_bits(if cfg.data_bits == 7 {
+                    tokio_serial::DataBits::Seven
+                } else {
+                    tokio_serial::DataBits::Eight
+                })
+                .stop_bits(if cfg.stop_bits == 2 {
+                    tokio_serial::StopBits::Two
+                } else {
+                    tokio_serial::StopBits::One
+                });
+            let stream = tokio_serial::SerialStream::open(&builder)
+                .map_err(|e| Fault(format!("opening {port}: {e}")))?;
+            Ok(tokio_modbus::client::rtu::attach_slave(
+                stream,
+                Slave(cfg.unit_id),
+            ))
+        }
+    }
+}
+
+/// One connection (a TCP device, or a serial bus shared by its devices, one request at a time). Each device has
+/// its own backoff: a dead device on a bus costs the bus its timeouts, and then only its retries.
+async fn bus(
+    devices: Vec<DevicePlan>,
+    buffer: BufferHandle,
+    registry: Registry,
+    health: Health,
+    cancel: CancellationToken,
+) {
+    let metrics: Vec<DeviceMetrics> = devices
+        .iter()
+        .map(|d| DeviceMetrics::new(&registry, &d.cfg.name))
+        .collect();
+    let mut last: Vec<Vec<LastSent>> = devices
+        .iter()
+        .map(|d| vec![LastSent::default(); d.points.len()])
+        .collect();
+    let mut backoff: Vec<Backoff> = devices
+        .iter()
+        .map(|_| Backoff::new(Duration::from_millis(500), Duration::from_secs(30)))
+        .collect();
+    let mut retry_at: Vec<Option<Instant>> = vec![None; devices.len()];
+    let mut sched = Schedule::new(&devices);
+    let mut ctx: Option<Context> = None;
+    let shared = devices.len() > 1
+        || devices
+            .first()
+            .is_some_and(|d| d.cfg.transport == Transport::Rtu);
+    for d in &devices {
+        health.set(&format!("modbus:{}", d.cfg.name), false, "not polled yet");
+    }
+    loop {
+        let Some((slot, at)) = sched.next() else {
+            return;
+        };
+        let wait = Duration::from_millis((at - now_ms()).max(0) as u64);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let (d, g, _, _) = sched.ticks[slot];
+        let missed = sched.advance(slot);
+        let (plan, m) = (&devices[d], &metrics[d]);
+        m.skipped_ticks.add(missed);
+        if retry_at[d].is_some_and(|t| Instant::now() < t) {
+            m.skipped_ticks.inc();
+            continue;
+        }
+        if ctx.is_none() {
+            match connect(plan).await {
+                Ok(c) => ctx = Some(c),
+                Err(Fault(why)) => {
+                    fail(plan, m, &health, &mut backoff[d], &mut retry_at[d], &why);
+                    continue;
+                }
+            }
+        }
+        let Some(c) = ctx.as_mut() else { continue };
+        if shared {
+            c.set_slave(Slave(plan.cfg.unit_id));
+        }
+        match poll_group(c, plan, g, &mut last[d], m).await {
+            Ok(readings) => {
+                backoff[d].reset();
+                retry_at[d] = None;
+                m.connected.set(1);
+                health.set(&format!("modbus:{}", plan.cfg.name), true, "");
+                if !readings.is_empty() && buffer.append(readings, None).await.is_err() {
+                    return;
+                }
+            }
+            Err(Fault(why)) => {
+                fail(plan, m, &health, &mut backoff[d], &mut retry_at[d], &why);
+                // TCP: the connection is per device. RTU: reopen the port only for I/O errors, not a silent unit.
+                if !shared || !why.starts_with("timeout") {
+                    ctx = None;
+                }
+            }
+        }
+    }
+}
+
+fn fail(
+    plan: &DevicePlan,
+    m: &DeviceMetrics,
+    health: &Health,
+    backoff: &mut Backoff,
+    retry_at: &mut Option<Instant>,
+    why: &str,
+) {
+    m.transport_errors.inc();
+    m.connected.set(0);
+    let delay = backoff.next_delay().max(Duration::from_millis(100));
+    *retry_at = Some(Instant::now() + delay);
+    health.set(&format!("modbus:{}", plan.cfg.name), false, why);
+    tracing::warn!(device = %plan.cfg.name, error = %why, retry_in_ms = delay.as_millis() as u64, "Modbus device unreachable");
+}
