@@ -367,6 +367,8 @@ pub struct DumpedRecord {
     pub sha256: String,
     /// `(series, ts_ms, value as text, late)`.
     pub readings: Vec<(String, i64, String, bool)>,
+    /// Quality code of each reading (0 good, 1 uncertain, 2 bad), in the same order.
+    pub quality: Vec<u8>,
 }
 
 /// Every record in the stream, decoded by the independent Python decoder.
@@ -396,9 +398,88 @@ pub fn kinesis_dump(endpoint: &str, stream: &str) -> Vec<DumpedRecord> {
                         )
                     })
                     .collect(),
+                quality: v["readings"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r[4].as_u64().unwrap() as u8)
+                    .collect(),
             }
         })
         .collect()
+}
+
+/// The value of a labelled metric, e.g. `metric_with(body, "fieldlink_modbus_requests_total", "device=\"m1\"")`.
+pub fn metric_with(body: &str, name: &str, label: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(label))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// A Modbus device served by pymodbus (`tests/python/modbus_device.py`): TCP on a free port, or RTU (units 1 and
+/// 2) on a serial path. `requests()` reads the server-side request counts.
+pub struct ModbusDevice {
+    pub port: u16,
+    pub counts: PathBuf,
+    pub proc: Proc,
+}
+
+impl ModbusDevice {
+    pub fn tcp(dir: &Path, port: u16) -> Self {
+        let counts = dir.join(format!("modbus-{port}.json"));
+        let mut cmd = Command::new(python());
+        cmd.arg("-u")
+            .arg(script("modbus_device.py"))
+            .arg("tcp")
+            .arg(port.to_string())
+            .arg(&counts);
+        let log = dir.join(format!("modbus-{port}.log"));
+        let proc = Proc::spawn("pymodbus", cmd, &log);
+        wait_for("pymodbus to listen", Duration::from_secs(20), || {
+            port_open(port).then_some(())
+        });
+        Self { port, counts, proc }
+    }
+
+    pub fn rtu(dir: &Path, serial: &Path) -> Self {
+        let counts = dir.join("modbus-rtu.json");
+        let mut cmd = Command::new(python());
+        cmd.arg("-u")
+            .arg(script("modbus_device.py"))
+            .arg("rtu")
+            .arg(serial)
+            .arg(&counts);
+        let log = dir.join("modbus-rtu.log");
+        let proc = Proc::spawn("pymodbus rtu", cmd, &log);
+        wait_for("pymodbus to serve", Duration::from_secs(20), || {
+            std::fs::read_to_string(&log)
+                .ok()?
+                .contains("serving")
+                .then_some(())
+        });
+        Self {
+            port: 0,
+            counts,
+            proc,
+        }
+    }
+
+    /// `(all requests, by function code)` served so far.
+    pub fn requests(&self) -> (u64, std::collections::BTreeMap<String, u64>) {
+        let v: serde_json::Value = std::fs::read_to_string(&self.counts)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let by = v["by_function"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (v["requests"].as_u64().unwrap_or(0), by)
+    }
 }
 
 /// A fieldlink agent process with its config, restartable.

@@ -513,16 +513,35 @@ impl Buffer {
         let mut ids_last = 0i64;
         let mut pending = Vec::new();
         let mut consumed_bytes = 0u64;
+        let mut unreadable = 0u64;
         {
             let mut stmt = self.conn.prepare_cached("SELECT id, series_id, ts_ms, kind, value FROM readings WHERE id <= ?1 ORDER BY id LIMIT ?2")?;
             let mut q = stmt.query(params![up_to, max_rows as i64])?;
             while let Some(r) = q.next()? {
                 let kind: u8 = r.get(3)?;
+                use rusqlite::types::ValueRef;
                 let value = match (kind & 0x07, r.get_ref(4)?) {
-                    (0, v) => Value::F64(v.as_f64().or_else(|_| v.as_i64().map(|i| i as f64))?),
-                    (1, v) => Value::I64(v.as_i64()?),
-                    (2, v) => Value::Bool(v.as_i64()? != 0),
-                    (_, v) => Value::Str(v.as_str()?.to_owned()),
+                    // SQLite stores a NaN REAL as NULL.
+                    (0, ValueRef::Null) => Some(Value::F64(f64::NAN)),
+                    (0, ValueRef::Real(f)) => Some(Value::F64(f)),
+                    (0, ValueRef::Integer(i)) => Some(Value::F64(i as f64)),
+                    (1, ValueRef::Integer(i)) => Some(Value::I64(i)),
+                    (2, ValueRef::Integer(i)) => Some(Value::Bool(i != 0)),
+                    (3, ValueRef::Text(t)) => {
+                        Some(Value::Str(String::from_utf8_lossy(t).into_owned()))
+                    }
+                    _ => None,
+                };
+                ids_last = r.get(0)?;
+                let Some(value) = value else {
+                    // A row the agent did not write (the file was edited): never let it stall sealing.
+                    unreadable += 1;
+                    tracing::error!(
+                        row = ids_last,
+                        kind,
+                        "unreadable buffer row skipped (counted as dead-lettered)"
+                    );
+                    continue;
                 };
                 let quality = match (kind >> 4) & 0b11 {
                     1 => Quality::Uncertain,
@@ -530,7 +549,6 @@ impl Buffer {
                     _ => Quality::Good,
                 };
                 consumed_bytes += ROW_BYTES + value_bytes(&value);
-                ids_last = r.get(0)?;
                 pending.push(order::Pending {
                     series: r.get(1)?,
                     ts_ms: r.get(2)?,
@@ -539,10 +557,10 @@ impl Buffer {
                 });
             }
         }
-        if pending.is_empty() {
+        if pending.is_empty() && unreadable == 0 {
             return Ok(SealReport::default());
         }
-        let rows_n = pending.len() as u64;
+        let rows_n = pending.len() as u64 + unreadable;
 
         // Series states and series of every series involved.
         let mut states: HashMap<i64, SeriesState> = HashMap::new();
@@ -648,7 +666,7 @@ impl Buffer {
         self.stats.pending_bytes += sealed_bytes;
         self.ledger.deduplicated += released.duplicates;
         self.ledger.late_flagged += released.late_flagged;
-        self.ledger.dead_lettered += dead.len() as u64;
+        self.ledger.dead_lettered += dead.len() as u64 + unreadable;
         self.ledger.batches_sealed += built.len() as u64;
         self.ledger.bytes_sealed += sealed_bytes;
         Ok(SealReport {

@@ -385,3 +385,67 @@ proptest! {
         prop_assert_eq!(distinct_in, distinct_out);
     }
 }
+
+#[test]
+fn nan_and_infinite_values_pass_through_the_buffer() {
+    // SQLite stores NaN as NULL; a Modbus exception reading is NaN with quality bad.
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir);
+    let group = vec![
+        NewReading {
+            series: Series::new("m/a"),
+            ts_ms: 1,
+            value: Value::F64(f64::NAN),
+            quality: Quality::Bad,
+        },
+        NewReading {
+            series: Series::new("m/b"),
+            ts_ms: 1,
+            value: Value::F64(f64::INFINITY),
+            quality: Quality::Good,
+        },
+        NewReading {
+            series: Series::new("m/c"),
+            ts_ms: 1,
+            value: Value::F64(f64::NEG_INFINITY),
+            quality: Quality::Good,
+        },
+    ];
+    b.append([group.as_slice()]).unwrap();
+    let r = seal_all(&mut b, &mut Encoder::new(3).unwrap(), 1024);
+    assert_eq!(r.readings, 3);
+    let batch = decode(&b.pending(1, usize::MAX).unwrap()[0].record).unwrap();
+    let values: Vec<f64> = batch
+        .readings
+        .iter()
+        .map(|r| match r.value {
+            Value::F64(f) => f,
+            _ => 0.0,
+        })
+        .collect();
+    assert!(
+        values[0].is_nan() && values[1] == f64::INFINITY && values[2] == f64::NEG_INFINITY,
+        "{values:?}"
+    );
+    assert_eq!(batch.readings[0].quality, Quality::Bad);
+}
+
+#[test]
+fn an_unreadable_row_is_skipped_and_counted_not_a_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir);
+    b.append([vec![reading("a/x", 1, 1.0), reading("a/x", 2, 2.0)].as_slice()])
+        .unwrap();
+    // Someone edits the file: a string where an i64 belongs.
+    let raw = rusqlite::Connection::open(dir.path().join("b.db")).unwrap();
+    raw.execute(
+        "UPDATE readings SET kind = 1, value = 'garbage' WHERE ts_ms = 1",
+        [],
+    )
+    .unwrap();
+    drop(raw);
+    let r = seal_all(&mut b, &mut Encoder::new(3).unwrap(), 1024);
+    assert_eq!((r.rows, r.readings), (2, 1));
+    assert_eq!(b.ledger().dead_lettered, 1);
+    assert_eq!(b.stats().unsealed_readings, 0);
+}

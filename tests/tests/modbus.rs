@@ -1,0 +1,268 @@
+//! The Modbus source against pymodbus devices (a third-party implementation), TCP and RTU over a socat PTY pair.
+
+use fieldlink_e2e::*;
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// `[[modbus]]` tables for one device with every data type and order of `tests/python/modbus_device.py`, plus a
+/// point at an undefined address (its own request, beyond `max_gap`).
+fn device_toml(name: &str, transport: &str, unit: u8, interval_ms: u64) -> String {
+    let points = [
+        ("i16", "holding", 0, "type = \"i16\""),
+        ("u16", "holding", 1, "type = \"u16\""),
+        ("i32", "holding", 2, "type = \"i32\"\norder = \"ABCD\""),
+        ("u32", "holding", 4, "type = \"u32\"\norder = \"DCBA\""),
+        ("f32", "holding", 6, "type = \"f32\"\norder = \"BADC\""),
+        (
+            "f32_scaled",
+            "holding",
+            8,
+            "type = \"f32\"\norder = \"CDAB\"\nscale = 2.0\noffset = 1.0\nunit = \"bar\"",
+        ),
+        ("i64", "holding", 10, "type = \"i64\""),
+        ("u64", "holding", 14, "type = \"u64\"\norder = \"CDAB\""),
+        ("f64", "holding", 18, "type = \"f64\"\norder = \"DCBA\""),
+        ("name", "holding", 22, "type = \"string\"\nlength = 4"),
+        ("bit1", "holding", 26, "type = \"bool\"\nbit = 1"),
+        ("bit2", "holding", 26, "type = \"bool\"\nbit = 2"),
+        ("voltage", "input", 0, "type = \"f32\""),
+        ("counter", "input", 2, ""),
+        ("coil0", "coil", 0, ""),
+        ("coil1", "coil", 1, ""),
+        ("di3", "discrete", 3, ""),
+        ("missing", "holding", 500, ""),
+    ];
+    let mut t = format!("[[modbus]]\nname = \"{name}\"\ntransport = \"{transport}\"\n{transport_fields}\nunit_id = {unit}\ntimeout_ms = 500\n[[modbus.groups]]\nname = \"fast\"\ninterval_ms = {interval_ms}\n", transport_fields = "{TRANSPORT}");
+    for (n, reg, addr, extra) in points {
+        t += &format!("[[modbus.points]]\nname = \"{n}\"\ngroup = \"fast\"\nregister = \"{reg}\"\naddress = {addr}\n{extra}\n");
+    }
+    t
+}
+
+fn expected(unit_offset: i64) -> Vec<(&'static str, String)> {
+    vec![
+        ("i16", "-200".into()),
+        ("u16", (65000 + unit_offset).to_string()),
+        ("i32", "-123456".into()),
+        ("u32", "3000000000".into()),
+        ("f32", "123.25".into()),
+        ("f32_scaled", "0.0".into()), // -0.5 * 2 + 1
+        ("i64", "-5000000000000".into()),
+        ("u64", "1.8e+19".into()), // above i64::MAX: sent as a double
+        ("f64", "3.14159".into()),
+        ("name", "PUMP-7".into()),
+        ("bit1", "true".into()),
+        ("bit2", "false".into()),
+        ("voltage", "230.5".into()),
+        ("counter", "1234".into()),
+        ("coil0", "true".into()),
+        ("coil1", "false".into()),
+        ("di3", "true".into()),
+    ]
+}
+
+/// The newest `(value, quality)` of every series in the stream.
+fn latest(records: &[DumpedRecord]) -> HashMap<String, (String, u8)> {
+    let mut out: HashMap<String, (i64, String, u8)> = HashMap::new();
+    for r in records {
+        for ((s, ts, v, _), q) in r.readings.iter().zip(&r.quality) {
+            let e = out.entry(s.clone()).or_insert((i64::MIN, String::new(), 0));
+            if *ts >= e.0 {
+                *e = (*ts, v.clone(), *q);
+            }
+        }
+    }
+    out.into_iter().map(|(k, (_, v, q))| (k, (v, q))).collect()
+}
+
+fn setup(dir: &Path, stream: &str) -> (Mosquitto, Moto) {
+    let broker = Mosquitto::start(dir);
+    let moto = Moto::start(dir);
+    moto.create(stream, 1, "unused-db", "unused-table", "unused-bucket");
+    (broker, moto)
+}
+
+fn check_device(records: &[DumpedRecord], prefix: &str, unit_offset: i64) {
+    let got = latest(records);
+    for (point, value) in expected(unit_offset) {
+        let key = format!("{prefix}/{point}");
+        let (v, q) = got.get(&key).unwrap_or_else(|| {
+            panic!(
+                "no reading of {key}; have {:?}",
+                got.keys().collect::<Vec<_>>()
+            )
+        });
+        assert_eq!((v.as_str(), *q), (value.as_str(), 0), "{key}");
+    }
+    let missing = &got[&format!("{prefix}/missing")];
+    assert_eq!(missing.1, 2, "the illegal-address point is marked bad");
+}
+
+#[test]
+fn every_type_and_order_decodes_and_points_are_coalesced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, moto) = setup(dir.path(), "modbus");
+    let device = ModbusDevice::tcp(dir.path(), free_port());
+    let modbus = device_toml("meter", "tcp", 1, 200).replace(
+        "{TRANSPORT}",
+        &format!("address = \"127.0.0.1:{}\"", device.port),
+    );
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "modbus-agent",
+        broker.port,
+        &moto.endpoint,
+        "modbus",
+        "",
+        &modbus,
+    );
+
+    // check-config prints the plan: holding 0..27, input 0..4, coils 0..2, discrete 3..4, and the lone 500.
+    let out = Command::new(bin("fieldlink-agent"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("5 request(s) for 18 point(s)"), "{text}");
+
+    agent.start();
+    let records = wait_for("readings of every point", Duration::from_secs(30), || {
+        let r = kinesis_dump(&moto.endpoint, "modbus");
+        (latest(&r).len() >= 18).then_some(r)
+    });
+    check_device(&records, "meter", 0);
+    agent.stop();
+    // One request per table per poll, however many points: the server saw equal counts of each function.
+    let (_, by) = device.requests();
+    let (fc1, fc2, fc3, fc4) = (by["1"], by["2"], by["3"], by["4"]);
+    assert!(fc3 >= 3, "{by:?}");
+    assert_eq!(
+        (fc1, fc2, fc4),
+        (fc3, fc3, fc3),
+        "requests per function: {by:?}"
+    );
+}
+
+#[test]
+fn two_units_share_one_rtu_bus() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, moto) = setup(dir.path(), "rtu");
+    let (a, b) = (dir.path().join("ttyA"), dir.path().join("ttyB"));
+    let mut socat = Command::new("socat");
+    socat
+        .arg(format!("pty,raw,echo=0,link={}", a.display()))
+        .arg(format!("pty,raw,echo=0,link={}", b.display()));
+    let _socat = Proc::spawn("socat", socat, &dir.path().join("socat.log"));
+    wait_for("the PTY pair", Duration::from_secs(10), || {
+        (a.exists() && b.exists()).then_some(())
+    });
+    let _device = ModbusDevice::rtu(dir.path(), &a);
+    let port = format!("port = \"{}\"\nbaud = 9600", b.display());
+    let modbus = device_toml("unit1", "rtu", 1, 500).replace("{TRANSPORT}", &port)
+        + &device_toml("unit2", "rtu", 2, 500).replace("{TRANSPORT}", &port);
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "rtu-agent",
+        broker.port,
+        &moto.endpoint,
+        "rtu",
+        "",
+        &modbus,
+    );
+    agent.start();
+    let records = wait_for("readings of both units", Duration::from_secs(60), || {
+        let r = kinesis_dump(&moto.endpoint, "rtu");
+        (latest(&r).len() >= 36).then_some(r)
+    });
+    check_device(&records, "unit1", 0);
+    check_device(&records, "unit2", 1);
+    agent.stop();
+}
+
+#[test]
+fn a_dead_device_does_not_slow_the_others_and_resumes_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, moto) = setup(dir.path(), "isolation");
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut devices: Vec<Option<ModbusDevice>> = ports
+        .iter()
+        .map(|&p| Some(ModbusDevice::tcp(dir.path(), p)))
+        .collect();
+    let mut modbus = String::new();
+    for (i, p) in ports.iter().enumerate() {
+        modbus += &device_toml(&format!("dev{i}"), "tcp", 1, 100)
+            .replace("{TRANSPORT}", &format!("address = \"127.0.0.1:{p}\""));
+    }
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "isolation-agent",
+        broker.port,
+        &moto.endpoint,
+        "isolation",
+        "",
+        &modbus,
+    );
+    agent.start();
+    let requests = |i: usize| -> f64 {
+        http_get(agent.metrics_port, "/metrics")
+            .and_then(|m| {
+                metric_with(
+                    &m,
+                    "fieldlink_modbus_requests_total",
+                    &format!("device=\"dev{i}\""),
+                )
+            })
+            .unwrap_or(0.0)
+    };
+    let rate = |i: usize, secs: u64| -> f64 {
+        let (r0, t0) = (requests(i), Instant::now());
+        std::thread::sleep(Duration::from_secs(secs));
+        (requests(i) - r0) / t0.elapsed().as_secs_f64()
+    };
+    wait_for("all three devices polled", Duration::from_secs(20), || {
+        (0..3).all(|i| requests(i) > 20.0).then_some(())
+    });
+    let before = rate(0, 2);
+    // Stop device 1: its requests now time out (500 ms) or are refused.
+    devices[1].take();
+    std::thread::sleep(Duration::from_millis(300));
+    let (after0, after2) = (rate(0, 3), rate(2, 0).max(0.0));
+    let after2 = if after2 == 0.0 { rate(2, 3) } else { after2 };
+    let errors = http_get(agent.metrics_port, "/metrics")
+        .and_then(|m| {
+            metric_with(
+                &m,
+                "fieldlink_modbus_transport_errors_total",
+                "device=\"dev1\"",
+            )
+        })
+        .unwrap_or(0.0);
+    assert!(errors > 0.0, "the dead device's faults are counted");
+    // 10 polls/s × 5 requests per poll = 50 requests/s for a healthy device.
+    assert!(
+        after0 >= before * 0.8 && after2 >= before * 0.8,
+        "healthy devices slowed down: before {before:.1}/s, after {after0:.1}/s and {after2:.1}/s"
+    );
+    // Restart it on the same port: the agent reconnects by itself.
+    devices[1] = Some(ModbusDevice::tcp(dir.path(), ports[1]));
+    let resumed = requests(1);
+    wait_for(
+        "the restarted device to be polled again",
+        Duration::from_secs(45),
+        || (requests(1) > resumed + 20.0).then_some(()),
+    );
+    assert!(http_get(agent.metrics_port, "/health")
+        .unwrap()
+        .contains("modbus:dev1: ok"));
+    agent.stop();
+    eprintln!("isolation: healthy devices at {before:.1} requests/s before, {after0:.1} and {after2:.1} after device 1 died; {errors} faults counted; device 1 resumed");
+}
