@@ -5,7 +5,7 @@ Parquet files under s3://BUCKET/PREFIX (read with pyarrow, an independent Parque
 Usage: landed.py ENDPOINT DATABASE TABLE BUCKET PREFIX
 Prints JSON: {"timestream": [[series, ts_ms, value], ...], "timestream_records": N,
               "parquet": [[series, ts_ms, value], ...], "parquet_files": [key, ...]}
-Values are doubles printed with repr (exact round trip).
+Numeric (double) readings only; values printed with repr (exact round trip).
 """
 import json
 import sys
@@ -24,7 +24,7 @@ for t in data.get("timestreamwrite", {}).get("TimestreamTable", []):
         n_records += 1
         dims = {d["Name"]: d["Value"] for d in rec["Dimensions"]}
         for m in rec["MeasureValues"]:
-            if m["Name"].endswith("_quality"):
+            if m["Name"].endswith("_quality") or m["Type"] != "DOUBLE":
                 continue
             rows.append([dims["device"] + "/" + m["Name"], int(rec["Time"]), repr(float(m["Value"]))])
 
@@ -37,5 +37,6 @@ if files:
     table_ = ds.dataset(files, filesystem=s3, format="parquet").to_table(columns=["series", "time", "value_double"])
     times = table_.column("time").cast("int64").to_pylist()
     for s, t, v in zip(table_.column("series").to_pylist(), times, table_.column("value_double").to_pylist()):
-        parquet.append([s, t, repr(v)])
+        if v is not None:
+            parquet.append([s, t, repr(v)])
 print(json.dumps({"timestream": rows, "timestream_records": n_records, "parquet": parquet, "parquet_files": files}))

@@ -270,3 +270,98 @@ fn mqtt_readings_land_exactly_once_in_timestream_and_parquet() {
         files.len()
     );
 }
+
+/// Readings polled from a pymodbus device land in Timestream and Parquet like MQTT readings.
+#[test]
+fn modbus_readings_land_in_timestream_and_parquet() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let moto = Moto::start(dir.path());
+    moto.create(
+        "fieldlink-modbus",
+        1,
+        "fieldlink",
+        "readings",
+        "bronze-modbus",
+    );
+    let device = ModbusDevice::tcp(dir.path(), free_port());
+    let modbus = format!(
+        "[[modbus]]\nname = \"pump\"\ntransport = \"tcp\"\naddress = \"127.0.0.1:{}\"\nseries_prefix = \"plant/pump-7\"\ntags = {{ site = \"muc\" }}\n\
+         [[modbus.groups]]\nname = \"g\"\ninterval_ms = 200\n\
+         [[modbus.points]]\nname = \"pressure\"\ngroup = \"g\"\nregister = \"input\"\naddress = 0\ntype = \"f32\"\nunit = \"bar\"\n\
+         [[modbus.points]]\nname = \"running\"\ngroup = \"g\"\nregister = \"coil\"\naddress = 0\n",
+        device.port
+    );
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "modbus-e2e",
+        broker.port,
+        &moto.endpoint,
+        "fieldlink-modbus",
+        "",
+        &modbus,
+    );
+    let cloud_toml = dir.path().join("cloud.toml");
+    std::fs::write(
+        &cloud_toml,
+        cloud_config(free_port(), &moto.endpoint, "fieldlink-modbus")
+            .replace("bronze-e2e", "bronze-modbus"),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("fieldlink-cloud"));
+    cmd.arg("run").arg("--config").arg(&cloud_toml);
+    aws_env(&mut cmd);
+    let mut cloud = Proc::spawn("fieldlink-cloud", cmd, &dir.path().join("cloud.log"));
+    agent.start();
+    let landed_args = [
+        script("landed.py").to_str().unwrap().to_owned(),
+        moto.endpoint.clone(),
+        "fieldlink".into(),
+        "readings".into(),
+        "bronze-modbus".into(),
+        "bronze".into(),
+    ];
+    let landed_args: Vec<&str> = landed_args.iter().map(String::as_str).collect();
+    let ts = wait_for(
+        "Modbus readings in Timestream",
+        Duration::from_secs(60),
+        || {
+            let v: serde_json::Value = serde_json::from_str(&run_python(&landed_args)).ok()?;
+            let rows = landed_rows(&v, "timestream");
+            (rows
+                .iter()
+                .filter(|r| r.0 == "plant/pump-7/pressure")
+                .count()
+                >= 5)
+                .then_some(rows)
+        },
+    );
+    assert!(ts
+        .iter()
+        .any(|r| r.0 == "plant/pump-7/pressure" && f64::from_bits(r.2) == 230.5));
+    agent.stop();
+    cloud.terminate(Duration::from_secs(30));
+    let v: serde_json::Value = serde_json::from_str(&run_python(&landed_args)).unwrap();
+    let ts = counted(landed_rows(&v, "timestream"));
+    let pq = counted(landed_rows(&v, "parquet"));
+    let pressure = |m: &BTreeMap<Key, usize>| {
+        m.iter()
+            .filter(|(k, _)| k.0 == "plant/pump-7/pressure")
+            .map(|(_, n)| *n)
+            .sum::<usize>()
+    };
+    assert!(
+        pressure(&pq) >= 5,
+        "Parquet holds {} pressure readings",
+        pressure(&pq)
+    );
+    assert_eq!(
+        pressure(&ts),
+        pressure(&pq),
+        "Timestream and Parquet hold the same Modbus readings"
+    );
+    assert!(
+        ts.values().all(|&n| n == 1) && pq.values().all(|&n| n == 1),
+        "a reading landed twice"
+    );
+}
