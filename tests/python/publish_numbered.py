@@ -16,6 +16,15 @@ import paho.mqtt.client as mqtt
 host, port, count, rate, acked_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 pad = int(sys.argv[6]) if len(sys.argv) > 6 else 0
 infos = []
+
+
+def published(info):
+    """Whether the broker acknowledged it; a message sent while disconnected (broker restart) never was."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False
+
 client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fieldlink-numbered-{random.randrange(1 << 30)}")
 client.max_inflight_messages_set(100)
 client.max_queued_messages_set(0)
@@ -31,9 +40,9 @@ for i in range(count):
     if ahead > 0:
         time.sleep(ahead)
 deadline = time.monotonic() + 60
-while not all(info.is_published() for info in infos) and time.monotonic() < deadline:
+while not all(published(info) or info.rc != 0 for info in infos) and time.monotonic() < deadline:
     time.sleep(0.05)
-acked = [i for i, info in enumerate(infos) if info.is_published()]
+acked = [i for i, info in enumerate(infos) if published(info)]
 client.disconnect()
 client.loop_stop()
 with open(acked_path, "w") as f:
