@@ -1,11 +1,34 @@
 use serde::Deserialize;
 
+/// A secret (password): never printed, in logs or in `Debug` output.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
 /// One topic subscription.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicConfig {
     /// MQTT topic filter, e.g. `plant/+/+` or `sensors/#`.
     pub filter: String,
+    /// Extract tags from topic levels: a pattern with one entry per level, `{name}` capturing that level into tag
+    /// `name`, `+` or a literal for the rest, e.g. `site/{site}/line/{line}/+` on `site/muc/line/3/pump-7` gives
+    /// `site=muc, line=3`. The series key stays `<topic>/<field>`. Topics that do not match get no tags.
+    #[serde(default)]
+    pub tags_from_topic: Option<String>,
     /// Subscription QoS: 0, 1 (default) or 2. With QoS 1 and 2 the agent acknowledges a message only after its
     /// readings are committed to the buffer.
     #[serde(default = "default_qos")]
@@ -26,6 +49,13 @@ pub struct PayloadConfig {
     /// Unit of that field: `ms` (default), `s`, `us` or `ns`.
     #[serde(default)]
     pub timestamp_unit: TimeUnit,
+    /// Timestamps before this (Unix ms) are refused as `bad_timestamp`. Default 946684800000 (2000-01-01).
+    #[serde(default = "default_min_ts")]
+    pub min_timestamp_ms: i64,
+    /// Timestamps more than this ahead of the agent's clock are refused as `bad_timestamp`, milliseconds.
+    /// Default 86400000 (one day).
+    #[serde(default = "default_max_future")]
+    pub max_future_ms: i64,
     /// Payloads larger than this are refused (counted as `too_large`). Default 262144 (256 KiB).
     #[serde(default = "default_max_payload")]
     pub max_payload_bytes: usize,
@@ -33,6 +63,12 @@ pub struct PayloadConfig {
 
 fn default_ts_field() -> String {
     "ts".into()
+}
+fn default_min_ts() -> i64 {
+    946_684_800_000
+}
+fn default_max_future() -> i64 {
+    86_400_000
 }
 fn default_max_payload() -> usize {
     256 * 1024
@@ -43,6 +79,8 @@ impl Default for PayloadConfig {
         Self {
             timestamp_field: default_ts_field(),
             timestamp_unit: TimeUnit::Ms,
+            min_timestamp_ms: default_min_ts(),
+            max_future_ms: default_max_future(),
             max_payload_bytes: default_max_payload(),
         }
     }
@@ -77,6 +115,15 @@ pub struct MqttConfig {
     /// MQTT client id. Default `fieldlink-<agent_id>-<name>`. Must be stable for persistent sessions.
     #[serde(default)]
     pub client_id: Option<String>,
+    /// User name (optional).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password. Prefer `password_env`; either way it is never logged.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// Name of an environment variable holding the password (keeps it out of the file).
+    #[serde(default)]
+    pub password_env: Option<String>,
     /// Start a clean session on connect. Default `false`: the broker keeps the session and queues QoS 1/2
     /// messages while the agent is away.
     #[serde(default)]
@@ -123,6 +170,14 @@ impl MqttConfig {
         if self.max_inflight == 0 {
             p.push(format!("{path}.max_inflight: must be at least 1"));
         }
+        if self.password.is_some() && self.password_env.is_some() {
+            p.push(format!(
+                "{path}.password: set password or password_env, not both"
+            ));
+        }
+        if (self.password.is_some() || self.password_env.is_some()) && self.username.is_none() {
+            p.push(format!("{path}.username: required with a password"));
+        }
         if self.topics.is_empty() {
             p.push(format!("{path}.topics: at least one topic is required"));
         }
@@ -135,6 +190,14 @@ impl MqttConfig {
             }
             if let Some(problem) = filter_problem(&t.filter) {
                 p.push(format!("{path}.topics[{i}].filter: {problem}"));
+            }
+            if let Some(pattern) = &t.tags_from_topic {
+                if pattern
+                    .split('/')
+                    .any(|l| l.starts_with('{') != l.ends_with('}') || l == "{}")
+                {
+                    p.push(format!("{path}.topics[{i}].tags_from_topic: levels are {{name}}, + or literals, got {pattern:?}"));
+                }
             }
         }
         if self.payload.max_payload_bytes == 0 || self.payload.max_payload_bytes > 64 * 1024 * 1024

@@ -18,7 +18,7 @@
 mod config;
 pub mod payload;
 
-pub use config::{MqttConfig, PayloadConfig, TimeUnit, TopicConfig};
+pub use config::{MqttConfig, PayloadConfig, Secret, TimeUnit, TopicConfig};
 
 use crate::buffer::{AckFn, BufferHandle};
 use fieldlink_ops::backoff::Backoff;
@@ -137,6 +137,20 @@ impl AckQueue {
     }
 }
 
+/// MQTT topic filter matching (`+` one level, `#` the rest).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let mut t = topic.split('/');
+    for f in filter.split('/') {
+        match (f, t.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (lit, Some(level)) if lit == level => {}
+            _ => return false,
+        }
+    }
+    t.next().is_none()
+}
+
 fn qos(q: u8) -> QoS {
     match q {
         0 => QoS::AtMostOnce,
@@ -171,6 +185,17 @@ pub async fn run(
     opts.set_clean_session(cfg.clean_session);
     opts.set_manual_acks(true);
     opts.set_inflight(cfg.max_inflight);
+    if let Some(user) = &cfg.username {
+        let password = match (&cfg.password, &cfg.password_env) {
+            (Some(p), _) => p.expose().to_owned(),
+            (None, Some(var)) => std::env::var(var).unwrap_or_else(|_| {
+                tracing::error!(connection = %cfg.name, variable = %var, "password_env is not set; connecting without a password");
+                String::new()
+            }),
+            (None, None) => String::new(),
+        };
+        opts.set_credentials(user.clone(), password);
+    }
     let max_packet = cfg.payload.max_payload_bytes + 64 * 1024;
     opts.set_max_packet_size(max_packet, max_packet);
     // Requests are only acks and subscribes; room for a full in-flight window of acks.
@@ -229,7 +254,20 @@ pub async fn run(
                     now_ms(),
                     &cfg.payload,
                 ) {
-                    Ok(parsed) => {
+                    Ok(mut parsed) => {
+                        if let Some(pattern) = cfg
+                            .topics
+                            .iter()
+                            .find(|t| topic_matches(&t.filter, &topic))
+                            .and_then(|t| t.tags_from_topic.as_deref())
+                        {
+                            let tags = payload::topic_tags(pattern, &topic);
+                            if !tags.is_empty() {
+                                for r in &mut parsed.readings {
+                                    r.series.tags = tags.clone();
+                                }
+                            }
+                        }
                         m.readings.add(parsed.readings.len() as u64);
                         m.skipped_fields.add(parsed.skipped as u64);
                         parsed.readings
@@ -283,4 +321,25 @@ pub async fn run(
     })
     .await;
     tracing::info!(connection = %cfg.name, "MQTT connection stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_filters_match_like_the_broker() {
+        assert!(topic_matches("a/+/c", "a/b/c"));
+        assert!(topic_matches("a/#", "a/b/c"));
+        assert!(topic_matches("#", "a"));
+        assert!(!topic_matches("a/+", "a/b/c"));
+        assert!(!topic_matches("a/b", "a/c"));
+    }
+
+    #[test]
+    fn passwords_never_appear_in_debug_output() {
+        let cfg: MqttConfig = toml::from_str("name = \"x\"\nhost = \"h\"\nusername = \"u\"\npassword = \"hunter2\"\n[[topics]]\nfilter = \"#\"").unwrap_or_else(|e| panic!("{e}"));
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        assert_eq!(cfg.password.as_ref().map(Secret::expose), Some("hunter2"));
+    }
 }

@@ -50,6 +50,24 @@ pub struct Parsed {
     pub skipped: usize,
 }
 
+/// Tags taken from the topic by a `tags_from_topic` pattern (empty if the topic does not match).
+pub fn topic_tags(pattern: &str, topic: &str) -> Vec<(String, String)> {
+    let (p, t): (Vec<&str>, Vec<&str>) = (pattern.split('/').collect(), topic.split('/').collect());
+    if p.len() != t.len() {
+        return Vec::new();
+    }
+    let mut tags = Vec::new();
+    for (pl, tl) in p.iter().zip(&t) {
+        if let Some(name) = pl.strip_prefix('{').and_then(|x| x.strip_suffix('}')) {
+            tags.push((name.to_owned(), (*tl).to_owned()));
+        } else if *pl != "+" && pl != tl {
+            return Vec::new();
+        }
+    }
+    tags.sort();
+    tags
+}
+
 fn to_ms(v: &Json, unit: TimeUnit) -> Option<i64> {
     let f = v.as_f64()?;
     let ms = match unit {
@@ -122,7 +140,16 @@ pub fn parse(
     match &json {
         Json::Object(obj) => {
             let ts_ms = match obj.get(&cfg.timestamp_field) {
-                Some(v) => to_ms(v, cfg.timestamp_unit).ok_or(PayloadError::BadTimestamp)?,
+                // Only a timestamp the payload claims is checked; the agent's own clock is taken as it is.
+                Some(v) => match to_ms(v, cfg.timestamp_unit) {
+                    Some(ts)
+                        if ts >= cfg.min_timestamp_ms
+                            && ts <= arrival_ms.saturating_add(cfg.max_future_ms) =>
+                    {
+                        ts
+                    }
+                    _ => return Err(PayloadError::BadTimestamp),
+                },
                 None => arrival_ms,
             };
             flatten(&mut out, topic, obj, ts_ms, Some(&cfg.timestamp_field));
@@ -155,7 +182,7 @@ mod tests {
 
     #[test]
     fn json_object_fields_become_series_under_the_topic() {
-        let p = parse("line3/imu/000", br#"{"ts": 1772431200000, "acc_x": -0.74, "ok": true, "mode": "run", "nested": {"t": 3}}"#, 5, &cfg()).unwrap_or_default();
+        let p = parse("line3/imu/000", br#"{"ts": 1772431200000, "acc_x": -0.74, "ok": true, "mode": "run", "nested": {"t": 3}}"#, 1_772_431_200_005, &cfg()).unwrap_or_default();
         let mut got = keys_values(&p);
         got.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
@@ -194,10 +221,22 @@ mod tests {
     fn timestamp_units_are_converted_to_milliseconds() {
         let mut c = cfg();
         c.timestamp_unit = TimeUnit::S;
-        let p = parse("t", br#"{"ts": 1772431200.5, "v": 1}"#, 0, &c).unwrap_or_default();
+        let p = parse(
+            "t",
+            br#"{"ts": 1772431200.5, "v": 1}"#,
+            1_772_431_200_000,
+            &c,
+        )
+        .unwrap_or_default();
         assert_eq!(p.readings[0].ts_ms, 1772431200500);
         c.timestamp_unit = TimeUnit::Ns;
-        let p = parse("t", br#"{"ts": 1772431200000000000, "v": 1}"#, 0, &c).unwrap_or_default();
+        let p = parse(
+            "t",
+            br#"{"ts": 1772431200000000000, "v": 1}"#,
+            1_772_431_200_000,
+            &c,
+        )
+        .unwrap_or_default();
         assert_eq!(p.readings[0].ts_ms, 1772431200000);
     }
 
@@ -240,6 +279,28 @@ mod tests {
                 .unwrap_err()
                 .reason(),
             "bad_timestamp"
+        );
+        // Absurdly old, or far in the future of the arrival time.
+        let now = 1_772_431_200_000;
+        let reason = |p: &[u8]| parse("t", p, now, &c).map(|_| ()).unwrap_err().reason();
+        assert_eq!(reason(br#"{"ts": 86400000, "v": 1}"#), "bad_timestamp");
+        assert_eq!(reason(br#"{"ts": 1872431200000, "v": 1}"#), "bad_timestamp");
+        assert!(parse("t", br#"{"ts": 1772431100000, "v": 1}"#, now, &c).is_ok());
+    }
+
+    #[test]
+    fn topic_levels_become_tags() {
+        assert_eq!(
+            topic_tags("site/{site}/line/{line}/+", "site/muc/line/3/pump-7"),
+            vec![("line".into(), "3".into()), ("site".into(), "muc".into())]
+        );
+        assert!(
+            topic_tags("site/{site}/+", "site/muc/line/3").is_empty(),
+            "different depth"
+        );
+        assert!(
+            topic_tags("plant/{site}/+", "site/muc/x").is_empty(),
+            "literal mismatch"
         );
     }
 
