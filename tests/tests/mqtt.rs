@@ -38,12 +38,27 @@ fn a_broker_restart_mid_stream_loses_no_acknowledged_reading() {
 
     let got = wait_for(
         "every acknowledged reading in Kinesis after the restart",
-        Duration::from_secs(90),
+        Duration::from_secs(40),
         || {
             let got: BTreeSet<u64> = numbers_in(&kinesis_dump(&moto.endpoint, "restart"))
                 .into_iter()
                 .collect();
-            acked.iter().all(|n| got.contains(n)).then_some(got)
+            let missing: Vec<u64> = acked.iter().copied().filter(|n| !got.contains(n)).collect();
+            if !missing.is_empty() {
+                let m = http_get(agent.metrics_port, "/metrics").unwrap_or_default();
+                let mqtt: Vec<&str> = m
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("fieldlink_mqtt")
+                            || l.starts_with("fieldlink_readings_received")
+                            || l.starts_with("fieldlink_buffer_unsealed")
+                    })
+                    .collect();
+                eprintln!("restart: {} acknowledged readings missing, e.g. {:?}\nmetrics: {:?}\nhealth: {:?}\nbroker log tail: {:?}", missing.len(), &missing[..missing.len().min(8)], mqtt,
+                    http_get(agent.metrics_port, "/health"),
+                    std::fs::read_to_string(dir.path().join(format!("mosquitto-{port}.log"))).unwrap_or_default().lines().rev().take(6).collect::<Vec<_>>());
+            }
+            missing.is_empty().then_some(got)
         },
     );
     let reconnects = http_get(agent.metrics_port, "/metrics")

@@ -6,7 +6,7 @@
 //! A payload that cannot be mapped is counted by reason and acknowledged (through the same ordered path, so
 //! PUBACKs leave in arrival order): redelivering it would not make it parseable.
 //!
-//! Acknowledgements never block and are never dropped: the buffer thread's callback only records
+//! Acknowledgements never block and are never dropped while their connection lasts: the buffer thread's callback only records
 //! `(qos, packet id)` in this connection's [`AckQueue`] and wakes the connection task, which moves queued acks
 //! into rumqttc's request channel between polls of the event loop (the loop drains that channel). A full
 //! channel leaves the rest queued for the next turn. The queue holds at most one entry per unacknowledged
@@ -100,25 +100,34 @@ impl ConnMetrics {
 /// Acknowledgements waiting to be handed to the MQTT client, in commit order.
 #[derive(Debug, Default)]
 pub struct AckQueue {
-    pending: Mutex<VecDeque<(QoS, u16)>>,
+    /// `(connection generation, qos, packet id)`.
+    pending: Mutex<VecDeque<(u64, QoS, u16)>>,
     ready: Notify,
 }
 
 impl AckQueue {
     /// Records a committed message's acknowledgement (called on the buffer thread; never blocks for long).
-    pub fn push(&self, qos: QoS, pkid: u16) {
+    /// `generation` is the connection the message arrived on.
+    pub fn push(&self, generation: u64, qos: QoS, pkid: u16) {
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push_back((qos, pkid));
+            .push_back((generation, qos, pkid));
         self.ready.notify_one();
     }
 
-    /// Hands queued acknowledgements to `client` until its request channel is full. Returns how many went.
-    fn flush(&self, client: &AsyncClient) -> u64 {
+    /// Hands queued acknowledgements of connection `generation` to `client` until its request channel is full,
+    /// and discards those of earlier connections: after a reconnect the broker may have given their packet ids
+    /// to other messages, so acking them could acknowledge a message not yet committed. The broker redelivers
+    /// the discarded ones; dedup drops the copies. Returns how many went.
+    fn flush(&self, client: &AsyncClient, generation: u64) -> u64 {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let mut sent = 0;
-        while let Some(&(qos, pkid)) = pending.front() {
+        while let Some(&(g, qos, pkid)) = pending.front() {
+            if g != generation {
+                pending.pop_front();
+                continue;
+            }
             let publish = rumqttc::Publish {
                 dup: false,
                 qos,
@@ -202,10 +211,11 @@ pub async fn run(
     let (client, mut eventloop) = AsyncClient::new(opts, usize::from(cfg.max_inflight) * 2 + 16);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let acks = Arc::new(AckQueue::default());
+    let mut generation = 0u64;
     health.set(&component, false, "connecting");
 
     loop {
-        m.acks.add(acks.flush(&client));
+        m.acks.add(acks.flush(&client, generation));
         let event = tokio::select! {
             _ = cancel.cancelled() => break,
             _ = acks.ready.notified() => continue,
@@ -213,6 +223,7 @@ pub async fn run(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                generation += 1;
                 backoff.reset();
                 m.connected.set(1);
                 health.set(&component, false, "connected, subscribing");
@@ -279,8 +290,9 @@ pub async fn run(
                     }
                 };
                 let ack: Option<AckFn> = (publish.qos != QoS::AtMostOnce).then(|| {
-                    let (queue, qos, pkid) = (acks.clone(), publish.qos, publish.pkid);
-                    Box::new(move || queue.push(qos, pkid)) as AckFn
+                    let (queue, qos, pkid, g) =
+                        (acks.clone(), publish.qos, publish.pkid, generation);
+                    Box::new(move || queue.push(g, qos, pkid)) as AckFn
                 });
                 let send = buffer.append(readings, ack);
                 let sent = tokio::select! {
@@ -309,7 +321,7 @@ pub async fn run(
     m.connected.set(0);
     // Committed messages whose acks are still queued are redelivered by the broker next time (duplicates,
     // never losses).
-    m.acks.add(acks.flush(&client));
+    m.acks.add(acks.flush(&client, generation));
     let _ = client.try_disconnect();
     // Let the DISCONNECT go out; bounded.
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
