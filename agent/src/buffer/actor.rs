@@ -302,10 +302,23 @@ impl Worker {
     /// Commits a group of appends, retrying on errors (disk full, I/O) with backoff while the sources wait.
     /// Acknowledgements run only after a successful commit.
     fn commit(&mut self, first: Append) {
+        // Under `backpressure`, a group stops growing at the cap, so intake stops close to it instead of one full
+        // group (up to `max_group_commit` messages) beyond it.
+        let room = match self.cfg.overflow {
+            OverflowPolicy::Backpressure => self
+                .cfg
+                .max_bytes
+                .saturating_sub(self.buffer.stats().bytes()),
+            OverflowPolicy::DropOldest => u64::MAX,
+        };
+        let mut bytes = super::counted_bytes(&first.readings);
         let mut group = vec![first];
-        while group.len() < self.cfg.max_group_commit {
+        while group.len() < self.cfg.max_group_commit && bytes < room {
             match self.data.try_recv() {
-                Ok(a) => group.push(a),
+                Ok(a) => {
+                    bytes += super::counted_bytes(&a.readings);
+                    group.push(a);
+                }
                 Err(_) => break,
             }
         }

@@ -187,6 +187,14 @@ fn kind_byte(value: &Value, quality: Quality, late: bool) -> u8 {
     t | ((quality as u8) << 4) | if late { 0x40 } else { 0 }
 }
 
+/// The counted size of readings once appended (see "Size and overflow").
+pub(crate) fn counted_bytes(readings: &[NewReading]) -> u64 {
+    readings
+        .iter()
+        .map(|r| ROW_BYTES + value_bytes(&r.value))
+        .sum()
+}
+
 fn value_bytes(v: &Value) -> u64 {
     match v {
         Value::Str(s) => s.len() as u64,
