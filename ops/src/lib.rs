@@ -18,3 +18,10 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod shutdown;
+
+/// Milliseconds since the Unix epoch by the system clock (0 if the clock is before 1970).
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -43,7 +43,7 @@ impl Gauge {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Handle {
     Counter(Counter),
     Gauge(Gauge),
@@ -103,18 +103,11 @@ impl Registry {
         });
         let ls = label_string(labels);
         if let Some((_, h)) = fam.series.iter().find(|(l, _)| *l == ls) {
-            return match h {
-                Handle::Counter(c) => Handle::Counter(c.clone()),
-                Handle::Gauge(g) => Handle::Gauge(g.clone()),
-            };
+            return h.clone();
         }
         let h = make();
-        let copy = match &h {
-            Handle::Counter(c) => Handle::Counter(c.clone()),
-            Handle::Gauge(g) => Handle::Gauge(g.clone()),
-        };
-        fam.series.push((ls, h));
-        copy
+        fam.series.push((ls, h.clone()));
+        h
     }
 
     /// The counter `name{labels}`, created on first use. The same name and labels return the same counter.

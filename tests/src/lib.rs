@@ -174,28 +174,6 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
-    /// A broker that keeps sessions and queued messages across restarts (saved on shutdown).
-    pub fn start_persistent(dir: &Path, port: u16) -> Self {
-        let conf = dir.join(format!("mosquitto-persistent-{port}.conf"));
-        let store = dir.join(format!("mosquitto-store-{port}"));
-        std::fs::create_dir_all(&store).unwrap();
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\npersistence true\npersistence_location {}/\n",
-                store.display()
-            ),
-        )
-        .unwrap();
-        let mut cmd = Command::new(mosquitto_bin());
-        cmd.arg("-c").arg(&conf);
-        let proc = Proc::spawn("mosquitto", cmd, &dir.join(format!("mosquitto-{port}.log")));
-        wait_for("mosquitto to listen", Duration::from_secs(10), || {
-            port_open(port).then_some(())
-        });
-        Self { port, proc }
-    }
-
     pub fn start(dir: &Path) -> Self {
         let port = free_port();
         let conf = dir.join(format!("mosquitto-{port}.conf"));

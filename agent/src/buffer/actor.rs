@@ -14,7 +14,7 @@ use fieldlink_ops::backoff::Backoff;
 use fieldlink_proto::Encoder;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
 /// Called once the readings it came with are durably committed (queues the MQTT PUBACK).
@@ -143,12 +143,6 @@ impl BufferHandle {
     pub fn sealed(&self) -> Arc<Notify> {
         self.sealed.clone()
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Opens the buffer and starts its thread. The thread ends when every handle is dropped, after sealing what
@@ -388,7 +382,7 @@ impl Worker {
                 &mut self.encoder,
                 &self.batch,
                 self.order.rules(),
-                now_ms(),
+                fieldlink_ops::unix_ms(),
             ) {
                 Ok(r) if r.rows == 0 => break,
                 Ok(r) => {

@@ -211,9 +211,7 @@ fn is_corruption(e: &rusqlite::Error) -> bool {
 }
 
 fn move_aside(path: &Path) -> Result<PathBuf, BufferError> {
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
+    let stamp = fieldlink_ops::unix_ms();
     let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
     std::fs::rename(path, &aside).map_err(|e| BufferError::Incompatible {
         path: path.display().to_string(),

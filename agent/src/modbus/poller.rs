@@ -9,18 +9,12 @@ use fieldlink_ops::backoff::Backoff;
 use fieldlink_ops::metrics::{Counter, Gauge, Health, Registry};
 use fieldlink_proto::{Quality, Value};
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_modbus::client::{Context, Reader};
 use tokio_modbus::slave::{Slave, SlaveContext};
 use tokio_util::sync::CancellationToken;
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
 
 /// Per-device metrics.
 #[derive(Debug, Clone)]
@@ -84,7 +78,7 @@ struct Schedule {
 
 impl Schedule {
     fn new(devices: &[DevicePlan]) -> Self {
-        let now = now_ms();
+        let now = fieldlink_ops::unix_ms();
         let ticks = devices
             .iter()
             .enumerate()
@@ -110,7 +104,7 @@ impl Schedule {
 
     /// Moves slot `i` to its next aligned tick after now; returns how many ticks were missed.
     fn advance(&mut self, i: usize) -> u64 {
-        let now = now_ms();
+        let now = fieldlink_ops::unix_ms();
         let (_, _, iv, at) = &mut self.ticks[i];
         let next = (now / *iv + 1) * *iv;
         let missed = ((next - *at) / *iv - 1).max(0) as u64;
@@ -148,7 +142,7 @@ async fn poll_group(
         let res = tokio::time::timeout(timeout, read(ctx, r))
             .await
             .map_err(|_| Fault(format!("timeout after {} ms", plan.cfg.timeout_ms)))?;
-        let at = now_ms();
+        let at = fieldlink_ops::unix_ms();
         match res {
             Err(e) => return Err(Fault(e.to_string())),
             Ok(Err(exception)) => {
@@ -318,7 +312,7 @@ async fn bus(
         let Some((slot, at)) = sched.next() else {
             return;
         };
-        let wait = Duration::from_millis((at - now_ms()).max(0) as u64);
+        let wait = Duration::from_millis((at - fieldlink_ops::unix_ms()).max(0) as u64);
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}

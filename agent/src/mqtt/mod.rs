@@ -26,7 +26,7 @@ use fieldlink_ops::metrics::{Counter, Gauge, Health, Registry};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -168,12 +168,6 @@ fn qos(q: u8) -> QoS {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Runs one connection until `cancel` fires. Reconnects forever with capped, jittered backoff.
 pub async fn run(
     cfg: MqttConfig,
@@ -262,7 +256,7 @@ pub async fn run(
                 let readings = match payload::parse(
                     &topic,
                     &publish.payload,
-                    now_ms(),
+                    fieldlink_ops::unix_ms(),
                     &cfg.payload,
                 ) {
                     Ok(mut parsed) => {
