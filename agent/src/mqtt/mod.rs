@@ -205,6 +205,11 @@ pub async fn run(
     let (client, mut eventloop) = AsyncClient::new(opts, usize::from(cfg.max_inflight) * 2 + 16);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let acks = Arc::new(AckQueue::default());
+    let tag_patterns: Vec<(&str, &str)> = cfg
+        .topics
+        .iter()
+        .filter_map(|t| Some((t.filter.as_str(), t.tags_from_topic.as_deref()?)))
+        .collect();
     let mut generation = 0u64;
     health.set(&component, false, "connecting");
 
@@ -260,11 +265,10 @@ pub async fn run(
                     &cfg.payload,
                 ) {
                     Ok(mut parsed) => {
-                        if let Some(pattern) = cfg
-                            .topics
+                        // The first subscription with a pattern whose filter matches (no work without patterns).
+                        if let Some((_, pattern)) = tag_patterns
                             .iter()
-                            .find(|t| topic_matches(&t.filter, &topic))
-                            .and_then(|t| t.tags_from_topic.as_deref())
+                            .find(|(filter, _)| topic_matches(filter, &topic))
                         {
                             let tags = payload::topic_tags(pattern, &topic);
                             if !tags.is_empty() {
