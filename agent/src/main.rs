@@ -68,16 +68,10 @@ fn main() -> anyhow::Result<()> {
             let cfg = Config::load(&config)
                 .with_context(|| format!("configuration {}", config.display()))?;
             cfg.log.init();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            rt.block_on(async {
-                let cancel = tokio_util::sync::CancellationToken::new();
-                fieldlink_ops::shutdown::cancel_on_signal(cancel.clone());
-                fieldlink_agent::run(cfg, cancel).await
-            })?;
+            fieldlink_ops::shutdown::run_until_signal(Some(1), |cancel| {
+                fieldlink_agent::run(cfg, cancel)
+            })
+            .context("starting the async runtime")??;
             Ok(())
         }
     }

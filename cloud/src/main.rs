@@ -62,15 +62,10 @@ fn main() -> anyhow::Result<()> {
             let cfg = Config::load(&config)
                 .with_context(|| format!("configuration {}", config.display()))?;
             cfg.log.init();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            rt.block_on(async {
-                let cancel = tokio_util::sync::CancellationToken::new();
-                fieldlink_ops::shutdown::cancel_on_signal(cancel.clone());
-                fieldlink_cloud::run(cfg, cancel).await
-            })?;
+            fieldlink_ops::shutdown::run_until_signal(None, |cancel| {
+                fieldlink_cloud::run(cfg, cancel)
+            })
+            .context("starting the async runtime")??;
             Ok(())
         }
     }

@@ -32,3 +32,24 @@ pub fn cancel_on_signal(token: CancellationToken) {
         token.cancel();
     });
 }
+
+/// Runs `f` on a new multi-threaded runtime (`workers` threads, default one per core) with a token that SIGTERM or
+/// Ctrl-C cancels: the `run` command of both binaries.
+pub fn run_until_signal<T, Fut>(
+    workers: Option<usize>,
+    f: impl FnOnce(CancellationToken) -> Fut,
+) -> std::io::Result<T>
+where
+    Fut: std::future::Future<Output = T>,
+{
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    let rt = builder.enable_all().build()?;
+    Ok(rt.block_on(async {
+        let cancel = CancellationToken::new();
+        cancel_on_signal(cancel.clone());
+        f(cancel).await
+    }))
+}
