@@ -47,12 +47,13 @@ fn pipeline(msgs: &[(String, Vec<u8>)], durability: Durability) -> (f64, usize, 
         OrderConfig::default(),
         PayloadConfig::default(),
     );
+    let now = fieldlink_ops::unix_ms(); // arrival time: payload timestamps are checked against it
     let start = Instant::now();
     let mut readings = 0usize;
     for chunk in msgs.chunks(1000) {
         let groups: Vec<Vec<NewReading>> = chunk
             .iter()
-            .map(|(t, p)| payload::parse(t, p, 0, &pcfg).unwrap().readings)
+            .map(|(t, p)| payload::parse(t, p, now, &pcfg).unwrap().readings)
             .collect();
         readings += groups.iter().map(Vec::len).sum::<usize>();
         buffer.append(groups.iter().map(Vec::as_slice)).unwrap();
