@@ -59,12 +59,15 @@ endpoint_url = "$endpoint"
 [kinesis]
 stream = "fieldlink-demo"
 idle_poll_ms = 200
+commit_idle_ms = 2000
+[leases]
+lease_ms = 3000
 [timestream]
 database = "fieldlink"
 table = "readings"
+magnetic_store_writes = true   # the dataset is years old
 [parquet]
 location = "$demo/bronze"
-idle_flush_ms = 5000
 TOML
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
 target/debug/fieldlink-agent check-config --config "$demo/agent.toml"

@@ -20,7 +20,7 @@ start)
   printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\npersistence false\n' "$mqtt_port" > "$dir/mosquitto.conf"
   /usr/sbin/mosquitto -c "$dir/mosquitto.conf" > "$dir/mosquitto.log" 2>&1 &
   mosquitto_pid=$!
-  "$root/.venv/bin/moto_server" -H 127.0.0.1 -p 0 > "$dir/moto.log" 2>&1 &
+  "$root/.venv/bin/python" "$root/tests/python/moto_server.py" -H 127.0.0.1 -p 0 > "$dir/moto.log" 2>&1 &
   moto_pid=$!
   endpoint=""
   for _ in $(seq 200); do

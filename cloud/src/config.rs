@@ -1,6 +1,7 @@
 //! The cloud service's TOML configuration; every problem is reported at once.
 
 use crate::consumer::ConsumerConfig;
+use crate::lease::LeaseConfig;
 use crate::parquet::ParquetConfig;
 use crate::timestream::TimestreamConfig;
 use fieldlink_ops::aws::AwsSettings;
@@ -25,6 +26,13 @@ pub struct Config {
     pub aws: AwsSettings,
     /// The stream to consume.
     pub kinesis: ConsumerConfig,
+    /// Shard leases and checkpoints.
+    #[serde(default)]
+    pub leases: LeaseConfig,
+    /// Where records and readings that cannot be landed go, with the reason: `s3://bucket/prefix`,
+    /// `file:///path` or a path. Default: `_dead_letter` under the Parquet location.
+    #[serde(default)]
+    pub dead_letter: Option<String>,
     /// Timestream sink; absent = off.
     #[serde(default)]
     pub timestream: Option<TimestreamConfig>,
@@ -43,6 +51,15 @@ impl Config {
         fieldlink_ops::config::from_toml(text)
     }
 
+    /// The dead-letter location.
+    pub fn dead_letter_location(&self) -> String {
+        match (&self.dead_letter, &self.parquet) {
+            (Some(d), _) => d.clone(),
+            (None, Some(p)) => format!("{}/_dead_letter", p.location.trim_end_matches('/')),
+            (None, None) => String::new(),
+        }
+    }
+
     /// Reads, parses and validates a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         fieldlink_ops::config::load(path)
@@ -56,6 +73,18 @@ impl Validate for Config {
         p.extend(self.log.validate("log"));
         p.extend(self.aws.validate("aws"));
         p.extend(self.kinesis.validate("kinesis"));
+        p.extend(self.leases.validate("leases"));
+        match (&self.dead_letter, &self.parquet) {
+            (Some(d), _) => {
+                if let Err(e) = crate::store::Location::parse(d) {
+                    p.push(format!("dead_letter: {e}"));
+                }
+            }
+            (None, None) => p.push(
+                "dead_letter: required when there is no [parquet] section (it defaults to <parquet.location>/_dead_letter)".into(),
+            ),
+            (None, Some(_)) => {}
+        }
         if let Some(t) = &self.timestream {
             p.extend(t.validate("timestream"));
         }

@@ -1,18 +1,28 @@
 //! fieldlink cloud service: consumes the Kinesis stream the agents write, decodes each record (one batch,
 //! `fieldlink-proto` format v1) and lands the readings in Timestream and in hourly Parquet bronze files.
 //!
-//! Flow (see `ARCHITECTURE.md`): [`consumer`] reads every shard into a bounded channel; [`land::Lander`]
-//! skips batches already landed (`(agent_id, seq)`, [`land::dedup`]), dead-letters undecodable records by
-//! reason, and hands each batch to every [`land::Sink`]: [`timestream`] and [`parquet`] (through [`store`]).
+//! Flow (see `ARCHITECTURE.md`): [`consumer`] holds shard leases in DynamoDB ([`lease`], the Kinesis Client
+//! Library's schema) and runs one worker per held shard; the worker reads its shard from the checkpoint into a
+//! bounded channel, its [`land::Lander`] skips resent batches (`(agent_id, seq)` from another record,
+//! [`land::dedup`]), dead-letters undecodable records with the reason ([`land::dead`]) and hands each batch to
+//! every [`land::Sink`]: [`timestream`] and [`parquet`] (through [`store`]).
 //!
-//! Guarantees of this version: a batch is landed once per process lifetime (in-memory dedup window), and
-//! Timestream writes are idempotent (record version = batch sequence number). Shard checkpoints and leases
-//! (resume after restart, several consumers) are not implemented yet: a restarted consumer reads from its
-//! configured start position.
+//! # Guarantees
+//! - A shard's checkpoint moves only after everything before it is durable in every sink; a restarted or
+//!   replacing worker resumes from it, and repeats an interrupted commit exactly (same records, same object
+//!   names), so Parquet files are replaced, not added.
+//! - Timestream writes are idempotent: the record version is the batch sequence number, so a rewrite of the
+//!   same batch is a no-op upsert.
+//! - A batch the agent resent (same `(agent_id, seq)` in another Kinesis record) is skipped if this process
+//!   landed the first copy within the last 16,384 batches of that agent. If the copies are read by different
+//!   processes, or the first was committed before a restart, Timestream still holds it once but Parquet holds
+//!   it twice; each row carries `agent_id` and `batch_seq`, so readers can drop such repeats.
+//! - Children of a split or merge are read only after their parents are read to the end.
 
 pub mod config;
 pub mod consumer;
 pub mod land;
+pub mod lease;
 pub mod metrics;
 pub mod parquet;
 mod run;

@@ -1,6 +1,6 @@
 //! The cloud service's metrics.
 
-use fieldlink_ops::metrics::{Counter, Registry};
+use fieldlink_ops::metrics::{Counter, Gauge, Registry};
 
 /// Handles to the cloud metrics.
 #[derive(Debug, Clone)]
@@ -19,8 +19,14 @@ pub struct CloudMetrics {
     pub timestream_records: Counter,
     /// Timestream records rejected (by us for breaking limits, or by Timestream).
     pub timestream_rejected: Counter,
+    /// Timestream calls throttled (and retried).
+    pub timestream_throttled: Counter,
     /// Parquet files written.
     pub parquet_files: Counter,
+    /// Leases this worker holds.
+    pub leases_held: Gauge,
+    /// Checkpoints written.
+    pub checkpoints: Counter,
     /// Parquet rows written.
     pub parquet_rows: Counter,
 }
@@ -51,6 +57,19 @@ impl CloudMetrics {
                 "fieldlink_timestream_records_rejected_total",
                 "Timestream records rejected (limits or service).",
             ),
+            timestream_throttled: c(
+                "fieldlink_timestream_throttled_total",
+                "WriteRecords calls throttled and retried.",
+            ),
+            leases_held: registry.gauge(
+                "fieldlink_cloud_leases_held",
+                "Shard leases this worker holds.",
+                &[],
+            ),
+            checkpoints: c(
+                "fieldlink_cloud_checkpoints_total",
+                "Shard checkpoints written (each after a commit to every sink).",
+            ),
             parquet_files: c("fieldlink_parquet_files_total", "Parquet files written."),
             parquet_rows: c(
                 "fieldlink_parquet_rows_total",
@@ -64,8 +83,35 @@ impl CloudMetrics {
     pub fn dead_letter(&self, reason: &str) -> Counter {
         self.registry.counter(
             "fieldlink_cloud_dead_letters_total",
-            "Kinesis records that could not be decoded, by reason.",
+            "Kinesis records that could not be decoded, written to the dead-letter location, by reason.",
             &[("reason", reason)],
+        )
+    }
+
+    /// Readings a sink refused, by sink and reason class.
+    pub fn dead_letter_readings(&self, sink: &str, reason: &str) -> Counter {
+        self.registry.counter(
+            "fieldlink_cloud_dead_letter_readings_total",
+            "Records a sink refused, written to the dead-letter location, by sink and reason.",
+            &[("sink", sink), ("reason", reason)],
+        )
+    }
+
+    /// Lease changes by kind (`taken`, `stolen`, `lost`, `released`, `finished`).
+    pub fn lease_changes(&self, kind: &str) -> Counter {
+        self.registry.counter(
+            "fieldlink_cloud_lease_changes_total",
+            "Lease changes seen by this worker, by kind.",
+            &[("kind", kind)],
+        )
+    }
+
+    /// Milliseconds behind the tip of a shard at its last read.
+    pub fn shard_lag(&self, shard: &str) -> Gauge {
+        self.registry.gauge(
+            "fieldlink_cloud_shard_lag_ms",
+            "Milliseconds behind the tip of the shard at the last read.",
+            &[("shard", shard)],
         )
     }
 

@@ -1,15 +1,20 @@
 //! Wiring of the cloud service.
 
 use crate::config::Config;
-use crate::consumer::{self, ShardRecords};
-use crate::land::{Lander, Origin, Sink};
+use crate::consumer::reader::ReadParams;
+use crate::consumer::worker::Shared;
+use crate::consumer::{self};
+use crate::land::dead::DeadLetters;
+use crate::land::dedup::BatchDedup;
+use crate::land::{Sink, SinkFactory};
+use crate::lease::LeaseTable;
 use crate::metrics::CloudMetrics;
 use crate::parquet::ParquetSink;
 use crate::store::{Location, Store};
 use crate::timestream::{self, TimestreamSink};
 use fieldlink_ops::http::{BindError, Telemetry};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Why the service could not start.
@@ -23,7 +28,8 @@ pub enum RunError {
     Sink(String),
 }
 
-/// Runs until `cancel` fires; then stops reading and closes the sinks (writing staged Parquet files).
+/// Runs until `cancel` fires; then every shard worker commits (writing staged Parquet files and its
+/// checkpoint) and releases its lease.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError> {
     let Telemetry {
         registry, health, ..
@@ -32,64 +38,80 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
 
     let sdk = cfg.aws.sdk_config().await;
     let endpoint_override = cfg.aws.endpoint_url.is_some();
-    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    if let Some(t) = &cfg.timestream {
-        let client = timestream::client(&sdk, endpoint_override)
-            .await
-            .map_err(RunError::Sink)?;
-        sinks.push(Box::new(TimestreamSink::new(
-            client,
-            t.clone(),
-            metrics.clone(),
-        )));
-    }
-    if let Some(p) = &cfg.parquet {
-        let location = Location::parse(&p.location).map_err(RunError::Sink)?;
-        sinks.push(Box::new(ParquetSink::new(
-            Store::open(&location, &sdk, endpoint_override),
-            p.clone(),
-            metrics.clone(),
-        )));
-    }
-    let mut lander = Lander::new(sinks, metrics.clone());
+    let dead_location = Location::parse(&cfg.dead_letter_location()).map_err(RunError::Sink)?;
+    let dead = DeadLetters::new(
+        Store::open(&dead_location, &sdk, endpoint_override),
+        metrics.clone(),
+    );
 
-    let (tx, mut rx) = mpsc::channel::<ShardRecords>(cfg.kinesis.queue_capacity);
-    let reader_stop = CancellationToken::new();
-    let reader = tokio::spawn(consumer::run(
-        aws_sdk_kinesis::Client::new(&sdk),
-        cfg.kinesis.clone(),
-        tx,
-        reader_stop.clone(),
-    ));
-    let lag = |shard: &str| {
-        registry.gauge(
-            "fieldlink_cloud_shard_lag_ms",
-            "Milliseconds behind the tip of the shard at the last read.",
-            &[("shard", shard)],
-        )
-    };
-    health.set("consumer", true, "");
-    tracing::info!(stream = %cfg.kinesis.stream, "cloud consumer running");
-
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tick.tick() => lander.tick().await,
-            msg = rx.recv() => {
-                let Some(msg) = msg else { break };
-                lag(&msg.shard).set(msg.millis_behind);
-                for (sequence_number, data) in msg.records {
-                    let origin = Origin { shard: msg.shard.clone(), sequence_number };
-                    lander.land(&data, &origin).await;
-                }
-            }
+    let timestream = match &cfg.timestream {
+        Some(t) => {
+            let client = timestream::client(&sdk, endpoint_override)
+                .await
+                .map_err(RunError::Sink)?;
+            let info = timestream::table_info(&client, t).await;
+            tracing::info!(window = ?info.window, "Timestream table");
+            Some((client, t.clone(), info))
         }
-    }
-    tracing::info!("shutting down: stopping shard readers, closing sinks");
-    reader_stop.cancel();
-    let _ = reader.await;
-    lander.close().await;
+        None => None,
+    };
+    let parquet = match &cfg.parquet {
+        Some(p) => {
+            let location = Location::parse(&p.location).map_err(RunError::Sink)?;
+            Some((Store::open(&location, &sdk, endpoint_override), p.clone()))
+        }
+        None => None,
+    };
+    let (m, d) = (metrics.clone(), dead.clone());
+    let sinks: SinkFactory = Arc::new(move || {
+        let mut v: Vec<Box<dyn Sink>> = Vec::new();
+        if let Some((client, t, info)) = &timestream {
+            v.push(Box::new(TimestreamSink::new(
+                client.clone(),
+                t.clone(),
+                *info,
+                d.clone(),
+                m.clone(),
+            )));
+        }
+        if let Some((store, p)) = &parquet {
+            v.push(Box::new(ParquetSink::new(
+                store.clone(),
+                p.clone(),
+                m.clone(),
+            )));
+        }
+        v
+    });
+
+    let me = cfg.leases.worker();
+    let shared = Arc::new(Shared {
+        table: LeaseTable::new(aws_sdk_dynamodb::Client::new(&sdk), &cfg.leases.table),
+        me: me.clone(),
+        kinesis: aws_sdk_kinesis::Client::new(&sdk),
+        read: ReadParams {
+            stream: cfg.kinesis.stream.clone(),
+            max_records: cfg.kinesis.max_records_per_get,
+            idle_poll: Duration::from_millis(cfg.kinesis.idle_poll_ms),
+        },
+        queue_capacity: cfg.kinesis.queue_capacity,
+        commit_interval: Duration::from_millis(cfg.kinesis.commit_interval_ms),
+        commit_idle: Duration::from_millis(cfg.kinesis.commit_idle_ms),
+        sinks,
+        dedup: Arc::new(Mutex::new(BatchDedup::new())),
+        dead,
+        metrics,
+    });
+    health.set("consumer", true, "");
+    tracing::info!(stream = %cfg.kinesis.stream, worker = %me, "cloud consumer running");
+    consumer::run(
+        shared,
+        cfg.kinesis.clone(),
+        cfg.leases.clone(),
+        health,
+        cancel,
+    )
+    .await;
     tracing::info!("cloud consumer stopped");
     Ok(())
 }

@@ -150,6 +150,28 @@ impl Store {
     }
 }
 
+impl Store {
+    /// [`Store::put`], retried with capped exponential backoff until it succeeds. A shard whose output
+    /// cannot be written must not move on (its checkpoint would pass data that is not durable); the caller's
+    /// task is cancelled to stop trying.
+    pub async fn put_until_done(&self, key: &str, bytes: Vec<u8>) {
+        let mut backoff = fieldlink_ops::backoff::Backoff::new(
+            std::time::Duration::from_millis(200),
+            std::time::Duration::from_secs(30),
+        );
+        loop {
+            match self.put(key, bytes.clone()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "write failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,7 +55,9 @@ impl LogSettings {
         let filter = Targets::from_str(&spec)
             .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO));
         let layer = match self.format {
+            // Colours only on a terminal: journald and log files get plain text.
             LogFormat::Text => tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
                 .boxed(),
             LogFormat::Json => tracing_subscriber::fmt::layer()

@@ -10,7 +10,13 @@ Every request is forwarded to UPSTREAM_URL unchanged, except Kinesis PutRecords 
 Rejected entries are never sent to moto, so "failed" is true. With `down` set, every request gets a
 connection reset (an unreachable service).
 
-Control: GET /__fault/set?throttle=0.2&reject=0.3&down=0   and   GET /__fault/stats  (JSON counters).
+Timestream WriteRecords calls may be
+  - refused whole with ThrottlingException                           (share `ts_throttle`),
+  - forwarded without some records, answered with RejectedRecordsException naming them with a reason, as
+    Timestream does (the other records of the call are written)    (share `ts_reject` per record).
+
+Control: GET /__fault/set?throttle=0.2&reject=0.3&ts_throttle=0.3&ts_reject=0.1&down=0
+         GET /__fault/stats  (JSON counters).
 """
 import http.client
 import http.server
@@ -22,8 +28,9 @@ import threading
 import urllib.parse
 
 UPSTREAM = urllib.parse.urlparse(sys.argv[1])
-state = {"throttle": 0.0, "reject": 0.0, "down": False}
-stats = {"calls": 0, "throttled_calls": 0, "rejected_entries": 0, "forwarded_entries": 0, "refused_connections": 0}
+state = {"throttle": 0.0, "reject": 0.0, "ts_throttle": 0.0, "ts_reject": 0.0, "down": False}
+stats = {"calls": 0, "throttled_calls": 0, "rejected_entries": 0, "forwarded_entries": 0, "refused_connections": 0,
+         "ts_calls": 0, "ts_throttled_calls": 0, "ts_rejected_records": 0, "ts_forwarded_records": 0}
 lock = threading.Lock()
 rng = random.Random(7)
 
@@ -59,7 +66,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if url.path == "/__fault/set":
             q = urllib.parse.parse_qs(url.query)
             with lock:
-                for k in ("throttle", "reject"):
+                for k in ("throttle", "reject", "ts_throttle", "ts_reject"):
                     if k in q:
                         state[k] = float(q[k][0])
                 if "down" in q:
@@ -81,6 +88,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(2)
             return
         target = self.headers.get("X-Amz-Target", "")
+        if target.startswith("Timestream_") and target.endswith(".WriteRecords"):
+            return self.timestream_write(body)
         if not target.endswith(".PutRecords"):
             status, data, headers = self.forward(body)
             return self.reply(status, data, headers)
@@ -116,6 +125,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
             stats["forwarded_entries"] += len(results)
         body = json.dumps({"FailedRecordCount": failed, "Records": out}).encode()
         self.reply(200, body, [("Content-Type", "application/x-amz-json-1.1")])
+
+    def timestream_write(self, body):
+        ctype = [("Content-Type", "application/x-amz-json-1.0")]
+        with lock:
+            stats["ts_calls"] += 1
+            throttled = rng.random() < state["ts_throttle"]
+            if throttled:
+                stats["ts_throttled_calls"] += 1
+            reject = state["ts_reject"]
+        if throttled:
+            err = {"__type": "com.amazonaws.timestream.v20181101#ThrottlingException", "Message": "Rate exceeded (fault proxy)"}
+            return self.reply(400, json.dumps(err).encode(), ctype)
+        req = json.loads(body)
+        records = req["Records"]
+        with lock:
+            keep = [rng.random() >= reject for _ in records]
+        req["Records"] = [r for r, k in zip(records, keep) if k]
+        if req["Records"]:
+            status, data, headers = self.forward(json.dumps(req).encode())
+            if status != 200:
+                return self.reply(status, data, headers)
+        rejected = [{"RecordIndex": i, "Reason": "The record timestamp is outside the time range of the data ingestion window (fault proxy)."}
+                    for i, k in enumerate(keep) if not k]
+        with lock:
+            stats["ts_rejected_records"] += len(rejected)
+            stats["ts_forwarded_records"] += len(req["Records"])
+        if not rejected:
+            ok = {"RecordsIngested": {"Total": len(records), "MemoryStore": len(records), "MagneticStore": 0}}
+            return self.reply(200, json.dumps(ok).encode(), ctype)
+        err = {"__type": "com.amazonaws.timestream.v20181101#RejectedRecordsException",
+               "Message": "One or more records have been rejected (fault proxy).", "RejectedRecords": rejected}
+        self.reply(419, json.dumps(err).encode(), ctype)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = handle_any
 

@@ -3,8 +3,10 @@
 Parquet files under s3://BUCKET/PREFIX (read with pyarrow, an independent Parquet reader).
 
 Usage: landed.py ENDPOINT DATABASE TABLE BUCKET PREFIX
-Prints JSON: {"timestream": [[series, ts_ms, value], ...], "timestream_records": N,
-              "parquet": [[series, ts_ms, value], ...], "parquet_files": [key, ...]}
+Prints JSON: {"timestream": [[series, ts_ms, value], ...], "timestream_records": N (writes moto stored),
+              "timestream_rewrites": N, "timestream_conflicts": N,
+              "parquet": [[series, ts_ms, value], ...], "parquet_files": [key, ...], "dead_letters": [key, ...],
+              "dead_letter_lines": [the JSON lines of every .jsonl dead letter]}
 Numeric (double) readings only; values printed with repr (exact round trip).
 """
 import json
@@ -16,22 +18,36 @@ import pyarrow.fs as pafs
 
 endpoint, database, table, bucket, prefix = sys.argv[1:6]
 data = json.load(urllib.request.urlopen(endpoint + "/moto-api/data.json"))
-rows, n_records = [], 0
+# moto appends every write; Timestream keeps one record per (dimensions, time, measure name) and treats a
+# rewrite with the same version and the same values as a no-op (a different value at the same version is
+# rejected). Apply that rule here: identical rewrites collapse (and are counted), conflicting ones are counted.
+rows, n_records, rewrites, conflicts = [], 0, 0, 0
+unique = {}
 for t in data.get("timestreamwrite", {}).get("TimestreamTable", []):
     if t["db_name"] != database or t["name"] != table:
         continue
     for rec in t["records"]:
         n_records += 1
-        dims = {d["Name"]: d["Value"] for d in rec["Dimensions"]}
-        for m in rec["MeasureValues"]:
-            if m["Name"].endswith("_quality") or m["Type"] != "DOUBLE":
+        dims = tuple(sorted((d["Name"], d["Value"]) for d in rec["Dimensions"]))
+        key = (dims, rec["Time"], rec.get("MeasureName"))
+        body = (rec.get("Version"), tuple(sorted((m["Name"], m["Type"], m["Value"]) for m in rec["MeasureValues"])))
+        if key in unique:
+            if unique[key] == body:
+                rewrites += 1
+            else:
+                conflicts += 1
+            continue
+        unique[key] = body
+        d = dict(dims)
+        for name, typ, value in body[1]:
+            if name.endswith("_quality") or typ != "DOUBLE":
                 continue
-            rows.append([dims["device"] + "/" + m["Name"], int(rec["Time"]), repr(float(m["Value"]))])
+            rows.append([d["device"] + "/" + name, int(rec["Time"]), repr(float(value))])
 
 host = endpoint.split("://", 1)[1]
 s3 = pafs.S3FileSystem(endpoint_override=host, scheme="http", access_key="testing", secret_key="testing", region="us-east-1")
 base = f"{bucket}/{prefix}".rstrip("/")
-files = [f.path for f in s3.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)) if f.path.endswith(".parquet")]
+files = [f.path for f in s3.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)) if f.path.endswith(".parquet") and "/_dead_letter/" not in f.path]
 parquet = []
 if files:
     table_ = ds.dataset(files, filesystem=s3, format="parquet").to_table(columns=["series", "time", "value_double"])
@@ -39,4 +55,12 @@ if files:
     for s, t, v in zip(table_.column("series").to_pylist(), times, table_.column("value_double").to_pylist()):
         if v is not None:
             parquet.append([s, t, repr(v)])
-print(json.dumps({"timestream": rows, "timestream_records": n_records, "parquet": parquet, "parquet_files": files}))
+dead = [f.path for f in s3.get_file_info(pafs.FileSelector(base + "/_dead_letter", recursive=True, allow_not_found=True)) if f.type == pafs.FileType.File]
+dead_lines = []
+for path in dead:
+    if path.endswith(".jsonl"):
+        with s3.open_input_stream(path) as f:
+            dead_lines += [json.loads(line) for line in f.read().decode().splitlines() if line]
+print(json.dumps({"timestream": rows, "timestream_records": n_records, "timestream_rewrites": rewrites,
+                  "timestream_conflicts": conflicts, "parquet": parquet, "parquet_files": files, "dead_letters": dead,
+                  "dead_letter_lines": dead_lines}))

@@ -5,6 +5,7 @@
 //! poll a condition with a deadline.
 #![allow(clippy::unwrap_used, unreachable_pub, missing_debug_implementations)]
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -210,9 +211,10 @@ pub struct Moto {
 impl Moto {
     pub fn start(dir: &Path) -> Self {
         let log = dir.join("moto.log");
-        let moto = python().parent().unwrap().join("moto_server");
-        let mut cmd = Command::new(&moto);
-        cmd.args(["-H", "127.0.0.1", "-p", "0"]);
+        // moto with Kinesis resharding as AWS documents it (see the script's header).
+        let mut cmd = Command::new(python());
+        cmd.arg(script("moto_server.py"))
+            .args(["-H", "127.0.0.1", "-p", "0"]);
         let proc = Proc::spawn("moto", cmd, &log);
         let port: u16 = wait_for("moto to print its port", Duration::from_secs(30), || {
             let text = std::fs::read_to_string(&log).ok()?;
@@ -622,4 +624,93 @@ pub fn numbers_in(records: &[DumpedRecord]) -> Vec<u64> {
         .filter(|(s, _, _, _)| s.starts_with("crash/") && s.ends_with("/n"))
         .map(|(_, _, v, _)| v.parse::<f64>().unwrap() as u64)
         .collect()
+}
+
+/// `(series, ts_ms, value bits)`: one landed reading.
+pub type Key = (String, i64, u64);
+
+pub fn counted(rows: impl IntoIterator<Item = Key>) -> BTreeMap<Key, usize> {
+    let mut m = BTreeMap::new();
+    for r in rows {
+        *m.entry(r).or_insert(0) += 1;
+    }
+    m
+}
+
+pub fn landed_rows(v: &serde_json::Value, which: &str) -> Vec<Key> {
+    v[which]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let value: f64 = r[2].as_str().unwrap().parse().unwrap();
+            (
+                r[0].as_str().unwrap().to_owned(),
+                r[1].as_i64().unwrap(),
+                value.to_bits(),
+            )
+        })
+        .collect()
+}
+
+pub fn describe_difference(
+    name: &str,
+    expected: &BTreeMap<Key, usize>,
+    got: &BTreeMap<Key, usize>,
+) -> String {
+    let missing: Vec<_> = expected
+        .keys()
+        .filter(|k| !got.contains_key(*k))
+        .take(5)
+        .collect();
+    let doubled: Vec<_> = got.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    let extra: Vec<_> = got
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .take(5)
+        .collect();
+    format!(
+        "{name}: expected {} readings, got {} ({} distinct); missing e.g. {missing:?}; doubled e.g. {doubled:?}; unexpected e.g. {extra:?}",
+        expected.len(),
+        got.values().sum::<usize>(),
+        got.len()
+    )
+}
+
+/// A `fieldlink-cloud` configuration for tests: short leases and commits, landed-batch debug logs, both sinks.
+/// `timestream_extra` goes into the `[timestream]` section.
+pub fn cloud_toml(
+    metrics_port: u16,
+    endpoint: &str,
+    stream: &str,
+    worker: &str,
+    parquet_location: &str,
+    timestream_extra: &str,
+) -> String {
+    format!(
+        r#"metrics_listen = "127.0.0.1:{metrics_port}"
+[log]
+level = "info,fieldlink_cloud::landed=debug"
+format = "text"
+[aws]
+endpoint_url = "{endpoint}"
+[kinesis]
+stream = "{stream}"
+idle_poll_ms = 200
+shard_refresh_ms = 1000
+commit_interval_ms = 2000
+commit_idle_ms = 1000
+[leases]
+table = "leases-{stream}"
+worker_id = "{worker}"
+lease_ms = 3000
+[timestream]
+database = "fieldlink"
+table = "readings"
+{timestream_extra}
+[parquet]
+location = "{parquet_location}"
+max_rows_per_file = 5000
+"#
+    )
 }

@@ -27,10 +27,18 @@ pub struct ConsumerConfig {
     /// Default 1000.
     #[serde(default = "default_idle")]
     pub idle_poll_ms: u64,
-    /// How often the shard list is refreshed to pick up new shards, milliseconds. Default 30000.
+    /// How often the shard list is refreshed to create leases for new shards, milliseconds (also done
+    /// whenever a shard ends). Default 30000.
     #[serde(default = "default_refresh")]
     pub shard_refresh_ms: u64,
-    /// Record groups waiting between the shard readers and the sinks. Default 16.
+    /// A shard commits (writes staged files, then its checkpoint) at least this often while records flow,
+    /// milliseconds. Default 300000 (5 minutes): with `commit_idle_ms`, this decides Parquet file sizes.
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval_ms: u64,
+    /// A shard that received nothing for this long commits, milliseconds. Default 30000.
+    #[serde(default = "default_commit_idle")]
+    pub commit_idle_ms: u64,
+    /// `GetRecords` results waiting between a shard's reader and its lander. Default 4.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
 }
@@ -45,7 +53,13 @@ fn default_refresh() -> u64 {
     30_000
 }
 fn default_queue() -> usize {
-    16
+    4
+}
+fn default_commit_interval() -> u64 {
+    300_000
+}
+fn default_commit_idle() -> u64 {
+    30_000
 }
 
 impl ConsumerConfig {
@@ -68,6 +82,14 @@ impl ConsumerConfig {
         }
         if self.shard_refresh_ms < 1000 {
             p.push(format!("{path}.shard_refresh_ms: at least 1000"));
+        }
+        if self.commit_interval_ms < 1000 {
+            p.push(format!("{path}.commit_interval_ms: at least 1000"));
+        }
+        if self.commit_idle_ms < 200 || self.commit_idle_ms > self.commit_interval_ms {
+            p.push(format!(
+                "{path}.commit_idle_ms: at least 200 and at most commit_interval_ms"
+            ));
         }
         if !(1..=10_000).contains(&self.queue_capacity) {
             p.push(format!("{path}.queue_capacity: must be 1..=10000"));

@@ -1,80 +1,44 @@
-//! Kinesis consumer: one task per shard, each feeding a bounded channel with the records of one `GetRecords`
-//! call. The shard list is refreshed periodically so shards created by resharding are read too.
+//! Kinesis consumer with shard leases, the Kinesis Client Library's way.
 //!
-//! Iterators that expire are renewed `AFTER_SEQUENCE_NUMBER` the last record handed on. Sequence numbers are
-//! opaque strings. Every call has a timeout (the SDK's attempt timeout) and is retried with backoff.
+//! The coordinator (this module) keeps the lease table in step with the stream (a lease per shard, with its
+//! parents), and every third of a lease duration: renews the leases it holds (a renewal that fails means the
+//! shard has another owner: its worker is stopped without committing), then takes free, expired or, to even
+//! out the load, stolen leases ([`crate::lease::plan`]). Each held lease has one [`worker`] task, which reads
+//! its shard into a bounded channel, lands records and commits; a shard's children are started only after it
+//! is read to its end. On shutdown workers commit, then leases are released so other workers take them at once.
 
 mod config;
+pub(crate) mod reader;
+pub(crate) mod worker;
 
 pub use config::{ConsumerConfig, StartPosition};
 
+use crate::lease::plan::{self, Action, Observer};
+use crate::lease::{LeaseConfig, LATEST, TRIM_HORIZON};
 use aws_sdk_kinesis::error::DisplayErrorContext;
-use aws_sdk_kinesis::operation::get_records::GetRecordsError;
-use aws_sdk_kinesis::types::ShardIteratorType;
 use fieldlink_ops::backoff::Backoff;
-use std::collections::HashSet;
-use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use fieldlink_ops::metrics::Health;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use worker::{Outcome, Shared};
 
-/// The records of one `GetRecords` call.
-#[derive(Debug)]
-pub struct ShardRecords {
+/// A shard as `ListShards` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardInfo {
     /// Shard id.
-    pub shard: String,
-    /// `(sequence number, data)` in shard order.
-    pub records: Vec<(String, Vec<u8>)>,
-    /// How far behind the tip of the shard this read was.
-    pub millis_behind: i64,
+    pub id: String,
+    /// `ParentShardId` and `AdjacentParentShardId`, when set.
+    pub parents: Vec<String>,
 }
 
-/// Reads every shard of `cfg.stream` into `tx` until `cancel` fires.
-pub async fn run(
-    client: aws_sdk_kinesis::Client,
-    cfg: ConsumerConfig,
-    tx: mpsc::Sender<ShardRecords>,
-    cancel: CancellationToken,
-) {
-    let mut started: HashSet<String> = HashSet::new();
-    let mut tasks = JoinSet::new();
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-    loop {
-        match list_shards(&client, &cfg.stream).await {
-            Ok(shards) => {
-                backoff.reset();
-                for shard in shards {
-                    if started.insert(shard.clone()) {
-                        tracing::info!(shard = %shard, "reading shard");
-                        tasks.spawn(read_shard(
-                            client.clone(),
-                            cfg.clone(),
-                            shard,
-                            tx.clone(),
-                            cancel.clone(),
-                        ));
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, stream = %cfg.stream, "ListShards failed"),
-        }
-        let wait = if started.is_empty() {
-            backoff.next_delay()
-        } else {
-            Duration::from_millis(cfg.shard_refresh_ms)
-        };
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
-    while tasks.join_next().await.is_some() {}
-}
-
-async fn list_shards(
+/// Every shard of `stream`, with parents.
+pub async fn list_shards(
     client: &aws_sdk_kinesis::Client,
     stream: &str,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<ShardInfo>, String> {
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {
@@ -86,7 +50,17 @@ async fn list_shards(
             .send()
             .await
             .map_err(|e| DisplayErrorContext(&e).to_string())?;
-        out.extend(resp.shards().iter().map(|s| s.shard_id().to_owned()));
+        out.extend(resp.shards().iter().map(|s| {
+            ShardInfo {
+                id: s.shard_id().to_owned(),
+                parents: s
+                    .parent_shard_id()
+                    .into_iter()
+                    .chain(s.adjacent_parent_shard_id())
+                    .map(str::to_owned)
+                    .collect(),
+            }
+        }));
         match resp.next_token() {
             Some(t) => token = Some(t.to_owned()),
             None => return Ok(out),
@@ -94,122 +68,215 @@ async fn list_shards(
     }
 }
 
-async fn iterator(
-    client: &aws_sdk_kinesis::Client,
-    stream: &str,
-    shard: &str,
-    start: StartPosition,
-    after: Option<&str>,
-) -> Result<Option<String>, String> {
-    let mut req = client
-        .get_shard_iterator()
-        .stream_name(stream)
-        .shard_id(shard);
-    req = match (after, start) {
-        (Some(seq), _) => req
-            .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-            .starting_sequence_number(seq),
-        (None, StartPosition::TrimHorizon) => {
-            req.shard_iterator_type(ShardIteratorType::TrimHorizon)
-        }
-        (None, StartPosition::Latest) => req.shard_iterator_type(ShardIteratorType::Latest),
-    };
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| DisplayErrorContext(&e).to_string())?;
-    Ok(resp.shard_iterator().map(str::to_owned))
+struct Held {
+    counter: u64,
+    renewed: Instant,
+    stop: CancellationToken,
+    task: JoinHandle<Outcome>,
 }
 
-async fn read_shard(
-    client: aws_sdk_kinesis::Client,
+/// Runs the coordinator until `cancel` fires; then stops workers (they commit) and releases their leases.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
     cfg: ConsumerConfig,
-    shard: String,
-    tx: mpsc::Sender<ShardRecords>,
+    leases: LeaseConfig,
+    health: Health,
     cancel: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-    let mut last_seq: Option<String> = None;
-    let mut it: Option<String> = None;
+    let table = shared.table.clone();
+    let me = shared.me.clone();
+    let metrics = shared.metrics.clone();
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
-        if cancel.is_cancelled() {
-            return;
+        match table.ensure().await {
+            Ok(()) => break,
+            Err(e) => {
+                health.set("leases", false, e.to_string());
+                tracing::warn!(error = %e, "lease table not ready");
+                reader::sleep_or_cancel(backoff.next_delay(), &cancel).await;
+                if cancel.is_cancelled() {
+                    return;
+                }
+            }
         }
-        let current = match it.take() {
-            Some(i) => i,
-            None => {
-                match iterator(&client, &cfg.stream, &shard, cfg.start, last_seq.as_deref()).await {
-                    Ok(Some(i)) => i,
-                    Ok(None) => {
-                        tracing::info!(shard = %shard, "shard has no iterator (closed)");
-                        return;
+    }
+    tracing::info!(worker = %me, table = %leases.table, "lease coordinator running");
+    let lease_ms = leases.lease_ms;
+    let round = Duration::from_millis(lease_ms / 3);
+    let clock = Instant::now();
+    let mut observer = Observer::new();
+    let mut held: HashMap<String, Held> = HashMap::new();
+    let mut known: HashSet<String> = HashSet::new();
+    let mut next_sync = Instant::now();
+    let initial = match cfg.start {
+        StartPosition::TrimHorizon => TRIM_HORIZON,
+        StartPosition::Latest => LATEST,
+    };
+    while !cancel.is_cancelled() {
+        // New shards get leases (children always from their start: nothing after a split is skipped).
+        if Instant::now() >= next_sync {
+            match list_shards(&shared.kinesis, &cfg.stream).await {
+                Ok(shards) => {
+                    for s in &shards {
+                        if known.contains(&s.id) {
+                            continue;
+                        }
+                        let start = if s.parents.is_empty() {
+                            initial
+                        } else {
+                            TRIM_HORIZON
+                        };
+                        match table.create(&s.id, &s.parents, start).await {
+                            Ok(created) => {
+                                if created {
+                                    tracing::info!(shard = %s.id, parents = ?s.parents, "lease created");
+                                }
+                                known.insert(s.id.clone());
+                            }
+                            Err(e) => tracing::warn!(error = %e, "creating lease failed"),
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(shard = %shard, error = %e, "GetShardIterator failed");
-                        sleep_or_cancel(backoff.next_delay(), &cancel).await;
-                        continue;
+
+                    next_sync = Instant::now() + Duration::from_millis(cfg.shard_refresh_ms);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, stream = %cfg.stream, "ListShards failed");
+                    next_sync = Instant::now() + Duration::from_secs(2);
+                }
+            }
+        }
+
+        // Workers that ended.
+        let ended: Vec<String> = held
+            .iter()
+            .filter(|(_, h)| h.task.is_finished())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in ended {
+            if let Some(h) = held.remove(&k) {
+                match h.task.await {
+                    Ok(Outcome::Finished) => {
+                        metrics.lease_changes("finished").inc();
+                        next_sync = Instant::now(); // its children may need leases
+                    }
+                    Ok(Outcome::Lost) => metrics.lease_changes("lost").inc(),
+                    Ok(o) => {
+                        tracing::warn!(shard = %k, outcome = ?o, "shard worker failed; the shard will be read again from its checkpoint")
+                    }
+                    Err(e) => tracing::error!(shard = %k, error = %e, "shard worker panicked"),
+                }
+            }
+        }
+
+        // Renew.
+        let mut lost = Vec::new();
+        for (k, h) in held.iter_mut() {
+            match table.renew(k, h.counter, &me).await {
+                Ok(true) => {
+                    h.counter += 1;
+                    h.renewed = Instant::now();
+                }
+                Ok(false) => {
+                    tracing::info!(shard = %k, "lease lost to another worker; stopping its worker without committing");
+                    lost.push(k.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(shard = %k, error = %e, "renewing lease failed");
+                    if h.renewed.elapsed() >= Duration::from_millis(lease_ms) {
+                        tracing::warn!(shard = %k, "lease could not be renewed in time; stopping its worker");
+                        lost.push(k.clone());
                     }
                 }
             }
-        };
-        let resp = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = client.get_records().shard_iterator(&current).limit(cfg.max_records_per_get).send() => r,
-        };
-        match resp {
-            Ok(out) => {
-                backoff.reset();
-                let records: Vec<(String, Vec<u8>)> = out
-                    .records()
+        }
+        for k in lost {
+            if let Some(h) = held.remove(&k) {
+                h.task.abort();
+                metrics.lease_changes("lost").inc();
+            }
+        }
+
+        // Take.
+        match table.list().await {
+            Ok(all) => {
+                health.set("leases", true, "");
+                let now_ms = clock.elapsed().as_millis() as u64;
+                observer.observe(&all, now_ms);
+                let holding: HashSet<String> = held
                     .iter()
-                    .map(|r| (r.sequence_number().to_owned(), r.data().as_ref().to_vec()))
+                    .filter(|(_, h)| !h.task.is_finished())
+                    .map(|(k, _)| k.clone())
                     .collect();
-                let empty = records.is_empty();
-                if let Some((seq, _)) = records.last() {
-                    last_seq = Some(seq.clone());
-                }
-                if !empty {
-                    let msg = ShardRecords {
-                        shard: shard.clone(),
-                        records,
-                        millis_behind: out.millis_behind_latest().unwrap_or(0),
+                let actions = plan::plan(
+                    &me,
+                    &all,
+                    &holding,
+                    |l| observer.expired(l, now_ms, lease_ms),
+                    leases.max_leases_per_worker,
+                );
+                for act in actions {
+                    let (key, counter, kind) = match &act {
+                        Action::Take { key, counter } => (key, *counter, "taken"),
+                        Action::Steal { key, counter, .. } => (key, *counter, "stolen"),
                     };
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        sent = tx.send(msg) => if sent.is_err() { return },
+                    match table.take(key, counter, &me).await {
+                        Ok(Some(lease)) => {
+                            tracing::info!(shard = %key, how = kind, action = ?act, "lease acquired");
+                            metrics.lease_changes(kind).inc();
+                            let stop = CancellationToken::new();
+                            let task = tokio::spawn(worker::work(
+                                shared.clone(),
+                                lease.clone(),
+                                stop.clone(),
+                            ));
+                            if let Some(old) = held.insert(
+                                key.clone(),
+                                Held {
+                                    counter: lease.counter,
+                                    renewed: Instant::now(),
+                                    stop,
+                                    task,
+                                },
+                            ) {
+                                old.task.abort();
+                            }
+                        }
+                        Ok(None) => {
+                            tracing::debug!(shard = %key, "lease changed before it could be taken")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "taking lease failed"),
                     }
-                }
-                match out.next_shard_iterator() {
-                    Some(next) => it = Some(next.to_owned()),
-                    None => {
-                        tracing::info!(shard = %shard, "shard closed and fully read");
-                        return;
-                    }
-                }
-                if empty {
-                    sleep_or_cancel(Duration::from_millis(cfg.idle_poll_ms), &cancel).await;
                 }
             }
             Err(e) => {
-                let expired = matches!(
-                    e.as_service_error(),
-                    Some(GetRecordsError::ExpiredIteratorException(_))
-                );
-                if expired {
-                    tracing::debug!(shard = %shard, "iterator expired; renewing");
-                } else {
-                    tracing::warn!(shard = %shard, error = %DisplayErrorContext(&e), "GetRecords failed");
-                    it = Some(current);
-                    sleep_or_cancel(backoff.next_delay(), &cancel).await;
+                health.set("leases", false, e.to_string());
+                tracing::warn!(error = %e, "listing leases failed");
+            }
+        }
+        metrics.leases_held.set(held.len() as i64);
+        reader::sleep_or_cancel(round, &cancel).await;
+    }
+
+    tracing::info!(shards = held.len(), "stopping shard workers");
+    for h in held.values() {
+        h.stop.cancel();
+    }
+    for (k, h) in held.drain() {
+        let abort = h.task.abort_handle();
+        match tokio::time::timeout(Duration::from_secs(60), h.task).await {
+            Ok(Ok(Outcome::Stopped)) => {
+                if let Ok(true) = table.release(&k, &me).await {
+                    metrics.lease_changes("released").inc();
                 }
+            }
+            Ok(other) => {
+                tracing::warn!(shard = %k, outcome = ?other, "shard worker ended while stopping")
+            }
+            Err(_) => {
+                abort.abort();
+                tracing::warn!(shard = %k, "shard worker did not stop within 60 s; its uncommitted records will be read again");
             }
         }
     }
-}
-
-async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) {
-    tokio::select! {
-        _ = cancel.cancelled() => {}
-        _ = tokio::time::sleep(d) => {}
-    }
+    metrics.leases_held.set(0);
 }

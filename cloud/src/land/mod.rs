@@ -1,15 +1,27 @@
 //! Landing: decoded batches go to every configured [`Sink`], once per `(agent_id, batch_seq)`.
 //!
-//! Records that do not decode (garbage, unknown version, decompression bombs) are counted by reason and
-//! skipped, so one bad record never blocks a shard.
+//! Each shard worker has its own [`Lander`] and its own sinks (so one shard's commit never waits for another
+//! shard's data); the resend memory ([`dedup`]) is shared by all shards of the process. Records that do not
+//! decode (garbage, unknown version, decompression bombs, over a limit) go to the [`dead`]-letter location with
+//! the reason and are counted; the shard moves on.
+//!
+//! # Commit protocol (with [`crate::consumer`])
+//! Sinks either land a batch durably in [`Sink::write`] (Timestream) or stage it until [`Sink::commit`]
+//! (Parquet). A commit covers the records from the one after the shard's checkpoint (`first`) to the last one
+//! landed; objects it writes are named after `first`, so writing the same commit again replaces them. The
+//! worker records the commit's end in the lease before writing and moves the checkpoint after, so a worker
+//! that takes the shard over repeats exactly that commit: same records, same object names, same content.
 
+pub mod dead;
 pub mod dedup;
 
 use crate::metrics::CloudMetrics;
+use dead::DeadLetters;
 use dedup::BatchDedup;
 use fieldlink_proto::{decode, peek_header, Batch};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
 /// Where a batch came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +32,8 @@ pub struct Origin {
     pub sequence_number: String,
 }
 
-/// A sink failed in a way its own retries could not fix. The lander logs and counts it.
+/// A sink failed in a way its own retries could not fix. The shard worker stops without committing; the
+/// shard is read again from its checkpoint.
 #[derive(Debug, thiserror::Error)]
 #[error("{sink}: {message}")]
 pub struct SinkError {
@@ -33,25 +46,34 @@ pub struct SinkError {
 /// A boxed future, so sinks can be held as trait objects.
 pub type SinkFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send + 'a>>;
 
-/// A destination for decoded batches (Timestream, Parquet, others).
+/// A destination for decoded batches (Timestream, Parquet, others). One instance serves one shard.
 ///
-/// `write` must be idempotent per `(agent_id, seq)`: the same batch written twice must not produce extra rows
-/// downstream (the lander deduplicates too, but only within its memory).
+/// Writing the same batch again (a replay) must not add rows downstream: Timestream through deterministic
+/// record versions, Parquet through deterministic object names.
 pub trait Sink: Send {
     /// Short name for logs and metrics.
     fn name(&self) -> &'static str;
-    /// Lands (or stages) one batch.
+    /// Lands or stages one batch. Transient failures are retried inside; readings the destination refuses
+    /// are dead-lettered inside.
     fn write<'a>(&'a mut self, batch: &'a Batch, origin: &'a Origin) -> SinkFuture<'a>;
-    /// Called about once a second: time-based work (roll idle files).
-    fn tick(&mut self) -> SinkFuture<'_>;
-    /// Makes everything staged durable (shutdown).
-    fn close(&mut self) -> SinkFuture<'_>;
+    /// Whether the sink would like a commit now (it staged as much as it should hold).
+    fn wants_commit(&self) -> bool {
+        false
+    }
+    /// Makes everything staged durable; objects are named after `first`, the commit's first record.
+    fn commit<'a>(&'a mut self, first: &'a Origin) -> SinkFuture<'a>;
+    /// Forgets staged data (the shard moved to another worker, which reads it again).
+    fn discard(&mut self);
 }
 
-/// Decodes records, deduplicates batches and hands them to the sinks.
+/// Builds the sinks of one shard worker.
+pub type SinkFactory = Arc<dyn Fn() -> Vec<Box<dyn Sink>> + Send + Sync>;
+
+/// Decodes records, skips resent batches and hands the rest to the sinks of one shard.
 pub struct Lander {
     sinks: Vec<Box<dyn Sink>>,
-    dedup: BatchDedup,
+    dedup: Arc<Mutex<BatchDedup>>,
+    dead: DeadLetters,
     metrics: CloudMetrics,
 }
 
@@ -68,62 +90,72 @@ impl std::fmt::Debug for Lander {
 
 impl Lander {
     /// A lander writing to `sinks`.
-    pub fn new(sinks: Vec<Box<dyn Sink>>, metrics: CloudMetrics) -> Self {
+    pub fn new(
+        sinks: Vec<Box<dyn Sink>>,
+        dedup: Arc<Mutex<BatchDedup>>,
+        dead: DeadLetters,
+        metrics: CloudMetrics,
+    ) -> Self {
         Self {
             sinks,
-            dedup: BatchDedup::new(),
+            dedup,
+            dead,
             metrics,
         }
     }
 
     /// Lands one Kinesis record.
-    pub async fn land(&mut self, data: &[u8], origin: &Origin) {
+    pub async fn land(&mut self, data: &[u8], origin: &Origin) -> Result<(), SinkError> {
         self.metrics.records_in.inc();
-        if let Ok(h) = peek_header(data) {
-            if self.dedup.seen(h.agent_id, h.seq) {
-                self.metrics.batches_duplicate.inc();
-                tracing::debug!(agent = h.agent_id, seq = h.seq, "duplicate batch skipped");
-                return;
-            }
-        }
         let batch = match decode(data) {
             Ok(b) => b,
             Err(e) => {
-                self.metrics.dead_letter(dead_letter_reason(&e)).inc();
-                tracing::warn!(shard = %origin.shard, sequence_number = %origin.sequence_number, error = %e, "undecodable record skipped");
-                return;
+                tracing::warn!(shard = %origin.shard, sequence_number = %origin.sequence_number, error = %e, "undecodable record");
+                self.dead.record(origin, dead_letter_reason(&e), data).await;
+                return Ok(());
             }
         };
-        for sink in &mut self.sinks {
-            if let Err(e) = sink.write(&batch, origin).await {
-                self.metrics.sink_errors(sink.name()).inc();
-                tracing::error!(error = %e, agent = %batch.agent_id, seq = batch.seq, "sink failed");
+        if let Ok(h) = peek_header(data) {
+            let tag = dedup::tag(&origin.shard, &origin.sequence_number);
+            let fresh = self
+                .dedup
+                .lock()
+                .map(|mut d| d.claim(h.agent_id, h.seq, tag))
+                .unwrap_or(true);
+            if !fresh {
+                self.metrics.batches_duplicate.inc();
+                tracing::debug!(agent = h.agent_id, seq = h.seq, "resent batch skipped");
+                return Ok(());
             }
         }
-        self.dedup.mark(&batch.agent_id, batch.seq);
+        for sink in &mut self.sinks {
+            sink.write(&batch, origin).await?;
+        }
+        tracing::debug!(target: "fieldlink_cloud::landed", shard = %origin.shard, agent = %batch.agent_id, seq = batch.seq, readings = batch.readings.len(), "batch landed");
         self.metrics.batches_landed.inc();
         self.metrics
             .readings_landed
             .add(batch.readings.len() as u64);
+        Ok(())
     }
 
-    /// Time-based work of every sink.
-    pub async fn tick(&mut self) {
+    /// Whether any sink wants a commit.
+    pub fn wants_commit(&self) -> bool {
+        self.sinks.iter().any(|s| s.wants_commit())
+    }
+
+    /// Commits every sink.
+    pub async fn commit(&mut self, first: &Origin) -> Result<(), SinkError> {
         for sink in &mut self.sinks {
-            if let Err(e) = sink.tick().await {
-                self.metrics.sink_errors(sink.name()).inc();
-                tracing::error!(error = %e, "sink tick failed");
-            }
+            sink.commit(first).await?;
         }
+        Ok(())
     }
 
-    /// Flushes every sink.
-    pub async fn close(&mut self) {
+    /// Discards what every sink staged.
+    pub fn discard(&mut self) {
         for sink in &mut self.sinks {
-            if let Err(e) = sink.close().await {
-                self.metrics.sink_errors(sink.name()).inc();
-                tracing::error!(error = %e, "sink close failed");
-            }
+            sink.discard();
         }
     }
 }

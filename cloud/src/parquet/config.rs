@@ -6,18 +6,13 @@ use serde::Deserialize;
 pub struct ParquetConfig {
     /// Where files go: `s3://bucket/prefix`, `file:///path` or a local path.
     pub location: String,
-    /// A file is written when its partition holds this many rows. Default 1000000.
+    /// A shard commits (writes its files) when it has staged this many rows, so no file holds more.
+    /// Memory: up to this many rows (about 100 bytes each) per shard a worker reads. Default 1000000.
     #[serde(default = "default_max_rows")]
     pub max_rows_per_file: usize,
     /// Rows per row group. Default 131072.
     #[serde(default = "default_row_group")]
     pub row_group_rows: usize,
-    /// A partition that received nothing for this long is written out, milliseconds. Default 60000.
-    #[serde(default = "default_idle")]
-    pub idle_flush_ms: u64,
-    /// Rows held in memory across all partitions; above it the largest partition is written. Default 2000000.
-    #[serde(default = "default_max_buffered")]
-    pub max_buffered_rows: usize,
     /// zstd level for column chunks. Default 3.
     #[serde(default = "default_level")]
     pub zstd_level: i32,
@@ -28,12 +23,6 @@ fn default_max_rows() -> usize {
 }
 fn default_row_group() -> usize {
     131_072
-}
-fn default_idle() -> u64 {
-    60_000
-}
-fn default_max_buffered() -> usize {
-    2_000_000
 }
 fn default_level() -> i32 {
     3
@@ -51,12 +40,6 @@ impl ParquetConfig {
         }
         if self.row_group_rows == 0 {
             p.push(format!("{path}.row_group_rows: must be positive"));
-        }
-        if self.idle_flush_ms == 0 {
-            p.push(format!("{path}.idle_flush_ms: must be positive"));
-        }
-        if self.max_buffered_rows < self.max_rows_per_file.min(1000) {
-            p.push(format!("{path}.max_buffered_rows: must be at least 1000"));
         }
         if !(1..=22).contains(&self.zstd_level) {
             p.push(format!(

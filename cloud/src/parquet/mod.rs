@@ -1,10 +1,12 @@
-//! Parquet bronze sink: rows are staged per event hour and written as one zstd Parquet file per partition
-//! when the partition reaches `max_rows_per_file`, when it has been idle for `idle_flush_ms`, when memory
-//! reaches `max_buffered_rows` (largest partition first), and at shutdown.
+//! Parquet bronze sink: one instance per shard worker. Rows are staged per event hour; a commit writes one
+//! zstd Parquet file per hour partition it touched. Commits happen when the staged rows reach
+//! `max_rows_per_file` (so no file is larger), and on the shard worker's clock (`kinesis.commit_interval_ms`,
+//! `kinesis.commit_idle_ms`), at shutdown and at the end of a shard.
 //!
-//! Object key: `dt=YYYY-MM-DD/hour=HH/<shard>-<sequence number>.parquet`, named after the first Kinesis record
-//! staged in that partition since its last file. Staging only happens between whole records, so a key is
-//! never reused for different content, and a rewrite after a replay of the same records replaces the file.
+//! Object key: `dt=YYYY-MM-DD/hour=HH/<shard>-<first sequence number>.parquet`, named after the commit's first
+//! Kinesis record. A commit that is repeated after a crash or a lease move covers the same records (see
+//! [`crate::land`]), so it writes the same keys with the same rows and replaces rather than adds.
+//! Rows of different event hours never share a file: files are cut at the hour boundary by construction.
 
 mod config;
 pub mod encode;
@@ -15,29 +17,17 @@ use crate::land::{Origin, Sink, SinkError, SinkFuture};
 use crate::metrics::CloudMetrics;
 use crate::store::Store;
 use encode::{Row, SeriesCols};
-use fieldlink_ops::backoff::Backoff;
 use fieldlink_proto::Batch;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-/// Attempts to write one file before giving up on it.
-const MAX_PUT_ATTEMPTS: u32 = 20;
-
-#[derive(Debug)]
-struct Partition {
-    rows: Vec<Row>,
-    first: String,
-    last_write: Instant,
-}
 
 /// The sink.
 #[derive(Debug)]
 pub struct ParquetSink {
     store: Store,
     cfg: ParquetConfig,
-    parts: BTreeMap<i64, Partition>,
-    buffered: usize,
+    parts: BTreeMap<i64, Vec<Row>>,
+    staged: usize,
     metrics: CloudMetrics,
 }
 
@@ -48,12 +38,12 @@ impl ParquetSink {
             store,
             cfg,
             parts: BTreeMap::new(),
-            buffered: 0,
+            staged: 0,
             metrics,
         }
     }
 
-    fn stage(&mut self, batch: &Batch, origin: &Origin) {
+    fn stage(&mut self, batch: &Batch) {
         let series: Vec<Arc<SeriesCols>> = batch
             .series
             .iter()
@@ -67,16 +57,9 @@ impl ParquetSink {
             })
             .collect();
         let agent: Arc<str> = Arc::from(batch.agent_id.as_str());
-        let now = Instant::now();
         for r in &batch.readings {
             let hour = r.ts_ms.div_euclid(3_600_000);
-            let part = self.parts.entry(hour).or_insert_with(|| Partition {
-                rows: Vec::new(),
-                first: format!("{}-{}", origin.shard, origin.sequence_number),
-                last_write: now,
-            });
-            part.last_write = now;
-            part.rows.push(Row {
+            self.parts.entry(hour).or_default().push(Row {
                 ts_ms: r.ts_ms,
                 series: series[r.series as usize].clone(),
                 agent: agent.clone(),
@@ -86,18 +69,21 @@ impl ParquetSink {
                 late: r.late,
             });
         }
-        self.buffered += batch.readings.len();
+        self.staged += batch.readings.len();
     }
 
-    async fn flush(&mut self, hour: i64) -> Result<(), SinkError> {
-        let Some(part) = self.parts.remove(&hour) else {
-            return Ok(());
-        };
-        let mut rows = part.rows;
+    async fn write_file(
+        &mut self,
+        hour: i64,
+        mut rows: Vec<Row>,
+        first: &Origin,
+    ) -> Result<(), SinkError> {
         let n = rows.len();
-        self.buffered -= n;
         let (day, hh) = encode::hour_partition(hour * 3_600_000);
-        let key = format!("dt={day}/hour={hh:02}/{}.parquet", part.first);
+        let key = format!(
+            "dt={day}/hour={hh:02}/{}-{}.parquet",
+            first.shard, first.sequence_number
+        );
         let (groups, level) = (self.cfg.row_group_rows, self.cfg.zstd_level);
         let bytes = tokio::task::spawn_blocking(move || encode::encode(&mut rows, groups, level))
             .await
@@ -110,72 +96,17 @@ impl ParquetSink {
                 message: format!("encoding {key}: {e}"),
             })?;
         let size = bytes.len();
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        loop {
-            match self.store.put(&key, bytes.clone()).await {
-                Ok(()) => break,
-                Err(e) if backoff.attempts() < MAX_PUT_ATTEMPTS => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "writing Parquet file failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => {
-                    return Err(SinkError {
-                        sink: "parquet",
-                        message: format!("{n} rows lost: {e}"),
-                    })
-                }
-            }
-        }
+        self.store.put_until_done(&key, bytes).await;
         self.metrics.parquet_files.inc();
         self.metrics.parquet_rows.add(n as u64);
         tracing::info!(key = %key, rows = n, bytes = size, "Parquet file written");
         Ok(())
     }
 
-    async fn write_batch(&mut self, batch: &Batch, origin: &Origin) -> Result<(), SinkError> {
-        self.stage(batch, origin);
-        let full: Vec<i64> = self
-            .parts
-            .iter()
-            .filter(|(_, p)| p.rows.len() >= self.cfg.max_rows_per_file)
-            .map(|(h, _)| *h)
-            .collect();
-        for h in full {
-            self.flush(h).await?;
-        }
-        while self.buffered > self.cfg.max_buffered_rows {
-            let Some(largest) = self
-                .parts
-                .iter()
-                .max_by_key(|(_, p)| p.rows.len())
-                .map(|(h, _)| *h)
-            else {
-                break;
-            };
-            self.flush(largest).await?;
-        }
-        Ok(())
-    }
-
-    async fn flush_idle(&mut self) -> Result<(), SinkError> {
-        let idle = Duration::from_millis(self.cfg.idle_flush_ms);
-        let due: Vec<i64> = self
-            .parts
-            .iter()
-            .filter(|(_, p)| p.last_write.elapsed() >= idle)
-            .map(|(h, _)| *h)
-            .collect();
-        for h in due {
-            self.flush(h).await?;
-        }
-        Ok(())
-    }
-
-    async fn flush_all(&mut self) -> Result<(), SinkError> {
-        let all: Vec<i64> = self.parts.keys().copied().collect();
-        for h in all {
-            self.flush(h).await?;
+    async fn commit_all(&mut self, first: &Origin) -> Result<(), SinkError> {
+        while let Some((hour, rows)) = self.parts.pop_first() {
+            self.staged -= rows.len();
+            self.write_file(hour, rows, first).await?;
         }
         Ok(())
     }
@@ -185,13 +116,18 @@ impl Sink for ParquetSink {
     fn name(&self) -> &'static str {
         "parquet"
     }
-    fn write<'a>(&'a mut self, batch: &'a Batch, origin: &'a Origin) -> SinkFuture<'a> {
-        Box::pin(self.write_batch(batch, origin))
+    fn write<'a>(&'a mut self, batch: &'a Batch, _origin: &'a Origin) -> SinkFuture<'a> {
+        self.stage(batch);
+        Box::pin(async { Ok(()) })
     }
-    fn tick(&mut self) -> SinkFuture<'_> {
-        Box::pin(self.flush_idle())
+    fn wants_commit(&self) -> bool {
+        self.staged >= self.cfg.max_rows_per_file
     }
-    fn close(&mut self) -> SinkFuture<'_> {
-        Box::pin(self.flush_all())
+    fn commit<'a>(&'a mut self, first: &'a Origin) -> SinkFuture<'a> {
+        Box::pin(self.commit_all(first))
+    }
+    fn discard(&mut self) {
+        self.parts.clear();
+        self.staged = 0;
     }
 }

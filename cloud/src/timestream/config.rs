@@ -11,6 +11,17 @@ pub struct TimestreamConfig {
     /// Name of the multi-measure records. Default `metrics`.
     #[serde(default = "default_measure_name")]
     pub measure_name: String,
+    /// `WriteRecords` calls of one shard in flight at once. Default 4.
+    #[serde(default = "default_in_flight")]
+    pub max_calls_in_flight: usize,
+    /// Turn on the table's magnetic store writes at startup (if off), so readings older than the memory
+    /// store's retention land instead of being dead-lettered. Needs `timestream:UpdateTable`. Default false.
+    #[serde(default)]
+    pub magnetic_store_writes: bool,
+}
+
+fn default_in_flight() -> usize {
+    4
 }
 
 fn default_measure_name() -> String {
@@ -30,6 +41,9 @@ impl TimestreamConfig {
         }
         if self.measure_name.is_empty() || self.measure_name.len() > 256 {
             p.push(format!("{path}.measure_name: must be 1 to 256 characters"));
+        }
+        if !(1..=64).contains(&self.max_calls_in_flight) {
+            p.push(format!("{path}.max_calls_in_flight: must be 1..=64"));
         }
         p
     }

@@ -1,23 +1,27 @@
-//! Timestream sink: writes a batch's multi-measure records in calls of at most 100, retrying throttling and
-//! transient errors with backoff; records Timestream rejects are counted and logged with the reason.
+//! Timestream sink: a batch's multi-measure records (a device's measures at one time share a record, the
+//! measure name is a `CommonAttributes` field) are written in calls of at most 100 records, several calls in
+//! flight. Throttling and other transient failures are retried with capped backoff for as long as it takes (the
+//! shard's checkpoint cannot pass unwritten data); records Timestream rejects (`RejectedRecords`: version
+//! conflicts, times out of retention), records that break Timestream's limits and readings it cannot hold go
+//! to the dead-letter location with the reason. Limits are enforced here because emulators do not.
 
 mod config;
 pub mod records;
 
 pub use config::TimestreamConfig;
 
+use crate::land::dead::DeadLetters;
 use crate::land::{Origin, Sink, SinkError, SinkFuture};
 use crate::metrics::CloudMetrics;
-use aws_sdk_timestreamwrite::error::{DisplayErrorContext, SdkError};
+use aws_sdk_timestreamwrite::error::DisplayErrorContext;
 use aws_sdk_timestreamwrite::operation::write_records::WriteRecordsError;
-use aws_sdk_timestreamwrite::types::{Dimension, MeasureValue, MeasureValueType, Record, TimeUnit};
+use aws_sdk_timestreamwrite::types::{
+    Dimension, MagneticStoreWriteProperties, MeasureValue, MeasureValueType, Record, TimeUnit,
+};
 use fieldlink_ops::backoff::Backoff;
 use fieldlink_proto::Batch;
-use records::{MeasureType, TsRecord};
+use records::{MeasureType, TimeWindow, TsRecord};
 use std::time::Duration;
-
-/// Attempts per call for retryable errors before the batch's remaining records are counted as failed.
-const MAX_ATTEMPTS: u32 = 10;
 
 /// Builds the client: with an endpoint override (an emulator) *without* endpoint discovery, which would send
 /// requests to real AWS; otherwise with discovery, as Timestream requires.
@@ -25,7 +29,11 @@ pub async fn client(
     sdk: &aws_config::SdkConfig,
     endpoint_override: bool,
 ) -> Result<aws_sdk_timestreamwrite::Client, String> {
-    let c = aws_sdk_timestreamwrite::Client::new(sdk);
+    // The SDK's own retries are off: throttling must reach this sink's backoff (and its metric).
+    let conf = aws_sdk_timestreamwrite::config::Builder::from(sdk)
+        .retry_config(aws_sdk_timestreamwrite::config::retry::RetryConfig::disabled())
+        .build();
+    let c = aws_sdk_timestreamwrite::Client::from_conf(conf);
     if endpoint_override {
         return Ok(c);
     }
@@ -37,11 +45,87 @@ pub async fn client(
     Ok(c)
 }
 
-/// The sink.
+/// What the service knows about the table, read once at startup.
+#[derive(Debug, Clone, Copy)]
+pub struct TableInfo {
+    /// Accepted event times.
+    pub window: TimeWindow,
+}
+
+/// Reads the table's retention and, if `cfg.magnetic_store_writes` is on and the table has it off, turns it
+/// on. If the table cannot be described, the window is left open and Timestream's own answer decides.
+pub async fn table_info(
+    client: &aws_sdk_timestreamwrite::Client,
+    cfg: &TimestreamConfig,
+) -> TableInfo {
+    let open = TableInfo {
+        window: TimeWindow {
+            memory_ms: i64::MAX / 4,
+            magnetic_ms: None,
+        },
+    };
+    let d = match client
+        .describe_table()
+        .database_name(&cfg.database)
+        .table_name(&cfg.table)
+        .send()
+        .await
+    {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %DisplayErrorContext(&e), "DescribeTable failed; time limits left to Timestream");
+            return open;
+        }
+    };
+    let Some(t) = d.table() else { return open };
+    let hours = t
+        .retention_properties()
+        .map_or(6, |r| r.memory_store_retention_period_in_hours());
+    let days = t
+        .retention_properties()
+        .map_or(73_000, |r| r.magnetic_store_retention_period_in_days());
+    let mut magnetic = t
+        .magnetic_store_write_properties()
+        .is_some_and(|m| m.enable_magnetic_store_writes());
+    if cfg.magnetic_store_writes && !magnetic {
+        let props = MagneticStoreWriteProperties::builder()
+            .enable_magnetic_store_writes(true)
+            .build();
+        match props {
+            Ok(p) => match client
+                .update_table()
+                .database_name(&cfg.database)
+                .table_name(&cfg.table)
+                .magnetic_store_write_properties(p)
+                .send()
+                .await
+            {
+                Ok(_) => {
+                    magnetic = true;
+                    tracing::info!(table = %cfg.table, "magnetic store writes enabled on the table");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %DisplayErrorContext(&e), "enabling magnetic store writes failed")
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "magnetic store properties"),
+        }
+    }
+    TableInfo {
+        window: TimeWindow {
+            memory_ms: hours * 3_600_000,
+            magnetic_ms: magnetic.then_some(days * 86_400_000),
+        },
+    }
+}
+
+/// The sink (one per shard worker).
 #[derive(Debug)]
 pub struct TimestreamSink {
     client: aws_sdk_timestreamwrite::Client,
     cfg: TimestreamConfig,
+    info: TableInfo,
+    dead: DeadLetters,
     metrics: CloudMetrics,
 }
 
@@ -79,17 +163,74 @@ fn sdk_record(r: &TsRecord) -> Record {
         .build()
 }
 
-fn retryable(e: &SdkError<WriteRecordsError>) -> bool {
-    match e {
-        SdkError::ServiceError(s) => matches!(
-            s.err(),
-            WriteRecordsError::ThrottlingException(_)
-                | WriteRecordsError::InternalServerException(_)
-        ),
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            true
+fn record_json(r: &TsRecord, reason: &str) -> serde_json::Value {
+    serde_json::json!({
+        "reason": reason,
+        "time_ms": r.time_ms,
+        "version": r.version,
+        "dimensions": r.dimensions.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str()))).collect::<serde_json::Map<_, _>>(),
+        "measures": r.measures.iter().map(|(k, v, _)| (k.clone(), serde_json::Value::from(v.as_str()))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
+/// How one call ended.
+#[derive(Debug)]
+enum CallOutcome {
+    /// All records written.
+    Written,
+    /// Some records rejected: `(index in the call, reason)`.
+    Rejected(Vec<(usize, String)>),
+    /// The whole call was invalid (our limits should prevent this).
+    Invalid(String),
+}
+
+/// One `WriteRecords` call, retried until it is answered for good.
+async fn call(
+    client: aws_sdk_timestreamwrite::Client,
+    cfg: TimestreamConfig,
+    records: Vec<Record>,
+    metrics: CloudMetrics,
+) -> CallOutcome {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(20));
+    loop {
+        let res = client
+            .write_records()
+            .database_name(&cfg.database)
+            .table_name(&cfg.table)
+            .common_attributes(Record::builder().measure_name(&cfg.measure_name).build())
+            .set_records(Some(records.clone()))
+            .send()
+            .await;
+        let e = match res {
+            Ok(_) => return CallOutcome::Written,
+            Err(e) => e,
+        };
+        if let Some(err) = e.as_service_error() {
+            match err {
+                WriteRecordsError::RejectedRecordsException(rej) => {
+                    return CallOutcome::Rejected(
+                        rej.rejected_records()
+                            .iter()
+                            .map(|r| {
+                                let mut why = r.reason().unwrap_or("rejected").to_owned();
+                                if let Some(v) = r.existing_version() {
+                                    why.push_str(&format!(" (existing version {v})"));
+                                }
+                                (r.record_index().max(0) as usize, why)
+                            })
+                            .collect(),
+                    )
+                }
+                WriteRecordsError::ValidationException(v) => {
+                    return CallOutcome::Invalid(v.message().to_owned())
+                }
+                WriteRecordsError::ThrottlingException(_) => metrics.timestream_throttled.inc(),
+                _ => {}
+            }
         }
-        _ => false,
+        let delay = backoff.next_delay();
+        tracing::warn!(error = %DisplayErrorContext(&e), retry_in_ms = delay.as_millis() as u64, "WriteRecords failed; retrying");
+        tokio::time::sleep(delay).await;
     }
 }
 
@@ -98,85 +239,75 @@ impl TimestreamSink {
     pub fn new(
         client: aws_sdk_timestreamwrite::Client,
         cfg: TimestreamConfig,
+        info: TableInfo,
+        dead: DeadLetters,
         metrics: CloudMetrics,
     ) -> Self {
         Self {
             client,
             cfg,
+            info,
+            dead,
             metrics,
         }
     }
 
-    async fn write_batch(&mut self, batch: &Batch) -> Result<(), SinkError> {
+    async fn write_batch(&mut self, batch: &Batch, origin: &Origin) -> Result<(), SinkError> {
         let (recs, refused) = records::build(batch);
-        for r in &refused {
-            self.metrics.timestream_rejected.inc();
-            tracing::warn!(series = %r.series, reason = %r.reason, agent = %batch.agent_id, seq = batch.seq, "reading refused for Timestream");
-        }
-        let mut failed = 0usize;
-        for chunk in recs.chunks(records::limits::MAX_RECORDS_PER_CALL) {
-            let sdk: Vec<Record> = chunk.iter().map(sdk_record).collect();
-            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-            loop {
-                let res = self
-                    .client
-                    .write_records()
-                    .database_name(&self.cfg.database)
-                    .table_name(&self.cfg.table)
-                    .common_attributes(
-                        Record::builder()
-                            .measure_name(&self.cfg.measure_name)
-                            .build(),
-                    )
-                    .set_records(Some(sdk.clone()))
-                    .send()
-                    .await;
-                match res {
-                    Ok(out) => {
-                        let written = out
-                            .records_ingested()
-                            .map_or(chunk.len() as i32, |r| r.total());
-                        self.metrics.timestream_records.add(written.max(0) as u64);
-                        break;
-                    }
-                    Err(SdkError::ServiceError(s))
-                        if matches!(s.err(), WriteRecordsError::RejectedRecordsException(_)) =>
-                    {
-                        if let WriteRecordsError::RejectedRecordsException(rej) = s.err() {
-                            let rejected = rej.rejected_records();
-                            self.metrics.timestream_rejected.add(rejected.len() as u64);
-                            self.metrics
-                                .timestream_records
-                                .add((chunk.len() - rejected.len()) as u64);
-                            for r in rejected {
-                                tracing::warn!(index = r.record_index(), reason = r.reason().unwrap_or(""), agent = %batch.agent_id, seq = batch.seq, "Timestream rejected a record");
-                            }
+        let mut dead: Vec<serde_json::Value> = refused
+            .iter()
+            .map(|r| serde_json::json!({"reason": r.reason, "series": r.series}))
+            .collect();
+        let (recs, late) =
+            records::split_by_time(recs, &self.info.window, fieldlink_ops::unix_ms());
+        dead.extend(late.iter().map(|(r, why)| record_json(r, why)));
+
+        let chunks: Vec<&[TsRecord]> = recs.chunks(records::limits::MAX_RECORDS_PER_CALL).collect();
+        let mut next = 0usize;
+        let mut running = tokio::task::JoinSet::new();
+        loop {
+            while running.len() < self.cfg.max_calls_in_flight && next < chunks.len() {
+                let sdk: Vec<Record> = chunks[next].iter().map(sdk_record).collect();
+                let fut = call(
+                    self.client.clone(),
+                    self.cfg.clone(),
+                    sdk,
+                    self.metrics.clone(),
+                );
+                let i = next;
+                running.spawn(async move { (i, fut.await) });
+                next += 1;
+            }
+            let Some(done) = running.join_next().await else {
+                break;
+            };
+            let (i, outcome) = done.map_err(|e| SinkError {
+                sink: "timestream",
+                message: e.to_string(),
+            })?;
+            let chunk = chunks[i];
+            match outcome {
+                CallOutcome::Written => self.metrics.timestream_records.add(chunk.len() as u64),
+                CallOutcome::Rejected(rej) => {
+                    self.metrics
+                        .timestream_records
+                        .add(chunk.len().saturating_sub(rej.len()) as u64);
+                    self.metrics.timestream_rejected.add(rej.len() as u64);
+                    for (idx, why) in rej {
+                        if let Some(r) = chunk.get(idx) {
+                            dead.push(record_json(r, &why));
                         }
-                        break;
                     }
-                    Err(e) if retryable(&e) && backoff.attempts() < MAX_ATTEMPTS => {
-                        let delay = backoff.next_delay();
-                        tracing::warn!(error = %DisplayErrorContext(&e), retry_in_ms = delay.as_millis() as u64, "WriteRecords failed; retrying");
-                        tokio::time::sleep(delay).await;
-                    }
-                    Err(e) => {
-                        failed += chunk.len();
-                        self.metrics.timestream_rejected.add(chunk.len() as u64);
-                        tracing::error!(error = %DisplayErrorContext(&e), records = chunk.len(), "WriteRecords failed");
-                        break;
-                    }
+                }
+                CallOutcome::Invalid(why) => {
+                    self.metrics.timestream_rejected.add(chunk.len() as u64);
+                    dead.extend(chunk.iter().map(|r| record_json(r, &why)));
                 }
             }
         }
-        if failed > 0 {
-            return Err(SinkError {
-                sink: "timestream",
-                message: format!(
-                    "{failed} records not written for {} seq {}",
-                    batch.agent_id, batch.seq
-                ),
-            });
-        }
+        self.dead
+            .readings("timestream", origin, &batch.agent_id, batch.seq, dead)
+            .await;
         Ok(())
     }
 }
@@ -185,13 +316,12 @@ impl Sink for TimestreamSink {
     fn name(&self) -> &'static str {
         "timestream"
     }
-    fn write<'a>(&'a mut self, batch: &'a Batch, _origin: &'a Origin) -> SinkFuture<'a> {
-        Box::pin(self.write_batch(batch))
+    fn write<'a>(&'a mut self, batch: &'a Batch, origin: &'a Origin) -> SinkFuture<'a> {
+        Box::pin(self.write_batch(batch, origin))
     }
-    fn tick(&mut self) -> SinkFuture<'_> {
+    fn commit<'a>(&'a mut self, _first: &'a Origin) -> SinkFuture<'a> {
+        // Every write is durable when it returns.
         Box::pin(async { Ok(()) })
     }
-    fn close(&mut self) -> SinkFuture<'_> {
-        Box::pin(async { Ok(()) })
-    }
+    fn discard(&mut self) {}
 }

@@ -178,6 +178,56 @@ pub fn build(batch: &Batch) -> (Vec<TsRecord>, Vec<Refused>) {
     (records, refused)
 }
 
+/// The event times a Timestream table accepts: at most [`TimeWindow::MAX_FUTURE_MS`] ahead, and back to the
+/// memory store's retention, or to the magnetic store's when magnetic store writes are on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeWindow {
+    /// Memory store retention, ms.
+    pub memory_ms: i64,
+    /// Magnetic store retention, ms, when magnetic store writes are enabled.
+    pub magnetic_ms: Option<i64>,
+}
+
+impl TimeWindow {
+    /// How far ahead of the service's clock a record may be.
+    pub const MAX_FUTURE_MS: i64 = 15 * 60 * 1000;
+
+    /// Why a record at `time_ms` would be rejected at `now_ms`, if it would.
+    pub fn check(&self, time_ms: i64, now_ms: i64) -> Result<(), String> {
+        if time_ms > now_ms + Self::MAX_FUTURE_MS {
+            return Err(format!(
+                "time is {} ms in the future (limit 15 minutes)",
+                time_ms - now_ms
+            ));
+        }
+        let oldest = now_ms - self.magnetic_ms.unwrap_or(self.memory_ms);
+        if time_ms < oldest {
+            return Err(match self.magnetic_ms {
+                Some(_) => "time is before the magnetic store retention".to_owned(),
+                None => "time is before the memory store retention (enable timestream.magnetic_store_writes to land late data)".to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Splits records into those the window accepts and those it does not (with the reason).
+pub fn split_by_time(
+    records: Vec<TsRecord>,
+    window: &TimeWindow,
+    now_ms: i64,
+) -> (Vec<TsRecord>, Vec<(TsRecord, String)>) {
+    let mut ok = Vec::with_capacity(records.len());
+    let mut refused = Vec::new();
+    for r in records {
+        match window.check(r.time_ms, now_ms) {
+            Ok(()) => ok.push(r),
+            Err(why) => refused.push((r, why)),
+        }
+    }
+    (ok, refused)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,5 +328,27 @@ mod tests {
         let (recs, refused) = build(&batch);
         assert!(recs.is_empty());
         assert_eq!(refused.len(), 4, "{refused:?}");
+    }
+
+    #[test]
+    fn the_time_window_refuses_the_future_and_data_older_than_retention() {
+        let hour = 3_600_000;
+        let now = 1_700_000_000_000;
+        let mem = TimeWindow {
+            memory_ms: 6 * hour,
+            magnetic_ms: None,
+        };
+        assert!(mem.check(now, now).is_ok());
+        assert!(mem.check(now + 14 * 60_000, now).is_ok());
+        assert!(mem.check(now + 16 * 60_000, now).is_err());
+        assert!(mem.check(now - 5 * hour, now).is_ok());
+        let old = mem.check(now - 7 * hour, now).unwrap_err();
+        assert!(old.contains("magnetic_store_writes"), "{old}");
+        let mag = TimeWindow {
+            memory_ms: 6 * hour,
+            magnetic_ms: Some(365 * 24 * hour),
+        };
+        assert!(mag.check(now - 7 * hour, now).is_ok());
+        assert!(mag.check(now - 400 * 24 * hour, now).is_err());
     }
 }

@@ -1,0 +1,154 @@
+//! Reads one shard into a bounded channel, from a checkpoint, until the shard ends or the reader is
+//! cancelled. Iterators that expire are renewed `AFTER_SEQUENCE_NUMBER` the last record handed on. Every call
+//! has a timeout (the SDK's) and failures are retried with backoff.
+
+use aws_sdk_kinesis::error::DisplayErrorContext;
+use aws_sdk_kinesis::operation::get_records::GetRecordsError;
+use aws_sdk_kinesis::types::ShardIteratorType;
+use fieldlink_ops::backoff::Backoff;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// What a reader hands on.
+#[derive(Debug)]
+pub(crate) enum ShardItem {
+    /// The records of one `GetRecords` call: `(sequence number, data)` in shard order.
+    Records {
+        records: Vec<(String, Vec<u8>)>,
+        millis_behind: i64,
+    },
+    /// The shard is closed (split or merged) and every record was handed on.
+    End,
+}
+
+/// Where reading starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Start {
+    After(String),
+    TrimHorizon,
+    Latest,
+}
+
+/// Reading parameters.
+#[derive(Debug, Clone)]
+pub(crate) struct ReadParams {
+    pub(crate) stream: String,
+    pub(crate) max_records: i32,
+    pub(crate) idle_poll: Duration,
+}
+
+async fn iterator(
+    client: &aws_sdk_kinesis::Client,
+    p: &ReadParams,
+    shard: &str,
+    start: &Start,
+) -> Result<Option<String>, String> {
+    let req = client
+        .get_shard_iterator()
+        .stream_name(&p.stream)
+        .shard_id(shard);
+    let req = match start {
+        Start::After(seq) => req
+            .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+            .starting_sequence_number(seq),
+        Start::TrimHorizon => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
+        Start::Latest => req.shard_iterator_type(ShardIteratorType::Latest),
+    };
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| DisplayErrorContext(&e).to_string())?;
+    Ok(resp.shard_iterator().map(str::to_owned))
+}
+
+/// Reads `shard` from `start` into `tx` until it ends or `cancel` fires.
+pub(crate) async fn read(
+    client: aws_sdk_kinesis::Client,
+    p: ReadParams,
+    shard: String,
+    mut start: Start,
+    tx: mpsc::Sender<ShardItem>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut it: Option<String> = None;
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let current = match it.take() {
+            Some(i) => i,
+            None => match iterator(&client, &p, &shard, &start).await {
+                Ok(Some(i)) => i,
+                Ok(None) => {
+                    let _ = tx.send(ShardItem::End).await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(shard = %shard, error = %e, "GetShardIterator failed");
+                    sleep_or_cancel(backoff.next_delay(), &cancel).await;
+                    continue;
+                }
+            },
+        };
+        let resp = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = client.get_records().shard_iterator(&current).limit(p.max_records).send() => r,
+        };
+        match resp {
+            Ok(out) => {
+                backoff.reset();
+                let records: Vec<(String, Vec<u8>)> = out
+                    .records()
+                    .iter()
+                    .map(|r| (r.sequence_number().to_owned(), r.data().as_ref().to_vec()))
+                    .collect();
+                let empty = records.is_empty();
+                if let Some((seq, _)) = records.last() {
+                    start = Start::After(seq.clone());
+                }
+                if !empty {
+                    let item = ShardItem::Records {
+                        records,
+                        millis_behind: out.millis_behind_latest().unwrap_or(0),
+                    };
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        sent = tx.send(item) => if sent.is_err() { return },
+                    }
+                }
+                match out.next_shard_iterator() {
+                    Some(next) => it = Some(next.to_owned()),
+                    None => {
+                        let _ = tx.send(ShardItem::End).await;
+                        return;
+                    }
+                }
+                if empty {
+                    sleep_or_cancel(p.idle_poll, &cancel).await;
+                }
+            }
+            Err(e) => {
+                let expired = matches!(
+                    e.as_service_error(),
+                    Some(GetRecordsError::ExpiredIteratorException(_))
+                );
+                if expired {
+                    tracing::debug!(shard = %shard, "iterator expired; renewing");
+                } else {
+                    tracing::warn!(shard = %shard, error = %DisplayErrorContext(&e), "GetRecords failed");
+                    it = Some(current);
+                    sleep_or_cancel(backoff.next_delay(), &cancel).await;
+                }
+            }
+        }
+    }
+}
+
+pub(crate) async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) {
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = tokio::time::sleep(d) => {}
+    }
+}

@@ -1,0 +1,242 @@
+//! One shard worker: reads its shard from the checkpoint, lands every record, and commits.
+//!
+//! A commit (see [`crate::land`]): record its end as `pendingCheckpoint` in the lease (conditional on
+//! ownership), commit every sink (Parquet writes its files, named after the commit's first record), then
+//! move the checkpoint to its end. A worker that starts on a lease with a pending commit reads from the
+//! checkpoint and commits exactly at the pending end, whatever its own size and time triggers say, so the
+//! repeated commit writes the same objects with the same rows.
+
+use super::reader::{self, ReadParams, ShardItem, Start};
+use crate::land::dead::DeadLetters;
+use crate::land::dedup::BatchDedup;
+use crate::land::{Lander, Origin, SinkFactory};
+use crate::lease::plan::cmp_seq;
+use crate::lease::{Lease, LeaseTable, LATEST, SHARD_END, TRIM_HORIZON};
+use crate::metrics::CloudMetrics;
+use fieldlink_ops::backoff::Backoff;
+use std::cmp::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// What every worker of the process shares.
+pub(crate) struct Shared {
+    pub(crate) table: LeaseTable,
+    pub(crate) me: String,
+    pub(crate) kinesis: aws_sdk_kinesis::Client,
+    pub(crate) read: ReadParams,
+    pub(crate) queue_capacity: usize,
+    pub(crate) commit_interval: Duration,
+    pub(crate) commit_idle: Duration,
+    pub(crate) sinks: SinkFactory,
+    pub(crate) dedup: Arc<Mutex<BatchDedup>>,
+    pub(crate) dead: DeadLetters,
+    pub(crate) metrics: CloudMetrics,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("me", &self.me).finish()
+    }
+}
+
+/// How a worker ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The shard was read to its end and checkpointed `SHARD_END`.
+    Finished,
+    /// Stopped on request after committing.
+    Stopped,
+    /// Another worker owns the shard now.
+    Lost,
+    /// Something failed; nothing past the checkpoint was committed.
+    Failed(String),
+}
+
+struct Commit {
+    first: Option<Origin>,
+    last: Option<String>,
+    since: Instant,
+    last_record: Instant,
+    /// The end of a commit a previous owner started: commit exactly there.
+    pending: Option<String>,
+}
+
+/// Runs a worker for `lease` (just taken by this process) until the shard ends, `stop` fires, or it fails.
+pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationToken) -> Outcome {
+    let shard = lease.key.clone();
+    let start = match lease.checkpoint.as_str() {
+        SHARD_END => return Outcome::Finished,
+        TRIM_HORIZON => Start::TrimHorizon,
+        LATEST => Start::Latest,
+        seq => Start::After(seq.to_owned()),
+    };
+    tracing::info!(shard = %shard, checkpoint = %lease.checkpoint, pending = ?lease.pending, "shard worker starting");
+    let reader_stop = CancellationToken::new();
+    let _stop_reader = reader_stop.clone().drop_guard();
+    let (tx, mut rx) = mpsc::channel(shared.queue_capacity);
+    tokio::spawn(reader::read(
+        shared.kinesis.clone(),
+        shared.read.clone(),
+        shard.clone(),
+        start,
+        tx,
+        reader_stop,
+    ));
+    let mut lander = Lander::new(
+        (shared.sinks)(),
+        shared.dedup.clone(),
+        shared.dead.clone(),
+        shared.metrics.clone(),
+    );
+    let mut c = Commit {
+        first: None,
+        last: None,
+        since: Instant::now(),
+        last_record: Instant::now(),
+        pending: lease.pending.clone(),
+    };
+    let lag = shared.metrics.shard_lag(&shard);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let outcome = loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                if c.pending.is_none() {
+                    if let Err(o) = commit(&shared, &shard, &mut lander, &mut c).await {
+                        break o;
+                    }
+                }
+                break Outcome::Stopped;
+            }
+            item = rx.recv() => match item {
+                None => break Outcome::Failed("shard reader stopped".into()),
+                Some(ShardItem::End) => {
+                    if let Err(o) = commit(&shared, &shard, &mut lander, &mut c).await {
+                        break o;
+                    }
+                    break match table_op(|| shared.table.checkpoint(&shard, SHARD_END, &shared.me)).await {
+                        Ok(true) => {
+                            tracing::info!(shard = %shard, "shard read to its end");
+                            Outcome::Finished
+                        }
+                        Ok(false) => Outcome::Lost,
+                        Err(e) => Outcome::Failed(e),
+                    };
+                }
+                Some(ShardItem::Records { records, millis_behind }) => {
+                    lag.set(millis_behind);
+                    if let Err(o) = land_all(&shared, &shard, &mut lander, &mut c, records).await {
+                        break o;
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                let due = c.pending.is_none()
+                    && c.first.is_some()
+                    && (c.since.elapsed() >= shared.commit_interval
+                        || c.last_record.elapsed() >= shared.commit_idle);
+                if due {
+                    if let Err(o) = commit(&shared, &shard, &mut lander, &mut c).await {
+                        break o;
+                    }
+                }
+            }
+        }
+    };
+    if !matches!(outcome, Outcome::Finished | Outcome::Stopped) {
+        lander.discard();
+    }
+    tracing::info!(shard = %shard, outcome = ?outcome, "shard worker ended");
+    outcome
+}
+
+async fn land_all(
+    shared: &Shared,
+    shard: &str,
+    lander: &mut Lander,
+    c: &mut Commit,
+    records: Vec<(String, Vec<u8>)>,
+) -> Result<(), Outcome> {
+    for (seq, data) in records {
+        if let Some(p) = &c.pending {
+            // The pending end is gone (trimmed): cut where it would have been.
+            if cmp_seq(&seq, p) == Ordering::Greater {
+                commit(shared, shard, lander, c).await?;
+                c.pending = None;
+            }
+        }
+        let origin = Origin {
+            shard: shard.to_owned(),
+            sequence_number: seq,
+        };
+        lander
+            .land(&data, &origin)
+            .await
+            .map_err(|e| Outcome::Failed(e.to_string()))?;
+        let now = Instant::now();
+        if c.first.is_none() {
+            c.since = now;
+        }
+        c.last_record = now;
+        c.last = Some(origin.sequence_number.clone());
+        let reached = c.pending.as_deref() == Some(origin.sequence_number.as_str());
+        c.first.get_or_insert(origin);
+        if reached {
+            commit(shared, shard, lander, c).await?;
+            c.pending = None;
+        } else if c.pending.is_none() && lander.wants_commit() {
+            commit(shared, shard, lander, c).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Commits what was landed since the checkpoint. `Err` ends the worker.
+async fn commit(
+    shared: &Shared,
+    shard: &str,
+    lander: &mut Lander,
+    c: &mut Commit,
+) -> Result<(), Outcome> {
+    let (Some(first), Some(last)) = (c.first.take(), c.last.take()) else {
+        return Ok(());
+    };
+    match table_op(|| shared.table.begin_commit(shard, &last, &shared.me)).await {
+        Ok(true) => {}
+        Ok(false) => return Err(Outcome::Lost),
+        Err(e) => return Err(Outcome::Failed(e)),
+    }
+    lander
+        .commit(&first)
+        .await
+        .map_err(|e| Outcome::Failed(e.to_string()))?;
+    match table_op(|| shared.table.checkpoint(shard, &last, &shared.me)).await {
+        Ok(true) => {}
+        Ok(false) => return Err(Outcome::Lost),
+        Err(e) => return Err(Outcome::Failed(e)),
+    }
+    shared.metrics.checkpoints.inc();
+    tracing::debug!(shard = %shard, first = %first.sequence_number, last = %last, "checkpoint");
+    Ok(())
+}
+
+/// A lease-table call, retried a few times on errors (not on a failed condition, which is an answer).
+async fn table_op<F, Fut>(f: F) -> Result<bool, String>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, crate::lease::TableError>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if backoff.attempts() < 5 => {
+                tracing::warn!(error = %e, "lease table call failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The dead-letter location: what could not be landed, with the reason, so nothing is dropped silently and
+//! no bad record blocks its shard.
+//!
+//! Layout (keys are deterministic, so a replay rewrites the same objects instead of adding copies):
+//! - `kinesis/reason=<reason>/<shard>-<sequence number>.bin`: a Kinesis record that does not decode (garbage,
+//!   unknown version, decompression bomb, over a limit), its bytes as received.
+//! - `timestream/<agent>-<batch seq>-<shard>-<sequence number>.jsonl`: readings Timestream refused or that break
+//!   its limits, one JSON object per line with `reason`, `series`, `time_ms` and the record.
+//!
+//! Under a Parquet location the default prefix is `_dead_letter/`, which Athena, Hive and Spark skip.
+
+use crate::land::Origin;
+use crate::metrics::CloudMetrics;
+use crate::store::Store;
+
+/// Writes dead letters; clones share the store.
+#[derive(Debug, Clone)]
+pub struct DeadLetters {
+    store: Store,
+    metrics: CloudMetrics,
+}
+
+impl DeadLetters {
+    /// Dead letters written to `store`.
+    pub fn new(store: Store, metrics: CloudMetrics) -> Self {
+        Self { store, metrics }
+    }
+
+    /// A Kinesis record that cannot be decoded.
+    pub async fn record(&self, origin: &Origin, reason: &str, data: &[u8]) {
+        let key = format!(
+            "kinesis/reason={reason}/{}-{}.bin",
+            origin.shard, origin.sequence_number
+        );
+        self.store.put_until_done(&key, data.to_vec()).await;
+        self.metrics.dead_letter(reason).inc();
+        tracing::warn!(shard = %origin.shard, sequence_number = %origin.sequence_number, reason, key = %key, "record dead-lettered");
+    }
+
+    /// Readings a sink refused, as JSON lines (each carries its own `reason`).
+    pub async fn readings(
+        &self,
+        sink: &str,
+        origin: &Origin,
+        agent: &str,
+        seq: u64,
+        lines: Vec<serde_json::Value>,
+    ) {
+        if lines.is_empty() {
+            return;
+        }
+        let mut body = Vec::new();
+        for l in &lines {
+            body.extend_from_slice(l.to_string().as_bytes());
+            body.push(b'\n');
+        }
+        let key = format!(
+            "{sink}/{agent}-{seq}-{}-{}.jsonl",
+            origin.shard, origin.sequence_number
+        );
+        self.store.put_until_done(&key, body).await;
+        for l in &lines {
+            let reason = l.get("reason").and_then(|r| r.as_str()).unwrap_or("other");
+            self.metrics
+                .dead_letter_readings(sink, reason_class(reason))
+                .inc();
+        }
+        tracing::warn!(sink, agent, seq, readings = lines.len(), key = %key, "readings dead-lettered");
+    }
+}
+
+/// A bounded label for a free-text reason (Timestream's messages contain values).
+fn reason_class(reason: &str) -> &'static str {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("version") {
+        "version_conflict"
+    } else if r.contains("retention") || r.contains("too old") || r.contains("future") {
+        "out_of_retention"
+    } else if r.contains("limit") || r.contains("too long") || r.contains("too many") {
+        "over_limit"
+    } else if r.contains("nan") || r.contains("infinite") || r.contains("value") {
+        "bad_value"
+    } else {
+        "other"
+    }
+}

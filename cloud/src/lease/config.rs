@@ -1,0 +1,83 @@
+use serde::Deserialize;
+
+/// Lease coordination (`[leases]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// DynamoDB table holding leases and checkpoints; created (on-demand capacity) if missing.
+    /// Default `fieldlink-cloud-leases`. Use one table per consuming application and stream.
+    #[serde(default = "default_table")]
+    pub table: String,
+    /// This worker's name in `leaseOwner`. Default `<hostname>-<pid>`. Must be unique among running workers;
+    /// a worker restarted under the same name takes its leases back at once.
+    #[serde(default)]
+    pub worker_id: Option<String>,
+    /// A lease not renewed for this long is taken over by another worker, milliseconds. Leases are renewed
+    /// every third of it. Default 10000 (the Kinesis Client Library's `failoverTimeMillis`).
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// Most shards one worker reads at once (memory: each holds up to `parquet.max_rows_per_file` staged
+    /// rows). Default 64.
+    #[serde(default = "default_max_leases")]
+    pub max_leases_per_worker: usize,
+}
+
+fn default_table() -> String {
+    "fieldlink-cloud-leases".into()
+}
+fn default_lease_ms() -> u64 {
+    10_000
+}
+fn default_max_leases() -> usize {
+    64
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            table: default_table(),
+            worker_id: None,
+            lease_ms: default_lease_ms(),
+            max_leases_per_worker: default_max_leases(),
+        }
+    }
+}
+
+impl LeaseConfig {
+    /// Problems with this section, prefixed by `path`.
+    pub fn validate(&self, path: &str) -> Vec<String> {
+        let mut p = Vec::new();
+        let ok_name = |c: char| c.is_ascii_alphanumeric() || "_-.".contains(c);
+        if self.table.len() < 3 || self.table.len() > 255 || !self.table.chars().all(ok_name) {
+            p.push(format!(
+                "{path}.table: 3 to 255 characters of a-z, A-Z, 0-9, '_', '-', '.'; got {:?}",
+                self.table
+            ));
+        }
+        if let Some(w) = &self.worker_id {
+            if w.is_empty() || w.len() > 256 {
+                p.push(format!("{path}.worker_id: must be 1 to 256 characters"));
+            }
+        }
+        if !(1_000..=600_000).contains(&self.lease_ms) {
+            p.push(format!(
+                "{path}.lease_ms: must be 1000..=600000, got {}",
+                self.lease_ms
+            ));
+        }
+        if self.max_leases_per_worker == 0 {
+            p.push(format!("{path}.max_leases_per_worker: must be positive"));
+        }
+        p
+    }
+
+    /// The worker id to use.
+    pub fn worker(&self) -> String {
+        self.worker_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "worker".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}

@@ -1,0 +1,351 @@
+//! The pure part of lease coordination: which leases have expired, and which ones this worker should take.
+//!
+//! Expiry follows the Kinesis Client Library: a worker cannot trust other workers' clocks, so a lease is
+//! expired when *this* worker has watched its `leaseCounter` stay unchanged for a whole lease duration (an
+//! owner renews by incrementing the counter). A lease with no owner is free at once.
+//!
+//! Balance: with `W` live workers (owners of live leases, plus this one) and `L` leases that may be worked
+//! on, each worker aims at `ceil(L / W)`. Below that, a worker first takes free and expired leases; if there
+//! are none it steals one lease per round from the most loaded worker, if that worker holds more than the
+//! target or at least two more than itself (workers that hold nothing are invisible to the others, so their
+//! targets can be too generous). One steal per round, and only across a gap of two, keeps workers from trading
+//! shards back and forth.
+//!
+//! A lease may be worked on when its shard is not finished (`SHARD_END`) and every parent it names is
+//! finished or unknown (a parent trimmed from the stream long ago): children start after their parents.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// The checkpoint of a shard read to its end.
+pub const SHARD_END: &str = "SHARD_END";
+/// The checkpoint of a shard nobody has read yet, to be read from its oldest record.
+pub const TRIM_HORIZON: &str = "TRIM_HORIZON";
+/// The checkpoint of a shard nobody has read yet, to be read from new records only.
+pub const LATEST: &str = "LATEST";
+
+/// One lease item (the Kinesis Client Library's schema).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// `leaseKey`: the shard id.
+    pub key: String,
+    /// `leaseOwner`: the worker holding it, if any.
+    pub owner: Option<String>,
+    /// `leaseCounter`: incremented by every renewal and ownership change.
+    pub counter: u64,
+    /// `checkpoint`: the last sequence number landed in every sink, or one of [`TRIM_HORIZON`], [`LATEST`],
+    /// [`SHARD_END`].
+    pub checkpoint: String,
+    /// `pendingCheckpoint`: a commit that was started (its end) and may not have finished; the next reader
+    /// repeats exactly that commit.
+    pub pending: Option<String>,
+    /// `parentShardIds`.
+    pub parents: Vec<String>,
+}
+
+impl Lease {
+    /// Whether the shard was read to its end.
+    pub fn finished(&self) -> bool {
+        self.checkpoint == SHARD_END
+    }
+}
+
+/// What this worker saw of each lease, and since when.
+#[derive(Debug, Default)]
+pub struct Observer {
+    seen: HashMap<String, (u64, Option<String>, u64)>,
+}
+
+impl Observer {
+    /// An observer that has seen nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a scan of the table taken at `now_ms` (this worker's monotonic clock).
+    pub fn observe(&mut self, leases: &[Lease], now_ms: u64) {
+        let keys: HashSet<&str> = leases.iter().map(|l| l.key.as_str()).collect();
+        self.seen.retain(|k, _| keys.contains(k.as_str()));
+        for l in leases {
+            let unchanged = self
+                .seen
+                .get(&l.key)
+                .is_some_and(|(counter, owner, _)| *counter == l.counter && *owner == l.owner);
+            if !unchanged {
+                self.seen
+                    .insert(l.key.clone(), (l.counter, l.owner.clone(), now_ms));
+            }
+        }
+    }
+
+    /// Whether `lease` has no owner or has not been renewed for `lease_ms` as far as this worker saw.
+    pub fn expired(&self, lease: &Lease, now_ms: u64, lease_ms: u64) -> bool {
+        if lease.owner.is_none() {
+            return true;
+        }
+        match self.seen.get(&lease.key) {
+            Some((counter, _, since)) if *counter == lease.counter => {
+                now_ms.saturating_sub(*since) >= lease_ms
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A lease change this worker should attempt (a conditional write on `counter`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Take a free or expired lease.
+    Take {
+        /// Shard id.
+        key: String,
+        /// The counter the write is conditional on.
+        counter: u64,
+    },
+    /// Take a live lease from an overloaded worker.
+    Steal {
+        /// Shard id.
+        key: String,
+        /// The counter the write is conditional on.
+        counter: u64,
+        /// The worker losing it.
+        from: String,
+    },
+}
+
+/// Whether a lease may be worked on: not finished, and its parents finished or unknown.
+pub fn ready(lease: &Lease, by_key: &HashMap<&str, &Lease>) -> bool {
+    !lease.finished()
+        && lease
+            .parents
+            .iter()
+            .all(|p| by_key.get(p.as_str()).is_none_or(|l| l.finished()))
+}
+
+/// The changes worker `me` should attempt. `held` are the leases it holds and works on; `expired` says
+/// which leases are expired (see [`Observer::expired`]); `max_leases` caps what one worker holds.
+pub fn plan(
+    me: &str,
+    leases: &[Lease],
+    held: &HashSet<String>,
+    expired: impl Fn(&Lease) -> bool,
+    max_leases: usize,
+) -> Vec<Action> {
+    let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.key.as_str(), l)).collect();
+    let mut workable: Vec<&Lease> = leases.iter().filter(|l| ready(l, &by_key)).collect();
+    workable.sort_by(|a, b| a.key.cmp(&b.key));
+
+    // Live owners and what they hold (this worker counts only what it actually works on).
+    let mut load: BTreeMap<&str, Vec<&Lease>> = BTreeMap::new();
+    load.insert(me, Vec::new());
+    let mut free: Vec<&Lease> = Vec::new();
+    for l in &workable {
+        if held.contains(&l.key) {
+            load.entry(me).or_default().push(l);
+            continue;
+        }
+        match &l.owner {
+            // Ours by name but not worked on (a restart with the same worker id): take it back at once.
+            Some(o) if o == me => free.push(l),
+            Some(o) if !expired(l) => load.entry(o.as_str()).or_default().push(l),
+            _ => free.push(l),
+        }
+    }
+    let workers = load.len();
+    let target = workable.len().div_ceil(workers).min(max_leases);
+    let mine = load.get(me).map_or(0, Vec::len);
+    if mine >= target {
+        return Vec::new();
+    }
+    let need = target - mine;
+    let mut actions: Vec<Action> = free
+        .iter()
+        .take(need)
+        .map(|l| Action::Take {
+            key: l.key.clone(),
+            counter: l.counter,
+        })
+        .collect();
+    if actions.is_empty() {
+        let busiest = load
+            .iter()
+            .filter(|(w, _)| **w != me)
+            .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(a.0)));
+        if let Some((w, ls)) = busiest {
+            // Over the target, or (a worker holding nothing is invisible to the others, so targets can be
+            // too generous) at least two more than this worker: either way the steal narrows the gap.
+            if ls.len() > target || ls.len() >= mine + 2 {
+                if let Some(l) = ls.last() {
+                    actions.push(Action::Steal {
+                        key: l.key.clone(),
+                        counter: l.counter,
+                        from: (*w).to_owned(),
+                    });
+                }
+            }
+        }
+    }
+    actions
+}
+
+/// Compares two Kinesis sequence numbers (decimal strings of any length) numerically.
+pub fn cmp_seq(a: &str, b: &str) -> std::cmp::Ordering {
+    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn lease(key: &str, owner: Option<&str>, counter: u64) -> Lease {
+        Lease {
+            key: key.into(),
+            owner: owner.map(str::to_owned),
+            counter,
+            checkpoint: TRIM_HORIZON.into(),
+            pending: None,
+            parents: Vec::new(),
+        }
+    }
+
+    fn keys(actions: &[Action]) -> Vec<&str> {
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::Take { key, .. } | Action::Steal { key, .. } => key.as_str(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_lease_expires_only_after_its_counter_stood_still_for_the_duration() {
+        let mut o = Observer::new();
+        let l = lease("s1", Some("b"), 5);
+        o.observe(std::slice::from_ref(&l), 1_000);
+        assert!(!o.expired(&l, 5_000, 10_000));
+        o.observe(std::slice::from_ref(&l), 10_000);
+        assert!(o.expired(&l, 11_000, 10_000));
+        let renewed = lease("s1", Some("b"), 6);
+        o.observe(std::slice::from_ref(&renewed), 11_500);
+        assert!(!o.expired(&renewed, 20_000, 10_000));
+        assert!(o.expired(&renewed, 21_500, 10_000));
+        assert!(o.expired(&lease("s2", None, 0), 0, 10_000));
+    }
+
+    #[test]
+    fn a_new_worker_takes_free_leases_up_to_its_share() {
+        let leases: Vec<Lease> = (0..4).map(|i| lease(&format!("s{i}"), None, 0)).collect();
+        let a = plan("a", &leases, &HashSet::new(), |l| l.owner.is_none(), 100);
+        assert_eq!(keys(&a), ["s0", "s1", "s2", "s3"]);
+    }
+
+    #[test]
+    fn a_joining_worker_steals_one_lease_per_round_from_the_busiest() {
+        let leases: Vec<Lease> = (0..4)
+            .map(|i| lease(&format!("s{i}"), Some("a"), 3))
+            .collect();
+        let b = plan("b", &leases, &HashSet::new(), |_| false, 100);
+        assert_eq!(
+            b,
+            vec![Action::Steal {
+                key: "s3".into(),
+                counter: 3,
+                from: "a".into()
+            }]
+        );
+        // Balanced (2 and 2, or 3 and 2 with five): nothing moves.
+        let mut leases = leases;
+        leases[3].owner = Some("b".into());
+        leases[2].owner = Some("b".into());
+        let held: HashSet<String> = ["s2".to_string(), "s3".to_string()].into();
+        assert!(plan("b", &leases, &held, |_| false, 100).is_empty());
+        leases.push(lease("s4", Some("a"), 1));
+        assert!(plan("b", &leases, &held, |_| false, 100).is_empty());
+    }
+
+    #[test]
+    fn expired_leases_of_a_dead_worker_are_taken() {
+        let leases = vec![
+            lease("s0", Some("a"), 1),
+            lease("s1", Some("dead"), 1),
+            lease("s2", Some("dead"), 1),
+        ];
+        let held: HashSet<String> = ["s0".to_string()].into();
+        let acts = plan(
+            "a",
+            &leases,
+            &held,
+            |l| l.owner.as_deref() == Some("dead"),
+            100,
+        );
+        assert_eq!(keys(&acts), ["s1", "s2"]);
+    }
+
+    #[test]
+    fn children_wait_for_their_parents_and_finished_shards_are_left_alone() {
+        let mut parent = lease("p", Some("a"), 1);
+        let mut child = lease("c", None, 0);
+        child.parents = vec!["p".into(), "gone".into()];
+        let held: HashSet<String> = ["p".to_string()].into();
+        let acts = plan("a", &[parent.clone(), child.clone()], &held, |_| false, 100);
+        assert!(acts.is_empty(), "{acts:?}");
+        parent.checkpoint = SHARD_END.into();
+        let acts = plan("a", &[parent, child], &HashSet::new(), |_| false, 100);
+        assert_eq!(keys(&acts), ["c"]);
+    }
+
+    #[test]
+    fn a_restarted_worker_takes_its_own_leases_back_at_once() {
+        let leases = vec![lease("s0", Some("a"), 9)];
+        let acts = plan("a", &leases, &HashSet::new(), |_| false, 100);
+        assert_eq!(keys(&acts), ["s0"]);
+    }
+
+    #[test]
+    fn sequence_numbers_compare_as_numbers_beyond_u128() {
+        use std::cmp::Ordering::*;
+        let big = "49590338271490256608559692538361571095921575989136588898";
+        let bigger = "49590338271490256608559692538361571095921575989136588899";
+        assert_eq!(cmp_seq(big, bigger), Less);
+        assert_eq!(cmp_seq("9", "10"), Less);
+        assert_eq!(cmp_seq("010", "10"), Equal);
+    }
+
+    proptest! {
+        /// Workers that keep planning against a shared table (conditional writes: a take succeeds only if
+        /// the counter is unchanged) end up with every workable lease owned once and loads within one.
+        #[test]
+        fn workers_converge_to_a_balanced_exclusive_assignment(
+            shards in 1usize..20, workers in 1usize..5, order in prop::collection::vec(0usize..5, 40..120)
+        ) {
+            let mut table: Vec<Lease> = (0..shards).map(|i| lease(&format!("s{i:02}"), None, 0)).collect();
+            let names: Vec<String> = (0..workers).map(|w| format!("w{w}")).collect();
+            let mut held: Vec<HashSet<String>> = vec![HashSet::new(); workers];
+            let mut turns: Vec<usize> = order.into_iter().map(|o| o % workers).collect();
+            // Then enough round-robin turns to settle.
+            for _ in 0..(shards + 2) * 2 { turns.extend(0..workers); }
+            for w in turns {
+                // Lost leases are noticed (a failed renewal).
+                held[w].retain(|k| table.iter().any(|l| &l.key == k && l.owner.as_deref() == Some(names[w].as_str())));
+                for act in plan(&names[w], &table, &held[w], |l| l.owner.is_none(), 100) {
+                    let (key, counter) = match &act { Action::Take { key, counter } | Action::Steal { key, counter, .. } => (key.clone(), *counter) };
+                    let l = table.iter_mut().find(|l| l.key == key).unwrap();
+                    if l.counter == counter {
+                        l.counter += 1;
+                        l.owner = Some(names[w].clone());
+                        held[w].insert(key);
+                    }
+                }
+            }
+            for w in 0..workers {
+                held[w].retain(|k| table.iter().any(|l| &l.key == k && l.owner.as_deref() == Some(names[w].as_str())));
+            }
+            let total: usize = held.iter().map(HashSet::len).sum();
+            prop_assert_eq!(total, shards);
+            let loads: Vec<usize> = held.iter().map(HashSet::len).collect();
+            let (min, max) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+            prop_assert!(max - min <= 1, "{:?}", loads);
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! The lease table in DynamoDB, in the Kinesis Client Library's schema: hash key `leaseKey` (the shard id),
+//! `leaseOwner`, `leaseCounter`, `checkpoint`, `checkpointSubSequenceNumber` (always 0: fieldlink does not
+//! aggregate records), `ownerSwitchesSinceCheckpoint`, `parentShardIds`, plus `pendingCheckpoint` (see
+//! [`super::plan::Lease::pending`]).
+//!
+//! Every change is a conditional write, so two workers never both believe they own a shard: taking is
+//! conditional on the counter the taker saw, renewing on owner and counter, commits and checkpoints on owner.
+
+use super::plan::Lease;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
+    ScalarAttributeType, TableStatus,
+};
+use aws_sdk_dynamodb::Client;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// A DynamoDB call failed (not a failed condition, which is an answer).
+#[derive(Debug, thiserror::Error)]
+#[error("lease table {table}: {message}")]
+pub struct TableError {
+    table: String,
+    message: String,
+}
+
+/// The lease table.
+#[derive(Debug, Clone)]
+pub struct LeaseTable {
+    client: Client,
+    name: String,
+}
+
+type Item = HashMap<String, AttributeValue>;
+
+fn s(v: &str) -> AttributeValue {
+    AttributeValue::S(v.to_owned())
+}
+fn n(v: u64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(e: &SdkError<E>) -> bool {
+    e.as_service_error()
+        .and_then(|s| s.code())
+        .is_some_and(|c| c == "ConditionalCheckFailedException")
+}
+
+/// Reads a lease from an item; `None` if the item is not a lease.
+fn lease_of(item: &Item) -> Option<Lease> {
+    let key = item.get("leaseKey")?.as_s().ok()?.clone();
+    let owner = item
+        .get("leaseOwner")
+        .and_then(|v| v.as_s().ok())
+        .filter(|o| !o.is_empty())
+        .cloned();
+    let counter = item
+        .get("leaseCounter")
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let checkpoint = item
+        .get("checkpoint")
+        .and_then(|v| v.as_s().ok())
+        .cloned()
+        .unwrap_or_else(|| super::plan::TRIM_HORIZON.to_owned());
+    let pending = item
+        .get("pendingCheckpoint")
+        .and_then(|v| v.as_s().ok())
+        .cloned();
+    let parents = item
+        .get("parentShardIds")
+        .and_then(|v| v.as_ss().ok())
+        .cloned()
+        .unwrap_or_default();
+    Some(Lease {
+        key,
+        owner,
+        counter,
+        checkpoint,
+        pending,
+        parents,
+    })
+}
+
+impl LeaseTable {
+    /// A handle to table `name`.
+    pub fn new(client: Client, name: &str) -> Self {
+        Self {
+            client,
+            name: name.to_owned(),
+        }
+    }
+
+    fn err<E>(&self, what: &str, e: &SdkError<E>) -> TableError
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        TableError {
+            table: self.name.clone(),
+            message: format!("{what}: {}", DisplayErrorContext(e)),
+        }
+    }
+
+    /// Creates the table (on-demand capacity) if it does not exist, and waits until it is active.
+    pub async fn ensure(&self) -> Result<(), TableError> {
+        let exists = match self
+            .client
+            .describe_table()
+            .table_name(&self.name)
+            .send()
+            .await
+        {
+            Ok(_) => true,
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_resource_not_found_exception()) =>
+            {
+                false
+            }
+            Err(e) => return Err(self.err("DescribeTable", &e)),
+        };
+        if !exists {
+            let key = KeySchemaElement::builder()
+                .attribute_name("leaseKey")
+                .key_type(KeyType::Hash)
+                .build()
+                .map_err(|e| self.build_err(e))?;
+            let attr = AttributeDefinition::builder()
+                .attribute_name("leaseKey")
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .map_err(|e| self.build_err(e))?;
+            match self
+                .client
+                .create_table()
+                .table_name(&self.name)
+                .key_schema(key)
+                .attribute_definitions(attr)
+                .billing_mode(BillingMode::PayPerRequest)
+                .send()
+                .await
+            {
+                Ok(_) => tracing::info!(table = %self.name, "lease table created"),
+                // Another worker created it first.
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|s| s.is_resource_in_use_exception()) => {}
+                Err(e) => return Err(self.err("CreateTable", &e)),
+            }
+        }
+        for _ in 0..120 {
+            let d = self
+                .client
+                .describe_table()
+                .table_name(&self.name)
+                .send()
+                .await
+                .map_err(|e| self.err("DescribeTable", &e))?;
+            if d.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(TableError {
+            table: self.name.clone(),
+            message: "not active after 60 s".into(),
+        })
+    }
+
+    fn build_err(&self, e: aws_sdk_dynamodb::error::BuildError) -> TableError {
+        TableError {
+            table: self.name.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Every lease (a consistent scan).
+    pub async fn list(&self) -> Result<Vec<Lease>, TableError> {
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let resp = self
+                .client
+                .scan()
+                .table_name(&self.name)
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| self.err("Scan", &e))?;
+            out.extend(resp.items().iter().filter_map(lease_of));
+            match resp.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Creates the lease of a new shard unless it exists. Returns whether it was created.
+    pub async fn create(
+        &self,
+        shard: &str,
+        parents: &[String],
+        checkpoint: &str,
+    ) -> Result<bool, TableError> {
+        let mut req = self
+            .client
+            .put_item()
+            .table_name(&self.name)
+            .item("leaseKey", s(shard))
+            .item("leaseCounter", n(0))
+            .item("checkpoint", s(checkpoint))
+            .item("checkpointSubSequenceNumber", n(0))
+            .item("ownerSwitchesSinceCheckpoint", n(0))
+            .condition_expression("attribute_not_exists(leaseKey)");
+        if !parents.is_empty() {
+            req = req.item("parentShardIds", AttributeValue::Ss(parents.to_vec()));
+        }
+        match req.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failure(&e) => Ok(false),
+            Err(e) => Err(self.err("PutItem", &e)),
+        }
+    }
+
+    /// Takes `shard` if its counter is still `counter`. Returns the lease as now stored, or `None` if someone
+    /// else changed it first.
+    pub async fn take(
+        &self,
+        shard: &str,
+        counter: u64,
+        me: &str,
+    ) -> Result<Option<Lease>, TableError> {
+        let resp = self
+            .client
+            .update_item()
+            .table_name(&self.name)
+            .key("leaseKey", s(shard))
+            .update_expression(
+                "SET leaseOwner = :me, leaseCounter = :next, \
+                 ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
+            )
+            .condition_expression("leaseCounter = :c")
+            .expression_attribute_values(":me", s(me))
+            .expression_attribute_values(":c", n(counter))
+            .expression_attribute_values(":next", n(counter + 1))
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":one", n(1))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match resp {
+            Ok(out) => Ok(out.attributes().and_then(lease_of)),
+            Err(e) if is_condition_failure(&e) => Ok(None),
+            Err(e) => Err(self.err("UpdateItem (take)", &e)),
+        }
+    }
+
+    /// Renews a held lease: increments the counter if owner and counter are as expected. `false`: lost.
+    pub async fn renew(&self, shard: &str, counter: u64, me: &str) -> Result<bool, TableError> {
+        let resp = self
+            .client
+            .update_item()
+            .table_name(&self.name)
+            .key("leaseKey", s(shard))
+            .update_expression("SET leaseCounter = :next")
+            .condition_expression("leaseOwner = :me AND leaseCounter = :c")
+            .expression_attribute_values(":me", s(me))
+            .expression_attribute_values(":c", n(counter))
+            .expression_attribute_values(":next", n(counter + 1))
+            .send()
+            .await;
+        match resp {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failure(&e) => Ok(false),
+            Err(e) => Err(self.err("UpdateItem (renew)", &e)),
+        }
+    }
+
+    /// Records the end of a commit about to be written (`pendingCheckpoint`), if `me` still owns the shard.
+    pub async fn begin_commit(
+        &self,
+        shard: &str,
+        last: &str,
+        me: &str,
+    ) -> Result<bool, TableError> {
+        self.owned_update(
+            shard,
+            me,
+            "SET pendingCheckpoint = :v",
+            Some(last),
+            "begin commit",
+        )
+        .await
+    }
+
+    /// Advances the checkpoint to `checkpoint` and clears the pending commit, if `me` still owns the shard.
+    pub async fn checkpoint(
+        &self,
+        shard: &str,
+        checkpoint: &str,
+        me: &str,
+    ) -> Result<bool, TableError> {
+        self.owned_update(
+            shard,
+            me,
+            "SET checkpoint = :v, ownerSwitchesSinceCheckpoint = :zero REMOVE pendingCheckpoint",
+            Some(checkpoint),
+            "checkpoint",
+        )
+        .await
+    }
+
+    /// Gives a lease up (graceful shutdown) so another worker takes it without waiting for expiry.
+    pub async fn release(&self, shard: &str, me: &str) -> Result<bool, TableError> {
+        self.owned_update(shard, me, "REMOVE leaseOwner", None, "release")
+            .await
+    }
+
+    async fn owned_update(
+        &self,
+        shard: &str,
+        me: &str,
+        update: &str,
+        value: Option<&str>,
+        what: &str,
+    ) -> Result<bool, TableError> {
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.name)
+            .key("leaseKey", s(shard))
+            .update_expression(update)
+            .condition_expression("leaseOwner = :me")
+            .expression_attribute_values(":me", s(me));
+        if let Some(v) = value {
+            req = req.expression_attribute_values(":v", s(v));
+        }
+        if update.contains(":zero") {
+            req = req.expression_attribute_values(":zero", n(0));
+        }
+        match req.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failure(&e) => Ok(false),
+            Err(e) => Err(self.err(&format!("UpdateItem ({what})"), &e)),
+        }
+    }
+}

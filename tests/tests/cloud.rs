@@ -1,0 +1,572 @@
+//! Cloud ingest at scale, against moto server (Kinesis, DynamoDB, Timestream, S3) with Parquet read back by
+//! pyarrow: two processes sharing shard leases (one SIGKILLed), producer resends, resharding while data flows,
+//! dead letters, and Timestream faults moto cannot produce (through a fault-injecting proxy).
+//!
+//! Records are made here with `fieldlink-proto` (as an agent would) and put by boto3 (`put_records.py`), so
+//! each test controls exactly what is in the stream.
+
+#![allow(clippy::unwrap_used)]
+
+use fieldlink_e2e::*;
+use fieldlink_proto::{Batch, Quality, Reading, Series, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const DB: &str = "fieldlink";
+const TABLE: &str = "readings";
+const BUCKET: &str = "bronze-cloud";
+
+struct Cloud {
+    proc: Proc,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl Cloud {
+    fn start(dir: &Path, name: &str, endpoint: &str, stream: &str, extra: &str) -> Self {
+        let port = free_port();
+        let config = cloud_toml(
+            port,
+            endpoint,
+            stream,
+            name,
+            &format!("s3://{BUCKET}/{stream}"),
+            extra,
+        );
+        let path = dir.join(format!("cloud-{name}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let log = dir.join(format!("cloud-{name}.log"));
+        let mut cmd = Command::new(bin("fieldlink-cloud"));
+        cmd.arg("run").arg("--config").arg(&path);
+        aws_env(&mut cmd);
+        let proc = Proc::spawn(&format!("cloud {name}"), cmd, &log);
+        wait_for(
+            "the cloud service to serve /health",
+            Duration::from_secs(30),
+            || http_get(port, "/health"),
+        );
+        Self { proc, port, log }
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        http_get(self.port, "/metrics")
+            .and_then(|m| metric(&m, name))
+            .unwrap_or(0.0)
+    }
+
+    /// `(agent, seq)` of every batch in the order this process landed them.
+    fn landing_order(&self) -> Vec<(String, u64)> {
+        let text = std::fs::read_to_string(&self.log).unwrap();
+        text.lines()
+            .filter(|l| l.contains("batch landed"))
+            .map(|l| {
+                let field = |k: &str| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix(k))
+                        .unwrap_or_else(|| panic!("no {k} in {l}"))
+                        .to_owned()
+                };
+                (field("agent="), field("seq=").parse().unwrap())
+            })
+            .collect()
+    }
+}
+
+/// One test record: partition key, bytes, optional explicit hash key.
+struct Rec {
+    pk: String,
+    data: Vec<u8>,
+    hash: Option<String>,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Batch `seq` of agent `a`: `n` double readings over four series of one device, unique `(series, time)`,
+/// values that say where they come from. Times lie in the last hour (inside Timestream's memory store).
+fn batch(a: usize, seq: u64, n: usize, t0: i64) -> Batch {
+    let series = (0..4)
+        .map(|k| Series::new(format!("site/dev-{a}/m{k}")))
+        .collect();
+    let readings = (0..n)
+        .map(|i| Reading {
+            series: (i % 4) as u32,
+            ts_ms: t0 + seq as i64 * 1000 + (i / 4) as i64,
+            value: Value::F64((a * 1_000_000 + seq as usize * 1000 + i) as f64),
+            quality: Quality::Good,
+            late: false,
+        })
+        .collect();
+    Batch {
+        agent_id: format!("agent-{a}"),
+        seq,
+        series,
+        readings,
+    }
+}
+
+/// `agents` × `per_agent` batches of `n` readings, interleaved by sequence number; and the readings they hold.
+fn workload(agents: usize, per_agent: u64, n: usize) -> (Vec<Rec>, BTreeMap<Key, usize>) {
+    let t0 = now_ms() - 3_000_000;
+    let mut recs = Vec::new();
+    let mut expected = BTreeMap::new();
+    for seq in 1..=per_agent {
+        for a in 0..agents {
+            let b = batch(a, seq, n, t0);
+            for r in &b.readings {
+                let Value::F64(v) = r.value else {
+                    unreachable!()
+                };
+                let key = (
+                    b.series[r.series as usize].key.clone(),
+                    r.ts_ms,
+                    v.to_bits(),
+                );
+                *expected.entry(key).or_insert(0) += 1;
+            }
+            recs.push(Rec {
+                pk: b.agent_id.clone(),
+                data: fieldlink_proto::encode(&b, 3).unwrap(),
+                hash: None,
+            });
+        }
+    }
+    (recs, expected)
+}
+
+fn put(dir: &Path, endpoint: &str, stream: &str, recs: &[Rec], args: &[&str]) -> serde_json::Value {
+    let file = dir.join(format!("records-{}.jsonl", free_port()));
+    let mut text = String::new();
+    for r in recs {
+        let mut o = serde_json::json!({"pk": r.pk, "hex": hex(&r.data)});
+        if let Some(h) = &r.hash {
+            o["hash"] = h.clone().into();
+        }
+        text.push_str(&o.to_string());
+        text.push('\n');
+    }
+    std::fs::write(&file, text).unwrap();
+    let mut a = vec![
+        script("put_records.py").to_str().unwrap().to_owned(),
+        endpoint.to_owned(),
+        stream.to_owned(),
+        file.to_str().unwrap().to_owned(),
+    ];
+    a.extend(args.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    serde_json::from_str(&run_python(&a)).unwrap()
+}
+
+fn landed(moto: &Moto, stream: &str) -> serde_json::Value {
+    serde_json::from_str(&run_python(&[
+        script("landed.py").to_str().unwrap(),
+        &moto.endpoint,
+        DB,
+        TABLE,
+        BUCKET,
+        stream,
+    ]))
+    .unwrap()
+}
+
+/// Waits until Parquet holds `n` rows and Timestream (rewrites collapsed) `ts` readings.
+fn wait_landed(
+    moto: &Moto,
+    stream: &str,
+    n: usize,
+    ts: usize,
+    timeout: Duration,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        last = landed(moto, stream);
+        let pq = last["parquet"].as_array().map_or(0, Vec::len);
+        let t = last["timestream"].as_array().map_or(0, Vec::len);
+        if pq >= n && t >= ts {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    panic!(
+        "timed out: parquet {} of {n}, timestream {} of {ts}",
+        last["parquet"].as_array().map_or(0, Vec::len),
+        last["timestream"].as_array().map_or(0, Vec::len)
+    );
+}
+
+fn assert_exactly_once(v: &serde_json::Value, expected: &BTreeMap<Key, usize>) {
+    let ts = counted(landed_rows(v, "timestream"));
+    let pq = counted(landed_rows(v, "parquet"));
+    assert!(
+        ts == *expected,
+        "{}",
+        describe_difference("timestream", expected, &ts)
+    );
+    assert!(
+        pq == *expected,
+        "{}",
+        describe_difference("parquet", expected, &pq)
+    );
+    assert_eq!(
+        v["timestream_conflicts"], 0,
+        "a Timestream record was rewritten with different content"
+    );
+}
+
+fn setup(dir: &Path, stream: &str, shards: u32) -> Moto {
+    let moto = Moto::start(dir);
+    moto.create(stream, shards, DB, TABLE, BUCKET);
+    moto
+}
+
+#[test]
+fn two_workers_share_four_shards_and_the_survivor_takes_over_after_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "scale";
+    let moto = setup(dir.path(), stream, 4);
+    let mut a = Cloud::start(dir.path(), "a", &moto.endpoint, stream, "");
+    wait_for(
+        "worker a to take all four shards",
+        Duration::from_secs(30),
+        || (a.metric("fieldlink_cloud_leases_held") == 4.0).then_some(()),
+    );
+    let mut b = Cloud::start(dir.path(), "b", &moto.endpoint, stream, "");
+    // b steals one lease per round until the load is even.
+    wait_for(
+        "the leases to be shared 2 and 2",
+        Duration::from_secs(30),
+        || {
+            (a.metric("fieldlink_cloud_leases_held") == 2.0
+                && b.metric("fieldlink_cloud_leases_held") == 2.0)
+                .then_some(())
+        },
+    );
+
+    let (mut recs, expected) = workload(8, 50, 200);
+    // Two agents per shard (explicit hash keys: the four shards split the hash range evenly).
+    for r in recs.iter_mut() {
+        let a: u128 = r.pk.trim_start_matches("agent-").parse().unwrap();
+        r.hash = Some(((a % 4) * (1u128 << 126) + 1).to_string());
+    }
+    let n = expected.len();
+    let (endpoint, path) = (moto.endpoint.clone(), dir.path().to_owned());
+    let producer =
+        std::thread::spawn(move || put(&path, &endpoint, stream, &recs, &["--rate", "50"]));
+    // Kill a mid-stream, once it has committed something.
+    wait_for("worker a to checkpoint", Duration::from_secs(30), || {
+        (a.metric("fieldlink_cloud_checkpoints_total") >= 2.0).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    a.proc.kill();
+    let killed = Instant::now();
+    wait_for(
+        "worker b to take every shard",
+        Duration::from_secs(30),
+        || (b.metric("fieldlink_cloud_leases_held") == 4.0).then_some(()),
+    );
+    let takeover = killed.elapsed();
+    eprintln!("b holds all four shards {takeover:?} after a was killed (lease 3 s)");
+    assert!(
+        takeover < Duration::from_secs(10),
+        "takeover took {takeover:?} with a 3 s lease"
+    );
+    let put_out = producer.join().unwrap();
+    assert_eq!(put_out["put"], 400, "{put_out}");
+    assert_eq!(
+        put_out["by_shard"].as_object().unwrap().len(),
+        4,
+        "{put_out}"
+    );
+
+    let v = wait_landed(&moto, stream, n, n, Duration::from_secs(90));
+    b.proc.terminate(Duration::from_secs(30));
+    let v2 = landed(&moto, stream);
+    assert_eq!(
+        v["parquet"], v2["parquet"],
+        "rows changed after the last commit"
+    );
+    assert_exactly_once(&v2, &expected);
+    eprintln!(
+        "{n} readings exactly once; Timestream rewrites collapsed: {} of {} writes; Parquet files: {}",
+        v2["timestream_rewrites"],
+        v2["timestream_records"],
+        v2["parquet_files"].as_array().unwrap().len()
+    );
+}
+
+#[test]
+fn a_batch_put_twice_lands_once_even_on_another_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "resend";
+    let moto = setup(dir.path(), stream, 2);
+    let cloud = Cloud::start(dir.path(), "solo", &moto.endpoint, stream, "");
+    let (mut recs, expected) = workload(4, 20, 100);
+    let n = expected.len();
+    let (low, high) = ("0".to_owned(), (u128::MAX).to_string());
+    for (i, r) in recs.iter_mut().enumerate() {
+        r.hash = Some(if i % 2 == 0 {
+            low.clone()
+        } else {
+            high.clone()
+        });
+    }
+    put(dir.path(), &moto.endpoint, stream, &recs, &[]);
+    // The resend: the same bytes, each on the other shard.
+    for r in recs.iter_mut() {
+        r.hash = Some(if r.hash.as_deref() == Some("0") {
+            high.clone()
+        } else {
+            low.clone()
+        });
+    }
+    let out = put(dir.path(), &moto.endpoint, stream, &recs, &[]);
+    assert_eq!(out["by_shard"].as_object().unwrap().len(), 2, "{out}");
+    let v = wait_landed(&moto, stream, n, n, Duration::from_secs(60));
+    wait_for("every copy to be read", Duration::from_secs(30), || {
+        (cloud.metric("fieldlink_cloud_records_total") >= 160.0).then_some(())
+    });
+    assert_eq!(
+        cloud.metric("fieldlink_cloud_batches_duplicate_total"),
+        80.0
+    );
+    assert_eq!(cloud.metric("fieldlink_cloud_batches_landed_total"), 80.0);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_exactly_once(&landed(&moto, stream), &expected);
+    assert_eq!(v["timestream_rewrites"], 0);
+}
+
+#[test]
+fn split_and_merge_while_data_flows_lose_nothing_and_keep_per_series_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "reshard";
+    let moto = setup(dir.path(), stream, 2);
+    let cloud = Cloud::start(dir.path(), "solo", &moto.endpoint, stream, "");
+    let (recs, expected) = workload(6, 60, 50);
+    let n = expected.len();
+    // Split shard 0 into 2 and 3, then merge 3 with its neighbour 1 into 4 (moto's ids are sequential).
+    let out = put(
+        dir.path(),
+        &moto.endpoint,
+        stream,
+        &recs,
+        &[
+            "--rate",
+            "60",
+            "--at",
+            "120:split:shardId-000000000000",
+            "--at",
+            "240:merge:shardId-000000000003:shardId-000000000001",
+        ],
+    );
+    assert_eq!(out["reshards"].as_array().unwrap().len(), 2, "{out}");
+    assert!(out["by_shard"].as_object().unwrap().len() >= 4, "{out}");
+    let v = wait_landed(&moto, stream, n, n, Duration::from_secs(90));
+    assert_exactly_once(&v, &expected);
+    // Parents 0, 1 and 3 were read to their end before their children started.
+    wait_for("three shards to finish", Duration::from_secs(20), || {
+        let m = http_get(cloud.port, "/metrics")?;
+        (metric_with(
+            &m,
+            "fieldlink_cloud_lease_changes_total",
+            "kind=\"finished\"",
+        )? >= 3.0)
+            .then_some(())
+    });
+    // Every agent's batches landed in the order they were put (partition key = agent).
+    let order = cloud.landing_order();
+    assert_eq!(order.len(), recs.len(), "batches landed");
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for (agent, seq) in &order {
+        let prev = last.insert(agent.clone(), *seq).unwrap_or(0);
+        assert_eq!(*seq, prev + 1, "{agent}: batch {seq} landed after {prev}");
+    }
+}
+
+#[test]
+fn garbage_a_decompression_bomb_and_an_over_limit_reading_are_dead_lettered_and_the_rest_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "dead";
+    let moto = setup(dir.path(), stream, 1);
+    let cloud = Cloud::start(dir.path(), "solo", &moto.endpoint, stream, "");
+    let (good, expected) = workload(2, 3, 40);
+    // A bomb: a valid header, then a zstd frame of 64 MiB of zeros (64 KiB of input) instead of the body.
+    let mut bomb = good[0].data.clone();
+    let header = 19 + bomb[6] as usize;
+    bomb.truncate(header);
+    bomb.extend(zstd::bulk::compress(&vec![0u8; 64 << 20], 19).unwrap());
+    assert!(bomb.len() < 64 << 10, "bomb is {} bytes", bomb.len());
+    // A batch whose one reading is a string longer than Timestream allows (2,048 bytes).
+    let long = Batch {
+        agent_id: "agent-long".into(),
+        seq: 1,
+        series: vec![Series::new("site/dev-long/label")],
+        readings: vec![Reading {
+            series: 0,
+            ts_ms: now_ms() - 60_000,
+            value: Value::Str("x".repeat(3000)),
+            quality: Quality::Good,
+            late: false,
+        }],
+    };
+    let rec = |data: Vec<u8>| Rec {
+        pk: "p".into(),
+        data,
+        hash: None,
+    };
+    let mut recs = Vec::new();
+    let mut good = good.into_iter();
+    recs.extend(good.by_ref().take(2));
+    recs.push(rec(b"not a fieldlink record at all".to_vec()));
+    recs.extend(good.by_ref().take(2));
+    recs.push(rec(bomb));
+    recs.push(rec(fieldlink_proto::encode(&long, 3).unwrap()));
+    recs.extend(good);
+    put(dir.path(), &moto.endpoint, stream, &recs, &[]);
+
+    let n = expected.len();
+    let v = wait_landed(&moto, stream, n, n, Duration::from_secs(60));
+    let v = wait_for("the dead letters", Duration::from_secs(30), || {
+        let v = if v["dead_letters"].as_array()?.len() >= 3 {
+            v.clone()
+        } else {
+            landed(&moto, stream)
+        };
+        (v["dead_letters"].as_array()?.len() >= 3).then_some(v)
+    });
+    let dead: Vec<&str> = v["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    eprintln!("dead letters: {dead:?}");
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    assert!(dead
+        .iter()
+        .any(|k| k.contains("/_dead_letter/kinesis/reason=bad_magic/")));
+    assert!(dead
+        .iter()
+        .any(|k| k.contains("/_dead_letter/kinesis/reason=over_limit/")));
+    assert!(dead
+        .iter()
+        .any(|k| k.contains("/_dead_letter/timestream/agent-long-1-")));
+    let lines = v["dead_letter_lines"].as_array().unwrap();
+    assert_eq!(lines.len(), 1);
+    assert!(
+        lines[0]["reason"].as_str().unwrap().contains("limit 2048"),
+        "{}",
+        lines[0]
+    );
+    let m = http_get(cloud.port, "/metrics").unwrap();
+    assert_eq!(
+        metric_with(
+            &m,
+            "fieldlink_cloud_dead_letters_total",
+            "reason=\"bad_magic\""
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_with(
+            &m,
+            "fieldlink_cloud_dead_letters_total",
+            "reason=\"over_limit\""
+        ),
+        Some(1.0)
+    );
+    // The good readings land once.
+    assert_exactly_once(&v, &expected);
+}
+
+#[test]
+fn timestream_throttling_and_rejected_records_from_a_fault_proxy_are_retried_and_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "faults";
+    let moto = setup(dir.path(), stream, 2);
+    let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
+    proxy.set("ts_throttle=0.3&ts_reject=0.05");
+    let cloud = Cloud::start(dir.path(), "solo", &proxy.endpoint, stream, "");
+    let (recs, expected) = workload(4, 30, 100);
+    let n = expected.len();
+    put(dir.path(), &moto.endpoint, stream, &recs, &[]);
+    let v = wait_landed(&moto, stream, n, 0, Duration::from_secs(90));
+    let stats = wait_for(
+        "every Timestream call to be answered",
+        Duration::from_secs(60),
+        || {
+            let s = proxy.stats();
+            let written =
+                s["ts_forwarded_records"].as_u64()? + s["ts_rejected_records"].as_u64()?;
+            // 25 records per batch (a device's four measures at one time share a record).
+            (written >= 120 * 25).then_some(s)
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let v = if v["dead_letter_lines"].as_array().map_or(0, Vec::len) as u64
+        == stats["ts_rejected_records"].as_u64().unwrap()
+    {
+        v
+    } else {
+        landed(&moto, stream)
+    };
+    eprintln!("proxy: {stats}");
+    let rejected = stats["ts_rejected_records"].as_u64().unwrap();
+    assert!(
+        rejected > 0 && stats["ts_throttled_calls"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    // Every throttled call was seen and retried by the sink (SDK retries are off for Timestream).
+    assert_eq!(
+        cloud.metric("fieldlink_timestream_throttled_total"),
+        stats["ts_throttled_calls"].as_f64().unwrap()
+    );
+    // Every rejected record is in the dead-letter location with Timestream's reason.
+    let lines = v["dead_letter_lines"].as_array().unwrap();
+    assert_eq!(lines.len() as u64, rejected);
+    assert!(lines
+        .iter()
+        .all(|l| l["reason"].as_str().unwrap().contains("fault proxy")));
+    // Timestream holds exactly the rest; Parquet holds everything once.
+    let mut dead_readings: BTreeMap<Key, usize> = BTreeMap::new();
+    for l in lines {
+        let dims = l["dimensions"].as_object().unwrap();
+        for (m, val) in l["measures"].as_object().unwrap() {
+            let key = (
+                format!("{}/{m}", dims["device"].as_str().unwrap()),
+                l["time_ms"].as_i64().unwrap(),
+                val.as_str().unwrap().parse::<f64>().unwrap().to_bits(),
+            );
+            *dead_readings.entry(key).or_insert(0) += 1;
+        }
+    }
+    let ts = counted(landed_rows(&v, "timestream"));
+    let mut want_ts = expected.clone();
+    want_ts.retain(|k, _| !dead_readings.contains_key(k));
+    assert_eq!(
+        want_ts.len() + dead_readings.len(),
+        n,
+        "dead letters name readings that exist"
+    );
+    assert!(
+        ts == want_ts,
+        "{}",
+        describe_difference("timestream", &want_ts, &ts)
+    );
+    let pq = counted(landed_rows(&v, "parquet"));
+    assert!(
+        pq == expected,
+        "{}",
+        describe_difference("parquet", &expected, &pq)
+    );
+}
