@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark: pipeline readings/s on one core, bytes per reading on the wire, MQTT ingest with durable acks
 # next to a bare subscriber on the same broker, the agent's peak RSS at 10,000 readings/s, and Modbus
-# points/s of the coalesced plan next to a naive one-request-per-point poller.
+# points/s of the coalesced plan next to a naive one-request-per-point poller; the cloud's decode + Parquet
+# readings/s on one core next to pyarrow writing the same readings.
 # Usage: deploy/bench.sh     (release build; starts its own Mosquitto and moto server)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,3 +10,4 @@ deploy/setup.sh --no-cross
 cargo build --release --locked -p fieldlink-agent -p fieldlink-e2e --bins -q
 target/release/bench
 target/release/modbus-bench
+target/release/cloud-bench

@@ -714,3 +714,30 @@ max_rows_per_file = 5000
 "#
     )
 }
+
+/// One batch of double readings `(series, ts_ms, value)`, with its series table, as an agent seals it.
+pub fn batch_of(rows: &[(String, i64, f64)], agent: &str, seq: u64) -> fieldlink_proto::Batch {
+    use fieldlink_proto::{Quality, Reading, Series, Value};
+    let mut index: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+    let mut batch = fieldlink_proto::Batch {
+        agent_id: agent.into(),
+        seq,
+        series: Vec::new(),
+        readings: Vec::with_capacity(rows.len()),
+    };
+    for (s, ts, v) in rows {
+        let next = index.len() as u32;
+        let i = *index.entry(s.as_str()).or_insert_with(|| {
+            batch.series.push(Series::new(s.clone()));
+            next
+        });
+        batch.readings.push(Reading {
+            series: i,
+            ts_ms: *ts,
+            value: Value::F64(*v),
+            quality: Quality::Good,
+            late: false,
+        });
+    }
+    batch
+}

@@ -22,15 +22,18 @@
 
 use arrow_array::builder::{
     BooleanBuilder, Float64Builder, Int64Builder, MapBuilder, StringBuilder,
-    TimestampMillisecondBuilder,
+    StringDictionaryBuilder, TimestampMillisecondBuilder,
 };
-use arrow_array::{ArrayRef, RecordBatch};
+use arrow_array::types::Int32Type;
+use arrow_array::{ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray};
 use arrow_schema::{Field, Schema};
 use fieldlink_proto::{Quality, Value};
+use parquet::arrow::arrow_writer::ArrowWriterOptions;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A series' column values, shared by its rows.
@@ -65,75 +68,141 @@ pub struct Row {
     pub late: bool,
 }
 
-/// Sorts `rows` by `(series, time)` and encodes them as one Parquet file.
+/// Ranks of the distinct values of `key` over `items`: equal keys get equal ranks, in key order. Items that
+/// share one `Arc` are looked at once. Returns the rank of each item and the key of each rank.
+fn ranks<'a, T: ?Sized + 'a>(
+    items: impl Iterator<Item = &'a Arc<T>>,
+    key: impl Fn(&T) -> &str,
+) -> (Vec<u32>, Vec<String>) {
+    let mut by_ptr: HashMap<*const T, usize> = HashMap::new();
+    let mut uniq: Vec<&'a Arc<T>> = Vec::new();
+    let slots: Vec<usize> = items
+        .map(|it| {
+            *by_ptr.entry(Arc::as_ptr(it)).or_insert_with(|| {
+                uniq.push(it);
+                uniq.len() - 1
+            })
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..uniq.len()).collect();
+    order.sort_by(|a, b| key(uniq[*a]).cmp(key(uniq[*b])));
+    let mut rank_of = vec![0u32; uniq.len()];
+    let mut names: Vec<String> = Vec::new();
+    for i in order {
+        let k = key(uniq[i]);
+        if names.last().map(String::as_str) != Some(k) {
+            names.push(k.to_owned());
+        }
+        rank_of[i] = (names.len() - 1) as u32;
+    }
+    (slots.into_iter().map(|s| rank_of[s]).collect(), names)
+}
+
+/// Encodes `rows` as one Parquet file, sorted by `(series, time, agent, batch)` (a stable sort, so the file
+/// is a pure function of the rows and their order).
 pub fn encode(
-    rows: &mut [Row],
+    rows: &[Row],
     row_group_rows: usize,
     zstd_level: i32,
 ) -> Result<Vec<u8>, ParquetError> {
-    rows.sort_by(|a, b| {
-        a.series
-            .key
-            .cmp(&b.series.key)
-            .then(a.ts_ms.cmp(&b.ts_ms))
-            .then(a.agent.cmp(&b.agent))
-            .then(a.seq.cmp(&b.seq))
-    });
+    // Sort by integer ranks: string comparisons happen once per distinct series, not per row comparison.
+    let (series_rank, series_names) = ranks(rows.iter().map(|r| &r.series), |s| s.key.as_str());
+    let (agent_rank, agent_names) = ranks(rows.iter().map(|r| &r.agent), |a| a);
+    let mut order: Vec<(u32, i64, u32, u64, u32)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (series_rank[i], r.ts_ms, agent_rank[i], r.seq, i as u32))
+        .collect();
+    order.sort_unstable();
+    // Device, measure and tags of each series rank.
+    let mut per_rank: Vec<Option<&SeriesCols>> = vec![None; series_names.len()];
+    for (i, r) in rows.iter().enumerate() {
+        per_rank[series_rank[i] as usize].get_or_insert(&r.series);
+    }
+    let per_rank: Vec<&SeriesCols> = per_rank.into_iter().flatten().collect();
+
     let n = rows.len();
     let mut time = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut agent = StringBuilder::new();
-    let mut series = StringBuilder::new();
-    let mut device = StringBuilder::new();
-    let mut measure = StringBuilder::new();
+    let mut series_keys = Vec::with_capacity(n);
+    let mut agent_keys = Vec::with_capacity(n);
     let mut vd = Float64Builder::with_capacity(n);
     let mut vi = Int64Builder::with_capacity(n);
     let mut vb = BooleanBuilder::with_capacity(n);
     let mut vs = StringBuilder::new();
-    let mut quality = StringBuilder::new();
+    let mut quality = StringDictionaryBuilder::<Int32Type>::new();
     let mut late = BooleanBuilder::with_capacity(n);
     let mut tags = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
     let mut seq = Int64Builder::with_capacity(n);
-    for r in rows.iter() {
-        time.append_value(r.ts_ms);
-        agent.append_value(&*r.agent);
-        series.append_value(&r.series.key);
-        device.append_value(&r.series.device);
-        measure.append_value(&r.series.measure);
-        vd.append_option(if let Value::F64(v) = r.value {
-            Some(v)
-        } else {
-            None
-        });
-        vi.append_option(if let Value::I64(v) = r.value {
-            Some(v)
-        } else {
-            None
-        });
-        vb.append_option(if let Value::Bool(v) = r.value {
-            Some(v)
-        } else {
-            None
-        });
-        vs.append_option(if let Value::Str(v) = &r.value {
-            Some(v.as_str())
-        } else {
-            None
-        });
+    for &(s_rank, ts, a_rank, batch_seq, i) in &order {
+        let r = &rows[i as usize];
+        time.append_value(ts);
+        series_keys.push(s_rank as i32);
+        agent_keys.push(a_rank as i32);
+        match &r.value {
+            Value::F64(v) => {
+                vd.append_value(*v);
+                vi.append_null();
+                vb.append_null();
+                vs.append_null();
+            }
+            Value::I64(v) => {
+                vd.append_null();
+                vi.append_value(*v);
+                vb.append_null();
+                vs.append_null();
+            }
+            Value::Bool(v) => {
+                vd.append_null();
+                vi.append_null();
+                vb.append_value(*v);
+                vs.append_null();
+            }
+            Value::Str(v) => {
+                vd.append_null();
+                vi.append_null();
+                vb.append_null();
+                vs.append_value(v);
+            }
+        }
         quality.append_value(r.quality.as_str());
         late.append_value(r.late);
-        for (k, v) in &r.series.tags {
+        for (k, v) in &per_rank[s_rank as usize].tags {
             tags.keys().append_value(k);
             tags.values().append_value(v);
         }
         tags.append(true)?;
-        seq.append_value(r.seq as i64);
+        seq.append_value(batch_seq as i64);
     }
+    // Series, device, measure and agent are dictionary arrays over the ranks: no per-row string copies.
+    let dict = |keys: &[i32], values: Vec<&str>| -> Result<ArrayRef, ParquetError> {
+        let d = DictionaryArray::<Int32Type>::try_new(
+            Int32Array::from(keys.to_vec()),
+            Arc::new(StringArray::from(values)),
+        )?;
+        Ok(Arc::new(d))
+    };
+    let series_col = dict(
+        &series_keys,
+        series_names.iter().map(String::as_str).collect(),
+    )?;
+    let device_col = dict(
+        &series_keys,
+        per_rank.iter().map(|s| s.device.as_str()).collect(),
+    )?;
+    let measure_col = dict(
+        &series_keys,
+        per_rank.iter().map(|s| s.measure.as_str()).collect(),
+    )?;
+    let agent_col = dict(
+        &agent_keys,
+        agent_names.iter().map(String::as_str).collect(),
+    )?;
     let columns: Vec<(&str, ArrayRef, bool)> = vec![
         ("time", Arc::new(time.finish()), false),
-        ("agent_id", Arc::new(agent.finish()), false),
-        ("series", Arc::new(series.finish()), false),
-        ("device", Arc::new(device.finish()), false),
-        ("measure", Arc::new(measure.finish()), false),
+        ("agent_id", agent_col, false),
+        ("series", series_col, false),
+        ("device", device_col, false),
+        ("measure", measure_col, false),
         ("value_double", Arc::new(vd.finish()), true),
         ("value_bigint", Arc::new(vi.finish()), true),
         ("value_boolean", Arc::new(vb.finish()), true),
@@ -158,7 +227,11 @@ pub fn encode(
         .set_max_row_group_row_count(Some(row_group_rows))
         .set_created_by(format!("fieldlink-cloud {}", env!("CARGO_PKG_VERSION")))
         .build();
-    let mut writer = ArrowWriter::try_new(Vec::with_capacity(n * 8), schema, Some(props))?;
+    // No embedded Arrow schema: readers see plain strings (the dictionaries are an encoding detail).
+    let options = ArrowWriterOptions::new()
+        .with_properties(props)
+        .with_skip_arrow_metadata(true);
+    let mut writer = ArrowWriter::try_new_with_options(Vec::with_capacity(n * 8), schema, options)?;
     writer.write(&batch)?;
     writer.into_inner()
 }
@@ -210,7 +283,7 @@ mod tests {
         };
         let (a, b) = (s("d/b"), s("d/a"));
         let agent: Arc<str> = Arc::from("edge-1");
-        let mut rows: Vec<Row> = (0..1000)
+        let rows: Vec<Row> = (0..1000)
             .map(|i| Row {
                 ts_ms: 1_000 - i,
                 series: if i % 2 == 0 { a.clone() } else { b.clone() },
@@ -225,15 +298,28 @@ mod tests {
                 late: false,
             })
             .collect();
-        let bytes = encode(&mut rows, 300, 3).unwrap_or_default();
+        let bytes = encode(&rows, 300, 3).unwrap_or_default();
         let reader =
             SerializedFileReader::new(bytes::Bytes::from(bytes)).unwrap_or_else(|e| panic!("{e}"));
         let meta = reader.metadata();
         assert_eq!(meta.file_metadata().num_rows(), 1000);
         assert_eq!(meta.num_row_groups(), 4);
         assert_eq!(meta.file_metadata().schema_descr().num_columns(), 14); // map = key + value leaves
-        assert!(rows
-            .windows(2)
-            .all(|w| (&w[0].series.key, w[0].ts_ms) <= (&w[1].series.key, w[1].ts_ms)));
+                                                                           // Sorted by (series, time): read the two columns back.
+        use parquet::record::RowAccessor;
+        let got: Vec<(String, i64)> = reader
+            .get_row_iter(None)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .map(|r| {
+                let r = r.unwrap_or_else(|e| panic!("{e}"));
+                (
+                    r.get_string(2).cloned().unwrap_or_default(),
+                    r.get_timestamp_millis(0).unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(got.len(), 1000);
+        assert!(got.windows(2).all(|w| w[0] <= w[1]), "not sorted");
+        assert_eq!(got[0], ("d/a".to_string(), 1));
     }
 }

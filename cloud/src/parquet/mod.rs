@@ -21,6 +21,36 @@ use fieldlink_proto::Batch;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// Adds the rows of `batch` to `parts` (event hour → rows); returns how many. Pure.
+pub fn stage(parts: &mut BTreeMap<i64, Vec<Row>>, batch: &Batch) -> usize {
+    let series: Vec<Arc<SeriesCols>> = batch
+        .series
+        .iter()
+        .map(|s| {
+            Arc::new(SeriesCols {
+                key: s.key.clone(),
+                device: s.device().to_owned(),
+                measure: s.measure().to_owned(),
+                tags: s.tags.clone(),
+            })
+        })
+        .collect();
+    let agent: Arc<str> = Arc::from(batch.agent_id.as_str());
+    for r in &batch.readings {
+        let hour = r.ts_ms.div_euclid(3_600_000);
+        parts.entry(hour).or_default().push(Row {
+            ts_ms: r.ts_ms,
+            series: series[r.series as usize].clone(),
+            agent: agent.clone(),
+            seq: batch.seq,
+            value: r.value.clone(),
+            quality: r.quality,
+            late: r.late,
+        });
+    }
+    batch.readings.len()
+}
+
 /// The sink.
 #[derive(Debug)]
 pub struct ParquetSink {
@@ -44,38 +74,13 @@ impl ParquetSink {
     }
 
     fn stage(&mut self, batch: &Batch) {
-        let series: Vec<Arc<SeriesCols>> = batch
-            .series
-            .iter()
-            .map(|s| {
-                Arc::new(SeriesCols {
-                    key: s.key.clone(),
-                    device: s.device().to_owned(),
-                    measure: s.measure().to_owned(),
-                    tags: s.tags.clone(),
-                })
-            })
-            .collect();
-        let agent: Arc<str> = Arc::from(batch.agent_id.as_str());
-        for r in &batch.readings {
-            let hour = r.ts_ms.div_euclid(3_600_000);
-            self.parts.entry(hour).or_default().push(Row {
-                ts_ms: r.ts_ms,
-                series: series[r.series as usize].clone(),
-                agent: agent.clone(),
-                seq: batch.seq,
-                value: r.value.clone(),
-                quality: r.quality,
-                late: r.late,
-            });
-        }
-        self.staged += batch.readings.len();
+        self.staged += stage(&mut self.parts, batch);
     }
 
     async fn write_file(
         &mut self,
         hour: i64,
-        mut rows: Vec<Row>,
+        rows: Vec<Row>,
         first: &Origin,
     ) -> Result<(), SinkError> {
         let n = rows.len();
@@ -85,7 +90,7 @@ impl ParquetSink {
             first.shard, first.sequence_number
         );
         let (groups, level) = (self.cfg.row_group_rows, self.cfg.zstd_level);
-        let bytes = tokio::task::spawn_blocking(move || encode::encode(&mut rows, groups, level))
+        let bytes = tokio::task::spawn_blocking(move || encode::encode(&rows, groups, level))
             .await
             .map_err(|e| SinkError {
                 sink: "parquet",

@@ -6,8 +6,7 @@
 //! Run: `cargo run --release -p fieldlink-e2e --bin wire-size [SECONDS ...]`
 #![allow(clippy::unwrap_used)]
 
-use fieldlink_proto::{Batch, Encoder, Quality, Reading, Series, Value};
-use std::collections::HashMap;
+use fieldlink_proto::Encoder;
 
 fn main() {
     let windows: Vec<i64> = std::env::args()
@@ -41,27 +40,7 @@ fn main() {
             while end < rows.len() && rows[end].1.div_euclid(w * 1000) == second {
                 end += 1;
             }
-            let mut index: HashMap<&str, u32> = HashMap::new();
-            let mut batch = Batch {
-                agent_id: "edge-demo-1".into(),
-                seq,
-                series: Vec::new(),
-                readings: Vec::with_capacity(end - start),
-            };
-            for (s, ts, v) in &rows[start..end] {
-                let next = index.len() as u32;
-                let i = *index.entry(s.as_str()).or_insert_with(|| {
-                    batch.series.push(Series::new(s.clone()));
-                    next
-                });
-                batch.readings.push(Reading {
-                    series: i,
-                    ts_ms: *ts,
-                    value: Value::F64(*v),
-                    quality: Quality::Good,
-                    late: false,
-                });
-            }
+            let batch = fieldlink_e2e::batch_of(&rows[start..end], "edge-demo-1", seq);
             bytes += enc.encode(&batch).unwrap().len();
             batches += 1;
             seq += 1;
