@@ -65,7 +65,7 @@ lease_ms = 3000
 [timestream]
 database = "fieldlink"
 table = "readings"
-magnetic_store_writes = true   # the dataset is years old
+magnetic_store_writes = true   # the dataset is months old (memory store: 6 h)
 [parquet]
 location = "$demo/bronze"
 TOML

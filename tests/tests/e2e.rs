@@ -47,7 +47,7 @@ qos = 1
 }
 
 fn cloud_config(metrics_port: u16, endpoint: &str, stream: &str) -> String {
-    // The dataset is years old: only the magnetic store takes it.
+    // The dataset is months old: only the magnetic store takes it.
     cloud_toml(
         metrics_port,
         endpoint,
