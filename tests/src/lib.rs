@@ -176,11 +176,16 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, "")
+    }
+
+    /// A broker whose plain listener is `port`, with `extra` appended to its configuration (more listeners).
+    pub fn start_with(dir: &Path, extra: &str) -> Self {
         let port = free_port();
         let conf = dir.join(format!("mosquitto-{port}.conf"));
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\npersistence false\n"),
+            format!("per_listener_settings false\nallow_anonymous true\nmax_queued_messages 1000000\npersistence false\nlistener {port} 127.0.0.1\n{extra}"),
         )
         .unwrap();
         let mut cmd = Command::new(mosquitto_bin());
@@ -546,12 +551,24 @@ qos = 1
         }
     }
 
-    /// Starts the agent and waits until it has subscribed.
-    pub fn start(&mut self) {
+    /// Appends TOML to the configuration (after the `[[mqtt]]` section: `[mqtt.tls]` lands there).
+    pub fn append_config(&self, toml: &str) {
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        text.push_str(toml);
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Starts the agent without waiting for anything.
+    pub fn spawn(&mut self) {
         let mut cmd = Command::new(bin("fieldlink-agent"));
         cmd.arg("run").arg("--config").arg(&self.config);
         aws_env(&mut cmd);
         self.proc = Some(Proc::spawn("fieldlink-agent", cmd, &self.log));
+    }
+
+    /// Starts the agent and waits until it has subscribed.
+    pub fn start(&mut self) {
+        self.spawn();
         let port = self.metrics_port;
         wait_for("the agent to subscribe", Duration::from_secs(30), || {
             http_get(port, "/health")

@@ -110,9 +110,9 @@ pub struct MqttConfig {
     pub name: String,
     /// Broker host name or address.
     pub host: String,
-    /// Broker port. Default 1883.
-    #[serde(default = "default_port")]
-    pub port: u16,
+    /// Broker port. Default 1883, or 8883 with `[mqtt.tls]`.
+    #[serde(default)]
+    pub port: Option<u16>,
     /// MQTT client id. Default `fieldlink-<agent_id>-<name>`. Must be stable for persistent sessions.
     #[serde(default)]
     pub client_id: Option<String>,
@@ -140,11 +140,11 @@ pub struct MqttConfig {
     /// Payload mapping.
     #[serde(default)]
     pub payload: PayloadConfig,
+    /// TLS (`[mqtt.tls]`); absent = plain TCP.
+    #[serde(default)]
+    pub tls: Option<super::tls::TlsConfig>,
 }
 
-fn default_port() -> u16 {
-    1883
-}
 fn default_keep_alive() -> u64 {
     30
 }
@@ -153,6 +153,12 @@ fn default_inflight() -> u16 {
 }
 
 impl MqttConfig {
+    /// The broker port: as configured, else 8883 with TLS and 1883 without.
+    pub fn port(&self) -> u16 {
+        self.port
+            .unwrap_or(if self.tls.is_some() { 8883 } else { 1883 })
+    }
+
     /// Problems with this connection, prefixed by `path`.
     pub fn validate(&self, path: &str) -> Vec<String> {
         let mut p = Vec::new();
@@ -207,6 +213,11 @@ impl MqttConfig {
                 "{path}.payload.max_payload_bytes: must be 1..=67108864, got {}",
                 self.payload.max_payload_bytes
             ));
+        }
+        if let Some(t) = &self.tls {
+            if let Err(e) = super::tls::client_config(t) {
+                p.push(format!("{path}.tls: {e}"));
+            }
         }
         if self.payload.timestamp_field.is_empty() {
             p.push(format!("{path}.payload.timestamp_field: must not be empty"));

@@ -17,6 +17,7 @@
 
 mod config;
 pub mod payload;
+pub mod tls;
 
 pub use config::{MqttConfig, PayloadConfig, Secret, TimeUnit, TopicConfig};
 
@@ -183,7 +184,7 @@ pub async fn run(
         .client_id
         .clone()
         .unwrap_or_else(|| format!("fieldlink-{agent_id}-{}", cfg.name));
-    let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port);
+    let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port());
     opts.set_keep_alive(Duration::from_secs(cfg.keep_alive_s));
     opts.set_clean_session(cfg.clean_session);
     opts.set_manual_acks(true);
@@ -198,6 +199,19 @@ pub async fn run(
             (None, None) => String::new(),
         };
         opts.set_credentials(user.clone(), password);
+    }
+    if let Some(t) = &cfg.tls {
+        // Checked by `validate` before anything started; a file changed since then is reported here.
+        match tls::client_config(t) {
+            Ok(c) => opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::new(c)),
+            )),
+            Err(e) => {
+                tracing::error!(connection = %cfg.name, error = %e, "TLS configuration failed; connection not started");
+                health.set(&component, false, format!("tls: {e}"));
+                return;
+            }
+        };
     }
     let max_packet = cfg.payload.max_payload_bytes + 64 * 1024;
     opts.set_max_packet_size(max_packet, max_packet);
