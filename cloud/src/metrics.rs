@@ -17,7 +17,7 @@ pub struct CloudMetrics {
     pub readings_landed: Counter,
     /// Timestream records written.
     pub timestream_records: Counter,
-    /// Timestream records rejected (by us for breaking limits, or by Timestream).
+    /// Timestream records Timestream rejected (ours refused before calling count as dead-letter readings).
     pub timestream_rejected: Counter,
     /// Timestream calls throttled (and retried).
     pub timestream_throttled: Counter,
@@ -55,7 +55,7 @@ impl CloudMetrics {
             ),
             timestream_rejected: c(
                 "fieldlink_timestream_records_rejected_total",
-                "Timestream records rejected (limits or service).",
+                "Timestream records rejected by Timestream (RejectedRecords or an invalid call); dead-lettered.",
             ),
             timestream_throttled: c(
                 "fieldlink_timestream_throttled_total",
@@ -112,15 +112,6 @@ impl CloudMetrics {
             "fieldlink_cloud_shard_lag_ms",
             "Milliseconds behind the tip of the shard at the last read.",
             &[("shard", shard)],
-        )
-    }
-
-    /// Sink failures by sink.
-    pub fn sink_errors(&self, sink: &str) -> Counter {
-        self.registry.counter(
-            "fieldlink_cloud_sink_errors_total",
-            "Sink operations that failed after retries.",
-            &[("sink", sink)],
         )
     }
 }

@@ -49,9 +49,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
             let client = timestream::client(&sdk, endpoint_override)
                 .await
                 .map_err(RunError::Sink)?;
-            let info = timestream::table_info(&client, t).await;
-            tracing::info!(window = ?info.window, "Timestream table");
-            Some((client, t.clone(), info))
+            let window = timestream::time_window(&client, t).await;
+            tracing::info!(window = ?window, "Timestream table");
+            Some((client, t.clone(), window))
         }
         None => None,
     };
@@ -65,11 +65,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     let (m, d) = (metrics.clone(), dead.clone());
     let sinks: SinkFactory = Arc::new(move || {
         let mut v: Vec<Box<dyn Sink>> = Vec::new();
-        if let Some((client, t, info)) = &timestream {
+        if let Some((client, t, window)) = &timestream {
             v.push(Box::new(TimestreamSink::new(
                 client.clone(),
                 t.clone(),
-                *info,
+                *window,
                 d.clone(),
                 m.clone(),
             )));

@@ -435,13 +435,9 @@ fn garbage_a_decompression_bomb_and_an_over_limit_reading_are_dead_lettered_and_
     put(dir.path(), &moto.endpoint, stream, &recs, &[]);
 
     let n = expected.len();
-    let v = wait_landed(&moto, stream, n, n, Duration::from_secs(60));
+    wait_landed(&moto, stream, n, n, Duration::from_secs(60));
     let v = wait_for("the dead letters", Duration::from_secs(30), || {
-        let v = if v["dead_letters"].as_array()?.len() >= 3 {
-            v.clone()
-        } else {
-            landed(&moto, stream)
-        };
+        let v = landed(&moto, stream);
         (v["dead_letters"].as_array()?.len() >= 3).then_some(v)
     });
     let dead: Vec<&str> = v["dead_letters"]
@@ -500,7 +496,7 @@ fn timestream_throttling_and_rejected_records_from_a_fault_proxy_are_retried_and
     let (recs, expected) = workload(4, 30, 100);
     let n = expected.len();
     put(dir.path(), &moto.endpoint, stream, &recs, &[]);
-    let v = wait_landed(&moto, stream, n, 0, Duration::from_secs(90));
+    wait_landed(&moto, stream, n, 0, Duration::from_secs(90));
     let stats = wait_for(
         "every Timestream call to be answered",
         Duration::from_secs(60),
@@ -512,16 +508,17 @@ fn timestream_throttling_and_rejected_records_from_a_fault_proxy_are_retried_and
             (written >= 120 * 25).then_some(s)
         },
     );
-    std::thread::sleep(Duration::from_secs(2));
-    let v = if v["dead_letter_lines"].as_array().map_or(0, Vec::len) as u64
-        == stats["ts_rejected_records"].as_u64().unwrap()
-    {
-        v
-    } else {
-        landed(&moto, stream)
-    };
-    eprintln!("proxy: {stats}");
+    // Dead letters are written once a batch's calls are all answered.
     let rejected = stats["ts_rejected_records"].as_u64().unwrap();
+    let v = wait_for(
+        "the rejected records' dead letters",
+        Duration::from_secs(30),
+        || {
+            let v = landed(&moto, stream);
+            (v["dead_letter_lines"].as_array()?.len() as u64 >= rejected).then_some(v)
+        },
+    );
+    eprintln!("proxy: {stats}");
     assert!(
         rejected > 0 && stats["ts_throttled_calls"].as_u64().unwrap() > 0,
         "{stats}"

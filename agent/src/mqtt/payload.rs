@@ -252,39 +252,25 @@ mod tests {
             "too_large"
         );
         let c = cfg();
+        let reason_at =
+            |p: &[u8], now: i64| parse("t", p, now, &c).map(|_| ()).unwrap_err().reason();
+        assert_eq!(reason_at(b"not json", 0), "not_json");
+        assert_eq!(reason_at(br#"{"a": null, "b": [1]}"#, 0), "no_readings");
         assert_eq!(
-            parse("t", b"not json", 0, &c)
-                .map(|_| ())
-                .unwrap_err()
-                .reason(),
-            "not_json"
-        );
-        assert_eq!(
-            parse("t", br#"{"a": null, "b": [1]}"#, 0, &c)
-                .map(|_| ())
-                .unwrap_err()
-                .reason(),
-            "no_readings"
-        );
-        assert_eq!(
-            parse("t", br#"{"ts": "yesterday", "v": 1}"#, 0, &c)
-                .map(|_| ())
-                .unwrap_err()
-                .reason(),
+            reason_at(br#"{"ts": "yesterday", "v": 1}"#, 0),
             "bad_timestamp"
         );
-        assert_eq!(
-            parse("t", br#"{"ts": -5, "v": 1}"#, 0, &c)
-                .map(|_| ())
-                .unwrap_err()
-                .reason(),
-            "bad_timestamp"
-        );
+        assert_eq!(reason_at(br#"{"ts": -5, "v": 1}"#, 0), "bad_timestamp");
         // Absurdly old, or far in the future of the arrival time.
         let now = 1_772_431_200_000;
-        let reason = |p: &[u8]| parse("t", p, now, &c).map(|_| ()).unwrap_err().reason();
-        assert_eq!(reason(br#"{"ts": 86400000, "v": 1}"#), "bad_timestamp");
-        assert_eq!(reason(br#"{"ts": 1872431200000, "v": 1}"#), "bad_timestamp");
+        assert_eq!(
+            reason_at(br#"{"ts": 86400000, "v": 1}"#, now),
+            "bad_timestamp"
+        );
+        assert_eq!(
+            reason_at(br#"{"ts": 1872431200000, "v": 1}"#, now),
+            "bad_timestamp"
+        );
         assert!(parse("t", br#"{"ts": 1772431100000, "v": 1}"#, now, &c).is_ok());
     }
 

@@ -18,7 +18,7 @@ pub mod dedup;
 use crate::metrics::CloudMetrics;
 use dead::DeadLetters;
 use dedup::BatchDedup;
-use fieldlink_proto::{decode, peek_header, Batch};
+use fieldlink_proto::{decode, Batch};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -115,18 +115,16 @@ impl Lander {
                 return Ok(());
             }
         };
-        if let Ok(h) = peek_header(data) {
-            let tag = dedup::tag(&origin.shard, &origin.sequence_number);
-            let fresh = self
-                .dedup
-                .lock()
-                .map(|mut d| d.claim(h.agent_id, h.seq, tag))
-                .unwrap_or(true);
-            if !fresh {
-                self.metrics.batches_duplicate.inc();
-                tracing::debug!(agent = h.agent_id, seq = h.seq, "resent batch skipped");
-                return Ok(());
-            }
+        let tag = dedup::tag(&origin.shard, &origin.sequence_number);
+        let fresh = self
+            .dedup
+            .lock()
+            .map(|mut d| d.claim(&batch.agent_id, batch.seq, tag))
+            .unwrap_or(true);
+        if !fresh {
+            self.metrics.batches_duplicate.inc();
+            tracing::debug!(agent = %batch.agent_id, seq = batch.seq, "resent batch skipped");
+            return Ok(());
         }
         for sink in &mut self.sinks {
             sink.write(&batch, origin).await?;

@@ -289,7 +289,7 @@ impl LeaseTable {
             shard,
             me,
             "SET pendingCheckpoint = :v",
-            Some(last),
+            &[(":v", s(last))],
             "begin commit",
         )
         .await
@@ -306,7 +306,7 @@ impl LeaseTable {
             shard,
             me,
             "SET checkpoint = :v, ownerSwitchesSinceCheckpoint = :zero REMOVE pendingCheckpoint",
-            Some(checkpoint),
+            &[(":v", s(checkpoint)), (":zero", n(0))],
             "checkpoint",
         )
         .await
@@ -314,7 +314,7 @@ impl LeaseTable {
 
     /// Gives a lease up (graceful shutdown) so another worker takes it without waiting for expiry.
     pub async fn release(&self, shard: &str, me: &str) -> Result<bool, TableError> {
-        self.owned_update(shard, me, "REMOVE leaseOwner", None, "release")
+        self.owned_update(shard, me, "REMOVE leaseOwner", &[], "release")
             .await
     }
 
@@ -323,7 +323,7 @@ impl LeaseTable {
         shard: &str,
         me: &str,
         update: &str,
-        value: Option<&str>,
+        values: &[(&str, AttributeValue)],
         what: &str,
     ) -> Result<bool, TableError> {
         let mut req = self
@@ -334,11 +334,8 @@ impl LeaseTable {
             .update_expression(update)
             .condition_expression("leaseOwner = :me")
             .expression_attribute_values(":me", s(me));
-        if let Some(v) = value {
-            req = req.expression_attribute_values(":v", s(v));
-        }
-        if update.contains(":zero") {
-            req = req.expression_attribute_values(":zero", n(0));
+        for (name, v) in values {
+            req = req.expression_attribute_values(*name, v.clone());
         }
         match req.send().await {
             Ok(_) => Ok(true),

@@ -45,25 +45,13 @@ pub async fn client(
     Ok(c)
 }
 
-/// What the service knows about the table, read once at startup.
-#[derive(Debug, Clone, Copy)]
-pub struct TableInfo {
-    /// Accepted event times.
-    pub window: TimeWindow,
-}
-
-/// Reads the table's retention and, if `cfg.magnetic_store_writes` is on and the table has it off, turns it
-/// on. If the table cannot be described, the window is left open and Timestream's own answer decides.
-pub async fn table_info(
+/// The event times the table accepts, read once at startup: the table's retention, after turning on magnetic
+/// store writes if `cfg.magnetic_store_writes` is on and the table has them off. `None` if the table cannot be
+/// described: then Timestream's own answer decides (rejected records are dead-lettered all the same).
+pub async fn time_window(
     client: &aws_sdk_timestreamwrite::Client,
     cfg: &TimestreamConfig,
-) -> TableInfo {
-    let open = TableInfo {
-        window: TimeWindow {
-            memory_ms: i64::MAX / 4,
-            magnetic_ms: None,
-        },
-    };
+) -> Option<TimeWindow> {
     let d = match client
         .describe_table()
         .database_name(&cfg.database)
@@ -74,10 +62,10 @@ pub async fn table_info(
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(error = %DisplayErrorContext(&e), "DescribeTable failed; time limits left to Timestream");
-            return open;
+            return None;
         }
     };
-    let Some(t) = d.table() else { return open };
+    let t = d.table()?;
     let hours = t
         .retention_properties()
         .map_or(6, |r| r.memory_store_retention_period_in_hours());
@@ -111,12 +99,10 @@ pub async fn table_info(
             Err(e) => tracing::warn!(error = %e, "magnetic store properties"),
         }
     }
-    TableInfo {
-        window: TimeWindow {
-            memory_ms: hours * 3_600_000,
-            magnetic_ms: magnetic.then_some(days * 86_400_000),
-        },
-    }
+    Some(TimeWindow {
+        memory_ms: hours * 3_600_000,
+        magnetic_ms: magnetic.then_some(days * 86_400_000),
+    })
 }
 
 /// The sink (one per shard worker).
@@ -124,7 +110,7 @@ pub async fn table_info(
 pub struct TimestreamSink {
     client: aws_sdk_timestreamwrite::Client,
     cfg: TimestreamConfig,
-    info: TableInfo,
+    window: Option<TimeWindow>,
     dead: DeadLetters,
     metrics: CloudMetrics,
 }
@@ -239,14 +225,14 @@ impl TimestreamSink {
     pub fn new(
         client: aws_sdk_timestreamwrite::Client,
         cfg: TimestreamConfig,
-        info: TableInfo,
+        window: Option<TimeWindow>,
         dead: DeadLetters,
         metrics: CloudMetrics,
     ) -> Self {
         Self {
             client,
             cfg,
-            info,
+            window,
             dead,
             metrics,
         }
@@ -258,9 +244,14 @@ impl TimestreamSink {
             .iter()
             .map(|r| serde_json::json!({"reason": r.reason, "series": r.series}))
             .collect();
-        let (recs, late) =
-            records::split_by_time(recs, &self.info.window, fieldlink_ops::unix_ms());
-        dead.extend(late.iter().map(|(r, why)| record_json(r, why)));
+        let recs = match &self.window {
+            Some(w) => {
+                let (ok, late) = records::split_by_time(recs, w, fieldlink_ops::unix_ms());
+                dead.extend(late.iter().map(|(r, why)| record_json(r, why)));
+                ok
+            }
+            None => recs,
+        };
 
         let chunks: Vec<&[TsRecord]> = recs.chunks(records::limits::MAX_RECORDS_PER_CALL).collect();
         let mut next = 0usize;
