@@ -32,6 +32,16 @@ enum Command {
     },
     /// Print a documented example configuration.
     GenerateConfig,
+    /// Print the newest source messages the payload mapping refused (topic, reason, payload), one JSON object
+    /// per line, oldest first. Reads the buffer file; the agent may be running.
+    Refused {
+        /// Configuration file (for the buffer's path).
+        #[arg(short, long, default_value = "/etc/fieldlink/agent.toml")]
+        config: PathBuf,
+        /// How many of the newest to print.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +74,16 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+        Command::Refused { config, limit } => {
+            let cfg = Config::load(&config)
+                .with_context(|| format!("configuration {}", config.display()))?;
+            let rows = fieldlink_agent::buffer::read_refused(&cfg.buffer.path, limit)
+                .with_context(|| format!("reading {}", cfg.buffer.path.display()))?;
+            for row in rows {
+                println!("{}", serde_json::to_string(&row)?);
+            }
+            Ok(())
+        }
         Command::Run { config } => {
             let cfg = Config::load(&config)
                 .with_context(|| format!("configuration {}", config.display()))?;

@@ -6,7 +6,7 @@
 //! commits them in one transaction, and only then runs their acknowledgement callbacks, in arrival order.
 //! Every `linger_ms` it seals the rows committed at least `reorder_window_ms` ago.
 
-use super::{Buffer, BufferConfig, BufferError, Ledger, NewReading, OverflowPolicy};
+use super::{Buffer, BufferConfig, BufferError, Ledger, NewReading, OverflowPolicy, Refused};
 use crate::batch::BatchConfig;
 use crate::metrics::AgentMetrics;
 use crate::order::OrderConfig;
@@ -33,6 +33,7 @@ pub struct Pending {
 
 struct Append {
     readings: Vec<NewReading>,
+    refused: Option<Box<Refused>>,
     ack: Option<AckFn>,
 }
 
@@ -81,7 +82,23 @@ impl BufferHandle {
         ack: Option<AckFn>,
     ) -> Result<(), Closed> {
         self.data
-            .send_async(Append { readings, ack })
+            .send_async(Append {
+                readings,
+                refused: None,
+                ack,
+            })
+            .await
+            .map_err(|_| Closed)
+    }
+
+    /// Queues a refused source message for the dead-letter table; `ack` runs after it is committed.
+    pub async fn refuse(&self, refused: Refused, ack: Option<AckFn>) -> Result<(), Closed> {
+        self.data
+            .send_async(Append {
+                readings: Vec::new(),
+                refused: Some(Box::new(refused)),
+                ack,
+            })
             .await
             .map_err(|_| Closed)
     }
@@ -318,10 +335,10 @@ impl Worker {
         }
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
-            match self
-                .buffer
-                .append(group.iter().map(|a| a.readings.as_slice()))
-            {
+            match self.buffer.append_with_refused(
+                group.iter().map(|a| a.readings.as_slice()),
+                group.iter().filter_map(|a| a.refused.as_deref()),
+            ) {
                 Ok(_) => break,
                 Err(e) => {
                     self.metrics.buffer_errors.inc();

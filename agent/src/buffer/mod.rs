@@ -21,9 +21,15 @@
 //! batches(seq INTEGER PRIMARY KEY, record BLOB, readings INTEGER, sealed_ms INTEGER)
 //! series_state(series_id INTEGER PRIMARY KEY, state BLOB)   -- order::SeriesState::to_bytes
 //! dead_letters(id INTEGER PRIMARY KEY, at_ms INTEGER, reason TEXT, series TEXT, ts_ms INTEGER, value ANY)
+//! refused(id INTEGER PRIMARY KEY, at_ms INTEGER, source TEXT, topic TEXT, reason TEXT, detail TEXT,
+//!         size INTEGER, payload BLOB)                 -- source messages the mapping refused
 //! ```
 //! `kind` is the wire format's kind byte (value type, quality, late flag); `value` holds a REAL, INTEGER (i64 and
-//! bool) or TEXT. `dead_letters` keeps the newest [`MAX_DEAD_LETTERS`] rows.
+//! bool) or TEXT. `dead_letters` keeps the newest [`MAX_DEAD_LETTERS`] rows (late readings). `refused` keeps the
+//! newest [`MAX_REFUSED`] source messages that gave no reading (unparseable MQTT payloads), each with its first
+//! [`MAX_REFUSED_PAYLOAD`] bytes and its full `size`; a refused message is stored in the same transaction as the
+//! readings around it, so its MQTT acknowledgement also waits for the commit. The table was added without a
+//! schema version change: older agents ignore it.
 //!
 //! # Size and overflow
 //! The buffer counts its logical size: [`ROW_BYTES`] plus the value's size per unsealed reading, plus the bytes of
@@ -61,6 +67,10 @@ const SCHEMA_VERSION: i64 = 1;
 const SERIES_CACHE_MAX: usize = 100_000;
 /// Dead letters kept.
 pub const MAX_DEAD_LETTERS: i64 = 10_000;
+/// Refused source messages kept (the newest).
+pub const MAX_REFUSED: i64 = 1_000;
+/// Bytes of a refused message's payload kept (the table stays under about 16 MiB).
+pub const MAX_REFUSED_PAYLOAD: usize = 16 * 1024;
 /// Size counted per unsealed reading besides its value (row id, series id, timestamp, kind, b-tree overhead).
 pub const ROW_BYTES: u64 = 32;
 
@@ -98,6 +108,86 @@ pub struct NewReading {
     pub value: Value,
     /// Quality.
     pub quality: Quality,
+}
+
+/// A source message that gave no reading, kept for inspection (`fieldlink-agent refused`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// When it arrived, Unix ms.
+    pub at_ms: i64,
+    /// The source, e.g. `mqtt:<connection>`.
+    pub source: String,
+    /// The MQTT topic.
+    pub topic: String,
+    /// The reason label (as in the metric).
+    pub reason: String,
+    /// The error in words.
+    pub detail: String,
+    /// The payload (only its first [`MAX_REFUSED_PAYLOAD`] bytes are stored).
+    pub payload: Vec<u8>,
+}
+
+/// A stored [`Refused`] message, as read back.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RefusedRow {
+    /// When it arrived, Unix ms.
+    pub at_ms: i64,
+    /// The source.
+    pub source: String,
+    /// The MQTT topic.
+    pub topic: String,
+    /// The reason label.
+    pub reason: String,
+    /// The error in words.
+    pub detail: String,
+    /// The payload's full size in bytes.
+    pub size: i64,
+    /// The stored payload as text, if it is UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// The stored payload in hex, if it is not UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_hex: Option<String>,
+}
+
+/// Reads the newest `limit` refused messages, oldest first, from a buffer file without changing it (the
+/// agent may be running: WAL mode lets a reader in).
+pub fn read_refused(path: &Path, limit: usize) -> Result<Vec<RefusedRow>, BufferError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let has: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'refused'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare(
+        "SELECT at_ms, source, topic, reason, detail, size, payload FROM
+           (SELECT * FROM refused ORDER BY id DESC LIMIT ?1) ORDER BY id",
+    )?;
+    let rows = stmt.query_map([limit as i64], |r| {
+        let payload: Vec<u8> = r.get(6)?;
+        let (text, hex) = match String::from_utf8(payload) {
+            Ok(t) => (Some(t), None),
+            Err(e) => (
+                None,
+                Some(e.as_bytes().iter().map(|b| format!("{b:02x}")).collect()),
+            ),
+        };
+        Ok(RefusedRow {
+            at_ms: r.get(0)?,
+            source: r.get(1)?,
+            topic: r.get(2)?,
+            reason: r.get(3)?,
+            detail: r.get(4)?,
+            size: r.get(5)?,
+            payload: text,
+            payload_hex: hex,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// What the buffer holds now.
@@ -277,7 +367,8 @@ impl Buffer {
              CREATE TABLE IF NOT EXISTS readings(id INTEGER PRIMARY KEY, series_id INTEGER NOT NULL, ts_ms INTEGER NOT NULL, kind INTEGER NOT NULL, value ANY);
              CREATE TABLE IF NOT EXISTS batches(seq INTEGER PRIMARY KEY, record BLOB NOT NULL, readings INTEGER NOT NULL, sealed_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS series_state(series_id INTEGER PRIMARY KEY, state BLOB NOT NULL);
-             CREATE TABLE IF NOT EXISTS dead_letters(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, reason TEXT NOT NULL, series TEXT NOT NULL, ts_ms INTEGER NOT NULL, value ANY);",
+             CREATE TABLE IF NOT EXISTS dead_letters(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, reason TEXT NOT NULL, series TEXT NOT NULL, ts_ms INTEGER NOT NULL, value ANY);
+             CREATE TABLE IF NOT EXISTS refused(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, source TEXT NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL);",
         )?;
         let get = |k: &str| -> rusqlite::Result<Option<rusqlite::types::Value>> {
             conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
@@ -456,7 +547,29 @@ impl Buffer {
         &mut self,
         groups: impl IntoIterator<Item = &'a [NewReading]>,
     ) -> Result<u64, BufferError> {
+        self.append_with_refused(groups, [])
+    }
+
+    /// [`Buffer::append`], storing refused source messages in the same transaction.
+    pub fn append_with_refused<'a>(
+        &mut self,
+        groups: impl IntoIterator<Item = &'a [NewReading]>,
+        refused: impl IntoIterator<Item = &'a Refused>,
+    ) -> Result<u64, BufferError> {
         let res = self.in_tx(|b| {
+            let mut any_refused = false;
+            for r in refused {
+                let kept = &r.payload[..r.payload.len().min(MAX_REFUSED_PAYLOAD)];
+                b.conn
+                    .prepare_cached("INSERT INTO refused(at_ms, source, topic, reason, detail, size, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?
+                    .execute(params![r.at_ms, r.source, r.topic, r.reason, r.detail, r.payload.len() as i64, kept])?;
+                any_refused = true;
+            }
+            if any_refused {
+                b.conn
+                    .prepare_cached("DELETE FROM refused WHERE id <= (SELECT max(id) FROM refused) - ?1")?
+                    .execute([MAX_REFUSED])?;
+            }
             let (mut n, mut bytes) = (0u64, 0u64);
             for group in groups {
                 for r in group {

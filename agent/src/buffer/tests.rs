@@ -449,3 +449,38 @@ fn an_unreadable_row_is_skipped_and_counted_not_a_stall() {
     assert_eq!(b.ledger().dead_lettered, 1);
     assert_eq!(b.stats().unsealed_readings, 0);
 }
+
+#[test]
+fn refused_messages_are_kept_bounded_with_readings_in_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir);
+    let refused: Vec<Refused> = (0..MAX_REFUSED + 5)
+        .map(|i| Refused {
+            at_ms: i,
+            source: "mqtt:plant".into(),
+            topic: format!("t/{i}"),
+            reason: "not_json".into(),
+            detail: "payload is not JSON".into(),
+            payload: if i == MAX_REFUSED + 4 {
+                vec![0xff; MAX_REFUSED_PAYLOAD + 10]
+            } else {
+                b"oops".to_vec()
+            },
+        })
+        .collect();
+    b.append_with_refused([vec![reading("a/x", 1, 1.0)].as_slice()], &refused)
+        .unwrap();
+    assert_eq!(b.stats().unsealed_readings, 1);
+    let rows = read_refused(&dir.path().join("b.db"), 10_000).unwrap();
+    assert_eq!(rows.len() as i64, MAX_REFUSED, "bounded");
+    assert_eq!(rows[0].topic, "t/5", "the oldest went");
+    assert_eq!(rows[0].payload.as_deref(), Some("oops"));
+    let last = rows.last().unwrap();
+    assert_eq!(last.size as usize, MAX_REFUSED_PAYLOAD + 10);
+    assert_eq!(
+        last.payload_hex.as_ref().map(String::len),
+        Some(2 * MAX_REFUSED_PAYLOAD),
+        "truncated"
+    );
+    assert_eq!(read_refused(&dir.path().join("b.db"), 2).unwrap().len(), 2);
+}

@@ -34,6 +34,35 @@ pub struct TopicConfig {
     /// readings are committed to the buffer.
     #[serde(default = "default_qos")]
     pub qos: u8,
+    /// Payload format of the messages on this subscription: `json` (default; a JSON object or a bare JSON
+    /// scalar), `influx` (InfluxDB line protocol) or `sparkplug_b` (Sparkplug B protobuf on `spBv1.0/...` topics).
+    #[serde(default)]
+    pub format: Format,
+}
+
+/// A payload format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// A JSON object (fields → readings) or a bare JSON number, boolean or string.
+    #[default]
+    Json,
+    /// InfluxDB line protocol, one or more lines.
+    Influx,
+    /// Sparkplug B.
+    SparkplugB,
+}
+
+/// MQTT protocol version.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// MQTT 3.1.1.
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5.
+    #[serde(rename = "5")]
+    V5,
 }
 
 fn default_qos() -> u8 {
@@ -60,6 +89,27 @@ pub struct PayloadConfig {
     /// Payloads larger than this are refused (counted as `too_large`). Default 262144 (256 KiB).
     #[serde(default = "default_max_payload")]
     pub max_payload_bytes: usize,
+    /// JSON only: keep only these fields (paths as in series names, `a/b` for `{"a":{"b":..}}`; a path keeps
+    /// everything under it). Empty (default) keeps all.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// JSON only: drop these fields (same paths; applied after `include`).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Unit of InfluxDB line-protocol timestamps: `ns` (default, as InfluxDB), `us`, `ms` or `s`.
+    #[serde(default = "default_influx_unit")]
+    pub influx_timestamp_unit: TimeUnit,
+    /// Sparkplug B metrics remembered per connection (names, aliases, last values for stale marking). A birth
+    /// that would exceed it is refused as `sparkplug_limit`. Default 100000.
+    #[serde(default = "default_sparkplug_metrics")]
+    pub max_sparkplug_metrics: usize,
+}
+
+fn default_influx_unit() -> TimeUnit {
+    TimeUnit::Ns
+}
+fn default_sparkplug_metrics() -> usize {
+    100_000
 }
 
 fn default_ts_field() -> String {
@@ -83,6 +133,10 @@ impl Default for PayloadConfig {
             min_timestamp_ms: default_min_ts(),
             max_future_ms: default_max_future(),
             max_payload_bytes: default_max_payload(),
+            include: Vec::new(),
+            exclude: Vec::new(),
+            influx_timestamp_unit: default_influx_unit(),
+            max_sparkplug_metrics: default_sparkplug_metrics(),
         }
     }
 }
@@ -110,6 +164,9 @@ pub struct MqttConfig {
     pub name: String,
     /// Broker host name or address.
     pub host: String,
+    /// MQTT protocol version: `"3.1.1"` (default) or `"5"`.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Broker port. Default 1883, or 8883 with `[mqtt.tls]`.
     #[serde(default)]
     pub port: Option<u16>,
@@ -129,6 +186,10 @@ pub struct MqttConfig {
     /// messages while the agent is away.
     #[serde(default)]
     pub clean_session: bool,
+    /// MQTT 5 only: how long the broker keeps the session (subscriptions and queued messages) after the
+    /// connection drops, seconds. Default 604800 (a week). Ignored with `clean_session`.
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry_s: u32,
     /// Keep-alive interval, seconds. Default 30.
     #[serde(default = "default_keep_alive")]
     pub keep_alive_s: u64,
@@ -145,6 +206,9 @@ pub struct MqttConfig {
     pub tls: Option<super::tls::TlsConfig>,
 }
 
+fn default_session_expiry() -> u32 {
+    604_800
+}
 fn default_keep_alive() -> u64 {
     30
 }
@@ -218,6 +282,23 @@ impl MqttConfig {
             if let Err(e) = super::tls::client_config(t) {
                 p.push(format!("{path}.tls: {e}"));
             }
+        }
+        for (name, paths) in [
+            ("include", &self.payload.include),
+            ("exclude", &self.payload.exclude),
+        ] {
+            for (i, f) in paths.iter().enumerate() {
+                if f.is_empty() || f.starts_with('/') || f.ends_with('/') {
+                    p.push(format!(
+                        "{path}.payload.{name}[{i}]: a field path like \"a\" or \"a/b\", got {f:?}"
+                    ));
+                }
+            }
+        }
+        if self.payload.max_sparkplug_metrics == 0 {
+            p.push(format!(
+                "{path}.payload.max_sparkplug_metrics: must be at least 1"
+            ));
         }
         if self.payload.timestamp_field.is_empty() {
             p.push(format!("{path}.payload.timestamp_field: must not be empty"));

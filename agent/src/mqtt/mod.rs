@@ -17,14 +17,16 @@
 
 mod config;
 pub mod payload;
+mod session;
 pub mod tls;
 
-pub use config::{MqttConfig, PayloadConfig, Secret, TimeUnit, TopicConfig};
+pub use config::{Format, MqttConfig, PayloadConfig, Protocol, Secret, TimeUnit, TopicConfig};
 
-use crate::buffer::{AckFn, BufferHandle};
+use crate::buffer::{AckFn, BufferHandle, Refused};
 use fieldlink_ops::backoff::Backoff;
 use fieldlink_ops::metrics::{Counter, Gauge, Health, Registry};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use payload::{Mapper, Skip};
+use session::{Session, SessionEvent};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,7 +40,8 @@ struct ConnMetrics {
     messages: Counter,
     bytes: Counter,
     readings: Counter,
-    skipped_fields: Counter,
+    skipped: Vec<(Skip, Counter)>,
+    seq_gaps: Counter,
     reconnects: Counter,
     acks: Counter,
     registry: Registry,
@@ -69,9 +72,20 @@ impl ConnMetrics {
                 "Readings mapped from MQTT messages.",
                 &l,
             ),
-            skipped_fields: registry.counter(
-                "fieldlink_mqtt_skipped_fields_total",
-                "Payload fields that gave no reading (null, arrays).",
+            skipped: Skip::ALL
+                .iter()
+                .map(|s| {
+                    let c = registry.counter(
+                        "fieldlink_mqtt_skipped_fields_total",
+                        "Fields of accepted MQTT messages that gave no reading, by reason.",
+                        &[("connection", name), ("reason", s.reason())],
+                    );
+                    (*s, c)
+                })
+                .collect(),
+            seq_gaps: registry.counter(
+                "fieldlink_mqtt_sparkplug_seq_gaps_total",
+                "Sparkplug B messages whose sequence number was not the next one (messages lost upstream).",
                 &l,
             ),
             reconnects: registry.counter(
@@ -92,9 +106,15 @@ impl ConnMetrics {
     fn dead_letter(&self, reason: &str) -> Counter {
         self.registry.counter(
             "fieldlink_mqtt_dead_letters_total",
-            "MQTT messages refused by the payload mapping, by reason.",
+            "MQTT messages refused by the payload mapping, by reason (kept in the buffer's refused table).",
             &[("connection", &self.name), ("reason", reason)],
         )
+    }
+
+    fn skipped(&self, s: Skip) {
+        if let Some((_, c)) = self.skipped.iter().find(|(k, _)| *k == s) {
+            c.inc();
+        }
     }
 }
 
@@ -102,14 +122,14 @@ impl ConnMetrics {
 #[derive(Debug, Default)]
 pub struct AckQueue {
     /// `(connection generation, qos, packet id)`.
-    pending: Mutex<VecDeque<(u64, QoS, u16)>>,
+    pending: Mutex<VecDeque<(u64, u8, u16)>>,
     ready: Notify,
 }
 
 impl AckQueue {
     /// Records a committed message's acknowledgement (called on the buffer thread; never blocks for long).
     /// `generation` is the connection the message arrived on.
-    pub fn push(&self, generation: u64, qos: QoS, pkid: u16) {
+    pub fn push(&self, generation: u64, qos: u8, pkid: u16) {
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -117,11 +137,11 @@ impl AckQueue {
         self.ready.notify_one();
     }
 
-    /// Hands queued acknowledgements of connection `generation` to `client` until its request channel is full,
-    /// and discards those of earlier connections: after a reconnect the broker may have given their packet ids
-    /// to other messages, so acking them could acknowledge a message not yet committed. The broker redelivers
-    /// the discarded ones; dedup drops the copies. Returns how many went.
-    fn flush(&self, client: &AsyncClient, generation: u64) -> u64 {
+    /// Hands queued acknowledgements of connection `generation` to `send` until it refuses one (the client's
+    /// request channel is full), and discards those of earlier connections: after a reconnect the broker may
+    /// have given their packet ids to other messages, so acking them could acknowledge a message not yet
+    /// committed. The broker redelivers the discarded ones; dedup drops the copies. Returns how many went.
+    fn flush(&self, generation: u64, mut send: impl FnMut(u8, u16) -> bool) -> u64 {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let mut sent = 0;
         while let Some(&(g, qos, pkid)) = pending.front() {
@@ -129,15 +149,7 @@ impl AckQueue {
                 pending.pop_front();
                 continue;
             }
-            let publish = rumqttc::Publish {
-                dup: false,
-                qos,
-                retain: false,
-                topic: String::new(),
-                pkid,
-                payload: Default::default(),
-            };
-            if client.try_ack(&publish).is_err() {
+            if !send(qos, pkid) {
                 break;
             }
             pending.pop_front();
@@ -161,12 +173,18 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
     t.next().is_none()
 }
 
-fn qos(q: u8) -> QoS {
-    match q {
-        0 => QoS::AtMostOnce,
-        2 => QoS::ExactlyOnce,
-        _ => QoS::AtLeastOnce,
-    }
+/// The password to connect with, if any.
+fn credentials(cfg: &MqttConfig) -> Option<(String, String)> {
+    let user = cfg.username.as_ref()?;
+    let password = match (&cfg.password, &cfg.password_env) {
+        (Some(p), _) => p.expose().to_owned(),
+        (None, Some(var)) => std::env::var(var).unwrap_or_else(|_| {
+            tracing::error!(connection = %cfg.name, variable = %var, "password_env is not set; connecting without a password");
+            String::new()
+        }),
+        (None, None) => String::new(),
+    };
+    Some((user.clone(), password))
 }
 
 /// Runs one connection until `cancel` fires. Reconnects forever with capped, jittered backoff.
@@ -184,79 +202,43 @@ pub async fn run(
         .client_id
         .clone()
         .unwrap_or_else(|| format!("fieldlink-{agent_id}-{}", cfg.name));
-    let mut opts = MqttOptions::new(client_id, cfg.host.clone(), cfg.port());
-    opts.set_keep_alive(Duration::from_secs(cfg.keep_alive_s));
-    opts.set_clean_session(cfg.clean_session);
-    opts.set_manual_acks(true);
-    opts.set_inflight(cfg.max_inflight);
-    if let Some(user) = &cfg.username {
-        let password = match (&cfg.password, &cfg.password_env) {
-            (Some(p), _) => p.expose().to_owned(),
-            (None, Some(var)) => std::env::var(var).unwrap_or_else(|_| {
-                tracing::error!(connection = %cfg.name, variable = %var, "password_env is not set; connecting without a password");
-                String::new()
-            }),
-            (None, None) => String::new(),
-        };
-        opts.set_credentials(user.clone(), password);
-    }
-    if let Some(t) = &cfg.tls {
-        // Checked by `validate` before anything started; a file changed since then is reported here.
-        match tls::client_config(t) {
-            Ok(c) => opts.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(Arc::new(c)),
-            )),
-            Err(e) => {
-                tracing::error!(connection = %cfg.name, error = %e, "TLS configuration failed; connection not started");
-                health.set(&component, false, format!("tls: {e}"));
-                return;
-            }
-        };
-    }
-    let max_packet = cfg.payload.max_payload_bytes + 64 * 1024;
-    opts.set_max_packet_size(max_packet, max_packet);
-    // Requests are only acks and subscribes; room for a full in-flight window of acks.
-    let (client, mut eventloop) = AsyncClient::new(opts, usize::from(cfg.max_inflight) * 2 + 16);
+    let tls = match cfg.tls.as_ref().map(tls::client_config).transpose() {
+        Ok(t) => t.map(|c| rumqttc::TlsConfiguration::Rustls(Arc::new(c))),
+        Err(e) => {
+            // Checked by `validate` before anything started; a file changed since then is reported here.
+            tracing::error!(connection = %cfg.name, error = %e, "TLS configuration failed; connection not started");
+            health.set(&component, false, format!("tls: {e}"));
+            return;
+        }
+    };
+    let mut session = Session::new(&cfg, client_id, credentials(&cfg), tls);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let acks = Arc::new(AckQueue::default());
-    let tag_patterns: Vec<(&str, &str)> = cfg
-        .topics
-        .iter()
-        .filter_map(|t| Some((t.filter.as_str(), t.tags_from_topic.as_deref()?)))
-        .collect();
+    let mut mapper = Mapper::new(cfg.payload.clone());
     let mut generation = 0u64;
     health.set(&component, false, "connecting");
 
     loop {
-        m.acks.add(acks.flush(&client, generation));
+        m.acks
+            .add(acks.flush(generation, |q, id| session.try_ack(q, id)));
         let event = tokio::select! {
             _ = cancel.cancelled() => break,
             _ = acks.ready.notified() => continue,
-            ev = eventloop.poll() => ev,
+            ev = session.poll() => ev,
         };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+            Ok(SessionEvent::Connected { session_present }) => {
                 generation += 1;
                 backoff.reset();
                 m.connected.set(1);
                 health.set(&component, false, "connected, subscribing");
-                tracing::info!(connection = %cfg.name, session_present = ack.session_present, "MQTT connected");
-                // Subscribing again is harmless with a present session and required without one. One SUBSCRIBE
-                // for all filters, so one SUBACK says whether all of them are active.
-                let filters = cfg
-                    .topics
-                    .iter()
-                    .map(|t| rumqttc::SubscribeFilter::new(t.filter.clone(), qos(t.qos)));
-                if let Err(e) = client.try_subscribe_many(filters) {
+                tracing::info!(connection = %cfg.name, session_present, protocol = ?cfg.protocol, "MQTT connected");
+                // Subscribing again is harmless with a present session and required without one.
+                if let Err(e) = session.subscribe(&cfg.topics) {
                     tracing::error!(connection = %cfg.name, error = %e, "cannot queue subscribe");
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let refused = ack
-                    .return_codes
-                    .iter()
-                    .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                    .count();
+            Ok(SessionEvent::Subscribed { refused }) => {
                 if refused > 0 {
                     tracing::error!(connection = %cfg.name, refused, "broker refused subscriptions");
                     health.set(
@@ -268,50 +250,54 @@ pub async fn run(
                     health.set(&component, true, "subscribed");
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
+            Ok(SessionEvent::Message(msg)) => {
                 m.messages.inc();
-                m.bytes.add(publish.payload.len() as u64);
-                let topic = publish.topic.clone();
-                let readings = match payload::parse(
-                    &topic,
-                    &publish.payload,
-                    fieldlink_ops::unix_ms(),
-                    &cfg.payload,
-                ) {
+                m.bytes.add(msg.payload.len() as u64);
+                let now = fieldlink_ops::unix_ms();
+                // The first subscription whose filter matches decides the format and the topic tags.
+                let sub = cfg
+                    .topics
+                    .iter()
+                    .find(|t| topic_matches(&t.filter, &msg.topic));
+                let format = sub.map(|t| t.format).unwrap_or_default();
+                let ack: Option<AckFn> = (msg.qos != 0).then(|| {
+                    let (queue, qos, pkid, g) = (acks.clone(), msg.qos, msg.pkid, generation);
+                    Box::new(move || queue.push(g, qos, pkid)) as AckFn
+                });
+                let send = match mapper.map(format, &msg.topic, &msg.payload, now) {
                     Ok(mut parsed) => {
-                        // The first subscription with a pattern whose filter matches (no work without patterns).
-                        if let Some((_, pattern)) = tag_patterns
-                            .iter()
-                            .find(|(filter, _)| topic_matches(filter, &topic))
-                        {
-                            let tags = payload::topic_tags(pattern, &topic);
-                            if !tags.is_empty() {
-                                for r in &mut parsed.readings {
-                                    r.series.tags = tags.clone();
-                                }
-                            }
+                        if let Some(pattern) = sub.and_then(|t| t.tags_from_topic.as_deref()) {
+                            let tags = payload::topic_tags(pattern, &msg.topic);
+                            payload::merge_tags(&mut parsed.readings, &tags);
                         }
                         m.readings.add(parsed.readings.len() as u64);
-                        m.skipped_fields.add(parsed.skipped as u64);
-                        parsed.readings
+                        for s in &parsed.skipped {
+                            m.skipped(*s);
+                        }
+                        if parsed.seq_gap {
+                            m.seq_gaps.inc();
+                            tracing::warn!(connection = %cfg.name, topic = %msg.topic, "Sparkplug sequence number jumped: messages were lost upstream");
+                        }
+                        buffer.append(parsed.readings, ack).await
                     }
                     Err(e) => {
                         m.dead_letter(e.reason()).inc();
-                        tracing::debug!(connection = %cfg.name, topic = %topic, error = %e, "payload refused");
-                        Vec::new()
+                        tracing::debug!(connection = %cfg.name, topic = %msg.topic, error = %e, "payload refused");
+                        let refused = Refused {
+                            at_ms: now,
+                            source: component.clone(),
+                            topic: msg.topic,
+                            reason: e.reason().to_owned(),
+                            detail: e.to_string(),
+                            payload: msg.payload.to_vec(),
+                        };
+                        buffer.refuse(refused, ack).await
                     }
                 };
-                let ack: Option<AckFn> = (publish.qos != QoS::AtMostOnce).then(|| {
-                    let (queue, qos, pkid, g) =
-                        (acks.clone(), publish.qos, publish.pkid, generation);
-                    Box::new(move || queue.push(g, qos, pkid)) as AckFn
-                });
-                let send = buffer.append(readings, ack);
-                let sent = tokio::select! {
-                    r = send => r,
-                    _ = cancel.cancelled() => break,
-                };
-                if sent.is_err() {
+                // A full buffer queue blocks here: the broker's in-flight window fills and it holds further
+                // messages. Shutdown is not delayed by it: the select above is reached as soon as the send
+                // completes, and the buffer thread keeps draining its queue.
+                if send.is_err() {
                     tracing::error!(connection = %cfg.name, "buffer closed; stopping MQTT connection");
                     break;
                 }
@@ -320,7 +306,7 @@ pub async fn run(
             Err(e) => {
                 m.connected.set(0);
                 m.reconnects.inc();
-                health.set(&component, false, e.to_string());
+                health.set(&component, false, e.clone());
                 let delay = backoff.next_delay();
                 tracing::warn!(connection = %cfg.name, error = %e, retry_in_ms = delay.as_millis() as u64, "MQTT connection failed");
                 tokio::select! {
@@ -333,17 +319,9 @@ pub async fn run(
     m.connected.set(0);
     // Committed messages whose acks are still queued are redelivered by the broker next time (duplicates,
     // never losses).
-    m.acks.add(acks.flush(&client, generation));
-    let _ = client.try_disconnect();
-    // Let the DISCONNECT go out; bounded.
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while let Ok(ev) = eventloop.poll().await {
-            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                break;
-            }
-        }
-    })
-    .await;
+    m.acks
+        .add(acks.flush(generation, |q, id| session.try_ack(q, id)));
+    session.disconnect().await;
     tracing::info!(connection = %cfg.name, "MQTT connection stopped");
 }
 

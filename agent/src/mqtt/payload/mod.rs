@@ -1,0 +1,247 @@
+//! Payload mapping: an MQTT message (topic + bytes) to readings. Pure and synchronous; no I/O.
+//!
+//! Formats (chosen per subscription, see [`Format`]):
+//! - [`json`]: a JSON object (fields → series `<topic>/<field>`, nested objects flattened with `/`, include and
+//!   exclude lists, a timestamp field with a unit) or a bare JSON scalar (series `<topic>`).
+//! - [`influx`]: InfluxDB line protocol (series `<measurement>/<field>`, the line's tags as tags).
+//! - [`sparkplug`]: Sparkplug B (series `<group>/<edge node>[/<device>]/<metric>`), with per-connection state:
+//!   birth certificates' aliases, sequence numbers, and deaths that mark series stale.
+//!
+//! A message either gives readings (possibly with some fields skipped, counted by [`Skip`] reason: the good
+//! fields of a partly bad payload still pass) or is refused with a [`PayloadError`] whose `reason()` labels the
+//! dead-letter counter and the dead-letter row. Topic tags (`tags_from_topic`) are merged in by the caller.
+//!
+//! Every timestamp a payload claims must lie in `[min_timestamp_ms, arrival + max_future_ms]`; a value must be
+//! finite; keys, tags and strings must fit the wire format's limits.
+
+pub mod influx;
+pub mod json;
+pub mod sparkplug;
+
+use super::config::{Format, PayloadConfig, TimeUnit};
+use crate::buffer::NewReading;
+use fieldlink_proto::limits::{
+    MAX_KEY_BYTES, MAX_STRING_BYTES, MAX_TAGS, MAX_TAG_NAME_BYTES, MAX_TAG_VALUE_BYTES,
+};
+use fieldlink_proto::{Quality, Series, Value};
+
+/// Why a whole message was refused. `reason()` labels the dead-letter counter and row.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    /// Larger than `max_payload_bytes`.
+    #[error("payload of {0} bytes is larger than the limit")]
+    TooLarge(usize),
+    /// Not JSON.
+    #[error("payload is not JSON: {0}")]
+    NotJson(String),
+    /// Not valid InfluxDB line protocol.
+    #[error("line {line}: {why}")]
+    BadLineProtocol {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        why: String,
+    },
+    /// Not a Sparkplug B payload or topic.
+    #[error("not Sparkplug B: {0}")]
+    BadSparkplug(String),
+    /// The payload parsed but no field gave a reading; the reason of the first skipped field, if any.
+    #[error("payload holds no readings{}", .0.map(|s| format!(" (fields skipped: {})", s.reason())).unwrap_or_default())]
+    NoReadings(Option<Skip>),
+    /// The message's timestamp is not a number in range.
+    #[error("timestamp is not a usable number in range")]
+    BadTimestamp,
+    /// A Sparkplug birth would exceed `max_sparkplug_metrics`.
+    #[error("Sparkplug metrics limit of {0} reached")]
+    SparkplugLimit(usize),
+}
+
+impl PayloadError {
+    /// Short reason label for metrics and dead letters. A payload without readings is labelled by why its fields
+    /// were skipped (`wrong_type`, `non_finite`, ...), else `no_readings`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PayloadError::TooLarge(_) => "too_large",
+            PayloadError::NotJson(_) => "not_json",
+            PayloadError::BadLineProtocol { .. } => "bad_line_protocol",
+            PayloadError::BadSparkplug(_) => "bad_sparkplug",
+            PayloadError::NoReadings(Some(s)) => s.reason(),
+            PayloadError::NoReadings(None) => "no_readings",
+            PayloadError::BadTimestamp => "bad_timestamp",
+            PayloadError::SparkplugLimit(_) => "sparkplug_limit",
+        }
+    }
+}
+
+/// Why one field of a message gave no reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Skip {
+    /// `null`, or a Sparkplug metric marked null.
+    Null,
+    /// Not a scalar (array, data set, template, bytes).
+    WrongType,
+    /// NaN or an infinity.
+    NonFinite,
+    /// A key, tag or string longer than the wire format allows.
+    TooLong,
+    /// A per-field timestamp out of range.
+    BadTimestamp,
+    /// A Sparkplug metric whose alias no birth certificate named.
+    UnknownAlias,
+    /// One line of a multi-line InfluxDB payload is malformed (the others pass).
+    BadLine,
+}
+
+impl Skip {
+    /// All reasons, for metrics.
+    pub const ALL: [Skip; 7] = [
+        Skip::Null,
+        Skip::WrongType,
+        Skip::NonFinite,
+        Skip::TooLong,
+        Skip::BadTimestamp,
+        Skip::UnknownAlias,
+        Skip::BadLine,
+    ];
+
+    /// Short label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Skip::Null => "null",
+            Skip::WrongType => "wrong_type",
+            Skip::NonFinite => "non_finite",
+            Skip::TooLong => "too_long",
+            Skip::BadTimestamp => "bad_timestamp",
+            Skip::UnknownAlias => "unknown_alias",
+            Skip::BadLine => "bad_line",
+        }
+    }
+}
+
+/// The readings of one message, and the fields skipped, by reason.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Parsed {
+    /// Readings.
+    pub readings: Vec<NewReading>,
+    /// Skipped fields in order of appearance (a message rarely has many).
+    pub skipped: Vec<Skip>,
+    /// Sparkplug: the sequence number was not the one expected (a message of this edge node was lost or
+    /// reordered on the way).
+    pub seq_gap: bool,
+}
+
+impl Parsed {
+    /// Adds a reading after checking it against the wire format's limits.
+    fn push(&mut self, series: Series, ts_ms: i64, value: Value, quality: Quality) {
+        let too_long = series.key.len() > MAX_KEY_BYTES
+            || series.tags.len() > MAX_TAGS
+            || series
+                .tags
+                .iter()
+                .any(|(n, v)| n.len() > MAX_TAG_NAME_BYTES || v.len() > MAX_TAG_VALUE_BYTES)
+            || matches!(&value, Value::Str(s) if s.len() > MAX_STRING_BYTES);
+        if too_long {
+            return self.skipped.push(Skip::TooLong);
+        }
+        if matches!(value, Value::F64(f) if !f.is_finite()) {
+            return self.skipped.push(Skip::NonFinite);
+        }
+        self.readings.push(NewReading {
+            series,
+            ts_ms,
+            value,
+            quality,
+        });
+    }
+
+    /// The message's result: refused when nothing passed.
+    fn finish(self) -> Result<Parsed, PayloadError> {
+        if self.readings.is_empty() {
+            return Err(PayloadError::NoReadings(self.skipped.first().copied()));
+        }
+        Ok(self)
+    }
+}
+
+/// Converts a number in `unit` to Unix milliseconds; `None` outside years 1970..=9999 or not finite.
+pub(crate) fn to_ms(v: f64, unit: TimeUnit) -> Option<i64> {
+    let ms = match unit {
+        TimeUnit::S => v * 1e3,
+        TimeUnit::Ms => v,
+        TimeUnit::Us => v / 1e3,
+        TimeUnit::Ns => v / 1e6,
+    };
+    (ms.is_finite() && (0.0..=253_402_300_799_999.0).contains(&ms)).then(|| ms.round() as i64)
+}
+
+/// Whether a timestamp a payload claims is acceptable at `arrival_ms`.
+fn ts_in_range(ts_ms: i64, arrival_ms: i64, cfg: &PayloadConfig) -> bool {
+    ts_ms >= cfg.min_timestamp_ms && ts_ms <= arrival_ms.saturating_add(cfg.max_future_ms)
+}
+
+/// Tags taken from the topic by a `tags_from_topic` pattern (empty if the topic does not match).
+pub fn topic_tags(pattern: &str, topic: &str) -> Vec<(String, String)> {
+    let (p, t): (Vec<&str>, Vec<&str>) = (pattern.split('/').collect(), topic.split('/').collect());
+    if p.len() != t.len() {
+        return Vec::new();
+    }
+    let mut tags = Vec::new();
+    for (pl, tl) in p.iter().zip(&t) {
+        if let Some(name) = pl.strip_prefix('{').and_then(|x| x.strip_suffix('}')) {
+            tags.push((name.to_owned(), (*tl).to_owned()));
+        } else if *pl != "+" && pl != tl {
+            return Vec::new();
+        }
+    }
+    tags.sort();
+    tags
+}
+
+/// Adds topic tags to every reading; a tag the payload itself set (InfluxDB) wins over a topic tag of the same
+/// name.
+pub fn merge_tags(readings: &mut [NewReading], topic_tags: &[(String, String)]) {
+    if topic_tags.is_empty() {
+        return;
+    }
+    for r in readings {
+        for (name, value) in topic_tags {
+            if !r.series.tags.iter().any(|(n, _)| n == name) {
+                r.series.tags.push((name.clone(), value.clone()));
+            }
+        }
+        r.series.tags.sort();
+    }
+}
+
+/// Maps messages of one connection; holds the state some formats need (Sparkplug births).
+#[derive(Debug)]
+pub struct Mapper {
+    cfg: PayloadConfig,
+    sparkplug: sparkplug::State,
+}
+
+impl Mapper {
+    /// A mapper with empty state.
+    pub fn new(cfg: PayloadConfig) -> Self {
+        let sparkplug = sparkplug::State::new(cfg.max_sparkplug_metrics);
+        Self { cfg, sparkplug }
+    }
+
+    /// Maps one message of `format`. `arrival_ms` is used when the payload carries no timestamp.
+    pub fn map(
+        &mut self,
+        format: Format,
+        topic: &str,
+        payload: &[u8],
+        arrival_ms: i64,
+    ) -> Result<Parsed, PayloadError> {
+        if payload.len() > self.cfg.max_payload_bytes {
+            return Err(PayloadError::TooLarge(payload.len()));
+        }
+        match format {
+            Format::Json => json::parse(topic, payload, arrival_ms, &self.cfg),
+            Format::Influx => influx::parse(payload, arrival_ms, &self.cfg),
+            Format::SparkplugB => self.sparkplug.apply(topic, payload, arrival_ms, &self.cfg),
+        }
+    }
+}

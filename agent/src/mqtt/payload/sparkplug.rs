@@ -1,0 +1,643 @@
+//! Sparkplug B (Eclipse Sparkplug 3.0): topics `spBv1.0/<group>/<type>/<edge node>[/<device>]`, payloads in
+//! the `org.eclipse.tahu.protobuf.Payload` protobuf message.
+//!
+//! Each metric is a reading of series `<group>/<edge node>[/<device>]/<metric name>` at the metric's
+//! timestamp (else the payload's, else arrival time).
+//!
+//! State kept per connection, bounded by `max_sparkplug_metrics` (a birth that would pass it is refused as
+//! `sparkplug_limit`):
+//! - **Births** (NBIRTH, DBIRTH) name every metric, its data type and optionally an alias. Later NDATA/DDATA
+//!   may carry only the alias; an alias no birth named is skipped as `unknown_alias`. An NBIRTH starts the edge
+//!   node afresh (its devices too); a DBIRTH starts that device afresh.
+//! - **Deaths** (NDEATH, DDEATH) mark series stale: every metric the node (with its devices) or device had is
+//!   written once more with its last value and quality `bad` at the death's time. An NDEATH whose `bdSeq`
+//!   metric differs from that of the node's current birth is a late will of an older session and ignored.
+//! - **Sequence numbers** (0..=255, wrapping) of everything an edge node sends after its NBIRTH; a jump is
+//!   counted (`seq_gap`): messages were lost on the way and the edge node's values may be out of date until its
+//!   next birth.
+//!
+//! Values: Int8/16/32 (sign-extended from `int_value`), Int64, UInt8..64 (UInt64 above `i64::MAX` as f64),
+//! DateTime (ms, as i64) → i64; Float, Double → f64; Boolean → bool; String, Text, UUID → string. Data sets,
+//! templates, bytes, files and arrays are skipped as `wrong_type`; `is_null` as `null`. NCMD, DCMD and STATE
+//! messages carry no readings and are passed over.
+//!
+//! The protobuf decoder is written out here (the payload is three small messages): it reads only the fields
+//! above, skips unknown ones, and refuses truncated or malformed input as `bad_sparkplug`.
+
+use super::{ts_in_range, Parsed, PayloadError, Skip};
+use crate::mqtt::config::PayloadConfig;
+use fieldlink_proto::{Quality, Series, Value};
+use std::collections::HashMap;
+
+/// Sparkplug metric data types (Sparkplug 3.0 section 6.4.16).
+mod datatype {
+    pub(super) const INT8: u32 = 1;
+    pub(super) const INT16: u32 = 2;
+    pub(super) const INT32: u32 = 3;
+    pub(super) const INT64: u32 = 4;
+    pub(super) const UINT8: u32 = 5;
+    pub(super) const UINT16: u32 = 6;
+    pub(super) const UINT32: u32 = 7;
+    pub(super) const UINT64: u32 = 8;
+    pub(super) const FLOAT: u32 = 9;
+    pub(super) const DOUBLE: u32 = 10;
+    pub(super) const BOOLEAN: u32 = 11;
+    pub(super) const STRING: u32 = 12;
+    pub(super) const DATETIME: u32 = 13;
+    pub(super) const TEXT: u32 = 14;
+    pub(super) const UUID: u32 = 15;
+}
+
+// ---- protobuf wire format --------------------------------------------------------------------------------
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Field<'a> {
+    Varint(u64),
+    Fixed64(u64),
+    Bytes(&'a [u8]),
+    Fixed32(u32),
+}
+
+impl<'a> Reader<'a> {
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let (&b, rest) = self.buf.split_first().ok_or("truncated varint")?;
+            self.buf = rest;
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err("varint longer than 10 bytes".into())
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.buf.len() < n {
+            return Err("truncated field".into());
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+
+    /// The next `(field number, value)`, or `None` at the end.
+    fn next(&mut self) -> Result<Option<(u64, Field<'a>)>, String> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let f = match key & 7 {
+            0 => Field::Varint(self.varint()?),
+            1 => Field::Fixed64(u64::from_le_bytes(
+                self.take(8)?.try_into().map_err(|_| "fixed64")?,
+            )),
+            2 => {
+                let n = usize::try_from(self.varint()?).map_err(|_| "length")?;
+                Field::Bytes(self.take(n)?)
+            }
+            5 => Field::Fixed32(u32::from_le_bytes(
+                self.take(4)?.try_into().map_err(|_| "fixed32")?,
+            )),
+            w => return Err(format!("unsupported wire type {w}")),
+        };
+        Ok(Some((key >> 3, f)))
+    }
+}
+
+/// A metric's value as sent.
+#[derive(Debug, Clone, PartialEq)]
+enum Raw {
+    Int(u32),
+    Long(u64),
+    Float(f32),
+    Double(f64),
+    Bool(bool),
+    Str(String),
+    /// Bytes, data set, template, extension.
+    Other,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Metric {
+    name: Option<String>,
+    alias: Option<u64>,
+    timestamp: Option<u64>,
+    datatype: u32,
+    is_null: bool,
+    value: Raw,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Payload {
+    timestamp: Option<u64>,
+    seq: Option<u64>,
+    metrics: Vec<Metric>,
+}
+
+impl Payload {
+    /// The `bdSeq` metric of a birth or death: which MQTT session of the edge node it belongs to.
+    fn bd_seq(&self) -> Option<u64> {
+        let m = self
+            .metrics
+            .iter()
+            .find(|m| m.name.as_deref() == Some("bdSeq"))?;
+        match m.value {
+            Raw::Long(v) => Some(v),
+            Raw::Int(v) => Some(u64::from(v)),
+            _ => None,
+        }
+    }
+}
+
+fn text(b: &[u8]) -> Result<String, String> {
+    String::from_utf8(b.to_vec()).map_err(|_| "string not UTF-8".into())
+}
+
+fn decode_metric(buf: &[u8]) -> Result<Metric, String> {
+    let mut m = Metric {
+        name: None,
+        alias: None,
+        timestamp: None,
+        datatype: 0,
+        is_null: false,
+        value: Raw::None,
+    };
+    let mut r = Reader { buf };
+    while let Some((n, f)) = r.next()? {
+        m.value = match (n, f) {
+            (1, Field::Bytes(b)) => {
+                m.name = Some(text(b)?);
+                continue;
+            }
+            (2, Field::Varint(v)) => {
+                m.alias = Some(v);
+                continue;
+            }
+            (3, Field::Varint(v)) => {
+                m.timestamp = Some(v);
+                continue;
+            }
+            (4, Field::Varint(v)) => {
+                m.datatype = v as u32;
+                continue;
+            }
+            (7, Field::Varint(v)) => {
+                m.is_null = v != 0;
+                continue;
+            }
+            // uint32 on the wire is a varint; the value is its low 32 bits.
+            (10, Field::Varint(v)) => Raw::Int(v as u32),
+            (11, Field::Varint(v)) => Raw::Long(v),
+            (12, Field::Fixed32(v)) => Raw::Float(f32::from_bits(v)),
+            (13, Field::Fixed64(v)) => Raw::Double(f64::from_bits(v)),
+            (14, Field::Varint(v)) => Raw::Bool(v != 0),
+            (15, Field::Bytes(b)) => Raw::Str(text(b)?),
+            (16..=19, Field::Bytes(_)) => Raw::Other,
+            (1..=19, _) => return Err(format!("metric field {n} has the wrong wire type")),
+            _ => continue, // is_historical, is_transient, metadata, properties, unknown
+        };
+    }
+    Ok(m)
+}
+
+fn decode(buf: &[u8]) -> Result<Payload, String> {
+    let mut p = Payload::default();
+    let mut r = Reader { buf };
+    while let Some((n, f)) = r.next()? {
+        match (n, f) {
+            (1, Field::Varint(v)) => p.timestamp = Some(v),
+            (2, Field::Bytes(b)) => p.metrics.push(decode_metric(b)?),
+            (3, Field::Varint(v)) => p.seq = Some(v),
+            (1..=3, _) => return Err(format!("payload field {n} has the wrong wire type")),
+            _ => {} // uuid, body, extensions
+        }
+    }
+    Ok(p)
+}
+
+// ---- values ------------------------------------------------------------------------------------------------
+
+fn value(datatype: u32, raw: &Raw) -> Result<Value, Skip> {
+    use datatype::*;
+    Ok(match (datatype, raw) {
+        (INT8, Raw::Int(v)) => Value::I64(i64::from(*v as u8 as i8)),
+        (INT16, Raw::Int(v)) => Value::I64(i64::from(*v as u16 as i16)),
+        (INT32, Raw::Int(v)) => Value::I64(i64::from(*v as i32)),
+        (UINT8 | UINT16 | UINT32 | 0, Raw::Int(v)) => Value::I64(i64::from(*v)),
+        (INT64, Raw::Long(v)) => Value::I64(*v as i64),
+        (UINT64 | DATETIME | 0, Raw::Long(v)) => match i64::try_from(*v) {
+            Ok(i) => Value::I64(i),
+            Err(_) => Value::F64(*v as f64),
+        },
+        (FLOAT | 0, Raw::Float(v)) => Value::F64(f64::from(*v)),
+        (DOUBLE | 0, Raw::Double(v)) => Value::F64(*v),
+        (BOOLEAN | 0, Raw::Bool(v)) => Value::Bool(*v),
+        (STRING | TEXT | UUID | 0, Raw::Str(s)) => Value::Str(s.clone()),
+        (_, Raw::None) => return Err(Skip::Null),
+        _ => return Err(Skip::WrongType),
+    })
+}
+
+// ---- state -----------------------------------------------------------------------------------------------
+
+/// What is known of one metric.
+#[derive(Debug, Clone)]
+struct Known {
+    name: String,
+    datatype: u32,
+    last: Option<Value>,
+}
+
+/// One device, or the edge node itself (device `None`).
+#[derive(Debug, Default)]
+struct Unit {
+    metrics: Vec<Known>,
+    by_name: HashMap<String, usize>,
+}
+
+#[derive(Debug, Default)]
+struct Node {
+    units: HashMap<Option<String>, Unit>,
+    /// Alias → (device, index in that unit's metrics).
+    aliases: HashMap<u64, (Option<String>, usize)>,
+    next_seq: Option<u8>,
+    bd_seq: Option<u64>,
+}
+
+impl Node {
+    fn metric_count(&self) -> usize {
+        self.units.values().map(|u| u.metrics.len()).sum()
+    }
+}
+
+/// Sparkplug state of one connection.
+#[derive(Debug)]
+pub struct State {
+    nodes: HashMap<(String, String), Node>,
+    metrics: usize,
+    max_metrics: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    NBirth,
+    NData,
+    NDeath,
+    DBirth,
+    DData,
+    DDeath,
+    Ignored,
+}
+
+struct Topic<'a> {
+    group: &'a str,
+    kind: Kind,
+    node: &'a str,
+    device: Option<&'a str>,
+}
+
+fn topic(t: &str) -> Result<Topic<'_>, PayloadError> {
+    let bad = || {
+        PayloadError::BadSparkplug(format!(
+            "topic {t:?} is not spBv1.0/<group>/<type>/<node>[/<device>]"
+        ))
+    };
+    let l: Vec<&str> = t.split('/').collect();
+    if l.first() != Some(&"spBv1.0") || l.len() < 2 {
+        return Err(bad());
+    }
+    if l[1] == "STATE" {
+        return Ok(Topic {
+            group: "",
+            kind: Kind::Ignored,
+            node: "",
+            device: None,
+        });
+    }
+    let kind = match l.get(2) {
+        Some(&"NBIRTH") => Kind::NBirth,
+        Some(&"NDATA") => Kind::NData,
+        Some(&"NDEATH") => Kind::NDeath,
+        Some(&"DBIRTH") => Kind::DBirth,
+        Some(&"DDATA") => Kind::DData,
+        Some(&"DDEATH") => Kind::DDeath,
+        Some(&"NCMD") | Some(&"DCMD") => Kind::Ignored,
+        _ => return Err(bad()),
+    };
+    let device_topic = matches!(kind, Kind::DBirth | Kind::DData | Kind::DDeath);
+    let want = if device_topic { 5 } else { 4 };
+    if kind != Kind::Ignored && (l.len() != want || l[1..].iter().any(|x| x.is_empty())) {
+        return Err(bad());
+    }
+    Ok(Topic {
+        group: l[1],
+        kind,
+        node: l.get(3).copied().unwrap_or_default(),
+        device: if device_topic {
+            l.get(4).copied()
+        } else {
+            None
+        },
+    })
+}
+
+impl State {
+    /// Empty state remembering at most `max_metrics` metrics.
+    pub fn new(max_metrics: usize) -> Self {
+        Self {
+            nodes: HashMap::new(),
+            metrics: 0,
+            max_metrics,
+        }
+    }
+
+    /// Metrics remembered now.
+    pub fn metrics(&self) -> usize {
+        self.metrics
+    }
+
+    /// Applies one message: updates births, aliases and sequence numbers, and returns its readings.
+    pub fn apply(
+        &mut self,
+        topic_name: &str,
+        payload: &[u8],
+        arrival_ms: i64,
+        cfg: &PayloadConfig,
+    ) -> Result<Parsed, PayloadError> {
+        let t = topic(topic_name)?;
+        if t.kind == Kind::Ignored {
+            return Ok(Parsed::default());
+        }
+        let p = decode(payload).map_err(PayloadError::BadSparkplug)?;
+        let msg_ts = match p.timestamp {
+            Some(ts) => match i64::try_from(ts) {
+                Ok(ms) if ts_in_range(ms, arrival_ms, cfg) => ms,
+                _ => return Err(PayloadError::BadTimestamp),
+            },
+            None => arrival_ms,
+        };
+        let key = (t.group.to_owned(), t.node.to_owned());
+        let device = t.device.map(str::to_owned);
+        let prefix = match t.device {
+            Some(d) => format!("{}/{}/{d}", t.group, t.node),
+            None => format!("{}/{}", t.group, t.node),
+        };
+        let mut out = Parsed::default();
+
+        match t.kind {
+            Kind::NBirth => {
+                let n = self.nodes.remove(&key).map_or(0, |n| n.metric_count());
+                self.metrics -= n;
+                let births = p
+                    .metrics
+                    .iter()
+                    .filter(|m| m.name.as_deref() != Some("bdSeq"))
+                    .count();
+                if self.metrics + births + self.nodes.len() > self.max_metrics {
+                    return Err(PayloadError::SparkplugLimit(self.max_metrics));
+                }
+                let mut node = Node {
+                    next_seq: p.seq.map(|s| (s as u8).wrapping_add(1)),
+                    bd_seq: p.bd_seq(),
+                    ..Node::default()
+                };
+                self.birth(
+                    &mut node, None, &p, &prefix, msg_ts, arrival_ms, cfg, &mut out,
+                );
+                self.nodes.insert(key, node);
+            }
+            Kind::DBirth => {
+                let Some(node) = self.nodes.get_mut(&key) else {
+                    // A device birth without its node's birth: take the names, the sequence starts here. Every
+                    // remembered node counts against the limit like a metric.
+                    if self.metrics + self.nodes.len() >= self.max_metrics {
+                        return Err(PayloadError::SparkplugLimit(self.max_metrics));
+                    }
+                    let node = Node::default();
+                    self.nodes.insert(key.clone(), node);
+                    return self.apply(topic_name, payload, arrival_ms, cfg);
+                };
+                out.seq_gap = check_seq(node, p.seq);
+                if let Some(old) = node.units.remove(&device) {
+                    self.metrics -= old.metrics.len();
+                    node.aliases.retain(|_, (d, _)| *d != device);
+                }
+                if self.metrics + p.metrics.len() > self.max_metrics {
+                    return Err(PayloadError::SparkplugLimit(self.max_metrics));
+                }
+                let mut node = std::mem::take(node);
+                self.birth(
+                    &mut node,
+                    device.clone(),
+                    &p,
+                    &prefix,
+                    msg_ts,
+                    arrival_ms,
+                    cfg,
+                    &mut out,
+                );
+                self.nodes.insert(key, node);
+            }
+            Kind::NData | Kind::DData => {
+                // Data of a node no birth was seen of: named metrics still map; nothing is remembered (so
+                // unknown node names cannot grow the state).
+                let mut unborn = Node::default();
+                let node = self.nodes.get_mut(&key).unwrap_or(&mut unborn);
+                out.seq_gap = check_seq(node, p.seq);
+                for m in &p.metrics {
+                    let known = match (&m.name, m.alias) {
+                        (Some(name), _) => node
+                            .units
+                            .get(&device)
+                            .and_then(|u| u.by_name.get(name).map(|&i| (device.clone(), i))),
+                        (None, Some(alias)) => node.aliases.get(&alias).cloned(),
+                        (None, None) => None,
+                    };
+                    let (name, datatype) = match (&known, &m.name) {
+                        (Some((d, i)), _) => {
+                            let k = &node.units[d].metrics[*i];
+                            (k.name.clone(), k.datatype)
+                        }
+                        // A named metric no birth announced: taken with the type its value has.
+                        (None, Some(name)) => (name.clone(), m.datatype),
+                        (None, None) => {
+                            out.skipped.push(Skip::UnknownAlias);
+                            continue;
+                        }
+                    };
+                    let dt = if m.datatype != 0 {
+                        m.datatype
+                    } else {
+                        datatype
+                    };
+                    if let Some(v) =
+                        reading(m, dt, &prefix, &name, msg_ts, arrival_ms, cfg, &mut out)
+                    {
+                        if let Some((d, i)) = known {
+                            if let Some(u) = node.units.get_mut(&d) {
+                                u.metrics[i].last = Some(v);
+                            }
+                        }
+                    }
+                }
+            }
+            Kind::NDeath => {
+                let stale_will = matches!((p.bd_seq(), self.nodes.get(&key).and_then(|n| n.bd_seq)), (Some(a), Some(b)) if a != b);
+                if stale_will {
+                    return Ok(Parsed::default());
+                }
+                if let Some(node) = self.nodes.remove(&key) {
+                    self.metrics -= node.metric_count();
+                    let mut units: Vec<_> = node.units.into_iter().collect();
+                    units.sort_by(|a, b| a.0.cmp(&b.0));
+                    for (d, unit) in units {
+                        let prefix = match d {
+                            Some(d) => format!("{}/{}/{d}", t.group, t.node),
+                            None => format!("{}/{}", t.group, t.node),
+                        };
+                        stale(&unit, &prefix, msg_ts, &mut out);
+                    }
+                }
+                return Ok(out);
+            }
+            Kind::DDeath => {
+                if let Some(node) = self.nodes.get_mut(&key) {
+                    out.seq_gap = check_seq(node, p.seq);
+                    if let Some(unit) = node.units.remove(&device) {
+                        self.metrics -= unit.metrics.len();
+                        node.aliases.retain(|_, (d, _)| *d != device);
+                        stale(&unit, &prefix, msg_ts, &mut out);
+                    }
+                }
+                return Ok(out);
+            }
+            Kind::Ignored => {}
+        }
+        // A birth with no values is still a good message: its names are what later messages need.
+        if matches!(t.kind, Kind::NBirth | Kind::DBirth) && out.readings.is_empty() {
+            return Ok(out);
+        }
+        out.finish()
+    }
+
+    /// Records a birth's metrics in `node` under `device` and maps their values.
+    #[allow(clippy::too_many_arguments)]
+    fn birth(
+        &mut self,
+        node: &mut Node,
+        device: Option<String>,
+        p: &Payload,
+        prefix: &str,
+        msg_ts: i64,
+        arrival_ms: i64,
+        cfg: &PayloadConfig,
+        out: &mut Parsed,
+    ) {
+        let mut unit = Unit::default();
+        for m in &p.metrics {
+            let Some(name) = m.name.clone() else {
+                out.skipped.push(Skip::UnknownAlias);
+                continue;
+            };
+            if name == "bdSeq" {
+                continue;
+            }
+            let last = reading(m, m.datatype, prefix, &name, msg_ts, arrival_ms, cfg, out);
+            let i = match unit.by_name.get(&name) {
+                Some(&i) => i,
+                None => {
+                    unit.metrics.push(Known {
+                        name: name.clone(),
+                        datatype: m.datatype,
+                        last: None,
+                    });
+                    self.metrics += 1;
+                    unit.by_name.insert(name, unit.metrics.len() - 1);
+                    unit.metrics.len() - 1
+                }
+            };
+            unit.metrics[i].last = last;
+            unit.metrics[i].datatype = m.datatype;
+            if let Some(a) = m.alias {
+                node.aliases.insert(a, (device.clone(), i));
+            }
+        }
+        node.units.insert(device, unit);
+    }
+}
+
+/// Checks and advances an edge node's sequence number; true on a jump.
+fn check_seq(node: &mut Node, seq: Option<u64>) -> bool {
+    let Some(seq) = seq else { return false };
+    let got = seq as u8;
+    let gap = node.next_seq.is_some_and(|want| want != got);
+    node.next_seq = Some(got.wrapping_add(1));
+    gap
+}
+
+/// Maps one metric's value; returns it for the "last value" memory.
+#[allow(clippy::too_many_arguments)]
+fn reading(
+    m: &Metric,
+    datatype: u32,
+    prefix: &str,
+    name: &str,
+    msg_ts: i64,
+    arrival_ms: i64,
+    cfg: &PayloadConfig,
+    out: &mut Parsed,
+) -> Option<Value> {
+    if m.is_null {
+        out.skipped.push(Skip::Null);
+        return None;
+    }
+    let ts = match m.timestamp {
+        Some(t) => match i64::try_from(t) {
+            Ok(ms) if ts_in_range(ms, arrival_ms, cfg) => ms,
+            _ => {
+                out.skipped.push(Skip::BadTimestamp);
+                return None;
+            }
+        },
+        None => msg_ts,
+    };
+    match value(datatype, &m.value) {
+        Ok(v) => {
+            let before = out.readings.len();
+            out.push(
+                Series::new(format!("{prefix}/{name}")),
+                ts,
+                v.clone(),
+                Quality::Good,
+            );
+            (out.readings.len() > before).then_some(v)
+        }
+        Err(skip) => {
+            out.skipped.push(skip);
+            None
+        }
+    }
+}
+
+/// Marks a unit's metrics stale: their last values again, with quality `bad`, at the death's time.
+fn stale(unit: &Unit, prefix: &str, ts: i64, out: &mut Parsed) {
+    for k in &unit.metrics {
+        if let Some(v) = &k.last {
+            out.push(
+                Series::new(format!("{prefix}/{}", k.name)),
+                ts,
+                v.clone(),
+                Quality::Bad,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,232 @@
+//! One MQTT client session, 3.1.1 or 5, behind one small interface: the connection task does not care which.
+//!
+//! rumqttc has a separate client and event loop per protocol version; [`Session`] wraps either and turns their
+//! events into the few the connection task acts on. Both run with manual acknowledgements.
+
+use super::config::{MqttConfig, Protocol, TopicConfig};
+use bytes::Bytes;
+use rumqttc::v5;
+use std::time::Duration;
+
+/// What the connection task acts on.
+#[derive(Debug)]
+pub(super) enum SessionEvent {
+    /// CONNACK received.
+    Connected { session_present: bool },
+    /// SUBACK received; `refused` filters were not granted.
+    Subscribed { refused: usize },
+    /// An application message.
+    Message(Message),
+    /// Anything else (pings, acks going out).
+    Other,
+    /// The outgoing DISCONNECT left.
+    Disconnected,
+}
+
+/// An incoming PUBLISH.
+#[derive(Debug)]
+pub(super) struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    /// 0, 1 or 2.
+    pub qos: u8,
+    pub pkid: u16,
+}
+
+/// A rumqttc client and event loop of either protocol version.
+pub(super) enum Session {
+    V4(rumqttc::AsyncClient, Box<rumqttc::EventLoop>),
+    V5(v5::AsyncClient, Box<v5::EventLoop>),
+}
+
+fn qos4(q: u8) -> rumqttc::QoS {
+    match q {
+        0 => rumqttc::QoS::AtMostOnce,
+        2 => rumqttc::QoS::ExactlyOnce,
+        _ => rumqttc::QoS::AtLeastOnce,
+    }
+}
+
+fn qos5(q: u8) -> v5::mqttbytes::QoS {
+    match q {
+        0 => v5::mqttbytes::QoS::AtMostOnce,
+        2 => v5::mqttbytes::QoS::ExactlyOnce,
+        _ => v5::mqttbytes::QoS::AtLeastOnce,
+    }
+}
+
+/// Largest packet the agent reads: the payload limit plus room for the topic and properties. A larger payload
+/// than `max_payload_bytes` but within this is read and refused as `too_large`.
+fn max_packet(cfg: &MqttConfig) -> usize {
+    cfg.payload.max_payload_bytes + 64 * 1024
+}
+
+impl Session {
+    /// Builds the client; nothing is connected until the first [`Session::poll`].
+    pub(super) fn new(
+        cfg: &MqttConfig,
+        client_id: String,
+        credentials: Option<(String, String)>,
+        tls: Option<rumqttc::TlsConfiguration>,
+    ) -> Self {
+        // Requests are only acks and subscribes: room for a full in-flight window of acks.
+        let cap = usize::from(cfg.max_inflight) * 2 + 16;
+        let keep_alive = Duration::from_secs(cfg.keep_alive_s);
+        match cfg.protocol {
+            Protocol::V311 => {
+                let mut o = rumqttc::MqttOptions::new(client_id, cfg.host.clone(), cfg.port());
+                o.set_keep_alive(keep_alive)
+                    .set_clean_session(cfg.clean_session)
+                    .set_manual_acks(true)
+                    .set_inflight(cfg.max_inflight)
+                    .set_max_packet_size(max_packet(cfg), max_packet(cfg));
+                if let Some((u, p)) = credentials {
+                    o.set_credentials(u, p);
+                }
+                if let Some(t) = tls {
+                    o.set_transport(rumqttc::Transport::tls_with_config(t));
+                }
+                let (c, e) = rumqttc::AsyncClient::new(o, cap);
+                Session::V4(c, Box::new(e))
+            }
+            Protocol::V5 => {
+                let mut o = v5::MqttOptions::new(client_id, cfg.host.clone(), cfg.port());
+                o.set_keep_alive(keep_alive)
+                    .set_clean_start(cfg.clean_session)
+                    .set_manual_acks(true)
+                    // MQTT 5 flow control: the broker sends at most this many unacknowledged QoS 1/2 messages.
+                    .set_receive_maximum(Some(cfg.max_inflight))
+                    // The broker does not send larger packets (it discards them, MQTT 5 section 3.1.2.11.4).
+                    .set_max_packet_size(Some(max_packet(cfg) as u32))
+                    // Without an expiry interval an MQTT 5 session ends with the connection.
+                    .set_session_expiry_interval(
+                        (!cfg.clean_session).then_some(cfg.session_expiry_s),
+                    );
+                if let Some((u, p)) = credentials {
+                    o.set_credentials(u, p);
+                }
+                if let Some(t) = tls {
+                    o.set_transport(rumqttc::Transport::tls_with_config(t));
+                }
+                let (c, e) = v5::AsyncClient::new(o, cap);
+                Session::V5(c, Box::new(e))
+            }
+        }
+    }
+
+    /// The next event; an error means the connection is down (the next poll reconnects).
+    pub(super) async fn poll(&mut self) -> Result<SessionEvent, String> {
+        match self {
+            Session::V4(_, events) => {
+                use rumqttc::{Event, Outgoing, Packet};
+                Ok(match events.poll().await.map_err(|e| e.to_string())? {
+                    Event::Incoming(Packet::ConnAck(a)) => SessionEvent::Connected {
+                        session_present: a.session_present,
+                    },
+                    Event::Incoming(Packet::SubAck(a)) => SessionEvent::Subscribed {
+                        refused: a
+                            .return_codes
+                            .iter()
+                            .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                            .count(),
+                    },
+                    Event::Incoming(Packet::Publish(p)) => SessionEvent::Message(Message {
+                        topic: p.topic,
+                        payload: p.payload,
+                        qos: p.qos as u8,
+                        pkid: p.pkid,
+                    }),
+                    Event::Outgoing(Outgoing::Disconnect) => SessionEvent::Disconnected,
+                    _ => SessionEvent::Other,
+                })
+            }
+            Session::V5(_, events) => {
+                use v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
+                use v5::Event;
+                Ok(match events.poll().await.map_err(|e| e.to_string())? {
+                    Event::Incoming(Packet::ConnAck(a)) => SessionEvent::Connected {
+                        session_present: a.session_present,
+                    },
+                    Event::Incoming(Packet::SubAck(a)) => SessionEvent::Subscribed {
+                        refused: a
+                            .return_codes
+                            .iter()
+                            .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                            .count(),
+                    },
+                    Event::Incoming(Packet::Publish(p)) => SessionEvent::Message(Message {
+                        // MQTT requires UTF-8 topic names.
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload,
+                        qos: p.qos as u8,
+                        pkid: p.pkid,
+                    }),
+                    Event::Outgoing(rumqttc::Outgoing::Disconnect) => SessionEvent::Disconnected,
+                    _ => SessionEvent::Other,
+                })
+            }
+        }
+    }
+
+    /// Queues one SUBSCRIBE for all `topics`, so one SUBACK says whether all of them are active.
+    pub(super) fn subscribe(&self, topics: &[TopicConfig]) -> Result<(), String> {
+        match self {
+            Session::V4(c, _) => c
+                .try_subscribe_many(
+                    topics
+                        .iter()
+                        .map(|t| rumqttc::SubscribeFilter::new(t.filter.clone(), qos4(t.qos))),
+                )
+                .map_err(|e| e.to_string()),
+            Session::V5(c, _) => c
+                .try_subscribe_many(
+                    topics
+                        .iter()
+                        .map(|t| v5::mqttbytes::v5::Filter::new(t.filter.clone(), qos5(t.qos))),
+                )
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Queues the acknowledgement of message `pkid` received with `qos` (1 or 2); false when the request channel
+    /// is full.
+    pub(super) fn try_ack(&self, qos: u8, pkid: u16) -> bool {
+        match self {
+            Session::V4(c, _) => {
+                let p = rumqttc::Publish {
+                    dup: false,
+                    qos: qos4(qos),
+                    retain: false,
+                    topic: String::new(),
+                    pkid,
+                    payload: Bytes::new(),
+                };
+                c.try_ack(&p).is_ok()
+            }
+            Session::V5(c, _) => {
+                let mut p = v5::mqttbytes::v5::Publish::new("", qos5(qos), Bytes::new(), None);
+                p.pkid = pkid;
+                c.try_ack(&p).is_ok()
+            }
+        }
+    }
+
+    /// Sends DISCONNECT and waits (bounded) for it to leave.
+    pub(super) async fn disconnect(&mut self) {
+        let queued = match self {
+            Session::V4(c, _) => c.try_disconnect().is_ok(),
+            Session::V5(c, _) => c.try_disconnect().is_ok(),
+        };
+        if !queued {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Ok(ev) = self.poll().await {
+                if matches!(ev, SessionEvent::Disconnected) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
