@@ -37,6 +37,8 @@ if [ ! -x .venv/bin/python ] || ! cmp -s "$req" .venv/.requirements 2>/dev/null;
   echo "setup: creating .venv"
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r "$req"
+  # Lines "# nodeps: <package>==<version>": packages whose declared dependencies conflict with the pins above.
+  sed -n 's/^# nodeps: //p' "$req" | xargs -r .venv/bin/pip install -q --disable-pip-version-check --no-deps
   cp "$req" .venv/.requirements
 fi
 echo "setup: ok"

@@ -376,6 +376,8 @@ pub struct DumpedRecord {
     pub readings: Vec<(String, i64, String, bool)>,
     /// Quality code of each reading (0 good, 1 uncertain, 2 bad), in the same order.
     pub quality: Vec<u8>,
+    /// Series tags of each reading, in the same order.
+    pub tags: Vec<Vec<(String, String)>>,
 }
 
 /// Every record in the stream, decoded by the independent Python decoder.
@@ -410,6 +412,12 @@ pub fn kinesis_dump(endpoint: &str, stream: &str) -> Vec<DumpedRecord> {
                     .unwrap()
                     .iter()
                     .map(|r| r[4].as_u64().unwrap() as u8)
+                    .collect(),
+                tags: v["readings"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| serde_json::from_value(r[5].clone()).unwrap())
                     .collect(),
             }
         })
@@ -509,6 +517,36 @@ impl AgentProc {
         buffer_extra: &str,
         sections: &str,
     ) -> Self {
+        let mqtt = format!(
+            r##"[[mqtt]]
+name = "local"
+host = "127.0.0.1"
+port = {mqtt_port}
+keep_alive_s = 5
+[[mqtt.topics]]
+filter = "#"
+qos = 1
+"##
+        );
+        Self::with_sources(
+            dir,
+            id,
+            endpoint,
+            stream,
+            buffer_extra,
+            &format!("{sections}\n{mqtt}"),
+        )
+    }
+
+    /// Like [`AgentProc::new`] with the sources (`[[mqtt]]`, `[[modbus]]` tables) given whole in `sections`.
+    pub fn with_sources(
+        dir: &Path,
+        id: &str,
+        endpoint: &str,
+        stream: &str,
+        buffer_extra: &str,
+        sections: &str,
+    ) -> Self {
         let metrics_port = free_port();
         let config = dir.join(format!("{id}.toml"));
         std::fs::write(
@@ -530,14 +568,6 @@ reorder_window_ms = 200
 stream = "{stream}"
 shutdown_drain_ms = 2000
 {sections}
-[[mqtt]]
-name = "local"
-host = "127.0.0.1"
-port = {mqtt_port}
-keep_alive_s = 5
-[[mqtt.topics]]
-filter = "#"
-qos = 1
 "##,
                 buffer = dir.join(format!("{id}.db")).display()
             ),
@@ -566,13 +596,16 @@ qos = 1
         self.proc = Some(Proc::spawn("fieldlink-agent", cmd, &self.log));
     }
 
-    /// Starts the agent and waits until it has subscribed.
+    /// Starts the agent and waits until every MQTT connection has subscribed.
     pub fn start(&mut self) {
         self.spawn();
         let port = self.metrics_port;
         wait_for("the agent to subscribe", Duration::from_secs(30), || {
             http_get(port, "/health")
-                .filter(|b| b.contains("mqtt:local: ok"))
+                .filter(|b| {
+                    let mut mqtt = b.lines().filter(|l| l.starts_with("mqtt:")).peekable();
+                    mqtt.peek().is_some() && mqtt.all(|l| l.contains(": ok"))
+                })
                 .map(|_| ())
         });
     }

@@ -1,0 +1,361 @@
+//! The MQTT source against real Mosquitto brokers: MQTT 3.1.1 and 5 connections to two brokers at once, every
+//! payload format (JSON with topic tags and exclusions, InfluxDB line protocol, a bare number, Sparkplug B made by
+//! pysparkplug), and a table of bad payloads, each counted and kept under its reason while everything else
+//! passes and the connection stays up.
+#![allow(clippy::unwrap_used)]
+
+use fieldlink_e2e::*;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+/// `(series, ts_ms, value as kinesis_dump prints it, quality, tags)`.
+type Row = (String, i64, String, u8, Vec<(String, String)>);
+
+fn dumped_rows(endpoint: &str, stream: &str) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for r in kinesis_dump(endpoint, stream) {
+        for (i, (series, ts, value, _late)) in r.readings.iter().enumerate() {
+            rows.push((
+                series.clone(),
+                *ts,
+                value.clone(),
+                r.quality[i],
+                r.tags[i].clone(),
+            ));
+        }
+    }
+    rows
+}
+
+/// Publishes `(topic, payload)` at QoS 1 with rumqttc and waits for every PUBACK.
+fn publish_raw(port: u16, messages: Vec<(String, Vec<u8>)>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let mut opts = MqttOptions::new(format!("raw-{}", free_port()), "127.0.0.1", port);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut ev) = AsyncClient::new(opts, messages.len() + 10);
+        let n = messages.len();
+        for (t, p) in messages {
+            client.publish(t, QoS::AtLeastOnce, false, p).await.unwrap();
+        }
+        let mut acked = 0;
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while acked < n {
+                if let Event::Incoming(Packet::PubAck(_)) = ev.poll().await.unwrap() {
+                    acked += 1;
+                }
+            }
+        })
+        .await
+        .unwrap();
+        client.disconnect().await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while ev.poll().await.is_ok() {}
+        })
+        .await;
+    });
+}
+
+#[test]
+fn v311_and_v5_on_two_brokers_with_every_payload_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (da, db) = (d.join("a"), d.join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let broker_a = Mosquitto::start(&da);
+    let broker_b = Mosquitto::start(&db);
+    let moto = Moto::start(d);
+    moto.create("formats", 1, "unused-db", "unused-table", "unused-bucket");
+    let sources = format!(
+        r#"
+[[mqtt]]
+name = "a"
+host = "127.0.0.1"
+port = {}
+protocol = "3.1.1"
+keep_alive_s = 5
+[mqtt.payload]
+exclude = ["debug"]
+[[mqtt.topics]]
+filter = "site/#"
+tags_from_topic = "site/{{site}}/line/{{line}}/+"
+[[mqtt.topics]]
+filter = "influx/#"
+format = "influx"
+[[mqtt.topics]]
+filter = "plain/#"
+
+[[mqtt]]
+name = "b"
+host = "127.0.0.1"
+port = {}
+protocol = "5"
+keep_alive_s = 5
+[[mqtt.topics]]
+filter = "spBv1.0/#"
+format = "sparkplug_b"
+qos = 2
+[[mqtt.topics]]
+filter = "v5/#"
+"#,
+        broker_a.port, broker_b.port
+    );
+    let mut agent = AgentProc::with_sources(d, "formats", &moto.endpoint, "formats", "", &sources);
+    agent.start();
+    let health = http_get(agent.metrics_port, "/health").unwrap();
+    assert!(
+        health.contains("mqtt:a: ok") && health.contains("mqtt:b: ok"),
+        "{health}"
+    );
+
+    let out = run_python(&[
+        script("publish_formats.py").to_str().unwrap(),
+        &broker_a.port.to_string(),
+        &broker_b.port.to_string(),
+    ]);
+    let expected: Vec<(String, Option<i64>, String, u8, Vec<(String, String)>)> =
+        serde_json::from_str(&out).unwrap();
+    wait_for("every reading committed", Duration::from_secs(30), || {
+        (agent.metric("fieldlink_readings_received_total") >= expected.len() as f64).then_some(())
+    });
+    let m = http_get(agent.metrics_port, "/metrics").unwrap();
+    assert_eq!(
+        metric_with(&m, "fieldlink_mqtt_messages_total", "connection=\"a\""),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric_with(&m, "fieldlink_mqtt_messages_total", "connection=\"b\""),
+        Some(8.0)
+    );
+    assert_eq!(
+        metric_with(&m, "fieldlink_mqtt_dead_letters_total", ""),
+        None,
+        "nothing refused"
+    );
+    assert_eq!(
+        metric_with(
+            &m,
+            "fieldlink_mqtt_sparkplug_seq_gaps_total",
+            "connection=\"b\""
+        ),
+        Some(0.0)
+    );
+    agent.stop();
+
+    let mut got = dumped_rows(&moto.endpoint, "formats");
+    // The bare number has the arrival time: take it from what landed, after checking it is recent.
+    let mut want: Vec<Row> = expected
+        .into_iter()
+        .map(|(s, ts, v, q, t)| {
+            let ts = ts.unwrap_or_else(|| {
+                let landed = got.iter().find(|r| r.0 == s).map(|r| r.1).unwrap();
+                assert!(
+                    (fieldlink_ops::unix_ms() - landed).abs() < 120_000,
+                    "{s} at {landed}"
+                );
+                landed
+            });
+            (s, ts, v, q, t)
+        })
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+/// Bytes of a Sparkplug payload with one metric that has only an alias (no birth named it).
+fn sparkplug_alias_only(alias: u8) -> Vec<u8> {
+    // Payload.metrics (field 2) = Metric { alias (2) = alias, long_value (11) = 1 }
+    vec![0x12, 0x04, 0x10, alias, 0x58, 0x01]
+}
+
+#[test]
+fn bad_payloads_are_counted_and_kept_by_reason_and_nothing_else_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let broker = Mosquitto::start(d);
+    let moto = Moto::start(d);
+    moto.create("bad", 1, "unused-db", "unused-table", "unused-bucket");
+    let sources = format!(
+        r##"
+[[mqtt]]
+name = "local"
+host = "127.0.0.1"
+port = {}
+keep_alive_s = 5
+[mqtt.payload]
+max_payload_bytes = 1024
+[[mqtt.topics]]
+filter = "i/#"
+format = "influx"
+[[mqtt.topics]]
+filter = "spBv1.0/#"
+format = "sparkplug_b"
+[[mqtt.topics]]
+filter = "#"
+"##,
+        broker.port
+    );
+    let mut agent = AgentProc::with_sources(d, "bad", &moto.endpoint, "bad", "", &sources);
+    agent.start();
+
+    let now = fieldlink_ops::unix_ms();
+    let big = format!("{{\"v\": 1, \"pad\": \"{}\"}}", "x".repeat(2000));
+    // (topic, payload, reason under which it is refused)
+    let table: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("j/truncated", b"{\"v\": 1".to_vec(), "not_json"),
+        ("j/binary", vec![0xff, 0xfe, 0x00], "not_json"),
+        ("j/array", b"[1, 2, 3]".to_vec(), "wrong_type"),
+        ("j/null", b"{\"v\": null}".to_vec(), "null"),
+        ("j/nan", b"{\"v\": NaN}".to_vec(), "non_finite"),
+        ("i/inf", b"m v=inf".to_vec(), "non_finite"),
+        (
+            "j/old",
+            b"{\"ts\": 86400000, \"v\": 1}".to_vec(),
+            "bad_timestamp",
+        ),
+        (
+            "j/future",
+            format!("{{\"ts\": {}, \"v\": 1}}", now + 10 * 86_400_000).into_bytes(),
+            "bad_timestamp",
+        ),
+        (
+            "j/ts-text",
+            b"{\"ts\": \"noon\", \"v\": 1}".to_vec(),
+            "bad_timestamp",
+        ),
+        ("j/big", big.clone().into_bytes(), "too_large"),
+        ("i/nofield", b"m v=".to_vec(), "bad_line_protocol"),
+        ("i/type", b"m v=12x".to_vec(), "bad_line_protocol"),
+        ("spBv1.0/g/NDATA/n", vec![0xff, 0xff, 0xff], "bad_sparkplug"),
+        (
+            "spBv1.0/g/NDATA/n",
+            sparkplug_alias_only(9),
+            "unknown_alias",
+        ),
+        (
+            "spBv1.0/g/BOGUS/n",
+            sparkplug_alias_only(1),
+            "bad_sparkplug",
+        ),
+        ("j/empty", b"{}".to_vec(), "no_readings"),
+    ];
+    // Partly bad: the good fields pass, the others are counted as skipped fields.
+    let partly: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "j/partly",
+            b"{\"a\": 1, \"b\": null, \"c\": [1], \"d\": NaN}".to_vec(),
+        ),
+        ("i/partly", b"m v=1\nm v=\nm w=2\n".to_vec()),
+    ];
+    // Every bad message sits between good ones.
+    let mut messages = Vec::new();
+    let mut good = 0;
+    for (i, (topic, payload, _)) in table.iter().enumerate() {
+        messages.push((format!("good/{i}"), format!("{{\"v\": {i}}}").into_bytes()));
+        good += 1;
+        messages.push(((*topic).to_owned(), payload.clone()));
+    }
+    for (topic, payload) in &partly {
+        messages.push(((*topic).to_owned(), payload.clone()));
+    }
+    good += 3; // j/partly a, i/partly v and w
+    messages.push(("good/last".into(), b"{\"v\": -1}".to_vec()));
+    good += 1;
+    publish_raw(broker.port, messages.clone());
+
+    wait_for("every message handled", Duration::from_secs(30), || {
+        let m = http_get(agent.metrics_port, "/metrics")?;
+        (metric_with(&m, "fieldlink_mqtt_acks_total", "connection=\"local\"")?
+            >= messages.len() as f64)
+            .then_some(())
+    });
+    let m = http_get(agent.metrics_port, "/metrics").unwrap();
+    let mut want: BTreeMap<&str, f64> = BTreeMap::new();
+    for (_, _, reason) in &table {
+        *want.entry(reason).or_default() += 1.0;
+    }
+    for (reason, n) in &want {
+        let got = metric_with(
+            &m,
+            "fieldlink_mqtt_dead_letters_total",
+            &format!("reason=\"{reason}\""),
+        );
+        assert_eq!(got, Some(*n), "dead letters of reason {reason}");
+    }
+    for (reason, n) in [
+        ("null", 1.0),
+        ("wrong_type", 1.0),
+        ("non_finite", 1.0),
+        ("bad_line", 1.0),
+    ] {
+        let got = metric_with(
+            &m,
+            "fieldlink_mqtt_skipped_fields_total",
+            &format!("reason=\"{reason}\""),
+        );
+        assert_eq!(got, Some(n), "skipped fields of reason {reason}");
+    }
+    assert_eq!(
+        metric(&m, "fieldlink_readings_received_total"),
+        Some(good as f64)
+    );
+    assert_eq!(
+        metric_with(
+            &m,
+            "fieldlink_mqtt_reconnects_total",
+            "connection=\"local\""
+        ),
+        Some(0.0),
+        "the connection never dropped"
+    );
+
+    // Every refused message is kept with its topic and reason.
+    let out = Command::new(bin("fieldlink-agent"))
+        .args(["refused", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kept: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["topic"].as_str().unwrap().to_owned(),
+                r["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let table_pairs: Vec<(String, String)> = table
+        .iter()
+        .map(|(t, _, r)| ((*t).to_owned(), (*r).to_owned()))
+        .collect();
+    assert_eq!(kept, table_pairs, "in arrival order");
+    let big_row = rows.iter().find(|r| r["topic"] == "j/big").unwrap();
+    assert_eq!(big_row["size"], big.len());
+    assert_eq!(big_row["payload"].as_str(), Some(big.as_str()));
+    let bin_row = rows.iter().find(|r| r["topic"] == "j/binary").unwrap();
+    assert_eq!(bin_row["payload_hex"], "fffe00");
+
+    // The good readings reached Kinesis, all of them.
+    agent.stop();
+    let rows = dumped_rows(&moto.endpoint, "bad");
+    assert_eq!(rows.len(), good);
+    let goods = rows.iter().filter(|r| r.0.starts_with("good/")).count();
+    assert_eq!(goods, table.len() + 1);
+}
