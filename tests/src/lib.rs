@@ -179,6 +179,33 @@ impl Mosquitto {
         Self::start_with(dir, "")
     }
 
+    /// A broker on `port` that keeps sessions and queued messages across restarts (saved on shutdown, in
+    /// `dir/mosquitto-store-<port>/`); starting it again on the same `dir` and `port` restores them.
+    pub fn start_persistent(dir: &Path, port: u16) -> Self {
+        let conf = dir.join(format!("mosquitto-persistent-{port}.conf"));
+        let store = dir.join(format!("mosquitto-store-{port}"));
+        std::fs::create_dir_all(&store).unwrap();
+        std::fs::write(
+            &conf,
+            format!(
+                // Started as root (CI), Mosquitto switches to its own user, which cannot write the store in our
+                // private temporary directory: it would then lose every session on restart (it logs "Error saving
+                // in-memory database"). `user root` keeps it (ignored when not started as root).
+                "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\npersistence true\npersistence_location {}/\n",
+                store.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(mosquitto_bin());
+        cmd.arg("-c").arg(&conf);
+        let log = dir.join(format!("mosquitto-{port}-{}.log", fieldlink_ops::unix_ms()));
+        let proc = Proc::spawn("mosquitto", cmd, &log);
+        wait_for("mosquitto to listen", Duration::from_secs(10), || {
+            port_open(port).then_some(())
+        });
+        Self { port, proc }
+    }
+
     /// A broker whose plain listener is `port`, with `extra` appended to its configuration (more listeners).
     pub fn start_with(dir: &Path, extra: &str) -> Self {
         let port = free_port();
