@@ -7,7 +7,8 @@
 //!
 //! Invariants:
 //! - A message is acknowledged to its source only after its readings are committed (durability per
-//!   `[buffer] durability`).
+//!   `[buffer] durability`); a message that gives no reading only after it is committed to the bounded `refused`
+//!   table.
 //! - A reading is deleted from the disk only after Kinesis accepted the record holding it.
 //! - A record, once sealed, is resent byte-identical under the same `(agent_id, seq)`.
 //! - Every queue is bounded (`[buffer] queue_capacity`, MQTT in-flight window, one `PutRecords` in flight).

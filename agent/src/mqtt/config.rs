@@ -86,7 +86,9 @@ pub struct PayloadConfig {
     /// Default 86400000 (one day).
     #[serde(default = "default_max_future")]
     pub max_future_ms: i64,
-    /// Payloads larger than this are refused (counted as `too_large`). Default 262144 (256 KiB).
+    /// Payloads larger than this are refused (counted as `too_large`). Default 262144 (256 KiB). Packets over this
+    /// plus 64 KiB are not read at all: with MQTT 5 the broker does not send them; with 3.1.1 such a packet fails
+    /// the connection, so set the broker's `message_size_limit` to at most this.
     #[serde(default = "default_max_payload")]
     pub max_payload_bytes: usize,
     /// JSON only: keep only these fields (paths as in series names, `a/b` for `{"a":{"b":..}}`; a path keeps
