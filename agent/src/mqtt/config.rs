@@ -26,8 +26,9 @@ pub struct TopicConfig {
     pub filter: String,
     /// Extract tags from topic levels: a pattern with one entry per level, `{name}` capturing that level into tag
     /// `name`, `+` or a literal for the rest, e.g. `site/{site}/line/{line}/+` on `site/muc/line/3/pump-7` gives
-    /// `site=muc, line=3`. The series key stays `<topic>/<field>`. A message takes the pattern of the first
-    /// subscription with a pattern whose filter matches its topic; a topic the pattern does not fit gets no tags.
+    /// `site=muc, line=3`. The series key stays as the format makes it. A message takes the format and the
+    /// pattern of the first subscription whose filter matches its topic; a topic the pattern does not fit gets no
+    /// tags.
     #[serde(default)]
     pub tags_from_topic: Option<String>,
     /// Subscription QoS: 0, 1 (default) or 2. With QoS 1 and 2 the agent acknowledges a message only after its

@@ -264,7 +264,7 @@ pub async fn run(
                     let (queue, qos, pkid, g) = (acks.clone(), msg.qos, msg.pkid, generation);
                     Box::new(move || queue.push(g, qos, pkid)) as AckFn
                 });
-                let send = match mapper.map(format, &msg.topic, &msg.payload, now) {
+                let mapped = match mapper.map(format, &msg.topic, &msg.payload, now) {
                     Ok(mut parsed) => {
                         if let Some(pattern) = sub.and_then(|t| t.tags_from_topic.as_deref()) {
                             let tags = payload::topic_tags(pattern, &msg.topic);
@@ -278,7 +278,7 @@ pub async fn run(
                             m.seq_gaps.inc();
                             tracing::warn!(connection = %cfg.name, topic = %msg.topic, "Sparkplug sequence number jumped: messages were lost upstream");
                         }
-                        buffer.append(parsed.readings, ack).await
+                        Ok(parsed.readings)
                     }
                     Err(e) => {
                         m.dead_letter(e.reason()).inc();
@@ -291,12 +291,22 @@ pub async fn run(
                             detail: e.to_string(),
                             payload: msg.payload.to_vec(),
                         };
-                        buffer.refuse(refused, ack).await
+                        Err(refused)
+                    }
+                };
+                let queued = async {
+                    match mapped {
+                        Ok(readings) => buffer.append(readings, ack).await,
+                        Err(refused) => buffer.refuse(refused, ack).await,
                     }
                 };
                 // A full buffer queue blocks here: the broker's in-flight window fills and it holds further
-                // messages. Shutdown is not delayed by it: the select above is reached as soon as the send
-                // completes, and the buffer thread keeps draining its queue.
+                // messages (backpressure). Shutdown does not wait for room: the message stays unacknowledged and
+                // the broker redelivers it.
+                let send = tokio::select! {
+                    r = queued => r,
+                    _ = cancel.cancelled() => break,
+                };
                 if send.is_err() {
                     tracing::error!(connection = %cfg.name, "buffer closed; stopping MQTT connection");
                     break;
