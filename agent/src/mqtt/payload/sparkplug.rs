@@ -459,11 +459,11 @@ impl State {
                         (None, Some(alias)) => node.aliases.get(&alias).cloned(),
                         (None, None) => None,
                     };
-                    let (name, datatype) = match (&known, &m.name) {
-                        (Some((d, i)), _) => {
-                            let k = &node.units[d].metrics[*i];
-                            (k.name.clone(), k.datatype)
-                        }
+                    let known_metric = known
+                        .as_ref()
+                        .and_then(|(d, i)| node.units.get(d)?.metrics.get(*i));
+                    let (name, datatype) = match (known_metric, &m.name) {
+                        (Some(k), _) => (k.name.clone(), k.datatype),
                         // A named metric no birth announced: taken with the type its value has.
                         (None, Some(name)) => (name.clone(), m.datatype),
                         (None, None) => {
@@ -481,7 +481,9 @@ impl State {
                     {
                         if let Some((d, i)) = known {
                             if let Some(u) = node.units.get_mut(&d) {
-                                u.metrics[i].last = Some(v);
+                                if let Some(k) = u.metrics.get_mut(i) {
+                                    k.last = Some(v);
+                                }
                             }
                         }
                     }
