@@ -77,7 +77,7 @@ pub struct PayloadConfig {
     /// JSON field holding the event time; absent from a payload means "arrival time". Default `ts`.
     #[serde(default = "default_ts_field")]
     pub timestamp_field: String,
-    /// Unit of that field: `ms` (default), `s`, `us` or `ns`.
+    /// Unit of that field: `ms` (default), `s`, `us` or `ns` for numbers, `rfc3339` for date-time strings.
     #[serde(default)]
     pub timestamp_unit: TimeUnit,
     /// Timestamps before this (Unix ms) are refused as `bad_timestamp`. Default 946684800000 (2000-01-01).
@@ -157,6 +157,8 @@ pub enum TimeUnit {
     Us,
     /// Nanoseconds.
     Ns,
+    /// An RFC 3339 string, e.g. `2026-03-02T06:00:00.250Z` or `2026-03-02T07:00:00+01:00` (JSON only).
+    Rfc3339,
 }
 
 /// One MQTT broker connection (`[[mqtt]]`).
@@ -297,6 +299,11 @@ impl MqttConfig {
                     ));
                 }
             }
+        }
+        if self.payload.influx_timestamp_unit == TimeUnit::Rfc3339 {
+            p.push(format!(
+                "{path}.payload.influx_timestamp_unit: line-protocol timestamps are integers: s, ms, us or ns"
+            ));
         }
         if self.payload.max_sparkplug_metrics == 0 {
             p.push(format!(

@@ -9,8 +9,8 @@
 //! - `NaN`, `Infinity` and `-Infinity` are not JSON, but common (Python's `json.dumps` writes them): such a field
 //!   is skipped as `non_finite` and the rest of the object still passes.
 
-use super::{to_ms, ts_in_range, Parsed, PayloadError, Skip};
-use crate::mqtt::config::PayloadConfig;
+use super::{rfc3339_ms, to_ms, ts_in_range, Parsed, PayloadError, Skip};
+use crate::mqtt::config::{PayloadConfig, TimeUnit};
 use fieldlink_proto::{Quality, Series, Value};
 use serde_json::Value as Json;
 
@@ -150,7 +150,10 @@ pub fn parse(
         Json::Object(obj) => {
             let ts_ms = match obj.get(&cfg.timestamp_field) {
                 // Only a timestamp the payload claims is checked; the agent's own clock is taken as it is.
-                Some(v) => match v.as_f64().and_then(|f| to_ms(f, cfg.timestamp_unit)) {
+                Some(v) => match match cfg.timestamp_unit {
+                    TimeUnit::Rfc3339 => v.as_str().and_then(rfc3339_ms),
+                    unit => v.as_f64().and_then(|f| to_ms(f, unit)),
+                } {
                     Some(ts) if ts_in_range(ts, arrival_ms, cfg) => ts,
                     _ => return Err(PayloadError::BadTimestamp),
                 },
@@ -232,6 +235,23 @@ mod tests {
         c.timestamp_unit = crate::mqtt::TimeUnit::Ns;
         let p = parse("t", br#"{"ts": 1772431200000000000, "v": 1}"#, now, &c).unwrap_or_default();
         assert_eq!(p.readings[0].ts_ms, 1772431200000);
+        c.timestamp_unit = crate::mqtt::TimeUnit::Rfc3339;
+        for (ts, ms) in [
+            ("2026-03-02T06:00:00Z", 1772431200000),
+            ("2026-03-02T06:00:00.250Z", 1772431200250),
+            ("2026-03-02T07:00:00+01:00", 1772431200000),
+        ] {
+            let payload = format!(r#"{{"ts": "{ts}", "v": 1}}"#);
+            let p = parse("t", payload.as_bytes(), now, &c).unwrap_or_default();
+            assert_eq!(p.readings.first().map(|r| r.ts_ms), Some(ms), "{ts}");
+        }
+        for bad in [
+            r#"{"ts": "yesterday", "v": 1}"#,
+            r#"{"ts": 1772431200, "v": 1}"#,
+        ] {
+            let e = parse("t", bad.as_bytes(), now, &c).map(|_| ()).unwrap_err();
+            assert_eq!(e.reason(), "bad_timestamp", "{bad}");
+        }
     }
 
     #[test]

@@ -163,15 +163,27 @@ impl Parsed {
     }
 }
 
-/// Converts a number in `unit` to Unix milliseconds; `None` outside years 1970..=9999 or not finite.
+/// Converts a number in `unit` to Unix milliseconds; `None` outside years 1970..=9999, not finite, or for the
+/// string unit `rfc3339`.
 pub(crate) fn to_ms(v: f64, unit: TimeUnit) -> Option<i64> {
     let ms = match unit {
         TimeUnit::S => v * 1e3,
         TimeUnit::Ms => v,
         TimeUnit::Us => v / 1e3,
         TimeUnit::Ns => v / 1e6,
+        TimeUnit::Rfc3339 => return None,
     };
     (ms.is_finite() && (0.0..=253_402_300_799_999.0).contains(&ms)).then(|| ms.round() as i64)
+}
+
+/// Parses an RFC 3339 date-time (with `Z` or an offset) to Unix milliseconds.
+pub(crate) fn rfc3339_ms(s: &str) -> Option<i64> {
+    use aws_smithy_types::date_time::{DateTime, Format};
+    let ms = DateTime::from_str(s, Format::DateTimeWithOffset)
+        .ok()?
+        .to_millis()
+        .ok()?;
+    (0..=253_402_300_799_999).contains(&ms).then_some(ms)
 }
 
 /// Whether a timestamp a payload claims is acceptable at `arrival_ms`.
