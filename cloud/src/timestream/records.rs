@@ -5,6 +5,11 @@
 //! quality is not good adds a VARCHAR measure `<measure>_quality`; a bad reading without a finite value (a
 //! Modbus exception) lands as that quality measure alone. The record's `Version` is the batch sequence
 //! number, so writing the same batch again is a no-op upsert.
+//!
+//! A tag whose name Timestream would refuse as a dimension — `agent` or `device` (taken), `time`,
+//! `measure_name`, `measure_value`, a name starting with `ts_` or `measure_value`, or one with a `:` — becomes
+//! dimension `tag_<name>` (`:` as `_`). Sources name tags freely (an InfluxDB line's `device=...` is common);
+//! Parquet keeps the original names.
 
 use fieldlink_proto::{Batch, Quality, Value};
 use std::collections::BTreeMap;
@@ -72,6 +77,20 @@ fn measure(value: &Value) -> Option<(String, MeasureType)> {
     }
 }
 
+/// The dimension name of a tag: the tag's name unless Timestream reserves it or it would collide with `agent` or
+/// `device`.
+pub fn dimension_name(tag: &str) -> String {
+    let reserved = matches!(tag, "agent" | "device" | "time" | "measure_name")
+        || tag.starts_with("ts_")
+        || tag.starts_with("measure_value")
+        || tag.contains(':');
+    if reserved {
+        format!("tag_{}", tag.replace(':', "_"))
+    } else {
+        tag.to_owned()
+    }
+}
+
 /// Builds the records of one batch; readings that break a limit are returned as refused.
 pub fn build(batch: &Batch) -> (Vec<TsRecord>, Vec<Refused>) {
     let mut refused = Vec::new();
@@ -84,7 +103,12 @@ pub fn build(batch: &Batch) -> (Vec<TsRecord>, Vec<Refused>) {
                 ("agent".to_owned(), batch.agent_id.clone()),
                 ("device".to_owned(), s.device().to_owned()),
             ];
-            d.extend(s.tags.iter().filter(|(_, v)| !v.is_empty()).cloned());
+            d.extend(
+                s.tags
+                    .iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (dimension_name(k), v.clone())),
+            );
             if d.len() > limits::MAX_DIMENSIONS {
                 return Err(format!(
                     "{} dimensions, limit {}",
@@ -240,6 +264,23 @@ mod tests {
             value,
             quality,
             late: false,
+        }
+    }
+
+    #[test]
+    fn tags_timestream_would_refuse_become_tag_dimensions() {
+        for (tag, dim) in [
+            ("site", "site"),
+            ("device", "tag_device"),
+            ("agent", "tag_agent"),
+            ("time", "tag_time"),
+            ("measure_name", "tag_measure_name"),
+            ("measure_value::double", "tag_measure_value__double"),
+            ("ts_source", "tag_ts_source"),
+            ("a:b", "tag_a_b"),
+            ("device_kind", "device_kind"),
+        ] {
+            assert_eq!(dimension_name(tag), dim, "{tag}");
         }
     }
 
