@@ -1,7 +1,7 @@
 //! Batching: released readings → wire-format records that fit one Kinesis record. Pure and synchronous.
 //!
 //! The readings arrive grouped by device (the series key without its last segment, plus tags) and, within a
-//! series, in event-time order. [`build`] cuts them into batches **only between devices**, so all readings of
+//! series, in event-time order. [`Builder::build`] cuts them into batches **only between devices**, so all readings of
 //! one device and time travel together (one Timestream multi-measure record). A batch closes when its estimated
 //! compressed size reaches `target_record_bytes` or it holds `max_readings`; the estimate is the bytes per
 //! reading of the batches built before. An encoded record above `max_record_bytes` is split in two (between
@@ -96,7 +96,7 @@ pub fn plan(
     runs
 }
 
-/// Context of one [`build`] call.
+/// Context of one [`Builder::build`] call.
 pub struct Builder<'a> {
     /// Reused encoder.
     pub encoder: &'a mut Encoder,

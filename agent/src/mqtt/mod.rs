@@ -1,10 +1,11 @@
-//! MQTT source: one task per broker connection.
+//! MQTT source: one task per broker connection, MQTT 3.1.1 or 5 (`session.rs` wraps rumqttc's two clients).
 //!
-//! Messages are mapped to readings ([`payload`]) and queued to the buffer together with an acknowledgement
-//! callback; the buffer thread runs the callback (which sends the PUBACK) only after the readings are
-//! committed. Manual acks are on, so the broker redelivers anything the agent had not committed when it died.
-//! A payload that cannot be mapped is counted by reason and acknowledged (through the same ordered path, so
-//! PUBACKs leave in arrival order): redelivering it would not make it parseable.
+//! Messages are mapped to readings ([`payload`], with the format of the first subscription whose filter
+//! matches) and queued to the buffer together with an acknowledgement callback; the buffer thread runs the
+//! callback (which sends the PUBACK) only after the readings are committed. Manual acks are on, so the broker
+//! redelivers anything the agent had not committed when it died. A payload that gives no reading is counted by
+//! reason and queued to the buffer's bounded `refused` table through the same ordered path (so PUBACKs leave in
+//! arrival order), and acknowledged after that commit: redelivering it would not make it parseable.
 //!
 //! Acknowledgements never block and are never dropped while their connection lasts: the buffer thread's callback only records
 //! `(qos, packet id)` in this connection's [`AckQueue`] and wakes the connection task, which moves queued acks
