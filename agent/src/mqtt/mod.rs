@@ -265,12 +265,12 @@ pub async fn run(
                     let (queue, qos, pkid, g) = (acks.clone(), msg.qos, msg.pkid, generation);
                     Box::new(move || queue.push(g, qos, pkid)) as AckFn
                 });
-                let mapped = match mapper.map(format, &msg.topic, &msg.payload, now) {
-                    Ok(mut parsed) => {
-                        if let Some(pattern) = sub.and_then(|t| t.tags_from_topic.as_deref()) {
-                            let tags = payload::topic_tags(pattern, &msg.topic);
-                            payload::merge_tags(&mut parsed.readings, &tags);
-                        }
+                let tags = sub
+                    .and_then(|t| t.tags_from_topic.as_deref())
+                    .map(|pattern| payload::topic_tags(pattern, &msg.topic))
+                    .unwrap_or_default();
+                let mapped = match mapper.map(format, &msg.topic, &msg.payload, now, &tags) {
+                    Ok(parsed) => {
                         m.readings.add(parsed.readings.len() as u64);
                         for s in &parsed.skipped {
                             m.skipped(*s);

@@ -53,7 +53,7 @@ fn pipeline(msgs: &[(String, Vec<u8>)], durability: Durability) -> (f64, usize, 
     for chunk in msgs.chunks(1000) {
         let groups: Vec<Vec<NewReading>> = chunk
             .iter()
-            .map(|(t, p)| mapper.map(Format::Json, t, p, now).unwrap().readings)
+            .map(|(t, p)| mapper.map(Format::Json, t, p, now, &[]).unwrap().readings)
             .collect();
         readings += groups.iter().map(Vec::len).sum::<usize>();
         buffer.append(groups.iter().map(Vec::as_slice)).unwrap();
@@ -130,7 +130,7 @@ fn mapping(format: Format, msgs: &[(String, Vec<u8>)]) -> (f64, f64) {
         let start = Instant::now();
         let mut readings = 0usize;
         for (t, p) in msgs {
-            readings += mapper.map(format, t, p, now).unwrap().readings.len();
+            readings += mapper.map(format, t, p, now, &[]).unwrap().readings.len();
         }
         let secs = start.elapsed().as_secs_f64();
         if msgs.len() as f64 / secs > best.0 {

@@ -9,7 +9,8 @@
 //!
 //! A message either gives readings (possibly with some fields skipped, counted by [`Skip`] reason: the good
 //! fields of a partly bad payload still pass) or is refused with a [`PayloadError`] whose `reason()` labels the
-//! dead-letter counter and the dead-letter row. Topic tags (`tags_from_topic`) are merged in by the caller.
+//! dead-letter counter and the dead-letter row. Topic tags (`tags_from_topic`) are merged in by [`Mapper::map`]
+//! before the limits are checked again.
 //!
 //! Every timestamp a payload claims must lie in `[min_timestamp_ms, arrival + max_future_ms]`; a value must be
 //! finite; keys, tags and strings must fit the wire format's limits.
@@ -133,14 +134,7 @@ pub struct Parsed {
 impl Parsed {
     /// Adds a reading after checking it against the wire format's limits.
     fn push(&mut self, series: Series, ts_ms: i64, value: Value, quality: Quality) {
-        let too_long = series.key.len() > MAX_KEY_BYTES
-            || series.tags.len() > MAX_TAGS
-            || series
-                .tags
-                .iter()
-                .any(|(n, v)| n.len() > MAX_TAG_NAME_BYTES || v.len() > MAX_TAG_VALUE_BYTES)
-            || matches!(&value, Value::Str(s) if s.len() > MAX_STRING_BYTES);
-        if too_long {
+        if too_long(&series, &value) {
             return self.skipped.push(Skip::TooLong);
         }
         if matches!(value, Value::F64(f) if !f.is_finite()) {
@@ -161,6 +155,17 @@ impl Parsed {
         }
         Ok(self)
     }
+}
+
+/// Whether a key, a tag or a string value is over the wire format's limits (the encoder would refuse the batch).
+fn too_long(series: &Series, value: &Value) -> bool {
+    series.key.len() > MAX_KEY_BYTES
+        || series.tags.len() > MAX_TAGS
+        || series
+            .tags
+            .iter()
+            .any(|(n, v)| n.len() > MAX_TAG_NAME_BYTES || v.len() > MAX_TAG_VALUE_BYTES)
+        || matches!(value, Value::Str(s) if s.len() > MAX_STRING_BYTES)
 }
 
 /// Converts a number in `unit` to Unix milliseconds; `None` outside years 1970..=9999, not finite, or for the
@@ -209,13 +214,14 @@ pub fn topic_tags(pattern: &str, topic: &str) -> Vec<(String, String)> {
     tags
 }
 
-/// Adds topic tags to every reading; a tag the payload itself set (InfluxDB) wins over a topic tag of the same
-/// name.
-pub fn merge_tags(readings: &mut [NewReading], topic_tags: &[(String, String)]) {
-    if topic_tags.is_empty() {
-        return;
+/// Adds topic tags to every reading (a tag the payload itself set, as InfluxDB lines do, wins over a topic tag of
+/// the same name), then checks the limits again: a long topic level can push a tag over them. A message left
+/// without readings by that is refused as `too_long`.
+fn merge_tags(mut parsed: Parsed, topic_tags: &[(String, String)]) -> Result<Parsed, PayloadError> {
+    if topic_tags.is_empty() || parsed.readings.is_empty() {
+        return Ok(parsed);
     }
-    for r in readings {
+    for r in &mut parsed.readings {
         for (name, value) in topic_tags {
             if !r.series.tags.iter().any(|(n, _)| n == name) {
                 r.series.tags.push((name.clone(), value.clone()));
@@ -223,6 +229,13 @@ pub fn merge_tags(readings: &mut [NewReading], topic_tags: &[(String, String)]) 
         }
         r.series.tags.sort();
     }
+    let before = parsed.readings.len();
+    parsed.readings.retain(|r| !too_long(&r.series, &r.value));
+    parsed.skipped.extend(std::iter::repeat_n(
+        Skip::TooLong,
+        before - parsed.readings.len(),
+    ));
+    parsed.finish()
 }
 
 /// Maps messages of one connection; holds the state some formats need (Sparkplug births).
@@ -239,21 +252,68 @@ impl Mapper {
         Self { cfg, sparkplug }
     }
 
-    /// Maps one message of `format`. `arrival_ms` is used when the payload carries no timestamp.
+    /// Maps one message of `format` and adds `topic_tags` to its readings. `arrival_ms` is used when the payload
+    /// carries no timestamp.
     pub fn map(
         &mut self,
         format: Format,
         topic: &str,
         payload: &[u8],
         arrival_ms: i64,
+        topic_tags: &[(String, String)],
     ) -> Result<Parsed, PayloadError> {
         if payload.len() > self.cfg.max_payload_bytes {
             return Err(PayloadError::TooLarge(payload.len()));
         }
-        match format {
+        let parsed = match format {
             Format::Json => json::parse(topic, payload, arrival_ms, &self.cfg),
             Format::Influx => influx::parse(payload, arrival_ms, &self.cfg),
             Format::SparkplugB => self.sparkplug.apply(topic, payload, arrival_ms, &self.cfg),
-        }
+        }?;
+        merge_tags(parsed, topic_tags)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(t: &[(&str, &str)]) -> Vec<(String, String)> {
+        t.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
+    }
+
+    #[test]
+    fn topic_tags_merge_and_payload_tags_win() {
+        let mut m = Mapper::new(PayloadConfig::default());
+        let p = m
+            .map(
+                Format::Influx,
+                "t",
+                b"m,site=ham v=1",
+                0,
+                &tags(&[("site", "muc"), ("line", "3")]),
+            )
+            .unwrap_or_default();
+        assert_eq!(
+            p.readings[0].series.tags,
+            tags(&[("line", "3"), ("site", "ham")])
+        );
+    }
+
+    #[test]
+    fn a_topic_tag_over_the_wire_limits_is_refused_not_sealed() {
+        let mut m = Mapper::new(PayloadConfig::default());
+        let long = "x".repeat(MAX_TAG_VALUE_BYTES + 1);
+        let e = m
+            .map(
+                Format::Json,
+                "t",
+                br#"{"a": 1, "b": 2}"#,
+                0,
+                &tags(&[("site", &long)]),
+            )
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(e.reason(), "too_long");
     }
 }
