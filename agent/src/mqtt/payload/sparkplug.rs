@@ -384,10 +384,7 @@ impl State {
         };
         let key = (t.group.to_owned(), t.node.to_owned());
         let device = t.device.map(str::to_owned);
-        let prefix = match t.device {
-            Some(d) => format!("{}/{}/{d}", t.group, t.node),
-            None => format!("{}/{}", t.group, t.node),
-        };
+        let prefix = series_prefix(t.group, t.node, t.device);
         let mut out = Parsed::default();
 
         match t.kind {
@@ -413,25 +410,21 @@ impl State {
                 self.nodes.insert(key, node);
             }
             Kind::DBirth => {
-                let Some(node) = self.nodes.get_mut(&key) else {
-                    // A device birth without its node's birth: take the names, the sequence starts here. Every
-                    // remembered node counts against the limit like a metric.
-                    if self.metrics + self.nodes.len() >= self.max_metrics {
-                        return Err(PayloadError::SparkplugLimit(self.max_metrics));
-                    }
-                    let node = Node::default();
-                    self.nodes.insert(key.clone(), node);
-                    return self.apply(topic_name, payload, arrival_ms, cfg);
-                };
-                out.seq_gap = check_seq(node, p.seq);
+                // A device birth without its node's birth is taken too (names, and the sequence starts here).
+                let existed = self.nodes.contains_key(&key);
+                let mut node = self.nodes.remove(&key).unwrap_or_default();
+                out.seq_gap = check_seq(&mut node, p.seq);
                 if let Some(old) = node.units.remove(&device) {
                     self.metrics -= old.metrics.len();
                     node.aliases.retain(|_, (d, _)| *d != device);
                 }
-                if self.metrics + p.metrics.len() > self.max_metrics {
+                // Every remembered node counts against the limit like a metric.
+                if self.metrics + p.metrics.len() + self.nodes.len() + 1 > self.max_metrics {
+                    if existed {
+                        self.nodes.insert(key, node);
+                    }
                     return Err(PayloadError::SparkplugLimit(self.max_metrics));
                 }
-                let mut node = std::mem::take(node);
                 self.birth(
                     &mut node,
                     device.clone(),
@@ -499,10 +492,7 @@ impl State {
                     let mut units: Vec<_> = node.units.into_iter().collect();
                     units.sort_by(|a, b| a.0.cmp(&b.0));
                     for (d, unit) in units {
-                        let prefix = match d {
-                            Some(d) => format!("{}/{}/{d}", t.group, t.node),
-                            None => format!("{}/{}", t.group, t.node),
-                        };
+                        let prefix = series_prefix(t.group, t.node, d.as_deref());
                         stale(&unit, &prefix, msg_ts, &mut out);
                     }
                 }
@@ -571,6 +561,14 @@ impl State {
             }
         }
         node.units.insert(device, unit);
+    }
+}
+
+/// `<group>/<edge node>[/<device>]`: the series key of a metric without its name.
+fn series_prefix(group: &str, node: &str, device: Option<&str>) -> String {
+    match device {
+        Some(d) => format!("{group}/{node}/{d}"),
+        None => format!("{group}/{node}"),
     }
 }
 

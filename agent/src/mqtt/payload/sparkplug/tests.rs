@@ -370,3 +370,35 @@ proptest::proptest! {
         let _ = super::super::json::parse("t", &b, NOW, &PayloadConfig::default());
     }
 }
+
+#[test]
+fn a_device_birth_without_its_node_birth_still_names_its_aliases() {
+    let mut s = State::new(100);
+    let db = payload(
+        None,
+        Some(5),
+        &[metric(
+            Some("temp"),
+            Some(2),
+            datatype::DOUBLE,
+            &Raw::Double(1.0),
+        )],
+    );
+    run(&mut s, "spBv1.0/plant/DBIRTH/gw9/pump", &db).unwrap_or_else(|e| panic!("{e}"));
+    let dd = payload(
+        None,
+        Some(6),
+        &[metric(None, Some(2), 0, &Raw::Double(2.0))],
+    );
+    let p = run(&mut s, "spBv1.0/plant/DDATA/gw9/pump", &dd).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        values(&p),
+        vec![("plant/gw9/pump/temp".into(), Value::F64(2.0), Quality::Good)]
+    );
+    assert!(!p.seq_gap);
+    // The limit counts the node too: 100 metrics allowed, 1 node + 1 metric remembered.
+    assert_eq!(s.metrics(), 1);
+    let mut tight = State::new(1);
+    let e = run(&mut tight, "spBv1.0/plant/DBIRTH/gw9/pump", &db).unwrap_err();
+    assert_eq!(e.reason(), "sparkplug_limit");
+}
