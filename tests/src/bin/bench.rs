@@ -86,44 +86,38 @@ fn pipeline(msgs: &[(String, Vec<u8>)], durability: Durability) -> (f64, usize, 
     )
 }
 
-/// The ten values of message `i` (IMU-like plus status): event time, eight floats, an integer RSSI, and `ok`.
-fn ten_values(i: usize) -> (i64, [(&'static str, f64); 8], i64) {
-    let v = (i % 997) as f64 * 0.5;
-    let floats = [
-        ("acc_x", v),
-        ("acc_y", v + 0.25),
-        ("acc_z", v - 1.5),
-        ("gyr_x", v * 0.01),
-        ("gyr_y", -v),
-        ("gyr_z", v / 3.0),
-        ("temp", 21.5 + (i % 10) as f64),
-        ("vbat", 3.7),
-    ];
-    (
-        1_772_431_200_000 + i as i64,
-        floats,
-        -(((i % 40) + 50) as i64),
-    )
-}
-
-/// Message `i`'s ten fields as a JSON object, as used by the ingest and mapping figures.
+/// The ten-field JSON payload of message `i` (IMU-like plus a status), as used by the ingest and mapping
+/// figures.
 fn ten_fields(i: usize) -> String {
-    let (ts, floats, rssi) = ten_values(i);
-    let fields: String = floats
-        .iter()
-        .map(|(k, v)| format!("\"{k}\":{v},"))
-        .collect();
-    format!("{{\"ts\":{ts},{fields}\"rssi\":{rssi},\"ok\":true}}")
+    let v = (i % 997) as f64 * 0.5;
+    format!(
+        "{{\"ts\":{},\"acc_x\":{v},\"acc_y\":{},\"acc_z\":{},\"gyr_x\":{},\"gyr_y\":{},\"gyr_z\":{},\"temp\":{},\"vbat\":{},\"rssi\":{},\"ok\":true}}",
+        1_772_431_200_000i64 + i as i64,
+        v + 0.25,
+        v - 1.5,
+        v * 0.01,
+        -v,
+        v / 3.0,
+        21.5 + (i % 10) as f64,
+        3.7,
+        -(((i % 40) + 50) as i64)
+    )
 }
 
 /// The same ten values as one line of InfluxDB line protocol.
 fn ten_fields_influx(i: usize) -> String {
-    let (ts, floats, rssi) = ten_values(i);
-    let fields: String = floats.iter().map(|(k, v)| format!("{k}={v},")).collect();
+    let v = (i % 997) as f64 * 0.5;
     format!(
-        "imu,dev=dev{:03} {fields}rssi={rssi}i,ok=t {}",
+        "imu,dev=dev{:03} acc_x={v},acc_y={},acc_z={},gyr_x={},gyr_y={},gyr_z={},temp={},vbat=3.7,rssi={}i,ok=t {}",
         i % 100,
-        ts * 1_000_000
+        v + 0.25,
+        v - 1.5,
+        v * 0.01,
+        -v,
+        v / 3.0,
+        21.5 + (i % 10) as f64,
+        -(((i % 40) + 50) as i64),
+        (1_772_431_200_000i64 + i as i64) * 1_000_000
     )
 }
 
