@@ -4,9 +4,11 @@ recording the numbers `n` of crash/# messages it receives. Used to tell what the
 did with it.
 
 Usage: subscribe_numbered.py HOST PORT READY_FILE OUT_FILE SECONDS
-Writes READY_FILE once subscribed; after SECONDS writes the received numbers to OUT_FILE, one per line.
+Writes READY_FILE once subscribed; after SECONDS writes the received numbers to OUT_FILE
+(atomically), one per line, and exits.
 """
 import json
+import os
 import sys
 import time
 
@@ -35,4 +37,6 @@ client.connect(host, port, keepalive=5)
 client.loop_start()
 time.sleep(seconds)
 client.loop_stop()
-open(out, "w").write("\n".join(str(n) for n in sorted(got)))
+with open(out + ".tmp", "w") as f:
+    f.write("\n".join(str(n) for n in sorted(got)))
+os.replace(out + ".tmp", out)

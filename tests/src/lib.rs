@@ -132,11 +132,16 @@ impl Proc {
 
     /// SIGTERM, then waits up to `timeout` for a clean exit (panics if it does not exit or fails).
     pub fn terminate(&mut self, timeout: Duration) {
-        let mut child = self.child.take().unwrap();
         let _ = Command::new("kill")
             .arg("-TERM")
-            .arg(child.id().to_string())
+            .arg(self.pid().to_string())
             .status();
+        self.wait(timeout);
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself (panics if it does not exit or fails).
+    pub fn wait(&mut self, timeout: Duration) {
+        let mut child = self.child.take().unwrap();
         let status = wait_for(&format!("{} to exit", self.name), timeout, || {
             child.try_wait().unwrap()
         });
