@@ -1,12 +1,14 @@
 //! Wiring: starts every component, waits for the cancellation token, then shuts down in order:
 //! sources stop → unsealed readings are sealed → the sender drains for `shutdown_drain_ms` → the buffer closes.
 
-use crate::buffer::{self, BufferError};
+use crate::buffer::{self, BufferError, BufferHandle, Closed};
 use crate::config::Config;
 use crate::kinesis::Sender;
 use crate::metrics::AgentMetrics;
 use fieldlink_ops::http::{BindError, Telemetry};
-use std::time::Duration;
+use fieldlink_ops::metrics::Health;
+use fieldlink_ops::systemd::Notifier;
+use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -83,9 +85,33 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
             cancel.clone(),
         ));
     }
-    tracing::info!(agent_id = %cfg.agent_id, mqtt = cfg.mqtt.len(), modbus = cfg.modbus.len(), "agent running");
+    let notifier = std::sync::Arc::new(Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "systemd notifications off");
+        Notifier::default()
+    }));
+    // Runs through the drain too (systemd may keep the watchdog during a stop); ends before the buffer closes,
+    // since the buffer thread stops only when every handle is gone.
+    let liveness_stop = CancellationToken::new();
+    let liveness_task = tokio::spawn(liveness(
+        buffer.clone(),
+        notifier.clone(),
+        health.clone(),
+        liveness_interval(notifier.watchdog_timeout()),
+        liveness_stop.clone(),
+    ));
+    tracing::info!(agent_id = %cfg.agent_id, mqtt = cfg.mqtt.len(), modbus = cfg.modbus.len(), watchdog = ?notifier.watchdog_timeout(), "agent running");
+    notifier.ready(&format!(
+        "running: {} MQTT connection(s), {} Modbus device(s)",
+        cfg.mqtt.len(),
+        cfg.modbus.len()
+    ));
 
     cancel.cancelled().await;
+    // The stop may take the drain deadline plus sealing and closing the buffer: ask systemd for that much.
+    notifier.stopping(
+        "stopping: sealing and draining the buffer",
+        Duration::from_millis(cfg.kinesis.shutdown_drain_ms) + Duration::from_secs(30),
+    );
     tracing::info!("shutting down: stopping sources");
     while sources.join_next().await.is_some() {}
     let _ = buffer.flush().await;
@@ -99,8 +125,94 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
             .drain(Duration::from_millis(cfg.kinesis.shutdown_drain_ms))
             .await;
     }
+    liveness_stop.cancel();
+    let _ = liveness_task.await;
     drop(buffer);
     let _ = tokio::task::spawn_blocking(move || buffer_thread.join()).await;
     tracing::info!(stats = %metrics.pending_batches.get(), "agent stopped; pending batches stay buffered");
     Ok(())
+}
+
+/// How often the buffer thread is pinged: often enough that two answered pings fit in half systemd's watchdog
+/// timeout, and at least every 5 s for the health endpoint.
+fn liveness_interval(watchdog: Option<Duration>) -> Duration {
+    let default = Duration::from_secs(5);
+    watchdog.map_or(default, |t| {
+        (t / 4).clamp(Duration::from_millis(10), default)
+    })
+}
+
+/// Pings the buffer thread every `interval`. While it answers within `interval` the agent is healthy and systemd's
+/// watchdog is fed; while it does not (a commit stuck on a locked or failing disk), `/health` says so and the
+/// watchdog goes hungry, so systemd restarts a buffer stuck longer than `WatchdogSec`. Ends on `stop` (dropping
+/// its buffer handle) or when the buffer closes.
+async fn liveness(
+    buffer: BufferHandle,
+    notifier: std::sync::Arc<Notifier>,
+    health: Health,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stalled_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let asked = Instant::now();
+        let answer = tokio::select! {
+            a = tokio::time::timeout(interval, buffer.ping()) => a,
+            _ = stop.cancelled() => return,
+        };
+        match answer {
+            Ok(Ok(())) => {
+                if let Some(since) = stalled_since.take() {
+                    tracing::info!(
+                        stalled_ms = since.elapsed().as_millis() as u64,
+                        "the buffer thread answers again"
+                    );
+                    health.set("buffer", true, "");
+                }
+                notifier.watchdog();
+            }
+            Ok(Err(Closed)) => return,
+            Err(_) => {
+                let since = *stalled_since.get_or_insert(asked);
+                let secs = since.elapsed().as_secs_f64();
+                tracing::warn!(
+                    stalled_s = secs,
+                    "the buffer thread does not answer (disk locked, full or hung?)"
+                );
+                health.set(
+                    "buffer",
+                    false,
+                    format!("the buffer thread has not answered for {secs:.1} s"),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_pings_fit_in_half_the_watchdog_timeout() {
+        assert_eq!(liveness_interval(None), Duration::from_secs(5));
+        assert_eq!(
+            liveness_interval(Some(Duration::from_secs(1))),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            liveness_interval(Some(Duration::from_secs(60))),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            liveness_interval(Some(Duration::from_micros(1))),
+            Duration::from_millis(10)
+        );
+    }
 }

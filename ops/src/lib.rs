@@ -10,6 +10,7 @@
 //!   every problem at once.
 //! - [`logging`], [`shutdown`], [`backoff`]: structured logs, one cancellation token, capped exponential backoff
 //!   with full jitter.
+//! - [`systemd`]: `sd_notify` readiness, status, stopping and watchdog messages (no libsystemd).
 
 pub mod aws;
 pub mod backoff;
@@ -18,6 +19,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod shutdown;
+pub mod systemd;
 
 /// Milliseconds since the Unix epoch by the system clock (0 if the clock is before 1970).
 pub fn unix_ms() -> i64 {

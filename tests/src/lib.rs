@@ -535,6 +535,8 @@ pub struct AgentProc {
     pub metrics_port: u16,
     pub log: PathBuf,
     pub proc: Option<Proc>,
+    /// Extra environment for the agent process.
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentProc {
@@ -610,6 +612,7 @@ shutdown_drain_ms = 2000
             metrics_port,
             log: dir.join(format!("{id}.log")),
             proc: None,
+            env: Vec::new(),
         }
     }
 
@@ -625,6 +628,7 @@ shutdown_drain_ms = 2000
         let mut cmd = Command::new(bin("fieldlink-agent"));
         cmd.arg("run").arg("--config").arg(&self.config);
         aws_env(&mut cmd);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.proc = Some(Proc::spawn("fieldlink-agent", cmd, &self.log));
     }
 

@@ -51,6 +51,9 @@ enum Control {
         reply: oneshot::Sender<()>,
     },
     Release,
+    Ping {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// The buffer thread stopped (after a shutdown, or a fatal error it logged).
@@ -151,6 +154,17 @@ impl BufferHandle {
         let (reply, rx) = oneshot::channel();
         self.ctl
             .send_async(Control::Flush { reply })
+            .await
+            .map_err(|_| Closed)?;
+        rx.await.map_err(|_| Closed)
+    }
+
+    /// Answers as soon as the buffer thread takes it: proof that the thread is not stuck (a commit retrying
+    /// against a locked or failing disk, a hung `fsync`). Serves the health endpoint and the systemd watchdog.
+    pub async fn ping(&self) -> Result<(), Closed> {
+        let (reply, rx) = oneshot::channel();
+        self.ctl
+            .send_async(Control::Ping { reply })
             .await
             .map_err(|_| Closed)?;
         rx.await.map_err(|_| Closed)
@@ -300,6 +314,9 @@ impl Worker {
             }
             Control::Flush { reply } => {
                 self.seal(true);
+                let _ = reply.send(());
+            }
+            Control::Ping { reply } => {
                 let _ = reply.send(());
             }
             Control::Release => {

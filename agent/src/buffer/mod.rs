@@ -51,7 +51,7 @@
 mod actor;
 mod config;
 
-pub use actor::{spawn, AckFn, BufferHandle, Pending};
+pub use actor::{spawn, AckFn, BufferHandle, Closed, Pending};
 pub use config::{BufferConfig, Durability, OverflowPolicy};
 
 use crate::batch::{self, BatchConfig, Builder, Row};
