@@ -484,3 +484,89 @@ fn broker_restart(protocol: &str) {
         reference_got.intersection(&acked).count()
     );
 }
+
+/// An edge node born before the agent connected (pysparkplug + paho): its alias-only data cannot be mapped, so the
+/// agent publishes one Rebirth request (decoded by pysparkplug), the node answers with fresh births, and its data
+/// maps again.
+#[test]
+fn sparkplug_data_of_a_node_born_before_the_agent_gets_one_rebirth_request_and_then_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let broker = Mosquitto::start(d);
+    let moto = Moto::start(d);
+    moto.create("rebirth", 1, "unused-db", "unused-table", "unused-bucket");
+    let (born, go, out) = (d.join("born"), d.join("go"), d.join("edge.json"));
+    let mut edge = Proc::spawn(
+        "sparkplug edge node",
+        {
+            let mut c = Command::new(python());
+            c.arg(script("sparkplug_edge_node.py"))
+                .arg(broker.port.to_string())
+                .args([&born, &go, &out]);
+            c
+        },
+        &d.join("edge.log"),
+    );
+    wait_for("the edge node's births", Duration::from_secs(20), || {
+        born.exists().then_some(())
+    });
+    let sources = format!(
+        "[[mqtt]]\nname = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nprotocol = \"5\"\nkeep_alive_s = 5\n[[mqtt.topics]]\nfilter = \"spBv1.0/plant/+/gw9/#\"\nformat = \"sparkplug_b\"\n",
+        broker.port
+    );
+    let mut agent = AgentProc::with_sources(d, "rebirth", &moto.endpoint, "rebirth", "", &sources);
+    agent.start();
+    std::fs::write(&go, "go").unwrap();
+    edge.wait(Duration::from_secs(60));
+
+    // Exactly one request (three unmappable messages, one interval), a Boolean `Node Control/Rebirth` = true.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let commands = report["commands"].as_array().unwrap();
+    assert_eq!(commands.len(), 1, "{commands:?}");
+    assert_eq!(commands[0]["topic"], "spBv1.0/plant/NCMD/gw9");
+    assert_eq!(
+        commands[0]["metrics"],
+        serde_json::json!([["Node Control/Rebirth", "BOOLEAN", true]])
+    );
+    let t = report["T"].as_i64().unwrap();
+
+    // What lands: the births after the rebirth and the data after them; the three messages before are refused.
+    let want: BTreeSet<(String, i64, String)> = [
+        ("plant/gw9/uptime", t + 10, "10"),
+        ("plant/gw9/pump/temp", t + 10, "20.0"),
+        ("plant/gw9/pump/temp", t + 11, "10.0"),
+    ]
+    .iter()
+    .map(|(s, ts, v)| (s.to_string(), *ts, v.to_string()))
+    .collect();
+    let got = wait_for(
+        "the reborn node's readings",
+        Duration::from_secs(30),
+        || {
+            let got: BTreeSet<(String, i64, String)> = dumped_rows(&moto.endpoint, "rebirth")
+                .into_iter()
+                .map(|(s, ts, v, _, _)| (s, ts, v))
+                .collect();
+            want.is_subset(&got).then_some(got)
+        },
+    );
+    assert_eq!(got, want, "only what the births made mappable");
+    let m = http_get(agent.metrics_port, "/metrics").unwrap();
+    let c = |name: &str, label: &str| metric_with(&m, name, label).unwrap_or(0.0);
+    assert_eq!(
+        c(
+            "fieldlink_mqtt_sparkplug_rebirth_requests_total",
+            "connection=\"local\""
+        ),
+        1.0
+    );
+    assert_eq!(
+        c(
+            "fieldlink_mqtt_dead_letters_total",
+            "reason=\"unknown_alias\""
+        ),
+        3.0
+    );
+    agent.stop();
+}

@@ -106,6 +106,12 @@ pub struct PayloadConfig {
     /// that would exceed it is refused as `sparkplug_limit`. Default 100000.
     #[serde(default = "default_sparkplug_metrics")]
     pub max_sparkplug_metrics: usize,
+    /// Sparkplug B: ask an edge node to rebirth (publish an NCMD `Node Control/Rebirth`) when its data cannot be
+    /// mapped fully — no NBIRTH seen since the agent connected, an unknown alias, a sequence gap — at most once
+    /// per this many ms per edge node. 0 never asks (when another host application is in charge of rebirths, or
+    /// the broker's ACL forbids publishing). Default 10000.
+    #[serde(default = "default_rebirth_ms")]
+    pub sparkplug_rebirth_ms: u64,
 }
 
 fn default_influx_unit() -> TimeUnit {
@@ -113,6 +119,9 @@ fn default_influx_unit() -> TimeUnit {
 }
 fn default_sparkplug_metrics() -> usize {
     100_000
+}
+fn default_rebirth_ms() -> u64 {
+    10_000
 }
 
 fn default_ts_field() -> String {
@@ -140,6 +149,7 @@ impl Default for PayloadConfig {
             exclude: Vec::new(),
             influx_timestamp_unit: default_influx_unit(),
             max_sparkplug_metrics: default_sparkplug_metrics(),
+            sparkplug_rebirth_ms: default_rebirth_ms(),
         }
     }
 }

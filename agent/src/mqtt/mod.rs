@@ -43,6 +43,7 @@ struct ConnMetrics {
     readings: Counter,
     skipped: Vec<(Skip, Counter)>,
     seq_gaps: Counter,
+    rebirths: Counter,
     reconnects: Counter,
     acks: Counter,
     registry: Registry,
@@ -87,6 +88,11 @@ impl ConnMetrics {
             seq_gaps: registry.counter(
                 "fieldlink_mqtt_sparkplug_seq_gaps_total",
                 "Sparkplug B messages whose sequence number was not the next one (messages lost upstream).",
+                &l,
+            ),
+            rebirths: registry.counter(
+                "fieldlink_mqtt_sparkplug_rebirth_requests_total",
+                "Sparkplug B Rebirth requests (NCMD Node Control/Rebirth) published to edge nodes.",
                 &l,
             ),
             reconnects: registry.counter(
@@ -269,7 +275,15 @@ pub async fn run(
                     .and_then(|t| t.tags_from_topic.as_deref())
                     .map(|pattern| payload::topic_tags(pattern, &msg.topic))
                     .unwrap_or_default();
-                let mapped = match mapper.map(format, &msg.topic, &msg.payload, now, &tags) {
+                let mapped = mapper.map(format, &msg.topic, &msg.payload, now, &tags);
+                if let Some(r) = mapper.take_rebirth() {
+                    let sent = session.try_publish_qos0(&r.topic, r.payload);
+                    if sent {
+                        m.rebirths.inc();
+                    }
+                    tracing::info!(connection = %cfg.name, topic = %r.topic, queued = sent, "Sparkplug: asking the edge node to rebirth (its births are needed to map its data)");
+                }
+                let mapped = match mapped {
                     Ok(parsed) => {
                         m.readings.add(parsed.readings.len() as u64);
                         for s in &parsed.skipped {

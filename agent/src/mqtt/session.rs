@@ -211,6 +211,16 @@ impl Session {
         }
     }
 
+    /// Queues a QoS 0, non-retained PUBLISH (Sparkplug commands); false when the request channel is full.
+    pub(super) fn try_publish_qos0(&self, topic: &str, payload: Vec<u8>) -> bool {
+        match self {
+            Session::V4(c, _) => c
+                .try_publish(topic, rumqttc::QoS::AtMostOnce, false, payload)
+                .is_ok(),
+            Session::V5(c, _) => c.try_publish(topic, qos5(0), false, payload).is_ok(),
+        }
+    }
+
     /// Sends DISCONNECT and waits (bounded) for it to leave.
     pub(super) async fn disconnect(&mut self) {
         let queued = match self {

@@ -248,8 +248,13 @@ pub struct Mapper {
 impl Mapper {
     /// A mapper with empty state.
     pub fn new(cfg: PayloadConfig) -> Self {
-        let sparkplug = sparkplug::State::new(cfg.max_sparkplug_metrics);
+        let sparkplug = sparkplug::State::new(cfg.max_sparkplug_metrics, cfg.sparkplug_rebirth_ms);
         Self { cfg, sparkplug }
+    }
+
+    /// A Sparkplug Rebirth request the messages mapped so far called for (taken once; see [`sparkplug`]).
+    pub fn take_rebirth(&mut self) -> Option<sparkplug::Rebirth> {
+        self.sparkplug.take_rebirth()
     }
 
     /// Maps one message of `format` and adds `topic_tags` to its readings. `arrival_ms` is used when the payload

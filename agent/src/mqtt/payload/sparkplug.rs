@@ -15,6 +15,11 @@
 //! - **Sequence numbers** (0..=255, wrapping) of everything an edge node sends after its NBIRTH; a jump is
 //!   counted (`seq_gap`): messages were lost on the way and the edge node's values may be out of date until its
 //!   next birth.
+//! - **Rebirth requests**: data or a DBIRTH from an edge node whose NBIRTH this connection has not seen (the
+//!   agent started or reconnected after it), an alias no birth named, or a sequence gap make the state ask for a
+//!   Rebirth ([`State::take_rebirth`]: an NCMD with `Node Control/Rebirth` = true, which the connection
+//!   publishes), at most once per `sparkplug_rebirth_ms` per edge node. The edge node answers with fresh births,
+//!   after which its alias-only data maps again.
 //!
 //! Values: Int8/16/32 (sign-extended from `int_value`), Int64, UInt8..64 (UInt64 above `i64::MAX` as f64),
 //! DateTime (ms, as i64) → i64; Float, Double → f64; Boolean → bool; String, Text, UUID → string. Data sets,
@@ -276,12 +281,30 @@ impl Node {
     }
 }
 
+/// Edge nodes remembered for rate-limiting Rebirth requests, at most.
+const MAX_ASKED: usize = 4096;
+
+/// A Rebirth request to publish: an NCMD to the edge node (QoS 0, not retained).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebirth {
+    /// `spBv1.0/<group>/NCMD/<edge node>`.
+    pub topic: String,
+    /// The payload: metric `Node Control/Rebirth` = true.
+    pub payload: Vec<u8>,
+}
+
 /// Sparkplug state of one connection.
 #[derive(Debug)]
 pub struct State {
     nodes: HashMap<(String, String), Node>,
     metrics: usize,
     max_metrics: usize,
+    /// Least time between two Rebirth requests to one edge node, ms; 0 never asks.
+    rebirth_ms: i64,
+    /// When each edge node was last asked to rebirth (at most `MAX_ASKED`).
+    asked: HashMap<(String, String), i64>,
+    /// The request the last message called for, until taken.
+    rebirth: Option<Rebirth>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -348,13 +371,48 @@ fn topic(t: &str) -> Result<Topic<'_>, PayloadError> {
 }
 
 impl State {
-    /// Empty state remembering at most `max_metrics` metrics.
-    pub fn new(max_metrics: usize) -> Self {
+    /// Empty state remembering at most `max_metrics` metrics, asking an edge node to rebirth at most every
+    /// `rebirth_ms` (0: never).
+    pub fn new(max_metrics: usize, rebirth_ms: u64) -> Self {
         Self {
             nodes: HashMap::new(),
             metrics: 0,
             max_metrics,
+            rebirth_ms: i64::try_from(rebirth_ms).unwrap_or(i64::MAX),
+            asked: HashMap::new(),
+            rebirth: None,
         }
+    }
+
+    /// The Rebirth request the messages applied so far called for, if any (taken once).
+    pub fn take_rebirth(&mut self) -> Option<Rebirth> {
+        self.rebirth.take()
+    }
+
+    /// Asks `group`/`node` to rebirth unless it was asked less than `rebirth_ms` ago.
+    fn want_rebirth(&mut self, group: &str, node: &str, now_ms: i64) {
+        if self.rebirth_ms == 0 {
+            return;
+        }
+        let key = (group.to_owned(), node.to_owned());
+        // (A clock that went back asks again.)
+        if let Some(&t) = self.asked.get(&key) {
+            if now_ms >= t && now_ms - t < self.rebirth_ms {
+                return;
+            }
+        }
+        if self.asked.len() >= MAX_ASKED && !self.asked.contains_key(&key) {
+            let horizon = now_ms.saturating_sub(self.rebirth_ms);
+            self.asked.retain(|_, t| *t > horizon);
+            if self.asked.len() >= MAX_ASKED {
+                return;
+            }
+        }
+        self.asked.insert(key, now_ms);
+        self.rebirth = Some(Rebirth {
+            topic: format!("spBv1.0/{group}/NCMD/{node}"),
+            payload: rebirth_payload(now_ms),
+        });
     }
 
     /// Metrics remembered now.
@@ -436,11 +494,15 @@ impl State {
                     &mut out,
                 );
                 self.nodes.insert(key, node);
+                if !existed || out.seq_gap {
+                    self.want_rebirth(t.group, t.node, arrival_ms);
+                }
             }
             Kind::NData | Kind::DData => {
                 // Data of a node no birth was seen of: named metrics still map; nothing is remembered (so
                 // unknown node names cannot grow the state).
                 let mut unborn = Node::default();
+                let born = self.nodes.contains_key(&key);
                 let node = self.nodes.get_mut(&key).unwrap_or(&mut unborn);
                 out.seq_gap = check_seq(node, p.seq);
                 for m in &p.metrics {
@@ -480,6 +542,10 @@ impl State {
                             }
                         }
                     }
+                }
+                // What this host knows of the node is missing or may be out of date: ask for its births.
+                if !born || out.seq_gap || out.skipped.contains(&Skip::UnknownAlias) {
+                    self.want_rebirth(t.group, t.node, arrival_ms);
                 }
             }
             Kind::NDeath => {
@@ -573,6 +639,46 @@ fn series_prefix(group: &str, node: &str, device: Option<&str>) -> String {
 }
 
 /// Checks and advances an edge node's sequence number; true on a jump.
+/// A Rebirth request (Sparkplug 3.0, "Node Control/Rebirth"): a payload with its timestamp and one Boolean
+/// metric `Node Control/Rebirth` = true.
+pub fn rebirth_payload(ts_ms: i64) -> Vec<u8> {
+    fn field_varint(out: &mut Vec<u8>, field: u64, v: u64) {
+        put_key(out, field, 0);
+        put_varint(out, v);
+    }
+    let ts = u64::try_from(ts_ms).unwrap_or(0);
+    let mut metric = Vec::with_capacity(32);
+    put_bytes(&mut metric, 1, b"Node Control/Rebirth");
+    field_varint(&mut metric, 3, ts);
+    field_varint(&mut metric, 4, u64::from(datatype::BOOLEAN));
+    field_varint(&mut metric, 14, 1);
+    let mut payload = Vec::with_capacity(48);
+    field_varint(&mut payload, 1, ts);
+    put_bytes(&mut payload, 2, &metric);
+    payload
+}
+
+/// Protobuf encoding: a varint.
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Protobuf encoding: a field key (`wire` 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32).
+fn put_key(out: &mut Vec<u8>, field: u64, wire: u64) {
+    put_varint(out, (field << 3) | wire);
+}
+
+/// Protobuf encoding: a length-delimited field.
+fn put_bytes(out: &mut Vec<u8>, field: u64, b: &[u8]) {
+    put_key(out, field, 2);
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
 fn check_seq(node: &mut Node, seq: Option<u64>) -> bool {
     let Some(seq) = seq else { return false };
     let got = seq as u8;

@@ -1,27 +1,10 @@
-//! State tests with a minimal test-side encoder. The decoder is checked against an independent encoder
+//! State tests with a minimal test-side encoder (on the module's protobuf primitives). The decoder is checked against an independent encoder
 //! (pysparkplug) end to end in `tests/tests/mqtt.rs`.
 
 use super::*;
+use super::{put_bytes as bytes, put_key as key, put_varint as varint};
 
 const NOW: i64 = 1_772_431_200_000;
-
-fn varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn key(out: &mut Vec<u8>, field: u64, wire: u64) {
-    varint(out, field << 3 | wire);
-}
-
-fn bytes(out: &mut Vec<u8>, field: u64, b: &[u8]) {
-    key(out, field, 2);
-    varint(out, b.len() as u64);
-    out.extend_from_slice(b);
-}
 
 /// `(name, alias, datatype, value)`.
 fn metric(name: Option<&str>, alias: Option<u64>, datatype: u32, v: &Raw) -> Vec<u8> {
@@ -132,7 +115,7 @@ fn birth(s: &mut State) {
 
 #[test]
 fn data_by_alias_uses_the_birth_names() {
-    let mut s = State::new(100);
+    let mut s = State::new(100, 0);
     birth(&mut s);
     let dd = payload(
         Some(NOW as u64 + 5),
@@ -161,7 +144,7 @@ fn data_by_alias_uses_the_birth_names() {
 
 #[test]
 fn deaths_mark_the_last_values_stale() {
-    let mut s = State::new(100);
+    let mut s = State::new(100, 0);
     birth(&mut s);
     let dd = payload(
         None,
@@ -188,7 +171,7 @@ fn deaths_mark_the_last_values_stale() {
 
 #[test]
 fn a_late_will_of_an_older_session_is_ignored() {
-    let mut s = State::new(100);
+    let mut s = State::new(100, 0);
     birth(&mut s);
     let old = payload(
         None,
@@ -213,7 +196,7 @@ fn a_late_will_of_an_older_session_is_ignored() {
 
 #[test]
 fn sequence_jumps_are_reported_and_wrap_at_256() {
-    let mut s = State::new(100);
+    let mut s = State::new(100, 0);
     birth(&mut s);
     let data = |seq| payload(None, Some(seq), &[metric(None, Some(1), 0, &Raw::Long(1))]);
     assert!(
@@ -269,7 +252,7 @@ fn data_types_map_to_reading_values() {
 
 #[test]
 fn bad_input_is_refused_by_reason() {
-    let mut s = State::new(100);
+    let mut s = State::new(100, 0);
     let reason = |s: &mut State, t: &str, p: &[u8]| run(s, t, p).map(|_| ()).unwrap_err().reason();
     assert_eq!(
         reason(&mut s, "spBv1.0/plant/NDATA/gw1", b"\xff\xff"),
@@ -325,7 +308,7 @@ fn bad_input_is_refused_by_reason() {
 
 #[test]
 fn births_beyond_the_metric_limit_are_refused() {
-    let mut s = State::new(2);
+    let mut s = State::new(2, 0);
     let nb = payload(
         None,
         Some(0),
@@ -361,7 +344,7 @@ fn births_beyond_the_metric_limit_are_refused() {
 proptest::proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
-        let mut s = State::new(50);
+        let mut s = State::new(50, 0);
         for t in ["spBv1.0/g/NBIRTH/n", "spBv1.0/g/DBIRTH/n/d", "spBv1.0/g/DDATA/n/d", "spBv1.0/g/NDEATH/n"] {
             let _ = run(&mut s, t, &b);
             proptest::prop_assert!(s.metrics() <= 50);
@@ -373,7 +356,7 @@ proptest::proptest! {
 
 #[test]
 fn a_device_birth_without_its_node_birth_still_names_its_aliases() {
-    let mut s = State::new(100);
+    let mut s = State::new(100, 0);
     let db = payload(
         None,
         Some(5),
@@ -398,7 +381,133 @@ fn a_device_birth_without_its_node_birth_still_names_its_aliases() {
     assert!(!p.seq_gap);
     // The limit counts the node too: 100 metrics allowed, 1 node + 1 metric remembered.
     assert_eq!(s.metrics(), 1);
-    let mut tight = State::new(1);
+    let mut tight = State::new(1, 0);
     let e = run(&mut tight, "spBv1.0/plant/DBIRTH/gw9/pump", &db).unwrap_err();
     assert_eq!(e.reason(), "sparkplug_limit");
+}
+
+fn run_at(s: &mut State, topic: &str, p: &[u8], at: i64) -> Result<Parsed, PayloadError> {
+    s.apply(topic, p, at, &PayloadConfig::default())
+}
+
+#[test]
+fn the_rebirth_payload_is_a_boolean_node_control_rebirth_metric() {
+    let p = decode(&rebirth_payload(NOW)).unwrap();
+    assert_eq!(p.timestamp, Some(NOW as u64));
+    assert_eq!(p.metrics.len(), 1);
+    let m = &p.metrics[0];
+    assert_eq!(m.name.as_deref(), Some("Node Control/Rebirth"));
+    assert_eq!(m.datatype, datatype::BOOLEAN);
+    assert_eq!(m.timestamp, Some(NOW as u64));
+    assert!(matches!(m.value, Raw::Bool(true)), "{:?}", m.value);
+}
+
+#[test]
+fn data_of_an_unborn_node_asks_for_a_rebirth_at_most_once_per_interval_and_the_birth_heals_it() {
+    let mut s = State::new(100, 10_000);
+    let data = payload(
+        Some(NOW as u64),
+        Some(5),
+        &[metric(None, Some(2), datatype::FLOAT, &Raw::Float(1.0))],
+    );
+    // The agent started after the births: alias-only data cannot map, and the node is asked to rebirth.
+    assert!(matches!(
+        run_at(&mut s, "spBv1.0/plant/DDATA/gw1/pump", &data, NOW),
+        Err(PayloadError::NoReadings(Some(Skip::UnknownAlias)))
+    ));
+    let r = s.take_rebirth().expect("a rebirth request");
+    assert_eq!(r.topic, "spBv1.0/plant/NCMD/gw1");
+    assert_eq!(r.payload, rebirth_payload(NOW));
+    assert_eq!(s.take_rebirth(), None, "taken once");
+    // Not again within the interval, again after it; a clock that went back asks again.
+    let _ = run_at(&mut s, "spBv1.0/plant/DDATA/gw1/pump", &data, NOW + 9_999);
+    assert_eq!(s.take_rebirth(), None);
+    let _ = run_at(&mut s, "spBv1.0/plant/DDATA/gw1/pump", &data, NOW + 10_000);
+    assert!(s.take_rebirth().is_some());
+    let _ = run_at(&mut s, "spBv1.0/plant/DDATA/gw1/pump", &data, NOW - 1);
+    assert!(s.take_rebirth().is_some());
+    // Another node is asked on its own.
+    let _ = run_at(&mut s, "spBv1.0/plant/NDATA/gw2", &data, NOW);
+    assert_eq!(s.take_rebirth().unwrap().topic, "spBv1.0/plant/NCMD/gw2");
+
+    // The births arrive; the same data maps and nobody is asked.
+    birth(&mut s);
+    assert_eq!(s.take_rebirth(), None);
+    let data = payload(
+        Some(NOW as u64),
+        Some(2),
+        &[metric(None, Some(2), datatype::FLOAT, &Raw::Float(1.0))],
+    );
+    let p = run_at(&mut s, "spBv1.0/plant/DDATA/gw1/pump", &data, NOW + 60_000).unwrap();
+    assert_eq!(values(&p)[0].0, "plant/gw1/pump/temp");
+    assert_eq!(s.take_rebirth(), None);
+}
+
+#[test]
+fn an_unknown_alias_a_sequence_gap_or_a_device_birth_without_node_birth_ask_too() {
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "spBv1.0/plant/DDATA/gw1/pump",
+            payload(
+                Some(NOW as u64),
+                Some(2),
+                &[metric(None, Some(99), datatype::FLOAT, &Raw::Float(1.0))],
+            ),
+        ),
+        (
+            "spBv1.0/plant/DDATA/gw1/pump",
+            payload(
+                Some(NOW as u64),
+                Some(9),
+                &[metric(None, Some(2), datatype::FLOAT, &Raw::Float(1.0))],
+            ),
+        ),
+    ];
+    for (topic, p) in cases {
+        let mut s = State::new(100, 10_000);
+        birth(&mut s);
+        let _ = run_at(&mut s, topic, &p, NOW + 60_000);
+        assert_eq!(
+            s.take_rebirth().map(|r| r.topic).as_deref(),
+            Some("spBv1.0/plant/NCMD/gw1"),
+            "{p:?}"
+        );
+    }
+    let mut s = State::new(100, 10_000);
+    let db = payload(
+        Some(NOW as u64),
+        Some(1),
+        &[metric(
+            Some("temp"),
+            Some(2),
+            datatype::FLOAT,
+            &Raw::Float(21.5),
+        )],
+    );
+    run(&mut s, "spBv1.0/plant/DBIRTH/gw1/pump", &db).unwrap();
+    assert!(s.take_rebirth().is_some());
+    // Off: never asks.
+    let mut s = State::new(100, 0);
+    let _ = run(&mut s, "spBv1.0/plant/DBIRTH/gw1/pump", &db);
+    assert_eq!(s.take_rebirth(), None);
+}
+
+#[test]
+fn the_rebirth_memory_is_bounded() {
+    let mut s = State::new(100, 10_000);
+    let data = payload(
+        Some(NOW as u64),
+        None,
+        &[metric(None, Some(1), datatype::FLOAT, &Raw::Float(1.0))],
+    );
+    for i in 0..MAX_ASKED + 100 {
+        let _ = run(&mut s, &format!("spBv1.0/g/NDATA/n{i}"), &data);
+        let asked = s.take_rebirth().is_some();
+        assert_eq!(asked, i < MAX_ASKED, "node {i}");
+    }
+    assert_eq!(s.asked.len(), MAX_ASKED);
+    // Once the interval passed, old entries make room.
+    let _ = run_at(&mut s, "spBv1.0/g/NDATA/late", &data, NOW + 10_001);
+    assert!(s.take_rebirth().is_some());
+    assert_eq!(s.asked.len(), 1);
 }
