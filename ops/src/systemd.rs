@@ -73,11 +73,6 @@ impl Notifier {
         })
     }
 
-    /// True when started by a service manager that listens.
-    pub fn enabled(&self) -> bool {
-        self.target.is_some()
-    }
-
     /// The watchdog timeout systemd enforces, if any. Send [`Notifier::watchdog`] at least twice per timeout.
     pub fn watchdog_timeout(&self) -> Option<Duration> {
         self.watchdog
@@ -101,11 +96,6 @@ impl Notifier {
             one_line(status),
             needed.as_micros()
         ));
-    }
-
-    /// A free-form status line shown by `systemctl status`.
-    pub fn status(&self, status: &str) {
-        self.send(&format!("STATUS={}", one_line(status)));
     }
 
     fn send(&self, msg: &str) {
@@ -154,7 +144,7 @@ mod tests {
     #[test]
     fn without_notify_socket_nothing_is_sent_and_there_is_no_watchdog() {
         let n = Notifier::from_vars(None, Some("1000000"), None, 1).unwrap();
-        assert!(!n.enabled());
+        assert!(n.target.is_none());
         assert_eq!(n.watchdog_timeout(), None);
         n.ready("up");
         n.watchdog();
@@ -180,8 +170,9 @@ mod tests {
         // The watchdog is for another process (a child systemd did not start us as), or malformed: none here.
         for (usec, pid) in [("3000000", Some("41")), ("0", None), ("soon", None)] {
             let n = Notifier::from_vars(Some(p), Some(usec), pid, 42).unwrap();
-            assert!(n.enabled());
             assert_eq!(n.watchdog_timeout(), None, "{usec} {pid:?}");
+            n.ready("still notified");
+            assert_eq!(recv(&manager), "READY=1\nSTATUS=still notified");
         }
     }
 
@@ -193,8 +184,8 @@ mod tests {
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
         let manager = UnixDatagram::bind_addr(&addr).unwrap();
         let n = Notifier::from_vars(Some(&format!("@{name}")), None, None, 1).unwrap();
-        n.status("hello");
-        assert_eq!(recv(&manager), "STATUS=hello");
+        n.ready("hello");
+        assert_eq!(recv(&manager), "READY=1\nSTATUS=hello");
     }
 
     #[test]

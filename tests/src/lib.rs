@@ -39,15 +39,21 @@ pub fn script(name: &str) -> PathBuf {
     root().join("tests/python").join(name)
 }
 
-/// Runs a Python helper and returns its stdout; panics with its stderr on failure.
-pub fn run_python(args: &[&str]) -> String {
-    let out = Command::new(python()).args(args).output().unwrap();
+/// Runs a command to its end and returns its stdout; panics with its output unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "python {args:?} failed:\n{}",
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a Python helper and returns its stdout; panics with its output on failure.
+pub fn run_python(args: &[&str]) -> String {
+    run_ok(Command::new(python()).args(args))
 }
 
 /// A binary of this workspace, built by `cargo build --workspace --bins` (the test command does this first).

@@ -3,30 +3,14 @@
 //! an edited configuration, remove, purge.
 #![allow(clippy::unwrap_used)]
 
-use fieldlink_e2e::bin;
+use fieldlink_e2e::{bin, root, run_ok as run};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Runs a command, panics with its output unless it succeeds; returns stdout.
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn dpkg(root: &Path, args: &[&str]) -> String {
+fn dpkg(scratch: &Path, args: &[&str]) -> String {
     run(Command::new("dpkg")
-        .arg(format!("--root={}", root.display()))
+        .arg(format!("--root={}", scratch.display()))
         // Scripts run outside a chroot with $DPKG_ROOT set; libc6 is not "installed" in the scratch root.
         .args(["--force-script-chrootless", "--force-depends"])
         .args(args))
@@ -37,13 +21,19 @@ fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let agent = bin("fieldlink-agent");
-    let deb = run(Command::new(repo().join("deploy/package-deb.sh"))
+    let deb = run(Command::new(root().join("deploy/package-deb.sh"))
         .arg("--binary")
         .arg(&agent)
         .arg("--out")
         .arg(d.join("out")));
     let deb = PathBuf::from(deb.trim());
-    assert!(deb.ends_with("fieldlink-agent_0.1.0_amd64.deb"), "{deb:?}");
+    assert!(
+        deb.ends_with(format!(
+            "fieldlink-agent_{}_amd64.deb",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{deb:?}"
+    );
 
     // Fields: libc6's minimum is the newest GLIBC_ symbol version the binary needs (read here with objdump, the
     // script uses readelf).
@@ -89,9 +79,9 @@ fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping
     }
 
     // A scratch root with an empty dpkg database and empty account files.
-    let root = d.join("root");
+    let scratch = d.join("root");
     for sub in ["var/lib/dpkg/info", "var/lib/dpkg/updates", "etc"] {
-        std::fs::create_dir_all(root.join(sub)).unwrap();
+        std::fs::create_dir_all(scratch.join(sub)).unwrap();
     }
     for f in [
         "var/lib/dpkg/status",
@@ -100,13 +90,13 @@ fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping
         "etc/shadow",
         "etc/gshadow",
     ] {
-        std::fs::write(root.join(f), "").unwrap();
+        std::fs::write(scratch.join(f), "").unwrap();
     }
-    let said = dpkg(&root, &["-i", deb.to_str().unwrap()]);
+    let said = dpkg(&scratch, &["-i", deb.to_str().unwrap()]);
     assert!(said.contains("edit /etc/fieldlink/agent.toml"), "{said}");
 
     // The system user and group, the configuration readable by root and that group only.
-    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
+    let passwd = std::fs::read_to_string(scratch.join("etc/passwd")).unwrap();
     let user = passwd
         .lines()
         .find(|l| l.starts_with("fieldlink:"))
@@ -115,7 +105,7 @@ fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping
         user.ends_with(":/var/lib/fieldlink:/usr/sbin/nologin"),
         "{user}"
     );
-    let group = std::fs::read_to_string(root.join("etc/group")).unwrap();
+    let group = std::fs::read_to_string(scratch.join("etc/group")).unwrap();
     let gid: u32 = group
         .lines()
         .find_map(|l| l.strip_prefix("fieldlink:x:"))
@@ -123,7 +113,7 @@ fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping
         .unwrap()
         .parse()
         .unwrap();
-    let conf = root.join("etc/fieldlink/agent.toml");
+    let conf = scratch.join("etc/fieldlink/agent.toml");
     let meta = std::fs::metadata(&conf).unwrap();
     assert_eq!(
         (meta.uid(), meta.gid(), meta.permissions().mode() & 0o777),
@@ -131,27 +121,28 @@ fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping
     );
 
     // The installed binary accepts the installed configuration, and the unit is the one in deploy/systemd/.
-    let installed = root.join("usr/bin/fieldlink-agent");
+    let installed = scratch.join("usr/bin/fieldlink-agent");
     let checked = run(Command::new(&installed)
         .args(["check-config", "--config"])
         .arg(&conf));
     assert!(checked.contains(": OK"), "{checked}");
     assert_eq!(
-        std::fs::read(root.join("lib/systemd/system/fieldlink-agent.service")).unwrap(),
-        std::fs::read(repo().join("deploy/systemd/fieldlink-agent.service")).unwrap()
+        std::fs::read(scratch.join("lib/systemd/system/fieldlink-agent.service")).unwrap(),
+        std::fs::read(root().join("deploy/systemd/fieldlink-agent.service")).unwrap()
     );
     let conffiles =
-        std::fs::read_to_string(root.join("var/lib/dpkg/info/fieldlink-agent.conffiles")).unwrap();
+        std::fs::read_to_string(scratch.join("var/lib/dpkg/info/fieldlink-agent.conffiles"))
+            .unwrap();
     assert_eq!(conffiles.trim(), "/etc/fieldlink/agent.toml");
 
     // Upgrade (the same version again): the operator's edit survives, the user is not created twice.
     let mut edited = std::fs::read_to_string(&conf).unwrap();
     edited.push_str("# site edit\n");
     std::fs::write(&conf, &edited).unwrap();
-    let said = dpkg(&root, &["-i", deb.to_str().unwrap()]);
+    let said = dpkg(&scratch, &["-i", deb.to_str().unwrap()]);
     assert!(!said.contains("edit /etc/fieldlink/agent.toml"), "{said}");
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), edited);
-    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
+    let passwd = std::fs::read_to_string(scratch.join("etc/passwd")).unwrap();
     assert_eq!(
         passwd
             .lines()
@@ -161,13 +152,13 @@ fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping
     );
 
     // Remove keeps the configuration; purge removes it but keeps the buffer directory (unsent readings).
-    let state = root.join("var/lib/fieldlink");
+    let state = scratch.join("var/lib/fieldlink");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::write(state.join("buffer.db"), "unsent").unwrap();
-    dpkg(&root, &["--remove", "fieldlink-agent"]);
+    dpkg(&scratch, &["--remove", "fieldlink-agent"]);
     assert!(!installed.exists());
     assert!(conf.exists());
-    let said = dpkg(&root, &["--purge", "fieldlink-agent"]);
+    let said = dpkg(&scratch, &["--purge", "fieldlink-agent"]);
     assert!(!conf.exists());
     assert!(said.contains("kept"), "{said}");
     assert_eq!(

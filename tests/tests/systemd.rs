@@ -198,11 +198,8 @@ fn ready_then_a_watchdog_fed_only_while_the_buffer_answers_then_stopping() {
 /// keys, no bad values, a command that exists. It warns without failing, so any output is a failure here.
 #[test]
 fn the_shipped_unit_file_verifies() {
-    let unit = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../deploy/systemd/fieldlink-agent.service"),
-    )
-    .unwrap();
+    let unit =
+        std::fs::read_to_string(root().join("deploy/systemd/fieldlink-agent.service")).unwrap();
     assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fieldlink-agent.service");
