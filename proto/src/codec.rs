@@ -85,6 +85,8 @@ fn invalid(what: &'static str, why: impl Into<String>) -> EncodeError {
 pub struct Header<'a> {
     /// The producing agent.
     pub agent_id: &'a str,
+    /// The agent buffer's epoch (0: the record has none).
+    pub epoch: u64,
     /// The agent's batch sequence number.
     pub seq: u64,
     /// Declared decompressed body size.
@@ -92,6 +94,9 @@ pub struct Header<'a> {
     /// The compressed body.
     pub body: &'a [u8],
 }
+
+/// Header flag: an 8-byte buffer epoch follows the agent id.
+const FLAG_EPOCH: u8 = 0b0000_0001;
 
 const KIND_TYPE_MASK: u8 = 0b0000_0111;
 const KIND_RESERVED_MASK: u8 = 0b1000_1000;
@@ -246,7 +251,8 @@ pub fn encode_body(batch: &Batch, out: &mut Vec<u8>) -> Result<(), EncodeError> 
     Ok(())
 }
 
-/// Decodes an uncompressed body. `agent_id` and `seq` are copied into the batch.
+/// Decodes an uncompressed body. `agent_id` and `seq` are copied into the batch; its `epoch` is 0 (the header
+/// holds it: [`decode`] sets it).
 pub fn decode_body(body: &[u8], agent_id: &str, seq: u64) -> Result<Batch, DecodeError> {
     let mut r = Reader::new(body);
     // Each series needs at least 2 bytes (key length, tag count); each tag 2 (two lengths).
@@ -407,6 +413,7 @@ pub fn decode_body(body: &[u8], agent_id: &str, seq: u64) -> Result<Batch, Decod
     }
     Ok(Batch {
         agent_id: agent_id.to_owned(),
+        epoch: 0,
         seq,
         series,
         readings,
@@ -426,7 +433,8 @@ pub fn peek_header(record: &[u8]) -> Result<Header<'_>, DecodeError> {
     if version != VERSION {
         return Err(DecodeError::UnsupportedVersion(version));
     }
-    if r.u8("flags")? != 0 {
+    let flags = r.u8("flags")?;
+    if flags & !FLAG_EPOCH != 0 {
         return Err(DecodeError::Malformed {
             what: "flags",
             why: "reserved flags set",
@@ -444,6 +452,18 @@ pub fn peek_header(record: &[u8]) -> Result<Header<'_>, DecodeError> {
             what: "agent id",
             why: "invalid UTF-8",
         })?;
+    let epoch = if flags & FLAG_EPOCH != 0 {
+        let e = u64::from_le_bytes(r.bytes(8, "epoch")?.try_into().unwrap_or_default());
+        if e == 0 {
+            return Err(DecodeError::Malformed {
+                what: "epoch",
+                why: "zero with the epoch flag set",
+            });
+        }
+        e
+    } else {
+        0
+    };
     let seq = u64::from_le_bytes(r.bytes(8, "batch seq")?.try_into().unwrap_or_default());
     let body_len = u32::from_le_bytes(r.bytes(4, "body length")?.try_into().unwrap_or_default());
     if body_len as usize > MAX_BODY_BYTES {
@@ -454,6 +474,7 @@ pub fn peek_header(record: &[u8]) -> Result<Header<'_>, DecodeError> {
     let body = r.bytes(r.remaining(), "body")?;
     Ok(Header {
         agent_id,
+        epoch,
         seq,
         body_len,
         body,
@@ -495,12 +516,15 @@ impl Encoder {
         }
         encode_body(batch, &mut self.body)?;
         let compressed = self.compressor.compress(&self.body)?;
-        let mut out = Vec::with_capacity(19 + id.len() + compressed.len());
+        let mut out = Vec::with_capacity(27 + id.len() + compressed.len());
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
-        out.push(0);
+        out.push(if batch.epoch != 0 { FLAG_EPOCH } else { 0 });
         out.push(id.len() as u8);
         out.extend_from_slice(id);
+        if batch.epoch != 0 {
+            out.extend_from_slice(&batch.epoch.to_le_bytes());
+        }
         out.extend_from_slice(&batch.seq.to_le_bytes());
         out.extend_from_slice(&(self.body.len() as u32).to_le_bytes());
         out.extend_from_slice(&compressed);
@@ -544,5 +568,7 @@ pub fn decode(record: &[u8]) -> Result<Batch, DecodeError> {
             why: "decompressed size differs from header",
         });
     }
-    decode_body(&body, h.agent_id, h.seq)
+    let mut batch = decode_body(&body, h.agent_id, h.seq)?;
+    batch.epoch = h.epoch;
+    Ok(batch)
 }

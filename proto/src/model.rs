@@ -125,7 +125,12 @@ pub struct Reading {
 pub struct Batch {
     /// The producing agent's id (1 to 64 bytes).
     pub agent_id: String,
-    /// Per-agent sequence number; `(agent_id, seq)` identifies a batch and keys idempotent landing.
+    /// The agent buffer's epoch: a random non-zero number drawn when the agent's buffer file is created, kept
+    /// for the file's life. A re-imaged gateway, a replaced SD card or a buffer recreated after corruption starts
+    /// numbering batches at 1 again under a new epoch, so `(agent_id, epoch, seq)` identifies a batch for good.
+    /// `0`: none (records written before epochs existed, header flag unset).
+    pub epoch: u64,
+    /// Per-epoch sequence number; `(agent_id, epoch, seq)` identifies a batch and keys idempotent landing.
     pub seq: u64,
     /// The series this batch's readings refer to.
     pub series: Vec<Series>,

@@ -46,6 +46,7 @@ fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
 fn sample() -> Batch {
     Batch {
         agent_id: "edge-1".into(),
+        epoch: 0,
         seq: 7,
         series: vec![
             Series {
@@ -137,6 +138,43 @@ fn header_is_readable_without_decompressing() {
     let h = peek_header(&record).unwrap();
     assert_eq!((h.agent_id, h.seq), ("edge-1", 7));
     assert_eq!(&record[..4], b"FLNK");
+}
+
+#[test]
+fn an_epoch_travels_in_the_header_after_the_agent_id() {
+    let mut b = sample();
+    b.epoch = 0x0102_0304_0506_0708;
+    let record = encode(&b, 3).unwrap();
+    // magic, version 1, flags = epoch, id length 6, "edge-1", epoch u64le, seq u64le
+    let mut want = b"FLNK\x01\x01\x06edge-1".to_vec();
+    want.extend_from_slice(&[8, 7, 6, 5, 4, 3, 2, 1]);
+    want.extend_from_slice(&7u64.to_le_bytes());
+    assert_eq!(&record[..want.len()], &want[..]);
+    let h = peek_header(&record).unwrap();
+    assert_eq!((h.agent_id, h.epoch, h.seq), ("edge-1", b.epoch, 7));
+    assert_eq!(decode(&record).unwrap(), series_major(&b));
+    // Without an epoch the header is exactly version 1's, flags 0.
+    let plain = encode(&sample(), 3).unwrap();
+    assert_eq!(plain[5], 0);
+    assert_eq!(peek_header(&plain).unwrap().epoch, 0);
+}
+
+#[test]
+fn an_epoch_flag_with_a_zero_epoch_or_other_flags_is_rejected() {
+    let mut b = sample();
+    b.epoch = 9;
+    let mut record = encode(&b, 3).unwrap();
+    record[5] = 0b10;
+    assert!(matches!(
+        peek_header(&record),
+        Err(DecodeError::Malformed { what: "flags", .. })
+    ));
+    record[5] = 1;
+    record[13..21].copy_from_slice(&[0; 8]);
+    assert!(matches!(
+        peek_header(&record),
+        Err(DecodeError::Malformed { what: "epoch", .. })
+    ));
 }
 
 #[test]
@@ -311,24 +349,27 @@ fn arb_batch() -> impl Strategy<Value = Batch> {
             .prop_map(|(key, tags)| Series { key, tags }),
         1..6,
     );
-    (series, any::<u64>(), "[a-z0-9-]{1,64}").prop_flat_map(|(series, seq, agent_id)| {
-        let n = series.len() as u32;
-        let reading = (0..n, any::<i64>(), arb_value(), 0u8..3, any::<bool>()).prop_map(
-            |(s, ts, value, q, late)| Reading {
-                series: s,
-                ts_ms: ts,
-                value,
-                quality: [Quality::Good, Quality::Uncertain, Quality::Bad][q as usize],
-                late,
-            },
-        );
-        prop::collection::vec(reading, 1..200).prop_map(move |readings| Batch {
-            agent_id: agent_id.clone(),
-            seq,
-            series: series.clone(),
-            readings,
-        })
-    })
+    (series, any::<u64>(), any::<u64>(), "[a-z0-9-]{1,64}").prop_flat_map(
+        |(series, epoch, seq, agent_id)| {
+            let n = series.len() as u32;
+            let reading = (0..n, any::<i64>(), arb_value(), 0u8..3, any::<bool>()).prop_map(
+                |(s, ts, value, q, late)| Reading {
+                    series: s,
+                    ts_ms: ts,
+                    value,
+                    quality: [Quality::Good, Quality::Uncertain, Quality::Bad][q as usize],
+                    late,
+                },
+            );
+            prop::collection::vec(reading, 1..200).prop_map(move |readings| Batch {
+                agent_id: agent_id.clone(),
+                epoch,
+                seq,
+                series: series.clone(),
+                readings,
+            })
+        },
+    )
 }
 
 proptest! {

@@ -2,7 +2,7 @@
 """Independent decoder of the fieldlink wire format v1, written from proto/FORMAT.md alone.
 
 Usage: fieldlink_decode.py RECORD_FILE...   prints one JSON object per record:
-  {"agent_id", "seq", "series": [[key, [[name, value], ...]], ...],
+  {"agent_id", "epoch", "seq", "series": [[key, [[name, value], ...]], ...],
    "readings": [[series_index, ts_ms, type, value, quality, late], ...]}
 f64 values are printed as the hex of their 8 little-endian bytes so NaN and -0.0 compare exactly.
 """
@@ -76,10 +76,16 @@ def decode(record):
     version = r.bytes(1, "version")[0]
     if version != 1:
         raise DecodeError(f"unsupported version {version}")
-    if r.bytes(1, "flags")[0] != 0:
-        raise DecodeError("flags set")
+    flags = r.bytes(1, "flags")[0]
+    if flags & ~1:
+        raise DecodeError("reserved flags set")
     id_len = r.bytes(1, "id_len")[0]
     agent_id = r.bytes(id_len, "agent_id").decode("utf-8")
+    epoch = 0
+    if flags & 1:  # an 8-byte buffer epoch follows the agent id
+        (epoch,) = struct.unpack("<Q", r.bytes(8, "epoch"))
+        if epoch == 0:
+            raise DecodeError("epoch flag set with a zero epoch")
     (seq,) = struct.unpack("<Q", r.bytes(8, "seq"))
     (body_len,) = struct.unpack("<I", r.bytes(4, "body_len"))
     if body_len > MAX_BODY:
@@ -139,7 +145,7 @@ def decode(record):
             j += 1
     if b.remaining():
         raise DecodeError("trailing bytes")
-    return {"agent_id": agent_id, "seq": seq, "series": series, "readings": readings}
+    return {"agent_id": agent_id, "epoch": epoch, "seq": seq, "series": series, "readings": readings}
 
 
 if __name__ == "__main__":

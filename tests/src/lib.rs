@@ -813,6 +813,7 @@ pub fn batch_of(rows: &[(String, i64, f64)], agent: &str, seq: u64) -> fieldlink
     let mut index: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
     let mut batch = fieldlink_proto::Batch {
         agent_id: agent.into(),
+        epoch: 0,
         seq,
         series: Vec::new(),
         readings: Vec::with_capacity(rows.len()),

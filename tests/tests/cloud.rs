@@ -109,6 +109,7 @@ fn batch(a: usize, seq: u64, n: usize, t0: i64) -> Batch {
         .collect();
     Batch {
         agent_id: format!("agent-{a}"),
+        epoch: 0,
         seq,
         series,
         readings,
@@ -409,6 +410,7 @@ fn garbage_a_decompression_bomb_and_an_over_limit_reading_are_dead_lettered_and_
     // A batch whose one reading is a string longer than Timestream allows (2,048 bytes).
     let long = Batch {
         agent_id: "agent-long".into(),
+        epoch: 0,
         seq: 1,
         series: vec![Series::new("site/dev-long/label")],
         readings: vec![Reading {

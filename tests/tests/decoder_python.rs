@@ -10,6 +10,7 @@ fn batches() -> Vec<Batch> {
     // Every type, quality and the late flag; tags; negative deltas; extreme values.
     let edge = Batch {
         agent_id: "edge-1".into(),
+        epoch: 0,
         seq: u64::MAX,
         series: vec![
             Series {
@@ -73,6 +74,7 @@ fn batches() -> Vec<Batch> {
     keys.dedup();
     let real = Batch {
         agent_id: "edge-2".into(),
+        epoch: 0x0123_4567_89ab_cdef,
         seq: 42,
         series: keys.iter().map(Series::new).collect(),
         readings: data
@@ -117,7 +119,7 @@ fn as_json(b: &Batch) -> Json {
             ])
         })
         .collect();
-    serde_json::json!({"agent_id": b.agent_id, "seq": b.seq, "series": series, "readings": readings})
+    serde_json::json!({"agent_id": b.agent_id, "epoch": b.epoch, "seq": b.seq, "series": series, "readings": readings})
 }
 
 #[test]

@@ -36,6 +36,7 @@ pub struct Built {
 /// Builds the batch for `rows`, numbering series in first-appearance order.
 pub fn assemble(
     agent_id: &str,
+    epoch: u64,
     seq: u64,
     rows: &[Row],
     series_of: &dyn Fn(i64) -> Option<Series>,
@@ -43,6 +44,7 @@ pub fn assemble(
     let mut index: HashMap<i64, u32> = HashMap::new();
     let mut batch = Batch {
         agent_id: agent_id.to_owned(),
+        epoch,
         seq,
         series: Vec::new(),
         readings: Vec::with_capacity(rows.len()),
@@ -102,6 +104,8 @@ pub struct Builder<'a> {
     pub encoder: &'a mut Encoder,
     /// Agent id written in every record.
     pub agent_id: &'a str,
+    /// The buffer's epoch, written in every record.
+    pub epoch: u64,
     /// Series lookup.
     pub series_of: &'a dyn Fn(i64) -> Option<Series>,
     /// Limits.
@@ -180,9 +184,13 @@ impl Builder<'_> {
         seq: &mut u64,
         out: &mut Vec<Built>,
     ) -> Result<(), EncodeError> {
-        let record = self
-            .encoder
-            .encode(&assemble(self.agent_id, *seq, rows, self.series_of)?)?;
+        let record = self.encoder.encode(&assemble(
+            self.agent_id,
+            self.epoch,
+            *seq,
+            rows,
+            self.series_of,
+        )?)?;
         if record.len() <= self.cfg.max_record_bytes {
             out.push(Built {
                 seq: *seq,
@@ -273,6 +281,7 @@ mod tests {
         let mut b = Builder {
             encoder: &mut enc,
             agent_id: "a",
+            epoch: 1,
             series_of: &lookup,
             cfg: &cfg,
         };
@@ -328,6 +337,7 @@ mod tests {
         let mut b = Builder {
             encoder: &mut enc,
             agent_id: "a",
+            epoch: 1,
             series_of: &lookup,
             cfg: &cfg,
         };

@@ -15,7 +15,7 @@
 //!
 //! # Schema (version 1, in `meta.schema_version`)
 //! ```sql
-//! meta(key TEXT PRIMARY KEY, value)                 -- schema_version, next_seq, agent_id
+//! meta(key TEXT PRIMARY KEY, value)                 -- schema_version, next_seq, agent_id, epoch
 //! series(id INTEGER PRIMARY KEY, key TEXT, tags TEXT, UNIQUE(key, tags))   -- tags: JSON [[name, value], ...]
 //! readings(id INTEGER PRIMARY KEY, series_id INTEGER, ts_ms INTEGER, kind INTEGER, value ANY)
 //! batches(seq INTEGER PRIMARY KEY, record BLOB, readings INTEGER, sealed_ms INTEGER)
@@ -250,6 +250,7 @@ pub struct SealReport {
 pub struct Buffer {
     conn: Connection,
     agent_id: String,
+    epoch: u64,
     next_seq: u64,
     series_ids: HashMap<Series, i64>,
     series_by_id: HashMap<i64, Series>,
@@ -290,6 +291,24 @@ fn value_bytes(v: &Value) -> u64 {
         Value::Str(s) => s.len() as u64,
         _ => 8,
     }
+}
+
+/// A random non-zero epoch for a new buffer file, from the kernel's generator (the agent runs on Linux). Should
+/// `/dev/urandom` be unreadable, the time and process id are mixed through std's randomly keyed hasher.
+fn new_epoch() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    let e = match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_i64(fieldlink_ops::unix_ms());
+            h.write_u32(std::process::id());
+            h.finish()
+        }
+    };
+    e.max(1)
 }
 
 /// Whether an error means "this file is not a readable SQLite database".
@@ -404,6 +423,19 @@ impl Buffer {
                 )?;
             }
         }
+        let epoch = match get("epoch")? {
+            Some(rusqlite::types::Value::Integer(e)) if e != 0 => e as u64,
+            _ => {
+                // A new buffer, or one from before epochs: draw this file's epoch once.
+                let e = new_epoch();
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES ('epoch', ?1)",
+                    [e as i64],
+                )?;
+                tracing::info!(epoch = %format!("{e:016x}"), "new buffer epoch");
+                e
+            }
+        };
         let next_seq: i64 =
             conn.query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
                 r.get(0)
@@ -411,6 +443,7 @@ impl Buffer {
         let mut b = Self {
             conn,
             agent_id: agent_id.to_owned(),
+            epoch,
             next_seq: next_seq as u64,
             series_ids: HashMap::new(),
             series_by_id: HashMap::new(),
@@ -479,12 +512,18 @@ impl Buffer {
         self.ledger
     }
 
+    /// This buffer file's epoch (see `proto/FORMAT.md`): drawn when the file was created, never 0.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// The sequence number the next sealed batch gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
 
-    /// The id of the newest reading row (0 if none was ever written in this file).
+    /// The id of the newest reading row: it only grows while the buffer is open (at open, the largest id in
+    /// `readings`, 0 if empty).
     pub fn last_row_id(&self) -> i64 {
         self.last_row_id
     }
@@ -571,22 +610,26 @@ impl Buffer {
                     .execute([MAX_REFUSED])?;
             }
             let (mut n, mut bytes) = (0u64, 0u64);
+            // Row ids are given here, not by SQLite: SQLite reuses ids once a seal emptied the table, and the
+            // reorder window's readiness (`id <= ready_id`) needs ids that only grow.
+            let mut id = b.last_row_id;
             for group in groups {
                 for r in group {
                     let sid = b.series_id(&r.series)?;
                     let kind = kind_byte(&r.value, r.quality, false);
-                    let mut stmt = b.conn.prepare_cached("INSERT INTO readings(series_id, ts_ms, kind, value) VALUES (?1, ?2, ?3, ?4)")?;
+                    id += 1;
+                    let mut stmt = b.conn.prepare_cached("INSERT INTO readings(id, series_id, ts_ms, kind, value) VALUES (?1, ?2, ?3, ?4, ?5)")?;
                     match &r.value {
-                        Value::F64(v) => stmt.execute(params![sid, r.ts_ms, kind, v])?,
-                        Value::I64(v) => stmt.execute(params![sid, r.ts_ms, kind, v])?,
-                        Value::Bool(v) => stmt.execute(params![sid, r.ts_ms, kind, i64::from(*v)])?,
-                        Value::Str(v) => stmt.execute(params![sid, r.ts_ms, kind, v])?,
+                        Value::F64(v) => stmt.execute(params![id, sid, r.ts_ms, kind, v])?,
+                        Value::I64(v) => stmt.execute(params![id, sid, r.ts_ms, kind, v])?,
+                        Value::Bool(v) => stmt.execute(params![id, sid, r.ts_ms, kind, i64::from(*v)])?,
+                        Value::Str(v) => stmt.execute(params![id, sid, r.ts_ms, kind, v])?,
                     };
                     n += 1;
                     bytes += ROW_BYTES + value_bytes(&r.value);
                 }
             }
-            Ok((n, bytes, b.conn.last_insert_rowid()))
+            Ok((n, bytes, id))
         });
         let (n, bytes, last) = match res {
             Ok(v) => v,
@@ -732,6 +775,7 @@ impl Buffer {
             let mut builder = Builder {
                 encoder,
                 agent_id: &self.agent_id,
+                epoch: self.epoch,
                 series_of: &lookup,
                 cfg,
             };

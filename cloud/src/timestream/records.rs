@@ -288,6 +288,7 @@ mod tests {
     fn readings_of_one_device_at_one_time_share_a_record() {
         let batch = Batch {
             agent_id: "edge-1".into(),
+            epoch: 0,
             seq: 9,
             series: vec![
                 Series::new("line3/imu/000/acc_x"),
@@ -332,6 +333,7 @@ mod tests {
     fn a_bad_reading_without_a_value_lands_as_its_quality() {
         let batch = Batch {
             agent_id: "a".into(),
+            epoch: 0,
             seq: 1,
             series: vec![Series::new("meter/v")],
             readings: vec![r(0, 1, Value::F64(f64::NAN), Quality::Bad)],
@@ -352,6 +354,7 @@ mod tests {
         };
         let batch = Batch {
             agent_id: "a".into(),
+            epoch: 0,
             seq: 1,
             series: vec![
                 long_tag,
