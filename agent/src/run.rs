@@ -142,8 +142,9 @@ fn liveness_interval(watchdog: Option<Duration>) -> Duration {
     })
 }
 
-/// Pings the buffer thread every `interval`. While it answers within `interval` the agent is healthy and systemd's
-/// watchdog is fed; while it does not (a commit stuck on a locked or failing disk), `/health` says so and the
+/// Pings the buffer thread every `interval`. While it answers within `interval` systemd's watchdog is fed and
+/// `/health` shows the problem it reports, if any (a commit retried, intake paused for disk space); while it does
+/// not answer (a commit waiting on another process's lock, a hung `fsync`), `/health` says so and the
 /// watchdog goes hungry, so systemd restarts a buffer stuck longer than `WatchdogSec`. Ends on `stop` (dropping
 /// its buffer handle) or when the buffer closes.
 async fn liveness(
@@ -167,14 +168,16 @@ async fn liveness(
             _ = stop.cancelled() => return,
         };
         match answer {
-            Ok(Ok(())) => {
+            Ok(Ok(problem)) => {
                 if let Some(since) = stalled_since.take() {
                     tracing::info!(
                         stalled_ms = since.elapsed().as_millis() as u64,
                         "the buffer thread answers again"
                     );
-                    health.set("buffer", true, "");
                 }
+                // The thread answers: it is alive (a restart would not mend a full disk or another process's
+                // lock), but a held commit or a failing seal is still a problem worth showing.
+                health.set("buffer", problem.is_none(), problem.unwrap_or_default());
                 notifier.watchdog();
             }
             Ok(Err(Closed)) => return,

@@ -408,6 +408,8 @@ impl FaultProxy {
 #[derive(Debug, Clone)]
 pub struct DumpedRecord {
     pub agent: String,
+    /// The agent buffer's epoch (0: none).
+    pub epoch: u64,
     pub seq: u64,
     pub sha256: String,
     /// `(series, ts_ms, value as text, late)`.
@@ -430,6 +432,7 @@ pub fn kinesis_dump(endpoint: &str, stream: &str) -> Vec<DumpedRecord> {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             DumpedRecord {
                 agent: v["agent"].as_str().unwrap().to_owned(),
+                epoch: v["epoch"].as_u64().unwrap(),
                 seq: v["seq"].as_u64().unwrap(),
                 sha256: v["sha256"].as_str().unwrap().to_owned(),
                 readings: v["readings"]
@@ -706,6 +709,90 @@ pub fn publish_numbered(port: u16, count: usize, rate: f64, pad: usize, dir: &Pa
         .filter(|l| !l.is_empty())
         .map(|l| l.parse().unwrap())
         .collect()
+}
+
+/// The records of the dump with every batch once: a batch the agent resent (same agent, epoch and sequence
+/// number, as the cloud's dedup skips it) counts once; the copies must be byte-identical.
+pub fn unique_batches(records: &[DumpedRecord]) -> Vec<DumpedRecord> {
+    let mut seen: BTreeMap<(String, u64, u64), &str> = BTreeMap::new();
+    let mut out = Vec::new();
+    for r in records {
+        match seen.get(&(r.agent.clone(), r.epoch, r.seq)) {
+            Some(sha) => assert_eq!(
+                *sha, r.sha256,
+                "batch {}/{:x}/{} resent with different content",
+                r.agent, r.epoch, r.seq
+            ),
+            None => {
+                seen.insert((r.agent.clone(), r.epoch, r.seq), &r.sha256);
+                out.push(r.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Multiset check of numbered readings: every number in `acked` appears exactly once in `got` (numbers outside
+/// `acked` — taken by the agent but not acknowledged to the publisher — may appear once). Returns a description of
+/// what is missing or doubled, empty if all is well.
+pub fn exactly_once(acked: &[u64], got: &[u64]) -> String {
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    for n in got {
+        *counts.entry(*n).or_insert(0) += 1;
+    }
+    let missing: Vec<u64> = acked
+        .iter()
+        .filter(|n| !counts.contains_key(n))
+        .copied()
+        .collect();
+    let doubled: Vec<(u64, usize)> = counts.into_iter().filter(|(_, c)| *c > 1).collect();
+    if missing.is_empty() && doubled.is_empty() {
+        return String::new();
+    }
+    format!(
+        "{} missing (first {:?}), {} doubled (first {:?})",
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        doubled.len(),
+        &doubled[..doubled.len().min(10)]
+    )
+}
+
+/// A tmpfs of `bytes` mounted at `dir/name` (needs root, as CI runs): a small filesystem the test can fill.
+/// Unmounted on drop.
+pub struct SmallFs {
+    pub path: PathBuf,
+}
+
+impl SmallFs {
+    pub fn mount(dir: &Path, name: &str, bytes: u64) -> Self {
+        let path = dir.join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={bytes}"))
+                .arg("tmpfs")
+                .arg(&path),
+        );
+        Self { path }
+    }
+
+    /// Bytes free on it.
+    pub fn free(&self) -> u64 {
+        let out = run_ok(
+            Command::new("df")
+                .args(["-B1", "--output=avail"])
+                .arg(&self.path),
+        );
+        out.lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
 }
 
 /// The numbers `n` carried by `crash/devK/n` readings in the dump.

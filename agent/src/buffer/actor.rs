@@ -6,7 +6,9 @@
 //! commits them in one transaction, and only then runs their acknowledgement callbacks, in arrival order.
 //! Every `linger_ms` it seals the rows committed at least `reorder_window_ms` ago.
 
-use super::{Buffer, BufferConfig, BufferError, Ledger, NewReading, OverflowPolicy, Refused};
+use super::{
+    Buffer, BufferConfig, BufferError, ErrorClass, Ledger, NewReading, OverflowPolicy, Refused,
+};
 use crate::batch::BatchConfig;
 use crate::metrics::AgentMetrics;
 use crate::order::OrderConfig;
@@ -16,6 +18,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
+
+/// How long an acknowledgement's delete is retried before the thread gives up on it (the records stay pending).
+const ACK_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Called once the readings it came with are durably committed (queues the MQTT PUBACK).
 pub type AckFn = Box<dyn FnOnce() + Send>;
@@ -52,7 +57,7 @@ enum Control {
     },
     Release,
     Ping {
-        reply: oneshot::Sender<()>,
+        reply: oneshot::Sender<Option<String>>,
     },
 }
 
@@ -159,9 +164,10 @@ impl BufferHandle {
         rx.await.map_err(|_| Closed)
     }
 
-    /// Answers as soon as the buffer thread takes it: proof that the thread is not stuck (a commit retrying
-    /// against a locked or failing disk, a hung `fsync`). Serves the health endpoint and the systemd watchdog.
-    pub async fn ping(&self) -> Result<(), Closed> {
+    /// Answers as soon as the buffer thread takes it: proof that the thread is not stuck (a hung `fsync`, a
+    /// commit waiting on a lock). The answer is the buffer's current problem in one sentence, if it has one (a
+    /// commit being retried, intake paused for disk space). Serves the health endpoint and the systemd watchdog.
+    pub async fn ping(&self) -> Result<Option<String>, Closed> {
         let (reply, rx) = oneshot::channel();
         self.ctl
             .send_async(Control::Ping { reply })
@@ -207,6 +213,9 @@ pub fn spawn(
         commits: VecDeque::new(),
         ready_id,
         published: Ledger::default(),
+        held: None,
+        seal_error: None,
+        seal_rows: usize::MAX,
     };
     worker.publish();
     let join = std::thread::Builder::new()
@@ -246,29 +255,73 @@ struct Worker {
     /// Rows with `id <= ready_id` have waited the reorder window.
     ready_id: i64,
     published: Ledger,
+    /// A group of appends taken from the queue but not committed yet (a failed commit, or no disk room): retried
+    /// at `retry_at`; no new appends are taken meanwhile, while control (fetch, acknowledge, flush) is served.
+    held: Option<Held>,
+    /// The last seal's error, until a seal succeeds.
+    seal_error: Option<String>,
+    /// Rows one seal takes at most: halved after a seal failed for disk space, doubled back after each success.
+    seal_rows: usize,
 }
+
+/// A group waiting to be committed. Its acknowledgements have not run: the sources still own the messages.
+struct Held {
+    group: Vec<Append>,
+    /// Messages committed per attempt: the whole group, halved after each `SQLITE_FULL`.
+    limit: usize,
+    /// When the last error was logged (errors of a held group are logged at most every [`LOG_EVERY`]).
+    logged: Option<Instant>,
+    since: Instant,
+    retry_at: Instant,
+    backoff: Backoff,
+    why: String,
+}
+
+/// How often a held group's repeated failure is logged.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Longest wait between two retries of a held group.
+const MAX_RETRY: Duration = Duration::from_secs(2);
 
 impl Worker {
     fn run(mut self) {
         let linger = Duration::from_millis(self.batch.linger_ms);
         let mut next_seal = Instant::now() + linger;
         loop {
-            let accepting = !(self.cfg.overflow == OverflowPolicy::Backpressure && self.over_cap());
-            let wait = next_seal.saturating_duration_since(Instant::now());
+            let accepting = self.held.is_none()
+                && !(self.cfg.overflow == OverflowPolicy::Backpressure && self.over_cap());
+            let until = self
+                .held
+                .as_ref()
+                .map_or(next_seal, |h| h.retry_at.min(next_seal));
+            let wait = until.saturating_duration_since(Instant::now());
             let mut sel = flume::Selector::new().recv(&self.ctl, Msg::Ctl);
             if accepting {
                 sel = sel.recv(&self.data, Msg::Data);
             }
             match sel.wait_timeout(wait) {
                 Ok(Msg::Ctl(Ok(c))) => self.control(c),
-                Ok(Msg::Data(Ok(a))) => self.commit(a),
+                Ok(Msg::Data(Ok(a))) => {
+                    let held = self.gather(a);
+                    self.try_commit(held);
+                }
                 Ok(Msg::Ctl(Err(_)) | Msg::Data(Err(_))) => {
-                    // Every handle is gone: seal what is left and stop.
+                    // Every handle is gone: seal what is left and stop. A held group was never acknowledged: its
+                    // sources (the broker) still have it.
                     self.seal(true);
                     tracing::info!(stats = ?self.buffer.stats(), "buffer closed");
                     return;
                 }
                 Err(_) => {}
+            }
+            if self
+                .held
+                .as_ref()
+                .is_some_and(|h| Instant::now() >= h.retry_at)
+            {
+                if let Some(h) = self.held.take() {
+                    self.try_commit(h);
+                }
             }
             if Instant::now() >= next_seal {
                 self.seal(false);
@@ -296,16 +349,25 @@ impl Worker {
             }
             Control::Ack { seqs, reply } => {
                 let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+                let started = Instant::now();
                 loop {
                     match self.buffer.ack(&seqs) {
                         Ok((records, _)) => {
                             self.metrics.records_sent.add(records);
                             break;
                         }
-                        Err(e) => {
+                        Err(e) if started.elapsed() < ACK_PATIENCE => {
                             self.metrics.buffer_errors.inc();
                             tracing::error!(error = %e, "deleting acknowledged batches failed; retrying");
                             std::thread::sleep(backoff.next_delay());
+                        }
+                        Err(e) => {
+                            // Give up rather than wedge the thread: the records stay pending and are sent again
+                            // (same epoch and sequence number: the cloud skips the resend).
+                            self.metrics.buffer_errors.inc();
+                            self.buffer.release_in_flight();
+                            tracing::error!(error = %e, records = seqs.len(), "deleting acknowledged batches keeps failing; they stay buffered and will be resent");
+                            break;
                         }
                     }
                 }
@@ -317,7 +379,7 @@ impl Worker {
                 let _ = reply.send(());
             }
             Control::Ping { reply } => {
-                let _ = reply.send(());
+                let _ = reply.send(self.problem());
             }
             Control::Release => {
                 self.buffer.release_in_flight();
@@ -327,9 +389,8 @@ impl Worker {
         }
     }
 
-    /// Commits a group of appends, retrying on errors (disk full, I/O) with backoff while the sources wait.
-    /// Acknowledgements run only after a successful commit.
-    fn commit(&mut self, first: Append) {
+    /// Takes `first` and every append already queued behind it (up to `max_group_commit`) as one group.
+    fn gather(&mut self, first: Append) -> Held {
         // Under `backpressure`, a group stops growing at the cap, so intake stops close to it instead of one full
         // group (up to `max_group_commit` messages) beyond it.
         let room = match self.cfg.overflow {
@@ -339,6 +400,7 @@ impl Worker {
                 .saturating_sub(self.buffer.stats().bytes()),
             OverflowPolicy::DropOldest => u64::MAX,
         };
+        let room = room.min(self.txn_budget());
         let mut bytes = super::counted_bytes(&first.readings);
         let mut group = vec![first];
         while group.len() < self.cfg.max_group_commit && bytes < room {
@@ -350,33 +412,147 @@ impl Worker {
                 Err(_) => break,
             }
         }
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-        loop {
-            match self.buffer.append_with_refused(
-                group.iter().map(|a| a.readings.as_slice()),
-                group.iter().filter_map(|a| a.refused.as_deref()),
-            ) {
-                Ok(_) => break,
-                Err(e) => {
-                    self.metrics.buffer_errors.inc();
-                    tracing::error!(error = %e, messages = group.len(), "buffer commit failed; sources wait and the commit is retried");
-                    if self.cfg.overflow == OverflowPolicy::DropOldest {
-                        // A full disk may be relieved by dropping the oldest batches.
-                        let _ = self.buffer.drop_oldest(self.buffer.stats().bytes() / 2);
-                    }
-                    std::thread::sleep(backoff.next_delay());
+        let now = Instant::now();
+        Held {
+            limit: group.len(),
+            group,
+            logged: None,
+            since: now,
+            retry_at: now,
+            backoff: Backoff::new(Duration::from_millis(50), MAX_RETRY),
+            why: String::new(),
+        }
+    }
+
+    /// Commits a group once there is disk room for it; acknowledgements run only after the commit. A group that
+    /// cannot be committed now is held and retried with backoff (see "Errors" in the module doc); nothing is
+    /// dropped unless the disk is full and the policy is `drop_oldest`, and then only for the space needed. On a
+    /// full disk the group is committed in smaller parts (a smaller transaction needs less WAL).
+    fn try_commit(&mut self, mut held: Held) {
+        let n = held.limit.min(held.group.len());
+        let bytes: u64 = held.group[..n]
+            .iter()
+            .map(|a| super::counted_bytes(&a.readings))
+            .sum();
+        // The WAL holds a copy of each page until the next checkpoint: count the part twice.
+        let need = bytes.saturating_mul(2);
+        if let Err(why) = self.ensure_room(need) {
+            return self.hold(held, why);
+        }
+        let part = &held.group[..n];
+        let res = self.buffer.append_with_refused(
+            part.iter().map(|a| a.readings.as_slice()),
+            part.iter().filter_map(|a| a.refused.as_deref()),
+        );
+        if let Err(e) = res {
+            self.metrics.buffer_errors.inc();
+            let class = e.class();
+            if class == ErrorClass::Full {
+                held.limit = (n / 2).max(1);
+                self.buffer.release_wal();
+                if self.cfg.overflow == OverflowPolicy::DropOldest {
+                    self.drop_for(need);
                 }
             }
+            let why = match class {
+                ErrorClass::Full => format!("commit failed, disk full: {e}"),
+                ErrorClass::Busy => {
+                    format!("commit waits: another process holds the buffer's lock ({e})")
+                }
+                ErrorClass::Other => format!("commit failed: {e}"),
+            };
+            if held.logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                held.logged = Some(Instant::now());
+                tracing::error!(error = %e, class = ?class, messages = n, "buffer commit failed; sources wait and the commit is retried");
+            }
+            return self.hold(held, why);
+        }
+        if held.backoff.attempts() > 0 {
+            tracing::info!(
+                waited_ms = held.since.elapsed().as_millis() as u64,
+                messages = n,
+                "held buffer commit went through"
+            );
         }
         self.commits
             .push_back((Instant::now(), self.buffer.last_row_id()));
-        for a in group {
+        for a in held.group.drain(..n) {
             if let Some(ack) = a.ack {
                 ack();
             }
         }
+        if !held.group.is_empty() {
+            // The rest of a group split for disk space: next, right after serving control.
+            held.retry_at = Instant::now();
+            self.held = Some(held);
+        }
         self.enforce_cap();
         self.publish();
+    }
+
+    fn hold(&mut self, mut held: Held, why: String) {
+        held.retry_at = Instant::now() + held.backoff.next_delay();
+        held.why = why;
+        self.held = Some(held);
+    }
+
+    /// Makes sure `need` bytes can be written while keeping `min_free_bytes` free, dropping the oldest batches
+    /// for the shortfall under `drop_oldest`. `Err` says why intake has to wait.
+    fn ensure_room(&mut self, need: u64) -> Result<(), String> {
+        let Some(room) = self.buffer.disk_room() else {
+            return Ok(()); // cannot tell: SQLITE_FULL will say so
+        };
+        let want = need + self.cfg.min_free_bytes;
+        if room >= want {
+            return Ok(());
+        }
+        if self.cfg.overflow == OverflowPolicy::DropOldest {
+            self.drop_for(want - room);
+            if self.buffer.disk_room().is_some_and(|r| r >= want) {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "intake paused: {:.1} MiB left on the buffer's filesystem, {:.1} MiB kept free",
+            room as f64 / 1048576.0,
+            self.cfg.min_free_bytes as f64 / 1048576.0
+        ))
+    }
+
+    /// `drop_oldest` for `bytes` of space (a full disk): the oldest sealed batches not in flight, counted.
+    fn drop_for(&mut self, bytes: u64) {
+        let target = self.buffer.stats().bytes().saturating_sub(bytes);
+        match self.buffer.drop_oldest(target) {
+            Ok(n) if n > 0 => tracing::warn!(
+                readings = n,
+                bytes,
+                "buffer disk full: dropped the oldest batches"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                self.metrics.buffer_errors.inc();
+                tracing::error!(error = %e, "dropping the oldest batches failed");
+            }
+        }
+        self.publish();
+    }
+
+    /// The most one transaction may write (counted bytes): a quarter of the disk headroom (at least 256 KiB, at
+    /// most 16 MiB), so a commit or a seal can never eat the space acknowledgement deletes and the WAL need.
+    fn txn_budget(&self) -> u64 {
+        (self.cfg.min_free_bytes / 4).clamp(256 * 1024, 16 * 1024 * 1024)
+    }
+
+    /// The buffer's problem now, in one sentence (for `/health`), if it has one.
+    fn problem(&self) -> Option<String> {
+        if let Some(h) = &self.held {
+            return Some(format!(
+                "{} (for {:.1} s)",
+                h.why,
+                h.since.elapsed().as_secs_f64()
+            ));
+        }
+        self.seal_error.clone()
     }
 
     fn enforce_cap(&mut self) {
@@ -408,8 +584,12 @@ impl Worker {
                 break;
             }
         }
-        let max_rows = self.batch.max_readings.max(10_000) * 2;
+        let full_size = self.batch.max_readings.max(10_000) * 2;
         loop {
+            let stats = self.buffer.stats();
+            let row_bytes = (stats.unsealed_bytes / stats.unsealed_readings.max(1)).max(1);
+            let budget_rows = (self.txn_budget() / row_bytes).max(1) as usize;
+            let max_rows = self.seal_rows.min(full_size).min(budget_rows);
             match self.buffer.seal(
                 self.ready_id,
                 max_rows,
@@ -418,8 +598,13 @@ impl Worker {
                 self.order.rules(),
                 fieldlink_ops::unix_ms(),
             ) {
-                Ok(r) if r.rows == 0 => break,
+                Ok(r) if r.rows == 0 => {
+                    self.seal_error = None;
+                    break;
+                }
                 Ok(r) => {
+                    self.seal_error = None;
+                    self.seal_rows = self.seal_rows.saturating_mul(2).min(full_size);
                     tracing::debug!(
                         rows = r.rows,
                         batches = r.batches,
@@ -435,7 +620,22 @@ impl Worker {
                 }
                 Err(e) => {
                     self.metrics.buffer_errors.inc();
-                    tracing::error!(error = %e, "sealing failed; retried at the next tick");
+                    tracing::error!(error = %e, rows = max_rows, "sealing failed; retried at the next tick");
+                    if e.class() == ErrorClass::Full {
+                        // A seal writes its records before it deletes the rows: on a full disk, seal less at a
+                        // time (and under drop_oldest free the space of the records it would write).
+                        self.seal_rows = (max_rows / 2).max(1);
+                        self.buffer.release_wal();
+                        if self.cfg.overflow == OverflowPolicy::DropOldest {
+                            self.drop_for(
+                                self.buffer
+                                    .stats()
+                                    .unsealed_bytes
+                                    .min(max_rows as u64 * super::ROW_BYTES * 4),
+                            );
+                        }
+                    }
+                    self.seal_error = Some(format!("sealing fails: {e}"));
                     break;
                 }
             }

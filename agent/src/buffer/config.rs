@@ -49,6 +49,17 @@ pub struct BufferConfig {
     /// At most this many queued messages are committed in one transaction (group commit). Default 1000.
     #[serde(default = "default_group")]
     pub max_group_commit: usize,
+    /// Free space kept on the buffer's filesystem, bytes. Before each commit the agent checks the room left (free
+    /// space plus SQLite's free pages); when a commit would eat into this headroom, `drop_oldest` drops the oldest
+    /// sealed batches for the shortfall and `backpressure` (or nothing left to drop) pauses intake until sending
+    /// frees space. The headroom lets sealing and acknowledgement deletes still write (WAL), so a full disk never
+    /// wedges the agent. Default 33554432 (32 MiB).
+    #[serde(default = "default_min_free")]
+    pub min_free_bytes: u64,
+}
+
+fn default_min_free() -> u64 {
+    32 * 1024 * 1024
 }
 
 fn default_max_bytes() -> u64 {

@@ -37,6 +37,22 @@
 //! counted as dropped); `backpressure` makes the buffer thread stop taking appends until Kinesis acknowledgements
 //! bring it back under the cap (sources wait; MQTT stops acknowledging, so the broker holds messages).
 //!
+//! The disk can fill before the cap. Before each commit the thread checks the room left ([`Buffer::disk_room`]:
+//! free space plus SQLite's free pages) against the commit's size twice over (WAL) plus `min_free_bytes`. Short of
+//! it, `drop_oldest` drops the oldest records for the shortfall; `backpressure`, or nothing left to drop, pauses
+//! intake (the group stays unacknowledged) while sending and acknowledging go on, and intake resumes by itself
+//! once sending freed pages. No transaction writes more than a quarter of the headroom, so seals and
+//! acknowledgement deletes always find room.
+//!
+//! # Errors
+//! A failed commit never loses or drops anything by itself. The group stays held (unacknowledged, sources wait) and
+//! is retried with backoff while the thread goes on serving fetches, acknowledgements, flushes and pings, so
+//! sending continues and a shutdown is never blocked. By [`ErrorClass`]: `SQLITE_FULL` halves the group committed
+//! per attempt, truncates the WAL and, under `drop_oldest` only, drops the oldest records for the space needed;
+//! a lock held by another process (`SQLITE_BUSY`) and I/O errors only wait. A seal that fails for space seals half
+//! as many rows next time. An acknowledgement whose delete keeps failing for 30 s is given up: its records stay
+//! pending and are sent again under the same batch identity (the cloud skips the resend).
+//!
 //! # Invariants
 //! - `meta.next_seq` is greater than every `batches.seq` ever written; sequence numbers are never reused.
 //! - No acknowledgement is sent for a reading that is not committed.
@@ -249,6 +265,7 @@ pub struct SealReport {
 #[derive(Debug)]
 pub struct Buffer {
     conn: Connection,
+    path: PathBuf,
     agent_id: String,
     epoch: u64,
     next_seq: u64,
@@ -262,6 +279,9 @@ pub struct Buffer {
     moved_aside: Option<PathBuf>,
     /// Records handed to the sender by the last [`Buffer::pending`] and not acknowledged: never dropped.
     in_flight: std::collections::HashSet<u64>,
+    /// Test hook: the next transaction fails with this SQLite result code (after its statements ran).
+    #[cfg(test)]
+    pub(crate) fault: Option<std::ffi::c_int>,
 }
 
 fn tags_json(tags: &[(String, String)]) -> String {
@@ -309,6 +329,34 @@ fn new_epoch() -> u64 {
         }
     };
     e.max(1)
+}
+
+/// How the buffer thread reacts to a failed write (see "Errors" in the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// `SQLITE_FULL`: the filesystem (or the database's page limit) is full. `drop_oldest` may free the space the
+    /// write needs; then retry.
+    Full,
+    /// Another connection holds the lock (`SQLITE_BUSY`, `SQLITE_LOCKED`): wait and retry, drop nothing.
+    Busy,
+    /// Anything else (I/O errors, a read-only file): wait and retry, drop nothing.
+    Other,
+}
+
+impl BufferError {
+    /// What kind of failure this is.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            BufferError::Sqlite(e) => match e.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::DiskFull) => ErrorClass::Full,
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                    ErrorClass::Busy
+                }
+                _ => ErrorClass::Other,
+            },
+            _ => ErrorClass::Other,
+        }
+    }
 }
 
 /// Whether an error means "this file is not a readable SQLite database".
@@ -378,7 +426,7 @@ impl Buffer {
             Durability::Normal => "NORMAL",
         };
         conn.execute_batch(&format!(
-            "PRAGMA synchronous={sync}; PRAGMA busy_timeout=5000; PRAGMA cache_size=-1024;"
+            "PRAGMA synchronous={sync}; PRAGMA busy_timeout=5000; PRAGMA cache_size=-1024; PRAGMA journal_size_limit=8388608;"
         ))?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value ANY NOT NULL);
@@ -442,6 +490,7 @@ impl Buffer {
             })?;
         let mut b = Self {
             conn,
+            path: path.to_owned(),
             agent_id: agent_id.to_owned(),
             epoch,
             next_seq: next_seq as u64,
@@ -454,6 +503,8 @@ impl Buffer {
             last_row_id: 0,
             moved_aside: None,
             in_flight: std::collections::HashSet::new(),
+            #[cfg(test)]
+            fault: None,
         };
         b.refresh_stats()?;
         Ok(b)
@@ -487,6 +538,20 @@ impl Buffer {
         f: impl FnOnce(&mut Self) -> Result<T, BufferError>,
     ) -> Result<T, BufferError> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        #[cfg(test)]
+        let f = {
+            let fault = self.fault.take();
+            move |b: &mut Self| match fault {
+                Some(code) => {
+                    let _ = f(b); // the transaction's writes happen, then the commit fails
+                    Err(BufferError::Sqlite(rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(code),
+                        Some("injected".into()),
+                    )))
+                }
+                None => f(b),
+            }
+        };
         match f(self) {
             Ok(v) => match self.conn.execute_batch("COMMIT") {
                 Ok(()) => Ok(v),
@@ -526,6 +591,37 @@ impl Buffer {
     /// `readings`, 0 if empty).
     pub fn last_row_id(&self) -> i64 {
         self.last_row_id
+    }
+
+    /// Bytes the buffer can still write: free space on its filesystem (for an unprivileged user) plus the pages
+    /// SQLite keeps free inside the file (reused before the file grows). `None` if the filesystem cannot be asked.
+    pub fn disk_room(&self) -> Option<u64> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let fs = rustix::fs::statvfs(dir).ok()?;
+        let free_pages: i64 = self
+            .conn
+            .query_row(
+                "SELECT freelist_count * page_size FROM pragma_freelist_count, pragma_page_size",
+                [],
+                |r| r.get(0),
+            )
+            .ok()?;
+        Some(fs.f_bavail.saturating_mul(fs.f_frsize) + free_pages.max(0) as u64)
+    }
+
+    /// Gives the WAL's disk space back to the filesystem (`wal_checkpoint(TRUNCATE)`), after a write failed for
+    /// space: a failed large transaction leaves the WAL file as large as the disk allowed. Best effort.
+    pub fn release_wal(&self) {
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
     }
 
     /// Where a corrupt file was moved at open, if one was.

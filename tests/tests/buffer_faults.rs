@@ -1,0 +1,285 @@
+//! What an operator's world does to the buffer, end to end against real Mosquitto and moto (Kinesis made
+//! unreachable through the fault proxy): another process holding the buffer's write lock over a backlog, and the
+//! buffer's filesystem filling up (a tmpfs the test mounts, like a full SD card).
+
+use fieldlink_e2e::*;
+use std::time::{Duration, Instant};
+
+fn numbers_once(moto: &Moto, stream: &str, agent: &str) -> Vec<u64> {
+    let records: Vec<DumpedRecord> = kinesis_dump(&moto.endpoint, stream)
+        .into_iter()
+        .filter(|r| r.agent == agent)
+        .collect();
+    numbers_in(&unique_batches(&records))
+}
+
+fn health(agent: &AgentProc) -> String {
+    http_get(agent.metrics_port, "/health").unwrap_or_default()
+}
+
+#[test]
+fn a_lock_held_for_10_s_over_a_backlog_drops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let moto = Moto::start(dir.path());
+    moto.create("lock", 1, "unused-db", "unused-table", "unused-bucket");
+    let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "lock-agent",
+        broker.port,
+        &proxy.endpoint,
+        "lock",
+        "overflow = \"drop_oldest\"",
+        "",
+    );
+    agent.start();
+    proxy.set("down=1");
+    let mut acked = publish_numbered(broker.port, 6000, 3000.0, 0, dir.path());
+    wait_for("the backlog to be sealed", Duration::from_secs(30), || {
+        (agent.metric("fieldlink_buffer_pending_readings") >= acked.len() as f64).then_some(())
+    });
+
+    let locked = dir.path().join("locked");
+    let db = dir.path().join("lock-agent.db");
+    let mut holder = std::process::Command::new(python());
+    holder
+        .arg(script("hold_write_lock.py"))
+        .arg(&db)
+        .arg("10")
+        .arg(&locked);
+    let mut holder = Proc::spawn("lock holder", holder, &dir.path().join("holder.log"));
+    wait_for("the lock", Duration::from_secs(10), || {
+        locked.exists().then_some(())
+    });
+    let t0 = Instant::now();
+    // Readings keep arriving while the lock is held: every commit fails with SQLITE_BUSY.
+    acked.extend(publish_numbered(broker.port, 2000, 1000.0, 0, dir.path()));
+    wait_for("a failed commit", Duration::from_secs(20), || {
+        (agent.metric("fieldlink_buffer_errors_total") > 0.0).then_some(())
+    });
+    holder.wait(Duration::from_secs(30));
+    eprintln!("lock held {:.1} s", t0.elapsed().as_secs_f64());
+    assert_eq!(
+        agent.metric("fieldlink_readings_dropped_total"),
+        0.0,
+        "a held lock is not a full disk: nothing may be dropped"
+    );
+    proxy.set("down=0");
+    wait_for("the backlog to drain", Duration::from_secs(120), || {
+        (agent.metric("fieldlink_readings_received_total") >= acked.len() as f64
+            && agent.metric("fieldlink_buffer_pending_readings") == 0.0
+            && agent.metric("fieldlink_buffer_unsealed_readings") == 0.0)
+            .then_some(())
+    });
+    let got = numbers_once(&moto, "lock", "lock-agent");
+    let problem = exactly_once(&acked, &got);
+    assert!(problem.is_empty(), "after a held lock: {problem}");
+    assert_eq!(agent.metric("fieldlink_readings_dropped_total"), 0.0);
+    let (received, accounted) = agent.ledger();
+    assert_eq!(received, accounted, "ledger");
+    agent.stop();
+    eprintln!(
+        "lock: {} acknowledged readings, {} buffer errors while locked, 0 dropped, all landed once",
+        acked.len(),
+        agent_errors(&dir)
+    );
+}
+
+fn agent_errors(dir: &tempfile::TempDir) -> usize {
+    std::fs::read_to_string(dir.path().join("lock-agent.log"))
+        .unwrap_or_default()
+        .matches("buffer commit failed")
+        .count()
+}
+
+/// Headroom the full-disk tests keep free.
+const HEADROOM: u64 = 4 * 1024 * 1024;
+
+/// Mosquitto, moto behind the fault proxy, and an agent (not started) whose buffer is on a 24 MiB filesystem.
+struct Disk {
+    dir: tempfile::TempDir,
+    broker: Mosquitto,
+    moto: Moto,
+    proxy: FaultProxy,
+    fs: SmallFs,
+    agent: AgentProc,
+}
+
+impl Disk {
+    fn start(id: &str, overflow: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Mosquitto::start(dir.path());
+        let moto = Moto::start(dir.path());
+        moto.create("disk", 1, "unused-db", "unused-table", "unused-bucket");
+        let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
+        let fs = SmallFs::mount(dir.path(), "small", 24 * 1024 * 1024);
+        let mut agent = AgentProc::new(
+            fs.path.as_path(),
+            id,
+            broker.port,
+            &proxy.endpoint,
+            "disk",
+            &format!(
+                "overflow = \"{overflow}\"\nmin_free_bytes = {HEADROOM}\nmax_bytes = 1073741824"
+            ),
+            "",
+        );
+        agent.log = dir.path().join(format!("{id}.log"));
+        Self {
+            dir,
+            broker,
+            moto,
+            proxy,
+            fs,
+            agent,
+        }
+    }
+}
+
+/// Fills a 24 MiB filesystem with Kinesis down under `backpressure`: intake pauses before the filesystem is full
+/// while the agent keeps answering; SIGTERM stops it; after a restart with Kinesis back everything drains and intake
+/// resumes by itself.
+#[test]
+fn a_full_disk_pauses_intake_never_wedges_and_recovers_by_itself() {
+    let Disk {
+        dir,
+        broker,
+        moto,
+        proxy,
+        fs,
+        mut agent,
+    } = Disk::start("disk-agent", "backpressure");
+    agent.start();
+    proxy.set("down=1");
+    // ~2 KB of incompressible text per reading: ~60 MB offered to a 24 MiB filesystem.
+    let acked = publish_numbered(broker.port, 30_000, 5000.0, 2000, dir.path());
+    wait_for(
+        "intake to pause for disk space",
+        Duration::from_secs(60),
+        || health(&agent).contains("intake paused").then_some(()),
+    );
+    let taken = agent.metric("fieldlink_readings_received_total");
+    assert!(
+        taken < acked.len() as f64 * 2.0,
+        "intake did not pause: {taken} readings taken"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let h = health(&agent);
+    assert!(
+        !h.contains("has not answered"),
+        "the buffer thread must keep answering on a full disk: {h}"
+    );
+    // The agent's room is the filesystem's free space plus the pages SQLite keeps free in the file.
+    let free_pages: u64 = run_python(&[
+        "-c",
+        "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], timeout=30); print(c.execute('PRAGMA freelist_count').fetchone()[0] * c.execute('PRAGMA page_size').fetchone()[0])",
+        fs.path.join("disk-agent.db").to_str().unwrap(),
+    ])
+    .trim()
+    .parse()
+    .unwrap();
+    let room = fs.free() + free_pages;
+    assert!(
+        room >= HEADROOM / 2,
+        "the filesystem was filled: {} bytes free + {free_pages} in free pages",
+        fs.free()
+    );
+    assert_eq!(agent.metric("fieldlink_readings_dropped_total"), 0.0);
+
+    // SIGTERM while intake is paused: the agent stops within its drain deadline (2 s) plus the seal.
+    let t0 = Instant::now();
+    agent.stop();
+    let stop_s = t0.elapsed().as_secs_f64();
+    assert!(stop_s < 15.0, "SIGTERM took {stop_s:.1} s on a full disk");
+
+    // kill -9 would leave the same file: restart on the full filesystem with Kinesis back.
+    proxy.set("down=0");
+    agent.start();
+    let mut polls = 0;
+    wait_for("everything to arrive", Duration::from_secs(180), || {
+        polls += 1;
+        // The dump runs Python: look at the stream every 3 s only, once the buffer is empty.
+        (polls % 30 == 0
+            && agent.metric("fieldlink_buffer_pending_readings") == 0.0
+            && agent.metric("fieldlink_buffer_unsealed_readings") == 0.0
+            && numbers_once(&moto, "disk", "disk-agent").len() >= acked.len())
+        .then_some(())
+    });
+    let got = numbers_once(&moto, "disk", "disk-agent");
+    let problem = exactly_once(&acked, &got);
+    assert!(problem.is_empty(), "after a full disk: {problem}");
+    assert_eq!(agent.metric("fieldlink_readings_dropped_total"), 0.0);
+    assert!(health(&agent).contains("buffer: ok"), "{}", health(&agent));
+    agent.stop();
+    eprintln!(
+        "full disk (backpressure): intake paused at {taken} readings with {} bytes free, SIGTERM in {stop_s:.1} s, {} acknowledged readings landed once after the restart",
+        fs.free(),
+        acked.len()
+    );
+}
+
+/// `drop_oldest` on a full 24 MiB filesystem with Kinesis down: intake goes on, the oldest batches are dropped for
+/// the space needed and counted; after the outage the rest drains and the ledger balances.
+#[test]
+fn a_full_disk_under_drop_oldest_drops_the_oldest_counted_and_keeps_taking() {
+    let Disk {
+        dir,
+        broker,
+        moto,
+        proxy,
+        fs: _fs,
+        agent: mut dropper,
+    } = Disk::start("drop-agent", "drop_oldest");
+    dropper.start();
+    proxy.set("down=1");
+    let acked = publish_numbered(broker.port, 20_000, 5000.0, 2000, dir.path());
+    wait_for(
+        "every reading to be taken",
+        Duration::from_secs(120),
+        || {
+            (dropper.metric("fieldlink_readings_received_total") >= acked.len() as f64)
+                .then_some(())
+        },
+    );
+    let dropped = dropper.metric("fieldlink_readings_dropped_total");
+    if dropped == 0.0 {
+        eprintln!(
+            "{}",
+            std::fs::read_to_string(&dropper.log)
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    assert!(dropped > 0.0, "a full disk under drop_oldest must drop");
+    proxy.set("down=0");
+    wait_for("the rest to drain", Duration::from_secs(120), || {
+        (dropper.metric("fieldlink_buffer_pending_readings") == 0.0
+            && dropper.metric("fieldlink_buffer_unsealed_readings") == 0.0)
+            .then_some(())
+    });
+    let (received, accounted) = dropper.ledger();
+    assert_eq!(received, accounted, "ledger with drops");
+    let sent = dropper.metric("fieldlink_readings_sent_total");
+    let records: Vec<DumpedRecord> = kinesis_dump(&moto.endpoint, "disk")
+        .into_iter()
+        .filter(|r| r.agent == "drop-agent")
+        .collect();
+    let in_stream: usize = unique_batches(&records)
+        .iter()
+        .map(|r| r.readings.len())
+        .sum();
+    assert_eq!(
+        in_stream as f64, sent,
+        "Kinesis holds exactly what was counted as sent"
+    );
+    assert_eq!(sent + dropped, received, "sent + dropped = received");
+    dropper.stop();
+    eprintln!(
+        "full disk (drop_oldest): {received} taken, {dropped} dropped (counted), {sent} sent"
+    );
+}
