@@ -2,6 +2,8 @@
 //! unreachable through the fault proxy): another process holding the buffer's write lock over a backlog, and the
 //! buffer's filesystem filling up (a tmpfs the test mounts, like a full SD card).
 
+#![allow(clippy::unwrap_used)]
+
 use fieldlink_e2e::*;
 use std::time::{Duration, Instant};
 
