@@ -408,6 +408,8 @@ impl FaultProxy {
 #[derive(Debug, Clone)]
 pub struct DumpedRecord {
     pub agent: String,
+    /// The agent's buffer epoch (0 for a record without one).
+    pub epoch: u64,
     pub seq: u64,
     pub sha256: String,
     /// `(series, ts_ms, value as text, late)`.
@@ -430,6 +432,7 @@ pub fn kinesis_dump(endpoint: &str, stream: &str) -> Vec<DumpedRecord> {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             DumpedRecord {
                 agent: v["agent"].as_str().unwrap().to_owned(),
+                epoch: v["epoch"].as_u64().unwrap(),
                 seq: v["seq"].as_u64().unwrap(),
                 sha256: v["sha256"].as_str().unwrap().to_owned(),
                 readings: v["readings"]
