@@ -1,5 +1,6 @@
 //! Wiring: starts every component, waits for the cancellation token, then shuts down in order:
-//! sources stop → unsealed readings are sealed → the sender drains for `shutdown_drain_ms` → the buffer closes.
+//! sources stop → unsealed readings are sealed → the sender finishes the `PutRecords` call in flight and drains for
+//! `shutdown_drain_ms` → the buffer closes.
 
 use crate::buffer::{self, BufferError, BufferHandle, Closed};
 use crate::config::Config;
@@ -58,10 +59,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     let sender_stop = CancellationToken::new();
     let sender_task = {
         let stop = sender_stop.clone();
-        tokio::spawn(async move {
-            sender.run(&stop).await;
-            sender
-        })
+        tokio::spawn(async move { sender.run(&stop).await })
     };
 
     let mut sources = JoinSet::new();
@@ -115,16 +113,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     tracing::info!("shutting down: stopping sources");
     while sources.join_next().await.is_some() {}
     let _ = buffer.flush().await;
+    // The sender finishes the call in flight and drains for `shutdown_drain_ms` (see `Sender::run`).
     sender_stop.cancel();
-    if let Ok(mut sender) = sender_task.await {
-        tracing::info!(
-            deadline_ms = cfg.kinesis.shutdown_drain_ms,
-            "draining sealed batches to Kinesis"
-        );
-        sender
-            .drain(Duration::from_millis(cfg.kinesis.shutdown_drain_ms))
-            .await;
-    }
+    let _ = sender_task.await;
     liveness_stop.cancel();
     let _ = liveness_task.await;
     drop(buffer);

@@ -6,7 +6,9 @@ Usage: fault_proxy.py UPSTREAM_URL   (listens on a free loopback port and prints
 Every request is forwarded to UPSTREAM_URL unchanged, except Kinesis PutRecords calls, which may be
   - refused whole with 400 ProvisionedThroughputExceededException   (share `throttle`),
   - forwarded with only some entries, the others answered as failed with ErrorCode
-    ProvisionedThroughputExceededException or InternalFailure      (share `reject` per entry).
+    ProvisionedThroughputExceededException or InternalFailure      (share `reject` per entry),
+  - held `delay_ms` before being forwarded (a slow Kinesis: a call is in flight most of the time; the call
+    reaches moto even if the client gave up on it meanwhile).
 Rejected entries are never sent to moto, so "failed" is true. With `down` set, every request gets a
 connection reset (an unreachable service).
 
@@ -15,7 +17,7 @@ Timestream WriteRecords calls may be
   - forwarded without some records, answered with RejectedRecordsException naming them with a reason, as
     Timestream does (the other records of the call are written)    (share `ts_reject` per record).
 
-Control: GET /__fault/set?throttle=0.2&reject=0.3&ts_throttle=0.3&ts_reject=0.1&down=0
+Control: GET /__fault/set?throttle=0.2&reject=0.3&ts_throttle=0.3&ts_reject=0.1&down=0&delay_ms=0
          GET /__fault/stats  (JSON counters).
 """
 import http.client
@@ -25,10 +27,11 @@ import random
 import socketserver
 import sys
 import threading
+import time
 import urllib.parse
 
 UPSTREAM = urllib.parse.urlparse(sys.argv[1])
-state = {"throttle": 0.0, "reject": 0.0, "ts_throttle": 0.0, "ts_reject": 0.0, "down": False}
+state = {"throttle": 0.0, "reject": 0.0, "ts_throttle": 0.0, "ts_reject": 0.0, "down": False, "delay_ms": 0.0}
 stats = {"calls": 0, "throttled_calls": 0, "rejected_entries": 0, "forwarded_entries": 0, "refused_connections": 0,
          "ts_calls": 0, "ts_throttled_calls": 0, "ts_rejected_records": 0, "ts_forwarded_records": 0}
 lock = threading.Lock()
@@ -66,7 +69,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if url.path == "/__fault/set":
             q = urllib.parse.parse_qs(url.query)
             with lock:
-                for k in ("throttle", "reject", "ts_throttle", "ts_reject"):
+                for k in ("throttle", "reject", "ts_throttle", "ts_reject", "delay_ms"):
                     if k in q:
                         state[k] = float(q[k][0])
                 if "down" in q:
@@ -98,6 +101,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             throttled = rng.random() < throttle
             if throttled:
                 stats["throttled_calls"] += 1
+            delay = state["delay_ms"] / 1000.0
+        if delay:
+            time.sleep(delay)
         if throttled:
             err = {"__type": "ProvisionedThroughputExceededException", "message": "Rate exceeded for shard (fault proxy)"}
             return self.reply(400, json.dumps(err).encode(), [("Content-Type", "application/x-amz-json-1.1")])

@@ -570,3 +570,125 @@ fn sparkplug_data_of_a_node_born_before_the_agent_gets_one_rebirth_request_and_t
     );
     agent.stop();
 }
+
+#[test]
+fn backpressure_held_for_three_keep_alives_keeps_the_connection_and_doubles_nothing_v311() {
+    keep_alive_under_backpressure("3.1.1");
+}
+
+#[test]
+fn backpressure_held_for_three_keep_alives_keeps_the_connection_and_doubles_nothing_v5() {
+    keep_alive_under_backpressure("5");
+}
+
+/// Kinesis unreachable and a 1 MiB buffer under the `backpressure` policy: intake waits for room for more than three
+/// keep-alive intervals while a QoS 1 publisher sends numbered readings. The session must keep being polled (pings
+/// and acks out, no new messages taken into the buffer): Mosquitto never drops the agent for a missed keep-alive,
+/// the agent never reconnects, no message comes back, and after the outage every reading the broker acknowledged
+/// is in Kinesis exactly once.
+fn keep_alive_under_backpressure(protocol: &str) {
+    const KEEP_ALIVE_S: u64 = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let broker = Mosquitto::start(d);
+    let moto = Moto::start(d);
+    moto.create("keepalive", 1, "unused-db", "unused-table", "unused-bucket");
+    let proxy = FaultProxy::start(d, &moto.endpoint);
+    let sources = format!(
+        "[[mqtt]]\nname = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nprotocol = \"{protocol}\"\nkeep_alive_s = {KEEP_ALIVE_S}\n[[mqtt.topics]]\nfilter = \"crash/#\"\nqos = 1\n",
+        broker.port
+    );
+    let mut agent = AgentProc::with_sources(
+        d,
+        "keepalive-agent",
+        &proxy.endpoint,
+        "keepalive",
+        "max_bytes = 1048576\noverflow = \"backpressure\"",
+        &sources,
+    );
+    agent.start();
+    proxy.set("down=1");
+    let acked = publish_numbered(broker.port, 3000, 3000.0, 1000, d);
+    wait_for("the cap to be reached", Duration::from_secs(30), || {
+        (agent.metric("fieldlink_buffer_bytes") >= 1_048_576.0 * 0.9).then_some(())
+    });
+    let taken = agent.metric("fieldlink_readings_received_total");
+    // Hold the backpressure for more than three keep-alive intervals (the broker gives up after 1.5).
+    let hold = Duration::from_secs(3 * KEEP_ALIVE_S + 2);
+    std::thread::sleep(hold);
+    let taken_after = agent.metric("fieldlink_readings_received_total");
+    assert!(
+        taken_after < 2.0 * acked.len() as f64 * 0.8,
+        "backpressure did not hold: {taken_after} readings taken"
+    );
+    let reconnects = |agent: &AgentProc| {
+        http_get(agent.metrics_port, "/metrics")
+            .and_then(|m| {
+                metric_with(
+                    &m,
+                    "fieldlink_mqtt_reconnects_total",
+                    "connection=\"local\"",
+                )
+            })
+            .unwrap_or(0.0)
+    };
+    let timed_out = |broker: &Mosquitto| broker.proc.log_text().contains("exceeded timeout");
+    assert!(
+        !timed_out(&broker),
+        "Mosquitto dropped the agent for a missed keep-alive while intake waited:\n{}\nagent log:\n{}",
+        broker.proc.log_text(),
+        std::fs::read_to_string(&agent.log).unwrap_or_default()
+    );
+
+    proxy.set("down=0");
+    let records = wait_for(
+        "every acknowledged reading in Kinesis",
+        Duration::from_secs(120),
+        || {
+            let done = agent.metric("fieldlink_readings_received_total")
+                >= 2.0 * acked.len() as f64
+                && agent.metric("fieldlink_buffer_pending_readings") == 0.0
+                && agent.metric("fieldlink_buffer_unsealed_readings") == 0.0;
+            done.then(|| kinesis_dump(&moto.endpoint, "keepalive"))
+        },
+    );
+    let got = numbers_in(&records);
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    for n in &got {
+        *counts.entry(*n).or_insert(0) += 1;
+    }
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|n| !counts.contains_key(n))
+        .take(5)
+        .collect();
+    let doubled: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).take(5).collect();
+    assert!(
+        missing.is_empty() && doubled.is_empty() && got.len() == acked.len(),
+        "Kinesis holds {} numbers for {} acknowledged: missing e.g. {missing:?}, doubled e.g. {doubled:?}",
+        got.len(),
+        acked.len()
+    );
+    let m = http_get(agent.metrics_port, "/metrics").unwrap();
+    let messages =
+        metric_with(&m, "fieldlink_mqtt_messages_total", "connection=\"local\"").unwrap_or(0.0);
+    assert_eq!(
+        (reconnects(&agent), timed_out(&broker)),
+        (0.0, false),
+        "the connection was dropped during the backpressure; broker log:\n{}",
+        broker.proc.log_text()
+    );
+    assert_eq!(
+        messages,
+        acked.len() as f64,
+        "messages came back (redelivered) after the backpressure"
+    );
+    assert_eq!(agent.metric("fieldlink_readings_deduplicated_total"), 0.0);
+    let (received, accounted) = agent.ledger();
+    assert_eq!(received, accounted, "ledger");
+    agent.stop();
+    eprintln!(
+        "keep-alive under backpressure (MQTT {protocol}): intake held at {taken} readings for {hold:?} (keep-alive {KEEP_ALIVE_S} s), 0 reconnects, {} readings acknowledged by the broker, each in Kinesis once",
+        acked.len()
+    );
+}

@@ -26,7 +26,9 @@ pub struct KinesisConfig {
     #[serde(default = "default_min_rate")]
     pub min_bytes_per_second: u64,
     /// At shutdown, how long to keep sending sealed batches before exiting (what is left stays buffered),
-    /// milliseconds. Default 5000.
+    /// milliseconds. The `PutRecords` call in flight at the stop finishes within it (keep it above the usual call
+    /// time, `[aws] attempt_timeout_ms` at most); a call is abandoned, and resent at the next start, only if it is
+    /// still running at the deadline. Default 5000.
     #[serde(default = "default_drain")]
     pub shutdown_drain_ms: u64,
 }

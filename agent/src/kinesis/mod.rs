@@ -12,6 +12,9 @@
 //!   with `ProvisionedThroughputExceededException`, or a throttling error) halves the rate, down to
 //!   `min_bytes_per_second`; every clean call raises it by 1/16 of `max_bytes_per_second`.
 //! - The partition key is the agent id (configurable), never random: one agent's batches stay on one shard.
+//! - A stop never drops the call in flight (Kinesis may already hold its records; resending them at the next start
+//!   would double them): it finishes and its accepted records are deleted before the process exits, then the sender
+//!   drains until `shutdown_drain_ms` after the stop ([`Sender::run`]).
 //!
 //! [`Buffer::pending`]: crate::buffer::Buffer::pending
 
@@ -80,6 +83,12 @@ pub struct Sender {
     backoff: Backoff,
     pace: Pace,
     next_call: Instant,
+    /// How long the sender may keep sending once told to stop (`shutdown_drain_ms`).
+    drain: Duration,
+    /// Set when the stop was first seen: the drain deadline.
+    deadline: Option<Instant>,
+    /// How long the last completed call took: a drain starts no call it does not expect to finish.
+    last_call: Duration,
 }
 
 /// What a send attempt ended with.
@@ -129,6 +138,9 @@ impl Sender {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(20)),
             pace,
             next_call: Instant::now(),
+            drain: Duration::from_millis(cfg.shutdown_drain_ms),
+            deadline: None,
+            last_call: Duration::ZERO,
         }
     }
 
@@ -136,7 +148,11 @@ impl Sender {
         MAX_BYTES_PER_CALL - self.max_records * self.partition_key.len()
     }
 
-    /// Sends until `cancel` fires.
+    /// Sends until `cancel` fires, then drains: the call in flight finishes (or times out) and its accepted
+    /// records are deleted from the buffer, then pending records are sent until the buffer is empty or
+    /// `shutdown_drain_ms` after the stop; a call is only started if the time left is at least twice the last
+    /// call's duration, and one still running at the deadline is abandoned (its records are sent again at the next
+    /// start, so Kinesis may hold them twice). What is left stays buffered.
     pub async fn run(&mut self, cancel: &CancellationToken) {
         let sealed = self.buffer.sealed();
         self.health.set(COMPONENT, true, "");
@@ -146,42 +162,61 @@ impl Sender {
             };
             if pending.is_empty() {
                 tokio::select! {
-                    _ = cancel.cancelled() => return,
+                    _ = cancel.cancelled() => break,
                     _ = sealed.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
                 continue;
             }
             if self.send(pending, cancel).await == Outcome::Stopped {
-                return;
+                break;
             }
         }
+        self.drain_until_deadline(cancel).await;
     }
 
-    /// Sends what is pending until the buffer is empty or `deadline` passes.
-    pub async fn drain(&mut self, deadline: Duration) {
-        let stop = CancellationToken::new();
-        let guard = stop.clone();
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep(deadline).await;
-            guard.cancel();
-        });
+    /// The drain deadline, fixed when the stop is first seen.
+    fn deadline(&mut self) -> Instant {
+        let drain = self.drain;
+        *self.deadline.get_or_insert_with(|| Instant::now() + drain)
+    }
+
+    /// Sends what is pending until the buffer is empty, the deadline passes or a call could not finish before it.
+    async fn drain_until_deadline(&mut self, cancel: &CancellationToken) {
+        let deadline = self.deadline();
+        tracing::info!(
+            deadline_ms = deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis() as u64,
+            "draining sealed batches to Kinesis"
+        );
         loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || left < self.last_call * 2 {
+                break;
+            }
             let Ok(pending) = self.buffer.fetch(self.max_records, self.max_bytes()).await else {
                 break;
             };
-            if pending.is_empty() || self.send(pending, &stop).await == Outcome::Stopped {
+            if pending.is_empty() || self.send(pending, cancel).await == Outcome::Stopped {
                 break;
             }
         }
-        timer.abort();
     }
 
-    async fn wait(&self, until: Instant, cancel: &CancellationToken) -> bool {
-        tokio::select! {
-            _ = cancel.cancelled() => false,
-            _ = tokio::time::sleep_until(until) => true,
+    /// Waits until `until`; false if stopped first. Once stopping, waits only if `until` is before the deadline.
+    async fn wait(&mut self, until: Instant, cancel: &CancellationToken) -> bool {
+        if self.deadline.is_none() {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep_until(until) => return true,
+            }
         }
+        if until > self.deadline() {
+            return false;
+        }
+        tokio::time::sleep_until(until).await;
+        true
     }
 
     /// One `PutRecords` attempt. Accepted records are deleted from the buffer; after any failure the records
@@ -212,10 +247,21 @@ impl Sender {
             .stream_name(&self.stream)
             .set_records(Some(entries))
             .send();
+        let started = Instant::now();
+        // A stop does not drop the call in flight (Kinesis may already hold its records: resending them at the
+        // next start would double them); it finishes, or its attempt times out, before the drain deadline.
+        tokio::pin!(call);
         let result = tokio::select! {
-            r = call => r,
-            _ = cancel.cancelled() => return Outcome::Stopped,
+            r = &mut call => r,
+            _ = cancel.cancelled() => match tokio::time::timeout_at(self.deadline(), call).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(records = pending.len(), "PutRecords call abandoned at the drain deadline; its records are sent again at the next start");
+                    return Outcome::Stopped;
+                }
+            },
         };
+        self.last_call = started.elapsed();
         let throttled;
         match result {
             Ok(out) => {

@@ -13,8 +13,14 @@
 //! channel leaves the rest queued for the next turn. The queue holds at most one entry per unacknowledged
 //! message, which the broker's in-flight window bounds.
 //!
-//! When the buffer queue is full the task stops polling the connection, the broker's in-flight window fills,
-//! and the broker holds further messages: backpressure reaches the publisher without losing anything.
+//! When the buffer queue is full the message being queued waits, but the session keeps being polled, so PINGREQs
+//! and PUBACKs keep leaving and the broker never drops the connection for a missed keep-alive (which would discard
+//! the queued acks and bring the messages back). Messages read meanwhile are held in order, unacknowledged
+//! ([`Held`]): the broker's in-flight window fills and it holds further messages, so backpressure reaches the
+//! publisher without losing anything. With `max_inflight` QoS 1/2 messages held (a broker whose window is larger;
+//! Mosquitto was seen sending more than its `max_inflight_messages`), reading pauses and the session is polled only
+//! when a keep-alive is due; past four times that, not even then. QoS 0 messages beyond `max_inflight` held are
+//! dropped and counted (`fieldlink_mqtt_qos0_dropped_total`).
 
 mod config;
 pub mod payload;
@@ -23,15 +29,18 @@ pub mod tls;
 
 pub use config::{Format, MqttConfig, PayloadConfig, Protocol, Secret, TimeUnit, TopicConfig};
 
-use crate::buffer::{AckFn, BufferHandle, Refused};
+use crate::buffer::{AckFn, BufferHandle, Closed, Refused};
 use fieldlink_ops::backoff::Backoff;
 use fieldlink_ops::metrics::{Counter, Gauge, Health, Registry};
 use payload::{Mapper, Skip};
-use session::{Session, SessionEvent};
+use session::{Message, Session, SessionEvent};
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Per-connection metrics.
@@ -46,6 +55,7 @@ struct ConnMetrics {
     rebirths: Counter,
     reconnects: Counter,
     acks: Counter,
+    qos0_dropped: Counter,
     registry: Registry,
     name: String,
 }
@@ -103,6 +113,11 @@ impl ConnMetrics {
             acks: registry.counter(
                 "fieldlink_mqtt_acks_total",
                 "QoS 1/2 acknowledgements handed to the MQTT client after the durable commit.",
+                &l,
+            ),
+            qos0_dropped: registry.counter(
+                "fieldlink_mqtt_qos0_dropped_total",
+                "QoS 0 messages dropped while intake waited for buffer room with max_inflight of them already held.",
                 &l,
             ),
             registry: registry.clone(),
@@ -166,6 +181,151 @@ impl AckQueue {
     }
 }
 
+/// A queued append to the buffer (waits while its queue is full).
+type Intake<'a> = Pin<Box<dyn Future<Output = Result<(), Closed>> + Send + 'a>>;
+
+/// What a connection needs to turn a message into an append to the buffer.
+struct Route<'a> {
+    cfg: &'a MqttConfig,
+    m: &'a ConnMetrics,
+    component: &'a str,
+    acks: &'a Arc<AckQueue>,
+    buffer: &'a BufferHandle,
+}
+
+impl<'a> Route<'a> {
+    /// Maps `msg` (received on connection `generation`) with the format of the first matching subscription and
+    /// returns the append of its readings, or of its refusal, with the callback that acknowledges it.
+    fn start(
+        &self,
+        mapper: &mut Mapper,
+        session: &Session,
+        generation: u64,
+        msg: Message,
+    ) -> Intake<'a> {
+        let (cfg, m) = (self.cfg, self.m);
+        let now = fieldlink_ops::unix_ms();
+        // The first subscription whose filter matches decides the format and the topic tags.
+        let sub = cfg
+            .topics
+            .iter()
+            .find(|t| topic_matches(&t.filter, &msg.topic));
+        let format = sub.map(|t| t.format).unwrap_or_default();
+        let ack: Option<AckFn> = (msg.qos != 0).then(|| {
+            let (queue, qos, pkid, g) = (self.acks.clone(), msg.qos, msg.pkid, generation);
+            Box::new(move || queue.push(g, qos, pkid)) as AckFn
+        });
+        let tags = sub
+            .and_then(|t| t.tags_from_topic.as_deref())
+            .map(|pattern| payload::topic_tags(pattern, &msg.topic))
+            .unwrap_or_default();
+        let mapped = mapper.map(format, &msg.topic, &msg.payload, now, &tags);
+        if let Some(r) = mapper.take_rebirth() {
+            let sent = session.try_publish_qos0(&r.topic, r.payload);
+            if sent {
+                m.rebirths.inc();
+            }
+            tracing::info!(connection = %cfg.name, topic = %r.topic, queued = sent, "Sparkplug: asking the edge node to rebirth (its births are needed to map its data)");
+        }
+        let buffer = self.buffer;
+        match mapped {
+            Ok(parsed) => {
+                m.readings.add(parsed.readings.len() as u64);
+                for s in &parsed.skipped {
+                    m.skipped(*s);
+                }
+                if parsed.seq_gap {
+                    m.seq_gaps.inc();
+                    tracing::warn!(connection = %cfg.name, topic = %msg.topic, "Sparkplug sequence number jumped: messages were lost upstream");
+                }
+                Box::pin(buffer.append(parsed.readings, ack))
+            }
+            Err(e) => {
+                m.dead_letter(e.reason()).inc();
+                tracing::debug!(connection = %cfg.name, topic = %msg.topic, error = %e, "payload refused");
+                let refused = Refused {
+                    at_ms: now,
+                    source: self.component.to_owned(),
+                    topic: msg.topic,
+                    reason: e.reason().to_owned(),
+                    detail: e.to_string(),
+                    payload: msg.payload.to_vec(),
+                };
+                Box::pin(buffer.refuse(refused, ack))
+            }
+        }
+    }
+}
+
+/// What [`Held::push`] did with a message.
+#[derive(Debug, PartialEq, Eq)]
+enum Hold {
+    /// Held; reading goes on.
+    Held,
+    /// A QoS 0 message beyond the cap: dropped (at most once, no window holds it back at the broker).
+    DroppedQos0,
+}
+
+/// Messages read while intake waits, oldest first. Pure.
+///
+/// QoS 1/2 messages stay unacknowledged here, so the broker's in-flight window (MQTT 5: `max_inflight` as Receive
+/// Maximum; 3.1.1: the broker's own setting) should bound them; `cap` (= `max_inflight`) guards against a broker
+/// that sends more: at `cap` reading pauses (keep-alive polls only, up to [`Held::ceiling`]). QoS 0 messages have no
+/// window: beyond `cap` of them they are dropped and counted.
+#[derive(Debug)]
+struct Held {
+    queue: VecDeque<(u64, Message)>,
+    cap: usize,
+    qos0: usize,
+}
+
+impl Held {
+    fn new(cap: usize) -> Self {
+        Self {
+            queue: VecDeque::new(),
+            cap: cap.max(1),
+            qos0: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Whether the session may be read freely (fewer than `cap` QoS 1/2 messages held).
+    fn may_poll(&self) -> bool {
+        self.queue.len() - self.qos0 < self.cap
+    }
+
+    /// Hard bound: with this many held, not even keep-alive polls read on (each may bring a few more messages).
+    fn ceiling(&self) -> usize {
+        self.cap * 4
+    }
+
+    fn push(&mut self, generation: u64, msg: Message) -> Hold {
+        if msg.qos == 0 {
+            if self.qos0 >= self.cap {
+                return Hold::DroppedQos0;
+            }
+            self.qos0 += 1;
+        }
+        self.queue.push_back((generation, msg));
+        Hold::Held
+    }
+
+    fn pop(&mut self) -> Option<(u64, Message)> {
+        let (g, msg) = self.queue.pop_front()?;
+        if msg.qos == 0 {
+            self.qos0 -= 1;
+        }
+        Some((g, msg))
+    }
+}
+
 /// MQTT topic filter matching (`+` one level, `#` the rest).
 pub fn topic_matches(filter: &str, topic: &str) -> bool {
     let mut t = topic.split('/');
@@ -224,17 +384,65 @@ pub async fn run(
     let mut mapper = Mapper::new(cfg.payload.clone());
     let mut generation = 0u64;
     health.set(&component, false, "connecting");
+    // Messages read while intake waits for buffer room, oldest first, with the connection they came on.
+    let mut held = Held::new(usize::from(cfg.max_inflight));
+    // The message being queued to the buffer (waits while its queue is full).
+    let mut intake: Option<Intake<'_>> = None;
+    let keep_alive = Duration::from_secs(cfg.keep_alive_s);
+    // When the last PINGREQ went out (or the connection came up), and whether reading is paused.
+    let mut last_ping = Instant::now();
+    let mut paused = false;
+    let route = Route {
+        cfg: &cfg,
+        m: &m,
+        component: &component,
+        acks: &acks,
+        buffer: &buffer,
+    };
 
     loop {
         m.acks
             .add(acks.flush(generation, |q, id| session.try_ack(q, id)));
+        if intake.is_none() {
+            if let Some((g, msg)) = held.pop() {
+                intake = Some(route.start(&mut mapper, &session, g, msg));
+            }
+        }
+        // The session is polled while intake waits too: pings and acks keep flowing, and what the broker sends
+        // meanwhile is held, unacknowledged, so its in-flight window still throttles it. With `max_inflight` QoS 1/2
+        // messages held (a broker whose window is larger), reading pauses and the session is polled only when a
+        // keep-alive is due, until its PINGREQ is out; past `held.ceiling()` not even then.
+        let reading = held.may_poll();
+        let ping_at = last_ping + keep_alive;
+        let poll_now = reading || (Instant::now() >= ping_at && held.len() < held.ceiling());
+        if !poll_now {
+            if !paused {
+                tracing::warn!(connection = %cfg.name, held = held.len(), "the broker sends more unacknowledged messages than max_inflight while intake waits: reading paused, keep-alive only (set max_inflight to at least the broker's in-flight window)");
+            }
+            paused = true;
+        } else if paused {
+            paused = false;
+            session.forget_ping();
+        }
         let event = tokio::select! {
+            biased;
             _ = cancel.cancelled() => break,
+            r = async { intake.as_mut().expect("guarded").await }, if intake.is_some() => {
+                intake = None;
+                if r.is_err() {
+                    tracing::error!(connection = %cfg.name, "buffer closed; stopping MQTT connection");
+                    break;
+                }
+                continue;
+            }
             _ = acks.ready.notified() => continue,
-            ev = session.poll() => ev,
+            _ = tokio::time::sleep_until(ping_at), if !poll_now && held.len() < held.ceiling() => continue,
+            ev = session.poll(), if poll_now => ev,
         };
         match event {
+            Ok(SessionEvent::Pinged) => last_ping = Instant::now(),
             Ok(SessionEvent::Connected { session_present }) => {
+                last_ping = Instant::now();
                 generation += 1;
                 backoff.reset();
                 m.connected.set(1);
@@ -260,71 +468,12 @@ pub async fn run(
             Ok(SessionEvent::Message(msg)) => {
                 m.messages.inc();
                 m.bytes.add(msg.payload.len() as u64);
-                let now = fieldlink_ops::unix_ms();
-                // The first subscription whose filter matches decides the format and the topic tags.
-                let sub = cfg
-                    .topics
-                    .iter()
-                    .find(|t| topic_matches(&t.filter, &msg.topic));
-                let format = sub.map(|t| t.format).unwrap_or_default();
-                let ack: Option<AckFn> = (msg.qos != 0).then(|| {
-                    let (queue, qos, pkid, g) = (acks.clone(), msg.qos, msg.pkid, generation);
-                    Box::new(move || queue.push(g, qos, pkid)) as AckFn
-                });
-                let tags = sub
-                    .and_then(|t| t.tags_from_topic.as_deref())
-                    .map(|pattern| payload::topic_tags(pattern, &msg.topic))
-                    .unwrap_or_default();
-                let mapped = mapper.map(format, &msg.topic, &msg.payload, now, &tags);
-                if let Some(r) = mapper.take_rebirth() {
-                    let sent = session.try_publish_qos0(&r.topic, r.payload);
-                    if sent {
-                        m.rebirths.inc();
+                if intake.is_none() && held.is_empty() {
+                    intake = Some(route.start(&mut mapper, &session, generation, msg));
+                } else {
+                    if held.push(generation, msg) == Hold::DroppedQos0 {
+                        m.qos0_dropped.inc();
                     }
-                    tracing::info!(connection = %cfg.name, topic = %r.topic, queued = sent, "Sparkplug: asking the edge node to rebirth (its births are needed to map its data)");
-                }
-                let mapped = match mapped {
-                    Ok(parsed) => {
-                        m.readings.add(parsed.readings.len() as u64);
-                        for s in &parsed.skipped {
-                            m.skipped(*s);
-                        }
-                        if parsed.seq_gap {
-                            m.seq_gaps.inc();
-                            tracing::warn!(connection = %cfg.name, topic = %msg.topic, "Sparkplug sequence number jumped: messages were lost upstream");
-                        }
-                        Ok(parsed.readings)
-                    }
-                    Err(e) => {
-                        m.dead_letter(e.reason()).inc();
-                        tracing::debug!(connection = %cfg.name, topic = %msg.topic, error = %e, "payload refused");
-                        let refused = Refused {
-                            at_ms: now,
-                            source: component.clone(),
-                            topic: msg.topic,
-                            reason: e.reason().to_owned(),
-                            detail: e.to_string(),
-                            payload: msg.payload.to_vec(),
-                        };
-                        Err(refused)
-                    }
-                };
-                let queued = async {
-                    match mapped {
-                        Ok(readings) => buffer.append(readings, ack).await,
-                        Err(refused) => buffer.refuse(refused, ack).await,
-                    }
-                };
-                // A full buffer queue blocks here: the broker's in-flight window fills and it holds further
-                // messages (backpressure). Shutdown does not wait for room: the message stays unacknowledged and
-                // the broker redelivers it.
-                let send = tokio::select! {
-                    r = queued => r,
-                    _ = cancel.cancelled() => break,
-                };
-                if send.is_err() {
-                    tracing::error!(connection = %cfg.name, "buffer closed; stopping MQTT connection");
-                    break;
                 }
             }
             Ok(_) => {}
@@ -341,6 +490,9 @@ pub async fn run(
             }
         }
     }
+    // Shutdown does not wait for buffer room: the message being queued and the held ones stay unacknowledged and
+    // the broker redelivers them.
+    drop(intake);
     m.connected.set(0);
     // Committed messages whose acks are still queued are redelivered by the broker next time (duplicates,
     // never losses).
@@ -361,6 +513,33 @@ mod tests {
         assert!(topic_matches("#", "a"));
         assert!(!topic_matches("a/+", "a/b/c"));
         assert!(!topic_matches("a/b", "a/c"));
+    }
+
+    fn msg(qos: u8, pkid: u16) -> Message {
+        Message {
+            topic: "t".into(),
+            payload: bytes::Bytes::new(),
+            qos,
+            pkid,
+        }
+    }
+
+    #[test]
+    fn held_messages_keep_their_order_pause_reading_at_the_cap_and_drop_only_qos0() {
+        let mut h = Held::new(2);
+        assert_eq!(h.push(1, msg(1, 10)), Hold::Held);
+        assert_eq!(h.push(1, msg(0, 0)), Hold::Held);
+        assert_eq!(h.push(1, msg(0, 0)), Hold::Held);
+        assert_eq!(h.push(1, msg(0, 0)), Hold::DroppedQos0, "beyond cap QoS 0");
+        assert!(h.may_poll(), "one QoS 1 held of 2");
+        assert_eq!(h.push(2, msg(2, 11)), Hold::Held);
+        assert!(!h.may_poll(), "two QoS 1/2 held: reading pauses");
+        assert_eq!(h.ceiling(), 8);
+        let order: Vec<_> = std::iter::from_fn(|| h.pop())
+            .map(|(g, m)| (g, m.qos, m.pkid))
+            .collect();
+        assert_eq!(order, [(1, 1, 10), (1, 0, 0), (1, 0, 0), (2, 2, 11)]);
+        assert!(h.is_empty() && h.may_poll());
     }
 
     #[test]

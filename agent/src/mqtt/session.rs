@@ -17,7 +17,9 @@ pub(super) enum SessionEvent {
     Subscribed { refused: usize },
     /// An application message.
     Message(Message),
-    /// Anything else (pings, acks going out).
+    /// A PINGREQ went out.
+    Pinged,
+    /// Anything else (ping responses, acks going out).
     Other,
     /// The outgoing DISCONNECT left.
     Disconnected,
@@ -137,6 +139,7 @@ impl Session {
                         pkid: p.pkid,
                     }),
                     Event::Outgoing(Outgoing::Disconnect) => SessionEvent::Disconnected,
+                    Event::Outgoing(Outgoing::PingReq) => SessionEvent::Pinged,
                     _ => SessionEvent::Other,
                 })
             }
@@ -162,9 +165,21 @@ impl Session {
                         pkid: p.pkid,
                     }),
                     Event::Outgoing(rumqttc::Outgoing::Disconnect) => SessionEvent::Disconnected,
+                    Event::Outgoing(rumqttc::Outgoing::PingReq) => SessionEvent::Pinged,
                     _ => SessionEvent::Other,
                 })
             }
+        }
+    }
+
+    /// Forgets that a PINGRESP is due. Called when polling resumes after a pause: the broker's answer to the last
+    /// PINGREQ may still sit unread behind the messages it sent meanwhile, and rumqttc would otherwise take its next
+    /// keep-alive tick, which may come before it reads that answer, for a dead broker. A dead broker is then noticed
+    /// one keep-alive interval later.
+    pub(super) fn forget_ping(&mut self) {
+        match self {
+            Session::V4(_, events) => events.state.await_pingresp = false,
+            Session::V5(_, events) => events.state.await_pingresp = false,
         }
     }
 
