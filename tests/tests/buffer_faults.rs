@@ -265,6 +265,15 @@ fn a_full_disk_under_drop_oldest_drops_the_oldest_counted_and_keeps_taking() {
             .then_some(())
     });
     let (received, accounted) = dropper.ledger();
+    eprintln!(
+        "{}",
+        http_get(dropper.metrics_port, "/metrics")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("fieldlink_readings") || l.starts_with("fieldlink_buffer"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert_eq!(received, accounted, "ledger with drops");
     let sent = dropper.metric("fieldlink_readings_sent_total");
     let records: Vec<DumpedRecord> = kinesis_dump(&moto.endpoint, "disk")
