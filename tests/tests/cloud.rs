@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use fieldlink_cloud::lease::Fence;
 use fieldlink_e2e::*;
 use fieldlink_proto::{Batch, Quality, Reading, Series, Value};
 use std::collections::BTreeMap;
@@ -568,4 +569,79 @@ fn timestream_throttling_and_rejected_records_from_a_fault_proxy_are_retried_and
         "{}",
         describe_difference("parquet", &expected, &pq)
     );
+}
+
+/// The cloud's lease table on moto's DynamoDB (real conditional writes), with a runtime to drive it.
+fn lease_table(
+    moto: &Moto,
+    name: &str,
+) -> (tokio::runtime::Runtime, fieldlink_cloud::lease::LeaseTable) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let settings = fieldlink_ops::aws::AwsSettings {
+        region: Some("us-east-1".into()),
+        endpoint_url: Some(moto.endpoint.clone()),
+        ..Default::default()
+    };
+    let sdk = rt.block_on(settings.sdk_config());
+    let conf = aws_sdk_dynamodb::config::Builder::from(&sdk)
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .build();
+    let table =
+        fieldlink_cloud::lease::LeaseTable::new(aws_sdk_dynamodb::Client::from_conf(conf), name);
+    rt.block_on(table.ensure()).unwrap();
+    (rt, table)
+}
+
+#[test]
+fn a_task_whose_lease_was_lost_and_retaken_can_no_longer_commit_while_the_current_task_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path());
+    let (rt, t) = lease_table(&moto, "leases-fence");
+    let shard = "shardId-000000000000";
+    rt.block_on(async {
+        assert!(t
+            .create(shard, &[], fieldlink_cloud::lease::TRIM_HORIZON)
+            .await
+            .unwrap());
+        // Worker w1 takes the lease and starts a task on it; renewals do not fence that task.
+        let first = t.take(shard, 0, "w1").await.unwrap().unwrap();
+        let f1 = Fence::of(&first).unwrap();
+        assert!(t.renew(shard, first.counter, "w1").await.unwrap());
+        assert!(t.renew(shard, first.counter + 1, "w1").await.unwrap());
+        assert!(t.begin_commit(shard, "10", &f1).await.unwrap());
+        assert!(t.checkpoint(shard, "10", &f1).await.unwrap());
+        // w1 stalls past its lease: w2 takes the shard, then w1 takes it back with a new task while its
+        // first task still runs.
+        let stolen = t
+            .take(shard, first.counter + 2, "w2")
+            .await
+            .unwrap()
+            .unwrap();
+        let second = t.take(shard, stolen.counter, "w1").await.unwrap().unwrap();
+        let f2 = Fence::of(&second).unwrap();
+        assert!(t.renew(shard, second.counter, "w1").await.unwrap());
+        // The stale task is refused, pending checkpoint and checkpoint alike.
+        assert!(
+            !t.begin_commit(shard, "20", &f1).await.unwrap(),
+            "the stale task wrote a pending checkpoint"
+        );
+        assert!(
+            !t.checkpoint(shard, "20", &f1).await.unwrap(),
+            "the stale task moved the checkpoint"
+        );
+        // The current task commits.
+        assert!(t.begin_commit(shard, "30", &f2).await.unwrap());
+        assert!(t.renew(shard, second.counter + 1, "w1").await.unwrap());
+        assert!(t.checkpoint(shard, "30", &f2).await.unwrap());
+        let l = t.list().await.unwrap().pop().unwrap();
+        assert_eq!((l.checkpoint.as_str(), l.pending), ("30", None));
+        // Releasing (graceful stop) is fenced the same way.
+        assert!(!t.release(shard, &f1).await.unwrap());
+        assert!(t.release(shard, &f2).await.unwrap());
+    });
 }
