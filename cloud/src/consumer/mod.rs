@@ -5,7 +5,8 @@
 //! shard has another owner: its worker is stopped without committing), then takes free, expired or, to even
 //! out the load, stolen leases ([`crate::lease::plan`]). Each held lease has one [`worker`] task, which reads
 //! its shard into a bounded channel, lands records and commits; a shard's children are started only after it
-//! is read to its end. On shutdown workers commit, then leases are released so other workers take them at once.
+//! is read to its end. On shutdown workers commit (a worker whose sink is failing gives up its retries and
+//! commits nothing: [`crate::land::retry`]), then leases are released so other workers take them at once.
 
 mod config;
 pub(crate) mod reader;
@@ -281,7 +282,9 @@ pub(crate) async fn run(
         let abort = h.task.abort_handle();
         let fence = h.fence;
         match tokio::time::timeout(Duration::from_secs(60), h.task).await {
-            Ok(Ok(Outcome::Stopped)) => {
+            // Interrupted: stopped while a sink failed; releasing is safe (nothing past the checkpoint was
+            // committed, a begun commit is repeated by the next reader) and lets another worker go on at once.
+            Ok(Ok(Outcome::Stopped | Outcome::Interrupted(_))) => {
                 if let Ok(true) = table.release(&k, &fence).await {
                     metrics.lease_changes("released").inc();
                 }

@@ -53,6 +53,9 @@ pub(crate) enum Outcome {
     Lost,
     /// Something failed; nothing past the checkpoint was committed.
     Failed(String),
+    /// Stopped on request while a sink was still retrying (failing): nothing past the checkpoint was
+    /// committed; a commit it began (`pendingCheckpoint`) is repeated by the shard's next reader.
+    Interrupted(String),
 }
 
 struct Commit {
@@ -91,9 +94,9 @@ pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationTo
         reader_stop,
     ));
     let mut lander = Lander::new(
-        (shared.sinks)(),
+        (shared.sinks)(&stop),
         shared.dedup.clone(),
-        shared.dead.clone(),
+        shared.dead.for_worker(&stop),
         shared.metrics.clone(),
     );
     let mut c = Commit {
@@ -151,6 +154,10 @@ pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationTo
                 }
             }
         }
+    };
+    let outcome = match outcome {
+        Outcome::Failed(why) if stop.is_cancelled() => Outcome::Interrupted(why),
+        o => o,
     };
     if !matches!(outcome, Outcome::Finished | Outcome::Stopped) {
         lander.discard();
