@@ -39,6 +39,16 @@ pub struct Config {
     /// Parquet sink; absent = off.
     #[serde(default)]
     pub parquet: Option<ParquetConfig>,
+    /// How often a sink call that failed with a permanent error (access denied, a deleted table or bucket) is
+    /// tried again, milliseconds. Meanwhile `/health` fails for that sink and its shards' checkpoints wait;
+    /// the sink recovers by itself at the next try after the operator fixed the cause. Transient errors
+    /// (throttling, 5xx, timeouts) are retried sooner, with a capped backoff. Default 30000.
+    #[serde(default = "default_sink_failing_retry_ms")]
+    pub sink_failing_retry_ms: u64,
+}
+
+fn default_sink_failing_retry_ms() -> u64 {
+    30_000
 }
 
 fn default_listen() -> SocketAddr {
@@ -90,6 +100,12 @@ impl Validate for Config {
         }
         if let Some(q) = &self.parquet {
             p.extend(q.validate("parquet"));
+        }
+        if !(100..=3_600_000).contains(&self.sink_failing_retry_ms) {
+            p.push(format!(
+                "sink_failing_retry_ms: must be 100..=3600000, got {}",
+                self.sink_failing_retry_ms
+            ));
         }
         if self.timestream.is_none() && self.parquet.is_none() {
             p.push("timestream, parquet: configure at least one sink".into());

@@ -106,6 +106,24 @@ impl CloudMetrics {
         )
     }
 
+    /// 1 while a call of `sink` fails with a permanent error (and is retried slowly), else 0.
+    pub fn sink_failing(&self, sink: &str) -> Gauge {
+        self.registry.gauge(
+            "fieldlink_cloud_sink_failing",
+            "1 while a sink fails with a permanent error (access denied, missing table or bucket); retried slowly.",
+            &[("sink", sink)],
+        )
+    }
+
+    /// Failed sink calls by sink and class (`transient`, `permanent`); every one is retried.
+    pub fn sink_errors(&self, sink: &str, class: &str) -> Counter {
+        self.registry.counter(
+            "fieldlink_cloud_sink_errors_total",
+            "Failed sink calls (each retried), by sink and class (transient or permanent).",
+            &[("sink", sink), ("class", class)],
+        )
+    }
+
     /// Milliseconds behind the tip of a shard at its last read.
     pub fn shard_lag(&self, shard: &str) -> Gauge {
         self.registry.gauge(

@@ -6,6 +6,7 @@ use crate::consumer::worker::Shared;
 use crate::consumer::{self};
 use crate::land::dead::DeadLetters;
 use crate::land::dedup::BatchDedup;
+use crate::land::retry::SinkMonitor;
 use crate::land::{Sink, SinkFactory};
 use crate::lease::LeaseTable;
 use crate::metrics::CloudMetrics;
@@ -39,9 +40,12 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     let sdk = cfg.aws.sdk_config().await;
     let endpoint_override = cfg.aws.endpoint_url.is_some();
     let dead_location = Location::parse(&cfg.dead_letter_location()).map_err(RunError::Sink)?;
+    let failing_retry = Duration::from_millis(cfg.sink_failing_retry_ms);
+    let monitor = |sink| SinkMonitor::new(sink, health.clone(), metrics.clone(), failing_retry);
     let dead = DeadLetters::new(
         Store::open(&dead_location, &sdk, endpoint_override),
         metrics.clone(),
+        monitor("dead_letter"),
     );
 
     let timestream = match &cfg.timestream {
@@ -51,34 +55,42 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
                 .map_err(RunError::Sink)?;
             let window = timestream::time_window(&client, t).await;
             tracing::info!(window = ?window, "Timestream table");
-            Some((client, t.clone(), window))
+            Some((client, t.clone(), window, monitor("timestream")))
         }
         None => None,
     };
     let parquet = match &cfg.parquet {
         Some(p) => {
             let location = Location::parse(&p.location).map_err(RunError::Sink)?;
-            Some((Store::open(&location, &sdk, endpoint_override), p.clone()))
+            Some((
+                Store::open(&location, &sdk, endpoint_override),
+                p.clone(),
+                monitor("parquet"),
+            ))
         }
         None => None,
     };
     let (m, d) = (metrics.clone(), dead.clone());
-    let sinks: SinkFactory = Arc::new(move || {
+    let sinks: SinkFactory = Arc::new(move |cancel: &CancellationToken| {
         let mut v: Vec<Box<dyn Sink>> = Vec::new();
-        if let Some((client, t, window)) = &timestream {
+        if let Some((client, t, window, monitor)) = &timestream {
             v.push(Box::new(TimestreamSink::new(
                 client.clone(),
                 t.clone(),
                 *window,
-                d.clone(),
+                d.for_worker(cancel),
                 m.clone(),
+                monitor.clone(),
+                cancel.clone(),
             )));
         }
-        if let Some((store, p)) = &parquet {
+        if let Some((store, p, monitor)) = &parquet {
             v.push(Box::new(ParquetSink::new(
                 store.clone(),
                 p.clone(),
                 m.clone(),
+                monitor.clone(),
+                cancel.clone(),
             )));
         }
         v

@@ -1,7 +1,11 @@
 //! Where files go: a local directory or an S3 bucket, chosen by URL (`file:///path`, a plain path, or
 //! `s3://bucket/prefix`). Writes are whole-object and atomic: a reader never sees a partial file.
 
+use crate::land::retry::{SinkMonitor, Stopped};
+use fieldlink_ops::aws_error::CallError;
 use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// A store location parsed from config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,13 +59,31 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// S3.
-    #[error("S3 PutObject {key}: {message}")]
+    #[error("S3 PutObject {key}: {error}")]
     S3 {
         /// The key.
         key: String,
-        /// The cause.
-        message: String,
+        /// The cause, classified.
+        error: CallError,
     },
+}
+
+impl StoreError {
+    /// The cause, classified (transient or permanent) and in one sentence.
+    pub fn call_error(&self) -> CallError {
+        match self {
+            StoreError::Io { source, .. } => CallError::of_io(source),
+            StoreError::S3 { error, .. } => error.clone(),
+        }
+    }
+
+    /// The failed operation, for messages.
+    pub fn operation(&self) -> &'static str {
+        match self {
+            StoreError::Io { .. } => "file write",
+            StoreError::S3 { .. } => "PutObject",
+        }
+    }
 }
 
 /// An open store.
@@ -143,7 +165,7 @@ impl Store {
                     .map(|_| ())
                     .map_err(|e| StoreError::S3 {
                         key: full,
-                        message: aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+                        error: CallError::of_sdk(&e),
                     })
             }
         }
@@ -151,21 +173,26 @@ impl Store {
 }
 
 impl Store {
-    /// [`Store::put`], retried with capped exponential backoff until it succeeds. A shard whose output
-    /// cannot be written must not move on (its checkpoint would pass data that is not durable); the caller's
-    /// task is cancelled to stop trying.
-    pub async fn put_until_done(&self, key: &str, bytes: Vec<u8>) {
-        let mut backoff = fieldlink_ops::backoff::Backoff::new(
-            std::time::Duration::from_millis(200),
-            std::time::Duration::from_secs(30),
-        );
+    /// [`Store::put`], retried until it succeeds (see [`crate::land::retry`]: capped backoff for transient
+    /// errors, `/health` and a slow cadence for permanent ones). A shard whose output cannot be written must
+    /// not move on (its checkpoint would pass data that is not durable). `Err(Stopped)`: `cancel` fired first.
+    pub async fn put_until_done(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        monitor: &SinkMonitor,
+        cancel: &CancellationToken,
+    ) -> Result<(), Stopped> {
+        let mut retry = monitor.retry(cancel, Duration::from_millis(200), Duration::from_secs(30));
         loop {
             match self.put(key, bytes.clone()).await {
-                Ok(()) => return,
+                Ok(()) => {
+                    retry.succeeded();
+                    return Ok(());
+                }
                 Err(e) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "write failed; retrying");
-                    tokio::time::sleep(delay).await;
+                    tracing::debug!(key, error = %e, "write failed");
+                    retry.failed(e.operation(), &e.call_error()).await?;
                 }
             }
         }

@@ -2,6 +2,8 @@
 //!
 //! - [`aws`]: one way to build AWS SDK configuration: a single TLS stack (rustls + ring), explicit connect and
 //!   operation timeouts, optional endpoint override for local emulators.
+//! - [`aws_error`]: what a failed AWS call means for the caller (retry soon, or tell the operator) and one short
+//!   readable sentence for `/health` and logs instead of the SDK's debug structures.
 //! - [`metrics`]: counters and gauges rendered in the Prometheus text format. Counters only go up and are
 //!   incremented where the event happens; gauges are set from a source of truth, never adjusted by deltas.
 //! - [`http`]: a deliberately tiny HTTP/1.1 responder for `GET /metrics` and `GET /health` (bounded request size,
@@ -13,6 +15,7 @@
 //! - [`systemd`]: `sd_notify` readiness, status, stopping and watchdog messages (no libsystemd).
 
 pub mod aws;
+pub mod aws_error;
 pub mod backoff;
 pub mod config;
 pub mod http;

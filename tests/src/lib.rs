@@ -336,8 +336,8 @@ pub fn dataset_path() -> PathBuf {
     p
 }
 
-/// GET http://127.0.0.1:port/path, returning the body (for /metrics).
-pub fn http_get(port: u16, path: &str) -> Option<String> {
+/// GET http://127.0.0.1:port/path, returning the status code and the body (for /health).
+pub fn http_status(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -348,7 +348,14 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// GET http://127.0.0.1:port/path, returning the body (for /metrics).
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    http_status(port, path).map(|(_, body)| body)
 }
 
 /// The value of an unlabelled metric in a Prometheus text body.
@@ -868,6 +875,7 @@ pub fn cloud_toml(
 ) -> String {
     format!(
         r#"metrics_listen = "127.0.0.1:{metrics_port}"
+sink_failing_retry_ms = 1000
 [log]
 level = "info,fieldlink_cloud::landed=debug"
 format = "text"

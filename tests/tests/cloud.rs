@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use fieldlink_cloud::lease::Fence;
 use fieldlink_e2e::*;
 use fieldlink_proto::{Batch, Quality, Reading, Series, Value};
 use std::collections::BTreeMap;
@@ -118,11 +119,20 @@ fn batch(a: usize, seq: u64, n: usize, t0: i64) -> Batch {
 
 /// `agents` × `per_agent` batches of `n` readings, interleaved by sequence number; and the readings they hold.
 fn workload(agents: usize, per_agent: u64, n: usize) -> (Vec<Rec>, BTreeMap<Key, usize>) {
+    workload_of(0..agents, per_agent, n)
+}
+
+/// [`workload`] of the agents numbered `agents`.
+fn workload_of(
+    agents: std::ops::Range<usize>,
+    per_agent: u64,
+    n: usize,
+) -> (Vec<Rec>, BTreeMap<Key, usize>) {
     let t0 = now_ms() - 3_000_000;
     let mut recs = Vec::new();
     let mut expected = BTreeMap::new();
     for seq in 1..=per_agent {
-        for a in 0..agents {
+        for a in agents.clone() {
             let b = batch(a, seq, n, t0);
             for r in &b.readings {
                 let Value::F64(v) = r.value else {
@@ -568,4 +578,232 @@ fn timestream_throttling_and_rejected_records_from_a_fault_proxy_are_retried_and
         "{}",
         describe_difference("parquet", &expected, &pq)
     );
+}
+
+/// The cloud's lease table on moto's DynamoDB (real conditional writes), with a runtime to drive it.
+fn lease_table(
+    moto: &Moto,
+    name: &str,
+) -> (tokio::runtime::Runtime, fieldlink_cloud::lease::LeaseTable) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let settings = fieldlink_ops::aws::AwsSettings {
+        region: Some("us-east-1".into()),
+        endpoint_url: Some(moto.endpoint.clone()),
+        ..Default::default()
+    };
+    let sdk = rt.block_on(settings.sdk_config());
+    let conf = aws_sdk_dynamodb::config::Builder::from(&sdk)
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .build();
+    let table =
+        fieldlink_cloud::lease::LeaseTable::new(aws_sdk_dynamodb::Client::from_conf(conf), name);
+    rt.block_on(table.ensure()).unwrap();
+    (rt, table)
+}
+
+#[test]
+fn a_task_whose_lease_was_lost_and_retaken_can_no_longer_commit_while_the_current_task_can() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path());
+    let (rt, t) = lease_table(&moto, "leases-fence");
+    let shard = "shardId-000000000000";
+    rt.block_on(async {
+        assert!(t
+            .create(shard, &[], fieldlink_cloud::lease::TRIM_HORIZON)
+            .await
+            .unwrap());
+        // Worker w1 takes the lease and starts a task on it; renewals do not fence that task.
+        let first = t.take(shard, 0, "w1").await.unwrap().unwrap();
+        let f1 = Fence::of(&first).unwrap();
+        assert!(t.renew(shard, first.counter, "w1").await.unwrap());
+        assert!(t.renew(shard, first.counter + 1, "w1").await.unwrap());
+        assert!(t.begin_commit(shard, "10", &f1).await.unwrap());
+        assert!(t.checkpoint(shard, "10", &f1).await.unwrap());
+        // w1 stalls past its lease: w2 takes the shard, then w1 takes it back with a new task while its
+        // first task still runs.
+        let stolen = t
+            .take(shard, first.counter + 2, "w2")
+            .await
+            .unwrap()
+            .unwrap();
+        let second = t.take(shard, stolen.counter, "w1").await.unwrap().unwrap();
+        let f2 = Fence::of(&second).unwrap();
+        assert!(t.renew(shard, second.counter, "w1").await.unwrap());
+        // The stale task is refused, pending checkpoint and checkpoint alike.
+        assert!(
+            !t.begin_commit(shard, "20", &f1).await.unwrap(),
+            "the stale task wrote a pending checkpoint"
+        );
+        assert!(
+            !t.checkpoint(shard, "20", &f1).await.unwrap(),
+            "the stale task moved the checkpoint"
+        );
+        // The current task commits.
+        assert!(t.begin_commit(shard, "30", &f2).await.unwrap());
+        assert!(t.renew(shard, second.counter + 1, "w1").await.unwrap());
+        assert!(t.checkpoint(shard, "30", &f2).await.unwrap());
+        let l = t.list().await.unwrap().pop().unwrap();
+        assert_eq!((l.checkpoint.as_str(), l.pending), ("30", None));
+        // Releasing (graceful stop) is fenced the same way.
+        assert!(!t.release(shard, &f1).await.unwrap());
+        assert!(t.release(shard, &f2).await.unwrap());
+    });
+}
+
+fn timestream_table(moto: &Moto, action: &str) {
+    run_python(&[
+        script("timestream_table.py").to_str().unwrap(),
+        &moto.endpoint,
+        DB,
+        TABLE,
+        action,
+    ]);
+}
+
+/// Waits until `/health` answers 503 with a `sink: FAIL` line; returns that line.
+fn wait_sink_failing(cloud: &Cloud, sink: &str) -> String {
+    wait_for(
+        &format!("/health to fail for {sink}"),
+        Duration::from_secs(30),
+        || {
+            let (status, body) = http_status(cloud.port, "/health")?;
+            let line = body
+                .lines()
+                .find(|l| l.starts_with(&format!("{sink}: FAIL")))?;
+            (status == 503).then(|| line.to_owned())
+        },
+    )
+}
+
+fn sink_metric(cloud: &Cloud, name: &str, labels: &str) -> f64 {
+    http_get(cloud.port, "/metrics")
+        .and_then(|m| metric_with(&m, name, labels))
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_deleted_timestream_table_fails_health_holds_the_checkpoint_and_recovers_by_itself_once_recreated(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "sinkfail";
+    let moto = setup(dir.path(), stream, 1);
+    let (rt, leases) = lease_table(&moto, &format!("leases-{stream}"));
+    let cloud = Cloud::start(dir.path(), "solo", &moto.endpoint, stream, "");
+    let lease = || rt.block_on(leases.list()).unwrap().pop().unwrap();
+
+    let (before, expected_before) = workload_of(0..2, 5, 40);
+    put(dir.path(), &moto.endpoint, stream, &before, &[]);
+    let n1 = expected_before.len();
+    wait_landed(&moto, stream, n1, n1, Duration::from_secs(60));
+    // The commit that wrote those rows has moved the checkpoint (its pending end is cleared).
+    let checkpoint = wait_for("the checkpoint", Duration::from_secs(20), || {
+        let l = lease();
+        (l.pending.is_none() && l.checkpoint != fieldlink_cloud::lease::TRIM_HORIZON)
+            .then_some(l.checkpoint)
+    });
+
+    // The operator deletes the table; data keeps coming.
+    timestream_table(&moto, "delete");
+    let (after, expected_after) = workload_of(2..4, 5, 40);
+    put(dir.path(), &moto.endpoint, stream, &after, &[]);
+    let line = wait_sink_failing(&cloud, "timestream");
+    eprintln!("/health: {line}");
+    assert!(
+        line.contains("ResourceNotFoundException")
+            && line.contains("WriteRecords")
+            && line.contains("permanent"),
+        "{line}"
+    );
+    assert!(
+        line.len() < 200 && !line.contains('{'),
+        "not one short sentence: {line}"
+    );
+    assert_eq!(
+        sink_metric(
+            &cloud,
+            "fieldlink_cloud_sink_failing",
+            "sink=\"timestream\""
+        ),
+        1.0
+    );
+    wait_for("the sink to keep retrying", Duration::from_secs(30), || {
+        (sink_metric(
+            &cloud,
+            "fieldlink_cloud_sink_errors_total",
+            "class=\"permanent\"",
+        ) >= 3.0)
+            .then_some(())
+    });
+    // Nothing past the unwritten data is checkpointed or committed.
+    let l = lease();
+    assert_eq!(
+        l.checkpoint, checkpoint,
+        "the checkpoint moved past unwritten data"
+    );
+    let v = landed(&moto, stream);
+    assert_eq!(
+        v["parquet"].as_array().unwrap().len(),
+        n1,
+        "rows of unwritten batches were committed"
+    );
+
+    // The operator recreates the table: the sink recovers by itself.
+    timestream_table(&moto, "create");
+    let recreated = Instant::now();
+    wait_for("/health to recover", Duration::from_secs(30), || {
+        let (status, body) = http_status(cloud.port, "/health")?;
+        (status == 200 && body.contains("timestream: ok")).then_some(())
+    });
+    eprintln!(
+        "healthy {:?} after the table was recreated (retry every 1 s)",
+        recreated.elapsed()
+    );
+    assert_eq!(
+        sink_metric(
+            &cloud,
+            "fieldlink_cloud_sink_failing",
+            "sink=\"timestream\""
+        ),
+        0.0
+    );
+    let n2 = expected_after.len();
+    let v = wait_landed(&moto, stream, n1 + n2, n1 + n2, Duration::from_secs(60));
+    // Every reading exactly once: in Parquet, and in Timestream (moto's data dump keeps the records of the
+    // deleted table, so the readings from before the deletion count there once too).
+    let mut all = expected_before.clone();
+    all.extend(expected_after.clone());
+    assert_exactly_once(&v, &all);
+    assert_ne!(lease().checkpoint, checkpoint);
+}
+
+#[test]
+fn sigterm_while_a_sink_fails_stops_promptly_and_the_next_start_lands_everything_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "sinkstop";
+    let moto = setup(dir.path(), stream, 2);
+    timestream_table(&moto, "delete");
+    let mut a = Cloud::start(dir.path(), "a", &moto.endpoint, stream, "");
+    let (recs, expected) = workload(4, 5, 40);
+    put(dir.path(), &moto.endpoint, stream, &recs, &[]);
+    wait_sink_failing(&a, "timestream");
+    let t = Instant::now();
+    a.proc.terminate(Duration::from_secs(30));
+    let stopped = t.elapsed();
+    eprintln!("stopped {stopped:?} after SIGTERM while Timestream failed");
+    assert!(
+        stopped < Duration::from_secs(10),
+        "SIGTERM took {stopped:?}"
+    );
+
+    timestream_table(&moto, "create");
+    let b = Cloud::start(dir.path(), "b", &moto.endpoint, stream, "");
+    let n = expected.len();
+    let v = wait_landed(&moto, stream, n, n, Duration::from_secs(60));
+    assert_exactly_once(&v, &expected);
+    drop(b);
 }

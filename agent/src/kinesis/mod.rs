@@ -310,7 +310,10 @@ impl Sender {
                     .and_then(|s| aws_sdk_kinesis::error::ProvideErrorMetadata::code(s))
                     .is_some_and(is_throttle_code);
                 let msg = aws_sdk_kinesis::error::DisplayErrorContext(&e).to_string();
-                self.health.set(COMPONENT, false, msg.clone());
+                // /health: one short sentence, not the SDK's nested structures (those go to the log).
+                let line = fieldlink_ops::aws_error::CallError::of_sdk(&e).sentence("PutRecords");
+                self.health
+                    .set(COMPONENT, false, format!("{line}; records stay buffered"));
                 tracing::warn!(error = %msg, records = pending.len(), "PutRecords failed; records stay buffered");
             }
         }

@@ -5,7 +5,8 @@
 //! shard has another owner: its worker is stopped without committing), then takes free, expired or, to even
 //! out the load, stolen leases ([`crate::lease::plan`]). Each held lease has one [`worker`] task, which reads
 //! its shard into a bounded channel, lands records and commits; a shard's children are started only after it
-//! is read to its end. On shutdown workers commit, then leases are released so other workers take them at once.
+//! is read to its end. On shutdown workers commit (a worker whose sink is failing gives up its retries and
+//! commits nothing: [`crate::land::retry`]), then leases are released so other workers take them at once.
 
 mod config;
 pub(crate) mod reader;
@@ -14,7 +15,7 @@ pub(crate) mod worker;
 pub use config::{ConsumerConfig, StartPosition};
 
 use crate::lease::plan::{self, Action, Observer};
-use crate::lease::{LeaseConfig, LATEST, TRIM_HORIZON};
+use crate::lease::{Fence, LeaseConfig, LATEST, TRIM_HORIZON};
 use aws_sdk_kinesis::error::DisplayErrorContext;
 use fieldlink_ops::backoff::Backoff;
 use fieldlink_ops::metrics::Health;
@@ -70,6 +71,7 @@ pub async fn list_shards(
 
 struct Held {
     counter: u64,
+    fence: Fence,
     renewed: Instant,
     stop: CancellationToken,
     task: JoinHandle<Outcome>,
@@ -202,6 +204,16 @@ pub(crate) async fn run(
                 health.set("leases", true, "");
                 let now_ms = clock.elapsed().as_millis() as u64;
                 observer.observe(&all, now_ms);
+                // A held lease whose owner or take changed was lost even if a renewal has not failed yet.
+                for l in &all {
+                    if held.get(&l.key).is_some_and(|h| !h.fence.holds(l)) {
+                        if let Some(h) = held.remove(&l.key) {
+                            tracing::info!(shard = %l.key, "lease taken by another task; stopping its worker without committing");
+                            h.task.abort();
+                            metrics.lease_changes("lost").inc();
+                        }
+                    }
+                }
                 let holding: HashSet<String> = held
                     .iter()
                     .filter(|(_, h)| !h.task.is_finished())
@@ -221,6 +233,10 @@ pub(crate) async fn run(
                     };
                     match table.take(key, counter, &me).await {
                         Ok(Some(lease)) => {
+                            let Some(fence) = Fence::of(&lease) else {
+                                tracing::warn!(shard = %key, "a taken lease came back without owner or take counter");
+                                continue;
+                            };
                             tracing::info!(shard = %key, how = kind, action = ?act, "lease acquired");
                             metrics.lease_changes(kind).inc();
                             let stop = CancellationToken::new();
@@ -233,6 +249,7 @@ pub(crate) async fn run(
                                 key.clone(),
                                 Held {
                                     counter: lease.counter,
+                                    fence,
                                     renewed: Instant::now(),
                                     stop,
                                     task,
@@ -263,9 +280,12 @@ pub(crate) async fn run(
     }
     for (k, h) in held.drain() {
         let abort = h.task.abort_handle();
+        let fence = h.fence;
         match tokio::time::timeout(Duration::from_secs(60), h.task).await {
-            Ok(Ok(Outcome::Stopped)) => {
-                if let Ok(true) = table.release(&k, &me).await {
+            // Interrupted: stopped while a sink failed; releasing is safe (nothing past the checkpoint was
+            // committed, a begun commit is repeated by the next reader) and lets another worker go on at once.
+            Ok(Ok(Outcome::Stopped | Outcome::Interrupted(_))) => {
+                if let Ok(true) = table.release(&k, &fence).await {
                     metrics.lease_changes("released").inc();
                 }
             }

@@ -1,7 +1,8 @@
 //! One shard worker: reads its shard from the checkpoint, lands every record, and commits.
 //!
-//! A commit (see [`crate::land`]): record its end as `pendingCheckpoint` in the lease (conditional on
-//! ownership), commit every sink (Parquet writes its files, named after the commit's first record), then
+//! A commit (see [`crate::land`]): record its end as `pendingCheckpoint` in the lease (conditional on the
+//! worker's [`Fence`]: a worker whose lease was lost, even if its process took it back since, writes nothing),
+//! commit every sink (Parquet writes its files, named after the commit's first record), then
 //! move the checkpoint to its end. A worker that starts on a lease with a pending commit reads from the
 //! checkpoint and commits exactly at the pending end, whatever its own size and time triggers say, so the
 //! repeated commit writes the same objects with the same rows.
@@ -11,7 +12,7 @@ use crate::land::dead::DeadLetters;
 use crate::land::dedup::BatchDedup;
 use crate::land::{Lander, Origin, SinkFactory};
 use crate::lease::plan::cmp_seq;
-use crate::lease::{Lease, LeaseTable, LATEST, SHARD_END, TRIM_HORIZON};
+use crate::lease::{Fence, Lease, LeaseTable, LATEST, SHARD_END, TRIM_HORIZON};
 use crate::metrics::CloudMetrics;
 use fieldlink_ops::backoff::Backoff;
 use std::cmp::Ordering;
@@ -52,6 +53,9 @@ pub(crate) enum Outcome {
     Lost,
     /// Something failed; nothing past the checkpoint was committed.
     Failed(String),
+    /// Stopped on request while a sink was still retrying (failing): nothing past the checkpoint was
+    /// committed; a commit it began (`pendingCheckpoint`) is repeated by the shard's next reader.
+    Interrupted(String),
 }
 
 struct Commit {
@@ -61,11 +65,16 @@ struct Commit {
     last_record: Instant,
     /// The end of a commit a previous owner started: commit exactly there.
     pending: Option<String>,
+    /// What the lease writes of this worker are conditional on.
+    fence: Fence,
 }
 
 /// Runs a worker for `lease` (just taken by this process) until the shard ends, `stop` fires, or it fails.
 pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationToken) -> Outcome {
     let shard = lease.key.clone();
+    let Some(fence) = Fence::of(&lease) else {
+        return Outcome::Failed("the lease was not taken by this worker".into());
+    };
     let start = match lease.checkpoint.as_str() {
         SHARD_END => return Outcome::Finished,
         TRIM_HORIZON => Start::TrimHorizon,
@@ -85,9 +94,9 @@ pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationTo
         reader_stop,
     ));
     let mut lander = Lander::new(
-        (shared.sinks)(),
+        (shared.sinks)(&stop),
         shared.dedup.clone(),
-        shared.dead.clone(),
+        shared.dead.for_worker(&stop),
         shared.metrics.clone(),
     );
     let mut c = Commit {
@@ -96,6 +105,7 @@ pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationTo
         since: Instant::now(),
         last_record: Instant::now(),
         pending: lease.pending.clone(),
+        fence,
     };
     let lag = shared.metrics.shard_lag(&shard);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -116,7 +126,7 @@ pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationTo
                     if let Err(o) = commit(&shared, &shard, &mut lander, &mut c).await {
                         break o;
                     }
-                    break match table_op(|| shared.table.checkpoint(&shard, SHARD_END, &shared.me)).await {
+                    break match table_op(|| shared.table.checkpoint(&shard, SHARD_END, &c.fence)).await {
                         Ok(true) => {
                             tracing::info!(shard = %shard, "shard read to its end");
                             Outcome::Finished
@@ -144,6 +154,10 @@ pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationTo
                 }
             }
         }
+    };
+    let outcome = match outcome {
+        Outcome::Failed(why) if stop.is_cancelled() => Outcome::Interrupted(why),
+        o => o,
     };
     if !matches!(outcome, Outcome::Finished | Outcome::Stopped) {
         lander.discard();
@@ -203,7 +217,7 @@ async fn commit(
     let (Some(first), Some(last)) = (c.first.take(), c.last.take()) else {
         return Ok(());
     };
-    match table_op(|| shared.table.begin_commit(shard, &last, &shared.me)).await {
+    match table_op(|| shared.table.begin_commit(shard, &last, &c.fence)).await {
         Ok(true) => {}
         Ok(false) => return Err(Outcome::Lost),
         Err(e) => return Err(Outcome::Failed(e)),
@@ -212,7 +226,7 @@ async fn commit(
         .commit(&first)
         .await
         .map_err(|e| Outcome::Failed(e.to_string()))?;
-    match table_op(|| shared.table.checkpoint(shard, &last, &shared.me)).await {
+    match table_op(|| shared.table.checkpoint(shard, &last, &c.fence)).await {
         Ok(true) => {}
         Ok(false) => return Err(Outcome::Lost),
         Err(e) => return Err(Outcome::Failed(e)),

@@ -9,32 +9,66 @@
 //!
 //! Under a Parquet location the default prefix is `_dead_letter/`, which Athena, Hive and Spark skip.
 
-use crate::land::Origin;
+use crate::land::retry::SinkMonitor;
+use crate::land::{Origin, SinkError};
 use crate::metrics::CloudMetrics;
 use crate::store::Store;
+use tokio_util::sync::CancellationToken;
 
-/// Writes dead letters; clones share the store.
+/// Writes dead letters; clones share the store. Writes are retried until they succeed (reported as sink
+/// `dead_letter`, see [`crate::land::retry`]) or the worker stops.
 #[derive(Debug, Clone)]
 pub struct DeadLetters {
     store: Store,
     metrics: CloudMetrics,
+    monitor: SinkMonitor,
+    cancel: CancellationToken,
 }
 
 impl DeadLetters {
     /// Dead letters written to `store`.
-    pub fn new(store: Store, metrics: CloudMetrics) -> Self {
-        Self { store, metrics }
+    pub fn new(store: Store, metrics: CloudMetrics, monitor: SinkMonitor) -> Self {
+        Self {
+            store,
+            metrics,
+            monitor,
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// The same location for a shard worker: retries end when `cancel` fires.
+    pub fn for_worker(&self, cancel: &CancellationToken) -> Self {
+        Self {
+            cancel: cancel.clone(),
+            ..self.clone()
+        }
+    }
+
+    async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), SinkError> {
+        self.store
+            .put_until_done(key, bytes, &self.monitor, &self.cancel)
+            .await
+            .map_err(|e| SinkError {
+                sink: self.monitor.sink(),
+                message: e.to_string(),
+            })
     }
 
     /// A Kinesis record that cannot be decoded.
-    pub async fn record(&self, origin: &Origin, reason: &str, data: &[u8]) {
+    pub async fn record(
+        &self,
+        origin: &Origin,
+        reason: &str,
+        data: &[u8],
+    ) -> Result<(), SinkError> {
         let key = format!(
             "kinesis/reason={reason}/{}-{}.bin",
             origin.shard, origin.sequence_number
         );
-        self.store.put_until_done(&key, data.to_vec()).await;
+        self.put(&key, data.to_vec()).await?;
         self.metrics.dead_letter(reason).inc();
         tracing::warn!(shard = %origin.shard, sequence_number = %origin.sequence_number, reason, key = %key, "record dead-lettered");
+        Ok(())
     }
 
     /// Readings a sink refused, as JSON lines (each carries its own `reason`).
@@ -45,9 +79,9 @@ impl DeadLetters {
         agent: &str,
         seq: u64,
         lines: Vec<serde_json::Value>,
-    ) {
+    ) -> Result<(), SinkError> {
         if lines.is_empty() {
-            return;
+            return Ok(());
         }
         let mut body = Vec::new();
         for l in &lines {
@@ -58,7 +92,7 @@ impl DeadLetters {
             "{sink}/{agent}-{seq}-{}-{}.jsonl",
             origin.shard, origin.sequence_number
         );
-        self.store.put_until_done(&key, body).await;
+        self.put(&key, body).await?;
         for l in &lines {
             let reason = l.get("reason").and_then(|r| r.as_str()).unwrap_or("other");
             self.metrics
@@ -66,6 +100,7 @@ impl DeadLetters {
                 .inc();
         }
         tracing::warn!(sink, agent, seq, readings = lines.len(), key = %key, "readings dead-lettered");
+        Ok(())
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod dead;
 pub mod dedup;
+pub mod retry;
 
 use crate::metrics::CloudMetrics;
 use dead::DeadLetters;
@@ -22,6 +23,7 @@ use fieldlink_proto::{decode, Batch};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
 
 /// Where a batch came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,8 +34,8 @@ pub struct Origin {
     pub sequence_number: String,
 }
 
-/// A sink failed in a way its own retries could not fix. The shard worker stops without committing; the
-/// shard is read again from its checkpoint.
+/// A sink gave up: the worker is stopping (its retries, [`retry`], end then), or something its retries cannot
+/// fix. The shard worker stops without committing; the shard is read again from its checkpoint.
 #[derive(Debug, thiserror::Error)]
 #[error("{sink}: {message}")]
 pub struct SinkError {
@@ -53,7 +55,8 @@ pub type SinkFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> + S
 pub trait Sink: Send {
     /// Short name for logs and metrics.
     fn name(&self) -> &'static str;
-    /// Lands or stages one batch. Transient failures are retried inside; readings the destination refuses
+    /// Lands or stages one batch. Failures are retried inside until they succeed or the worker stops
+    /// ([`retry`]); readings the destination refuses
     /// are dead-lettered inside.
     fn write<'a>(&'a mut self, batch: &'a Batch, origin: &'a Origin) -> SinkFuture<'a>;
     /// Whether the sink would like a commit now (it staged as much as it should hold).
@@ -66,8 +69,8 @@ pub trait Sink: Send {
     fn discard(&mut self);
 }
 
-/// Builds the sinks of one shard worker.
-pub type SinkFactory = Arc<dyn Fn() -> Vec<Box<dyn Sink>> + Send + Sync>;
+/// Builds the sinks of one shard worker; their retries end when the worker's stop token fires.
+pub type SinkFactory = Arc<dyn Fn(&CancellationToken) -> Vec<Box<dyn Sink>> + Send + Sync>;
 
 /// Decodes records, skips resent batches and hands the rest to the sinks of one shard.
 pub struct Lander {
@@ -111,8 +114,7 @@ impl Lander {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(shard = %origin.shard, sequence_number = %origin.sequence_number, error = %e, "undecodable record");
-                self.dead.record(origin, dead_letter_reason(&e), data).await;
-                return Ok(());
+                return self.dead.record(origin, dead_letter_reason(&e), data).await;
             }
         };
         let tag = dedup::tag(&origin.shard, &origin.sequence_number);

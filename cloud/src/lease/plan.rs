@@ -40,12 +40,47 @@ pub struct Lease {
     pub pending: Option<String>,
     /// `parentShardIds`.
     pub parents: Vec<String>,
+    /// `leaseTakeCounter`: the `leaseCounter` the take that gave the lease to its owner wrote. Renewals leave it
+    /// alone; every take changes it (the counter only grows). Commits are fenced on it: see [`Fence`].
+    pub take_counter: Option<u64>,
 }
 
 impl Lease {
     /// Whether the shard was read to its end.
     pub fn finished(&self) -> bool {
         self.checkpoint == SHARD_END
+    }
+}
+
+/// What one shard task may write to its lease under: the owner and the take that started the task.
+///
+/// The Kinesis Client Library fences commits on owner and lease counter. The counter also moves with every
+/// renewal, which the coordinator does beside the task, so fencing on it would refuse a commit that raced a
+/// renewal. The take counter moves only when ownership changes: a renewal never fences the task, while a
+/// lease lost and taken back (even by the same worker, whose old task may still be running) fences the old task
+/// out. Pending checkpoints, checkpoints and releases are all conditional on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The worker.
+    pub owner: String,
+    /// The `leaseTakeCounter` its take wrote.
+    pub take_counter: u64,
+}
+
+impl Fence {
+    /// The fence of a lease as its take returned it; `None` if it has no owner or was not taken by a take.
+    pub fn of(lease: &Lease) -> Option<Self> {
+        Some(Self {
+            owner: lease.owner.clone()?,
+            take_counter: lease.take_counter?,
+        })
+    }
+
+    /// Whether `lease` (as stored) still belongs to the task holding this fence: the condition of every
+    /// fenced write, evaluated in memory.
+    pub fn holds(&self, lease: &Lease) -> bool {
+        lease.owner.as_deref() == Some(self.owner.as_str())
+            && lease.take_counter == Some(self.take_counter)
     }
 }
 
@@ -206,6 +241,7 @@ mod tests {
             checkpoint: TRIM_HORIZON.into(),
             pending: None,
             parents: Vec::new(),
+            take_counter: owner.map(|_| counter),
         }
     }
 
@@ -300,6 +336,40 @@ mod tests {
         let leases = vec![lease("s0", Some("a"), 9)];
         let acts = plan("a", &leases, &HashSet::new(), |_| false, 100);
         assert_eq!(keys(&acts), ["s0"]);
+    }
+
+    /// The table's writes as the coordinator and its tasks do them (take, renew) on an in-memory lease.
+    fn take(l: &mut Lease, by: &str) {
+        l.counter += 1;
+        l.owner = Some(by.into());
+        l.take_counter = Some(l.counter);
+    }
+
+    #[test]
+    fn renewals_keep_a_task_s_fence_and_a_lost_and_retaken_lease_breaks_it() {
+        let mut l = lease("s0", None, 4);
+        assert_eq!(Fence::of(&l), None, "no owner, no fence");
+        take(&mut l, "w1");
+        let first = Fence::of(&l).unwrap();
+        assert!(first.holds(&l));
+        for _ in 0..3 {
+            l.counter += 1; // renewal
+        }
+        assert!(
+            first.holds(&l),
+            "a renewal by the same worker fenced its task"
+        );
+        take(&mut l, "w2");
+        assert!(!first.holds(&l));
+        take(&mut l, "w1");
+        let second = Fence::of(&l).unwrap();
+        assert!(
+            !first.holds(&l),
+            "the old task of a retaken lease still holds it"
+        );
+        assert!(second.holds(&l));
+        l.owner = None; // released
+        assert!(!second.holds(&l));
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! The lease table in DynamoDB, in the Kinesis Client Library's schema: hash key `leaseKey` (the shard id),
 //! `leaseOwner`, `leaseCounter`, `checkpoint`, `checkpointSubSequenceNumber` (always 0: fieldlink does not
 //! aggregate records), `ownerSwitchesSinceCheckpoint`, `parentShardIds`, plus `pendingCheckpoint` (see
-//! [`super::plan::Lease::pending`]).
+//! [`super::plan::Lease::pending`]) and `leaseTakeCounter` (see [`Fence`]).
 //!
-//! Every change is a conditional write, so two workers never both believe they own a shard: taking is
-//! conditional on the counter the taker saw, renewing on owner and counter, commits and checkpoints on owner.
+//! Every change is a conditional write, so two workers never both believe they own a shard, and no task
+//! commits for a lease it no longer holds: taking is conditional on the counter the taker saw, renewing on
+//! owner and counter, pending checkpoints, checkpoints and releases on owner and take counter (the task's
+//! [`Fence`]; renewals do not change it, a lost and retaken lease does).
 
-use super::plan::Lease;
+use super::plan::{Fence, Lease};
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
@@ -32,6 +34,10 @@ pub struct LeaseTable {
 }
 
 type Item = HashMap<String, AttributeValue>;
+
+/// The condition of every write a shard task makes: the lease still has the owner and take counter of the
+/// task's [`Fence`].
+const FENCE_CONDITION: &str = "leaseOwner = :me AND leaseTakeCounter = :taken";
 
 fn s(v: &str) -> AttributeValue {
     AttributeValue::S(v.to_owned())
@@ -73,6 +79,10 @@ fn lease_of(item: &Item) -> Option<Lease> {
         .and_then(|v| v.as_ss().ok())
         .cloned()
         .unwrap_or_default();
+    let take_counter = item
+        .get("leaseTakeCounter")
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok());
     Some(Lease {
         key,
         owner,
@@ -80,6 +90,7 @@ fn lease_of(item: &Item) -> Option<Lease> {
         checkpoint,
         pending,
         parents,
+        take_counter,
     })
 }
 
@@ -224,8 +235,8 @@ impl LeaseTable {
         }
     }
 
-    /// Takes `shard` if its counter is still `counter`. Returns the lease as now stored, or `None` if someone
-    /// else changed it first.
+    /// Takes `shard` if its counter is still `counter`. Returns the lease as now stored (its [`Fence`] is the
+    /// new task's), or `None` if someone else changed it first.
     pub async fn take(
         &self,
         shard: &str,
@@ -238,7 +249,7 @@ impl LeaseTable {
             .table_name(&self.name)
             .key("leaseKey", s(shard))
             .update_expression(
-                "SET leaseOwner = :me, leaseCounter = :next, \
+                "SET leaseOwner = :me, leaseCounter = :next, leaseTakeCounter = :next, \
                  ownerSwitchesSinceCheckpoint = if_not_exists(ownerSwitchesSinceCheckpoint, :zero) + :one",
             )
             .condition_expression("leaseCounter = :c")
@@ -278,16 +289,17 @@ impl LeaseTable {
         }
     }
 
-    /// Records the end of a commit about to be written (`pendingCheckpoint`), if `me` still owns the shard.
+    /// Records the end of a commit about to be written (`pendingCheckpoint`), if the task holding `fence`
+    /// still holds the lease.
     pub async fn begin_commit(
         &self,
         shard: &str,
         last: &str,
-        me: &str,
+        fence: &Fence,
     ) -> Result<bool, TableError> {
-        self.owned_update(
+        self.fenced_update(
             shard,
-            me,
+            fence,
             "SET pendingCheckpoint = :v",
             &[(":v", s(last))],
             "begin commit",
@@ -295,16 +307,17 @@ impl LeaseTable {
         .await
     }
 
-    /// Advances the checkpoint to `checkpoint` and clears the pending commit, if `me` still owns the shard.
+    /// Advances the checkpoint to `checkpoint` and clears the pending commit, if the task holding `fence` still
+    /// holds the lease.
     pub async fn checkpoint(
         &self,
         shard: &str,
         checkpoint: &str,
-        me: &str,
+        fence: &Fence,
     ) -> Result<bool, TableError> {
-        self.owned_update(
+        self.fenced_update(
             shard,
-            me,
+            fence,
             "SET checkpoint = :v, ownerSwitchesSinceCheckpoint = :zero REMOVE pendingCheckpoint",
             &[(":v", s(checkpoint)), (":zero", n(0))],
             "checkpoint",
@@ -312,16 +325,18 @@ impl LeaseTable {
         .await
     }
 
-    /// Gives a lease up (graceful shutdown) so another worker takes it without waiting for expiry.
-    pub async fn release(&self, shard: &str, me: &str) -> Result<bool, TableError> {
-        self.owned_update(shard, me, "REMOVE leaseOwner", &[], "release")
+    /// Gives a lease up (graceful shutdown) so another worker takes it without waiting for expiry, if the task
+    /// holding `fence` still holds it.
+    pub async fn release(&self, shard: &str, fence: &Fence) -> Result<bool, TableError> {
+        self.fenced_update(shard, fence, "REMOVE leaseOwner", &[], "release")
             .await
     }
 
-    async fn owned_update(
+    /// An update conditional on [`FENCE_CONDITION`]: [`Fence::holds`], evaluated by DynamoDB.
+    async fn fenced_update(
         &self,
         shard: &str,
-        me: &str,
+        fence: &Fence,
         update: &str,
         values: &[(&str, AttributeValue)],
         what: &str,
@@ -332,8 +347,9 @@ impl LeaseTable {
             .table_name(&self.name)
             .key("leaseKey", s(shard))
             .update_expression(update)
-            .condition_expression("leaseOwner = :me")
-            .expression_attribute_values(":me", s(me));
+            .condition_expression(FENCE_CONDITION)
+            .expression_attribute_values(":me", s(&fence.owner))
+            .expression_attribute_values(":taken", n(fence.take_counter));
         for (name, v) in values {
             req = req.expression_attribute_values(*name, v.clone());
         }

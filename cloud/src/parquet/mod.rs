@@ -7,12 +7,15 @@
 //! Kinesis record. A commit that is repeated after a crash or a lease move covers the same records (see
 //! [`crate::land`]), so it writes the same keys with the same rows and replaces rather than adds.
 //! Rows of different event hours never share a file: files are cut at the hour boundary by construction.
+//! A file that cannot be written is retried until it is (see [`crate::land::retry`]; a permanent failure such
+//! as a deleted bucket fails `/health` for `parquet`); the shard's checkpoint waits meanwhile.
 
 mod config;
 pub mod encode;
 
 pub use config::ParquetConfig;
 
+use crate::land::retry::SinkMonitor;
 use crate::land::{Origin, Sink, SinkError, SinkFuture};
 use crate::metrics::CloudMetrics;
 use crate::store::Store;
@@ -20,6 +23,7 @@ use encode::{Row, SeriesCols};
 use fieldlink_proto::Batch;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 /// Adds the rows of `batch` to `parts` (event hour → rows); returns how many. Pure.
 pub fn stage(parts: &mut BTreeMap<i64, Vec<Row>>, batch: &Batch) -> usize {
@@ -59,17 +63,28 @@ pub struct ParquetSink {
     parts: BTreeMap<i64, Vec<Row>>,
     staged: usize,
     metrics: CloudMetrics,
+    monitor: SinkMonitor,
+    cancel: CancellationToken,
 }
 
 impl ParquetSink {
-    /// A sink writing to `store`.
-    pub fn new(store: Store, cfg: ParquetConfig, metrics: CloudMetrics) -> Self {
+    /// A sink writing to `store`; writes are retried until they succeed or `cancel` fires, failures reported
+    /// through `monitor`.
+    pub fn new(
+        store: Store,
+        cfg: ParquetConfig,
+        metrics: CloudMetrics,
+        monitor: SinkMonitor,
+        cancel: CancellationToken,
+    ) -> Self {
         Self {
             store,
             cfg,
             parts: BTreeMap::new(),
             staged: 0,
             metrics,
+            monitor,
+            cancel,
         }
     }
 
@@ -101,7 +116,13 @@ impl ParquetSink {
                 message: format!("encoding {key}: {e}"),
             })?;
         let size = bytes.len();
-        self.store.put_until_done(&key, bytes).await;
+        self.store
+            .put_until_done(&key, bytes, &self.monitor, &self.cancel)
+            .await
+            .map_err(|e| SinkError {
+                sink: "parquet",
+                message: format!("writing {key}: {e}"),
+            })?;
         self.metrics.parquet_files.inc();
         self.metrics.parquet_rows.add(n as u64);
         tracing::info!(key = %key, rows = n, bytes = size, "Parquet file written");

@@ -1,7 +1,8 @@
 //! Timestream sink: a batch's multi-measure records (a device's measures at one time share a record, the
 //! measure name is a `CommonAttributes` field) are written in calls of at most 100 records, several calls in
-//! flight. Throttling and other transient failures are retried with capped backoff for as long as it takes (the
-//! shard's checkpoint cannot pass unwritten data); records Timestream rejects (`RejectedRecords`: version
+//! flight. A failed call is retried for as long as it takes (the shard's checkpoint cannot pass unwritten
+//! data): throttling and other transient failures with capped backoff, permanent ones (access denied, a deleted
+//! table) slowly while `/health` fails for `timestream` ([`crate::land::retry`]); records Timestream rejects (`RejectedRecords`: version
 //! conflicts, times out of retention), records that break Timestream's limits and readings it cannot hold go
 //! to the dead-letter location with the reason. Limits are enforced here because emulators do not.
 
@@ -11,6 +12,7 @@ pub mod records;
 pub use config::TimestreamConfig;
 
 use crate::land::dead::DeadLetters;
+use crate::land::retry::SinkMonitor;
 use crate::land::{Origin, Sink, SinkError, SinkFuture};
 use crate::metrics::CloudMetrics;
 use aws_sdk_timestreamwrite::error::DisplayErrorContext;
@@ -18,10 +20,11 @@ use aws_sdk_timestreamwrite::operation::write_records::WriteRecordsError;
 use aws_sdk_timestreamwrite::types::{
     Dimension, MagneticStoreWriteProperties, MeasureValue, MeasureValueType, Record, TimeUnit,
 };
-use fieldlink_ops::backoff::Backoff;
+use fieldlink_ops::aws_error::CallError;
 use fieldlink_proto::Batch;
 use records::{MeasureType, TimeWindow, TsRecord};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Builds the client: with an endpoint override (an emulator) *without* endpoint discovery, which would send
 /// requests to real AWS; otherwise with discovery, as Timestream requires.
@@ -113,6 +116,8 @@ pub struct TimestreamSink {
     window: Option<TimeWindow>,
     dead: DeadLetters,
     metrics: CloudMetrics,
+    monitor: SinkMonitor,
+    cancel: CancellationToken,
 }
 
 fn sdk_record(r: &TsRecord) -> Record {
@@ -168,16 +173,20 @@ enum CallOutcome {
     Rejected(Vec<(usize, String)>),
     /// The whole call was invalid (our limits should prevent this).
     Invalid(String),
+    /// The worker is stopping; the call may not have been written.
+    Stopped,
 }
 
-/// One `WriteRecords` call, retried until it is answered for good.
+/// One `WriteRecords` call, retried until it is answered for good or `cancel` fires.
 async fn call(
     client: aws_sdk_timestreamwrite::Client,
     cfg: TimestreamConfig,
     records: Vec<Record>,
     metrics: CloudMetrics,
+    monitor: SinkMonitor,
+    cancel: CancellationToken,
 ) -> CallOutcome {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(20));
+    let mut retry = monitor.retry(&cancel, Duration::from_millis(100), Duration::from_secs(20));
     loop {
         let res = client
             .write_records()
@@ -188,12 +197,16 @@ async fn call(
             .send()
             .await;
         let e = match res {
-            Ok(_) => return CallOutcome::Written,
+            Ok(_) => {
+                retry.succeeded();
+                return CallOutcome::Written;
+            }
             Err(e) => e,
         };
         if let Some(err) = e.as_service_error() {
             match err {
                 WriteRecordsError::RejectedRecordsException(rej) => {
+                    retry.succeeded();
                     return CallOutcome::Rejected(
                         rej.rejected_records()
                             .iter()
@@ -205,29 +218,39 @@ async fn call(
                                 (r.record_index().max(0) as usize, why)
                             })
                             .collect(),
-                    )
+                    );
                 }
+                // Timestream refuses these records (their content, not the table): dead-lettered.
                 WriteRecordsError::ValidationException(v) => {
-                    return CallOutcome::Invalid(v.message().to_owned())
+                    retry.succeeded();
+                    return CallOutcome::Invalid(v.message().to_owned());
                 }
                 WriteRecordsError::ThrottlingException(_) => metrics.timestream_throttled.inc(),
                 _ => {}
             }
         }
-        let delay = backoff.next_delay();
-        tracing::warn!(error = %DisplayErrorContext(&e), retry_in_ms = delay.as_millis() as u64, "WriteRecords failed; retrying");
-        tokio::time::sleep(delay).await;
+        tracing::debug!(error = %DisplayErrorContext(&e), "WriteRecords failed");
+        if retry
+            .failed("WriteRecords", &CallError::of_sdk(&e))
+            .await
+            .is_err()
+        {
+            return CallOutcome::Stopped;
+        }
     }
 }
 
 impl TimestreamSink {
-    /// A sink writing to `cfg.database`.`cfg.table`.
+    /// A sink writing to `cfg.database`.`cfg.table`; failed calls are retried until they succeed or `cancel`
+    /// fires, failures reported through `monitor`.
     pub fn new(
         client: aws_sdk_timestreamwrite::Client,
         cfg: TimestreamConfig,
         window: Option<TimeWindow>,
         dead: DeadLetters,
         metrics: CloudMetrics,
+        monitor: SinkMonitor,
+        cancel: CancellationToken,
     ) -> Self {
         Self {
             client,
@@ -235,6 +258,8 @@ impl TimestreamSink {
             window,
             dead,
             metrics,
+            monitor,
+            cancel,
         }
     }
 
@@ -264,6 +289,8 @@ impl TimestreamSink {
                     self.cfg.clone(),
                     sdk,
                     self.metrics.clone(),
+                    self.monitor.clone(),
+                    self.cancel.clone(),
                 );
                 let i = next;
                 running.spawn(async move { (i, fut.await) });
@@ -294,12 +321,17 @@ impl TimestreamSink {
                     self.metrics.timestream_rejected.add(chunk.len() as u64);
                     dead.extend(chunk.iter().map(|r| record_json(r, &why)));
                 }
+                CallOutcome::Stopped => {
+                    return Err(SinkError {
+                        sink: "timestream",
+                        message: "stopped while retrying WriteRecords".into(),
+                    })
+                }
             }
         }
         self.dead
             .readings("timestream", origin, &batch.agent_id, batch.seq, dead)
-            .await;
-        Ok(())
+            .await
     }
 }
 
