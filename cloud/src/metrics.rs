@@ -15,6 +15,8 @@ pub struct CloudMetrics {
     pub batches_duplicate: Counter,
     /// Readings landed.
     pub readings_landed: Counter,
+    /// New batches of an older buffer epoch of an agent id while a newer epoch of it was sending.
+    pub agent_id_conflicts: Counter,
     /// Timestream records written.
     pub timestream_records: Counter,
     /// Timestream records Timestream rejected (ours refused before calling count as dead-letter readings).
@@ -43,7 +45,11 @@ impl CloudMetrics {
             ),
             batches_duplicate: c(
                 "fieldlink_cloud_batches_duplicate_total",
-                "Batches skipped because (agent, seq) was landed before.",
+                "Batches skipped because (agent, epoch, seq) was landed before from another record.",
+            ),
+            agent_id_conflicts: c(
+                "fieldlink_cloud_agent_id_conflicts_total",
+                "New batches from an older buffer epoch of an agent id while a newer epoch of the same id was sending: two agents share one agent_id (both are landed).",
             ),
             readings_landed: c(
                 "fieldlink_cloud_readings_landed_total",

@@ -458,7 +458,7 @@ fn garbage_a_decompression_bomb_and_an_over_limit_reading_are_dead_lettered_and_
         .any(|k| k.contains("/_dead_letter/kinesis/reason=over_limit/")));
     assert!(dead
         .iter()
-        .any(|k| k.contains("/_dead_letter/timestream/agent-long-1-")));
+        .any(|k| k.contains("/_dead_letter/timestream/agent-long-0-1-")));
     let lines = v["dead_letter_lines"].as_array().unwrap();
     assert_eq!(lines.len(), 1);
     assert!(
@@ -567,5 +567,146 @@ fn timestream_throttling_and_rejected_records_from_a_fault_proxy_are_retried_and
         pq == expected,
         "{}",
         describe_difference("parquet", &expected, &pq)
+    );
+}
+
+// ---- Batch identity across buffers: real agents (Mosquitto in, moto out) in front of the cloud service. ----
+
+/// The readings `publish_numbered` sent for the acknowledged numbers.
+fn numbered(acked: &[u64]) -> BTreeMap<Key, usize> {
+    counted(acked.iter().map(|&i| {
+        (
+            format!("crash/dev{}/n", i % 10),
+            1_772_431_200_000 + i as i64,
+            (i as f64).to_bits(),
+        )
+    }))
+}
+
+/// A one-shard stream and a cloud service for readings of `publish_numbered` (their times are in March 2026:
+/// only the magnetic store takes them).
+fn moto_and_cloud_for_agents(dir: &Path, stream: &str) -> (Moto, Cloud) {
+    let moto = setup(dir, stream, 1);
+    let cloud = Cloud::start(
+        dir,
+        "solo",
+        &moto.endpoint,
+        stream,
+        "magnetic_store_writes = true",
+    );
+    (moto, cloud)
+}
+
+/// Waits until the agent has sent `n` readings.
+fn wait_sent(agent: &AgentProc, n: usize) {
+    wait_for(
+        "the agent to send every reading",
+        Duration::from_secs(60),
+        || (agent.metric("fieldlink_readings_sent_total") as usize >= n).then_some(()),
+    );
+}
+
+#[test]
+fn a_re_imaged_gateway_numbering_batches_from_one_again_lands_everything_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "reimage";
+    let (moto, cloud) = moto_and_cloud_for_agents(dir.path(), stream);
+    let broker = Mosquitto::start(dir.path());
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "gw",
+        broker.port,
+        &moto.endpoint,
+        stream,
+        "",
+        "",
+    );
+    agent.start();
+    // The old image: many small batches (slow publishing), so the new image's numbers 1.. were all used.
+    let mut acked = publish_numbered_from(broker.port, 0, 600, 200.0, 0, dir.path());
+    wait_sent(&agent, acked.len());
+    let first_batches = agent.metric("fieldlink_records_sent_total");
+    agent.stop();
+    // Re-imaged: same config and agent_id, a new buffer file.
+    for ext in ["db", "db-wal", "db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(format!("gw.{ext}")));
+    }
+    agent.start();
+    let more = publish_numbered_from(broker.port, 600, 600, 1000.0, 0, dir.path());
+    wait_sent(&agent, more.len());
+    acked.extend(more);
+    agent.stop();
+    let expected = numbered(&acked);
+    assert_eq!(expected.len(), 1200, "every message acknowledged");
+    let n = expected.len();
+    let v = wait_landed(&moto, stream, n, n, Duration::from_secs(60));
+    assert_exactly_once(&v, &expected);
+    eprintln!(
+        "{n} readings exactly once across a buffer replacement ({first_batches} batches before it); duplicates skipped: {}",
+        cloud.metric("fieldlink_cloud_batches_duplicate_total")
+    );
+    assert_eq!(
+        cloud.metric("fieldlink_cloud_agent_id_conflicts_total"),
+        0.0,
+        "a re-image is not two agents"
+    );
+}
+
+#[test]
+fn two_live_agents_sharing_one_agent_id_land_everything_once_and_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "twins";
+    let (moto, cloud) = moto_and_cloud_for_agents(dir.path(), stream);
+    // The same config copied to two boxes: one agent_id, two buffer files, each box its own broker.
+    let boxes: Vec<(Mosquitto, AgentProc)> = ["box-a", "box-b"]
+        .iter()
+        .map(|b| {
+            let d = dir.path().join(b);
+            std::fs::create_dir_all(&d).unwrap();
+            let broker = Mosquitto::start(&d);
+            let mut agent = AgentProc::new(&d, "gw", broker.port, &moto.endpoint, stream, "", "");
+            agent.start();
+            (broker, agent)
+        })
+        .collect();
+    let publishers: Vec<_> = boxes
+        .iter()
+        .enumerate()
+        .map(|(k, (broker, _))| {
+            let (port, d) = (broker.port, dir.path().to_owned());
+            std::thread::spawn(move || {
+                publish_numbered_from(port, k as u64 * 10_000, 2000, 250.0, 0, &d)
+            })
+        })
+        .collect();
+    let mut acked = Vec::new();
+    for (p, (_, agent)) in publishers.into_iter().zip(&boxes) {
+        let a = p.join().unwrap();
+        wait_sent(agent, a.len());
+        acked.extend(a);
+    }
+    let expected = numbered(&acked);
+    assert_eq!(expected.len(), 4000, "every message acknowledged");
+    let n = expected.len();
+    let v = wait_landed(&moto, stream, n, n, Duration::from_secs(60));
+    assert_exactly_once(&v, &expected);
+    let conflicts = cloud.metric("fieldlink_cloud_agent_id_conflicts_total");
+    eprintln!("{n} readings exactly once from two agents named gw; conflicting batches counted: {conflicts}");
+    assert!(conflicts > 0.0, "two live agents with one id not detected");
+    let log = std::fs::read_to_string(&cloud.log).unwrap();
+    let reports: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("two agents send under one agent id"))
+        .collect();
+    assert!(
+        !reports.is_empty() && reports.len() <= 2,
+        "rate-limited error log: {reports:?}"
+    );
+    assert!(
+        reports[0].contains("gw")
+            && reports[0].contains("older_epoch")
+            && reports[0].contains("newer_epoch"),
+        "{}",
+        reports[0]
     );
 }

@@ -1,4 +1,4 @@
-//! Landing: decoded batches go to every configured [`Sink`], once per `(agent_id, batch_seq)`.
+//! Landing: decoded batches go to every configured [`Sink`], once per `(agent_id, epoch, batch_seq)`.
 //!
 //! Each shard worker has its own [`Lander`] and its own sinks (so one shard's commit never waits for another
 //! shard's data); the resend memory ([`dedup`]) is shared by all shards of the process. Records that do not
@@ -116,20 +116,42 @@ impl Lander {
             }
         };
         let tag = dedup::tag(&origin.shard, &origin.sequence_number);
-        let fresh = self
+        let claim = self
             .dedup
             .lock()
-            .map(|mut d| d.claim(&batch.agent_id, batch.seq, tag))
-            .unwrap_or(true);
-        if !fresh {
+            .map(|mut d| {
+                d.claim(
+                    &batch.agent_id,
+                    batch.epoch,
+                    batch.seq,
+                    tag,
+                    fieldlink_ops::unix_ms(),
+                )
+            })
+            .unwrap_or(dedup::Claim {
+                verdict: dedup::Verdict::New,
+                conflict: None,
+            });
+        if let Some(c) = claim.conflict {
+            self.metrics.agent_id_conflicts.inc();
+            if c.report {
+                tracing::error!(
+                    agent = %batch.agent_id,
+                    older_epoch = %format!("{:016x}", c.older),
+                    newer_epoch = %format!("{:016x}", c.newer),
+                    "two agents send under one agent id (two buffer epochs both landing new batches): give each box its own agent_id; both are landed"
+                );
+            }
+        }
+        if !claim.verdict.lands() {
             self.metrics.batches_duplicate.inc();
-            tracing::debug!(agent = %batch.agent_id, seq = batch.seq, "resent batch skipped");
+            tracing::debug!(agent = %batch.agent_id, epoch = batch.epoch, seq = batch.seq, "resent batch skipped");
             return Ok(());
         }
         for sink in &mut self.sinks {
             sink.write(&batch, origin).await?;
         }
-        tracing::debug!(target: "fieldlink_cloud::landed", shard = %origin.shard, agent = %batch.agent_id, seq = batch.seq, readings = batch.readings.len(), "batch landed");
+        tracing::debug!(target: "fieldlink_cloud::landed", shard = %origin.shard, agent = %batch.agent_id, epoch = batch.epoch, seq = batch.seq, readings = batch.readings.len(), "batch landed");
         self.metrics.batches_landed.inc();
         self.metrics
             .readings_landed

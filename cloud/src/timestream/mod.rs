@@ -297,7 +297,14 @@ impl TimestreamSink {
             }
         }
         self.dead
-            .readings("timestream", origin, &batch.agent_id, batch.seq, dead)
+            .readings(
+                "timestream",
+                origin,
+                &batch.agent_id,
+                batch.epoch,
+                batch.seq,
+                dead,
+            )
             .await;
         Ok(())
     }
