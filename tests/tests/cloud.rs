@@ -116,6 +116,26 @@ fn batch(a: usize, seq: u64, n: usize, t0: i64) -> Batch {
     }
 }
 
+/// The Kinesis record of a batch of double readings, whose readings are added to `expected`.
+fn record_of(b: &Batch, expected: &mut BTreeMap<Key, usize>) -> Rec {
+    for r in &b.readings {
+        let Value::F64(v) = r.value else {
+            unreachable!()
+        };
+        let key = (
+            b.series[r.series as usize].key.clone(),
+            r.ts_ms,
+            v.to_bits(),
+        );
+        *expected.entry(key).or_insert(0) += 1;
+    }
+    Rec {
+        pk: b.agent_id.clone(),
+        data: fieldlink_proto::encode(b, 3).unwrap(),
+        hash: None,
+    }
+}
+
 /// `agents` × `per_agent` batches of `n` readings, interleaved by sequence number; and the readings they hold.
 fn workload(agents: usize, per_agent: u64, n: usize) -> (Vec<Rec>, BTreeMap<Key, usize>) {
     let t0 = now_ms() - 3_000_000;
@@ -123,23 +143,7 @@ fn workload(agents: usize, per_agent: u64, n: usize) -> (Vec<Rec>, BTreeMap<Key,
     let mut expected = BTreeMap::new();
     for seq in 1..=per_agent {
         for a in 0..agents {
-            let b = batch(a, seq, n, t0);
-            for r in &b.readings {
-                let Value::F64(v) = r.value else {
-                    unreachable!()
-                };
-                let key = (
-                    b.series[r.series as usize].key.clone(),
-                    r.ts_ms,
-                    v.to_bits(),
-                );
-                *expected.entry(key).or_insert(0) += 1;
-            }
-            recs.push(Rec {
-                pk: b.agent_id.clone(),
-                data: fieldlink_proto::encode(&b, 3).unwrap(),
-                hash: None,
-            });
+            recs.push(record_of(&batch(a, seq, n, t0), &mut expected));
         }
     }
     (recs, expected)
@@ -222,6 +226,10 @@ fn assert_exactly_once(v: &serde_json::Value, expected: &BTreeMap<Key, usize>) {
     assert_eq!(
         v["timestream_conflicts"], 0,
         "a Timestream record was rewritten with different content"
+    );
+    assert_eq!(
+        v["timestream_erased_measures"], 0,
+        "a Timestream write replaced a record and erased measures another batch wrote"
     );
 }
 
@@ -709,4 +717,56 @@ fn two_live_agents_sharing_one_agent_id_land_everything_once_and_are_reported() 
         "{}",
         reports[0]
     );
+}
+
+// ---- Timestream record identity: a write must never erase measures another batch wrote. ----
+
+#[test]
+fn one_device_at_one_time_split_over_two_batches_keeps_every_measure_in_timestream() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "split";
+    let moto = setup(dir.path(), stream, 1);
+    let _cloud = Cloud::start(dir.path(), "solo", &moto.endpoint, stream, "");
+    // What a seal's row limit, per-metric Sparkplug DDATA straddling a seal tick, or a late measure produce:
+    // the measures of one device at one time in two batches (m0 and m1 in seq 1, m2 and m3 in seq 2, the
+    // time's m4 late in seq 3), for 20 times.
+    let t0 = now_ms() - 600_000;
+    let series: Vec<Series> = (0..5)
+        .map(|k| Series::new(format!("site/dev-split/m{k}")))
+        .collect();
+    let part = |seq: u64, measures: std::ops::Range<u32>| Batch {
+        agent_id: "agent-split".into(),
+        epoch: 77,
+        seq,
+        series: series.clone(),
+        readings: (0..20)
+            .flat_map(|i| {
+                measures.clone().map(move |m| Reading {
+                    series: m,
+                    ts_ms: t0 + i * 1000,
+                    value: Value::F64(f64::from(m) * 1000.0 + i as f64),
+                    quality: Quality::Good,
+                    late: false,
+                })
+            })
+            .collect(),
+    };
+    let mut expected = BTreeMap::new();
+    let recs: Vec<Rec> = [part(1, 0..2), part(2, 2..4), part(3, 4..5)]
+        .iter()
+        .map(|b| record_of(b, &mut expected))
+        .collect();
+    put(dir.path(), &moto.endpoint, stream, &recs, &[]);
+    let n = expected.len();
+    // Wait for every write (Timestream keeps fewer readings than were written when one erases another).
+    let v = wait_for("every Timestream write", Duration::from_secs(60), || {
+        let v = landed(&moto, stream);
+        (v["timestream_records"].as_u64()? >= 60 && v["parquet"].as_array()?.len() >= n)
+            .then_some(v)
+    });
+    eprintln!(
+        "Timestream writes {}, replaced {}, measures erased {}",
+        v["timestream_records"], v["timestream_replaced"], v["timestream_erased_measures"]
+    );
+    assert_exactly_once(&v, &expected);
 }
