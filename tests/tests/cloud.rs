@@ -658,6 +658,10 @@ fn a_re_imaged_gateway_numbering_batches_from_one_again_lands_everything_once() 
         0.0,
         "a re-image is not two agents"
     );
+    // The resend memory holds one agent with two epochs: well under a MiB, nothing forgotten.
+    let memory = cloud.metric("fieldlink_cloud_dedup_memory_bytes");
+    assert!(memory > 0.0 && memory < 1e6, "{memory}");
+    assert_eq!(cloud.metric("fieldlink_cloud_dedup_evictions_total"), 0.0);
 }
 
 #[test]

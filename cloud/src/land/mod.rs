@@ -1,7 +1,7 @@
 //! Landing: decoded batches go to every configured [`Sink`], once per `(agent_id, epoch, batch_seq)`.
 //!
 //! Each shard worker has its own [`Lander`] and its own sinks (so one shard's commit never waits for another
-//! shard's data); the resend memory ([`dedup`]) is shared by all shards of the process. Records that do not
+//! shard's data); the resend memory ([`dedup`], bounded by [`DedupConfig`]) is shared by all shards of the process. Records that do not
 //! decode (garbage, unknown version, decompression bombs, over a limit) go to the [`dead`]-letter location with
 //! the reason and are counted; the shard moves on.
 //!
@@ -12,8 +12,11 @@
 //! worker records the commit's end in the lease before writing and moves the checkpoint after, so a worker
 //! that takes the shard over repeats exactly that commit: same records, same object names, same content.
 
+mod config;
 pub mod dead;
 pub mod dedup;
+
+pub use config::DedupConfig;
 
 use crate::metrics::CloudMetrics;
 use dead::DeadLetters;
@@ -116,22 +119,28 @@ impl Lander {
             }
         };
         let tag = dedup::tag(&origin.shard, &origin.sequence_number);
-        let claim = self
-            .dedup
-            .lock()
-            .map(|mut d| {
-                d.claim(
+        let claim = match self.dedup.lock() {
+            Ok(mut d) => {
+                let c = d.claim(
                     &batch.agent_id,
                     batch.epoch,
                     batch.seq,
                     tag,
                     fieldlink_ops::unix_ms(),
-                )
-            })
-            .unwrap_or(dedup::Claim {
+                );
+                self.metrics.dedup_memory.set(d.memory_bytes() as i64);
+                c
+            }
+            // A poisoned memory: land (never skip what may not have landed).
+            Err(_) => dedup::Claim {
                 verdict: dedup::Verdict::New,
                 conflict: None,
-            });
+                evicted: 0,
+            },
+        };
+        if claim.evicted > 0 {
+            self.metrics.dedup_evictions.add(claim.evicted as u64);
+        }
         if let Some(c) = claim.conflict {
             self.metrics.agent_id_conflicts.inc();
             if c.report {
