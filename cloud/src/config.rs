@@ -1,6 +1,7 @@
 //! The cloud service's TOML configuration; every problem is reported at once.
 
 use crate::consumer::ConsumerConfig;
+use crate::land::DedupConfig;
 use crate::lease::LeaseConfig;
 use crate::parquet::ParquetConfig;
 use crate::timestream::TimestreamConfig;
@@ -29,6 +30,9 @@ pub struct Config {
     /// Shard leases and checkpoints.
     #[serde(default)]
     pub leases: LeaseConfig,
+    /// The memory of landed batches that skips producer resends (bounded).
+    #[serde(default)]
+    pub dedup: DedupConfig,
     /// Where records and readings that cannot be landed go, with the reason: `s3://bucket/prefix`,
     /// `file:///path` or a path. Default: `_dead_letter` under the Parquet location.
     #[serde(default)]
@@ -84,6 +88,7 @@ impl Validate for Config {
         p.extend(self.aws.validate("aws"));
         p.extend(self.kinesis.validate("kinesis"));
         p.extend(self.leases.validate("leases"));
+        p.extend(self.dedup.validate("dedup"));
         match (&self.dead_letter, &self.parquet) {
             (Some(d), _) => {
                 if let Err(e) = crate::store::Location::parse(d) {

@@ -15,6 +15,12 @@ pub struct CloudMetrics {
     pub batches_duplicate: Counter,
     /// Readings landed.
     pub readings_landed: Counter,
+    /// New batches of an older buffer epoch of an agent id while a newer epoch of it was sending.
+    pub agent_id_conflicts: Counter,
+    /// Agents the resend memory forgot to stay under its bound.
+    pub dedup_evictions: Counter,
+    /// Bytes the resend memory holds.
+    pub dedup_memory: Gauge,
     /// Timestream records written.
     pub timestream_records: Counter,
     /// Timestream records Timestream rejected (ours refused before calling count as dead-letter readings).
@@ -43,7 +49,20 @@ impl CloudMetrics {
             ),
             batches_duplicate: c(
                 "fieldlink_cloud_batches_duplicate_total",
-                "Batches skipped because (agent, seq) was landed before.",
+                "Batches skipped because (agent, epoch, seq) was landed before from another record.",
+            ),
+            agent_id_conflicts: c(
+                "fieldlink_cloud_agent_id_conflicts_total",
+                "New batches from an older buffer epoch of an agent id while a newer epoch of the same id was sending: two agents share one agent_id (both are landed).",
+            ),
+            dedup_evictions: c(
+                "fieldlink_cloud_dedup_evictions_total",
+                "Agents the resend memory forgot to stay under [dedup] max_memory_mib (a resend of their earlier batches lands again).",
+            ),
+            dedup_memory: registry.gauge(
+                "fieldlink_cloud_dedup_memory_bytes",
+                "Bytes the resend memory holds (bounded by [dedup] max_memory_mib).",
+                &[],
             ),
             readings_landed: c(
                 "fieldlink_cloud_readings_landed_total",

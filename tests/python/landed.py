@@ -4,7 +4,8 @@ Parquet files under s3://BUCKET/PREFIX (read with pyarrow, an independent Parque
 
 Usage: landed.py ENDPOINT DATABASE TABLE BUCKET PREFIX
 Prints JSON: {"timestream": [[series, ts_ms, value], ...], "timestream_records": N (writes moto stored),
-              "timestream_rewrites": N, "timestream_conflicts": N,
+              "timestream_rewrites": N, "timestream_replaced": N, "timestream_erased_measures": N,
+              "timestream_conflicts": N,
               "parquet": [[series, ts_ms, value], ...], "parquet_files": [key, ...], "dead_letters": [key, ...],
               "dead_letter_lines": [the JSON lines of every .jsonl dead letter]}
 Numeric (double) readings only; values printed with repr (exact round trip).
@@ -18,11 +19,15 @@ import pyarrow.fs as pafs
 
 endpoint, database, table, bucket, prefix = sys.argv[1:6]
 data = json.load(urllib.request.urlopen(endpoint + "/moto-api/data.json"))
-# moto appends every write; Timestream keeps one record per (dimensions, time, measure name) and treats a
-# rewrite with the same version and the same values as a no-op (a different value at the same version is
-# rejected). Apply that rule here: identical rewrites collapse (and are counted), conflicting ones are counted.
-rows, n_records, rewrites, conflicts = [], 0, 0, 0
-unique = {}
+# moto appends every write. Timestream keeps one record per identity (dimensions, time, measure name) and, for a
+# write to an existing identity, applies its documented upsert rule, replayed here in write order:
+# - a higher Version REPLACES the record: its measure set becomes the new write's (measures the new write does
+#   not carry vanish; counted in timestream_replaced and timestream_erased_measures);
+# - the same Version with the same measures and values is a no-op (timestream_rewrites);
+# - the same Version with other content, or a lower Version, is rejected (timestream_conflicts).
+# Version defaults to 1 when a write has none.
+n_records, rewrites, replaced, erased, conflicts = 0, 0, 0, 0, 0
+state = {}
 for t in data.get("timestreamwrite", {}).get("TimestreamTable", []):
     if t["db_name"] != database or t["name"] != table:
         continue
@@ -30,19 +35,26 @@ for t in data.get("timestreamwrite", {}).get("TimestreamTable", []):
         n_records += 1
         dims = tuple(sorted((d["Name"], d["Value"]) for d in rec["Dimensions"]))
         key = (dims, rec["Time"], rec.get("MeasureName"))
-        body = (rec.get("Version"), tuple(sorted((m["Name"], m["Type"], m["Value"]) for m in rec["MeasureValues"])))
-        if key in unique:
-            if unique[key] == body:
-                rewrites += 1
-            else:
-                conflicts += 1
+        version = int(rec.get("Version", 1))
+        measures = tuple(sorted((m["Name"], m["Type"], m["Value"]) for m in rec["MeasureValues"]))
+        old = state.get(key)
+        if old is None:
+            state[key] = (version, measures)
+        elif version > old[0]:
+            replaced += 1
+            erased += len({m[0] for m in old[1]} - {m[0] for m in measures})
+            state[key] = (version, measures)
+        elif version == old[0] and measures == old[1]:
+            rewrites += 1
+        else:
+            conflicts += 1
+rows = []
+for (dims, time, _), (_, measures) in state.items():
+    d = dict(dims)
+    for name, typ, value in measures:
+        if name.endswith("_quality") or typ != "DOUBLE":
             continue
-        unique[key] = body
-        d = dict(dims)
-        for name, typ, value in body[1]:
-            if name.endswith("_quality") or typ != "DOUBLE":
-                continue
-            rows.append([d["device"] + "/" + name, int(rec["Time"]), repr(float(value))])
+        rows.append([d["device"] + "/" + name, int(time), repr(float(value))])
 
 host = endpoint.split("://", 1)[1]
 s3 = pafs.S3FileSystem(endpoint_override=host, scheme="http", access_key="testing", secret_key="testing", region="us-east-1")
@@ -62,5 +74,6 @@ for path in dead:
         with s3.open_input_stream(path) as f:
             dead_lines += [json.loads(line) for line in f.read().decode().splitlines() if line]
 print(json.dumps({"timestream": rows, "timestream_records": n_records, "timestream_rewrites": rewrites,
+                  "timestream_replaced": replaced, "timestream_erased_measures": erased,
                   "timestream_conflicts": conflicts, "parquet": parquet, "parquet_files": files, "dead_letters": dead,
                   "dead_letter_lines": dead_lines}))

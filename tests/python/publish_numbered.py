@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Publishes uniquely numbered readings at QoS 1 with paho-mqtt and records which ones the broker acknowledged.
 
-Usage: publish_numbered.py HOST PORT COUNT RATE_PER_S ACKED_FILE [PAD_BYTES]
-Message i goes to topic crash/dev<i % 10> as {"ts": 1772431200000 + i, "n": i} (plus a "pad" string of
-PAD_BYTES random characters if given). When done, ACKED_FILE holds the numbers whose PUBACK arrived, one per line.
+Usage: publish_numbered.py HOST PORT COUNT RATE_PER_S ACKED_FILE [PAD_BYTES [START]]
+Message i (START <= i < START + COUNT, START default 0) goes to topic crash/dev<i % 10> as
+{"ts": 1772431200000 + i, "n": i} (plus a "pad" string of PAD_BYTES random characters if PAD_BYTES > 0). When done, ACKED_FILE holds the numbers whose PUBACK arrived, one per line.
 """
 import json
 import random
@@ -15,6 +15,7 @@ import paho.mqtt.client as mqtt
 
 host, port, count, rate, acked_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 pad = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+first = int(sys.argv[7]) if len(sys.argv) > 7 else 0
 infos = []
 
 
@@ -31,18 +32,18 @@ client.max_queued_messages_set(0)
 client.connect(host, port)
 client.loop_start()
 start = time.monotonic()
-for i in range(count):
+for i in range(first, first + count):
     payload = {"ts": 1772431200000 + i, "n": i}
     if pad:
         payload["pad"] = "".join(random.choices(string.ascii_letters, k=pad))
     infos.append(client.publish(f"crash/dev{i % 10}", json.dumps(payload), qos=1))
-    ahead = (i + 1) / rate - (time.monotonic() - start)
+    ahead = (i - first + 1) / rate - (time.monotonic() - start)
     if ahead > 0:
         time.sleep(ahead)
 deadline = time.monotonic() + 60
 while not all(published(info) or info.rc != 0 for info in infos) and time.monotonic() < deadline:
     time.sleep(0.05)
-acked = [i for i, info in enumerate(infos) if published(info)]
+acked = [first + k for k, info in enumerate(infos) if published(info)]
 client.disconnect()
 client.loop_stop()
 with open(acked_path, "w") as f:

@@ -700,6 +700,18 @@ shutdown_drain_ms = 2000
 
 /// Publishes `count` numbered readings (`publish_numbered.py`) and returns the numbers the broker acknowledged.
 pub fn publish_numbered(port: u16, count: usize, rate: f64, pad: usize, dir: &Path) -> Vec<u64> {
+    publish_numbered_from(port, 0, count, rate, pad, dir)
+}
+
+/// Like [`publish_numbered`], numbering from `first`.
+pub fn publish_numbered_from(
+    port: u16,
+    first: u64,
+    count: usize,
+    rate: f64,
+    pad: usize,
+    dir: &Path,
+) -> Vec<u64> {
     let acked = dir.join(format!("acked-{}.txt", free_port()));
     run_python(&[
         script("publish_numbered.py").to_str().unwrap(),
@@ -709,6 +721,7 @@ pub fn publish_numbered(port: u16, count: usize, rate: f64, pad: usize, dir: &Pa
         &rate.to_string(),
         acked.to_str().unwrap(),
         &pad.to_string(),
+        &first.to_string(),
     ]);
     std::fs::read_to_string(&acked)
         .unwrap()

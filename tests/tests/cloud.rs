@@ -117,6 +117,26 @@ fn batch(a: usize, seq: u64, n: usize, t0: i64) -> Batch {
     }
 }
 
+/// The Kinesis record of a batch of double readings, whose readings are added to `expected`.
+fn record_of(b: &Batch, expected: &mut BTreeMap<Key, usize>) -> Rec {
+    for r in &b.readings {
+        let Value::F64(v) = r.value else {
+            unreachable!()
+        };
+        let key = (
+            b.series[r.series as usize].key.clone(),
+            r.ts_ms,
+            v.to_bits(),
+        );
+        *expected.entry(key).or_insert(0) += 1;
+    }
+    Rec {
+        pk: b.agent_id.clone(),
+        data: fieldlink_proto::encode(b, 3).unwrap(),
+        hash: None,
+    }
+}
+
 /// `agents` × `per_agent` batches of `n` readings, interleaved by sequence number; and the readings they hold.
 fn workload(agents: usize, per_agent: u64, n: usize) -> (Vec<Rec>, BTreeMap<Key, usize>) {
     workload_of(0..agents, per_agent, n)
@@ -133,23 +153,7 @@ fn workload_of(
     let mut expected = BTreeMap::new();
     for seq in 1..=per_agent {
         for a in agents.clone() {
-            let b = batch(a, seq, n, t0);
-            for r in &b.readings {
-                let Value::F64(v) = r.value else {
-                    unreachable!()
-                };
-                let key = (
-                    b.series[r.series as usize].key.clone(),
-                    r.ts_ms,
-                    v.to_bits(),
-                );
-                *expected.entry(key).or_insert(0) += 1;
-            }
-            recs.push(Rec {
-                pk: b.agent_id.clone(),
-                data: fieldlink_proto::encode(&b, 3).unwrap(),
-                hash: None,
-            });
+            recs.push(record_of(&batch(a, seq, n, t0), &mut expected));
         }
     }
     (recs, expected)
@@ -232,6 +236,10 @@ fn assert_exactly_once(v: &serde_json::Value, expected: &BTreeMap<Key, usize>) {
     assert_eq!(
         v["timestream_conflicts"], 0,
         "a Timestream record was rewritten with different content"
+    );
+    assert_eq!(
+        v["timestream_erased_measures"], 0,
+        "a Timestream write replaced a record and erased measures another batch wrote"
     );
 }
 
@@ -468,7 +476,7 @@ fn garbage_a_decompression_bomb_and_an_over_limit_reading_are_dead_lettered_and_
         .any(|k| k.contains("/_dead_letter/kinesis/reason=over_limit/")));
     assert!(dead
         .iter()
-        .any(|k| k.contains("/_dead_letter/timestream/agent-long-1-")));
+        .any(|k| k.contains("/_dead_letter/timestream/agent-long-0-1-")));
     let lines = v["dead_letter_lines"].as_array().unwrap();
     assert_eq!(lines.len(), 1);
     assert!(
@@ -806,4 +814,201 @@ fn sigterm_while_a_sink_fails_stops_promptly_and_the_next_start_lands_everything
     let v = wait_landed(&moto, stream, n, n, Duration::from_secs(60));
     assert_exactly_once(&v, &expected);
     drop(b);
+}
+
+// ---- Batch identity across buffers: real agents (Mosquitto in, moto out) in front of the cloud service. ----
+
+/// The readings `publish_numbered` sent for the acknowledged numbers.
+fn numbered(acked: &[u64]) -> BTreeMap<Key, usize> {
+    counted(acked.iter().map(|&i| {
+        (
+            format!("crash/dev{}/n", i % 10),
+            1_772_431_200_000 + i as i64,
+            (i as f64).to_bits(),
+        )
+    }))
+}
+
+/// A one-shard stream and a cloud service for readings of `publish_numbered` (their times are in March 2026:
+/// only the magnetic store takes them).
+fn moto_and_cloud_for_agents(dir: &Path, stream: &str) -> (Moto, Cloud) {
+    let moto = setup(dir, stream, 1);
+    let cloud = Cloud::start(
+        dir,
+        "solo",
+        &moto.endpoint,
+        stream,
+        "magnetic_store_writes = true",
+    );
+    (moto, cloud)
+}
+
+/// Waits until the agent has sent `n` readings.
+fn wait_sent(agent: &AgentProc, n: usize) {
+    wait_for(
+        "the agent to send every reading",
+        Duration::from_secs(60),
+        || (agent.metric("fieldlink_readings_sent_total") as usize >= n).then_some(()),
+    );
+}
+
+#[test]
+fn a_re_imaged_gateway_numbering_batches_from_one_again_lands_everything_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "reimage";
+    let (moto, cloud) = moto_and_cloud_for_agents(dir.path(), stream);
+    let broker = Mosquitto::start(dir.path());
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "gw",
+        broker.port,
+        &moto.endpoint,
+        stream,
+        "",
+        "",
+    );
+    agent.start();
+    // The old image: many small batches (slow publishing), so the new image's numbers 1.. were all used.
+    let mut acked = publish_numbered_from(broker.port, 0, 600, 200.0, 0, dir.path());
+    wait_sent(&agent, acked.len());
+    let first_batches = agent.metric("fieldlink_records_sent_total");
+    agent.stop();
+    // Re-imaged: same config and agent_id, a new buffer file.
+    for ext in ["db", "db-wal", "db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(format!("gw.{ext}")));
+    }
+    agent.start();
+    let more = publish_numbered_from(broker.port, 600, 600, 1000.0, 0, dir.path());
+    wait_sent(&agent, more.len());
+    acked.extend(more);
+    agent.stop();
+    let expected = numbered(&acked);
+    assert_eq!(expected.len(), 1200, "every message acknowledged");
+    let n = expected.len();
+    let v = wait_landed(&moto, stream, n, n, Duration::from_secs(60));
+    assert_exactly_once(&v, &expected);
+    eprintln!(
+        "{n} readings exactly once across a buffer replacement ({first_batches} batches before it); duplicates skipped: {}",
+        cloud.metric("fieldlink_cloud_batches_duplicate_total")
+    );
+    assert_eq!(
+        cloud.metric("fieldlink_cloud_agent_id_conflicts_total"),
+        0.0,
+        "a re-image is not two agents"
+    );
+    // The resend memory holds one agent with two epochs: well under a MiB, nothing forgotten.
+    let memory = cloud.metric("fieldlink_cloud_dedup_memory_bytes");
+    assert!(memory > 0.0 && memory < 1e6, "{memory}");
+    assert_eq!(cloud.metric("fieldlink_cloud_dedup_evictions_total"), 0.0);
+}
+
+#[test]
+fn two_live_agents_sharing_one_agent_id_land_everything_once_and_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "twins";
+    let (moto, cloud) = moto_and_cloud_for_agents(dir.path(), stream);
+    // The same config copied to two boxes: one agent_id, two buffer files, each box its own broker.
+    let boxes: Vec<(Mosquitto, AgentProc)> = ["box-a", "box-b"]
+        .iter()
+        .map(|b| {
+            let d = dir.path().join(b);
+            std::fs::create_dir_all(&d).unwrap();
+            let broker = Mosquitto::start(&d);
+            let mut agent = AgentProc::new(&d, "gw", broker.port, &moto.endpoint, stream, "", "");
+            agent.start();
+            (broker, agent)
+        })
+        .collect();
+    let publishers: Vec<_> = boxes
+        .iter()
+        .enumerate()
+        .map(|(k, (broker, _))| {
+            let (port, d) = (broker.port, dir.path().to_owned());
+            std::thread::spawn(move || {
+                publish_numbered_from(port, k as u64 * 10_000, 2000, 250.0, 0, &d)
+            })
+        })
+        .collect();
+    let mut acked = Vec::new();
+    for (p, (_, agent)) in publishers.into_iter().zip(&boxes) {
+        let a = p.join().unwrap();
+        wait_sent(agent, a.len());
+        acked.extend(a);
+    }
+    let expected = numbered(&acked);
+    assert_eq!(expected.len(), 4000, "every message acknowledged");
+    let n = expected.len();
+    let v = wait_landed(&moto, stream, n, n, Duration::from_secs(60));
+    assert_exactly_once(&v, &expected);
+    let conflicts = cloud.metric("fieldlink_cloud_agent_id_conflicts_total");
+    eprintln!("{n} readings exactly once from two agents named gw; conflicting batches counted: {conflicts}");
+    assert!(conflicts > 0.0, "two live agents with one id not detected");
+    let log = std::fs::read_to_string(&cloud.log).unwrap();
+    let reports: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("two agents send under one agent id"))
+        .collect();
+    assert!(
+        !reports.is_empty() && reports.len() <= 2,
+        "rate-limited error log: {reports:?}"
+    );
+    assert!(
+        reports[0].contains("gw")
+            && reports[0].contains("older_epoch")
+            && reports[0].contains("newer_epoch"),
+        "{}",
+        reports[0]
+    );
+}
+
+// ---- Timestream record identity: a write must never erase measures another batch wrote. ----
+
+#[test]
+fn one_device_at_one_time_split_over_two_batches_keeps_every_measure_in_timestream() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "split";
+    let moto = setup(dir.path(), stream, 1);
+    let _cloud = Cloud::start(dir.path(), "solo", &moto.endpoint, stream, "");
+    // What a seal's row limit, per-metric Sparkplug DDATA straddling a seal tick, or a late measure produce:
+    // the measures of one device at one time in two batches (m0 and m1 in seq 1, m2 and m3 in seq 2, the
+    // time's m4 late in seq 3), for 20 times.
+    let t0 = now_ms() - 600_000;
+    let series: Vec<Series> = (0..5)
+        .map(|k| Series::new(format!("site/dev-split/m{k}")))
+        .collect();
+    let part = |seq: u64, measures: std::ops::Range<u32>| Batch {
+        agent_id: "agent-split".into(),
+        epoch: 77,
+        seq,
+        series: series.clone(),
+        readings: (0..20)
+            .flat_map(|i| {
+                measures.clone().map(move |m| Reading {
+                    series: m,
+                    ts_ms: t0 + i * 1000,
+                    value: Value::F64(f64::from(m) * 1000.0 + i as f64),
+                    quality: Quality::Good,
+                    late: false,
+                })
+            })
+            .collect(),
+    };
+    let mut expected = BTreeMap::new();
+    let recs: Vec<Rec> = [part(1, 0..2), part(2, 2..4), part(3, 4..5)]
+        .iter()
+        .map(|b| record_of(b, &mut expected))
+        .collect();
+    put(dir.path(), &moto.endpoint, stream, &recs, &[]);
+    let n = expected.len();
+    // Wait for every write (Timestream keeps fewer readings than were written when one erases another).
+    let v = wait_for("every Timestream write", Duration::from_secs(60), || {
+        let v = landed(&moto, stream);
+        (v["timestream_records"].as_u64()? >= 60 && v["parquet"].as_array()?.len() >= n)
+            .then_some(v)
+    });
+    eprintln!(
+        "Timestream writes {}, replaced {}, measures erased {}",
+        v["timestream_records"], v["timestream_replaced"], v["timestream_erased_measures"]
+    );
+    assert_exactly_once(&v, &expected);
 }

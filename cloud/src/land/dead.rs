@@ -4,8 +4,9 @@
 //! Layout (keys are deterministic, so a replay rewrites the same objects instead of adding copies):
 //! - `kinesis/reason=<reason>/<shard>-<sequence number>.bin`: a Kinesis record that does not decode (garbage,
 //!   unknown version, decompression bomb, over a limit), its bytes as received.
-//! - `timestream/<agent>-<batch seq>-<shard>-<sequence number>.jsonl`: readings Timestream refused or that break
-//!   its limits, one JSON object per line with `reason`, `series`, `time_ms` and the record.
+//! - `timestream/<agent>-<batch epoch>-<batch seq>-<shard>-<sequence number>.jsonl`: readings Timestream refused
+//!   or that break its limits, one JSON object per line with `reason`, `series`, `time_ms` and the record, and
+//!   the batch id `agent`, `batch_epoch`, `batch_seq`. The epoch is decimal, 0 for records from before epochs.
 //!
 //! Under a Parquet location the default prefix is `_dead_letter/`, which Athena, Hive and Spark skip.
 
@@ -77,19 +78,25 @@ impl DeadLetters {
         sink: &str,
         origin: &Origin,
         agent: &str,
+        epoch: u64,
         seq: u64,
-        lines: Vec<serde_json::Value>,
+        mut lines: Vec<serde_json::Value>,
     ) -> Result<(), SinkError> {
         if lines.is_empty() {
             return Ok(());
         }
         let mut body = Vec::new();
-        for l in &lines {
+        for l in &mut lines {
+            if let Some(o) = l.as_object_mut() {
+                o.insert("agent".into(), agent.into());
+                o.insert("batch_epoch".into(), epoch.into());
+                o.insert("batch_seq".into(), seq.into());
+            }
             body.extend_from_slice(l.to_string().as_bytes());
             body.push(b'\n');
         }
         let key = format!(
-            "{sink}/{agent}-{seq}-{}-{}.jsonl",
+            "{sink}/{agent}-{epoch}-{seq}-{}-{}.jsonl",
             origin.shard, origin.sequence_number
         );
         self.put(&key, body).await?;
@@ -99,7 +106,7 @@ impl DeadLetters {
                 .dead_letter_readings(sink, reason_class(reason))
                 .inc();
         }
-        tracing::warn!(sink, agent, seq, readings = lines.len(), key = %key, "readings dead-lettered");
+        tracing::warn!(sink, agent, epoch, seq, readings = lines.len(), key = %key, "readings dead-lettered");
         Ok(())
     }
 }

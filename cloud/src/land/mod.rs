@@ -1,7 +1,7 @@
-//! Landing: decoded batches go to every configured [`Sink`], once per `(agent_id, batch_seq)`.
+//! Landing: decoded batches go to every configured [`Sink`], once per `(agent_id, epoch, batch_seq)`.
 //!
 //! Each shard worker has its own [`Lander`] and its own sinks (so one shard's commit never waits for another
-//! shard's data); the resend memory ([`dedup`]) is shared by all shards of the process. Records that do not
+//! shard's data); the resend memory ([`dedup`], bounded by [`DedupConfig`]) is shared by all shards of the process. Records that do not
 //! decode (garbage, unknown version, decompression bombs, over a limit) go to the [`dead`]-letter location with
 //! the reason and are counted; the shard moves on.
 //!
@@ -12,9 +12,12 @@
 //! worker records the commit's end in the lease before writing and moves the checkpoint after, so a worker
 //! that takes the shard over repeats exactly that commit: same records, same object names, same content.
 
+mod config;
 pub mod dead;
 pub mod dedup;
 pub mod retry;
+
+pub use config::DedupConfig;
 
 use crate::metrics::CloudMetrics;
 use dead::DeadLetters;
@@ -118,20 +121,48 @@ impl Lander {
             }
         };
         let tag = dedup::tag(&origin.shard, &origin.sequence_number);
-        let fresh = self
-            .dedup
-            .lock()
-            .map(|mut d| d.claim(&batch.agent_id, batch.seq, tag))
-            .unwrap_or(true);
-        if !fresh {
+        let claim = match self.dedup.lock() {
+            Ok(mut d) => {
+                let c = d.claim(
+                    &batch.agent_id,
+                    batch.epoch,
+                    batch.seq,
+                    tag,
+                    fieldlink_ops::unix_ms(),
+                );
+                self.metrics.dedup_memory.set(d.memory_bytes() as i64);
+                c
+            }
+            // A poisoned memory: land (never skip what may not have landed).
+            Err(_) => dedup::Claim {
+                verdict: dedup::Verdict::New,
+                conflict: None,
+                evicted: 0,
+            },
+        };
+        if claim.evicted > 0 {
+            self.metrics.dedup_evictions.add(claim.evicted as u64);
+        }
+        if let Some(c) = claim.conflict {
+            self.metrics.agent_id_conflicts.inc();
+            if c.report {
+                tracing::error!(
+                    agent = %batch.agent_id,
+                    older_epoch = %format!("{:016x}", c.older),
+                    newer_epoch = %format!("{:016x}", c.newer),
+                    "two agents send under one agent id (two buffer epochs both landing new batches): give each box its own agent_id; both are landed"
+                );
+            }
+        }
+        if !claim.verdict.lands() {
             self.metrics.batches_duplicate.inc();
-            tracing::debug!(agent = %batch.agent_id, seq = batch.seq, "resent batch skipped");
+            tracing::debug!(agent = %batch.agent_id, epoch = batch.epoch, seq = batch.seq, "resent batch skipped");
             return Ok(());
         }
         for sink in &mut self.sinks {
             sink.write(&batch, origin).await?;
         }
-        tracing::debug!(target: "fieldlink_cloud::landed", shard = %origin.shard, agent = %batch.agent_id, seq = batch.seq, readings = batch.readings.len(), "batch landed");
+        tracing::debug!(target: "fieldlink_cloud::landed", shard = %origin.shard, agent = %batch.agent_id, epoch = batch.epoch, seq = batch.seq, readings = batch.readings.len(), "batch landed");
         self.metrics.batches_landed.inc();
         self.metrics
             .readings_landed

@@ -15,14 +15,19 @@
 //! | `quality` | string | `good`, `uncertain` or `bad` |
 //! | `late` | boolean | arrived after the agent's reorder window |
 //! | `tags` | map<string, string> | the series' tags |
-//! | `batch_seq` | int64 | the agent's batch sequence number (with `agent_id`, the batch id) |
+//! | `batch_seq` | int64 | the agent's batch sequence number within its buffer epoch |
+//! | `batch_epoch` | uint64 | the agent buffer's epoch (0: a record from before epochs); `(agent_id, batch_epoch, batch_seq)` is the batch id |
+//!
+//! A batch is landed once per `(agent_id, batch_epoch, batch_seq)` while the cloud remembers it (see
+//! `land::dedup`); a resend it no longer remembers lands again, with the same three values, so duplicate rows
+//! of one batch can be removed downstream by that key.
 //!
 //! Hive partitions `dt=YYYY-MM-DD/hour=HH` (event time, UTC) are in the object path, not in the file. Rows are
 //! sorted by `(series, time)` so each series is contiguous and its timestamps compress well. Compression: zstd.
 
 use arrow_array::builder::{
     BooleanBuilder, Float64Builder, Int64Builder, MapBuilder, StringBuilder,
-    StringDictionaryBuilder, TimestampMillisecondBuilder,
+    StringDictionaryBuilder, TimestampMillisecondBuilder, UInt64Builder,
 };
 use arrow_array::types::Int32Type;
 use arrow_array::{ArrayRef, DictionaryArray, Int32Array, RecordBatch, StringArray};
@@ -60,6 +65,8 @@ pub struct Row {
     pub agent: Arc<str>,
     /// Batch sequence number.
     pub seq: u64,
+    /// The agent buffer's epoch.
+    pub epoch: u64,
     /// Value.
     pub value: Value,
     /// Quality.
@@ -98,7 +105,7 @@ fn ranks<'a, T: ?Sized + 'a>(
     (slots.into_iter().map(|s| rank_of[s]).collect(), names)
 }
 
-/// Encodes `rows` as one Parquet file, sorted by `(series, time, agent, batch)` (a stable sort, so the file
+/// Encodes `rows` as one Parquet file, sorted by `(series, time, agent, epoch, batch)` (a stable sort, so the file
 /// is a pure function of the rows and their order).
 pub fn encode(
     rows: &[Row],
@@ -108,10 +115,19 @@ pub fn encode(
     // Sort by integer ranks: string comparisons happen once per distinct series, not per row comparison.
     let (series_rank, series_names) = ranks(rows.iter().map(|r| &r.series), |s| s.key.as_str());
     let (agent_rank, agent_names) = ranks(rows.iter().map(|r| &r.agent), |a| a);
-    let mut order: Vec<(u32, i64, u32, u64, u32)> = rows
+    let mut order: Vec<(u32, i64, u32, u64, u64, u32)> = rows
         .iter()
         .enumerate()
-        .map(|(i, r)| (series_rank[i], r.ts_ms, agent_rank[i], r.seq, i as u32))
+        .map(|(i, r)| {
+            (
+                series_rank[i],
+                r.ts_ms,
+                agent_rank[i],
+                r.epoch,
+                r.seq,
+                i as u32,
+            )
+        })
         .collect();
     order.sort_unstable();
     // Device, measure and tags of each series rank.
@@ -133,7 +149,8 @@ pub fn encode(
     let mut late = BooleanBuilder::with_capacity(n);
     let mut tags = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
     let mut seq = Int64Builder::with_capacity(n);
-    for &(s_rank, ts, a_rank, batch_seq, i) in &order {
+    let mut epoch = UInt64Builder::with_capacity(n);
+    for &(s_rank, ts, a_rank, batch_epoch, batch_seq, i) in &order {
         let r = &rows[i as usize];
         time.append_value(ts);
         series_keys.push(s_rank as i32);
@@ -172,6 +189,7 @@ pub fn encode(
         }
         tags.append(true)?;
         seq.append_value(batch_seq as i64);
+        epoch.append_value(batch_epoch);
     }
     // Series, device, measure and agent are dictionary arrays over the ranks: no per-row string copies.
     let dict = |keys: &[i32], values: Vec<&str>| -> Result<ArrayRef, ParquetError> {
@@ -211,6 +229,7 @@ pub fn encode(
         ("late", Arc::new(late.finish()), false),
         ("tags", Arc::new(tags.finish()), false),
         ("batch_seq", Arc::new(seq.finish()), false),
+        ("batch_epoch", Arc::new(epoch.finish()), false),
     ];
     let schema = Arc::new(Schema::new(
         columns
@@ -289,6 +308,7 @@ mod tests {
                 series: if i % 2 == 0 { a.clone() } else { b.clone() },
                 agent: agent.clone(),
                 seq: 1,
+                epoch: 7,
                 value: if i % 3 == 0 {
                     Value::Str("x".into())
                 } else {
@@ -304,7 +324,7 @@ mod tests {
         let meta = reader.metadata();
         assert_eq!(meta.file_metadata().num_rows(), 1000);
         assert_eq!(meta.num_row_groups(), 4);
-        assert_eq!(meta.file_metadata().schema_descr().num_columns(), 14); // map = key + value leaves
+        assert_eq!(meta.file_metadata().schema_descr().num_columns(), 15); // map = key + value leaves
                                                                            // Sorted by (series, time): read the two columns back.
         use parquet::record::RowAccessor;
         let got: Vec<(String, i64)> = reader

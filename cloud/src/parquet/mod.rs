@@ -47,6 +47,7 @@ pub fn stage(parts: &mut BTreeMap<i64, Vec<Row>>, batch: &Batch) -> usize {
             series: series[r.series as usize].clone(),
             agent: agent.clone(),
             seq: batch.seq,
+            epoch: batch.epoch,
             value: r.value.clone(),
             quality: r.quality,
             late: r.late,

@@ -1,5 +1,5 @@
-//! Timestream sink: a batch's multi-measure records (a device's measures at one time share a record, the
-//! measure name is a `CommonAttributes` field) are written in calls of at most 100 records, several calls in
+//! Timestream sink: a batch's multi-measure records (a device's measures at one time share a record; layout,
+//! measure names and versions in [`records`]) are written in calls of at most 100 records, several calls in
 //! flight. A failed call is retried for as long as it takes (the shard's checkpoint cannot pass unwritten
 //! data): throttling and other transient failures with capped backoff, permanent ones (access denied, a deleted
 //! table) slowly while `/health` fails for `timestream` ([`crate::land::retry`]); records Timestream rejects (`RejectedRecords`: version
@@ -148,6 +148,7 @@ fn sdk_record(r: &TsRecord) -> Record {
         .set_dimensions(Some(dims))
         .time(r.time_ms.to_string())
         .time_unit(TimeUnit::Milliseconds)
+        .measure_name(&r.measure_name)
         .measure_value_type(MeasureValueType::Multi)
         .set_measure_values(Some(measures))
         .version(r.version)
@@ -158,6 +159,7 @@ fn record_json(r: &TsRecord, reason: &str) -> serde_json::Value {
     serde_json::json!({
         "reason": reason,
         "time_ms": r.time_ms,
+        "measure_name": r.measure_name,
         "version": r.version,
         "dimensions": r.dimensions.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str()))).collect::<serde_json::Map<_, _>>(),
         "measures": r.measures.iter().map(|(k, v, _)| (k.clone(), serde_json::Value::from(v.as_str()))).collect::<serde_json::Map<_, _>>(),
@@ -192,7 +194,6 @@ async fn call(
             .write_records()
             .database_name(&cfg.database)
             .table_name(&cfg.table)
-            .common_attributes(Record::builder().measure_name(&cfg.measure_name).build())
             .set_records(Some(records.clone()))
             .send()
             .await;
@@ -264,7 +265,7 @@ impl TimestreamSink {
     }
 
     async fn write_batch(&mut self, batch: &Batch, origin: &Origin) -> Result<(), SinkError> {
-        let (recs, refused) = records::build(batch);
+        let (recs, refused) = records::build(batch, &self.cfg.measure_name);
         let mut dead: Vec<serde_json::Value> = refused
             .iter()
             .map(|r| serde_json::json!({"reason": r.reason, "series": r.series}))
@@ -330,7 +331,14 @@ impl TimestreamSink {
             }
         }
         self.dead
-            .readings("timestream", origin, &batch.agent_id, batch.seq, dead)
+            .readings(
+                "timestream",
+                origin,
+                &batch.agent_id,
+                batch.epoch,
+                batch.seq,
+                dead,
+            )
             .await
     }
 }

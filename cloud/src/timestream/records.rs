@@ -1,10 +1,38 @@
 //! Batch → Timestream multi-measure records. Pure; enforces Timestream's limits (moto does not).
 //!
-//! Readings that share device, tags and time become one multi-measure record: dimensions `agent`, `device` and
-//! the series' tags; one measure per series measure (the last segment of the series key). A reading whose
-//! quality is not good adds a VARCHAR measure `<measure>_quality`; a bad reading without a finite value (a
-//! Modbus exception) lands as that quality measure alone. The record's `Version` is the batch sequence
-//! number, so writing the same batch again is a no-op upsert.
+//! # Record layout
+//! Readings that share device, tags and time become one multi-measure record:
+//! - dimensions: `agent`, `device` and the series' tags (renamed where Timestream would refuse them, below);
+//! - time: the event time, ms;
+//! - measures: one per series measure (the last segment of the series key). A reading whose quality is not
+//!   good adds a VARCHAR measure `<measure>_quality`; a bad reading without a finite value (a Modbus exception)
+//!   lands as that quality measure alone. More than [`limits::MAX_MEASURES`] measures are cut into several
+//!   records (measures in name order);
+//! - measure name: `<measure_name>.<hash>`, `measure_name` from the config and `hash` 16 hex digits of a
+//!   64-bit FNV-1a hash of the record's sorted measure names, see [`record_measure_name`];
+//! - version: a 63-bit hash of the record's content (dimensions, time, measure name, measures with types and
+//!   values), at least 1, see [`content_version`].
+//!
+//! # Why: Timestream replaces whole records
+//! A record's identity is dimensions + time + measure name, and a write to an existing identity with a higher
+//! `Version` replaces the record's whole measure set: measures the new write does not carry vanish. One
+//! device's measures at one time can be split over batches (the seal's row limit, per-metric Sparkplug DDATA
+//! straddling a seal tick, a measure that arrives late) and over the records of one group cut at
+//! [`limits::MAX_MEASURES`]. With one measure name for all of them each write erased the others. Deriving the
+//! measure name from the measure set means two writes share an identity only if they carry the same measure
+//! names (a 64-bit hash collision aside), so a replace can change values but never erase a measure.
+//!
+//! The version is a function of the content, not of the batch, so:
+//! - a replay or a resend of a batch writes the same versions and values: a no-op;
+//! - the same reading landed from two batches (a broker redelivery after a crash or a re-image, a buffer epoch
+//!   restarting its sequence numbers at 1) is a no-op too, where a batch-sequence version made the new epoch's
+//!   lower number a rejected "version conflict";
+//! - two different values for one identity (a device sending one time twice with other values) end the same
+//!   way whatever the landing order: the higher version stays, the lower one is replaced or rejected (and
+//!   dead-lettered). Parquet keeps both readings.
+//!
+//! Cost: Timestream allows 8,192 measure names per table; each distinct measure set is one. A device kind
+//! whose measures always arrive together uses one; splits add one per distinct subset.
 //!
 //! A tag whose name Timestream would refuse as a dimension — `agent` or `device` (taken), `time`,
 //! `measure_name`, `measure_value`, a name starting with `ts_` or `measure_value`, or one with a `:` — becomes
@@ -45,6 +73,18 @@ pub enum MeasureType {
     Varchar,
 }
 
+impl MeasureType {
+    /// Timestream's name of the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            MeasureType::Double => "DOUBLE",
+            MeasureType::Bigint => "BIGINT",
+            MeasureType::Boolean => "BOOLEAN",
+            MeasureType::Varchar => "VARCHAR",
+        }
+    }
+}
+
 /// One multi-measure record, independent of the SDK's types.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TsRecord {
@@ -52,6 +92,8 @@ pub struct TsRecord {
     pub dimensions: Vec<(String, String)>,
     /// Time, Unix ms.
     pub time_ms: i64,
+    /// The record's measure name (see [`record_measure_name`]).
+    pub measure_name: String,
     /// Measures `(name, value as text, type)`.
     pub measures: Vec<(String, String, MeasureType)>,
     /// Record version.
@@ -91,8 +133,46 @@ pub fn dimension_name(tag: &str) -> String {
     }
 }
 
-/// Builds the records of one batch; readings that break a limit are returned as refused.
-pub fn build(batch: &Batch) -> (Vec<TsRecord>, Vec<Refused>) {
+/// Bytes [`record_measure_name`] appends to the configured measure name.
+pub const MEASURE_NAME_SUFFIX: usize = 17;
+
+fn fnv64(parts: impl IntoIterator<Item = impl AsRef<[u8]>>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        // Each part is followed by a 0xff byte (never in UTF-8 text), so part boundaries count.
+        for &b in p.as_ref().iter().chain([0xffu8].iter()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The measure name of a record carrying the measures `names` (in any order): `<base>.<16 hex digits>`, a
+/// function of the set of names alone.
+pub fn record_measure_name<'a>(base: &str, names: impl IntoIterator<Item = &'a str>) -> String {
+    let mut names: Vec<&str> = names.into_iter().collect();
+    names.sort_unstable();
+    names.dedup();
+    format!("{base}.{:016x}", fnv64(names))
+}
+
+/// The version of a record: a hash of everything it carries, in `1..=i64::MAX`.
+pub fn content_version(r: &TsRecord) -> i64 {
+    let time = r.time_ms.to_string();
+    let mut parts: Vec<&str> = vec![&time, &r.measure_name];
+    for (k, v) in &r.dimensions {
+        parts.extend([k.as_str(), v.as_str()]);
+    }
+    for (k, v, t) in &r.measures {
+        parts.extend([k.as_str(), v.as_str(), t.name()]);
+    }
+    ((fnv64(parts) >> 1) as i64).max(1)
+}
+
+/// Builds the records of one batch, named after `measure_name` (the configured base); readings that break a
+/// limit are returned as refused.
+pub fn build(batch: &Batch, measure_name: &str) -> (Vec<TsRecord>, Vec<Refused>) {
     let mut refused = Vec::new();
     // Dimensions per series, checked once.
     let dims: Vec<Result<Vec<(String, String)>, String>> = batch
@@ -189,14 +269,20 @@ pub fn build(batch: &Batch) -> (Vec<TsRecord>, Vec<Refused>) {
     let mut records = Vec::with_capacity(groups.len());
     for ((dimensions, time_ms), measures) in groups {
         let measures: Vec<_> = measures.into_iter().map(|(k, (v, t))| (k, v, t)).collect();
-        // Split records with more measures than allowed.
+        // Split records with more measures than allowed: each chunk has its own measure set, so its own name.
         for chunk in measures.chunks(limits::MAX_MEASURES) {
-            records.push(TsRecord {
+            let mut r = TsRecord {
                 dimensions: dimensions.clone(),
                 time_ms,
+                measure_name: record_measure_name(
+                    measure_name,
+                    chunk.iter().map(|(k, _, _)| k.as_str()),
+                ),
                 measures: chunk.to_vec(),
-                version: batch.seq as i64,
-            });
+                version: 0,
+            };
+            r.version = content_version(&r);
+            records.push(r);
         }
     }
     (records, refused)
@@ -302,7 +388,7 @@ mod tests {
                 r(0, 200, Value::F64(0.25), Quality::Good),
             ],
         };
-        let (recs, refused) = build(&batch);
+        let (recs, refused) = build(&batch, "metrics");
         assert!(refused.is_empty());
         assert_eq!(recs.len(), 3);
         let first = &recs[0];
@@ -314,7 +400,16 @@ mod tests {
             ]
         );
         assert_eq!(first.time_ms, 100);
-        assert_eq!(first.version, 9);
+        assert_eq!(
+            first.measure_name,
+            record_measure_name("metrics", ["acc_x", "acc_y", "acc_y_quality"])
+        );
+        assert!(first.measure_name.starts_with("metrics."));
+        assert_eq!(
+            first.measure_name.len(),
+            "metrics".len() + MEASURE_NAME_SUFFIX
+        );
+        assert_eq!(first.version, content_version(first));
         assert_eq!(
             first.measures,
             vec![
@@ -329,6 +424,74 @@ mod tests {
         );
     }
 
+    fn one_device(seq: u64, epoch: u64, readings: &[(u32, f64)]) -> Batch {
+        Batch {
+            agent_id: "edge-1".into(),
+            epoch,
+            seq,
+            series: (0..300)
+                .map(|k| Series::new(format!("line3/imu/000/m{k:03}")))
+                .collect(),
+            readings: readings
+                .iter()
+                .map(|&(s, v)| r(s, 100, Value::F64(v), Quality::Good))
+                .collect(),
+        }
+    }
+
+    /// Timestream identity: dimensions, time, measure name.
+    type Identity = (Vec<(String, String)>, i64, String);
+
+    fn identity(r: &TsRecord) -> Identity {
+        (r.dimensions.clone(), r.time_ms, r.measure_name.clone())
+    }
+
+    #[test]
+    fn measures_of_one_time_split_over_batches_or_chunks_never_share_a_record_identity() {
+        let (a, _) = build(&one_device(1, 5, &[(0, 1.0), (1, 2.0)]), "metrics");
+        let (b, _) = build(&one_device(2, 5, &[(2, 3.0), (3, 4.0)]), "metrics");
+        let (c, _) = build(
+            &one_device(3, 5, &[(1, 2.0), (0, 1.0), (2, 3.0)]),
+            "metrics",
+        );
+        assert_eq!(a[0].dimensions, b[0].dimensions);
+        assert_ne!(identity(&a[0]), identity(&b[0]));
+        assert_ne!(
+            identity(&a[0]),
+            identity(&c[0]),
+            "a superset is another set"
+        );
+        // More measures than one record holds: each chunk is its own identity.
+        let all: Vec<(u32, f64)> = (0..300).map(|k| (k, f64::from(k))).collect();
+        let (chunks, refused) = build(&one_device(4, 5, &all), "metrics");
+        assert!(refused.is_empty());
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[0].measures.len(), limits::MAX_MEASURES);
+        assert_ne!(identity(&chunks[0]), identity(&chunks[1]));
+        // Whatever two records share an identity carry the same measure names.
+        let mut seen: BTreeMap<Identity, Vec<String>> = BTreeMap::new();
+        for r in a.iter().chain(&b).chain(&c).chain(&chunks) {
+            let names: Vec<String> = r.measures.iter().map(|m| m.0.clone()).collect();
+            let prev = seen.entry(identity(r)).or_insert_with(|| names.clone());
+            assert_eq!(*prev, names);
+        }
+    }
+
+    #[test]
+    fn the_version_follows_the_content_not_the_batch() {
+        let (a, _) = build(&one_device(1, 5, &[(0, 1.0), (1, 2.0)]), "metrics");
+        // The same readings from another batch of another epoch (a redelivery after a re-image): same record.
+        let (b, _) = build(&one_device(1, 9, &[(1, 2.0), (0, 1.0)]), "metrics");
+        let (c, _) = build(&one_device(700, 5, &[(0, 1.0), (1, 2.0)]), "metrics");
+        assert_eq!(a, b);
+        assert_eq!(a, c);
+        // Another value for the same identity: another version.
+        let (d, _) = build(&one_device(2, 5, &[(0, 1.0), (1, 2.5)]), "metrics");
+        assert_eq!(identity(&a[0]), identity(&d[0]));
+        assert_ne!(a[0].version, d[0].version);
+        assert!(a[0].version >= 1 && d[0].version >= 1);
+    }
+
     #[test]
     fn a_bad_reading_without_a_value_lands_as_its_quality() {
         let batch = Batch {
@@ -338,7 +501,7 @@ mod tests {
             series: vec![Series::new("meter/v")],
             readings: vec![r(0, 1, Value::F64(f64::NAN), Quality::Bad)],
         };
-        let (recs, refused) = build(&batch);
+        let (recs, refused) = build(&batch, "metrics");
         assert!(refused.is_empty());
         assert_eq!(
             recs[0].measures,
@@ -369,7 +532,7 @@ mod tests {
                 r(3, 1, Value::F64(f64::NAN), Quality::Good),
             ],
         };
-        let (recs, refused) = build(&batch);
+        let (recs, refused) = build(&batch, "metrics");
         assert!(recs.is_empty());
         assert_eq!(refused.len(), 4, "{refused:?}");
     }

@@ -1,0 +1,93 @@
+use serde::Deserialize;
+
+/// The resend memory (`[dedup]`): which batches were landed, per agent and buffer epoch (see
+/// [`crate::land::dedup`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// Memory the process may use for it, all agents together, MiB. Past it the least recently seen agents
+    /// are forgotten: safe (their next batches are treated as new, nothing unlanded is skipped), but a resend
+    /// of a batch landed before lands again (its rows twice in Parquet). An agent at a full window takes about
+    /// `2 * window_batches` bytes per buffer epoch: 8 KiB at the default, so 128 MiB hold some 15,000 busy agents.
+    /// 1 to 65536. Default 128.
+    #[serde(default = "default_memory")]
+    pub max_memory_mib: u64,
+    /// Batch sequence numbers remembered per agent epoch below the highest seen; a resend older than that
+    /// lands again. 64 to 1048576. Default 4096.
+    #[serde(default = "default_window")]
+    pub window_batches: u64,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        Self {
+            max_memory_mib: default_memory(),
+            window_batches: default_window(),
+        }
+    }
+}
+
+fn default_memory() -> u64 {
+    128
+}
+fn default_window() -> u64 {
+    4096
+}
+
+impl DedupConfig {
+    /// The memory bound in bytes.
+    pub fn max_bytes(&self) -> usize {
+        usize::try_from(self.max_memory_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+
+    /// Problems with this section, prefixed by `path`.
+    pub fn validate(&self, path: &str) -> Vec<String> {
+        let mut p = Vec::new();
+        if !(1..=65_536).contains(&self.max_memory_mib) {
+            p.push(format!(
+                "{path}.max_memory_mib: must be 1..=65536, got {}",
+                self.max_memory_mib
+            ));
+        }
+        if !(64..=1_048_576).contains(&self.window_batches) {
+            p.push(format!(
+                "{path}.window_batches: must be 64..=1048576, got {}",
+                self.window_batches
+            ));
+        }
+        let need = 16
+            * super::dedup::agent_bytes_max(self.window_batches, super::dedup::MAX_EPOCHS) as u64;
+        if p.is_empty() && self.max_memory_mib << 20 < need {
+            p.push(format!(
+                "{path}.max_memory_mib: must hold at least 16 agents at a full window ({} MiB for window_batches = {})",
+                need.div_ceil(1 << 20),
+                self.window_batches
+            ));
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        assert!(DedupConfig::default().validate("dedup").is_empty());
+        let bad = DedupConfig {
+            max_memory_mib: 0,
+            window_batches: 1,
+        };
+        let p = bad.validate("dedup").join("\n");
+        assert!(
+            p.contains("dedup.max_memory_mib") && p.contains("dedup.window_batches"),
+            "{p}"
+        );
+        let small = DedupConfig {
+            max_memory_mib: 1,
+            window_batches: 1_048_576,
+        };
+        assert!(small.validate("dedup")[0].contains("at least 16 agents"));
+    }
+}
