@@ -1078,4 +1078,6 @@ impl Buffer {
 }
 
 #[cfg(test)]
+mod model_tests;
+#[cfg(test)]
 mod tests;
