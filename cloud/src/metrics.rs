@@ -17,6 +17,8 @@ pub struct CloudMetrics {
     pub readings_landed: Counter,
     /// New batches of an older buffer epoch of an agent id while a newer epoch of it was sending.
     pub agent_id_conflicts: Counter,
+    /// Batches whose identity landed before with other content (restored or cloned buffer files).
+    pub batch_id_collisions: Counter,
     /// Agents the resend memory forgot to stay under its bound.
     pub dedup_evictions: Counter,
     /// Bytes the resend memory holds.
@@ -54,6 +56,10 @@ impl CloudMetrics {
             agent_id_conflicts: c(
                 "fieldlink_cloud_agent_id_conflicts_total",
                 "New batches from an older buffer epoch of an agent id while a newer epoch of the same id was sending: two agents share one agent_id (both are landed).",
+            ),
+            batch_id_collisions: c(
+                "fieldlink_cloud_batch_id_collisions_total",
+                "Batches whose (agent, epoch, seq) landed before with other content: a buffer file restored from a backup or cloned onto another box (both are landed).",
             ),
             dedup_evictions: c(
                 "fieldlink_cloud_dedup_evictions_total",

@@ -903,6 +903,55 @@ fn a_re_imaged_gateway_numbering_batches_from_one_again_lands_everything_once() 
 }
 
 #[test]
+fn a_buffer_file_restored_from_a_backup_loses_nothing_and_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "restore";
+    let (moto, cloud) = moto_and_cloud_for_agents(dir.path(), stream);
+    let broker = Mosquitto::start(dir.path());
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "gw",
+        broker.port,
+        &moto.endpoint,
+        stream,
+        "",
+        "",
+    );
+    agent.start();
+    let mut acked = publish_numbered_from(broker.port, 0, 300, 200.0, 0, dir.path());
+    wait_sent(&agent, acked.len());
+    agent.stop();
+    // A backup of the buffer file, taken now (same epoch, numbering at this point).
+    let backup = dir.path().join("backup.db");
+    std::fs::copy(dir.path().join("gw.db"), &backup).unwrap();
+    agent.start();
+    let more = publish_numbered_from(broker.port, 300, 300, 200.0, 0, dir.path());
+    wait_sent(&agent, more.len());
+    acked.extend(more);
+    agent.stop();
+    // The SD card dies; the backup is restored: the same epoch numbers its batches from the older point again.
+    for ext in ["db-wal", "db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(format!("gw.{ext}")));
+    }
+    std::fs::copy(&backup, dir.path().join("gw.db")).unwrap();
+    agent.start();
+    let after = publish_numbered_from(broker.port, 600, 300, 200.0, 0, dir.path());
+    wait_sent(&agent, after.len());
+    acked.extend(after);
+    agent.stop();
+    let expected = numbered(&acked);
+    assert_eq!(expected.len(), 900, "every message acknowledged");
+    let v = wait_landed(&moto, stream, 900, 900, Duration::from_secs(60));
+    assert_exactly_once(&v, &expected);
+    let collisions = cloud.metric("fieldlink_cloud_batch_id_collisions_total");
+    assert!(
+        collisions > 0.0,
+        "the reused batch identities must be reported"
+    );
+    eprintln!("restored buffer: 900 readings exactly once, {collisions} reused batch identities landed and reported");
+}
+
+#[test]
 fn two_live_agents_sharing_one_agent_id_land_everything_once_and_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let stream = "twins";

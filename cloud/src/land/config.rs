@@ -8,12 +8,13 @@ pub struct DedupConfig {
     /// Memory the process may use for it, all agents together, MiB. Past it the least recently seen agents
     /// are forgotten: safe (their next batches are treated as new, nothing unlanded is skipped), but a resend
     /// of a batch landed before lands again (its rows twice in Parquet). An agent at a full window takes about
-    /// `2 * window_batches` bytes per buffer epoch: 8 KiB at the default, so 128 MiB hold some 15,000 busy agents.
-    /// 1 to 65536. Default 128.
+    /// `8 * window_batches` bytes per buffer epoch: 128 KiB at the default, so 256 MiB hold some 2,000 agents at
+    /// full windows (a worker sees only the agents of its shards). 1 to 65536. Default 256.
     #[serde(default = "default_memory")]
     pub max_memory_mib: u64,
     /// Batch sequence numbers remembered per agent epoch below the highest seen; a resend older than that
-    /// lands again. 64 to 1048576. Default 4096.
+    /// lands again. Keep it above the agents' `max_bytes / target_record_bytes` (records a full buffer holds:
+    /// 10,923 at the agent's defaults), so no resend from a backlog is older. 64 to 1048576. Default 16384.
     #[serde(default = "default_window")]
     pub window_batches: u64,
 }
@@ -28,10 +29,10 @@ impl Default for DedupConfig {
 }
 
 fn default_memory() -> u64 {
-    128
+    256
 }
 fn default_window() -> u64 {
-    4096
+    16_384
 }
 
 impl DedupConfig {

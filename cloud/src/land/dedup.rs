@@ -7,16 +7,21 @@
 //! number batches from 1 again, never collide with the batches of the buffer they replace. Records written
 //! before epochs existed carry epoch 0 and are keyed like any other epoch.
 //!
-//! `(agent_id, epoch, seq)` landed before *from another Kinesis record* → skip. Each landed batch is
-//! remembered with a tag of the record it came from (a 16-bit hash of shard id and sequence number). Reading
-//! the *same* record again (a replay after a restart or a lease move) is not a duplicate: the replay must
-//! produce the same rows as the first pass so that rewritten Parquet files replace the old ones with identical
-//! content. Only a *different* record carrying an already landed batch (the agent resent it) is skipped. Two
-//! records share a tag with probability 1/65,535: a resend is then taken for a replay and landed again — the
-//! tag can make a batch land twice, never skip one.
+//! `(agent_id, epoch, seq)` landed before *from another Kinesis record with the same bytes* → skip. Each landed
+//! batch is remembered with two 32-bit tags: of the record it came from (a hash of shard id and sequence
+//! number) and of its content (a hash of the record's bytes). Reading the *same* record again (a replay after a
+//! restart or a lease move) is not a duplicate: the replay must produce the same rows as the first pass so that
+//! rewritten Parquet files replace the old ones with identical content. A *different* record with the same
+//! identity and the same bytes is a resend (the agent stores sealed records and resends them byte-identical):
+//! skipped. A different record with the same identity and *other* bytes is a **collision** — a buffer file
+//! restored from a backup or snapshot (its epoch kept, its numbering rewound), or cloned with a golden image onto
+//! several boxes: landed (never skip data that did not land) and reported. Tags collide with probability 2^-32:
+//! a resend taken for a replay lands twice; a collision taken for a resend would be skipped.
 //!
-//! Per `(agent, epoch)` a window of the last `window` sequence numbers up to the highest seen is kept (2 bytes
-//! each, grown only as far as the numbers seen reach: a new epoch starts small). Above the window's top a
+//! Per `(agent, epoch)` a window of the last `window` sequence numbers up to the highest seen is kept (8 bytes
+//! each, grown only as far as the numbers seen reach: a new epoch starts small). The default window (16,384)
+//! holds more records than an agent's default buffer (256 MiB of 24 KiB records): an agent's resend is never
+//! older than its buffer, so it is caught however long its backlog. Above the window's top a
 //! number is new; inside it, it is new unless its slot holds a tag; below the window it is treated as new.
 //!
 //! # Memory bound and what eviction costs
@@ -62,29 +67,45 @@ const EPOCH_OVERHEAD: usize = std::mem::size_of::<EpochState>();
 
 /// Bytes one agent with `epochs` full windows of `window` slots is counted at, at most (the id aside).
 pub fn agent_bytes_max(window: u64, epochs: usize) -> usize {
-    AGENT_OVERHEAD + epochs * (EPOCH_OVERHEAD + 2 * window as usize)
+    AGENT_OVERHEAD + epochs * (EPOCH_OVERHEAD + 8 * window as usize)
 }
 
-/// The tag of a Kinesis record: never 0 (0 marks an empty slot).
-pub fn tag(shard: &str, sequence_number: &str) -> u16 {
-    // FNV-1a, 32 bit (stable across processes and platforms), folded to 16.
+/// FNV-1a, 32 bit: stable across processes and platforms.
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
-    for b in shard.bytes().chain([0u8]).chain(sequence_number.bytes()) {
+    for b in bytes {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    ((h >> 16) as u16 ^ h as u16).max(1)
+    h
 }
 
-/// Tags of the numbers up to `high`: the last slot is `high`, the first `high + 1 - len`.
+/// The tag of a Kinesis record: never 0 (0 marks an empty slot).
+pub fn tag(shard: &str, sequence_number: &str) -> u32 {
+    fnv1a(shard.bytes().chain([0u8]).chain(sequence_number.bytes())).max(1)
+}
+
+/// The tag of a record's content (its bytes).
+pub fn content_tag(record: &[u8]) -> u32 {
+    fnv1a(record.iter().copied())
+}
+
+/// A remembered batch: record tag (high 32 bits, never 0) and content tag (low 32 bits); 0 = empty.
+type Slot = u64;
+
+fn slot(tag: u32, content: u32) -> Slot {
+    (u64::from(tag.max(1)) << 32) | u64::from(content)
+}
+
+/// Slots of the numbers up to `high`: the last slot is `high`, the first `high + 1 - len`.
 #[derive(Debug, Clone, Default)]
 struct Window {
     high: u64,
-    tags: VecDeque<u16>,
+    tags: VecDeque<Slot>,
 }
 
 impl Window {
-    fn get(&self, seq: u64) -> u16 {
+    fn get(&self, seq: u64) -> Slot {
         if seq > self.high {
             return 0;
         }
@@ -95,7 +116,7 @@ impl Window {
         self.tags[self.tags.len() - 1 - back as usize]
     }
 
-    fn insert(&mut self, seq: u64, tag: u16, cap: u64) {
+    fn insert(&mut self, seq: u64, tag: Slot, cap: u64) {
         if self.tags.is_empty() || seq > self.high {
             let advance = if self.tags.is_empty() {
                 cap
@@ -139,7 +160,7 @@ impl Window {
     }
 
     fn bytes(&self) -> usize {
-        2 * self.tags.capacity()
+        8 * self.tags.capacity()
     }
 }
 
@@ -150,8 +171,11 @@ pub enum Verdict {
     New,
     /// Seen from this same record (a replay): land it again, identically.
     Replay,
-    /// Landed from another record (the agent resent it): skip it.
+    /// Landed from another record with the same bytes (the agent resent it): skip it.
     Resend,
+    /// Landed from another record with *other* bytes under the same identity (a restored or cloned buffer
+    /// file): land it, and report.
+    Collision,
 }
 
 impl Verdict {
@@ -161,7 +185,8 @@ impl Verdict {
     }
 }
 
-/// A new batch of an older epoch while a newer epoch of the same agent id is sending.
+/// A new batch of an older epoch while a newer epoch of the same agent id is sending, or a batch identity
+/// reused with other content ([`Verdict::Collision`]: then `older == newer`, the batch's epoch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conflict {
     /// The epoch of the batch.
@@ -255,8 +280,17 @@ impl BatchDedup {
         self.agents.len()
     }
 
-    /// Claims `(agent, epoch, seq)` for the record tagged `tag` at `now_ms` (for rate-limiting reports).
-    pub fn claim(&mut self, agent: &str, epoch: u64, seq: u64, tag: u16, now_ms: i64) -> Claim {
+    /// Claims `(agent, epoch, seq)` for the record tagged `tag` ([`tag`]) whose bytes are tagged `content`
+    /// ([`content_tag`]), at `now_ms` (for rate-limiting reports).
+    pub fn claim(
+        &mut self,
+        agent: &str,
+        epoch: u64,
+        seq: u64,
+        tag: u32,
+        content: u32,
+        now_ms: i64,
+    ) -> Claim {
         self.tick += 1;
         let tick = self.tick;
         let a = match self.agents.get_mut(agent) {
@@ -270,7 +304,8 @@ impl BatchDedup {
             }
         };
         a.used = tick;
-        let (verdict, conflict) = Self::claim_in(a, self.window, epoch, seq, tag, now_ms);
+        let (verdict, conflict) =
+            Self::claim_in(a, self.window, epoch, seq, slot(tag, content), now_ms);
         let before = a.bytes;
         a.bytes = a.count_bytes(agent);
         self.bytes = self.bytes - before + a.bytes;
@@ -307,7 +342,7 @@ impl BatchDedup {
         window: u64,
         epoch: u64,
         seq: u64,
-        tag: u16,
+        tag: Slot,
         now_ms: i64,
     ) -> (Verdict, Option<Conflict>) {
         let idx = match a.epochs.iter().position(|e| e.epoch == epoch) {
@@ -331,9 +366,21 @@ impl BatchDedup {
                 w.insert(seq, tag, window);
                 Verdict::New
             }
-            t if t == tag => Verdict::Replay,
-            _ => Verdict::Resend,
+            t if t >> 32 == tag >> 32 => Verdict::Replay,
+            t if t as u32 == tag as u32 => Verdict::Resend,
+            _ => Verdict::Collision,
         };
+        if verdict == Verdict::Collision {
+            let report = Self::may_report(a, now_ms);
+            return (
+                verdict,
+                Some(Conflict {
+                    older: epoch,
+                    newer: epoch,
+                    report,
+                }),
+            );
+        }
         if verdict != Verdict::New {
             return (verdict, None);
         }
@@ -356,20 +403,23 @@ impl BatchDedup {
                 e.window = None;
             }
         }
-        let conflict = newer.map(|newer| {
-            let report = a
-                .last_report_ms
-                .is_none_or(|t| now_ms.saturating_sub(t) >= REPORT_EVERY_MS);
-            if report {
-                a.last_report_ms = Some(now_ms);
-            }
-            Conflict {
-                older: epoch,
-                newer,
-                report,
-            }
+        let conflict = newer.map(|newer| Conflict {
+            older: epoch,
+            newer,
+            report: Self::may_report(a, now_ms),
         });
         (verdict, conflict)
+    }
+
+    /// Whether a report of this agent may be logged now (at most once per [`REPORT_EVERY_MS`]).
+    fn may_report(a: &mut AgentState, now_ms: i64) -> bool {
+        let report = a
+            .last_report_ms
+            .is_none_or(|t| now_ms.saturating_sub(t) >= REPORT_EVERY_MS);
+        if report {
+            a.last_report_ms = Some(now_ms);
+        }
+        report
     }
 }
 
@@ -384,8 +434,44 @@ mod tests {
         BatchDedup::new(usize::MAX, WINDOW)
     }
 
-    fn lands(d: &mut BatchDedup, agent: &str, epoch: u64, seq: u64, tag: u16) -> bool {
-        d.claim(agent, epoch, seq, tag, 0).verdict.lands()
+    /// The content tag a batch's record has: the same for every resend of `(agent, epoch, seq)`.
+    fn content_of(agent: &str, epoch: u64, seq: u64) -> u32 {
+        content_tag(format!("{agent}/{epoch}/{seq}").as_bytes())
+    }
+
+    /// Claims with the content every resend of the batch shares.
+    fn claim(d: &mut BatchDedup, agent: &str, epoch: u64, seq: u64, tag: u32, now: i64) -> Claim {
+        d.claim(agent, epoch, seq, tag, content_of(agent, epoch, seq), now)
+    }
+
+    fn lands(d: &mut BatchDedup, agent: &str, epoch: u64, seq: u64, tag: u32) -> bool {
+        claim(d, agent, epoch, seq, tag, 0).verdict.lands()
+    }
+
+    #[test]
+    fn a_batch_identity_reused_with_other_bytes_lands_and_is_reported() {
+        // A buffer file restored from a backup keeps its epoch but numbers from an older point: its new batches
+        // reuse identities that landed, with other content.
+        let mut d = big();
+        assert_eq!(
+            d.claim("gw", 5, 10, tag("s", "1"), 111, 0).verdict,
+            Verdict::New
+        );
+        let c = d.claim("gw", 5, 10, tag("s", "2"), 222, 0);
+        assert_eq!(c.verdict, Verdict::Collision);
+        assert!(
+            c.verdict.lands(),
+            "other bytes are other readings: never skipped"
+        );
+        assert_eq!(
+            c.conflict.map(|c| (c.older, c.newer, c.report)),
+            Some((5, 5, true))
+        );
+        assert_eq!(
+            d.claim("gw", 5, 10, tag("s", "3"), 111, 0).verdict,
+            Verdict::Resend,
+            "the same bytes again in another record are a resend"
+        );
     }
 
     /// The bytes recounted from scratch.
@@ -398,14 +484,14 @@ mod tests {
         let mut d = big();
         let (r1, r2) = (tag("shard-1", "100"), tag("shard-2", "100"));
         assert_ne!(r1, r2);
-        assert_eq!(d.claim("a", 7, 1, r1, 0).verdict, Verdict::New);
+        assert_eq!(claim(&mut d, "a", 7, 1, r1, 0).verdict, Verdict::New);
         assert_eq!(
-            d.claim("a", 7, 1, r1, 0).verdict,
+            claim(&mut d, "a", 7, 1, r1, 0).verdict,
             Verdict::Replay,
             "a replay of the same record lands again"
         );
         assert_eq!(
-            d.claim("a", 7, 1, r2, 0).verdict,
+            claim(&mut d, "a", 7, 1, r2, 0).verdict,
             Verdict::Resend,
             "a resend in another record is skipped"
         );
@@ -421,7 +507,14 @@ mod tests {
         }
         // Re-imaged: epoch 22 starts at 1 again, in other records.
         for seq in 1..=100 {
-            let c = d.claim("gw", 22, seq, tag("s", &(1000 + seq).to_string()), 0);
+            let c = claim(
+                &mut d,
+                "gw",
+                22,
+                seq,
+                tag("s", &(1000 + seq).to_string()),
+                0,
+            );
             assert_eq!(c.verdict, Verdict::New, "seq {seq}");
             assert_eq!(c.conflict, None);
         }
@@ -430,28 +523,32 @@ mod tests {
     #[test]
     fn a_re_image_with_trailing_batches_is_no_conflict_but_two_live_agents_are() {
         let mut d = big();
-        let mut rec = 0u16;
+        let mut rec = 0u32;
         let mut next = || {
             rec += 1;
             rec
         };
         for seq in 1..=50 {
-            d.claim("gw", 11, seq, next(), 0);
+            claim(&mut d, "gw", 11, seq, next(), 0);
         }
         // The new box starts; the old one's last batches and resends trail for a while.
         for seq in 1..=10 {
-            assert_eq!(d.claim("gw", 22, seq, next(), 0).conflict, None);
+            assert_eq!(claim(&mut d, "gw", 22, seq, next(), 0).conflict, None);
         }
         for seq in 45..=55 {
-            assert_eq!(d.claim("gw", 11, seq, next(), 0).conflict, None, "{seq}");
+            assert_eq!(
+                claim(&mut d, "gw", 11, seq, next(), 0).conflict,
+                None,
+                "{seq}"
+            );
         }
         for seq in 11..=200 {
-            assert_eq!(d.claim("gw", 22, seq, next(), 0).conflict, None);
+            assert_eq!(claim(&mut d, "gw", 22, seq, next(), 0).conflict, None);
         }
         // A resend of the old epoch much later is no conflict either.
-        assert_eq!(d.claim("gw", 11, 50, next(), 0).conflict, None);
+        assert_eq!(claim(&mut d, "gw", 11, 50, next(), 0).conflict, None);
         // The old epoch landing new batches long after the new one started: two live agents.
-        let c = d.claim("gw", 11, 56, next(), 1_000).conflict;
+        let c = claim(&mut d, "gw", 11, 56, next(), 1_000).conflict;
         assert_eq!(
             c,
             Some(Conflict {
@@ -461,9 +558,11 @@ mod tests {
             })
         );
         // Counted every time, reported at most once a minute.
-        let c = d.claim("gw", 11, 57, next(), 2_000).conflict.unwrap();
+        let c = claim(&mut d, "gw", 11, 57, next(), 2_000).conflict.unwrap();
         assert!(!c.report);
-        let c = d.claim("gw", 11, 58, next(), 62_000).conflict.unwrap();
+        let c = claim(&mut d, "gw", 11, 58, next(), 62_000)
+            .conflict
+            .unwrap();
         assert!(c.report);
     }
 
@@ -472,8 +571,8 @@ mod tests {
         let mut d = big();
         let mut conflicts = 0;
         for seq in 1..=100u64 {
-            for (epoch, base) in [(5u64, 0u16), (9, 1_000)] {
-                if d.claim("twin", epoch, seq, base + seq as u16, 0)
+            for (epoch, base) in [(5u64, 0u32), (9, 1_000)] {
+                if claim(&mut d, "twin", epoch, seq, base + seq as u32, 0)
                     .conflict
                     .is_some()
                 {
@@ -493,18 +592,24 @@ mod tests {
         let mut d = big();
         for seq in 1..=500u64 {
             // Sealed before the upgrade (epoch 0) and after (epoch 3), sent interleaved.
-            assert_eq!(d.claim("up", 3, seq + 500, seq as u16, 0).conflict, None);
-            assert_eq!(d.claim("up", 0, seq, 10_000 + seq as u16, 0).conflict, None);
+            assert_eq!(
+                claim(&mut d, "up", 3, seq + 500, seq as u32, 0).conflict,
+                None
+            );
+            assert_eq!(
+                claim(&mut d, "up", 0, seq, 10_000 + seq as u32, 0).conflict,
+                None
+            );
         }
     }
 
     #[test]
     fn an_old_epoch_stops_holding_its_window() {
         let mut d = BatchDedup::new(usize::MAX, 1_000);
-        d.claim("gw", 1, 1, 1, 0);
+        claim(&mut d, "gw", 1, 1, 1, 0);
         let before = d.memory_bytes();
         for seq in 1..=1_001 {
-            d.claim("gw", 2, seq, 10 + seq as u16, 0);
+            claim(&mut d, "gw", 2, seq, 10 + seq as u32, 0);
         }
         let a = &d.agents["gw"];
         assert!(a.epochs[0].window.is_none(), "old epoch retired");
@@ -514,7 +619,7 @@ mod tests {
         assert!(lands(&mut d, "gw", 1, 1, 9_999));
         // At most MAX_EPOCHS epochs per agent.
         for e in 10..20 {
-            d.claim("gw", e, 1, 1, 0);
+            claim(&mut d, "gw", e, 1, 1, 0);
         }
         assert_eq!(d.agents["gw"].epochs.len(), MAX_EPOCHS);
         assert_eq!(d.memory_bytes(), recount(&d));
@@ -529,7 +634,7 @@ mod tests {
         for a in 0..10_000u64 {
             for seq in 1..=window + 10 {
                 if a % 1000 == 0 || seq <= 3 {
-                    evicted += d.claim(&format!("agent-{a}"), 42, seq, 1, 0).evicted;
+                    evicted += claim(&mut d, &format!("agent-{a}"), 42, seq, 1, 0).evicted;
                 }
             }
             assert!(d.memory_bytes() <= max, "{} > {max}", d.memory_bytes());
@@ -542,22 +647,25 @@ mod tests {
             d.memory_bytes()
         );
         // The most recent agent is remembered; the first one was forgotten, so its batches are new again.
-        assert_eq!(d.claim("agent-9999", 42, 1, 2, 0).verdict, Verdict::Resend);
-        assert_eq!(d.claim("agent-1", 42, 1, 2, 0).verdict, Verdict::New);
+        assert_eq!(
+            claim(&mut d, "agent-9999", 42, 1, 2, 0).verdict,
+            Verdict::Resend
+        );
+        assert_eq!(claim(&mut d, "agent-1", 42, 1, 2, 0).verdict, Verdict::New);
     }
 
     #[test]
     fn a_window_grows_only_as_far_as_used() {
         let mut d = BatchDedup::new(usize::MAX, WINDOW);
-        d.claim("small", 1, 1, 1, 0);
-        d.claim("small", 1, 5, 1, 0);
+        claim(&mut d, "small", 1, 1, 1, 0);
+        claim(&mut d, "small", 1, 5, 1, 0);
         assert!(
             d.memory_bytes() < AGENT_OVERHEAD + 1024,
             "{}",
             d.memory_bytes()
         );
         for seq in 1..=3 * WINDOW {
-            d.claim("busy", 1, seq, 1, 0);
+            claim(&mut d, "busy", 1, seq, 1, 0);
         }
         let busy = d.agents["busy"].bytes;
         assert!(busy <= agent_bytes_max(WINDOW, 1) + "busy".len(), "{busy}");
@@ -571,8 +679,8 @@ mod tests {
     }
 
     /// An operation of the property tests: agent, epoch, seq, record.
-    fn ops(agents: u8, seqs: u64) -> impl Strategy<Value = Vec<(u8, u64, u64, u16)>> {
-        prop::collection::vec((0..agents, 0u64..3, 0..seqs, 1u16..4), 1..600)
+    fn ops(agents: u8, seqs: u64) -> impl Strategy<Value = Vec<(u8, u64, u64, u32)>> {
+        prop::collection::vec((0..agents, 0u64..3, 0..seqs, 1u32..4), 1..600)
     }
 
     proptest! {
@@ -582,12 +690,12 @@ mod tests {
         fn matches_a_map_within_the_window(ops in ops(4, 600)) {
             let window = 256;
             let mut d = BatchDedup::new(usize::MAX, window);
-            let mut model: HashMap<(u8, u64, u64), u16> = HashMap::new();
+            let mut model: HashMap<(u8, u64, u64), u32> = HashMap::new();
             let mut high: HashMap<(u8, u64), u64> = HashMap::new();
             for (agent, epoch, seq, t) in ops {
                 let h = high.entry((agent, epoch)).or_insert(0);
                 let in_window = seq + window > *h;
-                let c = d.claim(&agent.to_string(), epoch, seq, t, 0);
+                let c = claim(&mut d, &agent.to_string(), epoch, seq, t, 0);
                 prop_assert_eq!(c.evicted, 0);
                 let landed = c.verdict.lands();
                 if !in_window {
@@ -610,10 +718,10 @@ mod tests {
             let max = 8 * agent_bytes_max(window, MAX_EPOCHS);
             let mut d = BatchDedup::new(max, window);
             // Every record that landed each batch.
-            let mut landed_by: HashMap<(u8, u64, u64), Vec<u16>> = HashMap::new();
+            let mut landed_by: HashMap<(u8, u64, u64), Vec<u32>> = HashMap::new();
             let (n, mut evicted) = (ops.len(), 0);
             for (agent, epoch, seq, t) in ops {
-                let c = d.claim(&agent.to_string(), epoch, seq, t, 0);
+                let c = claim(&mut d, &agent.to_string(), epoch, seq, t, 0);
                 evicted += c.evicted;
                 prop_assert!(d.memory_bytes() <= max);
                 prop_assert_eq!(d.memory_bytes(), recount(&d));
@@ -627,6 +735,7 @@ mod tests {
                         prop_assert!(by.is_some_and(|by| by.contains(&t)));
                     }
                     Verdict::New => landed_by.entry((agent, epoch, seq)).or_default().push(t),
+                    Verdict::Collision => prop_assert!(false, "one content per batch here: no collision"),
                 }
             }
             prop_assert!(n < 400 || evicted > 0, "the bound was never reached");

@@ -128,6 +128,7 @@ impl Lander {
                     batch.epoch,
                     batch.seq,
                     tag,
+                    dedup::content_tag(data),
                     fieldlink_ops::unix_ms(),
                 );
                 self.metrics.dedup_memory.set(d.memory_bytes() as i64);
@@ -143,7 +144,17 @@ impl Lander {
         if claim.evicted > 0 {
             self.metrics.dedup_evictions.add(claim.evicted as u64);
         }
-        if let Some(c) = claim.conflict {
+        if claim.verdict == dedup::Verdict::Collision {
+            self.metrics.batch_id_collisions.inc();
+            if claim.conflict.is_some_and(|c| c.report) {
+                tracing::error!(
+                    agent = %batch.agent_id,
+                    epoch = %format!("{:016x}", batch.epoch),
+                    seq = batch.seq,
+                    "a batch identity landed before arrives with other content: a buffer file restored from a backup or cloned onto another box? landed anyway"
+                );
+            }
+        } else if let Some(c) = claim.conflict {
             self.metrics.agent_id_conflicts.inc();
             if c.report {
                 tracing::error!(

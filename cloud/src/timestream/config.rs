@@ -8,8 +8,7 @@ pub struct TimestreamConfig {
     pub database: String,
     /// Table name (must exist).
     pub table: String,
-    /// Base of the multi-measure records' names: each record is named `<measure_name>.<hash of its measure
-    /// names>` (see `timestream::records`), at most 239 characters. Default `metrics`.
+    /// Measure name of the multi-measure records (1 to 256 characters). Default `metrics`.
     #[serde(default = "default_measure_name")]
     pub measure_name: String,
     /// `WriteRecords` calls of one shard in flight at once. Default 4.
@@ -40,10 +39,10 @@ impl TimestreamConfig {
                 ));
             }
         }
-        let max = super::records::limits::MAX_MEASURE_NAME - super::records::MEASURE_NAME_SUFFIX;
+        let max = super::records::limits::MAX_MEASURE_NAME;
         if self.measure_name.is_empty() || self.measure_name.len() > max {
             p.push(format!(
-                "{path}.measure_name: must be 1 to {max} characters (a record's name appends 17)"
+                "{path}.measure_name: must be 1 to {max} characters"
             ));
         }
         if !(1..=64).contains(&self.max_calls_in_flight) {

@@ -2,14 +2,15 @@
 //!
 //! # Record layout
 //! Readings that share device, tags and time become one multi-measure record:
-//! - dimensions: `agent`, `device` and the series' tags (renamed where Timestream would refuse them, below);
+//! - dimensions: `agent`, `device`, the series' tags (renamed where Timestream would refuse them, below) and
+//!   `measure_set`: 16 hex digits of a 64-bit FNV-1a hash of the record's sorted measure names, see
+//!   [`measure_set`];
 //! - time: the event time, ms;
 //! - measures: one per series measure (the last segment of the series key). A reading whose quality is not
 //!   good adds a VARCHAR measure `<measure>_quality`; a bad reading without a finite value (a Modbus exception)
 //!   lands as that quality measure alone. More than [`limits::MAX_MEASURES`] measures are cut into several
 //!   records (measures in name order);
-//! - measure name: `<measure_name>.<hash>`, `measure_name` from the config and `hash` 16 hex digits of a
-//!   64-bit FNV-1a hash of the record's sorted measure names, see [`record_measure_name`];
+//! - measure name: `measure_name` from the config (default `metrics`), the same for every record;
 //! - version: a 63-bit hash of the record's content (dimensions, time, measure name, measures with types and
 //!   values), at least 1, see [`content_version`].
 //!
@@ -18,9 +19,11 @@
 //! `Version` replaces the record's whole measure set: measures the new write does not carry vanish. One
 //! device's measures at one time can be split over batches (the seal's row limit, per-metric Sparkplug DDATA
 //! straddling a seal tick, a measure that arrives late) and over the records of one group cut at
-//! [`limits::MAX_MEASURES`]. With one measure name for all of them each write erased the others. Deriving the
-//! measure name from the measure set means two writes share an identity only if they carry the same measure
-//! names (a 64-bit hash collision aside), so a replace can change values but never erase a measure.
+//! [`limits::MAX_MEASURES`]. With one identity for all of them each write erased the others. The
+//! `measure_set` dimension means two writes share an identity only if they carry the same measure names (a
+//! 64-bit hash collision aside), so a replace can change values but never erase a measure. It is a dimension,
+//! not part of the measure name, because a table holds at most 8,192 measure names while dimension values are
+//! unbounded; queries keep `WHERE measure_name = 'metrics'` and may ignore `measure_set`.
 //!
 //! The version is a function of the content, not of the batch, so:
 //! - a replay or a resend of a batch writes the same versions and values: a no-op;
@@ -31,8 +34,8 @@
 //!   way whatever the landing order: the higher version stays, the lower one is replaced or rejected (and
 //!   dead-lettered). Parquet keeps both readings.
 //!
-//! Cost: Timestream allows 8,192 measure names per table; each distinct measure set is one. A device kind
-//! whose measures always arrive together uses one; splits add one per distinct subset.
+//! Cost: one more dimension per record (a few dozen bytes), and one Timestream series per device and distinct
+//! measure set: a device whose measures always arrive together has one; splits add one per distinct subset.
 //!
 //! A tag whose name Timestream would refuse as a dimension — `agent` or `device` (taken), `time`,
 //! `measure_name`, `measure_value`, a name starting with `ts_` or `measure_value`, or one with a `:` — becomes
@@ -92,7 +95,7 @@ pub struct TsRecord {
     pub dimensions: Vec<(String, String)>,
     /// Time, Unix ms.
     pub time_ms: i64,
-    /// The record's measure name (see [`record_measure_name`]).
+    /// The record's measure name (the configured one).
     pub measure_name: String,
     /// Measures `(name, value as text, type)`.
     pub measures: Vec<(String, String, MeasureType)>,
@@ -122,8 +125,10 @@ fn measure(value: &Value) -> Option<(String, MeasureType)> {
 /// The dimension name of a tag: the tag's name unless Timestream reserves it or it would collide with `agent` or
 /// `device`.
 pub fn dimension_name(tag: &str) -> String {
-    let reserved = matches!(tag, "agent" | "device" | "time" | "measure_name")
-        || tag.starts_with("ts_")
+    let reserved = matches!(
+        tag,
+        "agent" | "device" | "time" | "measure_name" | MEASURE_SET
+    ) || tag.starts_with("ts_")
         || tag.starts_with("measure_value")
         || tag.contains(':');
     if reserved {
@@ -133,8 +138,8 @@ pub fn dimension_name(tag: &str) -> String {
     }
 }
 
-/// Bytes [`record_measure_name`] appends to the configured measure name.
-pub const MEASURE_NAME_SUFFIX: usize = 17;
+/// The dimension naming a record's measure set.
+pub const MEASURE_SET: &str = "measure_set";
 
 fn fnv64(parts: impl IntoIterator<Item = impl AsRef<[u8]>>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -148,13 +153,13 @@ fn fnv64(parts: impl IntoIterator<Item = impl AsRef<[u8]>>) -> u64 {
     h
 }
 
-/// The measure name of a record carrying the measures `names` (in any order): `<base>.<16 hex digits>`, a
+/// The `measure_set` dimension of a record carrying the measures `names` (in any order): 16 hex digits, a
 /// function of the set of names alone.
-pub fn record_measure_name<'a>(base: &str, names: impl IntoIterator<Item = &'a str>) -> String {
+pub fn measure_set<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
     let mut names: Vec<&str> = names.into_iter().collect();
     names.sort_unstable();
     names.dedup();
-    format!("{base}.{:016x}", fnv64(names))
+    format!("{:016x}", fnv64(names))
 }
 
 /// The version of a record: a hash of everything it carries, in `1..=i64::MAX`.
@@ -189,10 +194,10 @@ pub fn build(batch: &Batch, measure_name: &str) -> (Vec<TsRecord>, Vec<Refused>)
                     .filter(|(_, v)| !v.is_empty())
                     .map(|(k, v)| (dimension_name(k), v.clone())),
             );
-            if d.len() > limits::MAX_DIMENSIONS {
+            if d.len() + 1 > limits::MAX_DIMENSIONS {
                 return Err(format!(
-                    "{} dimensions, limit {}",
-                    d.len(),
+                    "{} dimensions with measure_set, limit {}",
+                    d.len() + 1,
                     limits::MAX_DIMENSIONS
                 ));
             }
@@ -269,15 +274,17 @@ pub fn build(batch: &Batch, measure_name: &str) -> (Vec<TsRecord>, Vec<Refused>)
     let mut records = Vec::with_capacity(groups.len());
     for ((dimensions, time_ms), measures) in groups {
         let measures: Vec<_> = measures.into_iter().map(|(k, (v, t))| (k, v, t)).collect();
-        // Split records with more measures than allowed: each chunk has its own measure set, so its own name.
+        // Split records with more measures than allowed: each chunk has its own measure set, so its own identity.
         for chunk in measures.chunks(limits::MAX_MEASURES) {
+            let mut dims = dimensions.clone();
+            dims.push((
+                MEASURE_SET.to_owned(),
+                measure_set(chunk.iter().map(|(k, _, _)| k.as_str())),
+            ));
             let mut r = TsRecord {
-                dimensions: dimensions.clone(),
+                dimensions: dims,
                 time_ms,
-                measure_name: record_measure_name(
-                    measure_name,
-                    chunk.iter().map(|(k, _, _)| k.as_str()),
-                ),
+                measure_name: measure_name.to_owned(),
                 measures: chunk.to_vec(),
                 version: 0,
             };
@@ -396,19 +403,15 @@ mod tests {
             first.dimensions,
             vec![
                 ("agent".into(), "edge-1".into()),
-                ("device".into(), "line3/imu/000".into())
+                ("device".into(), "line3/imu/000".into()),
+                (
+                    MEASURE_SET.into(),
+                    measure_set(["acc_y_quality", "acc_x", "acc_y"])
+                ),
             ]
         );
         assert_eq!(first.time_ms, 100);
-        assert_eq!(
-            first.measure_name,
-            record_measure_name("metrics", ["acc_x", "acc_y", "acc_y_quality"])
-        );
-        assert!(first.measure_name.starts_with("metrics."));
-        assert_eq!(
-            first.measure_name.len(),
-            "metrics".len() + MEASURE_NAME_SUFFIX
-        );
+        assert_eq!(first.measure_name, "metrics");
         assert_eq!(first.version, content_version(first));
         assert_eq!(
             first.measures,
@@ -454,7 +457,11 @@ mod tests {
             &one_device(3, 5, &[(1, 2.0), (0, 1.0), (2, 3.0)]),
             "metrics",
         );
-        assert_eq!(a[0].dimensions, b[0].dimensions);
+        assert_eq!(
+            a[0].dimensions[..2],
+            b[0].dimensions[..2],
+            "same agent and device"
+        );
         assert_ne!(identity(&a[0]), identity(&b[0]));
         assert_ne!(
             identity(&a[0]),
