@@ -57,6 +57,12 @@ const TRANSIENT_CODES: &[&str] = &[
     "ServiceUnavailableException",
     // Timestream: the discovered endpoint moved; the client discovers it again.
     "InvalidEndpointException",
+    // Role and instance credentials expire and are refreshed by the provider before the next call.
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "RequestExpired",
+    // S3: a conflicting operation on the bucket is under way.
+    "OperationAborted",
 ];
 
 /// Error codes that need an operator, for answers without a 4xx status.
@@ -69,8 +75,6 @@ const PERMANENT_CODES: &[&str] = &[
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
     "InvalidSignatureException",
-    "ExpiredToken",
-    "ExpiredTokenException",
     "ResourceNotFoundException",
     "NoSuchBucket",
     "PermanentRedirect",
@@ -87,7 +91,7 @@ pub fn classify(code: Option<&str>, status: Option<u16>) -> ErrorClass {
         return ErrorClass::Permanent;
     }
     match status {
-        Some(408 | 429) => ErrorClass::Transient,
+        Some(408 | 409 | 429) => ErrorClass::Transient,
         Some(s) if (400..500).contains(&s) => ErrorClass::Permanent,
         _ => ErrorClass::Transient,
     }
@@ -259,7 +263,10 @@ mod tests {
             ("RequestTimeout", 400, Transient),
             ("SomethingNew", 502, Transient),
             ("SomethingNew", 429, Transient),
-            ("SomethingNew", 409, Permanent),
+            ("SomethingNew", 409, Transient),
+            ("SomethingNew", 404, Permanent),
+            ("ExpiredTokenException", 400, Transient),
+            ("OperationAborted", 409, Transient),
         ];
         for (code, status, class) in cases {
             let e = CallError::of_sdk(&service(code, status, "why"));

@@ -200,6 +200,19 @@ pub fn spawn(
     let (ctl_tx, ctl) = flume::bounded(64);
     let sealed = Arc::new(Notify::new());
     let ready_id = buffer.last_row_id(); // rows from before a restart are ready at once
+                                         // A headroom larger than a quarter of a small filesystem would keep intake paused for good: use an eighth.
+    let headroom = match buffer.disk_size() {
+        Some(size) if cfg.min_free_bytes > size / 4 => {
+            tracing::warn!(
+                min_free_bytes = cfg.min_free_bytes,
+                filesystem_bytes = size,
+                using = size / 8,
+                "buffer.min_free_bytes is more than a quarter of the buffer's filesystem; keeping an eighth free instead"
+            );
+            size / 8
+        }
+        _ => cfg.min_free_bytes,
+    };
     let mut worker = Worker {
         buffer,
         encoder,
@@ -214,6 +227,7 @@ pub fn spawn(
         ready_id,
         published: Ledger::default(),
         held: None,
+        headroom,
         seal_error: None,
         seal_rows: usize::MAX,
     };
@@ -258,6 +272,8 @@ struct Worker {
     /// A group of appends taken from the queue but not committed yet (a failed commit, or no disk room): retried
     /// at `retry_at`; no new appends are taken meanwhile, while control (fetch, acknowledge, flush) is served.
     held: Option<Held>,
+    /// Bytes kept free on the buffer's filesystem: `min_free_bytes`, at most an eighth of a small filesystem.
+    headroom: u64,
     /// The last seal's error, until a seal succeeds.
     seal_error: Option<String>,
     /// Rows one seal takes at most: halved after a seal failed for disk space, doubled back after each success.
@@ -364,8 +380,9 @@ impl Worker {
                         Err(e) => {
                             // Give up rather than wedge the thread: the records stay pending and are sent again
                             // (same epoch and sequence number: the cloud skips the resend).
+                            // They stay in flight until the next fetch: Kinesis has them, so `drop_oldest`
+                            // must not count them as dropped.
                             self.metrics.buffer_errors.inc();
-                            self.buffer.release_in_flight();
                             tracing::error!(error = %e, records = seqs.len(), "deleting acknowledged batches keeps failing; they stay buffered and will be resent");
                             break;
                         }
@@ -429,16 +446,24 @@ impl Worker {
     /// dropped unless the disk is full and the policy is `drop_oldest`, and then only for the space needed. On a
     /// full disk the group is committed in smaller parts (a smaller transaction needs less WAL).
     fn try_commit(&mut self, mut held: Held) {
-        let n = held.limit.min(held.group.len());
-        let bytes: u64 = held.group[..n]
-            .iter()
-            .map(|a| super::counted_bytes(&a.readings))
-            .sum();
-        // The WAL holds a copy of each page until the next checkpoint: count the part twice.
-        let need = bytes.saturating_mul(2);
-        if let Err(why) = self.ensure_room(need) {
-            return self.hold(held, why);
-        }
+        let mut n = held.limit.min(held.group.len());
+        let need = loop {
+            let bytes: u64 = held.group[..n]
+                .iter()
+                .map(|a| super::counted_bytes(&a.readings))
+                .sum();
+            // The WAL holds a copy of each page until the next checkpoint: count the part twice.
+            let need = bytes.saturating_mul(2);
+            match self.ensure_room(need) {
+                Ok(()) => break need,
+                // A smaller part may fit where the whole group does not.
+                Err(_) if n > 1 => {
+                    n = n.div_ceil(2);
+                    held.limit = n;
+                }
+                Err(why) => return self.hold(held, why),
+            }
+        };
         let part = &held.group[..n];
         let res = self.buffer.append_with_refused(
             part.iter().map(|a| a.readings.as_slice()),
@@ -496,13 +521,13 @@ impl Worker {
         self.held = Some(held);
     }
 
-    /// Makes sure `need` bytes can be written while keeping `min_free_bytes` free, dropping the oldest batches
+    /// Makes sure `need` bytes can be written while keeping the headroom free, dropping the oldest batches
     /// for the shortfall under `drop_oldest`. `Err` says why intake has to wait.
     fn ensure_room(&mut self, need: u64) -> Result<(), String> {
         let Some(room) = self.buffer.disk_room() else {
             return Ok(()); // cannot tell: SQLITE_FULL will say so
         };
-        let want = need + self.cfg.min_free_bytes;
+        let want = need + self.headroom;
         if room >= want {
             return Ok(());
         }
@@ -515,7 +540,7 @@ impl Worker {
         Err(format!(
             "intake paused: {:.1} MiB left on the buffer's filesystem, {:.1} MiB kept free",
             room as f64 / 1048576.0,
-            self.cfg.min_free_bytes as f64 / 1048576.0
+            self.headroom as f64 / 1048576.0
         ))
     }
 
@@ -540,7 +565,7 @@ impl Worker {
     /// The most one transaction may write (counted bytes): a quarter of the disk headroom (at least 256 KiB, at
     /// most 16 MiB), so a commit or a seal can never eat the space acknowledgement deletes and the WAL need.
     fn txn_budget(&self) -> u64 {
-        (self.cfg.min_free_bytes / 4).clamp(256 * 1024, 16 * 1024 * 1024)
+        (self.headroom / 4).clamp(256 * 1024, 16 * 1024 * 1024)
     }
 
     /// The buffer's problem now, in one sentence (for `/health`), if it has one.

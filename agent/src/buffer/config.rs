@@ -53,7 +53,8 @@ pub struct BufferConfig {
     /// space plus SQLite's free pages); when a commit would eat into this headroom, `drop_oldest` drops the oldest
     /// sealed batches for the shortfall and `backpressure` (or nothing left to drop) pauses intake until sending
     /// frees space. The headroom lets sealing and acknowledgement deletes still write (WAL), so a full disk never
-    /// wedges the agent. Default 33554432 (32 MiB).
+    /// wedges the agent. On a filesystem smaller than four times this, an eighth of it is kept instead (logged).
+    /// Default 33554432 (32 MiB).
     #[serde(default = "default_min_free")]
     pub min_free_bytes: u64,
 }

@@ -596,12 +596,7 @@ impl Buffer {
     /// Bytes the buffer can still write: free space on its filesystem (for an unprivileged user) plus the pages
     /// SQLite keeps free inside the file (reused before the file grows). `None` if the filesystem cannot be asked.
     pub fn disk_room(&self) -> Option<u64> {
-        let dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let fs = rustix::fs::statvfs(dir).ok()?;
+        let fs = rustix::fs::statvfs(self.dir()).ok()?;
         let free_pages: i64 = self
             .conn
             .query_row(
@@ -611,6 +606,19 @@ impl Buffer {
             )
             .ok()?;
         Some(fs.f_bavail.saturating_mul(fs.f_frsize) + free_pages.max(0) as u64)
+    }
+
+    /// Size of the buffer's filesystem in bytes, if it can be asked.
+    pub fn disk_size(&self) -> Option<u64> {
+        let fs = rustix::fs::statvfs(self.dir()).ok()?;
+        Some(fs.f_blocks.saturating_mul(fs.f_frsize))
+    }
+
+    fn dir(&self) -> &Path {
+        self.path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
     }
 
     /// Gives the WAL's disk space back to the filesystem (`wal_checkpoint(TRUNCATE)`), after a write failed for
@@ -1060,8 +1068,14 @@ impl Buffer {
             if seqs.is_empty() {
                 break; // everything left is in flight
             }
-            let gone = self.delete_batches(&seqs)?;
-            dropped += gone.pending_readings;
+            match self.delete_batches(&seqs) {
+                Ok(gone) => dropped += gone.pending_readings,
+                Err(e) => {
+                    // Earlier rounds are committed: count them before giving up.
+                    self.ledger.dropped += dropped;
+                    return Err(e);
+                }
+            }
         }
         self.ledger.dropped += dropped;
         Ok(dropped)
