@@ -25,6 +25,14 @@ fn assert_resends_identical(records: &[DumpedRecord]) -> usize {
     resent
 }
 
+/// Asserts each acknowledged number is in Kinesis exactly once (a batch the agent resent counts once, as the
+/// cloud skips it; its copies must be byte-identical): a multiset, so a doubled reading fails.
+fn assert_exactly_once(acked: &[u64], records: &[DumpedRecord]) {
+    let problem = exactly_once(acked, &numbers_in(&unique_batches(records)));
+    assert!(problem.is_empty(), "{problem}");
+}
+
+/// The acknowledged numbers not (yet) in Kinesis.
 fn missing(acked: &[u64], records: &[DumpedRecord]) -> Vec<u64> {
     let got: BTreeSet<u64> = numbers_in(records).into_iter().collect();
     acked.iter().copied().filter(|n| !got.contains(n)).collect()
@@ -82,6 +90,7 @@ fn every_acknowledged_reading_survives_sigkill_at_random_moments() {
         },
     );
     let resent = assert_resends_identical(&records);
+    assert_exactly_once(&acked, &records);
     agent.stop();
     eprintln!(
         "{rounds} SIGKILL rounds: {} readings acknowledged by the broker, all in Kinesis; {} records, {resent} resent byte-identical",
@@ -139,7 +148,7 @@ fn an_outage_is_buffered_and_drained_and_a_small_cap_drops_exactly_what_it_count
             .then_some(())
     });
     let records = kinesis_dump(&moto.endpoint, "outage");
-    assert!(missing(&acked, &records).is_empty());
+    assert_exactly_once(&acked, &records);
     let (received, accounted) = agent.ledger();
     assert_eq!(received, accounted, "ledger");
     agent.stop();
@@ -243,10 +252,7 @@ fn an_outage_is_buffered_and_drained_and_a_small_cap_drops_exactly_what_it_count
         .into_iter()
         .filter(|r| r.agent == "bp-agent")
         .collect();
-    assert!(
-        missing(&acked_bp, &bp_records).is_empty(),
-        "backpressure lost readings"
-    );
+    assert_exactly_once(&acked_bp, &bp_records);
     assert_eq!(bp.metric("fieldlink_readings_dropped_total"), 0.0);
     let (received, accounted) = bp.ledger();
     assert_eq!(received, accounted, "ledger with backpressure");
@@ -288,7 +294,7 @@ fn rejected_entries_and_throttled_calls_lose_nothing_and_are_counted() {
         },
     );
     let records = kinesis_dump(&moto.endpoint, "faults");
-    assert!(missing(&acked, &records).is_empty(), "lost readings");
+    assert_exactly_once(&acked, &records);
     assert_resends_identical(&records);
     let stats = proxy.stats();
     let rejected = stats["rejected_entries"].as_f64().unwrap();
@@ -367,6 +373,7 @@ fn graceful_stops_finish_the_call_in_flight_and_resend_nothing() {
     );
     agent.stop();
     let records = kinesis_dump(&moto.endpoint, "graceful");
+    assert_exactly_once(&acked, &records);
     let mut batches: HashMap<(String, u64, u64), usize> = HashMap::new();
     for r in &records {
         *batches

@@ -451,6 +451,14 @@ fn broker_restart(protocol: &str) {
         .contains("mqtt:local: ok");
     let ledger = agent.ledger();
     agent.stop();
+    // Each acknowledged reading exactly once (a batch resent counts once): a redelivery after the restart is
+    // deduplicated by the agent.
+    let acked_list: Vec<u64> = acked.iter().copied().collect();
+    let problem = exactly_once(
+        &acked_list,
+        &numbers_in(&unique_batches(&kinesis_dump(&moto.endpoint, "restart"))),
+    );
+    assert!(problem.is_empty(), "after a broker restart: {problem}");
     // It writes its numbers (atomically) and exits by itself after its 15 s.
     reference.wait(Duration::from_secs(60));
     let reference_got = numbers_file(&reference_out);

@@ -165,6 +165,12 @@ fn ready_then_a_watchdog_fed_only_while_the_buffer_answers_then_stopping() {
         std::thread::sleep(Duration::from_millis(300));
     };
     assert_eq!(acked.difference(&landed).count(), 0);
+    let acked_list: Vec<u64> = acked.iter().copied().collect();
+    let problem = exactly_once(
+        &acked_list,
+        &numbers_in(&unique_batches(&kinesis_dump(&moto.endpoint, "sd"))),
+    );
+    assert!(problem.is_empty(), "after the stall: {problem}");
 
     // SIGTERM: STOPPING=1, asking for the drain deadline (2 s in this config) + 30 s.
     agent.stop();
