@@ -19,14 +19,17 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build binaries (the end-to-end tests run them)"
 cargo build --workspace --bins --locked
 
-step "tests"
-cargo test --workspace --locked
-
-step "cross-build the agent for aarch64 and armv7"
+step "cross-build the agent for aarch64 and armv7 (tests/tests/arm.rs runs them under qemu-user)"
 for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
   cargo build -p fieldlink-agent --bin fieldlink-agent --locked --target "$t"
   file "target/$t/debug/fieldlink-agent" 2>/dev/null || ls -l "target/$t/debug/fieldlink-agent"
 done
+
+step "tests"
+cargo test --workspace --locked
+
+step "wire format and agent unit tests on aarch64, under qemu-user"
+cargo test --locked --target aarch64-unknown-linux-gnu -p fieldlink-proto -p fieldlink-agent --lib --tests
 
 step "Debian packages of the cross-built agents (the amd64 one is installed by tests/tests/package.rs)"
 for spec in aarch64-unknown-linux-gnu:arm64:AArch64 armv7-unknown-linux-gnueabihf:armhf:ARM; do

@@ -75,6 +75,25 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A binary of this workspace cross-built for `triple` (`cargo build --target <triple>`, which the test command
+/// runs before the tests).
+pub fn cross_bin(triple: &str, name: &str) -> PathBuf {
+    let native = bin(name);
+    // target/<profile>/<name> → target/<triple>/<profile>/<name>
+    let profile_dir = native.parent().unwrap();
+    let target_dir = profile_dir.parent().unwrap();
+    let p = target_dir
+        .join(triple)
+        .join(profile_dir.file_name().unwrap())
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build -p fieldlink-agent --target {triple}` first (deploy/test.sh does)",
+        p.display()
+    );
+    p
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -553,6 +572,9 @@ pub struct AgentProc {
     pub proc: Option<Proc>,
     /// Extra environment for the agent process.
     pub env: Vec<(String, String)>,
+    /// How to start the agent, if not as this workspace's native binary: e.g. qemu-user, its options and a
+    /// cross-built binary.
+    pub launcher: Vec<std::ffi::OsString>,
 }
 
 impl AgentProc {
@@ -629,6 +651,7 @@ shutdown_drain_ms = 2000
             log: dir.join(format!("{id}.log")),
             proc: None,
             env: Vec::new(),
+            launcher: Vec::new(),
         }
     }
 
@@ -641,7 +664,14 @@ shutdown_drain_ms = 2000
 
     /// Starts the agent without waiting for anything.
     pub fn spawn(&mut self) {
-        let mut cmd = Command::new(bin("fieldlink-agent"));
+        let mut cmd = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args);
+                c
+            }
+            None => Command::new(bin("fieldlink-agent")),
+        };
         cmd.arg("run").arg("--config").arg(&self.config);
         aws_env(&mut cmd);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
