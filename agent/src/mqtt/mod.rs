@@ -146,9 +146,55 @@ pub struct AckQueue {
     /// `(connection generation, qos, packet id)`.
     pending: Mutex<VecDeque<(u64, u8, u16)>>,
     ready: Notify,
+    /// Acknowledgement callbacks handed out whose append has not been committed (nor dropped) yet.
+    outstanding: std::sync::atomic::AtomicUsize,
+}
+
+/// One outstanding acknowledgement: counted from the callback's creation until it ran or was dropped unrun (its
+/// append never got into the buffer, or the buffer gave it up).
+struct Outstanding(Arc<AckQueue>);
+
+impl Outstanding {
+    fn new(queue: Arc<AckQueue>) -> Self {
+        queue
+            .outstanding
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(queue)
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0
+            .outstanding
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.ready.notify_one();
+    }
 }
 
 impl AckQueue {
+    /// The acknowledgement callback of a message received on connection `generation`.
+    fn callback(self: &Arc<Self>, generation: u64, qos: u8, pkid: u16) -> AckFn {
+        let outstanding = Outstanding::new(self.clone());
+        Box::new(move || {
+            outstanding.0.push(generation, qos, pkid);
+            drop(outstanding);
+        })
+    }
+
+    /// Whether no acknowledgement waits to be handed to the client.
+    fn is_empty(&self) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// Messages handed to the buffer whose commit has not happened yet.
+    fn outstanding(&self) -> usize {
+        self.outstanding.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Records a committed message's acknowledgement (called on the buffer thread; never blocks for long).
     /// `generation` is the connection the message arrived on.
     pub fn push(&self, generation: u64, qos: u8, pkid: u16) {
@@ -181,6 +227,9 @@ impl AckQueue {
     }
 }
 
+/// How long a stopping connection waits for the buffer to commit the messages it already took.
+const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
+
 /// A queued append to the buffer (waits while its queue is full).
 type Intake<'a> = Pin<Box<dyn Future<Output = Result<(), Closed>> + Send + 'a>>;
 
@@ -211,10 +260,8 @@ impl<'a> Route<'a> {
             .iter()
             .find(|t| topic_matches(&t.filter, &msg.topic));
         let format = sub.map(|t| t.format).unwrap_or_default();
-        let ack: Option<AckFn> = (msg.qos != 0).then(|| {
-            let (queue, qos, pkid, g) = (self.acks.clone(), msg.qos, msg.pkid, generation);
-            Box::new(move || queue.push(g, qos, pkid)) as AckFn
-        });
+        let ack: Option<AckFn> =
+            (msg.qos != 0).then(|| self.acks.callback(generation, msg.qos, msg.pkid));
         let tags = sub
             .and_then(|t| t.tags_from_topic.as_deref())
             .map(|pattern| payload::topic_tags(pattern, &msg.topic))
@@ -491,13 +538,33 @@ pub async fn run(
         }
     }
     // Shutdown does not wait for buffer room: the message being queued and the held ones stay unacknowledged and
-    // the broker redelivers them.
+    // the broker redelivers them (they were not committed: no duplicate).
     drop(intake);
+    // Messages already in the buffer's queue are committed by the buffer thread in a moment: wait (bounded) for
+    // their acknowledgements, so the broker does not redeliver what the buffer holds. A redelivery would be caught
+    // by the buffer's dedup, but not after the buffer file is replaced (a re-image after a graceful stop).
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_ACK_WAIT;
+    while acks.outstanding() > 0 {
+        tokio::select! {
+            _ = acks.ready.notified() => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(connection = %cfg.name, outstanding = acks.outstanding(), "stopping before the buffer committed every message taken: the broker redelivers them");
+                break;
+            }
+        }
+    }
+    // Hand every queued ack to the client, polling it so its request channel drains; what arrives meanwhile is
+    // not taken (redelivered, never committed). The acks go out before the DISCONNECT; any still missing at the
+    // deadline are redelivered by the broker next time (duplicates the buffer's dedup drops, never losses).
+    loop {
+        m.acks
+            .add(acks.flush(generation, |q, id| session.try_ack(q, id)));
+        if acks.is_empty() || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(100), session.poll()).await;
+    }
     m.connected.set(0);
-    // Committed messages whose acks are still queued are redelivered by the broker next time (duplicates,
-    // never losses).
-    m.acks
-        .add(acks.flush(generation, |q, id| session.try_ack(q, id)));
     session.disconnect().await;
     tracing::info!(connection = %cfg.name, "MQTT connection stopped");
 }
@@ -540,6 +607,28 @@ mod tests {
             .collect();
         assert_eq!(order, [(1, 1, 10), (1, 0, 0), (1, 0, 0), (2, 2, 11)]);
         assert!(h.is_empty() && h.may_poll());
+    }
+
+    #[test]
+    fn an_acknowledgement_is_outstanding_until_it_ran_or_was_dropped_unrun() {
+        let q = Arc::new(AckQueue::default());
+        let (a, b) = (q.callback(1, 1, 10), q.callback(1, 1, 11));
+        assert_eq!(q.outstanding(), 2);
+        a();
+        assert_eq!(q.outstanding(), 1);
+        assert!(!q.is_empty(), "the ack waits to be handed to the client");
+        drop(b); // its append never reached the buffer: the broker redelivers it
+        assert_eq!(q.outstanding(), 0);
+        let mut sent = Vec::new();
+        assert_eq!(
+            q.flush(1, |_, id| {
+                sent.push(id);
+                true
+            }),
+            1
+        );
+        assert_eq!(sent, [10]);
+        assert!(q.is_empty());
     }
 
     #[test]
