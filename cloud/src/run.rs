@@ -110,6 +110,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
         commit_interval: Duration::from_millis(cfg.kinesis.commit_interval_ms),
         commit_idle: Duration::from_millis(cfg.kinesis.commit_idle_ms),
         sinks,
+        warmup: Duration::from_secs(cfg.dedup.warmup_s),
         dedup: Arc::new(Mutex::new(BatchDedup::new(
             cfg.dedup.max_bytes(),
             cfg.dedup.window_batches,

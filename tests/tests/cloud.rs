@@ -366,6 +366,33 @@ fn a_batch_put_twice_lands_once_even_on_another_shard() {
 }
 
 #[test]
+fn a_resend_read_by_the_next_process_after_a_restart_lands_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "restart-resend";
+    let moto = setup(dir.path(), stream, 1);
+    let (recs, expected) = workload(4, 10, 50);
+    let n = expected.len();
+    let mut first = Cloud::start(dir.path(), "first", &moto.endpoint, stream, "");
+    put(dir.path(), &moto.endpoint, stream, &recs, &[]);
+    wait_landed(&moto, stream, n, n, Duration::from_secs(60));
+    // SIGTERM: the worker commits (checkpoint past every record) and releases its lease.
+    first.proc.terminate(Duration::from_secs(30));
+    // The agents resend everything (their PutRecords answers were lost), and a new process reads the shard.
+    put(dir.path(), &moto.endpoint, stream, &recs, &[]);
+    let second = Cloud::start(dir.path(), "second", &moto.endpoint, stream, "");
+    wait_for("the resends to be read", Duration::from_secs(60), || {
+        (second.metric("fieldlink_cloud_records_total") >= recs.len() as f64).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        second.metric("fieldlink_cloud_batches_duplicate_total"),
+        recs.len() as f64,
+        "every resend skipped: the new process learned the records before its checkpoint"
+    );
+    assert_exactly_once(&landed(&moto, stream), &expected);
+}
+
+#[test]
 fn split_and_merge_while_data_flows_lose_nothing_and_keep_per_series_order() {
     let dir = tempfile::tempdir().unwrap();
     let stream = "reshard";

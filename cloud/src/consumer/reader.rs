@@ -62,6 +62,93 @@ async fn iterator(
     Ok(resp.shard_iterator().map(str::to_owned))
 }
 
+/// Most records a warm-up reads, and longest it takes: it only makes resends rarer, it must not delay the shard.
+const WARM_MAX_RECORDS: usize = 200_000;
+const WARM_MAX_TIME: Duration = Duration::from_secs(60);
+
+/// Reads the records of `shard` that arrived since `since_ms` up to and including `checkpoint` — records a
+/// previous reader landed — and claims each in `dedup` without landing it, so the resend memory knows them.
+/// Best effort and bounded: errors, the time limit or the record limit end it early. Returns the records claimed.
+pub(crate) async fn warm(
+    client: &aws_sdk_kinesis::Client,
+    p: &ReadParams,
+    shard: &str,
+    checkpoint: &str,
+    since_ms: i64,
+    dedup: &std::sync::Mutex<crate::land::dedup::BatchDedup>,
+    cancel: &CancellationToken,
+) -> usize {
+    use crate::land::dedup;
+    let deadline = tokio::time::Instant::now() + WARM_MAX_TIME;
+    let first = client
+        .get_shard_iterator()
+        .stream_name(&p.stream)
+        .shard_id(shard)
+        .shard_iterator_type(ShardIteratorType::AtTimestamp)
+        .timestamp(aws_sdk_kinesis::primitives::DateTime::from_millis(since_ms))
+        .send();
+    let mut it = match tokio::time::timeout_at(deadline, first).await {
+        Ok(Ok(r)) => r.shard_iterator().map(str::to_owned),
+        Ok(Err(e)) => {
+            tracing::warn!(shard = %shard, error = %DisplayErrorContext(&e), "resend memory warm-up: GetShardIterator failed; skipped");
+            return 0;
+        }
+        Err(_) => return 0,
+    };
+    let mut claimed = 0;
+    while let Some(current) = it.take() {
+        if cancel.is_cancelled() || claimed >= WARM_MAX_RECORDS {
+            break;
+        }
+        let call = client
+            .get_records()
+            .shard_iterator(&current)
+            .limit(p.max_records)
+            .send();
+        let out = match tokio::time::timeout_at(deadline, call).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => {
+                tracing::warn!(shard = %shard, error = %DisplayErrorContext(&e), "resend memory warm-up: GetRecords failed; ended early");
+                break;
+            }
+            Err(_) => {
+                tracing::warn!(shard = %shard, claimed, "resend memory warm-up took too long; ended early");
+                break;
+            }
+        };
+        let now = fieldlink_ops::unix_ms();
+        let mut past_checkpoint = false;
+        {
+            let Ok(mut d) = dedup.lock() else { break };
+            for r in out.records() {
+                let seq = r.sequence_number();
+                if crate::lease::plan::cmp_seq(seq, checkpoint) == std::cmp::Ordering::Greater {
+                    past_checkpoint = true;
+                    break;
+                }
+                let data = r.data().as_ref();
+                if let Ok(h) = fieldlink_proto::peek_header(data) {
+                    d.claim(
+                        h.agent_id,
+                        h.epoch,
+                        h.seq,
+                        dedup::tag(shard, seq),
+                        dedup::content_tag(data),
+                        now,
+                    );
+                    claimed += 1;
+                }
+            }
+        }
+        let caught_up = out.records().is_empty() && out.millis_behind_latest().unwrap_or(0) == 0;
+        if past_checkpoint || caught_up {
+            break;
+        }
+        it = out.next_shard_iterator().map(str::to_owned);
+    }
+    claimed
+}
+
 /// Reads `shard` from `start` into `tx` until it ends or `cancel` fires.
 pub(crate) async fn read(
     client: aws_sdk_kinesis::Client,

@@ -32,6 +32,8 @@ pub(crate) struct Shared {
     pub(crate) commit_idle: Duration,
     pub(crate) sinks: SinkFactory,
     pub(crate) dedup: Arc<Mutex<BatchDedup>>,
+    /// How far back before the checkpoint a starting worker reads into `dedup`.
+    pub(crate) warmup: Duration,
     pub(crate) dead: DeadLetters,
     pub(crate) metrics: CloudMetrics,
 }
@@ -82,6 +84,23 @@ pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationTo
         seq => Start::After(seq.to_owned()),
     };
     tracing::info!(shard = %shard, checkpoint = %lease.checkpoint, pending = ?lease.pending, "shard worker starting");
+    if let (Start::After(checkpoint), false) = (&start, shared.warmup.is_zero()) {
+        // Another process may have landed the records before the checkpoint: learn them, so an agent's resend
+        // of one of them after the checkpoint is skipped rather than landed twice.
+        let since = fieldlink_ops::unix_ms() - shared.warmup.as_millis() as i64;
+        let t = Instant::now();
+        let claimed = reader::warm(
+            &shared.kinesis,
+            &shared.read,
+            &shard,
+            checkpoint,
+            since,
+            &shared.dedup,
+            &stop,
+        )
+        .await;
+        tracing::info!(shard = %shard, records = claimed, took_ms = t.elapsed().as_millis() as u64, "resend memory warmed with the records before the checkpoint");
+    }
     let reader_stop = CancellationToken::new();
     let _stop_reader = reader_stop.clone().drop_guard();
     let (tx, mut rx) = mpsc::channel(shared.queue_capacity);

@@ -17,6 +17,16 @@ pub struct DedupConfig {
     /// 10,923 at the agent's defaults), so no resend from a backlog is older. 64 to 1048576. Default 16384.
     #[serde(default = "default_window")]
     pub window_batches: u64,
+    /// When a worker takes a shard, it first reads the shard's records of this many seconds before its
+    /// checkpoint (without landing them) into the resend memory, so an agent's resend of a batch another process
+    /// landed just before a restart, a kill or a lease move is still skipped. 0 turns it off; at most 3600.
+    /// Default 300.
+    #[serde(default = "default_warmup")]
+    pub warmup_s: u64,
+}
+
+fn default_warmup() -> u64 {
+    300
 }
 
 impl Default for DedupConfig {
@@ -24,6 +34,7 @@ impl Default for DedupConfig {
         Self {
             max_memory_mib: default_memory(),
             window_batches: default_window(),
+            warmup_s: default_warmup(),
         }
     }
 }
@@ -54,6 +65,12 @@ impl DedupConfig {
             p.push(format!(
                 "{path}.window_batches: must be 64..=1048576, got {}",
                 self.window_batches
+            ));
+        }
+        if self.warmup_s > 3600 {
+            p.push(format!(
+                "{path}.warmup_s: at most 3600, got {}",
+                self.warmup_s
             ));
         }
         let need = 16

@@ -24,6 +24,12 @@
 //! older than its buffer, so it is caught however long its backlog. Above the window's top a
 //! number is new; inside it, it is new unless its slot holds a tag; below the window it is treated as new.
 //!
+//! # Across processes
+//! The memory lives in one process. A worker that takes a shard (after a restart, a kill, a lease move) first
+//! reads the shard's records of the last `warmup_s` before its checkpoint and claims them without landing
+//! (`consumer::reader::warm`), so an agent's resend of a batch the previous owner landed shortly before is still
+//! skipped. A resend older than that, or one on another shard than its original (resharding), lands again.
+//!
 //! # Memory bound and what eviction costs
 //! All agents together are held under `max_bytes` (counted: window slots by capacity, plus a fixed overhead
 //! per agent and per epoch). When a claim takes the total over, the least recently used agents are forgotten
