@@ -2,6 +2,8 @@
 //! qemu-user against real Mosquitto and moto Kinesis. Numbered QoS 1 readings flow while the agent is killed with
 //! SIGKILL and started again; every reading the broker acknowledged must be in Kinesis exactly once.
 
+#![allow(clippy::unwrap_used)]
+
 use fieldlink_e2e::*;
 use std::time::Duration;
 
