@@ -96,15 +96,19 @@ mod tests {
         let bad = DedupConfig {
             max_memory_mib: 0,
             window_batches: 1,
+            warmup_s: 3601,
         };
         let p = bad.validate("dedup").join("\n");
         assert!(
-            p.contains("dedup.max_memory_mib") && p.contains("dedup.window_batches"),
+            p.contains("dedup.max_memory_mib")
+                && p.contains("dedup.window_batches")
+                && p.contains("dedup.warmup_s"),
             "{p}"
         );
         let small = DedupConfig {
             max_memory_mib: 1,
             window_batches: 1_048_576,
+            ..DedupConfig::default()
         };
         assert!(small.validate("dedup")[0].contains("at least 16 agents"));
     }
