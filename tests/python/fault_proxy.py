@@ -9,6 +9,9 @@ Every request is forwarded to UPSTREAM_URL unchanged, except Kinesis PutRecords 
     ProvisionedThroughputExceededException or InternalFailure      (share `reject` per entry),
   - held `delay_ms` before being forwarded (a slow Kinesis: a call is in flight most of the time; the call
     reaches moto even if the client gave up on it meanwhile).
+  - answered by a connection reset instead of a response (share `reset`): half of them before the call reaches
+    moto (nothing written), half after moto took it (written, but the client never learns it: it must resend,
+    and the batch is then twice in the stream).
 Rejected entries are never sent to moto, so "failed" is true. With `down` set, every request gets a
 connection reset (an unreachable service).
 
@@ -17,22 +20,24 @@ Timestream WriteRecords calls may be
   - forwarded without some records, answered with RejectedRecordsException naming them with a reason, as
     Timestream does (the other records of the call are written)    (share `ts_reject` per record).
 
-Control: GET /__fault/set?throttle=0.2&reject=0.3&ts_throttle=0.3&ts_reject=0.1&down=0&delay_ms=0
+Control: GET /__fault/set?throttle=0.2&reject=0.3&reset=0.1&ts_throttle=0.3&ts_reject=0.1&down=0&delay_ms=0
          GET /__fault/stats  (JSON counters).
 """
 import http.client
 import http.server
 import json
 import random
+import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
 import urllib.parse
 
 UPSTREAM = urllib.parse.urlparse(sys.argv[1])
-state = {"throttle": 0.0, "reject": 0.0, "ts_throttle": 0.0, "ts_reject": 0.0, "down": False, "delay_ms": 0.0}
-stats = {"calls": 0, "throttled_calls": 0, "rejected_entries": 0, "forwarded_entries": 0, "refused_connections": 0,
+state = {"throttle": 0.0, "reject": 0.0, "reset": 0.0, "ts_throttle": 0.0, "ts_reject": 0.0, "down": False, "delay_ms": 0.0}
+stats = {"calls": 0, "throttled_calls": 0, "rejected_entries": 0, "forwarded_entries": 0, "refused_connections": 0, "reset_before": 0, "reset_after": 0,
          "ts_calls": 0, "ts_throttled_calls": 0, "ts_rejected_records": 0, "ts_forwarded_records": 0}
 lock = threading.Lock()
 rng = random.Random(7)
@@ -69,7 +74,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if url.path == "/__fault/set":
             q = urllib.parse.parse_qs(url.query)
             with lock:
-                for k in ("throttle", "reject", "ts_throttle", "ts_reject", "delay_ms"):
+                for k in ("throttle", "reject", "reset", "ts_throttle", "ts_reject", "delay_ms"):
                     if k in q:
                         state[k] = float(q[k][0])
                 if "down" in q:
@@ -102,8 +107,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if throttled:
                 stats["throttled_calls"] += 1
             delay = state["delay_ms"] / 1000.0
+            reset = None if throttled or rng.random() >= state["reset"] else rng.choice(("before", "after"))
+            if reset:
+                stats["reset_" + reset] += 1
         if delay:
             time.sleep(delay)
+        if reset == "before":
+            return self.reset_connection()
+        if reset == "after":
+            self.forward(body)
+            return self.reset_connection()
         if throttled:
             err = {"__type": "ProvisionedThroughputExceededException", "message": "Rate exceeded for shard (fault proxy)"}
             return self.reply(400, json.dumps(err).encode(), [("Content-Type", "application/x-amz-json-1.1")])
@@ -131,6 +144,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             stats["forwarded_entries"] += len(results)
         body = json.dumps({"FailedRecordCount": failed, "Records": out}).encode()
         self.reply(200, body, [("Content-Type", "application/x-amz-json-1.1")])
+
+    def reset_connection(self):
+        """Closes the client's connection with a TCP reset (SO_LINGER 0) instead of answering."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
 
     def timestream_write(self, body):
         ctype = [("Content-Type", "application/x-amz-json-1.0")]

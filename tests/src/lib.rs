@@ -166,10 +166,12 @@ impl Proc {
 
     /// Waits up to `timeout` for the process to exit by itself (panics if it does not exit or fails).
     pub fn wait(&mut self, timeout: Duration) {
-        let mut child = self.child.take().unwrap();
+        // The child stays in `self` while waiting, so a timeout's panic still kills it (on drop).
+        let child = self.child.as_mut().unwrap();
         let status = wait_for(&format!("{} to exit", self.name), timeout, || {
             child.try_wait().unwrap()
         });
+        self.child = None;
         assert!(
             status.success(),
             "{} exited with {status}; log:\n{}",
@@ -742,23 +744,54 @@ pub fn publish_numbered_from(
     pad: usize,
     dir: &Path,
 ) -> Vec<u64> {
-    let acked = dir.join(format!("acked-{}.txt", free_port()));
-    run_python(&[
-        script("publish_numbered.py").to_str().unwrap(),
-        "127.0.0.1",
-        &port.to_string(),
-        &count.to_string(),
-        &rate.to_string(),
-        acked.to_str().unwrap(),
-        &pad.to_string(),
-        &first.to_string(),
-    ]);
-    std::fs::read_to_string(&acked)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| l.parse().unwrap())
-        .collect()
+    NumberedPublisher::spawn(port, "crash", first, count, rate, pad, dir).finish(
+        Duration::from_secs(count as u64 / rate.max(1.0) as u64 + 600),
+    )
+}
+
+/// A `publish_numbered.py` process running in the background (killed when dropped): numbers `first..first+count`
+/// on topics `prefix/devK` at `rate` per second.
+pub struct NumberedPublisher {
+    acked: PathBuf,
+    proc: Proc,
+}
+
+impl NumberedPublisher {
+    pub fn spawn(
+        port: u16,
+        prefix: &str,
+        first: u64,
+        count: usize,
+        rate: f64,
+        pad: usize,
+        dir: &Path,
+    ) -> Self {
+        let tag = free_port();
+        let acked = dir.join(format!("acked-{tag}.txt"));
+        let mut cmd = Command::new(python());
+        cmd.arg(script("publish_numbered.py"))
+            .args(["127.0.0.1", &port.to_string(), &count.to_string()])
+            .arg(rate.to_string())
+            .arg(&acked)
+            .args([pad.to_string(), first.to_string(), prefix.to_owned()]);
+        let proc = Proc::spawn(
+            &format!("publisher {prefix}"),
+            cmd,
+            &dir.join(format!("publisher-{tag}.log")),
+        );
+        Self { acked, proc }
+    }
+
+    /// Waits up to `timeout` for the publisher to finish; the numbers the broker acknowledged.
+    pub fn finish(mut self, timeout: Duration) -> Vec<u64> {
+        self.proc.wait(timeout);
+        std::fs::read_to_string(&self.acked)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| l.parse().unwrap())
+            .collect()
+    }
 }
 
 /// The records of the dump with every batch once: a batch the agent resent (same agent, epoch and sequence
@@ -943,6 +976,84 @@ location = "{parquet_location}"
 max_rows_per_file = 5000
 "#
     )
+}
+
+/// The Timestream database and table and the S3 bucket of [`Cloud`] (Parquet under `s3://CLOUD_BUCKET/<stream>`).
+pub const CLOUD_DB: &str = "fieldlink";
+pub const CLOUD_TABLE: &str = "readings";
+pub const CLOUD_BUCKET: &str = "bronze-cloud";
+
+/// A `fieldlink-cloud` worker process configured by [`cloud_toml`] (worker id `name`), killed when dropped.
+pub struct Cloud {
+    pub proc: Proc,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Cloud {
+    /// Starts worker `name` on `stream` and waits until it serves /health; `extra` goes into `[timestream]`.
+    pub fn start(dir: &Path, name: &str, endpoint: &str, stream: &str, extra: &str) -> Self {
+        let port = free_port();
+        let config = cloud_toml(
+            port,
+            endpoint,
+            stream,
+            name,
+            &format!("s3://{CLOUD_BUCKET}/{stream}"),
+            extra,
+        );
+        let path = dir.join(format!("cloud-{name}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let log = dir.join(format!("cloud-{name}.log"));
+        let mut cmd = Command::new(bin("fieldlink-cloud"));
+        cmd.arg("run").arg("--config").arg(&path);
+        aws_env(&mut cmd);
+        let proc = Proc::spawn(&format!("cloud {name}"), cmd, &log);
+        wait_for(
+            "the cloud service to serve /health",
+            Duration::from_secs(30),
+            || http_get(port, "/health"),
+        );
+        Self { proc, port, log }
+    }
+
+    /// Value of an unlabelled metric (0 if absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        http_get(self.port, "/metrics")
+            .and_then(|m| metric(&m, name))
+            .unwrap_or(0.0)
+    }
+
+    /// `(agent, seq)` of every batch in the order this process landed them.
+    pub fn landing_order(&self) -> Vec<(String, u64)> {
+        let text = std::fs::read_to_string(&self.log).unwrap();
+        text.lines()
+            .filter(|l| l.contains("batch landed"))
+            .map(|l| {
+                let field = |k: &str| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix(k))
+                        .unwrap_or_else(|| panic!("no {k} in {l}"))
+                        .to_owned()
+                };
+                (field("agent="), field("seq=").parse().unwrap())
+            })
+            .collect()
+    }
+}
+
+/// What the cloud landed for `stream` on moto, as `landed.py` reads it back (Timestream with its upsert rule
+/// applied, Parquet through pyarrow, dead letters).
+pub fn landed(moto: &Moto, stream: &str) -> serde_json::Value {
+    serde_json::from_str(&run_python(&[
+        script("landed.py").to_str().unwrap(),
+        &moto.endpoint,
+        CLOUD_DB,
+        CLOUD_TABLE,
+        CLOUD_BUCKET,
+        stream,
+    ]))
+    .unwrap()
 }
 
 /// One batch of double readings `(series, ts_ms, value)`, with its series table, as an agent seals it.

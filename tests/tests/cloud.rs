@@ -12,68 +12,10 @@ use fieldlink_e2e::*;
 use fieldlink_proto::{Batch, Quality, Reading, Series, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-const DB: &str = "fieldlink";
-const TABLE: &str = "readings";
-const BUCKET: &str = "bronze-cloud";
-
-struct Cloud {
-    proc: Proc,
-    port: u16,
-    log: std::path::PathBuf,
-}
-
-impl Cloud {
-    fn start(dir: &Path, name: &str, endpoint: &str, stream: &str, extra: &str) -> Self {
-        let port = free_port();
-        let config = cloud_toml(
-            port,
-            endpoint,
-            stream,
-            name,
-            &format!("s3://{BUCKET}/{stream}"),
-            extra,
-        );
-        let path = dir.join(format!("cloud-{name}.toml"));
-        std::fs::write(&path, config).unwrap();
-        let log = dir.join(format!("cloud-{name}.log"));
-        let mut cmd = Command::new(bin("fieldlink-cloud"));
-        cmd.arg("run").arg("--config").arg(&path);
-        aws_env(&mut cmd);
-        let proc = Proc::spawn(&format!("cloud {name}"), cmd, &log);
-        wait_for(
-            "the cloud service to serve /health",
-            Duration::from_secs(30),
-            || http_get(port, "/health"),
-        );
-        Self { proc, port, log }
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        http_get(self.port, "/metrics")
-            .and_then(|m| metric(&m, name))
-            .unwrap_or(0.0)
-    }
-
-    /// `(agent, seq)` of every batch in the order this process landed them.
-    fn landing_order(&self) -> Vec<(String, u64)> {
-        let text = std::fs::read_to_string(&self.log).unwrap();
-        text.lines()
-            .filter(|l| l.contains("batch landed"))
-            .map(|l| {
-                let field = |k: &str| {
-                    l.split_whitespace()
-                        .find_map(|w| w.strip_prefix(k))
-                        .unwrap_or_else(|| panic!("no {k} in {l}"))
-                        .to_owned()
-                };
-                (field("agent="), field("seq=").parse().unwrap())
-            })
-            .collect()
-    }
-}
+const DB: &str = CLOUD_DB;
+const TABLE: &str = CLOUD_TABLE;
 
 /// One test record: partition key, bytes, optional explicit hash key.
 struct Rec {
@@ -182,18 +124,6 @@ fn put(dir: &Path, endpoint: &str, stream: &str, recs: &[Rec], args: &[&str]) ->
     serde_json::from_str(&run_python(&a)).unwrap()
 }
 
-fn landed(moto: &Moto, stream: &str) -> serde_json::Value {
-    serde_json::from_str(&run_python(&[
-        script("landed.py").to_str().unwrap(),
-        &moto.endpoint,
-        DB,
-        TABLE,
-        BUCKET,
-        stream,
-    ]))
-    .unwrap()
-}
-
 /// Waits until Parquet holds `n` rows and Timestream (rewrites collapsed) `ts` readings.
 fn wait_landed(
     moto: &Moto,
@@ -245,7 +175,7 @@ fn assert_exactly_once(v: &serde_json::Value, expected: &BTreeMap<Key, usize>) {
 
 fn setup(dir: &Path, stream: &str, shards: u32) -> Moto {
     let moto = Moto::start(dir);
-    moto.create(stream, shards, DB, TABLE, BUCKET);
+    moto.create(stream, shards, DB, TABLE, CLOUD_BUCKET);
     moto
 }
 
