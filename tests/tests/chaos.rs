@@ -346,6 +346,7 @@ impl Chaos {
             log: self.agent.log.clone(),
             proc: None,
             env: Vec::new(),
+            launcher: Vec::new(),
         };
         self.backlog = self.read_backlog();
         drain.start();
