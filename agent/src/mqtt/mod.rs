@@ -565,8 +565,8 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_millis(100), session.poll()).await;
     }
     m.connected.set(0);
-    session.disconnect().await;
-    tracing::info!(connection = %cfg.name, "MQTT connection stopped");
+    let clean = session.disconnect().await;
+    tracing::info!(connection = %cfg.name, clean, "MQTT connection stopped");
 }
 
 #[cfg(test)]

@@ -236,22 +236,32 @@ impl Session {
         }
     }
 
-    /// Sends DISCONNECT and waits (bounded) for it to leave.
-    pub(super) async fn disconnect(&mut self) {
-        let queued = match self {
-            Session::V4(c, _) => c.try_disconnect().is_ok(),
-            Session::V5(c, _) => c.try_disconnect().is_ok(),
-        };
-        if !queued {
-            return;
-        }
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while let Ok(ev) = self.poll().await {
-                if matches!(ev, SessionEvent::Disconnected) {
+    /// Sends DISCONNECT behind every request already queued (acknowledgements) and waits (bounded) for it to
+    /// leave; false if it did not. The DISCONNECT is queued as soon as the request channel has room, polling the
+    /// client meanwhile: a channel full of acks must drain first, or those acks would be lost with the session
+    /// (and their messages redelivered).
+    pub(super) async fn disconnect(&mut self) -> bool {
+        tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                let queued = match self {
+                    Session::V4(c, _) => c.try_disconnect().is_ok(),
+                    Session::V5(c, _) => c.try_disconnect().is_ok(),
+                };
+                if queued {
                     break;
                 }
+                if self.poll().await.is_err() {
+                    return false;
+                }
             }
+            while let Ok(ev) = self.poll().await {
+                if matches!(ev, SessionEvent::Disconnected) {
+                    return true;
+                }
+            }
+            false
         })
-        .await;
+        .await
+        .unwrap_or(false)
     }
 }
