@@ -25,6 +25,31 @@ const ACK_PATIENCE: Duration = Duration::from_secs(30);
 /// Called once the readings it came with are durably committed (queues the MQTT PUBACK).
 pub type AckFn = Box<dyn FnOnce() + Send>;
 
+/// How a source learns that its readings are committed.
+pub struct Ack {
+    /// Runs once the readings are durably committed (queues the MQTT PUBACK).
+    pub on_commit: AckFn,
+    /// Set by the source when it can no longer deliver the acknowledgement (its connection stopped): the buffer
+    /// then drops the append uncommitted, because the source (the broker) will deliver it again. Committing it
+    /// without the acknowledgement would make that redelivery a duplicate the buffer's dedup may not catch (a
+    /// replaced buffer file).
+    pub cancelled: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::fmt::Debug for Ack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ack")
+            .field("cancelled", &self.cancelled)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ack {
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// A sealed record waiting for Kinesis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
@@ -39,7 +64,7 @@ pub struct Pending {
 struct Append {
     readings: Vec<NewReading>,
     refused: Option<Box<Refused>>,
-    ack: Option<AckFn>,
+    ack: Option<Ack>,
 }
 
 enum Control {
@@ -84,11 +109,7 @@ impl std::fmt::Debug for BufferHandle {
 
 impl BufferHandle {
     /// Queues readings; `ack` runs after they are committed. Waits while the queue is full (backpressure).
-    pub async fn append(
-        &self,
-        readings: Vec<NewReading>,
-        ack: Option<AckFn>,
-    ) -> Result<(), Closed> {
+    pub async fn append(&self, readings: Vec<NewReading>, ack: Option<Ack>) -> Result<(), Closed> {
         self.data
             .send_async(Append {
                 readings,
@@ -100,7 +121,7 @@ impl BufferHandle {
     }
 
     /// Queues a refused source message for the dead-letter table; `ack` runs after it is committed.
-    pub async fn refuse(&self, refused: Refused, ack: Option<AckFn>) -> Result<(), Closed> {
+    pub async fn refuse(&self, refused: Refused, ack: Option<Ack>) -> Result<(), Closed> {
         self.data
             .send_async(Append {
                 readings: Vec::new(),
@@ -446,6 +467,12 @@ impl Worker {
     /// dropped unless the disk is full and the policy is `drop_oldest`, and then only for the space needed. On a
     /// full disk the group is committed in smaller parts (a smaller transaction needs less WAL).
     fn try_commit(&mut self, mut held: Held) {
+        // Appends whose source stopped waiting are dropped, not committed: the source delivers them again.
+        held.group
+            .retain(|a| !a.ack.as_ref().is_some_and(Ack::is_cancelled));
+        if held.group.is_empty() {
+            return;
+        }
         let mut n = held.limit.min(held.group.len());
         let need = loop {
             let bytes: u64 = held.group[..n]
@@ -503,7 +530,7 @@ impl Worker {
             .push_back((Instant::now(), self.buffer.last_row_id()));
         for a in held.group.drain(..n) {
             if let Some(ack) = a.ack {
-                ack();
+                (ack.on_commit)();
             }
         }
         if !held.group.is_empty() {

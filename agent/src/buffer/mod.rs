@@ -67,7 +67,7 @@
 mod actor;
 mod config;
 
-pub use actor::{spawn, AckFn, BufferHandle, Closed, Pending};
+pub use actor::{spawn, Ack, AckFn, BufferHandle, Closed, Pending};
 pub use config::{BufferConfig, Durability, OverflowPolicy};
 
 use crate::batch::{self, BatchConfig, Builder, Row};

@@ -530,3 +530,65 @@ fn the_epoch_is_drawn_once_per_buffer_file_and_travels_in_every_record() {
     );
     assert_eq!(fresh.next_seq(), 1, "and numbers its batches from 1 again");
 }
+
+#[test]
+fn an_append_whose_source_stopped_is_dropped_uncommitted_and_the_others_commit() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg: BufferConfig = toml::from_str(&format!(
+        "path = {:?}",
+        dir.path().join("b.db").display().to_string()
+    ))
+    .unwrap();
+    let metrics = crate::metrics::AgentMetrics::new(fieldlink_ops::metrics::Registry::new());
+    let (handle, thread) = spawn(
+        &cfg,
+        &BatchConfig::default(),
+        &crate::order::OrderConfig::default(),
+        "edge-1",
+        metrics.clone(),
+    )
+    .unwrap();
+    let committed = Arc::new(AtomicUsize::new(0));
+    let ack = |cancelled: bool| {
+        let c = committed.clone();
+        Ack {
+            on_commit: Box::new(move || {
+                c.fetch_add(1, Ordering::SeqCst);
+            }),
+            cancelled: Arc::new(AtomicBool::new(cancelled)),
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        handle
+            .append(vec![reading("a/x", 1, 1.0)], Some(ack(true)))
+            .await
+            .unwrap();
+        handle
+            .append(vec![reading("a/x", 2, 2.0)], Some(ack(false)))
+            .await
+            .unwrap();
+        handle
+            .append(vec![reading("a/x", 3, 3.0)], None)
+            .await
+            .unwrap();
+        handle.ping().await.unwrap();
+    });
+    drop(handle);
+    thread.join().unwrap();
+    assert_eq!(
+        committed.load(Ordering::SeqCst),
+        1,
+        "only the live source's ack ran"
+    );
+    assert_eq!(
+        metrics.readings_received.get(),
+        2,
+        "the stopped source's reading was not committed (the broker redelivers it)"
+    );
+}

@@ -29,7 +29,7 @@ pub mod tls;
 
 pub use config::{Format, MqttConfig, PayloadConfig, Protocol, Secret, TimeUnit, TopicConfig};
 
-use crate::buffer::{AckFn, BufferHandle, Closed, Refused};
+use crate::buffer::{Ack, BufferHandle, Closed, Refused};
 use fieldlink_ops::backoff::Backoff;
 use fieldlink_ops::metrics::{Counter, Gauge, Health, Registry};
 use payload::{Mapper, Skip};
@@ -148,6 +148,8 @@ pub struct AckQueue {
     ready: Notify,
     /// Acknowledgement callbacks handed out whose append has not been committed (nor dropped) yet.
     outstanding: std::sync::atomic::AtomicUsize,
+    /// Set when the connection stops for good: the buffer drops its appends not yet committed.
+    stopped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One outstanding acknowledgement: counted from the callback's creation until it ran or was dropped unrun (its
@@ -174,12 +176,21 @@ impl Drop for Outstanding {
 
 impl AckQueue {
     /// The acknowledgement callback of a message received on connection `generation`.
-    fn callback(self: &Arc<Self>, generation: u64, qos: u8, pkid: u16) -> AckFn {
+    fn callback(self: &Arc<Self>, generation: u64, qos: u8, pkid: u16) -> Ack {
         let outstanding = Outstanding::new(self.clone());
-        Box::new(move || {
-            outstanding.0.push(generation, qos, pkid);
-            drop(outstanding);
-        })
+        Ack {
+            on_commit: Box::new(move || {
+                outstanding.0.push(generation, qos, pkid);
+                drop(outstanding);
+            }),
+            cancelled: self.stopped.clone(),
+        }
+    }
+
+    /// The connection stops: appends not committed yet are dropped by the buffer (the broker redelivers them).
+    fn stop(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Whether no acknowledgement waits to be handed to the client.
@@ -260,7 +271,7 @@ impl<'a> Route<'a> {
             .iter()
             .find(|t| topic_matches(&t.filter, &msg.topic));
         let format = sub.map(|t| t.format).unwrap_or_default();
-        let ack: Option<AckFn> =
+        let ack: Option<Ack> =
             (msg.qos != 0).then(|| self.acks.callback(generation, msg.qos, msg.pkid));
         let tags = sub
             .and_then(|t| t.tags_from_topic.as_deref())
@@ -548,11 +559,15 @@ pub async fn run(
         tokio::select! {
             _ = acks.ready.notified() => {}
             _ = tokio::time::sleep_until(deadline) => {
-                tracing::warn!(connection = %cfg.name, outstanding = acks.outstanding(), "stopping before the buffer committed every message taken: the broker redelivers them");
+                tracing::warn!(connection = %cfg.name, outstanding = acks.outstanding(), "stopping before the buffer committed every message taken: they are dropped uncommitted and the broker redelivers them");
                 break;
             }
         }
     }
+    // From here the buffer commits none of this connection's appends; a commit under way when the flag is set
+    // ends before the buffer thread answers the ping, and its acks are flushed below.
+    acks.stop();
+    let _ = tokio::time::timeout(Duration::from_secs(10), buffer.ping()).await;
     // Hand every queued ack to the client, polling it so its request channel drains; what arrives meanwhile is
     // not taken (redelivered, never committed). The acks go out before the DISCONNECT; any still missing at the
     // deadline are redelivered by the broker next time (duplicates the buffer's dedup drops, never losses).
@@ -614,7 +629,7 @@ mod tests {
         let q = Arc::new(AckQueue::default());
         let (a, b) = (q.callback(1, 1, 10), q.callback(1, 1, 11));
         assert_eq!(q.outstanding(), 2);
-        a();
+        (a.on_commit)();
         assert_eq!(q.outstanding(), 1);
         assert!(!q.is_empty(), "the ack waits to be handed to the client");
         drop(b); // its append never reached the buffer: the broker redelivers it
