@@ -5,7 +5,8 @@
 //! Library's schema) and runs one worker per held shard; the worker reads its shard from the checkpoint into a
 //! bounded channel, its [`land::Lander`] skips resent batches (`(agent_id, seq)` from another record,
 //! [`land::dedup`]), dead-letters undecodable records with the reason ([`land::dead`]) and hands each batch to
-//! every [`land::Sink`]: [`timestream`] and [`parquet`] (through [`store`]).
+//! every [`land::Sink`]: [`timestream`], [`influx`] (InfluxDB line protocol over HTTP) and [`parquet`] (through
+//! [`store`]).
 //!
 //! # Guarantees
 //! - A shard's checkpoint moves only after everything before it is durable in every sink; a restarted or
@@ -21,6 +22,7 @@
 
 pub mod config;
 pub mod consumer;
+pub mod influx;
 pub mod land;
 pub mod lease;
 pub mod metrics;

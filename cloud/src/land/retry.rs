@@ -175,13 +175,24 @@ impl Retry {
     /// Attempt of `operation` failed with `error`: counts and reports it, then waits (backoff if transient,
     /// the slow cadence if permanent). `Err(Stopped)`: the worker is stopping, give up the call.
     pub async fn failed(&mut self, operation: &str, error: &CallError) -> Result<(), Stopped> {
+        self.failed_after(operation, error, None).await
+    }
+
+    /// As [`Retry::failed`], but a transient failure waits `after` (the server's `Retry-After`) when given
+    /// instead of the backoff's next delay.
+    pub async fn failed_after(
+        &mut self,
+        operation: &str,
+        error: &CallError,
+        after: Option<Duration>,
+    ) -> Result<(), Stopped> {
         let m = &self.monitor;
         m.0.metrics
             .sink_errors(m.0.sink, error.class.as_str())
             .inc();
         let delay = match error.class {
             ErrorClass::Transient => {
-                let d = self.backoff.next_delay();
+                let d = after.unwrap_or_else(|| self.backoff.next_delay());
                 tracing::warn!(sink = m.0.sink, error = %error.sentence(operation), retry_in_ms = d.as_millis() as u64, "sink call failed; retrying");
                 d
             }
