@@ -275,6 +275,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_transient_failure_waits_the_servers_retry_after_instead_of_the_backoff() {
+        let m = SinkMonitor::new(
+            "influxdb",
+            Health::new(),
+            CloudMetrics::new(Registry::new()),
+            Duration::from_secs(30),
+        );
+        let cancel = CancellationToken::new();
+        // A backoff of at most 1 ms: only the server's delay can make the wait last 300 ms.
+        let mut r = m.retry(&cancel, Duration::from_millis(1), Duration::from_millis(1));
+        let busy = CallError::of_http(429, "slow down");
+        let t0 = Instant::now();
+        r.failed_after("write", &busy, Some(Duration::from_millis(300)))
+            .await
+            .unwrap();
+        assert!(t0.elapsed() >= Duration::from_millis(300));
+        let t1 = Instant::now();
+        r.failed_after("write", &busy, None).await.unwrap();
+        assert!(t1.elapsed() < Duration::from_millis(250));
+    }
+
+    #[tokio::test]
     async fn a_permanent_failure_fails_health_until_the_call_works_and_a_stop_ends_the_wait() {
         let health = Health::new();
         let metrics = CloudMetrics::new(Registry::new());
