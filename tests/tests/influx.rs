@@ -1,7 +1,8 @@
 //! The InfluxDB sink end to end: agent → Kinesis (moto) → cloud → real InfluxDB 1.x (v1 API) and
 //! VictoriaMetrics (v2 API with a token), read back through their query APIs and compared exactly as
 //! multisets of (series, time, value) with what the publisher got acknowledged; through a cloud worker
-//! kill -9 (the replay rewrites the same points).
+//! kill -9 (the replay rewrites the same points); and behind a fault proxy injecting 429 with Retry-After,
+//! 503, 413 and partial 400s (nothing lost, every fault counted by the sink).
 
 #![allow(clippy::unwrap_used)]
 
@@ -167,4 +168,118 @@ fn influxdb_1x_over_the_v1_api_holds_every_reading_once_through_a_cloud_worker_k
         before + after >= n as f64,
         "every point written at least once"
     );
+}
+
+/// A dead-lettered line of `publish_numbered` readings as the reading it carries.
+fn reading_of_line(line: &str) -> Key {
+    // fieldlink,agent=gw,device=crash/dev3 n=123.0 1772431200123
+    let mut parts = line.split(' ');
+    let (series, field, time) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
+    let device = series.split(",device=").nth(1).unwrap();
+    let (name, value) = field.split_once('=').unwrap();
+    (
+        format!("{device}/{name}"),
+        time.parse().unwrap(),
+        value.parse::<f64>().unwrap().to_bits(),
+    )
+}
+
+#[test]
+fn faults_429_503_413_and_partial_400s_from_a_proxy_are_retried_split_or_dead_lettered_and_each_is_counted(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "influx-faults";
+    let (moto, broker) = stream_and_broker(dir.path(), stream);
+    let influx = InfluxD::start(dir.path(), "plant");
+    let proxy = InfluxFaultProxy::start(dir.path(), influx.port);
+    proxy.set("r429=0.06&r503=0.06&r413=0.06&r400=0.06&retry_after=1");
+    let mut cloud = InfluxCloud::new(
+        dir.path(),
+        &moto.endpoint,
+        stream,
+        &format!(
+            "[influxdb]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"plant\"\nmax_lines_per_request = 25\n",
+            proxy.port
+        ),
+    );
+    cloud.start();
+    let agent = agent(dir.path(), &broker, &moto, stream);
+    let acked = publish_numbered(broker.port, 4_000, 2_000.0, 0, dir.path());
+    wait_sent(&agent, acked.len());
+    let expected = numbered(&acked);
+    let n = expected.len();
+    // Every reading ends in InfluxDB or, for the lines the proxy refused, in the dead-letter location.
+    let stats = wait_for(
+        "every reading written or dead-lettered",
+        Duration::from_secs(120),
+        || {
+            let s = proxy.stats();
+            let dropped = s["dropped_lines"].as_array()?.len();
+            let dead = cloud.dead_lines().len();
+            let written = cloud.metric("fieldlink_influxdb_points_written_total") as usize;
+            (dead == dropped && written + dead >= n).then_some(s)
+        },
+    );
+    eprintln!(
+        "proxy: {}",
+        serde_json::json!({
+            "writes": stats["writes"], "429": stats["injected_429"], "503": stats["injected_503"],
+            "413": stats["injected_413"], "400": stats["injected_400"],
+        })
+    );
+    let dead = cloud.dead_lines();
+    let mut dropped: Vec<String> = stats["dropped_lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_owned())
+        .collect();
+    let mut dead_text: Vec<String> = dead.iter().map(|(_, l)| l.clone()).collect();
+    dropped.sort();
+    dead_text.sort();
+    assert_eq!(
+        dead_text, dropped,
+        "exactly the lines the proxy refused are dead-lettered"
+    );
+    assert!(dead
+        .iter()
+        .all(|(why, _)| why.contains("injected by the fault proxy")));
+    let dead_readings = counted(dead_text.iter().map(|l| reading_of_line(l)));
+    let mut want = expected.clone();
+    for k in dead_readings.keys() {
+        assert!(want.remove(k).is_some(), "a dead letter names {k:?}");
+    }
+    wait_exactly("influxdb", &want, Duration::from_secs(30), || {
+        influx.readings("plant", MEASUREMENT)
+    });
+    // Every injected fault was seen by the sink, by its status.
+    for status in ["429", "503", "413", "400"] {
+        let injected = stats[format!("injected_{status}")].as_f64().unwrap();
+        assert!(injected > 0.0, "no {status} injected: {stats}");
+        assert_eq!(
+            cloud.metric(&format!(
+                "fieldlink_influxdb_requests_total{{status=\"{status}\"}}"
+            )),
+            injected,
+            "answers {status}"
+        );
+    }
+    assert_eq!(
+        cloud.metric("fieldlink_influxdb_lines_dead_lettered_total") as usize,
+        dead.len()
+    );
+    // Every request answered 429 came again, and not before its Retry-After (1 s).
+    let gaps: Vec<u64> = stats["retry_after_gaps_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_u64().unwrap())
+        .collect();
+    assert_eq!(gaps.len() as f64, stats["injected_429"].as_f64().unwrap());
+    assert!(gaps.iter().all(|&g| g >= 1000), "{gaps:?}");
+    eprintln!("429 → next attempt after {:?} ms", gaps);
 }
