@@ -6,7 +6,7 @@
 //! A batch's lines are cut into requests of at most `max_lines_per_request` lines and `max_bytes_per_request`
 //! bytes (gzip-compressed if `gzip`), `max_requests_in_flight` at once per shard. What an answer means is
 //! decided by [`answer`] (pure):
-//! - 2xx: written;
+//! - 2xx: written; 3xx: permanent (the configured URL redirects);
 //! - 429, 503 (and other 5xx, 408, timeouts, connection errors): sent again, after the server's `Retry-After`
 //!   when it gives one (seconds, capped at 5 minutes), else after a capped, jittered backoff;
 //! - 413: the request is split in halves, each sent on its own; a single line too large is dead-lettered;
@@ -100,11 +100,7 @@ fn mentions_lines(body: &str) -> bool {
 pub fn named_lines(body: &str, sent: &[&str]) -> Vec<usize> {
     let mut out = Vec::new();
     let json = serde_json::from_str::<serde_json::Value>(body).ok();
-    let text = json
-        .as_ref()
-        .and_then(|v| v.get("error"))
-        .and_then(|e| e.as_str())
-        .unwrap_or(body);
+    let text = json.as_ref().and_then(json_message).unwrap_or(body);
     let mut rest = text;
     while let Some(at) = rest.find("unable to parse '") {
         rest = &rest[at + "unable to parse '".len()..];
@@ -142,6 +138,11 @@ pub fn retry_after(value: Option<&str>) -> Option<Duration> {
 pub fn answer(status: u16, retry_after_header: Option<&str>, body: &str, sent: &[&str]) -> Answer {
     match status {
         200..=299 => Answer::Written,
+        // A redirect (http:// to https://, a moved endpoint): the URL in the config needs fixing.
+        300..=399 => Answer::Permanent(CallError {
+            class: fieldlink_ops::aws_error::ErrorClass::Permanent,
+            ..CallError::of_http(status, "redirected: set influxdb.url to the final address")
+        }),
         413 => Answer::TooLarge(first_line(body)),
         400 | 422 if mentions_lines(body) => Answer::LineErrors {
             message: first_line(&error_text(body)),
@@ -160,11 +161,18 @@ pub fn answer(status: u16, retry_after_header: Option<&str>, body: &str, sent: &
     }
 }
 
-/// A JSON body's `error` text, else the body.
+/// The message of a JSON error body: `error` (InfluxDB 1.x and 3) or `message` (InfluxDB 2).
+fn json_message(v: &serde_json::Value) -> Option<&str> {
+    v.get("error")
+        .or_else(|| v.get("message"))
+        .and_then(|e| e.as_str())
+}
+
+/// A JSON body's message, else the body.
 fn error_text(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+        .and_then(|v| json_message(&v).map(str::to_owned))
         .unwrap_or_else(|| body.to_owned())
 }
 
@@ -642,6 +650,16 @@ mod tests {
         let v3 = r#"{"error":"partial write of line protocol occurred","data":[{"original_line":"m a=3 3","line_number":3,"error_message":"bad"}]}"#;
         assert!(
             matches!(answer(400, None, v3, &sent), Answer::LineErrors { lines, .. } if lines == vec![2])
+        );
+        assert!(
+            matches!(answer(307, None, "", &sent), Answer::Permanent(e) if e.kind == "HTTP 307"),
+            "a redirect is a configuration error, not retried quickly"
+        );
+        let v2 =
+            r#"{"code":"invalid","message":"unable to parse 'm a=\"x': y\" 2': missing fields"}"#;
+        assert!(
+            matches!(answer(400, None, v2, &sent), Answer::LineErrors { message, lines } if lines == vec![1] && message.starts_with("unable to parse")),
+            "InfluxDB 2 puts its message under `message`"
         );
         let conflict = "{\"error\":\"partial write: field type conflict: input field \\\"a\\\" on measurement \\\"m\\\" is type integer, already exists as type float dropped=1\"}";
         assert!(
