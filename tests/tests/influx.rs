@@ -2,7 +2,8 @@
 //! VictoriaMetrics (v2 API with a token), read back through their query APIs and compared exactly as
 //! multisets of (series, time, value) with what the publisher got acknowledged; through a cloud worker
 //! kill -9 (the replay rewrites the same points); and behind a fault proxy injecting 429 with Retry-After,
-//! 503, 413 and partial 400s (nothing lost, every fault counted by the sink).
+//! 503, 413 and partial 400s (nothing lost, every fault counted by the sink); and a database that does not
+//! exist yet (an operator's order of setup steps).
 
 #![allow(clippy::unwrap_used)]
 
@@ -282,4 +283,65 @@ fn faults_429_503_413_and_partial_400s_from_a_proxy_are_retried_split_or_dead_le
     assert_eq!(gaps.len() as f64, stats["injected_429"].as_f64().unwrap());
     assert!(gaps.iter().all(|&g| g >= 1000), "{gaps:?}");
     eprintln!("429 → next attempt after {:?} ms", gaps);
+}
+
+#[test]
+fn a_missing_database_fails_health_holds_the_checkpoint_and_lands_everything_once_after_it_is_created(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "influx-nodb";
+    let (moto, broker) = stream_and_broker(dir.path(), stream);
+    let influx = InfluxD::start(dir.path(), "other");
+    let mut cloud = InfluxCloud::new(
+        dir.path(),
+        &moto.endpoint,
+        stream,
+        &format!(
+            "[influxdb]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"plant\"\n",
+            influx.port
+        ),
+    );
+    cloud.start();
+    let agent = agent(dir.path(), &broker, &moto, stream);
+    let acked = publish_numbered(broker.port, 1_000, 1_000.0, 0, dir.path());
+    wait_sent(&agent, acked.len());
+    let line = wait_for(
+        "/health to fail for influxdb",
+        Duration::from_secs(30),
+        || {
+            let (status, body) = http_status(cloud.port, "/health")?;
+            let l = body.lines().find(|l| l.starts_with("influxdb: FAIL"))?;
+            (status == 503).then(|| l.to_owned())
+        },
+    );
+    eprintln!("{line}");
+    assert!(
+        line.contains("HTTP 404") && line.contains("database not found"),
+        "{line}"
+    );
+    assert_eq!(
+        cloud.metric("fieldlink_cloud_sink_failing{sink=\"influxdb\"}"),
+        1.0
+    );
+    assert_eq!(
+        cloud.metric("fieldlink_cloud_checkpoints_total"),
+        0.0,
+        "no checkpoint passes unwritten data"
+    );
+    // The operator creates the database: the sink recovers by itself (sink_failing_retry_ms = 1 s).
+    influx.query("CREATE DATABASE \"plant\"", "");
+    let expected = numbered(&acked);
+    wait_exactly("influxdb", &expected, Duration::from_secs(60), || {
+        influx.readings("plant", MEASUREMENT)
+    });
+    wait_for("/health ok again", Duration::from_secs(30), || {
+        http_get(cloud.port, "/health")
+            .filter(|b| b.contains("influxdb: ok"))
+            .map(|_| ())
+    });
+    assert_eq!(
+        cloud.metric("fieldlink_cloud_sink_failing{sink=\"influxdb\"}"),
+        0.0
+    );
+    assert!(cloud.metric("fieldlink_influxdb_requests_total{status=\"404\"}") >= 1.0);
 }

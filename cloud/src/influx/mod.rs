@@ -149,7 +149,7 @@ pub fn answer(status: u16, retry_after_header: Option<&str>, body: &str, sent: &
             lines: named_lines(body, sent),
         },
         _ => {
-            let error = CallError::of_http(status, body);
+            let error = CallError::of_http(status, &error_text(body));
             match error.class {
                 fieldlink_ops::aws_error::ErrorClass::Transient => Answer::Again {
                     error,
