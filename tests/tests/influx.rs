@@ -88,23 +88,41 @@ fn victoria_metrics_over_the_v2_api_with_a_token_holds_every_published_reading_e
         .push(("FIELDLINK_TEST_TOKEN".into(), "s3cret-token".into()));
     let mut agent = agent(dir.path(), &broker, &moto, stream);
     // A backlog first (the cloud is not running): the write rate of one worker catching up.
-    let acked = publish_numbered(broker.port, 20_000, 20_000.0, 0, dir.path());
+    // FIELDLINK_INFLUX_BACKLOG sets its size (default 20,000) for a longer measurement.
+    let backlog: usize = std::env::var("FIELDLINK_INFLUX_BACKLOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let acked = publish_numbered(broker.port, backlog, 10_000.0, 0, dir.path());
     wait_sent(&agent, acked.len());
     agent.stop();
     let expected = numbered(&acked);
     let n = expected.len();
-    assert_eq!(n, 20_000, "every message acknowledged");
-    let t0 = Instant::now();
+    assert_eq!(n, backlog, "every message acknowledged");
     cloud.start();
-    wait_for("every point written", Duration::from_secs(120), || {
-        (cloud.metric("fieldlink_influxdb_points_written_total") as usize >= n).then_some(())
-    });
-    let secs = t0.elapsed().as_secs_f64();
+    let written = || cloud.metric("fieldlink_influxdb_points_written_total") as usize;
+    let mut first: Option<(Instant, usize)> = None;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while written() < n {
+        assert!(
+            Instant::now() < deadline,
+            "timed out: {} of {n} points",
+            written()
+        );
+        if first.is_none() && written() > 0 {
+            first = Some((Instant::now(), written()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let requests = cloud.metric("fieldlink_influxdb_requests_total{status=\"204\"}");
-    eprintln!(
-        "one worker wrote {n} points in {secs:.2} s from start (incl. startup and Kinesis reads): {:.0} points/s, {requests} requests",
-        n as f64 / secs
-    );
+    if let Some((t, w)) = first {
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "one worker wrote {} points in {secs:.2} s after its first write: {:.0} points/s ({n} in {requests} requests)",
+            n - w,
+            (n - w) as f64 / secs
+        );
+    }
     wait_exactly(
         "victoria-metrics",
         &expected,
