@@ -14,6 +14,8 @@
 //!   names), so Parquet files are replaced, not added.
 //! - Timestream writes are idempotent: the record version is the batch sequence number, so a rewrite of the
 //!   same batch is a no-op upsert.
+//! - InfluxDB writes are idempotent: a point is identified by measurement, tags and time, and every part of a
+//!   line is a function of the readings alone ([`influx::lines`]), so a rewrite sets the same values again.
 //! - A batch the agent resent (same `(agent_id, seq)` in another Kinesis record) is skipped if this process
 //!   landed the first copy within the last 16,384 batches of that agent. If the copies are read by different
 //!   processes, or the first was committed before a restart, Timestream still holds it once but Parquet holds
