@@ -2,8 +2,8 @@
 //! VictoriaMetrics (v2 API with a token), read back through their query APIs and compared exactly as
 //! multisets of (series, time, value) with what the publisher got acknowledged; through a cloud worker
 //! kill -9 (the replay rewrites the same points); and behind a fault proxy injecting 429 with Retry-After,
-//! 503, 413 and partial 400s (nothing lost, every fault counted by the sink); and a database that does not
-//! exist yet (an operator's order of setup steps).
+//! 503, 413 and partial 400s (nothing lost, every fault counted by the sink); and what operators get wrong: a
+//! database that does not exist yet, an HTTPS server whose certificate the system does not trust.
 
 #![allow(clippy::unwrap_used)]
 
@@ -303,6 +303,32 @@ fn faults_429_503_413_and_partial_400s_from_a_proxy_are_retried_split_or_dead_le
     eprintln!("429 → next attempt after {:?} ms", gaps);
 }
 
+/// Starts an agent, publishes `count` numbered readings through it and waits until `/health` fails for the
+/// sink; the agent, the acknowledged numbers and the health line.
+fn publish_until_failing(
+    dir: &Path,
+    broker: &Mosquitto,
+    moto: &Moto,
+    stream: &str,
+    cloud: &InfluxCloud,
+    count: usize,
+) -> (AgentProc, Vec<u64>, String) {
+    let agent = agent(dir, broker, moto, stream);
+    let acked = publish_numbered(broker.port, count, 1_000.0, 0, dir);
+    wait_sent(&agent, acked.len());
+    let line = wait_for(
+        "/health to fail for influxdb",
+        Duration::from_secs(30),
+        || {
+            let (status, body) = http_status(cloud.port, "/health")?;
+            let l = body.lines().find(|l| l.starts_with("influxdb: FAIL"))?;
+            (status == 503).then(|| l.to_owned())
+        },
+    );
+    eprintln!("{line}");
+    (agent, acked, line)
+}
+
 #[test]
 fn a_missing_database_fails_health_holds_the_checkpoint_and_lands_everything_once_after_it_is_created(
 ) {
@@ -320,19 +346,8 @@ fn a_missing_database_fails_health_holds_the_checkpoint_and_lands_everything_onc
         ),
     );
     cloud.start();
-    let agent = agent(dir.path(), &broker, &moto, stream);
-    let acked = publish_numbered(broker.port, 1_000, 1_000.0, 0, dir.path());
-    wait_sent(&agent, acked.len());
-    let line = wait_for(
-        "/health to fail for influxdb",
-        Duration::from_secs(30),
-        || {
-            let (status, body) = http_status(cloud.port, "/health")?;
-            let l = body.lines().find(|l| l.starts_with("influxdb: FAIL"))?;
-            (status == 503).then(|| l.to_owned())
-        },
-    );
-    eprintln!("{line}");
+    let (_agent, acked, line) =
+        publish_until_failing(dir.path(), &broker, &moto, stream, &cloud, 1_000);
     assert!(
         line.contains("HTTP 404") && line.contains("database not found"),
         "{line}"
@@ -362,4 +377,57 @@ fn a_missing_database_fails_health_holds_the_checkpoint_and_lands_everything_onc
         0.0
     );
     assert!(cloud.metric("fieldlink_influxdb_requests_total{status=\"404\"}") >= 1.0);
+}
+
+#[test]
+fn an_https_server_with_an_untrusted_certificate_fails_health_naming_the_tls_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "influx-tls";
+    let (moto, broker) = stream_and_broker(dir.path(), stream);
+    let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+    run_ok(std::process::Command::new("openssl").args([
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ]));
+    let port = free_port();
+    let mut server = std::process::Command::new("openssl");
+    server
+        .args(["s_server", "-quiet", "-www", "-accept"])
+        .arg(port.to_string())
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key);
+    let _server = Proc::spawn("openssl s_server", server, &dir.path().join("s_server.log"));
+    wait_for("the TLS server to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
+    });
+    let mut cloud = InfluxCloud::new(
+        dir.path(),
+        &moto.endpoint,
+        stream,
+        &format!("[influxdb]\nurl = \"https://127.0.0.1:{port}\"\norg = \"o\"\nbucket = \"b\"\n"),
+    );
+    cloud.start();
+    let (_agent, _acked, line) =
+        publish_until_failing(dir.path(), &broker, &moto, stream, &cloud, 100);
+    assert!(
+        line.contains("TLS error") && line.contains("certificate"),
+        "{line}"
+    );
+    assert_eq!(cloud.metric("fieldlink_influxdb_points_written_total"), 0.0);
+    assert_eq!(cloud.metric("fieldlink_cloud_checkpoints_total"), 0.0);
 }

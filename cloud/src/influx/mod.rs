@@ -14,8 +14,9 @@
 //!   `line_number`s): the lines named are dead-lettered with the server's message and the rest is sent again
 //!   (rewriting points the server already took is a no-op); when the server does not say which lines, the
 //!   request is split in halves until the refused lines stand alone;
-//! - other 4xx (401, 403, 404, a 400 about the request rather than its lines): permanent; `/health` fails for
-//!   `influxdb` and the request is tried again every `sink_failing_retry_ms` ([`crate::land::retry`]).
+//! - other 4xx (401, 403, 404, a 400 about the request rather than its lines) and a server certificate the
+//!   client refuses: permanent; `/health` fails for `influxdb` and the request is tried again every
+//!   `sink_failing_retry_ms` ([`crate::land::retry`]).
 //!
 //! Dead letters go to `influxdb/<agent>-<epoch>-<seq>-<shard>-<sequence number>.jsonl` under the dead-letter
 //! location, one JSON object per line with `reason` and the `line` (or `series` and `time_ms` for a reading the
@@ -126,6 +127,22 @@ pub fn named_lines(body: &str, sent: &[&str]) -> Vec<usize> {
     out.sort_unstable();
     out.dedup();
     out
+}
+
+/// A request that got no answer, from the innermost cause: a TLS certificate the client refuses (unknown issuer,
+/// wrong name, expired) needs an operator (permanent: `/health` fails); anything else (refused, reset, DNS) is
+/// transient.
+pub fn transport_error(cause: &str) -> CallError {
+    let c = cause.to_ascii_lowercase();
+    if c.contains("certificate") || c.contains("invalid peer") {
+        CallError {
+            class: fieldlink_ops::aws_error::ErrorClass::Permanent,
+            kind: "TLS error".into(),
+            ..CallError::of_transport(false, cause)
+        }
+    } else {
+        CallError::of_transport(false, cause)
+    }
 }
 
 /// The server's `Retry-After` (delay in seconds; an HTTP date is ignored), capped.
@@ -351,7 +368,7 @@ impl InfluxClient {
                     msg = s.to_string();
                     src = s.source();
                 }
-                CallError::of_transport(false, &msg)
+                transport_error(&msg)
             })?;
             let status = resp.status().as_u16();
             let after = resp
@@ -664,6 +681,20 @@ mod tests {
         let conflict = "{\"error\":\"partial write: field type conflict: input field \\\"a\\\" on measurement \\\"m\\\" is type integer, already exists as type float dropped=1\"}";
         assert!(
             matches!(answer(422, None, conflict, &sent), Answer::LineErrors { lines, .. } if lines.is_empty())
+        );
+    }
+
+    #[test]
+    fn a_refused_certificate_is_permanent_a_refused_connection_transient() {
+        let tls = transport_error("invalid peer certificate: UnknownIssuer");
+        assert_eq!(
+            (tls.class, tls.kind.as_str()),
+            (fieldlink_ops::aws_error::ErrorClass::Permanent, "TLS error")
+        );
+        let refused = transport_error("Connection refused (os error 111)");
+        assert_eq!(
+            refused.class,
+            fieldlink_ops::aws_error::ErrorClass::Transient
         );
     }
 
