@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need, skipping what is already there:
-#   Debian: mosquitto, mosquitto-clients, socat, openssl (test CA for MQTT TLS), systemd (systemd-analyze verifies
+#   Debian: mosquitto, mosquitto-clients, socat, openssl (test CA for MQTT TLS), influxdb (1.x) and
+#           victoria-metrics (the InfluxDB sink's e2e tests), systemd (systemd-analyze verifies
 #           the shipped unit), cross C compilers for aarch64 and armv7, qemu-user-static (runs the ARM builds)
 #   rustup: aarch64-unknown-linux-gnu and armv7-unknown-linux-gnueabihf targets, clippy, rustfmt
 #   .venv:  the pinned Python packages of tests/python/requirements.txt (moto server, pyarrow, zstandard, paho-mqtt)
@@ -12,7 +13,7 @@ cross=1
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-pkgs=(mosquitto mosquitto-clients socat openssl systemd)
+pkgs=(mosquitto mosquitto-clients socat openssl systemd influxdb victoria-metrics)
 [ $cross = 1 ] && pkgs+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user-static)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

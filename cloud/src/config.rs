@@ -1,6 +1,7 @@
 //! The cloud service's TOML configuration; every problem is reported at once.
 
 use crate::consumer::ConsumerConfig;
+use crate::influx::InfluxConfig;
 use crate::land::DedupConfig;
 use crate::lease::LeaseConfig;
 use crate::parquet::ParquetConfig;
@@ -40,6 +41,10 @@ pub struct Config {
     /// Timestream sink; absent = off.
     #[serde(default)]
     pub timestream: Option<TimestreamConfig>,
+    /// InfluxDB sink (line protocol over HTTP: InfluxDB 1.x/2/3, Timestream for InfluxDB, VictoriaMetrics);
+    /// absent = off.
+    #[serde(default)]
+    pub influxdb: Option<InfluxConfig>,
     /// Parquet sink; absent = off.
     #[serde(default)]
     pub parquet: Option<ParquetConfig>,
@@ -103,6 +108,9 @@ impl Validate for Config {
         if let Some(t) = &self.timestream {
             p.extend(t.validate("timestream"));
         }
+        if let Some(i) = &self.influxdb {
+            p.extend(i.validate("influxdb"));
+        }
         if let Some(q) = &self.parquet {
             p.extend(q.validate("parquet"));
         }
@@ -112,8 +120,8 @@ impl Validate for Config {
                 self.sink_failing_retry_ms
             ));
         }
-        if self.timestream.is_none() && self.parquet.is_none() {
-            p.push("timestream, parquet: configure at least one sink".into());
+        if self.timestream.is_none() && self.parquet.is_none() && self.influxdb.is_none() {
+            p.push("timestream, influxdb, parquet: configure at least one sink".into());
         }
         p
     }

@@ -5,7 +5,8 @@
 //! Library's schema) and runs one worker per held shard; the worker reads its shard from the checkpoint into a
 //! bounded channel, its [`land::Lander`] skips resent batches (`(agent_id, seq)` from another record,
 //! [`land::dedup`]), dead-letters undecodable records with the reason ([`land::dead`]) and hands each batch to
-//! every [`land::Sink`]: [`timestream`] and [`parquet`] (through [`store`]).
+//! every [`land::Sink`]: [`timestream`], [`influx`] (InfluxDB line protocol over HTTP) and [`parquet`] (through
+//! [`store`]).
 //!
 //! # Guarantees
 //! - A shard's checkpoint moves only after everything before it is durable in every sink; a restarted or
@@ -13,6 +14,8 @@
 //!   names), so Parquet files are replaced, not added.
 //! - Timestream writes are idempotent: the record version is the batch sequence number, so a rewrite of the
 //!   same batch is a no-op upsert.
+//! - InfluxDB writes are idempotent: a point is identified by measurement, tags and time, and every part of a
+//!   line is a function of the readings alone ([`influx::lines`]), so a rewrite sets the same values again.
 //! - A batch the agent resent (same `(agent_id, seq)` in another Kinesis record) is skipped if this process
 //!   landed the first copy within the last 16,384 batches of that agent. If the copies are read by different
 //!   processes, or the first was committed before a restart, Timestream still holds it once but Parquet holds
@@ -21,6 +24,7 @@
 
 pub mod config;
 pub mod consumer;
+pub mod influx;
 pub mod land;
 pub mod lease;
 pub mod metrics;

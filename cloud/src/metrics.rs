@@ -37,6 +37,10 @@ pub struct CloudMetrics {
     pub checkpoints: Counter,
     /// Parquet rows written.
     pub parquet_rows: Counter,
+    /// InfluxDB points (lines) the server acknowledged.
+    pub influx_points: Counter,
+    /// InfluxDB lines refused by the server and dead-lettered.
+    pub influx_dead_lines: Counter,
 }
 
 impl CloudMetrics {
@@ -100,8 +104,34 @@ impl CloudMetrics {
                 "fieldlink_parquet_rows_total",
                 "Rows written to Parquet files.",
             ),
+            influx_points: c(
+                "fieldlink_influxdb_points_written_total",
+                "InfluxDB points (line-protocol lines) the server acknowledged.",
+            ),
+            influx_dead_lines: c(
+                "fieldlink_influxdb_lines_dead_lettered_total",
+                "Line-protocol lines InfluxDB refused (400/422 line errors, a single line too large); dead-lettered with the server's message.",
+            ),
             registry,
         }
+    }
+
+    /// InfluxDB write requests answered, by status (`204`, `429`, …, or `timeout`, `connection`).
+    pub fn influx_requests(&self, status: &str) -> Counter {
+        self.registry.counter(
+            "fieldlink_influxdb_requests_total",
+            "InfluxDB write requests by answer: HTTP status, or timeout / connection for none.",
+            &[("status", status)],
+        )
+    }
+
+    /// InfluxDB requests sent again (whole, split or without refused lines), by the status that caused it.
+    pub fn influx_retries(&self, status: &str) -> Counter {
+        self.registry.counter(
+            "fieldlink_influxdb_retries_total",
+            "InfluxDB write requests sent again (whole, in halves, or without the refused lines), by the answer that caused it.",
+            &[("status", status)],
+        )
     }
 
     /// Undecodable records by reason.

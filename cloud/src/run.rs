@@ -4,6 +4,7 @@ use crate::config::Config;
 use crate::consumer::reader::ReadParams;
 use crate::consumer::worker::Shared;
 use crate::consumer::{self};
+use crate::influx::{InfluxClient, InfluxSink};
 use crate::land::dead::DeadLetters;
 use crate::land::dedup::BatchDedup;
 use crate::land::retry::SinkMonitor;
@@ -59,6 +60,14 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
         }
         None => None,
     };
+    let influx = match &cfg.influxdb {
+        Some(i) => Some((
+            InfluxClient::new(i).map_err(RunError::Sink)?,
+            i.clone(),
+            monitor(crate::influx::NAME),
+        )),
+        None => None,
+    };
     let parquet = match &cfg.parquet {
         Some(p) => {
             let location = Location::parse(&p.location).map_err(RunError::Sink)?;
@@ -78,6 +87,16 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
                 client.clone(),
                 t.clone(),
                 *window,
+                d.for_worker(cancel),
+                m.clone(),
+                monitor.clone(),
+                cancel.clone(),
+            )));
+        }
+        if let Some((client, i, monitor)) = &influx {
+            v.push(Box::new(InfluxSink::new(
+                client.clone(),
+                i.clone(),
                 d.for_worker(cancel),
                 m.clone(),
                 monitor.clone(),

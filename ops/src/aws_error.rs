@@ -192,6 +192,30 @@ impl CallError {
         }
     }
 
+    /// A non-2xx answer of a plain HTTP service (no AWS error code): classified by its status, the first line
+    /// of `body` as the message.
+    pub fn of_http(status: u16, body: &str) -> Self {
+        Self {
+            class: classify(None, Some(status)),
+            kind: format!("HTTP {status}"),
+            message: short(body),
+        }
+    }
+
+    /// A plain HTTP call that got no answer: a timeout or a connection error (transient).
+    pub fn of_transport(timeout: bool, message: &str) -> Self {
+        Self {
+            class: ErrorClass::Transient,
+            kind: if timeout {
+                "timeout"
+            } else {
+                "connection error"
+            }
+            .into(),
+            message: short(message),
+        }
+    }
+
     /// A failed local file operation: permissions, a read-only or full file system need an operator.
     pub fn of_io(e: &std::io::Error) -> Self {
         use std::io::ErrorKind::*;

@@ -5,6 +5,8 @@
 //! poll a condition with a deadline.
 #![allow(clippy::unwrap_used, unreachable_pub, missing_debug_implementations)]
 
+pub mod influx;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpListener;

@@ -7,6 +7,9 @@
 //! - `timestream/<agent>-<batch epoch>-<batch seq>-<shard>-<sequence number>.jsonl`: readings Timestream refused
 //!   or that break its limits, one JSON object per line with `reason`, `series`, `time_ms` and the record, and
 //!   the batch id `agent`, `batch_epoch`, `batch_seq`. The epoch is decimal, 0 for records from before epochs.
+//! - `influxdb/<agent>-<batch epoch>-<batch seq>-<shard>-<sequence number>.jsonl`: line-protocol lines InfluxDB
+//!   refused (`reason` with the server's message, `line`) and readings line protocol cannot carry (`reason`,
+//!   `series`, `time_ms`), with the same batch id.
 //!
 //! Under a Parquet location the default prefix is `_dead_letter/`, which Athena, Hive and Spark skip.
 

@@ -6,7 +6,7 @@
 //! the reason and are counted; the shard moves on.
 //!
 //! # Commit protocol (with [`crate::consumer`])
-//! Sinks either land a batch durably in [`Sink::write`] (Timestream) or stage it until [`Sink::commit`]
+//! Sinks either land a batch durably in [`Sink::write`] (Timestream, InfluxDB) or stage it until [`Sink::commit`]
 //! (Parquet). A commit covers the records from the one after the shard's checkpoint (`first`) to the last one
 //! landed; objects it writes are named after `first`, so writing the same commit again replaces them. The
 //! worker records the commit's end in the lease before writing and moves the checkpoint after, so a worker
@@ -54,7 +54,8 @@ pub type SinkFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> + S
 /// A destination for decoded batches (Timestream, Parquet, others). One instance serves one shard.
 ///
 /// Writing the same batch again (a replay) must not add rows downstream: Timestream through deterministic
-/// record versions, Parquet through deterministic object names.
+/// record versions, InfluxDB through points that are a function of the readings, Parquet through deterministic
+/// object names.
 pub trait Sink: Send {
     /// Short name for logs and metrics.
     fn name(&self) -> &'static str;

@@ -175,13 +175,24 @@ impl Retry {
     /// Attempt of `operation` failed with `error`: counts and reports it, then waits (backoff if transient,
     /// the slow cadence if permanent). `Err(Stopped)`: the worker is stopping, give up the call.
     pub async fn failed(&mut self, operation: &str, error: &CallError) -> Result<(), Stopped> {
+        self.failed_after(operation, error, None).await
+    }
+
+    /// As [`Retry::failed`], but a transient failure waits `after` (the server's `Retry-After`) when given
+    /// instead of the backoff's next delay.
+    pub async fn failed_after(
+        &mut self,
+        operation: &str,
+        error: &CallError,
+        after: Option<Duration>,
+    ) -> Result<(), Stopped> {
         let m = &self.monitor;
         m.0.metrics
             .sink_errors(m.0.sink, error.class.as_str())
             .inc();
         let delay = match error.class {
             ErrorClass::Transient => {
-                let d = self.backoff.next_delay();
+                let d = after.unwrap_or_else(|| self.backoff.next_delay());
                 tracing::warn!(sink = m.0.sink, error = %error.sentence(operation), retry_in_ms = d.as_millis() as u64, "sink call failed; retrying");
                 d
             }
@@ -261,6 +272,28 @@ mod tests {
             line,
             "AccessDeniedException on WriteRecords (permanent): not authorized; retrying every 30 s"
         );
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_waits_the_servers_retry_after_instead_of_the_backoff() {
+        let m = SinkMonitor::new(
+            "influxdb",
+            Health::new(),
+            CloudMetrics::new(Registry::new()),
+            Duration::from_secs(30),
+        );
+        let cancel = CancellationToken::new();
+        // A backoff of at most 1 ms: only the server's delay can make the wait last 300 ms.
+        let mut r = m.retry(&cancel, Duration::from_millis(1), Duration::from_millis(1));
+        let busy = CallError::of_http(429, "slow down");
+        let t0 = Instant::now();
+        r.failed_after("write", &busy, Some(Duration::from_millis(300)))
+            .await
+            .unwrap();
+        assert!(t0.elapsed() >= Duration::from_millis(300));
+        let t1 = Instant::now();
+        r.failed_after("write", &busy, None).await.unwrap();
+        assert!(t1.elapsed() < Duration::from_millis(250));
     }
 
     #[tokio::test]
