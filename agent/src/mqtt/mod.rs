@@ -577,7 +577,11 @@ pub async fn run(
         if acks.is_empty() || tokio::time::Instant::now() >= deadline {
             break;
         }
-        let _ = tokio::time::timeout(Duration::from_millis(100), session.poll()).await;
+        // Not under a timeout: a poll cancelled while it writes can lose the request it took (an ack). It
+        // returns as soon as it sent a queued request or read a packet.
+        if session.poll().await.is_err() {
+            break;
+        }
     }
     m.connected.set(0);
     let clean = session.disconnect().await;

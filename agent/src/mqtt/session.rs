@@ -236,8 +236,8 @@ impl Session {
         }
     }
 
-    /// Sends DISCONNECT behind every request already queued (acknowledgements) and waits (bounded) for it to
-    /// leave; false if it did not. The DISCONNECT is queued as soon as the request channel has room, polling the
+    /// Sends DISCONNECT behind every request already queued (acknowledgements) and waits (bounded) until the
+    /// broker closed the connection; false if the DISCONNECT did not leave. The DISCONNECT is queued as soon as the request channel has room, polling the
     /// client meanwhile: a channel full of acks must drain first, or those acks would be lost with the session
     /// (and their messages redelivered).
     pub(super) async fn disconnect(&mut self) -> bool {
@@ -256,6 +256,10 @@ impl Session {
             }
             while let Ok(ev) = self.poll().await {
                 if matches!(ev, SessionEvent::Disconnected) {
+                    // Read on until the broker closes the connection: closing it ourselves with unread data in
+                    // the socket (messages the broker kept sending) sends a TCP reset, and a reset makes the
+                    // broker's kernel discard what it had not read yet — our last acks and the DISCONNECT.
+                    while self.poll().await.is_ok() {}
                     return true;
                 }
             }
