@@ -5,10 +5,17 @@
 #   fieldlink-cloud (Kinesis -> Timestream on moto + hourly Parquet files in .demo/bronze),
 #   fieldlink-agent (MQTT -> SQLite buffer -> Kinesis),
 #   then publishes readings from ../shared/datasets/sensors.csv.gz with paho-mqtt and shows what landed where.
-# Usage: deploy/demo.sh [READINGS]      (default 50000; everything is stopped at the end)
+#   With --influx the cloud also writes to VictoriaMetrics (Debian's victoria-metrics, started here) through its
+#   InfluxDB sink (line protocol on /api/v2/write, as to Timestream for InfluxDB), and the demo counts what it holds.
+# Usage: deploy/demo.sh [READINGS] [--influx]     (default 50000; everything is stopped at the end)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-readings=${1:-50000}
+influx=0
+args=()
+for a in "$@"; do
+  if [ "$a" = "--influx" ]; then influx=1; else args+=("$a"); fi
+done
+readings=${args[0]:-50000}
 dataset=${FIELDLINK_DATASET:-../shared/datasets/sensors.csv.gz}
 demo=.demo
 rm -rf "$demo" && mkdir -p "$demo/bronze"
@@ -69,6 +76,23 @@ magnetic_store_writes = true   # the dataset is months old (memory store: 6 h)
 [parquet]
 location = "$demo/bronze"
 TOML
+if [ $influx = 1 ]; then
+  vm_port=$(free_port)
+  victoria-metrics -httpListenAddr="127.0.0.1:$vm_port" -storageDataPath="$demo/victoria-metrics" \
+    -retentionPeriod=100y -dedup.minScrapeInterval=1ms -loggerLevel=WARN > "$demo/victoria-metrics.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do curl -s "http://127.0.0.1:$vm_port/health" >/dev/null 2>&1 && break; sleep 0.1; done
+  echo "demo: victoria-metrics on 127.0.0.1:$vm_port (the InfluxDB sink writes line protocol to /api/v2/write)"
+  cat >> "$demo/cloud.toml" <<TOML
+[influxdb]
+url = "http://127.0.0.1:$vm_port"
+api = "v2"
+org = "demo"
+bucket = "demo"
+token_env = "DEMO_INFLUX_TOKEN"
+TOML
+  export DEMO_INFLUX_TOKEN=demo
+fi
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
 target/debug/fieldlink-agent check-config --config "$demo/agent.toml"
 target/debug/fieldlink-cloud check-config --config "$demo/cloud.toml"
@@ -88,3 +112,10 @@ curl -s "http://127.0.0.1:$agent_port/metrics" | grep -E "^fieldlink_(readings|r
 echo "demo: stopping (SIGTERM: the cloud writes its staged Parquet files, the agent drains its buffer)"
 kill -TERM "$cloud_pid" "$agent_pid"; wait "$cloud_pid" "$agent_pid" || true
 "$py" deploy/demo_report.py "$endpoint" fieldlink readings "$demo/bronze" "$readings"
+if [ $influx = 1 ]; then
+  curl -s "http://127.0.0.1:$vm_port/internal/force_flush" >/dev/null
+  points=$(curl -s "http://127.0.0.1:$vm_port/api/v1/export" --data-urlencode 'match[]={__name__=~"fieldlink_.*"}' \
+    --data-urlencode 'start=0' | "$py" -c 'import json,sys; print(sum(len(json.loads(l)["values"]) for l in sys.stdin if l.strip()))')
+  echo "InfluxDB sink (VictoriaMetrics): $points points for $readings published readings: $([ "$points" = "$readings" ] && echo OK || echo MISMATCH)"
+  [ "$points" = "$readings" ]
+fi
