@@ -809,22 +809,50 @@ fn wait_sent(agent: &AgentProc, n: usize) {
     );
 }
 
+/// One agent `gw` (started) behind a Mosquitto, sending to a one-shard stream a cloud service lands.
+struct Gateway {
+    dir: tempfile::TempDir,
+    moto: Moto,
+    cloud: Cloud,
+    broker: Mosquitto,
+    agent: AgentProc,
+}
+
+impl Gateway {
+    fn start(stream: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (moto, cloud) = moto_and_cloud_for_agents(dir.path(), stream);
+        let broker = Mosquitto::start(dir.path());
+        let mut agent = AgentProc::new(
+            dir.path(),
+            "gw",
+            broker.port,
+            &moto.endpoint,
+            stream,
+            "",
+            "",
+        );
+        agent.start();
+        Self {
+            dir,
+            moto,
+            cloud,
+            broker,
+            agent,
+        }
+    }
+}
+
 #[test]
 fn a_re_imaged_gateway_numbering_batches_from_one_again_lands_everything_once() {
-    let dir = tempfile::tempdir().unwrap();
+    let Gateway {
+        dir,
+        moto,
+        cloud,
+        broker,
+        mut agent,
+    } = Gateway::start("reimage");
     let stream = "reimage";
-    let (moto, cloud) = moto_and_cloud_for_agents(dir.path(), stream);
-    let broker = Mosquitto::start(dir.path());
-    let mut agent = AgentProc::new(
-        dir.path(),
-        "gw",
-        broker.port,
-        &moto.endpoint,
-        stream,
-        "",
-        "",
-    );
-    agent.start();
     // The old image: many small batches (slow publishing), so the new image's numbers 1.. were all used.
     let mut acked = publish_numbered_from(broker.port, 0, 600, 200.0, 0, dir.path());
     wait_sent(&agent, acked.len());
@@ -861,20 +889,14 @@ fn a_re_imaged_gateway_numbering_batches_from_one_again_lands_everything_once() 
 
 #[test]
 fn a_buffer_file_restored_from_a_backup_loses_nothing_and_is_reported() {
-    let dir = tempfile::tempdir().unwrap();
+    let Gateway {
+        dir,
+        moto,
+        cloud,
+        broker,
+        mut agent,
+    } = Gateway::start("restore");
     let stream = "restore";
-    let (moto, cloud) = moto_and_cloud_for_agents(dir.path(), stream);
-    let broker = Mosquitto::start(dir.path());
-    let mut agent = AgentProc::new(
-        dir.path(),
-        "gw",
-        broker.port,
-        &moto.endpoint,
-        stream,
-        "",
-        "",
-    );
-    agent.start();
     let mut acked = publish_numbered_from(broker.port, 0, 300, 200.0, 0, dir.path());
     wait_sent(&agent, acked.len());
     agent.stop();
