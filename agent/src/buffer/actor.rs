@@ -84,6 +84,9 @@ enum Control {
     Ping {
         reply: oneshot::Sender<Option<String>>,
     },
+    /// Test hook: the buffer's next transaction fails with this SQLite code.
+    #[cfg(test)]
+    Fault(std::ffi::c_int),
 }
 
 /// The buffer thread stopped (after a shutdown, or a fatal error it logged).
@@ -195,6 +198,12 @@ impl BufferHandle {
             .await
             .map_err(|_| Closed)?;
         rx.await.map_err(|_| Closed)
+    }
+
+    /// Test hook: the buffer's next transaction fails with SQLite result `code`.
+    #[cfg(test)]
+    pub(crate) async fn inject_fault(&self, code: std::ffi::c_int) {
+        let _ = self.ctl.send_async(Control::Fault(code)).await;
     }
 
     /// Notified whenever a batch is sealed.
@@ -419,6 +428,8 @@ impl Worker {
             Control::Ping { reply } => {
                 let _ = reply.send(self.problem());
             }
+            #[cfg(test)]
+            Control::Fault(code) => self.buffer.fault = Some(code),
             Control::Release => {
                 self.buffer.release_in_flight();
                 self.enforce_cap();
