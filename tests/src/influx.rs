@@ -230,23 +230,8 @@ pub struct InfluxFaultProxy {
 
 impl InfluxFaultProxy {
     pub fn start(dir: &Path, upstream_port: u16) -> Self {
-        let log = dir.join(format!("influx-fault-proxy-{}.log", free_port()));
-        let mut cmd = Command::new(crate::python());
-        cmd.arg("-u")
-            .arg(crate::script("influx_fault_proxy.py"))
-            .arg(format!("http://127.0.0.1:{upstream_port}"))
-            .arg("log");
-        let proc = Proc::spawn("influx fault proxy", cmd, &log);
-        let port = wait_for("the fault proxy to listen", Duration::from_secs(10), || {
-            std::fs::read_to_string(&log)
-                .ok()?
-                .split("listening on ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        });
+        let upstream = format!("http://127.0.0.1:{upstream_port}");
+        let (proc, port) = crate::start_proxy(dir, "influx_fault_proxy.py", &[&upstream, "log"]);
         Self { port, proc }
     }
 

@@ -396,13 +396,16 @@ pub struct FaultProxy {
     pub proc: Proc,
 }
 
-impl FaultProxy {
-    pub fn start(dir: &Path, upstream: &str) -> Self {
-        let log = dir.join(format!("fault-proxy-{}.log", free_port()));
-        let mut cmd = Command::new(python());
-        cmd.arg("-u").arg(script("fault_proxy.py")).arg(upstream);
-        let proc = Proc::spawn("fault proxy", cmd, &log);
-        let port: u16 = wait_for("the fault proxy to listen", Duration::from_secs(10), || {
+/// Starts the Python proxy `script` with `args` (it prints "listening on PORT"); the process and its port.
+pub fn start_proxy(dir: &Path, script_name: &str, args: &[&str]) -> (Proc, u16) {
+    let log = dir.join(format!("{script_name}-{}.log", free_port()));
+    let mut cmd = Command::new(python());
+    cmd.arg("-u").arg(script(script_name)).args(args);
+    let proc = Proc::spawn(script_name, cmd, &log);
+    let port = wait_for(
+        &format!("{script_name} to listen"),
+        Duration::from_secs(10),
+        || {
             std::fs::read_to_string(&log)
                 .ok()?
                 .split("listening on ")
@@ -411,7 +414,14 @@ impl FaultProxy {
                 .next()?
                 .parse()
                 .ok()
-        });
+        },
+    );
+    (proc, port)
+}
+
+impl FaultProxy {
+    pub fn start(dir: &Path, upstream: &str) -> Self {
+        let (proc, port) = start_proxy(dir, "fault_proxy.py", &[upstream]);
         Self {
             endpoint: format!("http://127.0.0.1:{port}"),
             proc,
