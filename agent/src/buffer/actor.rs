@@ -562,16 +562,16 @@ impl Worker {
     /// Makes sure `need` bytes can be written while keeping the headroom free, dropping the oldest batches
     /// for the shortfall under `drop_oldest`. `Err` says why intake has to wait.
     fn ensure_room(&mut self, need: u64) -> Result<(), String> {
-        let Some(room) = self.buffer.disk_room() else {
+        let want = need + self.headroom;
+        let Some(room) = self.buffer.disk_room(want) else {
             return Ok(()); // cannot tell: SQLITE_FULL will say so
         };
-        let want = need + self.headroom;
         if room >= want {
             return Ok(());
         }
         if self.cfg.overflow == OverflowPolicy::DropOldest {
             self.drop_for(want - room);
-            if self.buffer.disk_room().is_some_and(|r| r >= want) {
+            if self.buffer.disk_room(want).is_some_and(|r| r >= want) {
                 return Ok(());
             }
         }

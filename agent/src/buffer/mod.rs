@@ -594,9 +594,15 @@ impl Buffer {
     }
 
     /// Bytes the buffer can still write: free space on its filesystem (for an unprivileged user) plus the pages
-    /// SQLite keeps free inside the file (reused before the file grows). `None` if the filesystem cannot be asked.
-    pub fn disk_room(&self) -> Option<u64> {
+    /// SQLite keeps free inside the file (reused before the file grows). The free pages are counted only when the
+    /// free space alone is below `enough` (each commit asks; in normal operation it costs one `statvfs`). `None`
+    /// if the filesystem cannot be asked.
+    pub fn disk_room(&self, enough: u64) -> Option<u64> {
         let fs = rustix::fs::statvfs(self.dir()).ok()?;
+        let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+        if free >= enough {
+            return Some(free);
+        }
         let free_pages: i64 = self
             .conn
             .query_row(
@@ -605,7 +611,7 @@ impl Buffer {
                 |r| r.get(0),
             )
             .ok()?;
-        Some(fs.f_bavail.saturating_mul(fs.f_frsize) + free_pages.max(0) as u64)
+        Some(free + free_pages.max(0) as u64)
     }
 
     /// Size of the buffer's filesystem in bytes, if it can be asked.
