@@ -409,6 +409,37 @@ fn check_glue_table(r: &Value, moto: &Moto, files: &[&str]) {
     }
 }
 
+/// The log lines of `logs` that report a refused AWS call (access denied), each prefixed with its process.
+fn refused_calls(logs: &[(&str, PathBuf)]) -> String {
+    let mut out = String::new();
+    for (name, path) in logs {
+        for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+            if line.contains("AccessDenied") || line.contains("not authorized") {
+                out.push_str(&format!("{name}: {line}\n"));
+            }
+        }
+    }
+    out
+}
+
+/// Polls `done` until it holds; on timeout, fails with the refused calls of `logs` (the likely cause here).
+fn wait_explained(
+    what: &str,
+    timeout: Duration,
+    logs: &[(&str, PathBuf)],
+    mut done: impl FnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; refused calls:\n{}",
+            refused_calls(logs)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn iam_policies_allow_exactly_the_calls_the_code_makes() {
     let check = |template: &Path| {
@@ -590,20 +621,26 @@ fn stack_on_moto_lands_agent_readings_exactly_once_under_its_iam_policies() {
         &N.to_string(),
     ]);
     eprintln!("published: {published}");
-    wait_for(
+    let logs = [
+        ("cloud", dir.path().join("cloud.log")),
+        ("agent", agent.log.clone()),
+    ];
+    wait_explained(
         "the agent to send every reading",
         Duration::from_secs(60),
-        || (agent.metric("fieldlink_readings_sent_total") as usize >= N).then_some(()),
+        &logs,
+        || agent.metric("fieldlink_readings_sent_total") as usize >= N,
     );
     let metric = |name: &str| {
         http_get(port, "/metrics")
             .and_then(|m| metric(&m, name))
             .unwrap_or(0.0)
     };
-    wait_for(
+    wait_explained(
         "the cloud to land every reading",
         Duration::from_secs(90),
-        || (metric("fieldlink_cloud_readings_landed_total") as usize >= N).then_some(()),
+        &logs,
+        || metric("fieldlink_cloud_readings_landed_total") as usize >= N,
     );
     let (status, health) = http_status(port, "/health").unwrap();
     assert_eq!(status, 200, "{health}");
@@ -612,16 +649,7 @@ fn stack_on_moto_lands_agent_readings_exactly_once_under_its_iam_policies() {
     cloud.terminate(Duration::from_secs(60));
     agent.stop();
     stack_py(&["enforce", &moto.endpoint, "off"]);
-    for (name, log) in [
-        ("cloud", dir.path().join("cloud.log")),
-        ("agent", agent.log.clone()),
-    ] {
-        let text = std::fs::read_to_string(log).unwrap();
-        assert!(
-            !text.contains("AccessDenied") && !text.contains("not authorized"),
-            "{name} was refused a call:\n{text}"
-        );
-    }
+    assert_eq!(refused_calls(&logs), "", "calls were refused");
 
     let v: Value = serde_json::from_str(&run_python(&[
         script("landed.py").to_str().unwrap(),
