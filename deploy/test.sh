@@ -13,6 +13,9 @@ deploy/setup.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "cfn-lint deploy/aws/*.yaml (the AWS stack; informational checks too)"
+.venv/bin/cfn-lint --include-checks I -- deploy/aws/*.yaml
+
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
