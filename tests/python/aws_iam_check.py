@@ -18,7 +18,8 @@ How the calls are found (mechanically, so a new call in the code fails this chec
 Checks:
 - task role: every action the cloud code calls is allowed, or named in NOT_REACHED with the reason the stack's
   configuration never reaches it (and the template facts that reason rests on are checked); every allowed action
-  is called or named in ANTICIPATED with its reason; Resource "*" only where IAM has no resource (DescribeEndpoints, GetAuthorizationToken);
+  is called or named in ANTICIPATED with its reason; Resource "*" only where IAM has no resource
+  (DescribeEndpoints, GetAuthorizationToken);
 - agent policy: exactly kinesis:PutRecords, PutRecord and DescribeStreamSummary on the stack's stream, and the
   agent code needs nothing else;
 - nothing in any policy uses a wildcard action.
@@ -96,7 +97,7 @@ def sdk_calls(root, dirs):
             crates = set(re.findall(r"\baws_sdk_([a-z0-9]+)", text))
             unknown = crates - set(SERVICES)
             if unknown:
-                problems.append(f"{path.relative_to(root)}: SDK crate(s) {sorted(unknown)} not in SERVICES of {__file__}")
+                problems.append(f"{path.relative_to(root)}: SDK crate(s) {sorted(unknown)} not in SERVICES here")
             crates &= set(SERVICES)
             if not crates:
                 continue
@@ -202,7 +203,7 @@ def main():
         problems.append(f"AgentPolicy allows {sorted(agent_actions)}, expected exactly {sorted(AGENT_ACTIONS)}")
     for s in agent:
         if s.get("Effect") != "Allow" or s.get("Resource") != {"Fn::GetAtt": ["Stream", "Arn"]} or "Condition" in s:
-            problems.append(f"AgentPolicy statement {s.get('Sid')}: must Allow on the stack's stream ARN only, got {s}")
+            problems.append(f"AgentPolicy statement {s.get('Sid')}: must Allow on the stream ARN only, got {s}")
     for a, where in sorted(agent_used.items()):
         if a not in agent_actions:
             problems.append(f"AgentPolicy does not allow {a}, which the agent calls at {', '.join(where)}")

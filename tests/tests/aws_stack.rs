@@ -5,10 +5,10 @@
 //!
 //! What moto 5.2.5 cannot do, and what is checked instead:
 //! - its CloudFormation does not create `AWS::S3::BucketPolicy`, `AWS::Timestream::*`, `AWS::Glue::*` or
-//!   `AWS::Athena::WorkGroup` (it skips them with a warning): the test asserts exactly this list
-//!   ([`NOT_CREATED_BY_MOTO`]), checks those resources in the template, creates the Timestream database and table
-//!   itself from the template's properties, and checks the Glue table's columns against a Parquet file the cloud
-//!   wrote;
+//!   `AWS::Athena::WorkGroup` (it skips them with a warning; nor the `WaitConditionHandle`, which is nothing):
+//!   the test asserts exactly this list ([`NOT_CREATED_BY_MOTO`]), checks those resources in the template,
+//!   creates the Timestream database and table itself from the template's properties, and checks the Glue table's
+//!   columns against a Parquet file the cloud wrote;
 //! - it ignores some properties of resources it creates (stream mode and encryption, the bucket's public access
 //!   block, lifecycle and ownership, the table's point-in-time recovery, the task definition's Fargate settings and
 //!   the service's network configuration): the test asserts moto really left each one out (so the list stays true)
@@ -34,6 +34,11 @@ const NOT_CREATED_BY_MOTO: &[(&str, &str)] = &[
     ("GlueTable", "AWS::Glue::Table"),
     ("TimestreamDatabase", "AWS::Timestream::Database"),
     ("TimestreamTable", "AWS::Timestream::Table"),
+    // A placeholder for a conditional dependency; it creates nothing in AWS either.
+    (
+        "WaitForTimestream",
+        "AWS::CloudFormation::WaitConditionHandle",
+    ),
 ];
 
 const N: usize = 6_000;
@@ -314,6 +319,12 @@ fn check_resources(r: &Value, shards: u64, retention_hours: u64) {
     assert_eq!(net["AssignPublicIp"]["Ref"], "AssignPublicIp");
     assert_eq!(net["Subnets"]["Ref"], "SubnetIds");
     assert_eq!(t["Service"]["Properties"]["LaunchType"], "FARGATE");
+    // The service starts after the Timestream table, when there is one.
+    assert_eq!(t["Service"]["DependsOn"], "WaitForTimestream");
+    assert_eq!(
+        t["WaitForTimestream"]["Metadata"]["TimestreamTable"]["Fn::If"][1],
+        serde_json::json!({"Ref": "TimestreamTable"})
+    );
     assert_eq!(live["log_group"][0]["retentionInDays"], 30);
 }
 
