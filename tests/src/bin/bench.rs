@@ -208,8 +208,9 @@ fn main() {
     println!("  durability=normal: {rate_n:>10.0} readings/s");
     println!("  durability=full:   {rate_f:>10.0} readings/s");
     println!(
-        "  wire: {bytes} bytes in {batches} records = {:.2} bytes/reading (24 KiB target)",
-        bytes as f64 / readings as f64
+        "  wire: {bytes} bytes in {batches} records = {:.2} bytes/reading (24 KiB target, wire_version = {})",
+        bytes as f64 / readings as f64,
+        BatchConfig::default().wire_version
     );
 
     let n_map = 200_000;
