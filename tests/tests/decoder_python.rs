@@ -119,8 +119,14 @@ fn batches() -> Vec<Batch> {
         readings: Vec::new(),
     };
     for i in 0..400i64 {
-        let decimal: f64 = format!("{}.{:02}", 230 + i % 13, (i * 37) % 100).parse().unwrap();
-        let v0 = if i % 40 == 7 { specials[(i / 40) as usize % specials.len()] } else { decimal };
+        let decimal: f64 = format!("{}.{:02}", 230 + i % 13, (i * 37) % 100)
+            .parse()
+            .unwrap();
+        let v0 = if i % 40 == 7 {
+            specials[(i / 40) as usize % specials.len()]
+        } else {
+            decimal
+        };
         for (series, value) in [
             (0, Value::F64(v0)),
             (1, Value::F64(specials[i as usize % specials.len()])),
