@@ -268,6 +268,16 @@ mod tests {
         Some(Series::new(format!("dev/{}/m{}", id / 6, id % 6)))
     }
 
+    fn builder<'a>(encoder: &'a mut Encoder, cfg: &'a BatchConfig) -> Builder<'a> {
+        Builder {
+            encoder,
+            agent_id: "a",
+            epoch: 1,
+            series_of: &lookup,
+            cfg,
+        }
+    }
+
     fn rows_for(devices: i64, per_device_ts: i64, value: impl Fn(i64) -> Value) -> Vec<Row> {
         let mut rows = Vec::new();
         for d in 0..devices {
@@ -305,13 +315,7 @@ mod tests {
             target_record_bytes: 2000,
             ..BatchConfig::default()
         };
-        let mut b = Builder {
-            encoder: &mut enc,
-            agent_id: "a",
-            epoch: 1,
-            series_of: &lookup,
-            cfg: &cfg,
-        };
+        let mut b = builder(&mut enc, &cfg);
         let mut ratio = 10.0;
         let built = b.build(&rows, 7, &mut ratio).unwrap_or_default();
         assert!(
@@ -361,13 +365,7 @@ mod tests {
             target_record_bytes: 1 << 20,
             ..BatchConfig::default()
         };
-        let mut b = Builder {
-            encoder: &mut enc,
-            agent_id: "a",
-            epoch: 1,
-            series_of: &lookup,
-            cfg: &cfg,
-        };
+        let mut b = builder(&mut enc, &cfg);
         let built = b.build(&rows, 1, &mut 10.0).unwrap_or_default();
         assert!(built.len() >= 8);
         assert!(built.iter().all(|x| x.record.len() <= 16 * 1024));
@@ -400,13 +398,7 @@ mod tests {
         let mut enc = Encoder::new(3).unwrap_or_else(|e| panic!("{e}"));
         let cfg = BatchConfig::default();
         assert_eq!(cfg.version(), fieldlink_proto::Version::V2);
-        let mut b = Builder {
-            encoder: &mut enc,
-            agent_id: "a",
-            epoch: 1,
-            series_of: &lookup,
-            cfg: &cfg,
-        };
+        let mut b = builder(&mut enc, &cfg);
         // The estimate starts where the buffer starts it (10 bytes a reading) and learns from each build.
         let mut ratio = 10.0;
         let _ = b.build(&rows, 1, &mut ratio).unwrap_or_default();
@@ -443,13 +435,7 @@ mod tests {
                 wire_version: version,
                 ..BatchConfig::default()
             };
-            let mut b = Builder {
-                encoder: &mut enc,
-                agent_id: "a",
-                epoch: 1,
-                series_of: &lookup,
-                cfg: &cfg,
-            };
+            let mut b = builder(&mut enc, &cfg);
             let built = b.build(&rows, 1, &mut 10.0).unwrap_or_default();
             assert!(!built.is_empty());
             for x in &built {

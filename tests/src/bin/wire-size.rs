@@ -163,6 +163,20 @@ struct Sizes {
     batches: usize,
 }
 
+impl Sizes {
+    fn describe(&self, n: usize) -> String {
+        format!(
+            "v1 {:.2} B/reading, v2 {:.2} B/reading ({:.3}x v1), sorted CSV + zstd {:.2}; v2 larger than v1 in {} of {} batches",
+            per(self.v1, n),
+            per(self.v2, n),
+            self.v2 as f64 / self.v1 as f64,
+            per(self.csv, n),
+            self.larger,
+            self.batches
+        )
+    }
+}
+
 fn compare(batches: &[Vec<&Text>], enc: &mut Encoder) -> Sizes {
     let mut s = Sizes {
         v1: 0,
@@ -208,14 +222,9 @@ fn main() {
     let secs = seconds(&rows);
     let s = compare(&secs, &mut enc);
     println!(
-        "  1-second batches ({} records):   v1 {:.2} B/reading   v2 {:.2} B/reading ({:.3}x v1)   sorted CSV + zstd {:.2}   v2 larger than v1 in {} of {} batches",
+        "  1-second batches ({} records): {}",
         s.batches,
-        per(s.v1, n),
-        per(s.v2, n),
-        s.v2 as f64 / s.v1 as f64,
-        per(s.csv, n),
-        s.larger,
-        s.batches
+        s.describe(n)
     );
 
     // 24 KiB records, built by the agent's builder in each version; both versions also encoded on the other's
@@ -226,17 +235,12 @@ fn main() {
         let batches: Vec<Vec<&Text>> = built.into_iter().map(|(_, rows)| rows).collect();
         let s = compare(&batches, &mut enc);
         println!(
-            "  24 KiB records as the agent builds them with wire_version = {} ({} records, {:.0} readings each): {label} {:.2} B/reading; on these batches v1 {:.2}, v2 {:.2} ({:.3}x v1), sorted CSV + zstd {:.2}; v2 larger than v1 in {} of {}",
+            "  24 KiB records as the agent builds them with wire_version = {} ({} records, {:.0} readings each): {label} {:.2} B/reading; on these batches: {}",
             version as u8,
             s.batches,
             per(n, s.batches),
             per(bytes, n),
-            per(s.v1, n),
-            per(s.v2, n),
-            s.v2 as f64 / s.v1 as f64,
-            per(s.csv, n),
-            s.larger,
-            s.batches
+            s.describe(n)
         );
     }
 
