@@ -3,7 +3,7 @@
 //! 1. **Pipeline readings/s on one core**: the whole dataset as JSON MQTT payloads through the agent's own code on
 //!    one thread: payload mapping → buffer append (SQLite, group commits of 1000 messages) → seal (dedup, order,
 //!    batch, zstd encode), with `durability = normal` and `full`.
-//! 2. **Bytes per reading on the wire**: what that seal produced.
+//! 2. **Bytes per reading on the wire**: what that seal produced (and the same pipeline writing wire format v1).
 //! 3. **Payload mapping alone**: messages of ten fields as JSON and as InfluxDB line protocol, one thread.
 //! 4. **MQTT ingest with durable acks next to a bare subscriber**, same broker, same run: N QoS 1 messages of ten
 //!    JSON fields (so the mapping is on) are
@@ -41,11 +41,19 @@ fn messages() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-fn pipeline(msgs: &[(String, Vec<u8>)], durability: Durability) -> (f64, usize, u64, f64) {
+fn pipeline(
+    msgs: &[(String, Vec<u8>)],
+    durability: Durability,
+    wire_version: u8,
+) -> (f64, usize, u64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let mut buffer = Buffer::open(&dir.path().join("bench.db"), durability, "bench").unwrap();
     let mut encoder = Encoder::new(3).unwrap();
-    let (batch, order) = (BatchConfig::default(), OrderConfig::default());
+    let batch = BatchConfig {
+        wire_version,
+        ..BatchConfig::default()
+    };
+    let order = OrderConfig::default();
     let mut mapper = Mapper::new(PayloadConfig::default());
     let now = fieldlink_ops::unix_ms(); // arrival time: payload timestamps are checked against it
     let start = Instant::now();
@@ -202,14 +210,20 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 
 fn main() {
     let msgs = messages();
-    let (rate_n, readings, bytes, batches) = pipeline(&msgs, Durability::Normal);
-    let (rate_f, _, _, _) = pipeline(&msgs, Durability::Full);
+    let v2 = BatchConfig::default().wire_version;
+    let (rate_n, readings, bytes, batches) = pipeline(&msgs, Durability::Normal, v2);
+    let (rate_f, _, _, _) = pipeline(&msgs, Durability::Full, v2);
+    let (rate_1, _, bytes_1, batches_1) = pipeline(&msgs, Durability::Normal, 1);
     println!("pipeline (1 thread, payload → buffer → dedup/order → zstd batches), {readings} readings in {} messages:", msgs.len());
     println!("  durability=normal: {rate_n:>10.0} readings/s");
     println!("  durability=full:   {rate_f:>10.0} readings/s");
     println!(
-        "  wire: {bytes} bytes in {batches} records = {:.2} bytes/reading (24 KiB target)",
-        bytes as f64 / readings as f64
+        "  wire: {bytes} bytes in {batches} records = {:.2} bytes/reading (24 KiB target, wire_version = {v2})",
+        bytes as f64 / readings as f64,
+    );
+    println!(
+        "  with wire_version = 1: durability=normal {rate_1:.0} readings/s; wire: {bytes_1} bytes in {batches_1} records = {:.2} bytes/reading",
+        bytes_1 as f64 / readings as f64,
     );
 
     let n_map = 200_000;
