@@ -22,6 +22,7 @@
 //!   it twice; each row carries `agent_id` and `batch_seq`, so readers can drop such repeats.
 //! - Children of a split or merge are read only after their parents are read to the end.
 
+pub mod compaction;
 pub mod config;
 pub mod consumer;
 pub mod influx;
@@ -33,4 +34,4 @@ mod run;
 pub mod store;
 pub mod timestream;
 
-pub use run::{run, RunError};
+pub use run::{compact, run, RunError};

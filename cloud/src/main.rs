@@ -24,6 +24,16 @@ enum Command {
         #[arg(short, long, default_value = "/etc/fieldlink/cloud.toml")]
         config: PathBuf,
     },
+    /// Run only the compactor: publish the closed hours of the Parquet landing area as one bronze file per
+    /// hour (only the process holding the compactor lease works; the others wait for it).
+    Compact {
+        /// Configuration file.
+        #[arg(short, long, default_value = "/etc/fieldlink/cloud.toml")]
+        config: PathBuf,
+        /// One round, then exit (status 1 if it failed or the lease was not free within three lease durations).
+        #[arg(long)]
+        once: bool,
+    },
     /// Validate a configuration file; exit status 1 on any problem.
     CheckConfig {
         /// Configuration file.
@@ -58,6 +68,19 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+        Command::Compact { config, once } => {
+            let cfg = Config::load(&config)
+                .with_context(|| format!("configuration {}", config.display()))?;
+            cfg.log.init();
+            let hours = fieldlink_ops::shutdown::run_until_signal(None, |cancel| {
+                fieldlink_cloud::compact(cfg, once, cancel)
+            })
+            .context("starting the async runtime")??;
+            if once {
+                println!("published {hours} hours");
+            }
+            Ok(())
+        }
         Command::Run { config } => {
             let cfg = Config::load(&config)
                 .with_context(|| format!("configuration {}", config.display()))?;
