@@ -77,7 +77,10 @@ fn main() -> anyhow::Result<()> {
             })
             .context("starting the async runtime")??;
             if once {
-                println!("published {hours} hours");
+                println!(
+                    "published {hours} hours, peak RSS {} KiB",
+                    fieldlink_cloud::compaction::peak_rss_kib()
+                );
             }
             Ok(())
         }

@@ -27,12 +27,13 @@ pub struct CompactionConfig {
     /// …); an hour below it is one file. At most 5120 (one S3 PutObject). Default 512.
     #[serde(default = "default_max_file")]
     pub max_file_mib: u64,
-    /// Memory the merge may use, MiB: it decides how many files are merged at once (more are merged in rounds
-    /// through files in `work_dir`); the hour's size does not matter. At least 64. Default 256.
+    /// Memory the compactor may use, MiB: it decides how many files are merged at once (more are merged in rounds
+    /// through files in `work_dir`: `(max_memory_mib - 64) / 4` files at once); the hour's size does not matter. At
+    /// least 96. Default 256.
     #[serde(default = "default_memory")]
     pub max_memory_mib: u64,
     /// Local scratch directory: downloaded inputs, intermediate and output files of the hour being published
-    /// (up to about twice the hour's compressed size). Emptied at the start of every round. Default
+    /// (up to about twice the hour's compressed size), in a subdirectory named after the worker id. Default
     /// `/tmp/fieldlink-compaction`.
     #[serde(default = "default_work_dir")]
     pub work_dir: PathBuf,
@@ -71,11 +72,12 @@ impl Default for CompactionConfig {
     }
 }
 
-/// Memory one merge input takes (its decoded batch, one page per column, reader buffers), MiB; measured with
-/// the bronze schema (see `docs/bronze.md`), with room to spare.
+/// Memory one merge input takes (its decoded batch, a decompressed page and a dictionary page per column,
+/// reader buffers), MiB: measured 2.8 with the bronze schema (`docs/bronze.md`), with room to spare.
 pub(super) const MIB_PER_INPUT: u64 = 4;
-/// Memory the compactor takes besides its inputs (the output chunk and row group, the runtime), MiB.
-pub(super) const MIB_BASE: u64 = 48;
+/// Memory the compactor takes besides its inputs, MiB: the process at rest (~27 measured), the output's page
+/// and dictionary buffers and its chunk (~31 measured), with room to spare.
+pub(super) const MIB_BASE: u64 = 64;
 
 impl CompactionConfig {
     /// Problems with this section, prefixed by `path`.
@@ -99,9 +101,9 @@ impl CompactionConfig {
                 self.max_file_mib
             ));
         }
-        if !(64..=1_048_576).contains(&self.max_memory_mib) {
+        if !(96..=1_048_576).contains(&self.max_memory_mib) {
             p.push(format!(
-                "{path}.max_memory_mib: must be 64..=1048576, got {}",
+                "{path}.max_memory_mib: must be 96..=1048576, got {}",
                 self.max_memory_mib
             ));
         }

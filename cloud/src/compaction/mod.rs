@@ -484,6 +484,21 @@ pub fn start(
     lease_cancel: CancellationToken,
 ) -> (Compactor, tokio::task::JoinHandle<()>) {
     let hold = Hold::new(Duration::from_millis(lease_ms));
+    // Replicas sharing a host (or a test machine) must not share scratch space.
+    let own: String = me
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let cfg = CompactionConfig {
+        work_dir: cfg.work_dir.join(own),
+        ..cfg
+    };
     let keeper = tokio::spawn(lease::keep(table.clone(), me, hold.clone(), lease_cancel));
     let metrics = CompactionMetrics::new(registry);
     (
