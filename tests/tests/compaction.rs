@@ -457,3 +457,110 @@ fn memory_stays_bounded_on_an_hour_larger_than_the_cap() {
         "peak RSS {peak_kib} KiB above the cap of {cap_mib} MiB"
     );
 }
+
+/// Two compactors on one landing area: only the holder of the compactor lease publishes; SIGKILLed, it is
+/// replaced by the other within a few lease durations, and every row is published once.
+#[test]
+fn one_compactor_works_at_a_time_and_another_takes_over_after_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path());
+    let table = "leases-two";
+    let location = "s3://bronze-two/bronze".to_owned();
+    bronze(&[
+        "lease",
+        &moto.endpoint,
+        table,
+        "shardId-000000000000",
+        "SHARD_END",
+    ]);
+    let mut rng = fastrand::Rng::with_seed(5);
+    let mut expected: BTreeSet<Id> = BTreeSet::new();
+    let mut batch = 0;
+    let mut land_some = |name: &str| {
+        let d = dir.path().join(name);
+        for h in 0..3 {
+            batch += 1;
+            let ids = readings(&mut rng, name, H0 + h, batch * 1000, 500);
+            expected.extend(ids.iter().cloned());
+            land(&d, H0 + h, &format!("shardId-000000000000-{batch}"), &ids);
+        }
+        bronze(&[
+            "upload",
+            &moto.endpoint,
+            "bronze-two",
+            "bronze",
+            d.to_str().unwrap(),
+        ]);
+    };
+    land_some("first");
+    let start = |name: &str| {
+        let port = free_port();
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            compactor_toml(&moto.endpoint, &location, table, &dir.path().join(name), "")
+                .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+                .replace(
+                    "worker_id = \"compactor\"",
+                    &format!("worker_id = \"{name}\""),
+                ),
+        )
+        .unwrap();
+        let p = Proc::spawn(
+            name,
+            compact_cmd(&config, false),
+            &dir.path().join(format!("{name}.log")),
+        );
+        (p, port)
+    };
+    let leader = |port: u16| {
+        http_get(port, "/metrics")
+            .and_then(|m| metric(&m, "fieldlink_compaction_leader"))
+            .unwrap_or(0.0)
+    };
+    let published = |port: u16| {
+        http_get(port, "/metrics")
+            .and_then(|m| metric(&m, "fieldlink_compaction_hours_published_total"))
+            .unwrap_or(0.0)
+    };
+    let (a, pa) = start("c1");
+    let (b, pb) = start("c2");
+    wait_for(
+        "one compactor to publish the three hours",
+        Duration::from_secs(60),
+        || (published(pa) + published(pb) == 3.0).then_some(()),
+    );
+    // For several lease rounds: never two compactors that may write.
+    let mut led = 0;
+    for _ in 0..20 {
+        let n = leader(pa) + leader(pb);
+        assert!(n <= 1.0, "two leaders:\n{}\n{}", a.log_text(), b.log_text());
+        led += n as usize;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(led > 0, "no leader");
+    // The one that published is the holder; the other published nothing.
+    let (mut held, other, other_port) = if published(pa) == 3.0 {
+        (a, b, pb)
+    } else {
+        (b, a, pa)
+    };
+    assert_eq!(published(other_port), 0.0);
+    held.kill();
+    let killed = Instant::now();
+    land_some("second");
+    wait_for(
+        "the other compactor to take over and publish",
+        Duration::from_secs(60),
+        || (published(other_port) == 3.0).then_some(()),
+    );
+    eprintln!(
+        "the second compactor published {:?} after the first was killed (lease 3 s)",
+        killed.elapsed()
+    );
+    let seen = read_table(&location, &moto.endpoint);
+    check_exactly_once(&seen.rows, &expected).unwrap();
+    assert_eq!(seen.landing_files, 0);
+    let mut other = other;
+    other.terminate(Duration::from_secs(30));
+}

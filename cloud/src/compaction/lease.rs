@@ -12,6 +12,7 @@
 
 use crate::lease::plan::Observer;
 use crate::lease::{Fence, LeaseTable, TableError};
+use fieldlink_ops::metrics::Gauge;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -33,14 +34,16 @@ struct Held {
 pub struct Hold {
     held: Arc<Mutex<Option<Held>>>,
     lease: Duration,
+    gauge: Gauge,
 }
 
 impl Hold {
-    /// Nothing held yet; leases last `lease`.
-    pub fn new(lease: Duration) -> Self {
+    /// Nothing held yet; leases last `lease`; `gauge` is 1 while the lease is held.
+    pub fn new(lease: Duration, gauge: Gauge) -> Self {
         Self {
             held: Arc::new(Mutex::new(None)),
             lease,
+            gauge,
         }
     }
 
@@ -49,6 +52,7 @@ impl Hold {
     }
 
     fn set(&self, v: Option<Held>) {
+        self.gauge.set(i64::from(v.is_some()));
         if let Ok(mut h) = self.held.lock() {
             *h = v;
         }
@@ -86,7 +90,10 @@ async fn step(
                 return Ok(true);
             }
             Ok(false) => {
-                tracing::warn!("compactor lease lost to another worker");
+                tracing::warn!(
+                    since_renewal_ms = h.renewed.elapsed().as_millis() as u64,
+                    "compactor lease lost to another worker"
+                );
                 hold.set(None);
             }
             Err(e) => {
@@ -118,7 +125,7 @@ async fn step(
     match table.take(KEY, lease.counter, me).await? {
         Some(taken) => match Fence::of(&taken) {
             Some(fence) => {
-                tracing::info!(worker = %me, "compactor lease taken");
+                tracing::info!(worker = %me, previous = ?lease.owner, counter = lease.counter, "compactor lease taken");
                 hold.set(Some(Held {
                     counter: taken.counter,
                     fence,
@@ -141,6 +148,8 @@ pub async fn keep(table: LeaseTable, me: String, hold: Hold, cancel: Cancellatio
         if let Err(e) = step(&table, &me, &hold, &mut observer, clock).await {
             tracing::warn!(error = %e, "compactor lease: lease table call failed");
         }
+        // The gauge says whether the compactor may write: held and renewed within half a lease.
+        hold.gauge.set(i64::from(hold.fresh()));
         tokio::select! {
             _ = cancel.cancelled() => {}
             _ = tokio::time::sleep(round) => {}

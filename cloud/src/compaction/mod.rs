@@ -391,7 +391,6 @@ impl Compactor {
     pub async fn run(&self, cancel: CancellationToken) {
         let interval = Duration::from_millis(self.cfg.interval_ms);
         while !cancel.is_cancelled() {
-            self.metrics.leader.set(i64::from(self.hold.held()));
             if self.hold.fresh() {
                 match self.round(&cancel).await {
                     Ok(_) | Err(CompactError::Stopped) => {}
@@ -411,7 +410,6 @@ impl Compactor {
                 _ = tokio::time::sleep(interval) => {}
             }
         }
-        self.metrics.leader.set(0);
     }
 
     /// Waits (up to `timeout`) for the lease, then runs one round. For `fieldlink-cloud compact --once`.
@@ -433,7 +431,6 @@ impl Compactor {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
-        self.metrics.leader.set(1);
         self.round(cancel).await
     }
 }
@@ -483,7 +480,8 @@ pub fn start(
     registry: &Registry,
     lease_cancel: CancellationToken,
 ) -> (Compactor, tokio::task::JoinHandle<()>) {
-    let hold = Hold::new(Duration::from_millis(lease_ms));
+    let metrics = CompactionMetrics::new(registry);
+    let hold = Hold::new(Duration::from_millis(lease_ms), metrics.leader.clone());
     // Replicas sharing a host (or a test machine) must not share scratch space.
     let own: String = me
         .chars()
@@ -500,7 +498,6 @@ pub fn start(
         ..cfg
     };
     let keeper = tokio::spawn(lease::keep(table.clone(), me, hold.clone(), lease_cancel));
-    let metrics = CompactionMetrics::new(registry);
     (
         Compactor::new(store, cfg, parquet, table, hold, metrics),
         keeper,
