@@ -205,7 +205,7 @@ fn hours_are_published_exactly_once_through_compactor_kills_at_random_points() {
 }
 
 /// Late data for a published hour (on a local directory): the hour's file is replaced as a whole with the old
-/// rows and the late ones, each once; pyarrow and DuckDB read the table with Hive partitioning, every row in the
+/// rows and the late ones, each once (and a file of the layout before compaction is merged in and removed); pyarrow and DuckDB read the table with Hive partitioning, every row in the
 /// partition of its time, and see neither the landing area nor the compactor's records.
 #[test]
 fn late_data_republishes_its_hour_and_readers_see_each_row_once() {
@@ -243,10 +243,20 @@ fn late_data_republishes_its_hour_and_readers_see_each_row_once() {
     land(&root, H0, "shardId-000000000000-1", &a);
     land(&root, H0 + 1, "shardId-000000000000-2", &b);
     land(&root, H0 + 2, "shardId-000000000000-3", &open);
+    // A file of the layout before compaction (one per commit, directly in the hour), repeating some rows: it is
+    // merged into the hour and removed.
+    let legacy_rows = readings(&mut rng, "agent-old", H0 + 1, 500, 200);
+    let mut legacy = legacy_rows.clone();
+    legacy.extend(b.iter().take(50).cloned());
+    let legacy_key = land(&root, H0 + 1, "shardId-000000000000-0", &legacy);
+    let legacy_path = root.join(legacy_key.trim_start_matches("_landing/"));
+    std::fs::create_dir_all(legacy_path.parent().unwrap()).unwrap();
+    std::fs::rename(root.join(&legacy_key), &legacy_path).unwrap();
     let out = run_ok(&mut compact_cmd(&config, true));
     assert!(out.contains("published 2 hours"), "{out}");
+    assert!(!legacy_path.exists(), "the legacy file was not removed");
     let first = read_table(&location, "");
-    let mut expected: BTreeSet<Id> = a.iter().chain(&b).cloned().collect();
+    let mut expected: BTreeSet<Id> = a.iter().chain(&b).chain(&legacy_rows).cloned().collect();
     check_exactly_once(&first.rows, &expected).unwrap();
     assert_eq!(
         first.files.keys().collect::<Vec<_>>(),

@@ -6,13 +6,14 @@
 //! closed hour that has landing files ([`plan`]):
 //!
 //! 1. the hour's inputs are its landing files listed now plus its published parts (if it was published before:
-//!    late data merges into the hour as a whole); S3 objects are streamed into `work_dir` first;
+//!    late data merges into the hour as a whole) and any file of the layout before compaction in the hour's
+//!    directory (merged and deleted like landing files); S3 objects are streamed into `work_dir` first;
 //! 2. they are merged ([`merge`]: sorted by series and time, repeats of a reading of a batch dropped, bounded
 //!    memory) into `part-00000.parquet` (more parts only above `max_file_mib`);
 //! 3. a split hour's part boundaries are recorded (`_compaction/dt=…/hour=…/boundaries.json`) before its first
 //!    part is written, and kept for every republish;
 //! 4. each part replaces `dt=…/hour=…/part-NNNNN.parquet` in one step (S3 PutObject; locally a rename);
-//! 5. only then are the merged landing files deleted.
+//! 5. only then are the merged landing (and legacy) files deleted.
 //!
 //! # Crash safety
 //! Every step can be repeated: a compactor killed anywhere leaves landing files that are not deleted yet and
@@ -207,6 +208,8 @@ impl Compactor {
     pub async fn round(&self, cancel: &CancellationToken) -> Result<Vec<Published>, CompactError> {
         self.check(cancel)?;
         let started = Instant::now();
+        // Scratch files a killed round left behind.
+        reset_dir(&self.cfg.work_dir).await?;
         let leases = self.table.list().await?;
         let watermark = plan::fleet_watermark(&leases);
         if let Some(w) = watermark {
@@ -305,14 +308,16 @@ impl Compactor {
         cancel: &CancellationToken,
     ) -> Result<(Merged, bool), CompactError> {
         let hour = work.hour;
-        let published: Vec<String> = self
+        // The hour's parts, and files of the layout before compaction (one per commit, directly in the hour):
+        // those are merged like landing files and deleted once the hour is published.
+        let (published, legacy): (Vec<String>, Vec<String>) = self
             .store
             .list(&plan::published_prefix(hour))
             .await?
             .into_iter()
             .map(|o| o.key)
             .filter(|k| k.ends_with(".parquet"))
-            .collect();
+            .partition(|k| plan::is_part(k));
         let recorded: Option<Vec<Boundary>> =
             match self.store.get(&plan::boundaries_key(hour)).await? {
                 Some(bytes) => Some(
@@ -326,7 +331,11 @@ impl Compactor {
             };
         // Local copies of the inputs: published parts first, then the landing files.
         let mut inputs: Vec<PathBuf> = Vec::new();
-        let keys = published.iter().chain(work.inputs.iter().map(|o| &o.key));
+        let landing: Vec<&String> = legacy
+            .iter()
+            .chain(work.inputs.iter().map(|o| &o.key))
+            .collect();
+        let keys = published.iter().chain(landing.iter().copied());
         for (i, key) in keys.enumerate() {
             if cancel.is_cancelled() {
                 return Err(CompactError::Stopped);
@@ -380,9 +389,9 @@ impl Compactor {
                 .put_file(&plan::published_key(hour, &merge::part_name(i)), &part.path)
                 .await?;
         }
-        for o in &work.inputs {
+        for key in landing {
             self.check(cancel)?;
-            self.store.delete(&o.key).await?;
+            self.store.delete(key).await?;
         }
         Ok((merged, !published.is_empty()))
     }

@@ -70,6 +70,14 @@ pub fn published_key(hour: i64, name: &str) -> String {
     format!("{}/{name}", partition(hour))
 }
 
+/// Whether a key under an hour's directory is a published part (`…/part-NNNNN.parquet`).
+pub fn is_part(key: &str) -> bool {
+    let name = key.rsplit('/').next().unwrap_or(key);
+    name.strip_prefix("part-")
+        .and_then(|r| r.strip_suffix(".parquet"))
+        .is_some_and(|n| n.len() == 5 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The key of the record of an hour's part boundaries (written before its parts when an hour is split).
 pub fn boundaries_key(hour: i64) -> String {
     format!("{STATE}/{}/boundaries.json", partition(hour))
@@ -222,6 +230,12 @@ mod tests {
             "dt=2026-03-02/hour=06/part-00000.parquet"
         );
         assert_eq!(published_prefix(H), "dt=2026-03-02/hour=06/");
+        assert!(is_part("dt=2026-03-02/hour=06/part-00000.parquet"));
+        assert!(is_part("dt=2026-03-02/hour=06/part-00012.parquet"));
+        assert!(!is_part(
+            "dt=2026-03-02/hour=06/shardId-000000000000-49.parquet"
+        ));
+        assert!(!is_part("dt=2026-03-02/hour=06/part-0.parquet"));
         assert_eq!(
             boundaries_key(H),
             "_compaction/dt=2026-03-02/hour=06/boundaries.json"

@@ -19,11 +19,12 @@
 //! | `batch_epoch` | uint64 | the agent buffer's epoch (0: a record from before epochs); `(agent_id, batch_epoch, batch_seq)` is the batch id |
 //!
 //! A batch is landed once per `(agent_id, batch_epoch, batch_seq)` while the cloud remembers it (see
-//! `land::dedup`); a resend it no longer remembers lands again, with the same three values, so duplicate rows
-//! of one batch can be removed downstream by that key.
+//! `land::dedup`); a resend it no longer remembers lands again, with the same three values, and the compactor
+//! drops those repeated rows when it publishes the hour (`crate::compaction::merge`).
 //!
 //! Hive partitions `dt=YYYY-MM-DD/hour=HH` (event time, UTC) are in the object path, not in the file. Rows are
-//! sorted by `(series, time)` so each series is contiguous and its timestamps compress well. Compression: zstd.
+//! sorted by `(series, time)` so each series is contiguous and its timestamps compress well (then by batch and
+//! value: the compactor's merge order). Compression: zstd.
 
 use arrow_array::builder::{
     BooleanBuilder, Float64Builder, Int64Builder, MapBuilder, StringBuilder,
