@@ -133,20 +133,14 @@ impl Store {
         match self {
             Store::Local(root) => {
                 let path = root.join(key);
-                let io = |source| StoreError::Io {
-                    path: path.display().to_string(),
-                    source,
-                };
                 let target = path.clone();
-                tokio::task::spawn_blocking(move || {
+                blocking(&path, move || {
                     replace_file(&target, |f| {
                         use std::io::Write;
                         f.write_all(&bytes)
                     })
                 })
                 .await
-                .map_err(|e| io(std::io::Error::other(e)))?
-                .map_err(io)
             }
             Store::S3 {
                 client,
@@ -162,11 +156,7 @@ impl Store {
                     .send()
                     .await
                     .map(|_| ())
-                    .map_err(|e| StoreError::S3 {
-                        op: "PutObject",
-                        key: full,
-                        error: CallError::of_sdk(&e),
-                    })
+                    .map_err(|e| s3_error("PutObject", &full)(CallError::of_sdk(&e)))
             }
         }
     }
@@ -197,6 +187,35 @@ impl Store {
             }
         }
     }
+}
+
+/// Runs blocking file work off the async runtime; errors name `path`.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, StoreError> {
+    let io = |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)
+}
+
+/// The error of S3 operation `op` on `key`.
+fn s3_error<'a>(op: &'static str, key: &'a str) -> impl Fn(CallError) -> StoreError + 'a {
+    move |error| StoreError::S3 {
+        op,
+        key: key.to_owned(),
+        error,
+    }
+}
+
+/// An error reading an S3 response body.
+fn body_error(e: impl std::fmt::Display) -> CallError {
+    CallError::of_io(&std::io::Error::other(e.to_string()))
 }
 
 /// An object found by [`Store::list`].
@@ -303,18 +322,12 @@ impl Store {
         match self {
             Store::Local(root) => {
                 let (root, dir) = (root.clone(), root.join(prefix));
-                let io = |source| StoreError::Io {
-                    path: dir.display().to_string(),
-                    source,
-                };
                 let dir2 = dir.clone();
-                out = tokio::task::spawn_blocking(move || {
+                out = blocking(&dir, move || {
                     let mut v = Vec::new();
                     walk(&root, &dir2, &mut v).map(|_| v)
                 })
-                .await
-                .map_err(|e| io(std::io::Error::other(e)))?
-                .map_err(io)?;
+                .await?;
             }
             Store::S3 {
                 client,
@@ -332,11 +345,7 @@ impl Store {
                         .set_continuation_token(token.take())
                         .send()
                         .await
-                        .map_err(|e| StoreError::S3 {
-                            op: "ListObjectsV2",
-                            key: full.clone(),
-                            error: CallError::of_sdk(&e),
-                        })?;
+                        .map_err(|e| s3_error("ListObjectsV2", &full)(CallError::of_sdk(&e)))?;
                     for o in resp.contents() {
                         if let Some(k) = o.key() {
                             out.push(ObjectInfo {
@@ -376,16 +385,10 @@ impl Store {
                 prefix,
             } => {
                 let full = full_key(prefix, key);
-                let err = |error| StoreError::S3 {
-                    op: "GetObject",
-                    key: full.clone(),
-                    error,
-                };
+                let err = s3_error("GetObject", &full);
                 match client.get_object().bucket(bucket).key(&full).send().await {
                     Ok(out) => {
-                        let body = out.body.collect().await.map_err(|e| {
-                            err(CallError::of_io(&std::io::Error::other(e.to_string())))
-                        })?;
+                        let body = out.body.collect().await.map_err(|e| err(body_error(e)))?;
                         Ok(Some(body.into_bytes().to_vec()))
                     }
                     Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
@@ -411,11 +414,7 @@ impl Store {
             } => {
                 use tokio::io::AsyncWriteExt;
                 let full = full_key(prefix, key);
-                let err = |error| StoreError::S3 {
-                    op: "GetObject",
-                    key: full.clone(),
-                    error,
-                };
+                let err = s3_error("GetObject", &full);
                 let mut out = client
                     .get_object()
                     .bucket(bucket)
@@ -425,12 +424,7 @@ impl Store {
                     .map_err(|e| err(CallError::of_sdk(&e)))?;
                 let mut file = tokio::fs::File::create(dest).await.map_err(io)?;
                 let mut n = 0u64;
-                while let Some(chunk) = out
-                    .body
-                    .try_next()
-                    .await
-                    .map_err(|e| err(CallError::of_io(&std::io::Error::other(e.to_string()))))?
-                {
+                while let Some(chunk) = out.body.try_next().await.map_err(|e| err(body_error(e)))? {
                     n += chunk.len() as u64;
                     file.write_all(&chunk).await.map_err(io)?;
                 }
@@ -446,20 +440,14 @@ impl Store {
         match self {
             Store::Local(root) => {
                 let target = root.join(key);
-                let io = |source| StoreError::Io {
-                    path: target.display().to_string(),
-                    source,
-                };
                 let (t, s) = (target.clone(), src.to_path_buf());
-                tokio::task::spawn_blocking(move || {
+                blocking(&target, move || {
                     replace_file(&t, |f| {
                         let mut from = std::fs::File::open(&s)?;
                         std::io::copy(&mut from, f).map(|_| ())
                     })
                 })
                 .await
-                .map_err(|e| io(std::io::Error::other(e)))?
-                .map_err(io)
             }
             Store::S3 {
                 client,
@@ -467,14 +455,10 @@ impl Store {
                 prefix,
             } => {
                 let full = full_key(prefix, key);
-                let err = |error| StoreError::S3 {
-                    op: "PutObject",
-                    key: full.clone(),
-                    error,
-                };
+                let err = s3_error("PutObject", &full);
                 let body = aws_sdk_s3::primitives::ByteStream::from_path(src)
                     .await
-                    .map_err(|e| err(CallError::of_io(&std::io::Error::other(e.to_string()))))?;
+                    .map_err(|e| err(body_error(e)))?;
                 client
                     .put_object()
                     .bucket(bucket)
@@ -529,11 +513,7 @@ impl Store {
                     .send()
                     .await
                     .map(|_| ())
-                    .map_err(|e| StoreError::S3 {
-                        op: "DeleteObject",
-                        key: full,
-                        error: CallError::of_sdk(&e),
-                    })
+                    .map_err(|e| s3_error("DeleteObject", &full)(CallError::of_sdk(&e)))
             }
         }
     }

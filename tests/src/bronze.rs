@@ -6,7 +6,7 @@ use fieldlink_cloud::parquet::encode::{encode, Row, SeriesCols};
 use fieldlink_cloud::parquet::partition;
 use fieldlink_proto::{Quality, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
@@ -100,6 +100,65 @@ work_dir = "{work}"
 "#,
         work = work.display()
     )
+}
+
+/// Writes the lease of a shard into `table` (created if missing): read to its end (`SHARD_END`) with no
+/// `watermark`, else live and checkpointed up to `watermark` (Unix ms).
+pub fn shard_lease(endpoint: &str, table: &str, watermark: Option<i64>) {
+    let w = watermark.map(|w| w.to_string());
+    let mut args = vec!["lease", endpoint, table, "shardId-000000000000"];
+    match &w {
+        Some(w) => args.extend(["49000", w.as_str()]),
+        None => args.push("SHARD_END"),
+    }
+    bronze(&args);
+}
+
+/// A shard lease ([`shard_lease`]) and a compactor configuration for `location` in `dir` (work directory
+/// `dir/work`; `extra` lines replace defaults of `[compaction]`); returns the configuration's path.
+pub fn compactor_setup(
+    dir: &Path,
+    endpoint: &str,
+    location: &str,
+    table: &str,
+    watermark: Option<i64>,
+    extra: &str,
+) -> PathBuf {
+    shard_lease(endpoint, table, watermark);
+    let mut text = compactor_toml(endpoint, location, table, &dir.join("work"), "");
+    for line in extra.lines() {
+        let key = line.split('=').next().unwrap_or_default().trim();
+        match text.lines().find(|l| l.starts_with(&format!("{key} ="))) {
+            Some(old) => text = text.replace(old, line),
+            None => text.push_str(&format!("{line}\n")),
+        }
+    }
+    let path = dir.join("compact.toml");
+    std::fs::write(&path, text).expect("writing the compactor configuration");
+    path
+}
+
+/// One hour ([`H0`]) of `files` landing files of `per_file` distinct readings each under `root` (seeded, so
+/// every call writes the same). Returns the memory the hour takes decoded (the first file's Arrow size times
+/// the number of files: they are alike) and its size on disk.
+pub fn land_big_hour(root: &Path, files: usize, per_file: usize) -> (u64, u64) {
+    let mut rng = fastrand::Rng::with_seed(11);
+    let (mut decoded, mut on_disk) = (0, 0);
+    for f in 0..files {
+        let ids = readings(
+            &mut rng,
+            &format!("agent-{f}"),
+            H0,
+            f as u64 * 1000,
+            per_file,
+        );
+        let path = root.join(land(root, H0, &format!("shardId-000000000000-{f}"), &ids));
+        if f == 0 {
+            decoded = decoded_bytes(&path) * files as u64;
+        }
+        on_disk += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    }
+    (decoded, on_disk)
 }
 
 /// What a reader of the table sees (`bronze.py read`).

@@ -34,27 +34,15 @@ fn hours_are_published_exactly_once_through_compactor_kills_at_random_points() {
     let moto = Moto::start(dir.path());
     let (bucket, table) = ("bronze-kills", "leases-kills");
     let location = format!("s3://{bucket}/bronze");
-    bronze(&[
-        "lease",
+    // Small parts, so the big hour is split and its republishes keep the boundaries.
+    let config = compactor_setup(
+        dir.path(),
         &moto.endpoint,
+        &location,
         table,
-        "shardId-000000000000",
-        "49000",
-        &(now_ms()).to_string(),
-    ]);
-    let config = dir.path().join("compact.toml");
-    std::fs::write(
-        &config,
-        compactor_toml(
-            &moto.endpoint,
-            &location,
-            table,
-            &dir.path().join("work"),
-            // Small parts, so the big hour is split and its republishes keep the boundaries.
-            "max_file_mib = 1",
-        ),
-    )
-    .unwrap();
+        Some(now_ms()),
+        "max_file_mib = 1",
+    );
 
     // Six hours of landing files from three agents, each file repeating part of the one before (resends landed
     // by two processes), and one hour large enough for several parts.
@@ -216,27 +204,14 @@ fn late_data_republishes_its_hour_and_readers_see_each_row_once() {
     let location = root.display().to_string();
     let mut rng = fastrand::Rng::with_seed(7);
     // A live shard whose reader is past hour H0+1 plus the grace: H0 and H0+1 are closed, H0+2 is not.
-    bronze(&[
-        "lease",
+    let config = compactor_setup(
+        dir.path(),
         &moto.endpoint,
+        &location,
         table,
-        "shardId-000000000000",
-        "49000",
-        &((H0 + 2) * HOUR_MS + 600_000).to_string(),
-    ]);
-    let config = dir.path().join("compact.toml");
-    std::fs::write(
-        &config,
-        compactor_toml(
-            &moto.endpoint,
-            &location,
-            table,
-            &dir.path().join("work"),
-            "",
-        )
-        .replace("grace_s = 0", "grace_s = 300"),
-    )
-    .unwrap();
+        Some((H0 + 2) * HOUR_MS + 600_000),
+        "grace_s = 300",
+    );
     let a = readings(&mut rng, "agent-a", H0, 1000, 2000);
     let b = readings(&mut rng, "agent-b", H0 + 1, 2000, 2000);
     let open = readings(&mut rng, "agent-c", H0 + 2, 3000, 500);
@@ -395,41 +370,15 @@ fn memory_stays_bounded_on_an_hour_larger_than_the_cap() {
     let moto = Moto::start(dir.path());
     let table = "leases-big";
     let root = dir.path().join("bronze");
-    bronze(&[
-        "lease",
+    let config = compactor_setup(
+        dir.path(),
         &moto.endpoint,
+        &root.display().to_string(),
         table,
-        "shardId-000000000000",
-        "SHARD_END",
-    ]);
-    let config = dir.path().join("compact.toml");
-    std::fs::write(
-        &config,
-        compactor_toml(
-            &moto.endpoint,
-            &root.display().to_string(),
-            table,
-            &dir.path().join("work"),
-            &format!("max_memory_mib = {cap_mib}"),
-        ),
-    )
-    .unwrap();
-    let mut rng = fastrand::Rng::with_seed(11);
-    let mut raw_bytes = 0u64;
-    for f in 0..files {
-        let ids = readings(
-            &mut rng,
-            &format!("agent-{f}"),
-            H0,
-            f as u64 * 1000,
-            per_file,
-        );
-        let key = land(&root, H0, &format!("shardId-000000000000-{f}"), &ids);
-        if f == 0 {
-            // The files are alike: the first one's decoded size times their number.
-            raw_bytes = decoded_bytes(&root.join(key)) * files as u64;
-        }
-    }
+        None,
+        &format!("max_memory_mib = {cap_mib}"),
+    );
+    let (raw_bytes, _) = land_big_hour(&root, files, per_file);
     let rows = (files * per_file) as u64;
     assert!(
         raw_bytes > 2 * cap_mib * 1024 * 1024,
@@ -476,13 +425,7 @@ fn one_compactor_works_at_a_time_and_another_takes_over_after_a_kill() {
     let moto = Moto::start(dir.path());
     let table = "leases-two";
     let location = "s3://bronze-two/bronze".to_owned();
-    bronze(&[
-        "lease",
-        &moto.endpoint,
-        table,
-        "shardId-000000000000",
-        "SHARD_END",
-    ]);
+    shard_lease(&moto.endpoint, table, None);
     let mut rng = fastrand::Rng::with_seed(5);
     let mut expected: BTreeSet<Id> = BTreeSet::new();
     let mut batch = 0;

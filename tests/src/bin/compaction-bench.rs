@@ -31,45 +31,16 @@ fn main() {
     let moto = Moto::start(dir.path());
     let table = "leases-bench";
     let root = dir.path().join("bronze");
-    bronze(&[
-        "lease",
+    let config = compactor_setup(
+        dir.path(),
         &moto.endpoint,
+        &root.display().to_string(),
         table,
-        "shardId-000000000000",
-        "SHARD_END",
-    ]);
-    let config = dir.path().join("compact.toml");
-    std::fs::write(
-        &config,
-        compactor_toml(
-            &moto.endpoint,
-            &root.display().to_string(),
-            table,
-            &dir.path().join("work"),
-            &format!("max_memory_mib = {cap}"),
-        ),
-    )
-    .expect("config");
+        None,
+        &format!("max_memory_mib = {cap}"),
+    );
     let idle = run_ok(&mut compact_cmd(&config, true));
-    let mut rng = fastrand::Rng::with_seed(11);
-    let mut decoded = 0;
-    let mut bytes = 0;
-    for f in 0..files {
-        let ids = readings(
-            &mut rng,
-            &format!("agent-{f}"),
-            H0,
-            f as u64 * 1000,
-            per_file,
-        );
-        let key = land(&root, H0, &format!("shardId-000000000000-{f}"), &ids);
-        if f == 0 {
-            decoded = decoded_bytes(&root.join(&key)) * files as u64;
-        }
-        bytes += std::fs::metadata(root.join(&key))
-            .map(|m| m.len())
-            .unwrap_or(0);
-    }
+    let (decoded, bytes) = land_big_hour(&root, files, per_file);
     let rows = (files * per_file) as f64;
     let t = Instant::now();
     let run = compact_cmd(&config, true)
