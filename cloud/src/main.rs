@@ -34,6 +34,17 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Run only the compactor: publish the closed hours of the Parquet landing area as one bronze file per
+    /// hour (only the process holding the compactor lease works; the others wait for it).
+    Compact {
+        /// Configuration file [default: $FIELDLINK_CLOUD_CONFIG (the TOML text) if set, else
+        /// /etc/fieldlink/cloud.toml].
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// One round, then exit (status 1 if it failed or the lease was not free within three lease durations).
+        #[arg(long)]
+        once: bool,
+    },
     /// Validate a configuration; exit status 1 on any problem.
     CheckConfig {
         /// Configuration file [default: $FIELDLINK_CLOUD_CONFIG (the TOML text) if set, else
@@ -133,6 +144,24 @@ fn main() -> anyhow::Result<()> {
                 fieldlink_cloud::run(cfg, cancel)
             })
             .context("starting the async runtime")??;
+            Ok(())
+        }
+        Command::Compact { config, once } => {
+            let source = Source::from_process(config).map_err(anyhow::Error::msg)?;
+            let cfg = source
+                .load()
+                .with_context(|| format!("configuration {}", source.name()))?;
+            cfg.log.init();
+            let hours = fieldlink_ops::shutdown::run_until_signal(None, |cancel| {
+                fieldlink_cloud::compact(cfg, once, cancel)
+            })
+            .context("starting the async runtime")??;
+            if once {
+                println!(
+                    "published {hours} hours, peak RSS {} KiB",
+                    fieldlink_cloud::compaction::peak_rss_kib()
+                );
+            }
             Ok(())
         }
     }

@@ -5,6 +5,7 @@
 //! poll a condition with a deadline.
 #![allow(clippy::unwrap_used, unreachable_pub, missing_debug_implementations)]
 
+pub mod bronze;
 pub mod influx;
 
 use std::collections::BTreeMap;
@@ -972,7 +973,8 @@ pub fn describe_difference(
     )
 }
 
-/// A `fieldlink-cloud` configuration for tests: short leases and commits, landed-batch debug logs, both sinks.
+/// A `fieldlink-cloud` configuration for tests: short leases and commits, landed-batch debug logs, both sinks, and
+/// a compactor that publishes every hour (open ones too) within a second of its landing files.
 /// `timestream_extra` goes into the `[timestream]` section.
 pub fn cloud_toml(
     metrics_port: u16,
@@ -1007,8 +1009,28 @@ table = "readings"
 [parquet]
 location = "{parquet_location}"
 max_rows_per_file = 5000
-"#
+[compaction]
+interval_ms = 1000
+grace_s = 0
+publish_open_hours = true
+work_dir = "{work_dir}"
+"#,
+        work_dir = std::env::temp_dir()
+            .join(format!(
+                "fieldlink-compaction-{}-{stream}",
+                std::process::id()
+            ))
+            .display()
     )
+}
+
+/// Runs `fieldlink-cloud compact --once` with the configuration at `config` (one compaction round: every closed
+/// hour of the landing area published) and returns what it printed; panics unless it succeeds.
+pub fn compact_once(config: &Path) -> String {
+    let mut cmd = Command::new(bin("fieldlink-cloud"));
+    cmd.arg("compact").arg("--once").arg("--config").arg(config);
+    aws_env(&mut cmd);
+    run_ok(&mut cmd)
 }
 
 /// The Timestream database and table and the S3 bucket of [`Cloud`] (Parquet under `s3://CLOUD_BUCKET/<stream>`).
