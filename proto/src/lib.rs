@@ -13,12 +13,17 @@
 //!   (readings of one series keep their relative order). NaN payloads are preserved bit for bit.
 //! - Encoding is deterministic: the same batch and level give the same bytes.
 //!
+//! An alarm-event record ([`alarm`]) shares the header (flag bit 1 set) and the batch sequence; [`decode`] refuses
+//! it as `Malformed`, [`decode_any`] reads either kind.
+//!
 //! The crate has no I/O and no async; it depends only on `zstd` and `thiserror`.
 
+pub mod alarm;
 mod codec;
 mod model;
 mod varint;
 
+pub use alarm::{decode_any, Record};
 pub use codec::{
     decode, decode_body, encode, encode_body, peek_header, DecodeError, EncodeError, Encoder,
     Header,

@@ -27,6 +27,7 @@ pub mod payload;
 mod session;
 pub mod tls;
 
+pub(crate) use config::filter_problem;
 pub use config::{Format, MqttConfig, PayloadConfig, Protocol, Secret, TimeUnit, TopicConfig};
 
 use crate::buffer::{Ack, BufferHandle, Closed, Refused};
