@@ -164,49 +164,62 @@ pub fn encode_alarm_body(events: &[AlarmEvent], out: &mut Vec<u8>) -> Result<(),
     Ok(())
 }
 
-/// Encodes a whole alarm record (header with [`FLAG_ALARMS`] and the epoch, zstd body) with `compressor`.
-pub fn encode_alarms(
-    batch: &AlarmBatch,
-    compressor: &mut zstd::bulk::Compressor<'static>,
-) -> Result<Vec<u8>, EncodeError> {
-    let id = batch.agent_id.as_bytes();
-    if id.is_empty() || id.len() > MAX_AGENT_ID_BYTES {
-        return Err(invalid(
-            "agent id",
-            format!("{} bytes, allowed 1..={MAX_AGENT_ID_BYTES}", id.len()),
-        ));
-    }
-    if batch.epoch == 0 {
-        return Err(invalid("epoch", "an alarm record needs a non-zero epoch"));
-    }
-    let mut body = Vec::new();
-    encode_alarm_body(&batch.events, &mut body)?;
-    let compressed = compressor.compress(&body)?;
-    let mut out = Vec::with_capacity(27 + id.len() + compressed.len());
-    out.extend_from_slice(&MAGIC);
-    out.push(VERSION);
-    out.push(crate::codec::FLAG_EPOCH | FLAG_ALARMS);
-    out.push(id.len() as u8);
-    out.extend_from_slice(id);
-    out.extend_from_slice(&batch.epoch.to_le_bytes());
-    out.extend_from_slice(&batch.seq.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&compressed);
-    if out.len() > crate::limits::MAX_RECORD_BYTES {
-        return Err(invalid(
-            "record",
-            format!("{} bytes, above 1 MiB", out.len()),
-        ));
-    }
-    Ok(out)
+/// Reusable encoder of alarm records: keeps a zstd context set up as the format requires.
+pub struct AlarmEncoder {
+    compressor: zstd::bulk::Compressor<'static>,
+    body: Vec<u8>,
 }
 
-/// A zstd compressor set up as the format requires (content size and checksum on).
-pub fn alarm_compressor(level: i32) -> Result<zstd::bulk::Compressor<'static>, EncodeError> {
-    let mut c = zstd::bulk::Compressor::new(level)?;
-    c.include_checksum(true)?;
-    c.include_contentsize(true)?;
-    Ok(c)
+impl std::fmt::Debug for AlarmEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlarmEncoder").finish_non_exhaustive()
+    }
+}
+
+impl AlarmEncoder {
+    /// An encoder compressing at zstd `level`.
+    pub fn new(level: i32) -> Result<Self, EncodeError> {
+        let mut compressor = zstd::bulk::Compressor::new(level)?;
+        compressor.include_checksum(true)?;
+        compressor.include_contentsize(true)?;
+        Ok(Self {
+            compressor,
+            body: Vec::new(),
+        })
+    }
+
+    /// Encodes a whole alarm record (header with [`FLAG_ALARMS`] and the epoch, zstd body).
+    pub fn encode(&mut self, batch: &AlarmBatch) -> Result<Vec<u8>, EncodeError> {
+        let id = batch.agent_id.as_bytes();
+        if id.is_empty() || id.len() > MAX_AGENT_ID_BYTES {
+            return Err(invalid(
+                "agent id",
+                format!("{} bytes, allowed 1..={MAX_AGENT_ID_BYTES}", id.len()),
+            ));
+        }
+        if batch.epoch == 0 {
+            return Err(invalid("epoch", "an alarm record needs a non-zero epoch"));
+        }
+        encode_alarm_body(&batch.events, &mut self.body)?;
+        let compressed = self.compressor.compress(&self.body)?;
+        let mut out = Vec::with_capacity(27 + id.len() + compressed.len());
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.push(crate::codec::FLAG_EPOCH | FLAG_ALARMS);
+        out.push(id.len() as u8);
+        out.extend_from_slice(id);
+        out.extend_from_slice(&batch.epoch.to_le_bytes());
+        out.extend_from_slice(&batch.seq.to_le_bytes());
+        out.extend_from_slice(&(self.body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&compressed);
+        if out.len() > crate::limits::MAX_RECORD_BYTES {
+            return Err(invalid(
+                "record",
+                format!("{} bytes, above 1 MiB", out.len()),
+            ));
+        }
+        Ok(out)
+    }
 }
 
 fn malformed(what: &'static str, why: &'static str) -> DecodeError {
@@ -378,7 +391,7 @@ mod tests {
     #[test]
     fn alarm_records_round_trip_and_plain_decode_refuses_them() {
         let b = sample();
-        let rec = encode_alarms(&b, &mut alarm_compressor(3).unwrap()).unwrap();
+        let rec = AlarmEncoder::new(3).unwrap().encode(&b).unwrap();
         assert_eq!(decode_any(&rec).unwrap(), Record::Alarms(b.clone()));
         let h = peek_header(&rec).unwrap();
         assert!(h.alarms);
@@ -403,7 +416,7 @@ mod tests {
                 value: v,
                 quality: Quality::Bad,
             });
-            let rec = encode_alarms(&b, &mut alarm_compressor(1).unwrap()).unwrap();
+            let rec = AlarmEncoder::new(1).unwrap().encode(&b).unwrap();
             assert_eq!(decode_any(&rec).unwrap(), Record::Alarms(b));
         }
     }

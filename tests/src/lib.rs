@@ -458,6 +458,10 @@ pub struct DumpedRecord {
     pub quality: Vec<u8>,
     /// Series tags of each reading, in the same order.
     pub tags: Vec<Vec<(String, String)>>,
+    /// Alarm events of an alarm-event record (as `fieldlink_decode.py` gives them); empty for readings.
+    pub alarms: Vec<serde_json::Value>,
+    /// When Kinesis took the record (`ApproximateArrivalTimestamp`), Unix ms.
+    pub arrival_ms: i64,
 }
 
 /// Every record in the stream, decoded by the independent Python decoder.
@@ -500,6 +504,8 @@ pub fn kinesis_dump(endpoint: &str, stream: &str) -> Vec<DumpedRecord> {
                     .iter()
                     .map(|r| serde_json::from_value(r[5].clone()).unwrap())
                     .collect(),
+                alarms: v["alarms"].as_array().cloned().unwrap_or_default(),
+                arrival_ms: v["arrival_ms"].as_i64().unwrap_or(0),
             }
         })
         .collect()

@@ -34,8 +34,10 @@
 //! Every transition takes the rule's next sequence number (1, 2, … over all its series).
 
 mod config;
+pub mod status;
 
 pub use config::{AlarmsConfig, Condition, LevelConfig, QualityLevel, RuleConfig, MAX_LEVELS};
+pub use status::StatusBoard;
 
 use fieldlink_proto::alarm::{AlarmEvent, Cause, Level};
 use fieldlink_proto::{Quality, Series, Value};
@@ -144,6 +146,8 @@ pub struct State {
     pub level: u8,
     /// Event time of the last transition (0 before the first).
     pub since_ms: i64,
+    /// The rule's sequence number of the last transition (0 before the first).
+    pub seq: u64,
     /// A change waiting for its delay: the level the last reading called for, and when the level was first left.
     pub pending: Option<(u8, i64)>,
     /// Newest reading's event time (`stale`).
@@ -153,12 +157,13 @@ pub struct State {
 }
 
 impl State {
-    /// Serialises: version 1, level, since, pending, last_ts, window; little-endian.
+    /// Serialises: version 1, level, since, seq, pending, last_ts, window; little-endian.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(32 + 16 * self.window.len());
         b.push(1);
         b.push(self.level);
         b.extend_from_slice(&self.since_ms.to_le_bytes());
+        b.extend_from_slice(&self.seq.to_le_bytes());
         match self.pending {
             Some((l, t)) => {
                 b.push(1);
@@ -196,6 +201,7 @@ impl State {
         }
         let level = take(1)?[0];
         let since_ms = word(take(8)?);
+        let seq = word(take(8)?) as u64;
         let pending = match take(1)?[0] {
             0 => None,
             _ => {
@@ -223,6 +229,7 @@ impl State {
         Some(Self {
             level,
             since_ms,
+            seq,
             pending,
             last_ts,
             window,
@@ -396,6 +403,7 @@ impl Engine {
         st.since_ms = ts_ms;
         st.pending = None;
         let seq = self.next_seq[rule];
+        st.seq = seq;
         self.next_seq[rule] += 1;
         self.dirty_seq.insert(rule);
         out.push(Transition {

@@ -311,6 +311,7 @@ fn states_round_trip_and_garbage_is_refused() {
     let st = State {
         level: 2,
         since_ms: -5,
+        seq: 9,
         pending: Some((1, 77)),
         last_ts: Some(i64::MAX),
         window: [(1, 2.5), (3, f64::MIN)].into_iter().collect(),
