@@ -1101,3 +1101,28 @@ pub fn batch_of(rows: &[(String, i64, f64)], agent: &str, seq: u64) -> fieldlink
     }
     batch
 }
+
+/// Runs the independent alarm model (`tests/python/alarm_model.py`) on `rules` (the `[[alarms.rules]]` tables as
+/// JSON) and `items` (see the script); its transitions `[rule, rule_seq, series_id, from, to, ts, cause_ts]`.
+pub fn alarm_model(
+    rules: &serde_json::Value,
+    items: &[serde_json::Value],
+) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    let mut child = Command::new(python())
+        .arg(script("alarm_model.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = serde_json::json!({"rules": rules, "items": items}).to_string();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "alarm_model.py failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}

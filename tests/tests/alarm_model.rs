@@ -8,8 +8,6 @@ use fieldlink_agent::alarm::{AlarmsConfig, Engine, Obs, Transition};
 use fieldlink_e2e::*;
 use fieldlink_proto::{Quality, Series, Value};
 use serde_json::{json, Value as Json};
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 const RULES: &str = r##"
 [[rules]]
@@ -58,25 +56,6 @@ condition = "quality"
 levels = [{ name = "doubtful", quality = "uncertain" }, { name = "bad", quality = "bad" }]
 on_delay_ms = 1500
 "##;
-
-fn model(rules: &Json, items: &[Json]) -> Vec<Json> {
-    let mut child = Command::new(python())
-        .arg(script("alarm_model.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let input = json!({"rules": rules, "items": items}).to_string();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "alarm_model.py failed");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 fn value_json(v: &Value) -> Json {
     match v {
@@ -158,7 +137,7 @@ fn one_run(seed: u64) -> usize {
         items.push(json!({ "obs": [sid, series[s].key, series[s].tags, ts[s], value_json(&value), quality as u8] }));
     }
     got.extend(out.iter().map(|t| transition_json(&engine, t)));
-    let want = model(&rules_json, &items);
+    let want = alarm_model(&rules_json, &items);
     if got != want {
         let first = got
             .iter()

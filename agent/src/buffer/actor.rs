@@ -750,12 +750,26 @@ impl Worker {
             return;
         };
         for e in events {
-            if !self.buffer.alarms().rules().iter().any(|r| r.name == e.rule && r.publish) {
+            if !self
+                .buffer
+                .alarms()
+                .rules()
+                .iter()
+                .any(|r| r.name == e.rule && r.publish)
+            {
                 continue;
             }
             board.post(
                 status::topic(prefix, &e.rule, &e.series),
-                status::payload(&e.rule, &e.series, e.to.severity, &e.to.name, e.ts_ms, e.rule_seq, e.cause.as_ref()),
+                status::payload(
+                    &e.rule,
+                    &e.series,
+                    e.to.severity,
+                    &e.to.name,
+                    e.ts_ms,
+                    e.rule_seq,
+                    e.cause.as_ref(),
+                ),
             );
         }
     }
@@ -781,7 +795,15 @@ impl Worker {
             };
             board.post(
                 status::topic(&prefix, &rule.name, &series),
-                status::payload(&rule.name, &series, level, rule.level_name(level), since, seq, None),
+                status::payload(
+                    &rule.name,
+                    &series,
+                    level,
+                    rule.level_name(level),
+                    since,
+                    seq,
+                    None,
+                ),
             );
         }
     }

@@ -51,7 +51,14 @@ fn append(b: &mut Buffer, key: &str, readings: &[(i64, f64)]) {
 
 fn seal(b: &mut Buffer, now_ms: i64) -> Result<SealReport, BufferError> {
     let mut enc = Encoder::new(3).unwrap();
-    b.seal(i64::MAX, 100_000, &mut enc, &BatchConfig::default(), rules(), now_ms)
+    b.seal(
+        i64::MAX,
+        100_000,
+        &mut enc,
+        &BatchConfig::default(),
+        rules(),
+        now_ms,
+    )
 }
 
 /// `(rule, rule_seq, series, from, to, ts)` of every pending alarm event, and the kinds of the pending records
@@ -65,7 +72,14 @@ fn pending(b: &mut Buffer) -> (Vec<Ev>, Vec<&'static str>) {
                 assert_eq!(a.seq, p.seq);
                 kinds.push("alarms");
                 ev.extend(a.events.into_iter().map(|e| {
-                    (e.rule, e.rule_seq, e.series.key, e.from.name, e.to.name, e.ts_ms)
+                    (
+                        e.rule,
+                        e.rule_seq,
+                        e.series.key,
+                        e.from.name,
+                        e.to.name,
+                        e.ts_ms,
+                    )
                 }));
             }
             Record::Readings(_) => kinds.push("readings"),
@@ -95,7 +109,11 @@ fn alarm_records_go_out_before_a_backlog_and_share_the_batch_sequence() {
     assert_eq!(r.alarm_events, 2);
     let got = b.pending(3, usize::MAX).unwrap();
     assert_eq!(got.len(), 3);
-    assert_eq!(got[0].seq, backlog + 1, "the alarm record takes the next batch number");
+    assert_eq!(
+        got[0].seq,
+        backlog + 1,
+        "the alarm record takes the next batch number"
+    );
     assert_eq!(got[0].readings, 0);
     let Record::Alarms(a) = decode_any(&got[0].record).unwrap() else {
         panic!("the first record of the call is not the alarm record")
@@ -156,7 +174,12 @@ fn the_stale_clock_raises_an_alarm_without_any_reading() {
     append(&mut b, "m/a", &[(5000, 1.0)]);
     seal(&mut b, 5500).unwrap();
     assert_eq!(pending(&mut b).0, vec![]);
-    let gone: Vec<u64> = b.pending(500, usize::MAX).unwrap().iter().map(|p| p.seq).collect();
+    let gone: Vec<u64> = b
+        .pending(500, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|p| p.seq)
+        .collect();
     b.ack(&gone).unwrap();
     let r = seal(&mut b, 6000).unwrap();
     assert_eq!(r.alarm_events, 0, "not more than after_ms yet");
@@ -164,7 +187,10 @@ fn the_stale_clock_raises_an_alarm_without_any_reading() {
     assert_eq!(r.alarm_events, 1);
     assert_eq!(
         pending(&mut b),
-        (vec![ev("silent", 1, "m/a", "ok", "stale", 6000)], vec!["alarms"])
+        (
+            vec![ev("silent", 1, "m/a", "ok", "stale", 6000)],
+            vec!["alarms"]
+        )
     );
     assert_eq!(b.take_alarm_events().len(), 1);
     // Not again.

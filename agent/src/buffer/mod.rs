@@ -103,6 +103,9 @@ pub const MAX_DEAD_LETTERS: i64 = 10_000;
 pub const MAX_REFUSED: i64 = 1_000;
 /// Bytes of a refused message's payload kept (the table stays under about 16 MiB).
 pub const MAX_REFUSED_PAYLOAD: usize = 16 * 1024;
+/// An encoded alarm record: `(seq, bytes, events)`.
+type AlarmRecord = (u64, Vec<u8>, usize);
+
 /// Alarm events per alarm record, at most.
 const EVENTS_PER_RECORD: usize = 1000;
 /// Size counted per unsealed reading besides its value (row id, series id, timestamp, kind, b-tree overhead).
@@ -572,8 +575,9 @@ impl Buffer {
         self.last_row_id = last;
         self.alarm_pending = self
             .conn
-            .query_row("SELECT count(*) FROM alarm_records", [], |r| r.get::<_, i64>(0))?
-            as u64;
+            .query_row("SELECT count(*) FROM alarm_records", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64;
         Ok(())
     }
 
@@ -607,7 +611,8 @@ impl Buffer {
         let mut q = stmt.query([])?;
         while let Some(r) = q.next()? {
             let rule: String = r.get(0)?;
-            self.alarms.load_seq(&rule, r.get::<_, i64>(1)?.max(1) as u64);
+            self.alarms
+                .load_seq(&rule, r.get::<_, i64>(1)?.max(1) as u64);
         }
         Ok(())
     }
@@ -633,7 +638,7 @@ impl Buffer {
         transitions: &[Transition],
         series: &HashMap<i64, Series>,
         first_seq: u64,
-    ) -> Result<(Vec<(u64, Vec<u8>, usize)>, Vec<AlarmEvent>), BufferError> {
+    ) -> Result<(Vec<AlarmRecord>, Vec<AlarmEvent>), BufferError> {
         let mut events = Vec::with_capacity(transitions.len());
         for t in transitions {
             let s = match series.get(&t.series_id) {
@@ -664,7 +669,7 @@ impl Buffer {
     /// Inside a seal's transaction: the alarm records and the engine's changed states and sequence numbers.
     fn write_alarms(
         &mut self,
-        records: &[(u64, Vec<u8>, usize)],
+        records: &[AlarmRecord],
         dirty: &[Dirty],
         now_ms: i64,
     ) -> Result<(), BufferError> {
