@@ -400,3 +400,127 @@ levels = [{ name = "critical", limit = 8.0 }]
     assert!(arrived - ts < 5_000, "alarm latency {} ms", arrived - ts);
     agent.stop();
 }
+
+/// The model's items for the readings the agent delivered (each batch once): per series in event-time order,
+/// late ones left out. `value_of` turns a dumped value into the model's `[type, value]`.
+fn items_from_dump(records: &[DumpedRecord]) -> (Vec<Json>, BTreeMap<i64, String>) {
+    let mut readings: Vec<(String, i64, String, u8)> = Vec::new();
+    for r in unique_batches(records) {
+        for (i, (s, ts, v, late)) in r.readings.iter().enumerate() {
+            if !late {
+                readings.push((s.clone(), *ts, v.clone(), r.quality[i]));
+            }
+        }
+    }
+    readings.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    let mut ids: BTreeMap<String, i64> = BTreeMap::new();
+    let items = readings
+        .into_iter()
+        .map(|(s, ts, v, q)| {
+            let n = ids.len() as i64 + 1;
+            let sid = *ids.entry(s.clone()).or_insert(n);
+            json!({"obs": [sid, s, [], ts, ["f64", v], q]})
+        })
+        .collect();
+    (items, ids.into_iter().map(|(k, v)| (v, k)).collect())
+}
+
+#[test]
+fn kill_9_rounds_neither_repeat_nor_skip_an_alarm_transition() {
+    let rounds: usize = std::env::var("FIELDLINK_ALARM_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let moto = Moto::start(dir.path());
+    let stream = "alarms-crash";
+    moto.create(stream, 1, "unused-db", "unused-table", "unused-bucket");
+    // Every device's counter climbs through the levels of one rule: one transition per 60, on every device.
+    let levels: Vec<String> = (1..=254)
+        .map(|k| format!("{{ name = \"l{k}\", limit = {}.0 }}", 60 * k))
+        .collect();
+    let rules = format!(
+        "[[alarms.rules]]\nname = \"climb\"\nseries = \"crash/+/n\"\ncondition = \"above\"\nlevels = [{}]\n",
+        levels.join(", ")
+    );
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "alarm-crash-agent",
+        broker.port,
+        &moto.endpoint,
+        stream,
+        "durability = \"full\"",
+        &rules,
+    );
+    agent.start();
+    let rate = 1500.0;
+    let count = (rate * 0.45 * rounds as f64) as usize + 1000;
+    let (port, path) = (broker.port, dir.path().to_path_buf());
+    let publisher = std::thread::spawn(move || publish_numbered(port, count, rate, 0, &path));
+    let seed = fastrand::u64(..);
+    eprintln!("kill schedule seed {seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for round in 0..rounds {
+        std::thread::sleep(Duration::from_millis(rng.u64(50..600)));
+        agent.kill9();
+        if round + 1 < rounds {
+            agent.start();
+        }
+    }
+    agent.start();
+    let acked = publisher.join().unwrap();
+    let records = wait_for(
+        "every acknowledged reading in Kinesis",
+        Duration::from_secs(120),
+        || {
+            let records = kinesis_dump(&moto.endpoint, stream);
+            let got: std::collections::BTreeSet<u64> = numbers_in(&records).into_iter().collect();
+            (acked.iter().all(|n| got.contains(n))
+                && agent.metric("fieldlink_alarm_records_pending") == 0.0
+                && agent.metric("fieldlink_buffer_unsealed_readings") == 0.0)
+                .then_some(records)
+        },
+    );
+    let problem = exactly_once(&acked, &numbers_in(&unique_batches(&records)));
+    assert!(problem.is_empty(), "{problem}");
+    let (items, names) = items_from_dump(&records);
+    let rules_json = toml::from_str::<Json>(&rules).unwrap()["alarms"]["rules"].clone();
+    let mut want: Vec<Key> = alarm_model(&rules_json, &items)
+        .iter()
+        .map(|e| {
+            (
+                e[0].as_str().unwrap().to_owned(),
+                names[&e[2].as_i64().unwrap()].clone(),
+                e[3].as_u64().unwrap(),
+                e[4].as_u64().unwrap(),
+                e[5].as_i64().unwrap(),
+                e[6].as_i64(),
+            )
+        })
+        .collect();
+    want.sort();
+    let events = alarm_events(&records);
+    let mut got: Vec<Key> = events.iter().map(|(k, _)| k.clone()).collect();
+    got.sort();
+    let extra: Vec<&Key> = got.iter().filter(|k| !want.contains(k)).take(5).collect();
+    let lost: Vec<&Key> = want.iter().filter(|k| !got.contains(k)).take(5).collect();
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "transitions: agent {} model {}; not in the model {extra:?}, lost {lost:?}",
+        got.len(),
+        want.len()
+    );
+    assert_eq!(got, want, "not in the model {extra:?}, lost {lost:?}");
+    assert_sequences_complete(&events);
+    let alarm_records = records.iter().filter(|r| !r.alarms.is_empty()).count();
+    eprintln!(
+        "{rounds} SIGKILL rounds: {} readings acknowledged, {} alarm transitions each exactly once (per-rule \
+         sequence 1..={}), in {alarm_records} alarm records (resends included)",
+        acked.len(),
+        got.len(),
+        got.len()
+    );
+    agent.stop();
+}
