@@ -524,3 +524,100 @@ fn kill_9_rounds_neither_repeat_nor_skip_an_alarm_transition() {
     );
     agent.stop();
 }
+
+#[test]
+fn a_status_broker_that_is_down_blocks_nothing_and_gets_the_newest_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let readings = Mosquitto::start(dir.path());
+    let status_port = free_port();
+    let mut status = Mosquitto::start_persistent(dir.path(), status_port);
+    let moto = Moto::start(dir.path());
+    let stream = "alarms-status";
+    moto.create(stream, 1, "unused-db", "unused-table", "unused-bucket");
+    let sections = format!(
+        r#"
+[alarms]
+publish_connection = "hmi"
+topic_prefix = "hmi/alarms"
+
+[[alarms.rules]]
+name = "vib"
+series = "line3/+/+/vib"
+condition = "above"
+levels = [{{ name = "critical", limit = 8.0 }}]
+
+[[mqtt]]
+name = "in"
+host = "127.0.0.1"
+port = {}
+[[mqtt.topics]]
+filter = "line3/#"
+
+[[mqtt]]
+name = "hmi"
+host = "127.0.0.1"
+port = {status_port}
+keep_alive_s = 5
+[[mqtt.topics]]
+filter = "hmi/commands/#"
+"#,
+        readings.port
+    );
+    let mut agent = AgentProc::with_sources(
+        dir.path(),
+        "status-agent",
+        &moto.endpoint,
+        stream,
+        "",
+        &sections,
+    );
+    agent.start();
+    status.proc.kill();
+
+    // Five transitions while the status broker is down.
+    let t0 = fieldlink_ops::unix_ms();
+    for (i, v) in [9.0, 1.0, 9.5, 2.0, 10.0].iter().enumerate() {
+        let out = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &readings.port.to_string(),
+                "-q",
+                "1",
+            ])
+            .args(["-t", "line3/robot/001"])
+            .args([
+                "-m",
+                &format!("{{\"ts\": {}, \"vib\": {v}}}", t0 + i as i64 * 100),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    let records = wait_for(
+        "the alarm events in Kinesis while the status broker is down",
+        Duration::from_secs(30),
+        || {
+            let records = kinesis_dump(&moto.endpoint, stream);
+            (alarm_events(&records).len() >= 5).then_some(records)
+        },
+    );
+    let events = alarm_events(&records);
+    assert_eq!(events.len(), 5, "{events:?}");
+    assert_sequences_complete(&events);
+    assert_eq!(agent.metric("fieldlink_alarms_active"), 1.0);
+
+    // The broker comes back empty (killed: no retained messages saved): it gets the newest state.
+    let _status = Mosquitto::start_persistent(dir.path(), status_port);
+    let topic = "hmi/alarms/vib/line3/robot/001/vib";
+    let s = wait_for("the retained status", Duration::from_secs(30), || {
+        retained_statuses(status_port, "hmi/alarms").remove(topic)
+    });
+    assert_eq!(
+        (s["level"].as_str(), s["seq"].as_u64(), s["value"].as_f64()),
+        (Some("critical"), Some(5), Some(10.0)),
+        "{s}"
+    );
+    agent.stop();
+}

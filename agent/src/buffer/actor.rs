@@ -691,6 +691,9 @@ impl Worker {
             ) {
                 Ok(r) if r.rows == 0 => {
                     self.seal_error = None;
+                    if r.alarm_events > 0 {
+                        self.sealed.notify_one(); // the stale clock raised alarms: send them now
+                    }
                     break;
                 }
                 Ok(r) => {
@@ -702,7 +705,7 @@ impl Worker {
                         readings = r.readings,
                         "sealed"
                     );
-                    if r.batches > 0 {
+                    if r.batches > 0 || r.alarm_events > 0 {
                         self.sealed.notify_one();
                     }
                     if (r.rows as usize) < max_rows {

@@ -3,6 +3,8 @@
 //! 1. **Pipeline readings/s on one core**: the whole dataset as JSON MQTT payloads through the agent's own code on
 //!    one thread: payload mapping → buffer append (SQLite, group commits of 1000 messages) → seal (dedup, order,
 //!    batch, zstd encode), with `durability = normal` and `full`.
+//!    The same with **100 alarm rules** active (above/below with hysteresis and delays, rate, stale, quality over
+//!    the dataset's series: every reading is evaluated by several rules), next to none.
 //! 2. **Bytes per reading on the wire**: what that seal produced.
 //! 3. **Payload mapping alone**: messages of ten fields as JSON and as InfluxDB line protocol, one thread.
 //! 4. **MQTT ingest with durable acks next to a bare subscriber**, same broker, same run: N QoS 1 messages of ten
@@ -12,6 +14,7 @@
 //! 5. **Peak RSS** (VmHWM) of a fresh agent process after 15 s at 10,000 readings/s.
 #![allow(clippy::unwrap_used)]
 
+use fieldlink_agent::alarm::{AlarmsConfig, Engine};
 use fieldlink_agent::batch::BatchConfig;
 use fieldlink_agent::buffer::{Buffer, Durability, NewReading};
 use fieldlink_agent::mqtt::payload::Mapper;
@@ -41,9 +44,51 @@ fn messages() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-fn pipeline(msgs: &[(String, Vec<u8>)], durability: Durability) -> (f64, usize, u64, f64) {
+/// 100 alarm rules over the dataset's series (IMU axes, meters, office and utility sensors).
+fn hundred_rules() -> AlarmsConfig {
+    let mut t = String::new();
+    let axes = ["acc_x", "acc_y", "acc_z", "gyr_x", "gyr_y", "gyr_z"];
+    for k in 0..100 {
+        let axis = axes[k % 6];
+        let family = if k % 2 == 0 {
+            "robot-imu"
+        } else {
+            "robot-imu-b"
+        };
+        let body = match k % 5 {
+            0 => format!(
+                "series = \"line3/+/+/{axis}\"\ncondition = \"above\"\nlevels = [{{ name = \"warning\", limit = {} }}, {{ name = \"critical\", limit = {} }}]\nhysteresis = 0.05\non_delay_ms = 200\noff_delay_ms = 1000",
+                0.2 + (k as f64) * 0.01,
+                0.6 + (k as f64) * 0.01
+            ),
+            1 => format!(
+                "series = \"line3/{family}/+/{axis}\"\ncondition = \"below\"\nlevels = [{{ name = \"low\", limit = {} }}]\nhysteresis = 0.05",
+                -0.3 - (k as f64) * 0.01
+            ),
+            2 => format!(
+                "series = \"line3/+/+/{axis}\"\ncondition = \"rate\"\nspan_ms = 1000\nlevels = [{{ name = \"fast\", limit = {} }}]",
+                1.0 + (k as f64) * 0.05
+            ),
+            3 => "series = \"plant/#\"\ncondition = \"stale\"\nlevels = [{ name = \"late\", after_ms = 60000 }, { name = \"dead\", after_ms = 600000 }]".to_owned(),
+            _ => "series = \"#\"\ncondition = \"quality\"\nlevels = [{ name = \"bad\", quality = \"bad\" }]".to_owned(),
+        };
+        t.push_str(&format!("[[rules]]\nname = \"rule-{k}\"\n{body}\n\n"));
+    }
+    let cfg: AlarmsConfig = toml::from_str(&t).unwrap();
+    assert!(cfg.validate("alarms", &[]).is_empty());
+    cfg
+}
+
+fn pipeline(
+    msgs: &[(String, Vec<u8>)],
+    durability: Durability,
+    alarms: Option<&AlarmsConfig>,
+) -> (f64, usize, u64, f64, u64) {
     let dir = tempfile::tempdir().unwrap();
     let mut buffer = Buffer::open(&dir.path().join("bench.db"), durability, "bench").unwrap();
+    if let Some(a) = alarms {
+        buffer.enable_alarms(Engine::from_config(a), 0).unwrap();
+    }
     let mut encoder = Encoder::new(3).unwrap();
     let (batch, order) = (BatchConfig::default(), OrderConfig::default());
     let mut mapper = Mapper::new(PayloadConfig::default());
@@ -83,6 +128,7 @@ fn pipeline(msgs: &[(String, Vec<u8>)], durability: Durability) -> (f64, usize, 
         readings,
         l.bytes_sealed,
         l.batches_sealed as f64,
+        l.alarm_events,
     )
 }
 
@@ -202,11 +248,17 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 
 fn main() {
     let msgs = messages();
-    let (rate_n, readings, bytes, batches) = pipeline(&msgs, Durability::Normal);
-    let (rate_f, _, _, _) = pipeline(&msgs, Durability::Full);
+    let (rate_n, readings, bytes, batches, _) = pipeline(&msgs, Durability::Normal, None);
+    let (rate_f, _, _, _, _) = pipeline(&msgs, Durability::Full, None);
+    let rules = hundred_rules();
+    let (rate_a, _, _, _, events) = pipeline(&msgs, Durability::Normal, Some(&rules));
     println!("pipeline (1 thread, payload → buffer → dedup/order → zstd batches), {readings} readings in {} messages:", msgs.len());
     println!("  durability=normal: {rate_n:>10.0} readings/s");
     println!("  durability=full:   {rate_f:>10.0} readings/s");
+    println!(
+        "  durability=normal, 100 alarm rules: {rate_a:>10.0} readings/s ({:.0} % of none; {events} alarm events)",
+        rate_a / rate_n * 100.0
+    );
     println!(
         "  wire: {bytes} bytes in {batches} records = {:.2} bytes/reading (24 KiB target)",
         bytes as f64 / readings as f64
