@@ -374,18 +374,17 @@ impl Engine {
         self.states.values().filter(|s| s.level > 0).count()
     }
 
+    /// The rules matching a series (cached by series id).
     fn matching(&mut self, series_id: i64, series: &Series) -> Vec<usize> {
-        if let Some(m) = self.matches.get(&series_id) {
-            return m.clone();
+        if let Some(m) = self.matches.remove(&series_id) {
+            return m;
         }
         if self.matches.len() >= MATCH_CACHE_MAX {
             self.matches.clear();
         }
-        let m: Vec<usize> = (0..self.rules.len())
+        (0..self.rules.len())
             .filter(|&i| self.rules[i].matches(series))
-            .collect();
-        self.matches.insert(series_id, m.clone());
-        m
+            .collect()
     }
 
     fn transition(
@@ -426,9 +425,12 @@ impl Engine {
         obs: Obs<'_>,
         out: &mut Vec<Transition>,
     ) {
-        for r in self.matching(series_id, series) {
+        // Taken out of the cache and put back: no allocation per reading.
+        let rules = self.matching(series_id, series);
+        for &r in &rules {
             self.observe_rule(r, series_id, obs, out);
         }
+        self.matches.insert(series_id, rules);
     }
 
     fn observe_rule(&mut self, r: usize, sid: i64, obs: Obs<'_>, out: &mut Vec<Transition>) {
