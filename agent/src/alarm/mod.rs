@@ -278,6 +278,8 @@ pub struct Engine {
     next_seq: Vec<u64>,
     dirty: BTreeSet<(usize, i64)>,
     dirty_seq: BTreeSet<usize>,
+    /// Pairs not at `ok`.
+    active: usize,
 }
 
 /// A changed state or sequence number to persist.
@@ -345,10 +347,17 @@ impl Engine {
         let n = self.rules[r].levels();
         st.level = st.level.min(n);
         st.pending = st.pending.filter(|&(l, _)| l <= n && l != st.level);
+        if st.level > 0 {
+            self.active += 1;
+        }
         if self.rules[r].condition == Condition::Stale {
             self.stale.insert((r, series_id));
         }
-        self.states.insert((r, series_id), st);
+        if let Some(old) = self.states.insert((r, series_id), st) {
+            if old.level > 0 {
+                self.active -= 1;
+            }
+        }
         true
     }
 
@@ -371,7 +380,7 @@ impl Engine {
 
     /// Pairs not at `ok`.
     pub fn active(&self) -> usize {
-        self.states.values().filter(|s| s.level > 0).count()
+        self.active
     }
 
     /// The rules matching a series (cached by series id).
@@ -398,6 +407,11 @@ impl Engine {
     ) {
         let st = self.states.entry((rule, series_id)).or_default();
         let from = st.level;
+        match (from > 0, to > 0) {
+            (false, true) => self.active += 1,
+            (true, false) => self.active -= 1,
+            _ => {}
+        }
         st.level = to;
         st.since_ms = ts_ms;
         st.pending = None;

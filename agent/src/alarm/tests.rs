@@ -304,6 +304,11 @@ fn sequence_numbers_are_per_rule_over_all_series_and_survive_a_reload() {
         &mut out,
     );
     assert_eq!((out[0].from, out[0].to, out[0].rule_seq), (1, 0, 4));
+    assert_eq!(
+        (e.active(), f.active()),
+        (3, 2),
+        "active pairs, counted across loads"
+    );
 }
 
 #[test]

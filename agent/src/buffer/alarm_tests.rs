@@ -196,3 +196,20 @@ fn the_stale_clock_raises_an_alarm_without_any_reading() {
     // Not again.
     assert_eq!(seal(&mut b, 60_000).unwrap().alarm_events, 0);
 }
+
+#[test]
+fn late_readings_are_not_evaluated_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir.path().join("b.db"));
+    append(&mut b, "m/a", &[(1000, 1.0)]);
+    seal(&mut b, 0).unwrap();
+    // Older than the released 1000: flagged late; a 9.9 would raise `hot`.
+    append(&mut b, "m/a", &[(500, 9.9)]);
+    let r = seal(&mut b, 0).unwrap();
+    assert_eq!((r.readings, r.alarm_events), (1, 0));
+    assert_eq!(b.ledger().alarm_late_skipped, 1);
+    assert_eq!(b.ledger().late_flagged, 1);
+    append(&mut b, "m/a", &[(1500, 9.9)]);
+    assert_eq!(seal(&mut b, 0).unwrap().alarm_events, 1, "ok -> hot");
+    assert_eq!(b.alarms().active(), 1);
+}
