@@ -41,12 +41,49 @@ pub use status::StatusBoard;
 
 use fieldlink_proto::alarm::{AlarmEvent, Cause, Level};
 use fieldlink_proto::{Quality, Series, Value};
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// Readings a `rate` state keeps, at most (the oldest go first).
 pub const MAX_WINDOW: usize = 1024;
 /// Series whose matching rules are cached before the cache is dropped.
 const MATCH_CACHE_MAX: usize = 100_000;
+
+/// A fast hasher for the engine's integer keys (rule index, buffer series id): they come from the agent itself,
+/// so std's DoS-resistant SipHash buys nothing on a path taken for every rule and reading.
+#[derive(Debug, Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+    fn write_i64(&mut self, n: i64) {
+        self.write_u64(n as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Ids = BuildHasherDefault<IdHasher>;
+
+/// Marks a pair's state to be persisted with the next commit.
+fn mark(dirty: &mut Vec<(usize, i64)>, st: &mut State, key: (usize, i64)) {
+    if !st.dirty {
+        st.dirty = true;
+        dirty.push(key);
+    }
+}
 
 /// A rule ready to evaluate.
 #[derive(Debug, Clone, PartialEq)]
@@ -154,6 +191,8 @@ pub struct State {
     pub last_ts: Option<i64>,
     /// Recent evaluable readings within the span (`rate`), oldest first.
     pub window: VecDeque<(i64, f64)>,
+    /// Changed since it was last taken by [`Engine::take_dirty`] (not persisted).
+    pub(crate) dirty: bool,
 }
 
 impl State {
@@ -233,6 +272,7 @@ impl State {
             pending,
             last_ts,
             window,
+            dirty: false,
         })
     }
 }
@@ -272,11 +312,11 @@ pub struct Obs<'a> {
 pub struct Engine {
     rules: Vec<Rule>,
     by_name: HashMap<String, usize>,
-    matches: HashMap<i64, Vec<usize>>,
-    states: HashMap<(usize, i64), State>,
+    matches: HashMap<i64, Vec<usize>, Ids>,
+    states: HashMap<(usize, i64), State, Ids>,
     stale: BTreeSet<(usize, i64)>,
     next_seq: Vec<u64>,
-    dirty: BTreeSet<(usize, i64)>,
+    dirty: Vec<(usize, i64)>,
     dirty_seq: BTreeSet<usize>,
     /// Pairs not at `ok`.
     active: usize,
@@ -406,6 +446,7 @@ impl Engine {
         out: &mut Vec<Transition>,
     ) {
         let st = self.states.entry((rule, series_id)).or_default();
+        mark(&mut self.dirty, st, (rule, series_id));
         let from = st.level;
         match (from > 0, to > 0) {
             (false, true) => self.active += 1,
@@ -456,9 +497,14 @@ impl Engine {
         let rule = &self.rules[r];
         let (cond, n) = (rule.condition, rule.levels());
         if cond == Condition::Stale {
-            self.stale.insert((r, sid));
-            self.dirty.insert((r, sid));
-            let st = self.states.entry((r, sid)).or_default();
+            let st = match self.states.entry((r, sid)) {
+                Entry::Occupied(o) => o.into_mut(),
+                Entry::Vacant(v) => {
+                    self.stale.insert((r, sid));
+                    v.insert(State::default())
+                }
+            };
+            mark(&mut self.dirty, st, (r, sid));
             let (last, mut level) = (st.last_ts, st.level);
             if let Some(last) = last {
                 // The gap before this reading: every level it passed, at the time it passed it.
@@ -502,7 +548,7 @@ impl Engine {
             {
                 st.window.pop_front();
             }
-            self.dirty.insert((r, sid));
+            mark(&mut self.dirty, st, (r, sid));
             match st.window.front() {
                 Some(&(t0, v0)) if t0 < obs.ts_ms => {
                     (x - v0).abs() / ((obs.ts_ms - t0) as f64 / 1000.0)
@@ -517,7 +563,7 @@ impl Engine {
         let target = rule.target(cur, x);
         if target == cur {
             if st.pending.take().is_some() {
-                self.dirty.insert((r, sid));
+                mark(&mut self.dirty, st, (r, sid));
             }
             return;
         }
@@ -532,7 +578,7 @@ impl Engine {
             _ => obs.ts_ms,
         };
         st.pending = Some((target, since));
-        self.dirty.insert((r, sid));
+        mark(&mut self.dirty, st, (r, sid));
         if obs.ts_ms.saturating_sub(since) >= delay {
             self.transition(r, sid, target, obs.ts_ms, Some(cause()), out);
         }
@@ -553,7 +599,6 @@ impl Engine {
                 if clock_ms <= at {
                     break;
                 }
-                self.dirty.insert((r, sid));
                 self.transition(r, sid, level + 1, at, None, out);
             }
         }
@@ -563,7 +608,8 @@ impl Engine {
     pub fn take_dirty(&mut self) -> Vec<Dirty> {
         let mut d = Vec::with_capacity(self.dirty.len() + self.dirty_seq.len());
         for (r, sid) in std::mem::take(&mut self.dirty) {
-            if let Some(st) = self.states.get(&(r, sid)) {
+            if let Some(st) = self.states.get_mut(&(r, sid)) {
+                st.dirty = false;
                 d.push(Dirty::State(self.rules[r].name.clone(), sid, st.to_bytes()));
             }
         }

@@ -320,6 +320,7 @@ fn states_round_trip_and_garbage_is_refused() {
         pending: Some((1, 77)),
         last_ts: Some(i64::MAX),
         window: [(1, 2.5), (3, f64::MIN)].into_iter().collect(),
+        dirty: false,
     };
     assert_eq!(State::from_bytes(&st.to_bytes()), Some(st.clone()));
     let b = st.to_bytes();

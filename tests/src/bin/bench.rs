@@ -284,15 +284,28 @@ fn main() {
     println!("pipeline (1 thread, payload → buffer → dedup/order → zstd batches), {readings} readings in {} messages:", msgs.len());
     println!("  durability=normal: {rate_n:>10.0} readings/s");
     println!("  durability=full:   {rate_f:>10.0} readings/s");
-    for (name, rules) in [
-        ("spread over devices", per_device_rules()),
-        ("broad", hundred_rules()),
-    ] {
-        let (rate_a, _, _, _, events) = pipeline(&msgs, Durability::Normal, Some(&rules));
+    // Alarm rules: none, spread, broad, interleaved three times (the machine's load moves); the best of each.
+    let sets = [
+        ("none", None),
+        ("spread over devices", Some(per_device_rules())),
+        ("broad", Some(hundred_rules())),
+    ];
+    let mut best = [(0.0f64, 0u64); 3];
+    for _ in 0..3 {
+        for (i, (_, rules)) in sets.iter().enumerate() {
+            let (rate, _, _, _, events) = pipeline(&msgs, Durability::Normal, rules.as_ref());
+            if rate > best[i].0 {
+                best[i] = (rate, events);
+            }
+        }
+    }
+    println!("  alarm rules, durability=normal, best of three interleaved runs:");
+    for (i, (name, rules)) in sets.iter().enumerate() {
+        let (rate, events) = best[i];
+        let per_reading = rules.as_ref().map_or(0.0, &evaluations);
         println!(
-            "  durability=normal, 100 alarm rules {name} ({:.1} rule evaluations per reading): {rate_a:>10.0} readings/s ({:.0} % of none; {events} alarm events)",
-            evaluations(&rules),
-            rate_a / rate_n * 100.0
+            "    {name:<20} ({per_reading:>4.1} rule evaluations per reading): {rate:>10.0} readings/s ({:>3.0} % of none; {events} alarm events)",
+            rate / best[0].0 * 100.0
         );
     }
     println!(
