@@ -3,6 +3,7 @@
 //! Each component owns its section's struct (`mqtt::MqttConfig`, `buffer::BufferConfig`, ...); this module
 //! assembles them and runs every `validate()` before anything starts.
 
+use crate::alarm::AlarmsConfig;
 use crate::batch::BatchConfig;
 use crate::buffer::BufferConfig;
 use crate::kinesis::KinesisConfig;
@@ -48,6 +49,9 @@ pub struct Config {
     /// Modbus devices (`[[modbus]]`, one table per device).
     #[serde(default)]
     pub modbus: Vec<ModbusConfig>,
+    /// Alarm rules (`[[alarms.rules]]`) and their local MQTT status (see `docs/alarms.md`).
+    #[serde(default)]
+    pub alarms: AlarmsConfig,
 }
 
 fn default_metrics_listen() -> SocketAddr {
@@ -109,6 +113,17 @@ impl Validate for Config {
                 p.push(format!("modbus[{i}].name: {:?} is used twice", m.name));
             }
         }
+        let connections: Vec<(String, Vec<String>)> = self
+            .mqtt
+            .iter()
+            .map(|m| {
+                (
+                    m.name.clone(),
+                    m.topics.iter().map(|t| t.filter.clone()).collect(),
+                )
+            })
+            .collect();
+        p.extend(self.alarms.validate("alarms", &connections));
         let mut names = std::collections::HashSet::new();
         for (i, m) in self.mqtt.iter().enumerate() {
             p.extend(m.validate(&format!("mqtt[{i}]")));

@@ -13,6 +13,7 @@
 //! - A record, once sealed, is resent byte-identical under the same `(agent_id, seq)`.
 //! - Every queue is bounded (`[buffer] queue_capacity`, MQTT in-flight window, one `PutRecords` in flight).
 
+pub mod alarm;
 pub mod batch;
 pub mod buffer;
 pub mod config;

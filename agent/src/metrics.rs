@@ -50,6 +50,12 @@ pub struct AgentMetrics {
     pub buffered_bytes: Gauge,
     /// The sender's current rate limit, bytes per second.
     pub send_rate: Gauge,
+    /// Alarm-event records not yet accepted by Kinesis.
+    pub alarm_records_pending: Gauge,
+    /// `(rule, series)` pairs not at `ok`.
+    pub alarms_active: Gauge,
+    /// Late readings the alarm rules did not evaluate.
+    pub alarm_late_skipped: Counter,
 }
 
 impl AgentMetrics {
@@ -134,7 +140,28 @@ impl AgentMetrics {
                 "fieldlink_send_rate_bytes_per_second",
                 "The Kinesis sender's current rate limit.",
             ),
+            alarm_records_pending: g(
+                "fieldlink_alarm_records_pending",
+                "Alarm-event records not yet accepted by Kinesis.",
+            ),
+            alarms_active: g(
+                "fieldlink_alarms_active",
+                "Alarm rule and series pairs not at level ok.",
+            ),
+            alarm_late_skipped: c(
+                "fieldlink_alarm_late_readings_skipped_total",
+                "Late readings (released after a newer one of their series) the alarm rules did not evaluate.",
+            ),
             registry,
         }
+    }
+
+    /// `fieldlink_alarm_events_total{rule, level}`: alarm events committed, by rule and the level entered.
+    pub fn alarm_events(&self, rule: &str, level: &str) -> Counter {
+        self.registry.counter(
+            "fieldlink_alarm_events_total",
+            "Alarm events (state changes) committed, by rule and the level entered.",
+            &[("rule", rule), ("level", level)],
+        )
     }
 }

@@ -31,12 +31,20 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     } = Telemetry::start(cfg.metrics_listen, cancel.clone()).await?;
     let metrics = AgentMetrics::new(registry.clone());
 
-    let (buffer, buffer_thread) = buffer::spawn(
+    // The alarm statuses for the local broker, if a connection publishes them.
+    let status = cfg
+        .alarms
+        .publish_connection
+        .as_ref()
+        .map(|_| crate::alarm::StatusBoard::new());
+    let (buffer, buffer_thread) = buffer::spawn_with_alarms(
         &cfg.buffer,
         &cfg.batch,
         &cfg.order,
         &cfg.agent_id,
         metrics.clone(),
+        &cfg.alarms,
+        status.clone(),
     )?;
     health.set("buffer", true, "");
 
@@ -64,8 +72,10 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
 
     let mut sources = JoinSet::new();
     for m in cfg.mqtt.clone() {
+        let publishes = cfg.alarms.publish_connection.as_deref() == Some(m.name.as_str());
         sources.spawn(crate::mqtt::run(
             m,
+            publishes.then(|| status.clone()).flatten(),
             cfg.agent_id.clone(),
             buffer.clone(),
             registry.clone(),

@@ -96,10 +96,12 @@ pub struct Header<'a> {
     pub body_len: u32,
     /// The compressed body.
     pub body: &'a [u8],
+    /// The body holds alarm events, not readings (flag [`crate::alarm::FLAG_ALARMS`]; see [`crate::decode_any`]).
+    pub alarms: bool,
 }
 
 /// Header flag: an 8-byte buffer epoch follows the agent id.
-const FLAG_EPOCH: u8 = 0b0000_0001;
+pub(crate) const FLAG_EPOCH: u8 = 0b0000_0001;
 
 pub(crate) const KIND_TYPE_MASK: u8 = 0b0000_0111;
 const KIND_RESERVED_MASK: u8 = 0b1000_1000;
@@ -267,7 +269,7 @@ pub fn peek_header(record: &[u8]) -> Result<Header<'_>, DecodeError> {
     let version = r.u8("version")?;
     let version = Version::from_byte(version).ok_or(DecodeError::UnsupportedVersion(version))?;
     let flags = r.u8("flags")?;
-    if flags & !FLAG_EPOCH != 0 {
+    if flags & !(FLAG_EPOCH | crate::alarm::FLAG_ALARMS) != 0 {
         return Err(DecodeError::Malformed {
             what: "flags",
             why: "reserved flags set",
@@ -312,6 +314,7 @@ pub fn peek_header(record: &[u8]) -> Result<Header<'_>, DecodeError> {
         seq,
         body_len,
         body,
+        alarms: flags & crate::alarm::FLAG_ALARMS != 0,
     })
 }
 
@@ -419,10 +422,24 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Decodes one record of either version (the header's version byte says which), checking every limit before
-/// allocating.
+/// Decodes one readings record, checking every limit before allocating. An alarm-event record is refused with
+/// `Malformed { what: "record", .. }` (read it with [`crate::decode_any`]).
 pub fn decode(record: &[u8]) -> Result<Batch, DecodeError> {
     let h = peek_header(record)?;
+    if h.alarms {
+        return Err(DecodeError::Malformed {
+            what: "record",
+            why: "it holds alarm events, not readings (decode_any reads it)",
+        });
+    }
+    let body = decompressed_body(&h)?;
+    let mut batch = decode_body(&body, h.version, h.agent_id, h.seq)?;
+    batch.epoch = h.epoch;
+    Ok(batch)
+}
+
+/// Decompresses a record's body, checking the declared sizes before allocating.
+pub(crate) fn decompressed_body(h: &Header<'_>) -> Result<Vec<u8>, DecodeError> {
     let declared = zstd::zstd_safe::get_frame_content_size(h.body)
         .map_err(|_| DecodeError::Decompress("not a zstd frame".into()))?;
     match declared {
@@ -462,7 +479,5 @@ pub fn decode(record: &[u8]) -> Result<Batch, DecodeError> {
             why: "decompressed size differs from header",
         });
     }
-    let mut batch = decode_body(&body, h.version, h.agent_id, h.seq)?;
-    batch.epoch = h.epoch;
-    Ok(batch)
+    Ok(body)
 }

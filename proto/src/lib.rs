@@ -21,8 +21,12 @@
 //!   bit (NaN payloads, −0.0, ±inf, subnormals).
 //! - Encoding is deterministic: the same batch and level give the same bytes.
 //!
+//! An alarm-event record ([`alarm`]) shares the header (flag bit 1 set) and the batch sequence; [`decode`] refuses
+//! it as `Malformed`, [`decode_any`] reads either kind.
+//!
 //! The crate has no I/O and no async; it depends only on `zstd` and `thiserror`.
 
+pub mod alarm;
 mod codec;
 mod decimal;
 mod model;
@@ -30,6 +34,7 @@ mod v1;
 mod v2;
 mod varint;
 
+pub use alarm::{decode_any, Record};
 pub use codec::{
     decode, decode_body, encode, encode_body, peek_header, DecodeError, EncodeError, Encoder,
     Header,

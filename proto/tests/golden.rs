@@ -133,10 +133,16 @@ fn an_epoch_flag_with_a_zero_epoch_or_other_flags_is_rejected() {
     let mut b = sample();
     b.epoch = 9;
     let mut record = encode(&b, 3).unwrap();
-    record[5] = 0b10;
+    record[5] = 0b100;
     assert!(matches!(
         peek_header(&record),
         Err(DecodeError::Malformed { what: "flags", .. })
+    ));
+    // Bit 1 marks an alarm-event record (proto/src/alarm.rs): the readings decoder refuses it as such.
+    record[5] = 0b11;
+    assert!(matches!(
+        decode(&record),
+        Err(DecodeError::Malformed { what: "record", .. })
     ));
     record[5] = 1;
     record[13..21].copy_from_slice(&[0; 8]);

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""Independent decoder of the fieldlink wire format, versions 1 and 2, written from proto/FORMAT.md alone.
+"""Independent decoder of the fieldlink wire format, versions 1 and 2, written from proto/FORMAT.md alone (readings
+records and alarm-event records).
 
 Usage: fieldlink_decode.py RECORD_FILE...   prints one JSON object per record:
   {"agent_id", "epoch", "seq", "series": [[key, [[name, value], ...]], ...],
    "readings": [[series_index, ts_ms, type, value, quality, late], ...]}
+  an alarm-event record (flag bit 1) gives {"agent_id", "epoch", "seq", "alarms": [event, ...], "series": [],
+   "readings": []} with event = {"rule", "rule_seq", "series", "tags", "from": [severity, name],
+   "to": [severity, name], "ts_ms", "cause": null or [ts_ms, type, value, quality]}
 f64 values are printed as the hex of their 8 little-endian bytes so NaN and -0.0 compare exactly.
 """
 import json
@@ -87,7 +91,7 @@ def decode(record):
     if version not in (1, 2):
         raise DecodeError(f"unsupported version {version}")
     flags = r.bytes(1, "flags")[0]
-    if flags & ~1:
+    if flags & ~3:
         raise DecodeError("reserved flags set")
     id_len = r.bytes(1, "id_len")[0]
     agent_id = r.bytes(id_len, "agent_id").decode("utf-8")
@@ -103,6 +107,11 @@ def decode(record):
     body = zstandard.ZstdDecompressor().decompress(r.bytes(r.remaining(), "body"), max_output_size=body_len)
     if len(body) != body_len:
         raise DecodeError("body size differs from header")
+    if flags & 2:  # an alarm-event record
+        if not flags & 1:
+            raise DecodeError("alarm record without an epoch")
+        return {"version": version, "agent_id": agent_id, "epoch": epoch, "seq": seq, "series": [], "readings": [],
+                "alarms": decode_alarms(Reader(body))}
     series, readings = (body_v1 if version == 1 else body_v2)(Reader(body))
     return {"version": version, "agent_id": agent_id, "epoch": epoch, "seq": seq, "series": series, "readings": readings}
 
@@ -277,6 +286,51 @@ def body_v2(b):
     if b.remaining() or tsr.remaining() or mr.remaining() or ir.remaining():
         raise DecodeError("trailing bytes")
     return series, readings
+
+
+def decode_alarms(b):
+    events = []
+    for _ in range(b.count("event_count", 10_000, 12)):
+        rule = b.string("rule", 256)
+        rule_seq = b.uvarint("rule_seq")
+        key = b.string("key", 1024)
+        tags = [[b.string("tag name", 256), b.string("tag value", 1024)] for _ in range(b.count("tags", MAX_TAGS, 2))]
+        levels = []
+        for _ in range(2):
+            severity = b.bytes(1, "severity")[0]
+            levels.append([severity, b.string("level name", 256)])
+        ts = b.svarint("event ts")
+        tag = b.bytes(1, "cause tag")[0]
+        cause = None
+        if tag == 1:
+            cts = b.svarint("cause ts")
+            k = b.bytes(1, "cause kind")[0]
+            if k & 0xC8:
+                raise DecodeError("cause kind reserved bits")
+            t, q = k & 7, (k >> 4) & 3
+            if q == 3:
+                raise DecodeError("cause quality")
+            if t == 0:
+                v = b.bytes(8, "cause f64").hex()
+            elif t == 1:
+                v = b.svarint("cause i64")
+            elif t == 2:
+                byte = b.bytes(1, "cause bool")[0]
+                if byte not in (0, 1):
+                    raise DecodeError("cause bool")
+                v = byte == 1
+            elif t == 3:
+                v = b.string("cause string", 65_536)
+            else:
+                raise DecodeError("cause type")
+            cause = [cts, ["f64", "i64", "bool", "str"][t], v, q]
+        elif tag != 0:
+            raise DecodeError("cause tag")
+        events.append({"rule": rule, "rule_seq": rule_seq, "series": key, "tags": tags, "from": levels[0],
+                       "to": levels[1], "ts_ms": ts, "cause": cause})
+    if b.remaining():
+        raise DecodeError("trailing bytes after the alarm events")
+    return events
 
 
 if __name__ == "__main__":

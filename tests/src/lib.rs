@@ -480,6 +480,10 @@ pub struct DumpedRecord {
     pub quality: Vec<u8>,
     /// Series tags of each reading, in the same order.
     pub tags: Vec<Vec<(String, String)>>,
+    /// Alarm events of an alarm-event record (as `fieldlink_decode.py` gives them); empty for readings.
+    pub alarms: Vec<serde_json::Value>,
+    /// When Kinesis took the record (`ApproximateArrivalTimestamp`), Unix ms.
+    pub arrival_ms: i64,
 }
 
 /// Every record in the stream, decoded by the independent Python decoder.
@@ -522,6 +526,8 @@ pub fn kinesis_dump(endpoint: &str, stream: &str) -> Vec<DumpedRecord> {
                     .iter()
                     .map(|r| serde_json::from_value(r[5].clone()).unwrap())
                     .collect(),
+                alarms: v["alarms"].as_array().cloned().unwrap_or_default(),
+                arrival_ms: v["arrival_ms"].as_i64().unwrap_or(0),
             }
         })
         .collect()
@@ -1206,4 +1212,29 @@ pub fn assert_numbers_landed_once(
     }
     assert_eq!(v["timestream_conflicts"], 0, "{what}: Timestream conflicts");
     v
+}
+
+/// Runs the independent alarm model (`tests/python/alarm_model.py`) on `rules` (the `[[alarms.rules]]` tables as
+/// JSON) and `items` (see the script); its transitions `[rule, rule_seq, series_id, from, to, ts, cause_ts]`.
+pub fn alarm_model(
+    rules: &serde_json::Value,
+    items: &[serde_json::Value],
+) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    let mut child = Command::new(python())
+        .arg(script("alarm_model.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = serde_json::json!({"rules": rules, "items": items}).to_string();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "alarm_model.py failed");
+    serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -208,3 +208,88 @@ fn python_decoder_reads_what_the_rust_encoder_writes() {
     let versions: Vec<u64> = got.iter().map(|g| g["version"].as_u64().unwrap()).collect();
     assert_eq!(versions[2..], [1, 2, 1, 2]);
 }
+
+#[test]
+fn python_decoder_reads_alarm_records_the_rust_encoder_writes() {
+    use fieldlink_proto::alarm::{AlarmBatch, AlarmEncoder, AlarmEvent, Cause, Level};
+    let level = |severity: u8, name: &str| Level {
+        severity,
+        name: name.into(),
+    };
+    let causes = [
+        Some(Cause {
+            ts_ms: -3,
+            value: Value::F64(-0.0),
+            quality: Quality::Uncertain,
+        }),
+        Some(Cause {
+            ts_ms: i64::MAX,
+            value: Value::I64(i64::MIN),
+            quality: Quality::Bad,
+        }),
+        Some(Cause {
+            ts_ms: 0,
+            value: Value::Bool(true),
+            quality: Quality::Good,
+        }),
+        Some(Cause {
+            ts_ms: 1,
+            value: Value::Str("tür offen".into()),
+            quality: Quality::Good,
+        }),
+        None,
+    ];
+    let batch = AlarmBatch {
+        agent_id: "edge-1".into(),
+        epoch: u64::MAX,
+        seq: 7,
+        events: causes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| AlarmEvent {
+                rule: format!("rule-{i}"),
+                rule_seq: u64::MAX - i as u64,
+                series: Series {
+                    key: "line3/robot/vib".into(),
+                    tags: vec![("site".into(), "münchen".into())],
+                },
+                from: level(0, "ok"),
+                to: level(255, "critical"),
+                ts_ms: i64::MIN + i as i64,
+                cause: c.clone(),
+            })
+            .collect(),
+    };
+    let record = AlarmEncoder::new(3).unwrap().encode(&batch).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alarms.bin");
+    std::fs::write(&path, &record).unwrap();
+    let out = run_python(&[
+        script("fieldlink_decode.py").to_str().unwrap(),
+        path.to_str().unwrap(),
+    ]);
+    let got: Json = serde_json::from_str(out.trim()).unwrap();
+    let events: Vec<Json> = batch
+        .events
+        .iter()
+        .map(|e| {
+            let cause = e.cause.as_ref().map(|c| {
+                let (t, v) = match &c.value {
+                    Value::F64(f) => ("f64", Json::from(hex(&f.to_le_bytes()))),
+                    Value::I64(i) => ("i64", Json::from(*i)),
+                    Value::Bool(x) => ("bool", Json::from(*x)),
+                    Value::Str(s) => ("str", Json::from(s.clone())),
+                };
+                serde_json::json!([c.ts_ms, t, v, c.quality as u8])
+            });
+            serde_json::json!({"rule": e.rule, "rule_seq": e.rule_seq, "series": e.series.key,
+                "tags": [["site", "münchen"]], "from": [e.from.severity, e.from.name],
+                "to": [e.to.severity, e.to.name], "ts_ms": e.ts_ms, "cause": cause})
+        })
+        .collect();
+    assert_eq!(
+        got,
+        serde_json::json!({"agent_id": "edge-1", "epoch": u64::MAX, "seq": 7, "series": [], "readings": [],
+            "alarms": events})
+    );
+}

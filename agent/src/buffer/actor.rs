@@ -9,6 +9,7 @@
 use super::{
     Buffer, BufferConfig, BufferError, ErrorClass, Ledger, NewReading, OverflowPolicy, Refused,
 };
+use crate::alarm::{status, AlarmsConfig, Engine, StatusBoard};
 use crate::batch::BatchConfig;
 use crate::metrics::AgentMetrics;
 use crate::order::OrderConfig;
@@ -212,8 +213,8 @@ impl BufferHandle {
     }
 }
 
-/// Opens the buffer and starts its thread. The thread ends when every handle is dropped, after sealing what
-/// is left.
+/// Opens the buffer and starts its thread, without alarm rules. The thread ends when every handle is dropped,
+/// after sealing what is left.
 pub fn spawn(
     cfg: &BufferConfig,
     batch: &BatchConfig,
@@ -221,7 +222,30 @@ pub fn spawn(
     agent_id: &str,
     metrics: AgentMetrics,
 ) -> Result<(BufferHandle, std::thread::JoinHandle<()>), BufferError> {
-    let buffer = Buffer::open(&cfg.path, cfg.durability, agent_id)?;
+    spawn_with_alarms(
+        cfg,
+        batch,
+        order,
+        agent_id,
+        metrics,
+        &AlarmsConfig::default(),
+        None,
+    )
+}
+
+/// [`spawn`] with alarm rules: seals evaluate them (see "Alarms" in the buffer's doc); with a `status` board,
+/// each committed transition's status is posted to it for the local MQTT publisher.
+pub fn spawn_with_alarms(
+    cfg: &BufferConfig,
+    batch: &BatchConfig,
+    order: &OrderConfig,
+    agent_id: &str,
+    metrics: AgentMetrics,
+    alarms: &AlarmsConfig,
+    status: Option<StatusBoard>,
+) -> Result<(BufferHandle, std::thread::JoinHandle<()>), BufferError> {
+    let mut buffer = Buffer::open(&cfg.path, cfg.durability, agent_id)?;
+    buffer.enable_alarms(Engine::from_config(alarms), order.reorder_window_ms)?;
     if buffer.moved_aside().is_some() {
         metrics.buffer_corrupt.inc();
     }
@@ -260,7 +284,9 @@ pub fn spawn(
         headroom,
         seal_error: None,
         seal_rows: usize::MAX,
+        status: status.map(|b| (b, alarms.topic_prefix.clone())),
     };
+    worker.post_all_statuses();
     worker.publish();
     let join = std::thread::Builder::new()
         .name("buffer".into())
@@ -308,6 +334,8 @@ struct Worker {
     seal_error: Option<String>,
     /// Rows one seal takes at most: halved after a seal failed for disk space, doubled back after each success.
     seal_rows: usize,
+    /// Where committed alarm statuses go for the local MQTT publisher, with the topic prefix.
+    status: Option<(StatusBoard, String)>,
 }
 
 /// A group waiting to be committed. Its acknowledgements have not run: the sources still own the messages.
@@ -663,6 +691,9 @@ impl Worker {
             ) {
                 Ok(r) if r.rows == 0 => {
                     self.seal_error = None;
+                    if r.alarm_events > 0 {
+                        self.sealed.notify_one(); // the stale clock raised alarms: send them now
+                    }
                     break;
                 }
                 Ok(r) => {
@@ -674,7 +705,7 @@ impl Worker {
                         readings = r.readings,
                         "sealed"
                     );
-                    if r.batches > 0 {
+                    if r.batches > 0 || r.alarm_events > 0 {
                         self.sealed.notify_one();
                     }
                     if (r.rows as usize) < max_rows {
@@ -703,8 +734,81 @@ impl Worker {
                 }
             }
         }
+        self.alarm_events();
         self.enforce_cap();
         self.publish();
+    }
+
+    /// Counts the alarm events the seals committed and posts their statuses (only after the commit).
+    fn alarm_events(&mut self) {
+        let events = self.buffer.take_alarm_events();
+        if events.is_empty() {
+            return;
+        }
+        for e in &events {
+            self.metrics.alarm_events(&e.rule, &e.to.name).inc();
+            tracing::info!(rule = %e.rule, series = %e.series.key, from = %e.from.name, to = %e.to.name, ts_ms = e.ts_ms, rule_seq = e.rule_seq, "alarm");
+        }
+        let Some((board, prefix)) = &self.status else {
+            return;
+        };
+        for e in events {
+            if !self
+                .buffer
+                .alarms()
+                .rules()
+                .iter()
+                .any(|r| r.name == e.rule && r.publish)
+            {
+                continue;
+            }
+            board.post(
+                status::topic(prefix, &e.rule, &e.series),
+                status::payload(
+                    &e.rule,
+                    &e.series,
+                    e.to.severity,
+                    &e.to.name,
+                    e.ts_ms,
+                    e.rule_seq,
+                    e.cause.as_ref(),
+                ),
+            );
+        }
+    }
+
+    /// At start: the committed status of every `(rule, series)` pair the buffer knows.
+    fn post_all_statuses(&mut self) {
+        let Some((board, prefix)) = self.status.clone() else {
+            return;
+        };
+        let pairs: Vec<(usize, i64, u8, i64, u64)> = self
+            .buffer
+            .alarms()
+            .states()
+            .map(|(&(r, sid), st)| (r, sid, st.level, st.since_ms, st.seq))
+            .collect();
+        for (r, sid, level, since, seq) in pairs {
+            let rule = self.buffer.alarms().rules()[r].clone();
+            if !rule.publish {
+                continue;
+            }
+            let Ok(Some(series)) = self.buffer.series(sid) else {
+                continue;
+            };
+            board.post(
+                status::topic(&prefix, &rule.name, &series),
+                status::payload(
+                    &rule.name,
+                    &series,
+                    level,
+                    rule.level_name(level),
+                    since,
+                    seq,
+                    None,
+                ),
+            );
+        }
     }
 
     /// Brings the metrics up to date: counters by the ledger's growth, gauges from the stats.
@@ -721,6 +825,11 @@ impl Worker {
         m.readings_dropped.add(l.dropped - p.dropped);
         m.batches_sealed.add(l.batches_sealed - p.batches_sealed);
         m.bytes_sealed.add(l.bytes_sealed - p.bytes_sealed);
+        m.alarm_late_skipped
+            .add(l.alarm_late_skipped - p.alarm_late_skipped);
+        m.alarm_records_pending
+            .set(self.buffer.alarm_records_pending() as i64);
+        m.alarms_active.set(self.buffer.alarms().active() as i64);
         self.published = l;
         let s = self.buffer.stats();
         m.unsealed_readings.set(s.unsealed_readings as i64);

@@ -23,7 +23,21 @@
 //! dead_letters(id INTEGER PRIMARY KEY, at_ms INTEGER, reason TEXT, series TEXT, ts_ms INTEGER, value ANY)
 //! refused(id INTEGER PRIMARY KEY, at_ms INTEGER, source TEXT, topic TEXT, reason TEXT, detail TEXT,
 //!         size INTEGER, payload BLOB)                 -- source messages the mapping refused
+//! alarm_records(seq INTEGER PRIMARY KEY, record BLOB, events INTEGER, sealed_ms INTEGER)  -- alarm-event records
+//! alarm_state(rule TEXT, series_id INTEGER, state BLOB, PRIMARY KEY(rule, series_id))   -- alarm::State::to_bytes
+//! alarm_seq(rule TEXT PRIMARY KEY, next INTEGER)      -- each rule's next alarm sequence number
 //! ```
+//!
+//! # Alarms
+//! With rules configured ([`Buffer::enable_alarms`]), a seal feeds every released reading that is not late to the
+//! [`crate::alarm`] engine (in each series' event-time order) and ticks its stale clock (`now_ms` minus the reorder
+//! window); the transitions become alarm-event records (`proto/src/alarm.rs`) numbered from the same batch
+//! sequence, written in the **same transaction** as the changed rule states, the rules' next sequence numbers and
+//! the deletion of the readings. A crash before the commit evaluates the same readings again from the same states;
+//! after it, never again: no transition is repeated or skipped. A failed commit reloads the engine from the tables.
+//! Alarm records are sent before any readings record ([`Buffer::pending`]), deleted only once Kinesis accepted
+//! them, and never dropped by the overflow policy (they are not counted in the buffer's size). The three tables
+//! were added without a schema version change: an older agent ignores them (and would not send alarm records).
 //! `kind` is the wire format's kind byte (value type, quality, late flag); `value` holds a REAL, INTEGER (i64 and
 //! bool) or TEXT. `dead_letters` keeps the newest [`MAX_DEAD_LETTERS`] rows (late readings). `refused` keeps the
 //! newest [`MAX_REFUSED`] source messages that gave no reading (unparseable MQTT payloads), each with its first
@@ -67,11 +81,13 @@
 mod actor;
 mod config;
 
-pub use actor::{spawn, Ack, AckFn, BufferHandle, Closed, Pending};
+pub use actor::{spawn, spawn_with_alarms, Ack, AckFn, BufferHandle, Closed, Pending};
 pub use config::{BufferConfig, Durability, OverflowPolicy};
 
+use crate::alarm::{Dirty, Engine, Obs, Transition};
 use crate::batch::{self, BatchConfig, Builder, Row};
 use crate::order::{self, Rules, SeriesState};
+use fieldlink_proto::alarm::{AlarmBatch, AlarmEncoder, AlarmEvent};
 use fieldlink_proto::{EncodeError, Encoder, Quality, Reading, Series, Value};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
@@ -87,6 +103,11 @@ pub const MAX_DEAD_LETTERS: i64 = 10_000;
 pub const MAX_REFUSED: i64 = 1_000;
 /// Bytes of a refused message's payload kept (the table stays under about 16 MiB).
 pub const MAX_REFUSED_PAYLOAD: usize = 16 * 1024;
+/// An encoded alarm record: `(seq, bytes, events)`.
+type AlarmRecord = (u64, Vec<u8>, usize);
+
+/// Alarm events per alarm record, at most.
+const EVENTS_PER_RECORD: usize = 1000;
 /// Size counted per unsealed reading besides its value (row id, series id, timestamp, kind, b-tree overhead).
 pub const ROW_BYTES: u64 = 32;
 
@@ -248,6 +269,10 @@ pub struct Ledger {
     pub batches_sealed: u64,
     /// Bytes of records sealed.
     pub bytes_sealed: u64,
+    /// Alarm events committed.
+    pub alarm_events: u64,
+    /// Late readings the alarm rules did not evaluate.
+    pub alarm_late_skipped: u64,
 }
 
 /// What one seal did.
@@ -259,6 +284,8 @@ pub struct SealReport {
     pub batches: u64,
     /// Readings in them.
     pub readings: u64,
+    /// Alarm events committed.
+    pub alarm_events: u64,
 }
 
 /// The buffer's synchronous core. All methods run on the caller's thread; see [`spawn`] for the thread shell.
@@ -279,6 +306,15 @@ pub struct Buffer {
     moved_aside: Option<PathBuf>,
     /// Records handed to the sender by the last [`Buffer::pending`] and not acknowledged: never dropped.
     in_flight: std::collections::HashSet<u64>,
+    /// The alarm rules and their states (empty: no rules).
+    alarms: Engine,
+    /// The stale clock is `now_ms` minus this (the reorder window).
+    alarm_lag_ms: i64,
+    alarm_encoder: Option<AlarmEncoder>,
+    /// Alarm records not yet accepted by Kinesis.
+    alarm_pending: u64,
+    /// Alarm events committed and not yet taken by [`Buffer::take_alarm_events`] (bounded: the oldest go first).
+    alarm_out: Vec<AlarmEvent>,
     /// Test hook: the next transaction fails with this SQLite result code (after its statements ran).
     #[cfg(test)]
     pub(crate) fault: Option<std::ffi::c_int>,
@@ -435,7 +471,10 @@ impl Buffer {
              CREATE TABLE IF NOT EXISTS batches(seq INTEGER PRIMARY KEY, record BLOB NOT NULL, readings INTEGER NOT NULL, sealed_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS series_state(series_id INTEGER PRIMARY KEY, state BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS dead_letters(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, reason TEXT NOT NULL, series TEXT NOT NULL, ts_ms INTEGER NOT NULL, value ANY);
-             CREATE TABLE IF NOT EXISTS refused(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, source TEXT NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL);",
+             CREATE TABLE IF NOT EXISTS refused(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, source TEXT NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS alarm_records(seq INTEGER PRIMARY KEY, record BLOB NOT NULL, events INTEGER NOT NULL, sealed_ms INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS alarm_state(rule TEXT NOT NULL, series_id INTEGER NOT NULL, state BLOB NOT NULL, PRIMARY KEY(rule, series_id));
+             CREATE TABLE IF NOT EXISTS alarm_seq(rule TEXT PRIMARY KEY, next INTEGER NOT NULL);",
         )?;
         let get = |k: &str| -> rusqlite::Result<Option<rusqlite::types::Value>> {
             conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
@@ -503,6 +542,11 @@ impl Buffer {
             last_row_id: 0,
             moved_aside: None,
             in_flight: std::collections::HashSet::new(),
+            alarms: Engine::default(),
+            alarm_lag_ms: 0,
+            alarm_encoder: None,
+            alarm_pending: 0,
+            alarm_out: Vec::new(),
             #[cfg(test)]
             fault: None,
         };
@@ -529,7 +573,179 @@ impl Buffer {
             pending_bytes: bytes as u64,
         };
         self.last_row_id = last;
+        self.alarm_pending = self
+            .conn
+            .query_row("SELECT count(*) FROM alarm_records", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64;
         Ok(())
+    }
+
+    /// Evaluates `engine`'s rules from now on, with their states and sequence numbers as the buffer kept them.
+    /// The stale clock runs `lag_ms` (the reorder window) behind the `now_ms` of each seal.
+    pub fn enable_alarms(&mut self, engine: Engine, lag_ms: u64) -> Result<(), BufferError> {
+        self.alarms = engine;
+        self.alarm_lag_ms = lag_ms.min(i64::MAX as u64) as i64;
+        if self.alarm_encoder.is_none() && !self.alarms.is_empty() {
+            self.alarm_encoder = Some(AlarmEncoder::new(3)?);
+        }
+        self.reload_alarms()
+    }
+
+    /// Replaces the engine's states and sequence numbers with the committed ones.
+    fn reload_alarms(&mut self) -> Result<(), BufferError> {
+        self.alarms.reset();
+        if self.alarms.is_empty() {
+            return Ok(());
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT rule, series_id, state FROM alarm_state")?;
+        let mut q = stmt.query([])?;
+        while let Some(r) = q.next()? {
+            let rule: String = r.get(0)?;
+            let state: Vec<u8> = r.get(2)?;
+            self.alarms.load_state(&rule, r.get(1)?, &state);
+        }
+        let mut stmt = self.conn.prepare("SELECT rule, next FROM alarm_seq")?;
+        let mut q = stmt.query([])?;
+        while let Some(r) = q.next()? {
+            let rule: String = r.get(0)?;
+            self.alarms
+                .load_seq(&rule, r.get::<_, i64>(1)?.max(1) as u64);
+        }
+        Ok(())
+    }
+
+    /// The alarm engine (rules and states).
+    pub fn alarms(&self) -> &Engine {
+        &self.alarms
+    }
+
+    /// Alarm records not yet accepted by Kinesis.
+    pub fn alarm_records_pending(&self) -> u64 {
+        self.alarm_pending
+    }
+
+    /// The alarm events committed since the last call, oldest first (for metrics and the local status).
+    pub fn take_alarm_events(&mut self) -> Vec<AlarmEvent> {
+        std::mem::take(&mut self.alarm_out)
+    }
+
+    /// Turns transitions into alarm records numbered from `first_seq`; the events go with them.
+    fn alarm_records(
+        &mut self,
+        transitions: &[Transition],
+        series: &HashMap<i64, Series>,
+        first_seq: u64,
+    ) -> Result<(Vec<AlarmRecord>, Vec<AlarmEvent>), BufferError> {
+        let mut events = Vec::with_capacity(transitions.len());
+        for t in transitions {
+            let s = match series.get(&t.series_id) {
+                Some(s) => s.clone(),
+                None => self
+                    .series_by_id(t.series_id)?
+                    .unwrap_or_else(|| Series::new(format!("?series-{}", t.series_id))),
+            };
+            events.push(self.alarms.event(t, s));
+        }
+        let mut records = Vec::new();
+        let Some(enc) = self.alarm_encoder.as_mut() else {
+            return Ok((records, events));
+        };
+        for (i, chunk) in events.chunks(EVENTS_PER_RECORD).enumerate() {
+            let seq = first_seq + i as u64;
+            let rec = enc.encode(&AlarmBatch {
+                agent_id: self.agent_id.clone(),
+                epoch: self.epoch,
+                seq,
+                events: chunk.to_vec(),
+            })?;
+            records.push((seq, rec, chunk.len()));
+        }
+        Ok((records, events))
+    }
+
+    /// Inside a seal's transaction: the alarm records and the engine's changed states and sequence numbers.
+    fn write_alarms(
+        &mut self,
+        records: &[AlarmRecord],
+        dirty: &[Dirty],
+        now_ms: i64,
+    ) -> Result<(), BufferError> {
+        for (seq, rec, n) in records {
+            self.conn
+                .prepare_cached("INSERT INTO alarm_records(seq, record, events, sealed_ms) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![*seq as i64, rec, *n as i64, now_ms])?;
+        }
+        for d in dirty {
+            match d {
+                Dirty::State(rule, sid, state) => self
+                    .conn
+                    .prepare_cached("INSERT OR REPLACE INTO alarm_state(rule, series_id, state) VALUES (?1, ?2, ?3)")?
+                    .execute(params![rule, sid, state])?,
+                Dirty::Seq(rule, next) => self
+                    .conn
+                    .prepare_cached("INSERT OR REPLACE INTO alarm_seq(rule, next) VALUES (?1, ?2)")?
+                    .execute(params![rule, *next as i64])?,
+            };
+        }
+        Ok(())
+    }
+
+    /// After a seal's commit: counts and keeps the events for [`Buffer::take_alarm_events`].
+    fn alarms_committed(&mut self, records: usize, events: Vec<AlarmEvent>, late: u64) {
+        self.alarm_pending += records as u64;
+        self.ledger.alarm_events += events.len() as u64;
+        self.ledger.alarm_late_skipped += late;
+        self.alarm_out.extend(events);
+        // Nobody took them (no publisher): keep the newest.
+        if self.alarm_out.len() > 10 * EVENTS_PER_RECORD {
+            let excess = self.alarm_out.len() - 10 * EVENTS_PER_RECORD;
+            self.alarm_out.drain(..excess);
+        }
+    }
+
+    /// A seal without readings: the stale clock alone may raise alarms.
+    fn seal_alarm_tick(&mut self, now_ms: i64) -> Result<SealReport, BufferError> {
+        if self.alarms.is_empty() {
+            return Ok(SealReport::default());
+        }
+        let mut transitions = Vec::new();
+        self.alarms
+            .tick(now_ms.saturating_sub(self.alarm_lag_ms), &mut transitions);
+        if transitions.is_empty() {
+            return Ok(SealReport::default());
+        }
+        let res = self
+            .alarm_records(&transitions, &HashMap::new(), self.next_seq)
+            .and_then(|(records, events)| {
+                let dirty = self.alarms.take_dirty();
+                let next_seq = self.next_seq + records.len() as u64;
+                self.in_tx(|b| {
+                    b.write_alarms(&records, &dirty, now_ms)?;
+                    b.conn
+                        .prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?
+                        .execute([next_seq as i64])?;
+                    Ok(())
+                })?;
+                Ok((records.len(), events, next_seq))
+            });
+        match res {
+            Ok((records, events, next_seq)) => {
+                self.next_seq = next_seq;
+                let n = events.len() as u64;
+                self.alarms_committed(records, events, 0);
+                Ok(SealReport {
+                    alarm_events: n,
+                    ..SealReport::default()
+                })
+            }
+            Err(e) => {
+                self.reload_alarms()?;
+                Err(e)
+            }
+        }
     }
 
     /// Runs `f` inside `BEGIN IMMEDIATE … COMMIT`, rolling back if it fails.
@@ -669,6 +885,11 @@ impl Buffer {
         self.series_ids.insert(s.clone(), id);
         self.series_by_id.insert(id, s.clone());
         Ok(id)
+    }
+
+    /// The series with buffer id `id`, if there is one.
+    pub fn series(&mut self, id: i64) -> Result<Option<Series>, BufferError> {
+        self.series_by_id(id)
     }
 
     fn series_by_id(&mut self, id: i64) -> Result<Option<Series>, BufferError> {
@@ -830,7 +1051,7 @@ impl Buffer {
             }
         }
         if pending.is_empty() && unreadable == 0 {
-            return Ok(SealReport::default());
+            return self.seal_alarm_tick(now_ms);
         }
         let rows_n = pending.len() as u64 + unreadable;
 
@@ -850,6 +1071,38 @@ impl Buffer {
             }
         }
         let released = order::release(pending, &mut states, rules);
+
+        // Alarm rules: each series' released readings in event-time order, late ones left out; then the clock.
+        let mut transitions = Vec::new();
+        let mut late_skipped = 0u64;
+        if !self.alarms.is_empty() {
+            for o in &released.out {
+                if o.late {
+                    late_skipped += 1;
+                    continue;
+                }
+                if let Some(s) = series.get(&o.reading.series) {
+                    let obs = Obs {
+                        ts_ms: o.reading.ts_ms,
+                        value: &o.reading.value,
+                        quality: o.reading.quality,
+                    };
+                    self.alarms
+                        .observe(o.reading.series, s, obs, &mut transitions);
+                }
+            }
+            self.alarms
+                .tick(now_ms.saturating_sub(self.alarm_lag_ms), &mut transitions);
+        }
+        let (alarm_recs, alarm_events) =
+            match self.alarm_records(&transitions, &series, self.next_seq) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.reload_alarms()?;
+                    return Err(e);
+                }
+            };
+        let alarm_dirty = self.alarms.take_dirty();
 
         // Group by device: order the series by (device key, measure); release keeps each series' time order.
         let mut order_of: Vec<(String, String, i64)> = series
@@ -878,7 +1131,7 @@ impl Buffer {
             .collect();
         rows.sort_by_key(|r| rank.get(&r.series_id).copied().unwrap_or(usize::MAX)); // stable
 
-        let first_seq = self.next_seq;
+        let first_seq = self.next_seq + alarm_recs.len() as u64;
         let mut ratio = self.bytes_per_reading;
         let built = {
             let lookup = |id: i64| series.get(&id).cloned();
@@ -889,11 +1142,19 @@ impl Buffer {
                 series_of: &lookup,
                 cfg,
             };
-            builder.build(&rows, first_seq, &mut ratio)?
+            builder.build(&rows, first_seq, &mut ratio)
+        };
+        let built = match built {
+            Ok(b) => b,
+            Err(e) => {
+                self.reload_alarms()?;
+                return Err(e.into());
+            }
         };
         let next_seq = first_seq + built.len() as u64;
         let dead = released.dead_lettered;
         let res = self.in_tx(|b| {
+            b.write_alarms(&alarm_recs, &alarm_dirty, now_ms)?;
             for x in &built {
                 b.conn
                     .prepare_cached("INSERT INTO batches(seq, record, readings, sealed_ms) VALUES (?1, ?2, ?3, ?4)")?
@@ -921,8 +1182,11 @@ impl Buffer {
         });
         if let Err(e) = res {
             self.states.clear();
+            self.reload_alarms()?;
             return Err(e);
         }
+        let n_alarm_events = alarm_events.len() as u64;
+        self.alarms_committed(alarm_recs.len(), alarm_events, late_skipped);
         if self.states.len() + states.len() > SERIES_CACHE_MAX {
             self.states.clear();
         }
@@ -946,13 +1210,16 @@ impl Buffer {
             rows: rows_n,
             batches: built.len() as u64,
             readings: sealed_readings,
+            alarm_events: n_alarm_events,
         })
     }
 
     /// Pending records for one `PutRecords` call: at most `max_records` and `max_bytes` (always at least one if
     /// any is pending). They are in flight from now until acknowledged or the next call of `pending`; the
-    /// overflow policy does not drop records in flight. When more is pending than fits, up to a quarter of the call goes to the **newest** records
-    /// and the rest to the oldest, so live data keeps flowing while a backlog drains. Returned oldest first.
+    /// overflow policy does not drop records in flight. Alarm records come first, oldest first, ahead of every
+    /// readings record. When more readings records are pending than fit, up to a quarter of the rest of the call goes
+    /// to the **newest** records and the rest to the oldest, so live data keeps flowing while a backlog drains.
+    /// Readings records are returned oldest first, after the alarm records.
     pub fn pending(
         &mut self,
         max_records: usize,
@@ -972,6 +1239,26 @@ impl Buffer {
                 }
                 Ok(out)
             };
+        let alarms = if self.alarm_pending > 0 {
+            read(
+                &self.conn,
+                "SELECT seq, record, 0 FROM alarm_records ORDER BY seq LIMIT ?1",
+                max_records,
+            )?
+        } else {
+            Vec::new()
+        };
+        let mut out: Vec<Pending> = Vec::new();
+        let mut bytes = 0usize;
+        for p in alarms {
+            if !out.is_empty() && bytes + p.record.len() > max_bytes {
+                break;
+            }
+            bytes += p.record.len();
+            out.push(p);
+        }
+        let first_reading = out.len();
+        let max_records = max_records - out.len();
         let live_share = if self.stats.pending_batches as usize > max_records {
             max_records / 4
         } else {
@@ -987,11 +1274,9 @@ impl Buffer {
             "SELECT seq, record, readings FROM batches ORDER BY seq LIMIT ?1",
             max_records - newest.len(),
         )?;
-        let mut out: Vec<Pending> = Vec::new();
-        let mut bytes = 0usize;
         // Interleave: oldest first, then newest, each while the byte budget allows.
         for p in oldest.into_iter().chain(newest.into_iter().rev()) {
-            if out.iter().any(|q| q.seq == p.seq) {
+            if out[first_reading..].iter().any(|q| q.seq == p.seq) {
                 continue;
             }
             if !out.is_empty() && bytes + p.record.len() > max_bytes {
@@ -1000,7 +1285,7 @@ impl Buffer {
             bytes += p.record.len();
             out.push(p);
         }
-        out.sort_by_key(|p| p.seq);
+        out[first_reading..].sort_by_key(|p| p.seq);
         self.in_flight = out.iter().map(|p| p.seq).collect();
         Ok(out)
     }
@@ -1008,7 +1293,35 @@ impl Buffer {
     /// Deletes records Kinesis acknowledged; counts their readings as sent. Unknown sequence numbers (already
     /// dropped by the overflow policy) are ignored. Returns `(records, readings)` deleted.
     pub fn ack(&mut self, seqs: &[u64]) -> Result<(u64, u64), BufferError> {
-        let gone = self.delete_batches(seqs)?;
+        let mut alarm_seqs = Vec::new();
+        if self.alarm_pending > 0 {
+            let gone = self.in_tx(|b| {
+                let mut gone = Vec::new();
+                for &s in seqs {
+                    if b.conn
+                        .prepare_cached("DELETE FROM alarm_records WHERE seq = ?1")?
+                        .execute([s as i64])?
+                        > 0
+                    {
+                        gone.push(s);
+                    }
+                }
+                Ok(gone)
+            })?;
+            self.alarm_pending -= gone.len() as u64;
+            alarm_seqs = gone;
+        }
+        let rest: Vec<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| !alarm_seqs.contains(s))
+            .collect();
+        let mut gone = if rest.is_empty() && !alarm_seqs.is_empty() {
+            Stats::default()
+        } else {
+            self.delete_batches(&rest)?
+        };
+        gone.pending_batches += alarm_seqs.len() as u64;
         for s in seqs {
             self.in_flight.remove(s);
         }
@@ -1097,6 +1410,8 @@ impl Buffer {
     }
 }
 
+#[cfg(test)]
+mod alarm_tests;
 #[cfg(test)]
 mod model_tests;
 #[cfg(test)]

@@ -328,7 +328,7 @@ impl MqttConfig {
 }
 
 /// Checks an MQTT topic filter's wildcards (MQTT 3.1.1 section 4.7).
-fn filter_problem(filter: &str) -> Option<String> {
+pub(crate) fn filter_problem(filter: &str) -> Option<String> {
     if filter.is_empty() {
         return Some("must not be empty".into());
     }

@@ -27,6 +27,7 @@ pub mod payload;
 mod session;
 pub mod tls;
 
+pub(crate) use config::filter_problem;
 pub use config::{Format, MqttConfig, PayloadConfig, Protocol, Secret, TimeUnit, TopicConfig};
 
 use crate::buffer::{Ack, BufferHandle, Closed, Refused};
@@ -240,6 +241,8 @@ impl AckQueue {
 
 /// How long a stopping connection waits for the buffer to commit the messages it already took.
 const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
+/// How soon alarm statuses the client could not take are tried again.
+const STATUS_RETRY: Duration = Duration::from_millis(200);
 
 /// A queued append to the buffer (waits while its queue is full).
 type Intake<'a> = Pin<Box<dyn Future<Output = Result<(), Closed>> + Send + 'a>>;
@@ -415,6 +418,7 @@ fn credentials(cfg: &MqttConfig) -> Option<(String, String)> {
 /// Runs one connection until `cancel` fires. Reconnects forever with capped, jittered backoff.
 pub async fn run(
     cfg: MqttConfig,
+    status: Option<crate::alarm::StatusBoard>,
     agent_id: String,
     buffer: BufferHandle,
     registry: Registry,
@@ -450,6 +454,8 @@ pub async fn run(
     // When the last PINGREQ went out (or the connection came up), and whether reading is paused.
     let mut last_ping = Instant::now();
     let mut paused = false;
+    // When alarm statuses that did not fit into the client's request channel are tried again.
+    let mut status_retry: Option<Instant> = None;
     let route = Route {
         cfg: &cfg,
         m: &m,
@@ -494,6 +500,26 @@ pub async fn run(
                 continue;
             }
             _ = acks.ready.notified() => continue,
+            _ = async { status.as_ref().expect("guarded").posted().await }, if status.is_some() => {
+                // Alarm statuses, newest per topic: queued to the client without waiting; what does not fit
+                // goes back on the board for the next turn (a newer status posted meanwhile wins).
+                if let Some(board) = &status {
+                    for (topic, payload) in board.take() {
+                        if !session.try_publish_retained(&topic, payload.clone()) {
+                            board.put_back(topic, payload);
+                            status_retry.get_or_insert(Instant::now() + STATUS_RETRY);
+                        }
+                    }
+                }
+                continue;
+            }
+            _ = async { tokio::time::sleep_until(status_retry.expect("guarded")).await }, if status_retry.is_some() => {
+                status_retry = None;
+                if let Some(board) = &status {
+                    board.wake();
+                }
+                continue;
+            }
             _ = tokio::time::sleep_until(ping_at), if !poll_now && held.len() < held.ceiling() => continue,
             ev = session.poll(), if poll_now => ev,
         };

@@ -236,6 +236,16 @@ impl Session {
         }
     }
 
+    /// Queues a QoS 1, retained PUBLISH (alarm statuses); false when the request channel is full.
+    pub(super) fn try_publish_retained(&self, topic: &str, payload: Vec<u8>) -> bool {
+        match self {
+            Session::V4(c, _) => c
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+                .is_ok(),
+            Session::V5(c, _) => c.try_publish(topic, qos5(1), true, payload).is_ok(),
+        }
+    }
+
     /// Sends DISCONNECT behind every request already queued (acknowledgements) and waits (bounded) until the
     /// broker closed the connection; false if the DISCONNECT did not leave. The DISCONNECT is queued as soon as the request channel has room, polling the
     /// client meanwhile: a channel full of acks must drain first, or those acks would be lost with the session

@@ -3,6 +3,9 @@
 //! 1. **Pipeline readings/s on one core**: the whole dataset as JSON MQTT payloads through the agent's own code on
 //!    one thread: payload mapping → buffer append (SQLite, group commits of 1000 messages) → seal (dedup, order,
 //!    batch, zstd encode), with `durability = normal` and `full`.
+//!    The same with **100 alarm rules** active, next to none, twice: rules spread over the devices (each device's
+//!    readings meet a few rules, as a site would write them), and broad rules (above/below with hysteresis and
+//!    delays, rate, stale, quality on whole families of series: every reading is evaluated by dozens of rules).
 //! 2. **Bytes per reading on the wire**: what that seal produced (and the same pipeline writing wire format v1).
 //! 3. **Payload mapping alone**: messages of ten fields as JSON and as InfluxDB line protocol, one thread.
 //! 4. **MQTT ingest with durable acks next to a bare subscriber**, same broker, same run: N QoS 1 messages of ten
@@ -12,6 +15,7 @@
 //! 5. **Peak RSS** (VmHWM) of a fresh agent process after 15 s at 10,000 readings/s.
 #![allow(clippy::unwrap_used)]
 
+use fieldlink_agent::alarm::{AlarmsConfig, Engine};
 use fieldlink_agent::batch::BatchConfig;
 use fieldlink_agent::buffer::{Buffer, Durability, NewReading};
 use fieldlink_agent::mqtt::payload::Mapper;
@@ -41,13 +45,73 @@ fn messages() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// 100 rules spread over the devices: rule k watches device k of one family (an IMU's six axes, or a meter),
+/// cycling through the conditions.
+fn per_device_rules() -> AlarmsConfig {
+    let mut t = String::new();
+    for k in 0..100 {
+        let (series, body) = match k % 5 {
+            0 => (format!("line3/robot-imu/{:03}/+", k % 40), "condition = \"above\"\nlevels = [{ name = \"warning\", limit = 0.5 }, { name = \"critical\", limit = 1.0 }]\nhysteresis = 0.05\non_delay_ms = 200\noff_delay_ms = 1000"),
+            1 => (format!("line3/robot-imu-b/{:03}/+", k % 40), "condition = \"below\"\nlevels = [{ name = \"low\", limit = -0.5 }]\nhysteresis = 0.05"),
+            2 => (format!("line3/robot-imu/{:03}/+", (k + 7) % 40), "condition = \"rate\"\nspan_ms = 1000\nlevels = [{ name = \"fast\", limit = 2.0 }]"),
+            3 => (format!("plant/meter/{:03}/value", k % 100), "condition = \"stale\"\nlevels = [{ name = \"late\", after_ms = 60000 }, { name = \"dead\", after_ms = 600000 }]"),
+            _ => (format!("plant/meter-b/{:03}/value", k % 100), "condition = \"quality\"\nlevels = [{ name = \"bad\", quality = \"bad\" }]"),
+        };
+        t.push_str(&format!(
+            "[[rules]]\nname = \"rule-{k}\"\nseries = \"{series}\"\n{body}\n\n"
+        ));
+    }
+    let cfg: AlarmsConfig = toml::from_str(&t).unwrap();
+    assert!(cfg.validate("alarms", &[]).is_empty());
+    cfg
+}
+
+/// 100 broad rules over the dataset's series (IMU axes, meters, office and utility sensors).
+fn hundred_rules() -> AlarmsConfig {
+    let mut t = String::new();
+    let axes = ["acc_x", "acc_y", "acc_z", "gyr_x", "gyr_y", "gyr_z"];
+    for k in 0..100 {
+        let axis = axes[k % 6];
+        let family = if k % 2 == 0 {
+            "robot-imu"
+        } else {
+            "robot-imu-b"
+        };
+        let body = match k % 5 {
+            0 => format!(
+                "series = \"line3/+/+/{axis}\"\ncondition = \"above\"\nlevels = [{{ name = \"warning\", limit = {} }}, {{ name = \"critical\", limit = {} }}]\nhysteresis = 0.05\non_delay_ms = 200\noff_delay_ms = 1000",
+                0.2 + (k as f64) * 0.01,
+                0.6 + (k as f64) * 0.01
+            ),
+            1 => format!(
+                "series = \"line3/{family}/+/{axis}\"\ncondition = \"below\"\nlevels = [{{ name = \"low\", limit = {} }}]\nhysteresis = 0.05",
+                -0.3 - (k as f64) * 0.01
+            ),
+            2 => format!(
+                "series = \"line3/+/+/{axis}\"\ncondition = \"rate\"\nspan_ms = 1000\nlevels = [{{ name = \"fast\", limit = {} }}]",
+                1.0 + (k as f64) * 0.05
+            ),
+            3 => "series = \"plant/#\"\ncondition = \"stale\"\nlevels = [{ name = \"late\", after_ms = 60000 }, { name = \"dead\", after_ms = 600000 }]".to_owned(),
+            _ => "series = \"#\"\ncondition = \"quality\"\nlevels = [{ name = \"bad\", quality = \"bad\" }]".to_owned(),
+        };
+        t.push_str(&format!("[[rules]]\nname = \"rule-{k}\"\n{body}\n\n"));
+    }
+    let cfg: AlarmsConfig = toml::from_str(&t).unwrap();
+    assert!(cfg.validate("alarms", &[]).is_empty());
+    cfg
+}
+
 fn pipeline(
     msgs: &[(String, Vec<u8>)],
     durability: Durability,
     wire_version: u8,
-) -> (f64, usize, u64, f64) {
+    alarms: Option<&AlarmsConfig>,
+) -> (f64, usize, u64, f64, u64) {
     let dir = tempfile::tempdir().unwrap();
     let mut buffer = Buffer::open(&dir.path().join("bench.db"), durability, "bench").unwrap();
+    if let Some(a) = alarms {
+        buffer.enable_alarms(Engine::from_config(a), 0).unwrap();
+    }
     let mut encoder = Encoder::new(3).unwrap();
     let batch = BatchConfig {
         wire_version,
@@ -91,6 +155,7 @@ fn pipeline(
         readings,
         l.bytes_sealed,
         l.batches_sealed as f64,
+        l.alarm_events,
     )
 }
 
@@ -211,12 +276,45 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 fn main() {
     let msgs = messages();
     let v2 = BatchConfig::default().wire_version;
-    let (rate_n, readings, bytes, batches) = pipeline(&msgs, Durability::Normal, v2);
-    let (rate_f, _, _, _) = pipeline(&msgs, Durability::Full, v2);
-    let (rate_1, _, bytes_1, batches_1) = pipeline(&msgs, Durability::Normal, 1);
+    let (rate_n, readings, bytes, batches, _) = pipeline(&msgs, Durability::Normal, v2, None);
+    let (rate_f, _, _, _, _) = pipeline(&msgs, Durability::Full, v2, None);
+    let (rate_1, _, bytes_1, batches_1, _) = pipeline(&msgs, Durability::Normal, 1, None);
+    let evaluations = |cfg: &AlarmsConfig| -> f64 {
+        let engine = Engine::from_config(cfg);
+        let mut n = 0usize;
+        for (series, _, _) in dataset(usize::MAX) {
+            let s = fieldlink_proto::Series::new(series);
+            n += engine.rules().iter().filter(|r| r.matches(&s)).count();
+        }
+        n as f64 / readings as f64
+    };
     println!("pipeline (1 thread, payload → buffer → dedup/order → zstd batches), {readings} readings in {} messages:", msgs.len());
     println!("  durability=normal: {rate_n:>10.0} readings/s");
     println!("  durability=full:   {rate_f:>10.0} readings/s");
+    // Alarm rules: none, spread, broad, interleaved three times (the machine's load moves); the best of each.
+    let sets = [
+        ("none", None),
+        ("spread over devices", Some(per_device_rules())),
+        ("broad", Some(hundred_rules())),
+    ];
+    let mut best = [(0.0f64, 0u64); 3];
+    for _ in 0..3 {
+        for (i, (_, rules)) in sets.iter().enumerate() {
+            let (rate, _, _, _, events) = pipeline(&msgs, Durability::Normal, v2, rules.as_ref());
+            if rate > best[i].0 {
+                best[i] = (rate, events);
+            }
+        }
+    }
+    println!("  alarm rules, durability=normal, best of three interleaved runs:");
+    for (i, (name, rules)) in sets.iter().enumerate() {
+        let (rate, events) = best[i];
+        let per_reading = rules.as_ref().map_or(0.0, &evaluations);
+        println!(
+            "    {name:<20} ({per_reading:>4.1} rule evaluations per reading): {rate:>10.0} readings/s ({:>3.0} % of none; {events} alarm events)",
+            rate / best[0].0 * 100.0
+        );
+    }
     println!(
         "  wire: {bytes} bytes in {batches} records = {:.2} bytes/reading (24 KiB target, wire_version = {v2})",
         bytes as f64 / readings as f64,
