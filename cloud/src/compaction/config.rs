@@ -118,3 +118,39 @@ impl CompactionConfig {
         (self.max_memory_mib.saturating_sub(MIB_BASE) / MIB_PER_INPUT).clamp(2, 1024) as usize
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bad_field_is_named_and_the_fan_in_follows_the_memory() {
+        let bad = CompactionConfig {
+            interval_ms: 10,
+            grace_s: 8 * 86_400,
+            max_file_mib: 0,
+            max_memory_mib: 32,
+            work_dir: PathBuf::new(),
+            ..CompactionConfig::default()
+        };
+        let p = bad.validate("compaction").join("\n");
+        for field in [
+            "compaction.interval_ms",
+            "compaction.grace_s",
+            "compaction.max_file_mib",
+            "compaction.max_memory_mib",
+            "compaction.work_dir",
+        ] {
+            assert!(p.contains(field), "{field} missing in:\n{p}");
+        }
+        assert!(CompactionConfig::default().validate("c").is_empty());
+        let fan_in = |mib| {
+            CompactionConfig {
+                max_memory_mib: mib,
+                ..CompactionConfig::default()
+            }
+            .fan_in()
+        };
+        assert_eq!((fan_in(96), fan_in(256), fan_in(64)), (8, 48, 2));
+    }
+}

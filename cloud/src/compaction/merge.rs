@@ -784,8 +784,13 @@ pub fn merge_in_rounds(
             next.push(path.clone());
             made.push(path);
         }
-        for t in temps.drain(..) {
-            let _ = std::fs::remove_file(t);
+        // Intermediate files this round consumed; one passed on alone (the last of an odd count) stays.
+        for t in std::mem::take(&mut temps) {
+            if next.contains(&t) {
+                made.push(t);
+            } else {
+                let _ = std::fs::remove_file(t);
+            }
         }
         temps = made;
         level = next;

@@ -235,6 +235,33 @@ fn a_large_hour_is_split_by_size_and_a_republish_keeps_its_parts() {
 }
 
 #[test]
+fn rounds_keep_an_intermediate_file_passed_on_alone() {
+    // Six files with a fan-in of two: round 0 makes three intermediate files, round 1 merges two and passes the
+    // third on alone; it must survive until the final merge reads it.
+    let dir = tempdir();
+    let inputs: Vec<PathBuf> = (0..6)
+        .map(|f| {
+            landing(
+                dir.path(),
+                &format!("in-{f}.parquet"),
+                &[r("s", f, "a", 1, 1.0)],
+            )
+        })
+        .collect();
+    let m = merge_into(dir.path(), &inputs, Split::BySize(u64::MAX), 2);
+    assert_eq!((m.input_rows, m.rows), (6, 6));
+    // And the intermediate files are gone.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.iter()
+            .all(|n| !n.to_string_lossy().starts_with("round-")),
+        "{left:?}"
+    );
+}
+
+#[test]
 fn empty_parts_of_fixed_boundaries_are_written() {
     let dir = tempdir();
     let x = landing(dir.path(), "x.parquet", &[r("a", 1, "a", 1, 1.0)]);
