@@ -150,6 +150,14 @@ mod tests {
     }
 
     #[test]
+    fn a_config_without_alarms_is_valid() {
+        let start = EXAMPLE.find("[alarms]").unwrap_or(EXAMPLE.len());
+        if let Err(e) = Config::from_toml(&EXAMPLE[..start]) {
+            panic!("the example without [alarms]: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_fields_are_refused_with_their_name() {
         let text = EXAMPLE.replace("[buffer]", "[buffer]\nmax_bytez = 5");
         let err = Config::from_toml(&text)

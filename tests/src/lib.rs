@@ -1238,3 +1238,16 @@ pub fn alarm_model(
     assert!(out.status.success(), "alarm_model.py failed");
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// `rounds` SIGKILLs of a running agent at seeded random moments (50–600 ms apart; the seed is printed), each
+/// followed by a restart; the agent runs at the end.
+pub fn sigkill_rounds(agent: &mut AgentProc, rounds: usize) {
+    let seed = fastrand::u64(..);
+    eprintln!("kill schedule seed {seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for _ in 0..rounds {
+        std::thread::sleep(Duration::from_millis(rng.u64(50..600)));
+        agent.kill9();
+        agent.start();
+    }
+}

@@ -86,6 +86,25 @@ fn event_key(e: &Json) -> Key {
     )
 }
 
+/// The model's transitions as sorted keys, series named through `names` (series id → key).
+fn model_keys(events: &[Json], names: &BTreeMap<i64, String>) -> Vec<Key> {
+    let mut keys: Vec<Key> = events
+        .iter()
+        .map(|e| {
+            (
+                e[0].as_str().unwrap().to_owned(),
+                names[&e[2].as_i64().unwrap()].clone(),
+                e[3].as_u64().unwrap(),
+                e[4].as_u64().unwrap(),
+                e[5].as_i64().unwrap(),
+                e[6].as_i64(),
+            )
+        })
+        .collect();
+    keys.sort();
+    keys
+}
+
 /// Every alarm event in the stream (each batch once) with its rule sequence number.
 fn alarm_events(records: &[DumpedRecord]) -> Vec<(Key, u64)> {
     unique_batches(records)
@@ -222,20 +241,7 @@ fn alarm_events_through_the_real_agent_are_exactly_what_the_model_predicts() {
         .iter()
         .filter_map(|i| Some((i["obs"][0].as_i64()?, i["obs"][1].as_str()?.to_owned())))
         .collect();
-    let mut want: Vec<Key> = want
-        .iter()
-        .map(|e| {
-            (
-                e[0].as_str().unwrap().to_owned(),
-                names[&e[2].as_i64().unwrap()].clone(),
-                e[3].as_u64().unwrap(),
-                e[4].as_u64().unwrap(),
-                e[5].as_i64().unwrap(),
-                e[6].as_i64(),
-            )
-        })
-        .collect();
-    want.sort();
+    let want = model_keys(&want, &names);
     // Wait for the clock's stale alarms too, then compare.
     let records = wait_for("the alarm events", Duration::from_secs(30), || {
         let records = kinesis_dump(&moto.endpoint, stream);
@@ -458,17 +464,7 @@ fn kill_9_rounds_neither_repeat_nor_skip_an_alarm_transition() {
     let count = (rate * 0.45 * rounds as f64) as usize + 1000;
     let (port, path) = (broker.port, dir.path().to_path_buf());
     let publisher = std::thread::spawn(move || publish_numbered(port, count, rate, 0, &path));
-    let seed = fastrand::u64(..);
-    eprintln!("kill schedule seed {seed}");
-    let mut rng = fastrand::Rng::with_seed(seed);
-    for round in 0..rounds {
-        std::thread::sleep(Duration::from_millis(rng.u64(50..600)));
-        agent.kill9();
-        if round + 1 < rounds {
-            agent.start();
-        }
-    }
-    agent.start();
+    sigkill_rounds(&mut agent, rounds);
     let acked = publisher.join().unwrap();
     let records = wait_for(
         "every acknowledged reading in Kinesis",
@@ -486,20 +482,7 @@ fn kill_9_rounds_neither_repeat_nor_skip_an_alarm_transition() {
     assert!(problem.is_empty(), "{problem}");
     let (items, names) = items_from_dump(&records);
     let rules_json = toml::from_str::<Json>(&rules).unwrap()["alarms"]["rules"].clone();
-    let mut want: Vec<Key> = alarm_model(&rules_json, &items)
-        .iter()
-        .map(|e| {
-            (
-                e[0].as_str().unwrap().to_owned(),
-                names[&e[2].as_i64().unwrap()].clone(),
-                e[3].as_u64().unwrap(),
-                e[4].as_u64().unwrap(),
-                e[5].as_i64().unwrap(),
-                e[6].as_i64(),
-            )
-        })
-        .collect();
-    want.sort();
+    let want = model_keys(&alarm_model(&rules_json, &items), &names);
     let events = alarm_events(&records);
     let mut got: Vec<Key> = events.iter().map(|(k, _)| k.clone()).collect();
     got.sort();

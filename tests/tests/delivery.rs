@@ -63,17 +63,7 @@ fn every_acknowledged_reading_survives_sigkill_at_random_moments() {
     let count = (rate * 0.45 * rounds as f64) as usize + 1000;
     let (port, path) = (broker.port, dir.path().to_path_buf());
     let publisher = std::thread::spawn(move || publish_numbered(port, count, rate, 0, &path));
-    let seed = fastrand::u64(..);
-    eprintln!("kill schedule seed {seed}");
-    let mut rng = fastrand::Rng::with_seed(seed);
-    for round in 0..rounds {
-        std::thread::sleep(Duration::from_millis(rng.u64(50..600)));
-        agent.kill9();
-        if round + 1 < rounds {
-            agent.start();
-        }
-    }
-    agent.start();
+    sigkill_rounds(&mut agent, rounds);
     let acked = publisher.join().unwrap();
     assert!(
         acked.len() > count * 9 / 10,

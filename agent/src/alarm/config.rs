@@ -89,7 +89,7 @@ fn yes() -> bool {
 }
 
 /// `[alarms]`: the rules and where their status is published locally.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AlarmsConfig {
     /// The name of an `[[mqtt]]` connection to publish each rule's status on (retained, QoS 1), after the alarm
@@ -106,6 +106,17 @@ pub struct AlarmsConfig {
 
 fn default_prefix() -> String {
     "fieldlink/alarms".into()
+}
+
+/// No rules (what a configuration without `[alarms]` gets).
+impl Default for AlarmsConfig {
+    fn default() -> Self {
+        Self {
+            publish_connection: None,
+            topic_prefix: default_prefix(),
+            rules: Vec::new(),
+        }
+    }
 }
 
 /// Largest number of levels of one rule (severities are one byte, 0 is `ok`).

@@ -405,3 +405,10 @@ fn status_topics_the_connection_subscribes_to_are_refused() {
         .validate("alarms", &[("local".into(), vec!["sensors/#".into()])])
         .is_empty());
 }
+
+#[test]
+fn no_alarms_section_is_valid() {
+    assert!(AlarmsConfig::default().validate("alarms", &[]).is_empty());
+    let parsed: AlarmsConfig = toml::from_str("").unwrap();
+    assert_eq!(parsed, AlarmsConfig::default());
+}
