@@ -46,7 +46,7 @@ for spec in x86_64:amd64:X86-64 aarch64:arm64:AArch64 armv7:armhf:ARM; do
   esac
   mkdir -p target/deb-check
   dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/bin/fieldlink-agent > target/deb-check/agent.bin
-  readelf -h target/deb-check/agent.bin | grep -q "Machine: *$machine\$" \
+  readelf -h target/deb-check/agent.bin | grep -Eq "Machine:.*[[:space:]]$machine\$" \
     || { echo "$deb: the binary is not $machine"; readelf -h target/deb-check/agent.bin; exit 1; }
   tarball=$(ls target/dist/fieldlink-agent-*-"$cpu".tar.gz)
   tar -xzOf "$tarball" --wildcards '*/fieldlink-agent' | cmp - target/deb-check/agent.bin \

@@ -14,6 +14,12 @@ const CONFIG_ENV: &str = "FIELDLINK_CLOUD_CONFIG";
 /// The configuration file when neither `--config` nor `FIELDLINK_CLOUD_CONFIG` is given.
 const DEFAULT_CONFIG: &str = "/etc/fieldlink/cloud.toml";
 
+// musl's allocator made the cloud benchmark several times slower than glibc's (docs/deploy.md): the static builds
+// use mimalloc.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "fieldlink-cloud",

@@ -12,6 +12,11 @@ use fieldlink_cloud::parquet::{encode, stage};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+// As in fieldlink-cloud: a static (musl) build measures what ships.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const PER_BATCH: usize = 4000;
 const PASSES: usize = 5;
 
