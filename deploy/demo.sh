@@ -2,7 +2,7 @@
 # The local demo, on real local services it starts itself:
 #   Mosquitto (MQTT broker) and moto server (Kinesis, Timestream, S3 emulator) on free loopback ports
 #   (deploy/services.sh),
-#   fieldlink-cloud (Kinesis -> Timestream on moto + hourly Parquet files in .demo/bronze),
+#   fieldlink-cloud (Kinesis -> Timestream on moto + one Parquet file per hour in .demo/bronze),
 #   fieldlink-agent (MQTT -> SQLite buffer -> Kinesis),
 #   then publishes readings from ../shared/datasets/sensors.csv.gz with paho-mqtt and shows what landed where.
 #   With --influx the cloud also writes to VictoriaMetrics (Debian's victoria-metrics, started here) through its
@@ -111,6 +111,8 @@ echo "demo: agent metrics"
 curl -s "http://127.0.0.1:$agent_port/metrics" | grep -E "^fieldlink_(readings|records|batches|record_bytes|buffer_pending_readings)" | sed 's/^/  /'
 echo "demo: stopping (SIGTERM: the cloud writes its staged Parquet files, the agent drains its buffer)"
 kill -TERM "$cloud_pid" "$agent_pid"; wait "$cloud_pid" "$agent_pid" || true
+echo "demo: publishing the closed hours of the landing area as one bronze file per hour (compact --once)"
+target/debug/fieldlink-cloud compact --once --config "$demo/cloud.toml" >> "$demo/cloud.log" 2>&1
 "$py" deploy/demo_report.py "$endpoint" fieldlink readings "$demo/bronze" "$readings"
 if [ $influx = 1 ]; then
   curl -s "http://127.0.0.1:$vm_port/internal/force_flush" >/dev/null

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Prints what the demo landed: Timestream records on moto and the Parquet files in the local bronze directory."""
+"""Prints what the demo landed: Timestream records on moto and the published bronze hours in the local directory."""
 import json
 import os
 import sys
@@ -24,8 +24,9 @@ if sample:
     print(f"  e.g. time={sample['Time']} {dims}: {ms} (version {sample['Version']})")
 
 rows = 0
-print(f"\nParquet bronze files under {bronze}:")
-for root, _, files in sorted(os.walk(bronze)):
+print(f"\nPublished bronze hours under {bronze} (the landing area _landing/ is outside the table):")
+for root, dirs, files in sorted(os.walk(bronze)):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("_"))
     for f in sorted(files):
         if f.endswith(".parquet"):
             path = os.path.join(root, f)

@@ -3,17 +3,19 @@
 #
 #   deploy/package-deb.sh [--target TRIPLE] [--binary PATH] [--out DIR]
 #
-# Without --binary it builds the release binary (stripped by the release profile) for TRIPLE, default this machine's
-# (aarch64-unknown-linux-gnu and armv7-unknown-linux-gnueabihf need deploy/setup.sh's cross compilers). Prints the
-# path of the .deb (default directory target/deb/).
+# The shipped packages carry the static binaries deploy/build-static.sh builds (x86_64-unknown-linux-musl,
+# aarch64-unknown-linux-musl: no libc dependency at all; armv7-unknown-linux-gnueabihf: glibc >= 2.28, as no musl
+# standard library for armv7 is available to us). Without --binary it builds the release binary for TRIPLE, default
+# this machine's (a glibc build). Prints the path of the .deb (default directory target/deb/).
 #
 # The package installs /usr/bin/fieldlink-agent, the systemd unit (deploy/systemd/), /etc/fieldlink/agent.toml (a
 # conffile: the documented example, `check-config` clean) and the README. Its postinst creates the system user
 # `fieldlink`, makes the configuration readable by root and that group only, and enables the service without
 # starting it (the example configuration names no real broker or stream); an upgrade restarts a running agent
 # (SIGTERM: it seals and drains, then the new binary resumes from the same buffer). Removing the package stops the
-# agent; purging keeps /var/lib/fieldlink, which may hold readings not yet sent. libc6's minimum version is read off
-# the binary's GLIBC_ symbol versions.
+# agent; purging keeps /var/lib/fieldlink, which may hold readings not yet sent. A static binary (no program
+# interpreter, no shared libraries) depends on nothing; for a dynamic one libc6's minimum version is read off the
+# binary's GLIBC_ symbol versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,8 +30,8 @@ while [ $# -gt 0 ]; do
 done
 triple=${target:-$(rustc -vV | sed -n 's/^host: //p')}
 case "$triple" in
-  x86_64-unknown-linux-gnu) arch=amd64 ;;
-  aarch64-unknown-linux-gnu) arch=arm64 ;;
+  x86_64-unknown-linux-gnu|x86_64-unknown-linux-musl) arch=amd64 ;;
+  aarch64-unknown-linux-gnu|aarch64-unknown-linux-musl) arch=arm64 ;;
   armv7-unknown-linux-gnueabihf) arch=armhf ;;
   *) echo "package-deb: no Debian architecture for $triple" >&2; exit 2 ;;
 esac
@@ -40,8 +42,14 @@ fi
 [ -x "$binary" ] || { echo "package-deb: $binary is not an executable" >&2; exit 2; }
 
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)
-glibc=$(readelf -W --version-info "$binary" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
-[ -n "$version" ] && [ -n "$glibc" ] || { echo "package-deb: version ($version) or glibc ($glibc) not found" >&2; exit 1; }
+[ -n "$version" ] || { echo "package-deb: no version in Cargo.toml" >&2; exit 1; }
+if readelf -lW "$binary" | grep -q INTERP || readelf -dW "$binary" | grep -q NEEDED; then
+  glibc=$(readelf -W --version-info "$binary" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
+  [ -n "$glibc" ] || { echo "package-deb: a dynamic binary without GLIBC_ symbol versions" >&2; exit 1; }
+  depends="Depends: libc6 (>= $glibc)"
+else
+  depends=""   # static: needs nothing from the system
+fi
 
 root=$(mktemp -d)
 chmod 0755 "$root"
@@ -58,8 +66,8 @@ Package: fieldlink-agent
 Version: $version
 Architecture: $arch
 Maintainer: fieldlink developers <fieldlink@example.invalid>
-Depends: libc6 (>= $glibc)
-Section: net
+${depends:+$depends
+}Section: net
 Priority: optional
 Installed-Size: $installed_kib
 Homepage: https://example.invalid/fieldlink

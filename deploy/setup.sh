@@ -2,9 +2,12 @@
 # Installs what the demo and the tests need, skipping what is already there:
 #   Debian: mosquitto, mosquitto-clients, socat, openssl (test CA for MQTT TLS), influxdb (1.x) and
 #           victoria-metrics (the InfluxDB sink's e2e tests), systemd (systemd-analyze verifies
-#           the shipped unit), cross C compilers for aarch64 and armv7, qemu-user-static (runs the ARM builds)
-#   rustup: aarch64-unknown-linux-gnu and armv7-unknown-linux-gnueabihf targets, clippy, rustfmt
-#   .venv:  the pinned Python packages of tests/python/requirements.txt (moto server, pyarrow, zstandard, paho-mqtt)
+#           the shipped unit), podman and runc (builds and runs the cloud's container image), qemu-user-static
+#           and Debian's armhf libraries (run the ARM builds)
+#   rustup: x86_64-unknown-linux-musl, aarch64-unknown-linux-musl and armv7-unknown-linux-gnueabihf targets (the
+#           static builds of deploy/build-static.sh), clippy, rustfmt
+#   .venv:  the pinned Python packages of tests/python/requirements.txt (moto server, pyarrow, zstandard, paho-mqtt;
+#           ziglang and cargo-zigbuild, the C compiler and linker of the static builds)
 # Usage: deploy/setup.sh [--no-cross]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +17,7 @@ cross=1
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 pkgs=(mosquitto mosquitto-clients socat openssl systemd influxdb victoria-metrics)
-[ $cross = 1 ] && pkgs+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user-static)
+[ $cross = 1 ] && pkgs+=(libc6-armhf-cross qemu-user-static podman runc netavark aardvark-dns ca-certificates)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -28,7 +31,7 @@ if command -v rustup >/dev/null; then
   for c in clippy rustfmt; do echo "$have" | grep -q "^$c" || rustup component add "$c"; done
   if [ $cross = 1 ]; then
     targets=$(rustup target list --installed)
-    for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
+    for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf; do
       echo "$targets" | grep -qx "$t" || rustup target add "$t"
     done
   fi

@@ -1,5 +1,6 @@
 //! The cloud service's TOML configuration; every problem is reported at once.
 
+use crate::compaction::CompactionConfig;
 use crate::consumer::ConsumerConfig;
 use crate::influx::InfluxConfig;
 use crate::land::DedupConfig;
@@ -48,6 +49,9 @@ pub struct Config {
     /// Parquet sink; absent = off.
     #[serde(default)]
     pub parquet: Option<ParquetConfig>,
+    /// Publishing the Parquet landing files as one bronze file per closed hour (used with `[parquet]`).
+    #[serde(default)]
+    pub compaction: CompactionConfig,
     /// How often a sink call that failed with a permanent error (access denied, a deleted table or bucket) is
     /// tried again, milliseconds. Meanwhile `/health` fails for that sink and its shards' checkpoints wait;
     /// the sink recovers by itself at the next try after the operator fixed the cause. Transient errors
@@ -114,6 +118,7 @@ impl Validate for Config {
         if let Some(q) = &self.parquet {
             p.extend(q.validate("parquet"));
         }
+        p.extend(self.compaction.validate("compaction"));
         if !(100..=3_600_000).contains(&self.sink_failing_retry_ms) {
             p.push(format!(
                 "sink_failing_retry_ms: must be 100..=3600000, got {}",

@@ -6,7 +6,7 @@
 //! bounded channel, its [`land::Lander`] skips resent batches (`(agent_id, seq)` from another record,
 //! [`land::dedup`]), dead-letters undecodable records with the reason ([`land::dead`]) and hands each batch to
 //! every [`land::Sink`]: [`timestream`], [`influx`] (InfluxDB line protocol over HTTP) and [`parquet`] (through
-//! [`store`]).
+//! [`store`], into a landing area that [`compaction`] publishes as one file per hour).
 //!
 //! # Guarantees
 //! - A shard's checkpoint moves only after everything before it is durable in every sink; a restarted or
@@ -18,10 +18,14 @@
 //!   line is a function of the readings alone ([`influx::lines`]), so a rewrite sets the same values again.
 //! - A batch the agent resent (same `(agent_id, seq)` in another Kinesis record) is skipped if this process
 //!   landed the first copy within the last 16,384 batches of that agent. If the copies are read by different
-//!   processes, or the first was committed before a restart, Timestream still holds it once but Parquet holds
-//!   it twice; each row carries `agent_id` and `batch_seq`, so readers can drop such repeats.
+//!   processes, Timestream still holds it once and the Parquet landing area twice; the [`compaction`] step that
+//!   publishes each closed hour as one bronze file drops the repeated rows, so the published table holds it once.
+//! - Parquet: shard commits land files in `_landing/`; the compactor (one at a time, by lease) publishes each hour
+//!   as `dt=…/hour=…/part-00000.parquet`, deleting landing files only after the hour's file is durable, and
+//!   republishes an hour whole when late data arrives.
 //! - Children of a split or merge are read only after their parents are read to the end.
 
+pub mod compaction;
 pub mod config;
 pub mod consumer;
 pub mod influx;
@@ -33,4 +37,4 @@ mod run;
 pub mod store;
 pub mod timestream;
 
-pub use run::{run, RunError};
+pub use run::{compact, run, RunError};

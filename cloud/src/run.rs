@@ -1,5 +1,6 @@
 //! Wiring of the cloud service.
 
+use crate::compaction;
 use crate::config::Config;
 use crate::consumer::reader::ReadParams;
 use crate::consumer::worker::Shared;
@@ -79,6 +80,25 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
         }
         None => None,
     };
+    let table = LeaseTable::new(aws_sdk_dynamodb::Client::new(&sdk), &cfg.leases.table);
+    let lease_cancel = CancellationToken::new();
+    let compactor = match (&parquet, cfg.compaction.enabled) {
+        (Some((store, p, _)), true) => {
+            let (compactor, keeper) = compaction::start(
+                store.clone(),
+                cfg.compaction.clone(),
+                p,
+                table.clone(),
+                cfg.leases.worker(),
+                cfg.leases.lease_ms,
+                &registry,
+                lease_cancel.clone(),
+            );
+            let c = cancel.clone();
+            Some((tokio::spawn(async move { compactor.run(c).await }), keeper))
+        }
+        _ => None,
+    };
     let (m, d) = (metrics.clone(), dead.clone());
     let sinks: SinkFactory = Arc::new(move |cancel: &CancellationToken| {
         let mut v: Vec<Box<dyn Sink>> = Vec::new();
@@ -117,7 +137,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
 
     let me = cfg.leases.worker();
     let shared = Arc::new(Shared {
-        table: LeaseTable::new(aws_sdk_dynamodb::Client::new(&sdk), &cfg.leases.table),
+        table,
         me: me.clone(),
         kinesis: aws_sdk_kinesis::Client::new(&sdk),
         read: ReadParams {
@@ -147,6 +167,60 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
         cancel,
     )
     .await;
+    if let Some((task, keeper)) = compactor {
+        let _ = task.await;
+        lease_cancel.cancel();
+        let _ = keeper.await;
+    }
     tracing::info!("cloud consumer stopped");
     Ok(())
+}
+
+/// `fieldlink-cloud compact`: runs only the compactor (no shard workers) until `cancel` fires, or one round with
+/// `once` (waiting up to three lease durations for the lease). Returns the hours a `once` round published.
+pub async fn compact(
+    cfg: Config,
+    once: bool,
+    cancel: CancellationToken,
+) -> Result<usize, RunError> {
+    let Some(p) = &cfg.parquet else {
+        return Err(RunError::Sink(
+            "compact needs a [parquet] section (the location to publish)".into(),
+        ));
+    };
+    let Telemetry { registry, .. } = Telemetry::start(cfg.metrics_listen, cancel.clone()).await?;
+    let sdk = cfg.aws.sdk_config().await;
+    let location = Location::parse(&p.location).map_err(RunError::Sink)?;
+    let store = Store::open(&location, &sdk, cfg.aws.endpoint_url.is_some());
+    let table = LeaseTable::new(aws_sdk_dynamodb::Client::new(&sdk), &cfg.leases.table);
+    table
+        .ensure()
+        .await
+        .map_err(|e| RunError::Sink(e.to_string()))?;
+    let lease_cancel = CancellationToken::new();
+    let (compactor, keeper) = compaction::start(
+        store,
+        cfg.compaction.clone(),
+        p,
+        table,
+        cfg.leases.worker(),
+        cfg.leases.lease_ms,
+        &registry,
+        lease_cancel.clone(),
+    );
+    let result = if once {
+        let wait = Duration::from_millis(cfg.leases.lease_ms * 3);
+        compactor
+            .once(wait, &cancel)
+            .await
+            .map(|p| p.len())
+            .map_err(|e| RunError::Sink(format!("compaction: {e}")))
+    } else {
+        tracing::info!(location = %p.location, "compactor running");
+        compactor.run(cancel).await;
+        Ok(0)
+    };
+    lease_cancel.cancel();
+    let _ = keeper.await;
+    result
 }

@@ -1,9 +1,15 @@
 //! Where files go: a local directory or an S3 bucket, chosen by URL (`file:///path`, a plain path, or
-//! `s3://bucket/prefix`). Writes are whole-object and atomic: a reader never sees a partial file.
+//! `s3://bucket/prefix`). Writes are whole-object and atomic: a reader never sees a partial file, and a write
+//! to an existing key replaces it in one step (S3: `PutObject`; a local directory: a hidden temporary file in
+//! the target directory, fsynced, renamed over the target, then the directory fsynced).
+//!
+//! Keys are `/`-separated paths relative to the location. Besides writing, the compactor
+//! ([`crate::compaction`]) lists keys under a prefix, reads objects (whole, or streamed into a local file)
+//! and deletes them.
 
 use crate::land::retry::{SinkMonitor, Stopped};
 use fieldlink_ops::aws_error::CallError;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -59,8 +65,10 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// S3.
-    #[error("S3 PutObject {key}: {error}")]
+    #[error("S3 {op} {key}: {error}")]
     S3 {
+        /// The S3 operation.
+        op: &'static str,
         /// The key.
         key: String,
         /// The cause, classified.
@@ -80,8 +88,8 @@ impl StoreError {
     /// The failed operation, for messages.
     pub fn operation(&self) -> &'static str {
         match self {
-            StoreError::Io { .. } => "file write",
-            StoreError::S3 { .. } => "PutObject",
+            StoreError::Io { .. } => "file system",
+            StoreError::S3 { op, .. } => op,
         }
     }
 }
@@ -125,36 +133,21 @@ impl Store {
         match self {
             Store::Local(root) => {
                 let path = root.join(key);
-                let tmp = path.with_extension("tmp");
-                let io = |source| StoreError::Io {
-                    path: path.display().to_string(),
-                    source,
-                };
-                if let Some(dir) = path.parent() {
-                    tokio::fs::create_dir_all(dir).await.map_err(io)?;
-                }
-                let tmp2 = tmp.clone();
-                tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                    use std::io::Write;
-                    let mut f = std::fs::File::create(&tmp2)?;
-                    f.write_all(&bytes)?;
-                    f.sync_all()
+                let target = path.clone();
+                blocking(&path, move || {
+                    replace_file(&target, |f| {
+                        use std::io::Write;
+                        f.write_all(&bytes)
+                    })
                 })
                 .await
-                .map_err(|e| io(std::io::Error::other(e)))?
-                .map_err(io)?;
-                tokio::fs::rename(&tmp, &path).await.map_err(io)
             }
             Store::S3 {
                 client,
                 bucket,
                 prefix,
             } => {
-                let full = if prefix.is_empty() {
-                    key.to_owned()
-                } else {
-                    format!("{prefix}/{key}")
-                };
+                let full = full_key(prefix, key);
                 client
                     .put_object()
                     .bucket(bucket)
@@ -163,10 +156,7 @@ impl Store {
                     .send()
                     .await
                     .map(|_| ())
-                    .map_err(|e| StoreError::S3 {
-                        key: full,
-                        error: CallError::of_sdk(&e),
-                    })
+                    .map_err(|e| s3_error("PutObject", &full)(CallError::of_sdk(&e)))
             }
         }
     }
@@ -194,6 +184,336 @@ impl Store {
                     tracing::debug!(key, error = %e, "write failed");
                     retry.failed(e.operation(), &e.call_error()).await?;
                 }
+            }
+        }
+    }
+}
+
+/// Runs blocking file work off the async runtime; errors name `path`.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, StoreError> {
+    let io = |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)
+}
+
+/// The error of S3 operation `op` on `key`.
+fn s3_error<'a>(op: &'static str, key: &'a str) -> impl Fn(CallError) -> StoreError + 'a {
+    move |error| StoreError::S3 {
+        op,
+        key: key.to_owned(),
+        error,
+    }
+}
+
+/// An error reading an S3 response body.
+fn body_error(e: impl std::fmt::Display) -> CallError {
+    CallError::of_io(&std::io::Error::other(e.to_string()))
+}
+
+/// An object found by [`Store::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Key relative to the location.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// `prefix/key`, or `key` when the location has no prefix.
+fn full_key(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{prefix}/{key}")
+    }
+}
+
+/// Replaces `target` atomically: `write` fills a hidden temporary file in the same directory (a name no reader
+/// lists: it starts with `.`), which is fsynced and renamed over `target`; then the directory is fsynced, so the
+/// new file survives a power loss once this returns. Missing directories are created.
+pub fn replace_file(
+    target: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = target
+        .parent()
+        .ok_or_else(|| std::io::Error::other("no parent directory"))?;
+    std::fs::create_dir_all(dir)?;
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        write(&mut f)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, target)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Every file under `dir` (recursively), as keys relative to `root`; hidden names (temporary files) are skipped.
+fn walk(root: &Path, dir: &Path, out: &mut Vec<ObjectInfo>) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            // Deleted since the directory was read.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if meta.is_dir() {
+            walk(root, &path, out)?;
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            let key = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
+            out.push(ObjectInfo {
+                key,
+                size: meta.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// The local file of `key`, for a local-directory store (readers can use it in place).
+    pub fn local_path(&self, key: &str) -> Option<PathBuf> {
+        match self {
+            Store::Local(root) => Some(root.join(key)),
+            Store::S3 { .. } => None,
+        }
+    }
+
+    /// Every object whose key starts with `prefix` (a directory: end it with `/`), sorted by key.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut out = Vec::new();
+        match self {
+            Store::Local(root) => {
+                let (root, dir) = (root.clone(), root.join(prefix));
+                let dir2 = dir.clone();
+                out = blocking(&dir, move || {
+                    let mut v = Vec::new();
+                    walk(&root, &dir2, &mut v).map(|_| v)
+                })
+                .await?;
+            }
+            Store::S3 {
+                client,
+                bucket,
+                prefix: base,
+            } => {
+                let full = full_key(base, prefix);
+                let strip = if base.is_empty() { 0 } else { base.len() + 1 };
+                let mut token: Option<String> = None;
+                loop {
+                    let resp = client
+                        .list_objects_v2()
+                        .bucket(bucket)
+                        .prefix(&full)
+                        .set_continuation_token(token.take())
+                        .send()
+                        .await
+                        .map_err(|e| s3_error("ListObjectsV2", &full)(CallError::of_sdk(&e)))?;
+                    for o in resp.contents() {
+                        if let Some(k) = o.key() {
+                            out.push(ObjectInfo {
+                                key: k.get(strip..).unwrap_or(k).to_owned(),
+                                size: o.size().unwrap_or(0).max(0) as u64,
+                            });
+                        }
+                    }
+                    match resp.next_continuation_token() {
+                        Some(t) if resp.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                        _ => break,
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// The whole object at `key`, or `None` if there is none (for small objects).
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            Store::Local(root) => {
+                let path = root.join(key);
+                match tokio::fs::read(&path).await {
+                    Ok(b) => Ok(Some(b)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(source) => Err(StoreError::Io {
+                        path: path.display().to_string(),
+                        source,
+                    }),
+                }
+            }
+            Store::S3 {
+                client,
+                bucket,
+                prefix,
+            } => {
+                let full = full_key(prefix, key);
+                let err = s3_error("GetObject", &full);
+                match client.get_object().bucket(bucket).key(&full).send().await {
+                    Ok(out) => {
+                        let body = out.body.collect().await.map_err(|e| err(body_error(e)))?;
+                        Ok(Some(body.into_bytes().to_vec()))
+                    }
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+                    Err(e) => Err(err(CallError::of_sdk(&e))),
+                }
+            }
+        }
+    }
+
+    /// Streams the object at `key` into the local file `dest` (created or truncated, then fsynced); returns its
+    /// size. Memory: one network buffer, whatever the object's size.
+    pub async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, StoreError> {
+        let io = |source| StoreError::Io {
+            path: dest.display().to_string(),
+            source,
+        };
+        match self {
+            Store::Local(root) => tokio::fs::copy(root.join(key), dest).await.map_err(io),
+            Store::S3 {
+                client,
+                bucket,
+                prefix,
+            } => {
+                use tokio::io::AsyncWriteExt;
+                let full = full_key(prefix, key);
+                let err = s3_error("GetObject", &full);
+                let mut out = client
+                    .get_object()
+                    .bucket(bucket)
+                    .key(&full)
+                    .send()
+                    .await
+                    .map_err(|e| err(CallError::of_sdk(&e)))?;
+                let mut file = tokio::fs::File::create(dest).await.map_err(io)?;
+                let mut n = 0u64;
+                while let Some(chunk) = out.body.try_next().await.map_err(|e| err(body_error(e)))? {
+                    n += chunk.len() as u64;
+                    file.write_all(&chunk).await.map_err(io)?;
+                }
+                file.flush().await.map_err(io)?;
+                Ok(n)
+            }
+        }
+    }
+
+    /// Writes the local file `src` at `key`, replacing any object there in one step (see the module doc).
+    /// Memory: streamed from the file, whatever its size (S3: one `PutObject`, up to 5 GiB).
+    pub async fn put_file(&self, key: &str, src: &Path) -> Result<(), StoreError> {
+        match self {
+            Store::Local(root) => {
+                let target = root.join(key);
+                let (t, s) = (target.clone(), src.to_path_buf());
+                blocking(&target, move || {
+                    replace_file(&t, |f| {
+                        let mut from = std::fs::File::open(&s)?;
+                        std::io::copy(&mut from, f).map(|_| ())
+                    })
+                })
+                .await
+            }
+            Store::S3 {
+                client,
+                bucket,
+                prefix,
+            } => {
+                let full = full_key(prefix, key);
+                let err = s3_error("PutObject", &full);
+                let body = aws_sdk_s3::primitives::ByteStream::from_path(src)
+                    .await
+                    .map_err(|e| err(body_error(e)))?;
+                client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(&full)
+                    .body(body)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| err(CallError::of_sdk(&e)))
+            }
+        }
+    }
+
+    /// Deletes the object at `key`; deleting what is not there succeeds. A local store also removes the
+    /// directories the deletion left empty (up to the location).
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Local(root) => {
+                let path = root.join(key);
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(StoreError::Io {
+                            path: path.display().to_string(),
+                            source,
+                        })
+                    }
+                }
+                let mut dir = path.parent().map(Path::to_path_buf);
+                while let Some(d) = dir {
+                    if d == *root
+                        || !d.starts_with(root)
+                        || tokio::fs::remove_dir(&d).await.is_err()
+                    {
+                        break;
+                    }
+                    dir = d.parent().map(Path::to_path_buf);
+                }
+                Ok(())
+            }
+            Store::S3 {
+                client,
+                bucket,
+                prefix,
+            } => {
+                let full = full_key(prefix, key);
+                client
+                    .delete_object()
+                    .bucket(bucket)
+                    .key(&full)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| s3_error("DeleteObject", &full)(CallError::of_sdk(&e)))
             }
         }
     }

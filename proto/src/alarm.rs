@@ -13,7 +13,7 @@ use crate::limits::{MAX_AGENT_ID_BYTES, MAX_KEY_BYTES, MAX_STRING_BYTES, MAX_TAG
 use crate::limits::{MAX_TAG_NAME_BYTES, MAX_TAG_VALUE_BYTES};
 use crate::model::{Batch, Quality, Series, Value};
 use crate::varint::{put_str, put_svarint, put_uvarint, Reader};
-use crate::{MAGIC, VERSION};
+use crate::{Version, MAGIC};
 
 /// Header flag: the body holds alarm events.
 pub const FLAG_ALARMS: u8 = 0b0000_0010;
@@ -204,7 +204,7 @@ impl AlarmEncoder {
         let compressed = self.compressor.compress(&self.body)?;
         let mut out = Vec::with_capacity(27 + id.len() + compressed.len());
         out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
+        out.push(Version::V1 as u8); // the alarm body has one layout in every version
         out.push(crate::codec::FLAG_EPOCH | FLAG_ALARMS);
         out.push(id.len() as u8);
         out.extend_from_slice(id);

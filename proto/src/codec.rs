@@ -1,9 +1,10 @@
-//! Encoder and decoder of format version 1 (see `proto/FORMAT.md`).
+//! Record header, errors, the [`Encoder`] and the version dispatch (see `proto/FORMAT.md`). The bodies of the
+//! two versions are in `v1.rs` and `v2.rs`; what they share (limits, grouping by series, the kind byte) is here.
 
 use crate::limits::*;
-use crate::model::{Batch, Quality, Reading, Series, Value};
-use crate::varint::{put_str, put_svarint, put_uvarint, Reader};
-use crate::{MAGIC, VERSION};
+use crate::model::{Batch, Quality, Reading};
+use crate::varint::Reader;
+use crate::{v1, v2, Version, MAGIC};
 
 /// Why a record could not be decoded. Every variant means "this record is bad": dead-letter it and move on;
 /// retrying the same bytes gives the same error.
@@ -13,7 +14,7 @@ pub enum DecodeError {
     #[error("not a fieldlink record: bad magic bytes")]
     BadMagic,
     /// A version this decoder does not know; newer agents talk to an older cloud.
-    #[error("unsupported format version {0} (this decoder reads version {VERSION})")]
+    #[error("unsupported format version {0} (this decoder reads versions 1 and 2)")]
     UnsupportedVersion(u8),
     /// The input ended inside a field.
     #[error("truncated record: input ends inside {what}")]
@@ -73,7 +74,7 @@ pub enum EncodeError {
     Compress(#[from] std::io::Error),
 }
 
-fn invalid(what: &'static str, why: impl Into<String>) -> EncodeError {
+pub(crate) fn invalid(what: &'static str, why: impl Into<String>) -> EncodeError {
     EncodeError::Invalid {
         what,
         why: why.into(),
@@ -83,6 +84,8 @@ fn invalid(what: &'static str, why: impl Into<String>) -> EncodeError {
 /// The uncompressed header of a record, read without decompressing the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header<'a> {
+    /// The format version of the body.
+    pub version: Version,
     /// The producing agent.
     pub agent_id: &'a str,
     /// The agent buffer's epoch (0: the record has none).
@@ -100,12 +103,58 @@ pub struct Header<'a> {
 /// Header flag: an 8-byte buffer epoch follows the agent id.
 pub(crate) const FLAG_EPOCH: u8 = 0b0000_0001;
 
-const KIND_TYPE_MASK: u8 = 0b0000_0111;
+pub(crate) const KIND_TYPE_MASK: u8 = 0b0000_0111;
 const KIND_RESERVED_MASK: u8 = 0b1000_1000;
 const KIND_QUALITY_SHIFT: u8 = 4;
 const KIND_LATE: u8 = 0b0100_0000;
+pub(crate) const TYPE_F64: u8 = 0;
+pub(crate) const TYPE_I64: u8 = 1;
+pub(crate) const TYPE_BOOL: u8 = 2;
 
-fn check_len(what: &'static str, s: &str, min: usize, max: usize) -> Result<(), EncodeError> {
+/// The kind byte of a reading: value type, quality, late flag.
+pub(crate) fn kind_of(r: &Reading) -> u8 {
+    let mut kind = r.value.type_code() | ((r.quality as u8) << KIND_QUALITY_SHIFT);
+    if r.late {
+        kind |= KIND_LATE;
+    }
+    kind
+}
+
+/// Checks a kind byte read from a body.
+pub(crate) fn check_kind(k: u8) -> Result<(), DecodeError> {
+    if k & KIND_RESERVED_MASK != 0 {
+        return Err(DecodeError::Malformed {
+            what: "kind byte",
+            why: "reserved bit set",
+        });
+    }
+    if k & KIND_TYPE_MASK > 3 {
+        return Err(DecodeError::Malformed {
+            what: "kind byte",
+            why: "unknown value type",
+        });
+    }
+    if (k >> KIND_QUALITY_SHIFT) & 0b11 == 3 {
+        return Err(DecodeError::Malformed {
+            what: "kind byte",
+            why: "unknown quality",
+        });
+    }
+    Ok(())
+}
+
+/// The quality and late flag of a checked kind byte.
+pub(crate) fn quality_late(k: u8) -> (Quality, bool) {
+    let q = Quality::from_code((k >> KIND_QUALITY_SHIFT) & 0b11).unwrap_or_default();
+    (q, k & KIND_LATE != 0)
+}
+
+pub(crate) fn check_len(
+    what: &'static str,
+    s: &str,
+    min: usize,
+    max: usize,
+) -> Result<(), EncodeError> {
     if s.len() < min || s.len() > max {
         return Err(invalid(
             what,
@@ -115,9 +164,15 @@ fn check_len(what: &'static str, s: &str, min: usize, max: usize) -> Result<(), 
     Ok(())
 }
 
-/// Writes the uncompressed body of `batch` into `out` (cleared first).
-pub fn encode_body(batch: &Batch, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    out.clear();
+/// Checks `batch` against the limits both versions share and groups its readings by series: afterwards `runs[i]`
+/// is the number of readings of series `i` and `order` lists the reading indices series-major (a stable counting
+/// sort: each series keeps its readings in their given order). The key and tag lengths are checked here; string
+/// values where each version writes them.
+pub(crate) fn group(
+    batch: &Batch,
+    runs: &mut Vec<u32>,
+    order: &mut Vec<u32>,
+) -> Result<(), EncodeError> {
     let ns = batch.series.len();
     let nr = batch.readings.len();
     if ns == 0 || ns > MAX_SERIES {
@@ -132,8 +187,6 @@ pub fn encode_body(batch: &Batch, out: &mut Vec<u8>) -> Result<(), EncodeError> 
             format!("{nr} readings, allowed 1..={MAX_READINGS}"),
         ));
     }
-
-    put_uvarint(out, ns as u64);
     for s in &batch.series {
         check_len("series key", &s.key, 1, MAX_KEY_BYTES)?;
         if s.tags.len() > MAX_TAGS {
@@ -142,18 +195,13 @@ pub fn encode_body(batch: &Batch, out: &mut Vec<u8>) -> Result<(), EncodeError> 
                 format!("{} tags on {}, allowed {MAX_TAGS}", s.tags.len(), s.key),
             ));
         }
-        put_str(out, &s.key);
-        put_uvarint(out, s.tags.len() as u64);
         for (k, v) in &s.tags {
             check_len("tag name", k, 1, MAX_TAG_NAME_BYTES)?;
             check_len("tag value", v, 0, MAX_TAG_VALUE_BYTES)?;
-            put_str(out, k);
-            put_str(out, v);
         }
     }
-
-    // Counting sort by series: stable, O(n), keeps each series' readings in their given order.
-    let mut runs = vec![0u32; ns];
+    runs.clear();
+    runs.resize(ns, 0);
     for r in &batch.readings {
         let slot = runs.get_mut(r.series as usize).ok_or_else(|| {
             invalid(
@@ -163,256 +211,43 @@ pub fn encode_body(batch: &Batch, out: &mut Vec<u8>) -> Result<(), EncodeError> 
         })?;
         *slot += 1;
     }
+    // `next[i]`: where series i's next reading goes in `order`.
     let mut next = Vec::with_capacity(ns);
     let mut acc = 0u32;
-    for &n in &runs {
+    for &n in runs.iter() {
         next.push(acc);
         acc += n;
     }
-    let mut order = vec![0u32; nr];
+    order.clear();
+    order.resize(nr, 0);
     for (i, r) in batch.readings.iter().enumerate() {
         let slot = &mut next[r.series as usize];
         order[*slot as usize] = i as u32;
         *slot += 1;
     }
-
-    let base_ts = batch.readings.iter().map(|r| r.ts_ms).min().unwrap_or(0);
-    put_uvarint(out, nr as u64);
-    put_svarint(out, base_ts);
-    for &n in &runs {
-        put_uvarint(out, u64::from(n));
-    }
-
-    // Timestamps: per series, the first relative to base_ts, then deltas (wrapping i64 arithmetic).
-    let mut start = 0usize;
-    for &n in &runs {
-        let mut prev = base_ts;
-        for &i in &order[start..start + n as usize] {
-            let ts = batch.readings[i as usize].ts_ms;
-            put_svarint(out, ts.wrapping_sub(prev));
-            prev = ts;
-        }
-        start += n as usize;
-    }
-
-    let mut n_f64 = 0usize;
-    for &i in &order {
-        let r = &batch.readings[i as usize];
-        let mut kind = r.value.type_code() | ((r.quality as u8) << KIND_QUALITY_SHIFT);
-        if r.late {
-            kind |= KIND_LATE;
-        }
-        if matches!(r.value, Value::F64(_)) {
-            n_f64 += 1;
-        }
-        out.push(kind);
-    }
-
-    // f64 column, byte-shuffled into 8 planes.
-    let f64_start = out.len();
-    out.resize(f64_start + 8 * n_f64, 0);
-    let mut j = 0usize;
-    for &i in &order {
-        if let Value::F64(v) = batch.readings[i as usize].value {
-            for (k, b) in v.to_le_bytes().into_iter().enumerate() {
-                out[f64_start + k * n_f64 + j] = b;
-            }
-            j += 1;
-        }
-    }
-
-    // i64 column: deltas to the previous i64 of the same series.
-    let mut start = 0usize;
-    for &n in &runs {
-        let mut prev = 0i64;
-        for &i in &order[start..start + n as usize] {
-            if let Value::I64(v) = batch.readings[i as usize].value {
-                put_svarint(out, v.wrapping_sub(prev));
-                prev = v;
-            }
-        }
-        start += n as usize;
-    }
-    for &i in &order {
-        if let Value::Bool(b) = batch.readings[i as usize].value {
-            out.push(u8::from(b));
-        }
-    }
-    for &i in &order {
-        if let Value::Str(s) = &batch.readings[i as usize].value {
-            check_len("string value", s, 0, MAX_STRING_BYTES)?;
-            put_str(out, s);
-        }
-    }
-    if out.len() > MAX_BODY_BYTES {
-        return Err(invalid(
-            "body",
-            format!("{} bytes, above {MAX_BODY_BYTES}", out.len()),
-        ));
-    }
     Ok(())
 }
 
-/// Decodes an uncompressed body. `agent_id` and `seq` are copied into the batch; its `epoch` is 0 (the header
-/// holds it: [`decode`] sets it).
-pub fn decode_body(body: &[u8], agent_id: &str, seq: u64) -> Result<Batch, DecodeError> {
-    let mut r = Reader::new(body);
-    // Each series needs at least 2 bytes (key length, tag count); each tag 2 (two lengths).
-    let ns = r.count("series_count", MAX_SERIES, 2)?;
-    if ns == 0 {
-        return Err(DecodeError::Malformed {
-            what: "series_count",
-            why: "zero series",
-        });
+/// Writes the uncompressed body of `batch` in format `version` into `out` (cleared first).
+pub fn encode_body(batch: &Batch, version: Version, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    match version {
+        Version::V1 => v1::encode(batch, out),
+        Version::V2 => v2::encode(batch, &mut v2::Scratch::default(), out),
     }
-    let mut series = Vec::with_capacity(ns);
-    for _ in 0..ns {
-        let key = r.string("series key", MAX_KEY_BYTES)?;
-        if key.is_empty() {
-            return Err(DecodeError::Malformed {
-                what: "series key",
-                why: "empty",
-            });
-        }
-        let nt = r.count("tag_count", MAX_TAGS, 2)?;
-        let mut tags = Vec::with_capacity(nt);
-        for _ in 0..nt {
-            let k = r.string("tag name", MAX_TAG_NAME_BYTES)?;
-            if k.is_empty() {
-                return Err(DecodeError::Malformed {
-                    what: "tag name",
-                    why: "empty",
-                });
-            }
-            let v = r.string("tag value", MAX_TAG_VALUE_BYTES)?;
-            tags.push((k, v));
-        }
-        series.push(Series { key, tags });
-    }
+}
 
-    // Each reading needs at least 2 bytes (its timestamp varint and its kind byte).
-    let nr = r.count("reading_count", MAX_READINGS, 2)?;
-    if nr == 0 {
-        return Err(DecodeError::Malformed {
-            what: "reading_count",
-            why: "zero readings",
-        });
-    }
-    let base_ts = r.svarint("base_ts")?;
-    let mut runs = Vec::with_capacity(ns);
-    let mut total = 0u64;
-    for _ in 0..ns {
-        let n = r.uvarint("runs")?;
-        total = total.saturating_add(n);
-        runs.push(n as usize);
-    }
-    if total != nr as u64 {
-        return Err(DecodeError::Malformed {
-            what: "runs",
-            why: "do not sum to reading_count",
-        });
-    }
-
-    let mut ts = Vec::with_capacity(nr);
-    for &n in &runs {
-        let mut prev = base_ts;
-        for _ in 0..n {
-            prev = prev.wrapping_add(r.svarint("timestamp")?);
-            ts.push(prev);
-        }
-    }
-
-    let kinds = r.bytes(nr, "kind column")?;
-    let mut n_f64 = 0usize;
-    for &k in kinds {
-        if k & KIND_RESERVED_MASK != 0 {
-            return Err(DecodeError::Malformed {
-                what: "kind byte",
-                why: "reserved bit set",
-            });
-        }
-        match k & KIND_TYPE_MASK {
-            0 => n_f64 += 1,
-            1..=3 => {}
-            _ => {
-                return Err(DecodeError::Malformed {
-                    what: "kind byte",
-                    why: "unknown value type",
-                })
-            }
-        }
-        if Quality::from_code((k >> KIND_QUALITY_SHIFT) & 0b11).is_none() {
-            return Err(DecodeError::Malformed {
-                what: "kind byte",
-                why: "unknown quality",
-            });
-        }
-    }
-    let planes = r.bytes(8 * n_f64, "f64 column")?;
-
-    let mut readings = Vec::with_capacity(nr);
-    let mut j = 0usize; // reading index in body order
-    let mut jf = 0usize; // f64 index
-                         // Column order is i64, bool, string: read the i64 and bool columns first, strings last while assembling.
-    let mut i64_vals = Vec::new();
-    {
-        let mut start = 0usize;
-        for &n in &runs {
-            let mut prev = 0i64;
-            for &k in &kinds[start..start + n] {
-                if k & KIND_TYPE_MASK == 1 {
-                    prev = prev.wrapping_add(r.svarint("i64 column")?);
-                    i64_vals.push(prev);
-                }
-            }
-            start += n;
-        }
-    }
-    let n_bool = kinds.iter().filter(|&&k| k & KIND_TYPE_MASK == 2).count();
-    let bools = r.bytes(n_bool, "bool column")?;
-    let mut i64_iter = i64_vals.into_iter();
-    let mut bool_iter = bools.iter();
-    for (si, &n) in runs.iter().enumerate() {
-        for _ in 0..n {
-            let k = kinds[j];
-            let value = match k & KIND_TYPE_MASK {
-                0 => {
-                    let mut b = [0u8; 8];
-                    for (p, byte) in b.iter_mut().enumerate() {
-                        *byte = planes[p * n_f64 + jf];
-                    }
-                    jf += 1;
-                    Value::F64(f64::from_le_bytes(b))
-                }
-                1 => Value::I64(i64_iter.next().unwrap_or_default()),
-                2 => match bool_iter.next() {
-                    Some(0) => Value::Bool(false),
-                    Some(1) => Value::Bool(true),
-                    _ => {
-                        return Err(DecodeError::Malformed {
-                            what: "bool column",
-                            why: "byte is not 0 or 1",
-                        })
-                    }
-                },
-                _ => Value::Str(r.string("string value", MAX_STRING_BYTES)?),
-            };
-            readings.push(Reading {
-                series: si as u32,
-                ts_ms: ts[j],
-                value,
-                quality: Quality::from_code((k >> KIND_QUALITY_SHIFT) & 0b11).unwrap_or_default(),
-                late: k & KIND_LATE != 0,
-            });
-            j += 1;
-        }
-    }
-    if r.remaining() != 0 {
-        return Err(DecodeError::Malformed {
-            what: "body",
-            why: "trailing bytes after the last column",
-        });
-    }
+/// Decodes an uncompressed body of format `version`. `agent_id` and `seq` are copied into the batch; its `epoch`
+/// is 0 (the header holds it: [`decode`] sets it).
+pub fn decode_body(
+    body: &[u8],
+    version: Version,
+    agent_id: &str,
+    seq: u64,
+) -> Result<Batch, DecodeError> {
+    let (series, readings) = match version {
+        Version::V1 => v1::decode(body)?,
+        Version::V2 => v2::decode(body)?,
+    };
     Ok(Batch {
         agent_id: agent_id.to_owned(),
         epoch: 0,
@@ -432,9 +267,7 @@ pub fn peek_header(record: &[u8]) -> Result<Header<'_>, DecodeError> {
         return Err(DecodeError::BadMagic);
     }
     let version = r.u8("version")?;
-    if version != VERSION {
-        return Err(DecodeError::UnsupportedVersion(version));
-    }
+    let version = Version::from_byte(version).ok_or(DecodeError::UnsupportedVersion(version))?;
     let flags = r.u8("flags")?;
     if flags & !(FLAG_EPOCH | crate::alarm::FLAG_ALARMS) != 0 {
         return Err(DecodeError::Malformed {
@@ -475,6 +308,7 @@ pub fn peek_header(record: &[u8]) -> Result<Header<'_>, DecodeError> {
     }
     let body = r.bytes(r.remaining(), "body")?;
     Ok(Header {
+        version,
         agent_id,
         epoch,
         seq,
@@ -484,10 +318,14 @@ pub fn peek_header(record: &[u8]) -> Result<Header<'_>, DecodeError> {
     })
 }
 
-/// Reusable encoder: keeps a zstd context and a scratch buffer between batches.
+/// Version 2 bodies below this size are also encoded as version 1, and the smaller record is written.
+const SMALL_BODY: usize = 512;
+
+/// Reusable encoder: keeps a zstd context and scratch buffers between batches.
 pub struct Encoder {
     compressor: zstd::bulk::Compressor<'static>,
     body: Vec<u8>,
+    scratch: v2::Scratch,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -505,11 +343,24 @@ impl Encoder {
         Ok(Self {
             compressor,
             body: Vec::new(),
+            scratch: v2::Scratch::default(),
         })
     }
 
-    /// Encodes a whole record (header and compressed body).
+    /// Encodes a whole record (header and compressed body) in the current format version, [`Version::LATEST`].
     pub fn encode(&mut self, batch: &Batch) -> Result<Vec<u8>, EncodeError> {
+        self.encode_version(batch, Version::LATEST)
+    }
+
+    /// Encodes a whole record (header and compressed body) in format `version`. An agent writes what the oldest
+    /// consumer of its stream reads. With [`Version::V2`], a batch whose body is tiny (under 512 bytes) is written
+    /// in version 1 when that record is smaller: a reader of version 2 reads both, and no record is larger than
+    /// version 1 would have made it.
+    pub fn encode_version(
+        &mut self,
+        batch: &Batch,
+        version: Version,
+    ) -> Result<Vec<u8>, EncodeError> {
         let id = batch.agent_id.as_bytes();
         if id.is_empty() || id.len() > MAX_AGENT_ID_BYTES {
             return Err(invalid(
@@ -517,11 +368,37 @@ impl Encoder {
                 format!("{} bytes, allowed 1..={MAX_AGENT_ID_BYTES}", id.len()),
             ));
         }
-        encode_body(batch, &mut self.body)?;
-        let compressed = self.compressor.compress(&self.body)?;
+        let (version, body_len, compressed) = match version {
+            Version::V1 => {
+                v1::encode(batch, &mut self.body)?;
+                (
+                    Version::V1,
+                    self.body.len(),
+                    self.compressor.compress(&self.body)?,
+                )
+            }
+            Version::V2 => {
+                v2::encode(batch, &mut self.scratch, &mut self.body)?;
+                let v2 = self.compressor.compress(&self.body)?;
+                let v2_len = self.body.len();
+                if v2_len < SMALL_BODY {
+                    // A tiny body leaves zstd little to work with, and there version 2's per-series bytes can
+                    // cost more than version 1's redundancy, which zstd removes: take whichever is smaller.
+                    v1::encode(batch, &mut self.body)?;
+                    let v1 = self.compressor.compress(&self.body)?;
+                    if v1.len() < v2.len() {
+                        (Version::V1, self.body.len(), v1)
+                    } else {
+                        (Version::V2, v2_len, v2)
+                    }
+                } else {
+                    (Version::V2, v2_len, v2)
+                }
+            }
+        };
         let mut out = Vec::with_capacity(27 + id.len() + compressed.len());
         out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
+        out.push(version as u8);
         out.push(if batch.epoch != 0 { FLAG_EPOCH } else { 0 });
         out.push(id.len() as u8);
         out.extend_from_slice(id);
@@ -529,15 +406,20 @@ impl Encoder {
             out.extend_from_slice(&batch.epoch.to_le_bytes());
         }
         out.extend_from_slice(&batch.seq.to_le_bytes());
-        out.extend_from_slice(&(self.body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(body_len as u32).to_le_bytes());
         out.extend_from_slice(&compressed);
         Ok(out)
     }
 }
 
-/// Encodes one record at zstd `level`. For many batches, reuse an [`Encoder`].
+/// Encodes one record in format [`Version::LATEST`] at zstd `level`. For many batches, reuse an [`Encoder`].
 pub fn encode(batch: &Batch, level: i32) -> Result<Vec<u8>, EncodeError> {
     Encoder::new(level)?.encode(batch)
+}
+
+thread_local! {
+    static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Decodes one readings record, checking every limit before allocating. An alarm-event record is refused with
@@ -551,7 +433,7 @@ pub fn decode(record: &[u8]) -> Result<Batch, DecodeError> {
         });
     }
     let body = decompressed_body(&h)?;
-    let mut batch = decode_body(&body, h.agent_id, h.seq)?;
+    let mut batch = decode_body(&body, h.version, h.agent_id, h.seq)?;
     batch.epoch = h.epoch;
     Ok(batch)
 }
@@ -578,7 +460,18 @@ pub(crate) fn decompressed_body(h: &Header<'_>) -> Result<Vec<u8>, DecodeError> 
             })
         }
     }
-    let body = zstd::bulk::decompress(h.body, h.body_len as usize)
+    // One decompression context per thread: creating one costs about as much as decoding a small record.
+    let body = DCTX
+        .with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new()?);
+            }
+            match d.as_mut() {
+                Some(d) => d.decompress(h.body, h.body_len as usize),
+                None => Err(std::io::Error::other("no zstd context")),
+            }
+        })
         .map_err(|e| DecodeError::Decompress(e.to_string()))?;
     if body.len() != h.body_len as usize {
         return Err(DecodeError::Malformed {

@@ -10,10 +10,12 @@ pub(crate) fn put_uvarint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+#[inline]
 pub(crate) fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
+#[inline]
 pub(crate) fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
@@ -39,6 +41,7 @@ impl<'a> Reader<'a> {
         Self { buf, pos: 0 }
     }
 
+    #[inline]
     pub(crate) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
@@ -56,21 +59,36 @@ impl<'a> Reader<'a> {
         Ok(self.bytes(1, what)?[0])
     }
 
+    #[inline(always)]
     pub(crate) fn uvarint(&mut self, what: &'static str) -> Result<u64, DecodeError> {
+        // One byte: most timestamps, kinds and small values.
+        if let Some(&b) = self.buf.get(self.pos) {
+            if b < 0x80 {
+                self.pos += 1;
+                return Ok(u64::from(b));
+            }
+        }
+        self.uvarint_long(what)
+    }
+
+    fn uvarint_long(&mut self, what: &'static str) -> Result<u64, DecodeError> {
+        let rest = &self.buf[self.pos..];
         let mut v: u64 = 0;
-        for i in 0..10 {
-            let b = self.u8(what)?;
-            let part = u64::from(b & 0x7f);
+        for (i, &b) in rest.iter().take(10).enumerate() {
             if i == 9 && b > 1 {
                 return Err(DecodeError::Malformed {
                     what,
                     why: "varint overflows u64",
                 });
             }
-            v |= part << (7 * i);
-            if b & 0x80 == 0 {
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                self.pos += i + 1;
                 return Ok(v);
             }
+        }
+        if rest.len() < 10 {
+            return Err(DecodeError::Truncated { what });
         }
         Err(DecodeError::Malformed {
             what,
@@ -78,6 +96,45 @@ impl<'a> Reader<'a> {
         })
     }
 
+    /// The bytes of the next `n` varints, without decoding them (a column whose length is implied by its count).
+    pub(crate) fn varints(
+        &mut self,
+        n: usize,
+        what: &'static str,
+    ) -> Result<&'a [u8], DecodeError> {
+        if n > self.remaining() {
+            return Err(DecodeError::Truncated { what });
+        }
+        let rest = &self.buf[self.pos..];
+        let mut len = 0usize;
+        if n > 0 {
+            // Eight bytes at a time while the n-th end is not among them: an end is a byte without the high bit.
+            let mut ends = 0usize;
+            let mut chunks = rest.chunks_exact(8);
+            for c in chunks.by_ref() {
+                let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                let t = (!w & 0x8080_8080_8080_8080).count_ones() as usize;
+                if ends + t >= n {
+                    break;
+                }
+                ends += t;
+                len += 8;
+            }
+            for &b in &rest[len..] {
+                len += 1;
+                ends += usize::from(b < 0x80);
+                if ends == n {
+                    break;
+                }
+            }
+            if ends < n {
+                return Err(DecodeError::Truncated { what });
+            }
+        }
+        self.bytes(len, what)
+    }
+
+    #[inline(always)]
     pub(crate) fn svarint(&mut self, what: &'static str) -> Result<i64, DecodeError> {
         Ok(unzigzag(self.uvarint(what)?))
     }
@@ -136,6 +193,26 @@ mod tests {
         fn zigzag_round_trips(v in any::<i64>()) {
             prop_assert_eq!(unzigzag(zigzag(v)), v);
         }
+    }
+
+    #[test]
+    fn varints_finds_the_end_of_n_varints() {
+        let mut out = Vec::new();
+        for v in [0u64, 300, u64::MAX, 5] {
+            put_uvarint(&mut out, v);
+        }
+        let mut r = Reader::new(&out);
+        assert_eq!(r.varints(0, "v").map(<[u8]>::len), Ok(0));
+        assert_eq!(r.varints(3, "v").map(<[u8]>::len), Ok(1 + 2 + 10));
+        assert_eq!(r.remaining(), 1);
+        assert!(matches!(
+            r.varints(2, "v"),
+            Err(DecodeError::Truncated { .. })
+        ));
+        assert!(matches!(
+            Reader::new(&[0x80, 0x80]).varints(1, "v"),
+            Err(DecodeError::Truncated { .. })
+        ));
     }
 
     #[test]

@@ -1,46 +1,23 @@
-//! Golden bytes, round trips and hostile inputs for format v1.
+//! Golden bytes, round trips and hostile inputs for format v1, which agents configured with `wire_version = 1`
+//! still write and every decoder still reads.
 //!
-//! A counting global allocator measures the largest single allocation made while decoding hostile input, so "no
-//! large allocation" is checked, not assumed.
-#![allow(unsafe_code)] // the counting allocator below; the library itself forbids unsafe code
+//! A counting global allocator (`common/mod.rs`) measures the largest single allocation made while decoding
+//! hostile input, so "no large allocation" is checked, not assumed.
+#![allow(unsafe_code)] // the counting allocator in common/; the library itself forbids unsafe code
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::*;
 use fieldlink_proto::{
-    decode, decode_body, encode, encode_body, peek_header, Batch, DecodeError, Quality, Reading,
-    Series, Value,
+    decode, decode_body, encode_body, peek_header, Batch, DecodeError, Encoder, Quality, Reading,
+    Series, Value, Version,
 };
 use proptest::prelude::*;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 
-struct Counting;
-
-thread_local! {
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = LARGEST.try_with(|l| l.set(l.get().max(layout.size())));
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let _ = LARGEST.try_with(|l| l.set(l.get().max(new_size)));
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// Runs `f` and returns its result with the largest single allocation it made on this thread.
-fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    LARGEST.with(|l| l.set(0));
-    let out = f();
-    (out, LARGEST.with(Cell::get))
+/// A version 1 record at zstd level `level`.
+fn encode(b: &Batch, level: i32) -> Result<Vec<u8>, fieldlink_proto::EncodeError> {
+    Encoder::new(level)?.encode_version(b, Version::V1)
 }
 
 fn sample() -> Batch {
@@ -88,14 +65,6 @@ fn sample() -> Batch {
     }
 }
 
-fn hex(s: &str) -> Vec<u8> {
-    let s: String = s.split_whitespace().collect();
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
-
 /// The body of `sample()`, derived by hand from FORMAT.md (not by running the encoder).
 const SAMPLE_BODY: &str = "
     02                      series_count
@@ -114,7 +83,7 @@ const SAMPLE_BODY: &str = "
 #[test]
 fn body_bytes_match_the_specification() {
     let mut body = Vec::new();
-    encode_body(&sample(), &mut body).unwrap();
+    encode_body(&sample(), Version::V1, &mut body).unwrap();
     let expected: String = SAMPLE_BODY
         .lines()
         .map(|l| l.trim_start().split("  ").next().unwrap_or(""))
@@ -186,13 +155,6 @@ fn an_epoch_flag_with_a_zero_epoch_or_other_flags_is_rejected() {
 #[test]
 fn encoding_is_deterministic() {
     assert_eq!(encode(&sample(), 3).unwrap(), encode(&sample(), 3).unwrap());
-}
-
-/// What the decoder returns for `b`: readings grouped by series, relative order within a series kept.
-fn series_major(b: &Batch) -> Batch {
-    let mut out = b.clone();
-    out.readings.sort_by_key(|r| r.series); // stable
-    out
 }
 
 fn record_with(body_len: u32, body: &[u8], version: u8) -> Vec<u8> {
@@ -271,9 +233,9 @@ fn truncated_records_are_refused_with_truncated() {
     // A cut inside the zstd frame is a decompression failure; a cut body (uncompressed) is Truncated.
     assert!(decode(&record[..record.len() - 3]).is_err());
     let mut body = Vec::new();
-    encode_body(&sample(), &mut body).unwrap();
+    encode_body(&sample(), Version::V1, &mut body).unwrap();
     for cut in 1..body.len() {
-        let res = decode_body(&body[..cut], "x", 1);
+        let res = decode_body(&body[..cut], Version::V1, "x", 1);
         assert!(
             matches!(res, Err(DecodeError::Truncated { .. })),
             "body cut at {cut}: {res:?}"
@@ -284,8 +246,10 @@ fn truncated_records_are_refused_with_truncated() {
 #[test]
 fn unknown_version_and_bad_magic_are_distinct_errors() {
     let mut record = encode(&sample(), 3).unwrap();
-    record[4] = 2;
-    assert_eq!(decode(&record), Err(DecodeError::UnsupportedVersion(2)));
+    record[4] = 3;
+    assert_eq!(decode(&record), Err(DecodeError::UnsupportedVersion(3)));
+    record[4] = 0;
+    assert_eq!(decode(&record), Err(DecodeError::UnsupportedVersion(0)));
     record[0] = b'X';
     assert_eq!(decode(&record), Err(DecodeError::BadMagic));
 }
@@ -294,7 +258,7 @@ fn unknown_version_and_bad_magic_are_distinct_errors() {
 fn counts_larger_than_the_input_are_refused_before_allocating() {
     // series_count = 65,536 with no bytes behind it.
     let body = [0x80, 0x80, 0x04];
-    let (res, largest) = largest_allocation(|| decode_body(&body, "x", 1));
+    let (res, largest) = largest_allocation(|| decode_body(&body, Version::V1, "x", 1));
     assert_eq!(
         res,
         Err(DecodeError::Truncated {
@@ -305,7 +269,7 @@ fn counts_larger_than_the_input_are_refused_before_allocating() {
     // series_count over the limit.
     let body = [0xff, 0xff, 0xff, 0x0f];
     assert!(matches!(
-        decode_body(&body, "x", 1),
+        decode_body(&body, Version::V1, "x", 1),
         Err(DecodeError::LimitExceeded {
             what: "series_count",
             ..
@@ -316,10 +280,10 @@ fn counts_larger_than_the_input_are_refused_before_allocating() {
 #[test]
 fn trailing_bytes_are_refused() {
     let mut body = Vec::new();
-    encode_body(&sample(), &mut body).unwrap();
+    encode_body(&sample(), Version::V1, &mut body).unwrap();
     body.push(0);
     assert!(matches!(
-        decode_body(&body, "x", 1),
+        decode_body(&body, Version::V1, "x", 1),
         Err(DecodeError::Malformed { what: "body", .. })
     ));
 }
@@ -337,47 +301,6 @@ fn encoder_refuses_batches_that_break_limits() {
     assert!(encode(&b, 3).is_err());
 }
 
-fn arb_value() -> impl Strategy<Value = Value> {
-    prop_oneof![
-        any::<f64>().prop_map(Value::F64),
-        any::<i64>().prop_map(Value::I64),
-        any::<bool>().prop_map(Value::Bool),
-        "[a-zé ]{0,12}".prop_map(Value::Str),
-    ]
-}
-
-fn arb_batch() -> impl Strategy<Value = Batch> {
-    let series = prop::collection::vec(
-        (
-            "[a-z/]{1,20}",
-            prop::collection::vec(("[a-z]{1,5}", "[a-z0-9]{0,5}"), 0..3),
-        )
-            .prop_map(|(key, tags)| Series { key, tags }),
-        1..6,
-    );
-    (series, any::<u64>(), any::<u64>(), "[a-z0-9-]{1,64}").prop_flat_map(
-        |(series, epoch, seq, agent_id)| {
-            let n = series.len() as u32;
-            let reading = (0..n, any::<i64>(), arb_value(), 0u8..3, any::<bool>()).prop_map(
-                |(s, ts, value, q, late)| Reading {
-                    series: s,
-                    ts_ms: ts,
-                    value,
-                    quality: [Quality::Good, Quality::Uncertain, Quality::Bad][q as usize],
-                    late,
-                },
-            );
-            prop::collection::vec(reading, 1..200).prop_map(move |readings| Batch {
-                agent_id: agent_id.clone(),
-                epoch,
-                seq,
-                series: series.clone(),
-                readings,
-            })
-        },
-    )
-}
-
 proptest! {
     #[test]
     fn round_trip_preserves_every_reading(batch in arb_batch()) {
@@ -388,11 +311,11 @@ proptest! {
     #[test]
     fn decoder_never_panics_on_mutated_records(batch in arb_batch(), flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
         let mut body = Vec::new();
-        encode_body(&batch, &mut body).unwrap();
+        encode_body(&batch, Version::V1, &mut body).unwrap();
         for (i, b) in flips {
             let i = i.index(body.len());
             body[i] ^= b;
         }
-        let _ = decode_body(&body, "x", 1);
+        let _ = decode_body(&body, Version::V1, "x", 1);
     }
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Independent decoder of the fieldlink wire format v1, written from proto/FORMAT.md alone (readings records and
-alarm-event records).
+"""Independent decoder of the fieldlink wire format, versions 1 and 2, written from proto/FORMAT.md alone (readings
+records and alarm-event records).
 
 Usage: fieldlink_decode.py RECORD_FILE...   prints one JSON object per record:
   {"agent_id", "epoch", "seq", "series": [[key, [[name, value], ...]], ...],
@@ -51,6 +51,16 @@ class Reader:
             shift += 7
         raise DecodeError(f"varint too long in {what}")
 
+    def varints(self, n, what):
+        """The bytes of the next n varints (a column whose length follows from its count)."""
+        end, ends = self.pos, 0
+        while ends < n:
+            if end >= len(self.buf):
+                raise DecodeError(f"truncated in {what}")
+            ends += self.buf[end] < 0x80
+            end += 1
+        return Reader(self.bytes(end - self.pos, what))
+
     def svarint(self, what):
         u = self.uvarint(what)
         return (u >> 1) ^ -(u & 1)
@@ -78,7 +88,7 @@ def decode(record):
     if r.bytes(4, "magic") != b"FLNK":
         raise DecodeError("bad magic")
     version = r.bytes(1, "version")[0]
-    if version != 1:
+    if version not in (1, 2):
         raise DecodeError(f"unsupported version {version}")
     flags = r.bytes(1, "flags")[0]
     if flags & ~3:
@@ -100,10 +110,18 @@ def decode(record):
     if flags & 2:  # an alarm-event record
         if not flags & 1:
             raise DecodeError("alarm record without an epoch")
-        return {"agent_id": agent_id, "epoch": epoch, "seq": seq, "series": [], "readings": [],
+        return {"version": version, "agent_id": agent_id, "epoch": epoch, "seq": seq, "series": [], "readings": [],
                 "alarms": decode_alarms(Reader(body))}
+    series, readings = (body_v1 if version == 1 else body_v2)(Reader(body))
+    return {"version": version, "agent_id": agent_id, "epoch": epoch, "seq": seq, "series": series, "readings": readings}
 
-    b = Reader(body)
+
+def check_kind(k):
+    if k & 0x88 or k & 0x07 > 3 or (k >> 4) & 3 == 3:
+        raise DecodeError(f"bad kind byte {k:#x}")
+
+
+def body_v1(b):
     series = []
     for _ in range(b.count("series_count", MAX_SERIES, 2)):
         key = b.string("key", 1024)
@@ -154,7 +172,120 @@ def decode(record):
             j += 1
     if b.remaining():
         raise DecodeError("trailing bytes")
-    return {"agent_id": agent_id, "epoch": epoch, "seq": seq, "series": series, "readings": readings}
+    return series, readings
+
+
+MAX_MANTISSA = 1 << 53
+
+
+def body_v2(b):
+    series, key, expanded = [], b"", 0
+    for i in range(b.count("series_count", MAX_SERIES, 3)):
+        shared = b.uvarint("key prefix")
+        if shared > len(key):
+            raise DecodeError("key prefix longer than the previous key")
+        key = key[:shared] + b.bytes(b.count("key", 1024, 1), "key")
+        if not 1 <= len(key) <= 1024:
+            raise DecodeError("key length")
+        t = b.uvarint("tags")
+        if t == 0:
+            tags = [list(x) for x in series[-1][1]] if series else []
+        else:
+            if t - 1 > MAX_TAGS:
+                raise DecodeError("too many tags")
+            tags = [[b.string("tag name", 256), b.string("tag value", 1024)] for _ in range(t - 1)]
+        expanded += len(key) + sum(len(n.encode()) + len(v.encode()) for n, v in tags)
+        if expanded > MAX_BODY:
+            raise DecodeError("series table expands beyond the body limit")
+        series.append([key.decode("utf-8"), tags])
+    if not series:
+        raise DecodeError("zero series")
+    n = b.count("reading_count", MAX_READINGS, 1)
+    base = b.svarint("base_ts")
+    runs = [b.uvarint("runs") for _ in series]
+    if sum(runs) != n:
+        raise DecodeError("runs do not sum to reading_count")
+    kinds = b.bytes(len(series), "kinds")
+    codings = b.bytes(len(series), "codings")
+    # Kind bytes of every reading, per series.
+    per_series = []
+    for run, k in zip(runs, kinds):
+        if k == 0x80:
+            ks = list(b.bytes(run, "mixed kinds"))
+        else:
+            ks = [k] * run
+        for x in ks if k == 0x80 else [k]:
+            check_kind(x)
+        per_series.append(ks)
+    n_f64 = [sum(1 for k in ks if k & 7 == 0) for ks in per_series]
+    for c, nf in zip(codings, n_f64):
+        if nf == 0 and c & ~0x20:
+            raise DecodeError("double coding on a series without doubles")
+        if c & 0x80 and c & 0x5F:
+            raise DecodeError("raw with an exponent or exceptions")
+        if c & 0x1F > 22:
+            raise DecodeError("exponent above 22")
+    exceptions = []
+    for c, nf in zip(codings, n_f64):
+        pos = set()
+        if c & 0x40:
+            count = b.uvarint("exception count")
+            if not 1 <= count <= nf:
+                raise DecodeError("exception count")
+            p = -1
+            for _ in range(count):
+                p = p + 1 + b.uvarint("exception position")
+                if p >= nf:
+                    raise DecodeError("exception position beyond the series' doubles")
+                pos.add(p)
+        exceptions.append(pos)
+    n_raw = sum(nf if c & 0x80 else len(pos) for c, nf, pos in zip(codings, n_f64, exceptions))
+    n_mant = sum(0 if c & 0x80 else nf - len(pos) for c, nf, pos in zip(codings, n_f64, exceptions))
+    n_i64 = sum(1 for ks in per_series for k in ks if k & 7 == 1)
+    n_bool = sum(1 for ks in per_series for k in ks if k & 7 == 2)
+    tsr = b.varints(n, "timestamps")
+    mr = b.varints(n_mant, "mantissas")
+    planes = b.bytes(8 * n_raw, "raw f64")
+    raw = [bytes(planes[p * n_raw + j] for p in range(8)).hex() for j in range(n_raw)]
+    ir = b.varints(n_i64, "i64")
+    bools = list(b.bytes(n_bool, "bool"))
+    readings, ri, bi = [], 0, 0
+    for si, (ks, c, pos) in enumerate(zip(per_series, codings, exceptions)):
+        e, delta = c & 0x1F, bool(c & 0x20)
+        ts, d, m, prev_i, f = base, 0, 0, 0, 0
+        for j, k in enumerate(ks):
+            v = tsr.svarint("ts")
+            if j == 0:
+                ts = wrap_i64(base + v)
+            else:
+                d = wrap_i64(d + v)
+                ts = wrap_i64(ts + d)
+            t = k & 7
+            if t == 0:
+                if c & 0x80 or f in pos:
+                    v, ri = raw[ri], ri + 1
+                else:
+                    x = mr.svarint("mantissa")
+                    m = wrap_i64(m + x) if delta else x
+                    if abs(m) > MAX_MANTISSA:
+                        raise DecodeError("mantissa above 2^53")
+                    # Both operands exact (|m| <= 2^53, 10^e <= 10^22); one correctly rounded division.
+                    v = struct.pack("<d", float(m) / float(10**e)).hex()
+                f += 1
+            elif t == 1:
+                x = ir.svarint("i64")
+                prev_i = wrap_i64(prev_i + x) if delta else x
+                v = prev_i
+            elif t == 2:
+                if bools[bi] not in (0, 1):
+                    raise DecodeError("bool byte")
+                v, bi = bools[bi] == 1, bi + 1
+            else:
+                v = b.string("string", 65_536)
+            readings.append([si, ts, ["f64", "i64", "bool", "str"][t], v, (k >> 4) & 3, bool(k & 0x40)])
+    if b.remaining() or tsr.remaining() or mr.remaining() or ir.remaining():
+        raise DecodeError("trailing bytes")
+    return series, readings
 
 
 def decode_alarms(b):

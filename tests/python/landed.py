@@ -1,21 +1,29 @@
 #!/usr/bin/env python3
 """Reads back what fieldlink landed on an emulator: Timestream records (moto's /moto-api/data.json) and the
-Parquet files under s3://BUCKET/PREFIX (read with pyarrow, an independent Parquet reader).
+published bronze hours under s3://BUCKET/PREFIX (read with pyarrow, an independent Parquet reader).
 
 Usage: landed.py ENDPOINT DATABASE TABLE BUCKET PREFIX
 Prints JSON: {"timestream": [[series, ts_ms, value], ...], "timestream_records": N (writes moto stored),
               "timestream_rewrites": N, "timestream_replaced": N, "timestream_erased_measures": N,
               "timestream_conflicts": N,
-              "parquet": [[series, ts_ms, value], ...], "parquet_files": [key, ...], "dead_letters": [key, ...],
+              "parquet": [[series, ts_ms, value], ...], "parquet_files": [key, ...],
+              "landing_rows": N, "landing_files": [key, ...], "dead_letters": [key, ...],
               "dead_letter_lines": [the JSON lines of every .jsonl dead letter]}
+"parquet" is what a reader of the bronze table sees: the rows of the published hours only
+(PREFIX/dt=YYYY-MM-DD/hour=HH/*.parquet, as Athena and Glue read them); files under "_"-prefixed directories
+(the landing area _landing/, _compaction/, _dead_letter/) are not part of the table. The landing area's files and
+row count are reported beside it ("landing_files", "landing_rows": landed but not yet published).
 Numeric (double) readings only; values printed with repr (exact round trip).
 """
 import json
 import sys
+
+import boto3
 import urllib.request
 
-import pyarrow.dataset as ds
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 endpoint, database, table, bucket, prefix = sys.argv[1:6]
 data = json.load(urllib.request.urlopen(endpoint + "/moto-api/data.json"))
@@ -59,10 +67,33 @@ for (dims, time, _), (_, measures) in state.items():
 host = endpoint.split("://", 1)[1]
 s3 = pafs.S3FileSystem(endpoint_override=host, scheme="http", access_key="testing", secret_key="testing", region="us-east-1")
 base = f"{bucket}/{prefix}".rstrip("/")
-files = [f.path for f in s3.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)) if f.path.endswith(".parquet") and "/_dead_letter/" not in f.path]
+everything = [f.path for f in s3.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+              if f.type == pafs.FileType.File and f.path.endswith(".parquet")]
+
+
+def relative_parts(path):
+    return path[len(base) + 1:].split("/")
+
+
+# Published: dt=…/hour=…/<file> directly under the prefix. Anything under a "_" directory is outside the table.
+files = [p for p in everything
+         if len(relative_parts(p)) == 3 and not any(x.startswith("_") for x in relative_parts(p))
+         and relative_parts(p)[0].startswith("dt=") and relative_parts(p)[1].startswith("hour=")]
+landing = [p for p in everything if relative_parts(p)[0] == "_landing"]
+landing_rows = 0
+for path in landing:
+    try:
+        landing_rows += pq.ParquetFile(s3.open_input_file(path)).metadata.num_rows
+    except Exception:  # published and deleted since the listing
+        pass
 parquet = []
-if files:
-    table_ = ds.dataset(files, filesystem=s3, format="parquet").to_table(columns=["series", "time", "value_double"])
+boto = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                    aws_secret_access_key="testing")
+for path in files:
+    # One plain GET per file: a part republished while it is read is read whole, before or after (ranged reads
+    # could mix the footer of one version with the data of the next).
+    data = boto.get_object(Bucket=bucket, Key=path[len(bucket) + 1:])["Body"].read()
+    table_ = pq.read_table(pa.BufferReader(data), columns=["series", "time", "value_double"])
     times = table_.column("time").cast("int64").to_pylist()
     for s, t, v in zip(table_.column("series").to_pylist(), times, table_.column("value_double").to_pylist()):
         if v is not None:
@@ -75,5 +106,6 @@ for path in dead:
             dead_lines += [json.loads(line) for line in f.read().decode().splitlines() if line]
 print(json.dumps({"timestream": rows, "timestream_records": n_records, "timestream_rewrites": rewrites,
                   "timestream_replaced": replaced, "timestream_erased_measures": erased,
-                  "timestream_conflicts": conflicts, "parquet": parquet, "parquet_files": files, "dead_letters": dead,
+                  "timestream_conflicts": conflicts, "parquet": parquet, "parquet_files": files,
+                  "landing_rows": landing_rows, "landing_files": landing, "dead_letters": dead,
                   "dead_letter_lines": dead_lines}))

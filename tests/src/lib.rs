@@ -5,6 +5,7 @@
 //! poll a condition with a deadline.
 #![allow(clippy::unwrap_used, unreachable_pub, missing_debug_implementations)]
 
+pub mod bronze;
 pub mod influx;
 
 use std::collections::BTreeMap;
@@ -91,6 +92,27 @@ pub fn cross_bin(triple: &str, name: &str) -> PathBuf {
     assert!(
         p.exists(),
         "{} missing: run `cargo build -p fieldlink-agent --target {triple}` first (deploy/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// The cargo profile of the static builds the tests run (`deploy/build-static.sh --profile …`, which the test
+/// command runs before the tests): `FIELDLINK_STATIC_PROFILE`, default `ci-static`.
+pub fn static_profile() -> String {
+    std::env::var("FIELDLINK_STATIC_PROFILE").unwrap_or_else(|_| "ci-static".into())
+}
+
+/// A binary of the static build for `triple` (`target/<triple>/<static profile>/<name>`): the musl builds
+/// (x86_64, aarch64) and the armv7 one (glibc 2.28) that ship in the packages and the container image.
+pub fn static_bin(triple: &str, name: &str) -> PathBuf {
+    // target/<profile>/<name> → target/
+    let target_dir = bin(name).parent().unwrap().parent().unwrap().to_path_buf();
+    let profile = static_profile();
+    let p = target_dir.join(triple).join(&profile).join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `deploy/build-static.sh --profile {profile} --no-images` first (deploy/test.sh does)",
         p.display()
     );
     p
@@ -957,7 +979,8 @@ pub fn describe_difference(
     )
 }
 
-/// A `fieldlink-cloud` configuration for tests: short leases and commits, landed-batch debug logs, both sinks.
+/// A `fieldlink-cloud` configuration for tests: short leases and commits, landed-batch debug logs, both sinks, and
+/// a compactor that publishes every hour (open ones too) within a second of its landing files.
 /// `timestream_extra` goes into the `[timestream]` section.
 pub fn cloud_toml(
     metrics_port: u16,
@@ -992,8 +1015,28 @@ table = "readings"
 [parquet]
 location = "{parquet_location}"
 max_rows_per_file = 5000
-"#
+[compaction]
+interval_ms = 1000
+grace_s = 0
+publish_open_hours = true
+work_dir = "{work_dir}"
+"#,
+        work_dir = std::env::temp_dir()
+            .join(format!(
+                "fieldlink-compaction-{}-{stream}",
+                std::process::id()
+            ))
+            .display()
     )
+}
+
+/// Runs `fieldlink-cloud compact --once` with the configuration at `config` (one compaction round: every closed
+/// hour of the landing area published) and returns what it printed; panics unless it succeeds.
+pub fn compact_once(config: &Path) -> String {
+    let mut cmd = Command::new(bin("fieldlink-cloud"));
+    cmd.arg("compact").arg("--once").arg("--config").arg(config);
+    aws_env(&mut cmd);
+    run_ok(&mut cmd)
 }
 
 /// The Timestream database and table and the S3 bucket of [`Cloud`] (Parquet under `s3://CLOUD_BUCKET/<stream>`).
@@ -1100,6 +1143,75 @@ pub fn batch_of(rows: &[(String, i64, f64)], agent: &str, seq: u64) -> fieldlink
         });
     }
     batch
+}
+
+/// The cloud's lease table `name` on moto's DynamoDB (real conditional writes), with a runtime to drive it.
+pub fn lease_table(
+    moto: &Moto,
+    name: &str,
+) -> (tokio::runtime::Runtime, fieldlink_cloud::lease::LeaseTable) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let settings = fieldlink_ops::aws::AwsSettings {
+        region: Some("us-east-1".into()),
+        endpoint_url: Some(moto.endpoint.clone()),
+        ..Default::default()
+    };
+    let sdk = rt.block_on(settings.sdk_config());
+    let conf = aws_sdk_dynamodb::config::Builder::from(&sdk)
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .build();
+    let table =
+        fieldlink_cloud::lease::LeaseTable::new(aws_sdk_dynamodb::Client::from_conf(conf), name);
+    rt.block_on(table.ensure()).unwrap();
+    (rt, table)
+}
+
+/// The numbers `n` of the `crash/devK/n` readings landed in `sink` ("parquet" or "timestream") of a [`landed`]
+/// answer, each as often as it landed.
+pub fn landed_numbers(v: &serde_json::Value, sink: &str) -> Vec<u64> {
+    landed_rows(v, sink)
+        .into_iter()
+        .filter(|(s, _, _)| s.starts_with("crash/") && s.ends_with("/n"))
+        .map(|(_, _, bits)| f64::from_bits(bits) as u64)
+        .collect()
+}
+
+/// Waits until every number in `acked` is in Parquet and in Timestream, then checks each sink holds each exactly
+/// once (multisets; numbers the broker did not acknowledge at most once) and no Timestream conflict; panics naming
+/// `what` otherwise. Returns the [`landed`] answer.
+pub fn assert_numbers_landed_once(
+    moto: &Moto,
+    stream: &str,
+    acked: &[u64],
+    timeout: Duration,
+    what: &str,
+) -> serde_json::Value {
+    let v = wait_for(
+        &format!("{what}: every acknowledged reading in Parquet and Timestream"),
+        timeout,
+        || {
+            let v = landed(moto, stream);
+            ["parquet", "timestream"]
+                .iter()
+                .all(|sink| {
+                    let got: std::collections::BTreeSet<u64> =
+                        landed_numbers(&v, sink).into_iter().collect();
+                    acked.iter().all(|n| got.contains(n))
+                })
+                .then_some(v)
+        },
+    );
+    for sink in ["parquet", "timestream"] {
+        let problem = exactly_once(acked, &landed_numbers(&v, sink));
+        assert!(problem.is_empty(), "{what}, {sink}: {problem}");
+    }
+    assert_eq!(v["timestream_conflicts"], 0, "{what}: Timestream conflicts");
+    v
 }
 
 /// Runs the independent alarm model (`tests/python/alarm_model.py`) on `rules` (the `[[alarms.rules]]` tables as

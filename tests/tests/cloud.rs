@@ -545,32 +545,6 @@ fn timestream_throttling_and_rejected_records_from_a_fault_proxy_are_retried_and
     );
 }
 
-/// The cloud's lease table on moto's DynamoDB (real conditional writes), with a runtime to drive it.
-fn lease_table(
-    moto: &Moto,
-    name: &str,
-) -> (tokio::runtime::Runtime, fieldlink_cloud::lease::LeaseTable) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let settings = fieldlink_ops::aws::AwsSettings {
-        region: Some("us-east-1".into()),
-        endpoint_url: Some(moto.endpoint.clone()),
-        ..Default::default()
-    };
-    let sdk = rt.block_on(settings.sdk_config());
-    let conf = aws_sdk_dynamodb::config::Builder::from(&sdk)
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
-            "testing", "testing", None, None, "test",
-        ))
-        .build();
-    let table =
-        fieldlink_cloud::lease::LeaseTable::new(aws_sdk_dynamodb::Client::from_conf(conf), name);
-    rt.block_on(table.ensure()).unwrap();
-    (rt, table)
-}
-
 #[test]
 fn a_task_whose_lease_was_lost_and_retaken_can_no_longer_commit_while_the_current_task_can() {
     let dir = tempfile::tempdir().unwrap();

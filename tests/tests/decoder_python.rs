@@ -1,9 +1,9 @@
 //! The independent Python decoder (`tests/python/fieldlink_decode.py`, written from `proto/FORMAT.md`) reads
-//! records made by the Rust encoder and gets the same readings.
+//! records of both format versions made by the Rust encoder and gets the same readings, doubles bit for bit.
 #![allow(clippy::unwrap_used)]
 
 use fieldlink_e2e::{run_python, script};
-use fieldlink_proto::{decode, encode, Batch, Quality, Reading, Series, Value};
+use fieldlink_proto::{decode, Batch, Encoder, Quality, Reading, Series, Value, Version};
 use serde_json::Value as Json;
 
 fn batches() -> Vec<Batch> {
@@ -88,7 +88,60 @@ fn batches() -> Vec<Batch> {
             })
             .collect(),
     };
-    vec![edge, real]
+    // Doubles that take every version 2 path: decimals with exceptions (NaN payloads, -0.0, infinities,
+    // subnormals, 17-digit values) among them, a series of nothing but exceptions, integers as differences.
+    let specials = [
+        f64::from_bits(0x7ff8_dead_beef_0001),
+        -0.0,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::from_bits(1),
+        0.1 + 0.2,
+        9_007_199_254_740_992.0,
+        1e22,
+        1e-22,
+    ];
+    let mut exact = Batch {
+        agent_id: "edge-3".into(),
+        epoch: 3,
+        seq: 3,
+        series: vec![
+            Series {
+                key: "plant/meter/000/value".into(),
+                tags: vec![("site".into(), "muc".into())],
+            },
+            Series {
+                key: "plant/meter/001/value".into(),
+                tags: vec![("site".into(), "muc".into())],
+            },
+            Series::new("plant/meter/001/count"),
+        ],
+        readings: Vec::new(),
+    };
+    for i in 0..400i64 {
+        let decimal: f64 = format!("{}.{:02}", 230 + i % 13, (i * 37) % 100)
+            .parse()
+            .unwrap();
+        let v0 = if i % 40 == 7 {
+            specials[(i / 40) as usize % specials.len()]
+        } else {
+            decimal
+        };
+        for (series, value) in [
+            (0, Value::F64(v0)),
+            (1, Value::F64(specials[i as usize % specials.len()])),
+            (2, Value::I64(1_000_000 + i * 3)),
+        ] {
+            exact.readings.push(Reading {
+                series,
+                ts_ms: 1_772_431_200_000 + i * 1000 + (i % 3),
+                value,
+                quality: Quality::Good,
+                late: false,
+            });
+        }
+    }
+    vec![edge, real, exact]
 }
 
 fn hex(b: &[u8]) -> String {
@@ -127,12 +180,17 @@ fn python_decoder_reads_what_the_rust_encoder_writes() {
     let dir = tempfile::tempdir().unwrap();
     let mut args = vec![script("fieldlink_decode.py").to_str().unwrap().to_owned()];
     let mut expected = Vec::new();
+    let mut encoder = Encoder::new(3).unwrap();
     for (i, b) in batches().iter().enumerate() {
-        let record = encode(b, 3).unwrap();
-        let path = dir.path().join(format!("r{i}.bin"));
-        std::fs::write(&path, &record).unwrap();
-        args.push(path.to_str().unwrap().to_owned());
-        expected.push(as_json(&decode(&record).unwrap()));
+        for version in [Version::V1, Version::V2] {
+            let record = encoder.encode_version(b, version).unwrap();
+            let path = dir.path().join(format!("r{i}-{}.bin", version as u8));
+            std::fs::write(&path, &record).unwrap();
+            args.push(path.to_str().unwrap().to_owned());
+            let mut want = as_json(&decode(&record).unwrap());
+            want["version"] = Json::from(record[4]);
+            expected.push(want);
+        }
     }
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run_python(&refs);
@@ -144,8 +202,11 @@ fn python_decoder_reads_what_the_rust_encoder_writes() {
     for (g, e) in got.iter().zip(&expected) {
         assert_eq!(g, e);
     }
-    // The real-data batch really carried 5000 readings.
-    assert_eq!(got[1]["readings"].as_array().map(Vec::len), Some(5000));
+    // Both versions of the real-data batch really carried 5000 readings, and the larger batches were version 2.
+    assert_eq!(got[2]["readings"].as_array().map(Vec::len), Some(5000));
+    assert_eq!(got[3]["readings"].as_array().map(Vec::len), Some(5000));
+    let versions: Vec<u64> = got.iter().map(|g| g["version"].as_u64().unwrap()).collect();
+    assert_eq!(versions[2..], [1, 2, 1, 2]);
 }
 
 #[test]

@@ -156,8 +156,10 @@ fn mqtt_readings_land_exactly_once_in_timestream_and_parquet() {
         },
     );
 
-    // Graceful shutdown writes the staged Parquet files; the agent exits cleanly with nothing pending.
+    // Graceful shutdown writes the staged Parquet files into the landing area, and one compaction round
+    // publishes what the running compactor had not; the agent exits cleanly with nothing pending.
     cloud.terminate(Duration::from_secs(30));
+    compact_once(&cloud_toml);
     let agent_metrics = http_get(agent_port, "/metrics").unwrap();
     assert_eq!(
         metric(&agent_metrics, "fieldlink_readings_received_total"),
@@ -282,6 +284,7 @@ fn modbus_readings_land_in_timestream_and_parquet() {
         .any(|r| r.0 == "plant/pump-7/pressure" && f64::from_bits(r.2) == 230.5));
     agent.stop();
     cloud.terminate(Duration::from_secs(30));
+    compact_once(&cloud_toml);
     let v: serde_json::Value = serde_json::from_str(&run_python(&landed_args)).unwrap();
     let ts = counted(landed_rows(&v, "timestream"));
     let pq = counted(landed_rows(&v, "parquet"));

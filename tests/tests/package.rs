@@ -1,9 +1,11 @@
-//! The agent's Debian package (`deploy/package-deb.sh`), built from the test build's binary and installed with the
-//! real dpkg into a scratch root (`dpkg --root`, maintainer scripts run with `$DPKG_ROOT`): install, upgrade with
-//! an edited configuration, remove, purge.
+//! The agent's Debian package (`deploy/package-deb.sh`) and tarball (`deploy/package-tar.sh`), built from the
+//! static x86_64 test build (`deploy/build-static.sh --profile ci-static`). The .deb is installed with the real dpkg
+//! into a scratch root (`dpkg --root`, maintainer scripts run with `$DPKG_ROOT`): install, upgrade with an edited
+//! configuration, remove, purge. The tarball's install.sh runs with `DESTDIR`: first install, then again over an
+//! edited configuration.
 #![allow(clippy::unwrap_used)]
 
-use fieldlink_e2e::{bin, root, run_ok as run};
+use fieldlink_e2e::{root, run_ok as run, static_bin};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,11 +18,51 @@ fn dpkg(scratch: &Path, args: &[&str]) -> String {
         .args(args))
 }
 
+/// `d/root` with empty account files and an empty dpkg database.
+fn scratch_root(d: &Path) -> PathBuf {
+    let scratch = d.join("root");
+    for sub in ["var/lib/dpkg/info", "var/lib/dpkg/updates", "etc"] {
+        std::fs::create_dir_all(scratch.join(sub)).unwrap();
+    }
+    for f in [
+        "var/lib/dpkg/status",
+        "etc/passwd",
+        "etc/group",
+        "etc/shadow",
+        "etc/gshadow",
+    ] {
+        std::fs::write(scratch.join(f), "").unwrap();
+    }
+    scratch
+}
+
+/// The gid of group `fieldlink` in the root's /etc/group.
+fn fieldlink_gid(scratch: &Path) -> u32 {
+    let group = std::fs::read_to_string(scratch.join("etc/group")).unwrap();
+    group
+        .lines()
+        .find_map(|l| l.strip_prefix("fieldlink:x:"))
+        .and_then(|r| r.split(':').next())
+        .unwrap_or_else(|| panic!("no group fieldlink in {group:?}"))
+        .parse()
+        .unwrap()
+}
+
+/// The root's passwd lines of user `fieldlink`.
+fn fieldlink_users(scratch: &Path) -> Vec<String> {
+    std::fs::read_to_string(scratch.join("etc/passwd"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("fieldlink:"))
+        .map(str::to_owned)
+        .collect()
+}
+
 #[test]
 fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping_the_buffer() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let agent = bin("fieldlink-agent");
+    let agent = static_bin("x86_64-unknown-linux-musl", "fieldlink-agent");
     let deb = run(Command::new(root().join("deploy/package-deb.sh"))
         .arg("--binary")
         .arg(&agent)
@@ -35,26 +77,12 @@ fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping
         "{deb:?}"
     );
 
-    // Fields: libc6's minimum is the newest GLIBC_ symbol version the binary needs (read here with objdump, the
-    // script uses readelf).
+    // A static binary: no Depends at all (it runs without any libc on the system).
     let field = |f: &str| run(Command::new("dpkg-deb").arg("--field").arg(&deb).arg(f));
     assert_eq!(field("Architecture").trim(), "amd64");
-    let needed = run(Command::new("objdump").arg("-T").arg(&agent))
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
-        .filter_map(|w| w.strip_prefix("GLIBC_"))
-        .map(|v| {
-            v.split('.')
-                .map(|n| n.parse::<u32>().unwrap())
-                .collect::<Vec<_>>()
-        })
-        .max()
-        .unwrap();
-    let needed = needed
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(".");
-    assert_eq!(field("Depends").trim(), format!("libc6 (>= {needed})"));
+    assert_eq!(field("Depends").trim(), "");
+    let program_headers = run(Command::new("readelf").arg("-lW").arg(&agent));
+    assert!(!program_headers.contains("INTERP"), "{program_headers}");
 
     // Contents and modes.
     let contents = run(Command::new("dpkg-deb").arg("--contents").arg(&deb));
@@ -79,40 +107,18 @@ fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping
     }
 
     // A scratch root with an empty dpkg database and empty account files.
-    let scratch = d.join("root");
-    for sub in ["var/lib/dpkg/info", "var/lib/dpkg/updates", "etc"] {
-        std::fs::create_dir_all(scratch.join(sub)).unwrap();
-    }
-    for f in [
-        "var/lib/dpkg/status",
-        "etc/passwd",
-        "etc/group",
-        "etc/shadow",
-        "etc/gshadow",
-    ] {
-        std::fs::write(scratch.join(f), "").unwrap();
-    }
+    let scratch = scratch_root(d);
     let said = dpkg(&scratch, &["-i", deb.to_str().unwrap()]);
     assert!(said.contains("edit /etc/fieldlink/agent.toml"), "{said}");
 
     // The system user and group, the configuration readable by root and that group only.
-    let passwd = std::fs::read_to_string(scratch.join("etc/passwd")).unwrap();
-    let user = passwd
-        .lines()
-        .find(|l| l.starts_with("fieldlink:"))
-        .unwrap_or_else(|| panic!("no user fieldlink in {passwd:?}"));
+    let users = fieldlink_users(&scratch);
+    assert_eq!(users.len(), 1, "{users:?}");
     assert!(
-        user.ends_with(":/var/lib/fieldlink:/usr/sbin/nologin"),
-        "{user}"
+        users[0].ends_with(":/var/lib/fieldlink:/usr/sbin/nologin"),
+        "{users:?}"
     );
-    let group = std::fs::read_to_string(scratch.join("etc/group")).unwrap();
-    let gid: u32 = group
-        .lines()
-        .find_map(|l| l.strip_prefix("fieldlink:x:"))
-        .and_then(|r| r.split(':').next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let gid = fieldlink_gid(&scratch);
     let conf = scratch.join("etc/fieldlink/agent.toml");
     let meta = std::fs::metadata(&conf).unwrap();
     assert_eq!(
@@ -142,14 +148,7 @@ fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping
     let said = dpkg(&scratch, &["-i", deb.to_str().unwrap()]);
     assert!(!said.contains("edit /etc/fieldlink/agent.toml"), "{said}");
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), edited);
-    let passwd = std::fs::read_to_string(scratch.join("etc/passwd")).unwrap();
-    assert_eq!(
-        passwd
-            .lines()
-            .filter(|l| l.starts_with("fieldlink:"))
-            .count(),
-        1
-    );
+    assert_eq!(fieldlink_users(&scratch).len(), 1);
 
     // Remove keeps the configuration; purge removes it but keeps the buffer directory (unsent readings).
     let state = scratch.join("var/lib/fieldlink");
@@ -166,8 +165,108 @@ fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping
         "unsent"
     );
     eprintln!(
-        "package: {} ({} bytes), libc6 >= {needed}; installed, upgraded with an edited conffile kept, removed, purged",
+        "package: {} ({} bytes), static, no Depends; installed, upgraded with an edited conffile kept, removed, purged",
         deb.display(),
         std::fs::metadata(&deb).unwrap().len()
+    );
+}
+
+#[test]
+fn the_tarball_installs_into_a_root_and_a_second_install_keeps_the_edited_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let agent = static_bin("x86_64-unknown-linux-musl", "fieldlink-agent");
+    let tarball = run(Command::new(root().join("deploy/package-tar.sh"))
+        .args(["--target", "x86_64-unknown-linux-musl", "--binary"])
+        .arg(&agent)
+        .arg("--out")
+        .arg(d.join("out")));
+    let tarball = PathBuf::from(tarball.trim());
+    let name = format!("fieldlink-agent-{}-x86_64", env!("CARGO_PKG_VERSION"));
+    assert!(tarball.ends_with(format!("{name}.tar.gz")), "{tarball:?}");
+    let listing = run(Command::new("tar").arg("-tvzf").arg(&tarball));
+    let mut files: Vec<(String, String)> = listing
+        .lines()
+        .filter(|l| !l.starts_with('d'))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].to_owned(), f[f.len() - 1].to_owned())
+        })
+        .collect();
+    files.sort();
+    let want = |mode: &str, f: &str| (mode.to_owned(), format!("{name}/{f}"));
+    let mut expected = vec![
+        want("-rw-r--r--", "agent.example.toml"),
+        want("-rw-r--r--", "fieldlink-agent.service"),
+        want("-rwxr-xr-x", "fieldlink-agent"),
+        want("-rwxr-xr-x", "install.sh"),
+    ];
+    expected.sort();
+    assert_eq!(files, expected, "{listing}");
+
+    run(Command::new("tar")
+        .arg("-xzf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(d));
+    let scratch = scratch_root(d);
+    let install = || run(Command::new(d.join(&name).join("install.sh")).env("DESTDIR", &scratch));
+    let said = install();
+    assert!(said.contains("edit /etc/fieldlink/agent.toml"), "{said}");
+
+    // The binary, the unit, the user, the configuration (root:fieldlink 0640), the buffer directory.
+    let installed = scratch.join("usr/bin/fieldlink-agent");
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        std::fs::read(&agent).unwrap()
+    );
+    assert_eq!(
+        std::fs::metadata(&installed).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    assert_eq!(
+        std::fs::read(scratch.join("etc/systemd/system/fieldlink-agent.service")).unwrap(),
+        std::fs::read(root().join("deploy/systemd/fieldlink-agent.service")).unwrap()
+    );
+    let users = fieldlink_users(&scratch);
+    assert_eq!(users.len(), 1, "{users:?}");
+    assert!(
+        users[0].ends_with(":/var/lib/fieldlink:/usr/sbin/nologin"),
+        "{users:?}"
+    );
+    let uid: u32 = users[0].split(':').nth(2).unwrap().parse().unwrap();
+    let gid = fieldlink_gid(&scratch);
+    let conf = scratch.join("etc/fieldlink/agent.toml");
+    let meta = std::fs::metadata(&conf).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.permissions().mode() & 0o777),
+        (0, gid, 0o640)
+    );
+    assert_eq!(
+        std::fs::read(&conf).unwrap(),
+        std::fs::read(root().join("deploy/agent.example.toml")).unwrap()
+    );
+    let state = std::fs::metadata(scratch.join("var/lib/fieldlink")).unwrap();
+    assert_eq!(
+        (state.uid(), state.gid(), state.permissions().mode() & 0o777),
+        (uid, gid, 0o750)
+    );
+    let checked = run(Command::new(&installed)
+        .args(["check-config", "--config"])
+        .arg(&conf));
+    assert!(checked.contains(": OK"), "{checked}");
+
+    // Again (an upgrade): the edited configuration stays, the user is not created twice.
+    let mut edited = std::fs::read_to_string(&conf).unwrap();
+    edited.push_str("# site edit\n");
+    std::fs::write(&conf, &edited).unwrap();
+    let said = install();
+    assert!(said.contains("kept /etc/fieldlink/agent.toml"), "{said}");
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), edited);
+    assert_eq!(fieldlink_users(&scratch).len(), 1);
+    eprintln!(
+        "tarball: {} ({} bytes) installed into a root and again over an edited configuration",
+        tarball.display(),
+        std::fs::metadata(&tarball).unwrap().len()
     );
 }

@@ -13,10 +13,14 @@ use tokio_util::sync::CancellationToken;
 /// What a reader hands on.
 #[derive(Debug)]
 pub(crate) enum ShardItem {
-    /// The records of one `GetRecords` call: `(sequence number, data)` in shard order.
+    /// The records of one `GetRecords` call: `(sequence number, data)` in shard order (none when the call
+    /// returned none: the position still moves).
     Records {
         records: Vec<(String, Vec<u8>)>,
         millis_behind: i64,
+        /// Unix ms before which every record that arrived in the shard is in this call or an earlier one: the
+        /// call's start on this host's clock less `MillisBehindLatest` (the call's start when caught up).
+        position_ms: i64,
     },
     /// The shard is closed (split or merged) and every record was handed on.
     End,
@@ -179,6 +183,7 @@ pub(crate) async fn read(
                 }
             },
         };
+        let read_at = fieldlink_ops::unix_ms();
         let resp = tokio::select! {
             _ = cancel.cancelled() => return,
             r = client.get_records().shard_iterator(&current).limit(p.max_records).send() => r,
@@ -195,15 +200,15 @@ pub(crate) async fn read(
                 if let Some((seq, _)) = records.last() {
                     start = Start::After(seq.clone());
                 }
-                if !empty {
-                    let item = ShardItem::Records {
-                        records,
-                        millis_behind: out.millis_behind_latest().unwrap_or(0),
-                    };
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        sent = tx.send(item) => if sent.is_err() { return },
-                    }
+                let millis_behind = out.millis_behind_latest().unwrap_or(0);
+                let item = ShardItem::Records {
+                    records,
+                    millis_behind,
+                    position_ms: read_at - millis_behind.max(0),
+                };
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    sent = tx.send(item) => if sent.is_err() { return },
                 }
                 match out.next_shard_iterator() {
                     Some(next) => it = Some(next.to_owned()),

@@ -6,6 +6,11 @@
 //! move the checkpoint to its end. A worker that starts on a lease with a pending commit reads from the
 //! checkpoint and commits exactly at the pending end, whatever its own size and time triggers say, so the
 //! repeated commit writes the same objects with the same rows.
+//!
+//! The checkpoint write also sets the shard's time watermark (`watermarkMs`): the position of the last
+//! `GetRecords` call whose records are all in the commit (see [`ShardItem::Records`]), so every record that
+//! arrived before it is durable. While nothing is uncommitted, the watermark follows the reads (at most once per
+//! `commit_idle`), so an idle shard read to its tip does not hold back the compactor's closed hours.
 
 use super::reader::{self, ReadParams, ShardItem, Start};
 use crate::land::dead::DeadLetters;
@@ -69,6 +74,10 @@ struct Commit {
     pending: Option<String>,
     /// What the lease writes of this worker are conditional on.
     fence: Fence,
+    /// The position of the last read whose records were all landed (staged): the watermark of a commit now.
+    position: Option<i64>,
+    /// The watermark last written, and when.
+    watermark: Option<(i64, Instant)>,
 }
 
 /// Runs a worker for `lease` (just taken by this process) until the shard ends, `stop` fires, or it fails.
@@ -125,6 +134,8 @@ pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationTo
         last_record: Instant::now(),
         pending: lease.pending.clone(),
         fence,
+        position: None,
+        watermark: None,
     };
     let lag = shared.metrics.shard_lag(&shard);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -154,11 +165,12 @@ pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationTo
                         Err(e) => Outcome::Failed(e),
                     };
                 }
-                Some(ShardItem::Records { records, millis_behind }) => {
+                Some(ShardItem::Records { records, millis_behind, position_ms }) => {
                     lag.set(millis_behind);
                     if let Err(o) = land_all(&shared, &shard, &mut lander, &mut c, records).await {
                         break o;
                     }
+                    c.position = Some(position_ms);
                 }
             },
             _ = tick.tick() => {
@@ -170,6 +182,9 @@ pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationTo
                     if let Err(o) = commit(&shared, &shard, &mut lander, &mut c).await {
                         break o;
                     }
+                }
+                if let Err(o) = idle_watermark(&shared, &shard, &mut c).await {
+                    break o;
                 }
             }
         }
@@ -245,14 +260,47 @@ async fn commit(
         .commit(&first)
         .await
         .map_err(|e| Outcome::Failed(e.to_string()))?;
-    match table_op(|| shared.table.checkpoint(shard, &last, &c.fence)).await {
+    let watermark = c.position;
+    match table_op(|| {
+        shared
+            .table
+            .checkpoint_at(shard, &last, watermark, &c.fence)
+    })
+    .await
+    {
         Ok(true) => {}
         Ok(false) => return Err(Outcome::Lost),
         Err(e) => return Err(Outcome::Failed(e)),
     }
+    if let Some(w) = watermark {
+        c.watermark = Some((w, Instant::now()));
+    }
     shared.metrics.checkpoints.inc();
     tracing::debug!(shard = %shard, first = %first.sequence_number, last = %last, "checkpoint");
     Ok(())
+}
+
+/// Moves the shard's watermark to the reads while nothing is uncommitted (at most once per `commit_idle`), so
+/// an idle shard read to its tip does not hold back closed hours. `Err` ends the worker.
+async fn idle_watermark(shared: &Shared, shard: &str, c: &mut Commit) -> Result<(), Outcome> {
+    let Some(position) = c.position else {
+        return Ok(());
+    };
+    let due = c.first.is_none()
+        && c.pending.is_none()
+        && c.watermark
+            .is_none_or(|(w, at)| position > w && at.elapsed() >= shared.commit_idle);
+    if !due {
+        return Ok(());
+    }
+    match table_op(|| shared.table.watermark(shard, position, &c.fence)).await {
+        Ok(true) => {
+            c.watermark = Some((position, Instant::now()));
+            Ok(())
+        }
+        Ok(false) => Err(Outcome::Lost),
+        Err(e) => Err(Outcome::Failed(e)),
+    }
 }
 
 /// A lease-table call, retried a few times on errors (not on a failed condition, which is an answer).

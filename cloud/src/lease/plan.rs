@@ -43,6 +43,11 @@ pub struct Lease {
     /// `leaseTakeCounter`: the `leaseCounter` the take that gave the lease to its owner wrote. Renewals leave it
     /// alone; every take changes it (the counter only grows). Commits are fenced on it: see [`Fence`].
     pub take_counter: Option<u64>,
+    /// `watermarkMs`: the shard's time watermark, Unix ms: every record that arrived in the shard before it is
+    /// checkpointed (durable in every sink). Written with each checkpoint, and while the shard is idle and read
+    /// to its tip. The compactor publishes an hour once every live shard's watermark is past the hour's end
+    /// plus a grace ([`crate::compaction`]). `None`: never written (no reader has committed since).
+    pub watermark_ms: Option<i64>,
 }
 
 impl Lease {
@@ -242,6 +247,7 @@ mod tests {
             pending: None,
             parents: Vec::new(),
             take_counter: owner.map(|_| counter),
+            watermark_ms: None,
         }
     }
 

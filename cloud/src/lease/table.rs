@@ -1,7 +1,11 @@
 //! The lease table in DynamoDB, in the Kinesis Client Library's schema: hash key `leaseKey` (the shard id),
 //! `leaseOwner`, `leaseCounter`, `checkpoint`, `checkpointSubSequenceNumber` (always 0: fieldlink does not
 //! aggregate records), `ownerSwitchesSinceCheckpoint`, `parentShardIds`, plus `pendingCheckpoint` (see
-//! [`super::plan::Lease::pending`]) and `leaseTakeCounter` (see [`Fence`]).
+//! [`super::plan::Lease::pending`]), `leaseTakeCounter` (see [`Fence`]) and `watermarkMs` (see
+//! [`super::plan::Lease::watermark_ms`]).
+//!
+//! Leases that are not shards (the compactor's, [`crate::compaction`]) live in the same table with
+//! `leaseKind` set; [`LeaseTable::list`] leaves them out, [`LeaseTable::get`] reads one.
 //!
 //! Every change is a conditional write, so two workers never both believe they own a shard, and no task
 //! commits for a lease it no longer holds: taking is conditional on the counter the taker saw, renewing on
@@ -83,6 +87,10 @@ fn lease_of(item: &Item) -> Option<Lease> {
         .get("leaseTakeCounter")
         .and_then(|v| v.as_n().ok())
         .and_then(|v| v.parse().ok());
+    let watermark_ms = item
+        .get("watermarkMs")
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok());
     Some(Lease {
         key,
         owner,
@@ -91,7 +99,13 @@ fn lease_of(item: &Item) -> Option<Lease> {
         pending,
         parents,
         take_counter,
+        watermark_ms,
     })
+}
+
+/// Whether an item is a shard lease (not a singleton such as the compactor's).
+fn is_shard(item: &Item) -> bool {
+    !item.contains_key("leaseKind")
 }
 
 impl LeaseTable {
@@ -186,7 +200,7 @@ impl LeaseTable {
         }
     }
 
-    /// Every lease (a consistent scan).
+    /// Every shard lease (a consistent scan; singletons such as the compactor's lease are left out).
     pub async fn list(&self) -> Result<Vec<Lease>, TableError> {
         let mut out = Vec::new();
         let mut start: Option<Item> = None;
@@ -200,7 +214,12 @@ impl LeaseTable {
                 .send()
                 .await
                 .map_err(|e| self.err("Scan", &e))?;
-            out.extend(resp.items().iter().filter_map(lease_of));
+            out.extend(
+                resp.items()
+                    .iter()
+                    .filter(|i| is_shard(i))
+                    .filter_map(lease_of),
+            );
             match resp.last_evaluated_key() {
                 Some(k) if !k.is_empty() => start = Some(k.clone()),
                 _ => return Ok(out),
@@ -233,6 +252,38 @@ impl LeaseTable {
             Err(e) if is_condition_failure(&e) => Ok(false),
             Err(e) => Err(self.err("PutItem", &e)),
         }
+    }
+
+    /// Creates the lease of a singleton task (not a shard: `leaseKind` = `kind`) unless it exists. Returns
+    /// whether it was created.
+    pub async fn create_singleton(&self, key: &str, kind: &str) -> Result<bool, TableError> {
+        let req = self
+            .client
+            .put_item()
+            .table_name(&self.name)
+            .item("leaseKey", s(key))
+            .item("leaseKind", s(kind))
+            .item("leaseCounter", n(0))
+            .condition_expression("attribute_not_exists(leaseKey)");
+        match req.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failure(&e) => Ok(false),
+            Err(e) => Err(self.err("PutItem", &e)),
+        }
+    }
+
+    /// One lease (a consistent read), shard or singleton; `None` if there is none.
+    pub async fn get(&self, key: &str) -> Result<Option<Lease>, TableError> {
+        let resp = self
+            .client
+            .get_item()
+            .table_name(&self.name)
+            .key("leaseKey", s(key))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| self.err("GetItem", &e))?;
+        Ok(resp.item().and_then(lease_of))
     }
 
     /// Takes `shard` if its counter is still `counter`. Returns the lease as now stored (its [`Fence`] is the
@@ -315,12 +366,46 @@ impl LeaseTable {
         checkpoint: &str,
         fence: &Fence,
     ) -> Result<bool, TableError> {
+        self.checkpoint_at(shard, checkpoint, None, fence).await
+    }
+
+    /// [`LeaseTable::checkpoint`], and sets the shard's time watermark to `watermark_ms` if given (in the same
+    /// write).
+    pub async fn checkpoint_at(
+        &self,
+        shard: &str,
+        checkpoint: &str,
+        watermark_ms: Option<i64>,
+        fence: &Fence,
+    ) -> Result<bool, TableError> {
+        let mut values = vec![(":v", s(checkpoint)), (":zero", n(0))];
+        let update = match watermark_ms {
+            Some(w) => {
+                values.push((":w", AttributeValue::N(w.to_string())));
+                "SET checkpoint = :v, ownerSwitchesSinceCheckpoint = :zero, watermarkMs = :w REMOVE pendingCheckpoint"
+            }
+            None => {
+                "SET checkpoint = :v, ownerSwitchesSinceCheckpoint = :zero REMOVE pendingCheckpoint"
+            }
+        };
+        self.fenced_update(shard, fence, update, &values, "checkpoint")
+            .await
+    }
+
+    /// Sets the shard's time watermark (nothing is uncommitted and the shard was read to its tip), if the task
+    /// holding `fence` still holds the lease.
+    pub async fn watermark(
+        &self,
+        shard: &str,
+        watermark_ms: i64,
+        fence: &Fence,
+    ) -> Result<bool, TableError> {
         self.fenced_update(
             shard,
             fence,
-            "SET checkpoint = :v, ownerSwitchesSinceCheckpoint = :zero REMOVE pendingCheckpoint",
-            &[(":v", s(checkpoint)), (":zero", n(0))],
-            "checkpoint",
+            "SET watermarkMs = :w",
+            &[(":w", AttributeValue::N(watermark_ms.to_string()))],
+            "watermark",
         )
         .await
     }

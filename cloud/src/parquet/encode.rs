@@ -19,11 +19,12 @@
 //! | `batch_epoch` | uint64 | the agent buffer's epoch (0: a record from before epochs); `(agent_id, batch_epoch, batch_seq)` is the batch id |
 //!
 //! A batch is landed once per `(agent_id, batch_epoch, batch_seq)` while the cloud remembers it (see
-//! `land::dedup`); a resend it no longer remembers lands again, with the same three values, so duplicate rows
-//! of one batch can be removed downstream by that key.
+//! `land::dedup`); a resend it no longer remembers lands again, with the same three values, and the compactor
+//! drops those repeated rows when it publishes the hour (`crate::compaction::merge`).
 //!
 //! Hive partitions `dt=YYYY-MM-DD/hour=HH` (event time, UTC) are in the object path, not in the file. Rows are
-//! sorted by `(series, time)` so each series is contiguous and its timestamps compress well. Compression: zstd.
+//! sorted by `(series, time)` so each series is contiguous and its timestamps compress well (then by batch and
+//! value: the compactor's merge order). Compression: zstd.
 
 use arrow_array::builder::{
     BooleanBuilder, Float64Builder, Int64Builder, MapBuilder, StringBuilder,
@@ -105,8 +106,33 @@ fn ranks<'a, T: ?Sized + 'a>(
     (slots.into_iter().map(|s| rank_of[s]).collect(), names)
 }
 
-/// Encodes `rows` as one Parquet file, sorted by `(series, time, agent, epoch, batch)` (a stable sort, so the file
-/// is a pure function of the rows and their order).
+/// The order of two rows' values, after `(series, time, agent, epoch, batch)`: `value_double` (null first, then
+/// IEEE total order), `value_bigint`, `value_boolean`, `value_string`, `quality`, `late` — the column order of the
+/// compactor's merge.
+fn value_order(a: &Row, b: &Row) -> std::cmp::Ordering {
+    fn cols(r: &Row) -> (Option<f64>, Option<i64>, Option<bool>, Option<&str>) {
+        match &r.value {
+            Value::F64(v) => (Some(*v), None, None, None),
+            Value::I64(v) => (None, Some(*v), None, None),
+            Value::Bool(v) => (None, None, Some(*v), None),
+            Value::Str(v) => (None, None, None, Some(v.as_str())),
+        }
+    }
+    let (x, y) = (cols(a), cols(b));
+    let d = match (x.0, y.0) {
+        (Some(p), Some(q)) => p.total_cmp(&q),
+        (p, q) => p.is_some().cmp(&q.is_some()),
+    };
+    d.then_with(|| x.1.cmp(&y.1))
+        .then_with(|| x.2.cmp(&y.2))
+        .then_with(|| x.3.cmp(&y.3))
+        .then_with(|| a.quality.as_str().cmp(b.quality.as_str()))
+        .then_with(|| a.late.cmp(&b.late))
+}
+
+/// Encodes `rows` as one Parquet file, sorted by `(series, time, agent, epoch, batch)` and then by value (see
+/// `value_order`; the input order breaks remaining ties, so the file is a pure function of the rows and their
+/// order).
 pub fn encode(
     rows: &[Row],
     row_group_rows: usize,
@@ -129,7 +155,14 @@ pub fn encode(
             )
         })
         .collect();
-    order.sort_unstable();
+    // Rows equal up to the batch go in value order, so a file is sorted in the compactor's total order
+    // (`compaction::merge`), which finds repeats as neighbours.
+    order.sort_unstable_by(|a, b| {
+        (a.0, a.1, a.2, a.3, a.4)
+            .cmp(&(b.0, b.1, b.2, b.3, b.4))
+            .then_with(|| value_order(&rows[a.5 as usize], &rows[b.5 as usize]))
+            .then(a.5.cmp(&b.5))
+    });
     // Device, measure and tags of each series rank.
     let mut per_rank: Vec<Option<&SeriesCols>> = vec![None; series_names.len()];
     for (i, r) in rows.iter().enumerate() {
@@ -241,18 +274,27 @@ pub fn encode(
         schema.clone(),
         columns.into_iter().map(|(_, a, _)| a).collect(),
     )?;
+    let options = writer_options(row_group_rows, zstd_level)?;
+    let mut writer = ArrowWriter::try_new_with_options(Vec::with_capacity(n * 8), schema, options)?;
+    writer.write(&batch)?;
+    writer.into_inner()
+}
+
+/// How every bronze file is written (landing files and published hours alike): zstd at `zstd_level`, row groups
+/// of `row_group_rows`, no embedded Arrow schema (readers see plain strings: the dictionaries are an encoding
+/// detail). The output is a pure function of the rows and the order they are written in.
+pub fn writer_options(
+    row_group_rows: usize,
+    zstd_level: i32,
+) -> Result<ArrowWriterOptions, ParquetError> {
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(zstd_level)?))
         .set_max_row_group_row_count(Some(row_group_rows))
         .set_created_by(format!("fieldlink-cloud {}", env!("CARGO_PKG_VERSION")))
         .build();
-    // No embedded Arrow schema: readers see plain strings (the dictionaries are an encoding detail).
-    let options = ArrowWriterOptions::new()
+    Ok(ArrowWriterOptions::new()
         .with_properties(props)
-        .with_skip_arrow_metadata(true);
-    let mut writer = ArrowWriter::try_new_with_options(Vec::with_capacity(n * 8), schema, options)?;
-    writer.write(&batch)?;
-    writer.into_inner()
+        .with_skip_arrow_metadata(true))
 }
 
 /// `(YYYY-MM-DD, HH)` of the UTC hour containing `ts_ms`.
@@ -273,6 +315,35 @@ pub fn hour_partition(ts_ms: i64) -> (String, u32) {
     (format!("{y:04}-{m:02}-{d:02}"), hour)
 }
 
+/// The hour (hours since the Unix epoch, UTC) of a partition `dt=YYYY-MM-DD/hour=HH`; the inverse of
+/// [`hour_partition`]. `None` if `path` is not such a partition.
+pub fn parse_partition(path: &str) -> Option<i64> {
+    let (dt, hour) = path.split_once('/')?;
+    let date = dt.strip_prefix("dt=")?;
+    let hh: i64 = hour.strip_prefix("hour=")?.parse().ok()?;
+    let mut it = date.splitn(3, '-');
+    let (y, m, d): (i64, i64, i64) = (
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+    );
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || !(0..24).contains(&hh) {
+        return None;
+    }
+    // Days since 1970-01-01 from a civil date (H. Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let hour = days * 24 + hh;
+    // Reject dates that do not exist (2026-02-30): they do not map back to themselves.
+    let (back, _) = hour_partition(hour * 3_600_000);
+    (back == date).then_some(hour)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +359,21 @@ mod tests {
         ); // leap year
         assert_eq!(hour_partition(951_868_800_000), ("2000-03-01".into(), 0));
         assert_eq!(hour_partition(-1), ("1969-12-31".into(), 23));
+    }
+
+    #[test]
+    fn partitions_parse_back_to_their_hour() {
+        for hour in [-30i64, -1, 0, 1, 263_000, 492_342, 1_000_000] {
+            let (day, hh) = hour_partition(hour * 3_600_000);
+            assert_eq!(
+                parse_partition(&format!("dt={day}/hour={hh:02}")),
+                Some(hour)
+            );
+        }
+        assert_eq!(parse_partition("dt=2026-02-30/hour=01"), None);
+        assert_eq!(parse_partition("dt=2026-03-02/hour=24"), None);
+        assert_eq!(parse_partition("dt=2026-03-02"), None);
+        assert_eq!(parse_partition("x=2026-03-02/hour=01"), None);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Parquet bronze sink: one instance per shard worker. Rows are staged per event hour; a commit writes one
-//! zstd Parquet file per hour partition it touched. Commits happen when the staged rows reach
+//! zstd Parquet file per hour partition it touched into the landing area, `_landing/` under the location,
+//! outside the table: the compactor ([`crate::compaction`]) publishes each closed hour from there as one file
+//! (`dt=…/hour=…/part-00000.parquet`), and readers (Athena, Glue, Hive, pyarrow) skip `_` directories. Commits happen when the staged rows reach
 //! `max_rows_per_file` (so no file is larger), and on the shard worker's clock (`kinesis.commit_interval_ms`,
 //! `kinesis.commit_idle_ms`), at shutdown and at the end of a shard.
 //!
-//! Object key: `dt=YYYY-MM-DD/hour=HH/<shard>-<first sequence number>.parquet`, named after the commit's first
+//! Object key: `_landing/dt=YYYY-MM-DD/hour=HH/<shard>-<first sequence number>.parquet`, named after the commit's first
 //! Kinesis record. A commit that is repeated after a crash or a lease move covers the same records (see
 //! [`crate::land`]), so it writes the same keys with the same rows and replaces rather than adds.
 //! Rows of different event hours never share a file: files are cut at the hour boundary by construction.
@@ -24,6 +26,25 @@ use fieldlink_proto::Batch;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+/// The directory of the landing area under the location (the `_` keeps Athena, Glue and Hive out of it).
+pub const LANDING: &str = "_landing";
+
+/// `dt=YYYY-MM-DD/hour=HH` of event hour `hour` (hours since the Unix epoch, UTC).
+pub fn partition(hour: i64) -> String {
+    let (day, hh) = encode::hour_partition(hour * 3_600_000);
+    format!("dt={day}/hour={hh:02}")
+}
+
+/// The landing key of a commit's file for event hour `hour`, named after the commit's first record.
+pub fn landing_key(hour: i64, first: &Origin) -> String {
+    format!(
+        "{LANDING}/{}/{}-{}.parquet",
+        partition(hour),
+        first.shard,
+        first.sequence_number
+    )
+}
 
 /// Adds the rows of `batch` to `parts` (event hour → rows); returns how many. Pure.
 pub fn stage(parts: &mut BTreeMap<i64, Vec<Row>>, batch: &Batch) -> usize {
@@ -100,11 +121,7 @@ impl ParquetSink {
         first: &Origin,
     ) -> Result<(), SinkError> {
         let n = rows.len();
-        let (day, hh) = encode::hour_partition(hour * 3_600_000);
-        let key = format!(
-            "dt={day}/hour={hh:02}/{}-{}.parquet",
-            first.shard, first.sequence_number
-        );
+        let key = landing_key(hour, first);
         let (groups, level) = (self.cfg.row_group_rows, self.cfg.zstd_level);
         let bytes = tokio::task::spawn_blocking(move || encode::encode(&rows, groups, level))
             .await

@@ -6,7 +6,7 @@
 //!    The same with **100 alarm rules** active, next to none, twice: rules spread over the devices (each device's
 //!    readings meet a few rules, as a site would write them), and broad rules (above/below with hysteresis and
 //!    delays, rate, stale, quality on whole families of series: every reading is evaluated by dozens of rules).
-//! 2. **Bytes per reading on the wire**: what that seal produced.
+//! 2. **Bytes per reading on the wire**: what that seal produced (and the same pipeline writing wire format v1).
 //! 3. **Payload mapping alone**: messages of ten fields as JSON and as InfluxDB line protocol, one thread.
 //! 4. **MQTT ingest with durable acks next to a bare subscriber**, same broker, same run: N QoS 1 messages of ten
 //!    JSON fields (so the mapping is on) are
@@ -104,6 +104,7 @@ fn hundred_rules() -> AlarmsConfig {
 fn pipeline(
     msgs: &[(String, Vec<u8>)],
     durability: Durability,
+    wire_version: u8,
     alarms: Option<&AlarmsConfig>,
 ) -> (f64, usize, u64, f64, u64) {
     let dir = tempfile::tempdir().unwrap();
@@ -112,7 +113,11 @@ fn pipeline(
         buffer.enable_alarms(Engine::from_config(a), 0).unwrap();
     }
     let mut encoder = Encoder::new(3).unwrap();
-    let (batch, order) = (BatchConfig::default(), OrderConfig::default());
+    let batch = BatchConfig {
+        wire_version,
+        ..BatchConfig::default()
+    };
+    let order = OrderConfig::default();
     let mut mapper = Mapper::new(PayloadConfig::default());
     let now = fieldlink_ops::unix_ms(); // arrival time: payload timestamps are checked against it
     let start = Instant::now();
@@ -270,8 +275,10 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 
 fn main() {
     let msgs = messages();
-    let (rate_n, readings, bytes, batches, _) = pipeline(&msgs, Durability::Normal, None);
-    let (rate_f, _, _, _, _) = pipeline(&msgs, Durability::Full, None);
+    let v2 = BatchConfig::default().wire_version;
+    let (rate_n, readings, bytes, batches, _) = pipeline(&msgs, Durability::Normal, v2, None);
+    let (rate_f, _, _, _, _) = pipeline(&msgs, Durability::Full, v2, None);
+    let (rate_1, _, bytes_1, batches_1, _) = pipeline(&msgs, Durability::Normal, 1, None);
     let evaluations = |cfg: &AlarmsConfig| -> f64 {
         let engine = Engine::from_config(cfg);
         let mut n = 0usize;
@@ -293,7 +300,7 @@ fn main() {
     let mut best = [(0.0f64, 0u64); 3];
     for _ in 0..3 {
         for (i, (_, rules)) in sets.iter().enumerate() {
-            let (rate, _, _, _, events) = pipeline(&msgs, Durability::Normal, rules.as_ref());
+            let (rate, _, _, _, events) = pipeline(&msgs, Durability::Normal, v2, rules.as_ref());
             if rate > best[i].0 {
                 best[i] = (rate, events);
             }
@@ -309,8 +316,12 @@ fn main() {
         );
     }
     println!(
-        "  wire: {bytes} bytes in {batches} records = {:.2} bytes/reading (24 KiB target)",
-        bytes as f64 / readings as f64
+        "  wire: {bytes} bytes in {batches} records = {:.2} bytes/reading (24 KiB target, wire_version = {v2})",
+        bytes as f64 / readings as f64,
+    );
+    println!(
+        "  with wire_version = 1: durability=normal {rate_1:.0} readings/s; wire: {bytes_1} bytes in {batches_1} records = {:.2} bytes/reading",
+        bytes_1 as f64 / readings as f64,
     );
 
     let n_map = 200_000;

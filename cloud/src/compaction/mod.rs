@@ -1,0 +1,514 @@
+//! The compactor: publishes the bronze table one file per closed hour from the landing area.
+//!
+//! Shard workers commit Parquet files into `_landing/dt=…/hour=…/<shard>-<first seq>.parquet` ([`crate::parquet`]),
+//! outside the table. Every `interval_ms` the compactor holding the lease ([`lease`]; any replica may, one
+//! at a time) lists the landing area, reads the shard watermarks from the lease table and publishes every
+//! closed hour that has landing files ([`plan`]):
+//!
+//! 1. the hour's inputs are its landing files listed now plus its published parts (if it was published before:
+//!    late data merges into the hour as a whole) and any file of the layout before compaction in the hour's
+//!    directory (merged and deleted like landing files); S3 objects are streamed into `work_dir` first;
+//! 2. they are merged ([`merge`]: sorted by series and time, repeats of a reading of a batch dropped, bounded
+//!    memory) into `part-00000.parquet` (more parts only above `max_file_mib`);
+//! 3. a split hour's part boundaries are recorded (`_compaction/dt=…/hour=…/boundaries.json`) before its first
+//!    part is written, and kept for every republish;
+//! 4. each part replaces `dt=…/hour=…/part-NNNNN.parquet` in one step (S3 PutObject; locally a rename);
+//! 5. only then are the merged landing (and legacy) files deleted.
+//!
+//! # Crash safety
+//! Every step can be repeated: a compactor killed anywhere leaves landing files that are not deleted yet and
+//! published parts that hold them (or their old version); the next round merges both again, drops the
+//! repeats and writes the same rows in the same order — the same bytes. A reader sees each published part
+//! either before or after its replacement, and a row never moves between parts, so no reader sees a row twice
+//! or misses one it saw before.
+
+mod config;
+pub mod lease;
+pub mod merge;
+pub mod plan;
+
+pub use config::CompactionConfig;
+
+use crate::lease::LeaseTable;
+use crate::parquet::{ParquetConfig, LANDING};
+use crate::store::{Store, StoreError};
+use fieldlink_ops::metrics::{Counter, Gauge, Registry};
+use lease::Hold;
+use merge::{Boundary, MergeError, Merged, Split, WriteSettings};
+use plan::{Closing, HourWork};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// The compactor's metrics.
+#[derive(Debug, Clone)]
+pub struct CompactionMetrics {
+    /// Hours published (a republish counts again).
+    pub hours: Counter,
+    /// Hours published again because late data arrived.
+    pub republished: Counter,
+    /// Rows written into published files.
+    pub rows: Counter,
+    /// Bytes of published files written.
+    pub bytes: Counter,
+    /// Repeated rows dropped.
+    pub duplicates: Counter,
+    /// Rounds that failed (retried at the next round).
+    pub failures: Counter,
+    /// Seconds the published hours trail the newest closed hour.
+    pub lag: Gauge,
+    /// The fleet watermark, Unix seconds.
+    pub watermark: Gauge,
+    /// 1 while this process holds the compactor lease.
+    pub leader: Gauge,
+}
+
+impl CompactionMetrics {
+    /// Registers the metrics.
+    pub fn new(registry: &Registry) -> Self {
+        let c = |n: &str, h: &str| registry.counter(n, h, &[]);
+        let g = |n: &str, h: &str| registry.gauge(n, h, &[]);
+        Self {
+            hours: c(
+                "fieldlink_compaction_hours_published_total",
+                "Bronze hours published (written to dt=…/hour=…/); a republish for late data counts again.",
+            ),
+            republished: c(
+                "fieldlink_compaction_hours_republished_total",
+                "Bronze hours published again because late data arrived for an hour already published.",
+            ),
+            rows: c(
+                "fieldlink_compaction_rows_total",
+                "Rows written into published bronze files (a republish writes the whole hour again).",
+            ),
+            bytes: c(
+                "fieldlink_compaction_bytes_total",
+                "Bytes of published bronze files written.",
+            ),
+            duplicates: c(
+                "fieldlink_compaction_duplicates_dropped_total",
+                "Rows dropped while publishing as repeats of a reading of the same batch (agent_id, batch_epoch, batch_seq, series, time and value).",
+            ),
+            failures: c(
+                "fieldlink_compaction_failures_total",
+                "Hours whose publishing failed (retried at the next round; nothing is lost).",
+            ),
+            lag: g(
+                "fieldlink_compaction_lag_seconds",
+                "Seconds from the start of the oldest closed hour not published yet to the end of the newest closed hour; 0 when every closed hour is published.",
+            ),
+            watermark: g(
+                "fieldlink_compaction_watermark_seconds",
+                "The lowest watermark of the live shards (Unix seconds): hours ending a grace before it are closed.",
+            ),
+            leader: g(
+                "fieldlink_compaction_leader",
+                "1 while this process holds the compactor lease.",
+            ),
+        }
+    }
+}
+
+/// Why an hour was not published (it is tried again next round).
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    /// The object store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The merge failed.
+    #[error(transparent)]
+    Merge(#[from] MergeError),
+    /// The lease table failed.
+    #[error(transparent)]
+    Table(#[from] crate::lease::TableError),
+    /// The lease is no longer fresh: stop writing.
+    #[error("the compactor lease is not held (or not renewed lately): stopped before writing")]
+    LeaseLost,
+    /// Shutting down.
+    #[error("stopped")]
+    Stopped,
+    /// Something else (scratch directory, a task).
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What publishing one hour did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The hour.
+    pub hour: i64,
+    /// Whether the hour had published parts before.
+    pub republish: bool,
+    /// Landing files merged (and deleted).
+    pub inputs: usize,
+    /// The merge.
+    pub merged: Merged,
+}
+
+/// The compactor of one process.
+#[derive(Debug, Clone)]
+pub struct Compactor {
+    store: Store,
+    cfg: CompactionConfig,
+    settings: WriteSettings,
+    table: LeaseTable,
+    hold: Hold,
+    metrics: CompactionMetrics,
+}
+
+/// The contents of `boundaries.json`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct BoundaryRecord {
+    boundaries: Vec<Boundary>,
+}
+
+impl Compactor {
+    /// A compactor publishing the bronze files of `store`; writes only while `hold` is fresh.
+    pub fn new(
+        store: Store,
+        cfg: CompactionConfig,
+        parquet: &ParquetConfig,
+        table: LeaseTable,
+        hold: Hold,
+        metrics: CompactionMetrics,
+    ) -> Self {
+        Self {
+            store,
+            cfg,
+            settings: WriteSettings {
+                row_group_rows: parquet.row_group_rows,
+                zstd_level: parquet.zstd_level,
+            },
+            table,
+            hold,
+            metrics,
+        }
+    }
+
+    fn closing(&self) -> Closing {
+        Closing {
+            grace_ms: self.cfg.grace_s as i64 * 1000,
+            open_hours: self.cfg.publish_open_hours,
+        }
+    }
+
+    fn check(&self, cancel: &CancellationToken) -> Result<(), CompactError> {
+        if cancel.is_cancelled() {
+            return Err(CompactError::Stopped);
+        }
+        if !self.hold.fresh() {
+            return Err(CompactError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    /// One round: publishes every closed hour with landing files, oldest first. Returns the hours published;
+    /// an hour that failed is logged, counted and left for the next round (a lost lease or a stop ends the
+    /// round).
+    pub async fn round(&self, cancel: &CancellationToken) -> Result<Vec<Published>, CompactError> {
+        self.check(cancel)?;
+        let started = Instant::now();
+        // Scratch files a killed round left behind.
+        reset_dir(&self.cfg.work_dir).await?;
+        let leases = self.table.list().await?;
+        let watermark = plan::fleet_watermark(&leases);
+        if let Some(w) = watermark {
+            self.metrics
+                .watermark
+                .set(w.min(i64::MAX / 1000 * 1000) / 1000);
+        }
+        let landing = self.store.list(&format!("{LANDING}/")).await?;
+        let plan = plan::plan(&landing, watermark, self.closing());
+        if !plan.strays.is_empty() {
+            tracing::warn!(keys = ?plan.strays.iter().take(5).collect::<Vec<_>>(), count = plan.strays.len(), "files in the landing area that are not landing files; left alone");
+        }
+        let mut done = Vec::new();
+        let mut pending: Vec<i64> = Vec::new();
+        let mut result = Ok(());
+        for work in &plan.hours {
+            if result.is_err() {
+                pending.push(work.hour);
+                continue;
+            }
+            match self.publish_hour(work, cancel).await {
+                Ok(p) => {
+                    self.account(&p);
+                    done.push(p);
+                }
+                Err(e @ (CompactError::LeaseLost | CompactError::Stopped)) => {
+                    pending.push(work.hour);
+                    result = Err(e);
+                }
+                Err(e) => {
+                    self.metrics.failures.inc();
+                    tracing::warn!(hour = %plan::published_prefix(work.hour), error = %e, "publishing an hour failed; retried next round");
+                    pending.push(work.hour);
+                }
+            }
+        }
+        self.metrics
+            .lag
+            .set(plan::lag_seconds(&pending, watermark, self.closing()));
+        if !done.is_empty() {
+            tracing::info!(
+                hours = done.len(),
+                rows = done.iter().map(|p| p.merged.rows).sum::<u64>(),
+                took_ms = started.elapsed().as_millis() as u64,
+                peak_rss_kib = peak_rss_kib(),
+                "compaction round"
+            );
+        }
+        result.map(|()| done)
+    }
+
+    fn account(&self, p: &Published) {
+        let m = &self.metrics;
+        m.hours.inc();
+        if p.republish {
+            m.republished.inc();
+        }
+        m.rows.add(p.merged.rows);
+        m.bytes.add(p.merged.parts.iter().map(|x| x.bytes).sum());
+        m.duplicates.add(p.merged.duplicates());
+        tracing::info!(
+            hour = %plan::published_prefix(p.hour),
+            republish = p.republish,
+            inputs = p.inputs,
+            parts = p.merged.parts.len(),
+            rows = p.merged.rows,
+            duplicates = p.merged.duplicates(),
+            bytes = p.merged.parts.iter().map(|x| x.bytes).sum::<u64>(),
+            "hour published"
+        );
+    }
+
+    /// Publishes one hour (see the module doc).
+    pub async fn publish_hour(
+        &self,
+        work: &HourWork,
+        cancel: &CancellationToken,
+    ) -> Result<Published, CompactError> {
+        let hour = work.hour;
+        let scratch = self.cfg.work_dir.join(format!("hour-{hour}"));
+        reset_dir(&scratch).await?;
+        let result = self.publish_in(work, &scratch, cancel).await;
+        let _ = tokio::fs::remove_dir_all(&scratch).await;
+        result.map(|merged| Published {
+            hour,
+            republish: merged.1,
+            inputs: work.inputs.len(),
+            merged: merged.0,
+        })
+    }
+
+    async fn publish_in(
+        &self,
+        work: &HourWork,
+        scratch: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<(Merged, bool), CompactError> {
+        let hour = work.hour;
+        // The hour's parts, and files of the layout before compaction (one per commit, directly in the hour):
+        // those are merged like landing files and deleted once the hour is published.
+        let (published, legacy): (Vec<String>, Vec<String>) = self
+            .store
+            .list(&plan::published_prefix(hour))
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| k.ends_with(".parquet"))
+            .partition(|k| plan::is_part(k));
+        let recorded: Option<Vec<Boundary>> =
+            match self.store.get(&plan::boundaries_key(hour)).await? {
+                Some(bytes) => Some(
+                    serde_json::from_slice::<BoundaryRecord>(&bytes)
+                        .map_err(|e| {
+                            CompactError::Other(format!("{}: {e}", plan::boundaries_key(hour)))
+                        })?
+                        .boundaries,
+                ),
+                None => None,
+            };
+        // Local copies of the inputs: published parts first, then the landing files.
+        let mut inputs: Vec<PathBuf> = Vec::new();
+        let landing: Vec<&String> = legacy
+            .iter()
+            .chain(work.inputs.iter().map(|o| &o.key))
+            .collect();
+        let keys = published.iter().chain(landing.iter().copied());
+        for (i, key) in keys.enumerate() {
+            if cancel.is_cancelled() {
+                return Err(CompactError::Stopped);
+            }
+            match self.store.local_path(key) {
+                Some(p) => inputs.push(p),
+                None => {
+                    let dest = scratch.join(format!("in-{i:06}.parquet"));
+                    self.store.get_to_file(key, &dest).await?;
+                    inputs.push(dest);
+                }
+            }
+        }
+        let split = match recorded.clone() {
+            Some(b) => Split::Fixed(b),
+            // Published before as one file, or its boundaries record is lost: the parts' first rows.
+            None if !published.is_empty() => {
+                let parts: Vec<PathBuf> = inputs[1..published.len()].to_vec();
+                Split::Fixed(
+                    tokio::task::spawn_blocking(move || first_keys(&parts))
+                        .await
+                        .map_err(|e| CompactError::Other(e.to_string()))??,
+                )
+            }
+            None => Split::BySize(self.cfg.max_file_mib * 1024 * 1024),
+        };
+        let out = scratch.join("out");
+        tokio::fs::create_dir_all(&out)
+            .await
+            .map_err(|e| CompactError::Other(format!("{}: {e}", out.display())))?;
+        let (fan_in, settings, scratch2) =
+            (self.cfg.fan_in(), self.settings, scratch.to_path_buf());
+        let merged = tokio::task::spawn_blocking(move || {
+            let name = move |i: usize| out.join(merge::part_name(i));
+            merge::merge_in_rounds(&inputs, fan_in, &scratch2, &name, split, settings)
+        })
+        .await
+        .map_err(|e| CompactError::Other(e.to_string()))??;
+
+        if merged.parts.len() > 1 && recorded.is_none() {
+            self.check(cancel)?;
+            let record = serde_json::to_vec(&BoundaryRecord {
+                boundaries: merged.boundaries.clone(),
+            })
+            .map_err(|e| CompactError::Other(e.to_string()))?;
+            self.store.put(&plan::boundaries_key(hour), record).await?;
+        }
+        for (i, part) in merged.parts.iter().enumerate() {
+            self.check(cancel)?;
+            self.store
+                .put_file(&plan::published_key(hour, &merge::part_name(i)), &part.path)
+                .await?;
+        }
+        for key in landing {
+            self.check(cancel)?;
+            self.store.delete(key).await?;
+        }
+        Ok((merged, !published.is_empty()))
+    }
+
+    /// Runs rounds every `interval_ms` while this process holds the lease, until `cancel` fires.
+    pub async fn run(&self, cancel: CancellationToken) {
+        let interval = Duration::from_millis(self.cfg.interval_ms);
+        while !cancel.is_cancelled() {
+            if self.hold.fresh() {
+                match self.round(&cancel).await {
+                    Ok(_) | Err(CompactError::Stopped) => {}
+                    Err(CompactError::LeaseLost) => {
+                        tracing::warn!(
+                            "compactor lease lost or stale during a round; stopped writing"
+                        )
+                    }
+                    Err(e) => {
+                        self.metrics.failures.inc();
+                        tracing::warn!(error = %e, "compaction round failed; retried next round")
+                    }
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// Waits (up to `timeout`) for the lease, then runs one round. For `fieldlink-cloud compact --once`.
+    pub async fn once(
+        &self,
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Published>, CompactError> {
+        let deadline = Instant::now() + timeout;
+        while !self.hold.fresh() {
+            if Instant::now() >= deadline {
+                return Err(CompactError::Other(format!(
+                    "the compactor lease was not free within {} s (another compactor holds it)",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(CompactError::Stopped),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        self.round(cancel).await
+    }
+}
+
+/// The `(series, time)` of the first row of each file: the boundaries of published parts 1…n.
+fn first_keys(parts: &[PathBuf]) -> Result<Vec<Boundary>, MergeError> {
+    parts
+        .iter()
+        .filter_map(|p| merge::first_key(p).transpose())
+        .collect()
+}
+
+/// Empties (or creates) a scratch directory.
+async fn reset_dir(dir: &Path) -> Result<(), CompactError> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(CompactError::Other(format!("{}: {e}", dir.display()))),
+    }
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| CompactError::Other(format!("{}: {e}", dir.display())))
+}
+
+/// This process's peak resident memory (`VmHWM`), KiB; 0 where unknown.
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Starts the compactor lease keeper and returns the compactor; the keeper runs until `lease_cancel` fires (cancel
+/// it after the compactor stopped writing: it then releases the lease).
+#[allow(clippy::too_many_arguments)]
+pub fn start(
+    store: Store,
+    cfg: CompactionConfig,
+    parquet: &ParquetConfig,
+    table: LeaseTable,
+    me: String,
+    lease_ms: u64,
+    registry: &Registry,
+    lease_cancel: CancellationToken,
+) -> (Compactor, tokio::task::JoinHandle<()>) {
+    let metrics = CompactionMetrics::new(registry);
+    let hold = Hold::new(Duration::from_millis(lease_ms), metrics.leader.clone());
+    // Replicas sharing a host (or a test machine) must not share scratch space.
+    let own: String = me
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let cfg = CompactionConfig {
+        work_dir: cfg.work_dir.join(own),
+        ..cfg
+    };
+    let keeper = tokio::spawn(lease::keep(table.clone(), me, hold.clone(), lease_cancel));
+    (
+        Compactor::new(store, cfg, parquet, table, hold, metrics),
+        keeper,
+    )
+}

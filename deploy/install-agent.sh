@@ -1,0 +1,66 @@
+#!/bin/sh
+# Installs fieldlink-agent from its tarball (run from the unpacked directory, as root):
+#
+#   ./install.sh                   # onto this system
+#   DESTDIR=/mnt/rootfs ./install.sh   # into a root filesystem (an SD card image, a chroot): no systemctl calls
+#
+# What the .deb does: the binary to /usr/bin, the unit to /etc/systemd/system/, the system user and group
+# `fieldlink`, /etc/fieldlink/agent.toml from the example only if there is none (root:fieldlink, 0640; an existing
+# configuration is never touched), /var/lib/fieldlink (the buffer; fieldlink, 0750), the example beside the docs.
+# On a running systemd it enables the service without starting it (the example names no real broker or stream) and
+# restarts an agent that is running (an upgrade: it seals and drains on SIGTERM, the new binary resumes from the
+# same buffer). POSIX sh, so it runs under BusyBox too.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+root=${DESTDIR:-}
+[ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 1; }
+
+# The system user and group (useradd, or BusyBox's adduser on a running system).
+if ! grep -q '^fieldlink:' "$root/etc/passwd" 2>/dev/null; then
+    if command -v useradd >/dev/null 2>&1; then
+        set -- --system --user-group --home-dir /var/lib/fieldlink --no-create-home --shell /usr/sbin/nologin
+        if [ -n "$root" ]; then useradd --prefix "$root" "$@" fieldlink; else useradd "$@" fieldlink; fi
+    elif [ -z "$root" ] && command -v adduser >/dev/null 2>&1; then
+        addgroup -S fieldlink
+        adduser -S -D -H -h /var/lib/fieldlink -s /sbin/nologin -G fieldlink fieldlink
+    else
+        echo "install.sh: no useradd (or BusyBox adduser) to create the user fieldlink" >&2
+        exit 1
+    fi
+fi
+gid=$(sed -n 's/^fieldlink:[^:]*:\([0-9]*\):.*/\1/p' "$root/etc/group")
+uid=$(sed -n 's/^fieldlink:[^:]*:\([0-9]*\):.*/\1/p' "$root/etc/passwd")
+
+upgrade=0
+[ -e "$root/usr/bin/fieldlink-agent" ] && upgrade=1
+mkdir -p "$root/usr/bin" "$root/etc/systemd/system" "$root/etc/fieldlink" "$root/usr/share/doc/fieldlink-agent"
+# Replace the binary by rename, so a running agent keeps its old file.
+cp "$here/fieldlink-agent" "$root/usr/bin/.fieldlink-agent.new"
+chmod 0755 "$root/usr/bin/.fieldlink-agent.new"
+mv -f "$root/usr/bin/.fieldlink-agent.new" "$root/usr/bin/fieldlink-agent"
+cp "$here/fieldlink-agent.service" "$root/etc/systemd/system/fieldlink-agent.service"
+chmod 0644 "$root/etc/systemd/system/fieldlink-agent.service"
+cp "$here/agent.example.toml" "$root/usr/share/doc/fieldlink-agent/agent.example.toml"
+chmod 0644 "$root/usr/share/doc/fieldlink-agent/agent.example.toml"
+fresh=0
+if [ ! -e "$root/etc/fieldlink/agent.toml" ]; then
+    cp "$here/agent.example.toml" "$root/etc/fieldlink/agent.toml"
+    chown "0:$gid" "$root/etc/fieldlink/agent.toml"
+    chmod 0640 "$root/etc/fieldlink/agent.toml"
+    fresh=1
+fi
+mkdir -p "$root/var/lib/fieldlink"
+chown "$uid:$gid" "$root/var/lib/fieldlink"
+chmod 0750 "$root/var/lib/fieldlink"
+
+if [ -z "$root" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    systemctl enable fieldlink-agent.service >/dev/null 2>&1 || true
+    [ "$upgrade" = 1 ] && systemctl try-restart fieldlink-agent.service || true
+fi
+if [ "$fresh" = 1 ]; then
+    echo "fieldlink-agent: edit /etc/fieldlink/agent.toml, check it with 'fieldlink-agent check-config'," \
+        "then 'systemctl start fieldlink-agent'."
+else
+    echo "fieldlink-agent: kept /etc/fieldlink/agent.toml; the new example is /usr/share/doc/fieldlink-agent/agent.example.toml"
+fi
