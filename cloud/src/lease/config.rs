@@ -71,13 +71,38 @@ impl LeaseConfig {
         p
     }
 
-    /// The worker id to use.
+    /// The worker id to use: `worker_id`, or `<hostname>-<pid>-<random>`, drawn once per process. The random part
+    /// keeps the default unique where hostname and pid are not: containers on the host network share the host's
+    /// hostname and each runs as pid 1.
     pub fn worker(&self) -> String {
+        static DEFAULT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         self.worker_id.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "worker".into());
-            format!("{host}-{}", std::process::id())
+            DEFAULT
+                .get_or_init(|| {
+                    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .map(|h| h.trim().to_owned())
+                        .unwrap_or_else(|_| "worker".into());
+                    format!("{host}-{}-{:08x}", std::process::id(), fastrand::u32(..))
+                })
+                .clone()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_worker_id_is_stable_in_a_process_and_carries_a_random_part() {
+        let cfg: LeaseConfig = toml::from_str("").unwrap();
+        let a = cfg.worker();
+        assert_eq!(a, cfg.worker(), "drawn once per process");
+        let parts: Vec<&str> = a.rsplitn(3, '-').collect();
+        assert_eq!(parts.len(), 3, "{a}");
+        assert_eq!(parts[0].len(), 8, "{a}");
+        assert_eq!(parts[1], std::process::id().to_string(), "{a}");
+        let named: LeaseConfig = toml::from_str("worker_id = \"cloud-1\"").unwrap();
+        assert_eq!(named.worker(), "cloud-1");
     }
 }
