@@ -289,7 +289,7 @@ fn python_decoder_reads_alarm_records_the_rust_encoder_writes() {
         .collect();
     assert_eq!(
         got,
-        serde_json::json!({"version": 2, "agent_id": "edge-1", "epoch": u64::MAX, "seq": 7, "series": [], "readings": [],
+        serde_json::json!({"version": 1, "agent_id": "edge-1", "epoch": u64::MAX, "seq": 7, "series": [], "readings": [],
             "alarms": events})
     );
 }
