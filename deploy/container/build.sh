@@ -52,6 +52,7 @@ for arch in "${want[@]}"; do
   rm -rf "$ctx" && mkdir -p "$ctx"
   cp "$binary" "$ctx/fieldlink-cloud"
   cp "$bundle" "$ctx/ca-certificates.crt"
+  mkdir -p "$ctx/tmp"   # the compactor's work_dir (/tmp/fieldlink-compaction): writable by the image's user
   tag="$name:$version-$arch"
   podman build -q --platform "linux/$arch" -f deploy/container/Containerfile \
     --build-arg VERSION="$version" --build-arg REVISION="$revision" --build-arg SOURCE="$source" \

@@ -427,7 +427,28 @@ fn podman_stop_writes_the_staged_parquet_files_releases_the_leases_and_exits_0_w
         log.contains("shutdown requested"),
         "SIGTERM not seen:\n{log}"
     );
-    // Written at the stop, each reading once (Timestream too).
+    // Written at the stop into the landing area; one compaction round (the host's binary, same configuration)
+    // publishes them: each reading once (Timestream too).
+    let at_stop = landed(&moto, stream);
+    assert_eq!(
+        at_stop["landing_rows"].as_u64(),
+        Some(acked.len() as u64),
+        "the stop wrote the staged rows: {at_stop}"
+    );
+    let config = dir.path().join("compact.toml");
+    std::fs::write(
+        &config,
+        cloud_toml(
+            free_port(),
+            &moto.endpoint,
+            stream,
+            "compact",
+            &format!("s3://{CLOUD_BUCKET}/{stream}"),
+            "magnetic_store_writes = true",
+        ),
+    )
+    .unwrap();
+    compact_once(&config);
     let v = landed(&moto, stream);
     for sink in ["parquet", "timestream"] {
         let problem = exactly_once(&acked, &landed_numbers(&v, sink));
