@@ -13,7 +13,7 @@ use crate::limits::{MAX_AGENT_ID_BYTES, MAX_KEY_BYTES, MAX_STRING_BYTES, MAX_TAG
 use crate::limits::{MAX_TAG_NAME_BYTES, MAX_TAG_VALUE_BYTES};
 use crate::model::{Batch, Quality, Series, Value};
 use crate::varint::{put_str, put_svarint, put_uvarint, Reader};
-use crate::{Version, MAGIC};
+use crate::Version;
 
 /// Header flag: the body holds alarm events.
 pub const FLAG_ALARMS: u8 = 0b0000_0010;
@@ -202,16 +202,16 @@ impl AlarmEncoder {
         }
         encode_alarm_body(&batch.events, &mut self.body)?;
         let compressed = self.compressor.compress(&self.body)?;
-        let mut out = Vec::with_capacity(27 + id.len() + compressed.len());
-        out.extend_from_slice(&MAGIC);
-        out.push(Version::V1 as u8); // the alarm body has one layout in every version
-        out.push(crate::codec::FLAG_EPOCH | FLAG_ALARMS);
-        out.push(id.len() as u8);
-        out.extend_from_slice(id);
-        out.extend_from_slice(&batch.epoch.to_le_bytes());
-        out.extend_from_slice(&batch.seq.to_le_bytes());
-        out.extend_from_slice(&(self.body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&compressed);
+        // The alarm body has one layout in every version.
+        let out = crate::codec::record(
+            Version::V1 as u8,
+            crate::codec::FLAG_EPOCH | FLAG_ALARMS,
+            id,
+            batch.epoch,
+            batch.seq,
+            self.body.len(),
+            &compressed,
+        );
         if out.len() > crate::limits::MAX_RECORD_BYTES {
             return Err(invalid(
                 "record",

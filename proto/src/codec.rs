@@ -396,20 +396,43 @@ impl Encoder {
                 }
             }
         };
-        let mut out = Vec::with_capacity(27 + id.len() + compressed.len());
-        out.extend_from_slice(&MAGIC);
-        out.push(version as u8);
-        out.push(if batch.epoch != 0 { FLAG_EPOCH } else { 0 });
-        out.push(id.len() as u8);
-        out.extend_from_slice(id);
-        if batch.epoch != 0 {
-            out.extend_from_slice(&batch.epoch.to_le_bytes());
-        }
-        out.extend_from_slice(&batch.seq.to_le_bytes());
-        out.extend_from_slice(&(body_len as u32).to_le_bytes());
-        out.extend_from_slice(&compressed);
-        Ok(out)
+        let flags = if batch.epoch != 0 { FLAG_EPOCH } else { 0 };
+        Ok(record(
+            version as u8,
+            flags,
+            id,
+            batch.epoch,
+            batch.seq,
+            body_len,
+            &compressed,
+        ))
     }
+}
+
+/// A whole record: the header (`FORMAT.md`: magic, version, flags, agent id, the epoch if `flags` has
+/// [`FLAG_EPOCH`], sequence number, body length) and the compressed body.
+pub(crate) fn record(
+    version: u8,
+    flags: u8,
+    id: &[u8],
+    epoch: u64,
+    seq: u64,
+    body_len: usize,
+    compressed: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(27 + id.len() + compressed.len());
+    out.extend_from_slice(&MAGIC);
+    out.push(version);
+    out.push(flags);
+    out.push(id.len() as u8);
+    out.extend_from_slice(id);
+    if flags & FLAG_EPOCH != 0 {
+        out.extend_from_slice(&epoch.to_le_bytes());
+    }
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(compressed);
+    out
 }
 
 /// Encodes one record in format [`Version::LATEST`] at zstd `level`. For many batches, reuse an [`Encoder`].
