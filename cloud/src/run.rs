@@ -188,7 +188,14 @@ pub async fn compact(
             "compact needs a [parquet] section (the location to publish)".into(),
         ));
     };
-    let Telemetry { registry, .. } = Telemetry::start(cfg.metrics_listen, cancel.clone()).await?;
+    // One round is a job, not a service: nothing scrapes it, and it must not clash with a `run` on the same host.
+    let registry = if once {
+        fieldlink_ops::metrics::Registry::new()
+    } else {
+        Telemetry::start(cfg.metrics_listen, cancel.clone())
+            .await?
+            .registry
+    };
     let sdk = cfg.aws.sdk_config().await;
     let location = Location::parse(&p.location).map_err(RunError::Sink)?;
     let store = Store::open(&location, &sdk, cfg.aws.endpoint_url.is_some());
