@@ -190,6 +190,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn compact_takes_its_own_metrics_address() {
+        let cli = Cli::try_parse_from([
+            "fieldlink-cloud",
+            "compact",
+            "--metrics-listen",
+            "127.0.0.1:9101",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Compact { once: false, metrics_listen: Some(a), .. } if a.port() == 9101
+        ));
+        assert!(Cli::try_parse_from([
+            "fieldlink-cloud",
+            "compact",
+            "--metrics-listen",
+            "not-an-address"
+        ])
+        .is_err());
+    }
+
+    #[test]
     fn the_flag_wins_over_the_environment() {
         assert_eq!(
             Source::choose(Some("a.toml".into()), Some(Ok("x = 1".into()))),

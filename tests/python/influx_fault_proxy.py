@@ -11,7 +11,8 @@ answered, each with its share:
   - 400 naming one line as InfluxDB 1.x does (`partial write: unable to parse '<line>': …`): the other lines
     are forwarded (decompressed), that one is not; it is a line never forwarded before, as a real server
     refuses a bad line every time                                                 (`r400`, requests of 2+ lines).
-Lines the upstream answered 2xx for: GET /__fault/acknowledged (JSON list). Counters: GET /__fault/stats (JSON, with `dropped_lines`, the lines answered 400, and the last write's
+Lines the upstream answered 2xx for (at least once): GET /__fault/acknowledged (a JSON list).
+Counters: GET /__fault/stats (JSON, with `dropped_lines`, the lines answered 400, and the last write's
 `authorization` header, and `retry_after_gaps_ms`: for each request answered 429, the time until it came
 again); set shares with
 GET /__fault/set?r429=0.1&r503=0.1&r413=0.1&r400=0.1&retry_after=1

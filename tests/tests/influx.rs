@@ -73,6 +73,17 @@ fn wait_exactly(
     }
 }
 
+/// Waits (60 s) until database `plant` holds exactly `expected`; on failure shows the cloud log's tail.
+fn wait_influxdb(influx: &InfluxD, cloud: &InfluxCloud, expected: &BTreeMap<Key, usize>) {
+    wait_exactly(
+        "influxdb",
+        expected,
+        Duration::from_secs(60),
+        || influx.readings("plant", MEASUREMENT),
+        |_| cloud_log_tail(cloud, 30),
+    );
+}
+
 /// The cloud log's lines other than per-batch debug lines, the last `n` of them: lease moves, worker restarts,
 /// sink retries.
 fn cloud_log_tail(cloud: &InfluxCloud, n: usize) -> String {
@@ -197,13 +208,7 @@ fn influxdb_1x_over_the_v1_api_holds_every_reading_once_through_a_cloud_worker_k
     wait_sent(&agent, acked.len());
     let expected = numbered(&acked);
     let n = expected.len();
-    wait_exactly(
-        "influxdb",
-        &expected,
-        Duration::from_secs(60),
-        || influx.readings("plant", MEASUREMENT),
-        |_| cloud_log_tail(&cloud, 30),
-    );
+    wait_influxdb(&influx, &cloud, &expected);
     let after = cloud.metric("fieldlink_influxdb_points_written_total");
     eprintln!(
         "{n} readings exactly once through a kill -9: {before} points written before it, {after} after (the commit it interrupted replayed: {} rewritten)",
@@ -408,13 +413,7 @@ fn a_missing_database_fails_health_holds_the_checkpoint_and_lands_everything_onc
     // The operator creates the database: the sink recovers by itself (sink_failing_retry_ms = 1 s).
     influx.query("CREATE DATABASE \"plant\"", "");
     let expected = numbered(&acked);
-    wait_exactly(
-        "influxdb",
-        &expected,
-        Duration::from_secs(60),
-        || influx.readings("plant", MEASUREMENT),
-        |_| cloud_log_tail(&cloud, 30),
-    );
+    wait_influxdb(&influx, &cloud, &expected);
     wait_for("/health ok again", Duration::from_secs(30), || {
         http_get(cloud.port, "/health")
             .filter(|b| b.contains("influxdb: ok"))
