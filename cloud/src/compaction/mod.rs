@@ -26,6 +26,7 @@ mod config;
 pub mod lease;
 pub mod merge;
 pub mod plan;
+mod scratch;
 
 pub use config::CompactionConfig;
 
@@ -150,6 +151,10 @@ pub struct Published {
 pub struct Compactor {
     store: Store,
     cfg: CompactionConfig,
+    /// The name of this process's scratch directory under `cfg.work_dir` (see [`scratch`]).
+    scratch_name: String,
+    /// Claimed at the first round.
+    scratch: std::sync::Arc<tokio::sync::OnceCell<scratch::ScratchDir>>,
     settings: WriteSettings,
     table: LeaseTable,
     hold: Hold,
@@ -167,6 +172,7 @@ impl Compactor {
     pub fn new(
         store: Store,
         cfg: CompactionConfig,
+        scratch_name: String,
         parquet: &ParquetConfig,
         table: LeaseTable,
         hold: Hold,
@@ -175,6 +181,8 @@ impl Compactor {
         Self {
             store,
             cfg,
+            scratch_name,
+            scratch: Default::default(),
             settings: WriteSettings {
                 row_group_rows: parquet.row_group_rows,
                 zstd_level: parquet.zstd_level,
@@ -183,6 +191,19 @@ impl Compactor {
             hold,
             metrics,
         }
+    }
+
+    /// This process's scratch directory, claimed on first use.
+    async fn work_dir(&self) -> Result<&Path, CompactError> {
+        let claimed = self
+            .scratch
+            .get_or_try_init(|| async {
+                scratch::ScratchDir::claim(&self.cfg.work_dir, &self.scratch_name).map_err(|e| {
+                    CompactError::Other(format!("{}: {e}", self.cfg.work_dir.display()))
+                })
+            })
+            .await?;
+        Ok(claimed.path())
     }
 
     fn closing(&self) -> Closing {
@@ -208,8 +229,8 @@ impl Compactor {
     pub async fn round(&self, cancel: &CancellationToken) -> Result<Vec<Published>, CompactError> {
         self.check(cancel)?;
         let started = Instant::now();
-        // Scratch files a killed round left behind.
-        reset_dir(&self.cfg.work_dir).await?;
+        // Scratch files a killed round (or a killed process that held the directory) left behind.
+        reset_dir(self.work_dir().await?).await?;
         let leases = self.table.list().await?;
         let watermark = plan::fleet_watermark(&leases);
         if let Some(w) = watermark {
@@ -289,7 +310,7 @@ impl Compactor {
         cancel: &CancellationToken,
     ) -> Result<Published, CompactError> {
         let hour = work.hour;
-        let scratch = self.cfg.work_dir.join(format!("hour-{hour}"));
+        let scratch = self.work_dir().await?.join(format!("hour-{hour}"));
         reset_dir(&scratch).await?;
         let result = self.publish_in(work, &scratch, cancel).await;
         let _ = tokio::fs::remove_dir_all(&scratch).await;
@@ -491,7 +512,7 @@ pub fn start(
 ) -> (Compactor, tokio::task::JoinHandle<()>) {
     let metrics = CompactionMetrics::new(registry);
     let hold = Hold::new(Duration::from_millis(lease_ms), metrics.leader.clone());
-    // Replicas sharing a host (or a test machine) must not share scratch space.
+    // Named after the worker id; two processes never share it (see [`scratch`]).
     let own: String = me
         .chars()
         .map(|c| {
@@ -502,13 +523,9 @@ pub fn start(
             }
         })
         .collect();
-    let cfg = CompactionConfig {
-        work_dir: cfg.work_dir.join(own),
-        ..cfg
-    };
     let keeper = tokio::spawn(lease::keep(table.clone(), me, hold.clone(), lease_cancel));
     (
-        Compactor::new(store, cfg, parquet, table, hold, metrics),
+        Compactor::new(store, cfg, own, parquet, table, hold, metrics),
         keeper,
     )
 }
