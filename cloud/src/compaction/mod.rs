@@ -8,8 +8,8 @@
 //! 1. the hour's inputs are its landing files listed now plus its published parts (if it was published before:
 //!    late data merges into the hour as a whole) and any file of the layout before compaction in the hour's
 //!    directory (merged and deleted like landing files); S3 objects are streamed into `work_dir` first;
-//! 2. they are merged ([`merge`]: sorted by series and time, repeats of a reading of a batch dropped, bounded
-//!    memory) into `part-00000.parquet` (more parts only above `max_file_mib`);
+//! 2. they are merged ([`merge`]: sorted by series and time, repeats of a reading dropped — of the same batch, or
+//!    the same reading carried by another batch —, bounded memory) into `part-00000.parquet` (more parts only above `max_file_mib`);
 //! 3. a split hour's part boundaries are recorded (`_compaction/dt=…/hour=…/boundaries.json`) before its first
 //!    part is written, and kept for every republish;
 //! 4. each part replaces `dt=…/hour=…/part-NNNNN.parquet` in one step (S3 PutObject; locally a rename);
@@ -88,7 +88,7 @@ impl CompactionMetrics {
             ),
             duplicates: c(
                 "fieldlink_compaction_duplicates_dropped_total",
-                "Rows dropped while publishing as repeats of a reading of the same batch (agent_id, batch_epoch, batch_seq, series, time and value).",
+                "Rows dropped while publishing as repeats: of a row of the same batch, or of a reading (series, time, value, quality) another batch carried.",
             ),
             failures: c(
                 "fieldlink_compaction_failures_total",
