@@ -25,6 +25,7 @@
 //!   republishes an hour whole when late data arrives.
 //! - Children of a split or merge are read only after their parents are read to the end.
 
+pub mod alarms;
 pub mod compaction;
 pub mod config;
 pub mod consumer;
