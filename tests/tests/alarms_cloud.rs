@@ -235,6 +235,7 @@ fn config(
     port: u16,
     topic_arn: &str,
     slow_commits: bool,
+    extra: &str,
 ) -> String {
     let mut c = cloud_toml(
         port,
@@ -258,7 +259,7 @@ topic_arn = "{topic_arn}"
 timeout_ms = 5000
 backoff_initial_ms = 100
 backoff_max_ms = 2000
-"#
+{extra}"#
     ));
     c
 }
@@ -352,7 +353,7 @@ fn alarm_events_land_in_their_table_and_reach_sns_once_through_a_kill_9_replay_a
         dir.path(),
         "w1",
         port,
-        &config(&moto, stream, "w1", port, topic_arn, true),
+        &config(&moto, stream, "w1", port, topic_arn, true, ""),
     );
     wait_for(
         "worker 1 to publish the first records' events",
@@ -367,9 +368,44 @@ fn alarm_events_land_in_their_table_and_reach_sns_once_through_a_kill_9_replay_a
         "worker 1 committed nothing: the replay has to land everything"
     );
 
+    // Worker 2 reads the shard from the start (no checkpoint): the events are landed and committed, none is
+    // notified again.
+    let prefix = format!("{stream}-alarms");
+    let first_want: BTreeMap<Key, usize> = want
+        .iter()
+        .filter(|(k, _)| first_keys(&a, &b, ea, eb).contains(k))
+        .map(|(k, n)| (k.clone(), *n))
+        .collect();
+    let port = free_port();
+    let mut w2 = Cloud::start_config(
+        dir.path(),
+        "w2",
+        port,
+        &config(&moto, stream, "w2", port, topic_arn, false, ""),
+    );
+    wait_table(&moto, &prefix, &first_want, "after the replay");
+    wait_for(
+        "worker 2 to replay the first records",
+        Duration::from_secs(30),
+        || (notifications(&w2, "skipped") as usize == first_events).then_some(()),
+    );
+    assert_eq!(
+        notifications(&w2, "published"),
+        0.0,
+        "nothing notified twice"
+    );
+    w2.proc.kill();
+
+    // Resends of records 2-4 (same bytes, new Kinesis records) and records 5-8, read by worker 3, which has no
+    // memory of what worker 2 landed (warmup 0): the resent events land a second time (the compactor drops the
+    // repeats) and are not notified again.
     let mut second: Vec<Rec> = Vec::new();
-    for i in [4, 1, 5, 2, 6, 7] {
+    let mut resent_events = 0;
+    for i in [1, 4, 2, 5, 3, 6, 7] {
         for recs in [&a, &b] {
+            if i < 4 {
+                resent_events += recs[i].1.events.len();
+            }
             second.push(Rec {
                 pk: recs[i].0.pk.clone(),
                 data: recs[i].0.data.clone(),
@@ -377,26 +413,38 @@ fn alarm_events_land_in_their_table_and_reach_sns_once_through_a_kill_9_replay_a
         }
     }
     put(dir.path(), &moto.endpoint, stream, &second);
-
-    // Worker 2 reads the shard from the start (no checkpoint): the first records again, the resends, the rest.
     let port = free_port();
-    let w2 = Cloud::start_config(
+    let w3 = Cloud::start_config(
         dir.path(),
-        "w2",
+        "w3",
         port,
-        &config(&moto, stream, "w2", port, topic_arn, false),
+        &config(
+            &moto,
+            stream,
+            "w3",
+            port,
+            topic_arn,
+            false,
+            "[dedup]\nwarmup_s = 0\n",
+        ),
     );
-    let prefix = format!("{stream}-alarms");
-    let rows = wait_for(
-        "every alarm event in the published alarm table, no landing file left",
-        Duration::from_secs(90),
+    let rows = wait_table(&moto, &prefix, &want, "after the resends");
+    wait_for(
+        "worker 3 to handle every event",
+        Duration::from_secs(30),
         || {
-            let (rows, landing) = alarm_table(&moto, &prefix);
-            (rows.len() >= want.len() && landing == 0).then_some(rows)
+            let handled = notifications(&w3, "published") + notifications(&w3, "skipped");
+            (handled as usize == want.len() - first_events + resent_events).then_some(())
         },
     );
-    let got = counted(rows.iter().map(table_key));
-    assert!(got == want, "{}", difference("alarm table", &want, &got));
+    let landed_again = http_get(w3.port, "/metrics")
+        .and_then(|m| metric(&m, "fieldlink_cloud_alarm_events_landed_total"))
+        .unwrap_or(0.0) as usize;
+    assert_eq!(
+        landed_again,
+        want.len() - first_events + resent_events,
+        "worker 3 landed the resends again (the table dropped the repeats)"
+    );
     for r in &rows {
         let hour = r["time"].as_i64().unwrap().div_euclid(3_600_000) % 24;
         assert_eq!(
@@ -421,16 +469,6 @@ fn alarm_events_land_in_their_table_and_reach_sns_once_through_a_kill_9_replay_a
         rows.iter().map(|r| r["hour"].as_str().unwrap()).collect();
     assert_eq!(hours.len(), 2, "two hour partitions: {hours:?}");
 
-    wait_for(
-        "worker 2 to notify the new records' events",
-        Duration::from_secs(30),
-        || (notifications(&w2, "published") as usize == want.len() - first_events).then_some(()),
-    );
-    assert_eq!(
-        notifications(&w2, "skipped") as usize,
-        first_events,
-        "the replayed events were found notified"
-    );
     let all = drain(&moto, sns["queues"]["all"].as_str().unwrap());
     let got = counted(all.iter().map(message_key));
     assert!(got == want, "{}", difference("SQS (all)", &want, &got));
@@ -454,12 +492,51 @@ fn alarm_events_land_in_their_table_and_reach_sns_once_through_a_kill_9_replay_a
             msg["to"]["severity"].to_string()
         );
     }
+    assert_eq!(
+        notifications(&w3, "skipped") as usize,
+        resent_events,
+        "the resent events were found notified"
+    );
     eprintln!(
-        "{} events ({} critical), {} notified before the kill -9 and skipped on replay",
+        "{} events ({} critical): {} notified before the kill -9 and skipped on replay, {} resent events landed again and skipped",
         want.len(),
         critical.len(),
-        first_events
+        first_events,
+        resent_events
     );
+}
+
+/// The keys of the events of records 1-4 of both agents.
+fn first_keys(a: &[(Rec, AlarmBatch)], b: &[(Rec, AlarmBatch)], ea: u64, eb: u64) -> Vec<Key> {
+    let mut v = Vec::new();
+    for (recs, epoch) in [(a, ea), (b, eb)] {
+        for (_, batch) in &recs[..4] {
+            for e in &batch.events {
+                v.push(key_of(&batch.agent_id, epoch, e));
+            }
+        }
+    }
+    v
+}
+
+/// Waits until the published alarm table holds `want` (nothing in the landing area), then checks it holds exactly
+/// that (multisets); returns the rows.
+fn wait_table(moto: &Moto, prefix: &str, want: &BTreeMap<Key, usize>, what: &str) -> Vec<Json> {
+    let rows = wait_for(
+        &format!("{what}: every alarm event in the published alarm table, no landing file left"),
+        Duration::from_secs(90),
+        || {
+            let (rows, landing) = alarm_table(moto, prefix);
+            (rows.len() >= want.values().sum::<usize>() && landing == 0).then_some(rows)
+        },
+    );
+    let got = counted(rows.iter().map(table_key));
+    assert!(
+        got == *want,
+        "{}",
+        difference(&format!("alarm table {what}"), want, &got)
+    );
+    rows
 }
 
 #[test]
