@@ -73,7 +73,7 @@ fn alarm_records(
         let value = match k % 4 {
             0 => Value::F64(4.25 + k as f64),
             1 => Value::I64(-(k as i64)),
-            2 => Value::Bool(k % 3 == 0),
+            2 => Value::Bool(k.is_multiple_of(3)),
             _ => Value::Str(format!("state-{k}")),
         };
         let mut events = vec![AlarmEvent {
@@ -92,7 +92,7 @@ fn alarm_records(
                 quality: Quality::Good,
             }),
         }];
-        if k % 3 == 0 {
+        if k.is_multiple_of(3) {
             events.push(AlarmEvent {
                 rule: "meter-silent".into(),
                 rule_seq: seq / 3,

@@ -114,7 +114,7 @@ mod tests {
     #[test]
     fn every_bad_field_is_named_and_an_overlapping_location_is_refused() {
         let bad = AlarmsConfig {
-            location: "s3://b/bronze/alarms".into(),
+            location: "s3://bkt/bronze/alarms".into(),
             max_rows_per_file: 0,
             sns: Some(SnsConfig {
                 topic_arn: "arn:aws:sqs:us-east-1:1:x".into(),
@@ -123,7 +123,7 @@ mod tests {
                 backoff_max_ms: 4_000_000,
             }),
         };
-        let p = bad.validate("alarms", Some("s3://b/bronze")).join("\n");
+        let p = bad.validate("alarms", Some("s3://bkt/bronze")).join("\n");
         for field in [
             "alarms.location",
             "alarms.max_rows_per_file",
@@ -135,7 +135,7 @@ mod tests {
             assert!(p.contains(field), "{field} missing in:\n{p}");
         }
         let good = AlarmsConfig {
-            location: "s3://b/alarms".into(),
+            location: "s3://bkt/alarms".into(),
             max_rows_per_file: 10,
             sns: Some(SnsConfig {
                 topic_arn: "arn:aws:sns:us-east-1:123456789012:alarms".into(),
@@ -145,9 +145,9 @@ mod tests {
             }),
         };
         assert_eq!(
-            good.validate("alarms", Some("s3://b/bronze")),
+            good.validate("alarms", Some("s3://bkt/bronze")),
             Vec::<String>::new()
         );
-        assert!(!good.validate("alarms", Some("s3://b")).is_empty());
+        assert!(!good.validate("alarms", Some("s3://bkt")).is_empty());
     }
 }
