@@ -1063,6 +1063,12 @@ impl Cloud {
             &format!("s3://{CLOUD_BUCKET}/{stream}"),
             extra,
         );
+        Self::start_config(dir, name, port, &config)
+    }
+
+    /// Starts worker `name` with the configuration text `config`, whose `metrics_listen` is on `port`, and waits
+    /// until it serves /health.
+    pub fn start_config(dir: &Path, name: &str, port: u16, config: &str) -> Self {
         let path = dir.join(format!("cloud-{name}.toml"));
         std::fs::write(&path, config).unwrap();
         let log = dir.join(format!("cloud-{name}.log"));
