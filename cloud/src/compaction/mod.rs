@@ -195,7 +195,6 @@ impl Compactor {
     /// A compactor publishing the bronze files of `store`; writes only while `hold` is fresh.
     pub fn new(
         store: Store,
-        alarms: Option<Store>,
         cfg: CompactionConfig,
         scratch_name: String,
         parquet: &ParquetConfig,
@@ -205,7 +204,7 @@ impl Compactor {
     ) -> Self {
         Self {
             store,
-            alarms,
+            alarms: None,
             cfg,
             scratch_name,
             scratch: Default::default(),
@@ -217,6 +216,12 @@ impl Compactor {
             hold,
             metrics,
         }
+    }
+
+    /// Also publishes the alarm table in `alarms` (after the bronze hours of each round).
+    pub fn with_alarms(mut self, alarms: Option<Store>) -> Self {
+        self.alarms = alarms;
+        self
     }
 
     /// This process's scratch directory, claimed on first use.
@@ -263,16 +268,26 @@ impl Compactor {
                 .watermark
                 .set(w.min(i64::MAX / 1000 * 1000) / 1000);
         }
-        let mut done = self
+        let bronze = self
             .round_of(Table::Bronze, &self.store, watermark, cancel)
-            .await?;
-        if let Some(alarms) = &self.alarms {
-            done.extend(
-                self.round_of(Table::Alarms, alarms, watermark, cancel)
-                    .await?,
-            );
+            .await;
+        let Some(alarms) = &self.alarms else {
+            return bronze;
+        };
+        // A bronze round that failed otherwise (its store cannot be listed) does not hold the alarm table back.
+        if matches!(bronze, Err(CompactError::LeaseLost | CompactError::Stopped)) {
+            return bronze;
         }
-        Ok(done)
+        let alarm = self
+            .round_of(Table::Alarms, alarms, watermark, cancel)
+            .await;
+        match (bronze, alarm) {
+            (Ok(mut done), Ok(more)) => {
+                done.extend(more);
+                Ok(done)
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
     }
 
     async fn round_of(
@@ -651,7 +666,7 @@ pub fn start(
         .collect();
     let keeper = tokio::spawn(lease::keep(table.clone(), me, hold.clone(), lease_cancel));
     (
-        Compactor::new(store, alarms, cfg, own, parquet, table, hold, metrics),
+        Compactor::new(store, cfg, own, parquet, table, hold, metrics).with_alarms(alarms),
         keeper,
     )
 }
