@@ -174,6 +174,11 @@ impl Proc {
         }
     }
 
+    /// The exit status if the process has exited (without waiting).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
     /// Process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
@@ -252,14 +257,38 @@ impl Mosquitto {
             ),
         )
         .unwrap();
-        let mut cmd = Command::new(mosquitto_bin());
-        cmd.arg("-c").arg(&conf);
-        let log = dir.join(format!("mosquitto-{port}-{}.log", fieldlink_ops::unix_ms()));
-        let proc = Proc::spawn("mosquitto", cmd, &log);
-        wait_for("mosquitto to listen", Duration::from_secs(10), || {
-            port_open(port).then_some(())
-        });
-        Self { port, proc }
+        // The port is fixed (a restart must come back on it), so it can be taken while the broker is down: by a
+        // client's outgoing connection that got it as its local port (a connection to a closed port in the
+        // ephemeral range can even connect to itself). Mosquitto then exits at once ("Address already in use"),
+        // and a new start a moment later binds: up to 30 s of such starts, each exit shown in the panic.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut exits = Vec::new();
+        loop {
+            let mut cmd = Command::new(mosquitto_bin());
+            cmd.arg("-c").arg(&conf);
+            let log = dir.join(format!("mosquitto-{port}-{}.log", fieldlink_ops::unix_ms()));
+            let mut proc = Proc::spawn("mosquitto", cmd, &log);
+            let exited = loop {
+                if port_open(port) && proc.exited().is_none() {
+                    return Self { port, proc };
+                }
+                if let Some(status) = proc.exited() {
+                    break status;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "mosquitto did not listen on {port} within 30 s (earlier starts: {exits:?}); log:\n{}",
+                    proc.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            exits.push(format!("{exited}: {}", proc.log_text().trim()));
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not start on {port} within 30 s: {exits:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// A broker whose plain listener is `port`, with `extra` appended to its configuration (more listeners).
