@@ -37,13 +37,13 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
         .publish_connection
         .as_ref()
         .map(|_| crate::alarm::StatusBoard::new());
-    let (buffer, buffer_thread) = buffer::spawn_with_alarms(
+    let (buffer, buffer_thread) = buffer::spawn_with_rules(
         &cfg.buffer,
         &cfg.batch,
         &cfg.order,
         &cfg.agent_id,
         metrics.clone(),
-        &cfg.alarms,
+        (&cfg.alarms, &cfg.windows),
         status.clone(),
     )?;
     health.set("buffer", true, "");
