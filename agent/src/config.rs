@@ -128,7 +128,7 @@ impl Validate for Config {
             })
             .collect();
         p.extend(self.alarms.validate("alarms", &connections));
-        p.extend(self.windows.validate("windows", self.order.dedup_window_ms));
+        p.extend(self.windows.validate("windows"));
         let mut names = std::collections::HashSet::new();
         for (i, m) in self.mqtt.iter().enumerate() {
             p.extend(m.validate(&format!("mqtt[{i}]")));

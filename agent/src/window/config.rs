@@ -194,9 +194,28 @@ impl WindowRuleConfig {
 }
 
 impl WindowsConfig {
-    /// Every problem, each naming its field. `dedup_window_ms` is `[order] dedup_window_ms`: a repeated delivery
-    /// of a reading must be recognised for as long as the reading could still enter an open window.
-    pub fn validate(&self, path: &str, dedup_window_ms: u64) -> Vec<String> {
+    /// Rules whose reach (lateness plus largest size) exceeds `dedup_window_ms` (`[order] dedup_window_ms`): a
+    /// reading the broker delivers again after a crash, later than the dedup window behind its series' newest
+    /// reading, but still within an open window, would be counted twice. Logged as warnings at start: how far
+    /// behind a redelivered reading can be depends on the broker's in-flight window, not on the configuration.
+    pub fn dedup_warnings(&self, path: &str, dedup_window_ms: u64) -> Vec<String> {
+        let mut p = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            let reach = r.allowed_lateness_ms + r.sizes_ms.iter().copied().max().unwrap_or(0);
+            if reach > dedup_window_ms {
+                p.push(format!(
+                    "{path}.rules[{i}]: allowed_lateness_ms + the largest size ({reach} ms) exceeds \
+                     order.dedup_window_ms ({dedup_window_ms}): a reading the broker delivers again after a crash \
+                     more than {dedup_window_ms} ms behind its series' newest could be counted twice; raise \
+                     order.dedup_window_ms to {reach} for exactly-once windows"
+                ));
+            }
+        }
+        p
+    }
+
+    /// Every problem, each naming its field.
+    pub fn validate(&self, path: &str) -> Vec<String> {
         let mut p = Vec::new();
         if !(1..=10_000_000).contains(&self.max_open_windows) {
             p.push(format!(
@@ -210,14 +229,6 @@ impl WindowsConfig {
             p.extend(r.validate(&rp));
             if !names.insert(r.name.as_str()) {
                 p.push(format!("{rp}.name: {:?} is used twice", r.name));
-            }
-            let reach = r.allowed_lateness_ms + r.sizes_ms.iter().copied().max().unwrap_or(0);
-            if reach > dedup_window_ms {
-                p.push(format!(
-                    "{rp}: allowed_lateness_ms + the largest size ({reach} ms) exceeds order.dedup_window_ms \
-                     ({dedup_window_ms}): a reading the broker delivers twice could be counted twice; raise \
-                     order.dedup_window_ms to at least {reach}"
-                ));
             }
         }
         p
