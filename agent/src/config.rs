@@ -10,6 +10,7 @@ use crate::kinesis::KinesisConfig;
 use crate::modbus::ModbusConfig;
 use crate::mqtt::MqttConfig;
 use crate::order::OrderConfig;
+use crate::window::WindowsConfig;
 use fieldlink_ops::aws::AwsSettings;
 pub use fieldlink_ops::config::{ConfigError, Validate};
 use fieldlink_ops::logging::LogSettings;
@@ -52,6 +53,9 @@ pub struct Config {
     /// Alarm rules (`[[alarms.rules]]`) and their local MQTT status (see `docs/alarms.md`).
     #[serde(default)]
     pub alarms: AlarmsConfig,
+    /// Windowed aggregates (`[[windows.rules]]`, see `docs/windows.md`).
+    #[serde(default)]
+    pub windows: WindowsConfig,
 }
 
 fn default_metrics_listen() -> SocketAddr {
@@ -124,6 +128,7 @@ impl Validate for Config {
             })
             .collect();
         p.extend(self.alarms.validate("alarms", &connections));
+        p.extend(self.windows.validate("windows"));
         let mut names = std::collections::HashSet::new();
         for (i, m) in self.mqtt.iter().enumerate() {
             p.extend(m.validate(&format!("mqtt[{i}]")));

@@ -784,15 +784,18 @@ shutdown_drain_ms = 2000
             .unwrap_or(0.0)
     }
 
-    /// Checks the reading ledger: received = sent + deduplicated + dead-lettered + dropped + unsealed + pending.
+    /// Checks the reading ledger: received (+ derived window readings) = sent + deduplicated + dead-lettered +
+    /// dropped (+ raw readings withheld by windows) + unsealed + pending.
     pub fn ledger(&self) -> (f64, f64) {
         let m = http_get(self.metrics_port, "/metrics").unwrap();
         let g = |n: &str| metric(&m, n).unwrap_or(0.0);
-        let received = g("fieldlink_readings_received_total");
+        let received =
+            g("fieldlink_readings_received_total") + g("fieldlink_window_readings_derived_total");
         let accounted = g("fieldlink_readings_sent_total")
             + g("fieldlink_readings_deduplicated_total")
             + g("fieldlink_readings_dead_lettered_total")
             + g("fieldlink_readings_dropped_total")
+            + g("fieldlink_window_raw_withheld_total")
             + g("fieldlink_buffer_unsealed_readings")
             + g("fieldlink_buffer_pending_readings");
         (received, accounted)
