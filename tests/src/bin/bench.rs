@@ -348,6 +348,19 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("rss") {
+        // Only figure 5 (for measuring memory settings): `bench rss`.
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Mosquitto::start(dir.path());
+        let moto = Moto::start(dir.path());
+        moto.create("bench", 1, "unused-db", "unused-table", "unused-bucket");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        steady_rss(dir.path(), &broker, &moto, &rt);
+        return;
+    }
     let msgs = messages();
     let v2 = BatchConfig::default().wire_version;
     if std::env::args().nth(1).as_deref() == Some("rules") {
@@ -457,10 +470,51 @@ fn main() {
         );
     }
 
-    // 10,000 readings/s for 15 s in a fresh agent process with a fresh buffer (so neither the burst above nor its
-    // backlog on the way to Kinesis counts): IMU-like messages of 6 readings at 1667 messages/s.
+    steady_rss(dir.path(), &broker, &moto, &rt);
+}
+
+/// `/proc/<pid>/smaps_rollup` and `status` fields in KiB.
+fn proc_kib(pid: u32, file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The agent's threads by name (`comm`), with counts.
+fn thread_names(pid: u32) -> String {
+    let mut names = std::collections::BTreeMap::<String, usize>::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        *names.entry(comm.trim().to_owned()).or_default() += 1;
+    }
+    names
+        .iter()
+        .map(|(n, k)| format!("{n} ×{k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Figure 5: 10,000 readings/s for 15 s in a fresh agent process with a fresh buffer (so neither the ingest burst
+/// nor its backlog on the way to Kinesis counts): IMU-like messages of 6 readings at 1667 messages/s. The agent
+/// inherits this process's environment (`MALLOC_ARENA_MAX=…`); `FIELDLINK_BENCH_AGENT` starts another command
+/// instead of this build's agent (words split on spaces, the agent binary last: a static build,
+/// `heaptrack -o /tmp/h target/debug/fieldlink-agent`); `FIELDLINK_BENCH_AGENT_CONFIG` is appended to its config;
+/// `FIELDLINK_BENCH_RSS_SECS` runs longer than 15 s (the dedup state grows for `dedup_window_ms` of event time).
+fn steady_rss(
+    dir: &std::path::Path,
+    broker: &Mosquitto,
+    moto: &Moto,
+    rt: &tokio::runtime::Runtime,
+) {
     let mut agent = AgentProc::new(
-        dir.path(),
+        dir,
         "bench-steady-agent",
         broker.port,
         &moto.endpoint,
@@ -468,9 +522,20 @@ fn main() {
         "",
         "",
     );
+    if let Ok(extra) = std::env::var("FIELDLINK_BENCH_AGENT_CONFIG") {
+        agent.append_config(&format!("\n{extra}\n"));
+    }
+    if let Ok(cmd) = std::env::var("FIELDLINK_BENCH_AGENT") {
+        agent.launcher = cmd.split_whitespace().map(Into::into).collect();
+    }
     agent.start();
     let pid_agent = agent.proc.as_ref().unwrap().pid();
-    rt.block_on(async {
+    let secs = std::env::var("FIELDLINK_BENCH_RSS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15u64);
+    let mut trace = Vec::new();
+    let sent = rt.block_on(async {
         let mut opts = MqttOptions::new("bench-steady", "127.0.0.1", broker.port);
         opts.set_inflight(1000);
         let (client, mut ev) = AsyncClient::new(opts, 2000);
@@ -478,8 +543,11 @@ fn main() {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         let start = Instant::now();
         let mut i = 0u64;
-        while start.elapsed() < Duration::from_secs(15) {
+        while start.elapsed() < Duration::from_secs(secs) {
             tick.tick().await;
+            if start.elapsed() >= Duration::from_secs(5 * (trace.len() as u64 + 1)) {
+                trace.push(proc_kib(pid_agent, "status", "VmRSS"));
+            }
             let due = (start.elapsed().as_secs_f64() * 1667.0) as u64;
             while i < due {
                 let ts = 1_772_500_000_000i64 + i as i64;
@@ -488,12 +556,29 @@ fn main() {
                 i += 1;
             }
         }
+        i * 6
     });
     std::thread::sleep(Duration::from_secs(2));
     let hwm = vm_hwm_kib(pid_agent);
     println!(
-        "agent at 10,000 readings/s for 15 s: peak RSS (VmHWM) {:.1} MiB",
+        "agent at 10,000 readings/s for {secs} s: peak RSS (VmHWM) {:.1} MiB",
         hwm as f64 / 1024.0
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let trace: Vec<String> = trace.iter().map(|&k| format!("{:.1}", mib(k))).collect();
+    println!("  RSS every 5 s: {} MiB", trace.join(", "));
+    println!(
+        "  at the end: RSS {:.1} MiB = anonymous {:.1} + file-backed {:.1} (+ shmem {:.1}); threads: {}",
+        mib(proc_kib(pid_agent, "smaps_rollup", "Rss")),
+        mib(proc_kib(pid_agent, "smaps_rollup", "Anonymous")),
+        mib(proc_kib(pid_agent, "status", "RssFile")),
+        mib(proc_kib(pid_agent, "status", "RssShmem")),
+        thread_names(pid_agent)
+    );
+    println!(
+        "  readings published {sent}, received {}, sent to Kinesis {}",
+        agent.metric("fieldlink_readings_received_total"),
+        agent.metric("fieldlink_readings_sent_total")
     );
     agent.stop();
 }
