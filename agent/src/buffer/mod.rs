@@ -332,9 +332,15 @@ pub struct Buffer {
     alarm_out: Vec<AlarmEvent>,
     /// The window rules and their states (empty: no rules).
     windows: crate::window::Engine,
+    /// The alarm and window engines may hold state no transaction committed (a seal failed and so did reloading
+    /// them): the next seal reloads them before anything else, and fails while it cannot.
+    engines_stale: bool,
     /// Test hook: the next transaction fails with this SQLite result code (after its statements ran).
     #[cfg(test)]
     pub(crate) fault: Option<std::ffi::c_int>,
+    /// Test hook: this many reloads of the window states fail (after the engine was reset).
+    #[cfg(test)]
+    pub(crate) reload_faults: u32,
 }
 
 fn tags_json(tags: &[(String, String)]) -> String {
@@ -566,8 +572,11 @@ impl Buffer {
             alarm_pending: 0,
             alarm_out: Vec::new(),
             windows: crate::window::Engine::default(),
+            engines_stale: false,
             #[cfg(test)]
             fault: None,
+            #[cfg(test)]
+            reload_faults: 0,
         };
         b.refresh_stats()?;
         Ok(b)
@@ -609,6 +618,25 @@ impl Buffer {
             self.alarm_encoder = Some(AlarmEncoder::new(3)?);
         }
         self.reload_alarms()
+    }
+
+    /// After a failed seal: both engines back to their committed states. Until that succeeds they are marked
+    /// stale, and [`Buffer::fresh_engines`] retries it before the next seal: a seal never feeds readings to
+    /// states that already counted readings it failed to commit.
+    fn restore_engines(&mut self) -> Result<(), BufferError> {
+        self.engines_stale = true;
+        self.reload_alarms()?;
+        self.reload_windows()?;
+        self.engines_stale = false;
+        Ok(())
+    }
+
+    /// Before a seal: reloads the engines if a failed seal left them stale.
+    fn fresh_engines(&mut self) -> Result<(), BufferError> {
+        if self.engines_stale {
+            self.restore_engines()?;
+        }
+        Ok(())
     }
 
     /// Replaces the engine's states and sequence numbers with the committed ones.
@@ -727,6 +755,7 @@ impl Buffer {
 
     /// A seal without readings: the stale clock alone may raise alarms.
     fn seal_alarm_tick(&mut self, now_ms: i64) -> Result<SealReport, BufferError> {
+        self.fresh_engines()?;
         if self.alarms.is_empty() {
             return Ok(SealReport::default());
         }
@@ -761,7 +790,7 @@ impl Buffer {
                 })
             }
             Err(e) => {
-                self.reload_alarms()?;
+                self.restore_engines()?;
                 Err(e)
             }
         }
@@ -1024,6 +1053,7 @@ impl Buffer {
         rules: Rules,
         now_ms: i64,
     ) -> Result<SealReport, BufferError> {
+        self.fresh_engines()?;
         let mut ids_last = 0i64;
         let mut pending = Vec::new();
         let mut consumed_bytes = 0u64;
@@ -1119,7 +1149,7 @@ impl Buffer {
             match self.alarm_records(&transitions, &series, self.next_seq) {
                 Ok(v) => v,
                 Err(e) => {
-                    self.reload_alarms()?;
+                    self.restore_engines()?;
                     return Err(e);
                 }
             };
@@ -1161,8 +1191,7 @@ impl Buffer {
         let built = match built {
             Ok(b) => b,
             Err(e) => {
-                self.reload_alarms()?;
-                self.reload_windows()?;
+                self.restore_engines()?;
                 return Err(e.into());
             }
         };
@@ -1197,8 +1226,7 @@ impl Buffer {
         });
         if let Err(e) = res {
             self.states.clear();
-            self.reload_alarms()?;
-            self.reload_windows()?;
+            self.restore_engines()?;
             return Err(e);
         }
         self.windows.committed();

@@ -183,3 +183,30 @@ fn a_failed_seal_or_a_reopen_neither_repeats_nor_loses_a_window() {
         ]
     );
 }
+
+#[test]
+fn a_failed_seal_whose_reload_fails_too_reloads_the_windows_before_the_next_seal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir.path().join("b.db"));
+    append(&mut b, "m/a", &[(100, 1.0), (200, 3.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![],
+        "[0, 1000) open with 2 committed readings"
+    );
+    append(&mut b, "m/a", &[(300, 5.0), (1600, 7.0)]);
+    // The commit fails, and so does putting the committed window states back (the engine is left empty).
+    b.fault = Some(rusqlite::ffi::SQLITE_IOERR);
+    b.reload_faults = 1;
+    assert!(seal(&mut b).is_err());
+    // The next seal reloads them first: the window holds the 2 committed readings and 300 once.
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            got("m/a/count_1s", 0, "3i", false),
+            got("m/a/mean_1s", 0, "3", false)
+        ]
+    );
+}

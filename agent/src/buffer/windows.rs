@@ -50,6 +50,14 @@ impl Buffer {
         if self.windows.is_empty() {
             return Ok(());
         }
+        #[cfg(test)]
+        if self.reload_faults > 0 {
+            self.reload_faults -= 1;
+            return Err(BufferError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                Some("injected reload failure".into()),
+            )));
+        }
         let mut stmt = self
             .conn
             .prepare("SELECT rule, series_id, state FROM window_state")?;
