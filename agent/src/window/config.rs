@@ -230,7 +230,45 @@ impl WindowsConfig {
             if !names.insert(r.name.as_str()) {
                 p.push(format!("{rp}.name: {:?} is used twice", r.name));
             }
+            for (j, earlier) in self.rules[..i].iter().enumerate() {
+                if let Some(name) = shared_output(earlier, r) {
+                    p.push(format!(
+                        "{rp}.series: {:?} and rules[{j}]'s {:?} can match one series and both compute \
+                         {name}: that derived series would get two values per window; make the filters or tags \
+                         disjoint, or compute {name} in one rule",
+                        r.series, earlier.series
+                    ));
+                }
+            }
         }
         p
     }
+}
+
+/// Whether some topic matches both MQTT filters (`+` one level, `#` the rest, including the parent level).
+pub(super) fn filters_overlap(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.split('/').collect(), b.split('/').collect());
+    for i in 0.. {
+        match (a.get(i), b.get(i)) {
+            (Some(&"#"), _) | (_, Some(&"#")) | (None, None) => return true,
+            (None, Some(_)) | (Some(_), None) => return false,
+            (Some(x), Some(y)) if *x != "+" && *y != "+" && x != y => return false,
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The first `<function>_<size>` two rules both compute for a series both can match, if any.
+fn shared_output(a: &WindowRuleConfig, b: &WindowRuleConfig) -> Option<String> {
+    let tags_conflict = a
+        .tags
+        .iter()
+        .any(|(k, v)| b.tags.get(k).is_some_and(|w| w != v));
+    if tags_conflict || !filters_overlap(&a.series, &b.series) {
+        return None;
+    }
+    let size = a.sizes_ms.iter().find(|s| b.sizes_ms.contains(s))?;
+    let func = a.functions.iter().find(|f| b.functions.contains(f))?;
+    Some(format!("{}_{}", func.name(), size_suffix(*size)))
 }

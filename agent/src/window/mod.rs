@@ -12,7 +12,9 @@
 //! # A rule on one series
 //! Each `(rule, series)` pair has a [`PairState`]: the newest event time seen (every reading of the series counts,
 //! aggregated or not) and, per window size, the open windows ordered by start. With `L` the rule's allowed
-//! lateness, the pair's **watermark** is `newest − L`. A window `[start, start + size)` (aligned to the Unix epoch)
+//! lateness, the pair's **watermark** is `newest − L`, and never lower than a watermark the pair applied before
+//! (kept in its state as `closed_to`): raising `L`, or restarting with a larger one, cannot open a window that was
+//! already closed and emitted. A window `[start, start + size)` (aligned to the Unix epoch)
 //! closes when the watermark reaches its end (`end <= watermark`); it then gives one reading per function of
 //! series `<series>/<function>_<size>` with **event time = the window's start**, quality good.
 //!
@@ -166,6 +168,9 @@ impl Acc {
 pub struct PairState {
     /// Newest event time seen (`None` before the first reading).
     pub newest: Option<i64>,
+    /// The highest watermark applied: every window ending at or before it has closed (`None` before the first
+    /// reading, and in states written before it was kept).
+    pub closed_to: Option<i64>,
     /// Per size of the rule (same order): the open windows `(start, aggregate)`, by start.
     pub open: Vec<Vec<(i64, Acc)>>,
     dirty: bool,
@@ -175,17 +180,20 @@ pub struct PairState {
 const WINDOW_BYTES: usize = 72;
 
 impl PairState {
-    /// Serialises: version 1, newest (flag + i64), per size `(size_ms, n, n × window)`; little-endian.
+    /// Serialises: version 2, newest and closed_to (each flag + i64), per size `(size_ms, n, n × window)`;
+    /// little-endian. (Version 1, read too, had no closed_to.)
     pub fn to_bytes(&self, sizes: &[i64]) -> Vec<u8> {
         let n: usize = self.open.iter().map(Vec::len).sum();
-        let mut b = Vec::with_capacity(16 + 12 * sizes.len() + WINDOW_BYTES * n);
-        b.push(1);
-        match self.newest {
-            Some(t) => {
-                b.push(1);
-                b.extend_from_slice(&t.to_le_bytes());
+        let mut b = Vec::with_capacity(25 + 12 * sizes.len() + WINDOW_BYTES * n);
+        b.push(2);
+        for t in [self.newest, self.closed_to] {
+            match t {
+                Some(t) => {
+                    b.push(1);
+                    b.extend_from_slice(&t.to_le_bytes());
+                }
+                None => b.push(0),
             }
-            None => b.push(0),
         }
         b.push(self.open.len() as u8);
         for (list, size) in self.open.iter().zip(sizes) {
@@ -218,13 +226,18 @@ impl PairState {
         };
         let word = |s: &[u8]| -> i64 { i64::from_le_bytes(s.try_into().unwrap_or_default()) };
         let float = |s: &[u8]| -> f64 { f64::from_le_bytes(s.try_into().unwrap_or_default()) };
-        if take(1)? != [1] {
+        let version = take(1)?[0];
+        if !(1..=2).contains(&version) {
             return None;
         }
-        let newest = match take(1)?[0] {
-            0 => None,
-            _ => Some(word(take(8)?)),
+        let mut time = || -> Option<Option<i64>> {
+            Some(match take(1)?[0] {
+                0 => None,
+                _ => Some(word(take(8)?)),
+            })
         };
+        let newest = time()?;
+        let closed_to = if version >= 2 { time()? } else { None };
         let lists = take(1)?[0] as usize;
         let mut open = vec![Vec::new(); sizes.len()];
         for _ in 0..lists {
@@ -256,6 +269,7 @@ impl PairState {
         }
         Some(Self {
             newest,
+            closed_to,
             open,
             dirty: false,
         })
@@ -500,7 +514,10 @@ impl Engine {
         }
         let newest = st.newest.map_or(ts, |n| n.max(ts));
         st.newest = Some(newest);
-        let watermark = newest.saturating_sub(rule.lateness);
+        let watermark = newest
+            .saturating_sub(rule.lateness)
+            .max(st.closed_to.unwrap_or(i64::MIN));
+        st.closed_to = Some(watermark);
         let mut late = false;
         if let Some(x) = x {
             let mut overflow = false;

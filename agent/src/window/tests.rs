@@ -365,13 +365,22 @@ allowed_lateness_ms = 10000
     let b = st.to_bytes(&[1000, 5000]);
     let back = PairState::from_bytes(&b, &[1000, 5000]).unwrap();
     assert_eq!(back.newest, st.newest);
+    assert_eq!(back.closed_to, Some(7000 - 10_000));
     assert_eq!(back.open, st.open);
+    // Version 1 (no closed_to) still reads.
+    let mut v1 = b.clone();
+    v1[0] = 1;
+    v1.drain(10..19);
+    let old = PairState::from_bytes(&v1, &[1000, 5000]).unwrap();
+    assert_eq!((old.newest, old.closed_to), (st.newest, None));
+    assert_eq!(old.open, st.open);
     let fewer = PairState::from_bytes(&b, &[5000]).unwrap();
     assert_eq!(fewer.open, vec![st.open[1].clone()]);
     assert!(PairState::from_bytes(&b[..b.len() - 1], &[1000, 5000]).is_none());
     assert!(PairState::from_bytes(&[2], &[1000]).is_none());
+    assert!(PairState::from_bytes(&[3, 0, 0, 0], &[1000]).is_none());
     let mut bad_count = b.clone();
-    bad_count[19..23].copy_from_slice(&u32::MAX.to_le_bytes());
+    bad_count[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
     assert!(PairState::from_bytes(&bad_count, &[1000, 5000]).is_none());
 }
 
@@ -449,4 +458,62 @@ fn the_documented_example_is_valid() {
     let cfg = toml::from_str::<Doc>(&doc[start..end]).unwrap().windows;
     assert!(cfg.validate("windows").is_empty());
     assert!(!cfg.rules.is_empty());
+}
+
+#[test]
+fn raising_the_lateness_does_not_open_a_window_that_was_emitted() {
+    let rule = |lateness: i64| {
+        format!(
+            "[[rules]]\nname = \"w\"\nseries = \"#\"\nsizes_ms = [1000]\nfunctions = [\"count\"]\nallowed_lateness_ms = {lateness}\n"
+        )
+    };
+    let mut e = engine(&rule(0));
+    let (_, out) = feed(&mut e, "a/b", &[(100, 1.0), (1500, 2.0)]);
+    assert_eq!(out, vec![("a/b/count_1s".into(), 0, Value::I64(1))]);
+    let saved = e.state(0, 1).unwrap().to_bytes(&[1000]);
+    // Restarted with 10 s of lateness: the watermark would be 1500 - 10000, but [0, 1000) was emitted.
+    let mut e = engine(&rule(10_000));
+    assert!(e.load_state("w", 1, &saved));
+    let (fates, out) = feed(&mut e, "a/b", &[(200, 5.0), (1700, 3.0)]);
+    assert_eq!(fates[0], RawFate::Send, "late for the rule, sent raw");
+    assert!(out.is_empty(), "nothing emitted twice: {out:?}");
+    assert_eq!(e.counts().late, 0, "not committed yet");
+    e.committed();
+    assert_eq!(e.counts().late, 1);
+    // [1000, 2000) closes under the new lateness only.
+    let (_, out) = feed(&mut e, "a/b", &[(11_999, 0.0), (12_000, 0.0)]);
+    assert_eq!(out, vec![("a/b/count_1s".into(), 1000, Value::I64(2))]);
+}
+
+#[test]
+fn two_rules_that_would_write_one_derived_series_are_refused() {
+    let rules = |second: &str| {
+        let text = format!(
+            "[[rules]]\nname = \"a\"\nseries = \"plant/+/power\"\ntags = {{ site = \"muc\" }}\nsizes_ms = [60000, 5000]\nfunctions = [\"mean\", \"max\"]\n[[rules]]\nname = \"b\"\n{second}\n"
+        );
+        let cfg: WindowsConfig = toml::from_str(&text).unwrap();
+        cfg.validate("windows")
+    };
+    let p = rules("series = \"plant/#\"\nsizes_ms = [60000]\nfunctions = [\"max\"]");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("windows.rules[1].series: \"plant/#\" and rules[0]'s \"plant/+/power\"")
+            && p[0].contains("max_60s"),
+        "{p:?}"
+    );
+    for disjoint in [
+        // Other filters, another tag value, no shared size, no shared function.
+        "series = \"plant/+/energy\"\nsizes_ms = [60000]\nfunctions = [\"max\"]",
+        "series = \"plant/#\"\ntags = { site = \"ber\" }\nsizes_ms = [60000]\nfunctions = [\"max\"]",
+        "series = \"plant/#\"\nsizes_ms = [1000]\nfunctions = [\"max\"]",
+        "series = \"plant/#\"\nsizes_ms = [60000]\nfunctions = [\"sum\"]",
+        "series = \"plant/m1/power/x\"\nsizes_ms = [60000]\nfunctions = [\"max\"]",
+    ] {
+        assert_eq!(rules(disjoint), Vec::<String>::new(), "{disjoint}");
+    }
+    // '#' also matches the parent level, '+' any one level.
+    assert!(config::filters_overlap("a/#", "a"));
+    assert!(config::filters_overlap("+/b", "a/+"));
+    assert!(!config::filters_overlap("a/+", "a"));
+    assert!(!config::filters_overlap("a/b", "a/b/c"));
 }
