@@ -163,6 +163,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readmes_edge_rules_are_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n[[alarms.rules]]").unwrap() + 8;
+        let end = start + readme[start..].find("```").unwrap();
+        let base = &EXAMPLE[..EXAMPLE.find("[alarms]").unwrap()];
+        let cfg = Config::from_toml(&format!("{base}{}", &readme[start..end]))
+            .unwrap_or_else(|e| panic!("README.md, Edge rules: {e}"));
+        assert_eq!((cfg.alarms.rules.len(), cfg.windows.rules.len()), (2, 1));
+    }
+
+    #[test]
     fn unknown_fields_are_refused_with_their_name() {
         let text = EXAMPLE.replace("[buffer]", "[buffer]\nmax_bytez = 5");
         let err = Config::from_toml(&text)
