@@ -213,7 +213,7 @@ fn check_resources(r: &Value, shards: u64, retention_hours: u64) {
     // The cloud never deletes SNS markers (docs/alarms.md): the bucket expires them.
     assert!(rules.iter().any(|r| r["Prefix"]
         == serde_json::json!({"Fn::Sub": "${AlarmsPrefix}/_notified/"})
-        && r["ExpirationInDays"] == 30));
+        && r["ExpirationInDays"] == 400));
     let tls = &t["BucketPolicy"]["Properties"]["PolicyDocument"]["Statement"][0];
     assert_eq!(tls["Effect"], "Deny");
     assert_eq!(tls["Principal"], "*");

@@ -12,12 +12,16 @@
 //!
 //! The markers live beside the data, not in the process, so they hold across restarts, `kill -9`, lease
 //! handovers and other processes: a replay from the checkpoint, an agent's resend and a record read by a second
-//! process all find the marker and notify nobody. What they cannot cover is a crash (or a lease lost to a
-//! paused process) **between SNS accepting the message and the marker being written**, a window of one
-//! marker write: that event is published again by the next reader. So delivery to SNS is at least once, and
-//! exactly once unless a process dies inside that window; every message carries its identity (the `event_id`
-//! attribute) so a subscriber can drop such a repeat. Publishing is never skipped for an event whose marker
-//! is missing: a crash never loses a notification.
+//! process all find the marker and notify nobody. What they cannot cover is the time **between SNS accepting
+//! the message and the marker being written**: a process that dies there, a lease lost to a paused process (both
+//! holders may publish) and a lost answer to an accepted `Publish` (retried) publish the event again. So delivery
+//! to SNS is at least once; every message carries its identity (the `event_id` attribute) so a subscriber can
+//! drop such a repeat. Publishing is never skipped for an event whose marker is missing: a crash never loses a
+//! notification. Markers must outlive any replay: the stack's bucket expires them after 400 days, longer than
+//! Kinesis's longest retention (365 days).
+//!
+//! The content hash is over the alarm body encoding of wire format v1 ([`content_hash`], pinned by a test): a
+//! change of that encoding must keep hashing the v1 bytes, or markers written before it no longer match.
 //!
 //! # Message
 //! Body: JSON ([`message`]), at most [`MAX_BODY_BYTES`] ([`body`] shortens a long string cause, then drops the
@@ -72,8 +76,8 @@ fn segment(s: &str) -> String {
 /// any record or process, hashes the same; another event given the same identity does not.
 pub fn content_hash(event: &AlarmEvent) -> u64 {
     let mut bytes = Vec::new();
-    // An event decoded from the wire always encodes; were it not to, all such events share the empty input's
-    // hash, which only makes them one notification per identity, as without the hash.
+    // An event decoded from the wire always encodes (the decoder enforces the encoder's limits); were it not to,
+    // the hash covers the bytes written before the error, still the same for the same event.
     let _ = fieldlink_proto::alarm::encode_alarm_body(std::slice::from_ref(event), &mut bytes);
     bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
@@ -155,9 +159,11 @@ pub fn body(agent: &str, epoch: u64, batch_seq: u64, e: &AlarmEvent) -> String {
             while !s.is_char_boundary(end) {
                 end -= 1;
             }
-            m["cause"]["value"] = json!(&s[..end]);
-            m["cause_truncated"] = json!(true);
-            text = m.to_string();
+            if end < s.len() {
+                m["cause"]["value"] = json!(&s[..end]);
+                m["cause_truncated"] = json!(true);
+                text = m.to_string();
+            }
         }
     }
     if text.len() > MAX_BODY_BYTES {
@@ -395,6 +401,15 @@ mod tests {
         assert_eq!(segment(""), "%");
         assert_eq!(segment("a.b"), "a.b");
     }
+
+    #[test]
+    fn the_content_hash_is_pinned() {
+        // Markers already written name this hash: a change of the alarm body encoding must not change it.
+        assert_eq!(content_hash(&event()), PINNED_HASH);
+    }
+
+    /// `content_hash(&event())` as first released.
+    const PINNED_HASH: u64 = 0xeae2_31da_a07c_186f;
 
     #[test]
     fn another_event_with_the_same_identity_has_another_marker_and_the_same_event_the_same() {

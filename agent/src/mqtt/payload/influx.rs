@@ -122,6 +122,11 @@ fn line(text: &str, arrival_ms: i64, cfg: &PayloadConfig, out: &mut Parsed) -> R
         tags.push((unescape(k), unescape(v)));
     }
     tags.sort();
+    // A series has one value per tag name: rules match on it (a window rule refused for writing another's derived
+    // series could otherwise be met through a second value of the same tag).
+    if let Some(w) = tags.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(format!("tag {:?} repeated", w[0].0));
+    }
     let (fields_part, sep, ts_part) = split_at_unescaped(rest.trim_start(), b" ", true);
     let ts_ms = match (sep, ts_part.trim()) {
         (None, _) | (Some(_), "") => arrival_ms,
@@ -300,6 +305,7 @@ mod tests {
             "m v=18446744073709551615u",
             "m v=1 86400000000000",
             "m v=1 2872431200000000000",
+            "m,site=muc,site=ber v=1",
         ] {
             assert_eq!(reason(bad), "bad_line_protocol", "{bad}");
         }
