@@ -1263,7 +1263,8 @@ impl Buffer {
                 },
             })
             .collect();
-        rows.sort_by_key(|r| rank.get(&r.series_id).copied().unwrap_or(usize::MAX)); // stable
+        // Stable, and the rank looked up once per reading (not twice per comparison).
+        rows.sort_by_cached_key(|r| rank.get(&r.series_id).copied().unwrap_or(usize::MAX));
 
         let first_seq = self.next_seq + alarm_recs.len() as u64;
         let mut ratio = self.bytes_per_reading;

@@ -59,7 +59,7 @@ pub struct Out {
 pub struct SeriesState {
     /// Newest released event time (`i64::MIN` before the first).
     pub last_ts: i64,
-    /// `(ts, hash of (ts, value))` of recently released readings, oldest first.
+    /// `(ts, hash of (ts, value))` of recently released readings, ordered by ts (oldest first).
     pub recent: Vec<(i64, u64)>,
 }
 
@@ -95,10 +95,14 @@ impl SeriesState {
             return Self::new();
         }
         let word = |i: usize| i64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
-        let recent = (8..b.len())
+        let mut recent: Vec<(i64, u64)> = (8..b.len())
             .step_by(16)
             .map(|i| (word(i), word(i + 8) as u64))
             .collect();
+        // `release` relies on the ts order (binary search); a state written by an older agent is put in order.
+        if !recent.is_sorted_by_key(|&(ts, _)| ts) {
+            recent.sort_by_key(|&(ts, _)| ts);
+        }
         Self {
             last_ts: word(0),
             recent,
@@ -178,7 +182,14 @@ pub fn release(
         for p in rows {
             let id = identity(p.ts_ms, &p.value);
             let horizon = st.last_ts.saturating_sub(rules.dedup_window_ms);
-            if p.ts_ms >= horizon && st.recent.iter().any(|&(ts, h)| h == id && ts == p.ts_ms) {
+            // `recent` is ordered by ts: look at the entries of this ts only.
+            let same_ts = st.recent.partition_point(|&(ts, _)| ts < p.ts_ms);
+            if p.ts_ms >= horizon
+                && st.recent[same_ts..]
+                    .iter()
+                    .take_while(|&&(ts, _)| ts == p.ts_ms)
+                    .any(|&(_, h)| h == id)
+            {
                 r.duplicates += 1;
                 continue;
             }
