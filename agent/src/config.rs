@@ -10,6 +10,7 @@ use crate::kinesis::KinesisConfig;
 use crate::modbus::ModbusConfig;
 use crate::mqtt::MqttConfig;
 use crate::order::OrderConfig;
+use crate::window::WindowsConfig;
 use fieldlink_ops::aws::AwsSettings;
 pub use fieldlink_ops::config::{ConfigError, Validate};
 use fieldlink_ops::logging::LogSettings;
@@ -52,6 +53,9 @@ pub struct Config {
     /// Alarm rules (`[[alarms.rules]]`) and their local MQTT status (see `docs/alarms.md`).
     #[serde(default)]
     pub alarms: AlarmsConfig,
+    /// Windowed aggregates (`[[windows.rules]]`, see `docs/windows.md`).
+    #[serde(default)]
+    pub windows: WindowsConfig,
 }
 
 fn default_metrics_listen() -> SocketAddr {
@@ -124,6 +128,7 @@ impl Validate for Config {
             })
             .collect();
         p.extend(self.alarms.validate("alarms", &connections));
+        p.extend(self.windows.validate("windows"));
         let mut names = std::collections::HashSet::new();
         for (i, m) in self.mqtt.iter().enumerate() {
             p.extend(m.validate(&format!("mqtt[{i}]")));
@@ -155,6 +160,17 @@ mod tests {
         if let Err(e) = Config::from_toml(&EXAMPLE[..start]) {
             panic!("the example without [alarms]: {e}");
         }
+    }
+
+    #[test]
+    fn the_readmes_edge_rules_are_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n[[alarms.rules]]").unwrap() + 8;
+        let end = start + readme[start..].find("```").unwrap();
+        let base = &EXAMPLE[..EXAMPLE.find("[alarms]").unwrap()];
+        let cfg = Config::from_toml(&format!("{base}{}", &readme[start..end]))
+            .unwrap_or_else(|e| panic!("README.md, Edge rules: {e}"));
+        assert_eq!((cfg.alarms.rules.len(), cfg.windows.rules.len()), (2, 1));
     }
 
     #[test]

@@ -23,5 +23,6 @@ pub mod modbus;
 pub mod mqtt;
 pub mod order;
 mod run;
+pub mod window;
 
 pub use run::{run, RunError};

@@ -1,7 +1,8 @@
 //! The agent's metrics, created once and passed to every component.
 //!
 //! The reading counters form a ledger that holds at rest:
-//! `received = sent + deduplicated + dead_lettered + dropped + unsealed + pending` (gauges for the last two),
+//! `received + window_derived = sent + deduplicated + dead_lettered + dropped + window_withheld + unsealed + pending`
+//! (gauges for the last two; the window counters are 0 without window rules),
 //! where `received` counts readings committed to the buffer since the process started plus what the buffer held
 //! at start. Late readings that were sent flagged are counted in `sent` and, in addition, in `late`.
 
@@ -56,6 +57,16 @@ pub struct AgentMetrics {
     pub alarms_active: Gauge,
     /// Late readings the alarm rules did not evaluate.
     pub alarm_late_skipped: Counter,
+    /// Readings of derived series (closed windows) sealed into records.
+    pub window_derived: Counter,
+    /// Raw readings that fed windows and were not sent (`keep_raw = false`).
+    pub window_withheld: Counter,
+    /// Readings late for a window rule (their window had closed), per rule and reading.
+    pub window_late: Counter,
+    /// Readings that needed a new window beyond `[windows] max_open_windows`.
+    pub window_overflow: Counter,
+    /// Windows open.
+    pub windows_open: Gauge,
 }
 
 impl AgentMetrics {
@@ -152,6 +163,23 @@ impl AgentMetrics {
                 "fieldlink_alarm_late_readings_skipped_total",
                 "Late readings (released after a newer one of their series) the alarm rules did not evaluate.",
             ),
+            window_derived: c(
+                "fieldlink_window_readings_derived_total",
+                "Readings of derived series (closed windows) sealed into records.",
+            ),
+            window_withheld: c(
+                "fieldlink_window_raw_withheld_total",
+                "Raw readings that fed windows and were deleted unsent (keep_raw = false).",
+            ),
+            window_late: c(
+                "fieldlink_window_late_readings_total",
+                "Readings whose window had closed, per window rule and reading (dropped or sent raw, per the rule).",
+            ),
+            window_overflow: c(
+                "fieldlink_window_overflow_total",
+                "Readings that needed a new window beyond max_open_windows (handled like late readings).",
+            ),
+            windows_open: g("fieldlink_windows_open", "Windows open (all rules, series and sizes)."),
             registry,
         }
     }

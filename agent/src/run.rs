@@ -37,13 +37,19 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
         .publish_connection
         .as_ref()
         .map(|_| crate::alarm::StatusBoard::new());
-    let (buffer, buffer_thread) = buffer::spawn_with_alarms(
+    for w in cfg
+        .windows
+        .dedup_warnings("windows", cfg.order.dedup_window_ms)
+    {
+        tracing::warn!("{w}");
+    }
+    let (buffer, buffer_thread) = buffer::spawn_with_rules(
         &cfg.buffer,
         &cfg.batch,
         &cfg.order,
         &cfg.agent_id,
         metrics.clone(),
-        &cfg.alarms,
+        (&cfg.alarms, &cfg.windows),
         status.clone(),
     )?;
     health.set("buffer", true, "");

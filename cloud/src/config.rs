@@ -1,5 +1,6 @@
 //! The cloud service's TOML configuration; every problem is reported at once.
 
+use crate::alarms::AlarmsConfig;
 use crate::compaction::CompactionConfig;
 use crate::consumer::ConsumerConfig;
 use crate::influx::InfluxConfig;
@@ -52,6 +53,9 @@ pub struct Config {
     /// Publishing the Parquet landing files as one bronze file per closed hour (used with `[parquet]`).
     #[serde(default)]
     pub compaction: CompactionConfig,
+    /// The alarm table and SNS notifications for alarm-event records; absent = alarm records are dead-lettered.
+    #[serde(default)]
+    pub alarms: Option<AlarmsConfig>,
     /// How often a sink call that failed with a permanent error (access denied, a deleted table or bucket) is
     /// tried again, milliseconds. Meanwhile `/health` fails for that sink and its shards' checkpoints wait;
     /// the sink recovers by itself at the next try after the operator fixed the cause. Transient errors
@@ -119,6 +123,12 @@ impl Validate for Config {
             p.extend(q.validate("parquet"));
         }
         p.extend(self.compaction.validate("compaction"));
+        if let Some(a) = &self.alarms {
+            if self.parquet.is_none() {
+                p.push("alarms: needs a [parquet] section (the compactor that publishes bronze publishes the alarm table; the encoding settings are shared)".into());
+            }
+            p.extend(a.validate("alarms", self.parquet.as_ref().map(|q| q.location.as_str())));
+        }
         if !(100..=3_600_000).contains(&self.sink_failing_retry_ms) {
             p.push(format!(
                 "sink_failing_retry_ms: must be 100..=3600000, got {}",

@@ -24,7 +24,11 @@
 //!   as `dt=…/hour=…/part-00000.parquet`, deleting landing files only after the hour's file is durable, and
 //!   republishes an hour whole when late data arrives.
 //! - Children of a split or merge are read only after their parents are read to the end.
+//! - Alarm-event records ([`alarms`]) land in their own hourly table (same landing and compaction, each event once
+//!   in the published table) and, with `[alarms.sns]`, are published to SNS once per event (a marker object per
+//!   event; a crash between the publish and the marker write publishes that event again).
 
+pub mod alarms;
 pub mod compaction;
 pub mod config;
 pub mod consumer;

@@ -48,8 +48,13 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
         /// One round, then exit (status 1 if it failed or the lease was not free within three lease durations).
+        /// Serves no metrics endpoint.
         #[arg(long)]
         once: bool,
+        /// Serve metrics and health here instead of the config's `metrics_listen` (a compactor beside `run` on
+        /// one host, sharing its config).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Validate a configuration; exit status 1 on any problem.
     CheckConfig {
@@ -152,11 +157,18 @@ fn main() -> anyhow::Result<()> {
             .context("starting the async runtime")??;
             Ok(())
         }
-        Command::Compact { config, once } => {
+        Command::Compact {
+            config,
+            once,
+            metrics_listen,
+        } => {
             let source = Source::from_process(config).map_err(anyhow::Error::msg)?;
-            let cfg = source
+            let mut cfg = source
                 .load()
                 .with_context(|| format!("configuration {}", source.name()))?;
+            if let Some(addr) = metrics_listen {
+                cfg.metrics_listen = addr;
+            }
             cfg.log.init();
             let hours = fieldlink_ops::shutdown::run_until_signal(None, |cancel| {
                 fieldlink_cloud::compact(cfg, once, cancel)
@@ -176,6 +188,28 @@ fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compact_takes_its_own_metrics_address() {
+        let cli = Cli::try_parse_from([
+            "fieldlink-cloud",
+            "compact",
+            "--metrics-listen",
+            "127.0.0.1:9101",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Compact { once: false, metrics_listen: Some(a), .. } if a.port() == 9101
+        ));
+        assert!(Cli::try_parse_from([
+            "fieldlink-cloud",
+            "compact",
+            "--metrics-listen",
+            "not-an-address"
+        ])
+        .is_err());
+    }
 
     #[test]
     fn the_flag_wins_over_the_environment() {

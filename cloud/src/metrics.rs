@@ -116,6 +116,24 @@ impl CloudMetrics {
         }
     }
 
+    /// Alarm events handed to the alarm sinks (after the batch deduplication).
+    pub fn alarm_events_landed(&self) -> Counter {
+        self.registry.counter(
+            "fieldlink_cloud_alarm_events_landed_total",
+            "Alarm events of new alarm records handed to the alarm sinks (alarm table, SNS).",
+            &[],
+        )
+    }
+
+    /// Alarm events the SNS notifier published (`published`) or found notified before (`skipped`).
+    pub fn alarm_notifications(&self, outcome: &str) -> Counter {
+        self.registry.counter(
+            "fieldlink_cloud_alarm_notifications_total",
+            "Alarm events published to SNS (outcome=published) or skipped because their marker said SNS had accepted them before (outcome=skipped).",
+            &[("outcome", outcome)],
+        )
+    }
+
     /// InfluxDB write requests answered, by status (`204`, `429`, …, or `timeout`, `connection`).
     pub fn influx_requests(&self, status: &str) -> Counter {
         self.registry.counter(

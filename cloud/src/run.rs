@@ -1,5 +1,7 @@
 //! Wiring of the cloud service.
 
+use crate::alarms::sns::SnsSink;
+use crate::alarms::AlarmSink;
 use crate::compaction;
 use crate::config::Config;
 use crate::consumer::reader::ReadParams;
@@ -80,12 +82,37 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
         }
         None => None,
     };
+    let alarm_store = alarm_store(&cfg, &sdk, endpoint_override)?;
+    let alarms = match (&cfg.alarms, &alarm_store, &cfg.parquet) {
+        (Some(a), Some(store), Some(p)) => Some((
+            store.clone(),
+            a.clone(),
+            compaction::merge::WriteSettings {
+                row_group_rows: p.row_group_rows,
+                zstd_level: p.zstd_level,
+            },
+            monitor(crate::alarms::NAME),
+        )),
+        _ => None,
+    };
+    let sns = match (&cfg.alarms, &alarm_store) {
+        (Some(a), Some(store)) => a.sns.as_ref().map(|s| {
+            (
+                aws_sdk_sns::Client::new(&sdk),
+                s.clone(),
+                store.clone(),
+                monitor(crate::alarms::sns::NAME),
+            )
+        }),
+        _ => None,
+    };
     let table = LeaseTable::new(aws_sdk_dynamodb::Client::new(&sdk), &cfg.leases.table);
     let lease_cancel = CancellationToken::new();
     let compactor = match (&parquet, cfg.compaction.enabled) {
         (Some((store, p, _)), true) => {
             let (compactor, keeper) = compaction::start(
                 store.clone(),
+                alarm_store.clone(),
                 cfg.compaction.clone(),
                 p,
                 table.clone(),
@@ -127,6 +154,25 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
             v.push(Box::new(ParquetSink::new(
                 store.clone(),
                 p.clone(),
+                m.clone(),
+                monitor.clone(),
+                cancel.clone(),
+            )));
+        }
+        if let Some((store, a, settings, monitor)) = &alarms {
+            v.push(Box::new(AlarmSink::new(
+                store.clone(),
+                a,
+                *settings,
+                monitor.clone(),
+                cancel.clone(),
+            )));
+        }
+        if let Some((client, s, store, monitor)) = &sns {
+            v.push(Box::new(SnsSink::new(
+                client.clone(),
+                s.clone(),
+                store.clone(),
                 m.clone(),
                 monitor.clone(),
                 cancel.clone(),
@@ -188,10 +234,18 @@ pub async fn compact(
             "compact needs a [parquet] section (the location to publish)".into(),
         ));
     };
-    let Telemetry { registry, .. } = Telemetry::start(cfg.metrics_listen, cancel.clone()).await?;
+    // One round is a job, not a service: nothing scrapes it, and it must not clash with a `run` on the same host.
+    let registry = if once {
+        fieldlink_ops::metrics::Registry::new()
+    } else {
+        Telemetry::start(cfg.metrics_listen, cancel.clone())
+            .await?
+            .registry
+    };
     let sdk = cfg.aws.sdk_config().await;
     let location = Location::parse(&p.location).map_err(RunError::Sink)?;
     let store = Store::open(&location, &sdk, cfg.aws.endpoint_url.is_some());
+    let alarm_store = alarm_store(&cfg, &sdk, cfg.aws.endpoint_url.is_some())?;
     let table = LeaseTable::new(aws_sdk_dynamodb::Client::new(&sdk), &cfg.leases.table);
     table
         .ensure()
@@ -200,6 +254,7 @@ pub async fn compact(
     let lease_cancel = CancellationToken::new();
     let (compactor, keeper) = compaction::start(
         store,
+        alarm_store,
         cfg.compaction.clone(),
         p,
         table,
@@ -223,4 +278,20 @@ pub async fn compact(
     lease_cancel.cancel();
     let _ = keeper.await;
     result
+}
+
+/// The alarm table's store, with `[alarms]`.
+fn alarm_store(
+    cfg: &Config,
+    sdk: &aws_config::SdkConfig,
+    endpoint_override: bool,
+) -> Result<Option<Store>, RunError> {
+    cfg.alarms
+        .as_ref()
+        .map(|a| {
+            Location::parse(&a.location)
+                .map(|l| Store::open(&l, sdk, endpoint_override))
+                .map_err(RunError::Sink)
+        })
+        .transpose()
 }

@@ -51,6 +51,25 @@ impl Location {
         }
         Ok(Location::Local(PathBuf::from(path)))
     }
+
+    /// Whether one location lies inside the other (or they are the same): a table under another table's
+    /// location would be read as part of it.
+    pub fn overlaps(&self, other: &Location) -> bool {
+        fn within(a: &str, b: &str) -> bool {
+            b.is_empty() || a == b || a.starts_with(&format!("{b}/"))
+        }
+        match (self, other) {
+            (Location::Local(a), Location::Local(b)) => a.starts_with(b) || b.starts_with(a),
+            (
+                Location::S3 { bucket, prefix },
+                Location::S3 {
+                    bucket: b2,
+                    prefix: p2,
+                },
+            ) => bucket == b2 && (within(prefix, p2) || within(p2, prefix)),
+            _ => false,
+        }
+    }
 }
 
 /// Errors writing an object; the caller retries.

@@ -7,7 +7,7 @@ Prints a JSON report; exits 1 with one line per problem when a check fails.
 How the calls are found (mechanically, so a new call in the code fails this check until the template allows it):
 - every `.rs` file under cloud/src and ops/src (the cloud service) or agent/src (the agent), without its
   `#[cfg(test)] mod tests` part, is searched for the AWS SDK crates it names (`aws_sdk_kinesis`, ...; a file that
-  names none, for all of them: it may call a client built elsewhere);
+  names none, for all those the component names anywhere: it may call a client built elsewhere);
 - in such a file, every fluent call `.<name>()` whose name is an operation of one of those services is a call of
   that operation (`.put_object()` is S3 PutObject). The operation names come from botocore's service models (the
   Rust SDK names its builders after the same operations, in snake case); a name two of the file's services share is
@@ -39,6 +39,7 @@ SERVICES = {
     "dynamodb": ("dynamodb", "dynamodb"),
     "s3": ("s3", "s3"),
     "timestreamwrite": ("timestream-write", "timestream"),
+    "sns": ("sns", "sns"),
 }
 
 # Operations authorized by other action names than their own (Service Authorization Reference).
@@ -92,34 +93,37 @@ def sdk_calls(root, dirs):
     """{IAM action: ["file:line (Operation)", ...]} for the SDK calls in `dirs`, and problems."""
     names = {crate: snake_names(svc) for crate, (svc, _) in SERVICES.items()}
     used, problems = {}, []
-    for d in dirs:
-        for path in sorted((root / d).rglob("*.rs")):
-            text = strip_tests(path.read_text())
-            crates = set(re.findall(r"\baws_sdk_([a-z0-9]+)", text))
-            unknown = crates - set(SERVICES)
-            if unknown:
-                problems.append(f"{path.relative_to(root)}: SDK crate(s) {sorted(unknown)} not in SERVICES here")
-            # A file that names no SDK crate may still call a client another file built (`self.client.get_object()`):
-            # it is searched for the operations of every service.
-            crates = (crates & set(SERVICES)) or set(SERVICES)
-            for m in re.finditer(r"\.([a-z][a-z0-9_]*)\(\)", text):
-                name = m.group(1)
-                owners = [c for c in sorted(crates) if name in names[c]]
-                if not owners:
-                    continue
-                line = text.count("\n", 0, m.start()) + 1
-                where = f"{path.relative_to(root)}:{line}"
-                if len(owners) > 1:
-                    problems.append(f"{where}: .{name}() is an operation of several services {owners}")
-                    continue
-                svc, prefix = SERVICES[owners[0]]
-                op = names[owners[0]][name]
-                for action in OPERATION_ACTIONS.get((svc, op), [f"{prefix}:{op}"]):
-                    used.setdefault(action, []).append(f"{where} ({op})")
-            if "timestreamwrite" in crates and "with_endpoint_discovery_enabled" in text:
-                used.setdefault("timestream:DescribeEndpoints", []).append(
-                    f"{path.relative_to(root)} (endpoint discovery)"
-                )
+    files = [(path, strip_tests(path.read_text())) for d in dirs for path in sorted((root / d).rglob("*.rs"))]
+    # The services the component's code names anywhere: a file that names none may call a client of any of them.
+    component = set()
+    for _, text in files:
+        component |= set(re.findall(r"\baws_sdk_([a-z0-9]+)", text)) & set(SERVICES)
+    for path, text in files:
+        crates = set(re.findall(r"\baws_sdk_([a-z0-9]+)", text))
+        unknown = crates - set(SERVICES)
+        if unknown:
+            problems.append(f"{path.relative_to(root)}: SDK crate(s) {sorted(unknown)} not in SERVICES here")
+        # A file that names no SDK crate may still call a client another file built (`self.client.get_object()`):
+        # it is searched for the operations of every service the component uses.
+        crates = (crates & set(SERVICES)) or component
+        for m in re.finditer(r"\.([a-z][a-z0-9_]*)\(\)", text):
+            name = m.group(1)
+            owners = [c for c in sorted(crates) if name in names[c]]
+            if not owners:
+                continue
+            line = text.count("\n", 0, m.start()) + 1
+            where = f"{path.relative_to(root)}:{line}"
+            if len(owners) > 1:
+                problems.append(f"{where}: .{name}() is an operation of several services {owners}")
+                continue
+            svc, prefix = SERVICES[owners[0]]
+            op = names[owners[0]][name]
+            for action in OPERATION_ACTIONS.get((svc, op), [f"{prefix}:{op}"]):
+                used.setdefault(action, []).append(f"{where} ({op})")
+        if "timestreamwrite" in crates and "with_endpoint_discovery_enabled" in text:
+            used.setdefault("timestream:DescribeEndpoints", []).append(
+                f"{path.relative_to(root)} (endpoint discovery)"
+            )
     return used, problems
 
 

@@ -11,6 +11,7 @@ answered, each with its share:
   - 400 naming one line as InfluxDB 1.x does (`partial write: unable to parse '<line>': …`): the other lines
     are forwarded (decompressed), that one is not; it is a line never forwarded before, as a real server
     refuses a bad line every time                                                 (`r400`, requests of 2+ lines).
+Lines the upstream answered 2xx for (at least once): GET /__fault/acknowledged (a JSON list).
 Counters: GET /__fault/stats (JSON, with `dropped_lines`, the lines answered 400, and the last write's
 `authorization` header, and `retry_after_gaps_ms`: for each request answered 429, the time until it came
 again); set shares with
@@ -71,7 +72,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if u.path == "/__fault/set":
                     for k, v in urllib.parse.parse_qsl(u.query):
                         state[k] = v if k == "retry_after" else float(v)
-                body = json.dumps(stats).encode()
+                body = json.dumps(sorted(forwarded) if u.path == "/__fault/acknowledged" else stats).encode()
             return self.reply(200, body, [("Content-Type", "application/json")])
         self.handle_any()
 

@@ -245,6 +245,11 @@ impl InfluxFaultProxy {
     pub fn stats(&self) -> serde_json::Value {
         serde_json::from_str(&http_get(self.port, "/__fault/stats").unwrap()).unwrap()
     }
+
+    /// Every line the server answered 2xx for (at least once).
+    pub fn acknowledged(&self) -> Vec<String> {
+        serde_json::from_str(&http_get(self.port, "/__fault/acknowledged").unwrap()).unwrap()
+    }
 }
 
 /// A `fieldlink-cloud` process writing to the InfluxDB sink only (`influxdb_section` is the whole

@@ -174,6 +174,11 @@ impl Proc {
         }
     }
 
+    /// The exit status if the process has exited (without waiting).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
     /// Process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
@@ -252,14 +257,38 @@ impl Mosquitto {
             ),
         )
         .unwrap();
-        let mut cmd = Command::new(mosquitto_bin());
-        cmd.arg("-c").arg(&conf);
-        let log = dir.join(format!("mosquitto-{port}-{}.log", fieldlink_ops::unix_ms()));
-        let proc = Proc::spawn("mosquitto", cmd, &log);
-        wait_for("mosquitto to listen", Duration::from_secs(10), || {
-            port_open(port).then_some(())
-        });
-        Self { port, proc }
+        // The port is fixed (a restart must come back on it), so it can be taken while the broker is down: by a
+        // client's outgoing connection that got it as its local port (a connection to a closed port in the
+        // ephemeral range can even connect to itself). Mosquitto then exits at once ("Address already in use"),
+        // and a new start a moment later binds: up to 30 s of such starts, each exit shown in the panic.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut exits = Vec::new();
+        loop {
+            let mut cmd = Command::new(mosquitto_bin());
+            cmd.arg("-c").arg(&conf);
+            let log = dir.join(format!("mosquitto-{port}-{}.log", fieldlink_ops::unix_ms()));
+            let mut proc = Proc::spawn("mosquitto", cmd, &log);
+            let exited = loop {
+                if port_open(port) && proc.exited().is_none() {
+                    return Self { port, proc };
+                }
+                if let Some(status) = proc.exited() {
+                    break status;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "mosquitto did not listen on {port} within 30 s (earlier starts: {exits:?}); log:\n{}",
+                    proc.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            exits.push(format!("{exited}: {}", proc.log_text().trim()));
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not start on {port} within 30 s: {exits:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// A broker whose plain listener is `port`, with `extra` appended to its configuration (more listeners).
@@ -755,15 +784,18 @@ shutdown_drain_ms = 2000
             .unwrap_or(0.0)
     }
 
-    /// Checks the reading ledger: received = sent + deduplicated + dead-lettered + dropped + unsealed + pending.
+    /// Checks the reading ledger: received (+ derived window readings) = sent + deduplicated + dead-lettered +
+    /// dropped (+ raw readings withheld by windows) + unsealed + pending.
     pub fn ledger(&self) -> (f64, f64) {
         let m = http_get(self.metrics_port, "/metrics").unwrap();
         let g = |n: &str| metric(&m, n).unwrap_or(0.0);
-        let received = g("fieldlink_readings_received_total");
+        let received =
+            g("fieldlink_readings_received_total") + g("fieldlink_window_readings_derived_total");
         let accounted = g("fieldlink_readings_sent_total")
             + g("fieldlink_readings_deduplicated_total")
             + g("fieldlink_readings_dead_lettered_total")
             + g("fieldlink_readings_dropped_total")
+            + g("fieldlink_window_raw_withheld_total")
             + g("fieldlink_buffer_unsealed_readings")
             + g("fieldlink_buffer_pending_readings");
         (received, accounted)
@@ -1063,6 +1095,12 @@ impl Cloud {
             &format!("s3://{CLOUD_BUCKET}/{stream}"),
             extra,
         );
+        Self::start_config(dir, name, port, &config)
+    }
+
+    /// Starts worker `name` with the configuration text `config`, whose `metrics_listen` is on `port`, and waits
+    /// until it serves /health.
+    pub fn start_config(dir: &Path, name: &str, port: u16, config: &str) -> Self {
         let path = dir.join(format!("cloud-{name}.toml"));
         std::fs::write(&path, config).unwrap();
         let log = dir.join(format!("cloud-{name}.log"));

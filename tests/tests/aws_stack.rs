@@ -210,6 +210,10 @@ fn check_resources(r: &Value, shards: u64, retention_hours: u64) {
     assert!(rules
         .iter()
         .any(|r| r["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] == 7));
+    // The cloud never deletes SNS markers (docs/alarms.md): the bucket expires them.
+    assert!(rules.iter().any(|r| r["Prefix"]
+        == serde_json::json!({"Fn::Sub": "${AlarmsPrefix}/_notified/"})
+        && r["ExpirationInDays"] == 30));
     let tls = &t["BucketPolicy"]["Properties"]["PolicyDocument"]["Statement"][0];
     assert_eq!(tls["Effect"], "Deny");
     assert_eq!(tls["Principal"], "*");
@@ -281,7 +285,14 @@ fn check_resources(r: &Value, shards: u64, retention_hours: u64) {
         s(list, "/Resource"),
         format!("arn:aws:s3:::{}", s(o, "/BucketName"))
     );
-    assert_eq!(list["Condition"]["StringLike"]["s3:prefix"], "bronze/*");
+    assert_eq!(
+        list["Condition"]["StringLike"]["s3:prefix"],
+        serde_json::json!(["bronze/*", "alarms/*"])
+    );
+    assert_eq!(
+        s(statement(&task, "AlarmObjects"), "/Resource"),
+        format!("arn:aws:s3:::{}/alarms/*", s(o, "/BucketName"))
+    );
 
     // ECS: the container as moto stores it; the Fargate settings it ignores in the template.
     let container = &live["task_definition"]["containerDefinitions"][0];
@@ -499,7 +510,8 @@ fn iam_policies_allow_exactly_the_calls_the_code_makes() {
             "AgentPolicy allows",
         ),
     ] {
-        assert_eq!(text.matches(from).count(), 1, "{from:?} in the template");
+        // Every statement that has the line loses it (s3:PutObject: the bronze and the alarm objects).
+        assert!(text.contains(from), "{from:?} in the template");
         let broken = dir.path().join("broken.yaml");
         std::fs::write(&broken, text.replace(from, to)).unwrap();
         let out = check(&broken);

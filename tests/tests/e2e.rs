@@ -245,9 +245,10 @@ fn modbus_readings_land_in_timestream_and_parquet() {
         &modbus,
     );
     let cloud_toml = dir.path().join("cloud.toml");
+    let cloud_port = free_port();
     std::fs::write(
         &cloud_toml,
-        cloud_config(free_port(), &moto.endpoint, "fieldlink-modbus")
+        cloud_config(cloud_port, &moto.endpoint, "fieldlink-modbus")
             .replace("bronze-e2e", "bronze-modbus"),
     )
     .unwrap();
@@ -284,6 +285,9 @@ fn modbus_readings_land_in_timestream_and_parquet() {
         .any(|r| r.0 == "plant/pump-7/pressure" && f64::from_bits(r.2) == 230.5));
     agent.stop();
     cloud.terminate(Duration::from_secs(30));
+    // A one-shot compaction serves no metrics: another process holding the config's port does not stop it.
+    let _metrics_port_taken = std::net::TcpListener::bind(("127.0.0.1", cloud_port))
+        .expect("the stopped cloud's metrics port");
     compact_once(&cloud_toml);
     let v: serde_json::Value = serde_json::from_str(&run_python(&landed_args)).unwrap();
     let ts = counted(landed_rows(&v, "timestream"));

@@ -46,12 +46,14 @@ fn wait_sent(agent: &AgentProc, n: usize) {
     );
 }
 
-/// Waits until `read()` equals `expected` as a multiset; panics with the difference at the deadline.
+/// Waits until `read()` equals `expected` as a multiset; panics with the difference at the deadline, followed by
+/// `explain(missing readings)` (what the test knows about where they went).
 fn wait_exactly(
     what: &str,
     expected: &BTreeMap<Key, usize>,
     timeout: Duration,
     mut read: impl FnMut() -> Vec<Key>,
+    explain: impl Fn(&[&Key]) -> String,
 ) {
     let deadline = Instant::now() + timeout;
     loop {
@@ -60,10 +62,40 @@ fn wait_exactly(
             return;
         }
         if Instant::now() > deadline {
-            panic!("{}", describe_difference(what, expected, &got));
+            let missing: Vec<&Key> = expected.keys().filter(|k| !got.contains_key(*k)).collect();
+            panic!(
+                "{}\n{}",
+                describe_difference(what, expected, &got),
+                explain(&missing)
+            );
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// Waits (60 s) until database `plant` holds exactly `expected`; on failure shows the cloud log's tail.
+fn wait_influxdb(influx: &InfluxD, cloud: &InfluxCloud, expected: &BTreeMap<Key, usize>) {
+    wait_exactly(
+        "influxdb",
+        expected,
+        Duration::from_secs(60),
+        || influx.readings("plant", MEASUREMENT),
+        |_| cloud_log_tail(cloud, 30),
+    );
+}
+
+/// The cloud log's lines other than per-batch debug lines, the last `n` of them: lease moves, worker restarts,
+/// sink retries.
+fn cloud_log_tail(cloud: &InfluxCloud, n: usize) -> String {
+    let text = std::fs::read_to_string(&cloud.log).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("batch landed") && !l.contains("sink call failed"))
+        .collect();
+    format!(
+        "cloud log (without per-batch and retry lines), last {n}:\n{}",
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    )
 }
 
 #[test]
@@ -128,6 +160,7 @@ fn victoria_metrics_over_the_v2_api_with_a_token_holds_every_published_reading_e
         &expected,
         Duration::from_secs(30),
         || vm.readings(MEASUREMENT),
+        |_| cloud_log_tail(&cloud, 30),
     );
     assert_eq!(
         proxy.stats()["authorization"].as_str(),
@@ -175,9 +208,7 @@ fn influxdb_1x_over_the_v1_api_holds_every_reading_once_through_a_cloud_worker_k
     wait_sent(&agent, acked.len());
     let expected = numbered(&acked);
     let n = expected.len();
-    wait_exactly("influxdb", &expected, Duration::from_secs(60), || {
-        influx.readings("plant", MEASUREMENT)
-    });
+    wait_influxdb(&influx, &cloud, &expected);
     let after = cloud.metric("fieldlink_influxdb_points_written_total");
     eprintln!(
         "{n} readings exactly once through a kill -9: {before} points written before it, {after} after (the commit it interrupted replayed: {} rewritten)",
@@ -272,9 +303,27 @@ fn faults_429_503_413_and_partial_400s_from_a_proxy_are_retried_split_or_dead_le
     for k in dead_readings.keys() {
         assert!(want.remove(k).is_some(), "a dead letter names {k:?}");
     }
-    wait_exactly("influxdb", &want, Duration::from_secs(30), || {
-        influx.readings("plant", MEASUREMENT)
-    });
+    // The gate above counts points written, and a replay (a worker restarted after losing its lease on a loaded
+    // machine) rewrites points and counts them again: the last ones may still be on their way.
+    wait_exactly(
+        "influxdb",
+        &want,
+        Duration::from_secs(90),
+        || influx.readings("plant", MEASUREMENT),
+        |missing| {
+            let acknowledged = counted(proxy.acknowledged().iter().map(|l| reading_of_line(l)));
+            let by_server = missing
+                .iter()
+                .filter(|k| acknowledged.contains_key(**k))
+                .count();
+            format!(
+                "of the {} missing, {by_server} were in writes the server answered 2xx; points written {}\n{}",
+                missing.len(),
+                cloud.metric("fieldlink_influxdb_points_written_total"),
+                cloud_log_tail(&cloud, 40)
+            )
+        },
+    );
     // Every injected fault was seen by the sink, by its status.
     for status in ["429", "503", "413", "400"] {
         let injected = stats[format!("injected_{status}")].as_f64().unwrap();
@@ -364,9 +413,7 @@ fn a_missing_database_fails_health_holds_the_checkpoint_and_lands_everything_onc
     // The operator creates the database: the sink recovers by itself (sink_failing_retry_ms = 1 s).
     influx.query("CREATE DATABASE \"plant\"", "");
     let expected = numbered(&acked);
-    wait_exactly("influxdb", &expected, Duration::from_secs(60), || {
-        influx.readings("plant", MEASUREMENT)
-    });
+    wait_influxdb(&influx, &cloud, &expected);
     wait_for("/health ok again", Duration::from_secs(30), || {
         http_get(cloud.port, "/health")
             .filter(|b| b.contains("influxdb: ok"))

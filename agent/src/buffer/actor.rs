@@ -14,6 +14,7 @@ use crate::alarm::{status, AlarmsConfig, Engine, StatusBoard};
 use crate::batch::BatchConfig;
 use crate::metrics::AgentMetrics;
 use crate::order::OrderConfig;
+use crate::window::WindowsConfig;
 use fieldlink_ops::backoff::Backoff;
 use fieldlink_proto::Encoder;
 use std::collections::VecDeque;
@@ -245,8 +246,30 @@ pub fn spawn_with_alarms(
     alarms: &AlarmsConfig,
     status: Option<StatusBoard>,
 ) -> Result<(BufferHandle, std::thread::JoinHandle<()>), BufferError> {
+    spawn_with_rules(
+        cfg,
+        batch,
+        order,
+        agent_id,
+        metrics,
+        (alarms, &WindowsConfig::default()),
+        status,
+    )
+}
+
+/// [`spawn_with_alarms`] with window rules too (see "Windows" in the buffer's doc).
+pub fn spawn_with_rules(
+    cfg: &BufferConfig,
+    batch: &BatchConfig,
+    order: &OrderConfig,
+    agent_id: &str,
+    metrics: AgentMetrics,
+    (alarms, windows): (&AlarmsConfig, &WindowsConfig),
+    status: Option<StatusBoard>,
+) -> Result<(BufferHandle, std::thread::JoinHandle<()>), BufferError> {
     let mut buffer = Buffer::open(&cfg.path, cfg.durability, agent_id)?;
     buffer.enable_alarms(Engine::from_config(alarms), order.reorder_window_ms)?;
+    buffer.enable_windows(crate::window::Engine::from_config(windows))?;
     if buffer.moved_aside().is_some() {
         metrics.buffer_corrupt.inc();
     }
@@ -281,6 +304,7 @@ pub fn spawn_with_alarms(
         commits: VecDeque::new(),
         ready_id,
         published: Ledger::default(),
+        published_windows: crate::window::Counts::default(),
         held: None,
         headroom,
         seal_error: None,
@@ -326,6 +350,8 @@ struct Worker {
     /// Groups with `id <= ready_id` have waited the reorder window.
     ready_id: i64,
     published: Ledger,
+    /// The window counts last turned into metrics.
+    published_windows: crate::window::Counts,
     /// A group of appends taken from the queue but not committed yet (a failed commit, or no disk room): retried
     /// at `retry_at`; no new appends are taken meanwhile, while control (fetch, acknowledge, flush) is served.
     held: Option<Held>,
@@ -830,6 +856,14 @@ impl Worker {
         m.alarm_records_pending
             .set(self.buffer.alarm_records_pending() as i64);
         m.alarms_active.set(self.buffer.alarms().active() as i64);
+        m.window_derived.add(l.window_derived - p.window_derived);
+        m.window_withheld.add(l.window_withheld - p.window_withheld);
+        let (c, pc) = (self.buffer.windows().counts(), self.published_windows);
+        m.window_late.add(c.late - pc.late);
+        m.window_overflow.add(c.overflow - pc.overflow);
+        m.windows_open
+            .set(self.buffer.windows().open_windows() as i64);
+        self.published_windows = c;
         self.published = l;
         let s = self.buffer.stats();
         m.unsealed_readings.set(s.unsealed_readings as i64);

@@ -38,7 +38,14 @@
 //! alarm_records(seq INTEGER PRIMARY KEY, record BLOB, events INTEGER, sealed_ms INTEGER)  -- alarm-event records
 //! alarm_state(rule TEXT, series_id INTEGER, state BLOB, PRIMARY KEY(rule, series_id))   -- alarm::State::to_bytes
 //! alarm_seq(rule TEXT PRIMARY KEY, next INTEGER)      -- each rule's next alarm sequence number
+//! window_state(rule TEXT, series_id INTEGER, state BLOB, PRIMARY KEY(rule, series_id))  -- window::PairState
 //! ```
+//!
+//! # Windows
+//! With window rules ([`Buffer::enable_windows`], `buffer/windows.rs`), a seal feeds every released reading to
+//! the [`crate::window`] engine after the alarm rules; the readings of closed windows go into the same records
+//! as the raw readings, raw readings of `keep_raw = false` rules are deleted unsent, and the changed window states
+//! are written in the **same transaction**: no window is emitted twice or lost across a crash.
 //!
 //! # Alarms
 //! With rules configured ([`Buffer::enable_alarms`]), a seal feeds every released reading that is not late to the
@@ -100,15 +107,18 @@
 mod actor;
 mod config;
 mod group;
+mod windows;
 
-pub use actor::{spawn, spawn_with_alarms, Ack, AckFn, BufferHandle, Closed, Pending};
+pub use actor::{
+    spawn, spawn_with_alarms, spawn_with_rules, Ack, AckFn, BufferHandle, Closed, Pending,
+};
 pub use config::{BufferConfig, Durability, OverflowPolicy};
 
 use crate::alarm::{Dirty, Engine, Obs, Transition};
 use crate::batch::{self, BatchConfig, Builder, Row};
 use crate::order::{self, Rules, SeriesState};
 use fieldlink_proto::alarm::{AlarmBatch, AlarmEncoder, AlarmEvent};
-use fieldlink_proto::{EncodeError, Encoder, Quality, Reading, Series, Value};
+use fieldlink_proto::{EncodeError, Encoder, Quality, Series, Value};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -277,7 +287,8 @@ impl Stats {
 }
 
 /// Where every reading appended since the process started went. At rest (nothing in flight inside the buffer
-/// thread) `appended + at_open = sent + deduplicated + dead_lettered + dropped + unsealed + pending`.
+/// thread) `appended + at_open + window_derived = sent + deduplicated + dead_lettered + dropped + window_withheld +
+/// unsealed + pending`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Ledger {
     /// Readings committed by [`Buffer::append`].
@@ -300,6 +311,10 @@ pub struct Ledger {
     pub alarm_events: u64,
     /// Late readings the alarm rules did not evaluate.
     pub alarm_late_skipped: u64,
+    /// Readings of derived series (closed windows) sealed into records: they join the ledger's left side.
+    pub window_derived: u64,
+    /// Raw readings that fed windows and were deleted unsent (`keep_raw = false`).
+    pub window_withheld: u64,
 }
 
 /// What one seal did.
@@ -344,9 +359,17 @@ pub struct Buffer {
     alarm_pending: u64,
     /// Alarm events committed and not yet taken by [`Buffer::take_alarm_events`] (bounded: the oldest go first).
     alarm_out: Vec<AlarmEvent>,
+    /// The window rules and their states (empty: no rules).
+    windows: crate::window::Engine,
+    /// The alarm and window engines may hold state no transaction committed (a seal failed and so did reloading
+    /// them): the next seal reloads them before anything else, and fails while it cannot.
+    engines_stale: bool,
     /// Test hook: the next transaction fails with this SQLite result code (after its statements ran).
     #[cfg(test)]
     pub(crate) fault: Option<std::ffi::c_int>,
+    /// Test hook: this many reloads of the window states fail (after the engine was reset).
+    #[cfg(test)]
+    pub(crate) reload_faults: u32,
 }
 
 fn tags_json(tags: &[(String, String)]) -> String {
@@ -592,7 +615,8 @@ impl Buffer {
              CREATE TABLE IF NOT EXISTS refused(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, source TEXT NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS alarm_records(seq INTEGER PRIMARY KEY, record BLOB NOT NULL, events INTEGER NOT NULL, sealed_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS alarm_state(rule TEXT NOT NULL, series_id INTEGER NOT NULL, state BLOB NOT NULL, PRIMARY KEY(rule, series_id));
-             CREATE TABLE IF NOT EXISTS alarm_seq(rule TEXT PRIMARY KEY, next INTEGER NOT NULL);",
+             CREATE TABLE IF NOT EXISTS alarm_seq(rule TEXT PRIMARY KEY, next INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS window_state(rule TEXT NOT NULL, series_id INTEGER NOT NULL, state BLOB NOT NULL, PRIMARY KEY(rule, series_id));",
         )?;
         let get = |k: &str| -> rusqlite::Result<Option<rusqlite::types::Value>> {
             conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
@@ -667,8 +691,12 @@ impl Buffer {
             alarm_encoder: None,
             alarm_pending: 0,
             alarm_out: Vec::new(),
+            windows: crate::window::Engine::default(),
+            engines_stale: false,
             #[cfg(test)]
             fault: None,
+            #[cfg(test)]
+            reload_faults: 0,
         };
         b.refresh_stats()?;
         Ok(b)
@@ -710,6 +738,25 @@ impl Buffer {
             self.alarm_encoder = Some(AlarmEncoder::new(3)?);
         }
         self.reload_alarms()
+    }
+
+    /// After a failed seal: both engines back to their committed states. Until that succeeds they are marked
+    /// stale, and [`Buffer::fresh_engines`] retries it before the next seal: a seal never feeds readings to
+    /// states that already counted readings it failed to commit.
+    fn restore_engines(&mut self) -> Result<(), BufferError> {
+        self.engines_stale = true;
+        self.reload_alarms()?;
+        self.reload_windows()?;
+        self.engines_stale = false;
+        Ok(())
+    }
+
+    /// Before a seal: reloads the engines if a failed seal left them stale.
+    fn fresh_engines(&mut self) -> Result<(), BufferError> {
+        if self.engines_stale {
+            self.restore_engines()?;
+        }
+        Ok(())
     }
 
     /// Replaces the engine's states and sequence numbers with the committed ones.
@@ -828,6 +875,7 @@ impl Buffer {
 
     /// A seal without readings: the stale clock alone may raise alarms.
     fn seal_alarm_tick(&mut self, now_ms: i64) -> Result<SealReport, BufferError> {
+        self.fresh_engines()?;
         if self.alarms.is_empty() {
             return Ok(SealReport::default());
         }
@@ -862,7 +910,7 @@ impl Buffer {
                 })
             }
             Err(e) => {
-                self.reload_alarms()?;
+                self.restore_engines()?;
                 Err(e)
             }
         }
@@ -1126,8 +1174,10 @@ impl Buffer {
     }
 
     fn state(&mut self, sid: i64) -> Result<SeriesState, BufferError> {
-        if let Some(s) = self.states.get(&sid) {
-            return Ok(s.clone());
+        // Taken out of the cache, not cloned (a clone doubled the dedup states' memory during every seal): a seal
+        // that commits puts it back, one that fails leaves the committed state in the table to be read again.
+        if let Some(s) = self.states.remove(&sid) {
+            return Ok(s);
         }
         let blob: Option<Vec<u8>> = self
             .conn
@@ -1149,6 +1199,7 @@ impl Buffer {
         rules: Rules,
         now_ms: i64,
     ) -> Result<SealReport, BufferError> {
+        self.fresh_engines()?;
         let mut ids_last = 0i64;
         let mut pending = Vec::new();
         let mut consumed_bytes = 0u64;
@@ -1232,11 +1283,17 @@ impl Buffer {
             match self.alarm_records(&transitions, &series, self.next_seq) {
                 Ok(v) => v,
                 Err(e) => {
-                    self.reload_alarms()?;
+                    self.restore_engines()?;
                     return Err(e);
                 }
             };
         let alarm_dirty = self.alarms.take_dirty();
+
+        // Window rules: the released readings feed the windows; closed windows add derived readings.
+        let dead = released.dead_lettered;
+        let (duplicates, late_flagged) = (released.duplicates, released.late_flagged);
+        let step = self.window_step(released.out, &series);
+        series.extend(step.derived.iter().map(|(id, s)| (*id, s.clone())));
 
         // Group by device: order the series by (device key, measure); release keeps each series' time order.
         let mut order_of: Vec<(String, String, i64)> = series
@@ -1249,20 +1306,7 @@ impl Buffer {
             .enumerate()
             .map(|(i, (_, _, id))| (*id, i))
             .collect();
-        let mut rows: Vec<Row> = released
-            .out
-            .into_iter()
-            .map(|o| Row {
-                series_id: o.reading.series,
-                reading: Reading {
-                    series: 0,
-                    ts_ms: o.reading.ts_ms,
-                    value: o.reading.value,
-                    quality: o.reading.quality,
-                    late: o.late,
-                },
-            })
-            .collect();
+        let mut rows: Vec<Row> = step.rows;
         // Stable, and the rank looked up once per reading (not twice per comparison).
         rows.sort_by_cached_key(|r| rank.get(&r.series_id).copied().unwrap_or(usize::MAX));
 
@@ -1282,14 +1326,14 @@ impl Buffer {
         let built = match built {
             Ok(b) => b,
             Err(e) => {
-                self.reload_alarms()?;
+                self.restore_engines()?;
                 return Err(e.into());
             }
         };
         let next_seq = first_seq + built.len() as u64;
-        let dead = released.dead_lettered;
         let res = self.in_tx(|b| {
             b.write_alarms(&alarm_recs, &alarm_dirty, now_ms)?;
+            b.write_windows(&step.dirty)?;
             for x in &built {
                 b.conn
                     .prepare_cached("INSERT INTO batches(seq, record, readings, sealed_ms) VALUES (?1, ?2, ?3, ?4)")?
@@ -1317,9 +1361,10 @@ impl Buffer {
         });
         if let Err(e) = res {
             self.states.clear();
-            self.reload_alarms()?;
+            self.restore_engines()?;
             return Err(e);
         }
+        self.windows.committed();
         let n_alarm_events = alarm_events.len() as u64;
         self.alarms_committed(alarm_recs.len(), alarm_events, late_skipped);
         if self.states.len() + states.len() > SERIES_CACHE_MAX {
@@ -1336,8 +1381,10 @@ impl Buffer {
         self.stats.pending_batches += built.len() as u64;
         self.stats.pending_readings += sealed_readings;
         self.stats.pending_bytes += sealed_bytes;
-        self.ledger.deduplicated += released.duplicates;
-        self.ledger.late_flagged += released.late_flagged;
+        self.ledger.deduplicated += duplicates;
+        self.ledger.late_flagged += late_flagged;
+        self.ledger.window_withheld += step.withheld;
+        self.ledger.window_derived += step.derived_readings;
         self.ledger.dead_lettered += dead.len() as u64 + unreadable;
         self.ledger.batches_sealed += built.len() as u64;
         self.ledger.bytes_sealed += sealed_bytes;
@@ -1551,3 +1598,5 @@ mod alarm_tests;
 mod model_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod window_tests;

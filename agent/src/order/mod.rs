@@ -55,13 +55,28 @@ pub struct Out {
 }
 
 /// What a series remembers between releases.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Memory: 12 bytes per remembered reading (its event time as an offset from `base`, and its 64-bit identity),
+/// instead of 16 for an `(i64, u64)` pair. The states are the agent's largest data: one entry per reading of the
+/// dedup window, 7.2 MB at 10,000 readings/s and 60 s (see docs/memory.md).
+#[derive(Debug, Clone)]
 pub struct SeriesState {
     /// Newest released event time (`i64::MIN` before the first).
     pub last_ts: i64,
-    /// `(ts, hash of (ts, value))` of recently released readings, ordered by ts (oldest first).
-    pub recent: Vec<(i64, u64)>,
+    /// Event time the offsets in `recent` count from: at or before the oldest remembered reading.
+    base: i64,
+    /// Recently released readings, oldest first: `[ts - base, identity low half, identity high half]`, where the
+    /// identity is the hash of (ts, value).
+    recent: Vec<[u32; 3]>,
 }
+
+/// Equal when they remember the same readings (whatever their bases).
+impl PartialEq for SeriesState {
+    fn eq(&self, other: &Self) -> bool {
+        self.last_ts == other.last_ts && self.recent().eq(other.recent())
+    }
+}
+impl Eq for SeriesState {}
 
 impl Default for SeriesState {
     fn default() -> Self {
@@ -69,24 +84,109 @@ impl Default for SeriesState {
     }
 }
 
+/// One remembered reading.
+fn entry(base: i64, ts: i64, id: u64) -> [u32; 3] {
+    // In range: callers rebase first.
+    let off = (i128::from(ts) - i128::from(base)) as u32;
+    [off, id as u32, (id >> 32) as u32]
+}
+
 impl SeriesState {
     /// A state that has released nothing.
     pub fn new() -> Self {
         Self {
             last_ts: i64::MIN,
+            base: 0,
             recent: Vec::new(),
         }
+    }
+
+    /// `(ts, identity)` of the remembered readings, oldest first.
+    pub fn recent(&self) -> impl ExactSizeIterator<Item = (i64, u64)> + '_ {
+        self.recent.iter().map(|e| {
+            (
+                self.base + i64::from(e[0]),
+                u64::from(e[1]) | (u64::from(e[2]) << 32),
+            )
+        })
+    }
+
+    /// Readings remembered.
+    pub fn remembered(&self) -> usize {
+        self.recent.len()
     }
 
     /// Serialises to bytes: `last_ts` then `(ts, hash)` pairs, little-endian.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(8 + 16 * self.recent.len());
         b.extend_from_slice(&self.last_ts.to_le_bytes());
-        for (ts, h) in &self.recent {
+        for (ts, h) in self.recent() {
             b.extend_from_slice(&ts.to_le_bytes());
             b.extend_from_slice(&h.to_le_bytes());
         }
         b
+    }
+
+    /// Offset of `ts` from `base`, if it fits.
+    fn offset(&self, ts: i64) -> Option<u32> {
+        u32::try_from(i128::from(ts) - i128::from(self.base)).ok()
+    }
+
+    /// Whether a reading of `ts` with identity `id` is remembered: `recent` is ordered by event time, so only the
+    /// entries of `ts` are looked at (found by binary search).
+    fn remembers(&self, ts: i64, id: u64) -> bool {
+        let Some(off) = self.offset(ts) else {
+            return false;
+        };
+        let e = [off, id as u32, (id >> 32) as u32];
+        let first = self.recent.partition_point(|x| x[0] < off);
+        self.recent[first..]
+            .iter()
+            .take_while(|x| x[0] == off)
+            .any(|x| *x == e)
+    }
+
+    /// Remembers a reading of `ts` (at or after every horizon used so far), keeping `recent` ordered by event
+    /// time (a late reading goes before newer ones).
+    fn remember(&mut self, ts: i64, id: u64) {
+        if self.recent.is_empty() {
+            self.base = ts;
+        } else if self.offset(ts).is_none() {
+            // Rebase. A remembered reading more than u32::MAX ms (49 days) before `ts` or the newest one is
+            // behind any horizon (the window is at most a day): forgotten.
+            let old: Vec<(i64, u64)> = self.recent().collect();
+            let newest = old.last().map_or(ts, |&(t, _)| t).max(ts);
+            let fits = |t: i64| i128::from(newest) - i128::from(t) <= i128::from(u32::MAX);
+            let keep: Vec<(i64, u64)> = old.into_iter().filter(|&(t, _)| fits(t)).collect();
+            self.base = keep.first().map_or(ts, |&(t, _)| t).min(ts);
+            let base = self.base;
+            self.recent.clear();
+            self.recent
+                .extend(keep.into_iter().map(|(t, h)| entry(base, t, h)));
+        }
+        let e = entry(self.base, ts, id);
+        let at = self.recent.partition_point(|x| x[0] <= e[0]);
+        self.recent.insert(at, e);
+    }
+
+    /// Forgets the readings older than `horizon`: they can no longer be matched (a reading is checked only
+    /// against remembered readings of its own timestamp, and only when that is at or after the horizon).
+    fn forget_before(&mut self, horizon: i64) {
+        let h = i128::from(horizon) - i128::from(self.base);
+        let n = if h <= 0 {
+            0
+        } else if let Ok(h) = u32::try_from(h) {
+            self.recent.partition_point(|e| e[0] < h)
+        } else {
+            self.recent.len()
+        };
+        self.recent.drain(..n);
+    }
+
+    /// Keeps the newest `max` readings.
+    fn keep_newest(&mut self, max: usize) {
+        let over = self.recent.len().saturating_sub(max);
+        self.recent.drain(..over);
     }
 
     /// Parses [`SeriesState::to_bytes`]; a malformed blob gives a fresh state.
@@ -95,18 +195,13 @@ impl SeriesState {
             return Self::new();
         }
         let word = |i: usize| i64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
-        let mut recent: Vec<(i64, u64)> = (8..b.len())
-            .step_by(16)
-            .map(|i| (word(i), word(i + 8) as u64))
-            .collect();
-        // `release` relies on the ts order (binary search); a state written by an older agent is put in order.
-        if !recent.is_sorted_by_key(|&(ts, _)| ts) {
-            recent.sort_by_key(|&(ts, _)| ts);
+        let mut st = Self::new();
+        st.recent.reserve_exact((b.len() - 8) / 16);
+        for i in (8..b.len()).step_by(16) {
+            st.remember(word(i), word(i + 8) as u64);
         }
-        Self {
-            last_ts: word(0),
-            recent,
-        }
+        st.last_ts = word(0);
+        st
     }
 }
 
@@ -179,25 +274,21 @@ pub fn release(
         let mut rows = by_series.remove(&sid).unwrap_or_default();
         rows.sort_by_key(|p| p.ts_ms); // stable: equal timestamps keep arrival order
         let st = states.entry(sid).or_default();
+        // Memory: the states are the agent's largest data (see `SeriesState`). Forget what already fell out of the window before making room, and make
+        // room once, for this call's readings (capped at what may be kept): `recent` then never doubles its
+        // capacity on the way, and a state's capacity stays close to its length.
+        st.forget_before(st.last_ts.saturating_sub(rules.dedup_window_ms));
+        st.recent.reserve_exact(rows.len().min(rules.max_recent));
         for p in rows {
             let id = identity(p.ts_ms, &p.value);
             let horizon = st.last_ts.saturating_sub(rules.dedup_window_ms);
-            // `recent` is ordered by ts: look at the entries of this ts only.
-            let same_ts = st.recent.partition_point(|&(ts, _)| ts < p.ts_ms);
-            if p.ts_ms >= horizon
-                && st.recent[same_ts..]
-                    .iter()
-                    .take_while(|&&(ts, _)| ts == p.ts_ms)
-                    .any(|&(_, h)| h == id)
-            {
+            if p.ts_ms >= horizon && st.remembers(p.ts_ms, id) {
                 r.duplicates += 1;
                 continue;
             }
             let late = p.ts_ms < st.last_ts;
             if p.ts_ms >= horizon {
-                // Insert keeping `recent` ordered by ts (late readings go before newer ones).
-                let at = st.recent.partition_point(|&(ts, _)| ts <= p.ts_ms);
-                st.recent.insert(at, (p.ts_ms, id));
+                st.remember(p.ts_ms, id);
             }
             st.last_ts = st.last_ts.max(p.ts_ms);
             if late && rules.late == LatePolicy::DeadLetter {
@@ -209,12 +300,8 @@ pub fn release(
             }
             r.out.push(Out { reading: p, late });
         }
-        let horizon = st.last_ts.saturating_sub(rules.dedup_window_ms);
-        let keep_from = st
-            .recent
-            .partition_point(|&(ts, _)| ts < horizon)
-            .max(st.recent.len().saturating_sub(rules.max_recent));
-        st.recent.drain(..keep_from);
+        st.forget_before(st.last_ts.saturating_sub(rules.dedup_window_ms));
+        st.keep_newest(rules.max_recent);
     }
     r
 }

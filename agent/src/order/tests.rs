@@ -107,8 +107,8 @@ fn state_memory_is_bounded_by_window_and_count() {
         },
     );
     let s = &st[&1];
-    assert!(s.recent.len() <= 64);
-    assert!(s.recent.iter().all(|&(ts, _)| ts >= s.last_ts - 1000));
+    assert!(s.remembered() <= 64);
+    assert!(s.recent().all(|(ts, _)| ts >= s.last_ts - 1000));
     assert_eq!(SeriesState::from_bytes(&s.to_bytes()), *s);
 }
 
@@ -189,4 +189,74 @@ proptest! {
             }
         }
     }
+}
+
+/// Timestamps that jump by more than the 49 days a state's 32-bit offsets span (and to the ends of i64), so
+/// states rebase, forget and round-trip through bytes between calls.
+fn arb_far_calls() -> impl Strategy<Value = Vec<Vec<Pending>>> {
+    let ts = prop_oneof![
+        0i64..40,
+        (0i64..40).prop_map(|t| t + (1 << 32)),
+        (0i64..40).prop_map(|t| t - (1 << 33)),
+        (0i64..40).prop_map(|t| i64::MAX - t),
+        (0i64..40).prop_map(|t| i64::MIN + t),
+    ];
+    let reading = (0i64..2, ts, 0u8..3).prop_map(|(s, ts, v)| p(s, ts, f64::from(v)));
+    prop::collection::vec(prop::collection::vec(reading, 0..20), 1..8)
+}
+
+proptest! {
+    #[test]
+    fn release_matches_the_model_across_offset_rebases(
+        calls in arb_far_calls(),
+        window in prop_oneof![0i64..30, Just(86_400_000i64)],
+        reload in any::<bool>(),
+    ) {
+        let rules = Rules { dedup_window_ms: window, max_recent: usize::MAX, late: LatePolicy::Flag };
+        let (mut states, mut model) = (HashMap::new(), Model::default());
+        for call in calls {
+            let r = release(call.clone(), &mut states, rules);
+            let (out, dups, _) = model.release(call, rules);
+            prop_assert_eq!(ts_of(&r), out);
+            prop_assert_eq!(r.duplicates, dups);
+            for st in states.values_mut() {
+                // Every remembered reading is within the window, and persistence keeps exactly them.
+                prop_assert!(st.recent().all(|(ts, _)| ts >= st.last_ts.saturating_sub(window)));
+                if reload {
+                    *st = SeriesState::from_bytes(&st.to_bytes());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_state_at_its_window_does_not_grow_its_allocation() {
+    // A series at 5 readings/s, 60 s window: 300 remembered readings; then seals of 1 s each.
+    let rules = Rules {
+        dedup_window_ms: 60_000,
+        max_recent: 1024,
+        late: LatePolicy::Flag,
+    };
+    let mut st = HashMap::new();
+    let mut ts = 0;
+    for _ in 0..200 {
+        let call: Vec<_> = (0..5)
+            .map(|_| {
+                ts += 200;
+                p(1, ts, 0.5)
+            })
+            .collect();
+        release(call, &mut st, rules);
+    }
+    let s = &st[&1];
+    assert_eq!(s.remembered(), 301);
+    // Room for one more call's readings at most, never the doubling of a growing Vec (512 entries).
+    assert!(
+        s.recent.capacity() <= s.remembered() + 5,
+        "capacity {} for {} readings",
+        s.recent.capacity(),
+        s.remembered()
+    );
+    assert_eq!(std::mem::size_of_val(&s.recent[0]), 12);
 }

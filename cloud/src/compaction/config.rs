@@ -33,7 +33,8 @@ pub struct CompactionConfig {
     #[serde(default = "default_memory")]
     pub max_memory_mib: u64,
     /// Local scratch directory: downloaded inputs, intermediate and output files of the hour being published
-    /// (up to about twice the hour's compressed size), in a subdirectory named after the worker id. Default
+    /// (up to about twice the hour's compressed size), in a subdirectory per process named after the worker id
+    /// (`compaction/scratch.rs`). Default
     /// `/tmp/fieldlink-compaction`.
     #[serde(default = "default_work_dir")]
     pub work_dir: PathBuf,

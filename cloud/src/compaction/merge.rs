@@ -5,13 +5,24 @@
 //! Every input is sorted by `(series, time, agent_id, batch_epoch, batch_seq)` (landing files by
 //! [`crate::parquet::encode::encode`], published parts by this merge). The output is the union of the inputs
 //! in the total order `(series, time, agent_id, batch_epoch, batch_seq, value_double, value_bigint,
-//! value_boolean, value_string, quality, late)` with **repeats dropped**: a row equal to the previous one in all
-//! those columns is a repeat of the same reading of the same batch (a resend landed twice, a commit repeated
-//! after a crash, a landing file merged again into the file that already holds it). Two rows with the same
-//! `(agent_id, batch_epoch, batch_seq, series, time)` but another value are both kept (a batch identity reused
-//! with other content by a buffer file restored from a backup). So the output rows are a function of the *set*
-//! of input rows, whatever files they came in; and since the writer is fed fixed-size chunks
-//! ([`OUT_BATCH`] rows) the output bytes are a function of the rows too: merging again what is already
+//! value_boolean, value_string, quality, late)` with two kinds of **repeat** dropped:
+//! - a row equal to the previous one in all those columns: the same reading of the same batch (a resend landed
+//!   twice, a commit repeated after a crash, a landing file merged again into the file that already holds it);
+//! - a row whose reading — `(series, time)` and `(value_*, quality)` — an earlier row of the output already holds
+//!   under another batch identity: the same reading sent in two batches. That happens when the agent's buffer is
+//!   replaced (a re-imaged gateway, a new SD card) while the broker still holds a message the old buffer had
+//!   committed but whose acknowledgement had not reached it (a kill -9 just after the commit, or an
+//!   acknowledgement given up on when the connection dropped), or when a QoS 1 publisher resent a message across
+//!   the replacement. The agent drops such a repeat itself while it keeps the same buffer file
+//!   (`dedup_window_ms`); the compactor drops it across buffer files, as Timestream and InfluxDB do by their
+//!   keys. The first row in the total order is kept (`late` is not part of the reading). Per `(series, time)` at
+//!   most [`MAX_READINGS_COMPARED`] distinct readings are remembered: beyond that a repeat is kept, never a
+//!   reading dropped.
+//!
+//! Two rows with the same `(agent_id, batch_epoch, batch_seq, series, time)` but another value are both kept (a
+//! batch identity reused with other content by a buffer file restored from a backup). So the output rows are a
+//! function of the *set* of input rows, whatever files they came in; and since the writer is fed fixed-size
+//! chunks ([`OUT_BATCH`] rows) the output bytes are a function of the rows too: merging again what is already
 //! published, plus repeats, writes the same bytes.
 //!
 //! # Parts
@@ -42,6 +53,9 @@ use std::cmp::Ordering;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
+
+/// Distinct readings remembered per `(series, time)` to find the same reading in another batch (most have one).
+pub const MAX_READINGS_COMPARED: usize = 64;
 
 /// Rows per batch read from an input.
 pub const IN_BATCH: usize = 4096;
@@ -150,7 +164,8 @@ pub struct Merged {
 }
 
 impl Merged {
-    /// Input rows that were repeats and were dropped.
+    /// Input rows that were repeats (of a row of the same batch, or of a reading another batch carried) and were
+    /// dropped.
     pub fn duplicates(&self) -> u64 {
         self.input_rows - self.rows
     }
@@ -256,6 +271,67 @@ impl Cols {
     /// `(series, time)` of row `i`.
     fn series_time(&self, i: usize) -> (&str, i64) {
         (self.series.value(i), self.time.value(i))
+    }
+
+    /// What row `i` reads, apart from its series, time and the batch that carried it.
+    fn reading(&self, i: usize) -> Reading {
+        Reading {
+            double: self.vd.is_valid(i).then(|| self.vd.value(i).to_bits()),
+            bigint: self.vi.is_valid(i).then(|| self.vi.value(i)),
+            boolean: opt_bool(&self.vb, i),
+            string: opt_str(&self.vs, i).map(str::to_owned),
+            quality: opt_str(&self.quality, i).map(str::to_owned),
+        }
+    }
+}
+
+/// A reading's value and quality (an `f64` by its bits: the same reading has the same bits).
+#[derive(Debug, PartialEq, Eq)]
+struct Reading {
+    double: Option<u64>,
+    bigint: Option<i64>,
+    boolean: Option<bool>,
+    string: Option<String>,
+    quality: Option<String>,
+}
+
+/// The readings emitted for the current `(series, time)`, to drop the same reading carried by another batch.
+/// Filled only when a `(series, time)` gets a second row, so the usual single row costs no allocation.
+#[derive(Default)]
+struct Emitted {
+    readings: Vec<Reading>,
+}
+
+impl Emitted {
+    /// Whether row `row` of `slot` holds a reading already emitted for its `(series, time)`; `prev` is the last
+    /// row emitted. Remembers the row's reading when it is new (it will be emitted).
+    fn holds(
+        &mut self,
+        pool: &Pool,
+        prev: Option<(usize, usize)>,
+        slot: usize,
+        row: usize,
+    ) -> bool {
+        let cols = &pool.get(slot).cols;
+        let Some((ps, pr)) = prev else {
+            return false;
+        };
+        let before = &pool.get(ps).cols;
+        if before.series_time(pr) != cols.series_time(row) {
+            self.readings.clear();
+            return false;
+        }
+        if self.readings.is_empty() {
+            self.readings.push(before.reading(pr));
+        }
+        let reading = cols.reading(row);
+        if self.readings.contains(&reading) {
+            return true;
+        }
+        if self.readings.len() < MAX_READINGS_COMPARED {
+            self.readings.push(reading);
+        }
+        false
     }
 }
 
@@ -694,13 +770,14 @@ pub fn merge(
         sift_down(&mut heap, i, &|a, b| less(&cursors, &pool, a, b));
     }
     let mut prev: Option<(usize, usize)> = None;
+    let mut emitted = Emitted::default();
     let mut rows = 0u64;
     let max_live = 2 * cursors.len() + 2;
     while let Some(&top) = heap.first() {
         let (slot, row) = (cursors[top].slot, cursors[top].row);
         let repeat = prev.is_some_and(|(s, r)| {
             cmp_rows(&pool.get(s).cols, r, &pool.get(slot).cols, row) == Ordering::Equal
-        });
+        }) || emitted.holds(&pool, prev, slot, row);
         if !repeat {
             out.emit(&pool, slot, row, prev)?;
             rows += 1;

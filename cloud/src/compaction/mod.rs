@@ -8,12 +8,16 @@
 //! 1. the hour's inputs are its landing files listed now plus its published parts (if it was published before:
 //!    late data merges into the hour as a whole) and any file of the layout before compaction in the hour's
 //!    directory (merged and deleted like landing files); S3 objects are streamed into `work_dir` first;
-//! 2. they are merged ([`merge`]: sorted by series and time, repeats of a reading of a batch dropped, bounded
-//!    memory) into `part-00000.parquet` (more parts only above `max_file_mib`);
+//! 2. they are merged ([`merge`]: sorted by series and time, repeats of a reading dropped — of the same batch, or
+//!    the same reading carried by another batch —, bounded memory) into `part-00000.parquet` (more parts only above `max_file_mib`);
 //! 3. a split hour's part boundaries are recorded (`_compaction/dt=…/hour=…/boundaries.json`) before its first
 //!    part is written, and kept for every republish;
 //! 4. each part replaces `dt=…/hour=…/part-NNNNN.parquet` in one step (S3 PutObject; locally a rename);
 //! 5. only then are the merged landing (and legacy) files deleted.
+//!
+//! With `[alarms]` the same compactor, in the same round and under the same lease, publishes the alarm table
+//! from its own location the same way (one file per hour, merged in memory by [`crate::alarms::table::merge`]:
+//! alarm events are few).
 //!
 //! # Crash safety
 //! Every step can be repeated: a compactor killed anywhere leaves landing files that are not deleted yet and
@@ -26,6 +30,7 @@ mod config;
 pub mod lease;
 pub mod merge;
 pub mod plan;
+mod scratch;
 
 pub use config::CompactionConfig;
 
@@ -87,7 +92,7 @@ impl CompactionMetrics {
             ),
             duplicates: c(
                 "fieldlink_compaction_duplicates_dropped_total",
-                "Rows dropped while publishing as repeats of a reading of the same batch (agent_id, batch_epoch, batch_seq, series, time and value).",
+                "Rows dropped while publishing as repeats: of a row of the same batch, or of a reading (series, time, value, quality) another batch carried.",
             ),
             failures: c(
                 "fieldlink_compaction_failures_total",
@@ -145,11 +150,35 @@ pub struct Published {
     pub merged: Merged,
 }
 
+/// Which table a round publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// The bronze readings table (`[parquet] location`).
+    Bronze,
+    /// The alarm table (`[alarms] location`).
+    Alarms,
+}
+
+/// The local copies of an hour's inputs.
+struct Inputs {
+    /// Keys of the hour's published parts.
+    published: Vec<String>,
+    /// Keys of the landing files (and files of the layout before compaction) to delete once published.
+    landing: Vec<String>,
+    /// Local files: the published parts first, then the landing files.
+    files: Vec<PathBuf>,
+}
+
 /// The compactor of one process.
 #[derive(Debug, Clone)]
 pub struct Compactor {
     store: Store,
+    alarms: Option<Store>,
     cfg: CompactionConfig,
+    /// The name of this process's scratch directory under `cfg.work_dir` (see [`scratch`]).
+    scratch_name: String,
+    /// Claimed at the first round.
+    scratch: std::sync::Arc<tokio::sync::OnceCell<scratch::ScratchDir>>,
     settings: WriteSettings,
     table: LeaseTable,
     hold: Hold,
@@ -167,6 +196,7 @@ impl Compactor {
     pub fn new(
         store: Store,
         cfg: CompactionConfig,
+        scratch_name: String,
         parquet: &ParquetConfig,
         table: LeaseTable,
         hold: Hold,
@@ -174,7 +204,10 @@ impl Compactor {
     ) -> Self {
         Self {
             store,
+            alarms: None,
             cfg,
+            scratch_name,
+            scratch: Default::default(),
             settings: WriteSettings {
                 row_group_rows: parquet.row_group_rows,
                 zstd_level: parquet.zstd_level,
@@ -183,6 +216,25 @@ impl Compactor {
             hold,
             metrics,
         }
+    }
+
+    /// Also publishes the alarm table in `alarms` (after the bronze hours of each round).
+    pub fn with_alarms(mut self, alarms: Option<Store>) -> Self {
+        self.alarms = alarms;
+        self
+    }
+
+    /// This process's scratch directory, claimed on first use.
+    async fn work_dir(&self) -> Result<&Path, CompactError> {
+        let claimed = self
+            .scratch
+            .get_or_try_init(|| async {
+                scratch::ScratchDir::claim(&self.cfg.work_dir, &self.scratch_name).map_err(|e| {
+                    CompactError::Other(format!("{}: {e}", self.cfg.work_dir.display()))
+                })
+            })
+            .await?;
+        Ok(claimed.path())
     }
 
     fn closing(&self) -> Closing {
@@ -202,14 +254,13 @@ impl Compactor {
         Ok(())
     }
 
-    /// One round: publishes every closed hour with landing files, oldest first. Returns the hours published;
-    /// an hour that failed is logged, counted and left for the next round (a lost lease or a stop ends the
-    /// round).
+    /// One round: publishes every closed hour with landing files, oldest first, of the bronze table and then of
+    /// the alarm table. Returns the hours published; an hour that failed is logged, counted and left for the next
+    /// round (a lost lease or a stop ends the round).
     pub async fn round(&self, cancel: &CancellationToken) -> Result<Vec<Published>, CompactError> {
         self.check(cancel)?;
-        let started = Instant::now();
-        // Scratch files a killed round left behind.
-        reset_dir(&self.cfg.work_dir).await?;
+        // Scratch files a killed round (or a killed process that held the directory) left behind.
+        reset_dir(self.work_dir().await?).await?;
         let leases = self.table.list().await?;
         let watermark = plan::fleet_watermark(&leases);
         if let Some(w) = watermark {
@@ -217,7 +268,37 @@ impl Compactor {
                 .watermark
                 .set(w.min(i64::MAX / 1000 * 1000) / 1000);
         }
-        let landing = self.store.list(&format!("{LANDING}/")).await?;
+        let bronze = self
+            .round_of(Table::Bronze, &self.store, watermark, cancel)
+            .await;
+        let Some(alarms) = &self.alarms else {
+            return bronze;
+        };
+        // A bronze round that failed otherwise (its store cannot be listed) does not hold the alarm table back.
+        if matches!(bronze, Err(CompactError::LeaseLost | CompactError::Stopped)) {
+            return bronze;
+        }
+        let alarm = self
+            .round_of(Table::Alarms, alarms, watermark, cancel)
+            .await;
+        match (bronze, alarm) {
+            (Ok(mut done), Ok(more)) => {
+                done.extend(more);
+                Ok(done)
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
+    }
+
+    async fn round_of(
+        &self,
+        table: Table,
+        store: &Store,
+        watermark: Option<i64>,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Published>, CompactError> {
+        let started = Instant::now();
+        let landing = store.list(&format!("{LANDING}/")).await?;
         let plan = plan::plan(&landing, watermark, self.closing());
         if !plan.strays.is_empty() {
             tracing::warn!(keys = ?plan.strays.iter().take(5).collect::<Vec<_>>(), count = plan.strays.len(), "files in the landing area that are not landing files; left alone");
@@ -230,9 +311,9 @@ impl Compactor {
                 pending.push(work.hour);
                 continue;
             }
-            match self.publish_hour(work, cancel).await {
+            match self.publish_hour_of(table, store, work, cancel).await {
                 Ok(p) => {
-                    self.account(&p);
+                    self.account(table, &p);
                     done.push(p);
                 }
                 Err(e @ (CompactError::LeaseLost | CompactError::Stopped)) => {
@@ -241,16 +322,19 @@ impl Compactor {
                 }
                 Err(e) => {
                     self.metrics.failures.inc();
-                    tracing::warn!(hour = %plan::published_prefix(work.hour), error = %e, "publishing an hour failed; retried next round");
+                    tracing::warn!(table = ?table, hour = %plan::published_prefix(work.hour), error = %e, "publishing an hour failed; retried next round");
                     pending.push(work.hour);
                 }
             }
         }
-        self.metrics
-            .lag
-            .set(plan::lag_seconds(&pending, watermark, self.closing()));
+        if table == Table::Bronze {
+            self.metrics
+                .lag
+                .set(plan::lag_seconds(&pending, watermark, self.closing()));
+        }
         if !done.is_empty() {
             tracing::info!(
+                table = ?table,
                 hours = done.len(),
                 rows = done.iter().map(|p| p.merged.rows).sum::<u64>(),
                 took_ms = started.elapsed().as_millis() as u64,
@@ -261,7 +345,7 @@ impl Compactor {
         result.map(|()| done)
     }
 
-    fn account(&self, p: &Published) {
+    fn account(&self, table: Table, p: &Published) {
         let m = &self.metrics;
         m.hours.inc();
         if p.republish {
@@ -271,6 +355,7 @@ impl Compactor {
         m.bytes.add(p.merged.parts.iter().map(|x| x.bytes).sum());
         m.duplicates.add(p.merged.duplicates());
         tracing::info!(
+            table = ?table,
             hour = %plan::published_prefix(p.hour),
             republish = p.republish,
             inputs = p.inputs,
@@ -282,16 +367,30 @@ impl Compactor {
         );
     }
 
-    /// Publishes one hour (see the module doc).
+    /// Publishes one hour of the bronze table (see the module doc).
     pub async fn publish_hour(
         &self,
         work: &HourWork,
         cancel: &CancellationToken,
     ) -> Result<Published, CompactError> {
+        self.publish_hour_of(Table::Bronze, &self.store, work, cancel)
+            .await
+    }
+
+    async fn publish_hour_of(
+        &self,
+        table: Table,
+        store: &Store,
+        work: &HourWork,
+        cancel: &CancellationToken,
+    ) -> Result<Published, CompactError> {
         let hour = work.hour;
-        let scratch = self.cfg.work_dir.join(format!("hour-{hour}"));
+        let scratch = self.work_dir().await?.join(format!("hour-{hour}"));
         reset_dir(&scratch).await?;
-        let result = self.publish_in(work, &scratch, cancel).await;
+        let result = match table {
+            Table::Bronze => self.publish_in(store, work, &scratch, cancel).await,
+            Table::Alarms => self.publish_alarms_in(store, work, &scratch, cancel).await,
+        };
         let _ = tokio::fs::remove_dir_all(&scratch).await;
         result.map(|merged| Published {
             hour,
@@ -301,54 +400,116 @@ impl Compactor {
         })
     }
 
-    async fn publish_in(
+    /// The hour's published parts and files of the layout before compaction (one per commit, directly in the
+    /// hour: merged like landing files and deleted once the hour is published); local copies of them all.
+    async fn inputs(
         &self,
+        store: &Store,
         work: &HourWork,
         scratch: &Path,
         cancel: &CancellationToken,
-    ) -> Result<(Merged, bool), CompactError> {
-        let hour = work.hour;
-        // The hour's parts, and files of the layout before compaction (one per commit, directly in the hour):
-        // those are merged like landing files and deleted once the hour is published.
-        let (published, legacy): (Vec<String>, Vec<String>) = self
-            .store
-            .list(&plan::published_prefix(hour))
+    ) -> Result<Inputs, CompactError> {
+        let (published, legacy): (Vec<String>, Vec<String>) = store
+            .list(&plan::published_prefix(work.hour))
             .await?
             .into_iter()
             .map(|o| o.key)
             .filter(|k| k.ends_with(".parquet"))
             .partition(|k| plan::is_part(k));
-        let recorded: Option<Vec<Boundary>> =
-            match self.store.get(&plan::boundaries_key(hour)).await? {
-                Some(bytes) => Some(
-                    serde_json::from_slice::<BoundaryRecord>(&bytes)
-                        .map_err(|e| {
-                            CompactError::Other(format!("{}: {e}", plan::boundaries_key(hour)))
-                        })?
-                        .boundaries,
-                ),
-                None => None,
-            };
-        // Local copies of the inputs: published parts first, then the landing files.
-        let mut inputs: Vec<PathBuf> = Vec::new();
-        let landing: Vec<&String> = legacy
-            .iter()
-            .chain(work.inputs.iter().map(|o| &o.key))
+        let landing: Vec<String> = legacy
+            .into_iter()
+            .chain(work.inputs.iter().map(|o| o.key.clone()))
             .collect();
-        let keys = published.iter().chain(landing.iter().copied());
-        for (i, key) in keys.enumerate() {
+        let mut files: Vec<PathBuf> = Vec::new();
+        for (i, key) in published.iter().chain(landing.iter()).enumerate() {
             if cancel.is_cancelled() {
                 return Err(CompactError::Stopped);
             }
-            match self.store.local_path(key) {
-                Some(p) => inputs.push(p),
+            match store.local_path(key) {
+                Some(p) => files.push(p),
                 None => {
                     let dest = scratch.join(format!("in-{i:06}.parquet"));
-                    self.store.get_to_file(key, &dest).await?;
-                    inputs.push(dest);
+                    store.get_to_file(key, &dest).await?;
+                    files.push(dest);
                 }
             }
         }
+        Ok(Inputs {
+            published,
+            landing,
+            files,
+        })
+    }
+
+    /// Publishes one hour of the alarm table: always one file, merged in memory.
+    async fn publish_alarms_in(
+        &self,
+        store: &Store,
+        work: &HourWork,
+        scratch: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<(Merged, bool), CompactError> {
+        let inputs = self.inputs(store, work, scratch, cancel).await?;
+        let out = scratch.join(merge::part_name(0));
+        let (files, settings, target) = (inputs.files.clone(), self.settings, out.clone());
+        let count = tokio::task::spawn_blocking(move || {
+            crate::alarms::table::merge(
+                &files,
+                &target,
+                settings.row_group_rows,
+                settings.zstd_level,
+            )
+        })
+        .await
+        .map_err(|e| CompactError::Other(e.to_string()))?
+        .map_err(|source| MergeError::Parquet {
+            path: out.display().to_string(),
+            source,
+        })?;
+        self.check(cancel)?;
+        store
+            .put_file(&plan::published_key(work.hour, &merge::part_name(0)), &out)
+            .await?;
+        for key in &inputs.landing {
+            self.check(cancel)?;
+            store.delete(key).await?;
+        }
+        let merged = Merged {
+            parts: vec![merge::PartFile {
+                path: out,
+                rows: count.rows,
+                bytes: count.bytes,
+            }],
+            boundaries: Vec::new(),
+            input_rows: count.input_rows,
+            rows: count.rows,
+        };
+        Ok((merged, !inputs.published.is_empty()))
+    }
+
+    async fn publish_in(
+        &self,
+        store: &Store,
+        work: &HourWork,
+        scratch: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<(Merged, bool), CompactError> {
+        let hour = work.hour;
+        let Inputs {
+            published,
+            landing,
+            files: inputs,
+        } = self.inputs(store, work, scratch, cancel).await?;
+        let recorded: Option<Vec<Boundary>> = match store.get(&plan::boundaries_key(hour)).await? {
+            Some(bytes) => Some(
+                serde_json::from_slice::<BoundaryRecord>(&bytes)
+                    .map_err(|e| {
+                        CompactError::Other(format!("{}: {e}", plan::boundaries_key(hour)))
+                    })?
+                    .boundaries,
+            ),
+            None => None,
+        };
         let split = match recorded.clone() {
             Some(b) => Split::Fixed(b),
             // Published before as one file, or its boundaries record is lost: the parts' first rows.
@@ -381,17 +542,17 @@ impl Compactor {
                 boundaries: merged.boundaries.clone(),
             })
             .map_err(|e| CompactError::Other(e.to_string()))?;
-            self.store.put(&plan::boundaries_key(hour), record).await?;
+            store.put(&plan::boundaries_key(hour), record).await?;
         }
         for (i, part) in merged.parts.iter().enumerate() {
             self.check(cancel)?;
-            self.store
+            store
                 .put_file(&plan::published_key(hour, &merge::part_name(i)), &part.path)
                 .await?;
         }
-        for key in landing {
+        for key in &landing {
             self.check(cancel)?;
-            self.store.delete(key).await?;
+            store.delete(key).await?;
         }
         Ok((merged, !published.is_empty()))
     }
@@ -481,6 +642,7 @@ pub fn peak_rss_kib() -> u64 {
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     store: Store,
+    alarms: Option<Store>,
     cfg: CompactionConfig,
     parquet: &ParquetConfig,
     table: LeaseTable,
@@ -491,7 +653,7 @@ pub fn start(
 ) -> (Compactor, tokio::task::JoinHandle<()>) {
     let metrics = CompactionMetrics::new(registry);
     let hold = Hold::new(Duration::from_millis(lease_ms), metrics.leader.clone());
-    // Replicas sharing a host (or a test machine) must not share scratch space.
+    // Named after the worker id; two processes never share it (see [`scratch`]).
     let own: String = me
         .chars()
         .map(|c| {
@@ -502,13 +664,9 @@ pub fn start(
             }
         })
         .collect();
-    let cfg = CompactionConfig {
-        work_dir: cfg.work_dir.join(own),
-        ..cfg
-    };
     let keeper = tokio::spawn(lease::keep(table.clone(), me, hold.clone(), lease_cancel));
     (
-        Compactor::new(store, cfg, parquet, table, hold, metrics),
+        Compactor::new(store, cfg, own, parquet, table, hold, metrics).with_alarms(alarms),
         keeper,
     )
 }

@@ -22,7 +22,8 @@ pub use config::DedupConfig;
 use crate::metrics::CloudMetrics;
 use dead::DeadLetters;
 use dedup::BatchDedup;
-use fieldlink_proto::{decode, Batch};
+use fieldlink_proto::alarm::{decode_any, AlarmBatch, Record};
+use fieldlink_proto::Batch;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -63,6 +64,16 @@ pub trait Sink: Send {
     /// ([`retry`]); readings the destination refuses
     /// are dead-lettered inside.
     fn write<'a>(&'a mut self, batch: &'a Batch, origin: &'a Origin) -> SinkFuture<'a>;
+    /// Whether the sink takes alarm events ([`Sink::write_alarms`]). Default false.
+    fn takes_alarms(&self) -> bool {
+        false
+    }
+    /// Lands or stages the events of one alarm record (only called on sinks that [`Sink::takes_alarms`]); same
+    /// rules as [`Sink::write`]. Default: nothing.
+    fn write_alarms<'a>(&'a mut self, batch: &'a AlarmBatch, origin: &'a Origin) -> SinkFuture<'a> {
+        let _ = (batch, origin);
+        Box::pin(async { Ok(()) })
+    }
     /// Whether the sink would like a commit now (it staged as much as it should hold).
     fn wants_commit(&self) -> bool {
         false
@@ -114,20 +125,30 @@ impl Lander {
     /// Lands one Kinesis record.
     pub async fn land(&mut self, data: &[u8], origin: &Origin) -> Result<(), SinkError> {
         self.metrics.records_in.inc();
-        let batch = match decode(data) {
-            Ok(b) => b,
+        let record = match decode_any(data) {
+            Ok(r) => r,
             Err(e) => {
                 tracing::warn!(shard = %origin.shard, sequence_number = %origin.sequence_number, error = %e, "undecodable record");
                 return self.dead.record(origin, dead_letter_reason(&e), data).await;
+            }
+        };
+        let (agent_id, epoch, seq) = match &record {
+            Record::Readings(b) => (b.agent_id.as_str(), b.epoch, b.seq),
+            Record::Alarms(a) => {
+                if !self.sinks.iter().any(|s| s.takes_alarms()) {
+                    tracing::warn!(shard = %origin.shard, sequence_number = %origin.sequence_number, agent = %a.agent_id, "an alarm record, and no [alarms] section to land it");
+                    return self.dead.record(origin, "alarm_record", data).await;
+                }
+                (a.agent_id.as_str(), a.epoch, a.seq)
             }
         };
         let tag = dedup::tag(&origin.shard, &origin.sequence_number);
         let claim = match self.dedup.lock() {
             Ok(mut d) => {
                 let c = d.claim(
-                    &batch.agent_id,
-                    batch.epoch,
-                    batch.seq,
+                    agent_id,
+                    epoch,
+                    seq,
                     tag,
                     dedup::content_tag(data),
                     fieldlink_ops::unix_ms(),
@@ -149,9 +170,9 @@ impl Lander {
             self.metrics.batch_id_collisions.inc();
             if claim.conflict.is_some_and(|c| c.report) {
                 tracing::error!(
-                    agent = %batch.agent_id,
-                    epoch = %format!("{:016x}", batch.epoch),
-                    seq = batch.seq,
+                    agent = %agent_id,
+                    epoch = %format!("{:016x}", epoch),
+                    seq = seq,
                     "a batch identity landed before arrives with other content: a buffer file restored from a backup or cloned onto another box? landed anyway"
                 );
             }
@@ -159,7 +180,7 @@ impl Lander {
             self.metrics.agent_id_conflicts.inc();
             if c.report {
                 tracing::error!(
-                    agent = %batch.agent_id,
+                    agent = %agent_id,
                     older_epoch = %format!("{:016x}", c.older),
                     newer_epoch = %format!("{:016x}", c.newer),
                     "two agents send under one agent id (two buffer epochs both landing new batches): give each box its own agent_id; both are landed"
@@ -168,9 +189,23 @@ impl Lander {
         }
         if !claim.verdict.lands() {
             self.metrics.batches_duplicate.inc();
-            tracing::debug!(agent = %batch.agent_id, epoch = batch.epoch, seq = batch.seq, "resent batch skipped");
+            tracing::debug!(agent = %agent_id, epoch = epoch, seq = seq, "resent batch skipped");
             return Ok(());
         }
+        let batch = match record {
+            Record::Readings(b) => b,
+            Record::Alarms(a) => {
+                for sink in self.sinks.iter_mut().filter(|s| s.takes_alarms()) {
+                    sink.write_alarms(&a, origin).await?;
+                }
+                tracing::debug!(target: "fieldlink_cloud::landed", shard = %origin.shard, agent = %a.agent_id, epoch = a.epoch, seq = a.seq, events = a.events.len(), "alarm record landed");
+                self.metrics.batches_landed.inc();
+                self.metrics
+                    .alarm_events_landed()
+                    .add(a.events.len() as u64);
+                return Ok(());
+            }
+        };
         for sink in &mut self.sinks {
             sink.write(&batch, origin).await?;
         }

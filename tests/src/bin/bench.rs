@@ -6,6 +6,8 @@
 //!    The same with **100 alarm rules** active, next to none, twice: rules spread over the devices (each device's
 //!    readings meet a few rules, as a site would write them), and broad rules (above/below with hysteresis and
 //!    delays, rate, stale, quality on whole families of series: every reading is evaluated by dozens of rules).
+//!    And **100 window rules** (docs/windows.md), alone and beside the 100 spread alarm rules. `bench rules` runs
+//!    only this comparison.
 //! 2. **Bytes per reading on the wire**: what that seal produced (and the same pipeline writing wire format v1).
 //! 3. **Payload mapping alone**: messages of ten fields as JSON and as InfluxDB line protocol, one thread.
 //! 4. **MQTT ingest with durable acks next to a bare subscriber**, same broker, same run: N QoS 1 messages of ten
@@ -21,6 +23,7 @@ use fieldlink_agent::buffer::{Buffer, Durability, NewReading};
 use fieldlink_agent::mqtt::payload::Mapper;
 use fieldlink_agent::mqtt::{Format, PayloadConfig};
 use fieldlink_agent::order::OrderConfig;
+use fieldlink_agent::window::WindowsConfig;
 use fieldlink_e2e::*;
 use fieldlink_proto::Encoder;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -101,16 +104,44 @@ fn hundred_rules() -> AlarmsConfig {
     cfg
 }
 
+/// 100 window rules spread over the devices like [`per_device_rules`]: IMU axes in 10 s, 1 min and 15 min windows
+/// with every function, IMU-b axes in 1 s and 10 s means and maxima, meters in 1 and 15 min means and counts
+/// (`meter-b` with `keep_raw = false`).
+fn hundred_windows() -> WindowsConfig {
+    let mut t = String::new();
+    for k in 0..100 {
+        let body = match k % 4 {
+            0 => format!("series = \"line3/robot-imu/{:03}/+\"\nsizes_ms = [10000, 60000, 900000]\nfunctions = [\"count\", \"min\", \"max\", \"mean\", \"sum\", \"first\", \"last\"]", k % 40),
+            1 => format!("series = \"line3/robot-imu-b/{:03}/+\"\nsizes_ms = [1000, 10000]\nfunctions = [\"mean\", \"max\"]", k % 40),
+            2 => format!("series = \"plant/meter/{:03}/value\"\nsizes_ms = [60000, 900000]\nfunctions = [\"mean\", \"count\"]", k % 100),
+            _ => format!("series = \"plant/meter-b/{:03}/value\"\nsizes_ms = [60000]\nfunctions = [\"mean\"]\nkeep_raw = false", k % 100),
+        };
+        t.push_str(&format!(
+            "[[rules]]\nname = \"window-{k}\"\n{body}\nallowed_lateness_ms = 2000\n\n"
+        ));
+    }
+    let cfg: WindowsConfig = toml::from_str(&t).unwrap();
+    assert!(cfg.validate("windows").is_empty());
+    cfg
+}
+
+type Rules = (Option<AlarmsConfig>, Option<WindowsConfig>);
+
 fn pipeline(
     msgs: &[(String, Vec<u8>)],
     durability: Durability,
     wire_version: u8,
-    alarms: Option<&AlarmsConfig>,
+    (alarms, windows): (Option<&AlarmsConfig>, Option<&WindowsConfig>),
 ) -> (f64, usize, u64, f64, u64) {
     let dir = tempfile::tempdir().unwrap();
     let mut buffer = Buffer::open(&dir.path().join("bench.db"), durability, "bench").unwrap();
     if let Some(a) = alarms {
         buffer.enable_alarms(Engine::from_config(a), 0).unwrap();
+    }
+    if let Some(w) = windows {
+        buffer
+            .enable_windows(fieldlink_agent::window::Engine::from_config(w))
+            .unwrap();
     }
     let mut encoder = Encoder::new(3).unwrap();
     let batch = BatchConfig {
@@ -155,8 +186,51 @@ fn pipeline(
         readings,
         l.bytes_sealed,
         l.batches_sealed as f64,
-        l.alarm_events,
+        l.alarm_events + l.window_derived,
     )
+}
+
+/// Figure 1's rule sets, interleaved three times (the machine's load moves); the best of each.
+fn rule_sets(msgs: &[(String, Vec<u8>)], readings: usize) {
+    let v2 = BatchConfig::default().wire_version;
+    let evaluations = |cfg: &AlarmsConfig| -> f64 {
+        let engine = Engine::from_config(cfg);
+        let mut n = 0usize;
+        for (series, _, _) in dataset(usize::MAX) {
+            let s = fieldlink_proto::Series::new(series);
+            n += engine.rules().iter().filter(|r| r.matches(&s)).count();
+        }
+        n as f64 / readings as f64
+    };
+    let sets: [(&str, Rules); 5] = [
+        ("none", (None, None)),
+        ("spread over devices", (Some(per_device_rules()), None)),
+        ("broad", (Some(hundred_rules()), None)),
+        ("100 windows", (None, Some(hundred_windows()))),
+        (
+            "100 alarms+100 windows",
+            (Some(per_device_rules()), Some(hundred_windows())),
+        ),
+    ];
+    let mut best = [(0.0f64, 0u64); 5];
+    for _ in 0..3 {
+        for (i, (_, (a, w))) in sets.iter().enumerate() {
+            let (rate, _, _, _, events) =
+                pipeline(msgs, Durability::Normal, v2, (a.as_ref(), w.as_ref()));
+            if rate > best[i].0 {
+                best[i] = (rate, events);
+            }
+        }
+    }
+    println!("  alarm and window rules, durability=normal, best of three interleaved runs:");
+    for (i, (name, (a, _))) in sets.iter().enumerate() {
+        let (rate, events) = best[i];
+        let per_reading = a.as_ref().map_or(0.0, &evaluations);
+        println!(
+            "    {name:<22} ({per_reading:>4.1} alarm evaluations per reading): {rate:>10.0} readings/s ({:>3.0} % of none; {events} alarm events + derived readings)",
+            rate / best[0].0 * 100.0
+        );
+    }
 }
 
 /// The ten-field JSON payload of message `i` (IMU-like plus a status), as used by the ingest and mapping
@@ -274,47 +348,37 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("rss") {
+        // Only figure 5 (for measuring memory settings): `bench rss`.
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Mosquitto::start(dir.path());
+        let moto = Moto::start(dir.path());
+        moto.create("bench", 1, "unused-db", "unused-table", "unused-bucket");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        steady_rss(dir.path(), &broker, &moto, &rt);
+        return;
+    }
     let msgs = messages();
     let v2 = BatchConfig::default().wire_version;
-    let (rate_n, readings, bytes, batches, _) = pipeline(&msgs, Durability::Normal, v2, None);
-    let (rate_f, _, _, _, _) = pipeline(&msgs, Durability::Full, v2, None);
-    let (rate_1, _, bytes_1, batches_1, _) = pipeline(&msgs, Durability::Normal, 1, None);
-    let evaluations = |cfg: &AlarmsConfig| -> f64 {
-        let engine = Engine::from_config(cfg);
-        let mut n = 0usize;
-        for (series, _, _) in dataset(usize::MAX) {
-            let s = fieldlink_proto::Series::new(series);
-            n += engine.rules().iter().filter(|r| r.matches(&s)).count();
-        }
-        n as f64 / readings as f64
-    };
+    if std::env::args().nth(1).as_deref() == Some("rules") {
+        let readings = msgs.len(); // recounted below
+        let (_, readings_n, _, _, _) = pipeline(&msgs, Durability::Normal, v2, (None, None));
+        let _ = readings;
+        println!("pipeline (1 thread, payload → buffer → dedup/order → windows/alarms → zstd batches), {readings_n} readings:");
+        rule_sets(&msgs, readings_n);
+        return;
+    }
+    let (rate_n, readings, bytes, batches, _) =
+        pipeline(&msgs, Durability::Normal, v2, (None, None));
+    let (rate_f, _, _, _, _) = pipeline(&msgs, Durability::Full, v2, (None, None));
+    let (rate_1, _, bytes_1, batches_1, _) = pipeline(&msgs, Durability::Normal, 1, (None, None));
     println!("pipeline (1 thread, payload → buffer → dedup/order → zstd batches), {readings} readings in {} messages:", msgs.len());
     println!("  durability=normal: {rate_n:>10.0} readings/s");
     println!("  durability=full:   {rate_f:>10.0} readings/s");
-    // Alarm rules: none, spread, broad, interleaved three times (the machine's load moves); the best of each.
-    let sets = [
-        ("none", None),
-        ("spread over devices", Some(per_device_rules())),
-        ("broad", Some(hundred_rules())),
-    ];
-    let mut best = [(0.0f64, 0u64); 3];
-    for _ in 0..3 {
-        for (i, (_, rules)) in sets.iter().enumerate() {
-            let (rate, _, _, _, events) = pipeline(&msgs, Durability::Normal, v2, rules.as_ref());
-            if rate > best[i].0 {
-                best[i] = (rate, events);
-            }
-        }
-    }
-    println!("  alarm rules, durability=normal, best of three interleaved runs:");
-    for (i, (name, rules)) in sets.iter().enumerate() {
-        let (rate, events) = best[i];
-        let per_reading = rules.as_ref().map_or(0.0, &evaluations);
-        println!(
-            "    {name:<20} ({per_reading:>4.1} rule evaluations per reading): {rate:>10.0} readings/s ({:>3.0} % of none; {events} alarm events)",
-            rate / best[0].0 * 100.0
-        );
-    }
+    rule_sets(&msgs, readings);
     println!(
         "  wire: {bytes} bytes in {batches} records = {:.2} bytes/reading (24 KiB target, wire_version = {v2})",
         bytes as f64 / readings as f64,
@@ -406,10 +470,51 @@ fn main() {
         );
     }
 
-    // 10,000 readings/s for 15 s in a fresh agent process with a fresh buffer (so neither the burst above nor its
-    // backlog on the way to Kinesis counts): IMU-like messages of 6 readings at 1667 messages/s.
+    steady_rss(dir.path(), &broker, &moto, &rt);
+}
+
+/// `/proc/<pid>/smaps_rollup` and `status` fields in KiB.
+fn proc_kib(pid: u32, file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The agent's threads by name (`comm`), with counts.
+fn thread_names(pid: u32) -> String {
+    let mut names = std::collections::BTreeMap::<String, usize>::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        *names.entry(comm.trim().to_owned()).or_default() += 1;
+    }
+    names
+        .iter()
+        .map(|(n, k)| format!("{n} ×{k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Figure 5: 10,000 readings/s for 15 s in a fresh agent process with a fresh buffer (so neither the ingest burst
+/// nor its backlog on the way to Kinesis counts): IMU-like messages of 6 readings at 1667 messages/s. The agent
+/// inherits this process's environment (`MALLOC_ARENA_MAX=…`); `FIELDLINK_BENCH_AGENT` starts another command
+/// instead of this build's agent (words split on spaces, the agent binary last: a static build,
+/// `heaptrack -o /tmp/h target/debug/fieldlink-agent`); `FIELDLINK_BENCH_AGENT_CONFIG` is appended to its config;
+/// `FIELDLINK_BENCH_RSS_SECS` runs longer than 15 s (the dedup state grows for `dedup_window_ms` of event time).
+fn steady_rss(
+    dir: &std::path::Path,
+    broker: &Mosquitto,
+    moto: &Moto,
+    rt: &tokio::runtime::Runtime,
+) {
     let mut agent = AgentProc::new(
-        dir.path(),
+        dir,
         "bench-steady-agent",
         broker.port,
         &moto.endpoint,
@@ -417,9 +522,20 @@ fn main() {
         "",
         "",
     );
+    if let Ok(extra) = std::env::var("FIELDLINK_BENCH_AGENT_CONFIG") {
+        agent.append_config(&format!("\n{extra}\n"));
+    }
+    if let Ok(cmd) = std::env::var("FIELDLINK_BENCH_AGENT") {
+        agent.launcher = cmd.split_whitespace().map(Into::into).collect();
+    }
     agent.start();
     let pid_agent = agent.proc.as_ref().unwrap().pid();
-    rt.block_on(async {
+    let secs = std::env::var("FIELDLINK_BENCH_RSS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15u64);
+    let mut trace = Vec::new();
+    let sent = rt.block_on(async {
         let mut opts = MqttOptions::new("bench-steady", "127.0.0.1", broker.port);
         opts.set_inflight(1000);
         let (client, mut ev) = AsyncClient::new(opts, 2000);
@@ -427,8 +543,11 @@ fn main() {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         let start = Instant::now();
         let mut i = 0u64;
-        while start.elapsed() < Duration::from_secs(15) {
+        while start.elapsed() < Duration::from_secs(secs) {
             tick.tick().await;
+            if start.elapsed() >= Duration::from_secs(5 * (trace.len() as u64 + 1)) {
+                trace.push(proc_kib(pid_agent, "status", "VmRSS"));
+            }
             let due = (start.elapsed().as_secs_f64() * 1667.0) as u64;
             while i < due {
                 let ts = 1_772_500_000_000i64 + i as i64;
@@ -437,12 +556,29 @@ fn main() {
                 i += 1;
             }
         }
+        i * 6
     });
     std::thread::sleep(Duration::from_secs(2));
     let hwm = vm_hwm_kib(pid_agent);
     println!(
-        "agent at 10,000 readings/s for 15 s: peak RSS (VmHWM) {:.1} MiB",
+        "agent at 10,000 readings/s for {secs} s: peak RSS (VmHWM) {:.1} MiB",
         hwm as f64 / 1024.0
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let trace: Vec<String> = trace.iter().map(|&k| format!("{:.1}", mib(k))).collect();
+    println!("  RSS every 5 s: {} MiB", trace.join(", "));
+    println!(
+        "  at the end: RSS {:.1} MiB = anonymous {:.1} + file-backed {:.1} (+ shmem {:.1}); threads: {}",
+        mib(proc_kib(pid_agent, "smaps_rollup", "Rss")),
+        mib(proc_kib(pid_agent, "smaps_rollup", "Anonymous")),
+        mib(proc_kib(pid_agent, "status", "RssFile")),
+        mib(proc_kib(pid_agent, "status", "RssShmem")),
+        thread_names(pid_agent)
+    );
+    println!(
+        "  readings published {sent}, received {}, sent to Kinesis {}",
+        agent.metric("fieldlink_readings_received_total"),
+        agent.metric("fieldlink_readings_sent_total")
     );
     agent.stop();
 }

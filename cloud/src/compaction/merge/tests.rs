@@ -79,13 +79,15 @@ fn r(series: &str, t: i64, agent: &str, seq: u64, v: f64) -> R {
     (series.into(), t, agent.into(), 7, seq, v)
 }
 
+/// The model of a merge: the rows sorted, and of the rows with one `(series, time, value)` the first kept.
 fn sorted_set(mut v: Vec<R>) -> Vec<R> {
     v.sort_by(|a, b| {
         (&a.0, a.1, &a.2, a.3, a.4)
             .cmp(&(&b.0, b.1, &b.2, b.3, b.4))
             .then(a.5.total_cmp(&b.5))
     });
-    v.dedup();
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|(s, t, _, _, _, x)| seen.insert((s.clone(), *t, x.to_bits())));
     v
 }
 
@@ -109,6 +111,54 @@ fn a_resend_landed_by_two_processes_collapses_to_one_row() {
             r("s/b", 1, "a", 1, 2.0)
         ]
     );
+}
+
+#[test]
+fn the_same_reading_carried_by_batches_of_two_buffer_files_is_published_once() {
+    let dir = tempdir();
+    // A message the old buffer (epoch 9) had sent was delivered again to the new one (epoch 3, a re-imaged
+    // gateway) in its batch 1, beside a new reading; other values at the same time stay.
+    let old = [("s/a", 1, 9, 13, 1.0), ("s/a", 2, 9, 13, 2.0)];
+    let new = [
+        ("s/a", 1, 3, 1, 1.0),
+        ("s/a", 1, 3, 1, 4.0),
+        ("s/a", 3, 3, 1, 5.0),
+    ];
+    let rows = |v: &[(&str, i64, u64, u64, f64)]| -> Vec<R> {
+        v.iter()
+            .map(|(s, t, e, q, x)| ((*s).into(), *t, "a".into(), *e, *q, *x))
+            .collect()
+    };
+    let x = landing(dir.path(), "x.parquet", &rows(&old));
+    let y = landing(dir.path(), "y.parquet", &rows(&new));
+    let m = merge_into(dir.path(), &[x, y], Split::BySize(u64::MAX), 64);
+    assert_eq!((m.input_rows, m.rows), (5, 4));
+    assert_eq!(
+        read(&m.parts[0].path),
+        rows(&[
+            ("s/a", 1, 3, 1, 1.0),
+            ("s/a", 1, 3, 1, 4.0),
+            ("s/a", 2, 9, 13, 2.0),
+            ("s/a", 3, 3, 1, 5.0)
+        ]),
+        "the first copy in merge order is kept"
+    );
+}
+
+#[test]
+fn past_the_readings_compared_per_series_and_time_a_repeat_is_kept_never_a_reading_dropped() {
+    let dir = tempdir();
+    let n = MAX_READINGS_COMPARED as u64;
+    // n + 1 distinct values at one time in batch 1, then all of them again in batch 2.
+    let first: Vec<R> = (0..=n).map(|i| r("s/a", 1, "a", 1, i as f64)).collect();
+    let again: Vec<R> = (0..=n).map(|i| r("s/a", 1, "a", 2, i as f64)).collect();
+    let x = landing(dir.path(), "x.parquet", &first);
+    let y = landing(dir.path(), "y.parquet", &again);
+    let m = merge_into(dir.path(), &[x, y], Split::BySize(u64::MAX), 64);
+    let out = read(&m.parts[0].path);
+    let values: std::collections::BTreeSet<u64> = out.iter().map(|x| x.5 as u64).collect();
+    assert_eq!(values.len() as u64, n + 1, "every reading is there");
+    assert_eq!(m.rows, n + 2, "only the value beyond the cap is kept twice");
 }
 
 #[test]

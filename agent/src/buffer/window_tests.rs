@@ -1,0 +1,212 @@
+//! The buffer with window rules: closed windows travel in the sealed records, `keep_raw = false` readings are
+//! deleted unsent, the ledger balances, and no window is repeated or lost across failed commits and reopens.
+#![allow(clippy::unwrap_used)]
+use super::*;
+use crate::order::LatePolicy;
+use crate::window::WindowsConfig;
+use fieldlink_proto::{decode_any, Record};
+
+const RULES: &str = r#"
+[[rules]]
+name = "mean"
+series = "m/+"
+sizes_ms = [1000]
+functions = ["count", "mean"]
+allowed_lateness_ms = 500
+late = "raw"
+keep_raw = false
+
+[[rules]]
+name = "kept"
+series = "k/+"
+sizes_ms = [1000]
+functions = ["max"]
+"#;
+
+fn open(path: &Path) -> Buffer {
+    let mut b = Buffer::open(path, Durability::Normal, "edge-1").unwrap();
+    let cfg: WindowsConfig = toml::from_str(RULES).unwrap();
+    b.enable_windows(crate::window::Engine::from_config(&cfg))
+        .unwrap();
+    b
+}
+
+fn append(b: &mut Buffer, key: &str, readings: &[(i64, f64)]) {
+    let rs: Vec<NewReading> = readings
+        .iter()
+        .map(|&(ts, v)| NewReading {
+            series: Series::new(key),
+            ts_ms: ts,
+            value: Value::F64(v),
+            quality: Quality::Good,
+        })
+        .collect();
+    b.append([rs.as_slice()]).unwrap();
+}
+
+fn seal(b: &mut Buffer) -> Result<SealReport, BufferError> {
+    let mut enc = Encoder::new(3).unwrap();
+    let rules = Rules {
+        dedup_window_ms: 60_000,
+        max_recent: 1024,
+        late: LatePolicy::Flag,
+    };
+    b.seal(
+        i64::MAX,
+        100_000,
+        &mut enc,
+        &BatchConfig::default(),
+        rules,
+        0,
+    )
+}
+
+/// Every pending reading as `(series, ts, value, late)`, acknowledged (so the next call gives only new ones).
+type Got = (String, i64, String, bool);
+fn drain(b: &mut Buffer) -> Vec<Got> {
+    let mut out = Vec::new();
+    let pending = b.pending(500, usize::MAX).unwrap();
+    for p in &pending {
+        let Record::Readings(batch) = decode_any(&p.record).unwrap() else {
+            panic!("not a readings record")
+        };
+        for r in batch.readings {
+            let v = match r.value {
+                Value::F64(x) => format!("{x}"),
+                Value::I64(i) => format!("{i}i"),
+                v => format!("{v:?}"),
+            };
+            out.push((
+                batch.series[r.series as usize].key.clone(),
+                r.ts_ms,
+                v,
+                r.late,
+            ));
+        }
+    }
+    let seqs: Vec<u64> = pending.iter().map(|p| p.seq).collect();
+    b.ack(&seqs).unwrap();
+    out.sort();
+    out
+}
+
+fn got(k: &str, ts: i64, v: &str, late: bool) -> Got {
+    (k.into(), ts, v.into(), late)
+}
+
+#[test]
+fn closed_windows_go_out_in_the_records_and_withheld_readings_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir.path().join("b.db"));
+    append(&mut b, "m/a", &[(100, 1.0), (900, 2.0), (1200, 6.0)]);
+    append(&mut b, "k/a", &[(100, 1.0), (900, 2.0), (1000, 6.0)]);
+    append(&mut b, "x/a", &[(100, 5.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            got("k/a", 100, "1", false),
+            got("k/a", 900, "2", false),
+            got("k/a", 1000, "6", false),
+            got("k/a/max_1s", 0, "2", false),
+            got("x/a", 100, "5", false),
+        ],
+        "m/a is withheld and its window [0, 1000) still open (lateness 500)"
+    );
+    append(&mut b, "m/a", &[(1500, 3.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            got("m/a/count_1s", 0, "2i", false),
+            got("m/a/mean_1s", 0, "1.5", false)
+        ]
+    );
+    // 800 is late for [0, 1000) (watermark 1000): sent raw, flagged, and not aggregated.
+    append(&mut b, "m/a", &[(800, 50.0), (2600, 0.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            got("m/a", 800, "50", true),
+            got("m/a/count_1s", 1000, "2i", false),
+            got("m/a/mean_1s", 1000, "4.5", false)
+        ]
+    );
+    let l = b.ledger();
+    assert_eq!(b.windows().counts().late, 1);
+    assert_eq!((l.window_withheld, l.window_derived), (5, 5));
+    let s = b.stats();
+    assert_eq!(
+        l.appended + l.window_derived,
+        l.sent
+            + l.deduplicated
+            + l.dead_lettered
+            + l.dropped
+            + l.window_withheld
+            + s.unsealed_readings
+            + s.pending_readings,
+        "ledger"
+    );
+}
+
+#[test]
+fn a_failed_seal_or_a_reopen_neither_repeats_nor_loses_a_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.db");
+    let mut b = open(&path);
+    append(&mut b, "m/a", &[(100, 1.0), (200, 3.0), (1600, 5.0)]);
+    b.fault = Some(rusqlite::ffi::SQLITE_IOERR);
+    assert!(seal(&mut b).is_err());
+    assert_eq!(drain(&mut b), vec![], "nothing committed");
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            got("m/a/count_1s", 0, "2i", false),
+            got("m/a/mean_1s", 0, "2", false)
+        ]
+    );
+    append(&mut b, "m/a", &[(1700, 7.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(drain(&mut b), vec![]);
+    drop(b);
+    let mut b = open(&path);
+    assert_eq!(b.windows().open_windows(), 1, "the open window came back");
+    append(&mut b, "m/a", &[(2600, 0.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            got("m/a/count_1s", 1000, "2i", false),
+            got("m/a/mean_1s", 1000, "6", false)
+        ]
+    );
+}
+
+#[test]
+fn a_failed_seal_whose_reload_fails_too_reloads_the_windows_before_the_next_seal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir.path().join("b.db"));
+    append(&mut b, "m/a", &[(100, 1.0), (200, 3.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![],
+        "[0, 1000) open with 2 committed readings"
+    );
+    append(&mut b, "m/a", &[(300, 5.0), (1600, 7.0)]);
+    // The commit fails, and so does putting the committed window states back (the engine is left empty).
+    b.fault = Some(rusqlite::ffi::SQLITE_IOERR);
+    b.reload_faults = 1;
+    assert!(seal(&mut b).is_err());
+    // The next seal reloads them first: the window holds the 2 committed readings and 300 once.
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            got("m/a/count_1s", 0, "3i", false),
+            got("m/a/mean_1s", 0, "3", false)
+        ]
+    );
+}

@@ -1,0 +1,159 @@
+//! The buffer's side of windowed aggregates ([`crate::window`]): the `window_state` table and the step of a seal
+//! that feeds the released readings to the engine.
+//!
+//! ```sql
+//! window_state(rule TEXT, series_id INTEGER, state BLOB, PRIMARY KEY(rule, series_id))  -- window::PairState
+//! ```
+//! The table was added without a schema version change: an older agent ignores it (and computes no windows).
+//! A seal writes the changed pair states in its transaction, beside the records that hold the closed windows'
+//! readings and the deletion of the readings that fed them; a failed commit reloads the engine from the table.
+
+use super::{Buffer, BufferError};
+use crate::batch::Row;
+use crate::order;
+use crate::window::{Emitted, Engine, Obs, RawFate};
+use fieldlink_proto::{Quality, Reading, Series};
+use rusqlite::params;
+use std::collections::HashMap;
+
+/// What the windows made of one seal's released readings.
+#[derive(Debug, Default)]
+pub(super) struct WindowStep {
+    /// The rows to encode: the raw readings that are sent (late flag as released or set by a window rule), then
+    /// the derived readings (buffer series ids below 0, named in `derived`).
+    pub rows: Vec<Row>,
+    /// Derived series by their (negative, seal-local) id.
+    pub derived: HashMap<i64, Series>,
+    /// Raw readings withheld (`keep_raw = false`).
+    pub withheld: u64,
+    /// Derived readings among `rows`.
+    pub derived_readings: u64,
+    /// Changed pair states: `(rule, series id, bytes)`.
+    pub dirty: Vec<(String, i64, Vec<u8>)>,
+}
+
+impl Buffer {
+    /// Computes `engine`'s windows from now on, from the states the buffer kept.
+    pub fn enable_windows(&mut self, engine: Engine) -> Result<(), BufferError> {
+        self.windows = engine;
+        self.reload_windows()
+    }
+
+    /// The window engine (rules, states, counts).
+    pub fn windows(&self) -> &Engine {
+        &self.windows
+    }
+
+    /// Replaces the engine's states with the committed ones.
+    pub(super) fn reload_windows(&mut self) -> Result<(), BufferError> {
+        self.windows.reset();
+        if self.windows.is_empty() {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if self.reload_faults > 0 {
+            self.reload_faults -= 1;
+            return Err(BufferError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                Some("injected reload failure".into()),
+            )));
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT rule, series_id, state FROM window_state")?;
+        let mut q = stmt.query([])?;
+        while let Some(r) = q.next()? {
+            let rule: String = r.get(0)?;
+            let state: Vec<u8> = r.get(2)?;
+            self.windows.load_state(&rule, r.get(1)?, &state);
+        }
+        Ok(())
+    }
+
+    /// Feeds the released readings (each series in event-time order) to the windows and turns the result into
+    /// rows: raw readings per their fate, then the closed windows' readings. Without rules, every reading is a
+    /// row as released.
+    pub(super) fn window_step(
+        &mut self,
+        released: Vec<order::Out>,
+        series: &HashMap<i64, Series>,
+    ) -> WindowStep {
+        // The released late flag, or set by a window rule.
+        let row = |o: order::Out, flag: bool| Row {
+            series_id: o.reading.series,
+            reading: Reading {
+                series: 0,
+                ts_ms: o.reading.ts_ms,
+                value: o.reading.value,
+                quality: o.reading.quality,
+                late: o.late || flag,
+            },
+        };
+        if self.windows.is_empty() {
+            return WindowStep {
+                rows: released.into_iter().map(|o| row(o, false)).collect(),
+                ..WindowStep::default()
+            };
+        }
+        let mut step = WindowStep::default();
+        let mut emitted: Vec<Emitted> = Vec::new();
+        for o in released {
+            let fate = match series.get(&o.reading.series) {
+                Some(s) => self.windows.observe(
+                    o.reading.series,
+                    s,
+                    Obs {
+                        ts_ms: o.reading.ts_ms,
+                        value: &o.reading.value,
+                        quality: o.reading.quality,
+                    },
+                    &mut emitted,
+                ),
+                None => RawFate::Send,
+            };
+            match fate {
+                RawFate::Send => step.rows.push(row(o, false)),
+                RawFate::SendLate => step.rows.push(row(o, true)),
+                RawFate::Withhold => step.withheld += 1,
+            }
+        }
+        let mut ids: HashMap<Series, i64> = HashMap::new();
+        for e in emitted {
+            let Some(source) = series.get(&e.series_id) else {
+                continue;
+            };
+            let s = self.windows.derived_series(&e, source);
+            let next = -(ids.len() as i64) - 1;
+            let id = *ids.entry(s.clone()).or_insert(next);
+            step.derived.entry(id).or_insert(s);
+            step.derived_readings += 1;
+            step.rows.push(Row {
+                series_id: id,
+                reading: Reading {
+                    series: 0,
+                    ts_ms: e.start_ms,
+                    value: e.value,
+                    quality: Quality::Good,
+                    late: false,
+                },
+            });
+        }
+        step.dirty = self.windows.take_dirty();
+        step
+    }
+
+    /// Inside a seal's transaction: the engine's changed pair states.
+    pub(super) fn write_windows(
+        &mut self,
+        dirty: &[(String, i64, Vec<u8>)],
+    ) -> Result<(), BufferError> {
+        for (rule, sid, state) in dirty {
+            self.conn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO window_state(rule, series_id, state) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![rule, sid, state])?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,602 @@
+//! Windowed aggregates computed on the agent, in event-time order. Pure: no I/O, no clock.
+//!
+//! The buffer's seal ([`crate::buffer::Buffer::seal`]) feeds every released reading (in each series' event-time
+//! order; late readings of [`crate::order`] where they come) to [`Engine::observe`], which adds it to the open
+//! windows of every matching rule and returns the windows that closed as [`Emitted`] readings of derived series.
+//! The seal writes them into the same records as the raw readings and commits the engine's changed states
+//! ([`Engine::take_dirty`]) in the transaction that deletes the readings that fed them. A reading is therefore
+//! aggregated exactly once, even across a crash: either its deletion and the state it produced are committed
+//! together, or neither is and the reading is aggregated again from the state before. A closed window is emitted
+//! once: its readings are in the same records as the commit that removed it from the state.
+//!
+//! # A rule on one series
+//! Each `(rule, series)` pair has a [`PairState`]: the newest event time seen (every reading of the series counts,
+//! aggregated or not) and, per window size, the open windows ordered by start. With `L` the rule's allowed
+//! lateness, the pair's **watermark** is `newest − L`, and never lower than a watermark the pair applied before
+//! (kept in its state as `closed_to`): raising `L`, or restarting with a larger one, cannot open a window that was
+//! already closed and emitted. A window `[start, start + size)` (aligned to the Unix epoch)
+//! closes when the watermark reaches its end (`end <= watermark`); it then gives one reading per function of
+//! series `<series>/<function>_<size>` with **event time = the window's start**, quality good.
+//!
+//! A reading is aggregated when it is a finite number (integers and booleans as f64; booleans 0 and 1) of good or
+//! uncertain quality. Per size, if its window has closed already it is **late** for the rule (counted once per
+//! reading and rule); if the window is not open and [`Engine`] holds `max_open` windows, it **overflows**
+//! (counted) and is handled like a late reading. Otherwise it joins its window: count + 1, sum + x (f64, in the
+//! order of the calls), min, max, first (earliest event time; of equal times the first call), last (latest event
+//! time; of equal times the last call). Mean is `sum / count`.
+//!
+//! The raw reading's fate ([`RawFate`]): readings the windows cannot aggregate are always sent; otherwise a reading
+//! late (or overflowing) for a rule whose `late = "raw"` is sent with the late flag; otherwise it is withheld when
+//! any matching rule has `keep_raw = false`, and sent if not.
+//!
+//! Memory: open windows of one pair and size are at most `L / size + 2` in steady state; all of them together at
+//! most `max_open` (plus what a restart loads under a lowered cap). Pair states are a few bytes each when no
+//! window is open and are all held in memory, like alarm states.
+
+mod config;
+
+pub use config::{
+    size_suffix, Func, LatePolicy, WindowRuleConfig, WindowsConfig, MAX_SIZES, MAX_SPAN_MS,
+    MIN_SIZE_MS,
+};
+
+use fieldlink_proto::limits::MAX_KEY_BYTES;
+use fieldlink_proto::{Quality, Series, Value};
+use std::collections::HashMap;
+
+/// Series whose matching rules are cached before the cache is dropped.
+const MATCH_CACHE_MAX: usize = 100_000;
+
+/// A rule ready to evaluate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// Its name.
+    pub name: String,
+    filter: String,
+    tags: Vec<(String, String)>,
+    sizes: Vec<i64>,
+    suffixes: Vec<String>,
+    funcs: Vec<Func>,
+    lateness: i64,
+    late: LatePolicy,
+    keep_raw: bool,
+    /// The longest `/<function>_<size>` suffix, bytes.
+    longest_suffix: usize,
+}
+
+impl Rule {
+    /// Compiles a validated rule.
+    pub fn compile(c: &WindowRuleConfig) -> Self {
+        let suffixes: Vec<String> = c.sizes_ms.iter().map(|&s| size_suffix(s)).collect();
+        let longest_suffix = c
+            .functions
+            .iter()
+            .map(|f| f.name().len())
+            .max()
+            .unwrap_or(0)
+            + suffixes.iter().map(String::len).max().unwrap_or(0)
+            + 2;
+        Self {
+            name: c.name.clone(),
+            filter: c.series.clone(),
+            tags: c.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            sizes: c.sizes_ms.iter().map(|&s| s.max(1) as i64).collect(),
+            suffixes,
+            funcs: c.functions.clone(),
+            lateness: c.allowed_lateness_ms.min(i64::MAX as u64) as i64,
+            late: c.late,
+            keep_raw: c.keep_raw,
+            longest_suffix,
+        }
+    }
+
+    /// Whether the rule applies to `series` (a series whose derived keys would exceed the wire format's key limit
+    /// never matches).
+    pub fn matches(&self, series: &Series) -> bool {
+        series.key.len() + self.longest_suffix <= MAX_KEY_BYTES
+            && crate::mqtt::topic_matches(&self.filter, &series.key)
+            && self
+                .tags
+                .iter()
+                .all(|t| series.tags.iter().any(|s| s.0 == t.0 && s.1 == t.1))
+    }
+
+    /// The window sizes, ms.
+    pub fn sizes(&self) -> &[i64] {
+        &self.sizes
+    }
+}
+
+/// The running aggregate of one window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Acc {
+    /// Readings aggregated.
+    pub count: u64,
+    /// Their sum, in the order they came.
+    pub sum: f64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+    /// Earliest event time and its value.
+    pub first: (i64, f64),
+    /// Latest event time and its value.
+    pub last: (i64, f64),
+}
+
+impl Acc {
+    fn new(ts: i64, x: f64) -> Self {
+        Self {
+            count: 1,
+            sum: x,
+            min: x,
+            max: x,
+            first: (ts, x),
+            last: (ts, x),
+        }
+    }
+
+    fn add(&mut self, ts: i64, x: f64) {
+        self.count += 1;
+        self.sum += x;
+        self.min = self.min.min(x);
+        self.max = self.max.max(x);
+        if ts < self.first.0 {
+            self.first = (ts, x);
+        }
+        if ts >= self.last.0 {
+            self.last = (ts, x);
+        }
+    }
+
+    /// The value of function `f`.
+    pub fn value(&self, f: Func) -> Value {
+        match f {
+            Func::Count => Value::I64(self.count.min(i64::MAX as u64) as i64),
+            Func::Min => Value::F64(self.min),
+            Func::Max => Value::F64(self.max),
+            Func::Sum => Value::F64(self.sum),
+            Func::Mean => Value::F64(self.sum / self.count as f64),
+            Func::First => Value::F64(self.first.1),
+            Func::Last => Value::F64(self.last.1),
+        }
+    }
+}
+
+/// What a `(rule, series)` pair remembers. Persisted with [`PairState::to_bytes`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PairState {
+    /// Newest event time seen (`None` before the first reading).
+    pub newest: Option<i64>,
+    /// The highest watermark applied: every window ending at or before it has closed (`None` before the first
+    /// reading, and in states written before it was kept).
+    pub closed_to: Option<i64>,
+    /// Per size of the rule (same order): the open windows `(start, aggregate)`, by start.
+    pub open: Vec<Vec<(i64, Acc)>>,
+    dirty: bool,
+}
+
+/// Bytes of one persisted window.
+const WINDOW_BYTES: usize = 72;
+
+impl PairState {
+    /// Serialises: version 2, newest and closed_to (each flag + i64), per size `(size_ms, n, n × window)`;
+    /// little-endian. (Version 1, read too, had no closed_to.)
+    pub fn to_bytes(&self, sizes: &[i64]) -> Vec<u8> {
+        let n: usize = self.open.iter().map(Vec::len).sum();
+        let mut b = Vec::with_capacity(25 + 12 * sizes.len() + WINDOW_BYTES * n);
+        b.push(2);
+        for t in [self.newest, self.closed_to] {
+            match t {
+                Some(t) => {
+                    b.push(1);
+                    b.extend_from_slice(&t.to_le_bytes());
+                }
+                None => b.push(0),
+            }
+        }
+        b.push(self.open.len() as u8);
+        for (list, size) in self.open.iter().zip(sizes) {
+            b.extend_from_slice(&size.to_le_bytes());
+            b.extend_from_slice(&(list.len() as u32).to_le_bytes());
+            for (start, a) in list {
+                for w in [start.to_le_bytes(), a.count.to_le_bytes()] {
+                    b.extend_from_slice(&w);
+                }
+                for f in [a.sum, a.min, a.max] {
+                    b.extend_from_slice(&f.to_le_bytes());
+                }
+                for (t, v) in [a.first, a.last] {
+                    b.extend_from_slice(&t.to_le_bytes());
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        b
+    }
+
+    /// Parses [`PairState::to_bytes`] for a rule with `sizes`: windows of sizes the rule no longer has are left
+    /// out. `None` if malformed.
+    pub fn from_bytes(b: &[u8], sizes: &[i64]) -> Option<Self> {
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let s = b.get(at..at.checked_add(n)?)?;
+            at += n;
+            Some(s)
+        };
+        let word = |s: &[u8]| -> i64 { i64::from_le_bytes(s.try_into().unwrap_or_default()) };
+        let float = |s: &[u8]| -> f64 { f64::from_le_bytes(s.try_into().unwrap_or_default()) };
+        let version = take(1)?[0];
+        if !(1..=2).contains(&version) {
+            return None;
+        }
+        let mut time = || -> Option<Option<i64>> {
+            Some(match take(1)?[0] {
+                0 => None,
+                _ => Some(word(take(8)?)),
+            })
+        };
+        let newest = time()?;
+        let closed_to = if version >= 2 { time()? } else { None };
+        let lists = take(1)?[0] as usize;
+        let mut open = vec![Vec::new(); sizes.len()];
+        for _ in 0..lists {
+            let size = word(take(8)?);
+            let n = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+            let body = take(n.checked_mul(WINDOW_BYTES)?)?;
+            let Some(k) = sizes.iter().position(|&s| s == size) else {
+                continue;
+            };
+            for w in body.chunks_exact(WINDOW_BYTES) {
+                let i = |j: usize| word(&w[8 * j..8 * j + 8]);
+                let f = |j: usize| float(&w[8 * j..8 * j + 8]);
+                open[k].push((
+                    i(0),
+                    Acc {
+                        count: i(1) as u64,
+                        sum: f(2),
+                        min: f(3),
+                        max: f(4),
+                        first: (i(5), f(6)),
+                        last: (i(7), f(8)),
+                    },
+                ));
+            }
+            open[k].sort_by_key(|(s, _)| *s);
+        }
+        if at != b.len() {
+            return None;
+        }
+        Some(Self {
+            newest,
+            closed_to,
+            open,
+            dirty: false,
+        })
+    }
+
+    fn windows(&self) -> usize {
+        self.open.iter().map(Vec::len).sum()
+    }
+}
+
+/// One value of a closed window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emitted {
+    /// Index of the rule in [`Engine::rules`].
+    pub rule: usize,
+    /// The source series (buffer id).
+    pub series_id: i64,
+    /// Index of the size in the rule's sizes.
+    pub size: usize,
+    /// The function.
+    pub func: Func,
+    /// The window's start: the derived reading's event time.
+    pub start_ms: i64,
+    /// The value.
+    pub value: Value,
+}
+
+/// What becomes of a raw reading after the windows saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawFate {
+    /// Sent as released.
+    Send,
+    /// Sent with the late flag (late for a rule with `late = "raw"`).
+    SendLate,
+    /// Not sent (a matching rule has `keep_raw = false`); deleted with the seal.
+    Withhold,
+}
+
+/// A reading as the engine sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Obs<'a> {
+    /// Event time, Unix ms.
+    pub ts_ms: i64,
+    /// Value.
+    pub value: &'a Value,
+    /// Quality.
+    pub quality: Quality,
+}
+
+/// What the engine counted since it was made (monotonic; the buffer turns them into metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Readings aggregated, per rule and reading.
+    pub aggregated: u64,
+    /// Readings late for a rule (their window of some size had closed), per rule and reading.
+    pub late: u64,
+    /// Readings that needed a new window beyond `max_open`, per rule, size and reading.
+    pub overflow: u64,
+    /// Windows closed.
+    pub closed: u64,
+}
+
+/// The rules and the state of every `(rule, series)` pair seen.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    rules: Vec<Rule>,
+    by_name: HashMap<String, usize>,
+    matches: HashMap<i64, Vec<usize>>,
+    states: HashMap<(usize, i64), PairState>,
+    dirty: Vec<(usize, i64)>,
+    open: usize,
+    max_open: usize,
+    /// Counted by seals whose commit went through.
+    counts: Counts,
+    /// Counted since the last [`Engine::committed`].
+    uncommitted: Counts,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self::new(
+            Vec::new(),
+            config::WindowsConfig::default().max_open_windows,
+        )
+    }
+}
+
+fn numeric(v: &Value, q: Quality) -> Option<f64> {
+    if q == Quality::Bad {
+        return None;
+    }
+    let x = match v {
+        Value::F64(f) => *f,
+        Value::I64(i) => *i as f64,
+        Value::Bool(b) => f64::from(u8::from(*b)),
+        Value::Str(_) => return None,
+    };
+    x.is_finite().then_some(x)
+}
+
+impl Engine {
+    /// An engine over `rules` holding at most `max_open` windows, every state fresh.
+    pub fn new(rules: Vec<Rule>, max_open: usize) -> Self {
+        let by_name = rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.clone(), i))
+            .collect();
+        Self {
+            rules,
+            by_name,
+            matches: HashMap::new(),
+            states: HashMap::new(),
+            dirty: Vec::new(),
+            open: 0,
+            max_open,
+            counts: Counts::default(),
+            uncommitted: Counts::default(),
+        }
+    }
+
+    /// Compiles the configured rules.
+    pub fn from_config(cfg: &WindowsConfig) -> Self {
+        Self::new(
+            cfg.rules.iter().map(Rule::compile).collect(),
+            cfg.max_open_windows,
+        )
+    }
+
+    /// The rules.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Whether there is any rule.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Windows open now.
+    pub fn open_windows(&self) -> usize {
+        self.open
+    }
+
+    /// What committed seals counted since the engine was made (see [`Engine::committed`]).
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// The seal that fed the readings since the last call was committed: their counts become [`Engine::counts`].
+    pub fn committed(&mut self) {
+        let (c, u) = (&mut self.counts, std::mem::take(&mut self.uncommitted));
+        c.aggregated += u.aggregated;
+        c.late += u.late;
+        c.overflow += u.overflow;
+        c.closed += u.closed;
+    }
+
+    /// The state of a pair, if it has one.
+    pub fn state(&self, rule: usize, series_id: i64) -> Option<&PairState> {
+        self.states.get(&(rule, series_id))
+    }
+
+    /// Forgets every state and what was counted since the last commit (before loading the states again from the
+    /// buffer); the committed counts stay.
+    pub fn reset(&mut self) {
+        let counts = self.counts;
+        *self = Self::new(std::mem::take(&mut self.rules), self.max_open);
+        self.counts = counts;
+    }
+
+    /// Restores a persisted state; ignored (false) if the rule is no longer configured or the bytes are malformed.
+    pub fn load_state(&mut self, rule: &str, series_id: i64, bytes: &[u8]) -> bool {
+        let Some(&r) = self.by_name.get(rule) else {
+            return false;
+        };
+        let Some(st) = PairState::from_bytes(bytes, &self.rules[r].sizes) else {
+            return false;
+        };
+        self.open += st.windows();
+        if let Some(old) = self.states.insert((r, series_id), st) {
+            self.open -= old.windows();
+        }
+        true
+    }
+
+    fn matching(&mut self, series_id: i64, series: &Series) -> Vec<usize> {
+        if let Some(m) = self.matches.remove(&series_id) {
+            return m;
+        }
+        if self.matches.len() >= MATCH_CACHE_MAX {
+            self.matches.clear();
+        }
+        (0..self.rules.len())
+            .filter(|&i| self.rules[i].matches(series))
+            .collect()
+    }
+
+    /// Feeds one released reading of `series` (buffer id `series_id`) to every matching rule; the windows it closes
+    /// are appended to `out` (per pair and size in order of start). Returns what becomes of the raw reading.
+    pub fn observe(
+        &mut self,
+        series_id: i64,
+        series: &Series,
+        obs: Obs<'_>,
+        out: &mut Vec<Emitted>,
+    ) -> RawFate {
+        let rules = self.matching(series_id, series);
+        let x = numeric(obs.value, obs.quality);
+        let (mut withhold, mut late_raw) = (false, false);
+        for &r in &rules {
+            let late = self.observe_rule(r, series_id, obs.ts_ms, x, out);
+            let rule = &self.rules[r];
+            withhold |= !rule.keep_raw;
+            late_raw |= late && rule.late == LatePolicy::Raw;
+        }
+        self.matches.insert(series_id, rules);
+        match (x, late_raw, withhold) {
+            (None, _, _) | (Some(_), false, false) => RawFate::Send,
+            (Some(_), true, _) => RawFate::SendLate,
+            (Some(_), false, true) => RawFate::Withhold,
+        }
+    }
+
+    /// One rule: returns whether the reading was late (or overflowed) for it.
+    fn observe_rule(
+        &mut self,
+        r: usize,
+        sid: i64,
+        ts: i64,
+        x: Option<f64>,
+        out: &mut Vec<Emitted>,
+    ) -> bool {
+        let rule = &self.rules[r];
+        let st = self.states.entry((r, sid)).or_insert_with(|| PairState {
+            open: vec![Vec::new(); rule.sizes.len()],
+            ..PairState::default()
+        });
+        if !st.dirty {
+            st.dirty = true;
+            self.dirty.push((r, sid));
+        }
+        let newest = st.newest.map_or(ts, |n| n.max(ts));
+        st.newest = Some(newest);
+        let watermark = newest
+            .saturating_sub(rule.lateness)
+            .max(st.closed_to.unwrap_or(i64::MIN));
+        st.closed_to = Some(watermark);
+        let mut late = false;
+        if let Some(x) = x {
+            let mut overflow = false;
+            for (k, &size) in rule.sizes.iter().enumerate() {
+                let start = ts.div_euclid(size).saturating_mul(size);
+                if start.saturating_add(size) <= watermark {
+                    late = true;
+                    continue;
+                }
+                let list = &mut st.open[k];
+                match list.binary_search_by_key(&start, |(s, _)| *s) {
+                    Ok(i) => list[i].1.add(ts, x),
+                    Err(_) if self.open >= self.max_open => {
+                        self.uncommitted.overflow += 1;
+                        overflow = true;
+                    }
+                    Err(i) => {
+                        list.insert(i, (start, Acc::new(ts, x)));
+                        self.open += 1;
+                    }
+                }
+            }
+            if late {
+                self.uncommitted.late += 1;
+            } else {
+                self.uncommitted.aggregated += 1;
+            }
+            late |= overflow;
+        }
+        // Close every window the watermark has passed.
+        for (k, &size) in rule.sizes.iter().enumerate() {
+            let list = &mut st.open[k];
+            let closed = list
+                .iter()
+                .take_while(|(s, _)| s.saturating_add(size) <= watermark)
+                .count();
+            for (start, acc) in list.drain(..closed) {
+                for &func in &rule.funcs {
+                    out.push(Emitted {
+                        rule: r,
+                        series_id: sid,
+                        size: k,
+                        func,
+                        start_ms: start,
+                        value: acc.value(func),
+                    });
+                }
+            }
+            self.open -= closed;
+            self.uncommitted.closed += closed as u64;
+        }
+        late
+    }
+
+    /// The derived series of an emitted value of `source`: `<key>/<function>_<size>`, the source's tags.
+    pub fn derived_series(&self, e: &Emitted, source: &Series) -> Series {
+        let rule = &self.rules[e.rule];
+        Series {
+            key: format!("{}/{}_{}", source.key, e.func.name(), rule.suffixes[e.size]),
+            tags: source.tags.clone(),
+        }
+    }
+
+    /// The states changed since the last call, `(rule name, series id, bytes)`, to persist with the seal.
+    pub fn take_dirty(&mut self) -> Vec<(String, i64, Vec<u8>)> {
+        let mut d = Vec::with_capacity(self.dirty.len());
+        for (r, sid) in std::mem::take(&mut self.dirty) {
+            if let Some(st) = self.states.get_mut(&(r, sid)) {
+                st.dirty = false;
+                d.push((
+                    self.rules[r].name.clone(),
+                    sid,
+                    st.to_bytes(&self.rules[r].sizes),
+                ));
+            }
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests;

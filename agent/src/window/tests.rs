@@ -1,0 +1,519 @@
+#![allow(clippy::unwrap_used)]
+use super::*;
+
+fn engine(toml_text: &str) -> Engine {
+    let cfg: WindowsConfig = toml::from_str(toml_text).unwrap();
+    let problems = cfg.validate("windows");
+    assert!(problems.is_empty(), "{problems:?}");
+    Engine::from_config(&cfg)
+}
+
+fn obs(ts: i64, v: &Value) -> Obs<'_> {
+    Obs {
+        ts_ms: ts,
+        value: v,
+        quality: Quality::Good,
+    }
+}
+
+/// Feeds `(ts, value)` readings of series 1 (`key`); returns the fates and `(derived key, start, value)`.
+fn feed(
+    e: &mut Engine,
+    key: &str,
+    readings: &[(i64, f64)],
+) -> (Vec<RawFate>, Vec<(String, i64, Value)>) {
+    let s = Series::new(key);
+    let mut out = Vec::new();
+    let fates = readings
+        .iter()
+        .map(|&(ts, v)| e.observe(1, &s, obs(ts, &Value::F64(v)), &mut out))
+        .collect();
+    let derived = out
+        .iter()
+        .map(|x| (e.derived_series(x, &s).key, x.start_ms, x.value.clone()))
+        .collect();
+    (fates, derived)
+}
+
+const POWER: &str = r#"
+[[rules]]
+name = "power-1m"
+series = "plant/+/power"
+sizes_ms = [60000]
+functions = ["count", "min", "max", "mean", "sum", "first", "last"]
+"#;
+
+#[test]
+fn a_window_closes_when_the_watermark_reaches_its_end_and_is_stamped_with_its_start() {
+    let mut e = engine(POWER);
+    let (_, out) = feed(
+        &mut e,
+        "plant/m1/power",
+        &[(60_000, 4.0), (90_000, 1.0), (119_999, 7.0)],
+    );
+    assert!(out.is_empty(), "nothing closes before 120000: {out:?}");
+    let (_, out) = feed(&mut e, "plant/m1/power", &[(120_000, 100.0)]);
+    let k = |f: &str| format!("plant/m1/power/{f}_60s");
+    assert_eq!(
+        out,
+        vec![
+            (k("count"), 60_000, Value::I64(3)),
+            (k("min"), 60_000, Value::F64(1.0)),
+            (k("max"), 60_000, Value::F64(7.0)),
+            (k("mean"), 60_000, Value::F64(4.0)),
+            (k("sum"), 60_000, Value::F64(12.0)),
+            (k("first"), 60_000, Value::F64(4.0)),
+            (k("last"), 60_000, Value::F64(7.0)),
+        ]
+    );
+    assert_eq!(e.open_windows(), 1);
+}
+
+#[test]
+fn allowed_lateness_keeps_a_window_open_for_readings_that_come_out_of_order() {
+    let mut e = engine(&format!("{POWER}allowed_lateness_ms = 30000\n"));
+    // 125000 would close [60000, 120000) without lateness; with 30 s, only 150000 does.
+    let (fates, out) = feed(
+        &mut e,
+        "plant/m1/power",
+        &[
+            (100_000, 1.0),
+            (125_000, 2.0),
+            (110_000, 3.0),
+            (70_000, 5.0),
+        ],
+    );
+    assert!(out.is_empty());
+    assert_eq!(fates, vec![RawFate::Send; 4]);
+    let (_, out) = feed(&mut e, "plant/m1/power", &[(150_000, 0.0)]);
+    let got: Vec<_> = out
+        .iter()
+        .map(|(k, _, v)| (k.as_str(), v.clone()))
+        .collect();
+    assert!(got.contains(&("plant/m1/power/count_60s", Value::I64(3))));
+    // first/last by event time, not arrival.
+    assert!(got.contains(&("plant/m1/power/first_60s", Value::F64(5.0))));
+    assert!(got.contains(&("plant/m1/power/last_60s", Value::F64(3.0))));
+    e.committed();
+    assert_eq!(e.counts().late, 0);
+}
+
+#[test]
+fn a_reading_whose_window_closed_is_counted_late_and_dropped_or_sent_raw_flagged() {
+    for (policy, keep_raw, fate) in [
+        ("drop", true, RawFate::Send),
+        ("drop", false, RawFate::Withhold),
+        ("raw", false, RawFate::SendLate),
+        ("raw", true, RawFate::SendLate),
+    ] {
+        let mut e = engine(&format!(
+            "{POWER}late = \"{policy}\"\nkeep_raw = {keep_raw}\n"
+        ));
+        let (_, out) = feed(&mut e, "plant/m1/power", &[(10_000, 1.0), (60_000, 2.0)]);
+        assert_eq!(out.len(), 7);
+        let (fates, out) = feed(&mut e, "plant/m1/power", &[(59_999, 50.0)]);
+        assert_eq!(fates, vec![fate], "{policy} keep_raw={keep_raw}");
+        assert!(out.is_empty());
+        e.committed();
+        assert_eq!(e.counts().late, 1);
+        // The late value went into no window.
+        let (_, out) = feed(&mut e, "plant/m1/power", &[(200_000, 0.0)]);
+        assert!(out.contains(&("plant/m1/power/max_60s".into(), 60_000, Value::F64(2.0))));
+    }
+}
+
+#[test]
+fn readings_the_windows_cannot_aggregate_are_always_sent() {
+    let mut e = engine(&format!("{POWER}keep_raw = false\n"));
+    let s = Series::new("plant/m1/power");
+    let mut out = Vec::new();
+    for (v, q) in [
+        (Value::Str("x".into()), Quality::Good),
+        (Value::F64(f64::NAN), Quality::Good),
+        (Value::F64(3.0), Quality::Bad),
+    ] {
+        let fate = e.observe(
+            1,
+            &s,
+            Obs {
+                ts_ms: 1,
+                value: &v,
+                quality: q,
+            },
+            &mut out,
+        );
+        assert_eq!(fate, RawFate::Send);
+    }
+    assert_eq!(e.open_windows(), 0);
+    // Integers and booleans are numbers; uncertain quality counts.
+    for v in [Value::I64(4), Value::Bool(true)] {
+        let fate = e.observe(
+            1,
+            &s,
+            Obs {
+                ts_ms: 2,
+                value: &v,
+                quality: Quality::Uncertain,
+            },
+            &mut out,
+        );
+        assert_eq!(fate, RawFate::Withhold);
+    }
+    e.observe(1, &s, obs(60_000, &Value::F64(0.0)), &mut out);
+    let sum = out.iter().find(|x| x.func == Func::Sum).unwrap();
+    assert_eq!(sum.value, Value::F64(5.0));
+}
+
+#[test]
+fn unmatched_series_are_sent_and_untouched() {
+    let mut e = engine(&format!("{POWER}keep_raw = false\n"));
+    let (fates, out) = feed(&mut e, "plant/m1/voltage", &[(1, 1.0), (100_000, 1.0)]);
+    assert_eq!(fates, vec![RawFate::Send; 2]);
+    assert!(out.is_empty());
+    assert!(e.state(0, 1).is_none());
+}
+
+#[test]
+fn several_sizes_close_independently_and_are_named_by_size() {
+    let mut e = engine(
+        r##"
+[[rules]]
+name = "w"
+series = "#"
+sizes_ms = [10000, 60000, 250]
+functions = ["mean"]
+"##,
+    );
+    let (_, out) = feed(&mut e, "a/b", &[(0, 2.0), (5_000, 4.0), (10_000, 6.0)]);
+    assert_eq!(
+        out,
+        vec![
+            ("a/b/mean_250ms".into(), 0, Value::F64(2.0)),
+            // One reading closes windows of the sizes in the rule's order.
+            ("a/b/mean_10s".into(), 0, Value::F64(3.0)),
+            ("a/b/mean_250ms".into(), 5000, Value::F64(4.0)),
+        ]
+    );
+}
+
+#[test]
+fn negative_event_times_use_floor_alignment() {
+    let mut e = engine(POWER);
+    let (_, out) = feed(&mut e, "plant/m/power", &[(-1, 1.0), (0, 2.0)]);
+    assert_eq!(out[0].1, -60_000);
+}
+
+#[test]
+fn beyond_the_cap_a_new_window_is_an_overflow_handled_as_late() {
+    let mut e = engine(&format!(
+        "max_open_windows = 2\n{POWER}late = \"raw\"\nallowed_lateness_ms = 600000\n"
+    ));
+    let (fates, _) = feed(
+        &mut e,
+        "plant/m/power",
+        &[(0, 1.0), (60_000, 1.0), (120_000, 1.0), (1_000, 1.0)],
+    );
+    assert_eq!(
+        fates,
+        vec![
+            RawFate::Send,
+            RawFate::Send,
+            RawFate::SendLate,
+            RawFate::Send
+        ]
+    );
+    e.committed();
+    assert_eq!(e.counts().overflow, 1);
+    assert_eq!(e.open_windows(), 2);
+}
+
+#[test]
+fn tags_must_match_and_are_carried_to_derived_series() {
+    let mut e = engine(&format!("{POWER}tags = {{ site = \"muc\" }}\n"));
+    let s = Series {
+        key: "plant/m/power".into(),
+        tags: vec![("site".into(), "muc".into())],
+    };
+    let other = Series::new("plant/n/power");
+    let mut out = Vec::new();
+    for ts in [0, 60_000] {
+        e.observe(1, &s, obs(ts, &Value::F64(1.0)), &mut out);
+        e.observe(2, &other, obs(ts, &Value::F64(1.0)), &mut out);
+    }
+    assert_eq!(out.len(), 7);
+    assert!(out.iter().all(|x| x.series_id == 1));
+    assert_eq!(e.derived_series(&out[0], &s).tags, s.tags);
+}
+
+#[test]
+fn a_key_too_long_for_its_derived_series_is_not_matched() {
+    let e = engine(POWER);
+    let long = format!("plant/{}/power", "x".repeat(1020));
+    assert!(!e.rules()[0].matches(&Series::new(long)));
+}
+
+/// A run cut at random points, each followed by persisting the dirty states and loading them into a fresh
+/// engine (what a restart does), emits exactly what an uninterrupted run emits; uncommitted work is redone.
+#[test]
+fn restarts_from_persisted_states_neither_repeat_nor_lose_a_window() {
+    let cfg = r#"
+[[rules]]
+name = "a"
+series = "s/+"
+sizes_ms = [1000, 7000]
+functions = ["count", "sum", "first", "last", "min", "max"]
+allowed_lateness_ms = 2500
+late = "raw"
+[[rules]]
+name = "b"
+series = "s/1"
+sizes_ms = [3000]
+functions = ["mean"]
+keep_raw = false
+"#;
+    for seed in 0..50u64 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let readings: Vec<(i64, i64, f64)> = (0..400)
+            .map(|i| {
+                let sid = rng.i64(1..=3);
+                let jitter = rng.i64(-4000..=500);
+                (sid, i * 100 + jitter, f64::from(rng.i32(-1000..1000)) / 8.0)
+            })
+            .collect();
+        let series = |sid: i64| Series::new(format!("s/{sid}"));
+        let run = |cuts: &[usize], fail: &[usize]| {
+            let mut db: HashMap<(String, i64), Vec<u8>> = HashMap::new();
+            let mut e = engine(cfg);
+            let (mut emitted, mut fates) = (Vec::new(), Vec::new());
+            let mut i = 0;
+            for (c, &end) in cuts.iter().chain([&readings.len()]).enumerate() {
+                let mut out = Vec::new();
+                let mut f = Vec::new();
+                for &(sid, ts, v) in &readings[i..end] {
+                    f.push(e.observe(sid, &series(sid), obs(ts, &Value::F64(v)), &mut out));
+                }
+                let dirty = e.take_dirty();
+                if fail.contains(&c) {
+                    // The commit failed: reload the committed states and do the chunk again.
+                    e.reset();
+                    for ((r, sid), b) in &db {
+                        assert!(e.load_state(r, *sid, b));
+                    }
+                    out.clear();
+                    f.clear();
+                    for &(sid, ts, v) in &readings[i..end] {
+                        f.push(e.observe(sid, &series(sid), obs(ts, &Value::F64(v)), &mut out));
+                    }
+                    let dirty = e.take_dirty();
+                    db.extend(dirty.into_iter().map(|(r, s, b)| ((r, s), b)));
+                } else {
+                    db.extend(dirty.into_iter().map(|(r, s, b)| ((r, s), b)));
+                }
+                e.committed();
+                emitted.extend(out.into_iter().map(|x| {
+                    (
+                        x.rule,
+                        x.series_id,
+                        x.size,
+                        x.func,
+                        x.start_ms,
+                        format!("{:?}", x.value),
+                    )
+                }));
+                fates.extend(f);
+                // A restart: a fresh engine from the committed states.
+                let open = e.open_windows();
+                e = engine(cfg);
+                for ((r, sid), b) in &db {
+                    assert!(e.load_state(r, *sid, b));
+                }
+                assert_eq!(e.open_windows(), open);
+                i = end;
+            }
+            (emitted, fates)
+        };
+        let whole = run(&[], &[]);
+        let mut cuts: Vec<usize> = (0..rng.usize(1..8))
+            .map(|_| rng.usize(0..readings.len()))
+            .collect();
+        cuts.sort_unstable();
+        let fail: Vec<usize> = (0..cuts.len()).filter(|_| rng.bool()).collect();
+        let cut = run(&cuts, &fail);
+        assert_eq!(whole, cut, "seed {seed} cuts {cuts:?}");
+        assert!(
+            whole.1.contains(&RawFate::SendLate),
+            "seed {seed}: no late reading"
+        );
+        assert!(whole.1.contains(&RawFate::Withhold));
+    }
+}
+
+#[test]
+fn state_bytes_round_trip_and_drop_windows_of_removed_sizes() {
+    let mut e = engine(
+        r##"
+[[rules]]
+name = "w"
+series = "#"
+sizes_ms = [1000, 5000]
+functions = ["sum"]
+allowed_lateness_ms = 10000
+"##,
+    );
+    feed(&mut e, "a/b", &[(100, 1.5), (2500, -2.0), (7000, 3.25)]);
+    let st = e.state(0, 1).unwrap().clone();
+    let b = st.to_bytes(&[1000, 5000]);
+    let back = PairState::from_bytes(&b, &[1000, 5000]).unwrap();
+    assert_eq!(back.newest, st.newest);
+    assert_eq!(back.closed_to, Some(7000 - 10_000));
+    assert_eq!(back.open, st.open);
+    // Version 1 (no closed_to) still reads.
+    let mut v1 = b.clone();
+    v1[0] = 1;
+    v1.drain(10..19);
+    let old = PairState::from_bytes(&v1, &[1000, 5000]).unwrap();
+    assert_eq!((old.newest, old.closed_to), (st.newest, None));
+    assert_eq!(old.open, st.open);
+    let fewer = PairState::from_bytes(&b, &[5000]).unwrap();
+    assert_eq!(fewer.open, vec![st.open[1].clone()]);
+    assert!(PairState::from_bytes(&b[..b.len() - 1], &[1000, 5000]).is_none());
+    assert!(PairState::from_bytes(&[2], &[1000]).is_none());
+    assert!(PairState::from_bytes(&[3, 0, 0, 0], &[1000]).is_none());
+    let mut bad_count = b.clone();
+    bad_count[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(PairState::from_bytes(&bad_count, &[1000, 5000]).is_none());
+}
+
+#[test]
+fn every_configuration_problem_is_named_at_once() {
+    let cfg: WindowsConfig = toml::from_str(
+        r#"
+max_open_windows = 0
+[[rules]]
+name = "bad name"
+series = "a/b+/c"
+tags = { "" = "x" }
+sizes_ms = [50, 60000, 60000]
+functions = []
+allowed_lateness_ms = 90000000
+[[rules]]
+name = "ok"
+series = "a/#"
+sizes_ms = []
+functions = ["mean", "mean"]
+[[rules]]
+name = "ok"
+series = "b"
+sizes_ms = [900000]
+functions = ["sum"]
+"#,
+    )
+    .unwrap();
+    let all = cfg.validate("windows").join("\n");
+    for want in [
+        "windows.max_open_windows",
+        "windows.rules[0].name",
+        "windows.rules[0].series",
+        "windows.rules[0].tags",
+        "windows.rules[0].sizes_ms[0]",
+        "windows.rules[0].sizes_ms[2]: 60000 is listed twice",
+        "windows.rules[0].functions",
+        "windows.rules[0].allowed_lateness_ms",
+        "windows.rules[1].sizes_ms",
+        "windows.rules[1].functions[1]: mean is listed twice",
+        "windows.rules[2].name: \"ok\" is used twice",
+    ] {
+        assert!(all.contains(want), "{want} missing from:\n{all}");
+    }
+    let warnings = cfg.dedup_warnings("windows", 60_000);
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[1].starts_with(
+        "windows.rules[2]: allowed_lateness_ms + the largest size (900000 ms) exceeds order.dedup_window_ms"
+    ));
+    let err = toml::from_str::<WindowsConfig>(
+        "[[rules]]\nname = \"a\"\nseries = \"#\"\nsizes_ms = [1000]\nfunctions = [\"avg\"]\n",
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(err.contains("avg"), "{err}");
+    let err = toml::from_str::<WindowsConfig>(
+        "[[rules]]\nname = \"a\"\nseries = \"#\"\nsizes_ms = [1000]\nfunctions = [\"sum\"]\nlateness = 5\n",
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(err.contains("lateness"), "{err}");
+}
+
+#[test]
+fn the_documented_example_is_valid() {
+    let doc = include_str!("../../../docs/windows.md");
+    let start = doc.find("```toml\n[windows]").unwrap() + 8;
+    let end = start + doc[start..].find("```").unwrap();
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        windows: WindowsConfig,
+    }
+    let cfg = toml::from_str::<Doc>(&doc[start..end]).unwrap().windows;
+    assert!(cfg.validate("windows").is_empty());
+    assert!(!cfg.rules.is_empty());
+}
+
+#[test]
+fn raising_the_lateness_does_not_open_a_window_that_was_emitted() {
+    let rule = |lateness: i64| {
+        format!(
+            "[[rules]]\nname = \"w\"\nseries = \"#\"\nsizes_ms = [1000]\nfunctions = [\"count\"]\nallowed_lateness_ms = {lateness}\n"
+        )
+    };
+    let mut e = engine(&rule(0));
+    let (_, out) = feed(&mut e, "a/b", &[(100, 1.0), (1500, 2.0)]);
+    assert_eq!(out, vec![("a/b/count_1s".into(), 0, Value::I64(1))]);
+    let saved = e.state(0, 1).unwrap().to_bytes(&[1000]);
+    // Restarted with 10 s of lateness: the watermark would be 1500 - 10000, but [0, 1000) was emitted.
+    let mut e = engine(&rule(10_000));
+    assert!(e.load_state("w", 1, &saved));
+    let (fates, out) = feed(&mut e, "a/b", &[(200, 5.0), (1700, 3.0)]);
+    assert_eq!(fates[0], RawFate::Send, "late for the rule, sent raw");
+    assert!(out.is_empty(), "nothing emitted twice: {out:?}");
+    assert_eq!(e.counts().late, 0, "not committed yet");
+    e.committed();
+    assert_eq!(e.counts().late, 1);
+    // [1000, 2000) closes under the new lateness only.
+    let (_, out) = feed(&mut e, "a/b", &[(11_999, 0.0), (12_000, 0.0)]);
+    assert_eq!(out, vec![("a/b/count_1s".into(), 1000, Value::I64(2))]);
+}
+
+#[test]
+fn two_rules_that_would_write_one_derived_series_are_refused() {
+    let rules = |second: &str| {
+        let text = format!(
+            "[[rules]]\nname = \"a\"\nseries = \"plant/+/power\"\ntags = {{ site = \"muc\" }}\nsizes_ms = [60000, 5000]\nfunctions = [\"mean\", \"max\"]\n[[rules]]\nname = \"b\"\n{second}\n"
+        );
+        let cfg: WindowsConfig = toml::from_str(&text).unwrap();
+        cfg.validate("windows")
+    };
+    let p = rules("series = \"plant/#\"\nsizes_ms = [60000]\nfunctions = [\"max\"]");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("windows.rules[1].series: \"plant/#\" and rules[0]'s \"plant/+/power\"")
+            && p[0].contains("max_60s"),
+        "{p:?}"
+    );
+    for disjoint in [
+        // Other filters, another tag value, no shared size, no shared function.
+        "series = \"plant/+/energy\"\nsizes_ms = [60000]\nfunctions = [\"max\"]",
+        "series = \"plant/#\"\ntags = { site = \"ber\" }\nsizes_ms = [60000]\nfunctions = [\"max\"]",
+        "series = \"plant/#\"\nsizes_ms = [1000]\nfunctions = [\"max\"]",
+        "series = \"plant/#\"\nsizes_ms = [60000]\nfunctions = [\"sum\"]",
+        "series = \"plant/m1/power/x\"\nsizes_ms = [60000]\nfunctions = [\"max\"]",
+    ] {
+        assert_eq!(rules(disjoint), Vec::<String>::new(), "{disjoint}");
+    }
+    // '#' also matches the parent level, '+' any one level.
+    assert!(config::filters_overlap("a/#", "a"));
+    assert!(config::filters_overlap("+/b", "a/+"));
+    assert!(!config::filters_overlap("a/+", "a"));
+    assert!(!config::filters_overlap("a/b", "a/b/c"));
+}
