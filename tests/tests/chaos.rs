@@ -120,7 +120,7 @@ impl Chaos {
         self.fs.path.join(format!("{AGENT}.db"))
     }
 
-    /// Readings in the buffer file (unsealed rows and the readings of sealed batches); the agent must not be running.
+    /// Readings in the buffer file (unsealed groups and the readings of sealed batches); the agent must not be running.
     fn read_backlog(&self) -> f64 {
         let db = self.db();
         if !db.exists() {
@@ -128,7 +128,7 @@ impl Chaos {
         }
         run_python(&[
             "-c",
-            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], timeout=60); print(c.execute('SELECT count(*) FROM readings').fetchone()[0] + c.execute('SELECT coalesce(sum(readings), 0) FROM batches').fetchone()[0])",
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], timeout=60); print(c.execute('SELECT coalesce(sum(readings), 0) FROM groups').fetchone()[0] + c.execute('SELECT coalesce(sum(readings), 0) FROM batches').fetchone()[0])",
             db.to_str().unwrap(),
         ])
         .trim()

@@ -153,18 +153,19 @@ impl Builder<'_> {
         }
         // Device group boundaries.
         let mut bounds = vec![0usize];
-        let mut device_of: HashMap<i64, String> = HashMap::new();
-        let mut prev: Option<String> = None;
+        // Each series' device as a small number, looked up once per series (not a key clone per reading).
+        let mut device_of: HashMap<i64, usize> = HashMap::new();
+        let mut devices: HashMap<String, usize> = HashMap::new();
+        let mut prev: Option<usize> = None;
         for (i, r) in rows.iter().enumerate() {
-            let dev = device_of
-                .entry(r.series_id)
-                .or_insert_with(|| {
-                    (self.series_of)(r.series_id)
-                        .map(|s| device_key(&s))
-                        .unwrap_or_default()
-                })
-                .clone();
-            if prev.as_ref().is_some_and(|p| *p != dev) {
+            let dev = *device_of.entry(r.series_id).or_insert_with(|| {
+                let key = (self.series_of)(r.series_id)
+                    .map(|s| device_key(&s))
+                    .unwrap_or_default();
+                let n = devices.len();
+                *devices.entry(key).or_insert(n)
+            });
+            if prev.is_some_and(|p| p != dev) {
                 bounds.push(i);
             }
             prev = Some(dev);

@@ -4,7 +4,8 @@
 //!
 //! Appends are group-committed: the thread takes every append already queued (up to `max_group_commit`),
 //! commits them in one transaction, and only then runs their acknowledgement callbacks, in arrival order.
-//! Every `linger_ms` it seals the rows committed at least `reorder_window_ms` ago.
+//! Every `linger_ms` it seals the groups committed at least `reorder_window_ms` ago (each commit's groups are
+//! ready together: `commits` remembers the newest group id of every commit and its time).
 
 use super::{
     Buffer, BufferConfig, BufferError, ErrorClass, Ledger, NewReading, OverflowPolicy, Refused,
@@ -344,9 +345,9 @@ struct Worker {
     cfg: BufferConfig,
     batch: BatchConfig,
     order: OrderConfig,
-    /// `(commit time, last row id of that commit)`, oldest first, for commits not yet ready.
+    /// `(commit time, newest group id of that commit)`, oldest first, for commits not yet ready.
     commits: VecDeque<(Instant, i64)>,
-    /// Rows with `id <= ready_id` have waited the reorder window.
+    /// Groups with `id <= ready_id` have waited the reorder window.
     ready_id: i64,
     published: Ledger,
     /// The window counts last turned into metrics.
@@ -734,9 +735,8 @@ impl Worker {
                     if r.batches > 0 || r.alarm_events > 0 {
                         self.sealed.notify_one();
                     }
-                    if (r.rows as usize) < max_rows {
-                        break;
-                    }
+                    // A seal takes whole groups: fewer rows than `max_rows` does not mean none is left. The loop
+                    // ends with a seal that found nothing ready.
                 }
                 Err(e) => {
                     self.metrics.buffer_errors.inc();

@@ -1,23 +1,35 @@
 //! The on-disk buffer: SQLite in WAL mode between the sources and Kinesis.
 //!
 //! # Life of a reading
-//! 1. **Appended**: a source's readings are inserted into `readings` inside a transaction that groups many source
-//!    messages (group commit). Only after `COMMIT` returns are the sources' acknowledgements (MQTT PUBACKs) sent.
-//! 2. **Released and sealed**: once a reading has waited the reorder window, a seal takes the ready rows (a prefix
-//!    by `id`), releases them through [`crate::order`] (per-series event-time order, duplicates dropped, late
-//!    readings flagged or dead-lettered) and cuts them into wire-format records between devices
-//!    ([`crate::batch`]). In **one transaction** the records are inserted into `batches` under consecutive
-//!    sequence numbers, the series' dedup state is updated, dead letters are stored and the rows are deleted.
+//! 1. **Appended**: the thread takes many source messages as one group commit; their readings are encoded into
+//!    one blob ([`group`]: series id, time delta, kind, value) and inserted as **one row of `groups`** (a commit of
+//!    more than [`MAX_GROUP_READINGS`] readings as several rows, in the same transaction). Only after `COMMIT`
+//!    returns are the sources' acknowledgements (MQTT PUBACKs) sent. Series are interned in `series` once; the
+//!    thread caches their ids.
+//! 2. **Released and sealed**: once a group has waited the reorder window since its commit, a seal takes the ready
+//!    groups (a prefix by `id`, whole groups only), releases their readings through [`crate::order`] (per-series
+//!    event-time order, duplicates dropped, late readings flagged or dead-lettered) and cuts them into wire-format
+//!    records between devices ([`crate::batch`]). In **one transaction** the records are inserted into `batches`
+//!    under consecutive sequence numbers, the series' dedup state is updated, dead letters are stored and the
+//!    groups are deleted.
+//!
+//!    Whole groups keep the ordering guarantee: every reading of a group was committed in the same transaction,
+//!    so all of them have waited the reorder window exactly when the group has; readiness was always decided per
+//!    commit (the thread's ready id is a commit's newest id), so a seal still releases exactly the readings
+//!    committed at least a reorder window ago, as a prefix of the arrival order. The order within a series comes
+//!    from [`crate::order`] sorting by event time, not from row order; group boundaries only decide how many
+//!    readings one seal takes. See `docs/buffer.md`.
 //!    From then on a record's bytes never change: a resend after a crash sends the same bytes under the same
 //!    number.
 //! 3. **Acknowledged**: once Kinesis has accepted a record, its row in `batches` is deleted. Nothing is deleted
 //!    earlier, except by the `drop_oldest` overflow policy (counted).
 //!
-//! # Schema (version 1, in `meta.schema_version`)
+//! # Schema (version 2, in `meta.schema_version`)
 //! ```sql
 //! meta(key TEXT PRIMARY KEY, value)                 -- schema_version, next_seq, agent_id, epoch
 //! series(id INTEGER PRIMARY KEY, key TEXT, tags TEXT, UNIQUE(key, tags))   -- tags: JSON [[name, value], ...]
-//! readings(id INTEGER PRIMARY KEY, series_id INTEGER, ts_ms INTEGER, kind INTEGER, value ANY)
+//! groups(id INTEGER PRIMARY KEY, committed_ms INTEGER, readings INTEGER, bytes INTEGER, blob BLOB)
+//!                                                    -- unsealed readings; bytes: their counted size; blob: group.rs
 //! batches(seq INTEGER PRIMARY KEY, record BLOB, readings INTEGER, sealed_ms INTEGER)
 //! series_state(series_id INTEGER PRIMARY KEY, state BLOB)   -- order::SeriesState::to_bytes
 //! dead_letters(id INTEGER PRIMARY KEY, at_ms INTEGER, reason TEXT, series TEXT, ts_ms INTEGER, value ANY)
@@ -45,8 +57,7 @@
 //! Alarm records are sent before any readings record ([`Buffer::pending`]), deleted only once Kinesis accepted
 //! them, and never dropped by the overflow policy (they are not counted in the buffer's size). The three tables
 //! were added without a schema version change: an older agent ignores them (and would not send alarm records).
-//! `kind` is the wire format's kind byte (value type, quality, late flag); `value` holds a REAL, INTEGER (i64 and
-//! bool) or TEXT. `dead_letters` keeps the newest [`MAX_DEAD_LETTERS`] rows (late readings). `refused` keeps the
+//! `dead_letters` keeps the newest [`MAX_DEAD_LETTERS`] rows (late readings). `refused` keeps the
 //! newest [`MAX_REFUSED`] source messages that gave no reading (unparseable MQTT payloads), each with its first
 //! [`MAX_REFUSED_PAYLOAD`] bytes and its full `size`; a refused message is stored in the same transaction as the
 //! readings around it, so its MQTT acknowledgement also waits for the commit. The table was added without a
@@ -54,7 +65,9 @@
 //!
 //! # Size and overflow
 //! The buffer counts its logical size: [`ROW_BYTES`] plus the value's size per unsealed reading, plus the bytes of
-//! every pending record. Above `max_bytes`, `drop_oldest` deletes the oldest pending records (their readings are
+//! every pending record (kept as before groups, so caps configured for version 1 mean the same; a group's blob
+//! takes about a third of that on disk, so the count errs on the safe side). Each group row stores its readings'
+//! counted size (`bytes`). Above `max_bytes`, `drop_oldest` deletes the oldest pending records (their readings are
 //! counted as dropped); `backpressure` makes the buffer thread stop taking appends until Kinesis acknowledgements
 //! bring it back under the cap (sources wait; MQTT stops acknowledging, so the broker holds messages).
 //!
@@ -71,22 +84,29 @@
 //! sending continues and a shutdown is never blocked. By [`ErrorClass`]: `SQLITE_FULL` halves the group committed
 //! per attempt, truncates the WAL and, under `drop_oldest` only, drops the oldest records for the space needed;
 //! a lock held by another process (`SQLITE_BUSY`) and I/O errors only wait. A seal that fails for space seals half
-//! as many rows next time. An acknowledgement whose delete keeps failing for 30 s is given up: its records stay
+//! as many readings next time (whole groups: at least one). An acknowledgement whose delete keeps failing for 30 s is given up: its records stay
 //! pending and are sent again under the same batch identity (the cloud skips the resend).
 //!
 //! # Invariants
 //! - `meta.next_seq` is greater than every `batches.seq` ever written; sequence numbers are never reused.
 //! - No acknowledgement is sent for a reading that is not committed.
-//! - Every appended reading is, at any time, in exactly one of: `readings`, a record in `batches`, the counts of
+//! - Every appended reading is, at any time, in exactly one of: a group in `groups`, a record in `batches`, the counts of
 //!   readings sent, deduplicated, dead-lettered or dropped. The [`Ledger`] holds those counts.
-//! - Memory does not grow with the backlog: a seal reads at most `max_seal_rows` rows and [`Buffer::pending`]
-//!   a bounded number of records.
+//! - Memory does not grow with the backlog: a seal reads at most `max_rows` readings (or one group of at most
+//!   [`MAX_GROUP_READINGS`]) and [`Buffer::pending`] a bounded number of records.
+//!
+//! # Upgrading from schema version 1
+//! Version 1 kept one row per unsealed reading in `readings`. At open, its rows are moved into `groups` in
+//! order, [`MAX_GROUP_READINGS`] per transaction (a crash in between resumes at the next open), then the table is
+//! dropped and the version set to 2; a gateway upgraded with a backlog loses nothing. An older agent refuses a
+//! version-2 file (a newer schema) instead of running beside readings it cannot see.
 //! - The agent never deletes a database file. One that SQLite cannot read is renamed to
 //!   `<path>.corrupt-<unix ms>` (with its `-wal` and `-shm` files) and a new buffer is started, with an error log;
 //!   a file of a newer schema is refused.
 
 mod actor;
 mod config;
+mod group;
 mod windows;
 
 pub use actor::{
@@ -103,8 +123,14 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// Current schema version.
-const SCHEMA_VERSION: i64 = 1;
+/// Current schema version: 2 stores unsealed readings in `groups`; version 1 (one row per reading in `readings`) is
+/// migrated at open.
+const SCHEMA_VERSION: i64 = 2;
+/// Readings in one row of `groups`, at most: a larger commit is stored as several rows (in the same transaction),
+/// so that a seal, which takes whole groups, holds a bounded number of readings in memory.
+pub const MAX_GROUP_READINGS: u64 = 8192;
+/// Version-1 rows moved into `groups` per migration transaction at open.
+const MIGRATE_CHUNK: usize = MAX_GROUP_READINGS as usize;
 /// Series (and series states) cached in memory before the cache is dropped and refilled from the tables.
 const SERIES_CACHE_MAX: usize = 100_000;
 /// Dead letters kept.
@@ -118,7 +144,8 @@ type AlarmRecord = (u64, Vec<u8>, usize);
 
 /// Alarm events per alarm record, at most.
 const EVENTS_PER_RECORD: usize = 1000;
-/// Size counted per unsealed reading besides its value (row id, series id, timestamp, kind, b-tree overhead).
+/// Size counted per unsealed reading besides its value (from the one-row-per-reading layout: row id, series id,
+/// timestamp, kind, b-tree overhead; kept so that `max_bytes` means what it meant).
 pub const ROW_BYTES: u64 = 32;
 
 /// What went wrong in the buffer. `Sqlite` errors are usually disk problems (full, read-only, I/O): the caller
@@ -293,7 +320,7 @@ pub struct Ledger {
 /// What one seal did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SealReport {
-    /// Rows consumed from `readings`.
+    /// Readings consumed from `groups` (including unreadable ones).
     pub rows: u64,
     /// Records written.
     pub batches: u64,
@@ -313,6 +340,8 @@ pub struct Buffer {
     next_seq: u64,
     series_ids: HashMap<Series, i64>,
     series_by_id: HashMap<i64, Series>,
+    /// The group blob being built by an append (kept to reuse its allocation).
+    group: group::Encoder,
     states: HashMap<i64, SeriesState>,
     bytes_per_reading: f64,
     stats: Stats,
@@ -345,16 +374,6 @@ pub struct Buffer {
 
 fn tags_json(tags: &[(String, String)]) -> String {
     serde_json::to_string(tags).unwrap_or_else(|_| "[]".into())
-}
-
-fn kind_byte(value: &Value, quality: Quality, late: bool) -> u8 {
-    let t = match value {
-        Value::F64(_) => 0,
-        Value::I64(_) => 1,
-        Value::Bool(_) => 2,
-        Value::Str(_) => 3,
-    };
-    t | ((quality as u8) << 4) | if late { 0x40 } else { 0 }
 }
 
 /// The counted size of readings once appended (see "Size and overflow").
@@ -442,6 +461,105 @@ fn move_aside(path: &Path) -> Result<PathBuf, BufferError> {
     Ok(aside)
 }
 
+/// A version-1 `readings` row's value, by its kind byte; `None` for a row the agent did not write.
+fn legacy_value(kind: u8, v: rusqlite::types::ValueRef<'_>) -> Option<Value> {
+    use rusqlite::types::ValueRef;
+    match (kind & 0x07, v) {
+        // SQLite stores a NaN REAL as NULL.
+        (0, ValueRef::Null) => Some(Value::F64(f64::NAN)),
+        (0, ValueRef::Real(f)) => Some(Value::F64(f)),
+        (0, ValueRef::Integer(i)) => Some(Value::F64(i as f64)),
+        (1, ValueRef::Integer(i)) => Some(Value::I64(i)),
+        (2, ValueRef::Integer(i)) => Some(Value::Bool(i != 0)),
+        (3, ValueRef::Text(t)) => Some(Value::Str(String::from_utf8_lossy(t).into_owned())),
+        _ => None,
+    }
+}
+
+/// Moves a version-1 buffer's unsealed rows (`readings`, one row per reading) into `groups`, oldest first, `chunk`
+/// rows per transaction; the last transaction drops `readings` and sets the schema version. Each transaction
+/// moves a prefix by row id, so a crash between two leaves the file half migrated and the next open goes on
+/// where this one stopped (groups already written keep their lower ids: the order is kept). Rows whose value the
+/// agent did not write are logged and left out, as a seal did before.
+fn migrate_v1(conn: &Connection, chunk: usize) -> Result<(), BufferError> {
+    let mut moved = 0u64;
+    loop {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let step = (|| -> Result<bool, BufferError> {
+            let has: bool = conn.query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'readings'",
+                [],
+                |r| r.get(0),
+            )?;
+            let mut enc = group::Encoder::new();
+            let (mut last, mut bytes, mut unreadable) = (0i64, 0u64, 0u64);
+            if has {
+                let mut stmt = conn.prepare(
+                    "SELECT id, series_id, ts_ms, kind, value FROM readings ORDER BY id LIMIT ?1",
+                )?;
+                let mut q = stmt.query([chunk as i64])?;
+                while let Some(r) = q.next()? {
+                    last = r.get(0)?;
+                    let kind: u8 = r.get(3)?;
+                    let Some(value) = legacy_value(kind, r.get_ref(4)?) else {
+                        unreadable += 1;
+                        continue;
+                    };
+                    enc.push(r.get(1)?, r.get(2)?, &value, quality_of(kind));
+                    bytes += ROW_BYTES + value_bytes(&value);
+                }
+            }
+            if unreadable > 0 {
+                tracing::error!(
+                    rows = unreadable,
+                    "unreadable version-1 buffer rows left out at migration"
+                );
+            }
+            if last == 0 {
+                conn.execute_batch("DROP TABLE IF EXISTS readings")?;
+                conn.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                    [SCHEMA_VERSION],
+                )?;
+                return Ok(true);
+            }
+            let n = enc.len();
+            if n > 0 {
+                conn.execute(
+                    "INSERT INTO groups(id, committed_ms, readings, bytes, blob) VALUES ((SELECT coalesce(max(id), 0) + 1 FROM groups), ?1, ?2, ?3, ?4)",
+                    params![fieldlink_ops::unix_ms(), n as i64, bytes as i64, enc.finish()],
+                )?;
+            }
+            conn.execute("DELETE FROM readings WHERE id <= ?1", [last])?;
+            moved += n;
+            Ok(false)
+        })();
+        let done = match step.and_then(|d| Ok(conn.execute_batch("COMMIT").map(|()| d)?)) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        };
+        if done {
+            break;
+        }
+    }
+    tracing::info!(
+        readings = moved,
+        "buffer migrated from schema version 1 (one row per reading) to 2 (groups)"
+    );
+    Ok(())
+}
+
+fn quality_of(kind: u8) -> Quality {
+    match (kind >> 4) & 0b11 {
+        1 => Quality::Uncertain,
+        2 => Quality::Bad,
+        _ => Quality::Good,
+    }
+}
+
 impl Buffer {
     /// Opens (or creates) the buffer at `path`. A file SQLite cannot read is moved aside (see the module doc).
     pub fn open(path: &Path, durability: Durability, agent_id: &str) -> Result<Self, BufferError> {
@@ -490,7 +608,7 @@ impl Buffer {
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value ANY NOT NULL);
              CREATE TABLE IF NOT EXISTS series(id INTEGER PRIMARY KEY, key TEXT NOT NULL, tags TEXT NOT NULL, UNIQUE(key, tags));
-             CREATE TABLE IF NOT EXISTS readings(id INTEGER PRIMARY KEY, series_id INTEGER NOT NULL, ts_ms INTEGER NOT NULL, kind INTEGER NOT NULL, value ANY);
+             CREATE TABLE IF NOT EXISTS groups(id INTEGER PRIMARY KEY, committed_ms INTEGER NOT NULL, readings INTEGER NOT NULL, bytes INTEGER NOT NULL, blob BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS batches(seq INTEGER PRIMARY KEY, record BLOB NOT NULL, readings INTEGER NOT NULL, sealed_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS series_state(series_id INTEGER PRIMARY KEY, state BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS dead_letters(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, reason TEXT NOT NULL, series TEXT NOT NULL, ts_ms INTEGER NOT NULL, value ANY);
@@ -512,6 +630,7 @@ impl Buffer {
                 )?;
             }
             Some(rusqlite::types::Value::Integer(SCHEMA_VERSION)) => {}
+            Some(rusqlite::types::Value::Integer(1)) => migrate_v1(&conn, MIGRATE_CHUNK)?,
             Some(v) => {
                 return Err(incompatible(format!(
                     "schema version {v:?}, this agent knows {SCHEMA_VERSION}"
@@ -559,6 +678,7 @@ impl Buffer {
             next_seq: next_seq as u64,
             series_ids: HashMap::new(),
             series_by_id: HashMap::new(),
+            group: group::Encoder::new(),
             states: HashMap::new(),
             bytes_per_reading: 10.0,
             stats: Stats::default(),
@@ -583,8 +703,8 @@ impl Buffer {
     }
 
     fn refresh_stats(&mut self) -> Result<(), BufferError> {
-        let (unsealed, value_bytes, last): (i64, i64, i64) = self.conn.query_row(
-            "SELECT count(*), coalesce(sum(CASE WHEN typeof(value) = 'text' THEN length(value) ELSE 8 END), 0), coalesce(max(id), 0) FROM readings",
+        let (unsealed, unsealed_bytes, last): (i64, i64, i64) = self.conn.query_row(
+            "SELECT coalesce(sum(readings), 0), coalesce(sum(bytes), 0), coalesce(max(id), 0) FROM groups",
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
@@ -595,7 +715,7 @@ impl Buffer {
         )?;
         self.stats = Stats {
             unsealed_readings: unsealed as u64,
-            unsealed_bytes: value_bytes as u64 + unsealed as u64 * ROW_BYTES,
+            unsealed_bytes: unsealed_bytes as u64,
             pending_batches: batches as u64,
             pending_readings: readings as u64,
             pending_bytes: bytes as u64,
@@ -851,8 +971,8 @@ impl Buffer {
         self.next_seq
     }
 
-    /// The id of the newest reading row: it only grows while the buffer is open (at open, the largest id in
-    /// `readings`, 0 if empty).
+    /// The id of the newest row of `groups`: it only grows while the buffer is open (at open, the largest id in
+    /// `groups`, 0 if empty). The buffer thread's readiness is `id <= ready_id`.
     pub fn last_row_id(&self) -> i64 {
         self.last_row_id
     }
@@ -989,43 +1109,68 @@ impl Buffer {
                     .execute([MAX_REFUSED])?;
             }
             let (mut n, mut bytes) = (0u64, 0u64);
-            // Row ids are given here, not by SQLite: SQLite reuses ids once a seal emptied the table, and the
-            // reorder window's readiness (`id <= ready_id`) needs ids that only grow.
+            // Group ids are given here, not by SQLite: SQLite reuses ids once a seal emptied the table, and the
+            // reorder window's readiness (`id <= ready_id`) needs ids that only grow while the buffer is open.
             let mut id = b.last_row_id;
-            for group in groups {
-                for r in group {
-                    let sid = b.series_id(&r.series)?;
-                    let kind = kind_byte(&r.value, r.quality, false);
-                    id += 1;
-                    let mut stmt = b.conn.prepare_cached("INSERT INTO readings(id, series_id, ts_ms, kind, value) VALUES (?1, ?2, ?3, ?4, ?5)")?;
-                    match &r.value {
-                        Value::F64(v) => stmt.execute(params![id, sid, r.ts_ms, kind, v])?,
-                        Value::I64(v) => stmt.execute(params![id, sid, r.ts_ms, kind, v])?,
-                        Value::Bool(v) => stmt.execute(params![id, sid, r.ts_ms, kind, i64::from(*v)])?,
-                        Value::Str(v) => stmt.execute(params![id, sid, r.ts_ms, kind, v])?,
-                    };
-                    n += 1;
-                    bytes += ROW_BYTES + value_bytes(&r.value);
+            let mut enc = std::mem::replace(&mut b.group, group::Encoder::new());
+            let mut group_bytes = 0u64;
+            let res = (|| -> Result<(), BufferError> {
+                for msg in groups {
+                    for r in msg {
+                        let sid = b.series_id(&r.series)?;
+                        enc.push(sid, r.ts_ms, &r.value, r.quality);
+                        let size = ROW_BYTES + value_bytes(&r.value);
+                        group_bytes += size;
+                        n += 1;
+                        bytes += size;
+                        if enc.len() >= MAX_GROUP_READINGS {
+                            id += 1;
+                            b.insert_group(id, &mut enc, group_bytes)?;
+                            group_bytes = 0;
+                        }
+                    }
                 }
-            }
+                if enc.len() > 0 {
+                    id += 1;
+                    b.insert_group(id, &mut enc, group_bytes)?;
+                }
+                Ok(())
+            })();
+            b.group = enc;
+            res?;
             Ok((n, bytes, id))
         });
         let (n, bytes, last) = match res {
             Ok(v) => v,
             Err(e) => {
-                // Series inserted in the rolled-back transaction must not stay cached.
+                // Series inserted in the rolled-back transaction must not stay cached; the half-built group goes.
                 self.series_ids.clear();
                 self.series_by_id.clear();
+                self.group = group::Encoder::new();
                 return Err(e);
             }
         };
-        if n > 0 {
-            self.last_row_id = last;
-        }
+        self.last_row_id = last;
         self.stats.unsealed_readings += n;
         self.stats.unsealed_bytes += bytes;
         self.ledger.appended += n;
         Ok(n)
+    }
+
+    /// Inside an append's transaction: the readings in `enc` as group `id` (the encoder is emptied).
+    fn insert_group(
+        &mut self,
+        id: i64,
+        enc: &mut group::Encoder,
+        bytes: u64,
+    ) -> Result<(), BufferError> {
+        let n = enc.len() as i64;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO groups(id, committed_ms, readings, bytes, blob) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![id, fieldlink_ops::unix_ms(), n, bytes as i64, enc.finish()])?;
+        Ok(())
     }
 
     fn state(&mut self, sid: i64) -> Result<SeriesState, BufferError> {
@@ -1042,7 +1187,8 @@ impl Buffer {
         Ok(blob.map_or_else(SeriesState::new, |b| SeriesState::from_bytes(&b)))
     }
 
-    /// Seals the readings with `id <= up_to` (at most `max_rows` of them, oldest first): releases them through
+    /// Seals the groups with `id <= up_to`, oldest first, whole groups while their readings fit in `max_rows` (at
+    /// least one group, so a group larger than `max_rows` is sealed alone): releases them through
     /// [`order::release`] and writes the resulting records, in one transaction.
     pub fn seal(
         &mut self,
@@ -1057,54 +1203,42 @@ impl Buffer {
         let mut ids_last = 0i64;
         let mut pending = Vec::new();
         let mut consumed_bytes = 0u64;
+        let mut rows_n = 0u64;
         let mut unreadable = 0u64;
         {
-            let mut stmt = self.conn.prepare_cached("SELECT id, series_id, ts_ms, kind, value FROM readings WHERE id <= ?1 ORDER BY id LIMIT ?2")?;
-            let mut q = stmt.query(params![up_to, max_rows as i64])?;
+            // Whole groups, oldest first, while they fit in `max_rows` (at least one).
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id, readings, bytes, blob FROM groups WHERE id <= ?1 ORDER BY id",
+            )?;
+            let mut q = stmt.query([up_to])?;
             while let Some(r) = q.next()? {
-                let kind: u8 = r.get(3)?;
-                use rusqlite::types::ValueRef;
-                let value = match (kind & 0x07, r.get_ref(4)?) {
-                    // SQLite stores a NaN REAL as NULL.
-                    (0, ValueRef::Null) => Some(Value::F64(f64::NAN)),
-                    (0, ValueRef::Real(f)) => Some(Value::F64(f)),
-                    (0, ValueRef::Integer(i)) => Some(Value::F64(i as f64)),
-                    (1, ValueRef::Integer(i)) => Some(Value::I64(i)),
-                    (2, ValueRef::Integer(i)) => Some(Value::Bool(i != 0)),
-                    (3, ValueRef::Text(t)) => {
-                        Some(Value::Str(String::from_utf8_lossy(t).into_owned()))
-                    }
-                    _ => None,
-                };
+                let n = r.get::<_, i64>(1)?.max(0) as u64;
+                if rows_n > 0 && rows_n + n > max_rows as u64 {
+                    break;
+                }
                 ids_last = r.get(0)?;
-                let Some(value) = value else {
-                    // A row the agent did not write (the file was edited): never let it stall sealing.
-                    unreadable += 1;
+                rows_n += n;
+                consumed_bytes += r.get::<_, i64>(2)?.max(0) as u64;
+                let before = pending.len();
+                let blob = r.get_ref(3)?.as_blob()?;
+                if group::decode(blob, &mut pending).is_none()
+                    || (pending.len() - before) as u64 != n
+                {
+                    // A group the agent did not write (the file was edited or damaged): never let it stall
+                    // sealing.
+                    pending.truncate(before);
+                    unreadable += n;
                     tracing::error!(
-                        row = ids_last,
-                        kind,
-                        "unreadable buffer row skipped (counted as dead-lettered)"
+                        group = ids_last,
+                        readings = n,
+                        "unreadable buffer group skipped (its readings counted as dead-lettered)"
                     );
-                    continue;
-                };
-                let quality = match (kind >> 4) & 0b11 {
-                    1 => Quality::Uncertain,
-                    2 => Quality::Bad,
-                    _ => Quality::Good,
-                };
-                consumed_bytes += ROW_BYTES + value_bytes(&value);
-                pending.push(order::Pending {
-                    series: r.get(1)?,
-                    ts_ms: r.get(2)?,
-                    value,
-                    quality,
-                });
+                }
             }
         }
-        if pending.is_empty() && unreadable == 0 {
+        if rows_n == 0 && ids_last == 0 {
             return self.seal_alarm_tick(now_ms);
         }
-        let rows_n = pending.len() as u64 + unreadable;
 
         // Series states and series of every series involved.
         let mut states: HashMap<i64, SeriesState> = HashMap::new();
@@ -1173,7 +1307,8 @@ impl Buffer {
             .map(|(i, (_, _, id))| (*id, i))
             .collect();
         let mut rows: Vec<Row> = step.rows;
-        rows.sort_by_key(|r| rank.get(&r.series_id).copied().unwrap_or(usize::MAX)); // stable
+        // Stable, and the rank looked up once per reading (not twice per comparison).
+        rows.sort_by_cached_key(|r| rank.get(&r.series_id).copied().unwrap_or(usize::MAX));
 
         let first_seq = self.next_seq + alarm_recs.len() as u64;
         let mut ratio = self.bytes_per_reading;
@@ -1220,7 +1355,7 @@ impl Buffer {
             for (sid, st) in &states {
                 b.conn.prepare_cached("INSERT OR REPLACE INTO series_state(series_id, state) VALUES (?1, ?2)")?.execute(params![sid, st.to_bytes()])?;
             }
-            b.conn.prepare_cached("DELETE FROM readings WHERE id <= ?1")?.execute([ids_last])?;
+            b.conn.prepare_cached("DELETE FROM groups WHERE id <= ?1")?.execute([ids_last])?;
             b.conn.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?.execute([next_seq as i64])?;
             Ok(())
         });

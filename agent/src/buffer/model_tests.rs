@@ -86,14 +86,23 @@ fn numbers(record: &[u8]) -> Vec<u64> {
 
 /// What the file holds: unsealed numbers, and every pending record's numbers by sequence number.
 fn contents(b: &Buffer) -> (Vec<u64>, BTreeMap<u64, Vec<u64>>) {
-    let mut unsealed: Vec<u64> = b
+    let mut unsealed: Vec<u64> = Vec::new();
+    let mut rows = Vec::new();
+    for blob in b
         .conn
-        .prepare("SELECT value FROM readings")
+        .prepare("SELECT blob FROM groups")
         .unwrap()
-        .query_map([], |r| r.get::<_, f64>(0))
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))
         .unwrap()
-        .map(|v| v.unwrap() as u64)
-        .collect();
+    {
+        super::group::decode(&blob.unwrap(), &mut rows).unwrap();
+    }
+    for r in rows {
+        match r.value {
+            Value::F64(f) => unsealed.push(f as u64),
+            ref v => panic!("unexpected value {v:?}"),
+        }
+    }
     unsealed.sort_unstable();
     let pending = b
         .conn

@@ -3,6 +3,7 @@ use crate::order::LatePolicy;
 use fieldlink_proto::decode;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
+use std::path::Path;
 
 fn reading(key: &str, ts: i64, v: f64) -> NewReading {
     NewReading {
@@ -431,23 +432,239 @@ fn nan_and_infinite_values_pass_through_the_buffer() {
 }
 
 #[test]
-fn an_unreadable_row_is_skipped_and_counted_not_a_stall() {
+fn an_unreadable_group_is_skipped_and_counted_not_a_stall() {
     let dir = tempfile::tempdir().unwrap();
     let mut b = open(&dir);
     b.append([vec![reading("a/x", 1, 1.0), reading("a/x", 2, 2.0)].as_slice()])
         .unwrap();
-    // Someone edits the file: a string where an i64 belongs.
+    b.append([vec![reading("a/x", 3, 3.0)].as_slice()]).unwrap();
+    // Someone edits the file: the first group's blob is cut short.
     let raw = rusqlite::Connection::open(dir.path().join("b.db")).unwrap();
     raw.execute(
-        "UPDATE readings SET kind = 1, value = 'garbage' WHERE ts_ms = 1",
+        "UPDATE groups SET blob = substr(blob, 1, length(blob) - 3) WHERE id = 1",
         [],
     )
     .unwrap();
     drop(raw);
     let r = seal_all(&mut b, &mut Encoder::new(3).unwrap(), 1024);
-    assert_eq!((r.rows, r.readings), (2, 1));
-    assert_eq!(b.ledger().dead_lettered, 1);
+    assert_eq!((r.rows, r.readings), (3, 1));
+    assert_eq!(b.ledger().dead_lettered, 2);
     assert_eq!(b.stats().unsealed_readings, 0);
+    assert_eq!(
+        pending_readings(&mut b),
+        vec![("a/x".into(), 3, 3f64.to_bits(), false)]
+    );
+}
+
+/// A buffer file as a version-1 agent left it: `readings` holds `rows` (series key, ts, kind, value), one pending
+/// record with 7 readings in `batches`, next_seq 5.
+fn v1_file(path: &Path, rows: &[(&str, i64, u8, rusqlite::types::Value)]) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.execute_batch(
+        "PRAGMA journal_mode=WAL;
+         CREATE TABLE meta(key TEXT PRIMARY KEY, value ANY NOT NULL);
+         CREATE TABLE series(id INTEGER PRIMARY KEY, key TEXT NOT NULL, tags TEXT NOT NULL, UNIQUE(key, tags));
+         CREATE TABLE readings(id INTEGER PRIMARY KEY, series_id INTEGER NOT NULL, ts_ms INTEGER NOT NULL, kind INTEGER NOT NULL, value ANY);
+         CREATE TABLE batches(seq INTEGER PRIMARY KEY, record BLOB NOT NULL, readings INTEGER NOT NULL, sealed_ms INTEGER NOT NULL);
+         CREATE TABLE series_state(series_id INTEGER PRIMARY KEY, state BLOB NOT NULL);
+         INSERT INTO meta(key, value) VALUES ('schema_version', 1), ('next_seq', 5), ('agent_id', 'edge-1'), ('epoch', 42);
+         INSERT INTO batches(seq, record, readings, sealed_ms) VALUES (4, x'00', 7, 0);",
+    )
+    .unwrap();
+    for (i, (key, ts, kind, v)) in rows.iter().enumerate() {
+        c.execute(
+            "INSERT OR IGNORE INTO series(key, tags) VALUES (?1, '[]')",
+            [key],
+        )
+        .unwrap();
+        let sid: i64 = c
+            .query_row("SELECT id FROM series WHERE key = ?1", [key], |r| r.get(0))
+            .unwrap();
+        c.execute(
+            "INSERT INTO readings(id, series_id, ts_ms, kind, value) VALUES (?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params![i as i64 + 1, sid, ts, kind, v],
+        )
+        .unwrap();
+    }
+}
+
+/// `(series, ts, value)` of every reading in the pending records (the version-1 placeholder record left out).
+fn pending_values(b: &mut Buffer) -> Vec<(String, i64, String)> {
+    let mut out = Vec::new();
+    for p in b.pending(10_000, usize::MAX).unwrap() {
+        if p.record == [0] {
+            continue;
+        }
+        let batch = decode(&p.record).unwrap();
+        for r in batch.readings {
+            let v = match r.value {
+                Value::F64(f) => format!("f{}", f.to_bits()),
+                other => format!("{other:?}"),
+            };
+            out.push((batch.series[r.series as usize].key.clone(), r.ts_ms, v));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn v1_rows(n: usize) -> Vec<(&'static str, i64, u8, rusqlite::types::Value)> {
+    use rusqlite::types::Value as V;
+    let keys = ["d1/f", "d1/i", "d2/b", "d2/s"];
+    (0..n)
+        .map(|i| {
+            let k = i % 4;
+            let ts = 1_000 + (i / 4) as i64;
+            let v = match k {
+                0 if i == 0 => V::Null, // a NaN: SQLite stores it as NULL
+                0 => V::Real(i as f64 / 4.0),
+                1 => V::Integer(-(i as i64)),
+                2 => V::Integer((i % 3 == 0) as i64),
+                _ => V::Text(format!("s{i}")),
+            };
+            // Quality bad on every 5th reading.
+            let q = if i % 5 == 0 { 2 << 4 } else { 0 };
+            (keys[k], ts, k as u8 | q, v)
+        })
+        .collect()
+}
+
+fn expected_v1(rows: &[(&str, i64, u8, rusqlite::types::Value)]) -> Vec<(String, i64, String)> {
+    use rusqlite::types::Value as V;
+    let mut out: Vec<_> = rows
+        .iter()
+        .map(|(key, ts, kind, v)| {
+            let v = match (kind & 7, v) {
+                (0, V::Null) => format!("f{}", f64::NAN.to_bits()),
+                (0, V::Real(f)) => format!("f{}", f.to_bits()),
+                (1, V::Integer(i)) => format!("{:?}", Value::I64(*i)),
+                (2, V::Integer(i)) => format!("{:?}", Value::Bool(*i != 0)),
+                (3, V::Text(s)) => format!("{:?}", Value::Str(s.clone())),
+                _ => unreachable!(),
+            };
+            ((*key).to_owned(), *ts, v)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_version_1_file_with_a_backlog_is_migrated_and_drained_exactly_once() {
+    // A gateway upgraded with unsealed readings in the old one-row-per-reading table: none may be lost or doubled.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.db");
+    let rows = v1_rows(3 * MIGRATE_CHUNK + 17);
+    v1_file(&path, &rows);
+    let mut b = open(&dir);
+    assert_eq!(b.epoch(), 42, "the file's epoch is kept");
+    assert_eq!(b.next_seq(), 5, "sequence numbers go on");
+    let s = b.stats();
+    assert_eq!(s.unsealed_readings, rows.len() as u64);
+    assert_eq!((s.pending_batches, s.pending_readings), (1, 7));
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let (version, legacy): (i64, i64) = raw
+        .query_row(
+            "SELECT (SELECT value FROM meta WHERE key = 'schema_version'), (SELECT count(*) FROM sqlite_master WHERE name = 'readings')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((version, legacy), (SCHEMA_VERSION, 0));
+    drop(raw);
+    let mut enc = Encoder::new(3).unwrap();
+    while seal_all(&mut b, &mut enc, 24 * 1024).rows > 0 {}
+    assert_eq!(b.stats().unsealed_readings, 0);
+    assert_eq!(pending_values(&mut b), expected_v1(&rows));
+    let quality_bad = b
+        .pending(10_000, usize::MAX)
+        .unwrap()
+        .iter()
+        .filter(|p| p.record != [0])
+        .flat_map(|p| decode(&p.record).unwrap().readings)
+        .filter(|r| r.quality == Quality::Bad)
+        .count();
+    assert_eq!(quality_bad, rows.len().div_ceil(5));
+    assert!(b
+        .pending(10_000, usize::MAX)
+        .unwrap()
+        .iter()
+        .any(|p| p.seq == 4));
+    assert_eq!(b.ledger().deduplicated + b.ledger().dead_lettered, 0);
+}
+
+#[test]
+fn an_interrupted_migration_goes_on_where_it_stopped() {
+    // The state a crash leaves after the first migration transaction: the oldest rows already in group 1, the rest
+    // still in `readings`, the schema still version 1.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.db");
+    let rows = v1_rows(250);
+    v1_file(&path, &rows);
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch("CREATE TABLE groups(id INTEGER PRIMARY KEY, committed_ms INTEGER NOT NULL, readings INTEGER NOT NULL, bytes INTEGER NOT NULL, blob BLOB NOT NULL)").unwrap();
+    let mut enc = group::Encoder::new();
+    let mut bytes = 0;
+    {
+        let mut stmt = raw
+            .prepare(
+                "SELECT series_id, ts_ms, kind, value FROM readings WHERE id <= 100 ORDER BY id",
+            )
+            .unwrap();
+        let mut q = stmt.query([]).unwrap();
+        while let Some(r) = q.next().unwrap() {
+            let kind: u8 = r.get(2).unwrap();
+            let v = legacy_value(kind, r.get_ref(3).unwrap()).unwrap();
+            bytes += ROW_BYTES + value_bytes(&v);
+            enc.push(r.get(0).unwrap(), r.get(1).unwrap(), &v, quality_of(kind));
+        }
+    }
+    raw.execute(
+        "INSERT INTO groups VALUES (1, 0, 100, ?1, ?2)",
+        rusqlite::params![bytes as i64, enc.finish()],
+    )
+    .unwrap();
+    raw.execute("DELETE FROM readings WHERE id <= 100", [])
+        .unwrap();
+    drop(raw);
+    let mut b = open(&dir);
+    assert_eq!(b.stats().unsealed_readings, 250);
+    let mut enc = Encoder::new(3).unwrap();
+    while seal_all(&mut b, &mut enc, 24 * 1024).rows > 0 {}
+    assert_eq!(pending_values(&mut b), expected_v1(&rows));
+    assert_eq!(
+        b.ledger().deduplicated + b.ledger().dead_lettered,
+        0,
+        "read in order: nothing late"
+    );
+}
+
+#[test]
+fn a_commit_larger_than_a_group_is_stored_as_several_groups_sealed_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir);
+    let n = MAX_GROUP_READINGS as usize * 2 + 5;
+    let readings: Vec<NewReading> = (0..n).map(|i| reading("a/x", i as i64, i as f64)).collect();
+    b.append([readings.as_slice()]).unwrap();
+    assert_eq!(b.last_row_id(), 3, "three groups");
+    let r = b
+        .seal(
+            b.last_row_id(),
+            10,
+            &mut Encoder::new(3).unwrap(),
+            &cfg(24 * 1024),
+            rules(),
+            0,
+        )
+        .unwrap();
+    assert_eq!(
+        r.rows, MAX_GROUP_READINGS,
+        "whole groups: at least one, however small max_rows is"
+    );
+    while seal_all(&mut b, &mut Encoder::new(3).unwrap(), 24 * 1024).rows > 0 {}
+    assert_eq!(b.ledger().appended, n as u64);
+    assert_eq!(b.stats().pending_readings, n as u64);
+    assert_eq!(b.stats().unsealed_bytes, 0);
 }
 
 #[test]

@@ -132,10 +132,18 @@ impl SeriesState {
         u32::try_from(i128::from(ts) - i128::from(self.base)).ok()
     }
 
-    /// Whether a reading of `ts` with identity `id` is remembered.
+    /// Whether a reading of `ts` with identity `id` is remembered: `recent` is ordered by event time, so only the
+    /// entries of `ts` are looked at (found by binary search).
     fn remembers(&self, ts: i64, id: u64) -> bool {
-        self.offset(ts)
-            .is_some_and(|off| self.recent.contains(&[off, id as u32, (id >> 32) as u32]))
+        let Some(off) = self.offset(ts) else {
+            return false;
+        };
+        let e = [off, id as u32, (id >> 32) as u32];
+        let first = self.recent.partition_point(|x| x[0] < off);
+        self.recent[first..]
+            .iter()
+            .take_while(|x| x[0] == off)
+            .any(|x| *x == e)
     }
 
     /// Remembers a reading of `ts` (at or after every horizon used so far), keeping `recent` ordered by event
