@@ -111,8 +111,10 @@ fn hundred_windows() -> WindowsConfig {
     let mut t = String::new();
     for k in 0..100 {
         let body = match k % 4 {
-            0 => format!("series = \"line3/robot-imu/{:03}/+\"\nsizes_ms = [10000, 60000, 900000]\nfunctions = [\"count\", \"min\", \"max\", \"mean\", \"sum\", \"first\", \"last\"]", k % 40),
-            1 => format!("series = \"line3/robot-imu-b/{:03}/+\"\nsizes_ms = [1000, 10000]\nfunctions = [\"mean\", \"max\"]", k % 40),
+            // One device per rule (k / 4 is 0..25): two rules on one device would write its derived series twice
+            // (check-config refuses that).
+            0 => format!("series = \"line3/robot-imu/{:03}/+\"\nsizes_ms = [10000, 60000, 900000]\nfunctions = [\"count\", \"min\", \"max\", \"mean\", \"sum\", \"first\", \"last\"]", k / 4),
+            1 => format!("series = \"line3/robot-imu-b/{:03}/+\"\nsizes_ms = [1000, 10000]\nfunctions = [\"mean\", \"max\"]", k / 4),
             2 => format!("series = \"plant/meter/{:03}/value\"\nsizes_ms = [60000, 900000]\nfunctions = [\"mean\", \"count\"]", k % 100),
             _ => format!("series = \"plant/meter-b/{:03}/value\"\nsizes_ms = [60000]\nfunctions = [\"mean\"]\nkeep_raw = false", k % 100),
         };
