@@ -407,8 +407,16 @@ impl Worker {
                     self.try_commit(held);
                 }
                 Ok(Msg::Ctl(Err(_)) | Msg::Data(Err(_))) => {
-                    // Every handle is gone: seal what is left and stop. A held group was never acknowledged: its
-                    // sources (the broker) still have it.
+                    // Every handle is gone. The selector may see the control channel closed while appends are
+                    // still queued on the data channel: commit them (cancelled ones are dropped, their sources
+                    // deliver them again; a Modbus reading has no other copy) unless a group is held for room.
+                    // Then seal what is left and stop. A held group was never acknowledged: its sources (the
+                    // broker) still have it.
+                    while self.held.is_none() {
+                        let Ok(a) = self.data.try_recv() else { break };
+                        let held = self.gather(a);
+                        self.try_commit(held);
+                    }
                     self.seal(true);
                     tracing::info!(stats = ?self.buffer.stats(), "buffer closed");
                     return;

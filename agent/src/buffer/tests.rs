@@ -809,3 +809,54 @@ fn an_append_whose_source_stopped_is_dropped_uncommitted_and_the_others_commit()
         "the stopped source's reading was not committed (the broker redelivers it)"
     );
 }
+
+#[test]
+fn appends_still_queued_when_the_last_handle_goes_are_committed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg: BufferConfig = toml::from_str(&format!(
+        "path = {:?}",
+        dir.path().join("b.db").display().to_string()
+    ))
+    .unwrap();
+    let metrics = crate::metrics::AgentMetrics::new(fieldlink_ops::metrics::Registry::new());
+    let (handle, thread) = spawn(
+        &cfg,
+        &BatchConfig::default(),
+        &crate::order::OrderConfig::default(),
+        "edge-1",
+        metrics.clone(),
+    )
+    .unwrap();
+    let committed = Arc::new(AtomicUsize::new(0));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let n = 200;
+    rt.block_on(async {
+        for i in 0..n {
+            let c = committed.clone();
+            let ack = Ack {
+                on_commit: Box::new(move || {
+                    c.fetch_add(1, Ordering::SeqCst);
+                }),
+                cancelled: Default::default(),
+            };
+            handle
+                .append(vec![reading("a/x", i as i64, 1.0)], Some(ack))
+                .await
+                .unwrap();
+        }
+    });
+    // The handle goes while appends are queued: the closed control channel must not end the thread before them.
+    drop(handle);
+    thread.join().unwrap();
+    assert_eq!(
+        committed.load(Ordering::SeqCst),
+        n,
+        "every live append committed"
+    );
+    assert_eq!(metrics.readings_received.get(), n as u64);
+}
