@@ -119,25 +119,22 @@ impl Default for AlarmsConfig {
     }
 }
 
+/// The problem with a rule's `name` (alarm or window rule: it keys the rule's persisted state), if any.
+pub(crate) fn name_problem(path: &str, name: &str) -> Option<String> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    (!ok).then(|| format!("{path}.name: 1 to 64 letters, digits, '.', '_' or '-', got {name:?}"))
+}
+
 /// Largest number of levels of one rule (severities are one byte, 0 is `ok`).
 pub const MAX_LEVELS: usize = 254;
 
 impl RuleConfig {
     /// Every problem of this rule, each naming its field under `path`.
     pub fn validate(&self, path: &str) -> Vec<String> {
-        let mut p = Vec::new();
-        if self.name.is_empty()
-            || self.name.len() > 64
-            || !self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        {
-            p.push(format!(
-                "{path}.name: 1 to 64 letters, digits, '.', '_' or '-', got {:?}",
-                self.name
-            ));
-        }
+        let mut p: Vec<String> = name_problem(path, &self.name).into_iter().collect();
         if let Some(why) = crate::mqtt::filter_problem(&self.series) {
             p.push(format!("{path}.series: {why}"));
         }

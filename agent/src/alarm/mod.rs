@@ -34,6 +34,7 @@
 //! Every transition takes the rule's next sequence number (1, 2, … over all its series).
 
 mod config;
+pub(crate) use config::name_problem;
 pub mod status;
 
 pub use config::{AlarmsConfig, Condition, LevelConfig, QualityLevel, RuleConfig, MAX_LEVELS};
@@ -331,7 +332,9 @@ pub enum Dirty {
     Seq(String, u64),
 }
 
-fn numeric(v: &Value) -> Option<f64> {
+/// The number a value stands for: integers as f64, booleans 0 and 1; strings, NaN and infinities have none.
+/// (The window rules use it too.)
+pub(crate) fn numeric(v: &Value) -> Option<f64> {
     let x = match v {
         Value::F64(f) => *f,
         Value::I64(i) => *i as f64,

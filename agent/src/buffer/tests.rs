@@ -748,11 +748,14 @@ fn the_epoch_is_drawn_once_per_buffer_file_and_travels_in_every_record() {
     assert_eq!(fresh.next_seq(), 1, "and numbers its batches from 1 again");
 }
 
-#[test]
-fn an_append_whose_source_stopped_is_dropped_uncommitted_and_the_others_commit() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
-    let dir = tempfile::tempdir().unwrap();
+/// The buffer thread on `dir/b.db` with default settings, and its metrics.
+fn buffer_thread(
+    dir: &tempfile::TempDir,
+) -> (
+    BufferHandle,
+    std::thread::JoinHandle<()>,
+    crate::metrics::AgentMetrics,
+) {
     let cfg: BufferConfig = toml::from_str(&format!(
         "path = {:?}",
         dir.path().join("b.db").display().to_string()
@@ -767,6 +770,15 @@ fn an_append_whose_source_stopped_is_dropped_uncommitted_and_the_others_commit()
         metrics.clone(),
     )
     .unwrap();
+    (handle, thread, metrics)
+}
+
+#[test]
+fn an_append_whose_source_stopped_is_dropped_uncommitted_and_the_others_commit() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let (handle, thread, metrics) = buffer_thread(&dir);
     let committed = Arc::new(AtomicUsize::new(0));
     let ack = |cancelled: bool| {
         let c = committed.clone();
@@ -815,20 +827,7 @@ fn appends_still_queued_when_the_last_handle_goes_are_committed() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
-    let cfg: BufferConfig = toml::from_str(&format!(
-        "path = {:?}",
-        dir.path().join("b.db").display().to_string()
-    ))
-    .unwrap();
-    let metrics = crate::metrics::AgentMetrics::new(fieldlink_ops::metrics::Registry::new());
-    let (handle, thread) = spawn(
-        &cfg,
-        &BatchConfig::default(),
-        &crate::order::OrderConfig::default(),
-        "edge-1",
-        metrics.clone(),
-    )
-    .unwrap();
+    let (handle, thread, metrics) = buffer_thread(&dir);
     let committed = Arc::new(AtomicUsize::new(0));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -133,19 +133,9 @@ pub fn size_suffix(size_ms: u64) -> String {
 impl WindowRuleConfig {
     /// Every problem of this rule, each naming its field under `path`.
     pub fn validate(&self, path: &str) -> Vec<String> {
-        let mut p = Vec::new();
-        if self.name.is_empty()
-            || self.name.len() > 64
-            || !self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        {
-            p.push(format!(
-                "{path}.name: 1 to 64 letters, digits, '.', '_' or '-', got {:?}",
-                self.name
-            ));
-        }
+        let mut p: Vec<String> = crate::alarm::name_problem(path, &self.name)
+            .into_iter()
+            .collect();
         if let Some(why) = crate::mqtt::filter_problem(&self.series) {
             p.push(format!("{path}.series: {why}"));
         }

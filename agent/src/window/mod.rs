@@ -357,17 +357,12 @@ impl Default for Engine {
     }
 }
 
+/// What a reading adds to a window: its number ([`crate::alarm::numeric`]), unless its quality is bad.
 fn numeric(v: &Value, q: Quality) -> Option<f64> {
     if q == Quality::Bad {
         return None;
     }
-    let x = match v {
-        Value::F64(f) => *f,
-        Value::I64(i) => *i as f64,
-        Value::Bool(b) => f64::from(u8::from(*b)),
-        Value::Str(_) => return None,
-    };
-    x.is_finite().then_some(x)
+    crate::alarm::numeric(v)
 }
 
 impl Engine {
