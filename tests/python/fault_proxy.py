@@ -4,7 +4,8 @@
 Usage: fault_proxy.py UPSTREAM_URL   (listens on a free loopback port and prints "listening on PORT")
 
 Every request is forwarded to UPSTREAM_URL unchanged, except Kinesis PutRecords calls, which may be
-  - refused whole with 400 ProvisionedThroughputExceededException   (share `throttle`),
+  - refused whole with 400 ProvisionedThroughputExceededException   (share `throttle`, and every
+    `throttle_every`-th call counting from the first: a test with few calls still sees some),
   - forwarded with only some entries, the others answered as failed with ErrorCode
     ProvisionedThroughputExceededException or InternalFailure      (share `reject` per entry),
   - held `delay_ms` before being forwarded (a slow Kinesis: a call is in flight most of the time; the call
@@ -20,7 +21,7 @@ Timestream WriteRecords calls may be
   - forwarded without some records, answered with RejectedRecordsException naming them with a reason, as
     Timestream does (the other records of the call are written)    (share `ts_reject` per record).
 
-Control: GET /__fault/set?throttle=0.2&reject=0.3&reset=0.1&ts_throttle=0.3&ts_reject=0.1&down=0&delay_ms=0
+Control: GET /__fault/set?throttle=0.2&throttle_every=0&reject=0.3&reset=0.1&ts_throttle=0.3&ts_reject=0.1&down=0&delay_ms=0
          GET /__fault/stats  (JSON counters).
 """
 import http.client
@@ -36,7 +37,7 @@ import time
 import urllib.parse
 
 UPSTREAM = urllib.parse.urlparse(sys.argv[1])
-state = {"throttle": 0.0, "reject": 0.0, "reset": 0.0, "ts_throttle": 0.0, "ts_reject": 0.0, "down": False, "delay_ms": 0.0}
+state = {"throttle": 0.0, "throttle_every": 0.0, "reject": 0.0, "reset": 0.0, "ts_throttle": 0.0, "ts_reject": 0.0, "down": False, "delay_ms": 0.0}
 stats = {"calls": 0, "throttled_calls": 0, "rejected_entries": 0, "forwarded_entries": 0, "refused_connections": 0, "reset_before": 0, "reset_after": 0,
          "ts_calls": 0, "ts_throttled_calls": 0, "ts_rejected_records": 0, "ts_forwarded_records": 0}
 lock = threading.Lock()
@@ -74,7 +75,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if url.path == "/__fault/set":
             q = urllib.parse.parse_qs(url.query)
             with lock:
-                for k in ("throttle", "reject", "reset", "ts_throttle", "ts_reject", "delay_ms"):
+                for k in ("throttle", "throttle_every", "reject", "reset", "ts_throttle", "ts_reject", "delay_ms"):
                     if k in q:
                         state[k] = float(q[k][0])
                 if "down" in q:
@@ -103,7 +104,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.reply(status, data, headers)
         with lock:
             stats["calls"] += 1
-            throttled = rng.random() < throttle
+            every = int(state["throttle_every"])
+            throttled = rng.random() < throttle or (every > 0 and stats["calls"] % every == 1 % every)
             if throttled:
                 stats["throttled_calls"] += 1
             delay = state["delay_ms"] / 1000.0
