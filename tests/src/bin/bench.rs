@@ -271,6 +271,30 @@ fn ten_fields_influx(i: usize) -> String {
 }
 
 /// Payload mapping alone, one thread: messages/s and readings/s of `format`.
+/// Figure 3: payload mapping alone, messages of ten fields as JSON and as InfluxDB line protocol.
+fn mapping_figure() {
+    let n_map = 200_000;
+    let json: Vec<(String, Vec<u8>)> = (0..n_map)
+        .map(|i| {
+            (
+                format!("bench/dev{:03}", i % 100),
+                ten_fields(i).into_bytes(),
+            )
+        })
+        .collect();
+    let influx: Vec<(String, Vec<u8>)> = (0..n_map)
+        .map(|i| ("bench/influx".to_owned(), ten_fields_influx(i).into_bytes()))
+        .collect();
+    println!("payload mapping alone (1 thread), messages of 10 fields:");
+    for (name, format, msgs) in [
+        ("JSON", Format::Json, &json),
+        ("InfluxDB line protocol", Format::Influx, &influx),
+    ] {
+        let (m, r) = mapping(format, msgs);
+        println!("  {name:<24} {m:>10.0} msgs/s = {r:>10.0} readings/s");
+    }
+}
+
 fn mapping(format: Format, msgs: &[(String, Vec<u8>)]) -> (f64, f64) {
     let mut mapper = Mapper::new(PayloadConfig::default());
     let now = fieldlink_ops::unix_ms();
@@ -365,6 +389,15 @@ fn main() {
     }
     let msgs = messages();
     let v2 = BatchConfig::default().wire_version;
+    if std::env::args().nth(1).as_deref() == Some("core") {
+        // Only figures 1 (without rules) and 3, best of three: `bench core` (for before/after comparisons).
+        let best = (0..3)
+            .map(|_| pipeline(&msgs, Durability::Normal, v2, (None, None)).0)
+            .fold(0.0, f64::max);
+        println!("pipeline, durability=normal, best of three: {best:>10.0} readings/s");
+        mapping_figure();
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("rules") {
         let readings = msgs.len(); // recounted below
         let (_, readings_n, _, _, _) = pipeline(&msgs, Durability::Normal, v2, (None, None));
@@ -390,26 +423,7 @@ fn main() {
         bytes_1 as f64 / readings as f64,
     );
 
-    let n_map = 200_000;
-    let json: Vec<(String, Vec<u8>)> = (0..n_map)
-        .map(|i| {
-            (
-                format!("bench/dev{:03}", i % 100),
-                ten_fields(i).into_bytes(),
-            )
-        })
-        .collect();
-    let influx: Vec<(String, Vec<u8>)> = (0..n_map)
-        .map(|i| ("bench/influx".to_owned(), ten_fields_influx(i).into_bytes()))
-        .collect();
-    println!("payload mapping alone (1 thread), messages of 10 fields:");
-    for (name, format, msgs) in [
-        ("JSON", Format::Json, &json),
-        ("InfluxDB line protocol", Format::Influx, &influx),
-    ] {
-        let (m, r) = mapping(format, msgs);
-        println!("  {name:<24} {m:>10.0} msgs/s = {r:>10.0} readings/s");
-    }
+    mapping_figure();
 
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path());

@@ -8,11 +8,18 @@
 //! - A bare JSON number, boolean or string (e.g. `23.5`): one reading of series `<topic>`, at arrival time.
 //! - `NaN`, `Infinity` and `-Infinity` are not JSON, but common (Python's `json.dumps` writes them): such a field
 //!   is skipped as `non_finite` and the rest of the object still passes.
+//! - A field named twice in one object counts once, with its last value (as a parser that builds a map keeps it).
+//!
+//! The payload is walked as it is parsed (serde's visitor interface over `serde_json`'s reader), not built into
+//! a document tree first: field paths are written into one reused buffer, and a reading's series key is copied
+//! out of it once.
 
 use super::{rfc3339_ms, to_ms, ts_in_range, Parsed, PayloadError, Skip};
+use crate::buffer::NewReading;
 use crate::mqtt::config::{PayloadConfig, TimeUnit};
 use fieldlink_proto::{Quality, Series, Value};
-use serde_json::Value as Json;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use std::fmt;
 
 /// Stands in for a non-finite number after [`replace_non_finite`]; not a string a device sends.
 const NON_FINITE: &str = "\u{0}fieldlink:non-finite\u{0}";
@@ -77,58 +84,243 @@ fn lists_below(paths: &[String], path: &str) -> bool {
         .any(|p| p.len() > path.len() && p.starts_with(path) && p.as_bytes()[path.len()] == b'/')
 }
 
-fn scalar(v: &Json) -> Result<Value, Skip> {
-    match v {
-        Json::Number(n) => n.as_f64().map(Value::F64).ok_or(Skip::NonFinite),
-        Json::Bool(b) => Ok(Value::Bool(*b)),
-        Json::String(s) if s == NON_FINITE => Err(Skip::NonFinite),
-        Json::String(s) => Ok(Value::Str(s.clone())),
-        Json::Null => Err(Skip::Null),
-        Json::Array(_) | Json::Object(_) => Err(Skip::WrongType),
-    }
-}
-
+/// Walks one JSON message as the parser reads it (no document tree): each field's path is built in one reused
+/// buffer, and a reading's key is copied out of it once.
 struct Walk<'a> {
-    topic: &'a str,
     cfg: &'a PayloadConfig,
-    ts_ms: i64,
+    /// `<topic>/<field path>` of the field being read.
+    key: String,
+    /// Length of `<topic>/`: a field's path starts there (the key is `<topic>` alone between fields).
+    path_start: usize,
+    /// The top-level timestamp field: `None` if absent, `Some(None)` if present but not a usable time.
+    ts: Option<Option<i64>>,
     out: Parsed,
 }
 
 impl Walk<'_> {
-    /// `path` is the field path below the topic ("" at the top).
-    fn object(&mut self, path: &str, obj: &serde_json::Map<String, Json>) {
-        for (k, v) in obj {
-            if path.is_empty() && *k == self.cfg.timestamp_field {
-                continue;
-            }
-            let field = if path.is_empty() {
-                k.clone()
-            } else {
-                format!("{path}/{k}")
-            };
-            if listed(&self.cfg.exclude, &field) {
-                continue;
-            }
-            let included = self.cfg.include.is_empty() || listed(&self.cfg.include, &field);
-            match v {
-                Json::Object(inner) => {
-                    if included || lists_below(&self.cfg.include, &field) {
-                        self.object(&field, inner);
-                    }
-                }
-                _ if !included => {}
-                other => match scalar(other) {
-                    Ok(value) => self.out.push(
-                        Series::new(format!("{}/{field}", self.topic)),
-                        self.ts_ms,
-                        value,
-                        Quality::Good,
-                    ),
-                    Err(skip) => self.out.skipped.push(skip),
-                },
-            }
+    fn reading(&mut self, v: Result<Value, Skip>) {
+        match v {
+            // The event time is set once the whole object is read (the timestamp field may come last).
+            Ok(value) => self
+                .out
+                .push(Series::new(self.key.as_str()), 0, value, Quality::Good),
+            Err(skip) => self.out.skipped.push(skip),
         }
+    }
+
+    /// Reads the fields of an object at the current path.
+    fn object<'de, A: MapAccess<'de>>(&mut self, mut map: A, top: bool) -> Result<(), A::Error> {
+        let base = self.key.len();
+        while map.next_key_seed(KeySeed(&mut self.key))?.is_some() {
+            let (cfg, field) = (self.cfg, &self.key[self.path_start..]);
+            if top && field == cfg.timestamp_field {
+                self.ts = Some(map.next_value_seed(TimeSeed(cfg.timestamp_unit))?);
+            } else if listed(&cfg.exclude, field) {
+                map.next_value::<IgnoredAny>()?;
+            } else {
+                let included = cfg.include.is_empty() || listed(&cfg.include, field);
+                let descend = included || lists_below(&cfg.include, field);
+                map.next_value_seed(FieldSeed {
+                    walk: self,
+                    included,
+                    descend,
+                    top: false,
+                })?;
+            }
+            self.key.truncate(base);
+        }
+        Ok(())
+    }
+}
+
+/// Appends `/<key>` to the path buffer.
+struct KeySeed<'k>(&'k mut String);
+
+impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for KeySeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+    fn visit_str<E: de::Error>(self, k: &str) -> Result<(), E> {
+        self.0.push('/');
+        self.0.push_str(k);
+        Ok(())
+    }
+}
+
+/// The timestamp field's value as Unix ms (`None`: not a usable time in `unit`).
+struct TimeSeed(TimeUnit);
+
+impl<'de> DeserializeSeed<'de> for TimeSeed {
+    type Value = Option<i64>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<i64>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TimeSeed {
+    type Value = Option<i64>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a timestamp")
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Option<i64>, E> {
+        Ok(to_ms(v, self.0))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<i64>, E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Option<i64>, E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<i64>, E> {
+        Ok(match self.0 {
+            TimeUnit::Rfc3339 => rfc3339_ms(v),
+            _ => None,
+        })
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Option<i64>, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Option<i64>, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<i64>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<i64>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+}
+
+/// One field's value: a reading if it is an included scalar, a walk if it is an object to descend into. At the
+/// top (the whole message), a bare scalar is one reading of the topic's own series (the key holds `<topic>`).
+struct FieldSeed<'w, 'a> {
+    walk: &'w mut Walk<'a>,
+    included: bool,
+    descend: bool,
+    top: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for FieldSeed<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl FieldSeed<'_, '_> {
+    fn scalar(self, v: Result<Value, Skip>) {
+        if self.included {
+            self.walk.reading(v);
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for FieldSeed<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.scalar(Ok(Value::F64(v)));
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.scalar(Ok(Value::Bool(v)));
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.scalar(if v == NON_FINITE {
+            Err(Skip::NonFinite)
+        } else {
+            Ok(Value::Str(v.to_owned()))
+        });
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.scalar(Err(Skip::Null));
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        self.scalar(Err(Skip::WrongType));
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        if self.descend {
+            return self.walk.object(map, self.top);
+        }
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+}
+
+/// Reads one payload into a fresh walk; the parser's message if it is not JSON.
+fn walk<'a>(topic: &str, payload: &[u8], cfg: &'a PayloadConfig) -> Result<Walk<'a>, String> {
+    let mut key = String::with_capacity(topic.len() + 32);
+    key.push_str(topic);
+    let mut w = Walk {
+        cfg,
+        path_start: key.len() + 1,
+        key,
+        ts: None,
+        out: Parsed::default(),
+    };
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let top = FieldSeed {
+        walk: &mut w,
+        included: true,
+        descend: true,
+        top: true,
+    };
+    top.deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| e.to_string())?;
+    Ok(w)
+}
+
+/// Keeps the last of readings whose key repeats (a field named twice in one object: the last one counts, as
+/// JSON parsers that build a map do).
+fn keep_last_of_repeats(readings: &mut Vec<NewReading>) {
+    let n = readings.len();
+    let repeated = |i: usize| {
+        readings[i + 1..]
+            .iter()
+            .any(|r| r.series.key == readings[i].series.key)
+    };
+    let drop: Vec<bool> = if n <= 32 {
+        (0..n).map(repeated).collect()
+    } else {
+        let mut seen = std::collections::HashSet::with_capacity(n);
+        let mut drop: Vec<bool> = readings
+            .iter()
+            .rev()
+            .map(|r| !seen.insert(r.series.key.as_str()))
+            .collect();
+        drop.reverse();
+        drop
+    };
+    if drop.iter().any(|d| *d) {
+        let mut i = 0;
+        readings.retain(|_| {
+            i += 1;
+            !drop[i - 1]
+        });
     }
 }
 
@@ -139,39 +331,22 @@ pub fn parse(
     arrival_ms: i64,
     cfg: &PayloadConfig,
 ) -> Result<Parsed, PayloadError> {
-    let json: Json = match serde_json::from_slice(payload) {
-        Ok(j) => j,
+    let w = match walk(topic, payload, cfg) {
+        Ok(w) => w,
         Err(e) => replace_non_finite(payload)
-            .and_then(|p| serde_json::from_slice(&p).ok())
-            .ok_or_else(|| PayloadError::NotJson(e.to_string()))?,
+            .and_then(|p| walk(topic, &p, cfg).ok())
+            .ok_or(PayloadError::NotJson(e))?,
     };
-    let mut out = Parsed::default();
-    match &json {
-        Json::Object(obj) => {
-            let ts_ms = match obj.get(&cfg.timestamp_field) {
-                // Only a timestamp the payload claims is checked; the agent's own clock is taken as it is.
-                Some(v) => match match cfg.timestamp_unit {
-                    TimeUnit::Rfc3339 => v.as_str().and_then(rfc3339_ms),
-                    unit => v.as_f64().and_then(|f| to_ms(f, unit)),
-                } {
-                    Some(ts) if ts_in_range(ts, arrival_ms, cfg) => ts,
-                    _ => return Err(PayloadError::BadTimestamp),
-                },
-                None => arrival_ms,
-            };
-            let mut walk = Walk {
-                topic,
-                cfg,
-                ts_ms,
-                out,
-            };
-            walk.object("", obj);
-            out = walk.out;
-        }
-        other => match scalar(other) {
-            Ok(value) => out.push(Series::new(topic), arrival_ms, value, Quality::Good),
-            Err(skip) => out.skipped.push(skip),
-        },
+    let ts_ms = match w.ts {
+        // Only a timestamp the payload claims is checked; the agent's own clock is taken as it is.
+        Some(Some(ts)) if ts_in_range(ts, arrival_ms, cfg) => ts,
+        Some(_) => return Err(PayloadError::BadTimestamp),
+        None => arrival_ms,
+    };
+    let mut out = w.out;
+    keep_last_of_repeats(&mut out.readings);
+    for r in &mut out.readings {
+        r.ts_ms = ts_ms;
     }
     out.finish()
 }
@@ -319,6 +494,97 @@ mod tests {
         assert!(parse("t", br#"{"ts": 1772431100000, "v": 1}"#, now, &c).is_ok());
         let long = format!(r#"{{"{}": 1}}"#, "k".repeat(2000));
         assert_eq!(reason_at(long.as_bytes(), 0), "too_long");
+    }
+
+    #[test]
+    fn the_timestamp_may_come_last_and_a_repeated_field_counts_once_with_its_last_value() {
+        let p = parse(
+            "t",
+            br#"{"a": 1, "b": {"c": true}, "a": 2, "ts": 1772431200000}"#,
+            1_772_431_200_005,
+            &cfg(),
+        )
+        .unwrap_or_default();
+        let t = 1772431200000;
+        assert_eq!(
+            keys_values(&p),
+            vec![
+                ("t/a".into(), t, Value::F64(2.0)),
+                ("t/b/c".into(), t, Value::Bool(true))
+            ]
+        );
+        // Many fields (the map path of the repeat check): the last of each name is kept.
+        let fields: Vec<String> = (0..100).map(|i| format!(r#""f{}": {i}"#, i % 40)).collect();
+        let p = parse(
+            "t",
+            format!("{{{}}}", fields.join(",")).as_bytes(),
+            0,
+            &cfg(),
+        )
+        .unwrap_or_default();
+        assert_eq!(p.readings.len(), 40);
+        assert!(p.readings.iter().all(|r| {
+            let i: usize = r.series.key[3..].parse().unwrap_or(usize::MAX);
+            r.value == Value::F64((i + 80 - if i >= 20 { 40 } else { 0 }) as f64)
+        }));
+    }
+
+    /// The streaming walk gives what flattening a parsed document tree gives, on generated nested objects.
+    #[test]
+    fn the_walk_equals_flattening_the_document_tree() {
+        fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, i64, Value)>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        flatten(&format!("{prefix}/{k}"), v, out);
+                    }
+                }
+                serde_json::Value::Number(n) => {
+                    out.push((prefix.into(), 7, Value::F64(n.as_f64().unwrap_or(f64::NAN))))
+                }
+                serde_json::Value::Bool(b) => out.push((prefix.into(), 7, Value::Bool(*b))),
+                serde_json::Value::String(s) => out.push((prefix.into(), 7, Value::Str(s.clone()))),
+                _ => {}
+            }
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..300 {
+            fn object(next: &mut dyn FnMut(u64) -> u64, depth: u32) -> serde_json::Value {
+                let mut m = serde_json::Map::new();
+                for _ in 0..1 + next(6) {
+                    // A quote in some names: the parser unescapes those (not borrowed from the payload).
+                    let k = format!("k{}é{}", next(8), ["", "\"", "\\n"][next(3) as usize]);
+                    let v = match next(if depth < 3 { 7 } else { 6 }) {
+                        0 => serde_json::json!(next(1 << 20) as f64 / 64.0 - 1000.0),
+                        1 => {
+                            let max = [1000, u64::MAX][next(2) as usize];
+                            serde_json::json!(next(max))
+                        }
+                        2 => serde_json::json!(-(next(1000) as i64)),
+                        3 => serde_json::json!(next(2) == 1),
+                        4 => serde_json::json!(format!("s{}", next(100))),
+                        5 => serde_json::Value::Null,
+                        _ => object(next, depth + 1),
+                    };
+                    m.insert(k, v);
+                }
+                serde_json::Value::Object(m)
+            }
+            let doc = object(&mut next, 0);
+            let mut want = Vec::new();
+            flatten("d", &doc, &mut want);
+            want.sort_by(|a, b| a.0.cmp(&b.0));
+            let got = parse("d", doc.to_string().as_bytes(), 7, &cfg())
+                .map(|p| keys_values(&p))
+                .unwrap_or_default();
+            assert_eq!(got, want, "{doc}");
+        }
     }
 
     #[test]
