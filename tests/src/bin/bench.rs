@@ -374,8 +374,9 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 }
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("rss") {
-        // Only figure 5 (for measuring memory settings): `bench rss`.
+    let only = std::env::args().nth(1);
+    if matches!(only.as_deref(), Some("rss" | "ingest")) {
+        // Only figure 5 (for measuring memory settings): `bench rss`; only figure 4: `bench ingest`.
         let dir = tempfile::tempdir().unwrap();
         let broker = Mosquitto::start(dir.path());
         let moto = Moto::start(dir.path());
@@ -384,7 +385,11 @@ fn main() {
             .enable_all()
             .build()
             .unwrap();
-        steady_rss(dir.path(), &broker, &moto, &rt);
+        if only.as_deref() == Some("rss") {
+            steady_rss(dir.path(), &broker, &moto, &rt);
+        } else {
+            ingest_figure(dir.path(), &broker, &moto, &rt);
+        }
         return;
     }
     let msgs = messages();
@@ -433,8 +438,31 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    ingest_figure(dir.path(), &broker, &moto, &rt);
+    steady_rss(dir.path(), &broker, &moto, &rt);
+}
+
+/// What the environment changes in a benchmarked agent: `FIELDLINK_BENCH_AGENT` starts another command instead of
+/// this build's agent (words split on spaces, the agent binary last: a static build, `heaptrack -o /tmp/h
+/// target/debug/fieldlink-agent`); `FIELDLINK_BENCH_AGENT_CONFIG` is appended to its config.
+fn overrides(agent: &mut AgentProc) {
+    if let Ok(extra) = std::env::var("FIELDLINK_BENCH_AGENT_CONFIG") {
+        agent.append_config(&format!("\n{extra}\n"));
+    }
+    if let Ok(cmd) = std::env::var("FIELDLINK_BENCH_AGENT") {
+        agent.launcher = cmd.split_whitespace().map(Into::into).collect();
+    }
+}
+
+/// Figure 4: MQTT ingest of queued QoS 1 messages of 1 and 10 JSON fields, the agent next to a bare subscriber.
+fn ingest_figure(
+    dir: &std::path::Path,
+    broker: &Mosquitto,
+    moto: &Moto,
+    rt: &tokio::runtime::Runtime,
+) {
     let mut agent = AgentProc::new(
-        dir.path(),
+        dir,
         "bench-agent",
         broker.port,
         &moto.endpoint,
@@ -442,6 +470,15 @@ fn main() {
         "",
         "",
     );
+    // `FIELDLINK_BENCH_MAX_INFLIGHT`: the agent's MQTT in-flight window (default 100) for this figure.
+    if let Ok(n) = std::env::var("FIELDLINK_BENCH_MAX_INFLIGHT") {
+        let config = std::fs::read_to_string(&agent.config).unwrap().replace(
+            "keep_alive_s = 5\n",
+            &format!("keep_alive_s = 5\nmax_inflight = {n}\n"),
+        );
+        std::fs::write(&agent.config, config).unwrap();
+    }
+    overrides(&mut agent);
     // Both persistent sessions exist before the messages are queued.
     rt.block_on(bare_session(broker.port, true, 0));
     agent.start();
@@ -485,8 +522,6 @@ fn main() {
             agent_rate / bare
         );
     }
-
-    steady_rss(dir.path(), &broker, &moto, &rt);
 }
 
 /// `/proc/<pid>/smaps_rollup` and `status` fields in KiB.
@@ -519,9 +554,7 @@ fn thread_names(pid: u32) -> String {
 
 /// Figure 5: 10,000 readings/s for 15 s in a fresh agent process with a fresh buffer (so neither the ingest burst
 /// nor its backlog on the way to Kinesis counts): IMU-like messages of 6 readings at 1667 messages/s. The agent
-/// inherits this process's environment (`MALLOC_ARENA_MAX=…`); `FIELDLINK_BENCH_AGENT` starts another command
-/// instead of this build's agent (words split on spaces, the agent binary last: a static build,
-/// `heaptrack -o /tmp/h target/debug/fieldlink-agent`); `FIELDLINK_BENCH_AGENT_CONFIG` is appended to its config;
+/// inherits this process's environment (`MALLOC_ARENA_MAX=…`; and see [`overrides`]);
 /// `FIELDLINK_BENCH_RSS_SECS` runs longer than 15 s (the dedup state grows for `dedup_window_ms` of event time).
 fn steady_rss(
     dir: &std::path::Path,
@@ -538,12 +571,7 @@ fn steady_rss(
         "",
         "",
     );
-    if let Ok(extra) = std::env::var("FIELDLINK_BENCH_AGENT_CONFIG") {
-        agent.append_config(&format!("\n{extra}\n"));
-    }
-    if let Ok(cmd) = std::env::var("FIELDLINK_BENCH_AGENT") {
-        agent.launcher = cmd.split_whitespace().map(Into::into).collect();
-    }
+    overrides(&mut agent);
     agent.start();
     let pid_agent = agent.proc.as_ref().unwrap().pid();
     let secs = std::env::var("FIELDLINK_BENCH_RSS_SECS")

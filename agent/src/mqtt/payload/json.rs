@@ -88,8 +88,8 @@ fn lists_below(paths: &[String], path: &str) -> bool {
 /// buffer, and a reading's key is copied out of it once.
 struct Walk<'a> {
     cfg: &'a PayloadConfig,
-    /// `<topic>/<field path>` of the field being read.
-    key: String,
+    /// `<topic>/<field path>` of the field being read (the caller's buffer, reused from message to message).
+    key: &'a mut String,
     /// Length of `<topic>/`: a field's path starts there (the key is `<topic>` alone between fields).
     path_start: usize,
     /// The top-level timestamp field: `None` if absent, `Some(None)` if present but not a usable time.
@@ -111,7 +111,7 @@ impl Walk<'_> {
     /// Reads the fields of an object at the current path.
     fn object<'de, A: MapAccess<'de>>(&mut self, mut map: A, top: bool) -> Result<(), A::Error> {
         let base = self.key.len();
-        while map.next_key_seed(KeySeed(&mut self.key))?.is_some() {
+        while map.next_key_seed(KeySeed(self.key))?.is_some() {
             let (cfg, field) = (self.cfg, &self.key[self.path_start..]);
             if top && field == cfg.timestamp_field {
                 self.ts = Some(map.next_value_seed(TimeSeed(cfg.timestamp_unit))?);
@@ -270,9 +270,14 @@ impl<'de> Visitor<'de> for FieldSeed<'_, '_> {
     }
 }
 
-/// Reads one payload into a fresh walk; the parser's message if it is not JSON.
-fn walk<'a>(topic: &str, payload: &[u8], cfg: &'a PayloadConfig) -> Result<Walk<'a>, String> {
-    let mut key = String::with_capacity(topic.len() + 32);
+/// Reads one payload into a fresh walk whose paths are built in `key`; the parser's message if it is not JSON.
+fn walk<'a>(
+    topic: &str,
+    payload: &[u8],
+    cfg: &'a PayloadConfig,
+    key: &'a mut String,
+) -> Result<(Option<Option<i64>>, Parsed), String> {
+    key.clear();
     key.push_str(topic);
     let mut w = Walk {
         cfg,
@@ -291,7 +296,7 @@ fn walk<'a>(topic: &str, payload: &[u8], cfg: &'a PayloadConfig) -> Result<Walk<
     top.deserialize(&mut de)
         .and_then(|()| de.end())
         .map_err(|e| e.to_string())?;
-    Ok(w)
+    Ok((w.ts, w.out))
 }
 
 /// Keeps the last of readings whose key repeats (a field named twice in one object: the last one counts, as
@@ -331,19 +336,33 @@ pub fn parse(
     arrival_ms: i64,
     cfg: &PayloadConfig,
 ) -> Result<Parsed, PayloadError> {
-    let w = match walk(topic, payload, cfg) {
-        Ok(w) => w,
-        Err(e) => replace_non_finite(payload)
-            .and_then(|p| walk(topic, &p, cfg).ok())
-            .ok_or(PayloadError::NotJson(e))?,
-    };
-    let ts_ms = match w.ts {
+    parse_with(&mut String::new(), topic, payload, arrival_ms, cfg)
+}
+
+/// [`parse`] building the field paths in `scratch` (a mapper keeps one, so a message allocates no path buffer).
+pub(crate) fn parse_with(
+    scratch: &mut String,
+    topic: &str,
+    payload: &[u8],
+    arrival_ms: i64,
+    cfg: &PayloadConfig,
+) -> Result<Parsed, PayloadError> {
+    let walked = walk(topic, payload, cfg, scratch).or_else(|e| {
+        replace_non_finite(payload)
+            .and_then(|p| walk(topic, &p, cfg, scratch).ok())
+            .ok_or(PayloadError::NotJson(e))
+    });
+    if scratch.capacity() > 4096 {
+        // A payload of huge field names does not keep its buffer.
+        *scratch = String::new();
+    }
+    let (ts, mut out) = walked?;
+    let ts_ms = match ts {
         // Only a timestamp the payload claims is checked; the agent's own clock is taken as it is.
         Some(Some(ts)) if ts_in_range(ts, arrival_ms, cfg) => ts,
         Some(_) => return Err(PayloadError::BadTimestamp),
         None => arrival_ms,
     };
-    let mut out = w.out;
     keep_last_of_repeats(&mut out.readings);
     for r in &mut out.readings {
         r.ts_ms = ts_ms;

@@ -243,13 +243,19 @@ fn merge_tags(mut parsed: Parsed, topic_tags: &[(String, String)]) -> Result<Par
 pub struct Mapper {
     cfg: PayloadConfig,
     sparkplug: sparkplug::State,
+    /// The JSON walk's path buffer, reused from message to message.
+    json_key: String,
 }
 
 impl Mapper {
     /// A mapper with empty state.
     pub fn new(cfg: PayloadConfig) -> Self {
         let sparkplug = sparkplug::State::new(cfg.max_sparkplug_metrics, cfg.sparkplug_rebirth_ms);
-        Self { cfg, sparkplug }
+        Self {
+            cfg,
+            sparkplug,
+            json_key: String::new(),
+        }
     }
 
     /// A Sparkplug Rebirth request the messages mapped so far called for (taken once; see [`sparkplug`]).
@@ -271,7 +277,9 @@ impl Mapper {
             return Err(PayloadError::TooLarge(payload.len()));
         }
         let parsed = match format {
-            Format::Json => json::parse(topic, payload, arrival_ms, &self.cfg),
+            Format::Json => {
+                json::parse_with(&mut self.json_key, topic, payload, arrival_ms, &self.cfg)
+            }
             Format::Influx => influx::parse(payload, arrival_ms, &self.cfg),
             Format::SparkplugB => self.sparkplug.apply(topic, payload, arrival_ms, &self.cfg),
         }?;
