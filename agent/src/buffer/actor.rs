@@ -5,7 +5,10 @@
 //! Appends are group-committed: the thread takes every append already queued (up to `max_group_commit`),
 //! commits them in one transaction, and only then runs their acknowledgement callbacks, in arrival order.
 //! Every `linger_ms` it seals the groups committed at least `reorder_window_ms` ago (each commit's groups are
-//! ready together: `commits` remembers the newest group id of every commit and its time).
+//! ready together: `commits` remembers the newest group id of every commit and its time). A seal works in parts of
+//! at most `2 × max_readings` readings; between two parts the appends queued meanwhile are committed and
+//! acknowledged (a few group commits at most), so sealing a large backlog does not hold the sources back for its
+//! whole length.
 
 use super::{
     Buffer, BufferConfig, BufferError, ErrorClass, Ledger, NewReading, OverflowPolicy, Refused,
@@ -264,9 +267,30 @@ pub fn spawn_with_rules(
     order: &OrderConfig,
     agent_id: &str,
     metrics: AgentMetrics,
-    (alarms, windows): (&AlarmsConfig, &WindowsConfig),
+    rules: (&AlarmsConfig, &WindowsConfig),
     status: Option<StatusBoard>,
 ) -> Result<(BufferHandle, std::thread::JoinHandle<()>), BufferError> {
+    let (worker, handle) = worker(cfg, batch, order, agent_id, metrics, rules, status)?;
+    let join = std::thread::Builder::new()
+        .name("buffer".into())
+        .spawn(move || worker.run())
+        .map_err(|e| BufferError::Incompatible {
+            path: cfg.path.display().to_string(),
+            why: format!("cannot start thread: {e}"),
+        })?;
+    Ok((handle, join))
+}
+
+/// The buffer thread's state, opened and ready to run, and its handle.
+fn worker(
+    cfg: &BufferConfig,
+    batch: &BatchConfig,
+    order: &OrderConfig,
+    agent_id: &str,
+    metrics: AgentMetrics,
+    (alarms, windows): (&AlarmsConfig, &WindowsConfig),
+    status: Option<StatusBoard>,
+) -> Result<(Worker, BufferHandle), BufferError> {
     let mut buffer = Buffer::open(&cfg.path, cfg.durability, agent_id)?;
     buffer.enable_alarms(Engine::from_config(alarms), order.reorder_window_ms)?;
     buffer.enable_windows(crate::window::Engine::from_config(windows))?;
@@ -313,20 +337,13 @@ pub fn spawn_with_rules(
     };
     worker.post_all_statuses();
     worker.publish();
-    let join = std::thread::Builder::new()
-        .name("buffer".into())
-        .spawn(move || worker.run())
-        .map_err(|e| BufferError::Incompatible {
-            path: cfg.path.display().to_string(),
-            why: format!("cannot start thread: {e}"),
-        })?;
     Ok((
+        worker,
         BufferHandle {
             data: data_tx,
             ctl: ctl_tx,
             sealed,
         },
-        join,
     ))
 }
 
@@ -384,13 +401,15 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Longest wait between two retries of a held group.
 const MAX_RETRY: Duration = Duration::from_secs(2);
 
+/// Group commits taken between two parts of a seal at most (a commit takes up to `max_group_commit` appends).
+const INTERLEAVED_COMMITS: usize = 4;
+
 impl Worker {
     fn run(mut self) {
         let linger = Duration::from_millis(self.batch.linger_ms);
         let mut next_seal = Instant::now() + linger;
         loop {
-            let accepting = self.held.is_none()
-                && !(self.cfg.overflow == OverflowPolicy::Backpressure && self.over_cap());
+            let accepting = self.accepting();
             let until = self
                 .held
                 .as_ref()
@@ -436,6 +455,27 @@ impl Worker {
                 self.seal(false);
                 next_seal = Instant::now() + linger;
             }
+        }
+    }
+
+    /// Whether appends are taken now: no group is held for room, and under `backpressure` the buffer is not over
+    /// its cap.
+    fn accepting(&self) -> bool {
+        self.held.is_none()
+            && !(self.cfg.overflow == OverflowPolicy::Backpressure && self.over_cap())
+    }
+
+    /// Commits the appends queued now, at most [`INTERLEAVED_COMMITS`] group commits, while appends are taken:
+    /// called between the parts of a seal, so a long seal does not hold the sources' acknowledgements (and an MQTT
+    /// broker's in-flight window) back for its whole length.
+    fn commit_queued(&mut self) {
+        for _ in 0..INTERLEAVED_COMMITS {
+            if !self.accepting() {
+                return;
+            }
+            let Ok(a) = self.data.try_recv() else { return };
+            let held = self.gather(a);
+            self.try_commit(held);
         }
     }
 
@@ -712,6 +752,11 @@ impl Worker {
         }
         let full_size = self.batch.max_readings.max(10_000) * 2;
         loop {
+            if !everything {
+                // Appends that queued while the last part was sealed are committed (and acknowledged) first; they
+                // are newer than `ready_id`, so this seal does not take them.
+                self.commit_queued();
+            }
             let stats = self.buffer.stats();
             let row_bytes = (stats.unsealed_bytes / stats.unsealed_readings.max(1)).max(1);
             let budget_rows = (self.txn_budget() / row_bytes).max(1) as usize;
@@ -878,5 +923,86 @@ impl Worker {
         m.pending_batches.set(s.pending_batches as i64);
         m.pending_readings.set(s.pending_readings as i64);
         m.buffered_bytes.set(s.bytes() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fieldlink_proto::{Quality, Series, Value};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A seal of a backlog several parts long commits and acknowledges the appends queued when it starts (they
+    /// are not left waiting for the whole backlog), and does not seal them in the same round: they are newer
+    /// than what was ready. Without the interleaving, the queued appends stay uncommitted until the seal ends.
+    #[test]
+    fn appends_queued_while_a_long_seal_runs_are_committed_during_it_and_not_sealed_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: BufferConfig = toml::from_str(&format!(
+            "path = {:?}\ndurability = \"normal\"",
+            dir.path().join("b.db").display().to_string()
+        ))
+        .unwrap();
+        let metrics = AgentMetrics::new(fieldlink_ops::metrics::Registry::new());
+        let batch = BatchConfig::default();
+        let (mut w, handle) = worker(
+            &cfg,
+            &batch,
+            &OrderConfig::default(),
+            "edge-1",
+            metrics,
+            (&AlarmsConfig::default(), &WindowsConfig::default()),
+            None,
+        )
+        .unwrap();
+        let reading = |key: String, ts_ms: i64| NewReading {
+            series: Series::new(key),
+            ts_ms,
+            value: Value::F64(ts_ms as f64),
+            quality: Quality::Good,
+        };
+        // A backlog of three seal parts (a part is at most 2 × max(max_readings, 10,000) readings), ready now.
+        let part = batch.max_readings.max(10_000) * 2;
+        let backlog: Vec<Vec<NewReading>> = (0..3 * part)
+            .map(|i| vec![reading(format!("dev{}/m", i % 50), i as i64)])
+            .collect::<Vec<_>>()
+            .chunks(1000)
+            .map(|c| c.iter().flatten().cloned().collect())
+            .collect();
+        w.buffer.append(backlog.iter().map(Vec::as_slice)).unwrap();
+        w.ready_id = w.buffer.last_row_id();
+        let committed = Arc::new(AtomicUsize::new(0));
+        for k in 0..5 {
+            let c = committed.clone();
+            handle
+                .data
+                .try_send(Append {
+                    readings: vec![reading(format!("late{k}/m"), 1)],
+                    refused: None,
+                    ack: Some(Ack {
+                        on_commit: Box::new(move || {
+                            c.fetch_add(1, Ordering::SeqCst);
+                        }),
+                        cancelled: Arc::new(AtomicBool::new(false)),
+                    }),
+                })
+                .unwrap();
+        }
+        w.seal(false);
+        assert_eq!(
+            committed.load(Ordering::SeqCst),
+            5,
+            "queued appends acknowledged"
+        );
+        let stats = w.buffer.stats();
+        assert_eq!(
+            stats.unsealed_readings, 5,
+            "only the queued appends are left unsealed"
+        );
+        assert_eq!(
+            stats.pending_readings,
+            3 * part as u64,
+            "the whole backlog sealed"
+        );
     }
 }
