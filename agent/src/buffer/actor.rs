@@ -6,7 +6,7 @@
 //! commits them in one transaction, and only then runs their acknowledgement callbacks, in arrival order.
 //! Every `linger_ms` it seals the groups committed at least `reorder_window_ms` ago (each commit's groups are
 //! ready together: `commits` remembers the newest group id of every commit and its time). A seal works in parts of
-//! at most `2 × max_readings` readings; between two parts the appends queued meanwhile are committed and
+//! `2 × max(max_readings, 10,000)` readings; between two parts the appends queued meanwhile are committed and
 //! acknowledged (a few group commits at most), so sealing a large backlog does not hold the sources back for its
 //! whole length.
 

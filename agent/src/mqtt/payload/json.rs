@@ -8,14 +8,14 @@
 //! - A bare JSON number, boolean or string (e.g. `23.5`): one reading of series `<topic>`, at arrival time.
 //! - `NaN`, `Infinity` and `-Infinity` are not JSON, but common (Python's `json.dumps` writes them): such a field
 //!   is skipped as `non_finite` and the rest of the object still passes.
-//! - A field named twice in one object counts once, with its last value (as a parser that builds a map keeps it).
+//! - A field named twice in one object counts once, whole, with its last copy (what a parser that builds a map
+//!   keeps: an earlier copy's readings and skips do not count, nested objects included).
 //!
 //! The payload is walked as it is parsed (serde's visitor interface over `serde_json`'s reader), not built into
 //! a document tree first: field paths are written into one reused buffer, and a reading's series key is copied
 //! out of it once.
 
 use super::{rfc3339_ms, to_ms, ts_in_range, Parsed, PayloadError, Skip};
-use crate::buffer::NewReading;
 use crate::mqtt::config::{PayloadConfig, TimeUnit};
 use fieldlink_proto::{Quality, Series, Value};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -95,6 +95,21 @@ struct Walk<'a> {
     /// The top-level timestamp field: `None` if absent, `Some(None)` if present but not a usable time.
     ts: Option<Option<i64>>,
     out: Parsed,
+    /// Hashes of the names read so far in each object being read (a stack: an object's start to the end; the
+    /// caller's buffer).
+    names: &'a mut Vec<u64>,
+    /// An object may name a field twice (equal name hashes, or too many names to compare).
+    repeated: bool,
+}
+
+/// Objects with more names than this are not checked for repeats one by one: they are taken as repeating.
+const MAX_NAMES_COMPARED: usize = 64;
+
+/// FNV-1a of a field name.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl Walk<'_> {
@@ -111,7 +126,14 @@ impl Walk<'_> {
     /// Reads the fields of an object at the current path.
     fn object<'de, A: MapAccess<'de>>(&mut self, mut map: A, top: bool) -> Result<(), A::Error> {
         let base = self.key.len();
+        let first_name = self.names.len();
         while map.next_key_seed(KeySeed(self.key))?.is_some() {
+            let h = name_hash(&self.key[base + 1..]);
+            let names = &self.names[first_name..];
+            if names.len() >= MAX_NAMES_COMPARED || names.contains(&h) {
+                self.repeated = true;
+            }
+            self.names.push(h);
             let (cfg, field) = (self.cfg, &self.key[self.path_start..]);
             if top && field == cfg.timestamp_field {
                 self.ts = Some(map.next_value_seed(TimeSeed(cfg.timestamp_unit))?);
@@ -129,6 +151,7 @@ impl Walk<'_> {
             }
             self.key.truncate(base);
         }
+        self.names.truncate(first_name);
         Ok(())
     }
 }
@@ -270,13 +293,18 @@ impl<'de> Visitor<'de> for FieldSeed<'_, '_> {
     }
 }
 
-/// Reads one payload into a fresh walk whose paths are built in `key`; the parser's message if it is not JSON.
+/// What a walk found: the timestamp field (see [`Walk::ts`]), the readings, and whether a name may repeat.
+type Walked = (Option<Option<i64>>, Parsed, bool);
+
+/// Reads one payload into a fresh walk working in `scratch`; the parser's message if it is not JSON.
 fn walk<'a>(
     topic: &str,
     payload: &[u8],
     cfg: &'a PayloadConfig,
-    key: &'a mut String,
-) -> Result<(Option<Option<i64>>, Parsed), String> {
+    scratch: &'a mut Scratch,
+) -> Result<Walked, String> {
+    let Scratch { key, names } = scratch;
+    names.clear();
     key.clear();
     key.push_str(topic);
     let mut w = Walk {
@@ -285,6 +313,8 @@ fn walk<'a>(
         key,
         ts: None,
         out: Parsed::default(),
+        names,
+        repeated: false,
     };
     let mut de = serde_json::Deserializer::from_slice(payload);
     let top = FieldSeed {
@@ -296,37 +326,25 @@ fn walk<'a>(
     top.deserialize(&mut de)
         .and_then(|()| de.end())
         .map_err(|e| e.to_string())?;
-    Ok((w.ts, w.out))
+    Ok((w.ts, w.out, w.repeated))
 }
 
-/// Keeps the last of readings whose key repeats (a field named twice in one object: the last one counts, as
-/// JSON parsers that build a map do).
-fn keep_last_of_repeats(readings: &mut Vec<NewReading>) {
-    let n = readings.len();
-    let repeated = |i: usize| {
-        readings[i + 1..]
-            .iter()
-            .any(|r| r.series.key == readings[i].series.key)
-    };
-    let drop: Vec<bool> = if n <= 32 {
-        (0..n).map(repeated).collect()
-    } else {
-        let mut seen = std::collections::HashSet::with_capacity(n);
-        let mut drop: Vec<bool> = readings
-            .iter()
-            .rev()
-            .map(|r| !seen.insert(r.series.key.as_str()))
-            .collect();
-        drop.reverse();
-        drop
-    };
-    if drop.iter().any(|d| *d) {
-        let mut i = 0;
-        readings.retain(|_| {
-            i += 1;
-            !drop[i - 1]
-        });
+/// [`walk`], with a field named twice in one object counting once, whole, with its last copy (what a parser
+/// that builds a map keeps, nested objects included): such a payload is walked again as its map re-serialized.
+fn walk_payload(
+    topic: &str,
+    payload: &[u8],
+    cfg: &PayloadConfig,
+    scratch: &mut Scratch,
+) -> Result<(Option<Option<i64>>, Parsed), String> {
+    let (ts, out, repeated) = walk(topic, payload, cfg, scratch)?;
+    if !repeated {
+        return Ok((ts, out));
     }
+    let tree: serde_json::Value = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    let unique = serde_json::to_vec(&tree).map_err(|e| e.to_string())?;
+    let (ts, out, _) = walk(topic, &unique, cfg, scratch)?;
+    Ok((ts, out))
 }
 
 /// Maps one JSON message (size already checked).
@@ -336,25 +354,32 @@ pub fn parse(
     arrival_ms: i64,
     cfg: &PayloadConfig,
 ) -> Result<Parsed, PayloadError> {
-    parse_with(&mut String::new(), topic, payload, arrival_ms, cfg)
+    parse_with(&mut Scratch::default(), topic, payload, arrival_ms, cfg)
 }
 
-/// [`parse`] building the field paths in `scratch` (a mapper keeps one, so a message allocates no path buffer).
+/// The buffers a walk works in, kept by a mapper from message to message.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    key: String,
+    names: Vec<u64>,
+}
+
+/// [`parse`] working in `scratch` (a mapper keeps one, so a message allocates no path buffer).
 pub(crate) fn parse_with(
-    scratch: &mut String,
+    scratch: &mut Scratch,
     topic: &str,
     payload: &[u8],
     arrival_ms: i64,
     cfg: &PayloadConfig,
 ) -> Result<Parsed, PayloadError> {
-    let walked = walk(topic, payload, cfg, scratch).or_else(|e| {
+    let walked = walk_payload(topic, payload, cfg, scratch).or_else(|e| {
         replace_non_finite(payload)
-            .and_then(|p| walk(topic, &p, cfg, scratch).ok())
+            .and_then(|p| walk_payload(topic, &p, cfg, scratch).ok())
             .ok_or(PayloadError::NotJson(e))
     });
-    if scratch.capacity() > 4096 {
-        // A payload of huge field names does not keep its buffer.
-        *scratch = String::new();
+    if scratch.key.capacity() > 4096 || scratch.names.capacity() > 4096 {
+        // A payload of huge field names or objects does not keep its buffers.
+        *scratch = Scratch::default();
     }
     let (ts, mut out) = walked?;
     let ts_ms = match ts {
@@ -363,7 +388,6 @@ pub(crate) fn parse_with(
         Some(_) => return Err(PayloadError::BadTimestamp),
         None => arrival_ms,
     };
-    keep_last_of_repeats(&mut out.readings);
     for r in &mut out.readings {
         r.ts_ms = ts_ms;
     }
@@ -546,6 +570,30 @@ mod tests {
             let i: usize = r.series.key[3..].parse().unwrap_or(usize::MAX);
             r.value == Value::F64((i + 80 - if i >= 20 { 40 } else { 0 }) as f64)
         }));
+        // The last copy counts whole: an earlier copy's readings and skips do not, nested objects included.
+        let c = cfg();
+        let reason = |p: &[u8]| parse("t", p, 0, &c).map(|_| ()).unwrap_err().reason();
+        assert_eq!(reason(br#"{"v": 1, "v": null}"#), "null");
+        assert_eq!(reason(br#"{"v": 1, "v": [2]}"#), "wrong_type");
+        let got = |p: &[u8]| keys_values(&parse("t", p, 0, &c).unwrap_or_default());
+        assert_eq!(
+            got(br#"{"n": {"a": 1}, "n": {"b": 2}}"#),
+            vec![("t/n/b".into(), 0, Value::F64(2.0))]
+        );
+        assert_eq!(
+            got(br#"{"a": {"x": 1}, "a": 2}"#),
+            vec![("t/a".into(), 0, Value::F64(2.0))]
+        );
+        assert_eq!(
+            got(br#"{"a": 1, "a": {"x": 2}}"#),
+            vec![("t/a/x".into(), 0, Value::F64(2.0))]
+        );
+        assert_eq!(
+            got(br#"{"n": {"a": 1, "a": NaN, "b": 3}}"#),
+            vec![("t/n/b".into(), 0, Value::F64(3.0))]
+        );
+        let p = parse("t", br#"{"a": null, "a": 1}"#, 0, &c).unwrap_or_default();
+        assert_eq!(p.skipped, vec![], "the earlier copy's skip does not count");
     }
 
     /// The streaming walk gives what flattening a parsed document tree gives, on generated nested objects.

@@ -243,8 +243,8 @@ fn merge_tags(mut parsed: Parsed, topic_tags: &[(String, String)]) -> Result<Par
 pub struct Mapper {
     cfg: PayloadConfig,
     sparkplug: sparkplug::State,
-    /// The JSON walk's path buffer, reused from message to message.
-    json_key: String,
+    /// The JSON walk's buffers, reused from message to message.
+    json: json::Scratch,
 }
 
 impl Mapper {
@@ -254,7 +254,7 @@ impl Mapper {
         Self {
             cfg,
             sparkplug,
-            json_key: String::new(),
+            json: json::Scratch::default(),
         }
     }
 
@@ -277,9 +277,7 @@ impl Mapper {
             return Err(PayloadError::TooLarge(payload.len()));
         }
         let parsed = match format {
-            Format::Json => {
-                json::parse_with(&mut self.json_key, topic, payload, arrival_ms, &self.cfg)
-            }
+            Format::Json => json::parse_with(&mut self.json, topic, payload, arrival_ms, &self.cfg),
             Format::Influx => influx::parse(payload, arrival_ms, &self.cfg),
             Format::SparkplugB => self.sparkplug.apply(topic, payload, arrival_ms, &self.cfg),
         }?;
