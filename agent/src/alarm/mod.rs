@@ -44,39 +44,15 @@ use fieldlink_proto::alarm::{AlarmEvent, Cause, Level};
 use fieldlink_proto::{Quality, Series, Value};
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 
 /// Readings a `rate` state keeps, at most (the oldest go first).
 pub const MAX_WINDOW: usize = 1024;
 /// Series whose matching rules are cached before the cache is dropped.
 const MATCH_CACHE_MAX: usize = 100_000;
 
-/// A fast hasher for the engine's integer keys (rule index, buffer series id): they come from the agent itself,
-/// so std's DoS-resistant SipHash buys nothing on a path taken for every rule and reading.
-#[derive(Debug, Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-    fn write_i64(&mut self, n: i64) {
-        self.write_u64(n as u64);
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type Ids = BuildHasherDefault<IdHasher>;
+/// The engine's integer-keyed maps (rule index, buffer series id) hash with foldhash: the keys come from the agent
+/// itself, and std's SipHash was a visible share of a path taken for every rule and reading.
+type Ids = foldhash::fast::RandomState;
 
 /// Marks a pair's state to be persisted with the next commit.
 fn mark(dirty: &mut Vec<(usize, i64)>, st: &mut State, key: (usize, i64)) {

@@ -13,7 +13,7 @@ mod config;
 pub use config::{BatchConfig, MAX_RECORD_BYTES};
 
 use fieldlink_proto::{Batch, EncodeError, Encoder, Reading, Series};
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 /// A released reading with the buffer's id of its series.
 #[derive(Debug, Clone, PartialEq)]

@@ -956,7 +956,7 @@ mod tests {
         )
         .unwrap();
         let reading = |key: String, ts_ms: i64| NewReading {
-            series: Series::new(key),
+            series: Series::new(key).into(),
             ts_ms,
             value: Value::F64(ts_ms as f64),
             quality: Quality::Good,

@@ -40,7 +40,7 @@ fn append(b: &mut Buffer, key: &str, readings: &[(i64, f64)]) {
     let rs: Vec<NewReading> = readings
         .iter()
         .map(|&(ts, v)| NewReading {
-            series: Series::new(key),
+            series: Series::new(key).into(),
             ts_ms: ts,
             value: Value::F64(v),
             quality: Quality::Good,

@@ -119,9 +119,10 @@ use crate::batch::{self, BatchConfig, Builder, Row};
 use crate::order::{self, Rules, SeriesState};
 use fieldlink_proto::alarm::{AlarmBatch, AlarmEncoder, AlarmEvent};
 use fieldlink_proto::{EncodeError, Encoder, Quality, Series, Value};
+use foldhash::{HashMap, HashMapExt};
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Current schema version: 2 stores unsealed readings in `groups`; version 1 (one row per reading in `readings`) is
 /// migrated at open.
@@ -174,8 +175,8 @@ pub enum BufferError {
 /// A reading as a source hands it to the buffer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewReading {
-    /// Its series.
-    pub series: Series,
+    /// Its series (shared by the readings of a series, see `mqtt::payload::Interner`).
+    pub series: Arc<Series>,
     /// Event time, Unix ms.
     pub ts_ms: i64,
     /// Value.

@@ -166,7 +166,7 @@ proptest! {
                                 .map(|&(s, ts)| {
                                     next_number += 1;
                                     NewReading {
-                                        series: Series::new(format!("d{s}/v")),
+                                        series: Series::new(format!("d{s}/v")).into(),
                                         ts_ms: ts,
                                         value: Value::F64((next_number - 1) as f64),
                                         quality: Quality::Good,
@@ -376,7 +376,7 @@ proptest! {
                         let nums: Vec<u64> = (next..next + n as u64).collect();
                         next += n as u64;
                         let readings = nums.iter().map(|&v| NewReading {
-                            series: Series::new(format!("d{}/v", v % 3)),
+                            series: Series::new(format!("d{}/v", v % 3)).into(),
                             ts_ms: v as i64,
                             value: Value::F64(v as f64),
                             quality: Quality::Good,

@@ -7,7 +7,7 @@ use std::path::Path;
 
 fn reading(key: &str, ts: i64, v: f64) -> NewReading {
     NewReading {
-        series: Series::new(key),
+        series: Series::new(key).into(),
         ts_ms: ts,
         value: Value::F64(v),
         quality: Quality::Good,
@@ -272,7 +272,7 @@ fn all_value_types_and_qualities_survive_the_buffer() {
         .iter()
         .enumerate()
         .map(|(i, v)| NewReading {
-            series: s.clone(),
+            series: s.clone().into(),
             ts_ms: i as i64,
             value: v.clone(),
             quality: [
@@ -394,19 +394,19 @@ fn nan_and_infinite_values_pass_through_the_buffer() {
     let mut b = open(&dir);
     let group = vec![
         NewReading {
-            series: Series::new("m/a"),
+            series: Series::new("m/a").into(),
             ts_ms: 1,
             value: Value::F64(f64::NAN),
             quality: Quality::Bad,
         },
         NewReading {
-            series: Series::new("m/b"),
+            series: Series::new("m/b").into(),
             ts_ms: 1,
             value: Value::F64(f64::INFINITY),
             quality: Quality::Good,
         },
         NewReading {
-            series: Series::new("m/c"),
+            series: Series::new("m/c").into(),
             ts_ms: 1,
             value: Value::F64(f64::NEG_INFINITY),
             quality: Quality::Good,

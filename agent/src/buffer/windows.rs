@@ -13,8 +13,8 @@ use crate::batch::Row;
 use crate::order;
 use crate::window::{Emitted, Engine, Obs, RawFate};
 use fieldlink_proto::{Quality, Reading, Series};
+use foldhash::{HashMap, HashMapExt};
 use rusqlite::params;
-use std::collections::HashMap;
 
 /// What the windows made of one seal's released readings.
 #[derive(Debug, Default)]

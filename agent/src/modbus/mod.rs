@@ -23,12 +23,13 @@ pub use poller::run;
 use decode::{DataType, Raw, WordOrder};
 use fieldlink_proto::{Series, Value};
 use plan::{coalesce, Request, Span};
+use std::sync::Arc;
 
 /// A point ready for polling.
 #[derive(Debug, Clone)]
 pub struct Point {
-    /// Its series (key and tags).
-    pub series: Series,
+    /// Its series (key and tags), shared by its readings.
+    pub series: Arc<Series>,
     /// Data type.
     pub dtype: DataType,
     /// Byte/word order.
@@ -81,10 +82,10 @@ pub fn compile(cfg: &ModbusConfig) -> DevicePlan {
                 tags.insert("unit".into(), u.clone());
             }
             Point {
-                series: Series {
+                series: Arc::new(Series {
                     key: format!("{prefix}/{}", p.name),
                     tags: tags.into_iter().collect(),
-                },
+                }),
                 dtype: p.data_type(),
                 order: p.order,
                 bit: p.bit,

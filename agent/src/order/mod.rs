@@ -18,8 +18,8 @@ mod config;
 pub use config::OrderConfig;
 
 use fieldlink_proto::{Quality, Value};
+use foldhash::HashMap;
 use serde::Deserialize;
-use std::collections::HashMap;
 
 /// What happens to a late reading.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -263,22 +263,28 @@ pub fn release(
     states: &mut HashMap<i64, SeriesState>,
     rules: Rules,
 ) -> Released {
-    let mut by_series: HashMap<i64, Vec<Pending>> = HashMap::new();
-    for p in pending {
-        by_series.entry(p.series).or_default().push(p);
-    }
-    let mut series: Vec<i64> = by_series.keys().copied().collect();
-    series.sort_unstable();
-    let mut r = Released::default();
-    for sid in series {
-        let mut rows = by_series.remove(&sid).unwrap_or_default();
-        rows.sort_by_key(|p| p.ts_ms); // stable: equal timestamps keep arrival order
+    // One stable sort by (series, time) instead of a vector per series: equal timestamps keep arrival order, and
+    // the series come in id order. (Sorting small (series, time, index) keys and moving each reading once
+    // measured no faster.)
+    let mut pending = pending;
+    pending.sort_by_key(|p| (p.series, p.ts_ms));
+    let runs: Vec<(i64, usize)> = pending
+        .chunk_by(|a, b| a.series == b.series)
+        .map(|run| (run[0].series, run.len()))
+        .collect();
+    let mut r = Released {
+        out: Vec::with_capacity(pending.len()),
+        ..Released::default()
+    };
+    let mut rest = pending.into_iter();
+    for (sid, n) in runs {
+        let rows = rest.by_ref().take(n);
         let st = states.entry(sid).or_default();
         // Memory: the states are the agent's largest data (see `SeriesState`). Forget what already fell out of the window before making room, and make
         // room once, for this call's readings (capped at what may be kept): `recent` then never doubles its
         // capacity on the way, and a state's capacity stays close to its length.
         st.forget_before(st.last_ts.saturating_sub(rules.dedup_window_ms));
-        st.recent.reserve_exact(rows.len().min(rules.max_recent));
+        st.recent.reserve_exact(n.min(rules.max_recent));
         for p in rows {
             let id = identity(p.ts_ms, &p.value);
             let horizon = st.last_ts.saturating_sub(rules.dedup_window_ms);

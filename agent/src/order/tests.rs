@@ -27,7 +27,7 @@ fn ts_of(r: &Released) -> Vec<(i64, i64, bool)> {
 
 #[test]
 fn readings_within_one_release_leave_sorted_per_series() {
-    let mut st = HashMap::new();
+    let mut st = HashMap::default();
     let r = release(
         vec![p(2, 30, 0.0), p(1, 20, 0.0), p(2, 10, 0.0), p(1, 5, 0.0)],
         &mut st,
@@ -46,7 +46,7 @@ fn readings_within_one_release_leave_sorted_per_series() {
 
 #[test]
 fn a_redelivered_reading_is_dropped_even_in_a_later_release() {
-    let mut st = HashMap::new();
+    let mut st = HashMap::default();
     release(
         vec![p(1, 100, 1.5), p(1, 200, 2.5)],
         &mut st,
@@ -66,7 +66,7 @@ fn a_redelivered_reading_is_dropped_even_in_a_later_release() {
 
 #[test]
 fn duplicates_inside_one_release_are_dropped() {
-    let mut st = HashMap::new();
+    let mut st = HashMap::default();
     let r = release(
         vec![p(1, 5, 1.0), p(1, 5, 1.0), p(1, 5, 1.0)],
         &mut st,
@@ -77,7 +77,7 @@ fn duplicates_inside_one_release_are_dropped() {
 
 #[test]
 fn late_readings_are_flagged_or_dead_lettered() {
-    let mut st = HashMap::new();
+    let mut st = HashMap::default();
     release(vec![p(1, 100, 0.0)], &mut st, rules(LatePolicy::Flag));
     let r = release(
         vec![p(1, 50, 0.0), p(1, 150, 0.0)],
@@ -95,7 +95,7 @@ fn late_readings_are_flagged_or_dead_lettered() {
 
 #[test]
 fn state_memory_is_bounded_by_window_and_count() {
-    let mut st = HashMap::new();
+    let mut st = HashMap::default();
     let many: Vec<_> = (0..5000).map(|i| p(1, i * 10, 0.0)).collect();
     release(
         many,
@@ -171,7 +171,7 @@ proptest! {
     #[test]
     fn release_matches_the_model(calls in arb_calls(), window in 0i64..30, dead in any::<bool>()) {
         let rules = Rules { dedup_window_ms: window, max_recent: usize::MAX, late: if dead { LatePolicy::DeadLetter } else { LatePolicy::Flag } };
-        let (mut states, mut model) = (HashMap::new(), Model::default());
+        let (mut states, mut model) = (HashMap::default(), Model::default());
         for call in calls {
             let n = call.len();
             let r = release(call.clone(), &mut states, rules);
@@ -213,7 +213,7 @@ proptest! {
         reload in any::<bool>(),
     ) {
         let rules = Rules { dedup_window_ms: window, max_recent: usize::MAX, late: LatePolicy::Flag };
-        let (mut states, mut model) = (HashMap::new(), Model::default());
+        let (mut states, mut model) = (HashMap::default(), Model::default());
         for call in calls {
             let r = release(call.clone(), &mut states, rules);
             let (out, dups, _) = model.release(call, rules);
@@ -238,7 +238,7 @@ fn a_state_at_its_window_does_not_grow_its_allocation() {
         max_recent: 1024,
         late: LatePolicy::Flag,
     };
-    let mut st = HashMap::new();
+    let mut st = HashMap::default();
     let mut ts = 0;
     for _ in 0..200 {
         let call: Vec<_> = (0..5)

@@ -42,7 +42,7 @@ pub use config::{
 
 use fieldlink_proto::limits::MAX_KEY_BYTES;
 use fieldlink_proto::{Quality, Series, Value};
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 /// Series whose matching rules are cached before the cache is dropped.
 const MATCH_CACHE_MAX: usize = 100_000;

@@ -134,7 +134,7 @@ fn pipeline(
     durability: Durability,
     wire_version: u8,
     (alarms, windows): (Option<&AlarmsConfig>, Option<&WindowsConfig>),
-) -> (f64, usize, u64, f64, u64) {
+) -> (f64, usize, u64, f64, u64, Option<f64>) {
     let dir = tempfile::tempdir().unwrap();
     let mut buffer = Buffer::open(&dir.path().join("bench.db"), durability, "bench").unwrap();
     if let Some(a) = alarms {
@@ -154,6 +154,7 @@ fn pipeline(
     let mut mapper = Mapper::new(PayloadConfig::default());
     let now = fieldlink_ops::unix_ms(); // arrival time: payload timestamps are checked against it
     let start = Instant::now();
+    let cpu_start = thread_cpu_s();
     let mut readings = 0usize;
     for chunk in msgs.chunks(1000) {
         let groups: Vec<Vec<NewReading>> = chunk
@@ -182,6 +183,7 @@ fn pipeline(
         > 0
     {}
     let secs = start.elapsed().as_secs_f64();
+    let on_cpu = thread_cpu_s().zip(cpu_start).map(|(b, a)| b - a);
     let l = buffer.ledger();
     (
         readings as f64 / secs,
@@ -189,6 +191,7 @@ fn pipeline(
         l.bytes_sealed,
         l.batches_sealed as f64,
         l.alarm_events + l.window_derived,
+        on_cpu.map(|s| readings as f64 / s),
     )
 }
 
@@ -217,7 +220,7 @@ fn rule_sets(msgs: &[(String, Vec<u8>)], readings: usize) {
     let mut best = [(0.0f64, 0u64); 5];
     for _ in 0..3 {
         for (i, (_, (a, w))) in sets.iter().enumerate() {
-            let (rate, _, _, _, events) =
+            let (rate, _, _, _, events, _) =
                 pipeline(msgs, Durability::Normal, v2, (a.as_ref(), w.as_ref()));
             if rate > best[i].0 {
                 best[i] = (rate, events);
@@ -373,6 +376,14 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Seconds this thread has run on a CPU (Linux `/proc/thread-self/schedstat`): a rate per CPU second does not
+/// move with other load on the machine the way a wall-clock rate does.
+fn thread_cpu_s() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 / 1e9)
+}
+
 fn main() {
     let only = std::env::args().nth(1);
     if matches!(only.as_deref(), Some("rss" | "ingest")) {
@@ -394,7 +405,16 @@ fn main() {
     }
     let msgs = messages();
     let v2 = BatchConfig::default().wire_version;
-    if std::env::args().nth(1).as_deref() == Some("core") {
+    if only.as_deref() == Some("pipeline") {
+        // One run of figure 1 without rules, nothing else (for profiles and instruction counts).
+        let (rate, .., on_cpu) = pipeline(&msgs, Durability::Normal, v2, (None, None));
+        println!(
+            "pipeline, durability=normal, one run: {rate:>10.0} readings/s; per second on the CPU: {}",
+            on_cpu.map_or("unknown".into(), |r| format!("{r:.0}"))
+        );
+        return;
+    }
+    if only.as_deref() == Some("core") {
         // Only figures 1 (without rules) and 3, best of three: `bench core` (for before/after comparisons).
         let best = (0..3)
             .map(|_| pipeline(&msgs, Durability::Normal, v2, (None, None)).0)
@@ -405,16 +425,16 @@ fn main() {
     }
     if std::env::args().nth(1).as_deref() == Some("rules") {
         let readings = msgs.len(); // recounted below
-        let (_, readings_n, _, _, _) = pipeline(&msgs, Durability::Normal, v2, (None, None));
+        let (_, readings_n, ..) = pipeline(&msgs, Durability::Normal, v2, (None, None));
         let _ = readings;
         println!("pipeline (1 thread, payload → buffer → dedup/order → windows/alarms → zstd batches), {readings_n} readings:");
         rule_sets(&msgs, readings_n);
         return;
     }
-    let (rate_n, readings, bytes, batches, _) =
+    let (rate_n, readings, bytes, batches, ..) =
         pipeline(&msgs, Durability::Normal, v2, (None, None));
-    let (rate_f, _, _, _, _) = pipeline(&msgs, Durability::Full, v2, (None, None));
-    let (rate_1, _, bytes_1, batches_1, _) = pipeline(&msgs, Durability::Normal, 1, (None, None));
+    let (rate_f, ..) = pipeline(&msgs, Durability::Full, v2, (None, None));
+    let (rate_1, _, bytes_1, batches_1, ..) = pipeline(&msgs, Durability::Normal, 1, (None, None));
     println!("pipeline (1 thread, payload → buffer → dedup/order → zstd batches), {readings} readings in {} messages:", msgs.len());
     println!("  durability=normal: {rate_n:>10.0} readings/s");
     println!("  durability=full:   {rate_f:>10.0} readings/s");

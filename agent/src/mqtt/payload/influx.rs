@@ -9,9 +9,9 @@
 //! skipped. In a payload of several lines, a malformed line is skipped as `bad_line` and the others pass; a
 //! payload whose only lines are malformed is refused as `bad_line_protocol`.
 
-use super::{to_ms, ts_in_range, Parsed, PayloadError, Skip};
+use super::{to_ms, ts_in_range, Interner, Out, Parsed, PayloadError, Skip};
 use crate::mqtt::config::PayloadConfig;
-use fieldlink_proto::{Quality, Series, Value};
+use fieldlink_proto::{Quality, Value};
 
 /// Splits `s` at the first unescaped byte in `stops` (outside double quotes when `quotes`), returning the part
 /// before (escapes still in) and the byte found (`None` at the end).
@@ -94,7 +94,7 @@ fn field_value(raw: &str) -> Result<Value, String> {
 }
 
 /// Parses one line into `out`; `Err` describes a malformed line (nothing of it is kept).
-fn line(text: &str, arrival_ms: i64, cfg: &PayloadConfig, out: &mut Parsed) -> Result<(), String> {
+fn line(text: &str, arrival_ms: i64, cfg: &PayloadConfig, out: &mut Out<'_>) -> Result<(), String> {
     let (series_part, sep, rest) = split_at_unescaped(text, b" ", false);
     if sep.is_none() || series_part.is_empty() {
         return Err("no fields".into());
@@ -152,23 +152,36 @@ fn line(text: &str, arrival_ms: i64, cfg: &PayloadConfig, out: &mut Parsed) -> R
         }
         s = rest;
     }
+    let tags = out.merged(&tags);
     for (k, v) in fields {
-        let series = Series {
-            key: format!("{measurement}/{k}"),
-            tags: tags.clone(),
-        };
-        out.push(series, ts_ms, v, Quality::Good);
+        out.push_tagged(
+            &format!("{measurement}/{k}"),
+            &tags,
+            ts_ms,
+            v,
+            Quality::Good,
+        );
     }
     Ok(())
 }
 
 /// Maps one line-protocol message (size already checked).
 pub fn parse(payload: &[u8], arrival_ms: i64, cfg: &PayloadConfig) -> Result<Parsed, PayloadError> {
+    parse_with(&mut Interner::default(), payload, arrival_ms, cfg)
+}
+
+/// [`parse`], the readings' series from `series` (with its topic tags).
+pub(crate) fn parse_with(
+    series: &mut Interner,
+    payload: &[u8],
+    arrival_ms: i64,
+    cfg: &PayloadConfig,
+) -> Result<Parsed, PayloadError> {
     let text = std::str::from_utf8(payload).map_err(|e| PayloadError::BadLineProtocol {
         line: 1,
         why: format!("not UTF-8: {e}"),
     })?;
-    let mut out = Parsed::default();
+    let mut out = Out::new(series);
     let mut first_error = None;
     for (n, l) in text.lines().enumerate() {
         let l = l.trim();
@@ -201,7 +214,14 @@ mod tests {
             .unwrap_or_else(|e| panic!("{payload}: {e}"));
         p.readings
             .into_iter()
-            .map(|r| (r.series.key, r.series.tags, r.ts_ms, r.value))
+            .map(|r| {
+                (
+                    r.series.key.clone(),
+                    r.series.tags.clone(),
+                    r.ts_ms,
+                    r.value,
+                )
+            })
             .collect()
     }
 

@@ -15,9 +15,9 @@
 //! a document tree first: field paths are written into one reused buffer, and a reading's series key is copied
 //! out of it once.
 
-use super::{rfc3339_ms, to_ms, ts_in_range, Parsed, PayloadError, Skip};
+use super::{rfc3339_ms, to_ms, ts_in_range, Interner, Out, Parsed, PayloadError, Skip};
 use crate::mqtt::config::{PayloadConfig, TimeUnit};
-use fieldlink_proto::{Quality, Series, Value};
+use fieldlink_proto::{Quality, Value};
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::fmt;
 
@@ -94,7 +94,7 @@ struct Walk<'a> {
     path_start: usize,
     /// The top-level timestamp field: `None` if absent, `Some(None)` if present but not a usable time.
     ts: Option<Option<i64>>,
-    out: Parsed,
+    out: Out<'a>,
     /// Hashes of the names read so far in each object being read (a stack: an object's start to the end; the
     /// caller's buffer).
     names: &'a mut Vec<u64>,
@@ -116,9 +116,7 @@ impl Walk<'_> {
     fn reading(&mut self, v: Result<Value, Skip>) {
         match v {
             // The event time is set once the whole object is read (the timestamp field may come last).
-            Ok(value) => self
-                .out
-                .push(Series::new(self.key.as_str()), 0, value, Quality::Good),
+            Ok(value) => self.out.push(self.key.as_str(), 0, value, Quality::Good),
             Err(skip) => self.out.skipped.push(skip),
         }
     }
@@ -302,6 +300,7 @@ fn walk<'a>(
     payload: &[u8],
     cfg: &'a PayloadConfig,
     scratch: &'a mut Scratch,
+    series: &'a mut Interner,
 ) -> Result<Walked, String> {
     let Scratch { key, names } = scratch;
     names.clear();
@@ -312,7 +311,7 @@ fn walk<'a>(
         path_start: key.len() + 1,
         key,
         ts: None,
-        out: Parsed::default(),
+        out: Out::new(series),
         names,
         repeated: false,
     };
@@ -326,7 +325,7 @@ fn walk<'a>(
     top.deserialize(&mut de)
         .and_then(|()| de.end())
         .map_err(|e| e.to_string())?;
-    Ok((w.ts, w.out, w.repeated))
+    Ok((w.ts, w.out.into_parsed(), w.repeated))
 }
 
 /// [`walk`], with a field named twice in one object counting once, whole, with its last copy (what a parser
@@ -336,14 +335,15 @@ fn walk_payload(
     payload: &[u8],
     cfg: &PayloadConfig,
     scratch: &mut Scratch,
+    series: &mut Interner,
 ) -> Result<(Option<Option<i64>>, Parsed), String> {
-    let (ts, out, repeated) = walk(topic, payload, cfg, scratch)?;
+    let (ts, out, repeated) = walk(topic, payload, cfg, scratch, series)?;
     if !repeated {
         return Ok((ts, out));
     }
     let tree: serde_json::Value = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
     let unique = serde_json::to_vec(&tree).map_err(|e| e.to_string())?;
-    let (ts, out, _) = walk(topic, &unique, cfg, scratch)?;
+    let (ts, out, _) = walk(topic, &unique, cfg, scratch, series)?;
     Ok((ts, out))
 }
 
@@ -354,7 +354,15 @@ pub fn parse(
     arrival_ms: i64,
     cfg: &PayloadConfig,
 ) -> Result<Parsed, PayloadError> {
-    parse_with(&mut Scratch::default(), topic, payload, arrival_ms, cfg)
+    let mut series = Interner::default();
+    parse_with(
+        &mut Scratch::default(),
+        &mut series,
+        topic,
+        payload,
+        arrival_ms,
+        cfg,
+    )
 }
 
 /// The buffers a walk works in, kept by a mapper from message to message.
@@ -364,17 +372,19 @@ pub(crate) struct Scratch {
     names: Vec<u64>,
 }
 
-/// [`parse`] working in `scratch` (a mapper keeps one, so a message allocates no path buffer).
+/// [`parse`] working in `scratch` (a mapper keeps one, so a message allocates no path buffer), its readings'
+/// series from `series` (with its topic tags).
 pub(crate) fn parse_with(
     scratch: &mut Scratch,
+    series: &mut Interner,
     topic: &str,
     payload: &[u8],
     arrival_ms: i64,
     cfg: &PayloadConfig,
 ) -> Result<Parsed, PayloadError> {
-    let walked = walk_payload(topic, payload, cfg, scratch).or_else(|e| {
+    let walked = walk_payload(topic, payload, cfg, scratch, series).or_else(|e| {
         replace_non_finite(payload)
-            .and_then(|p| walk_payload(topic, &p, cfg, scratch).ok())
+            .and_then(|p| walk_payload(topic, &p, cfg, scratch, series).ok())
             .ok_or(PayloadError::NotJson(e))
     });
     if scratch.key.capacity() > 4096 || scratch.names.capacity() > 4096 {

@@ -9,13 +9,15 @@
 //!
 //! A message either gives readings (possibly with some fields skipped, counted by [`Skip`] reason: the good
 //! fields of a partly bad payload still pass) or is refused with a [`PayloadError`] whose `reason()` labels the
-//! dead-letter counter and the dead-letter row. Topic tags (`tags_from_topic`) are merged in by [`Mapper::map`]
-//! before the limits are checked again.
+//! dead-letter counter and the dead-letter row. Topic tags (`tags_from_topic`) are merged into each reading's
+//! series (a tag the payload sets wins) before its limits are checked. The readings of a series share one
+//! `Arc<Series>` from a mapper's bounded [`Interner`]: mapping a reading allocates no key and no tags.
 //!
 //! Every timestamp a payload claims must lie in `[min_timestamp_ms, arrival + max_future_ms]`; a value must be
 //! finite; keys, tags and strings must fit the wire format's limits.
 
 pub mod influx;
+mod intern;
 pub mod json;
 pub mod sparkplug;
 
@@ -25,6 +27,8 @@ use fieldlink_proto::limits::{
     MAX_KEY_BYTES, MAX_STRING_BYTES, MAX_TAGS, MAX_TAG_NAME_BYTES, MAX_TAG_VALUE_BYTES,
 };
 use fieldlink_proto::{Quality, Series, Value};
+pub use intern::Interner;
+use std::sync::Arc;
 
 /// Why a whole message was refused. `reason()` labels the dead-letter counter and row.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -133,7 +137,7 @@ pub struct Parsed {
 
 impl Parsed {
     /// Adds a reading after checking it against the wire format's limits.
-    fn push(&mut self, series: Series, ts_ms: i64, value: Value, quality: Quality) {
+    fn push(&mut self, series: Arc<Series>, ts_ms: i64, value: Value, quality: Quality) {
         if too_long(&series, &value) {
             return self.skipped.push(Skip::TooLong);
         }
@@ -154,6 +158,73 @@ impl Parsed {
             return Err(PayloadError::NoReadings(self.skipped.first().copied()));
         }
         Ok(self)
+    }
+}
+
+/// A parser's result being built: what [`Parsed`] holds, each reading's series shared through the mapper's
+/// [`Interner`] (which holds the message's topic tags), and checked against the wire format's limits with its
+/// tags merged, so a long topic level that pushes a tag over them skips the reading as `too_long`.
+#[derive(Debug)]
+pub(crate) struct Out<'a> {
+    parsed: Parsed,
+    series: &'a mut Interner,
+}
+
+impl<'a> Out<'a> {
+    /// An empty result whose series come from `series`.
+    pub(crate) fn new(series: &'a mut Interner) -> Self {
+        Self {
+            parsed: Parsed::default(),
+            series,
+        }
+    }
+
+    /// Adds a reading of series `key` with the message's topic tags.
+    pub(crate) fn push(&mut self, key: &str, ts_ms: i64, value: Value, quality: Quality) {
+        let series = self.series.get(key);
+        self.parsed.push(series, ts_ms, value, quality);
+    }
+
+    /// Adds a reading of series `key` with exactly `tags` (a payload's own tags, [`Interner::merged`] with the
+    /// topic's).
+    pub(crate) fn push_tagged(
+        &mut self,
+        key: &str,
+        tags: &[(String, String)],
+        ts_ms: i64,
+        value: Value,
+        quality: Quality,
+    ) {
+        let series = self.series.get_tagged(key, tags);
+        self.parsed.push(series, ts_ms, value, quality);
+    }
+
+    /// The payload's own `tags` merged with the message's topic tags.
+    pub(crate) fn merged(&self, tags: &[(String, String)]) -> Vec<(String, String)> {
+        self.series.merged(tags)
+    }
+
+    /// What was built.
+    pub(crate) fn into_parsed(self) -> Parsed {
+        self.parsed
+    }
+
+    /// The message's result: refused when nothing passed.
+    pub(crate) fn finish(self) -> Result<Parsed, PayloadError> {
+        self.parsed.finish()
+    }
+}
+
+impl std::ops::Deref for Out<'_> {
+    type Target = Parsed;
+    fn deref(&self) -> &Parsed {
+        &self.parsed
+    }
+}
+
+impl std::ops::DerefMut for Out<'_> {
+    fn deref_mut(&mut self) -> &mut Parsed {
+        &mut self.parsed
     }
 }
 
@@ -214,30 +285,6 @@ pub fn topic_tags(pattern: &str, topic: &str) -> Vec<(String, String)> {
     tags
 }
 
-/// Adds topic tags to every reading (a tag the payload itself set, as InfluxDB lines do, wins over a topic tag of
-/// the same name), then checks the limits again: a long topic level can push a tag over them. A message left
-/// without readings by that is refused as `too_long`.
-fn merge_tags(mut parsed: Parsed, topic_tags: &[(String, String)]) -> Result<Parsed, PayloadError> {
-    if topic_tags.is_empty() || parsed.readings.is_empty() {
-        return Ok(parsed);
-    }
-    for r in &mut parsed.readings {
-        for (name, value) in topic_tags {
-            if !r.series.tags.iter().any(|(n, _)| n == name) {
-                r.series.tags.push((name.clone(), value.clone()));
-            }
-        }
-        r.series.tags.sort();
-    }
-    let before = parsed.readings.len();
-    parsed.readings.retain(|r| !too_long(&r.series, &r.value));
-    parsed.skipped.extend(std::iter::repeat_n(
-        Skip::TooLong,
-        before - parsed.readings.len(),
-    ));
-    parsed.finish()
-}
-
 /// Maps messages of one connection; holds the state some formats need (Sparkplug births).
 #[derive(Debug)]
 pub struct Mapper {
@@ -245,6 +292,8 @@ pub struct Mapper {
     sparkplug: sparkplug::State,
     /// The JSON walk's buffers, reused from message to message.
     json: json::Scratch,
+    /// The series of the readings, shared from message to message.
+    series: Interner,
 }
 
 impl Mapper {
@@ -255,6 +304,7 @@ impl Mapper {
             cfg,
             sparkplug,
             json: json::Scratch::default(),
+            series: Interner::default(),
         }
     }
 
@@ -276,12 +326,22 @@ impl Mapper {
         if payload.len() > self.cfg.max_payload_bytes {
             return Err(PayloadError::TooLarge(payload.len()));
         }
-        let parsed = match format {
-            Format::Json => json::parse_with(&mut self.json, topic, payload, arrival_ms, &self.cfg),
-            Format::Influx => influx::parse(payload, arrival_ms, &self.cfg),
-            Format::SparkplugB => self.sparkplug.apply(topic, payload, arrival_ms, &self.cfg),
-        }?;
-        merge_tags(parsed, topic_tags)
+        self.series.begin(topic_tags);
+        let series = &mut self.series;
+        match format {
+            Format::Json => json::parse_with(
+                &mut self.json,
+                series,
+                topic,
+                payload,
+                arrival_ms,
+                &self.cfg,
+            ),
+            Format::Influx => influx::parse_with(series, payload, arrival_ms, &self.cfg),
+            Format::SparkplugB => self
+                .sparkplug
+                .apply(series, topic, payload, arrival_ms, &self.cfg),
+        }
     }
 }
 

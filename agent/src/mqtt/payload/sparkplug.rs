@@ -29,9 +29,9 @@
 //! The protobuf decoder is written out here (the payload is three small messages): it reads only the fields
 //! above, skips unknown ones, and refuses truncated or malformed input as `bad_sparkplug`.
 
-use super::{ts_in_range, Parsed, PayloadError, Skip};
+use super::{ts_in_range, Interner, Out, Parsed, PayloadError, Skip};
 use crate::mqtt::config::PayloadConfig;
-use fieldlink_proto::{Quality, Series, Value};
+use fieldlink_proto::{Quality, Value};
 use std::collections::HashMap;
 
 /// Sparkplug metric data types (Sparkplug 3.0 section 6.4.16).
@@ -423,6 +423,7 @@ impl State {
     /// Applies one message: updates births, aliases and sequence numbers, and returns its readings.
     pub fn apply(
         &mut self,
+        series: &mut Interner,
         topic_name: &str,
         payload: &[u8],
         arrival_ms: i64,
@@ -443,7 +444,7 @@ impl State {
         let key = (t.group.to_owned(), t.node.to_owned());
         let device = t.device.map(str::to_owned);
         let prefix = series_prefix(t.group, t.node, t.device);
-        let mut out = Parsed::default();
+        let mut out = Out::new(series);
 
         match t.kind {
             Kind::NBirth => {
@@ -562,7 +563,7 @@ impl State {
                         stale(&unit, &prefix, msg_ts, &mut out);
                     }
                 }
-                return Ok(out);
+                return Ok(out.into_parsed());
             }
             Kind::DDeath => {
                 if let Some(node) = self.nodes.get_mut(&key) {
@@ -573,13 +574,13 @@ impl State {
                         stale(&unit, &prefix, msg_ts, &mut out);
                     }
                 }
-                return Ok(out);
+                return Ok(out.into_parsed());
             }
             Kind::Ignored => {}
         }
         // A birth with no values is still a good message: its names are what later messages need.
         if matches!(t.kind, Kind::NBirth | Kind::DBirth) && out.readings.is_empty() {
-            return Ok(out);
+            return Ok(out.into_parsed());
         }
         out.finish()
     }
@@ -595,7 +596,7 @@ impl State {
         msg_ts: i64,
         arrival_ms: i64,
         cfg: &PayloadConfig,
-        out: &mut Parsed,
+        out: &mut Out<'_>,
     ) {
         let mut unit = Unit::default();
         for m in &p.metrics {
@@ -697,7 +698,7 @@ fn reading(
     msg_ts: i64,
     arrival_ms: i64,
     cfg: &PayloadConfig,
-    out: &mut Parsed,
+    out: &mut Out<'_>,
 ) -> Option<Value> {
     if m.is_null {
         out.skipped.push(Skip::Null);
@@ -716,12 +717,7 @@ fn reading(
     match value(datatype, &m.value) {
         Ok(v) => {
             let before = out.readings.len();
-            out.push(
-                Series::new(format!("{prefix}/{name}")),
-                ts,
-                v.clone(),
-                Quality::Good,
-            );
+            out.push(&format!("{prefix}/{name}"), ts, v.clone(), Quality::Good);
             (out.readings.len() > before).then_some(v)
         }
         Err(skip) => {
@@ -732,15 +728,10 @@ fn reading(
 }
 
 /// Marks a unit's metrics stale: their last values again, with quality `bad`, at the death's time.
-fn stale(unit: &Unit, prefix: &str, ts: i64, out: &mut Parsed) {
+fn stale(unit: &Unit, prefix: &str, ts: i64, out: &mut Out<'_>) {
     for k in &unit.metrics {
         if let Some(v) = &k.last {
-            out.push(
-                Series::new(format!("{prefix}/{}", k.name)),
-                ts,
-                v.clone(),
-                Quality::Bad,
-            );
+            out.push(&format!("{prefix}/{}", k.name), ts, v.clone(), Quality::Bad);
         }
     }
 }

@@ -66,7 +66,13 @@ fn payload(ts: Option<u64>, seq: Option<u64>, metrics: &[Vec<u8>]) -> Vec<u8> {
 }
 
 fn run(s: &mut State, topic: &str, p: &[u8]) -> Result<Parsed, PayloadError> {
-    s.apply(topic, p, NOW, &PayloadConfig::default())
+    s.apply(
+        &mut Interner::default(),
+        topic,
+        p,
+        NOW,
+        &PayloadConfig::default(),
+    )
 }
 
 fn values(p: &Parsed) -> Vec<(String, Value, Quality)> {
@@ -387,7 +393,13 @@ fn a_device_birth_without_its_node_birth_still_names_its_aliases() {
 }
 
 fn run_at(s: &mut State, topic: &str, p: &[u8], at: i64) -> Result<Parsed, PayloadError> {
-    s.apply(topic, p, at, &PayloadConfig::default())
+    s.apply(
+        &mut Interner::default(),
+        topic,
+        p,
+        at,
+        &PayloadConfig::default(),
+    )
 }
 
 #[test]

@@ -1,0 +1,141 @@
+//! Series interning: the readings of one series share one `Arc<Series>`, so mapping a reading allocates no key
+//! and no tags (a ten-field JSON message used to allocate ten keys, and clone the topic tags ten times).
+//!
+//! A mapper keeps one [`Interner`] from message to message. It is a cache, never a source of truth: a series
+//! looked up is always equal to the key and tags asked for (a hash collision only costs an allocation), and
+//! the cache is dropped whole once it holds [`MAX_SERIES`] series, so its memory is bounded whatever the
+//! series cardinality of the traffic.
+
+use fieldlink_proto::Series;
+use foldhash::HashMapExt;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+/// Series cached before the cache is dropped (about 100 bytes each with a short key and no tags).
+pub(crate) const MAX_SERIES: usize = 16_384;
+
+/// Shares the series of a mapper's readings; holds the current message's topic tags.
+#[derive(Debug, Default)]
+pub struct Interner {
+    /// By the hash of (key, tags); a colliding series replaces the entry.
+    by_hash: foldhash::HashMap<u64, Arc<Series>>,
+    hasher: foldhash::fast::RandomState,
+    /// The current message's topic tags, sorted.
+    tags: Vec<(String, String)>,
+}
+
+impl Interner {
+    /// Starts a message whose readings get `topic_tags` (a tag the payload itself sets wins, see
+    /// [`Interner::merged`]).
+    pub fn begin(&mut self, topic_tags: &[(String, String)]) {
+        if self.tags.as_slice() != topic_tags {
+            self.tags.clear();
+            self.tags.extend_from_slice(topic_tags);
+            self.tags.sort();
+        }
+    }
+
+    /// The series `key` with the message's topic tags.
+    pub fn get(&mut self, key: &str) -> Arc<Series> {
+        let Self {
+            by_hash,
+            hasher,
+            tags,
+        } = self;
+        lookup(by_hash, hasher, key, tags)
+    }
+
+    /// The series `key` with exactly `tags` (sorted; see [`Interner::merged`]).
+    pub fn get_tagged(&mut self, key: &str, tags: &[(String, String)]) -> Arc<Series> {
+        lookup(&mut self.by_hash, &self.hasher, key, tags)
+    }
+
+    /// A payload's own `tags` with the message's topic tags added (the payload's win on a name), sorted.
+    pub fn merged(&self, tags: &[(String, String)]) -> Vec<(String, String)> {
+        let mut out = tags.to_vec();
+        for (name, value) in &self.tags {
+            if !tags.iter().any(|(n, _)| n == name) {
+                out.push((name.clone(), value.clone()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Series cached now.
+    #[cfg(test)]
+    fn cached(&self) -> usize {
+        self.by_hash.len()
+    }
+}
+
+fn lookup(
+    by_hash: &mut foldhash::HashMap<u64, Arc<Series>>,
+    hasher: &foldhash::fast::RandomState,
+    key: &str,
+    tags: &[(String, String)],
+) -> Arc<Series> {
+    let h = hasher.hash_one((key, tags));
+    if let Some(s) = by_hash.get(&h) {
+        if s.key == key && s.tags == tags {
+            return Arc::clone(s);
+        }
+    }
+    if by_hash.len() >= MAX_SERIES {
+        *by_hash = foldhash::HashMap::new();
+    }
+    let s = Arc::new(Series {
+        key: key.to_owned(),
+        tags: tags.to_vec(),
+    });
+    by_hash.insert(h, Arc::clone(&s));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(t: &[(&str, &str)]) -> Vec<(String, String)> {
+        t.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
+    }
+
+    #[test]
+    fn equal_series_share_one_allocation_and_differing_ones_do_not() {
+        let mut i = Interner::default();
+        i.begin(&[]);
+        let (a, b) = (i.get("m/a"), i.get("m/a"));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(*a, Series::new("m/a"));
+        let c = i.get("m/b");
+        assert_eq!(c.key, "m/b");
+        i.begin(&tags(&[("site", "muc")]));
+        let d = i.get("m/a");
+        assert_eq!(d.tags, tags(&[("site", "muc")]));
+        assert!(!Arc::ptr_eq(&a, &d));
+        let e = i.get_tagged("m/a", &[]);
+        assert!(Arc::ptr_eq(&a, &e));
+    }
+
+    #[test]
+    fn topic_tags_are_sorted_and_a_payload_tag_wins() {
+        let mut i = Interner::default();
+        i.begin(&tags(&[("site", "muc"), ("line", "3")]));
+        assert_eq!(i.get("k").tags, tags(&[("line", "3"), ("site", "muc")]));
+        assert_eq!(
+            i.merged(&tags(&[("site", "ham")])),
+            tags(&[("line", "3"), ("site", "ham")])
+        );
+    }
+
+    #[test]
+    fn the_cache_is_bounded_and_still_answers_equal_series() {
+        let mut i = Interner::default();
+        for n in 0..MAX_SERIES * 2 + 7 {
+            let key = format!("dev/{n}");
+            assert_eq!(i.get(&key).key, key);
+            assert!(i.cached() <= MAX_SERIES);
+        }
+        assert!(i.cached() > 0);
+    }
+}
