@@ -376,6 +376,17 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes this thread has passed to `write`-family calls (Linux `/proc/thread-self/io`, `wchar`): in the pipeline,
+/// what SQLite wrote to the buffer file and its WAL.
+fn thread_written() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/io").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("wchar:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Seconds this thread has run on a CPU (Linux `/proc/thread-self/schedstat`): a rate per CPU second does not
 /// move with other load on the machine the way a wall-clock rate does.
 fn thread_cpu_s() -> Option<f64> {
@@ -407,11 +418,26 @@ fn main() {
     let v2 = BatchConfig::default().wire_version;
     if only.as_deref() == Some("pipeline") {
         // One run of figure 1 without rules, nothing else (for profiles and instruction counts).
-        let (rate, .., on_cpu) = pipeline(&msgs, Durability::Normal, v2, (None, None));
-        println!(
-            "pipeline, durability=normal, one run: {rate:>10.0} readings/s; per second on the CPU: {}",
-            on_cpu.map_or("unknown".into(), |r| format!("{r:.0}"))
-        );
+        // The shared dataset (686 series, sparse), then dense series: 100 devices of ten fields, a message every
+        // millisecond (each series' dedup window full).
+        let dense: Vec<(String, Vec<u8>)> = (0..200_000)
+            .map(|i| {
+                (
+                    format!("plant/dev{:03}", i % 100),
+                    ten_fields(i).into_bytes(),
+                )
+            })
+            .collect();
+        for (name, msgs) in [("dataset", &msgs), ("dense", &dense)] {
+            let written = thread_written();
+            let (rate, readings, .., on_cpu) = pipeline(msgs, Durability::Normal, v2, (None, None));
+            let written = thread_written().zip(written).map(|(b, a)| b - a);
+            println!(
+                "pipeline ({name}), durability=normal, one run: {rate:>10.0} readings/s; per second on the CPU: {}; written to the buffer: {} B/reading",
+                on_cpu.map_or("unknown".into(), |r| format!("{r:.0}")),
+                written.map_or("unknown".into(), |w| format!("{:.1}", w as f64 / readings as f64))
+            );
+        }
         return;
     }
     if only.as_deref() == Some("core") {
