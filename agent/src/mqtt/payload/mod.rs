@@ -10,8 +10,9 @@
 //! A message either gives readings (possibly with some fields skipped, counted by [`Skip`] reason: the good
 //! fields of a partly bad payload still pass) or is refused with a [`PayloadError`] whose `reason()` labels the
 //! dead-letter counter and the dead-letter row. Topic tags (`tags_from_topic`) are merged into each reading's
-//! series (a tag the payload sets wins) before its limits are checked. The readings of a series share one
-//! `Arc<Series>` from a mapper's bounded [`Interner`]: mapping a reading allocates no key and no tags.
+//! series (a tag the payload sets wins; a name the topic gives twice keeps its first value) before its limits
+//! are checked. The readings of a series share one `Arc<Series>` from a mapper's bounded [`Interner`]:
+//! mapping a JSON field allocates no key and no tags (line protocol and Sparkplug still format each key).
 //!
 //! Every timestamp a payload claims must lie in `[min_timestamp_ms, arrival + max_future_ms]`; a value must be
 //! finite; keys, tags and strings must fit the wire format's limits.
@@ -136,9 +137,9 @@ pub struct Parsed {
 }
 
 impl Parsed {
-    /// Adds a reading after checking it against the wire format's limits.
+    /// Adds a reading of a series already checked against the wire format's limits, after checking the value.
     fn push(&mut self, series: Arc<Series>, ts_ms: i64, value: Value, quality: Quality) {
-        if too_long(&series, &value) {
+        if matches!(&value, Value::Str(s) if s.len() > MAX_STRING_BYTES) {
             return self.skipped.push(Skip::TooLong);
         }
         if matches!(value, Value::F64(f) if !f.is_finite()) {
@@ -179,8 +180,12 @@ impl<'a> Out<'a> {
         }
     }
 
-    /// Adds a reading of series `key` with the message's topic tags.
+    /// Adds a reading of series `key` with the message's topic tags. A series over the wire format's limits is
+    /// skipped before it is looked up (the interner keeps only series that can be sent).
     pub(crate) fn push(&mut self, key: &str, ts_ms: i64, value: Value, quality: Quality) {
+        if too_long(key, self.series.tags()) {
+            return self.parsed.skipped.push(Skip::TooLong);
+        }
         let series = self.series.get(key);
         self.parsed.push(series, ts_ms, value, quality);
     }
@@ -195,6 +200,9 @@ impl<'a> Out<'a> {
         value: Value,
         quality: Quality,
     ) {
+        if too_long(key, tags) {
+            return self.parsed.skipped.push(Skip::TooLong);
+        }
         let series = self.series.get_tagged(key, tags);
         self.parsed.push(series, ts_ms, value, quality);
     }
@@ -228,15 +236,13 @@ impl std::ops::DerefMut for Out<'_> {
     }
 }
 
-/// Whether a key, a tag or a string value is over the wire format's limits (the encoder would refuse the batch).
-fn too_long(series: &Series, value: &Value) -> bool {
-    series.key.len() > MAX_KEY_BYTES
-        || series.tags.len() > MAX_TAGS
-        || series
-            .tags
+/// Whether a series key or its tags are over the wire format's limits (the encoder would refuse the batch).
+fn too_long(key: &str, tags: &[(String, String)]) -> bool {
+    key.len() > MAX_KEY_BYTES
+        || tags.len() > MAX_TAGS
+        || tags
             .iter()
             .any(|(n, v)| n.len() > MAX_TAG_NAME_BYTES || v.len() > MAX_TAG_VALUE_BYTES)
-        || matches!(value, Value::Str(s) if s.len() > MAX_STRING_BYTES)
 }
 
 /// Converts a number in `unit` to Unix milliseconds; `None` outside years 1970..=9999, not finite, or for the
@@ -369,6 +375,35 @@ mod tests {
             p.readings[0].series.tags,
             tags(&[("line", "3"), ("site", "ham")])
         );
+    }
+
+    #[test]
+    fn a_series_over_the_limits_is_skipped_before_it_is_cached_and_a_repeated_topic_tag_keeps_its_first_value(
+    ) {
+        let mut m = Mapper::new(PayloadConfig::default());
+        let long = "k".repeat(MAX_KEY_BYTES + 1);
+        let e = m
+            .map(
+                Format::Json,
+                "t",
+                format!("{{\"{long}\": 1}}").as_bytes(),
+                0,
+                &[],
+            )
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(e.reason(), "too_long");
+        assert_eq!(m.series.cached(), 0);
+        let p = m
+            .map(
+                Format::Json,
+                "t",
+                br#"{"v": 1}"#,
+                0,
+                &topic_tags("{site}/{site}/+", "muc/ham/dev1"),
+            )
+            .unwrap_or_default();
+        assert_eq!(p.readings[0].series.tags, tags(&[("site", "ham")]));
     }
 
     #[test]
