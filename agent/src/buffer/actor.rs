@@ -10,8 +10,10 @@
 //! acknowledged (a few group commits at most), so sealing a large backlog does not hold the sources back for its
 //! whole length.
 
+use super::seal::{Begun, SealJob, Sealed};
 use super::{
     Buffer, BufferConfig, BufferError, ErrorClass, Ledger, NewReading, OverflowPolicy, Refused,
+    SealReport,
 };
 use crate::alarm::{status, AlarmsConfig, Engine, StatusBoard};
 use crate::batch::BatchConfig;
@@ -315,9 +317,15 @@ fn worker(
         }
         _ => cfg.min_free_bytes,
     };
+    let sealer = Sealer::spawn().map_err(|e| BufferError::Incompatible {
+        path: cfg.path.display().to_string(),
+        why: format!("cannot start the seal thread: {e}"),
+    })?;
     let mut worker = Worker {
         buffer,
-        encoder,
+        encoder: Some(encoder),
+        sealer,
+        part_rows: 0,
         data,
         ctl,
         sealed: sealed.clone(),
@@ -350,11 +358,41 @@ fn worker(
 enum Msg {
     Data(Result<Append, flume::RecvError>),
     Ctl(Result<Control, flume::RecvError>),
+    Sealed(Result<Box<(Sealed, Encoder)>, flume::RecvError>),
+}
+
+/// The seal thread: runs one [`SealJob`] at a time (dedup, rules, encoding and compression) while the buffer
+/// thread goes on committing and acknowledging appends. It ends when the buffer thread drops `jobs`.
+struct Sealer {
+    jobs: flume::Sender<(Box<SealJob>, Encoder)>,
+    done: flume::Receiver<Box<(Sealed, Encoder)>>,
+}
+
+impl Sealer {
+    fn spawn() -> std::io::Result<Self> {
+        let (jobs, job_rx) = flume::bounded::<(Box<SealJob>, Encoder)>(1);
+        let (done_tx, done) = flume::bounded(1);
+        std::thread::Builder::new()
+            .name("seal".into())
+            .spawn(move || {
+                for (job, mut encoder) in job_rx.iter() {
+                    let sealed = job.run(&mut encoder);
+                    if done_tx.send(Box::new((sealed, encoder))).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self { jobs, done })
+    }
 }
 
 struct Worker {
     buffer: Buffer,
-    encoder: Encoder,
+    /// The record encoder; out with the seal thread while a job is.
+    encoder: Option<Encoder>,
+    sealer: Sealer,
+    /// Readings the seal part out now may take at most (halved if it fails for space).
+    part_rows: usize,
     data: flume::Receiver<Append>,
     ctl: flume::Receiver<Control>,
     sealed: Arc<Notify>,
@@ -401,61 +439,71 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// Longest wait between two retries of a held group.
 const MAX_RETRY: Duration = Duration::from_secs(2);
 
-/// Group commits taken between two parts of a seal at most (a commit takes up to `max_group_commit` appends).
-const INTERLEAVED_COMMITS: usize = 4;
-
 impl Worker {
     fn run(mut self) {
         let linger = Duration::from_millis(self.batch.linger_ms);
         let mut next_seal = Instant::now() + linger;
-        loop {
-            let accepting = self.accepting();
-            let until = self
-                .held
-                .as_ref()
-                .map_or(next_seal, |h| h.retry_at.min(next_seal));
-            let wait = until.saturating_duration_since(Instant::now());
-            let mut sel = flume::Selector::new().recv(&self.ctl, Msg::Ctl);
-            if accepting {
-                sel = sel.recv(&self.data, Msg::Data);
+        while self.step(&mut next_seal, linger) {}
+    }
+
+    /// One turn of the thread's loop: waits for a message, a sealed part, the next seal tick or a held group's
+    /// retry, and serves it. `false` once every handle is gone and the thread has closed the buffer.
+    fn step(&mut self, next_seal: &mut Instant, linger: Duration) -> bool {
+        let accepting = self.accepting();
+        let until = self
+            .held
+            .as_ref()
+            .map_or(*next_seal, |h| h.retry_at.min(*next_seal));
+        let wait = until.saturating_duration_since(Instant::now());
+        let mut sel = flume::Selector::new().recv(&self.ctl, Msg::Ctl);
+        if accepting {
+            sel = sel.recv(&self.data, Msg::Data);
+        }
+        if self.buffer.sealing() {
+            sel = sel.recv(&self.sealer.done, Msg::Sealed);
+        }
+        match sel.wait_timeout(wait) {
+            Ok(Msg::Ctl(Ok(c))) => self.control(c),
+            Ok(Msg::Data(Ok(a))) => {
+                let held = self.gather(a);
+                self.try_commit(held);
             }
-            match sel.wait_timeout(wait) {
-                Ok(Msg::Ctl(Ok(c))) => self.control(c),
-                Ok(Msg::Data(Ok(a))) => {
+            Ok(Msg::Sealed(Ok(done))) => {
+                let (sealed, encoder) = *done;
+                self.part_done(sealed, encoder);
+            }
+            Ok(Msg::Sealed(Err(_))) => panic!("the seal thread stopped (it panicked)"),
+            Ok(Msg::Ctl(Err(_)) | Msg::Data(Err(_))) => {
+                // Every handle is gone. The selector may see the control channel closed while appends are
+                // still queued on the data channel: commit them (cancelled ones are dropped, their sources
+                // deliver them again; a Modbus reading has no other copy) unless a group is held for room.
+                // Then seal what is left and stop. A held group was never acknowledged: its sources (the
+                // broker) still have it.
+                while self.held.is_none() {
+                    let Ok(a) = self.data.try_recv() else { break };
                     let held = self.gather(a);
                     self.try_commit(held);
                 }
-                Ok(Msg::Ctl(Err(_)) | Msg::Data(Err(_))) => {
-                    // Every handle is gone. The selector may see the control channel closed while appends are
-                    // still queued on the data channel: commit them (cancelled ones are dropped, their sources
-                    // deliver them again; a Modbus reading has no other copy) unless a group is held for room.
-                    // Then seal what is left and stop. A held group was never acknowledged: its sources (the
-                    // broker) still have it.
-                    while self.held.is_none() {
-                        let Ok(a) = self.data.try_recv() else { break };
-                        let held = self.gather(a);
-                        self.try_commit(held);
-                    }
-                    self.seal(true);
-                    tracing::info!(stats = ?self.buffer.stats(), "buffer closed");
-                    return;
-                }
-                Err(_) => {}
+                self.seal_all();
+                tracing::info!(stats = ?self.buffer.stats(), "buffer closed");
+                return false;
             }
-            if self
-                .held
-                .as_ref()
-                .is_some_and(|h| Instant::now() >= h.retry_at)
-            {
-                if let Some(h) = self.held.take() {
-                    self.try_commit(h);
-                }
-            }
-            if Instant::now() >= next_seal {
-                self.seal(false);
-                next_seal = Instant::now() + linger;
+            Err(_) => {}
+        }
+        if self
+            .held
+            .as_ref()
+            .is_some_and(|h| Instant::now() >= h.retry_at)
+        {
+            if let Some(h) = self.held.take() {
+                self.try_commit(h);
             }
         }
+        if Instant::now() >= *next_seal {
+            self.seal_tick();
+            *next_seal = Instant::now() + linger;
+        }
+        true
     }
 
     /// Whether appends are taken now: no group is held for room, and under `backpressure` the buffer is not over
@@ -463,20 +511,6 @@ impl Worker {
     fn accepting(&self) -> bool {
         self.held.is_none()
             && !(self.cfg.overflow == OverflowPolicy::Backpressure && self.over_cap())
-    }
-
-    /// Commits the appends queued now, at most [`INTERLEAVED_COMMITS`] group commits, while appends are taken:
-    /// called between the parts of a seal, so a long seal does not hold the sources' acknowledgements (and an MQTT
-    /// broker's in-flight window) back for its whole length.
-    fn commit_queued(&mut self) {
-        for _ in 0..INTERLEAVED_COMMITS {
-            if !self.accepting() {
-                return;
-            }
-            let Ok(a) = self.data.try_recv() else { return };
-            let held = self.gather(a);
-            self.try_commit(held);
-        }
     }
 
     fn over_cap(&self) -> bool {
@@ -525,7 +559,7 @@ impl Worker {
                 let _ = reply.send(());
             }
             Control::Flush { reply } => {
-                self.seal(true);
+                self.seal_all();
                 let _ = reply.send(());
             }
             Control::Ping { reply } => {
@@ -738,8 +772,8 @@ impl Worker {
         }
     }
 
-    /// Seals the ready rows (all rows if `everything`).
-    fn seal(&mut self, everything: bool) {
+    /// The commits that have waited the reorder window become ready (all of them if `everything`).
+    fn advance_ready(&mut self, everything: bool) {
         let cutoff =
             Instant::now().checked_sub(Duration::from_millis(self.order.reorder_window_ms));
         while let Some(&(t, id)) = self.commits.front() {
@@ -750,69 +784,156 @@ impl Worker {
                 break;
             }
         }
+    }
+
+    /// Readings the next part of a seal may take: 2 × max(`max_readings`, 10,000), less after a seal failed for
+    /// space, and no more than one transaction's budget.
+    fn max_part_rows(&self) -> usize {
         let full_size = self.batch.max_readings.max(10_000) * 2;
-        loop {
-            if !everything {
-                // Appends that queued while the last part was sealed are committed (and acknowledged) first; they
-                // are newer than `ready_id`, so this seal does not take them.
-                self.commit_queued();
+        let stats = self.buffer.stats();
+        let row_bytes = (stats.unsealed_bytes / stats.unsealed_readings.max(1)).max(1);
+        let budget_rows = (self.txn_budget() / row_bytes).max(1) as usize;
+        self.seal_rows.min(full_size).min(budget_rows)
+    }
+
+    /// Every `linger_ms`: the commits that have waited the reorder window become ready and, unless a part of the
+    /// last seal is still out, a seal of them starts.
+    fn seal_tick(&mut self) {
+        self.advance_ready(false);
+        if !self.buffer.sealing() {
+            self.next_part();
+        }
+    }
+
+    /// Takes the next part of the seal (up to [`Worker::max_part_rows`] ready readings, whole groups) and hands it
+    /// to the seal thread; this thread goes on committing until it comes back ([`Worker::part_done`]). With
+    /// nothing ready left, the seal ends.
+    fn next_part(&mut self) {
+        let max_rows = self.max_part_rows();
+        self.part_rows = max_rows;
+        let res = match self.buffer.seal_begin(
+            self.ready_id,
+            max_rows,
+            &self.batch,
+            self.order.rules(),
+            fieldlink_ops::unix_ms(),
+        ) {
+            Ok(Begun::Job(job)) => {
+                let encoder = self
+                    .encoder
+                    .take()
+                    .expect("the encoder is here while no part is out");
+                self.sealer
+                    .jobs
+                    .send((job, encoder))
+                    .expect("the seal thread stopped (it panicked)");
+                return;
             }
-            let stats = self.buffer.stats();
-            let row_bytes = (stats.unsealed_bytes / stats.unsealed_readings.max(1)).max(1);
-            let budget_rows = (self.txn_budget() / row_bytes).max(1) as usize;
-            let max_rows = self.seal_rows.min(full_size).min(budget_rows);
-            match self.buffer.seal(
+            Ok(Begun::Idle(report)) => Ok(report),
+            Err(e) => Err(e),
+        };
+        self.part_result(res, max_rows);
+        self.seal_ended();
+    }
+
+    /// A part came back from the seal thread: writes it, then goes on with the next part.
+    fn part_done(&mut self, sealed: Sealed, encoder: Encoder) {
+        self.encoder = Some(encoder);
+        let res = self.buffer.seal_finish(sealed);
+        if self.part_result(res, self.part_rows) {
+            self.next_part();
+        } else {
+            self.seal_ended();
+        }
+    }
+
+    /// Seals everything committed, on this thread (a flush, the shutdown): the part out is waited for first.
+    fn seal_all(&mut self) {
+        if self.buffer.sealing() {
+            let (sealed, encoder) = *self
+                .sealer
+                .done
+                .recv()
+                .expect("the seal thread stopped (it panicked)");
+            self.encoder = Some(encoder);
+            let res = self.buffer.seal_finish(sealed);
+            self.part_result(res, self.part_rows);
+        }
+        self.advance_ready(true);
+        loop {
+            let max_rows = self.max_part_rows();
+            let encoder = self
+                .encoder
+                .as_mut()
+                .expect("the encoder is here while no part is out");
+            let res = self.buffer.seal(
                 self.ready_id,
                 max_rows,
-                &mut self.encoder,
+                encoder,
                 &self.batch,
                 self.order.rules(),
                 fieldlink_ops::unix_ms(),
-            ) {
-                Ok(r) if r.rows == 0 => {
-                    self.seal_error = None;
-                    if r.alarm_events > 0 {
-                        self.sealed.notify_one(); // the stale clock raised alarms: send them now
-                    }
-                    break;
-                }
-                Ok(r) => {
-                    self.seal_error = None;
-                    self.seal_rows = self.seal_rows.saturating_mul(2).min(full_size);
-                    tracing::debug!(
-                        rows = r.rows,
-                        batches = r.batches,
-                        readings = r.readings,
-                        "sealed"
-                    );
-                    if r.batches > 0 || r.alarm_events > 0 {
-                        self.sealed.notify_one();
-                    }
-                    // A seal takes whole groups: fewer rows than `max_rows` does not mean none is left. The loop
-                    // ends with a seal that found nothing ready.
-                }
-                Err(e) => {
-                    self.metrics.buffer_errors.inc();
-                    tracing::error!(error = %e, rows = max_rows, "sealing failed; retried at the next tick");
-                    if e.class() == ErrorClass::Full {
-                        // A seal writes its records before it deletes the rows: on a full disk, seal less at a
-                        // time (and under drop_oldest free the space of the records it would write).
-                        self.seal_rows = (max_rows / 2).max(1);
-                        self.buffer.release_wal();
-                        if self.cfg.overflow == OverflowPolicy::DropOldest {
-                            self.drop_for(
-                                self.buffer
-                                    .stats()
-                                    .unsealed_bytes
-                                    .min(max_rows as u64 * super::ROW_BYTES * 4),
-                            );
-                        }
-                    }
-                    self.seal_error = Some(format!("sealing fails: {e}"));
-                    break;
-                }
+            );
+            if !self.part_result(res, max_rows) {
+                break;
             }
         }
+        self.seal_ended();
+    }
+
+    /// Counts the outcome of one part of a seal that took at most `max_rows`; whether the seal goes on (it ends
+    /// with a part that found nothing ready, or with an error, retried at the next tick).
+    fn part_result(&mut self, res: Result<SealReport, BufferError>, max_rows: usize) -> bool {
+        let full_size = self.batch.max_readings.max(10_000) * 2;
+        match res {
+            Ok(r) if r.rows == 0 => {
+                self.seal_error = None;
+                if r.alarm_events > 0 {
+                    self.sealed.notify_one(); // the stale clock raised alarms: send them now
+                }
+                false
+            }
+            Ok(r) => {
+                self.seal_error = None;
+                self.seal_rows = self.seal_rows.saturating_mul(2).min(full_size);
+                tracing::debug!(
+                    rows = r.rows,
+                    batches = r.batches,
+                    readings = r.readings,
+                    "sealed"
+                );
+                if r.batches > 0 || r.alarm_events > 0 {
+                    self.sealed.notify_one();
+                }
+                // A seal takes whole groups: fewer rows than `max_rows` does not mean none is left. The seal ends
+                // with a part that found nothing ready.
+                true
+            }
+            Err(e) => {
+                self.metrics.buffer_errors.inc();
+                tracing::error!(error = %e, rows = max_rows, "sealing failed; retried at the next tick");
+                if e.class() == ErrorClass::Full {
+                    // A seal writes its records before it deletes the rows: on a full disk, seal less at a
+                    // time (and under drop_oldest free the space of the records it would write).
+                    self.seal_rows = (max_rows / 2).max(1);
+                    self.buffer.release_wal();
+                    if self.cfg.overflow == OverflowPolicy::DropOldest {
+                        self.drop_for(
+                            self.buffer
+                                .stats()
+                                .unsealed_bytes
+                                .min(max_rows as u64 * super::ROW_BYTES * 4),
+                        );
+                    }
+                }
+                self.seal_error = Some(format!("sealing fails: {e}"));
+                false
+            }
+        }
+    }
+
+    /// After the last part of a seal: alarm metrics and statuses, the cap, the metrics.
+    fn seal_ended(&mut self) {
         self.alarm_events();
         self.enforce_cap();
         self.publish();
@@ -908,16 +1029,19 @@ impl Worker {
             .add(l.alarm_late_skipped - p.alarm_late_skipped);
         m.alarm_records_pending
             .set(self.buffer.alarm_records_pending() as i64);
-        m.alarms_active.set(self.buffer.alarms().active() as i64);
         m.window_derived.add(l.window_derived - p.window_derived);
         m.window_withheld.add(l.window_withheld - p.window_withheld);
-        let (c, pc) = (self.buffer.windows().counts(), self.published_windows);
-        m.window_late.add(c.late - pc.late);
-        m.window_overflow.add(c.overflow - pc.overflow);
-        m.windows_open
-            .set(self.buffer.windows().open_windows() as i64);
-        self.published_windows = c;
         self.published = l;
+        if !self.buffer.sealing() {
+            // The engines are with the seal thread while a part is out: their figures wait for it.
+            m.alarms_active.set(self.buffer.alarms().active() as i64);
+            let (c, pc) = (self.buffer.windows().counts(), self.published_windows);
+            m.window_late.add(c.late - pc.late);
+            m.window_overflow.add(c.overflow - pc.overflow);
+            m.windows_open
+                .set(self.buffer.windows().open_windows() as i64);
+            self.published_windows = c;
+        }
         let s = self.buffer.stats();
         m.unsealed_readings.set(s.unsealed_readings as i64);
         m.pending_batches.set(s.pending_batches as i64);
@@ -932,11 +1056,11 @@ mod tests {
     use fieldlink_proto::{Quality, Series, Value};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-    /// A seal of a backlog several parts long commits and acknowledges the appends queued when it starts (they
-    /// are not left waiting for the whole backlog), and does not seal them in the same round: they are newer
-    /// than what was ready. Without the interleaving, the queued appends stay uncommitted until the seal ends.
+    /// While a part of a seal is out on the seal thread, appends are committed and acknowledged (the seal used to
+    /// run on the buffer thread and hold every commit back for a part's length); they are newer than what was
+    /// ready, so this seal does not take them, and the whole backlog (three parts) still gets sealed.
     #[test]
-    fn appends_queued_while_a_long_seal_runs_are_committed_during_it_and_not_sealed_by_it() {
+    fn appends_are_committed_while_a_seal_part_is_out_and_not_sealed_by_it() {
         let dir = tempfile::tempdir().unwrap();
         let cfg: BufferConfig = toml::from_str(&format!(
             "path = {:?}\ndurability = \"normal\"",
@@ -963,14 +1087,13 @@ mod tests {
         };
         // A backlog of three seal parts (a part is at most 2 × max(max_readings, 10,000) readings), ready now.
         let part = batch.max_readings.max(10_000) * 2;
-        let backlog: Vec<Vec<NewReading>> = (0..3 * part)
-            .map(|i| vec![reading(format!("dev{}/m", i % 50), i as i64)])
-            .collect::<Vec<_>>()
-            .chunks(1000)
-            .map(|c| c.iter().flatten().cloned().collect())
+        let backlog: Vec<NewReading> = (0..3 * part)
+            .map(|i| reading(format!("dev{}/m", i % 50), i as i64))
             .collect();
-        w.buffer.append(backlog.iter().map(Vec::as_slice)).unwrap();
+        w.buffer.append(backlog.chunks(1000)).unwrap();
         w.ready_id = w.buffer.last_row_id();
+        w.seal_tick();
+        assert!(w.buffer.sealing(), "the first part is out");
         let committed = Arc::new(AtomicUsize::new(0));
         for k in 0..5 {
             let c = committed.clone();
@@ -988,7 +1111,18 @@ mod tests {
                 })
                 .unwrap();
         }
-        w.seal(false);
+        let linger = Duration::from_secs(3600);
+        let mut next_seal = Instant::now() + linger;
+        assert!(w.step(&mut next_seal, linger));
+        assert_eq!(
+            committed.load(Ordering::SeqCst),
+            5,
+            "queued appends acknowledged"
+        );
+        assert!(w.buffer.sealing(), "...while the part was out");
+        while w.buffer.sealing() {
+            assert!(w.step(&mut next_seal, linger));
+        }
         assert_eq!(
             committed.load(Ordering::SeqCst),
             5,

@@ -107,6 +107,7 @@
 mod actor;
 mod config;
 mod group;
+mod seal;
 mod windows;
 
 pub use actor::{
@@ -114,9 +115,9 @@ pub use actor::{
 };
 pub use config::{BufferConfig, Durability, OverflowPolicy};
 
-use crate::alarm::{Dirty, Engine, Obs, Transition};
-use crate::batch::{self, BatchConfig, Builder, Row};
-use crate::order::{self, Rules, SeriesState};
+use crate::alarm::{Dirty, Engine, Transition};
+use crate::batch::BatchConfig;
+use crate::order::{Rules, SeriesState};
 use fieldlink_proto::alarm::{AlarmBatch, AlarmEncoder, AlarmEvent};
 use fieldlink_proto::{EncodeError, Encoder, Quality, Series, Value};
 use foldhash::{HashMap, HashMapExt};
@@ -365,6 +366,8 @@ pub struct Buffer {
     /// The alarm and window engines may hold state no transaction committed (a seal failed and so did reloading
     /// them): the next seal reloads them before anything else, and fails while it cannot.
     engines_stale: bool,
+    /// A [`seal::SealJob`] is out: it holds the engines, the dedup states it involves and the groups it took.
+    sealing: bool,
     /// Test hook: the next transaction fails with this SQLite result code (after its statements ran).
     #[cfg(test)]
     pub(crate) fault: Option<std::ffi::c_int>,
@@ -694,6 +697,7 @@ impl Buffer {
             alarm_out: Vec::new(),
             windows: crate::window::Engine::default(),
             engines_stale: false,
+            sealing: false,
             #[cfg(test)]
             fault: None,
             #[cfg(test)]
@@ -1200,201 +1204,10 @@ impl Buffer {
         rules: Rules,
         now_ms: i64,
     ) -> Result<SealReport, BufferError> {
-        self.fresh_engines()?;
-        let mut ids_last = 0i64;
-        let mut pending = Vec::new();
-        let mut consumed_bytes = 0u64;
-        let mut rows_n = 0u64;
-        let mut unreadable = 0u64;
-        {
-            // Whole groups, oldest first, while they fit in `max_rows` (at least one).
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT id, readings, bytes, blob FROM groups WHERE id <= ?1 ORDER BY id",
-            )?;
-            let mut q = stmt.query([up_to])?;
-            while let Some(r) = q.next()? {
-                let n = r.get::<_, i64>(1)?.max(0) as u64;
-                if rows_n > 0 && rows_n + n > max_rows as u64 {
-                    break;
-                }
-                ids_last = r.get(0)?;
-                rows_n += n;
-                consumed_bytes += r.get::<_, i64>(2)?.max(0) as u64;
-                let before = pending.len();
-                let blob = r.get_ref(3)?.as_blob()?;
-                if group::decode(blob, &mut pending).is_none()
-                    || (pending.len() - before) as u64 != n
-                {
-                    // A group the agent did not write (the file was edited or damaged): never let it stall
-                    // sealing.
-                    pending.truncate(before);
-                    unreadable += n;
-                    tracing::error!(
-                        group = ids_last,
-                        readings = n,
-                        "unreadable buffer group skipped (its readings counted as dead-lettered)"
-                    );
-                }
-            }
+        match self.seal_begin(up_to, max_rows, cfg, rules, now_ms)? {
+            seal::Begun::Idle(report) => Ok(report),
+            seal::Begun::Job(job) => self.seal_finish(job.run(encoder)),
         }
-        if rows_n == 0 && ids_last == 0 {
-            return self.seal_alarm_tick(now_ms);
-        }
-
-        // Series states and series of every series involved.
-        let mut states: HashMap<i64, SeriesState> = HashMap::new();
-        let mut series: HashMap<i64, Series> = HashMap::new();
-        for p in &pending {
-            if let std::collections::hash_map::Entry::Vacant(slot) = states.entry(p.series) {
-                slot.insert(self.state(p.series)?);
-                let s = self
-                    .series_by_id(p.series)?
-                    .ok_or_else(|| BufferError::Incompatible {
-                        path: "buffer".into(),
-                        why: format!("reading refers to missing series {}", p.series),
-                    })?;
-                series.insert(p.series, s);
-            }
-        }
-        let released = order::release(pending, &mut states, rules);
-
-        // Alarm rules: each series' released readings in event-time order, late ones left out; then the clock.
-        let mut transitions = Vec::new();
-        let mut late_skipped = 0u64;
-        if !self.alarms.is_empty() {
-            for o in &released.out {
-                if o.late {
-                    late_skipped += 1;
-                    continue;
-                }
-                if let Some(s) = series.get(&o.reading.series) {
-                    let obs = Obs {
-                        ts_ms: o.reading.ts_ms,
-                        value: &o.reading.value,
-                        quality: o.reading.quality,
-                    };
-                    self.alarms
-                        .observe(o.reading.series, s, obs, &mut transitions);
-                }
-            }
-            self.alarms
-                .tick(now_ms.saturating_sub(self.alarm_lag_ms), &mut transitions);
-        }
-        let (alarm_recs, alarm_events) =
-            match self.alarm_records(&transitions, &series, self.next_seq) {
-                Ok(v) => v,
-                Err(e) => {
-                    self.restore_engines()?;
-                    return Err(e);
-                }
-            };
-        let alarm_dirty = self.alarms.take_dirty();
-
-        // Window rules: the released readings feed the windows; closed windows add derived readings.
-        let dead = released.dead_lettered;
-        let (duplicates, late_flagged) = (released.duplicates, released.late_flagged);
-        let step = self.window_step(released.out, &series);
-        series.extend(step.derived.iter().map(|(id, s)| (*id, s.clone())));
-
-        // Group by device: order the series by (device key, measure); release keeps each series' time order.
-        let mut order_of: Vec<(String, String, i64)> = series
-            .iter()
-            .map(|(id, s)| (batch::device_key(s), s.measure().to_owned(), *id))
-            .collect();
-        order_of.sort();
-        let rank: HashMap<i64, usize> = order_of
-            .iter()
-            .enumerate()
-            .map(|(i, (_, _, id))| (*id, i))
-            .collect();
-        let mut rows: Vec<Row> = step.rows;
-        // Stable, and the rank looked up once per reading (not twice per comparison).
-        rows.sort_by_cached_key(|r| rank.get(&r.series_id).copied().unwrap_or(usize::MAX));
-
-        let first_seq = self.next_seq + alarm_recs.len() as u64;
-        let mut ratio = self.bytes_per_reading;
-        let built = {
-            let lookup = |id: i64| series.get(&id).cloned();
-            let mut builder = Builder {
-                encoder,
-                agent_id: &self.agent_id,
-                epoch: self.epoch,
-                series_of: &lookup,
-                cfg,
-            };
-            builder.build(&rows, first_seq, &mut ratio)
-        };
-        let built = match built {
-            Ok(b) => b,
-            Err(e) => {
-                self.restore_engines()?;
-                return Err(e.into());
-            }
-        };
-        let next_seq = first_seq + built.len() as u64;
-        let res = self.in_tx(|b| {
-            b.write_alarms(&alarm_recs, &alarm_dirty, now_ms)?;
-            b.write_windows(&step.dirty)?;
-            for x in &built {
-                b.conn
-                    .prepare_cached("INSERT INTO batches(seq, record, readings, sealed_ms) VALUES (?1, ?2, ?3, ?4)")?
-                    .execute(params![x.seq as i64, x.record, x.readings as i64, now_ms])?;
-            }
-            for p in &dead {
-                let key = series.get(&p.series).map(|s| s.key.clone()).unwrap_or_default();
-                let mut stmt = b.conn.prepare_cached("INSERT INTO dead_letters(at_ms, reason, series, ts_ms, value) VALUES (?1, 'late', ?2, ?3, ?4)")?;
-                match &p.value {
-                    Value::F64(v) => stmt.execute(params![now_ms, key, p.ts_ms, v])?,
-                    Value::I64(v) => stmt.execute(params![now_ms, key, p.ts_ms, v])?,
-                    Value::Bool(v) => stmt.execute(params![now_ms, key, p.ts_ms, i64::from(*v)])?,
-                    Value::Str(v) => stmt.execute(params![now_ms, key, p.ts_ms, v])?,
-                };
-            }
-            if !dead.is_empty() {
-                b.conn.execute("DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?1", [MAX_DEAD_LETTERS])?;
-            }
-            for (sid, st) in &states {
-                b.conn.prepare_cached("INSERT OR REPLACE INTO series_state(series_id, state) VALUES (?1, ?2)")?.execute(params![sid, st.to_bytes()])?;
-            }
-            b.conn.prepare_cached("DELETE FROM groups WHERE id <= ?1")?.execute([ids_last])?;
-            b.conn.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?.execute([next_seq as i64])?;
-            Ok(())
-        });
-        if let Err(e) = res {
-            self.states.clear();
-            self.restore_engines()?;
-            return Err(e);
-        }
-        self.windows.committed();
-        let n_alarm_events = alarm_events.len() as u64;
-        self.alarms_committed(alarm_recs.len(), alarm_events, late_skipped);
-        if self.states.len() + states.len() > SERIES_CACHE_MAX {
-            self.states.clear();
-        }
-        self.states.extend(states);
-        self.bytes_per_reading = ratio;
-        self.next_seq = next_seq;
-        let (sealed_readings, sealed_bytes) = built.iter().fold((0u64, 0u64), |(n, b), x| {
-            (n + x.readings as u64, b + x.record.len() as u64)
-        });
-        self.stats.unsealed_readings = self.stats.unsealed_readings.saturating_sub(rows_n);
-        self.stats.unsealed_bytes = self.stats.unsealed_bytes.saturating_sub(consumed_bytes);
-        self.stats.pending_batches += built.len() as u64;
-        self.stats.pending_readings += sealed_readings;
-        self.stats.pending_bytes += sealed_bytes;
-        self.ledger.deduplicated += duplicates;
-        self.ledger.late_flagged += late_flagged;
-        self.ledger.window_withheld += step.withheld;
-        self.ledger.window_derived += step.derived_readings;
-        self.ledger.dead_lettered += dead.len() as u64 + unreadable;
-        self.ledger.batches_sealed += built.len() as u64;
-        self.ledger.bytes_sealed += sealed_bytes;
-        Ok(SealReport {
-            rows: rows_n,
-            batches: built.len() as u64,
-            readings: sealed_readings,
-            alarm_events: n_alarm_events,
-        })
     }
 
     /// Pending records for one `PutRecords` call: at most `max_records` and `max_bytes` (always at least one if

@@ -70,78 +70,6 @@ impl Buffer {
         Ok(())
     }
 
-    /// Feeds the released readings (each series in event-time order) to the windows and turns the result into
-    /// rows: raw readings per their fate, then the closed windows' readings. Without rules, every reading is a
-    /// row as released.
-    pub(super) fn window_step(
-        &mut self,
-        released: Vec<order::Out>,
-        series: &HashMap<i64, Series>,
-    ) -> WindowStep {
-        // The released late flag, or set by a window rule.
-        let row = |o: order::Out, flag: bool| Row {
-            series_id: o.reading.series,
-            reading: Reading {
-                series: 0,
-                ts_ms: o.reading.ts_ms,
-                value: o.reading.value,
-                quality: o.reading.quality,
-                late: o.late || flag,
-            },
-        };
-        if self.windows.is_empty() {
-            return WindowStep {
-                rows: released.into_iter().map(|o| row(o, false)).collect(),
-                ..WindowStep::default()
-            };
-        }
-        let mut step = WindowStep::default();
-        let mut emitted: Vec<Emitted> = Vec::new();
-        for o in released {
-            let fate = match series.get(&o.reading.series) {
-                Some(s) => self.windows.observe(
-                    o.reading.series,
-                    s,
-                    Obs {
-                        ts_ms: o.reading.ts_ms,
-                        value: &o.reading.value,
-                        quality: o.reading.quality,
-                    },
-                    &mut emitted,
-                ),
-                None => RawFate::Send,
-            };
-            match fate {
-                RawFate::Send => step.rows.push(row(o, false)),
-                RawFate::SendLate => step.rows.push(row(o, true)),
-                RawFate::Withhold => step.withheld += 1,
-            }
-        }
-        let mut ids: HashMap<Series, i64> = HashMap::new();
-        for e in emitted {
-            let Some(source) = series.get(&e.series_id) else {
-                continue;
-            };
-            let s = self.windows.derived_series(&e, source);
-            let next = -(ids.len() as i64) - 1;
-            let id = *ids.entry(s.clone()).or_insert(next);
-            step.derived.entry(id).or_insert(s);
-            step.derived_readings += 1;
-            step.rows.push(Row {
-                series_id: id,
-                reading: Reading {
-                    series: 0,
-                    ts_ms: e.start_ms,
-                    value: e.value,
-                    quality: Quality::Good,
-                    late: false,
-                },
-            });
-        }
-        step.dirty = self.windows.take_dirty();
-        step
-    }
-
     /// Inside a seal's transaction: the engine's changed pair states.
     pub(super) fn write_windows(
         &mut self,
@@ -156,4 +84,76 @@ impl Buffer {
         }
         Ok(())
     }
+}
+
+/// Feeds the released readings (each series in event-time order) to the windows and turns the result into
+/// rows: raw readings per their fate, then the closed windows' readings. Without rules, every reading is a
+/// row as released.
+pub(super) fn window_step(
+    windows: &mut Engine,
+    released: Vec<order::Out>,
+    series: &HashMap<i64, Series>,
+) -> WindowStep {
+    // The released late flag, or set by a window rule.
+    let row = |o: order::Out, flag: bool| Row {
+        series_id: o.reading.series,
+        reading: Reading {
+            series: 0,
+            ts_ms: o.reading.ts_ms,
+            value: o.reading.value,
+            quality: o.reading.quality,
+            late: o.late || flag,
+        },
+    };
+    if windows.is_empty() {
+        return WindowStep {
+            rows: released.into_iter().map(|o| row(o, false)).collect(),
+            ..WindowStep::default()
+        };
+    }
+    let mut step = WindowStep::default();
+    let mut emitted: Vec<Emitted> = Vec::new();
+    for o in released {
+        let fate = match series.get(&o.reading.series) {
+            Some(s) => windows.observe(
+                o.reading.series,
+                s,
+                Obs {
+                    ts_ms: o.reading.ts_ms,
+                    value: &o.reading.value,
+                    quality: o.reading.quality,
+                },
+                &mut emitted,
+            ),
+            None => RawFate::Send,
+        };
+        match fate {
+            RawFate::Send => step.rows.push(row(o, false)),
+            RawFate::SendLate => step.rows.push(row(o, true)),
+            RawFate::Withhold => step.withheld += 1,
+        }
+    }
+    let mut ids: HashMap<Series, i64> = HashMap::new();
+    for e in emitted {
+        let Some(source) = series.get(&e.series_id) else {
+            continue;
+        };
+        let s = windows.derived_series(&e, source);
+        let next = -(ids.len() as i64) - 1;
+        let id = *ids.entry(s.clone()).or_insert(next);
+        step.derived.entry(id).or_insert(s);
+        step.derived_readings += 1;
+        step.rows.push(Row {
+            series_id: id,
+            reading: Reading {
+                series: 0,
+                ts_ms: e.start_ms,
+                value: e.value,
+                quality: Quality::Good,
+                late: false,
+            },
+        });
+    }
+    step.dirty = windows.take_dirty();
+    step
 }

@@ -1,0 +1,436 @@
+//! A seal in three steps, so that its work can run off the buffer thread while commits go on:
+//!
+//! 1. [`Buffer::seal_begin`] (buffer thread, SQLite reads): takes the ready groups' readings, the dedup states and
+//!    series they involve, and the alarm and window engines out of the buffer, as a [`SealJob`].
+//! 2. [`SealJob::run`] (any thread, no I/O): dedup and order, alarm and window rules, record encoding and
+//!    compression; the outcome is a [`Sealed`].
+//! 3. [`Buffer::seal_finish`] (buffer thread): puts the engines back, then writes the records, states, dead
+//!    letters and the deletion of the groups in one transaction, or, if anything failed, restores the engines
+//!    from their committed states and leaves the groups to be sealed again.
+//!
+//! Between 1 and 3 the buffer thread keeps committing appends, serving fetches and acknowledgements. That is safe
+//! because only seals read or write what a job holds: the groups it took (a commit only adds newer ones, and
+//! `drop_oldest` drops sealed records only), the dedup states it took out of the cache, the engines, `next_seq`
+//! and the bytes-per-reading estimate. At most one job exists at a time (the caller's duty: [`Buffer::sealing`]
+//! says whether one is out).
+
+use super::group;
+use super::windows::{self, WindowStep};
+use super::{Buffer, BufferError, SealReport, EVENTS_PER_RECORD, MAX_DEAD_LETTERS};
+use crate::alarm::{self, Obs, Transition};
+use crate::batch::{self, BatchConfig, Builder, Built, Row};
+use crate::order::{self, Rules, SeriesState};
+use fieldlink_proto::{Encoder, Series, Value};
+use foldhash::{HashMap, HashMapExt};
+use rusqlite::params;
+
+/// The groups a seal took (to delete them, and to count them out of the unsealed stats).
+#[derive(Debug, Clone, Copy)]
+struct Taken {
+    /// The newest group id taken: the seal deletes `groups` up to it.
+    ids_last: i64,
+    /// Readings in them, unreadable ones included.
+    rows: u64,
+    /// Their counted size.
+    bytes: u64,
+    /// Readings of groups that did not decode (counted as dead-lettered).
+    unreadable: u64,
+}
+
+/// Everything a seal needs, taken out of the buffer by [`Buffer::seal_begin`]: run it with [`SealJob::run`], on
+/// any thread, and hand the result to [`Buffer::seal_finish`].
+#[derive(Debug)]
+pub struct SealJob {
+    taken: Taken,
+    pending: Vec<order::Pending>,
+    states: HashMap<i64, SeriesState>,
+    series: HashMap<i64, Series>,
+    alarms: alarm::Engine,
+    windows: crate::window::Engine,
+    /// Whether alarm events become records (an alarm encoder exists).
+    alarm_records: bool,
+    alarm_lag_ms: i64,
+    rules: Rules,
+    now_ms: i64,
+    next_seq: u64,
+    bytes_per_reading: f64,
+    agent_id: String,
+    epoch: u64,
+    cfg: BatchConfig,
+}
+
+/// What a seal computed, or why it could not.
+#[derive(Debug)]
+pub struct Sealed {
+    taken: Taken,
+    now_ms: i64,
+    states: HashMap<i64, SeriesState>,
+    series: HashMap<i64, Series>,
+    alarms: alarm::Engine,
+    windows: crate::window::Engine,
+    outcome: Result<Outcome, BufferError>,
+}
+
+/// A computed seal, to be written.
+#[derive(Debug)]
+struct Outcome {
+    transitions: Vec<Transition>,
+    late_skipped: u64,
+    step: WindowStep,
+    dead: Vec<order::Pending>,
+    duplicates: u64,
+    late_flagged: u64,
+    /// Alarm records the transitions become: the readings records are numbered after them.
+    alarm_records: u64,
+    built: Vec<Built>,
+    bytes_per_reading: f64,
+}
+
+impl SealJob {
+    /// Readings the job took from `groups` (unreadable ones included).
+    pub fn rows(&self) -> u64 {
+        self.taken.rows
+    }
+
+    /// Releases, evaluates the rules, and encodes the records with `encoder`. Pure: no I/O.
+    pub fn run(self, encoder: &mut Encoder) -> Sealed {
+        let SealJob {
+            taken,
+            pending,
+            mut states,
+            mut series,
+            mut alarms,
+            mut windows,
+            alarm_records,
+            alarm_lag_ms,
+            rules,
+            now_ms,
+            next_seq,
+            mut bytes_per_reading,
+            agent_id,
+            epoch,
+            cfg,
+        } = self;
+        let released = order::release(pending, &mut states, rules);
+
+        // Alarm rules: each series' released readings in event-time order, late ones left out; then the clock.
+        let mut transitions = Vec::new();
+        let mut late_skipped = 0u64;
+        if !alarms.is_empty() {
+            for o in &released.out {
+                if o.late {
+                    late_skipped += 1;
+                    continue;
+                }
+                if let Some(s) = series.get(&o.reading.series) {
+                    let obs = Obs {
+                        ts_ms: o.reading.ts_ms,
+                        value: &o.reading.value,
+                        quality: o.reading.quality,
+                    };
+                    alarms.observe(o.reading.series, s, obs, &mut transitions);
+                }
+            }
+            alarms.tick(now_ms.saturating_sub(alarm_lag_ms), &mut transitions);
+        }
+        // One event per transition, EVENTS_PER_RECORD events per record (see `Buffer::alarm_records`).
+        let n_alarm = if alarm_records {
+            transitions.len().div_ceil(EVENTS_PER_RECORD) as u64
+        } else {
+            0
+        };
+
+        // Window rules: the released readings feed the windows; closed windows add derived readings.
+        let mut step = windows::window_step(&mut windows, released.out, &series);
+        series.extend(step.derived.iter().map(|(id, s)| (*id, s.clone())));
+        let rows = device_order(std::mem::take(&mut step.rows), &series);
+
+        let first_seq = next_seq + n_alarm;
+        let built = {
+            let lookup = |id: i64| series.get(&id).cloned();
+            Builder {
+                encoder,
+                agent_id: &agent_id,
+                epoch,
+                series_of: &lookup,
+                cfg: &cfg,
+            }
+            .build(&rows, first_seq, &mut bytes_per_reading)
+        };
+        let outcome = built.map_err(BufferError::from).map(|built| Outcome {
+            transitions,
+            late_skipped,
+            step,
+            dead: released.dead_lettered,
+            duplicates: released.duplicates,
+            late_flagged: released.late_flagged,
+            alarm_records: n_alarm,
+            built,
+            bytes_per_reading,
+        });
+        Sealed {
+            taken,
+            now_ms,
+            states,
+            series,
+            alarms,
+            windows,
+            outcome,
+        }
+    }
+}
+
+/// Groups the rows by device: series ordered by (device key, measure); the sort is stable, so each series keeps
+/// the time order `release` gave it.
+fn device_order(mut rows: Vec<Row>, series: &HashMap<i64, Series>) -> Vec<Row> {
+    let mut order_of: Vec<(String, String, i64)> = series
+        .iter()
+        .map(|(id, s)| (batch::device_key(s), s.measure().to_owned(), *id))
+        .collect();
+    order_of.sort();
+    let rank: HashMap<i64, usize> = order_of
+        .iter()
+        .enumerate()
+        .map(|(i, (_, _, id))| (*id, i))
+        .collect();
+    // The rank looked up once per reading (not twice per comparison).
+    rows.sort_by_cached_key(|r| rank.get(&r.series_id).copied().unwrap_or(usize::MAX));
+    rows
+}
+
+/// What [`Buffer::seal_begin`] found.
+#[derive(Debug)]
+pub enum Begun {
+    /// Ready groups, taken: run the job.
+    Job(Box<SealJob>),
+    /// Nothing was ready; the stale clock was checked for alarms (already committed).
+    Idle(SealReport),
+}
+
+impl Buffer {
+    /// Whether a [`SealJob`] is out (its engines are not in the buffer meanwhile).
+    pub fn sealing(&self) -> bool {
+        self.sealing
+    }
+
+    /// Takes the groups with `id <= up_to`, oldest first, whole groups while their readings fit in `max_rows` (at
+    /// least one group, so a group larger than `max_rows` is taken alone), with what sealing them needs. With
+    /// nothing ready, runs the alarm rules' stale clock instead (committed before it returns).
+    pub fn seal_begin(
+        &mut self,
+        up_to: i64,
+        max_rows: usize,
+        cfg: &BatchConfig,
+        rules: Rules,
+        now_ms: i64,
+    ) -> Result<Begun, BufferError> {
+        assert!(!self.sealing, "one seal at a time");
+        self.fresh_engines()?;
+        let mut pending = Vec::new();
+        let taken = self.take_groups(up_to, max_rows, &mut pending)?;
+        if taken.rows == 0 && taken.ids_last == 0 {
+            return self.seal_alarm_tick(now_ms).map(Begun::Idle);
+        }
+        // Series states and series of every series involved.
+        let mut states: HashMap<i64, SeriesState> = HashMap::new();
+        let mut series: HashMap<i64, Series> = HashMap::new();
+        for p in &pending {
+            if let std::collections::hash_map::Entry::Vacant(slot) = states.entry(p.series) {
+                // Taken out of the cache: it goes back with a committed seal; otherwise the committed state stays
+                // in the table.
+                slot.insert(self.state(p.series)?);
+                let s = self
+                    .series_by_id(p.series)?
+                    .ok_or_else(|| BufferError::Incompatible {
+                        path: "buffer".into(),
+                        why: format!("reading refers to missing series {}", p.series),
+                    })?;
+                series.insert(p.series, s);
+            }
+        }
+        self.sealing = true;
+        Ok(Begun::Job(Box::new(SealJob {
+            taken,
+            pending,
+            states,
+            series,
+            alarms: std::mem::take(&mut self.alarms),
+            windows: std::mem::take(&mut self.windows),
+            alarm_records: self.alarm_encoder.is_some(),
+            alarm_lag_ms: self.alarm_lag_ms,
+            rules,
+            now_ms,
+            next_seq: self.next_seq,
+            bytes_per_reading: self.bytes_per_reading,
+            agent_id: self.agent_id.clone(),
+            epoch: self.epoch,
+            cfg: cfg.clone(),
+        })))
+    }
+
+    /// Whole groups with `id <= up_to`, oldest first, while they fit in `max_rows` (at least one), decoded into
+    /// `pending`.
+    fn take_groups(
+        &mut self,
+        up_to: i64,
+        max_rows: usize,
+        pending: &mut Vec<order::Pending>,
+    ) -> Result<Taken, BufferError> {
+        let mut t = Taken {
+            ids_last: 0,
+            rows: 0,
+            bytes: 0,
+            unreadable: 0,
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, readings, bytes, blob FROM groups WHERE id <= ?1 ORDER BY id",
+        )?;
+        let mut q = stmt.query([up_to])?;
+        while let Some(r) = q.next()? {
+            let n = r.get::<_, i64>(1)?.max(0) as u64;
+            if t.rows > 0 && t.rows + n > max_rows as u64 {
+                break;
+            }
+            t.ids_last = r.get(0)?;
+            t.rows += n;
+            t.bytes += r.get::<_, i64>(2)?.max(0) as u64;
+            let before = pending.len();
+            let blob = r.get_ref(3)?.as_blob()?;
+            if group::decode(blob, pending).is_none() || (pending.len() - before) as u64 != n {
+                // A group the agent did not write (the file was edited or damaged): never let it stall sealing.
+                pending.truncate(before);
+                t.unreadable += n;
+                tracing::error!(
+                    group = t.ids_last,
+                    readings = n,
+                    "unreadable buffer group skipped (its readings counted as dead-lettered)"
+                );
+            }
+        }
+        Ok(t)
+    }
+
+    /// Writes what a job sealed, in one transaction, and counts it; or, if the job failed or the transaction does,
+    /// restores the engines from their committed states and leaves the groups for the next seal.
+    pub fn seal_finish(&mut self, sealed: Sealed) -> Result<SealReport, BufferError> {
+        let Sealed {
+            taken,
+            now_ms,
+            states,
+            series,
+            alarms,
+            windows,
+            outcome,
+        } = sealed;
+        self.sealing = false;
+        self.alarms = alarms;
+        self.windows = windows;
+        let o = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                self.restore_engines()?;
+                return Err(e);
+            }
+        };
+        let (alarm_recs, alarm_events) =
+            match self.alarm_records(&o.transitions, &series, self.next_seq) {
+                Ok(v) if v.0.len() as u64 == o.alarm_records => v,
+                Ok(_) => {
+                    self.restore_engines()?;
+                    return Err(BufferError::Incompatible {
+                        path: "buffer".into(),
+                        why: "alarm records miscounted".into(),
+                    });
+                }
+                Err(e) => {
+                    self.restore_engines()?;
+                    return Err(e);
+                }
+            };
+        let alarm_dirty = self.alarms.take_dirty();
+        let next_seq = self.next_seq + alarm_recs.len() as u64 + o.built.len() as u64;
+        let res = self.in_tx(|b| {
+            b.write_alarms(&alarm_recs, &alarm_dirty, now_ms)?;
+            b.write_windows(&o.step.dirty)?;
+            for x in &o.built {
+                b.conn
+                    .prepare_cached("INSERT INTO batches(seq, record, readings, sealed_ms) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![x.seq as i64, x.record, x.readings as i64, now_ms])?;
+            }
+            b.write_dead_letters(&o.dead, &series, now_ms)?;
+            // Encoded one at a time here: all of them at once would double the states' memory for a moment.
+            for (sid, st) in &states {
+                b.conn.prepare_cached("INSERT OR REPLACE INTO series_state(series_id, state) VALUES (?1, ?2)")?.execute(params![sid, st.to_bytes()])?;
+            }
+            b.conn.prepare_cached("DELETE FROM groups WHERE id <= ?1")?.execute([taken.ids_last])?;
+            b.conn.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?.execute([next_seq as i64])?;
+            Ok(())
+        });
+        if let Err(e) = res {
+            self.states.clear();
+            self.restore_engines()?;
+            return Err(e);
+        }
+        self.windows.committed();
+        let n_alarm_events = alarm_events.len() as u64;
+        self.alarms_committed(alarm_recs.len(), alarm_events, o.late_skipped);
+        if self.states.len() + states.len() > super::SERIES_CACHE_MAX {
+            self.states.clear();
+        }
+        self.states.extend(states);
+        self.bytes_per_reading = o.bytes_per_reading;
+        self.next_seq = next_seq;
+        let (sealed_readings, sealed_bytes) = o.built.iter().fold((0u64, 0u64), |(n, b), x| {
+            (n + x.readings as u64, b + x.record.len() as u64)
+        });
+        let batches = o.built.len() as u64;
+        self.stats.unsealed_readings = self.stats.unsealed_readings.saturating_sub(taken.rows);
+        self.stats.unsealed_bytes = self.stats.unsealed_bytes.saturating_sub(taken.bytes);
+        self.stats.pending_batches += batches;
+        self.stats.pending_readings += sealed_readings;
+        self.stats.pending_bytes += sealed_bytes;
+        self.ledger.deduplicated += o.duplicates;
+        self.ledger.late_flagged += o.late_flagged;
+        self.ledger.window_withheld += o.step.withheld;
+        self.ledger.window_derived += o.step.derived_readings;
+        self.ledger.dead_lettered += o.dead.len() as u64 + taken.unreadable;
+        self.ledger.batches_sealed += batches;
+        self.ledger.bytes_sealed += sealed_bytes;
+        Ok(SealReport {
+            rows: taken.rows,
+            batches,
+            readings: sealed_readings,
+            alarm_events: n_alarm_events,
+        })
+    }
+
+    /// Inside a seal's transaction: the late readings withheld by the dead-letter policy (the table keeps the
+    /// newest [`MAX_DEAD_LETTERS`]).
+    fn write_dead_letters(
+        &mut self,
+        dead: &[order::Pending],
+        series: &HashMap<i64, Series>,
+        now_ms: i64,
+    ) -> Result<(), BufferError> {
+        for p in dead {
+            let key = series
+                .get(&p.series)
+                .map(|s| s.key.clone())
+                .unwrap_or_default();
+            let mut stmt = self.conn.prepare_cached("INSERT INTO dead_letters(at_ms, reason, series, ts_ms, value) VALUES (?1, 'late', ?2, ?3, ?4)")?;
+            match &p.value {
+                Value::F64(v) => stmt.execute(params![now_ms, key, p.ts_ms, v])?,
+                Value::I64(v) => stmt.execute(params![now_ms, key, p.ts_ms, v])?,
+                Value::Bool(v) => stmt.execute(params![now_ms, key, p.ts_ms, i64::from(*v)])?,
+                Value::Str(v) => stmt.execute(params![now_ms, key, p.ts_ms, v])?,
+            };
+        }
+        if !dead.is_empty() {
+            self.conn.execute(
+                "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?1",
+                [MAX_DEAD_LETTERS],
+            )?;
+        }
+        Ok(())
+    }
+}
