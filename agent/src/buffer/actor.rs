@@ -6,9 +6,12 @@
 //! commits them in one transaction, and only then runs their acknowledgement callbacks, in arrival order.
 //! Every `linger_ms` it seals the groups committed at least `reorder_window_ms` ago (each commit's groups are
 //! ready together: `commits` remembers the newest group id of every commit and its time). A seal works in parts of
-//! `2 × max(max_readings, 10,000)` readings; between two parts the appends queued meanwhile are committed and
-//! acknowledged (a few group commits at most), so sealing a large backlog does not hold the sources back for its
-//! whole length.
+//! `2 × max(max_readings, 10,000)` readings. The buffer thread takes a part's groups, states and engines out of the
+//! buffer and hands them to the **seal thread** (dedup, rules, encoding, compression: no I/O); meanwhile it goes on
+//! committing and acknowledging appends, so a seal does not hold the sources back (an MQTT broker keeps only a few
+//! dozen messages in flight per client: every millisecond an acknowledgement waits is intake lost). When the part
+//! comes back, the buffer thread writes it in one transaction and takes the next. One part is out at a time. A flush
+//! and the shutdown wait for the part out, then seal the rest on the buffer thread. See `seal.rs`.
 
 use super::seal::{Begun, SealJob, Sealed};
 use super::{
@@ -326,6 +329,7 @@ fn worker(
         encoder: Some(encoder),
         sealer,
         part_rows: 0,
+        part_since: None,
         data,
         ctl,
         sealed: sealed.clone(),
@@ -393,6 +397,8 @@ struct Worker {
     sealer: Sealer,
     /// Readings the seal part out now may take at most (halved if it fails for space).
     part_rows: usize,
+    /// When the part out was handed to the seal thread.
+    part_since: Option<Instant>,
     data: flume::Receiver<Append>,
     ctl: flume::Receiver<Control>,
     sealed: Arc<Notify>,
@@ -436,6 +442,9 @@ struct Held {
 /// How often a held group's repeated failure is logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// A seal part out on the seal thread for longer than this is reported by `/health` (a part takes milliseconds).
+const SLOW_PART: Duration = Duration::from_secs(30);
+
 /// Longest wait between two retries of a held group.
 const MAX_RETRY: Duration = Duration::from_secs(2);
 
@@ -455,12 +464,15 @@ impl Worker {
             .as_ref()
             .map_or(*next_seal, |h| h.retry_at.min(*next_seal));
         let wait = until.saturating_duration_since(Instant::now());
+        // Served in this order when several are ready (flume's selector without `eventual-fairness`): control,
+        // a sealed part, appends. A sealed part before appends: under steady intake there is always an append
+        // queued, and the part would wait behind them for good.
         let mut sel = flume::Selector::new().recv(&self.ctl, Msg::Ctl);
-        if accepting {
-            sel = sel.recv(&self.data, Msg::Data);
-        }
         if self.buffer.sealing() {
             sel = sel.recv(&self.sealer.done, Msg::Sealed);
+        }
+        if accepting {
+            sel = sel.recv(&self.data, Msg::Data);
         }
         match sel.wait_timeout(wait) {
             Ok(Msg::Ctl(Ok(c))) => self.control(c),
@@ -752,6 +764,12 @@ impl Worker {
                 h.since.elapsed().as_secs_f64()
             ));
         }
+        if let Some(since) = self.part_since.filter(|t| t.elapsed() >= SLOW_PART) {
+            return Some(format!(
+                "a seal part has been out on the seal thread for {:.1} s",
+                since.elapsed().as_secs_f64()
+            ));
+        }
         self.seal_error.clone()
     }
 
@@ -827,6 +845,7 @@ impl Worker {
                     .jobs
                     .send((job, encoder))
                     .expect("the seal thread stopped (it panicked)");
+                self.part_since = Some(Instant::now());
                 return;
             }
             Ok(Begun::Idle(report)) => Ok(report),
@@ -839,11 +858,14 @@ impl Worker {
     /// A part came back from the seal thread: writes it, then goes on with the next part.
     fn part_done(&mut self, sealed: Sealed, encoder: Encoder) {
         self.encoder = Some(encoder);
+        self.part_since = None;
         let res = self.buffer.seal_finish(sealed);
-        if self.part_result(res, self.part_rows) {
+        let more = self.part_result(res, self.part_rows);
+        // After every part, not only at the end of a seal: under steady intake the ready id moves on while a
+        // part is out, and a seal may not end for a long time.
+        self.seal_ended();
+        if more {
             self.next_part();
-        } else {
-            self.seal_ended();
         }
     }
 
@@ -856,6 +878,7 @@ impl Worker {
                 .recv()
                 .expect("the seal thread stopped (it panicked)");
             self.encoder = Some(encoder);
+            self.part_since = None;
             let res = self.buffer.seal_finish(sealed);
             self.part_result(res, self.part_rows);
         }
@@ -1056,22 +1079,26 @@ mod tests {
     use fieldlink_proto::{Quality, Series, Value};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-    /// While a part of a seal is out on the seal thread, appends are committed and acknowledged (the seal used to
-    /// run on the buffer thread and hold every commit back for a part's length); they are newer than what was
-    /// ready, so this seal does not take them, and the whole backlog (three parts) still gets sealed.
-    #[test]
-    fn appends_are_committed_while_a_seal_part_is_out_and_not_sealed_by_it() {
-        let dir = tempfile::tempdir().unwrap();
+    fn reading(key: String, ts_ms: i64) -> NewReading {
+        NewReading {
+            series: Series::new(key).into(),
+            ts_ms,
+            value: Value::F64(ts_ms as f64),
+            quality: Quality::Good,
+        }
+    }
+
+    /// A worker with a backlog of several seal parts, ready now; returns the backlog's size.
+    fn worker_with_backlog(dir: &std::path::Path) -> (Worker, BufferHandle, u64) {
         let cfg: BufferConfig = toml::from_str(&format!(
             "path = {:?}\ndurability = \"normal\"",
-            dir.path().join("b.db").display().to_string()
+            dir.join("b.db").display().to_string()
         ))
         .unwrap();
         let metrics = AgentMetrics::new(fieldlink_ops::metrics::Registry::new());
-        let batch = BatchConfig::default();
         let (mut w, handle) = worker(
             &cfg,
-            &batch,
+            &BatchConfig::default(),
             &OrderConfig::default(),
             "edge-1",
             metrics,
@@ -1079,23 +1106,21 @@ mod tests {
             None,
         )
         .unwrap();
-        let reading = |key: String, ts_ms: i64| NewReading {
-            series: Series::new(key).into(),
-            ts_ms,
-            value: Value::F64(ts_ms as f64),
-            quality: Quality::Good,
-        };
-        // A backlog of three seal parts (a part is at most 2 × max(max_readings, 10,000) readings), ready now.
-        let part = batch.max_readings.max(10_000) * 2;
-        let backlog: Vec<NewReading> = (0..3 * part)
+        // More than one part whatever limits the part (2 × max(max_readings, 10,000) readings, or the
+        // transaction budget): whole groups of 8192 at most, so at least three parts.
+        let n = 3 * w.batch.max_readings.max(10_000) * 2;
+        let backlog: Vec<NewReading> = (0..n)
             .map(|i| reading(format!("dev{}/m", i % 50), i as i64))
             .collect();
         w.buffer.append(backlog.chunks(1000)).unwrap();
         w.ready_id = w.buffer.last_row_id();
-        w.seal_tick();
-        assert!(w.buffer.sealing(), "the first part is out");
+        (w, handle, n as u64)
+    }
+
+    /// Queues `n` one-reading appends; returns the count of their acknowledgements.
+    fn queue_appends(handle: &BufferHandle, n: usize) -> Arc<AtomicUsize> {
         let committed = Arc::new(AtomicUsize::new(0));
-        for k in 0..5 {
+        for k in 0..n {
             let c = committed.clone();
             handle
                 .data
@@ -1111,6 +1136,47 @@ mod tests {
                 })
                 .unwrap();
         }
+        committed
+    }
+
+    /// The first part of a seal, taken as [`Worker::next_part`] takes it, but kept by the test instead of going
+    /// to the seal thread.
+    fn hold_first_part(w: &mut Worker) -> Box<SealJob> {
+        let max_rows = w.max_part_rows();
+        w.part_rows = max_rows;
+        match w
+            .buffer
+            .seal_begin(
+                w.ready_id,
+                max_rows,
+                &w.batch,
+                w.order.rules(),
+                fieldlink_ops::unix_ms(),
+            )
+            .unwrap()
+        {
+            Begun::Job(job) => job,
+            Begun::Idle(_) => panic!("the backlog is ready"),
+        }
+    }
+
+    /// The buffer thread's view of one seal part's run on the seal thread.
+    fn run_part(w: &mut Worker, job: Box<SealJob>) {
+        let mut encoder = w.encoder.take().unwrap();
+        let sealed = job.run(&mut encoder);
+        w.part_done(sealed, encoder);
+    }
+
+    /// While a part of a seal is out on the seal thread, appends are committed and acknowledged (the seal used to
+    /// run on the buffer thread and hold every commit back for a part's length); they are newer than what was
+    /// ready, so this seal does not take them, and the whole backlog still gets sealed, once.
+    #[test]
+    fn appends_are_committed_while_a_seal_part_is_out_and_not_sealed_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, handle, n) = worker_with_backlog(dir.path());
+        let job = hold_first_part(&mut w);
+        assert!(job.rows() < n, "the backlog takes several parts");
+        let committed = queue_appends(&handle, 5);
         let linger = Duration::from_secs(3600);
         let mut next_seal = Instant::now() + linger;
         assert!(w.step(&mut next_seal, linger));
@@ -1120,23 +1186,58 @@ mod tests {
             "queued appends acknowledged"
         );
         assert!(w.buffer.sealing(), "...while the part was out");
+        // The part comes back; the next ones go to the seal thread.
+        run_part(&mut w, job);
         while w.buffer.sealing() {
             assert!(w.step(&mut next_seal, linger));
         }
-        assert_eq!(
-            committed.load(Ordering::SeqCst),
-            5,
-            "queued appends acknowledged"
-        );
         let stats = w.buffer.stats();
         assert_eq!(
             stats.unsealed_readings, 5,
             "only the queued appends are left unsealed"
         );
+        assert_eq!(stats.pending_readings, n, "the whole backlog sealed once");
+        assert_eq!(w.buffer.ledger().appended, n + 5);
+    }
+
+    /// A part whose transaction fails after appends were committed while it was out: nothing of it is kept (its
+    /// groups stay, the dedup states and engines are the committed ones), the error shows in `/health`, and the
+    /// next seal seals the backlog exactly once. A flush while a part is out waits for it, then seals the rest.
+    #[test]
+    fn a_part_that_fails_after_commits_during_it_is_sealed_again_once_and_a_flush_waits_for_the_part_out(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, handle, n) = worker_with_backlog(dir.path());
+        let job = hold_first_part(&mut w);
+        let committed = queue_appends(&handle, 5);
+        let linger = Duration::from_secs(3600);
+        let mut next_seal = Instant::now() + linger;
+        assert!(w.step(&mut next_seal, linger));
+        assert_eq!(committed.load(Ordering::SeqCst), 5);
+        w.buffer.fault = Some(rusqlite::ffi::SQLITE_IOERR);
+        run_part(&mut w, job);
+        assert!(!w.buffer.sealing());
+        assert!(w.problem().is_some_and(|p| p.contains("sealing fails")));
+        let stats = w.buffer.stats();
         assert_eq!(
-            stats.pending_readings,
-            3 * part as u64,
-            "the whole backlog sealed"
+            (stats.unsealed_readings, stats.pending_readings),
+            (n + 5, 0)
         );
+
+        // The next tick sends the first part to the seal thread; a flush then waits for it and seals everything.
+        w.seal_tick();
+        assert!(w.buffer.sealing());
+        let (reply, mut rx) = oneshot::channel();
+        w.control(Control::Flush { reply });
+        assert!(rx.try_recv().is_ok(), "the flush answered");
+        assert!(!w.buffer.sealing());
+        assert_eq!(w.problem(), None);
+        let stats = w.buffer.stats();
+        assert_eq!(
+            (stats.unsealed_readings, stats.pending_readings),
+            (0, n + 5)
+        );
+        let ledger = w.buffer.ledger();
+        assert_eq!((ledger.appended, ledger.deduplicated), (n + 5, 0));
     }
 }

@@ -538,7 +538,7 @@ fn ingest_figure(
     };
     for (fields, n, payload) in [
         (1usize, 300_000usize, one_field),
-        (10, 100_000, ten_fields as fn(usize) -> String),
+        (10, 300_000, ten_fields as fn(usize) -> String),
     ] {
         rt.block_on(preload(broker.port, n, payload));
         let bare = rt.block_on(bare_session(broker.port, false, n));
