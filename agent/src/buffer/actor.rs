@@ -339,6 +339,7 @@ fn worker(
         order: order.clone(),
         commits: VecDeque::new(),
         ready_id,
+        seal_upto: ready_id,
         published: Ledger::default(),
         published_windows: crate::window::Counts::default(),
         held: None,
@@ -410,6 +411,10 @@ struct Worker {
     commits: VecDeque<(Instant, i64)>,
     /// Groups with `id <= ready_id` have waited the reorder window.
     ready_id: i64,
+    /// What the seal under way takes: the groups ready when it started (`ready_id` then). Groups that become ready
+    /// meanwhile wait for the next seal: sealing each part the moment the last one is back would make parts
+    /// small, and each part rewrites the dedup state of every series it involves.
+    seal_upto: i64,
     published: Ledger,
     /// The window counts last turned into metrics.
     published_windows: crate::window::Counts,
@@ -814,11 +819,12 @@ impl Worker {
         self.seal_rows.min(full_size).min(budget_rows)
     }
 
-    /// Every `linger_ms`: the commits that have waited the reorder window become ready and, unless a part of the
-    /// last seal is still out, a seal of them starts.
+    /// Every `linger_ms`: the commits that have waited the reorder window become ready and, unless the last seal
+    /// is still under way (a part is out), a seal of them starts.
     fn seal_tick(&mut self) {
         self.advance_ready(false);
         if !self.buffer.sealing() {
+            self.seal_upto = self.ready_id;
             self.next_part();
         }
     }
@@ -830,7 +836,7 @@ impl Worker {
         let max_rows = self.max_part_rows();
         self.part_rows = max_rows;
         let res = match self.buffer.seal_begin(
-            self.ready_id,
+            self.seal_upto,
             max_rows,
             &self.batch,
             self.order.rules(),
@@ -1144,6 +1150,7 @@ mod tests {
     fn hold_first_part(w: &mut Worker) -> Box<SealJob> {
         let max_rows = w.max_part_rows();
         w.part_rows = max_rows;
+        w.seal_upto = w.ready_id;
         match w
             .buffer
             .seal_begin(
