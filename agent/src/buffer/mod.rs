@@ -32,6 +32,8 @@
 //!                                                    -- unsealed readings; bytes: their counted size; blob: group.rs
 //! batches(seq INTEGER PRIMARY KEY, record BLOB, readings INTEGER, sealed_ms INTEGER)
 //! series_state(series_id INTEGER PRIMARY KEY, state BLOB)   -- order::SeriesState::to_bytes
+//! series_state_log(series_id INTEGER, n INTEGER, entries BLOB, PRIMARY KEY(series_id, n))
+//!                                                    -- order::delta_bytes: remembered since the whole state
 //! dead_letters(id INTEGER PRIMARY KEY, at_ms INTEGER, reason TEXT, series TEXT, ts_ms INTEGER, value ANY)
 //! refused(id INTEGER PRIMARY KEY, at_ms INTEGER, source TEXT, topic TEXT, reason TEXT, detail TEXT,
 //!         size INTEGER, payload BLOB)                 -- source messages the mapping refused
@@ -40,6 +42,14 @@
 //! alarm_seq(rule TEXT PRIMARY KEY, next INTEGER)      -- each rule's next alarm sequence number
 //! window_state(rule TEXT, series_id INTEGER, state BLOB, PRIMARY KEY(rule, series_id))  -- window::PairState
 //! ```
+//!
+//! # Dedup states
+//! A seal stores each involved series' [`SeriesState`] in its transaction: whole in `series_state`, or, when the
+//! whole state is more than four times what it remembered since it was last stored, only that as the next row of
+//! `series_state_log` (at most [`MAX_STATE_DELTAS`] rows before the state is stored whole and they are deleted).
+//! Loading a state replays its deltas in order after the whole state; the next release forgets what the live state
+//! had forgotten before deciding anything. The log table was added without a schema version change: an older agent
+//! ignores it (its dedup memory then lacks the deltas' readings).
 //!
 //! # Windows
 //! With window rules ([`Buffer::enable_windows`], `buffer/windows.rs`), a seal feeds every released reading to
@@ -564,6 +574,9 @@ fn quality_of(kind: u8) -> Quality {
     }
 }
 
+/// Deltas a series' dedup state gets in `series_state_log` before it is stored whole again.
+pub const MAX_STATE_DELTAS: u32 = 32;
+
 impl Buffer {
     /// Opens (or creates) the buffer at `path`. A file SQLite cannot read is moved aside (see the module doc).
     pub fn open(path: &Path, durability: Durability, agent_id: &str) -> Result<Self, BufferError> {
@@ -615,6 +628,7 @@ impl Buffer {
              CREATE TABLE IF NOT EXISTS groups(id INTEGER PRIMARY KEY, committed_ms INTEGER NOT NULL, readings INTEGER NOT NULL, bytes INTEGER NOT NULL, blob BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS batches(seq INTEGER PRIMARY KEY, record BLOB NOT NULL, readings INTEGER NOT NULL, sealed_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS series_state(series_id INTEGER PRIMARY KEY, state BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS series_state_log(series_id INTEGER NOT NULL, n INTEGER NOT NULL, entries BLOB NOT NULL, PRIMARY KEY(series_id, n)) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS dead_letters(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, reason TEXT NOT NULL, series TEXT NOT NULL, ts_ms INTEGER NOT NULL, value ANY);
              CREATE TABLE IF NOT EXISTS refused(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, source TEXT NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS alarm_records(seq INTEGER PRIMARY KEY, record BLOB NOT NULL, events INTEGER NOT NULL, sealed_ms INTEGER NOT NULL);
@@ -1189,7 +1203,16 @@ impl Buffer {
             .prepare_cached("SELECT state FROM series_state WHERE series_id = ?1")?
             .query_row([sid], |r| r.get(0))
             .optional()?;
-        Ok(blob.map_or_else(SeriesState::new, |b| SeriesState::from_bytes(&b)))
+        let mut st = blob.map_or_else(SeriesState::new, |b| SeriesState::from_bytes(&b));
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT n, entries FROM series_state_log WHERE series_id = ?1 ORDER BY n",
+        )?;
+        let mut q = stmt.query([sid])?;
+        while let Some(r) = q.next()? {
+            st.stored_deltas = st.stored_deltas.max(r.get::<_, u32>(0)?);
+            st.apply_delta(r.get_ref(1)?.as_blob()?);
+        }
+        Ok(st)
     }
 
     /// Seals the groups with `id <= up_to`, oldest first, whole groups while their readings fit in `max_rows` (at

@@ -16,13 +16,15 @@
 
 use super::group;
 use super::windows::{self, WindowStep};
-use super::{Buffer, BufferError, SealReport, EVENTS_PER_RECORD, MAX_DEAD_LETTERS};
+use super::{
+    Buffer, BufferError, SealReport, EVENTS_PER_RECORD, MAX_DEAD_LETTERS, MAX_STATE_DELTAS,
+};
 use crate::alarm::{self, Obs, Transition};
 use crate::batch::{self, BatchConfig, Builder, Built, Row};
 use crate::order::{self, Rules, SeriesState};
 use fieldlink_proto::{Encoder, Series, Value};
 use foldhash::{HashMap, HashMapExt};
-use rusqlite::params;
+use rusqlite::{params, Connection};
 
 /// The groups a seal took (to delete them, and to count them out of the unsealed stats).
 #[derive(Debug, Clone, Copy)]
@@ -84,6 +86,75 @@ struct Outcome {
     alarm_records: u64,
     built: Vec<Built>,
     bytes_per_reading: f64,
+    /// How each series that remembered readings stores its dedup state.
+    state_writes: Vec<(i64, StateWrite)>,
+}
+
+/// How a seal stores a series' dedup state: the whole state, or, when that is more than four times what it
+/// remembered since it was last stored, only that (a delta, 16 bytes per reading), up to [`MAX_STATE_DELTAS`]
+/// deltas before the next whole state replaces them. Rewriting the whole state at every seal wrote 16 bytes per
+/// reading of the dedup window for every series involved (16 KB per seal for a series of 1,024 remembered
+/// readings); a series with few readings in its window is still stored whole (a row of its own per delta costs
+/// more than the state). A series that remembered nothing in a seal has the state it had (its newest time did not
+/// move; what it forgot, the next release forgets again after loading) and is not written.
+#[derive(Debug)]
+enum StateWrite {
+    Delta {
+        n: u32,
+        entries: Vec<u8>,
+    },
+    /// Encoded inside the transaction, one state at a time (all of them encoded at once would double their memory
+    /// for a moment).
+    Whole {
+        had_deltas: bool,
+    },
+}
+
+impl StateWrite {
+    /// The write `st` needs after it remembered `remembered` (its run of [`order::Released::remembered`]).
+    fn of(st: &SeriesState, remembered: &[(i64, i64, u64)]) -> Self {
+        if st.stored_deltas >= MAX_STATE_DELTAS || st.remembered() <= 4 * remembered.len() {
+            StateWrite::Whole {
+                had_deltas: st.stored_deltas > 0,
+            }
+        } else {
+            StateWrite::Delta {
+                n: st.stored_deltas + 1,
+                entries: order::delta_bytes(st.last_ts, remembered),
+            }
+        }
+    }
+
+    /// Inside the seal's transaction.
+    fn execute(&self, conn: &Connection, sid: i64, st: &SeriesState) -> Result<(), BufferError> {
+        match self {
+            StateWrite::Delta { n, entries } => {
+                conn.prepare_cached(
+                    "INSERT INTO series_state_log(series_id, n, entries) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![sid, n, entries])?;
+            }
+            StateWrite::Whole { had_deltas } => {
+                conn.prepare_cached(
+                    "INSERT OR REPLACE INTO series_state(series_id, state) VALUES (?1, ?2)",
+                )?
+                .execute(params![sid, st.to_bytes()])?;
+                if *had_deltas {
+                    conn.prepare_cached("DELETE FROM series_state_log WHERE series_id = ?1")?
+                        .execute([sid])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After the commit: the state's bookkeeping follows what was stored.
+    fn stored(&self, st: &mut SeriesState) {
+        st.stored_deltas = match self {
+            StateWrite::Delta { n, .. } => *n,
+            StateWrite::Whole { .. } => 0,
+        };
+    }
 }
 
 impl SealJob {
@@ -111,7 +182,16 @@ impl SealJob {
             epoch,
             cfg,
         } = self;
-        let released = order::release(pending, &mut states, rules);
+        let mut released = order::release(pending, &mut states, rules);
+        let state_writes: Vec<(i64, StateWrite)> = released
+            .remembered
+            .chunk_by(|a, b| a.0 == b.0)
+            .filter_map(|run| {
+                let sid = run[0].0;
+                states.get(&sid).map(|st| (sid, StateWrite::of(st, run)))
+            })
+            .collect();
+        released.remembered = Vec::new(); // not needed any more: its memory goes now
 
         // Alarm rules: each series' released readings in event-time order, late ones left out; then the clock.
         let mut transitions = Vec::new();
@@ -167,6 +247,7 @@ impl SealJob {
             alarm_records: n_alarm,
             built,
             bytes_per_reading,
+            state_writes,
         });
         Sealed {
             taken,
@@ -358,9 +439,10 @@ impl Buffer {
                     .execute(params![x.seq as i64, x.record, x.readings as i64, now_ms])?;
             }
             b.write_dead_letters(&o.dead, &series, now_ms)?;
-            // Encoded one at a time here: all of them at once would double the states' memory for a moment.
-            for (sid, st) in &states {
-                b.conn.prepare_cached("INSERT OR REPLACE INTO series_state(series_id, state) VALUES (?1, ?2)")?.execute(params![sid, st.to_bytes()])?;
+            for (sid, write) in &o.state_writes {
+                if let Some(st) = states.get(sid) {
+                    write.execute(&b.conn, *sid, st)?;
+                }
             }
             b.conn.prepare_cached("DELETE FROM groups WHERE id <= ?1")?.execute([taken.ids_last])?;
             b.conn.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?.execute([next_seq as i64])?;
@@ -374,6 +456,12 @@ impl Buffer {
         self.windows.committed();
         let n_alarm_events = alarm_events.len() as u64;
         self.alarms_committed(alarm_recs.len(), alarm_events, o.late_skipped);
+        let mut states = states;
+        for (sid, write) in &o.state_writes {
+            if let Some(st) = states.get_mut(sid) {
+                write.stored(st);
+            }
+        }
         if self.states.len() + states.len() > super::SERIES_CACHE_MAX {
             self.states.clear();
         }

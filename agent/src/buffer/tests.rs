@@ -133,6 +133,77 @@ fn duplicates_are_dropped_across_reopen_and_late_readings_flagged() {
     assert_eq!(got.len(), 4);
 }
 
+/// `(rows, bytes)` of `series_state_log`, and whether a whole state is stored, for the only series.
+fn stored_state(b: &Buffer) -> (i64, i64, bool) {
+    let (rows, bytes) = b
+        .conn
+        .query_row(
+            "SELECT count(*), coalesce(sum(length(entries)), 0) FROM series_state_log",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let whole: i64 = b
+        .conn
+        .query_row("SELECT count(*) FROM series_state", [], |r| r.get(0))
+        .unwrap();
+    (rows, bytes, whole > 0)
+}
+
+#[test]
+fn a_seal_stores_what_a_dedup_state_remembered_since_not_the_whole_state_and_a_reopen_dedups_with_it(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut enc = Encoder::new(3).unwrap();
+    let mut b = open(&dir);
+    // A series with 1,000 readings of history within the dedup window.
+    let history: Vec<NewReading> = (0..1000).map(|i| reading("a/x", i, 1.0)).collect();
+    b.append([history.as_slice()]).unwrap();
+    seal_all(&mut b, &mut enc, 1024);
+    // All of it is new: stored whole.
+    assert_eq!(stored_state(&b), (0, 0, true));
+    // One new reading per seal: a 24-byte delta each, not the 16 KB state again; after MAX_STATE_DELTAS deltas the
+    // state is stored whole again and the deltas go.
+    for i in 0..i64::from(MAX_STATE_DELTAS) {
+        b.append([vec![reading("a/x", 1000 + i, 2.0)].as_slice()])
+            .unwrap();
+        seal_all(&mut b, &mut enc, 1024);
+    }
+    assert_eq!(
+        stored_state(&b),
+        (
+            i64::from(MAX_STATE_DELTAS),
+            24 * i64::from(MAX_STATE_DELTAS),
+            true
+        )
+    );
+    b.append([vec![reading("a/x", 5000, 3.0)].as_slice()])
+        .unwrap();
+    seal_all(&mut b, &mut enc, 1024);
+    assert_eq!(stored_state(&b), (0, 0, true));
+    b.append([vec![reading("a/x", 5001, 4.0)].as_slice()])
+        .unwrap();
+    seal_all(&mut b, &mut enc, 1024);
+    assert_eq!(stored_state(&b), (1, 24, true));
+    let sealed = b.ledger().appended - b.ledger().deduplicated;
+    drop(b);
+
+    // Reopened (nothing cached): redeliveries of a reading stored whole, one stored whole after deltas and one
+    // from the delta after it are all recognised; a new reading is not.
+    let mut b = open(&dir);
+    b.append([vec![
+        reading("a/x", 500, 1.0),
+        reading("a/x", 5000, 3.0),
+        reading("a/x", 5001, 4.0),
+        reading("a/x", 5002, 5.0),
+    ]
+    .as_slice()])
+        .unwrap();
+    seal_all(&mut b, &mut enc, 1024);
+    assert_eq!(b.ledger().deduplicated, 3);
+    assert_eq!(sealed, 1000 + u64::from(MAX_STATE_DELTAS) + 2);
+}
+
 #[test]
 fn late_readings_can_be_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();

@@ -68,6 +68,8 @@ pub struct SeriesState {
     /// Recently released readings, oldest first: `[ts - base, identity low half, identity high half]`, where the
     /// identity is the hash of (ts, value).
     recent: Vec<[u32; 3]>,
+    /// Deltas stored since the last whole state (the buffer's bookkeeping, not part of the state).
+    pub(crate) stored_deltas: u32,
 }
 
 /// Equal when they remember the same readings (whatever their bases).
@@ -98,6 +100,7 @@ impl SeriesState {
             last_ts: i64::MIN,
             base: 0,
             recent: Vec::new(),
+            stored_deltas: 0,
         }
     }
 
@@ -191,17 +194,26 @@ impl SeriesState {
 
     /// Parses [`SeriesState::to_bytes`]; a malformed blob gives a fresh state.
     pub fn from_bytes(b: &[u8]) -> Self {
+        let mut st = Self::new();
+        st.apply_delta(b);
+        st
+    }
+
+    /// Adds what a stored delta ([`delta_bytes`]) or whole state ([`SeriesState::to_bytes`]) holds, in order; a
+    /// malformed blob is ignored. Loading a state is its whole state, then its deltas in the order stored: the
+    /// next [`release`] forgets what a live state would have forgotten
+    /// (the window from the newest time, then the oldest beyond `max_recent`, which depend only on the
+    /// readings remembered and their order), so a loaded state decides every reading as the live one did.
+    pub fn apply_delta(&mut self, b: &[u8]) {
         if b.len() < 8 || !(b.len() - 8).is_multiple_of(16) {
-            return Self::new();
+            return;
         }
         let word = |i: usize| i64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
-        let mut st = Self::new();
-        st.recent.reserve_exact((b.len() - 8) / 16);
+        self.recent.reserve((b.len() - 8) / 16);
         for i in (8..b.len()).step_by(16) {
-            st.remember(word(i), word(i + 8) as u64);
+            self.remember(word(i), word(i + 8) as u64);
         }
-        st.last_ts = word(0);
-        st
+        self.last_ts = self.last_ts.max(word(0));
     }
 }
 
@@ -227,6 +239,22 @@ pub struct Released {
     pub late_flagged: u64,
     /// Late readings withheld (dead-letter policy).
     pub dead_lettered: Vec<Pending>,
+    /// `(series, ts, identity)` of every reading the states remembered, in the order remembered (so grouped by
+    /// series, in series order): what a state stored before this call lacks ([`delta_bytes`]).
+    pub remembered: Vec<(i64, i64, u64)>,
+}
+
+/// What a state remembered since it was stored, as [`SeriesState::apply_delta`] reads it ([`SeriesState::to_bytes`]'s
+/// format): the state's newest released time, then the `(ts, identity)` pairs of `remembered` (its series' run of
+/// [`Released::remembered`]) in order.
+pub fn delta_bytes(last_ts: i64, remembered: &[(i64, i64, u64)]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + 16 * remembered.len());
+    b.extend_from_slice(&last_ts.to_le_bytes());
+    for (_, ts, h) in remembered {
+        b.extend_from_slice(&ts.to_le_bytes());
+        b.extend_from_slice(&h.to_le_bytes());
+    }
+    b
 }
 
 /// FNV-1a over the timestamp and the value's bits: the dedup identity of a reading within its series.
@@ -274,6 +302,7 @@ pub fn release(
         .collect();
     let mut r = Released {
         out: Vec::with_capacity(pending.len()),
+        remembered: Vec::with_capacity(pending.len()),
         ..Released::default()
     };
     let mut rest = pending.into_iter();
@@ -284,6 +313,7 @@ pub fn release(
         // room once, for this call's readings (capped at what may be kept): `recent` then never doubles its
         // capacity on the way, and a state's capacity stays close to its length.
         st.forget_before(st.last_ts.saturating_sub(rules.dedup_window_ms));
+        st.keep_newest(rules.max_recent); // a no-op but on a state just loaded from its deltas
         st.recent.reserve_exact(n.min(rules.max_recent));
         for p in rows {
             let id = identity(p.ts_ms, &p.value);
@@ -295,6 +325,7 @@ pub fn release(
             let late = p.ts_ms < st.last_ts;
             if p.ts_ms >= horizon {
                 st.remember(p.ts_ms, id);
+                r.remembered.push((sid, p.ts_ms, id));
             }
             st.last_ts = st.last_ts.max(p.ts_ms);
             if late && rules.late == LatePolicy::DeadLetter {
