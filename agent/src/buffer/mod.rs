@@ -48,8 +48,15 @@
 //! whole state is more than four times what it remembered since it was last stored, only that as the next row of
 //! `series_state_log` (at most [`MAX_STATE_DELTAS`] rows before the state is stored whole and they are deleted).
 //! Loading a state replays its deltas in order after the whole state; the next release forgets what the live state
-//! had forgotten before deciding anything. The log table was added without a schema version change: an older agent
-//! ignores it (its dedup memory then lacks the deltas' readings).
+//! had forgotten before deciding anything (the horizon only moves forward and `max_recent` keeps the newest, so
+//! trimming everything remembered since the whole state gives what the live state kept; property-tested in
+//! `order/tests.rs`), and gives back the room of what it forgot. A series that remembered nothing in a seal is not
+//! written (its newest time did not move). The log table was added without a schema version change: an older agent
+//! ignores it (its dedup memory then lacks the deltas' readings), and if it ran on the file and a newer one runs
+//! again, the log rows it left are replayed over the whole state it wrote: real past readings, so nothing is taken
+//! for a duplicate wrongly; the next whole state deletes them. The states' rows are not counted in `max_bytes` (at
+//! most 16 bytes per reading of the dedup window, plus up to [`MAX_STATE_DELTAS`] deltas of at most a quarter of
+//! that each, per series).
 //!
 //! # Windows
 //! With window rules ([`Buffer::enable_windows`], `buffer/windows.rs`), a seal feeds every released reading to

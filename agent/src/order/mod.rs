@@ -209,7 +209,7 @@ impl SeriesState {
             return;
         }
         let word = |i: usize| i64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
-        self.recent.reserve((b.len() - 8) / 16);
+        self.recent.reserve_exact((b.len() - 8) / 16);
         for i in (8..b.len()).step_by(16) {
             self.remember(word(i), word(i + 8) as u64);
         }
@@ -314,7 +314,14 @@ pub fn release(
         // capacity on the way, and a state's capacity stays close to its length.
         st.forget_before(st.last_ts.saturating_sub(rules.dedup_window_ms));
         st.keep_newest(rules.max_recent); // a no-op but on a state just loaded from its deltas
-        st.recent.reserve_exact(n.min(rules.max_recent));
+        let room = n.min(rules.max_recent);
+        // A state just loaded from its whole state and deltas (or one whose rate dropped) may have room for far
+        // more than it keeps: give back what is more than a quarter beyond the need.
+        let need = st.recent.len() + room;
+        if st.recent.capacity() > need + need / 4 + 16 {
+            st.recent.shrink_to(need);
+        }
+        st.recent.reserve_exact(room);
         for p in rows {
             let id = identity(p.ts_ms, &p.value);
             let horizon = st.last_ts.saturating_sub(rules.dedup_window_ms);

@@ -191,10 +191,58 @@ proptest! {
     }
 }
 
+/// The buffer stores a state as a whole now and then and as deltas (what it remembered since) in between: a state
+/// loaded from them decides every later reading as the live state does, and equals it once its series was
+/// released.
+fn check_deltas_decide_as_live(
+    calls: Vec<Vec<Pending>>,
+    rules: Rules,
+    deltas_per_whole: usize,
+) -> Result<(), TestCaseError> {
+    let mut live: HashMap<i64, SeriesState> = HashMap::default();
+    // Per series: the whole state last stored (empty before the first) and the deltas stored after it.
+    let mut stored: std::collections::BTreeMap<i64, (Vec<u8>, Vec<Vec<u8>>)> = Default::default();
+    for call in calls {
+        let mut loaded: HashMap<i64, SeriesState> = stored
+            .iter()
+            .map(|(sid, (whole, deltas))| {
+                let mut st = SeriesState::from_bytes(whole);
+                for d in deltas {
+                    st.apply_delta(d);
+                }
+                (*sid, st)
+            })
+            .collect();
+        let involved: Vec<i64> = call.iter().map(|p| p.series).collect();
+        let a = release(call.clone(), &mut live, rules);
+        let b = release(call, &mut loaded, rules);
+        prop_assert_eq!(ts_of(&a), ts_of(&b));
+        prop_assert_eq!(a.duplicates, b.duplicates);
+        for (sid, st) in &live {
+            // A loaded state may still hold what the live one forgot until its series is released again (a
+            // release forgets first, so that decides nothing).
+            if involved.contains(sid) {
+                let l = &loaded[sid];
+                prop_assert_eq!(Some(st), loaded.get(sid));
+                // ...and does not keep the room of everything it replayed.
+                prop_assert!(l.recent.capacity() <= 2 * l.recent.len() + 40);
+            }
+        }
+        for run in a.remembered.chunk_by(|x, y| x.0 == y.0) {
+            let st = &live[&run[0].0];
+            let (whole, deltas) = stored.entry(run[0].0).or_default();
+            if deltas.len() >= deltas_per_whole {
+                *whole = st.to_bytes();
+                deltas.clear();
+            } else {
+                deltas.push(delta_bytes(st.last_ts, run));
+            }
+        }
+    }
+    Ok(())
+}
+
 proptest! {
-    /// The buffer stores a state as a whole now and then and as deltas (what it remembered since) in between: a
-    /// state loaded from them decides every later reading as the live state does, and equals it once its series
-    /// was released.
     #[test]
     fn a_state_stored_as_deltas_decides_as_the_live_one(
         calls in arb_calls(),
@@ -203,43 +251,19 @@ proptest! {
         deltas_per_whole in 0usize..4,
     ) {
         let rules = Rules { dedup_window_ms: window, max_recent, late: LatePolicy::Flag };
-        let mut live: HashMap<i64, SeriesState> = HashMap::default();
-        // Per series: the whole state last stored (empty before the first) and the deltas stored after it.
-        let mut stored: std::collections::BTreeMap<i64, (Vec<u8>, Vec<Vec<u8>>)> = Default::default();
-        for call in calls {
-            let mut loaded: HashMap<i64, SeriesState> = stored
-                .iter()
-                .map(|(sid, (whole, deltas))| {
-                    let mut st = SeriesState::from_bytes(whole);
-                    for d in deltas {
-                        st.apply_delta(d);
-                    }
-                    (*sid, st)
-                })
-                .collect();
-            let involved: Vec<i64> = call.iter().map(|p| p.series).collect();
-            let a = release(call.clone(), &mut live, rules);
-            let b = release(call, &mut loaded, rules);
-            prop_assert_eq!(ts_of(&a), ts_of(&b));
-            prop_assert_eq!(a.duplicates, b.duplicates);
-            for (sid, st) in &live {
-                // A loaded state may still hold what the live one forgot until its series is released again
-                // (a release forgets first, so that decides nothing).
-                if involved.contains(sid) {
-                    prop_assert_eq!(Some(st), loaded.get(sid));
-                }
-            }
-            for run in a.remembered.chunk_by(|x, y| x.0 == y.0) {
-                let st = &live[&run[0].0];
-                let (whole, deltas) = stored.entry(run[0].0).or_default();
-                if deltas.len() >= deltas_per_whole {
-                    *whole = st.to_bytes();
-                    deltas.clear();
-                } else {
-                    deltas.push(delta_bytes(st.last_ts, run));
-                }
-            }
-        }
+        check_deltas_decide_as_live(calls, rules, deltas_per_whole)?;
+    }
+
+    /// The same across the 49-day offset rebases of a state (replaying a delta may rebase it).
+    #[test]
+    fn a_state_stored_as_deltas_decides_as_the_live_one_across_rebases(
+        calls in arb_far_calls(),
+        window in prop_oneof![0i64..30, Just(86_400_000i64)],
+        max_recent in 1usize..10,
+        deltas_per_whole in 0usize..4,
+    ) {
+        let rules = Rules { dedup_window_ms: window, max_recent, late: LatePolicy::Flag };
+        check_deltas_decide_as_live(calls, rules, deltas_per_whole)?;
     }
 }
 
@@ -311,4 +335,50 @@ fn a_state_at_its_window_does_not_grow_its_allocation() {
         s.remembered()
     );
     assert_eq!(std::mem::size_of_val(&s.recent[0]), 12);
+}
+
+#[test]
+fn a_state_loaded_from_its_deltas_keeps_no_more_room_than_a_live_one() {
+    // As above (5 readings/s, 60 s window, seals of 1 s), stored whole once and then as 20 deltas of 5 readings.
+    let rules = Rules {
+        dedup_window_ms: 60_000,
+        max_recent: 1024,
+        late: LatePolicy::Flag,
+    };
+    let mut st = HashMap::default();
+    let mut ts = 0;
+    let mut call = || -> Vec<Pending> {
+        (0..5)
+            .map(|_| {
+                ts += 200;
+                p(1, ts, 0.5)
+            })
+            .collect()
+    };
+    for _ in 0..200 {
+        release(call(), &mut st, rules);
+    }
+    let whole = st[&1].to_bytes();
+    let mut deltas = Vec::new();
+    for _ in 0..20 {
+        let r = release(call(), &mut st, rules);
+        deltas.push(delta_bytes(st[&1].last_ts, &r.remembered));
+    }
+    let mut loaded = SeriesState::from_bytes(&whole);
+    for d in &deltas {
+        loaded.apply_delta(d);
+    }
+    let mut loaded = HashMap::from_iter([(1, loaded)]);
+    let c = call();
+    release(c.clone(), &mut st, rules);
+    release(c, &mut loaded, rules);
+    let (live, l) = (&st[&1], &loaded[&1]);
+    assert_eq!(live, l);
+    assert!(
+        l.recent.capacity() <= l.remembered() + 5,
+        "capacity {} for {} readings (live: {})",
+        l.recent.capacity(),
+        l.remembered(),
+        live.recent.capacity()
+    );
 }
