@@ -306,24 +306,32 @@ proptest! {
     }
 }
 
-#[test]
-fn a_state_at_its_window_does_not_grow_its_allocation() {
-    // A series at 5 readings/s, 60 s window: 300 remembered readings; then seals of 1 s each.
+/// A series at 5 readings/s with a 60 s window, sealed every second: the rules and the next second's readings.
+fn five_per_second() -> (Rules, impl FnMut() -> Vec<Pending>) {
     let rules = Rules {
         dedup_window_ms: 60_000,
         max_recent: 1024,
         late: LatePolicy::Flag,
     };
-    let mut st = HashMap::default();
     let mut ts = 0;
-    for _ in 0..200 {
-        let call: Vec<_> = (0..5)
+    let call = move || {
+        (0..5)
             .map(|_| {
                 ts += 200;
                 p(1, ts, 0.5)
             })
-            .collect();
-        release(call, &mut st, rules);
+            .collect()
+    };
+    (rules, call)
+}
+
+#[test]
+fn a_state_at_its_window_does_not_grow_its_allocation() {
+    // 300 remembered readings; then seals of 1 s each.
+    let (rules, mut call) = five_per_second();
+    let mut st = HashMap::default();
+    for _ in 0..200 {
+        release(call(), &mut st, rules);
     }
     let s = &st[&1];
     assert_eq!(s.remembered(), 301);
@@ -339,22 +347,9 @@ fn a_state_at_its_window_does_not_grow_its_allocation() {
 
 #[test]
 fn a_state_loaded_from_its_deltas_keeps_no_more_room_than_a_live_one() {
-    // As above (5 readings/s, 60 s window, seals of 1 s), stored whole once and then as 20 deltas of 5 readings.
-    let rules = Rules {
-        dedup_window_ms: 60_000,
-        max_recent: 1024,
-        late: LatePolicy::Flag,
-    };
+    // As above, stored whole once and then as 20 deltas of 5 readings.
+    let (rules, mut call) = five_per_second();
     let mut st = HashMap::default();
-    let mut ts = 0;
-    let mut call = || -> Vec<Pending> {
-        (0..5)
-            .map(|_| {
-                ts += 200;
-                p(1, ts, 0.5)
-            })
-            .collect()
-    };
     for _ in 0..200 {
         release(call(), &mut st, rules);
     }
