@@ -447,6 +447,9 @@ struct Held {
 /// How often a held group's repeated failure is logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Parts of a seal larger than this (readings) go to the seal thread; smaller ones are sealed on the buffer thread.
+const OFFLOAD_ROWS: u64 = super::MAX_GROUP_READINGS;
+
 /// A seal part out on the seal thread for longer than this is reported by `/health` (a part takes milliseconds).
 const SLOW_PART: Duration = Duration::from_secs(30);
 
@@ -829,50 +832,67 @@ impl Worker {
         }
     }
 
-    /// Takes the next part of the seal (up to [`Worker::max_part_rows`] ready readings, whole groups) and hands it
-    /// to the seal thread; this thread goes on committing until it comes back ([`Worker::part_done`]). With
-    /// nothing ready left, the seal ends.
+    /// Takes the next part of the seal (up to [`Worker::max_part_rows`] ready readings, whole groups). A part of
+    /// more than [`OFFLOAD_ROWS`] readings goes to the seal thread and this thread goes on committing until it
+    /// comes back ([`Worker::part_done`]); a smaller one is sealed here at once (it holds commits back for a
+    /// millisecond or two, less than the hand-over costs, and a gateway at a modest rate never wakes the seal
+    /// thread). With nothing ready left, the seal ends.
     fn next_part(&mut self) {
-        let max_rows = self.max_part_rows();
-        self.part_rows = max_rows;
-        let res = match self.buffer.seal_begin(
-            self.seal_upto,
-            max_rows,
-            &self.batch,
-            self.order.rules(),
-            fieldlink_ops::unix_ms(),
-        ) {
-            Ok(Begun::Job(job)) => {
-                let encoder = self
-                    .encoder
-                    .take()
-                    .expect("the encoder is here while no part is out");
-                self.sealer
-                    .jobs
-                    .send((job, encoder))
-                    .expect("the seal thread stopped (it panicked)");
-                self.part_since = Some(Instant::now());
-                return;
-            }
-            Ok(Begun::Idle(report)) => Ok(report),
-            Err(e) => Err(e),
-        };
-        self.part_result(res, max_rows);
-        self.seal_ended();
+        loop {
+            let max_rows = self.max_part_rows();
+            self.part_rows = max_rows;
+            let res = match self.buffer.seal_begin(
+                self.seal_upto,
+                max_rows,
+                &self.batch,
+                self.order.rules(),
+                fieldlink_ops::unix_ms(),
+            ) {
+                Ok(Begun::Job(job)) => {
+                    let mut encoder = self
+                        .encoder
+                        .take()
+                        .expect("the encoder is here while no part is out");
+                    if job.rows() > OFFLOAD_ROWS {
+                        self.sealer
+                            .jobs
+                            .send((job, encoder))
+                            .expect("the seal thread stopped (it panicked)");
+                        self.part_since = Some(Instant::now());
+                        return;
+                    }
+                    let sealed = job.run(&mut encoder);
+                    if self.part_written(sealed, encoder) {
+                        continue;
+                    }
+                    return;
+                }
+                Ok(Begun::Idle(report)) => Ok(report),
+                Err(e) => Err(e),
+            };
+            self.part_result(res, max_rows);
+            self.seal_ended();
+            return;
+        }
     }
 
     /// A part came back from the seal thread: writes it, then goes on with the next part.
     fn part_done(&mut self, sealed: Sealed, encoder: Encoder) {
+        if self.part_written(sealed, encoder) {
+            self.next_part();
+        }
+    }
+
+    /// Writes a sealed part and counts it; whether the seal goes on with another part.
+    fn part_written(&mut self, sealed: Sealed, encoder: Encoder) -> bool {
         self.encoder = Some(encoder);
         self.part_since = None;
         let res = self.buffer.seal_finish(sealed);
         let more = self.part_result(res, self.part_rows);
-        // After every part, not only at the end of a seal: under steady intake the ready id moves on while a
-        // part is out, and a seal may not end for a long time.
+        // After every part, not only at the end of a seal: a large backlog takes many parts, and alarm statuses
+        // and metrics should not wait for the last.
         self.seal_ended();
-        if more {
-            self.next_part();
-        }
+        more
     }
 
     /// Seals everything committed, on this thread (a flush, the shutdown): the part out is waited for first.
@@ -1246,5 +1266,23 @@ mod tests {
         );
         let ledger = w.buffer.ledger();
         assert_eq!((ledger.appended, ledger.deduplicated), (n + 5, 0));
+    }
+
+    /// A part of at most [`OFFLOAD_ROWS`] readings is sealed on the buffer thread at once (no hand-over); a larger
+    /// one goes to the seal thread.
+    #[test]
+    fn a_small_part_is_sealed_in_place_and_a_large_one_on_the_seal_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _handle, n) = worker_with_backlog(dir.path());
+        w.seal_tick();
+        assert!(w.buffer.sealing(), "a large part went to the seal thread");
+        let (reply, _rx) = oneshot::channel();
+        w.control(Control::Flush { reply });
+        let small: Vec<NewReading> = (0..100).map(|i| reading("small/m".into(), i)).collect();
+        w.buffer.append([small.as_slice()]).unwrap();
+        w.ready_id = w.buffer.last_row_id();
+        w.seal_tick();
+        assert!(!w.buffer.sealing(), "the small part was sealed in place");
+        assert_eq!(w.buffer.stats().pending_readings, n + 100);
     }
 }
