@@ -5,13 +5,15 @@
 //! Appends are group-committed: the thread takes every append already queued (up to `max_group_commit`),
 //! commits them in one transaction, and only then runs their acknowledgement callbacks, in arrival order.
 //! Every `linger_ms` it seals the groups committed at least `reorder_window_ms` ago (each commit's groups are
-//! ready together: `commits` remembers the newest group id of every commit and its time). A seal works in parts of
-//! `2 × max(max_readings, 10,000)` readings. The buffer thread takes a part's groups, states and engines out of the
-//! buffer and hands them to the **seal thread** (dedup, rules, encoding, compression: no I/O); meanwhile it goes on
-//! committing and acknowledging appends, so a seal does not hold the sources back (an MQTT broker keeps only a few
-//! dozen messages in flight per client: every millisecond an acknowledgement waits is intake lost). When the part
-//! comes back, the buffer thread writes it in one transaction and takes the next. One part is out at a time. A flush
-//! and the shutdown wait for the part out, then seal the rest on the buffer thread. See `seal.rs`.
+//! ready together: `commits` remembers the newest group id of every commit and its time); a seal takes what was
+//! ready when it started (`seal_upto`). It works in parts of up to `2 × max(max_readings, 10,000)` readings. The
+//! buffer thread takes a part's groups, states and engines out of the buffer and, once more than `OFFLOAD_ROWS`
+//! (8,192) readings are involved, hands the part to the **seal thread** (dedup, rules, encoding, compression: no
+//! I/O); meanwhile it goes on committing and acknowledging appends, so a seal does not hold the sources back (an MQTT
+//! broker keeps only a few dozen messages in flight per client: every millisecond an acknowledgement waits is intake
+//! lost). When the part comes back, the buffer thread writes it in one transaction and takes the next. One part is
+//! out at a time. Smaller parts are sealed on the buffer thread at once. A flush and the shutdown wait for the part
+//! out, then seal the rest on the buffer thread. See `seal.rs`.
 
 use super::seal::{Begun, SealJob, Sealed};
 use super::{
@@ -447,8 +449,9 @@ struct Held {
 /// How often a held group's repeated failure is logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Parts of a seal larger than this (readings) go to the seal thread; smaller ones are sealed on the buffer thread.
-const OFFLOAD_ROWS: u64 = super::MAX_GROUP_READINGS;
+/// Readings a seal seals on the buffer thread at once, at most (a few milliseconds of commits held back, less than
+/// handing them to the seal thread costs); larger parts, and the parts after these, go to the seal thread.
+const OFFLOAD_ROWS: u64 = 8192;
 
 /// A seal part out on the seal thread for longer than this is reported by `/health` (a part takes milliseconds).
 const SLOW_PART: Duration = Duration::from_secs(30);
@@ -815,11 +818,16 @@ impl Worker {
     /// Readings the next part of a seal may take: 2 × max(`max_readings`, 10,000), less after a seal failed for
     /// space, and no more than one transaction's budget.
     fn max_part_rows(&self) -> usize {
-        let full_size = self.batch.max_readings.max(10_000) * 2;
+        let full_size = self.full_part_rows();
         let stats = self.buffer.stats();
         let row_bytes = (stats.unsealed_bytes / stats.unsealed_readings.max(1)).max(1);
         let budget_rows = (self.txn_budget() / row_bytes).max(1) as usize;
         self.seal_rows.min(full_size).min(budget_rows)
+    }
+
+    /// The most readings a part takes: 2 × max(`max_readings`, 10,000).
+    fn full_part_rows(&self) -> usize {
+        self.batch.max_readings.max(10_000) * 2
     }
 
     /// Every `linger_ms`: the commits that have waited the reorder window become ready and, unless the last seal
@@ -832,12 +840,16 @@ impl Worker {
         }
     }
 
-    /// Takes the next part of the seal (up to [`Worker::max_part_rows`] ready readings, whole groups). A part of
-    /// more than [`OFFLOAD_ROWS`] readings goes to the seal thread and this thread goes on committing until it
-    /// comes back ([`Worker::part_done`]); a smaller one is sealed here at once (it holds commits back for a
-    /// millisecond or two, less than the hand-over costs, and a gateway at a modest rate never wakes the seal
-    /// thread). With nothing ready left, the seal ends.
+    /// Takes the next part of the seal (up to [`Worker::max_part_rows`] ready readings, whole groups). Parts are
+    /// sealed here at once while they add up to at most [`OFFLOAD_ROWS`] readings (a millisecond or two of commits
+    /// held back, less than the hand-over costs; a gateway at a modest rate never wakes the seal thread); a part
+    /// beyond that goes to the seal thread and this thread goes on committing until it comes back
+    /// ([`Worker::part_done`]). With nothing ready left, the seal ends.
     fn next_part(&mut self) {
+        // Readings sealed here in this call: once they and the next part would pass OFFLOAD_ROWS, the part goes to
+        // the seal thread (small parts, after a small transaction budget or halvings for space, would otherwise
+        // be sealed back to back with no commit between them).
+        let mut in_place = 0u64;
         loop {
             let max_rows = self.max_part_rows();
             self.part_rows = max_rows;
@@ -853,7 +865,7 @@ impl Worker {
                         .encoder
                         .take()
                         .expect("the encoder is here while no part is out");
-                    if job.rows() > OFFLOAD_ROWS {
+                    if in_place + job.rows() > OFFLOAD_ROWS {
                         self.sealer
                             .jobs
                             .send((job, encoder))
@@ -861,6 +873,7 @@ impl Worker {
                         self.part_since = Some(Instant::now());
                         return;
                     }
+                    in_place += job.rows();
                     let sealed = job.run(&mut encoder);
                     if self.part_written(sealed, encoder) {
                         continue;
@@ -871,7 +884,7 @@ impl Worker {
                 Err(e) => Err(e),
             };
             self.part_result(res, max_rows);
-            self.seal_ended();
+            self.after_part();
             return;
         }
     }
@@ -891,7 +904,7 @@ impl Worker {
         let more = self.part_result(res, self.part_rows);
         // After every part, not only at the end of a seal: a large backlog takes many parts, and alarm statuses
         // and metrics should not wait for the last.
-        self.seal_ended();
+        self.after_part();
         more
     }
 
@@ -903,10 +916,7 @@ impl Worker {
                 .done
                 .recv()
                 .expect("the seal thread stopped (it panicked)");
-            self.encoder = Some(encoder);
-            self.part_since = None;
-            let res = self.buffer.seal_finish(sealed);
-            self.part_result(res, self.part_rows);
+            self.part_written(sealed, encoder);
         }
         self.advance_ready(true);
         loop {
@@ -927,13 +937,13 @@ impl Worker {
                 break;
             }
         }
-        self.seal_ended();
+        self.after_part();
     }
 
     /// Counts the outcome of one part of a seal that took at most `max_rows`; whether the seal goes on (it ends
     /// with a part that found nothing ready, or with an error, retried at the next tick).
     fn part_result(&mut self, res: Result<SealReport, BufferError>, max_rows: usize) -> bool {
-        let full_size = self.batch.max_readings.max(10_000) * 2;
+        let full_size = self.full_part_rows();
         match res {
             Ok(r) if r.rows == 0 => {
                 self.seal_error = None;
@@ -981,8 +991,9 @@ impl Worker {
         }
     }
 
-    /// After the last part of a seal: alarm metrics and statuses, the cap, the metrics.
-    fn seal_ended(&mut self) {
+    /// After each part of a seal (and after a seal that found nothing ready: the stale clock may have raised
+    /// alarms): alarm metrics and statuses, the cap, the metrics.
+    fn after_part(&mut self) {
         self.alarm_events();
         self.enforce_cap();
         self.publish();
@@ -1284,5 +1295,22 @@ mod tests {
         w.seal_tick();
         assert!(!w.buffer.sealing(), "the small part was sealed in place");
         assert_eq!(w.buffer.stats().pending_readings, n + 100);
+    }
+
+    /// Small parts (here one group of 1,000 readings each, as after halvings for disk space) are sealed in place
+    /// only up to [`OFFLOAD_ROWS`] readings in a row; the next one goes to the seal thread, so commits get their
+    /// turn.
+    #[test]
+    fn small_parts_in_a_row_go_to_the_seal_thread_past_the_offload_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _handle, n) = worker_with_backlog(dir.path());
+        w.seal_rows = 1000;
+        w.seal_tick();
+        assert!(w.buffer.sealing(), "a part went to the seal thread");
+        let sealed_in_place = w.buffer.stats().pending_readings;
+        assert!(sealed_in_place > 0 && sealed_in_place <= OFFLOAD_ROWS);
+        let (reply, _rx) = oneshot::channel();
+        w.control(Control::Flush { reply });
+        assert_eq!(w.buffer.stats().pending_readings, n);
     }
 }
