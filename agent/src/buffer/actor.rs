@@ -1236,6 +1236,11 @@ mod tests {
         );
         assert_eq!(stats.pending_readings, n, "the whole backlog sealed once");
         assert_eq!(w.buffer.ledger().appended, n + 5);
+        assert_eq!(
+            w.buffer.ledger().deduplicated,
+            0,
+            "no part was sealed twice"
+        );
     }
 
     /// A part whose transaction fails after appends were committed while it was out: nothing of it is kept (its
@@ -1295,6 +1300,11 @@ mod tests {
         w.seal_tick();
         assert!(!w.buffer.sealing(), "the small part was sealed in place");
         assert_eq!(w.buffer.stats().pending_readings, n + 100);
+        assert_eq!(
+            w.buffer.ledger().deduplicated,
+            0,
+            "no part was sealed twice"
+        );
     }
 
     /// Small parts (here one group of 1,000 readings each, as after halvings for disk space) are sealed in place
@@ -1312,5 +1322,10 @@ mod tests {
         let (reply, _rx) = oneshot::channel();
         w.control(Control::Flush { reply });
         assert_eq!(w.buffer.stats().pending_readings, n);
+        assert_eq!(
+            w.buffer.ledger().deduplicated,
+            0,
+            "no part was sealed twice"
+        );
     }
 }

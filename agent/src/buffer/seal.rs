@@ -406,28 +406,24 @@ impl Buffer {
         self.sealing = false;
         self.alarms = alarms;
         self.windows = windows;
-        let o = match outcome {
-            Ok(o) => o,
+        let records = outcome.and_then(|o| {
+            // The readings records were numbered after this many alarm records: a different count would reuse
+            // sequence numbers.
+            match self.alarm_records(&o.transitions, &series, self.next_seq)? {
+                v if v.0.len() as u64 == o.alarm_records => Ok((o, v)),
+                _ => Err(BufferError::Incompatible {
+                    path: "buffer".into(),
+                    why: "alarm records miscounted".into(),
+                }),
+            }
+        });
+        let (o, (alarm_recs, alarm_events)) = match records {
+            Ok(v) => v,
             Err(e) => {
                 self.restore_engines()?;
                 return Err(e);
             }
         };
-        let (alarm_recs, alarm_events) =
-            match self.alarm_records(&o.transitions, &series, self.next_seq) {
-                Ok(v) if v.0.len() as u64 == o.alarm_records => v,
-                Ok(_) => {
-                    self.restore_engines()?;
-                    return Err(BufferError::Incompatible {
-                        path: "buffer".into(),
-                        why: "alarm records miscounted".into(),
-                    });
-                }
-                Err(e) => {
-                    self.restore_engines()?;
-                    return Err(e);
-                }
-            };
         let alarm_dirty = self.alarms.take_dirty();
         let next_seq = self.next_seq + alarm_recs.len() as u64 + o.built.len() as u64;
         let res = self.in_tx(|b| {
