@@ -161,7 +161,7 @@ fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
-fn put_varint(b: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_varint(b: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         b.push((v as u8) | 0x80);
         v >>= 7;
@@ -169,7 +169,7 @@ fn put_varint(b: &mut Vec<u8>, mut v: u64) {
     b.push(v as u8);
 }
 
-fn get_varint(b: &mut &[u8]) -> Option<u64> {
+pub(crate) fn get_varint(b: &mut &[u8]) -> Option<u64> {
     let mut v = 0u64;
     for (i, &byte) in b.iter().enumerate().take(10) {
         v |= u64::from(byte & 0x7f) << (7 * i);

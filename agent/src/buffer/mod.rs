@@ -31,9 +31,11 @@
 //! groups(id INTEGER PRIMARY KEY, committed_ms INTEGER, readings INTEGER, bytes INTEGER, blob BLOB)
 //!                                                    -- unsealed readings; bytes: their counted size; blob: group.rs
 //! batches(seq INTEGER PRIMARY KEY, record BLOB, readings INTEGER, sealed_ms INTEGER)
-//! series_state(series_id INTEGER PRIMARY KEY, state BLOB)   -- order::SeriesState::to_bytes
+//! series_state(series_id INTEGER PRIMARY KEY, state BLOB, log_seal INTEGER)
+//!                                                    -- order::SeriesState::to_bytes, stored whole by seal log_seal
+//! state_log(seal INTEGER PRIMARY KEY, entries BLOB)  -- per seal, what states remembered since: state_log.rs
 //! series_state_log(series_id INTEGER, n INTEGER, entries BLOB, PRIMARY KEY(series_id, n))
-//!                                                    -- order::delta_bytes: remembered since the whole state
+//!                                                    -- an earlier version's deltas: folded into series_state at open
 //! dead_letters(id INTEGER PRIMARY KEY, at_ms INTEGER, reason TEXT, series TEXT, ts_ms INTEGER, value ANY)
 //! refused(id INTEGER PRIMARY KEY, at_ms INTEGER, source TEXT, topic TEXT, reason TEXT, detail TEXT,
 //!         size INTEGER, payload BLOB)                 -- source messages the mapping refused
@@ -44,19 +46,29 @@
 //! ```
 //!
 //! # Dedup states
-//! A seal stores each involved series' [`SeriesState`] in its transaction: whole in `series_state`, or, when the
-//! whole state is more than four times what it remembered since it was last stored, only that as the next row of
-//! `series_state_log` (at most [`MAX_STATE_DELTAS`] rows before the state is stored whole and they are deleted).
-//! Loading a state replays its deltas in order after the whole state; the next release forgets what the live state
-//! had forgotten before deciding anything (the horizon only moves forward and `max_recent` keeps the newest, so
-//! trimming everything remembered since the whole state gives what the live state kept; property-tested in
-//! `order/tests.rs`), and gives back the room of what it forgot. A series that remembered nothing in a seal is not
-//! written (its newest time did not move). The log table was added without a schema version change: an older agent
-//! ignores it (its dedup memory then lacks the deltas' readings), and if it ran on the file and a newer one runs
-//! again, the log rows it left are replayed over the whole state it wrote: real past readings, so nothing is taken
-//! for a duplicate wrongly; the next whole state deletes them. The states' rows are not counted in `max_bytes` (at
-//! most 16 bytes per reading of the dedup window, plus up to [`MAX_STATE_DELTAS`] deltas of at most a quarter of
-//! that each, per series).
+//! A seal stores each involved series' [`SeriesState`] in its transaction: whole in `series_state` (with the
+//! seal's number, `log_seal`), or, when the whole state is more than four times what it remembered since it was
+//! last stored, only that, as an entry of the seal's one row of `state_log` (`state_log.rs`). Seals are numbered
+//! in commit order (the counter continues, at open, after every number a row or whole state holds). A state's
+//! live deltas are the entries for it in rows numbered after its `log_seal`; loading it replays them in order after
+//! the whole state, and the next release forgets what the live state had forgotten before deciding anything (the
+//! horizon only moves forward and `max_recent` keeps the newest, so trimming everything remembered since the whole
+//! state gives what the live state kept; property-tested in `order/tests.rs`) and gives back the room of what it
+//! forgot. A series that remembered nothing in a seal is not written (its newest time did not move).
+//!
+//! Invariants: every state with live deltas is held in memory (the cache, or the seal job out) from the open on,
+//! which loads them all by replaying `state_log`; a state loaded on demand is its whole row alone; the cache lets a
+//! state with deltas go only after storing it whole; a failed seal reloads the cache by replaying the log. A state
+//! whose oldest delta is [`STATE_LOG_SEALS`] seals old is stored whole by that seal, involved or not, and the seal
+//! deletes the rows no state can need any more: the log holds at most [`STATE_LOG_SEALS`] rows.
+//!
+//! Versions: `state_log` and `log_seal` were added without a schema version change. Deltas an earlier version left
+//! in `series_state_log` (a row per series and seal) are folded into whole states at open. An earlier version run
+//! on a newer file ignores `state_log` (its dedup memory then lacks those deltas' readings, so a redelivery of one of
+//! them is sent again) and stores whole states with `log_seal` 0; when a newer one runs again, the rows still in the
+//! log are replayed over them: real past readings, so nothing is taken for a duplicate wrongly. The states' rows are
+//! not counted in `max_bytes` (at most 16 bytes per reading of the dedup window per series, plus the deltas of
+//! [`STATE_LOG_SEALS`] seals).
 //!
 //! # Windows
 //! With window rules ([`Buffer::enable_windows`], `buffer/windows.rs`), a seal feeds every released reading to
@@ -125,6 +137,7 @@ mod actor;
 mod config;
 mod group;
 mod seal;
+mod state_log;
 mod windows;
 
 pub use actor::{
@@ -361,7 +374,11 @@ pub struct Buffer {
     series_by_id: HashMap<i64, Series>,
     /// The group blob being built by an append (kept to reuse its allocation).
     group: group::Encoder,
+    /// Dedup states by series id. Every state with deltas in `state_log` is held here or by the job out, from
+    /// the open on (a state loaded on demand is its whole row only).
     states: HashMap<i64, SeriesState>,
+    /// The number of the last committed seal's `state_log` row (whether it wrote one or not).
+    log_seal: u64,
     bytes_per_reading: f64,
     stats: Stats,
     ledger: Ledger,
@@ -581,8 +598,21 @@ fn quality_of(kind: u8) -> Quality {
     }
 }
 
-/// Deltas a series' dedup state gets in `series_state_log` before it is stored whole again.
-pub const MAX_STATE_DELTAS: u32 = 32;
+/// A series' whole dedup state as stored, with the seal it was stored by (a new state and 0 if none is).
+fn whole_state(conn: &Connection, sid: i64) -> Result<(SeriesState, u64), BufferError> {
+    let row: Option<(Vec<u8>, i64)> = conn
+        .prepare_cached("SELECT state, log_seal FROM series_state WHERE series_id = ?1")?
+        .query_row([sid], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(row.map_or_else(
+        || (SeriesState::new(), 0),
+        |(b, seal)| (SeriesState::from_bytes(&b), seal.max(0) as u64),
+    ))
+}
+
+/// Rows of `state_log` kept: a dedup state whose oldest delta is this many seals old is stored whole (so loading a
+/// state never reads more than this many rows, nor holds more than this many deltas).
+pub const STATE_LOG_SEALS: u64 = 32;
 
 impl Buffer {
     /// Opens (or creates) the buffer at `path`. A file SQLite cannot read is moved aside (see the module doc).
@@ -636,6 +666,7 @@ impl Buffer {
              CREATE TABLE IF NOT EXISTS batches(seq INTEGER PRIMARY KEY, record BLOB NOT NULL, readings INTEGER NOT NULL, sealed_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS series_state(series_id INTEGER PRIMARY KEY, state BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS series_state_log(series_id INTEGER NOT NULL, n INTEGER NOT NULL, entries BLOB NOT NULL, PRIMARY KEY(series_id, n)) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS state_log(seal INTEGER PRIMARY KEY, entries BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS dead_letters(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, reason TEXT NOT NULL, series TEXT NOT NULL, ts_ms INTEGER NOT NULL, value ANY);
              CREATE TABLE IF NOT EXISTS refused(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, source TEXT NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS alarm_records(seq INTEGER PRIMARY KEY, record BLOB NOT NULL, events INTEGER NOT NULL, sealed_ms INTEGER NOT NULL);
@@ -705,6 +736,7 @@ impl Buffer {
             series_by_id: HashMap::new(),
             group: group::Encoder::new(),
             states: HashMap::new(),
+            log_seal: 0,
             bytes_per_reading: 10.0,
             stats: Stats::default(),
             ledger: Ledger::default(),
@@ -725,7 +757,101 @@ impl Buffer {
             reload_faults: 0,
         };
         b.refresh_stats()?;
+        b.open_state_log()?;
         Ok(b)
+    }
+
+    /// At open: the dedup states' log is brought to this version's layout (deltas a version before this one left
+    /// in `series_state_log` are folded into whole states), the seal counter continues after every number a row
+    /// or a whole state holds, and the states with deltas are loaded.
+    fn open_state_log(&mut self) -> Result<(), BufferError> {
+        let has_log_seal: i64 = self.conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('series_state') WHERE name = 'log_seal'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_log_seal == 0 {
+            self.conn.execute_batch(
+                "ALTER TABLE series_state ADD COLUMN log_seal INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
+        let old: Vec<i64> = self
+            .conn
+            .prepare("SELECT DISTINCT series_id FROM series_state_log")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        if !old.is_empty() {
+            self.in_tx(|b| {
+                for sid in &old {
+                    let (mut st, seal) = whole_state(&b.conn, *sid)?;
+                    let mut stmt = b.conn.prepare_cached(
+                        "SELECT entries FROM series_state_log WHERE series_id = ?1 ORDER BY n",
+                    )?;
+                    let mut q = stmt.query([sid])?;
+                    while let Some(r) = q.next()? {
+                        st.apply_delta(r.get_ref(0)?.as_blob()?);
+                    }
+                    b.conn
+                        .prepare_cached("INSERT OR REPLACE INTO series_state(series_id, state, log_seal) VALUES (?1, ?2, ?3)")?
+                        .execute(params![sid, st.to_bytes(), seal as i64])?;
+                }
+                b.conn.execute("DELETE FROM series_state_log", [])?;
+                Ok(())
+            })?;
+            tracing::info!(
+                series = old.len(),
+                "dedup states of an earlier version's delta table stored whole"
+            );
+        }
+        self.log_seal = self.conn.query_row(
+            "SELECT max(coalesce((SELECT max(seal) FROM state_log), 0), coalesce((SELECT max(log_seal) FROM series_state), 0))",
+            [],
+            |r| r.get::<_, i64>(0),
+        )?.max(0) as u64;
+        self.reload_states()
+    }
+
+    /// The cache of dedup states emptied, then every state with deltas in `state_log` loaded into it: its whole
+    /// state, then the deltas of the rows after it, oldest first. The other states load on demand.
+    fn reload_states(&mut self) -> Result<(), BufferError> {
+        self.states.clear();
+        let mut loaded: HashMap<i64, (SeriesState, u64)> = HashMap::new();
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seal, entries FROM state_log ORDER BY seal")?;
+        let mut q = stmt.query([])?;
+        while let Some(r) = q.next()? {
+            let seal = r.get::<_, i64>(0)?.max(0) as u64;
+            let mut entries = state_log::entries(r.get_ref(1)?.as_blob()?);
+            for (sid, delta) in entries.by_ref() {
+                let (st, whole_seal) = match loaded.entry(sid) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(whole_state(&self.conn, sid)?)
+                    }
+                };
+                if seal > *whole_seal {
+                    st.apply_delta(delta);
+                    if st.logged_since == 0 {
+                        st.logged_since = seal;
+                    }
+                }
+            }
+            if !entries.complete {
+                tracing::error!(
+                    seal,
+                    "unreadable row of the dedup states' log: the rest of it is ignored (readings sent again may not be recognised as duplicates)"
+                );
+            }
+        }
+        drop(q);
+        drop(stmt);
+        self.states = loaded
+            .into_iter()
+            .filter(|(_, (st, _))| st.logged_since != 0)
+            .map(|(sid, (st, _))| (sid, st))
+            .collect();
+        Ok(())
     }
 
     fn refresh_stats(&mut self) -> Result<(), BufferError> {
@@ -771,6 +897,7 @@ impl Buffer {
     /// states that already counted readings it failed to commit.
     fn restore_engines(&mut self) -> Result<(), BufferError> {
         self.engines_stale = true;
+        self.reload_states()?;
         self.reload_alarms()?;
         self.reload_windows()?;
         self.engines_stale = false;
@@ -1201,25 +1328,12 @@ impl Buffer {
 
     fn state(&mut self, sid: i64) -> Result<SeriesState, BufferError> {
         // Taken out of the cache, not cloned (a clone doubled the dedup states' memory during every seal): a seal
-        // that commits puts it back, one that fails leaves the committed state in the table to be read again.
+        // that commits puts it back, one that fails reloads the committed states (`restore_engines`). A state not
+        // held has no deltas (see `states`): its whole row is all of it.
         if let Some(s) = self.states.remove(&sid) {
             return Ok(s);
         }
-        let blob: Option<Vec<u8>> = self
-            .conn
-            .prepare_cached("SELECT state FROM series_state WHERE series_id = ?1")?
-            .query_row([sid], |r| r.get(0))
-            .optional()?;
-        let mut st = blob.map_or_else(SeriesState::new, |b| SeriesState::from_bytes(&b));
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT n, entries FROM series_state_log WHERE series_id = ?1 ORDER BY n",
-        )?;
-        let mut q = stmt.query([sid])?;
-        while let Some(r) = q.next()? {
-            st.stored_deltas = st.stored_deltas.max(r.get::<_, u32>(0)?);
-            st.apply_delta(r.get_ref(1)?.as_blob()?);
-        }
-        Ok(st)
+        Ok(whole_state(&self.conn, sid)?.0)
     }
 
     /// Seals the groups with `id <= up_to`, oldest first, whole groups while their readings fit in `max_rows` (at

@@ -15,9 +15,10 @@
 //! says whether one is out).
 
 use super::group;
+use super::state_log;
 use super::windows::{self, WindowStep};
 use super::{
-    Buffer, BufferError, SealReport, EVENTS_PER_RECORD, MAX_DEAD_LETTERS, MAX_STATE_DELTAS,
+    Buffer, BufferError, SealReport, EVENTS_PER_RECORD, MAX_DEAD_LETTERS, STATE_LOG_SEALS,
 };
 use crate::alarm::{self, Obs, Transition};
 use crate::batch::{self, BatchConfig, Builder, Built, Row};
@@ -55,6 +56,8 @@ pub struct SealJob {
     rules: Rules,
     now_ms: i64,
     next_seq: u64,
+    /// The number the seal's `state_log` row gets.
+    log_seal: u64,
     bytes_per_reading: f64,
     agent_id: String,
     epoch: u64,
@@ -86,75 +89,64 @@ struct Outcome {
     alarm_records: u64,
     built: Vec<Built>,
     bytes_per_reading: f64,
-    /// How each series that remembered readings stores its dedup state.
+    /// How each series that remembered readings, or whose deltas aged, stores its dedup state (by series id).
     state_writes: Vec<(i64, StateWrite)>,
+    /// The seal's row of `state_log` (empty: none).
+    state_log: Vec<u8>,
 }
 
-/// How a seal stores a series' dedup state: the whole state, or, when that is more than four times what it
-/// remembered since it was last stored, only that (a delta, 16 bytes per reading), up to [`MAX_STATE_DELTAS`]
-/// deltas before the next whole state replaces them. Rewriting the whole state at every seal wrote 16 bytes per
-/// reading of the dedup window for every series involved (16 KB per seal for a series of 1,024 remembered
-/// readings); a series with few readings in its window is still stored whole (a row of its own per delta costs
-/// more than the state). A series that remembered nothing in a seal has the state it had (its newest time did not
-/// move; what it forgot, the next release forgets again after loading) and is not written.
-#[derive(Debug)]
+/// How a seal stores a series' dedup state: the whole state in `series_state`, or, when that is more than four times
+/// what it remembered since it was last stored, only that (a delta, 16 bytes per reading) in the seal's one row of
+/// `state_log` ([`super::state_log`]). A state whose oldest delta is [`STATE_LOG_SEALS`] seals old is stored whole,
+/// whether it remembered anything or not, so the log never needs more than its last [`STATE_LOG_SEALS`] rows. A
+/// series that remembered nothing in a seal otherwise has the state it had (its newest time did not move; what it
+/// forgot, the next release forgets again after loading) and is not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StateWrite {
-    Delta {
-        n: u32,
-        entries: Vec<u8>,
-    },
+    Delta,
     /// Encoded inside the transaction, one state at a time (all of them encoded at once would double their memory
     /// for a moment).
-    Whole {
-        had_deltas: bool,
-    },
+    Whole,
 }
 
 impl StateWrite {
-    /// The write `st` needs after it remembered `remembered` (its run of [`order::Released::remembered`]).
-    fn of(st: &SeriesState, remembered: &[(i64, i64, u64)]) -> Self {
-        if st.stored_deltas >= MAX_STATE_DELTAS || st.remembered() <= 4 * remembered.len() {
-            StateWrite::Whole {
-                had_deltas: st.stored_deltas > 0,
-            }
+    /// The write `st` needs in the seal numbered `seal`, after it remembered `remembered` readings.
+    fn of(st: &SeriesState, remembered: usize, seal: u64) -> Self {
+        if aged(st, seal) || st.remembered() <= 4 * remembered {
+            StateWrite::Whole
         } else {
-            StateWrite::Delta {
-                n: st.stored_deltas + 1,
-                entries: order::delta_bytes(st.last_ts, remembered),
-            }
+            StateWrite::Delta
         }
     }
 
-    /// Inside the seal's transaction.
-    fn execute(&self, conn: &Connection, sid: i64, st: &SeriesState) -> Result<(), BufferError> {
+    /// After the commit of the seal numbered `seal`: the state's bookkeeping follows what was stored.
+    fn stored(self, st: &mut SeriesState, seal: u64) {
         match self {
-            StateWrite::Delta { n, entries } => {
-                conn.prepare_cached(
-                    "INSERT INTO series_state_log(series_id, n, entries) VALUES (?1, ?2, ?3)",
-                )?
-                .execute(params![sid, n, entries])?;
-            }
-            StateWrite::Whole { had_deltas } => {
-                conn.prepare_cached(
-                    "INSERT OR REPLACE INTO series_state(series_id, state) VALUES (?1, ?2)",
-                )?
-                .execute(params![sid, st.to_bytes()])?;
-                if *had_deltas {
-                    conn.prepare_cached("DELETE FROM series_state_log WHERE series_id = ?1")?
-                        .execute([sid])?;
-                }
-            }
+            StateWrite::Delta if st.logged_since == 0 => st.logged_since = seal,
+            StateWrite::Delta => {}
+            StateWrite::Whole => st.logged_since = 0,
         }
-        Ok(())
     }
+}
 
-    /// After the commit: the state's bookkeeping follows what was stored.
-    fn stored(&self, st: &mut SeriesState) {
-        st.stored_deltas = match self {
-            StateWrite::Delta { n, .. } => *n,
-            StateWrite::Whole { .. } => 0,
-        };
-    }
+/// Whether `st`'s oldest delta would fall out of the log kept after the seal numbered `seal`.
+fn aged(st: &SeriesState, seal: u64) -> bool {
+    st.logged_since != 0 && st.logged_since + STATE_LOG_SEALS <= seal
+}
+
+/// Inside a seal's transaction: `st` stored whole as of the seal numbered `seal` (its deltas in older rows of
+/// `state_log` no longer apply).
+fn write_whole(
+    conn: &Connection,
+    sid: i64,
+    st: &SeriesState,
+    seal: u64,
+) -> Result<(), BufferError> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO series_state(series_id, state, log_seal) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![sid, st.to_bytes(), seal as i64])?;
+    Ok(())
 }
 
 impl SealJob {
@@ -177,20 +169,36 @@ impl SealJob {
             rules,
             now_ms,
             next_seq,
+            log_seal,
             mut bytes_per_reading,
             agent_id,
             epoch,
             cfg,
         } = self;
         let mut released = order::release(pending, &mut states, rules);
-        let state_writes: Vec<(i64, StateWrite)> = released
+        let mut state_log = Vec::new();
+        let mut state_writes: Vec<(i64, StateWrite)> = released
             .remembered
             .chunk_by(|a, b| a.0 == b.0)
             .filter_map(|run| {
                 let sid = run[0].0;
-                states.get(&sid).map(|st| (sid, StateWrite::of(st, run)))
+                let st = states.get(&sid)?;
+                let write = StateWrite::of(st, run.len(), log_seal);
+                if write == StateWrite::Delta {
+                    state_log::push(&mut state_log, sid, st.last_ts, run);
+                }
+                Some((sid, write))
             })
             .collect();
+        // Series involved that remembered nothing (all duplicates) but whose deltas aged. `remembered` is in series
+        // order, so are the writes.
+        let remembering = state_writes.len();
+        for (sid, st) in &states {
+            let written = state_writes[..remembering].binary_search_by_key(sid, |w| w.0);
+            if aged(st, log_seal) && written.is_err() {
+                state_writes.push((*sid, StateWrite::Whole));
+            }
+        }
         released.remembered = Vec::new(); // not needed any more: its memory goes now
 
         // Alarm rules: each series' released readings in event-time order, late ones left out; then the clock.
@@ -248,6 +256,7 @@ impl SealJob {
             built,
             bytes_per_reading,
             state_writes,
+            state_log,
         });
         Sealed {
             taken,
@@ -315,19 +324,10 @@ impl Buffer {
         // Series states and series of every series involved.
         let mut states: HashMap<i64, SeriesState> = HashMap::new();
         let mut series: HashMap<i64, Series> = HashMap::new();
-        for p in &pending {
-            if let std::collections::hash_map::Entry::Vacant(slot) = states.entry(p.series) {
-                // Taken out of the cache: it goes back with a committed seal; otherwise the committed state stays
-                // in the table.
-                slot.insert(self.state(p.series)?);
-                let s = self
-                    .series_by_id(p.series)?
-                    .ok_or_else(|| BufferError::Incompatible {
-                        path: "buffer".into(),
-                        why: format!("reading refers to missing series {}", p.series),
-                    })?;
-                series.insert(p.series, s);
-            }
+        if let Err(e) = self.take_involved(&pending, &mut states, &mut series) {
+            // Back where they were: a state with deltas must stay held (see `Buffer::state`).
+            self.states.extend(states);
+            return Err(e);
         }
         self.sealing = true;
         Ok(Begun::Job(Box::new(SealJob {
@@ -342,11 +342,35 @@ impl Buffer {
             rules,
             now_ms,
             next_seq: self.next_seq,
+            log_seal: self.log_seal + 1,
             bytes_per_reading: self.bytes_per_reading,
             agent_id: self.agent_id.clone(),
             epoch: self.epoch,
             cfg: cfg.clone(),
         })))
+    }
+
+    /// The dedup states (taken out of the cache: they go back with a committed seal) and series of every series
+    /// `pending` involves.
+    fn take_involved(
+        &mut self,
+        pending: &[order::Pending],
+        states: &mut HashMap<i64, SeriesState>,
+        series: &mut HashMap<i64, Series>,
+    ) -> Result<(), BufferError> {
+        for p in pending {
+            if let std::collections::hash_map::Entry::Vacant(slot) = states.entry(p.series) {
+                slot.insert(self.state(p.series)?);
+                let s = self
+                    .series_by_id(p.series)?
+                    .ok_or_else(|| BufferError::Incompatible {
+                        path: "buffer".into(),
+                        why: format!("reading refers to missing series {}", p.series),
+                    })?;
+                series.insert(p.series, s);
+            }
+        }
+        Ok(())
     }
 
     /// Whole groups with `id <= up_to`, oldest first, while they fit in `max_rows` (at least one), decoded into
@@ -426,6 +450,17 @@ impl Buffer {
         };
         let alarm_dirty = self.alarms.take_dirty();
         let next_seq = self.next_seq + alarm_recs.len() as u64 + o.built.len() as u64;
+        let log_seal = self.log_seal + 1;
+        // Held states this seal did not involve that must be stored whole: those whose deltas aged, or, when the
+        // cache is about to be emptied, all that have deltas (a state with deltas is never let go: loading one
+        // reads only its whole state).
+        let evict = self.states.len() + states.len() > super::SERIES_CACHE_MAX;
+        let swept: Vec<i64> = self
+            .states
+            .iter()
+            .filter(|(_, st)| st.logged_since != 0 && (evict || aged(st, log_seal)))
+            .map(|(sid, _)| *sid)
+            .collect();
         let res = self.in_tx(|b| {
             b.write_alarms(&alarm_recs, &alarm_dirty, now_ms)?;
             b.write_windows(&o.step.dirty)?;
@@ -435,17 +470,29 @@ impl Buffer {
                     .execute(params![x.seq as i64, x.record, x.readings as i64, now_ms])?;
             }
             b.write_dead_letters(&o.dead, &series, now_ms)?;
+            if !o.state_log.is_empty() {
+                b.conn
+                    .prepare_cached("INSERT INTO state_log(seal, entries) VALUES (?1, ?2)")?
+                    .execute(params![log_seal as i64, o.state_log])?;
+            }
             for (sid, write) in &o.state_writes {
-                if let Some(st) = states.get(sid) {
-                    write.execute(&b.conn, *sid, st)?;
+                if let (StateWrite::Whole, Some(st)) = (write, states.get(sid)) {
+                    write_whole(&b.conn, *sid, st, log_seal)?;
                 }
             }
+            for sid in &swept {
+                if let Some(st) = b.states.get(sid) {
+                    write_whole(&b.conn, *sid, st, log_seal)?;
+                }
+            }
+            b.conn
+                .prepare_cached("DELETE FROM state_log WHERE seal <= ?1")?
+                .execute([log_seal.saturating_sub(STATE_LOG_SEALS) as i64])?;
             b.conn.prepare_cached("DELETE FROM groups WHERE id <= ?1")?.execute([taken.ids_last])?;
             b.conn.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?.execute([next_seq as i64])?;
             Ok(())
         });
         if let Err(e) = res {
-            self.states.clear();
             self.restore_engines()?;
             return Err(e);
         }
@@ -455,13 +502,19 @@ impl Buffer {
         let mut states = states;
         for (sid, write) in &o.state_writes {
             if let Some(st) = states.get_mut(sid) {
-                write.stored(st);
+                write.stored(st, log_seal);
             }
         }
-        if self.states.len() + states.len() > super::SERIES_CACHE_MAX {
+        for sid in &swept {
+            if let Some(st) = self.states.get_mut(sid) {
+                StateWrite::Whole.stored(st, log_seal);
+            }
+        }
+        if evict {
             self.states.clear();
         }
         self.states.extend(states);
+        self.log_seal = log_seal;
         self.bytes_per_reading = o.bytes_per_reading;
         self.next_seq = next_seq;
         let (sealed_readings, sealed_bytes) = o.built.iter().fold((0u64, 0u64), |(n, b), x| {

@@ -133,66 +133,91 @@ fn duplicates_are_dropped_across_reopen_and_late_readings_flagged() {
     assert_eq!(got.len(), 4);
 }
 
-/// `(rows, bytes)` of `series_state_log`, and whether a whole state is stored, for the only series.
-fn stored_state(b: &Buffer) -> (i64, i64, bool) {
+/// `(rows, bytes)` of `state_log`, and the seals whose whole states `series_state` holds, by series key.
+fn stored_state(b: &Buffer) -> (i64, i64, Vec<(String, i64)>) {
     let (rows, bytes) = b
         .conn
         .query_row(
-            "SELECT count(*), coalesce(sum(length(entries)), 0) FROM series_state_log",
+            "SELECT count(*), coalesce(sum(length(entries)), 0) FROM state_log",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    let whole: i64 = b
+    let whole = b
         .conn
-        .query_row("SELECT count(*) FROM series_state", [], |r| r.get(0))
+        .prepare(
+            "SELECT key, log_seal FROM series_state JOIN series ON id = series_id ORDER BY key",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
         .unwrap();
-    (rows, bytes, whole > 0)
+    (rows, bytes, whole)
+}
+
+/// 1,000 readings of history within the dedup window for each of `keys`, sealed (stored whole).
+fn with_history(b: &mut Buffer, enc: &mut Encoder, keys: &[&str]) {
+    for key in keys {
+        let history: Vec<NewReading> = (0..1000).map(|i| reading(key, i, 1.0)).collect();
+        b.append([history.as_slice()]).unwrap();
+    }
+    seal_all(b, enc, 1024);
 }
 
 #[test]
-fn a_seal_stores_what_a_dedup_state_remembered_since_not_the_whole_state_and_a_reopen_dedups_with_it(
-) {
+fn a_seal_stores_what_the_dedup_states_remembered_since_in_one_row_and_a_reopen_dedups_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut enc = Encoder::new(3).unwrap();
     let mut b = open(&dir);
-    // A series with 1,000 readings of history within the dedup window.
-    let history: Vec<NewReading> = (0..1000).map(|i| reading("a/x", i, 1.0)).collect();
-    b.append([history.as_slice()]).unwrap();
-    seal_all(&mut b, &mut enc, 1024);
-    // All of it is new: stored whole.
-    assert_eq!(stored_state(&b), (0, 0, true));
-    // One new reading per seal: a 24-byte delta each, not the 16 KB state again; after MAX_STATE_DELTAS deltas the
-    // state is stored whole again and the deltas go.
-    for i in 0..i64::from(MAX_STATE_DELTAS) {
-        b.append([vec![reading("a/x", 1000 + i, 2.0)].as_slice()])
+    with_history(&mut b, &mut enc, &["a/x", "a/y"]);
+    // All of it is new: stored whole, by seal 1.
+    assert_eq!(
+        stored_state(&b),
+        (0, 0, vec![("a/x".into(), 1), ("a/y".into(), 1)])
+    );
+    // One new reading per series and seal: one row per seal holding both series' deltas (26 bytes each: series
+    // id, length, newest time, one (ts, identity) pair), not their 16 KB states again.
+    for i in 0..STATE_LOG_SEALS as i64 {
+        b.append([vec![reading("a/x", 1000 + i, 2.0), reading("a/y", 1000 + i, 2.0)].as_slice()])
             .unwrap();
         seal_all(&mut b, &mut enc, 1024);
     }
+    let rows = STATE_LOG_SEALS as i64;
     assert_eq!(
         stored_state(&b),
         (
-            i64::from(MAX_STATE_DELTAS),
-            24 * i64::from(MAX_STATE_DELTAS),
-            true
+            rows,
+            2 * 26 * rows,
+            vec![("a/x".into(), 1), ("a/y".into(), 1)]
         )
     );
-    b.append([vec![reading("a/x", 5000, 3.0)].as_slice()])
+    // Seal 34: both oldest deltas (seal 2) are STATE_LOG_SEALS seals old: the states are stored whole and the row
+    // of seal 2 goes (the other rows hold deltas no state needs; they go as they age).
+    b.append([vec![reading("a/x", 5000, 3.0), reading("a/y", 5000, 3.0)].as_slice()])
         .unwrap();
     seal_all(&mut b, &mut enc, 1024);
-    assert_eq!(stored_state(&b), (0, 0, true));
+    assert_eq!(
+        stored_state(&b),
+        (
+            rows - 1,
+            2 * 26 * (rows - 1),
+            vec![("a/x".into(), 34), ("a/y".into(), 34)]
+        )
+    );
     b.append([vec![reading("a/x", 5001, 4.0)].as_slice()])
         .unwrap();
     seal_all(&mut b, &mut enc, 1024);
-    assert_eq!(stored_state(&b), (1, 24, true));
+    assert_eq!(stored_state(&b).0, rows - 1, "row 35 in, row 3 out");
     let sealed = b.ledger().appended - b.ledger().deduplicated;
     drop(b);
 
-    // Reopened (nothing cached): redeliveries of a reading stored whole, one stored whole after deltas and one
-    // from the delta after it are all recognised; a new reading is not.
+    // Reopened (nothing cached): redeliveries of a reading stored whole, one stored whole after deltas, one from
+    // a delta before the whole state and one from the delta after it are all recognised; a new reading is not.
     let mut b = open(&dir);
     b.append([vec![
         reading("a/x", 500, 1.0),
+        reading("a/x", 1010, 2.0),
         reading("a/x", 5000, 3.0),
         reading("a/x", 5001, 4.0),
         reading("a/x", 5002, 5.0),
@@ -200,8 +225,101 @@ fn a_seal_stores_what_a_dedup_state_remembered_since_not_the_whole_state_and_a_r
     .as_slice()])
         .unwrap();
     seal_all(&mut b, &mut enc, 1024);
-    assert_eq!(b.ledger().deduplicated, 3);
-    assert_eq!(sealed, 1000 + u64::from(MAX_STATE_DELTAS) + 2);
+    assert_eq!(b.ledger().deduplicated, 4);
+    assert_eq!(sealed, 2000 + 2 * STATE_LOG_SEALS + 3);
+}
+
+#[test]
+fn a_quiet_series_is_stored_whole_before_its_delta_leaves_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut enc = Encoder::new(3).unwrap();
+    let mut b = open(&dir);
+    with_history(&mut b, &mut enc, &["quiet/x", "busy/x"]);
+    // Seal 2: the quiet series' last delta. Then only the busy series, long past the log's span.
+    b.append([vec![reading("quiet/x", 1000, 2.0)].as_slice()])
+        .unwrap();
+    seal_all(&mut b, &mut enc, 1024);
+    for i in 0..2 * STATE_LOG_SEALS as i64 {
+        b.append([vec![reading("busy/x", 1000 + i, 2.0)].as_slice()])
+            .unwrap();
+        seal_all(&mut b, &mut enc, 1024);
+        let (rows, ..) = stored_state(&b);
+        assert!(rows <= STATE_LOG_SEALS as i64, "{rows} rows");
+    }
+    // The quiet series was stored whole by the seal its delta aged in (2 + STATE_LOG_SEALS), though it was not
+    // involved; reopened, its delta's reading is still recognised.
+    let whole = stored_state(&b).2;
+    assert_eq!(whole[1], ("quiet/x".into(), 2 + STATE_LOG_SEALS as i64));
+    drop(b);
+    let mut b = open(&dir);
+    b.append([vec![reading("quiet/x", 1000, 2.0), reading("quiet/x", 999, 1.0)].as_slice()])
+        .unwrap();
+    seal_all(&mut b, &mut enc, 1024);
+    assert_eq!(b.ledger().deduplicated, 2);
+}
+
+#[test]
+fn a_failed_seal_gives_back_the_states_with_their_deltas() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut enc = Encoder::new(3).unwrap();
+    let mut b = open(&dir);
+    with_history(&mut b, &mut enc, &["a/x"]);
+    // Committed as a delta of seal 2.
+    b.append([vec![reading("a/x", 1000, 2.0)].as_slice()])
+        .unwrap();
+    seal_all(&mut b, &mut enc, 1024);
+    assert_eq!(stored_state(&b).0, 1);
+    // A seal that fails: the state it took out (and changed) is dropped; the committed one comes back from its
+    // whole row and its delta, so the redelivered reading of seal 2 is still a duplicate afterwards.
+    b.append([vec![reading("a/x", 1001, 3.0)].as_slice()])
+        .unwrap();
+    b.fault = Some(rusqlite::ffi::SQLITE_IOERR);
+    assert!(b
+        .seal(i64::MAX, 100_000, &mut enc, &cfg(1024), rules(), 0)
+        .is_err());
+    b.append([vec![reading("a/x", 1000, 2.0)].as_slice()])
+        .unwrap();
+    seal_all(&mut b, &mut enc, 1024);
+    let l = b.ledger();
+    assert_eq!((l.deduplicated, l.appended - l.deduplicated), (1, 1002));
+}
+
+#[test]
+fn deltas_an_earlier_version_left_per_series_are_folded_into_whole_states_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut enc = Encoder::new(3).unwrap();
+    let mut b = open(&dir);
+    with_history(&mut b, &mut enc, &["a/x"]);
+    // What the version before this one wrote for a delta: a row of its own in `series_state_log` (the reading's
+    // identity as the release gives it).
+    let released = crate::order::release(
+        vec![crate::order::Pending {
+            series: 1,
+            ts_ms: 1000,
+            value: Value::F64(2.0),
+            quality: Quality::Good,
+        }],
+        &mut Default::default(),
+        rules(),
+    );
+    let delta = crate::order::delta_bytes(1000, &released.remembered);
+    b.conn
+        .execute(
+            "INSERT INTO series_state_log(series_id, n, entries) VALUES (1, 1, ?1)",
+            [delta],
+        )
+        .unwrap();
+    drop(b);
+    let mut b = open(&dir);
+    let log_rows: i64 = b
+        .conn
+        .query_row("SELECT count(*) FROM series_state_log", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(log_rows, 0);
+    b.append([vec![reading("a/x", 1000, 2.0)].as_slice()])
+        .unwrap();
+    seal_all(&mut b, &mut enc, 1024);
+    assert_eq!(b.ledger().deduplicated, 1);
 }
 
 #[test]

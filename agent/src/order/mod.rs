@@ -68,8 +68,9 @@ pub struct SeriesState {
     /// Recently released readings, oldest first: `[ts - base, identity low half, identity high half]`, where the
     /// identity is the hash of (ts, value).
     recent: Vec<[u32; 3]>,
-    /// Deltas stored since the last whole state (the buffer's bookkeeping, not part of the state).
-    pub(crate) stored_deltas: u32,
+    /// The `state_log` row holding this state's oldest delta stored since its last whole state, 0 if none (the
+    /// buffer's bookkeeping, not part of the state).
+    pub(crate) logged_since: u64,
 }
 
 /// Equal when they remember the same readings (whatever their bases).
@@ -100,7 +101,7 @@ impl SeriesState {
             last_ts: i64::MIN,
             base: 0,
             recent: Vec::new(),
-            stored_deltas: 0,
+            logged_since: 0,
         }
     }
 
