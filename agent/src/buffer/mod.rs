@@ -57,8 +57,9 @@
 //! forgot. A series that remembered nothing in a seal is not written (its newest time did not move).
 //!
 //! Invariants: every state with live deltas is held in memory (the cache, or the seal job out) from the open on,
-//! which loads them all by replaying `state_log`; a state loaded on demand is its whole row alone; the cache lets a
-//! state with deltas go only after storing it whole; a failed seal reloads the cache by replaying the log. A state
+//! which loads them all by replaying `state_log`; a state loaded on demand is its whole row alone; the cache (past
+//! `SERIES_CACHE_MAX` series) lets only states without deltas go; a failed seal reloads the cache by replaying the
+//! log. A state
 //! whose oldest delta is [`STATE_LOG_SEALS`] seals old is stored whole by that seal, involved or not, and the seal
 //! deletes the rows no state can need any more: the log holds at most [`STATE_LOG_SEALS`] rows.
 //!
@@ -664,7 +665,7 @@ impl Buffer {
              CREATE TABLE IF NOT EXISTS series(id INTEGER PRIMARY KEY, key TEXT NOT NULL, tags TEXT NOT NULL, UNIQUE(key, tags));
              CREATE TABLE IF NOT EXISTS groups(id INTEGER PRIMARY KEY, committed_ms INTEGER NOT NULL, readings INTEGER NOT NULL, bytes INTEGER NOT NULL, blob BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS batches(seq INTEGER PRIMARY KEY, record BLOB NOT NULL, readings INTEGER NOT NULL, sealed_ms INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS series_state(series_id INTEGER PRIMARY KEY, state BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS series_state(series_id INTEGER PRIMARY KEY, state BLOB NOT NULL, log_seal INTEGER NOT NULL DEFAULT 0);
              CREATE TABLE IF NOT EXISTS series_state_log(series_id INTEGER NOT NULL, n INTEGER NOT NULL, entries BLOB NOT NULL, PRIMARY KEY(series_id, n)) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS state_log(seal INTEGER PRIMARY KEY, entries BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS dead_letters(id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, reason TEXT NOT NULL, series TEXT NOT NULL, ts_ms INTEGER NOT NULL, value ANY);
@@ -897,6 +898,10 @@ impl Buffer {
     /// states that already counted readings it failed to commit.
     fn restore_engines(&mut self) -> Result<(), BufferError> {
         self.engines_stale = true;
+        if !self.conn.is_autocommit() {
+            // A transaction left open (its ROLLBACK failed): what is reloaded must be what was committed.
+            self.conn.execute_batch("ROLLBACK")?;
+        }
         self.reload_states()?;
         self.reload_alarms()?;
         self.reload_windows()?;

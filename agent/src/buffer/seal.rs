@@ -93,6 +93,8 @@ struct Outcome {
     state_writes: Vec<(i64, StateWrite)>,
     /// The seal's row of `state_log` (empty: none).
     state_log: Vec<u8>,
+    /// The number the seal's `state_log` row gets (the decisions above were made for it).
+    log_seal: u64,
 }
 
 /// How a seal stores a series' dedup state: the whole state in `series_state`, or, when that is more than four times
@@ -257,6 +259,7 @@ impl SealJob {
             bytes_per_reading,
             state_writes,
             state_log,
+            log_seal,
         });
         Sealed {
             taken,
@@ -450,15 +453,13 @@ impl Buffer {
         };
         let alarm_dirty = self.alarms.take_dirty();
         let next_seq = self.next_seq + alarm_recs.len() as u64 + o.built.len() as u64;
-        let log_seal = self.log_seal + 1;
-        // Held states this seal did not involve that must be stored whole: those whose deltas aged, or, when the
-        // cache is about to be emptied, all that have deltas (a state with deltas is never let go: loading one
-        // reads only its whole state).
-        let evict = self.states.len() + states.len() > super::SERIES_CACHE_MAX;
+        let log_seal = o.log_seal;
+        debug_assert_eq!(log_seal, self.log_seal + 1, "one seal at a time");
+        // Held states this seal did not involve whose deltas aged: stored whole.
         let swept: Vec<i64> = self
             .states
             .iter()
-            .filter(|(_, st)| st.logged_since != 0 && (evict || aged(st, log_seal)))
+            .filter(|(_, st)| aged(st, log_seal))
             .map(|(sid, _)| *sid)
             .collect();
         let res = self.in_tx(|b| {
@@ -510,8 +511,10 @@ impl Buffer {
                 StateWrite::Whole.stored(st, log_seal);
             }
         }
-        if evict {
-            self.states.clear();
+        if self.states.len() + states.len() > super::SERIES_CACHE_MAX {
+            // Only states without deltas go (loading one reads its whole row only): those with deltas are the
+            // series of the last STATE_LOG_SEALS seals, and aging stores them whole in turn.
+            self.states.retain(|_, st| st.logged_since != 0);
         }
         self.states.extend(states);
         self.log_seal = log_seal;

@@ -156,6 +156,12 @@ fn stored_state(b: &Buffer) -> (i64, i64, Vec<(String, i64)>) {
     (rows, bytes, whole)
 }
 
+/// Appends one reading and seals it.
+fn seal_one(b: &mut Buffer, enc: &mut Encoder, key: &str, ts: i64, v: f64) {
+    b.append([vec![reading(key, ts, v)].as_slice()]).unwrap();
+    seal_all(b, enc, 1024);
+}
+
 /// 1,000 readings of history within the dedup window for each of `keys`, sealed (stored whole).
 fn with_history(b: &mut Buffer, enc: &mut Encoder, keys: &[&str]) {
     for key in keys {
@@ -205,9 +211,7 @@ fn a_seal_stores_what_the_dedup_states_remembered_since_in_one_row_and_a_reopen_
             vec![("a/x".into(), 34), ("a/y".into(), 34)]
         )
     );
-    b.append([vec![reading("a/x", 5001, 4.0)].as_slice()])
-        .unwrap();
-    seal_all(&mut b, &mut enc, 1024);
+    seal_one(&mut b, &mut enc, "a/x", 5001, 4.0);
     assert_eq!(stored_state(&b).0, rows - 1, "row 35 in, row 3 out");
     let sealed = b.ledger().appended - b.ledger().deduplicated;
     drop(b);
@@ -236,13 +240,9 @@ fn a_quiet_series_is_stored_whole_before_its_delta_leaves_the_log() {
     let mut b = open(&dir);
     with_history(&mut b, &mut enc, &["quiet/x", "busy/x"]);
     // Seal 2: the quiet series' last delta. Then only the busy series, long past the log's span.
-    b.append([vec![reading("quiet/x", 1000, 2.0)].as_slice()])
-        .unwrap();
-    seal_all(&mut b, &mut enc, 1024);
+    seal_one(&mut b, &mut enc, "quiet/x", 1000, 2.0);
     for i in 0..2 * STATE_LOG_SEALS as i64 {
-        b.append([vec![reading("busy/x", 1000 + i, 2.0)].as_slice()])
-            .unwrap();
-        seal_all(&mut b, &mut enc, 1024);
+        seal_one(&mut b, &mut enc, "busy/x", 1000 + i, 2.0);
         let (rows, ..) = stored_state(&b);
         assert!(rows <= STATE_LOG_SEALS as i64, "{rows} rows");
     }
@@ -259,15 +259,35 @@ fn a_quiet_series_is_stored_whole_before_its_delta_leaves_the_log() {
 }
 
 #[test]
+fn a_series_that_gets_only_redeliveries_is_stored_whole_before_its_delta_leaves_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut enc = Encoder::new(3).unwrap();
+    let mut b = open(&dir);
+    with_history(&mut b, &mut enc, &["a/x"]);
+    // Seal 2: a delta. Seals 3 to 34: only its redelivery, so the seal involves the state but remembers nothing.
+    seal_one(&mut b, &mut enc, "a/x", 1000, 2.0);
+    for _ in 0..STATE_LOG_SEALS {
+        seal_one(&mut b, &mut enc, "a/x", 1000, 2.0);
+    }
+    assert_eq!(b.ledger().deduplicated, STATE_LOG_SEALS);
+    assert_eq!(
+        stored_state(&b).2,
+        vec![("a/x".into(), 2 + STATE_LOG_SEALS as i64)]
+    );
+    drop(b);
+    let mut b = open(&dir);
+    seal_one(&mut b, &mut enc, "a/x", 1000, 2.0);
+    assert_eq!(b.ledger().deduplicated, 1);
+}
+
+#[test]
 fn a_failed_seal_gives_back_the_states_with_their_deltas() {
     let dir = tempfile::tempdir().unwrap();
     let mut enc = Encoder::new(3).unwrap();
     let mut b = open(&dir);
     with_history(&mut b, &mut enc, &["a/x"]);
     // Committed as a delta of seal 2.
-    b.append([vec![reading("a/x", 1000, 2.0)].as_slice()])
-        .unwrap();
-    seal_all(&mut b, &mut enc, 1024);
+    seal_one(&mut b, &mut enc, "a/x", 1000, 2.0);
     assert_eq!(stored_state(&b).0, 1);
     // A seal that fails: the state it took out (and changed) is dropped; the committed one comes back from its
     // whole row and its delta, so the redelivered reading of seal 2 is still a duplicate afterwards.
@@ -277,9 +297,7 @@ fn a_failed_seal_gives_back_the_states_with_their_deltas() {
     assert!(b
         .seal(i64::MAX, 100_000, &mut enc, &cfg(1024), rules(), 0)
         .is_err());
-    b.append([vec![reading("a/x", 1000, 2.0)].as_slice()])
-        .unwrap();
-    seal_all(&mut b, &mut enc, 1024);
+    seal_one(&mut b, &mut enc, "a/x", 1000, 2.0);
     let l = b.ledger();
     assert_eq!((l.deduplicated, l.appended - l.deduplicated), (1, 1002));
 }
@@ -316,9 +334,7 @@ fn deltas_an_earlier_version_left_per_series_are_folded_into_whole_states_at_ope
         .query_row("SELECT count(*) FROM series_state_log", [], |r| r.get(0))
         .unwrap();
     assert_eq!(log_rows, 0);
-    b.append([vec![reading("a/x", 1000, 2.0)].as_slice()])
-        .unwrap();
-    seal_all(&mut b, &mut enc, 1024);
+    seal_one(&mut b, &mut enc, "a/x", 1000, 2.0);
     assert_eq!(b.ledger().deduplicated, 1);
 }
 
