@@ -328,10 +328,8 @@ fn worker(
     })?;
     let mut worker = Worker {
         buffer,
-        encoder: Some(encoder),
+        part: Part::Home(encoder),
         sealer,
-        part_rows: 0,
-        part_since: None,
         data,
         ctl,
         sealed: sealed.clone(),
@@ -393,15 +391,23 @@ impl Sealer {
     }
 }
 
+/// Where the record encoder is: here, or out on the seal thread with a part of a seal.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per buffer thread, held in place: the encoder moves only with a part"
+)]
+enum Part {
+    /// No part is out.
+    Home(Encoder),
+    /// A part is out: since when, and how many readings it could take at most (a part that fails for space
+    /// halves the next one).
+    Out { since: Instant, max_rows: usize },
+}
+
 struct Worker {
     buffer: Buffer,
-    /// The record encoder; out with the seal thread while a job is.
-    encoder: Option<Encoder>,
+    part: Part,
     sealer: Sealer,
-    /// Readings the seal part out now may take at most (halved if it fails for space).
-    part_rows: usize,
-    /// When the part out was handed to the seal thread.
-    part_since: Option<Instant>,
     data: flume::Receiver<Append>,
     ctl: flume::Receiver<Control>,
     sealed: Arc<Notify>,
@@ -479,7 +485,7 @@ impl Worker {
         // a sealed part, appends. A sealed part before appends: under steady intake there is always an append
         // queued, and the part would wait behind them for good.
         let mut sel = flume::Selector::new().recv(&self.ctl, Msg::Ctl);
-        if self.buffer.sealing() {
+        if self.part_out() {
             sel = sel.recv(&self.sealer.done, Msg::Sealed);
         }
         if accepting {
@@ -775,11 +781,13 @@ impl Worker {
                 h.since.elapsed().as_secs_f64()
             ));
         }
-        if let Some(since) = self.part_since.filter(|t| t.elapsed() >= SLOW_PART) {
-            return Some(format!(
-                "a seal part has been out on the seal thread for {:.1} s",
-                since.elapsed().as_secs_f64()
-            ));
+        if let Part::Out { since, .. } = &self.part {
+            if since.elapsed() >= SLOW_PART {
+                return Some(format!(
+                    "a seal part has been out on the seal thread for {:.1} s",
+                    since.elapsed().as_secs_f64()
+                ));
+            }
         }
         self.seal_error.clone()
     }
@@ -834,7 +842,7 @@ impl Worker {
     /// is still under way (a part is out), a seal of them starts.
     fn seal_tick(&mut self) {
         self.advance_ready(false);
-        if !self.buffer.sealing() {
+        if !self.part_out() {
             self.seal_upto = self.ready_id;
             self.next_part();
         }
@@ -852,7 +860,6 @@ impl Worker {
         let mut in_place = 0u64;
         loop {
             let max_rows = self.max_part_rows();
-            self.part_rows = max_rows;
             let res = match self.buffer.seal_begin(
                 self.seal_upto,
                 max_rows,
@@ -861,21 +868,17 @@ impl Worker {
                 fieldlink_ops::unix_ms(),
             ) {
                 Ok(Begun::Job(job)) => {
-                    let mut encoder = self
-                        .encoder
-                        .take()
-                        .expect("the encoder is here while no part is out");
                     if in_place + job.rows() > OFFLOAD_ROWS {
+                        let encoder = self.send_out(max_rows);
                         self.sealer
                             .jobs
                             .send((job, encoder))
                             .expect("the seal thread stopped (it panicked)");
-                        self.part_since = Some(Instant::now());
                         return;
                     }
                     in_place += job.rows();
-                    let sealed = job.run(&mut encoder);
-                    if self.part_written(sealed, encoder) {
+                    let sealed = job.run(self.encoder());
+                    if self.part_written(sealed, max_rows) {
                         continue;
                     }
                     return;
@@ -889,19 +892,52 @@ impl Worker {
         }
     }
 
+    /// Whether a part is out on the seal thread.
+    fn part_out(&self) -> bool {
+        matches!(self.part, Part::Out { .. })
+    }
+
+    /// The encoder, here while no part is out.
+    fn encoder(&mut self) -> &mut Encoder {
+        match &mut self.part {
+            Part::Home(encoder) => encoder,
+            Part::Out { .. } => unreachable!("a part is sealed here only while none is out"),
+        }
+    }
+
+    /// A part of at most `max_rows` readings leaves for the seal thread: the encoder goes with it.
+    fn send_out(&mut self, max_rows: usize) -> Encoder {
+        let out = Part::Out {
+            since: Instant::now(),
+            max_rows,
+        };
+        match std::mem::replace(&mut self.part, out) {
+            Part::Home(encoder) => encoder,
+            Part::Out { .. } => unreachable!("one part out at a time"),
+        }
+    }
+
+    /// The part out came back with the encoder: the readings it could take at most.
+    fn part_back(&mut self, encoder: Encoder) -> usize {
+        match std::mem::replace(&mut self.part, Part::Home(encoder)) {
+            Part::Out { max_rows, .. } => max_rows,
+            Part::Home(_) => unreachable!("a part comes back only when one is out"),
+        }
+    }
+
     /// A part came back from the seal thread: writes it, then goes on with the next part.
     fn part_done(&mut self, sealed: Sealed, encoder: Encoder) {
-        if self.part_written(sealed, encoder) {
+        let max_rows = self.part_back(encoder);
+        if self.part_written(sealed, max_rows) {
             self.next_part();
         }
     }
 
-    /// Writes a sealed part and counts it; whether the seal goes on with another part.
-    fn part_written(&mut self, sealed: Sealed, encoder: Encoder) -> bool {
-        self.encoder = Some(encoder);
-        self.part_since = None;
+    /// Writes a sealed part that could take at most `max_rows` readings and counts it; whether the seal goes on
+    /// with another part.
+    fn part_written(&mut self, sealed: Sealed, max_rows: usize) -> bool {
         let res = self.buffer.seal_finish(sealed);
-        let more = self.part_result(res, self.part_rows);
+        let more = self.part_result(res, max_rows);
         // After every part, not only at the end of a seal: a large backlog takes many parts, and alarm statuses
         // and metrics should not wait for the last.
         self.after_part();
@@ -910,21 +946,21 @@ impl Worker {
 
     /// Seals everything committed, on this thread (a flush, the shutdown): the part out is waited for first.
     fn seal_all(&mut self) {
-        if self.buffer.sealing() {
+        if self.part_out() {
             let (sealed, encoder) = *self
                 .sealer
                 .done
                 .recv()
                 .expect("the seal thread stopped (it panicked)");
-            self.part_written(sealed, encoder);
+            let max_rows = self.part_back(encoder);
+            self.part_written(sealed, max_rows);
         }
         self.advance_ready(true);
         loop {
             let max_rows = self.max_part_rows();
-            let encoder = self
-                .encoder
-                .as_mut()
-                .expect("the encoder is here while no part is out");
+            let Part::Home(encoder) = &mut self.part else {
+                unreachable!("the part out came back above")
+            };
             let res = self.buffer.seal(
                 self.ready_id,
                 max_rows,
@@ -1178,9 +1214,8 @@ mod tests {
 
     /// The first part of a seal, taken as [`Worker::next_part`] takes it, but kept by the test instead of going
     /// to the seal thread.
-    fn hold_first_part(w: &mut Worker) -> Box<SealJob> {
+    fn hold_first_part(w: &mut Worker) -> (Box<SealJob>, Encoder) {
         let max_rows = w.max_part_rows();
-        w.part_rows = max_rows;
         w.seal_upto = w.ready_id;
         match w
             .buffer
@@ -1193,14 +1228,13 @@ mod tests {
             )
             .unwrap()
         {
-            Begun::Job(job) => job,
+            Begun::Job(job) => (job, w.send_out(max_rows)),
             Begun::Idle(_) => panic!("the backlog is ready"),
         }
     }
 
     /// The buffer thread's view of one seal part's run on the seal thread.
-    fn run_part(w: &mut Worker, job: Box<SealJob>) {
-        let mut encoder = w.encoder.take().unwrap();
+    fn run_part(w: &mut Worker, (job, mut encoder): (Box<SealJob>, Encoder)) {
         let sealed = job.run(&mut encoder);
         w.part_done(sealed, encoder);
     }
@@ -1213,7 +1247,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut w, handle, n) = worker_with_backlog(dir.path());
         let job = hold_first_part(&mut w);
-        assert!(job.rows() < n, "the backlog takes several parts");
+        assert!(job.0.rows() < n, "the backlog takes several parts");
         let committed = queue_appends(&handle, 5);
         let linger = Duration::from_secs(3600);
         let mut next_seal = Instant::now() + linger;
