@@ -212,7 +212,12 @@ impl SeriesState {
         let word = |i: usize| i64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
         self.recent.reserve_exact((b.len() - 8) / 16);
         for i in (8..b.len()).step_by(16) {
-            self.remember(word(i), word(i + 8) as u64);
+            let (ts, id) = (word(i), word(i + 8) as u64);
+            // A live state remembers a reading once; a delta replayed over a whole state that already holds it (a
+            // file an earlier version wrote to in between) must not count it twice toward `max_recent`.
+            if !self.remembers(ts, id) {
+                self.remember(ts, id);
+            }
         }
         self.last_ts = self.last_ts.max(word(0));
     }

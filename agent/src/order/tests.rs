@@ -377,3 +377,18 @@ fn a_state_loaded_from_its_deltas_keeps_no_more_room_than_a_live_one() {
         live.recent.capacity()
     );
 }
+
+#[test]
+fn a_delta_replayed_over_a_whole_state_that_holds_it_adds_nothing() {
+    let mut states = HashMap::default();
+    let r = release(
+        (0..10).map(|i| p(1, i * 100, i as f64)).collect(),
+        &mut states,
+        rules(LatePolicy::Flag),
+    );
+    let live = states.remove(&1).unwrap();
+    let mut replayed = SeriesState::from_bytes(&live.to_bytes());
+    replayed.apply_delta(&delta_bytes(live.last_ts, &r.remembered));
+    assert_eq!(replayed.remembered(), 10);
+    assert_eq!(replayed, live);
+}
