@@ -8,10 +8,12 @@
 //! arrival order), and acknowledged after that commit: redelivering it would not make it parseable.
 //!
 //! Acknowledgements never block and are never dropped while their connection lasts: the buffer thread's callback only records
-//! `(qos, packet id)` in this connection's [`AckQueue`] and wakes the connection task, which moves queued acks
-//! into rumqttc's request channel between polls of the event loop (the loop drains that channel). A full
-//! channel leaves the rest queued for the next turn. The queue holds at most one entry per unacknowledged
-//! message, which the broker's in-flight window bounds.
+//! `(qos, packet id)` in this connection's [`AckQueue`] and wakes the connection task, which, between polls of
+//! the event loop, writes queued acks straight to a 3.1.1 connection in batches with one flush each (rumqttc's
+//! loop would flush after every PUBACK), or moves them into rumqttc's request channel for an MQTT 5 session (a
+//! full channel leaves the rest queued for the next turn). A write that fails or takes over 5 s drops the
+//! connection: the broker redelivers what those acks covered, and dedup drops the copies. The queue holds at most
+//! one entry per unacknowledged message, which the broker's in-flight window bounds.
 //!
 //! When the buffer queue is full the message being queued waits, but the session keeps being polled, so PINGREQs
 //! and PUBACKs keep leaving and the broker never drops the connection for a missed keep-alive (which would discard
@@ -34,7 +36,7 @@ use crate::buffer::{Ack, BufferHandle, Closed, Refused};
 use fieldlink_ops::backoff::Backoff;
 use fieldlink_ops::metrics::{Counter, Gauge, Health, Registry};
 use payload::{Mapper, Skip};
-use session::{Message, Session, SessionEvent};
+use session::{AckPath, Message, Session, SessionEvent};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -113,7 +115,7 @@ impl ConnMetrics {
             ),
             acks: registry.counter(
                 "fieldlink_mqtt_acks_total",
-                "QoS 1/2 acknowledgements handed to the MQTT client after the durable commit.",
+                "QoS 1/2 acknowledgements written to the connection (or handed to the MQTT client) after the durable commit.",
                 &l,
             ),
             qos0_dropped: registry.counter(
@@ -236,6 +238,54 @@ impl AckQueue {
             sent += 1;
         }
         sent
+    }
+
+    /// Takes up to `max` queued acknowledgements of connection `generation`, oldest first (discarding those of
+    /// earlier connections, as [`AckQueue::flush`]).
+    fn take(&self, generation: u64, max: usize) -> Vec<(u8, u16)> {
+        let mut out = Vec::new();
+        self.flush(generation, |qos, pkid| {
+            if out.len() == max {
+                return false;
+            }
+            out.push((qos, pkid));
+            true
+        });
+        out
+    }
+}
+
+/// Acknowledgements written to the connection at once, at most (a few KiB of PUBACKs).
+const ACK_BATCH: usize = 1024;
+/// How long writing acknowledgements to the connection may take before the connection counts as stuck (rumqttc's
+/// own flush timeout).
+const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Hands the queued acknowledgements of connection `generation` to the session ([`Session::ack_path`]): written
+/// to the connection in batches with one flush each, or queued to the client until its request channel is full,
+/// or, with the connection down, left queued (the next connection's generation discards them). Returns how many
+/// went, and the error that dropped the connection if a write failed.
+async fn hand_acks(
+    session: &mut Session,
+    acks: &AckQueue,
+    generation: u64,
+) -> (u64, Option<String>) {
+    match session.ack_path() {
+        AckPath::Client => (acks.flush(generation, |q, id| session.try_ack(q, id)), None),
+        AckPath::Down => (0, None),
+        AckPath::Direct => {
+            let mut sent = 0u64;
+            loop {
+                let batch = acks.take(generation, ACK_BATCH);
+                if batch.is_empty() {
+                    return (sent, None);
+                }
+                if let Err(e) = session.write_acks(&batch, ACK_WRITE_TIMEOUT).await {
+                    return (sent, Some(e));
+                }
+                sent += batch.len() as u64;
+            }
+        }
     }
 }
 
@@ -465,8 +515,15 @@ pub async fn run(
     };
 
     loop {
-        m.acks
-            .add(acks.flush(generation, |q, id| session.try_ack(q, id)));
+        let (sent, failed) = hand_acks(&mut session, &acks, generation).await;
+        m.acks.add(sent);
+        if let Some(e) = failed {
+            // The session dropped the connection; the next poll reconnects.
+            m.connected.set(0);
+            m.reconnects.inc();
+            health.set(&component, false, e.clone());
+            tracing::warn!(connection = %cfg.name, error = %e, "acknowledgements could not be written: reconnecting (the broker redelivers what they acknowledged)");
+        }
         if intake.is_none() {
             if let Some((g, msg)) = held.pop() {
                 intake = Some(route.start(&mut mapper, &session, g, msg));
@@ -594,19 +651,27 @@ pub async fn run(
     // ends before the buffer thread answers the ping, and its acks are flushed below.
     acks.stop();
     let _ = tokio::time::timeout(Duration::from_secs(10), buffer.ping()).await;
-    // Hand every queued ack to the client, polling it so its request channel drains; what arrives meanwhile is
-    // not taken (redelivered, never committed). The acks go out before the DISCONNECT; any still missing at the
-    // deadline are redelivered by the broker next time (duplicates the buffer's dedup drops, never losses).
+    // Hand every queued ack over: written at once to a 3.1.1 connection; queued to an MQTT 5 client, polling it so
+    // its request channel drains (what arrives meanwhile is not taken: redelivered, never committed). The acks go
+    // out before the DISCONNECT; any still missing at the deadline, or on a connection that went down, are
+    // redelivered by the broker next time (duplicates the buffer's dedup drops, never losses).
     loop {
-        m.acks
-            .add(acks.flush(generation, |q, id| session.try_ack(q, id)));
-        if acks.is_empty() || tokio::time::Instant::now() >= deadline {
+        let (sent, failed) = hand_acks(&mut session, &acks, generation).await;
+        m.acks.add(sent);
+        if failed.is_some()
+            || acks.is_empty()
+            || session.ack_path() != AckPath::Client
+            || tokio::time::Instant::now() >= deadline
+        {
+            // Written acks went out at once; a connection that is down takes none of them.
             break;
         }
         // Not under a timeout: a poll cancelled while it writes can lose the request it took (an ack). It
-        // returns as soon as it sent a queued request or read a packet.
-        if session.poll().await.is_err() {
-            break;
+        // returns as soon as it sent a queued request or read a packet; a new connection (the old one dropped
+        // meanwhile) ends the wait, its packet ids are not the acks'.
+        match session.poll().await {
+            Ok(SessionEvent::Connected { .. }) | Err(_) => break,
+            Ok(_) => {}
         }
     }
     m.connected.set(0);
@@ -674,6 +739,18 @@ mod tests {
         );
         assert_eq!(sent, [10]);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn acks_are_taken_in_batches_of_the_current_connection_only() {
+        let q = AckQueue::default();
+        q.push(1, 1, 7); // an earlier connection's: its packet id may name another message now
+        for id in 10..15 {
+            q.push(2, if id == 12 { 2 } else { 1 }, id);
+        }
+        assert_eq!(q.take(2, 3), [(1, 10), (1, 11), (2, 12)]);
+        assert_eq!(q.take(2, 3), [(1, 13), (1, 14)]);
+        assert!(q.take(2, 3).is_empty() && q.is_empty());
     }
 
     #[test]

@@ -25,6 +25,17 @@ pub(super) enum SessionEvent {
     Disconnected,
 }
 
+/// How a session's acknowledgements leave ([`Session::ack_path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AckPath {
+    /// Written to the connection in batches.
+    Direct,
+    /// Queued to the client's request channel.
+    Client,
+    /// Not handed over: the connection is down.
+    Down,
+}
+
 /// An incoming PUBLISH.
 #[derive(Debug)]
 pub(super) struct Message {
@@ -201,6 +212,56 @@ impl Session {
                 )
                 .map_err(|e| e.to_string()),
         }
+    }
+
+    /// How this session's acknowledgements leave. rumqttc's event loop takes one queued request per poll and
+    /// flushes after each: a write system call per PUBACK (rumqttc issue #810). A 3.1.1 session has them written
+    /// straight to its connection in batches ([`Session::write_acks`]); the 5 event loop keeps its connection
+    /// private, so a 5 session queues them to the client ([`Session::try_ack`]).
+    pub(super) fn ack_path(&self) -> AckPath {
+        match self {
+            Session::V4(_, events) if events.network.is_some() => AckPath::Direct,
+            // Acks handed over now would go out on the next connection, where their packet ids may name other
+            // messages: none are (the next connection's generation discards them).
+            Session::V4(..) => AckPath::Down,
+            Session::V5(..) => AckPath::Client,
+        }
+    }
+
+    /// Writes the acknowledgements (`(qos, packet id)`, QoS 1 or 2) to a connected 3.1.1 connection and flushes
+    /// once, within `timeout`. Only between polls (no poll is under way). On an error or a timeout the connection
+    /// is dropped (the next poll reconnects): the acks it may not have sent are lost with it, and the broker
+    /// redelivers those messages on the next connection, where dedup drops the copies. A connection kept after a
+    /// timeout would keep them unacknowledged for good, each holding a slot of the broker's in-flight window.
+    pub(super) async fn write_acks(
+        &mut self,
+        acks: &[(u8, u16)],
+        timeout: Duration,
+    ) -> Result<(), String> {
+        use rumqttc::{Packet, PubAck, PubRec};
+        let Session::V4(_, events) = self else {
+            return Err("acks of an MQTT 5 session go through the client".into());
+        };
+        let written = tokio::time::timeout(timeout, async {
+            let net = events.network.as_mut().ok_or("not connected")?;
+            for &(qos, pkid) in acks {
+                // What rumqttc's own `ack` sends: PUBACK for QoS 1, PUBREC for QoS 2 (its PUBREL answer stays
+                // with the event loop).
+                let p = if qos == 2 {
+                    Packet::PubRec(PubRec::new(pkid))
+                } else {
+                    Packet::PubAck(PubAck::new(pkid))
+                };
+                net.write(p).await.map_err(|e| e.to_string())?;
+            }
+            net.flush().await.map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("writing acknowledgements took over {timeout:?}")));
+        if written.is_err() {
+            events.clean();
+        }
+        written
     }
 
     /// Queues the acknowledgement of message `pkid` received with `qos` (1 or 2); false when the request channel
