@@ -263,13 +263,19 @@ const ACK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Hands the queued acknowledgements of connection `generation` to the session ([`Session::ack_path`]): written
 /// to the connection in batches with one flush each, or queued to the client until its request channel is full,
-/// or, with the connection down, left queued (the next connection's generation discards them). Returns how many
-/// went, and the error that dropped the connection if a write failed.
+/// or, with the connection down (`link_up` false: the last poll failed and no CONNACK came since), left queued:
+/// handed to the client then, they would go out on the next connection, where their packet ids may name
+/// messages not committed yet; that connection's generation discards them. Returns how many went, and the error
+/// that dropped the connection if a write failed.
 async fn hand_acks(
     session: &mut Session,
     acks: &AckQueue,
     generation: u64,
+    link_up: bool,
 ) -> (u64, Option<String>) {
+    if !link_up {
+        return (0, None);
+    }
     match session.ack_path() {
         AckPath::Client => (acks.flush(generation, |q, id| session.try_ack(q, id)), None),
         AckPath::Down => (0, None),
@@ -504,6 +510,8 @@ pub async fn run(
     // When the last PINGREQ went out (or the connection came up), and whether reading is paused.
     let mut last_ping = Instant::now();
     let mut paused = false;
+    // Whether the connection of `generation` is up: from its CONNACK to the poll error that ends it.
+    let mut link_up = false;
     // When alarm statuses that did not fit into the client's request channel are tried again.
     let mut status_retry: Option<Instant> = None;
     let route = Route {
@@ -515,10 +523,11 @@ pub async fn run(
     };
 
     loop {
-        let (sent, failed) = hand_acks(&mut session, &acks, generation).await;
+        let (sent, failed) = hand_acks(&mut session, &acks, generation, link_up).await;
         m.acks.add(sent);
         if let Some(e) = failed {
             // The session dropped the connection; the next poll reconnects.
+            link_up = false;
             m.connected.set(0);
             m.reconnects.inc();
             health.set(&component, false, e.clone());
@@ -585,6 +594,7 @@ pub async fn run(
             Ok(SessionEvent::Connected { session_present }) => {
                 last_ping = Instant::now();
                 generation += 1;
+                link_up = true;
                 backoff.reset();
                 m.connected.set(1);
                 health.set(&component, false, "connected, subscribing");
@@ -619,6 +629,7 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(e) => {
+                link_up = false;
                 m.connected.set(0);
                 m.reconnects.inc();
                 health.set(&component, false, e.clone());
@@ -656,10 +667,11 @@ pub async fn run(
     // out before the DISCONNECT; any still missing at the deadline, or on a connection that went down, are
     // redelivered by the broker next time (duplicates the buffer's dedup drops, never losses).
     loop {
-        let (sent, failed) = hand_acks(&mut session, &acks, generation).await;
+        let (sent, failed) = hand_acks(&mut session, &acks, generation, link_up).await;
         m.acks.add(sent);
         if failed.is_some()
             || acks.is_empty()
+            || !link_up
             || session.ack_path() != AckPath::Client
             || tokio::time::Instant::now() >= deadline
         {
