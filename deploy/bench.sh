@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The benchmark: pipeline readings/s on one core, bytes per reading on the wire (and wire format v1 against v2: bytes
+# The benchmark: pipeline readings/s on one core (the dataset and 1,000 dense series, with the bytes the buffer
+# writes per reading), bytes per reading on the wire (and wire format v1 against v2: bytes
 # per reading in 24 KiB records and in 1-second batches beside sorted CSV + zstd, the series table's share,
 # encode/decode readings/s on one core with zstd's share; tests/src/bin/wire-size.rs), payload mapping of 10-field
 # messages (JSON, line protocol), MQTT ingest with durable acks (1- and 10-field JSON)

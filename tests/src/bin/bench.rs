@@ -2,7 +2,9 @@
 //!
 //! 1. **Pipeline readings/s on one core**: the whole dataset as JSON MQTT payloads through the agent's own code on
 //!    one thread: payload mapping → buffer append (SQLite, group commits of 1000 messages) → seal (dedup, order,
-//!    batch, zstd encode), with `durability = normal` and `full`.
+//!    batch, zstd encode), with `durability = normal` and `full`; then one run of the dataset and one of 1,000 dense
+//!    series with the rate per second on the CPU and the bytes the buffer wrote per reading (`bench pipeline` runs
+//!    only these two).
 //!    The same with **100 alarm rules** active, next to none, twice: rules spread over the devices (each device's
 //!    readings meet a few rules, as a site would write them), and broad rules (above/below with hysteresis and
 //!    delays, rate, stale, quality on whole families of series: every reading is evaluated by dozens of rules).
@@ -193,6 +195,31 @@ fn pipeline(
         l.alarm_events + l.window_derived,
         on_cpu.map(|s| readings as f64 / s),
     )
+}
+
+/// One pipeline run (`durability = normal`, no rules) of the shared dataset (686 series, sparse), then of dense
+/// series: 100 devices of ten fields, a message every millisecond (each series' dedup window full); with the rate
+/// per second on the CPU and the bytes SQLite wrote per reading (WAL and checkpoints).
+fn pipeline_written(msgs: &[(String, Vec<u8>)]) {
+    let dense: Vec<(String, Vec<u8>)> = (0..200_000)
+        .map(|i| {
+            (
+                format!("plant/dev{:03}", i % 100),
+                ten_fields(i).into_bytes(),
+            )
+        })
+        .collect();
+    let v2 = BatchConfig::default().wire_version;
+    for (name, msgs) in [("dataset", msgs), ("dense", &dense)] {
+        let written = thread_written();
+        let (rate, readings, .., on_cpu) = pipeline(msgs, Durability::Normal, v2, (None, None));
+        let written = thread_written().zip(written).map(|(b, a)| b - a);
+        println!(
+            "pipeline ({name}), durability=normal, one run: {rate:>10.0} readings/s; per second on the CPU: {}; written to the buffer: {} B/reading",
+            on_cpu.map_or("unknown".into(), |r| format!("{r:.0}")),
+            written.map_or("unknown".into(), |w| format!("{:.1}", w as f64 / readings as f64))
+        );
+    }
 }
 
 /// Figure 1's rule sets, interleaved three times (the machine's load moves); the best of each.
@@ -418,26 +445,7 @@ fn main() {
     let v2 = BatchConfig::default().wire_version;
     if only.as_deref() == Some("pipeline") {
         // One run of figure 1 without rules, nothing else (for profiles and instruction counts).
-        // The shared dataset (686 series, sparse), then dense series: 100 devices of ten fields, a message every
-        // millisecond (each series' dedup window full).
-        let dense: Vec<(String, Vec<u8>)> = (0..200_000)
-            .map(|i| {
-                (
-                    format!("plant/dev{:03}", i % 100),
-                    ten_fields(i).into_bytes(),
-                )
-            })
-            .collect();
-        for (name, msgs) in [("dataset", &msgs), ("dense", &dense)] {
-            let written = thread_written();
-            let (rate, readings, .., on_cpu) = pipeline(msgs, Durability::Normal, v2, (None, None));
-            let written = thread_written().zip(written).map(|(b, a)| b - a);
-            println!(
-                "pipeline ({name}), durability=normal, one run: {rate:>10.0} readings/s; per second on the CPU: {}; written to the buffer: {} B/reading",
-                on_cpu.map_or("unknown".into(), |r| format!("{r:.0}")),
-                written.map_or("unknown".into(), |w| format!("{:.1}", w as f64 / readings as f64))
-            );
-        }
+        pipeline_written(&msgs);
         return;
     }
     if only.as_deref() == Some("core") {
@@ -464,6 +472,7 @@ fn main() {
     println!("pipeline (1 thread, payload → buffer → dedup/order → zstd batches), {readings} readings in {} messages:", msgs.len());
     println!("  durability=normal: {rate_n:>10.0} readings/s");
     println!("  durability=full:   {rate_f:>10.0} readings/s");
+    pipeline_written(&msgs);
     rule_sets(&msgs, readings);
     println!(
         "  wire: {bytes} bytes in {batches} records = {:.2} bytes/reading (24 KiB target, wire_version = {v2})",
