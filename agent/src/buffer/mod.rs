@@ -373,6 +373,9 @@ pub struct Buffer {
     epoch: u64,
     next_seq: u64,
     series_ids: HashMap<Series, i64>,
+    /// The same by the address of the interned series a reading shares (hashing a pointer, not the key and tags);
+    /// each entry holds its `Arc`, so the address cannot be reused by another series while the entry exists.
+    series_by_arc: HashMap<usize, (Arc<Series>, i64)>,
     series_by_id: HashMap<i64, Series>,
     /// The group blob being built by an append (kept to reuse its allocation).
     group: group::Encoder,
@@ -735,6 +738,7 @@ impl Buffer {
             epoch,
             next_seq: next_seq as u64,
             series_ids: HashMap::new(),
+            series_by_arc: HashMap::new(),
             series_by_id: HashMap::new(),
             group: group::Encoder::new(),
             states: HashMap::new(),
@@ -1186,6 +1190,20 @@ impl Buffer {
         self.moved_aside.as_deref()
     }
 
+    /// [`Buffer::series_id`] of a reading's shared series, looked up by its address first.
+    fn series_id_of(&mut self, s: &Arc<Series>) -> Result<i64, BufferError> {
+        let at = Arc::as_ptr(s) as usize;
+        if let Some(&(_, id)) = self.series_by_arc.get(&at) {
+            return Ok(id);
+        }
+        let id = self.series_id(s)?;
+        if self.series_by_arc.len() >= SERIES_CACHE_MAX {
+            self.series_by_arc.clear();
+        }
+        self.series_by_arc.insert(at, (Arc::clone(s), id));
+        Ok(id)
+    }
+
     fn series_id(&mut self, s: &Series) -> Result<i64, BufferError> {
         if let Some(&id) = self.series_ids.get(s) {
             return Ok(id);
@@ -1276,7 +1294,7 @@ impl Buffer {
             let res = (|| -> Result<(), BufferError> {
                 for msg in groups {
                     for r in msg {
-                        let sid = b.series_id(&r.series)?;
+                        let sid = b.series_id_of(&r.series)?;
                         enc.push(sid, r.ts_ms, &r.value, r.quality);
                         let size = ROW_BYTES + value_bytes(&r.value);
                         group_bytes += size;
@@ -1304,6 +1322,7 @@ impl Buffer {
             Err(e) => {
                 // Series inserted in the rolled-back transaction must not stay cached; the half-built group goes.
                 self.series_ids.clear();
+                self.series_by_arc.clear();
                 self.series_by_id.clear();
                 self.group = group::Encoder::new();
                 return Err(e);

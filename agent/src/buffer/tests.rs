@@ -339,6 +339,30 @@ fn deltas_an_earlier_version_left_per_series_are_folded_into_whole_states_at_ope
 }
 
 #[test]
+fn a_shared_series_first_seen_in_a_rolled_back_append_is_stored_when_the_append_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut enc = Encoder::new(3).unwrap();
+    let mut b = open(&dir);
+    // One interned series for every reading, as the MQTT mapping shares it: looked up by its address.
+    let series: Arc<Series> = Series::new("new/x").into();
+    let at = |ts| NewReading {
+        series: Arc::clone(&series),
+        ts_ms: ts,
+        value: Value::F64(1.0),
+        quality: Quality::Good,
+    };
+    b.fault = Some(rusqlite::ffi::SQLITE_IOERR);
+    assert!(b.append([vec![at(1)].as_slice()]).is_err());
+    b.append([vec![at(1), at(2)].as_slice()]).unwrap();
+    seal_all(&mut b, &mut enc, 1024);
+    let got: Vec<(String, i64)> = pending_readings(&mut b)
+        .into_iter()
+        .map(|(key, ts, ..)| (key, ts))
+        .collect();
+    assert_eq!(got, [("new/x".to_owned(), 1), ("new/x".to_owned(), 2)]);
+}
+
+#[test]
 fn late_readings_can_be_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     let mut b = open(&dir);

@@ -20,6 +20,7 @@ pub use config::OrderConfig;
 use fieldlink_proto::{Quality, Value};
 use foldhash::HashMap;
 use serde::Deserialize;
+use std::collections::VecDeque;
 
 /// What happens to a late reading.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -66,8 +67,9 @@ pub struct SeriesState {
     /// Event time the offsets in `recent` count from: at or before the oldest remembered reading.
     base: i64,
     /// Recently released readings, oldest first: `[ts - base, identity low half, identity high half]`, where the
-    /// identity is the hash of (ts, value).
-    recent: Vec<[u32; 3]>,
+    /// identity is the hash of (ts, value). A ring: forgetting the oldest moves nothing (a `Vec` moved the whole
+    /// window down at every release of every series).
+    recent: VecDeque<[u32; 3]>,
     /// The `state_log` row holding this state's oldest delta stored since its last whole state, 0 if none (the
     /// buffer's bookkeeping, not part of the state).
     pub(crate) logged_since: u64,
@@ -100,7 +102,7 @@ impl SeriesState {
         Self {
             last_ts: i64::MIN,
             base: 0,
-            recent: Vec::new(),
+            recent: VecDeque::new(),
             logged_since: 0,
         }
     }
@@ -142,10 +144,14 @@ impl SeriesState {
         let Some(off) = self.offset(ts) else {
             return false;
         };
+        // Readings mostly come newer than everything remembered: no search then.
+        if self.recent.back().is_none_or(|x| x[0] < off) {
+            return false;
+        }
         let e = [off, id as u32, (id >> 32) as u32];
         let first = self.recent.partition_point(|x| x[0] < off);
-        self.recent[first..]
-            .iter()
+        self.recent
+            .range(first..)
             .take_while(|x| x[0] == off)
             .any(|x| *x == e)
     }
@@ -169,8 +175,12 @@ impl SeriesState {
                 .extend(keep.into_iter().map(|(t, h)| entry(base, t, h)));
         }
         let e = entry(self.base, ts, id);
-        let at = self.recent.partition_point(|x| x[0] <= e[0]);
-        self.recent.insert(at, e);
+        if self.recent.back().is_none_or(|x| x[0] <= e[0]) {
+            self.recent.push_back(e);
+        } else {
+            let at = self.recent.partition_point(|x| x[0] <= e[0]);
+            self.recent.insert(at, e);
+        }
     }
 
     /// Forgets the readings older than `horizon`: they can no longer be matched (a reading is checked only
