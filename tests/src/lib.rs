@@ -749,18 +749,32 @@ shutdown_drain_ms = 2000
         self.proc = Some(Proc::spawn("fieldlink-agent", cmd, &self.log));
     }
 
-    /// Starts the agent and waits until every MQTT connection has subscribed.
+    /// Starts the agent and waits until every MQTT connection has subscribed. If it does not within 30 s, the
+    /// panic says what `/health` answered last and ends with the agent's log.
     pub fn start(&mut self) {
         self.spawn();
         let port = self.metrics_port;
-        wait_for("the agent to subscribe", Duration::from_secs(30), || {
-            http_get(port, "/health")
-                .filter(|b| {
-                    let mut mqtt = b.lines().filter(|l| l.starts_with("mqtt:")).peekable();
-                    mqtt.peek().is_some() && mqtt.all(|l| l.contains(": ok"))
-                })
-                .map(|_| ())
-        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = None;
+        loop {
+            let health = http_get(port, "/health");
+            if let Some(b) = &health {
+                let mut mqtt = b.lines().filter(|l| l.starts_with("mqtt:")).peekable();
+                if mqtt.peek().is_some() && mqtt.all(|l| l.contains(": ok")) {
+                    return;
+                }
+            }
+            last = health.or(last);
+            if Instant::now() >= deadline {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                panic!(
+                    "timed out after 30s waiting for the agent to subscribe; /health last said {last:?}; the agent's log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// SIGKILL.
