@@ -375,7 +375,11 @@ pub struct Buffer {
     series_ids: HashMap<Series, i64>,
     /// The same by the address of the interned series a reading shares (hashing a pointer, not the key and tags);
     /// each entry holds its `Arc`, so the address cannot be reused by another series while the entry exists.
+    /// Bounded like the MQTT interner ([`ARC_CACHE_MAX_SERIES`], [`ARC_CACHE_MAX_BYTES`]): when the interner
+    /// drops its series and makes new ones, this map would otherwise keep the old ones alive.
     series_by_arc: HashMap<usize, (Arc<Series>, i64)>,
+    /// Key and tag bytes of the series `series_by_arc` holds.
+    series_by_arc_bytes: usize,
     series_by_id: HashMap<i64, Series>,
     /// The group blob being built by an append (kept to reuse its allocation).
     group: group::Encoder,
@@ -615,6 +619,11 @@ fn whole_state(conn: &Connection, sid: i64) -> Result<(SeriesState, u64), Buffer
     ))
 }
 
+/// Series `Buffer::series_by_arc` holds at most (as the MQTT interner).
+const ARC_CACHE_MAX_SERIES: usize = 16_384;
+/// Key and tag bytes (plus 64 per entry) `Buffer::series_by_arc` holds at most (as the MQTT interner).
+const ARC_CACHE_MAX_BYTES: usize = 2 << 20;
+
 /// Rows of `state_log` kept: a dedup state whose oldest delta is this many seals old is stored whole (so loading a
 /// state never reads more than this many rows, nor holds more than this many deltas).
 pub const STATE_LOG_SEALS: u64 = 32;
@@ -739,6 +748,7 @@ impl Buffer {
             next_seq: next_seq as u64,
             series_ids: HashMap::new(),
             series_by_arc: HashMap::new(),
+            series_by_arc_bytes: 0,
             series_by_id: HashMap::new(),
             group: group::Encoder::new(),
             states: HashMap::new(),
@@ -1197,11 +1207,21 @@ impl Buffer {
             return Ok(id);
         }
         let id = self.series_id(s)?;
-        if self.series_by_arc.len() >= SERIES_CACHE_MAX {
-            self.series_by_arc.clear();
+        let size = 64 + s.key.len() + s.tags.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
+        if self.series_by_arc.len() >= ARC_CACHE_MAX_SERIES
+            || self.series_by_arc_bytes + size > ARC_CACHE_MAX_BYTES
+        {
+            self.forget_series_addresses();
         }
+        self.series_by_arc_bytes += size;
         self.series_by_arc.insert(at, (Arc::clone(s), id));
         Ok(id)
+    }
+
+    /// Empties `series_by_arc`, giving its memory back.
+    fn forget_series_addresses(&mut self) {
+        self.series_by_arc = HashMap::new();
+        self.series_by_arc_bytes = 0;
     }
 
     fn series_id(&mut self, s: &Series) -> Result<i64, BufferError> {
@@ -1322,7 +1342,7 @@ impl Buffer {
             Err(e) => {
                 // Series inserted in the rolled-back transaction must not stay cached; the half-built group goes.
                 self.series_ids.clear();
-                self.series_by_arc.clear();
+                self.forget_series_addresses();
                 self.series_by_id.clear();
                 self.group = group::Encoder::new();
                 return Err(e);

@@ -363,6 +363,24 @@ fn a_shared_series_first_seen_in_a_rolled_back_append_is_stored_when_the_append_
 }
 
 #[test]
+fn series_looked_up_by_address_stay_bounded_when_the_interner_makes_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir);
+    // The same series, a new `Arc` each time (an interner that dropped its cache and made them again).
+    let readings: Vec<NewReading> = (0..ARC_CACHE_MAX_SERIES as i64 + 100)
+        .map(|i| reading("a/x", i, 1.0))
+        .collect();
+    b.append([readings.as_slice()]).unwrap();
+    assert!(
+        b.series_by_arc.len() <= ARC_CACHE_MAX_SERIES,
+        "{}",
+        b.series_by_arc.len()
+    );
+    assert!(b.series_by_arc_bytes <= ARC_CACHE_MAX_BYTES);
+    assert_eq!(b.series_ids.len(), 1);
+}
+
+#[test]
 fn late_readings_can_be_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     let mut b = open(&dir);
