@@ -807,9 +807,7 @@ impl Buffer {
                     while let Some(r) = q.next()? {
                         st.apply_delta(r.get_ref(0)?.as_blob()?);
                     }
-                    b.conn
-                        .prepare_cached("INSERT OR REPLACE INTO series_state(series_id, state, log_seal) VALUES (?1, ?2, ?3)")?
-                        .execute(params![sid, st.to_bytes(), seal as i64])?;
+                    seal::write_whole(&b.conn, *sid, &st, seal)?;
                 }
                 b.conn.execute("DELETE FROM series_state_log", [])?;
                 Ok(())

@@ -138,7 +138,7 @@ fn aged(st: &SeriesState, seal: u64) -> bool {
 
 /// Inside a seal's transaction: `st` stored whole as of the seal numbered `seal` (its deltas in older rows of
 /// `state_log` no longer apply).
-fn write_whole(
+pub(super) fn write_whole(
     conn: &Connection,
     sid: i64,
     st: &SeriesState,

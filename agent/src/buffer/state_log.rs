@@ -21,11 +21,7 @@ use super::group::{get_varint, put_varint};
 pub(crate) fn push(blob: &mut Vec<u8>, series: i64, last_ts: i64, run: &[(i64, i64, u64)]) {
     put_varint(blob, series as u64);
     put_varint(blob, 8 + 16 * run.len() as u64);
-    blob.extend_from_slice(&last_ts.to_le_bytes());
-    for (_, ts, h) in run {
-        blob.extend_from_slice(&ts.to_le_bytes());
-        blob.extend_from_slice(&h.to_le_bytes());
-    }
+    crate::order::put_delta(blob, last_ts, run);
 }
 
 /// The `(series, delta)` entries of a blob, in order. Stops at the first malformed entry (a blob the agent did not

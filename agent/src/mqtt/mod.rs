@@ -278,7 +278,6 @@ async fn hand_acks(
     }
     match session.ack_path() {
         AckPath::Client => (acks.flush(generation, |q, id| session.try_ack(q, id)), None),
-        AckPath::Down => (0, None),
         AckPath::Direct => {
             let mut sent = 0u64;
             loop {

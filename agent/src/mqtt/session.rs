@@ -32,8 +32,6 @@ pub(super) enum AckPath {
     Direct,
     /// Queued to the client's request channel.
     Client,
-    /// Not handed over: the connection is down.
-    Down,
 }
 
 /// An incoming PUBLISH.
@@ -220,10 +218,7 @@ impl Session {
     /// private, so a 5 session queues them to the client ([`Session::try_ack`]).
     pub(super) fn ack_path(&self) -> AckPath {
         match self {
-            Session::V4(_, events) if events.network.is_some() => AckPath::Direct,
-            // Acks handed over now would go out on the next connection, where their packet ids may name other
-            // messages: none are (the next connection's generation discards them).
-            Session::V4(..) => AckPath::Down,
+            Session::V4(..) => AckPath::Direct,
             Session::V5(..) => AckPath::Client,
         }
     }

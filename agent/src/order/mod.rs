@@ -265,12 +265,17 @@ pub struct Released {
 /// [`Released::remembered`]) in order.
 pub fn delta_bytes(last_ts: i64, remembered: &[(i64, i64, u64)]) -> Vec<u8> {
     let mut b = Vec::with_capacity(8 + 16 * remembered.len());
+    put_delta(&mut b, last_ts, remembered);
+    b
+}
+
+/// [`delta_bytes`], appended to `b`.
+pub fn put_delta(b: &mut Vec<u8>, last_ts: i64, remembered: &[(i64, i64, u64)]) {
     b.extend_from_slice(&last_ts.to_le_bytes());
     for (_, ts, h) in remembered {
         b.extend_from_slice(&ts.to_le_bytes());
         b.extend_from_slice(&h.to_le_bytes());
     }
-    b
 }
 
 /// FNV-1a over the timestamp and the value's bits: the dedup identity of a reading within its series.
