@@ -148,12 +148,18 @@ impl SeriesState {
         if self.recent.back().is_none_or(|x| x[0] < off) {
             return false;
         }
+        self.position(off, id).is_some()
+    }
+
+    /// Where the reading at offset `off` with identity `id` is in `recent`, if remembered.
+    fn position(&self, off: u32, id: u64) -> Option<usize> {
         let e = [off, id as u32, (id >> 32) as u32];
         let first = self.recent.partition_point(|x| x[0] < off);
         self.recent
             .range(first..)
             .take_while(|x| x[0] == off)
-            .any(|x| *x == e)
+            .position(|x| *x == e)
+            .map(|i| first + i)
     }
 
     /// Remembers a reading of `ts` (at or after every horizon used so far), keeping `recent` ordered by event
@@ -223,11 +229,14 @@ impl SeriesState {
         self.recent.reserve_exact((b.len() - 8) / 16);
         for i in (8..b.len()).step_by(16) {
             let (ts, id) = (word(i), word(i + 8) as u64);
-            // A live state remembers a reading once; a delta replayed over a whole state that already holds it (a
-            // file an earlier version wrote to in between) must not count it twice toward `max_recent`.
-            if !self.remembers(ts, id) {
-                self.remember(ts, id);
+            // A live state remembers a reading once: one that a delta holds again was forgotten in between (it
+            // fell out of `max_recent`) and remembered anew, so it moves to where the delta puts it (which decides
+            // what the next overflow forgets). A whole state an earlier version wrote to the file after the delta
+            // may hold it too: moved, it still counts once toward `max_recent`.
+            if let Some(at) = self.offset(ts).and_then(|off| self.position(off, id)) {
+                self.recent.remove(at);
             }
+            self.remember(ts, id);
         }
         self.last_ts = self.last_ts.max(word(0));
     }
