@@ -173,6 +173,11 @@ impl SeriesState {
             let old: Vec<(i64, u64)> = self.recent().collect();
             let newest = old.last().map_or(ts, |&(t, _)| t).max(ts);
             let fits = |t: i64| i128::from(newest) - i128::from(t) <= i128::from(u32::MAX);
+            if !fits(ts) {
+                // Only a replayed delta can be this far behind what the state holds (one an earlier version left
+                // under a newer whole state): behind every horizon, and a base there would cut the newer offsets.
+                return;
+            }
             let keep: Vec<(i64, u64)> = old.into_iter().filter(|&(t, _)| fits(t)).collect();
             self.base = keep.first().map_or(ts, |&(t, _)| t).min(ts);
             let base = self.base;

@@ -392,3 +392,30 @@ fn a_delta_replayed_over_a_whole_state_that_holds_it_adds_nothing() {
     assert_eq!(replayed.remembered(), 10);
     assert_eq!(replayed, live);
 }
+
+#[test]
+fn a_delta_49_days_behind_the_state_leaves_the_state_as_it_was() {
+    // A whole state written after a delta it does not include (an earlier version ran on the file in between),
+    // holding readings more than 2^32 ms (49.7 days) newer than the delta's: the replay must not rebase the
+    // state to the delta's time, which would cut the newer offsets to 32 bits.
+    let far = 1i64 << 33;
+    let mut states = HashMap::default();
+    let rules = rules(LatePolicy::Flag);
+    let old = release(vec![p(1, 0, 1.0)], &mut states, rules);
+    let mut newer = HashMap::default();
+    release(
+        vec![p(1, far, 2.0), p(1, far + 100, 3.0)],
+        &mut newer,
+        rules,
+    );
+    let whole = newer.remove(&1).unwrap();
+    let mut replayed = SeriesState::from_bytes(&whole.to_bytes());
+    replayed.apply_delta(&delta_bytes(0, &old.remembered));
+    assert_eq!(replayed, whole);
+    let again = release(
+        vec![p(1, far + 100, 3.0)],
+        &mut HashMap::from_iter([(1, replayed)]),
+        rules,
+    );
+    assert_eq!(again.duplicates, 1, "the newer reading is still recognised");
+}
