@@ -171,6 +171,17 @@ fn with_history(b: &mut Buffer, enc: &mut Encoder, keys: &[&str]) {
     seal_all(b, enc, 1024);
 }
 
+/// A buffer with 1,000 readings of `a/x` stored whole (seal 1), then a reading of `a/x` at 1000 committed as a
+/// delta (seal 2).
+fn with_a_delta() -> (tempfile::TempDir, Encoder, Buffer) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut enc = Encoder::new(3).unwrap();
+    let mut b = open(&dir);
+    with_history(&mut b, &mut enc, &["a/x"]);
+    seal_one(&mut b, &mut enc, "a/x", 1000, 2.0);
+    (dir, enc, b)
+}
+
 #[test]
 fn a_seal_stores_what_the_dedup_states_remembered_since_in_one_row_and_a_reopen_dedups_with_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -260,12 +271,8 @@ fn a_quiet_series_is_stored_whole_before_its_delta_leaves_the_log() {
 
 #[test]
 fn a_series_that_gets_only_redeliveries_is_stored_whole_before_its_delta_leaves_the_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut enc = Encoder::new(3).unwrap();
-    let mut b = open(&dir);
-    with_history(&mut b, &mut enc, &["a/x"]);
-    // Seal 2: a delta. Seals 3 to 34: only its redelivery, so the seal involves the state but remembers nothing.
-    seal_one(&mut b, &mut enc, "a/x", 1000, 2.0);
+    let (dir, mut enc, mut b) = with_a_delta();
+    // Seals 3 to 34: only the redelivery of seal 2's delta, so the seal involves the state but remembers nothing.
     for _ in 0..STATE_LOG_SEALS {
         seal_one(&mut b, &mut enc, "a/x", 1000, 2.0);
     }
@@ -282,12 +289,7 @@ fn a_series_that_gets_only_redeliveries_is_stored_whole_before_its_delta_leaves_
 
 #[test]
 fn a_failed_seal_gives_back_the_states_with_their_deltas() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut enc = Encoder::new(3).unwrap();
-    let mut b = open(&dir);
-    with_history(&mut b, &mut enc, &["a/x"]);
-    // Committed as a delta of seal 2.
-    seal_one(&mut b, &mut enc, "a/x", 1000, 2.0);
+    let (_dir, mut enc, mut b) = with_a_delta();
     assert_eq!(stored_state(&b).0, 1);
     // A seal that fails: the state it took out (and changed) is dropped; the committed one comes back from its
     // whole row and its delta, so the redelivered reading of seal 2 is still a duplicate afterwards.
@@ -300,6 +302,44 @@ fn a_failed_seal_gives_back_the_states_with_their_deltas() {
     seal_one(&mut b, &mut enc, "a/x", 1000, 2.0);
     let l = b.ledger();
     assert_eq!((l.deduplicated, l.appended - l.deduplicated), (1, 1002));
+}
+
+#[test]
+fn a_process_killed_with_a_part_out_seals_that_part_once_after_the_restart() {
+    let (dir, mut enc, mut b) = with_a_delta();
+    let part: Vec<NewReading> = (1001..1011)
+        .map(|t| reading("a/x", t, 3.0))
+        .chain((0..5).map(|t| reading("b/y", t, 1.0)))
+        .collect();
+    b.append([part.as_slice()]).unwrap();
+    // The part goes out and the seal thread computes it; the process dies before the buffer thread commits it
+    // (no destructor runs, as under kill -9).
+    let seal::Begun::Job(job) = b
+        .seal_begin(i64::MAX, 100_000, &cfg(1024), rules(), 0)
+        .unwrap()
+    else {
+        panic!("the part holds readings")
+    };
+    std::mem::forget(job.run(&mut enc));
+    std::mem::forget(b);
+
+    let mut b = open(&dir);
+    b.append([vec![reading("a/x", 1000, 2.0), reading("a/x", 1005, 3.0)].as_slice()])
+        .unwrap();
+    seal_all(&mut b, &mut enc, 1024);
+    assert_eq!(
+        b.ledger().deduplicated,
+        2,
+        "the redeliveries are recognised"
+    );
+    let mut got: Vec<(String, i64)> = pending_readings(&mut b)
+        .into_iter()
+        .map(|(k, ts, ..)| (k, ts))
+        .collect();
+    got.sort();
+    let mut want: Vec<(String, i64)> = (0..1011).map(|t| ("a/x".to_string(), t)).collect();
+    want.extend((0..5).map(|t| ("b/y".to_string(), t)));
+    assert_eq!(got, want, "every reading once, the part's too");
 }
 
 #[test]
