@@ -237,7 +237,9 @@ impl SeriesState {
             // A live state remembers a reading once: one that a delta holds again was forgotten in between (it
             // fell out of `max_recent`) and remembered anew, so it moves to where the delta puts it (which decides
             // what the next overflow forgets). A whole state an earlier version wrote to the file after the delta
-            // may hold it too: moved, it still counts once toward `max_recent`.
+            // may hold it too: moved, it still counts once toward `max_recent`, though among readings of the same
+            // millisecond it may then sit elsewhere than that version had it (which matters only past
+            // `max_recent` readings of one series at one millisecond, where dedup keeps only the newest anyway).
             if let Some(at) = self.offset(ts).and_then(|off| self.position(off, id)) {
                 self.recent.remove(at);
             }
