@@ -201,7 +201,10 @@ impl SeriesState {
         let n = if h <= 0 {
             0
         } else if let Ok(h) = u32::try_from(h) {
-            self.recent.partition_point(|e| e[0] < h)
+            // Counted from the oldest: a release forgets none or a few, and each reading is forgotten once, while a
+            // binary search touched a cache line per step of a window that, for 1,000 busy series, is 12 MB (5.5 %
+            // of the pipeline).
+            self.recent.iter().take_while(|e| e[0] < h).count()
         } else {
             self.recent.len()
         };
