@@ -275,7 +275,7 @@ impl SealJob {
 
 /// Groups the rows by device: series ordered by (device key, measure); the sort is stable, so each series keeps
 /// the time order `release` gave it.
-fn device_order(mut rows: Vec<Row>, series: &HashMap<i64, Series>) -> Vec<Row> {
+fn device_order(rows: Vec<Row>, series: &HashMap<i64, Series>) -> Vec<Row> {
     let mut order_of: Vec<(String, String, i64)> = series
         .iter()
         .map(|(id, s)| (batch::device_key(s), s.measure().to_owned(), *id))
@@ -286,9 +286,28 @@ fn device_order(mut rows: Vec<Row>, series: &HashMap<i64, Series>) -> Vec<Row> {
         .enumerate()
         .map(|(i, (_, _, id))| (*id, i))
         .collect();
-    // The rank looked up once per reading (not twice per comparison).
-    rows.sort_by_cached_key(|r| rank.get(&r.series_id).copied().unwrap_or(usize::MAX));
-    rows
+    // `release` gives each series' readings together: the runs of one series are sorted, not the readings (one
+    // rank lookup per run; sorting every reading by its cached rank was 13 % of the seal). A stable sort of runs
+    // of equal rank is the stable sort of their readings, whatever the input.
+    let mut runs: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
+    let mut start = 0;
+    for i in 1..=rows.len() {
+        if i == rows.len() || rows[i].series_id != rows[start].series_id {
+            let r = rank.get(&rows[start].series_id).copied();
+            runs.push((r.unwrap_or(usize::MAX), start..i));
+            start = i;
+        }
+    }
+    runs.sort_by_key(|(r, _)| *r);
+    if runs.is_sorted_by_key(|(_, run)| run.start) {
+        return rows;
+    }
+    // Copied run by run (a reading is plain data but for a string value).
+    let mut out = Vec::with_capacity(rows.len());
+    for (_, run) in runs {
+        out.extend_from_slice(&rows[run]);
+    }
+    out
 }
 
 /// What [`Buffer::seal_begin`] found.
@@ -572,5 +591,36 @@ impl Buffer {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fieldlink_proto::{Quality, Reading, Value};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The same as a stable sort of the readings by their series' (device, measure), for any input (runs of
+        /// one series split or not, series the map does not know).
+        #[test]
+        fn device_order_is_the_stable_sort_by_device_and_measure(ids in prop::collection::vec(0i64..6, 0..60)) {
+            let names = ["b/x", "a/y", "b/a", "a/x", "c/z"];
+            let series: HashMap<i64, Series> =
+                names.iter().enumerate().map(|(i, k)| (i as i64, Series::new(*k))).collect();
+            let rows: Vec<Row> = ids
+                .iter()
+                .enumerate()
+                .map(|(n, &series_id)| Row {
+                    series_id,
+                    reading: Reading { series: 0, ts_ms: n as i64, value: Value::I64(0), quality: Quality::Good, late: false },
+                })
+                .collect();
+            let key = |r: &Row| series.get(&r.series_id).map(|s| (batch::device_key(s), s.measure().to_owned()));
+            let mut want = rows.clone();
+            // Unknown series last, as the rank gives them.
+            want.sort_by_key(|r| (key(r).is_none(), key(r)));
+            prop_assert_eq!(device_order(rows, &series), want);
+        }
     }
 }
