@@ -671,8 +671,8 @@ impl Buffer {
             Durability::Normal => "NORMAL",
         };
         // A page cache of 256 KiB: the hot pages are the groups just appended and the tables' upper levels; the
-        // rest is in the OS page cache anyway. 1 MiB measured no faster (pipeline, MQTT ingest) and held 0.6-0.8
-        // MiB more RSS (docs/memory.md).
+        // rest is in the OS page cache anyway. 1 MiB measured no faster (pipeline, MQTT ingest) and held 0.7 MiB
+        // more peak RSS with glibc, 1.7 MiB in the static musl build (docs/memory.md).
         conn.execute_batch(&format!(
             "PRAGMA synchronous={sync}; PRAGMA busy_timeout=5000; PRAGMA cache_size=-256; PRAGMA journal_size_limit=8388608;"
         ))?;

@@ -275,7 +275,7 @@ impl SealJob {
 
 /// Groups the rows by device: series ordered by (device key, measure); the sort is stable, so each series keeps
 /// the time order `release` gave it.
-fn device_order(rows: Vec<Row>, series: &HashMap<i64, Series>) -> Vec<Row> {
+fn device_order(mut rows: Vec<Row>, series: &HashMap<i64, Series>) -> Vec<Row> {
     let mut order_of: Vec<(String, String, i64)> = series
         .iter()
         .map(|(id, s)| (batch::device_key(s), s.measure().to_owned(), *id))
@@ -302,12 +302,20 @@ fn device_order(rows: Vec<Row>, series: &HashMap<i64, Series>) -> Vec<Row> {
     if runs.is_sorted_by_key(|(_, run)| run.start) {
         return rows;
     }
-    // Copied run by run (a reading is plain data but for a string value).
-    let mut out = Vec::with_capacity(rows.len());
-    for (_, run) in runs {
-        out.extend_from_slice(&rows[run]);
+    // Moved in place (not copied: a copy would hold every string value twice), by following the permutation's
+    // cycles: `dest[i]` is where the row now at `i` goes.
+    let mut dest = vec![0usize; rows.len()];
+    for (to, from) in runs.into_iter().flat_map(|(_, run)| run).enumerate() {
+        dest[from] = to;
     }
-    out
+    for i in 0..rows.len() {
+        while dest[i] != i {
+            let j = dest[i];
+            rows.swap(i, j);
+            dest.swap(i, j);
+        }
+    }
+    rows
 }
 
 /// What [`Buffer::seal_begin`] found.

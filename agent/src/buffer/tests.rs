@@ -313,7 +313,9 @@ fn a_process_killed_with_a_part_out_seals_that_part_once_after_the_restart() {
         .collect();
     b.append([part.as_slice()]).unwrap();
     // The part goes out and the seal thread computes it; the process dies before the buffer thread commits it
-    // (no destructor runs, as under kill -9).
+    // (no destructor runs, as under kill -9). `seal_begin` writes nothing today, so this guards that it stays so
+    // (a part marked taken on disk would be lost with the process); the WAL recovery of a real kill -9 is the
+    // end-to-end kill tests' part. The redelivery of 1000 is caught by the log's delta.
     let seal::Begun::Job(job) = b
         .seal_begin(i64::MAX, 100_000, &cfg(1024), rules(), 0)
         .unwrap()

@@ -144,15 +144,16 @@ impl SeriesState {
         let Some(off) = self.offset(ts) else {
             return false;
         };
-        // Readings mostly come newer than everything remembered: no search then.
-        if self.recent.back().is_none_or(|x| x[0] < off) {
-            return false;
-        }
         self.position(off, id).is_some()
     }
 
     /// Where the reading at offset `off` with identity `id` is in `recent`, if remembered.
     fn position(&self, off: u32, id: u64) -> Option<usize> {
+        // Readings mostly come newer than everything remembered (and a whole state loads oldest first): no
+        // search then.
+        if self.recent.back().is_none_or(|x| x[0] < off) {
+            return None;
+        }
         let e = [off, id as u32, (id >> 32) as u32];
         let first = self.recent.partition_point(|x| x[0] < off);
         self.recent
