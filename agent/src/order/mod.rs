@@ -141,14 +141,12 @@ impl SeriesState {
     /// Whether a reading of `ts` with identity `id` is remembered: `recent` is ordered by event time, so only the
     /// entries of `ts` are looked at (found by binary search).
     fn remembers(&self, ts: i64, id: u64) -> bool {
-        let Some(off) = self.offset(ts) else {
-            return false;
-        };
-        self.position(off, id).is_some()
+        self.position(ts, id).is_some()
     }
 
-    /// Where the reading at offset `off` with identity `id` is in `recent`, if remembered.
-    fn position(&self, off: u32, id: u64) -> Option<usize> {
+    /// Where the reading of `ts` with identity `id` is in `recent`, if remembered.
+    fn position(&self, ts: i64, id: u64) -> Option<usize> {
+        let off = self.offset(ts)?;
         // Readings mostly come newer than everything remembered (and a whole state loads oldest first): no
         // search then.
         if self.recent.back().is_none_or(|x| x[0] < off) {
@@ -244,7 +242,7 @@ impl SeriesState {
             // may hold it too: moved, it still counts once toward `max_recent`, though among readings of the same
             // millisecond it may then sit elsewhere than that version had it (which matters only past
             // `max_recent` readings of one series at one millisecond, where dedup keeps only the newest anyway).
-            if let Some(at) = self.offset(ts).and_then(|off| self.position(off, id)) {
+            if let Some(at) = self.position(ts, id) {
                 self.recent.remove(at);
             }
             self.remember(ts, id);
