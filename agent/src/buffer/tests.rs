@@ -15,7 +15,11 @@ fn reading(key: &str, ts: i64, v: f64) -> NewReading {
 }
 
 fn open(dir: &tempfile::TempDir) -> Buffer {
-    Buffer::open(&dir.path().join("b.db"), Durability::Normal, "edge-1").unwrap()
+    open_in(dir.path())
+}
+
+fn open_in(dir: &Path) -> Buffer {
+    Buffer::open(&dir.join("b.db"), Durability::Normal, "edge-1").unwrap()
 }
 
 fn rules() -> Rules {
@@ -175,11 +179,17 @@ fn with_history(b: &mut Buffer, enc: &mut Encoder, keys: &[&str]) {
 /// delta (seal 2).
 fn with_a_delta() -> (tempfile::TempDir, Encoder, Buffer) {
     let dir = tempfile::tempdir().unwrap();
+    let (enc, b) = with_a_delta_in(dir.path());
+    (dir, enc, b)
+}
+
+/// [`with_a_delta`] in the directory `dir`.
+fn with_a_delta_in(dir: &Path) -> (Encoder, Buffer) {
     let mut enc = Encoder::new(3).unwrap();
-    let mut b = open(&dir);
+    let mut b = open_in(dir);
     with_history(&mut b, &mut enc, &["a/x"]);
     seal_one(&mut b, &mut enc, "a/x", 1000, 2.0);
-    (dir, enc, b)
+    (enc, b)
 }
 
 #[test]
@@ -304,27 +314,66 @@ fn a_failed_seal_gives_back_the_states_with_their_deltas() {
     assert_eq!((l.deduplicated, l.appended - l.deduplicated), (1, 1002));
 }
 
-#[test]
-fn a_process_killed_with_a_part_out_seals_that_part_once_after_the_restart() {
-    let (dir, mut enc, mut b) = with_a_delta();
+/// Set in the child process of the test below: the buffer directory it works in and dies in.
+const KILLED_CHILD: &str = "FIELDLINK_TEST_KILLED_WITH_A_PART_OUT";
+
+/// The child's half of the test below: a buffer with a delta and a part out (the seal thread done with it,
+/// nothing committed), then `kill -9` of its own process. Never returns.
+fn killed_with_a_part_out(dir: &Path) -> ! {
+    let (mut enc, mut b) = with_a_delta_in(dir);
     let part: Vec<NewReading> = (1001..1011)
         .map(|t| reading("a/x", t, 3.0))
         .chain((0..5).map(|t| reading("b/y", t, 1.0)))
         .collect();
     b.append([part.as_slice()]).unwrap();
-    // The part goes out and the seal thread computes it; the process dies before the buffer thread commits it
-    // (no destructor runs, as under kill -9). `seal_begin` writes nothing today, so this guards that it stays so
-    // (a part marked taken on disk would be lost with the process); the WAL recovery of a real kill -9 is the
-    // end-to-end kill tests' part. The redelivery of 1000 is caught by the log's delta.
     let seal::Begun::Job(job) = b
         .seal_begin(i64::MAX, 100_000, &cfg(1024), rules(), 0)
         .unwrap()
     else {
         panic!("the part holds readings")
     };
-    std::mem::forget(job.run(&mut enc));
-    std::mem::forget(b);
+    let _sealed = job.run(&mut enc);
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &std::process::id().to_string()])
+        .status();
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
 
+#[test]
+fn a_process_killed_with_a_part_out_seals_that_part_once_after_the_restart() {
+    if let Some(dir) = std::env::var_os(KILLED_CHILD) {
+        killed_with_a_part_out(Path::new(&dir));
+    }
+    // A real kill -9 in a child process of this test binary, while a part is out: the seal thread computed it,
+    // the buffer thread had not committed it. `seal_begin` writes nothing, so nothing marks the part taken; the
+    // file's commits are still in the WAL (under SQLite's 1,000-page checkpoint), so opening it here runs SQLite's
+    // WAL recovery, as after a crash. The redelivery of 1000 is then caught by the log's delta.
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "buffer::tests::a_process_killed_with_a_part_out_seals_that_part_once_after_the_restart",
+            "--nocapture",
+        ])
+        .env(KILLED_CHILD, dir.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the child died of kill -9 ({status})"
+    );
+    let wal = std::fs::metadata(dir.path().join("b.db-wal")).map_or(0, |m| m.len());
+    assert!(
+        wal > 0,
+        "the child's commits are in the WAL the open recovers"
+    );
+
+    let mut enc = Encoder::new(3).unwrap();
     let mut b = open(&dir);
     b.append([vec![reading("a/x", 1000, 2.0), reading("a/x", 1005, 3.0)].as_slice()])
         .unwrap();
