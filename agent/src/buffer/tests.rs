@@ -394,6 +394,63 @@ fn a_process_killed_with_a_part_out_seals_that_part_once_after_the_restart() {
 }
 
 #[test]
+fn a_whole_state_an_earlier_version_wrote_over_the_log_is_merged_with_the_log_at_the_next_open() {
+    // Seal 1 stored a/x whole (0..999), seals 2 and 3 its deltas (1000, 1003) in `state_log`.
+    let (dir, mut enc, mut b) = with_a_delta();
+    seal_one(&mut b, &mut enc, "a/x", 1003, 5.0);
+    // A version before `state_log` ran on the file: it loaded the whole row alone (without 1000 and 1003), so
+    // the redelivery of 1000 was new to it (sent again, remembered), took 1001, and stored the state whole with
+    // `log_seal` 0, leaving the log as it was.
+    let sid: i64 = b
+        .conn
+        .query_row("SELECT id FROM series WHERE key = 'a/x'", [], |r| r.get(0))
+        .unwrap();
+    let (st, _) = whole_state(&b.conn, sid).unwrap();
+    let mut states: HashMap<i64, SeriesState> = [(sid, st)].into_iter().collect();
+    let pending = |ts, v| crate::order::Pending {
+        series: sid,
+        ts_ms: ts,
+        value: Value::F64(v),
+        quality: Quality::Good,
+    };
+    crate::order::release(
+        vec![pending(1000, 2.0), pending(1001, 3.0)],
+        &mut states,
+        rules(),
+    );
+    seal::write_whole(&b.conn, sid, &states[&sid], 0).unwrap();
+    drop(b);
+
+    // This version again: the log's deltas are replayed over that state. 1000 is in both and counts once.
+    let mut b = open(&dir);
+    assert_eq!(
+        b.states[&sid].remembered(),
+        1003,
+        "0..=1001 and 1003, each once"
+    );
+    b.append([vec![
+        reading("a/x", 5, 1.0),
+        reading("a/x", 1000, 2.0),
+        reading("a/x", 1001, 3.0),
+        reading("a/x", 1003, 5.0),
+        reading("a/x", 1002, 4.0),
+    ]
+    .as_slice()])
+        .unwrap();
+    seal_all(&mut b, &mut enc, 1024);
+    assert_eq!(
+        b.ledger().deduplicated,
+        4,
+        "the whole state's and the log's readings are recognised"
+    );
+    let sent: Vec<i64> = pending_readings(&mut b)
+        .into_iter()
+        .map(|(_, ts, ..)| ts)
+        .collect();
+    assert!(sent.contains(&1002), "the new reading is sealed");
+}
+
+#[test]
 fn deltas_an_earlier_version_left_per_series_are_folded_into_whole_states_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let mut enc = Encoder::new(3).unwrap();
