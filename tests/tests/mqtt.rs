@@ -372,17 +372,38 @@ fn numbers_file(path: &std::path::Path) -> BTreeSet<u64> {
 
 #[test]
 fn a_broker_restart_mid_stream_loses_nothing_the_broker_kept_v311() {
-    broker_restart("3.1.1");
+    broker_fault("3.1.1", BrokerFault::Restart);
 }
 
 #[test]
 fn a_broker_restart_mid_stream_loses_nothing_the_broker_kept_v5() {
-    broker_restart("5");
+    broker_fault("5", BrokerFault::Restart);
 }
 
-/// Mosquitto (persistent) is restarted while a publisher sends 6000 numbered QoS 1 readings at 1500/s: every
-/// reading the broker acknowledged must reach Kinesis, the agent must reconnect into its kept session.
-fn broker_restart(protocol: &str) {
+#[test]
+fn a_broker_frozen_for_twice_the_keep_alive_loses_and_doubles_nothing_v311() {
+    broker_fault("3.1.1", BrokerFault::Freeze);
+}
+
+#[test]
+fn a_broker_frozen_for_twice_the_keep_alive_loses_and_doubles_nothing_v5() {
+    broker_fault("5", BrokerFault::Freeze);
+}
+
+/// What happens to the broker mid-stream.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BrokerFault {
+    /// SIGTERM, then a new broker on the same port and store.
+    Restart,
+    /// SIGSTOP for 12 s (the agent's keep-alive is 5 s: its pings go unanswered and its reconnects hang in the
+    /// listen backlog, as with a hung broker or a paused VM), then SIGCONT.
+    Freeze,
+}
+
+/// Mosquitto (persistent) is restarted or frozen while a publisher sends 6000 numbered QoS 1 readings at 1500/s:
+/// every reading the broker acknowledged must reach Kinesis exactly once, the agent must reconnect into its kept
+/// session.
+fn broker_fault(protocol: &str, fault: BrokerFault) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let port = free_port();
@@ -399,7 +420,11 @@ fn broker_restart(protocol: &str) {
                 .args(["127.0.0.1", &port.to_string()])
                 .arg(&ready)
                 .arg(&reference_out)
-                .arg("15");
+                .arg(if fault == BrokerFault::Freeze {
+                    "35"
+                } else {
+                    "15"
+                });
             c
         },
         &d.join("reference.log"),
@@ -417,10 +442,24 @@ fn broker_restart(protocol: &str) {
     let path = d.to_path_buf();
     let publisher = std::thread::spawn(move || publish_numbered(port, 6000, 1500.0, 0, &path));
     std::thread::sleep(Duration::from_millis(1500));
-    // SIGTERM: Mosquitto saves its sessions and queued messages, then comes back on the same port.
-    broker.proc.terminate(Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(500));
-    broker = Mosquitto::start_persistent(d, port);
+    match fault {
+        BrokerFault::Restart => {
+            // SIGTERM: Mosquitto saves its sessions and queued messages, then comes back on the same port.
+            broker.proc.terminate(Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(500));
+            broker = Mosquitto::start_persistent(d, port);
+        }
+        BrokerFault::Freeze => {
+            let signal = |sig: &str| {
+                let pid = broker.proc.pid().to_string();
+                let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+                assert!(ok.success(), "kill {sig} {pid}");
+            };
+            signal("-STOP");
+            std::thread::sleep(Duration::from_secs(12));
+            signal("-CONT");
+        }
+    }
     let acked: BTreeSet<u64> = publisher.join().unwrap().into_iter().collect();
     assert!(
         acked.len() > 3000,
@@ -446,6 +485,7 @@ fn broker_restart(protocol: &str) {
         "connection=\"local\"",
     )
     .unwrap();
+    let deduplicated = metric(&m, "fieldlink_readings_deduplicated_total").unwrap_or(0.0);
     let healthy = http_get(agent.metrics_port, "/health")
         .unwrap()
         .contains("mqtt:local: ok");
@@ -458,8 +498,8 @@ fn broker_restart(protocol: &str) {
         &acked_list,
         &numbers_in(&unique_batches(&kinesis_dump(&moto.endpoint, "restart"))),
     );
-    assert!(problem.is_empty(), "after a broker restart: {problem}");
-    // It writes its numbers (atomically) and exits by itself after its 15 s.
+    assert!(problem.is_empty(), "after a broker {fault:?}: {problem}");
+    // It writes its numbers (atomically) and exits by itself after its 15 (35) s.
     reference.wait(Duration::from_secs(60));
     let reference_got = numbers_file(&reference_out);
     let missing: Vec<&u64> = acked.difference(&got).collect();
@@ -473,7 +513,7 @@ fn broker_restart(protocol: &str) {
         &broker_lost[..broker_lost.len().min(10)],
         ledger
     );
-    assert!(reconnects >= 1.0, "the agent did not notice the restart");
+    assert!(reconnects >= 1.0, "the agent did not notice the {fault:?}");
     assert!(healthy, "not resubscribed");
     // The broker kept the agent's session over its restart (what makes "nothing lost" possible at all).
     let log = std::fs::read_to_string(&agent.log).unwrap();
@@ -486,7 +526,7 @@ fn broker_restart(protocol: &str) {
     );
     drop(broker);
     eprintln!(
-        "broker restart (MQTT {protocol}): {} readings acknowledged by the broker, all {} in Kinesis ({} of them reached the reference subscriber); {reconnects} reconnect(s)",
+        "broker {fault:?} (MQTT {protocol}): {} readings acknowledged by the broker, all {} in Kinesis ({} of them reached the reference subscriber); {reconnects} reconnect(s), {deduplicated} redelivered reading(s) dropped by the agent",
         acked.len(),
         got.len(),
         reference_got.intersection(&acked).count()
