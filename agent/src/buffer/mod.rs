@@ -66,10 +66,10 @@
 //! Versions: `state_log` and `log_seal` were added without a schema version change. Deltas an earlier version left
 //! in `series_state_log` (a row per series and seal) are folded into whole states at open. An earlier version run
 //! on a newer file ignores `state_log` (its dedup memory then lacks those deltas' readings, so a redelivery of one of
-//! them is sent again) and stores whole states with `log_seal` 0 (the version just before `state_log`: or per-series
-//! deltas in `series_state_log`, folded in at the next open); when a newer one runs again, the rows still in the
-//! log are replayed over them: real past readings, so nothing is taken for a duplicate wrongly, and a reading the
-//! whole state already holds is not added twice. The states' rows are
+//! them is sent again) and stores whole states with `log_seal` 0 (the version just before `state_log` may also write
+//! per-series deltas to `series_state_log`, which the next open folds in); when a newer one runs again, the rows
+//! still in the log are replayed over them: real past readings, so nothing is taken for a duplicate wrongly, and a
+//! reading the whole state already holds is not added twice. The states' rows are
 //! not counted in `max_bytes` (at most 16 bytes per reading of the dedup window per series, plus the deltas of
 //! [`STATE_LOG_SEALS`] seals).
 //!
