@@ -338,6 +338,28 @@ fn killed_with_a_part_out(dir: &Path) -> ! {
     panic!("kill -9 of itself failed: {res:?}");
 }
 
+/// Runs this test binary again with `args` and the environment variable `env`, and waits for it. Under qemu-user
+/// (cargo's runner for the ARM targets, `.cargo/config.toml`) the host cannot execute the binary itself, so it goes
+/// through the same emulator.
+fn rerun_self(args: &[&str], env: (&str, &Path)) -> std::process::ExitStatus {
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().unwrap();
+    let run = |cmd: &mut Command| {
+        cmd.args(args)
+            .env(env.0, env.1)
+            .stdout(Stdio::null())
+            .status()
+    };
+    match run(&mut Command::new(&exe)) {
+        // ENOEXEC: an ARM binary on an x86_64 host without binfmt_misc.
+        Err(e) if e.raw_os_error() == Some(8) => {
+            let qemu = format!("qemu-{}-static", std::env::consts::ARCH);
+            run(Command::new(&qemu).arg(&exe)).unwrap_or_else(|e| panic!("{qemu}: {e}"))
+        }
+        res => res.unwrap(),
+    }
+}
+
 #[test]
 fn a_process_killed_with_a_part_out_seals_that_part_once_after_the_restart() {
     if let Some(dir) = std::env::var_os(KILLED_CHILD) {
@@ -349,16 +371,14 @@ fn a_process_killed_with_a_part_out_seals_that_part_once_after_the_restart() {
     // WAL recovery, as after a crash. The redelivery of 1000 is then caught by the log's delta.
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
+    let status = rerun_self(
+        &[
             "--exact",
             "buffer::tests::a_process_killed_with_a_part_out_seals_that_part_once_after_the_restart",
             "--nocapture",
-        ])
-        .env(KILLED_CHILD, dir.path())
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
+        ],
+        (KILLED_CHILD, dir.path()),
+    );
     assert_eq!(
         status.signal(),
         Some(9),
