@@ -184,12 +184,18 @@ impl Proc {
         self.child.as_ref().unwrap().id()
     }
 
+    /// Sends `sig` (`kill` syntax: "-TERM", "-STOP", "-CONT", …); whether it was delivered.
+    pub fn signal(&self, sig: &str) -> bool {
+        Command::new("kill")
+            .arg(sig)
+            .arg(self.pid().to_string())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// SIGTERM, then waits up to `timeout` for a clean exit (panics if it does not exit or fails).
     pub fn terminate(&mut self, timeout: Duration) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status();
+        let _ = self.signal("-TERM"); // it may have exited already: `wait` tells
         self.wait(timeout);
     }
 

@@ -450,15 +450,10 @@ fn broker_fault(protocol: &str, fault: BrokerFault) {
             broker = Mosquitto::start_persistent(d, port);
         }
         BrokerFault::Freeze => {
-            let signal = |sig: &str| {
-                let pid = broker.proc.pid().to_string();
-                let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
-                assert!(ok.success(), "kill {sig} {pid}");
-            };
-            signal("-STOP");
+            assert!(broker.proc.signal("-STOP"), "SIGSTOP to the broker");
             // rumqttc notices an unanswered ping at its next tick: 5–10 s after the stop, with 10 s to spare.
             std::thread::sleep(Duration::from_secs(20));
-            signal("-CONT");
+            assert!(broker.proc.signal("-CONT"), "SIGCONT to the broker");
         }
     }
     let acked: BTreeSet<u64> = publisher.join().unwrap().into_iter().collect();
