@@ -302,19 +302,12 @@ fn device_order(mut rows: Vec<Row>, series: &HashMap<i64, Series>) -> Vec<Row> {
     if runs.is_sorted_by_key(|(_, run)| run.start) {
         return rows;
     }
-    // Moved in place (not copied: a copy would hold every string value twice), by following the permutation's
-    // cycles: `dest[i]` is where the row now at `i` goes.
+    // `dest[i]` is where the row now at `i` goes.
     let mut dest = vec![0usize; rows.len()];
     for (to, from) in runs.into_iter().flat_map(|(_, run)| run).enumerate() {
         dest[from] = to;
     }
-    for i in 0..rows.len() {
-        while dest[i] != i {
-            let j = dest[i];
-            rows.swap(i, j);
-            dest.swap(i, j);
-        }
-    }
+    order::permute(&mut rows, dest);
     rows
 }
 

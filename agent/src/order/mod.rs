@@ -324,21 +324,92 @@ fn identity(ts: i64, v: &Value) -> u64 {
     h
 }
 
+/// `pending` in (series, event time) order, stable (a series' readings of one timestamp keep their arrival order;
+/// series in id order), with each series' run `(series, readings)`. The same result as a stable sort by (series,
+/// time), cheaper: a counting sort by series (one lookup per reading, each reading moved once), then a sort by time
+/// of the runs that did not arrive in order. (The stable sort compared and moved every reading log n times: 7 % of
+/// the pipeline.)
+fn by_series_and_time(pending: Vec<Pending>) -> (Vec<Pending>, Vec<(i64, usize)>) {
+    // Each series' slot, in the order first seen; `at[i]`: reading i's slot, then where it goes.
+    let mut slot_of: HashMap<i64, usize> = HashMap::default();
+    let mut ids: Vec<i64> = Vec::new();
+    let mut last: Option<(i64, usize)> = None;
+    let mut at: Vec<usize> = Vec::with_capacity(pending.len());
+    for p in &pending {
+        let slot = match last {
+            Some((sid, slot)) if sid == p.series => slot,
+            _ => {
+                let n = ids.len();
+                let slot = *slot_of.entry(p.series).or_insert_with(|| {
+                    ids.push(p.series);
+                    n
+                });
+                last = Some((p.series, slot));
+                slot
+            }
+        };
+        at.push(slot);
+    }
+    let mut count = vec![0usize; ids.len()];
+    for &slot in &at {
+        count[slot] += 1;
+    }
+    let mut by_id: Vec<usize> = (0..ids.len()).collect();
+    by_id.sort_unstable_by_key(|&slot| ids[slot]);
+    let mut next = vec![0usize; ids.len()];
+    let mut start = 0;
+    let runs: Vec<(i64, usize)> = by_id
+        .into_iter()
+        .map(|slot| {
+            next[slot] = start;
+            start += count[slot];
+            (ids[slot], count[slot])
+        })
+        .collect();
+    for a in &mut at {
+        let slot = *a;
+        *a = next[slot];
+        next[slot] += 1;
+    }
+    // Scattered into a new vector: the reads go in order and the writes to one place per series (each moving
+    // through its run), where following the permutation's cycles in place jumped across the readings at every
+    // move (no faster than the sort).
+    let mut placed: Vec<Option<Pending>> = (0..pending.len()).map(|_| None).collect();
+    for (p, to) in pending.into_iter().zip(at) {
+        placed[to] = Some(p);
+    }
+    let mut pending: Vec<Pending> = placed.into_iter().flatten().collect();
+    let mut start = 0;
+    for &(_, n) in &runs {
+        let run = &mut pending[start..start + n];
+        if !run.is_sorted_by_key(|p| p.ts_ms) {
+            run.sort_by_key(|p| p.ts_ms);
+        }
+        start += n;
+    }
+    (pending, runs)
+}
+
+/// Moves each `rows[i]` to `dest[i]` (`dest` a permutation of `0..rows.len()`) in place, by following the
+/// permutation's cycles: no second copy of the rows is held (a copy would hold every string value twice).
+pub(crate) fn permute<T>(rows: &mut [T], mut dest: Vec<usize>) {
+    debug_assert_eq!(rows.len(), dest.len());
+    for i in 0..rows.len() {
+        while dest[i] != i {
+            let j = dest[i];
+            rows.swap(i, j);
+            dest.swap(i, j);
+        }
+    }
+}
+
 /// Releases `pending` (any order) against `states` (updated in place; a series without a state starts fresh).
 pub fn release(
     pending: Vec<Pending>,
     states: &mut HashMap<i64, SeriesState>,
     rules: Rules,
 ) -> Released {
-    // One stable sort by (series, time) instead of a vector per series: equal timestamps keep arrival order, and
-    // the series come in id order. (Sorting small (series, time, index) keys and moving each reading once
-    // measured no faster.)
-    let mut pending = pending;
-    pending.sort_by_key(|p| (p.series, p.ts_ms));
-    let runs: Vec<(i64, usize)> = pending
-        .chunk_by(|a, b| a.series == b.series)
-        .map(|run| (run[0].series, run.len()))
-        .collect();
+    let (pending, runs) = by_series_and_time(pending);
     let mut r = Released {
         out: Vec::with_capacity(pending.len()),
         remembered: Vec::with_capacity(pending.len()),

@@ -419,3 +419,38 @@ fn a_delta_49_days_behind_the_state_leaves_the_state_as_it_was() {
     );
     assert_eq!(again.duplicates, 1, "the newer reading is still recognised");
 }
+
+proptest! {
+    /// The counting sort by series gives what a stable sort by (series, time) gives, arrival order kept among a
+    /// series' readings of one timestamp (the values tell them apart), with each series' run; and `permute` moves
+    /// every row where its permutation says.
+    #[test]
+    fn by_series_and_time_is_the_stable_sort(
+        readings in prop::collection::vec((-1i64..2, 0i64..6), 0..200),
+        sorted_runs in any::<bool>(),
+    ) {
+        let mut input: Vec<Pending> =
+            readings.iter().enumerate().map(|(i, &(s, ts))| p(s * 1_000_003, ts, i as f64)).collect();
+        if sorted_runs {
+            // Each series in time order already (the usual arrival): the runs need no sort.
+            input.sort_by_key(|p| p.ts_ms);
+        }
+        let mut want = input.clone();
+        want.sort_by_key(|p| (p.series, p.ts_ms));
+        let (got, runs) = by_series_and_time(input);
+        prop_assert_eq!(&got, &want);
+        let want_runs: Vec<(i64, usize)> =
+            want.chunk_by(|a, b| a.series == b.series).map(|r| (r[0].series, r.len())).collect();
+        prop_assert_eq!(runs, want_runs);
+    }
+
+    #[test]
+    fn permute_moves_each_row_to_its_place(dest in Just((0..40usize).collect::<Vec<_>>()).prop_shuffle()) {
+        let rows: Vec<usize> = (0..dest.len()).collect();
+        let mut moved = rows.clone();
+        permute(&mut moved, dest.clone());
+        for (from, &to) in dest.iter().enumerate() {
+            prop_assert_eq!(moved[to], rows[from]);
+        }
+    }
+}
