@@ -5,6 +5,29 @@ use clap::{Parser, Subcommand};
 use fieldlink_agent::config::{Config, EXAMPLE};
 use std::path::PathBuf;
 
+// The static (musl) builds' allocator is mimalloc: it runs the agent's pipeline 1.16–1.31× as fast as musl's own
+// (docs/memory.md, "The static builds' allocator"). The cloud's static builds use it too.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc gives memory it freed back to the OS `purge_delay` ms later (1000 by default). At 25 the agent's peak
+/// RSS is musl's allocator's and the pipeline keeps most of mimalloc's speed; at 1000 the peak is up to 3 MiB higher,
+/// at 0 (purge at every free) the pipeline is slower than with musl's allocator (docs/memory.md).
+#[cfg(target_env = "musl")]
+#[allow(unsafe_code)]
+fn tune_allocator() {
+    /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (15 since mimalloc 2.1, v3 included; the sys crate
+    /// names only older options).
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: sets an option's value. mimalloc's option setter is not thread-safe: this runs first in `main`, before
+    // any other thread exists.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 25) };
+}
+
+#[cfg(not(target_env = "musl"))]
+fn tune_allocator() {}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "fieldlink-agent",
@@ -45,6 +68,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    tune_allocator();
     let cli = Cli::parse();
     match cli.command {
         Command::GenerateConfig => {

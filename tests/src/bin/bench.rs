@@ -19,6 +19,12 @@
 //! 5. **Peak RSS** (VmHWM) of a fresh agent process after 15 s at 10,000 readings/s.
 #![allow(clippy::unwrap_used)]
 
+// As in fieldlink-agent: a static (musl) build measures the shipped allocator. The agent sets mimalloc's purge delay
+// to 25 ms; run this build with `MIMALLOC_PURGE_DELAY=25` for the same (docs/memory.md).
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use fieldlink_agent::alarm::{AlarmsConfig, Engine};
 use fieldlink_agent::batch::BatchConfig;
 use fieldlink_agent::buffer::{Buffer, Durability, NewReading};
