@@ -280,7 +280,7 @@ fn device_order(mut rows: Vec<Row>, series: &HashMap<i64, Series>) -> Vec<Row> {
         .iter()
         .map(|(id, s)| (batch::device_key(s), s.measure().to_owned(), *id))
         .collect();
-    order_of.sort();
+    order_of.sort_unstable(); // the ids make every key distinct: the stable sort's order
     let rank: HashMap<i64, usize> = order_of
         .iter()
         .enumerate()
@@ -302,12 +302,19 @@ fn device_order(mut rows: Vec<Row>, series: &HashMap<i64, Series>) -> Vec<Row> {
     if runs.is_sorted_by_key(|(_, run)| run.start) {
         return rows;
     }
-    // `dest[i]` is where the row now at `i` goes.
+    // Moved in place (not copied: a copy would hold every string value twice), by following the permutation's
+    // cycles: `dest[i]` is where the row now at `i` goes.
     let mut dest = vec![0usize; rows.len()];
     for (to, from) in runs.into_iter().flat_map(|(_, run)| run).enumerate() {
         dest[from] = to;
     }
-    order::permute(&mut rows, dest);
+    for i in 0..rows.len() {
+        while dest[i] != i {
+            let j = dest[i];
+            rows.swap(i, j);
+            dest.swap(i, j);
+        }
+    }
     rows
 }
 

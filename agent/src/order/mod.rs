@@ -327,29 +327,11 @@ fn identity(ts: i64, v: &Value) -> u64 {
 /// `pending` in (series, event time) order, stable (a series' readings of one timestamp keep their arrival order;
 /// series in id order), with each series' run `(series, readings)`. The same result as a stable sort by (series,
 /// time), cheaper: a counting sort by series (one lookup per reading, each reading moved once), then a sort by time
-/// of the runs that did not arrive in order. (The stable sort compared and moved every reading log n times: 7 % of
+/// of the runs that did not arrive in order. (The stable sort compared and moved every reading log n times: ~6 % of
 /// the pipeline.)
 fn by_series_and_time(pending: Vec<Pending>) -> (Vec<Pending>, Vec<(i64, usize)>) {
-    // Each series' slot, in the order first seen; `at[i]`: reading i's slot, then where it goes.
-    let mut slot_of: HashMap<i64, usize> = HashMap::default();
-    let mut ids: Vec<i64> = Vec::new();
-    let mut last: Option<(i64, usize)> = None;
-    let mut at: Vec<usize> = Vec::with_capacity(pending.len());
-    for p in &pending {
-        let slot = match last {
-            Some((sid, slot)) if sid == p.series => slot,
-            _ => {
-                let n = ids.len();
-                let slot = *slot_of.entry(p.series).or_insert_with(|| {
-                    ids.push(p.series);
-                    n
-                });
-                last = Some((p.series, slot));
-                slot
-            }
-        };
-        at.push(slot);
-    }
+    // `at[i]`: reading i's slot, then where it goes.
+    let (ids, mut at) = series_slots(&pending);
     let mut count = vec![0usize; ids.len()];
     for &slot in &at {
         count[slot] += 1;
@@ -374,11 +356,14 @@ fn by_series_and_time(pending: Vec<Pending>) -> (Vec<Pending>, Vec<(i64, usize)>
     // Scattered into a new vector: the reads go in order and the writes to one place per series (each moving
     // through its run), where following the permutation's cycles in place jumped across the readings at every
     // move (no faster than the sort).
-    let mut placed: Vec<Option<Pending>> = (0..pending.len()).map(|_| None).collect();
+    let n = pending.len();
+    let mut placed: Vec<Option<Pending>> = (0..n).map(|_| None).collect();
     for (p, to) in pending.into_iter().zip(at) {
         placed[to] = Some(p);
     }
     let mut pending: Vec<Pending> = placed.into_iter().flatten().collect();
+    // `at` is a permutation (each series' readings go to its own range, one place each): every place was filled.
+    assert_eq!(pending.len(), n, "a reading lost in the release's order");
     let mut start = 0;
     for &(_, n) in &runs {
         let run = &mut pending[start..start + n];
@@ -390,17 +375,48 @@ fn by_series_and_time(pending: Vec<Pending>) -> (Vec<Pending>, Vec<(i64, usize)>
     (pending, runs)
 }
 
-/// Moves each `rows[i]` to `dest[i]` (`dest` a permutation of `0..rows.len()`) in place, by following the
-/// permutation's cycles: no second copy of the rows is held (a copy would hold every string value twice).
-pub(crate) fn permute<T>(rows: &mut [T], mut dest: Vec<usize>) {
-    debug_assert_eq!(rows.len(), dest.len());
-    for i in 0..rows.len() {
-        while dest[i] != i {
-            let j = dest[i];
-            rows.swap(i, j);
-            dest.swap(i, j);
+/// Each reading's series slot, slots numbered in the order their series first appear, and the series of each slot.
+/// Buffer series ids are SQLite row ids, dense from 1: when the ids of the call span no more than the readings (or
+/// 4,096), a table indexed by id finds the slot without hashing; otherwise a hash map does (with the last series
+/// remembered, so a run of one series costs one lookup).
+fn series_slots(pending: &[Pending]) -> (Vec<i64>, Vec<usize>) {
+    let mut ids: Vec<i64> = Vec::new();
+    let mut at: Vec<usize> = Vec::with_capacity(pending.len());
+    let lo = pending.iter().map(|p| p.series).min().unwrap_or(0);
+    let hi = pending.iter().map(|p| p.series).max().unwrap_or(0);
+    let offset = |sid: i64| (i128::from(sid) - i128::from(lo)) as usize; // in range: checked against the span
+    let span = i128::from(hi) - i128::from(lo);
+    if span < pending.len().max(4096) as i128 {
+        let mut table = vec![u32::MAX; offset(hi) + 1];
+        for p in pending {
+            let cell = &mut table[offset(p.series)];
+            if *cell == u32::MAX {
+                // Fewer slots than readings, and readings fewer than u32::MAX (a seal takes at most `max_rows`).
+                *cell = ids.len() as u32;
+                ids.push(p.series);
+            }
+            at.push(*cell as usize);
         }
+        return (ids, at);
     }
+    let mut slot_of: HashMap<i64, usize> = HashMap::default();
+    let mut last: Option<(i64, usize)> = None;
+    for p in pending {
+        let slot = match last {
+            Some((sid, slot)) if sid == p.series => slot,
+            _ => {
+                let n = ids.len();
+                let slot = *slot_of.entry(p.series).or_insert_with(|| {
+                    ids.push(p.series);
+                    n
+                });
+                last = Some((p.series, slot));
+                slot
+            }
+        };
+        at.push(slot);
+    }
+    (ids, at)
 }
 
 /// Releases `pending` (any order) against `states` (updated in place; a series without a state starts fresh).

@@ -422,15 +422,19 @@ fn a_delta_49_days_behind_the_state_leaves_the_state_as_it_was() {
 
 proptest! {
     /// The counting sort by series gives what a stable sort by (series, time) gives, arrival order kept among a
-    /// series' readings of one timestamp (the values tell them apart), with each series' run; and `permute` moves
-    /// every row where its permutation says.
+    /// series' readings of one timestamp (the values tell them apart), with each series' run. One to 19 series:
+    /// with few, their runs are long enough that an unstable sort would show.
     #[test]
     fn by_series_and_time_is_the_stable_sort(
-        readings in prop::collection::vec((-1i64..2, 0i64..6), 0..200),
+        readings in prop::collection::vec((0i64..19, 0i64..6), 0..300),
+        series in 1i64..20,
         sorted_runs in any::<bool>(),
+        sparse in any::<bool>(),
     ) {
+        // Series ids close together (found through a table) or far apart (through a hash map), negative ones too.
+        let id = |s: i64| if sparse { (s % series - 1) * 1_000_003 } else { s % series - 1 };
         let mut input: Vec<Pending> =
-            readings.iter().enumerate().map(|(i, &(s, ts))| p(s * 1_000_003, ts, i as f64)).collect();
+            readings.iter().enumerate().map(|(i, &(s, ts))| p(id(s), ts, i as f64)).collect();
         if sorted_runs {
             // Each series in time order already (the usual arrival): the runs need no sort.
             input.sort_by_key(|p| p.ts_ms);
@@ -443,14 +447,21 @@ proptest! {
             want.chunk_by(|a, b| a.series == b.series).map(|r| (r[0].series, r.len())).collect();
         prop_assert_eq!(runs, want_runs);
     }
+}
 
-    #[test]
-    fn permute_moves_each_row_to_its_place(dest in Just((0..40usize).collect::<Vec<_>>()).prop_shuffle()) {
-        let rows: Vec<usize> = (0..dest.len()).collect();
-        let mut moved = rows.clone();
-        permute(&mut moved, dest.clone());
-        for (from, &to) in dest.iter().enumerate() {
-            prop_assert_eq!(moved[to], rows[from]);
-        }
+/// Series ids at the ends of i64 are ordered too: far apart (through the hash map) and next to each other at the top
+/// (through the table).
+#[test]
+fn by_series_and_time_orders_extreme_series_ids() {
+    for ids in [
+        [i64::MAX, i64::MIN, 0],
+        [i64::MAX, i64::MAX - 1, i64::MAX - 2],
+    ] {
+        let input: Vec<Pending> = (0..9)
+            .map(|i| p(ids[i % 3], 9 - i as i64, i as f64))
+            .collect();
+        let mut want = input.clone();
+        want.sort_by_key(|p| (p.series, p.ts_ms));
+        assert_eq!(by_series_and_time(input).0, want);
     }
 }
