@@ -86,6 +86,20 @@ fn ready_then_a_watchdog_fed_only_while_the_buffer_answers_then_stopping() {
         ready.1
     );
     assert!(ready.0 >= spawned);
+    // It turned transparent huge pages off for itself (agent/src/main.rs: with `transparent_hugepage=always` they
+    // nearly tripled the static agent's RSS).
+    let pid = agent.proc.as_ref().unwrap().pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["THP_enabled:", "0"])),
+        "transparent huge pages left on: {}",
+        status
+            .lines()
+            .find(|l| l.starts_with("THP_enabled"))
+            .unwrap_or("no THP_enabled line")
+    );
 
     // Healthy: fed well inside the 1 s timeout.
     let steady_from = Instant::now();
