@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use fieldlink_agent::config::{Config, EXAMPLE};
 use std::path::PathBuf;
 
-// The static (musl) builds' allocator is mimalloc: it runs the agent's pipeline 1.1–1.4× as fast as musl's own
+// The static (musl) builds' allocator is mimalloc: it ran the agent's pipeline 1.02–1.38× as fast as musl's own
 // (docs/memory.md, "The static builds' allocator"). The cloud's static builds use it too.
 #[cfg(target_env = "musl")]
 #[global_allocator]
@@ -15,29 +15,27 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// Transparent huge pages off for the process: the kernel would back 2 MiB-aligned anonymous memory with 2 MiB
 /// pages, on `transparent_hugepage=always` hosts (RHEL's default) whatever the allocator asks; mimalloc's arenas
-/// then put the agent's peak RSS at 41 MiB instead of 15. An agent this small gains nothing from them. (Fails only
-/// on kernels before 3.15, which lack the flag: the agent then runs as it would have.)
+/// then put the agent's peak RSS at 41 MiB instead of 15. An agent this small gains nothing from them. (Fails on
+/// kernels before 3.15, which lack the flag, or under a seccomp filter that refuses it: the agent then runs as it
+/// would have.)
 fn tune_memory() {
     let _ = rustix::thread::disable_transparent_huge_pages(true);
     tune_allocator();
 }
 
 /// mimalloc gives memory it freed back to the OS `purge_delay` ms later (1000 by default). At 25 the agent's peak
-/// RSS is musl's allocator's and the pipeline 1.1–1.4× as fast as with musl's; at 1000 the peak is up to 3 MiB
-/// higher, at 0 (purge at every free) the pipeline is slower than with musl's (docs/memory.md). An operator's
-/// `MIMALLOC_PURGE_DELAY` is left to rule.
+/// RSS is musl's allocator's and the pipeline faster than with musl's; at 1000 the peak is up to 3 MiB higher, at 0
+/// (purge at every free) the pipeline is slower than with musl's (docs/memory.md). Set as the default: an operator's
+/// `MIMALLOC_PURGE_DELAY` (read when the process loads) still rules.
 #[cfg(target_env = "musl")]
 #[allow(unsafe_code)]
 fn tune_allocator() {
     /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (15 since mimalloc 2.1, v3 included; the sys crate
     /// names only older options).
     const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-        return;
-    }
-    // SAFETY: sets an option's value. mimalloc's option setter is not thread-safe: this runs first in `main`, before
-    // any other thread exists.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 25) };
+    // SAFETY: sets an option's default value. mimalloc's option setters are not thread-safe: this runs first in
+    // `main`, before any other thread exists.
+    unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, 25) };
 }
 
 #[cfg(not(target_env = "musl"))]

@@ -391,7 +391,8 @@ fn series_slots(pending: &[Pending]) -> (Vec<i64>, Vec<usize>) {
         for p in pending {
             let cell = &mut table[offset(p.series)];
             if *cell == u32::MAX {
-                // Fewer slots than readings, and readings fewer than u32::MAX (a seal takes at most `max_rows`).
+                // Fewer slots than readings, and readings far fewer than u32::MAX (a seal takes at most `max_rows`,
+                // or one group of at most `MAX_GROUP_READINGS`).
                 *cell = ids.len() as u32;
                 ids.push(p.series);
             }
