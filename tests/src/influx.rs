@@ -328,7 +328,20 @@ impl InfluxCloud {
         let dir = self.config.parent().unwrap().join("dead/influxdb");
         let mut out = Vec::new();
         for e in std::fs::read_dir(dir).into_iter().flatten() {
-            let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+            // The store writes a hidden staging file (`.{name}.tmp-…`, cloud/src/store.rs) and renames it: a staging
+            // file may be half written, and one listed mid-rename is gone. Its lines are read under the final name
+            // at a later call (callers wait for the count they expect).
+            let path = e.unwrap().path();
+            if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            {
+                continue;
+            }
+            let text = match std::fs::read_to_string(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                r => r.unwrap(),
+            };
             for l in text.lines() {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
                 out.push((
