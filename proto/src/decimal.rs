@@ -47,6 +47,12 @@ const I10: [i64; 19] = [
     1_000_000_000_000_000_000,
 ];
 
+/// Where [`smallest`] starts trying a mantissa's neighbours: 2^50.
+const NEAR: f64 = (1u64 << 50) as f64;
+
+/// 1.5·2^52: `(x + ROUNDER) - ROUNDER` is `x` rounded to the nearest integer for |x| < 2^51.
+const ROUNDER: f64 = 6_755_399_441_055_744.0;
+
 /// The double a mantissa and exponent stand for. `e` ≤ [`MAX_EXP`], `|m|` ≤ [`MAX_MANTISSA`].
 #[inline]
 pub(crate) fn value(m: i64, e: u8) -> f64 {
@@ -60,20 +66,27 @@ pub(crate) fn smallest(v: f64) -> Option<(i64, u8)> {
     }
     for e in 0..=MAX_EXP {
         let x = v * P10[e as usize];
-        if x.abs() > MAX_MANTISSA as f64 {
+        let ax = x.abs();
+        if ax > MAX_MANTISSA as f64 {
             return None;
         }
-        // Round half away from zero. `x` is v·10^e up to a rounding error of an ulp or two, which near 2^53 can
-        // exceed half a unit: there the neighbours are tried too. The check alone decides.
-        let m = (x + 0.5f64.copysign(x)) as i64;
-        if value(m, e).to_bits() == v.to_bits() {
-            return Some((m, e));
+        if ax < NEAR {
+            // If `value(m, e)` is `v`, then `x` is `m` up to two roundings: |x − m| ≤ 2^-52·|x|, below a quarter
+            // here. So `m` is `x` rounded to the nearest integer (adding and taking away 1.5·2^52 does that,
+            // exactly, for |x| < 2^51), and an exponent whose `x` is not that close to an integer is skipped
+            // without the division.
+            let r = (x + ROUNDER) - ROUNDER;
+            if (x - r).abs() <= ax * 1e-9 && value(r as i64, e).to_bits() == v.to_bits() {
+                return Some((r as i64, e));
+            }
+            continue;
         }
-        if x.abs() >= (1u64 << 50) as f64 {
-            for c in [m - 1, m + 1, m - 2, m + 2] {
-                if c.abs() <= MAX_MANTISSA && value(c, e).to_bits() == v.to_bits() {
-                    return Some((c, e));
-                }
+        // Near 2^53 the rounding error of `x` can exceed half a unit: the neighbours are tried too. The check
+        // alone decides.
+        let m = (x + 0.5f64.copysign(x)) as i64;
+        for c in [m, m - 1, m + 1, m - 2, m + 2] {
+            if c.abs() <= MAX_MANTISSA && value(c, e).to_bits() == v.to_bits() {
+                return Some((c, e));
             }
         }
     }
@@ -163,7 +176,38 @@ mod tests {
         }
     }
 
+    /// `smallest` without the shortcut: the exact check at every exponent.
+    fn smallest_checking_all(v: f64) -> Option<(i64, u8)> {
+        if !v.is_finite() || v.abs() > MAX_MANTISSA as f64 {
+            return None;
+        }
+        for e in 0..=MAX_EXP {
+            let x = v * P10[e as usize];
+            if x.abs() > MAX_MANTISSA as f64 {
+                return None;
+            }
+            let m = (x + 0.5f64.copysign(x)) as i64;
+            for c in [m, m - 1, m + 1, m - 2, m + 2] {
+                if c.abs() <= MAX_MANTISSA && value(c, e).to_bits() == v.to_bits() {
+                    return Some((c, e));
+                }
+            }
+        }
+        None
+    }
+
     proptest! {
+        #[test]
+        fn the_shortcut_finds_what_checking_every_exponent_finds(bits in any::<u64>(), m in -MAX_MANTISSA..=MAX_MANTISSA, e in 0u8..=22) {
+            let v = f64::from_bits(bits);
+            prop_assert_eq!(smallest(v), smallest_checking_all(v), "{:e}", v);
+            let d = value(m, e);
+            prop_assert_eq!(smallest(d), smallest_checking_all(d), "{}e-{}", m, e);
+            // Values a sensor prints: few digits.
+            let short = value(m % 1_000_000, e % 9);
+            prop_assert_eq!(smallest(short), smallest_checking_all(short), "{:e}", short);
+        }
+
         #[test]
         fn whatever_is_found_decodes_to_the_same_bits(bits in any::<u64>()) {
             let v = f64::from_bits(bits);

@@ -2,7 +2,17 @@
 
 use crate::codec::DecodeError;
 
-pub(crate) fn put_uvarint(out: &mut Vec<u8>, mut v: u64) {
+#[inline]
+pub(crate) fn put_uvarint(out: &mut Vec<u8>, v: u64) {
+    // Most coded numbers (timestamp and mantissa differences, lengths) take one byte.
+    if v < 0x80 {
+        out.push(v as u8);
+    } else {
+        put_long_uvarint(out, v);
+    }
+}
+
+fn put_long_uvarint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -20,6 +30,7 @@ pub(crate) fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
+#[inline]
 pub(crate) fn put_svarint(out: &mut Vec<u8>, v: i64) {
     put_uvarint(out, zigzag(v));
 }

@@ -51,20 +51,26 @@ pub fn assemble(
         series: Vec::new(),
         readings: Vec::with_capacity(rows.len()),
     };
+    // Rows come grouped by series (`device_order`): the index is looked up once per run, not per row.
+    let mut last: Option<(i64, u32)> = None;
     for row in rows {
         let next = batch.series.len() as u32;
-        let idx = match index.get(&row.series_id) {
-            Some(&i) => i,
-            None => {
-                let s = series_of(row.series_id).ok_or_else(|| EncodeError::Invalid {
-                    what: "series",
-                    why: format!("buffer has no series with id {}", row.series_id),
-                })?;
-                batch.series.push(s);
-                index.insert(row.series_id, next);
-                next
-            }
+        let idx = match last.filter(|l| l.0 == row.series_id).map(|l| l.1) {
+            Some(i) => i,
+            None => match index.get(&row.series_id) {
+                Some(&i) => i,
+                None => {
+                    let s = series_of(row.series_id).ok_or_else(|| EncodeError::Invalid {
+                        what: "series",
+                        why: format!("buffer has no series with id {}", row.series_id),
+                    })?;
+                    batch.series.push(s);
+                    index.insert(row.series_id, next);
+                    next
+                }
+            },
         };
+        last = Some((row.series_id, idx));
         let mut r = row.reading.clone();
         r.series = idx;
         batch.readings.push(r);
@@ -298,6 +304,17 @@ mod tests {
             }
         }
         rows
+    }
+
+    #[test]
+    fn a_series_met_again_after_another_keeps_its_index() {
+        let mut rows = rows_for(1, 2, |t| Value::F64(t as f64));
+        rows.truncate(4); // series 0, 0, 1, 1
+        rows.push(rows[0].clone()); // series 0 again
+        let b = assemble("a", 1, 1, &rows, &lookup).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(b.series.len(), 2);
+        let idx: Vec<u32> = b.readings.iter().map(|r| r.series).collect();
+        assert_eq!(idx, vec![0, 0, 1, 1, 0]);
     }
 
     #[test]
