@@ -18,6 +18,7 @@ pub mod batch;
 pub mod buffer;
 pub mod config;
 pub mod kinesis;
+pub mod memory;
 pub mod metrics;
 pub mod modbus;
 pub mod mqtt;

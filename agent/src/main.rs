@@ -11,36 +11,6 @@ use std::path::PathBuf;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Memory settings, first thing in `main`.
-///
-/// Transparent huge pages off for the process: the kernel would back 2 MiB-aligned anonymous memory with 2 MiB
-/// pages, on `transparent_hugepage=always` hosts (RHEL's default) whatever the allocator asks; mimalloc's arenas
-/// then put the agent's peak RSS at 41 MiB instead of 15. An agent this small gains nothing from them. (Fails on
-/// kernels before 3.15, which lack the flag, or under a seccomp filter that refuses it: the agent then runs as it
-/// would have.)
-fn tune_memory() {
-    let _ = rustix::thread::disable_transparent_huge_pages(true);
-    tune_allocator();
-}
-
-/// mimalloc gives memory it freed back to the OS `purge_delay` ms later (1000 by default). At 25 the agent's peak
-/// RSS is musl's allocator's and the pipeline faster than with musl's; at 1000 the peak is up to 3 MiB higher, at 0
-/// (purge at every free) the pipeline is slower than with musl's (docs/memory.md). Set as the default: an operator's
-/// `MIMALLOC_PURGE_DELAY` (read when the process loads) still rules.
-#[cfg(target_env = "musl")]
-#[allow(unsafe_code)]
-fn tune_allocator() {
-    /// `mi_option_purge_delay` in mimalloc.h's `mi_option_e` (15 since mimalloc 2.1, v3 included; the sys crate
-    /// names only older options).
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: sets an option's default value. mimalloc's option setters are not thread-safe: this runs first in
-    // `main`, before any other thread exists.
-    unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, 25) };
-}
-
-#[cfg(not(target_env = "musl"))]
-fn tune_allocator() {}
-
 #[derive(Debug, Parser)]
 #[command(
     name = "fieldlink-agent",
@@ -81,7 +51,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tune_memory();
+    let memory = fieldlink_agent::memory::tune();
     let cli = Cli::parse();
     match cli.command {
         Command::GenerateConfig => {
@@ -125,6 +95,12 @@ fn main() -> anyhow::Result<()> {
             let cfg = Config::load(&config)
                 .with_context(|| format!("configuration {}", config.display()))?;
             cfg.log.init();
+            tracing::info!(
+                huge_pages_off = memory.huge_pages_off,
+                allocator = memory.allocator,
+                purge_delay_ms = ?memory.purge_delay_ms,
+                "memory settings"
+            );
             fieldlink_ops::shutdown::run_until_signal(Some(1), |cancel| {
                 fieldlink_agent::run(cfg, cancel)
             })

@@ -19,8 +19,8 @@
 //! 5. **Peak RSS** (VmHWM) of a fresh agent process after 15 s at 10,000 readings/s.
 #![allow(clippy::unwrap_used)]
 
-// As in fieldlink-agent: a static (musl) build measures the shipped allocator. The agent sets mimalloc's purge delay
-// to 25 ms; run this build with `MIMALLOC_PURGE_DELAY=25` for the same (docs/memory.md).
+// As in fieldlink-agent: a static (musl) build measures the shipped allocator, with the agent's memory settings
+// (`fieldlink_agent::memory::tune`, first in `main`; docs/memory.md).
 #[cfg(target_env = "musl")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -429,6 +429,7 @@ fn thread_cpu_s() -> Option<f64> {
 }
 
 fn main() {
+    fieldlink_agent::memory::tune();
     let only = std::env::args().nth(1);
     if matches!(only.as_deref(), Some("rss" | "ingest")) {
         // Only figure 5 (for measuring memory settings): `bench rss`; only figure 4: `bench ingest`.
