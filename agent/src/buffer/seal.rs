@@ -346,7 +346,9 @@ impl Buffer {
     ) -> Result<Begun, BufferError> {
         assert!(!self.sealing, "one seal at a time");
         self.fresh_engines()?;
-        let mut pending = Vec::new();
+        // Room for what the seal can take at most, not grown by doubling (a copy of every reading per doubling).
+        let at_most = self.stats.unsealed_readings.min(max_rows as u64) as usize;
+        let mut pending = Vec::with_capacity(at_most);
         let taken = self.take_groups(up_to, max_rows, &mut pending)?;
         if taken.rows == 0 && taken.ids_last == 0 {
             return self.seal_alarm_tick(now_ms).map(Begun::Idle);

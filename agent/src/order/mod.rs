@@ -361,7 +361,10 @@ fn by_series_and_time(pending: Vec<Pending>) -> (Vec<Pending>, Vec<(i64, usize)>
     for (p, to) in pending.into_iter().zip(at) {
         placed[to] = Some(p);
     }
-    let mut pending: Vec<Pending> = placed.into_iter().flatten().collect();
+    // Sized first: `flatten` gives no lower bound, so `collect` would grow the vector by doubling (a copy of every
+    // reading per doubling, and fresh pages each time).
+    let mut pending: Vec<Pending> = Vec::with_capacity(n);
+    pending.extend(placed.into_iter().flatten());
     // `at` is a permutation (each series' readings go to its own range, one place each): every place was filled.
     assert_eq!(pending.len(), n, "a reading lost in the release's order");
     let mut start = 0;

@@ -28,7 +28,13 @@ pub struct Interner {
     hasher: foldhash::fast::RandomState,
     /// The current message's topic tags, sorted.
     tags: Vec<(String, String)>,
+    /// Readings of the last message mapped (at most [`MAX_READINGS_HINT`]): the next message's readings vector
+    /// starts with that room, not grown by doubling while a message is parsed.
+    pub(crate) readings_hint: usize,
 }
+
+/// Bound of [`Interner::readings_hint`]: a huge message does not make every next one reserve as much.
+pub(crate) const MAX_READINGS_HINT: usize = 256;
 
 impl Interner {
     /// Starts a message whose readings get `topic_tags` (a tag the payload itself sets wins, see
@@ -59,6 +65,7 @@ impl Interner {
             bytes,
             hasher,
             tags,
+            ..
         } = self;
         lookup(by_hash, bytes, hasher, key, tags)
     }

@@ -175,7 +175,10 @@ impl<'a> Out<'a> {
     /// An empty result whose series come from `series`.
     pub(crate) fn new(series: &'a mut Interner) -> Self {
         Self {
-            parsed: Parsed::default(),
+            parsed: Parsed {
+                readings: Vec::with_capacity(series.readings_hint),
+                ..Parsed::default()
+            },
             series,
         }
     }
@@ -214,12 +217,13 @@ impl<'a> Out<'a> {
 
     /// What was built.
     pub(crate) fn into_parsed(self) -> Parsed {
+        self.series.readings_hint = self.parsed.readings.len().min(intern::MAX_READINGS_HINT);
         self.parsed
     }
 
     /// The message's result: refused when nothing passed.
     pub(crate) fn finish(self) -> Result<Parsed, PayloadError> {
-        self.parsed.finish()
+        self.into_parsed().finish()
     }
 }
 
@@ -357,6 +361,33 @@ mod tests {
 
     fn tags(t: &[(&str, &str)]) -> Vec<(String, String)> {
         t.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
+    }
+
+    #[test]
+    fn the_next_message_starts_with_room_for_the_last_ones_readings_up_to_a_bound() {
+        let mut m = Mapper::new(PayloadConfig::default());
+        let six = br#"{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6}"#;
+        assert_eq!(
+            m.map(Format::Json, "t", six, 0, &[])
+                .map(|p| p.readings.len()),
+            Ok(6)
+        );
+        let next = m
+            .map(Format::Json, "t", br#"{"a":1}"#, 0, &[])
+            .unwrap_or_default();
+        assert!(
+            next.readings.capacity() >= 6,
+            "{}",
+            next.readings.capacity()
+        );
+        assert_eq!(m.series.readings_hint, 1);
+        let fields: Vec<String> = (0..400).map(|i| format!("\"f{i}\":{i}")).collect();
+        let big = format!("{{{}}}", fields.join(","));
+        let p = m
+            .map(Format::Json, "t", big.as_bytes(), 0, &[])
+            .unwrap_or_default();
+        assert_eq!(p.readings.len(), 400);
+        assert_eq!(m.series.readings_hint, intern::MAX_READINGS_HINT);
     }
 
     #[test]
