@@ -176,7 +176,8 @@ impl<'a> Out<'a> {
     pub(crate) fn new(series: &'a mut Interner) -> Self {
         Self {
             parsed: Parsed {
-                readings: Vec::with_capacity(series.readings_hint),
+                // At least what the vector's first push would take (4 readings).
+                readings: Vec::with_capacity(series.readings_hint.max(4)),
                 ..Parsed::default()
             },
             series,
