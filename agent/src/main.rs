@@ -51,7 +51,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let memory = fieldlink_agent::memory::tune();
+    // SAFETY: first in `main`, before any other thread exists.
+    #[allow(unsafe_code)]
+    let memory = unsafe { fieldlink_agent::memory::tune() };
     let cli = Cli::parse();
     match cli.command {
         Command::GenerateConfig => {

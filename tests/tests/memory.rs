@@ -46,17 +46,33 @@ fn memory_settings(env: &[(&str, &str)]) -> (String, String) {
     );
     let pid = agent.proc.as_ref().unwrap().pid();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let thp = status
-        .lines()
-        .find(|l| l.starts_with("THP_enabled"))
-        .unwrap_or("no THP_enabled line")
-        .to_owned();
+    let thp = thp_line(&status);
     agent.stop();
     (line, thp)
 }
 
+/// The `THP_enabled` line of a `/proc/<pid>/status`.
+fn thp_line(status: &str) -> String {
+    status
+        .lines()
+        .find(|l| l.starts_with("THP_enabled"))
+        .unwrap_or("no THP_enabled line")
+        .to_owned()
+}
+
 #[test]
 fn the_static_agent_turns_huge_pages_off_and_an_operators_purge_delay_beats_its_default() {
+    // The agent inherits both from this process: the flag across fork and exec, the variable through the
+    // environment. With either set here the checks below would pass without the agent's own settings.
+    assert_eq!(
+        thp_line(&std::fs::read_to_string("/proc/self/status").unwrap()),
+        "THP_enabled:\t1",
+        "this test process already has transparent huge pages off: the agent's flag cannot be told apart"
+    );
+    assert!(
+        std::env::var_os("MIMALLOC_PURGE_DELAY").is_none(),
+        "MIMALLOC_PURGE_DELAY is set for the tests: the agent's default cannot be told apart"
+    );
     let (line, thp) = memory_settings(&[]);
     assert!(
         thp.split_whitespace().eq(["THP_enabled:", "0"]),

@@ -346,9 +346,17 @@ impl Buffer {
     ) -> Result<Begun, BufferError> {
         assert!(!self.sealing, "one seal at a time");
         self.fresh_engines()?;
-        // Room for what the seal can take at most, not grown by doubling (a copy of every reading per doubling).
-        let at_most = self.stats.unsealed_readings.min(max_rows as u64) as usize;
-        let mut pending = Vec::with_capacity(at_most);
+        // Room for what the seal takes (the ready groups' readings, at most `max_rows`; each group holds at least
+        // one reading, so no more than `max_rows` groups are summed), not grown by doubling (a copy of every
+        // reading per doubling).
+        let ready: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT COALESCE(SUM(readings), 0) FROM \
+                 (SELECT readings FROM groups WHERE id <= ?1 ORDER BY id LIMIT ?2)",
+            )?
+            .query_row([up_to, max_rows as i64], |r| r.get(0))?;
+        let mut pending = Vec::with_capacity(ready.clamp(0, max_rows as i64) as usize);
         let taken = self.take_groups(up_to, max_rows, &mut pending)?;
         if taken.rows == 0 && taken.ids_last == 0 {
             return self.seal_alarm_tick(now_ms).map(Begun::Idle);

@@ -429,7 +429,11 @@ fn thread_cpu_s() -> Option<f64> {
 }
 
 fn main() {
-    fieldlink_agent::memory::tune();
+    // SAFETY: first in `main`, before any other thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        fieldlink_agent::memory::tune();
+    }
     let only = std::env::args().nth(1);
     if matches!(only.as_deref(), Some("rss" | "ingest")) {
         // Only figure 5 (for measuring memory settings): `bench rss`; only figure 4: `bench ingest`.
