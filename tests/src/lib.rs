@@ -118,6 +118,28 @@ pub fn static_bin(triple: &str, name: &str) -> PathBuf {
     p
 }
 
+/// The `THP_enabled` line of `/proc/<pid>/status` (`pid` "self" for this process): `THP_enabled:\t0` once a
+/// process turned transparent huge pages off for itself. The flag is inherited across fork and exec, so a test of
+/// a child's flag first checks that this process has it on ([`assert_thp_on_here`]).
+pub fn thp_enabled_line(pid: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("THP_enabled"))
+        .unwrap_or("no THP_enabled line")
+        .to_owned()
+}
+
+/// Panics unless this process has transparent huge pages on: otherwise a child would show them off without
+/// turning them off itself.
+pub fn assert_thp_on_here() {
+    assert_eq!(
+        thp_enabled_line("self"),
+        "THP_enabled:\t1",
+        "this test process already has transparent huge pages off: a child's own flag cannot be told apart"
+    );
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

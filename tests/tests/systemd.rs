@@ -69,6 +69,7 @@ fn ready_then_a_watchdog_fed_only_while_the_buffer_answers_then_stopping() {
         ("NOTIFY_SOCKET".into(), socket.display().to_string()),
         ("WATCHDOG_USEC".into(), "1000000".into()),
     ];
+    assert_thp_on_here(); // the agent checked below must turn them off itself
     let spawned = Instant::now();
     agent.start();
 
@@ -86,19 +87,13 @@ fn ready_then_a_watchdog_fed_only_while_the_buffer_answers_then_stopping() {
         ready.1
     );
     assert!(ready.0 >= spawned);
-    // It turned transparent huge pages off for itself (agent/src/main.rs: with `transparent_hugepage=always` they
+    // It turned transparent huge pages off for itself (agent/src/memory.rs: with `transparent_hugepage=always` they
     // nearly tripled the static agent's RSS).
     let pid = agent.proc.as_ref().unwrap().pid();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    assert!(
-        status
-            .lines()
-            .any(|l| l.split_whitespace().eq(["THP_enabled:", "0"])),
-        "transparent huge pages left on: {}",
-        status
-            .lines()
-            .find(|l| l.starts_with("THP_enabled"))
-            .unwrap_or("no THP_enabled line")
+    assert_eq!(
+        thp_enabled_line(&pid.to_string()),
+        "THP_enabled:\t0",
+        "transparent huge pages left on"
     );
 
     // Healthy: fed well inside the 1 s timeout.

@@ -385,8 +385,10 @@ fn by_series_and_time(pending: Vec<Pending>) -> (Vec<Pending>, Vec<(i64, usize)>
 fn series_slots(pending: &[Pending]) -> (Vec<i64>, Vec<usize>) {
     let mut ids: Vec<i64> = Vec::new();
     let mut at: Vec<usize> = Vec::with_capacity(pending.len());
-    let lo = pending.iter().map(|p| p.series).min().unwrap_or(0);
-    let hi = pending.iter().map(|p| p.series).max().unwrap_or(0);
+    let (lo, hi) = pending.iter().fold((i64::MAX, i64::MIN), |(lo, hi), p| {
+        (lo.min(p.series), hi.max(p.series))
+    });
+    let (lo, hi) = if pending.is_empty() { (0, 0) } else { (lo, hi) };
     let offset = |sid: i64| (i128::from(sid) - i128::from(lo)) as usize; // in range: checked against the span
     let span = i128::from(hi) - i128::from(lo);
     if span < pending.len().max(4096) as i128 {
