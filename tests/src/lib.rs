@@ -805,6 +805,24 @@ shutdown_drain_ms = 2000
         }
     }
 
+    /// The running agent's memory settings (`agent/src/memory.rs`): its start-up log's `memory settings` line,
+    /// waited for, and its `THP_enabled` status line (for a cross-built agent, of the qemu-user process that runs
+    /// it).
+    pub fn memory_settings(&self) -> (String, String) {
+        let proc = self.proc.as_ref().expect("the agent is not running");
+        let line = wait_for(
+            "the memory settings log line",
+            Duration::from_secs(20),
+            || {
+                proc.log_text()
+                    .lines()
+                    .find(|l| l.contains("memory settings"))
+                    .map(str::to_owned)
+            },
+        );
+        (line, thp_enabled_line(&proc.pid().to_string()))
+    }
+
     /// SIGKILL.
     pub fn kill9(&mut self) {
         if let Some(mut p) = self.proc.take() {

@@ -2,15 +2,20 @@
 //! packages (`deploy/build-static.sh`, which the test command runs before the tests), under qemu-user against real
 //! Mosquitto and moto. Numbered QoS 1 readings flow while the agent is killed with SIGKILL and started again; every
 //! reading the broker acknowledged must be in Kinesis, and landed by the cloud in Parquet and Timestream, exactly
-//! once.
+//! once. Each agent's memory settings (`agent/src/memory.rs`) are checked as it starts: the allocator and the
+//! aarch64 build's mimalloc purge delay, and that the huge-page flag it logs is the process's own (qemu-user 7.2
+//! refuses the `prctl`, so here the flag stays on and the log must say so).
 
 #![allow(clippy::unwrap_used)]
 
 use fieldlink_e2e::*;
 use std::time::Duration;
 
-/// `launcher`: qemu and its options; the binary is appended.
-fn delivers_through_a_kill_under_qemu(triple: &str, launcher: &[&str]) {
+/// `launcher`: qemu and its options; the binary is appended. `memory`: what the start-up log's `memory settings`
+/// line must contain besides the huge-page flag.
+fn delivers_through_a_kill_under_qemu(triple: &str, launcher: &[&str], memory: &[&str]) {
+    // The huge-page flag is inherited across fork and exec: the agent's own must be told apart from this process's.
+    assert_thp_on_here();
     let binary = static_bin(triple, "fieldlink-agent");
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path());
@@ -37,6 +42,19 @@ fn delivers_through_a_kill_under_qemu(triple: &str, launcher: &[&str]) {
     agent.launcher = launcher.iter().map(Into::into).collect();
     agent.launcher.push(binary.into());
     agent.start();
+    let (line, thp) = agent.memory_settings();
+    // qemu-user hands on only the `prctl` options it knows; Debian bookworm's (7.2) refuses PR_SET_THP_DISABLE with
+    // EINVAL, as a kernel before 3.15 or a seccomp filter would. The agent then runs with huge pages as the host
+    // gives them, and its log must say which it is.
+    let off = match thp.as_str() {
+        "THP_enabled:\t0" => true,
+        "THP_enabled:\t1" => false,
+        other => panic!("{triple}: unexpected status line {other:?}"),
+    };
+    let want_off = format!("huge_pages_off={off}");
+    for want in memory.iter().copied().chain([want_off.as_str()]) {
+        assert!(line.contains(want), "{triple}: {want} missing from: {line}");
+    }
 
     let (port, path) = (broker.port, dir.path().to_path_buf());
     let publisher = std::thread::spawn(move || publish_numbered(port, 3000, 500.0, 0, &path));
@@ -88,7 +106,11 @@ fn delivers_through_a_kill_under_qemu(triple: &str, launcher: &[&str]) {
 #[test]
 fn the_static_aarch64_agent_delivers_exactly_once_through_a_sigkill_under_qemu() {
     // Static (musl): no sysroot needed.
-    delivers_through_a_kill_under_qemu("aarch64-unknown-linux-musl", &["qemu-aarch64-static"]);
+    delivers_through_a_kill_under_qemu(
+        "aarch64-unknown-linux-musl",
+        &["qemu-aarch64-static"],
+        &["allocator=\"mimalloc\"", "purge_delay_ms=Some(25)"],
+    );
 }
 
 #[test]
@@ -97,5 +119,6 @@ fn the_armv7_agent_delivers_exactly_once_through_a_sigkill_under_qemu() {
     delivers_through_a_kill_under_qemu(
         "armv7-unknown-linux-gnueabihf",
         &["qemu-arm-static", "-L", "/usr/arm-linux-gnueabihf"],
+        &["allocator=\"libc\"", "purge_delay_ms=None"],
     );
 }

@@ -7,7 +7,6 @@
 
 use fieldlink_e2e::*;
 use std::path::Path;
-use std::time::Duration;
 
 /// Starts the static agent `id` with `env` against `broker` and `moto`, waits for its start-up log's memory line,
 /// and returns that line and the process's `THP_enabled` status line.
@@ -25,21 +24,7 @@ fn memory_settings(
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
     agent.start();
-    let line = wait_for(
-        "the memory settings log line",
-        Duration::from_secs(20),
-        || {
-            agent
-                .proc
-                .as_ref()
-                .unwrap()
-                .log_text()
-                .lines()
-                .find(|l| l.contains("memory settings"))
-                .map(str::to_owned)
-        },
-    );
-    let thp = thp_enabled_line(&agent.proc.as_ref().unwrap().pid().to_string());
+    let (line, thp) = agent.memory_settings();
     agent.stop();
     (line, thp)
 }
