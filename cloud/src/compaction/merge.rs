@@ -8,16 +8,18 @@
 //! value_boolean, value_string, quality, late)` with two kinds of **repeat** dropped:
 //! - a row equal to the previous one in all those columns: the same reading of the same batch (a resend landed
 //!   twice, a commit repeated after a crash, a landing file merged again into the file that already holds it);
-//! - a row whose reading — `(series, time)` and `(value_*, quality)` — an earlier row of the output already holds
-//!   under another batch identity: the same reading sent in two batches. That happens when the agent's buffer is
+//! - a row whose reading — `(series, time, agent_id)` and `(value_*, quality)` — an earlier row of the output
+//!   already holds under another batch identity: the same reading sent in two batches by one agent. That happens when the agent's buffer is
 //!   replaced (a re-imaged gateway, a new SD card) while the broker still holds a message the old buffer had
 //!   committed but whose acknowledgement had not reached it (a kill -9 just after the commit, or an
 //!   acknowledgement given up on when the connection dropped), or when a QoS 1 publisher resent a message across
 //!   the replacement. The agent drops such a repeat itself while it keeps the same buffer file
 //!   (`dedup_window_ms`); the compactor drops it across buffer files, as Timestream and InfluxDB do by their
-//!   keys. The first row in the total order is kept (`late` is not part of the reading). Per `(series, time)` at
-//!   most [`MAX_READINGS_COMPARED`] distinct readings are remembered: beyond that a repeat is kept, never a
-//!   reading dropped.
+//!   keys, which hold the agent: two agents reporting the same value of the same series key at the same time
+//!   (a fleet sharing one configuration, Modbus polls on aligned ticks) keep both rows. The first row in the
+//!   total order is kept (`late` is not part of the reading). Per `(series, time, agent_id)` at most
+//!   [`MAX_READINGS_COMPARED`] distinct readings are remembered: beyond that a repeat is kept, never a reading
+//!   dropped.
 //!
 //! Two rows with the same `(agent_id, batch_epoch, batch_seq, series, time)` but another value are both kept (a
 //! batch identity reused with other content by a buffer file restored from a backup). So the output rows are a
@@ -273,6 +275,17 @@ impl Cols {
         (self.series.value(i), self.time.value(i))
     }
 
+    /// What makes two rows candidates for the same reading: its agent's series at one time. (Two agents may
+    /// share series keys, a fleet with one configuration, and read the same value at the same tick: both stay, as
+    /// in Timestream and InfluxDB, whose keys hold the agent.)
+    fn agent_series_time(&self, i: usize) -> (&str, i64, &str) {
+        (
+            self.series.value(i),
+            self.time.value(i),
+            self.agent.value(i),
+        )
+    }
+
     /// What row `i` reads, apart from its series, time and the batch that carried it.
     fn reading(&self, i: usize) -> Reading {
         Reading {
@@ -295,8 +308,8 @@ struct Reading {
     quality: Option<String>,
 }
 
-/// The readings emitted for the current `(series, time)`, to drop the same reading carried by another batch.
-/// Filled only when a `(series, time)` gets a second row, so the usual single row costs no allocation.
+/// The readings emitted for the current `(series, time, agent_id)`, to drop the same reading carried by another
+/// batch of the same agent. Filled only when it gets a second row, so the usual single row costs no allocation.
 #[derive(Default)]
 struct Emitted {
     readings: Vec<Reading>,
@@ -317,7 +330,7 @@ impl Emitted {
             return false;
         };
         let before = &pool.get(ps).cols;
-        if before.series_time(pr) != cols.series_time(row) {
+        if before.agent_series_time(pr) != cols.agent_series_time(row) {
             self.readings.clear();
             return false;
         }

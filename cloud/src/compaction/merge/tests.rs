@@ -79,7 +79,7 @@ fn r(series: &str, t: i64, agent: &str, seq: u64, v: f64) -> R {
     (series.into(), t, agent.into(), 7, seq, v)
 }
 
-/// The model of a merge: the rows sorted, and of the rows with one `(series, time, value)` the first kept.
+/// The model of a merge: the rows sorted, and of the rows with one `(series, time, agent, value)` the first kept.
 fn sorted_set(mut v: Vec<R>) -> Vec<R> {
     v.sort_by(|a, b| {
         (&a.0, a.1, &a.2, a.3, a.4)
@@ -87,7 +87,7 @@ fn sorted_set(mut v: Vec<R>) -> Vec<R> {
             .then(a.5.total_cmp(&b.5))
     });
     let mut seen = std::collections::HashSet::new();
-    v.retain(|(s, t, _, _, _, x)| seen.insert((s.clone(), *t, x.to_bits())));
+    v.retain(|(s, t, a, _, _, x)| seen.insert((s.clone(), *t, a.clone(), x.to_bits())));
     v
 }
 
@@ -142,6 +142,35 @@ fn the_same_reading_carried_by_batches_of_two_buffer_files_is_published_once() {
             ("s/a", 3, 3, 1, 5.0)
         ]),
         "the first copy in merge order is kept"
+    );
+}
+
+#[test]
+fn two_agents_reading_the_same_value_of_the_same_series_at_the_same_time_keep_both_rows() {
+    let dir = tempdir();
+    // Two sites with one configuration: the same series key, Modbus polls on the same aligned tick, the same
+    // value. Timestream and InfluxDB keep both (the agent is a dimension, a tag); so does bronze. Agent b's
+    // second batch repeats its own reading: that one goes.
+    let x = landing(
+        dir.path(),
+        "site-a.parquet",
+        &[r("inv-1/running", 1, "site-a", 1, 1.0)],
+    );
+    let y = landing(
+        dir.path(),
+        "site-b.parquet",
+        &[
+            r("inv-1/running", 1, "site-b", 4, 1.0),
+            r("inv-1/running", 1, "site-b", 5, 1.0),
+        ],
+    );
+    let m = merge_into(dir.path(), &[x, y], Split::BySize(u64::MAX), 64);
+    assert_eq!(
+        read(&m.parts[0].path),
+        vec![
+            r("inv-1/running", 1, "site-a", 1, 1.0),
+            r("inv-1/running", 1, "site-b", 4, 1.0)
+        ]
     );
 }
 
