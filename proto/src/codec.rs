@@ -164,6 +164,24 @@ pub(crate) fn check_len(
     Ok(())
 }
 
+/// Checks a series key and its tags against the limits of [`crate::limits`]: what [`encode`] refuses a batch
+/// for, whatever its readings. A producer checks a series here before it accepts readings of it, so that no
+/// batch it builds later is refused for it.
+pub fn check_series(key: &str, tags: &[(String, String)]) -> Result<(), EncodeError> {
+    check_len("series key", key, 1, MAX_KEY_BYTES)?;
+    if tags.len() > MAX_TAGS {
+        return Err(invalid(
+            "tags",
+            format!("{} tags on {key}, allowed {MAX_TAGS}", tags.len()),
+        ));
+    }
+    for (k, v) in tags {
+        check_len("tag name", k, 1, MAX_TAG_NAME_BYTES)?;
+        check_len("tag value", v, 0, MAX_TAG_VALUE_BYTES)?;
+    }
+    Ok(())
+}
+
 /// Checks `batch` against the limits both versions share and groups its readings by series: afterwards `runs[i]`
 /// is the number of readings of series `i` and `order` lists the reading indices series-major (a stable counting
 /// sort: each series keeps its readings in their given order). The key and tag lengths are checked here; string
@@ -188,17 +206,7 @@ pub(crate) fn group(
         ));
     }
     for s in &batch.series {
-        check_len("series key", &s.key, 1, MAX_KEY_BYTES)?;
-        if s.tags.len() > MAX_TAGS {
-            return Err(invalid(
-                "tags",
-                format!("{} tags on {}, allowed {MAX_TAGS}", s.tags.len(), s.key),
-            ));
-        }
-        for (k, v) in &s.tags {
-            check_len("tag name", k, 1, MAX_TAG_NAME_BYTES)?;
-            check_len("tag value", v, 0, MAX_TAG_VALUE_BYTES)?;
-        }
+        check_series(&s.key, &s.tags)?;
     }
     runs.clear();
     runs.resize(ns, 0);

@@ -36,8 +36,8 @@ mod varint;
 
 pub use alarm::{decode_any, Record};
 pub use codec::{
-    decode, decode_body, encode, encode_body, peek_header, DecodeError, EncodeError, Encoder,
-    Header,
+    check_series, decode, decode_body, encode, encode_body, peek_header, DecodeError, EncodeError,
+    Encoder, Header,
 };
 pub use model::{Batch, Quality, Reading, Series, Value};
 

@@ -89,7 +89,10 @@
 //! Alarm records are sent before any readings record ([`Buffer::pending`]), deleted only once Kinesis accepted
 //! them, and never dropped by the overflow policy (they are not counted in the buffer's size). The three tables
 //! were added without a schema version change: an older agent ignores them (and would not send alarm records).
-//! `dead_letters` keeps the newest [`MAX_DEAD_LETTERS`] rows (late readings). `refused` keeps the
+//! `dead_letters` keeps the newest [`MAX_DEAD_LETTERS`] rows: `reason` `late` (late readings under the dead-letter
+//! policy) or `unsendable` (readings the wire format refuses, a series key or tag over its limits or an overlong
+//! string: the sources check them before buffering, so only a file written by an earlier version holds such
+//! readings; a seal dead-letters them rather than have every seal refused). `refused` keeps the
 //! newest [`MAX_REFUSED`] source messages that gave no reading (unparseable MQTT payloads), each with its first
 //! [`MAX_REFUSED_PAYLOAD`] bytes and its full `size`; a refused message is stored in the same transaction as the
 //! readings around it, so its MQTT acknowledgement also waits for the commit. The table was added without a
@@ -334,7 +337,8 @@ pub struct Ledger {
     pub deduplicated: u64,
     /// Late readings released with the flag (also counted in `sent` once acknowledged).
     pub late_flagged: u64,
-    /// Late readings withheld into `dead_letters`.
+    /// Readings withheld into `dead_letters` (late, or refused by the wire format), and readings of unreadable
+    /// groups.
     pub dead_lettered: u64,
     /// Readings in records deleted by `drop_oldest`.
     pub dropped: u64,

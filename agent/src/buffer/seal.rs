@@ -83,6 +83,8 @@ struct Outcome {
     late_skipped: u64,
     step: WindowStep,
     dead: Vec<order::Pending>,
+    /// Readings the wire format would refuse a batch for ([`split_unsendable`]), withheld into `dead_letters`.
+    unsendable: Vec<order::Pending>,
     duplicates: u64,
     late_flagged: u64,
     /// Alarm records the transitions become: the readings records are numbered after them.
@@ -177,6 +179,7 @@ impl SealJob {
             epoch,
             cfg,
         } = self;
+        let (pending, unsendable) = split_unsendable(pending, &series);
         let mut released = order::release(pending, &mut states, rules);
         let mut state_log = Vec::new();
         let mut state_writes: Vec<(i64, StateWrite)> = released
@@ -252,6 +255,7 @@ impl SealJob {
             late_skipped,
             step,
             dead: released.dead_lettered,
+            unsendable,
             duplicates: released.duplicates,
             late_flagged: released.late_flagged,
             alarm_records: n_alarm,
@@ -271,6 +275,31 @@ impl SealJob {
             outcome,
         }
     }
+}
+
+/// Splits off the readings the wire format would refuse a batch for: those of a series whose key or tags break its
+/// limits, and string values over its limit. The sources check both before they buffer a reading, but a buffer
+/// written by an earlier version may hold such readings (its Modbus configuration was not checked for them):
+/// sealed, they would have the encoder refuse every seal that takes them, for good. They are dead-lettered
+/// instead, and the rest sealed. (Returns the sendable readings, then the others.)
+fn split_unsendable(
+    pending: Vec<order::Pending>,
+    series: &HashMap<i64, Series>,
+) -> (Vec<order::Pending>, Vec<order::Pending>) {
+    let refused: Vec<i64> = series
+        .iter()
+        .filter(|(_, s)| fieldlink_proto::check_series(&s.key, &s.tags).is_err())
+        .map(|(id, _)| *id)
+        .collect();
+    let unsendable = |p: &order::Pending| {
+        refused.contains(&p.series)
+            || matches!(&p.value, Value::Str(s) if s.len() > fieldlink_proto::limits::MAX_STRING_BYTES)
+    };
+    if !pending.iter().any(unsendable) {
+        return (pending, Vec::new());
+    }
+    let (unsendable, sendable): (Vec<_>, Vec<_>) = pending.into_iter().partition(unsendable);
+    (sendable, unsendable)
 }
 
 /// Groups the rows by device: series ordered by (device key, measure); the sort is stable, so each series keeps
@@ -507,7 +536,8 @@ impl Buffer {
                     .prepare_cached("INSERT INTO batches(seq, record, readings, sealed_ms) VALUES (?1, ?2, ?3, ?4)")?
                     .execute(params![x.seq as i64, x.record, x.readings as i64, now_ms])?;
             }
-            b.write_dead_letters(&o.dead, &series, now_ms)?;
+            b.write_dead_letters(&o.dead, "late", &series, now_ms)?;
+            b.write_dead_letters(&o.unsendable, "unsendable", &series, now_ms)?;
             if !o.state_log.is_empty() {
                 b.conn
                     .prepare_cached("INSERT INTO state_log(seal, entries) VALUES (?1, ?2)")?
@@ -570,7 +600,15 @@ impl Buffer {
         self.ledger.late_flagged += o.late_flagged;
         self.ledger.window_withheld += o.step.withheld;
         self.ledger.window_derived += o.step.derived_readings;
-        self.ledger.dead_lettered += o.dead.len() as u64 + taken.unreadable;
+        self.ledger.dead_lettered +=
+            o.dead.len() as u64 + o.unsendable.len() as u64 + taken.unreadable;
+        if let Some(first) = o.unsendable.first() {
+            tracing::error!(
+                readings = o.unsendable.len(),
+                series = series.get(&first.series).map_or("?", |s| s.key.as_str()),
+                "readings the wire format refuses (a series key or tag over its limits, or an overlong string) dead-lettered instead of sealed"
+            );
+        }
         self.ledger.batches_sealed += batches;
         self.ledger.bytes_sealed += sealed_bytes;
         Ok(SealReport {
@@ -581,11 +619,12 @@ impl Buffer {
         })
     }
 
-    /// Inside a seal's transaction: the late readings withheld by the dead-letter policy (the table keeps the
-    /// newest [`MAX_DEAD_LETTERS`]).
+    /// Inside a seal's transaction: readings withheld for `reason` (`late`: by the dead-letter policy;
+    /// `unsendable`: refused by the wire format). The table keeps the newest [`MAX_DEAD_LETTERS`].
     fn write_dead_letters(
         &mut self,
         dead: &[order::Pending],
+        reason: &str,
         series: &HashMap<i64, Series>,
         now_ms: i64,
     ) -> Result<(), BufferError> {
@@ -594,12 +633,14 @@ impl Buffer {
                 .get(&p.series)
                 .map(|s| s.key.clone())
                 .unwrap_or_default();
-            let mut stmt = self.conn.prepare_cached("INSERT INTO dead_letters(at_ms, reason, series, ts_ms, value) VALUES (?1, 'late', ?2, ?3, ?4)")?;
+            let mut stmt = self.conn.prepare_cached("INSERT INTO dead_letters(at_ms, reason, series, ts_ms, value) VALUES (?1, ?2, ?3, ?4, ?5)")?;
             match &p.value {
-                Value::F64(v) => stmt.execute(params![now_ms, key, p.ts_ms, v])?,
-                Value::I64(v) => stmt.execute(params![now_ms, key, p.ts_ms, v])?,
-                Value::Bool(v) => stmt.execute(params![now_ms, key, p.ts_ms, i64::from(*v)])?,
-                Value::Str(v) => stmt.execute(params![now_ms, key, p.ts_ms, v])?,
+                Value::F64(v) => stmt.execute(params![now_ms, reason, key, p.ts_ms, v])?,
+                Value::I64(v) => stmt.execute(params![now_ms, reason, key, p.ts_ms, v])?,
+                Value::Bool(v) => {
+                    stmt.execute(params![now_ms, reason, key, p.ts_ms, i64::from(*v)])?
+                }
+                Value::Str(v) => stmt.execute(params![now_ms, reason, key, p.ts_ms, v])?,
             };
         }
         if !dead.is_empty() {

@@ -1299,3 +1299,57 @@ fn appends_still_queued_when_the_last_handle_goes_are_committed() {
     );
     assert_eq!(metrics.readings_received.get(), n as u64);
 }
+
+#[test]
+fn readings_the_wire_format_refuses_are_dead_lettered_and_the_rest_sealed() {
+    // A buffer written by a version that did not check a Modbus series against the wire format's limits holds
+    // readings of a series key too long to send: the encoder would refuse every seal that took them, for good.
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir);
+    let mut enc = Encoder::new(3).unwrap();
+    let long = format!("dev/{}", "k".repeat(fieldlink_proto::limits::MAX_KEY_BYTES));
+    let empty_tag = NewReading {
+        series: Series {
+            key: "dev/tagged".into(),
+            tags: vec![(String::new(), "x".into())],
+        }
+        .into(),
+        ..reading("unused", 3, 3.0)
+    };
+    let overlong_string = NewReading {
+        value: Value::Str("s".repeat(fieldlink_proto::limits::MAX_STRING_BYTES + 1)),
+        ..reading("dev/text", 4, 0.0)
+    };
+    b.append([vec![
+        reading("dev/ok", 1, 1.0),
+        reading(&long, 2, 2.0),
+        empty_tag,
+        overlong_string,
+        reading("dev/ok", 5, 5.0),
+    ]
+    .as_slice()])
+        .unwrap();
+    let report = seal_all(&mut b, &mut enc, 1024);
+    assert_eq!((report.rows, report.readings), (5, 2));
+    let sent: Vec<(String, i64)> = pending_readings(&mut b)
+        .into_iter()
+        .map(|(k, t, ..)| (k, t))
+        .collect();
+    assert_eq!(sent, vec![("dev/ok".into(), 1), ("dev/ok".into(), 5)]);
+    let mut dead = b.dead_letters(10).unwrap();
+    dead.sort_by_key(|d| d.2);
+    assert_eq!(
+        dead,
+        vec![
+            ("unsendable".into(), long, 2),
+            ("unsendable".into(), "dev/tagged".into(), 3),
+            ("unsendable".into(), "dev/text".into(), 4)
+        ]
+    );
+    assert_eq!(b.ledger().dead_lettered, 3);
+    assert_eq!(
+        b.stats().unsealed_readings,
+        0,
+        "nothing left to stall the next seal"
+    );
+}

@@ -264,6 +264,23 @@ impl ModbusConfig {
             {
                 p.push(format!("{at}.scale: only numeric points can be scaled"));
             }
+            // What the wire format refuses: checked here, or the readings would be buffered and every seal that
+            // takes them refused.
+            let series = super::point_series(self, pt);
+            if let Err(e) = fieldlink_proto::check_series(&series.key, &series.tags) {
+                let mut short: String = series.key.chars().take(48).collect();
+                if short.len() < series.key.len() {
+                    short.push('…');
+                }
+                let why = match e {
+                    fieldlink_proto::EncodeError::Invalid { what, why } => format!("{what}: {why}"),
+                    other => other.to_string(),
+                };
+                p.push(format!(
+                    "{at}: the series {short:?} cannot be sent, {why} (its key is series_prefix or name, '/', \
+                     the point's name; its tags are the device's and the point's tags and unit)"
+                ));
+            }
         }
         p
     }

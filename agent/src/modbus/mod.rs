@@ -66,34 +66,35 @@ pub struct DevicePlan {
     pub groups: Vec<GroupPlan>,
 }
 
+/// The series of point `p` of device `cfg`: key `<series_prefix, or the device's name>/<point name>`; the device's
+/// tags, the point's over them, and its unit as the tag `unit`.
+pub fn point_series(cfg: &ModbusConfig, p: &config::PointConfig) -> Series {
+    let prefix = cfg.series_prefix.as_deref().unwrap_or(&cfg.name);
+    let mut tags = cfg.tags.clone();
+    tags.extend(p.tags.clone());
+    if let Some(u) = &p.unit {
+        tags.insert("unit".into(), u.clone());
+    }
+    Series {
+        key: format!("{prefix}/{}", p.name),
+        tags: tags.into_iter().collect(),
+    }
+}
+
 /// Builds the plan of a (validated) device.
 pub fn compile(cfg: &ModbusConfig) -> DevicePlan {
-    let prefix = cfg
-        .series_prefix
-        .clone()
-        .unwrap_or_else(|| cfg.name.clone());
     let points: Vec<Point> = cfg
         .points
         .iter()
-        .map(|p| {
-            let mut tags = cfg.tags.clone();
-            tags.extend(p.tags.clone());
-            if let Some(u) = &p.unit {
-                tags.insert("unit".into(), u.clone());
-            }
-            Point {
-                series: Arc::new(Series {
-                    key: format!("{prefix}/{}", p.name),
-                    tags: tags.into_iter().collect(),
-                }),
-                dtype: p.data_type(),
-                order: p.order,
-                bit: p.bit,
-                size: p.size(),
-                scale: (p.scale.is_some() || p.offset.is_some())
-                    .then(|| (p.scale.unwrap_or(1.0), p.offset.unwrap_or(0.0))),
-                deadband: p.deadband,
-            }
+        .map(|p| Point {
+            series: Arc::new(point_series(cfg, p)),
+            dtype: p.data_type(),
+            order: p.order,
+            bit: p.bit,
+            size: p.size(),
+            scale: (p.scale.is_some() || p.offset.is_some())
+                .then(|| (p.scale.unwrap_or(1.0), p.offset.unwrap_or(0.0))),
+            deadband: p.deadband,
         })
         .collect();
     let groups = cfg
@@ -260,6 +261,54 @@ address = 5
         ] {
             assert!(p.contains(needle), "{needle} missing in:\n{p}");
         }
+    }
+
+    #[test]
+    fn a_series_the_wire_format_would_refuse_is_a_configuration_problem() {
+        // Readings of such a series would be buffered, and every seal taking them refused by the encoder.
+        let device =
+            || -> ModbusConfig { toml::from_str(DEVICE).unwrap_or_else(|e| panic!("{e}")) };
+        let problems = |cfg: &ModbusConfig| cfg.validate("modbus[0]").join("\n");
+
+        let mut cfg = device();
+        cfg.series_prefix = Some("p".repeat(1100));
+        let text = problems(&cfg);
+        for i in 0..4 {
+            let needle = format!("modbus[0].points[{i}]: the series \"pppp");
+            assert!(text.contains(&needle), "{needle} missing in:\n{text}");
+        }
+        assert!(
+            text.contains("series key: 1108 bytes, allowed 1..=1024"),
+            "{text}"
+        );
+
+        let mut cfg = device();
+        cfg.points[0].unit = Some("V".repeat(1025));
+        cfg.points[2]
+            .tags
+            .insert(String::new(), "empty name".into());
+        let text = problems(&cfg);
+        for needle in [
+            "modbus[0].points[0]: the series \"meter-a/voltage\" cannot be sent, tag value: 1025 bytes",
+            "modbus[0].points[2]: the series \"meter-a/energy\" cannot be sent, tag name: 0 bytes",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in:\n{text}");
+        }
+        assert!(
+            !text.contains("points[1]") && !text.contains("points[3]"),
+            "{text}"
+        );
+
+        // 64 tags are allowed: the device's site and 63 more, then the unit makes 65 on the voltage only.
+        let mut cfg = device();
+        cfg.tags
+            .extend((0..63).map(|i| (format!("t{i}"), "x".into())));
+        let text = problems(&cfg);
+        assert!(
+            text.contains("points[0]") && text.contains("65 tags"),
+            "{text}"
+        );
+        assert!(!text.contains("points[1]"), "{text}");
     }
 
     #[test]

@@ -24,9 +24,7 @@ pub mod sparkplug;
 
 use super::config::{Format, PayloadConfig, TimeUnit};
 use crate::buffer::NewReading;
-use fieldlink_proto::limits::{
-    MAX_KEY_BYTES, MAX_STRING_BYTES, MAX_TAGS, MAX_TAG_NAME_BYTES, MAX_TAG_VALUE_BYTES,
-};
+use fieldlink_proto::limits::MAX_STRING_BYTES;
 use fieldlink_proto::{Quality, Series, Value};
 pub use intern::Interner;
 use std::sync::Arc;
@@ -241,13 +239,10 @@ impl std::ops::DerefMut for Out<'_> {
     }
 }
 
-/// Whether a series key or its tags are over the wire format's limits (the encoder would refuse the batch).
+/// Whether a series key or its tags break the wire format's limits (the encoder would refuse the batch): over
+/// them, or empty where they must not be.
 fn too_long(key: &str, tags: &[(String, String)]) -> bool {
-    key.len() > MAX_KEY_BYTES
-        || tags.len() > MAX_TAGS
-        || tags
-            .iter()
-            .any(|(n, v)| n.len() > MAX_TAG_NAME_BYTES || v.len() > MAX_TAG_VALUE_BYTES)
+    fieldlink_proto::check_series(key, tags).is_err()
 }
 
 /// Converts a number in `unit` to Unix milliseconds; `None` outside years 1970..=9999, not finite, or for the
@@ -359,6 +354,7 @@ impl Mapper {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fieldlink_proto::limits::{MAX_KEY_BYTES, MAX_TAG_VALUE_BYTES};
 
     fn tags(t: &[(&str, &str)]) -> Vec<(String, String)> {
         t.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
