@@ -257,8 +257,8 @@ fn rejected_entries_and_throttled_calls_lose_nothing_and_are_counted() {
     let moto = Moto::start(dir.path());
     moto.create("faults", 2, "unused-db", "unused-table", "unused-bucket");
     let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
-    // Random shares, plus every fourth call throttled: the whole run takes only ten or so calls.
-    proxy.set("throttle=0.25&throttle_every=4&reject=0.3");
+    // First every entry rejected: Kinesis answers, nothing moves, and /health says so.
+    proxy.set("reject=1");
     let mut agent = AgentProc::new(
         dir.path(),
         "fault-agent",
@@ -274,7 +274,33 @@ fn rejected_entries_and_throttled_calls_lose_nothing_and_are_counted() {
         .replace("[batch]\n", "[batch]\ntarget_record_bytes = 1024\n");
     std::fs::write(&agent.config, config).unwrap();
     agent.start();
-    let acked = publish_numbered(broker.port, 6000, 3000.0, 0, dir.path());
+    let first = publish_numbered(broker.port, 300, 3000.0, 0, dir.path());
+    let line = wait_for(
+        "/health to report the rejected records",
+        Duration::from_secs(30),
+        || {
+            http_get(agent.metrics_port, "/health")?
+                .lines()
+                .find(|l| l.starts_with("kinesis: FAIL") && l.contains("records rejected"))
+                .map(str::to_owned)
+        },
+    );
+    assert!(
+        line.contains("ProvisionedThroughputExceededException") || line.contains("InternalFailure"),
+        "{line}"
+    );
+    assert_eq!(agent.metric("fieldlink_readings_sent_total"), 0.0);
+    // Then random shares, plus every fourth call throttled: the whole run takes only ten or so calls.
+    proxy.set("reject=0.3&throttle=0.25&throttle_every=4");
+    let mut acked = first;
+    acked.extend(publish_numbered_from(
+        broker.port,
+        300,
+        5700,
+        3000.0,
+        0,
+        dir.path(),
+    ));
     wait_for(
         "every reading sent despite the faults",
         Duration::from_secs(120),
@@ -300,6 +326,8 @@ fn rejected_entries_and_throttled_calls_lose_nothing_and_are_counted() {
     assert!(agent.metric("fieldlink_send_throttled_total") > 0.0);
     let (received, accounted) = agent.ledger();
     assert_eq!(received, accounted, "ledger");
+    let health = http_get(agent.metrics_port, "/health").unwrap();
+    assert!(health.contains("kinesis: ok"), "{health}");
     agent.stop();
     eprintln!("faults: {} readings, {rejected} entries rejected and {throttled} calls throttled by the proxy, all retried, none lost", acked.len());
 }

@@ -269,12 +269,14 @@ impl Sender {
                 let mut accepted = Vec::new();
                 let mut rejected = 0u64;
                 let mut throttled_entry = false;
+                let mut first_code = None;
                 for (i, p) in pending.iter().enumerate() {
                     match results.get(i).map(|r| r.error_code()) {
                         Some(None) => accepted.push(p.seq),
                         code => {
                             rejected += 1;
                             let code = code.flatten();
+                            first_code = first_code.or(code);
                             throttled_entry |= code.is_some_and(is_throttle_code);
                             tracing::debug!(
                                 seq = p.seq,
@@ -284,10 +286,24 @@ impl Sender {
                         }
                     }
                 }
-                if !accepted.is_empty() && self.buffer.ack(accepted).await.is_err() {
+                let progressed = !accepted.is_empty();
+                if progressed && self.buffer.ack(accepted).await.is_err() {
                     return Outcome::Stopped;
                 }
-                self.health.set(COMPONENT, true, "");
+                // Kinesis answered, but a call whose every entry it rejected (a hot shard throttling them all, an
+                // internal failure) moved nothing: as sick as a failed call until one entry goes through.
+                if progressed || rejected == 0 {
+                    self.health.set(COMPONENT, true, "");
+                } else {
+                    self.health.set(
+                        COMPONENT,
+                        false,
+                        format!(
+                            "PutRecords: all {rejected} records rejected ({}); records stay buffered",
+                            first_code.unwrap_or("no error code")
+                        ),
+                    );
+                }
                 if rejected == 0 {
                     self.backoff.reset();
                     self.pace.succeeded();
