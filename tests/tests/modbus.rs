@@ -268,3 +268,61 @@ fn a_dead_device_does_not_slow_the_others_and_resumes_by_itself() {
     agent.stop();
     eprintln!("isolation: healthy devices at {before:.1} requests/s before, {after0:.1} and {after2:.1} after device 1 died; {errors} faults counted; device 1 resumed");
 }
+
+/// Under `backpressure` at the cap (Kinesis unreachable), intake pauses and the poller waits for room in the
+/// buffer's queue; SIGTERM must still stop the agent promptly, not leave it to systemd's SIGKILL after
+/// `TimeoutStopSec` (before December 2026 the poller waited on the queue without watching the stop).
+#[test]
+fn a_stop_while_intake_is_paused_does_not_wait_for_the_modbus_poller() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let device = ModbusDevice::tcp(dir.path(), free_port());
+    let modbus = device_toml("paused", "tcp", 1, 10).replace(
+        "{TRANSPORT}",
+        &format!("address = \"127.0.0.1:{}\"", device.port),
+    );
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "paused-agent",
+        broker.port,
+        &nowhere,
+        "paused",
+        "max_bytes = 1048576\noverflow = \"backpressure\"\nqueue_capacity = 2",
+        &modbus,
+    );
+    agent.start();
+    let polled = || -> f64 {
+        http_get(agent.metrics_port, "/metrics")
+            .and_then(|m| metric_with(&m, "fieldlink_modbus_readings_total", "device=\"paused\""))
+            .unwrap_or(0.0)
+    };
+    wait_for("the device polled", Duration::from_secs(20), || {
+        (polled() > 0.0).then_some(())
+    });
+    // 1 KB MQTT readings fill the 1 MiB cap within a second or two.
+    publish_numbered(broker.port, 2000, 2000.0, 1000, dir.path());
+    wait_for("the cap to be reached", Duration::from_secs(30), || {
+        (agent.metric("fieldlink_buffer_bytes") >= 1_048_576.0).then_some(())
+    });
+    // The poller (a poll every 10 ms) is held: its readings stop.
+    let held = wait_for(
+        "the poller to wait for room",
+        Duration::from_secs(30),
+        || {
+            let before = polled();
+            std::thread::sleep(Duration::from_secs(2));
+            (polled() == before).then_some(before)
+        },
+    );
+    let t0 = Instant::now();
+    agent.stop();
+    let stop_s = t0.elapsed().as_secs_f64();
+    assert!(
+        stop_s < 15.0,
+        "SIGTERM took {stop_s:.1} s with the Modbus poller waiting for room"
+    );
+    eprintln!(
+        "intake paused at the cap with {held} Modbus readings taken; SIGTERM in {stop_s:.1} s"
+    );
+}

@@ -236,8 +236,9 @@ async fn connect(plan: &DevicePlan) -> Result<Context, Fault> {
     match cfg.transport {
         Transport::Tcp => {
             let address = cfg.address.clone().unwrap_or_default();
-            let addr = tokio::net::lookup_host(&address)
+            let addr = tokio::time::timeout(timeout, tokio::net::lookup_host(&address))
                 .await
+                .map_err(|_| Fault(format!("resolving {address}: timeout")))?
                 .map_err(|e| Fault(format!("resolving {address}: {e}")))?
                 .next()
                 .ok_or_else(|| Fault(format!("{address} resolves to nothing")))?;
@@ -274,6 +275,20 @@ async fn connect(plan: &DevicePlan) -> Result<Context, Fault> {
                 Slave(cfg.unit_id),
             ))
         }
+    }
+}
+
+/// `work`'s output, or `None` once the agent is stopping: a stop waits neither for a device's timeout nor for room
+/// in a full buffer queue. What is dropped so was never committed: a poll not made, readings not queued. Work that
+/// can finish at once finishes first.
+async fn unless_stopped<T>(
+    cancel: &CancellationToken,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        v = work => Some(v),
+        () = cancel.cancelled() => None,
     }
 }
 
@@ -326,7 +341,10 @@ async fn bus(
             continue;
         }
         if ctx.is_none() {
-            match connect(plan).await {
+            let Some(connected) = unless_stopped(&cancel, connect(plan)).await else {
+                return;
+            };
+            match connected {
                 Ok(c) => ctx = Some(c),
                 Err(Fault(why)) => {
                     fail(plan, m, &health, &mut backoff[d], &mut retry_at[d], &why);
@@ -338,13 +356,24 @@ async fn bus(
         if shared {
             c.set_slave(Slave(plan.cfg.unit_id));
         }
-        match poll_group(c, plan, g, &mut last[d], m).await {
+        let Some(polled) = unless_stopped(&cancel, poll_group(c, plan, g, &mut last[d], m)).await
+        else {
+            return;
+        };
+        match polled {
             Ok(readings) => {
                 backoff[d].reset();
                 retry_at[d] = None;
                 m.connected.set(1);
                 health.set(&format!("modbus:{}", plan.cfg.name), true, "");
-                if !readings.is_empty() && buffer.append(readings, None).await.is_err() {
+                // The append waits while the buffer's queue is full (intake paused: the cap under `backpressure`,
+                // disk space, a commit being retried).
+                if !readings.is_empty()
+                    && !matches!(
+                        unless_stopped(&cancel, buffer.append(readings, None)).await,
+                        Some(Ok(()))
+                    )
+                {
                     return;
                 }
             }
