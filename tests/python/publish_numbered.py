@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Publishes uniquely numbered readings at QoS 1 with paho-mqtt and records which ones the broker acknowledged.
+"""Publishes uniquely numbered readings at QoS 1 (FIELDLINK_PUBLISH_QOS=2: QoS 2) with paho-mqtt and records which
+ones the broker acknowledged (PUBACK, or PUBCOMP at QoS 2).
 
 Usage: publish_numbered.py HOST PORT COUNT RATE_PER_S ACKED_FILE [PAD_BYTES [START [PREFIX]]]
 Message i (START <= i < START + COUNT, START default 0) goes to topic PREFIX/dev<i % 10> (PREFIX default crash) as
 {"ts": 1772431200000 + i, "n": i} (plus a "pad" string of PAD_BYTES random characters if PAD_BYTES > 0). When done, ACKED_FILE holds the numbers whose PUBACK arrived, one per line.
 """
 import json
+import os
 import random
 import string
 import sys
@@ -17,6 +19,7 @@ host, port, count, rate, acked_path = sys.argv[1], int(sys.argv[2]), int(sys.arg
 pad = int(sys.argv[6]) if len(sys.argv) > 6 else 0
 first = int(sys.argv[7]) if len(sys.argv) > 7 else 0
 prefix = sys.argv[8] if len(sys.argv) > 8 else "crash"
+qos = int(os.environ.get("FIELDLINK_PUBLISH_QOS", "1"))
 infos = []
 
 
@@ -37,7 +40,7 @@ for i in range(first, first + count):
     payload = {"ts": 1772431200000 + i, "n": i}
     if pad:
         payload["pad"] = "".join(random.choices(string.ascii_letters, k=pad))
-    infos.append(client.publish(f"{prefix}/dev{i % 10}", json.dumps(payload), qos=1))
+    infos.append(client.publish(f"{prefix}/dev{i % 10}", json.dumps(payload), qos=qos))
     ahead = (i - first + 1) / rate - (time.monotonic() - start)
     if ahead > 0:
         time.sleep(ahead)

@@ -876,7 +876,7 @@ pub fn publish_numbered_from(
     pad: usize,
     dir: &Path,
 ) -> Vec<u64> {
-    NumberedPublisher::spawn(port, "crash", first, count, rate, pad, dir).finish(
+    NumberedPublisher::spawn(port, "crash", first, count, rate, pad, dir, 1).finish(
         Duration::from_secs(count as u64 / rate.max(1.0) as u64 + 600),
     )
 }
@@ -889,6 +889,8 @@ pub struct NumberedPublisher {
 }
 
 impl NumberedPublisher {
+    /// Publishes at `qos` (1 or 2).
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         port: u16,
         prefix: &str,
@@ -897,6 +899,7 @@ impl NumberedPublisher {
         rate: f64,
         pad: usize,
         dir: &Path,
+        qos: u8,
     ) -> Self {
         let tag = free_port();
         let acked = dir.join(format!("acked-{tag}.txt"));
@@ -905,7 +908,8 @@ impl NumberedPublisher {
             .args(["127.0.0.1", &port.to_string(), &count.to_string()])
             .arg(rate.to_string())
             .arg(&acked)
-            .args([pad.to_string(), first.to_string(), prefix.to_owned()]);
+            .args([pad.to_string(), first.to_string(), prefix.to_owned()])
+            .env("FIELDLINK_PUBLISH_QOS", qos.to_string());
         let proc = Proc::spawn(
             &format!("publisher {prefix}"),
             cmd,

@@ -544,7 +544,7 @@ fn every_acknowledged_reading_lands_exactly_once_under_a_random_fault_schedule()
     let count = (rate * seconds as f64) as usize;
     let publishers: Vec<NumberedPublisher> = PREFIXES
         .iter()
-        .map(|p| NumberedPublisher::spawn(world.broker.port, p, 0, count, rate, 0, &dir))
+        .map(|p| NumberedPublisher::spawn(world.broker.port, p, 0, count, rate, 0, &dir, 1))
         .collect();
     let setup_s = wall.elapsed().as_secs_f64();
 

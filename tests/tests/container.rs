@@ -504,7 +504,8 @@ fn two_containers_share_four_shards_and_the_survivor_takes_over_after_podman_kil
             .then_some(())
     });
     let mut agents = agents(dir.path(), 4, &broker, &moto, stream);
-    let publisher = NumberedPublisher::spawn(broker.port, "crash", 0, 4000, 500.0, 0, dir.path());
+    let publisher =
+        NumberedPublisher::spawn(broker.port, "crash", 0, 4000, 500.0, 0, dir.path(), 1);
     wait_for("a to checkpoint twice", Duration::from_secs(60), || {
         (a.metric("fieldlink_cloud_checkpoints_total") >= 2.0).then_some(())
     });

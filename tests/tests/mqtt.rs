@@ -736,3 +736,64 @@ fn keep_alive_under_backpressure(protocol: &str) {
         acked.len()
     );
 }
+
+/// QoS 2 end to end (the publisher and the subscription at 2) while the agent is killed with SIGKILL and started
+/// again: the broker resends, into the kept session, the releases (PUBREL) of messages whose PUBREC the dead agent
+/// sent. Every reading the broker acknowledged (PUBCOMP to the publisher) must reach Kinesis exactly once, and
+/// the connection must carry on after the restart.
+fn qos2_through_a_kill(protocol: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let broker = Mosquitto::start(d);
+    let moto = Moto::start(d);
+    moto.create("qos2", 1, "unused-db", "unused-table", "unused-bucket");
+    let sources = format!(
+        "[[mqtt]]\nname = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nprotocol = \"{protocol}\"\nkeep_alive_s = 5\n[[mqtt.topics]]\nfilter = \"crash/#\"\nqos = 2\n",
+        broker.port
+    );
+    let mut agent = AgentProc::with_sources(d, "qos2-agent", &moto.endpoint, "qos2", "", &sources);
+    agent.start();
+    let publisher = NumberedPublisher::spawn(broker.port, "crash", 0, 4000, 1000.0, 0, d, 2);
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(fastrand::u64(800..1500)));
+        agent.kill9();
+        agent.start();
+    }
+    let acked = publisher.finish(Duration::from_secs(120));
+    assert!(
+        acked.len() > 3000,
+        "the broker acknowledged only {}",
+        acked.len()
+    );
+    let got = wait_for(
+        "every acknowledged reading in Kinesis",
+        Duration::from_secs(60),
+        || {
+            let got = numbers_in(&unique_batches(&kinesis_dump(&moto.endpoint, "qos2")));
+            let set: BTreeSet<u64> = got.iter().copied().collect();
+            acked.iter().all(|n| set.contains(n)).then_some(got)
+        },
+    );
+    let problem = exactly_once(&acked, &got);
+    assert!(
+        problem.is_empty(),
+        "QoS 2 through kill -9 (MQTT {protocol}): {problem}"
+    );
+    let health = http_get(agent.metrics_port, "/health").unwrap();
+    assert!(health.contains("mqtt:local: ok"), "{health}");
+    agent.stop();
+    eprintln!(
+        "QoS 2 (MQTT {protocol}): {} readings acknowledged by the broker through two SIGKILLs, each in Kinesis once",
+        acked.len()
+    );
+}
+
+#[test]
+fn qos_2_flows_exactly_once_through_sigkills_v311() {
+    qos2_through_a_kill("3.1.1");
+}
+
+#[test]
+fn qos_2_flows_exactly_once_through_sigkills_v5() {
+    qos2_through_a_kill("5");
+}
