@@ -1,6 +1,7 @@
 //! Where files go: a local directory or an S3 bucket, chosen by URL (`file:///path`, a plain path, or
 //! `s3://bucket/prefix`). Writes are whole-object and atomic: a reader never sees a partial file, and a write
-//! to an existing key replaces it in one step (S3: `PutObject`; a local directory: a hidden temporary file in
+//! to an existing key replaces it in one step (S3: `PutObject`, or a multipart upload completed in one step for a
+//! file larger than [`UPLOAD_PART_BYTES`]; a local directory: a hidden temporary file in
 //! the target directory, fsynced, renamed over the target, then the directory fsynced).
 //!
 //! Keys are `/`-separated paths relative to the location. Besides writing, the compactor
@@ -232,6 +233,111 @@ fn s3_error<'a>(op: &'static str, key: &'a str) -> impl Fn(CallError) -> StoreEr
     }
 }
 
+/// Files larger than this are written to S3 in parts of this size ([`Store::put_file`]). At the default
+/// `[aws] attempt_timeout_ms` (10 s), a part needs 0.8 MiB/s; one `PutObject` of a 512 MiB hour needed 51 MiB/s.
+/// (S3 takes parts of 5 MiB to 5 GiB, at most 10,000: up to 80 GB here.)
+pub const UPLOAD_PART_BYTES: u64 = 8 * 1024 * 1024;
+
+/// [`Store::put_file`] of a file larger than one part: `CreateMultipartUpload`, `UploadPart` per
+/// [`UPLOAD_PART_BYTES`] of the file (each streamed from the file at its offset), `CompleteMultipartUpload`;
+/// `may_write` asked before each. On a refusal or an error the upload is aborted (best effort: an upload a crash
+/// left behind is not visible as an object; a bucket lifecycle rule removes it, see docs/bronze.md).
+async fn multipart_upload(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    src: &Path,
+    size: u64,
+    may_write: &(dyn Fn() -> bool + Sync),
+) -> Result<bool, StoreError> {
+    use aws_sdk_s3::primitives::{ByteStream, Length};
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    if !may_write() {
+        return Ok(false);
+    }
+    let created = client
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| s3_error("CreateMultipartUpload", key)(CallError::of_sdk(&e)))?;
+    let Some(id) = created.upload_id().map(str::to_owned) else {
+        return Err(s3_error("CreateMultipartUpload", key)(body_error(
+            "the answer has no upload id",
+        )));
+    };
+    let parts = async {
+        let mut parts = Vec::new();
+        let mut offset = 0u64;
+        while offset < size {
+            if !may_write() {
+                return Ok(None);
+            }
+            let len = UPLOAD_PART_BYTES.min(size - offset);
+            let number = parts.len() as i32 + 1;
+            let err = s3_error("UploadPart", key);
+            let body = ByteStream::read_from()
+                .path(src)
+                .offset(offset)
+                .length(Length::Exact(len))
+                .build()
+                .await
+                .map_err(|e| err(body_error(e)))?;
+            let out = client
+                .upload_part()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(&id)
+                .part_number(number)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| err(CallError::of_sdk(&e)))?;
+            parts.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(out.e_tag().map(str::to_owned))
+                    .build(),
+            );
+            offset += len;
+        }
+        Ok(may_write().then_some(parts))
+    }
+    .await;
+    let done = match parts {
+        Ok(Some(parts)) => client
+            .complete_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(&id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map(|_| true)
+            .map_err(|e| s3_error("CompleteMultipartUpload", key)(CallError::of_sdk(&e))),
+        Ok(None) => Ok(false),
+        Err(e) => Err(e),
+    };
+    if !matches!(done, Ok(true)) {
+        if let Err(e) = client
+            .abort_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(&id)
+            .send()
+            .await
+        {
+            tracing::warn!(key, error = %CallError::of_sdk(&e).sentence("AbortMultipartUpload"), "an unfinished upload stays until the bucket's lifecycle rule removes it");
+        }
+    }
+    done
+}
+
 /// An error reading an S3 response body.
 fn body_error(e: impl std::fmt::Display) -> CallError {
     CallError::of_io(&std::io::Error::other(e.to_string()))
@@ -454,10 +560,24 @@ impl Store {
     }
 
     /// Writes the local file `src` at `key`, replacing any object there in one step (see the module doc).
-    /// Memory: streamed from the file, whatever its size (S3: one `PutObject`, up to 5 GiB).
-    pub async fn put_file(&self, key: &str, src: &Path) -> Result<(), StoreError> {
+    /// Memory: streamed from the file, whatever its size. S3: one `PutObject` up to [`UPLOAD_PART_BYTES`], a
+    /// multipart upload in parts of that size beyond (each part one request, so within one attempt timeout
+    /// whatever the file's size; the object appears whole at `CompleteMultipartUpload`, as S3 promises).
+    ///
+    /// `may_write` is asked before each request that writes (the compactor's fencing by time, see
+    /// [`crate::compaction::lease`]): `Ok(false)` once it says no, with nothing written at `key` and a multipart
+    /// upload in progress aborted. `Ok(true)`: written.
+    pub async fn put_file(
+        &self,
+        key: &str,
+        src: &Path,
+        may_write: &(dyn Fn() -> bool + Sync),
+    ) -> Result<bool, StoreError> {
         match self {
             Store::Local(root) => {
+                if !may_write() {
+                    return Ok(false);
+                }
                 let target = root.join(key);
                 let (t, s) = (target.clone(), src.to_path_buf());
                 blocking(&target, move || {
@@ -466,7 +586,8 @@ impl Store {
                         std::io::copy(&mut from, f).map(|_| ())
                     })
                 })
-                .await
+                .await?;
+                Ok(true)
             }
             Store::S3 {
                 client,
@@ -474,6 +595,19 @@ impl Store {
                 prefix,
             } => {
                 let full = full_key(prefix, key);
+                let size = tokio::fs::metadata(src)
+                    .await
+                    .map_err(|source| StoreError::Io {
+                        path: src.display().to_string(),
+                        source,
+                    })?
+                    .len();
+                if size > UPLOAD_PART_BYTES {
+                    return multipart_upload(client, bucket, &full, src, size, may_write).await;
+                }
+                if !may_write() {
+                    return Ok(false);
+                }
                 let err = s3_error("PutObject", &full);
                 let body = aws_sdk_s3::primitives::ByteStream::from_path(src)
                     .await
@@ -485,7 +619,7 @@ impl Store {
                     .body(body)
                     .send()
                     .await
-                    .map(|_| ())
+                    .map(|_| true)
                     .map_err(|e| err(CallError::of_sdk(&e)))
             }
         }

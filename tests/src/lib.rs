@@ -1247,11 +1247,9 @@ pub fn batch_of(rows: &[(String, i64, f64)], agent: &str, seq: u64) -> fieldlink
     batch
 }
 
-/// The cloud's lease table `name` on moto's DynamoDB (real conditional writes), with a runtime to drive it.
-pub fn lease_table(
-    moto: &Moto,
-    name: &str,
-) -> (tokio::runtime::Runtime, fieldlink_cloud::lease::LeaseTable) {
+/// The cloud's AWS SDK configuration for `moto` (its endpoint, moto's test credentials), with a runtime to drive
+/// the clients built from it in this process.
+pub fn moto_sdk(moto: &Moto) -> (tokio::runtime::Runtime, aws_config::SdkConfig) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1261,12 +1259,23 @@ pub fn lease_table(
         endpoint_url: Some(moto.endpoint.clone()),
         ..Default::default()
     };
-    let sdk = rt.block_on(settings.sdk_config());
-    let conf = aws_sdk_dynamodb::config::Builder::from(&sdk)
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
-            "testing", "testing", None, None, "test",
+    let sdk = rt
+        .block_on(settings.sdk_config())
+        .to_builder()
+        .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
+            aws_sdk_dynamodb::config::Credentials::new("testing", "testing", None, None, "test"),
         ))
         .build();
+    (rt, sdk)
+}
+
+/// The cloud's lease table `name` on moto's DynamoDB (real conditional writes), with a runtime to drive it.
+pub fn lease_table(
+    moto: &Moto,
+    name: &str,
+) -> (tokio::runtime::Runtime, fieldlink_cloud::lease::LeaseTable) {
+    let (rt, sdk) = moto_sdk(moto);
+    let conf = aws_sdk_dynamodb::config::Builder::from(&sdk).build();
     let table =
         fieldlink_cloud::lease::LeaseTable::new(aws_sdk_dynamodb::Client::from_conf(conf), name);
     rt.block_on(table.ensure()).unwrap();

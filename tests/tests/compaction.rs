@@ -517,3 +517,61 @@ fn one_compactor_works_at_a_time_and_another_takes_over_after_a_kill() {
     let mut other = other;
     other.terminate(Duration::from_secs(30));
 }
+
+/// A published file larger than one upload part goes to S3 in parts (each one request, within one attempt
+/// timeout: one `PutObject` of a 512 MiB hour had to upload at 51 MiB/s within the default 10 s attempt), appears
+/// whole and byte-identical; a fence refusing halfway aborts the upload and leaves no object and no unfinished
+/// upload behind.
+#[test]
+fn a_file_larger_than_one_part_is_uploaded_in_parts_and_a_fenced_upload_leaves_nothing() {
+    use fieldlink_cloud::store::{Location, Store, UPLOAD_PART_BYTES};
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path());
+    moto.create("unused-mp", 1, "unused-db", "unused-table", "bucket-mp");
+    let (rt, sdk) = moto_sdk(&moto);
+    let store = Store::open(&Location::parse("s3://bucket-mp/p").unwrap(), &sdk, true);
+    // Two whole parts and a short third.
+    let size = 2 * UPLOAD_PART_BYTES as usize + 12_345;
+    let bytes: Vec<u8> = (0..size).map(|_| fastrand::u8(..)).collect();
+    let src = dir.path().join("big.bin");
+    std::fs::write(&src, &bytes).unwrap();
+
+    assert!(rt
+        .block_on(store.put_file("big.bin", &src, &|| true))
+        .unwrap());
+    let back = dir.path().join("back.bin");
+    let n = rt.block_on(store.get_to_file("big.bin", &back)).unwrap();
+    assert_eq!(n as usize, size);
+    assert!(
+        std::fs::read(&back).unwrap() == bytes,
+        "the object differs from the file"
+    );
+    let s3 = |code: &str| -> String {
+        let mut cmd = std::process::Command::new(python());
+        cmd.args([
+            "-c",
+            &format!(
+                "import boto3,json,sys; s3=boto3.client('s3', endpoint_url=sys.argv[1]); {code}"
+            ),
+        ])
+        .arg(&moto.endpoint);
+        aws_env(&mut cmd);
+        String::from_utf8(cmd.output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let etag = s3("print(s3.head_object(Bucket='bucket-mp', Key='p/big.bin')['ETag'])");
+    assert!(etag.ends_with("-3\""), "not a 3-part upload: ETag {etag}");
+
+    // The fence allows the upload's creation and its first part, then refuses.
+    let asked = std::sync::atomic::AtomicUsize::new(0);
+    let may_write = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2;
+    assert!(!rt
+        .block_on(store.put_file("fenced.bin", &src, &may_write))
+        .unwrap());
+    assert_eq!(rt.block_on(store.get("fenced.bin")).unwrap(), None);
+    let uploads =
+        s3("print(len(s3.list_multipart_uploads(Bucket='bucket-mp').get('Uploads', [])))");
+    assert_eq!(uploads, "0", "an aborted upload was left behind");
+}

@@ -24,7 +24,7 @@ pub struct CompactionConfig {
     #[serde(default)]
     pub publish_open_hours: bool,
     /// A published hour is cut into parts of about this size, MiB (`part-00000.parquet`, `part-00001.parquet`,
-    /// …); an hour below it is one file. At most 5120 (one S3 PutObject). Default 512.
+    /// …); an hour below it is one file. At most 5120. Default 512.
     #[serde(default = "default_max_file")]
     pub max_file_mib: u64,
     /// Memory the compactor may use, MiB: it decides how many files are merged at once (more are merged in rounds
@@ -98,7 +98,7 @@ impl CompactionConfig {
         }
         if !(1..=5_120).contains(&self.max_file_mib) {
             p.push(format!(
-                "{path}.max_file_mib: must be 1..=5120 (one S3 PutObject), got {}",
+                "{path}.max_file_mib: must be 1..=5120, got {}",
                 self.max_file_mib
             ));
         }

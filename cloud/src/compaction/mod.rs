@@ -244,6 +244,23 @@ impl Compactor {
         }
     }
 
+    /// Writes the local file `path` at `key`, fenced like every other write: each request that writes (a part of
+    /// a large file among them) starts only while the lease is fresh and no stop was asked for.
+    async fn put_fenced(
+        &self,
+        store: &Store,
+        key: &str,
+        path: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<(), CompactError> {
+        let fresh = || !cancel.is_cancelled() && self.hold.fresh();
+        if store.put_file(key, path, &fresh).await? {
+            return Ok(());
+        }
+        self.check(cancel)?;
+        Err(CompactError::LeaseLost)
+    }
+
     fn check(&self, cancel: &CancellationToken) -> Result<(), CompactError> {
         if cancel.is_cancelled() {
             return Err(CompactError::Stopped);
@@ -466,10 +483,13 @@ impl Compactor {
             path: out.display().to_string(),
             source,
         })?;
-        self.check(cancel)?;
-        store
-            .put_file(&plan::published_key(work.hour, &merge::part_name(0)), &out)
-            .await?;
+        self.put_fenced(
+            store,
+            &plan::published_key(work.hour, &merge::part_name(0)),
+            &out,
+            cancel,
+        )
+        .await?;
         for key in &inputs.landing {
             self.check(cancel)?;
             store.delete(key).await?;
@@ -545,10 +565,13 @@ impl Compactor {
             store.put(&plan::boundaries_key(hour), record).await?;
         }
         for (i, part) in merged.parts.iter().enumerate() {
-            self.check(cancel)?;
-            store
-                .put_file(&plan::published_key(hour, &merge::part_name(i)), &part.path)
-                .await?;
+            self.put_fenced(
+                store,
+                &plan::published_key(hour, &merge::part_name(i)),
+                &part.path,
+                cancel,
+            )
+            .await?;
         }
         for key in &landing {
             self.check(cancel)?;
