@@ -1023,3 +1023,54 @@ fn one_device_at_one_time_split_over_two_batches_keeps_every_measure_in_timestre
     );
     assert_exactly_once(&v, &expected);
 }
+
+/// `start = "latest"`: the worker is killed with SIGKILL before its first checkpoint, and records keep arriving
+/// while it is down. Started again, it reads from the moment its lease was created (kept in the lease), not from
+/// the newest record: every record put after that moment lands exactly once (before December 2026 the restart
+/// read from `LATEST` again and skipped what it had read but not committed, and what arrived meanwhile).
+#[test]
+fn latest_killed_before_its_first_checkpoint_reads_again_from_where_it_began() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "latest";
+    let moto = setup(dir.path(), stream, 1);
+    let (recs, expected) = workload(4, 10, 50);
+    let port = free_port();
+    let config = |commits: &str| {
+        cloud_toml(
+            port,
+            &moto.endpoint,
+            stream,
+            "w",
+            &format!("s3://{CLOUD_BUCKET}/{stream}"),
+            "",
+        )
+        .replace("[kinesis]\n", "[kinesis]\nstart = \"latest\"\n")
+        .replace("commit_interval_ms = 2000\ncommit_idle_ms = 1000", commits)
+    };
+    // No checkpoint before the kill: commits only every ten minutes.
+    let mut first = Cloud::start_config(
+        dir.path(),
+        "first",
+        port,
+        &config("commit_interval_ms = 600000\ncommit_idle_ms = 600000"),
+    );
+    wait_for("the shard's lease", Duration::from_secs(30), || {
+        (first.metric("fieldlink_cloud_leases_held") >= 1.0).then_some(())
+    });
+    let half = recs.len() / 2;
+    put(dir.path(), &moto.endpoint, stream, &recs[..half], &[]);
+    wait_for("the first half read", Duration::from_secs(30), || {
+        (first.metric("fieldlink_cloud_records_total") >= half as f64).then_some(())
+    });
+    first.proc.kill();
+    put(dir.path(), &moto.endpoint, stream, &recs[half..], &[]);
+    let _second = Cloud::start_config(
+        dir.path(),
+        "second",
+        port,
+        &config("commit_interval_ms = 2000\ncommit_idle_ms = 1000"),
+    );
+    let n = expected.len();
+    let v = wait_landed(&moto, stream, n, n, Duration::from_secs(90));
+    assert_exactly_once(&v, &expected);
+}

@@ -7,7 +7,8 @@ pub enum StartPosition {
     /// The oldest record still in the stream (default).
     #[default]
     TrimHorizon,
-    /// Only records written after the consumer starts.
+    /// Only records written after the consumer created the shard's lease (the moment is kept in the lease, so a
+    /// restart before the first checkpoint reads from it again, not from the newest record).
     Latest,
 }
 

@@ -15,7 +15,7 @@ pub(crate) mod worker;
 pub use config::{ConsumerConfig, StartPosition};
 
 use crate::lease::plan::{self, Action, Observer};
-use crate::lease::{Fence, LeaseConfig, LATEST, TRIM_HORIZON};
+use crate::lease::{at_timestamp, Fence, LeaseConfig, TRIM_HORIZON};
 use aws_sdk_kinesis::error::DisplayErrorContext;
 use fieldlink_ops::backoff::Backoff;
 use fieldlink_ops::metrics::Health;
@@ -110,10 +110,6 @@ pub(crate) async fn run(
     let mut held: HashMap<String, Held> = HashMap::new();
     let mut known: HashSet<String> = HashSet::new();
     let mut next_sync = Instant::now();
-    let initial = match cfg.start {
-        StartPosition::TrimHorizon => TRIM_HORIZON,
-        StartPosition::Latest => LATEST,
-    };
     while !cancel.is_cancelled() {
         // New shards get leases (children always from their start: nothing after a split is skipped).
         if Instant::now() >= next_sync {
@@ -123,12 +119,15 @@ pub(crate) async fn run(
                         if known.contains(&s.id) {
                             continue;
                         }
-                        let start = if s.parents.is_empty() {
-                            initial
-                        } else {
-                            TRIM_HORIZON
+                        // `latest` is the moment the lease is created, written as such: a worker taking the
+                        // lease after a restart, before the first checkpoint, reads from there too.
+                        let start = match cfg.start {
+                            StartPosition::Latest if s.parents.is_empty() => {
+                                at_timestamp(fieldlink_ops::unix_ms())
+                            }
+                            _ => TRIM_HORIZON.to_owned(),
                         };
-                        match table.create(&s.id, &s.parents, start).await {
+                        match table.create(&s.id, &s.parents, &start).await {
                             Ok(created) => {
                                 if created {
                                     tracing::info!(shard = %s.id, parents = ?s.parents, "lease created");

@@ -31,6 +31,8 @@ pub(crate) enum ShardItem {
 pub(crate) enum Start {
     After(String),
     TrimHorizon,
+    /// Records that arrived at this Unix ms or later.
+    AtTimestamp(i64),
     Latest,
 }
 
@@ -57,6 +59,9 @@ async fn iterator(
             .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
             .starting_sequence_number(seq),
         Start::TrimHorizon => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
+        Start::AtTimestamp(ms) => req
+            .shard_iterator_type(ShardIteratorType::AtTimestamp)
+            .timestamp(aws_sdk_kinesis::primitives::DateTime::from_millis(*ms)),
         Start::Latest => req.shard_iterator_type(ShardIteratorType::Latest),
     };
     let resp = req

@@ -17,7 +17,7 @@ use crate::land::dead::DeadLetters;
 use crate::land::dedup::BatchDedup;
 use crate::land::{Lander, Origin, SinkFactory};
 use crate::lease::plan::cmp_seq;
-use crate::lease::{Fence, Lease, LeaseTable, LATEST, SHARD_END, TRIM_HORIZON};
+use crate::lease::{Fence, Lease, LeaseTable, AT_TIMESTAMP, LATEST, SHARD_END, TRIM_HORIZON};
 use crate::metrics::CloudMetrics;
 use fieldlink_ops::backoff::Backoff;
 use std::cmp::Ordering;
@@ -90,7 +90,11 @@ pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationTo
         SHARD_END => return Outcome::Finished,
         TRIM_HORIZON => Start::TrimHorizon,
         LATEST => Start::Latest,
-        seq => Start::After(seq.to_owned()),
+        other => match other.strip_prefix(AT_TIMESTAMP).map(str::parse::<i64>) {
+            Some(Ok(ms)) => Start::AtTimestamp(ms),
+            Some(Err(_)) => return Outcome::Failed(format!("unreadable checkpoint {other:?}")),
+            None => Start::After(other.to_owned()),
+        },
     };
     tracing::info!(shard = %shard, checkpoint = %lease.checkpoint, pending = ?lease.pending, "shard worker starting");
     if let (Start::After(checkpoint), false) = (&start, shared.warmup.is_zero()) {

@@ -8,5 +8,5 @@ pub mod plan;
 pub mod table;
 
 pub use config::LeaseConfig;
-pub use plan::{Fence, Lease, LATEST, SHARD_END, TRIM_HORIZON};
+pub use plan::{at_timestamp, Fence, Lease, AT_TIMESTAMP, LATEST, SHARD_END, TRIM_HORIZON};
 pub use table::{LeaseTable, TableError};

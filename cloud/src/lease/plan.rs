@@ -20,8 +20,19 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 pub const SHARD_END: &str = "SHARD_END";
 /// The checkpoint of a shard nobody has read yet, to be read from its oldest record.
 pub const TRIM_HORIZON: &str = "TRIM_HORIZON";
-/// The checkpoint of a shard nobody has read yet, to be read from new records only.
+/// The checkpoint of a shard nobody has read yet, to be read from new records only, as versions before December
+/// 2026 wrote it: resolved again at every take, so a restart before the first checkpoint skipped what arrived
+/// meanwhile. Leases are now created at [`at_timestamp`] instead; a lease still holding this is read so.
 pub const LATEST: &str = "LATEST";
+/// The prefix of the checkpoint of a shard nobody has read yet, to be read from the records that arrived at or
+/// after a moment: `AT_TIMESTAMP:<Unix ms>` ([`at_timestamp`]).
+pub const AT_TIMESTAMP: &str = "AT_TIMESTAMP:";
+
+/// The checkpoint of a new lease read from the records that arrived at `unix_ms` or later (`start = "latest"`: the
+/// moment the consumer created the lease, the same at every take until the first checkpoint).
+pub fn at_timestamp(unix_ms: i64) -> String {
+    format!("{AT_TIMESTAMP}{unix_ms}")
+}
 
 /// One lease item (the Kinesis Client Library's schema).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,8 +43,8 @@ pub struct Lease {
     pub owner: Option<String>,
     /// `leaseCounter`: incremented by every renewal and ownership change.
     pub counter: u64,
-    /// `checkpoint`: the last sequence number landed in every sink, or one of [`TRIM_HORIZON`], [`LATEST`],
-    /// [`SHARD_END`].
+    /// `checkpoint`: the last sequence number landed in every sink, or one of [`TRIM_HORIZON`], [`at_timestamp`],
+    /// [`SHARD_END`] (or [`LATEST`], written by earlier versions).
     pub checkpoint: String,
     /// `pendingCheckpoint`: a commit that was started (its end) and may not have finished; the next reader
     /// repeats exactly that commit.
