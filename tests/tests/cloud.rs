@@ -1074,3 +1074,42 @@ fn latest_killed_before_its_first_checkpoint_reads_again_from_where_it_began() {
     let v = wait_landed(&moto, stream, n, n, Duration::from_secs(90));
     assert_exactly_once(&v, &expected);
 }
+
+/// A lease whose shard is no longer in the stream (a closed shard trimmed after the retention period while the
+/// consumer was down, played here by a lease for a shard the stream never had, as ListShards then shows it):
+/// its worker takes it as ended instead of retrying `GetShardIterator` for good, so the shard's children could
+/// start and the fleet's watermark (which publishes bronze hours) is not held by it. The real shard's records land
+/// once meanwhile.
+#[test]
+fn a_lease_of_a_shard_gone_from_the_stream_is_ended_not_retried_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "gone";
+    let moto = setup(dir.path(), stream, 1);
+    let ghost = "shardId-000000000099";
+    let (rt, leases) = lease_table(&moto, &format!("leases-{stream}"));
+    rt.block_on(leases.create(ghost, &[], fieldlink_cloud::lease::TRIM_HORIZON))
+        .unwrap();
+    let (recs, expected) = workload(2, 5, 20);
+    let cloud = Cloud::start(dir.path(), "gone", &moto.endpoint, stream, "");
+    put(dir.path(), &moto.endpoint, stream, &recs, &[]);
+    let n = expected.len();
+    assert_exactly_once(
+        &wait_landed(&moto, stream, n, n, Duration::from_secs(60)),
+        &expected,
+    );
+    wait_for(
+        "the gone shard's lease to end",
+        Duration::from_secs(30),
+        || {
+            rt.block_on(leases.get(ghost))
+                .unwrap()
+                .is_some_and(|l| l.finished())
+                .then_some(())
+        },
+    );
+    let log = std::fs::read_to_string(&cloud.log).unwrap();
+    assert!(
+        log.contains("the shard is no longer in the stream"),
+        "no error logged for the gone shard"
+    );
+}

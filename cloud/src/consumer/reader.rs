@@ -4,6 +4,7 @@
 
 use aws_sdk_kinesis::error::DisplayErrorContext;
 use aws_sdk_kinesis::operation::get_records::GetRecordsError;
+use aws_sdk_kinesis::operation::get_shard_iterator::GetShardIteratorError;
 use aws_sdk_kinesis::types::ShardIteratorType;
 use fieldlink_ops::backoff::Backoff;
 use std::time::Duration;
@@ -44,12 +45,19 @@ pub(crate) struct ReadParams {
     pub(crate) idle_poll: Duration,
 }
 
+/// Why `GetShardIterator` failed: the message, and whether Kinesis answered that the shard (or the stream) does not
+/// exist.
+struct IteratorError {
+    not_found: bool,
+    message: String,
+}
+
 async fn iterator(
     client: &aws_sdk_kinesis::Client,
     p: &ReadParams,
     shard: &str,
     start: &Start,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, IteratorError> {
     let req = client
         .get_shard_iterator()
         .stream_name(&p.stream)
@@ -64,11 +72,21 @@ async fn iterator(
             .timestamp(aws_sdk_kinesis::primitives::DateTime::from_millis(*ms)),
         Start::Latest => req.shard_iterator_type(ShardIteratorType::Latest),
     };
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| DisplayErrorContext(&e).to_string())?;
+    let resp = req.send().await.map_err(|e| IteratorError {
+        not_found: matches!(
+            e.as_service_error(),
+            Some(GetShardIteratorError::ResourceNotFoundException(_))
+        ),
+        message: DisplayErrorContext(&e).to_string(),
+    })?;
     Ok(resp.shard_iterator().map(str::to_owned))
+}
+
+/// Whether `shard` is missing from the stream's shard list (a list that could not be read proves nothing).
+async fn gone(client: &aws_sdk_kinesis::Client, stream: &str, shard: &str) -> bool {
+    super::list_shards(client, stream)
+        .await
+        .is_ok_and(|shards| !shards.iter().any(|s| s.id == shard))
 }
 
 /// Most records a warm-up reads, and longest it takes: it only makes resends rarer, it must not delay the shard.
@@ -181,8 +199,16 @@ pub(crate) async fn read(
                     let _ = tx.send(ShardItem::End).await;
                     return;
                 }
+                Err(e) if e.not_found && gone(&client, &p.stream, &shard).await => {
+                    // A closed shard trimmed from the stream (the consumer fell behind by more than the
+                    // retention period): nothing in it can be read any more. Read as ended, so that its
+                    // children start and the fleet's watermark moves on; retrying would stall both for good.
+                    tracing::error!(shard = %shard, error = %e.message, "the shard is no longer in the stream (past the retention period): its records not read are lost; taken as ended");
+                    let _ = tx.send(ShardItem::End).await;
+                    return;
+                }
                 Err(e) => {
-                    tracing::warn!(shard = %shard, error = %e, "GetShardIterator failed");
+                    tracing::warn!(shard = %shard, error = %e.message, "GetShardIterator failed");
                     sleep_or_cancel(backoff.next_delay(), &cancel).await;
                     continue;
                 }
