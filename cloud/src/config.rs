@@ -62,10 +62,19 @@ pub struct Config {
     /// (throttling, 5xx, timeouts) are retried sooner, with a capped backoff. Default 30000.
     #[serde(default = "default_sink_failing_retry_ms")]
     pub sink_failing_retry_ms: u64,
+    /// How long one sink call's transient failures (throttling, 5xx, timeouts, refused connections) last before
+    /// `/health` fails for that sink, milliseconds: a throttling spell does not, a sink down for longer does.
+    /// Default 60000.
+    #[serde(default = "default_sink_transient_failing_ms")]
+    pub sink_transient_failing_ms: u64,
 }
 
 fn default_sink_failing_retry_ms() -> u64 {
     30_000
+}
+
+fn default_sink_transient_failing_ms() -> u64 {
+    60_000
 }
 
 fn default_listen() -> SocketAddr {
@@ -128,6 +137,12 @@ impl Validate for Config {
                 p.push("alarms: needs a [parquet] section (the compactor that publishes bronze publishes the alarm table; the encoding settings are shared)".into());
             }
             p.extend(a.validate("alarms", self.parquet.as_ref().map(|q| q.location.as_str())));
+        }
+        if !(100..=86_400_000).contains(&self.sink_transient_failing_ms) {
+            p.push(format!(
+                "sink_transient_failing_ms: must be 100..=86400000, got {}",
+                self.sink_transient_failing_ms
+            ));
         }
         if !(100..=3_600_000).contains(&self.sink_failing_retry_ms) {
             p.push(format!(

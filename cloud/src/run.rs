@@ -45,7 +45,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     let endpoint_override = cfg.aws.endpoint_url.is_some();
     let dead_location = Location::parse(&cfg.dead_letter_location()).map_err(RunError::Sink)?;
     let failing_retry = Duration::from_millis(cfg.sink_failing_retry_ms);
-    let monitor = |sink| SinkMonitor::new(sink, health.clone(), metrics.clone(), failing_retry);
+    let transient_failing = Duration::from_millis(cfg.sink_transient_failing_ms);
+    let monitor = |sink| {
+        SinkMonitor::new(sink, health.clone(), metrics.clone(), failing_retry)
+            .transient_failing_after(transient_failing)
+    };
     let dead = DeadLetters::new(
         Store::open(&dead_location, &sdk, endpoint_override),
         metrics.clone(),

@@ -81,7 +81,11 @@ pub struct InfluxD {
 impl InfluxD {
     /// Starts `influxd` and creates `database`.
     pub fn start(dir: &Path, database: &str) -> Self {
-        let port = free_port();
+        Self::start_on(dir, database, free_port())
+    }
+
+    /// [`InfluxD::start`] with its HTTP API on `port`.
+    pub fn start_on(dir: &Path, database: &str, port: u16) -> Self {
         let rpc = free_port();
         let data = dir.join("influxdb");
         let conf = dir.join("influxdb.toml");

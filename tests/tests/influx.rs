@@ -353,7 +353,7 @@ fn faults_429_503_413_and_partial_400s_from_a_proxy_are_retried_split_or_dead_le
 }
 
 /// Starts an agent, publishes `count` numbered readings through it and waits until `/health` fails for the
-/// sink; the agent, the acknowledged numbers and the health line.
+/// sink, then checks that no checkpoint was written; the agent, the acknowledged numbers and the health line.
 fn publish_until_failing(
     dir: &Path,
     broker: &Mosquitto,
@@ -375,7 +375,21 @@ fn publish_until_failing(
         },
     );
     eprintln!("{line}");
+    assert_eq!(
+        cloud.metric("fieldlink_cloud_checkpoints_total"),
+        0.0,
+        "no checkpoint passes unwritten data"
+    );
     (agent, acked, line)
+}
+
+/// Waits (30 s) for `/health` to say the sink is ok again.
+fn wait_ok_again(cloud: &InfluxCloud) {
+    wait_for("/health ok again", Duration::from_secs(30), || {
+        http_get(cloud.port, "/health")
+            .filter(|b| b.contains("influxdb: ok"))
+            .map(|_| ())
+    });
 }
 
 #[test]
@@ -405,20 +419,11 @@ fn a_missing_database_fails_health_holds_the_checkpoint_and_lands_everything_onc
         cloud.metric("fieldlink_cloud_sink_failing{sink=\"influxdb\"}"),
         1.0
     );
-    assert_eq!(
-        cloud.metric("fieldlink_cloud_checkpoints_total"),
-        0.0,
-        "no checkpoint passes unwritten data"
-    );
     // The operator creates the database: the sink recovers by itself (sink_failing_retry_ms = 1 s).
     influx.query("CREATE DATABASE \"plant\"", "");
     let expected = numbered(&acked);
     wait_influxdb(&influx, &cloud, &expected);
-    wait_for("/health ok again", Duration::from_secs(30), || {
-        http_get(cloud.port, "/health")
-            .filter(|b| b.contains("influxdb: ok"))
-            .map(|_| ())
-    });
+    wait_ok_again(&cloud);
     assert_eq!(
         cloud.metric("fieldlink_cloud_sink_failing{sink=\"influxdb\"}"),
         0.0
@@ -477,4 +482,42 @@ fn an_https_server_with_an_untrusted_certificate_fails_health_naming_the_tls_err
     );
     assert_eq!(cloud.metric("fieldlink_influxdb_points_written_total"), 0.0);
     assert_eq!(cloud.metric("fieldlink_cloud_checkpoints_total"), 0.0);
+}
+
+/// An InfluxDB that is down (nothing listens at its URL): its errors are transient, so they are retried with
+/// backoff; once one call's failures have lasted `sink_transient_failing_ms` (here 2 s), `/health` fails for the
+/// sink naming the error and how long, and no checkpoint passes the unwritten data. When the server comes up,
+/// everything lands exactly once and `/health` is ok again. (Before December 2026 `/health` stayed ok however
+/// long transient errors lasted.)
+#[test]
+fn a_server_down_for_longer_than_the_transient_limit_fails_health_and_everything_lands_once_when_it_is_up(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "influx-down";
+    let (moto, broker) = stream_and_broker(dir.path(), stream);
+    let port = free_port();
+    let mut cloud = InfluxCloud::new(
+        dir.path(),
+        &moto.endpoint,
+        stream,
+        &format!(
+            "[influxdb]\nurl = \"http://127.0.0.1:{port}\"\napi = \"v1\"\ndatabase = \"plant\"\n"
+        ),
+    );
+    let config = std::fs::read_to_string(&cloud.config).unwrap();
+    std::fs::write(
+        &cloud.config,
+        format!("sink_transient_failing_ms = 2000\n{config}"),
+    )
+    .unwrap();
+    cloud.start();
+    let (_agent, acked, line) =
+        publish_until_failing(dir.path(), &broker, &moto, stream, &cloud, 1_000);
+    assert!(
+        line.contains("(transient)") && line.contains("failing for"),
+        "{line}"
+    );
+    let influx = InfluxD::start_on(dir.path(), "plant", port);
+    wait_influxdb(&influx, &cloud, &numbered(&acked));
+    wait_ok_again(&cloud);
 }

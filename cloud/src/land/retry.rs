@@ -3,7 +3,9 @@
 //! A shard's checkpoint never passes data a sink has not written, so a failed sink call is retried until it
 //! succeeds, whatever the error; what the error means ([`ErrorClass`]) decides how:
 //! - transient (throttling, 5xx, timeouts, connection errors): after a capped, jittered backoff, logged as a
-//!   warning; `/health` stays ok;
+//!   warning; `/health` stays ok while the call's failures last less than [`TRANSIENT_FAILING_AFTER`] (a
+//!   throttling spell), and fails beyond, as for a permanent error, with the sentence and how long (an
+//!   InfluxDB that refuses connections for an hour is a sick sink, whatever the class of its errors);
 //! - permanent (access denied, a deleted table or bucket, a request refused as invalid): the sink's `/health`
 //!   line fails with one sentence naming the reason (`timestream: FAIL ResourceNotFoundException on
 //!   WriteRecords (permanent): …; retrying every 30 s`), `fieldlink_cloud_sink_failing{sink}` is 1, an error is
@@ -24,6 +26,10 @@ use fieldlink_ops::metrics::{Gauge, Health};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// How long one call's transient failures last before its sink fails in `/health`, unless set otherwise
+/// (`sink_transient_failing_ms`, [`SinkMonitor::transient_failing_after`]).
+pub const TRANSIENT_FAILING_AFTER: Duration = Duration::from_secs(60);
 
 /// The `/health` detail of a sink failing permanently: one sentence.
 pub fn failing_line(operation: &str, error: &CallError, retry: Duration) -> String {
@@ -78,6 +84,7 @@ struct Inner {
     failing_gauge: Gauge,
     metrics: CloudMetrics,
     retry: Duration,
+    transient_after: Duration,
     state: Mutex<SinkState>,
 }
 
@@ -106,8 +113,21 @@ impl SinkMonitor {
             failing_gauge,
             metrics,
             retry,
+            transient_after: TRANSIENT_FAILING_AFTER,
             state: Mutex::new(SinkState::default()),
         }))
+    }
+
+    /// The same monitor with transient failures reported after `after` instead of [`TRANSIENT_FAILING_AFTER`].
+    /// Call it on a new monitor: one already cloned keeps its setting.
+    pub fn transient_failing_after(self, after: Duration) -> Self {
+        match Arc::try_unwrap(self.0) {
+            Ok(mut inner) => {
+                inner.transient_after = after;
+                Self(Arc::new(inner))
+            }
+            Err(shared) => Self(shared),
+        }
     }
 
     /// The sink's name.
@@ -126,11 +146,16 @@ impl SinkMonitor {
             cancel: cancel.clone(),
             backoff: Backoff::new(base, max),
             failing: false,
+            since: None,
         }
     }
 
     fn permanent(&self, first: bool, operation: &str, error: &CallError) {
-        let line = failing_line(operation, error, self.0.retry);
+        self.fail(first, failing_line(operation, error, self.0.retry));
+    }
+
+    /// The sink fails in `/health` with `line`; `first`: this call just started failing.
+    fn fail(&self, first: bool, line: String) {
         let log = {
             let mut st = self.state();
             if first {
@@ -169,6 +194,8 @@ pub struct Retry {
     cancel: CancellationToken,
     backoff: Backoff,
     failing: bool,
+    /// When the call's first failure was.
+    since: Option<Instant>,
 }
 
 impl Retry {
@@ -192,6 +219,18 @@ impl Retry {
             .inc();
         let delay = match error.class {
             ErrorClass::Transient => {
+                let lasted = self.since.get_or_insert_with(Instant::now).elapsed();
+                if !self.failing && lasted >= m.0.transient_after {
+                    m.fail(
+                        true,
+                        format!(
+                            "{}; failing for {} s, retrying",
+                            error.sentence(operation),
+                            lasted.as_secs()
+                        ),
+                    );
+                    self.failing = true;
+                }
                 let d = after.unwrap_or_else(|| self.backoff.next_delay());
                 tracing::warn!(sink = m.0.sink, error = %error.sentence(operation), retry_in_ms = d.as_millis() as u64, "sink call failed; retrying");
                 d
@@ -294,6 +333,51 @@ mod tests {
         let t1 = Instant::now();
         r.failed_after("write", &busy, None).await.unwrap();
         assert!(t1.elapsed() < Duration::from_millis(250));
+    }
+
+    #[tokio::test]
+    async fn transient_failures_lasting_past_the_limit_fail_health_until_the_call_works() {
+        let health = Health::new();
+        let metrics = CloudMetrics::new(Registry::new());
+        let m = SinkMonitor::new(
+            "influxdb",
+            health.clone(),
+            metrics.clone(),
+            Duration::from_secs(30),
+        )
+        .transient_failing_after(Duration::from_millis(200));
+        let cancel = CancellationToken::new();
+        let mut r = m.retry(
+            &cancel,
+            Duration::from_millis(60),
+            Duration::from_millis(60),
+        );
+        let refused =
+            CallError::of_io(&std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        r.failed("write", &refused).await.unwrap();
+        r.failed("write", &refused).await.unwrap();
+        assert!(
+            health.report().0,
+            "a short spell of transient failures leaves /health ok"
+        );
+        while r
+            .since
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(200))
+        {
+            r.failed("write", &refused).await.unwrap();
+        }
+        r.failed("write", &refused).await.unwrap();
+        let (ok, body) = health.report();
+        assert!(!ok, "{body}");
+        assert!(
+            body.contains("influxdb: FAIL ConnectionRefused on write (transient)")
+                && body.contains("; failing for 0 s, retrying"),
+            "{body}"
+        );
+        assert_eq!(metrics.sink_failing("influxdb").get(), 1);
+        r.succeeded();
+        assert!(health.report().0);
+        assert_eq!(metrics.sink_failing("influxdb").get(), 0);
     }
 
     #[tokio::test]
