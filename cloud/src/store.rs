@@ -338,6 +338,25 @@ async fn multipart_upload(
     done
 }
 
+/// Characters outside `[A-Za-z0-9._-]` as `%XX`, so any agent id or rule name is one key segment; a segment of
+/// dots only (`.`, `..`) is escaped whole, so no key names a parent directory of a local store, and an empty one
+/// is `%`.
+pub fn segment(s: &str) -> String {
+    if s.is_empty() {
+        return "%".into();
+    }
+    let dots_only = s.bytes().all(|b| b == b'.');
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (b.is_ascii_alphanumeric() || b"._-".contains(&b)) && !dots_only {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// An error reading an S3 response body.
 fn body_error(e: impl std::fmt::Display) -> CallError {
     CallError::of_io(&std::io::Error::other(e.to_string()))

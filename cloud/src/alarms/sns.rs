@@ -35,7 +35,7 @@ use super::config::SnsConfig;
 use crate::land::retry::SinkMonitor;
 use crate::land::{Origin, Sink, SinkError, SinkFuture};
 use crate::metrics::CloudMetrics;
-use crate::store::Store;
+use crate::store::{segment, Store};
 use aws_sdk_sns::types::MessageAttributeValue;
 use fieldlink_ops::aws_error::CallError;
 use fieldlink_proto::alarm::{AlarmBatch, AlarmEvent};
@@ -52,25 +52,6 @@ pub const MAX_BODY_BYTES: usize = 200 * 1024;
 
 /// A string cause longer than this is cut (at a character boundary) when the body would be too long.
 const SHORT_CAUSE_BYTES: usize = 1024;
-
-/// Characters outside `[A-Za-z0-9._-]` as `%XX`, so any agent id or rule name is one key segment; a segment of
-/// dots only (`.`, `..`) is escaped whole, so no key names a parent directory of a local store, and an empty one
-/// is `%`.
-fn segment(s: &str) -> String {
-    if s.is_empty() {
-        return "%".into();
-    }
-    let dots_only = s.bytes().all(|b| b == b'.');
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (b.is_ascii_alphanumeric() || b"._-".contains(&b)) && !dots_only {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
 
 /// A stable 64-bit hash of an event's content (FNV-1a over its wire encoding): the same event read again, from
 /// any record or process, hashes the same; another event given the same identity does not.

@@ -11,6 +11,9 @@
 //!   refused (`reason` with the server's message, `line`) and readings line protocol cannot carry (`reason`,
 //!   `series`, `time_ms`), with the same batch id.
 //!
+//! `<agent>` is the record's agent id as one key segment ([`crate::store::segment`]: `%XX` outside
+//! `[A-Za-z0-9._-]`), so an id from another producer cannot name a directory or leave the location.
+//!
 //! Under a Parquet location the default prefix is `_dead_letter/`, which Athena, Hive and Spark skip.
 
 use crate::land::retry::SinkMonitor;
@@ -98,9 +101,12 @@ impl DeadLetters {
             body.extend_from_slice(l.to_string().as_bytes());
             body.push(b'\n');
         }
+        // The agent id as one escaped segment: any id a record carries stays one file inside the location.
         let key = format!(
-            "{sink}/{agent}-{epoch}-{seq}-{}-{}.jsonl",
-            origin.shard, origin.sequence_number
+            "{sink}/{}-{epoch}-{seq}-{}-{}.jsonl",
+            crate::store::segment(agent),
+            origin.shard,
+            origin.sequence_number
         );
         self.put(&key, body).await?;
         for l in &lines {
@@ -127,5 +133,43 @@ fn reason_class(reason: &str) -> &'static str {
         "bad_value"
     } else {
         "other"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fieldlink_ops::metrics::{Health, Registry};
+
+    #[tokio::test]
+    async fn any_agent_id_stays_one_file_inside_the_location() {
+        let dir = std::env::temp_dir().join(format!("fieldlink-dead-{}", std::process::id()));
+        let root = dir.join("dead");
+        let metrics = CloudMetrics::new(Registry::new());
+        let monitor = SinkMonitor::new(
+            "dead_letter",
+            Health::new(),
+            metrics.clone(),
+            std::time::Duration::from_secs(1),
+        );
+        let dead = DeadLetters::new(Store::Local(root.clone()), metrics, monitor);
+        let origin = Origin {
+            shard: "shardId-000000000000".into(),
+            sequence_number: "49".into(),
+        };
+        let line = serde_json::json!({"reason": "test"});
+        dead.readings("influxdb", &origin, "../../x/y", 1, 2, vec![line])
+            .await
+            .unwrap();
+        let files: Vec<String> = std::fs::read_dir(root.join("influxdb"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            files,
+            vec!["..%2F..%2Fx%2Fy-1-2-shardId-000000000000-49.jsonl".to_owned()]
+        );
+        assert!(!dir.join("x").exists() && !root.join("x").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
