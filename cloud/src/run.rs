@@ -194,6 +194,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
             stream: cfg.kinesis.stream.clone(),
             max_records: cfg.kinesis.max_records_per_get,
             idle_poll: Duration::from_millis(cfg.kinesis.idle_poll_ms),
+            gone_after: 2 * Duration::from_millis(cfg.kinesis.shard_refresh_ms),
         },
         queue_capacity: cfg.kinesis.queue_capacity,
         commit_interval: Duration::from_millis(cfg.kinesis.commit_interval_ms),

@@ -47,9 +47,17 @@ where
         builder.worker_threads(n);
     }
     let rt = builder.enable_all().build()?;
-    Ok(rt.block_on(async {
+    let out = rt.block_on(async {
         let cancel = CancellationToken::new();
         cancel_on_signal(cancel.clone());
         f(cancel).await
-    }))
+    });
+    // `f` has finished its shutdown (flushed, drained, joined what it must). Blocking calls nobody waits for any
+    // more — a name lookup on a network that is down, which only the resolver's own timeout ends — must not hold
+    // the exit back: dropping the runtime would wait for them.
+    rt.shutdown_timeout(BLOCKING_GRACE);
+    Ok(out)
 }
+
+/// How long the exit waits for blocking calls still running once `run` returned ([`run_until_signal`]).
+const BLOCKING_GRACE: std::time::Duration = std::time::Duration::from_secs(2);

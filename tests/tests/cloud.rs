@@ -1024,8 +1024,8 @@ fn one_device_at_one_time_split_over_two_batches_keeps_every_measure_in_timestre
     assert_exactly_once(&v, &expected);
 }
 
-/// `start = "latest"`: the worker is killed with SIGKILL before its first checkpoint, and records keep arriving
-/// while it is down. Started again, it reads from the moment its lease was created (kept in the lease), not from
+/// `start = "latest"`: records put before the consumer first saw the shard are not read; the worker is killed with
+/// SIGKILL before its first checkpoint, and records keep arriving while it is down. Started again, it reads from the moment its lease was created (kept in the lease), not from
 /// the newest record: every record put after that moment lands exactly once (before December 2026 the restart
 /// read from `LATEST` again and skipped what it had read but not committed, and what arrived meanwhile).
 #[test]
@@ -1047,6 +1047,12 @@ fn latest_killed_before_its_first_checkpoint_reads_again_from_where_it_began() {
         .replace("[kinesis]\n", "[kinesis]\nstart = \"latest\"\n")
         .replace("commit_interval_ms = 2000\ncommit_idle_ms = 1000", commits)
     };
+    // Put more than the margin (5 s) before the consumer first sees the shard: `latest` never reads these.
+    let (before, _) = workload_of(8..10, 5, 50);
+    put(dir.path(), &moto.endpoint, stream, &before, &[]);
+    std::thread::sleep(Duration::from_millis(
+        fieldlink_cloud::consumer::LATEST_MARGIN_MS as u64 + 1500,
+    ));
     // No checkpoint before the kill: commits only every ten minutes.
     let mut first = Cloud::start_config(
         dir.path(),
@@ -1072,6 +1078,7 @@ fn latest_killed_before_its_first_checkpoint_reads_again_from_where_it_began() {
     );
     let n = expected.len();
     let v = wait_landed(&moto, stream, n, n, Duration::from_secs(90));
+    // Exactly the records put after the start: none of those put before it.
     assert_exactly_once(&v, &expected);
 }
 

@@ -571,6 +571,14 @@ fn a_file_larger_than_one_part_is_uploaded_in_parts_and_a_fenced_upload_leaves_n
         .block_on(store.put_file("fenced.bin", &src, &may_write))
         .unwrap());
     assert_eq!(rt.block_on(store.get("fenced.bin")).unwrap(), None);
+    // Refused right before CompleteMultipartUpload (creation and three parts allowed): nothing appears either.
+    let asked = std::sync::atomic::AtomicUsize::new(0);
+    let may_write = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 4;
+    assert!(!rt
+        .block_on(store.put_file("fenced-late.bin", &src, &may_write))
+        .unwrap());
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 5);
+    assert_eq!(rt.block_on(store.get("fenced-late.bin")).unwrap(), None);
     let uploads =
         s3("print(len(s3.list_multipart_uploads(Bucket='bucket-mp').get('Uploads', [])))");
     assert_eq!(uploads, "0", "an aborted upload was left behind");

@@ -8,7 +8,10 @@
 //! itself by time: it starts a write (an upload, a delete) only while its last renewal is less than half a
 //! lease old ([`Hold::fresh`]). Another worker can take the lease only after watching it unrenewed for a whole
 //! lease, so a write can overlap another compactor only if it takes longer than half a lease after its check
-//! (a process paused that long mid-upload); `[aws] attempt_timeout_ms` bounds each attempt.
+//! (a process paused that long mid-upload); `[aws] attempt_timeout_ms` bounds each attempt. Known limit: the SDK's
+//! retries of one request (and S3's completion of a large multipart upload) can outlast half a lease, so a
+//! compactor that cannot renew while S3 still answers can land a write after another took over; S3 conditional
+//! writes would close that (docs/bronze.md).
 
 use crate::lease::plan::Observer;
 use crate::lease::{Fence, LeaseTable, TableError};

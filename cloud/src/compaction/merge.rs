@@ -56,7 +56,8 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
-/// Distinct readings remembered per `(series, time)` to find the same reading in another batch (most have one).
+/// Distinct readings remembered per `(series, time, agent_id)` to find the same reading in another batch of the
+/// same agent (most have one).
 pub const MAX_READINGS_COMPARED: usize = 64;
 
 /// Rows per batch read from an input.
@@ -316,7 +317,7 @@ struct Emitted {
 }
 
 impl Emitted {
-    /// Whether row `row` of `slot` holds a reading already emitted for its `(series, time)`; `prev` is the last
+    /// Whether row `row` of `slot` holds a reading already emitted for its `(series, time, agent_id)`; `prev` is the last
     /// row emitted. Remembers the row's reading when it is new (it will be emitted).
     fn holds(
         &mut self,

@@ -35,6 +35,11 @@ pub struct ShardInfo {
     pub parents: Vec<String>,
 }
 
+/// `start = "latest"` reads a new shard from this long before the moment the consumer created its lease: the
+/// moment is the host's clock, and Kinesis refuses a timestamp later than its own (a host a little ahead would
+/// otherwise skip records, or be refused until Kinesis' clock caught up).
+pub const LATEST_MARGIN_MS: i64 = 5_000;
+
 /// Every shard of `stream`, with parents.
 pub async fn list_shards(
     client: &aws_sdk_kinesis::Client,
@@ -123,7 +128,7 @@ pub(crate) async fn run(
                         // lease after a restart, before the first checkpoint, reads from there too.
                         let start = match cfg.start {
                             StartPosition::Latest if s.parents.is_empty() => {
-                                at_timestamp(fieldlink_ops::unix_ms())
+                                at_timestamp(fieldlink_ops::unix_ms() - LATEST_MARGIN_MS)
                             }
                             _ => TRIM_HORIZON.to_owned(),
                         };

@@ -43,6 +43,9 @@ pub(crate) struct ReadParams {
     pub(crate) stream: String,
     pub(crate) max_records: i32,
     pub(crate) idle_poll: Duration,
+    /// How long a shard must stay out of the stream's shard list, while Kinesis answers that it does not exist,
+    /// before it is taken as ended (a stale list or a passing error must not end a live shard).
+    pub(crate) gone_after: Duration,
 }
 
 /// Why `GetShardIterator` failed: the message, and whether Kinesis answered that the shard (or the stream) does not
@@ -187,6 +190,8 @@ pub(crate) async fn read(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let mut it: Option<String> = None;
+    // Since when Kinesis has said the shard does not exist and the shard list has not had it.
+    let mut missing_since: Option<std::time::Instant> = None;
     loop {
         if cancel.is_cancelled() {
             return;
@@ -199,15 +204,22 @@ pub(crate) async fn read(
                     let _ = tx.send(ShardItem::End).await;
                     return;
                 }
-                Err(e) if e.not_found && gone(&client, &p.stream, &shard).await => {
-                    // A closed shard trimmed from the stream (the consumer fell behind by more than the
-                    // retention period): nothing in it can be read any more. Read as ended, so that its
-                    // children start and the fleet's watermark moves on; retrying would stall both for good.
-                    tracing::error!(shard = %shard, error = %e.message, "the shard is no longer in the stream (past the retention period): its records not read are lost; taken as ended");
-                    let _ = tx.send(ShardItem::End).await;
-                    return;
-                }
                 Err(e) => {
+                    let missing = e.not_found && gone(&client, &p.stream, &shard).await;
+                    if !missing {
+                        missing_since = None;
+                    } else if missing_since
+                        .get_or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                        >= p.gone_after
+                    {
+                        // A closed shard trimmed from the stream (the consumer fell behind by more than the
+                        // retention period): nothing in it can be read any more. Read as ended, so that its
+                        // children start and the fleet's watermark moves on; retrying would stall both for good.
+                        tracing::error!(shard = %shard, error = %e.message, "the shard is no longer in the stream (past the retention period): its records not read are lost; taken as ended");
+                        let _ = tx.send(ShardItem::End).await;
+                        return;
+                    }
                     tracing::warn!(shard = %shard, error = %e.message, "GetShardIterator failed");
                     sleep_or_cancel(backoff.next_delay(), &cancel).await;
                     continue;

@@ -80,21 +80,30 @@ struct Commit {
     watermark: Option<(i64, Instant)>,
 }
 
+/// Where a lease's `checkpoint` says reading starts; `None` for a shard read to its end.
+fn start_of(checkpoint: &str) -> Result<Option<Start>, String> {
+    Ok(Some(match checkpoint {
+        SHARD_END => return Ok(None),
+        TRIM_HORIZON => Start::TrimHorizon,
+        LATEST => Start::Latest,
+        other => match other.strip_prefix(AT_TIMESTAMP).map(str::parse::<i64>) {
+            Some(Ok(ms)) => Start::AtTimestamp(ms),
+            Some(Err(_)) => return Err(format!("unreadable checkpoint {other:?}")),
+            None => Start::After(other.to_owned()),
+        },
+    }))
+}
+
 /// Runs a worker for `lease` (just taken by this process) until the shard ends, `stop` fires, or it fails.
 pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationToken) -> Outcome {
     let shard = lease.key.clone();
     let Some(fence) = Fence::of(&lease) else {
         return Outcome::Failed("the lease was not taken by this worker".into());
     };
-    let start = match lease.checkpoint.as_str() {
-        SHARD_END => return Outcome::Finished,
-        TRIM_HORIZON => Start::TrimHorizon,
-        LATEST => Start::Latest,
-        other => match other.strip_prefix(AT_TIMESTAMP).map(str::parse::<i64>) {
-            Some(Ok(ms)) => Start::AtTimestamp(ms),
-            Some(Err(_)) => return Outcome::Failed(format!("unreadable checkpoint {other:?}")),
-            None => Start::After(other.to_owned()),
-        },
+    let start = match start_of(&lease.checkpoint) {
+        Ok(Some(start)) => start,
+        Ok(None) => return Outcome::Finished,
+        Err(e) => return Outcome::Failed(e),
     };
     tracing::info!(shard = %shard, checkpoint = %lease.checkpoint, pending = ?lease.pending, "shard worker starting");
     if let (Start::After(checkpoint), false) = (&start, shared.warmup.is_zero()) {
@@ -323,5 +332,25 @@ where
             }
             Err(e) => return Err(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::at_timestamp;
+
+    #[test]
+    fn every_checkpoint_form_reads_from_where_it_says() {
+        assert_eq!(start_of(SHARD_END), Ok(None));
+        assert_eq!(start_of(TRIM_HORIZON), Ok(Some(Start::TrimHorizon)));
+        assert_eq!(start_of(LATEST), Ok(Some(Start::Latest)));
+        assert_eq!(
+            start_of(&at_timestamp(1_764_900_000_123)),
+            Ok(Some(Start::AtTimestamp(1_764_900_000_123)))
+        );
+        let seq = "49590338271490256608559692538361571095921575989136588898";
+        assert_eq!(start_of(seq), Ok(Some(Start::After(seq.into()))));
+        assert!(start_of("AT_TIMESTAMP:soon").is_err());
     }
 }

@@ -12,7 +12,8 @@
 //!   `series`, `time_ms`), with the same batch id.
 //!
 //! `<agent>` is the record's agent id as one key segment ([`crate::store::segment`]: `%XX` outside
-//! `[A-Za-z0-9._-]`), so an id from another producer cannot name a directory or leave the location.
+//! `[A-Za-z0-9._-]`), so an id from another producer cannot name a directory or leave the location; past 96
+//! escaped bytes it is cut and a hash of the whole id added ([`agent_segment`]).
 //!
 //! Under a Parquet location the default prefix is `_dead_letter/`, which Athena, Hive and Spark skip.
 
@@ -104,7 +105,7 @@ impl DeadLetters {
         // The agent id as one escaped segment: any id a record carries stays one file inside the location.
         let key = format!(
             "{sink}/{}-{epoch}-{seq}-{}-{}.jsonl",
-            crate::store::segment(agent),
+            agent_segment(agent),
             origin.shard,
             origin.sequence_number
         );
@@ -134,6 +135,24 @@ fn reason_class(reason: &str) -> &'static str {
     } else {
         "other"
     }
+}
+
+/// Escaped agent ids longer than this are cut ([`agent_segment`]).
+const MAX_AGENT_SEGMENT: usize = 96;
+
+/// `agent` as one key segment ([`crate::store::segment`]); an escaped id over [`MAX_AGENT_SEGMENT`] bytes (`%XX`
+/// triples a byte: a 64-byte id of another alphabet) is cut to its first 64 bytes, `~` and a hash of the whole
+/// id, so the file name stays within a local file system's 255 bytes. Deterministic, as every key here.
+fn agent_segment(agent: &str) -> String {
+    let s = crate::store::segment(agent);
+    if s.len() <= MAX_AGENT_SEGMENT {
+        return s;
+    }
+    let hash = agent.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    // The escaped form is ASCII: any byte offset is a character boundary.
+    format!("{}~{hash:016x}", &s[..64])
 }
 
 #[cfg(test)]
@@ -170,6 +189,26 @@ mod tests {
             vec!["..%2F..%2Fx%2Fy-1-2-shardId-000000000000-49.jsonl".to_owned()]
         );
         assert!(!dir.join("x").exists() && !root.join("x").exists());
+        // 64 bytes of another alphabet escape to 192: cut, and the file is written.
+        let long = "é".repeat(32);
+        dead.readings(
+            "timestream",
+            &origin,
+            &long,
+            1,
+            2,
+            vec![serde_json::json!({})],
+        )
+        .await
+        .unwrap();
+        let name = std::fs::read_dir(root.join("timestream"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name();
+        assert!(name.len() < 200, "{name:?}");
+        assert_ne!(agent_segment(&long), agent_segment(&"è".repeat(32)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

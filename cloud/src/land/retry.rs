@@ -220,9 +220,10 @@ impl Retry {
         let delay = match error.class {
             ErrorClass::Transient => {
                 let lasted = self.since.get_or_insert_with(Instant::now).elapsed();
-                if !self.failing && lasted >= m.0.transient_after {
+                // Past the limit the sink fails, its line telling how long (updated at every failure).
+                if lasted >= m.0.transient_after {
                     m.fail(
-                        true,
+                        !self.failing,
                         format!(
                             "{}; failing for {} s, retrying",
                             error.sentence(operation),
@@ -375,6 +376,13 @@ mod tests {
             "{body}"
         );
         assert_eq!(metrics.sink_failing("influxdb").get(), 1);
+        std::thread::sleep(Duration::from_millis(1000));
+        r.failed("write", &refused).await.unwrap();
+        let (_, body) = health.report();
+        assert!(
+            body.contains("; failing for 1 s, retrying"),
+            "the line tells how long: {body}"
+        );
         r.succeeded();
         assert!(health.report().0);
         assert_eq!(metrics.sink_failing("influxdb").get(), 0);
