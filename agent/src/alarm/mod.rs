@@ -612,9 +612,32 @@ impl Engine {
             from: level(t.from),
             to: level(t.to),
             ts_ms: t.ts_ms,
-            cause: t.cause.clone(),
+            cause: t.cause.clone().map(|mut c| {
+                if let Value::Str(text) = &mut c.value {
+                    cut_string(text, MAX_CAUSE_STRING_BYTES);
+                }
+                c
+            }),
         }
     }
+}
+
+/// Longest string value an alarm event carries as its cause, bytes: a record holds up to 1,000 events and may not
+/// pass 1 MiB compressed (a record the encoder refused would stop every seal). Longer strings are cut, at a
+/// character boundary, with `…` appended; the same transition always gives the same event.
+pub const MAX_CAUSE_STRING_BYTES: usize = 256;
+
+/// Cuts `text` to at most `max` bytes plus `…`, at a character boundary.
+fn cut_string(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push('…');
 }
 
 #[cfg(test)]

@@ -412,3 +412,63 @@ fn no_alarms_section_is_valid() {
     let parsed: AlarmsConfig = toml::from_str("").unwrap();
     assert_eq!(parsed, AlarmsConfig::default());
 }
+
+#[test]
+fn a_long_string_cause_is_cut_so_a_full_alarm_record_stays_under_its_limit() {
+    // A quality rule judges string readings too: 1,000 transitions whose causes are 64 KiB of random text (base64
+    // payloads of a Sparkplug node's string metrics, all marked bad by its NDEATH) would make a record the
+    // encoder refuses, and every seal would fail on it.
+    let mut e = rules(
+        r##"
+[[rules]]
+name = "q"
+series = "#"
+condition = "quality"
+levels = [{ name = "bad", quality = "bad" }]
+"##,
+    );
+    let mut out = Vec::new();
+    let series: Vec<Series> = (0..1000)
+        .map(|i| Series::new(format!("node/m{i}")))
+        .collect();
+    for (i, s) in series.iter().enumerate() {
+        let text: String = (0..65_536).map(|_| fastrand::alphanumeric()).collect();
+        e.observe(
+            i as i64,
+            s,
+            Obs {
+                ts_ms: 1,
+                value: &Value::Str(text),
+                quality: Quality::Bad,
+            },
+            &mut out,
+        );
+    }
+    assert_eq!(out.len(), 1000);
+    let events: Vec<_> = out
+        .iter()
+        .map(|t| e.event(t, series[t.series_id as usize].clone()))
+        .collect();
+    let Some(Value::Str(cause)) = events[0].cause.as_ref().map(|c| c.value.clone()) else {
+        panic!("no string cause")
+    };
+    assert_eq!(cause.len(), MAX_CAUSE_STRING_BYTES + '…'.len_utf8());
+    let record = fieldlink_proto::alarm::AlarmEncoder::new(3)
+        .unwrap()
+        .encode(&fieldlink_proto::alarm::AlarmBatch {
+            agent_id: "a".into(),
+            epoch: 1,
+            seq: 1,
+            events,
+        })
+        .unwrap();
+    assert!(
+        record.len() < fieldlink_proto::limits::MAX_RECORD_BYTES / 2,
+        "{} bytes",
+        record.len()
+    );
+    // Cut at a character boundary.
+    let mut s = "é".repeat(200);
+    cut_string(&mut s, 255);
+    assert_eq!(s, format!("{}…", "é".repeat(127)));
+}

@@ -59,8 +59,11 @@ pub mod limits {
     pub const MAX_MEASURE_NAME: usize = 256;
     /// Measures in one multi-measure record.
     pub const MAX_MEASURES: usize = 256;
-    /// Bytes in a VARCHAR measure value.
+    /// Bytes in a VARCHAR measure value (at least 1: `MeasureValue.Value` is 1 to 2048 characters).
     pub const MAX_VARCHAR: usize = 2048;
+    /// Bytes of a series' dimension names and values together ("size of dimension name dimension value pair per
+    /// series"); `measure_set` and its 16 hex digits included.
+    pub const MAX_SERIES_DIMENSION_BYTES: usize = 2048;
 }
 
 /// A measure's Timestream type.
@@ -206,6 +209,14 @@ pub fn build(batch: &Batch, measure_name: &str) -> (Vec<TsRecord>, Vec<Refused>)
                     return Err(format!("dimension {k} too long"));
                 }
             }
+            let bytes =
+                d.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() + MEASURE_SET.len() + 16;
+            if bytes > limits::MAX_SERIES_DIMENSION_BYTES {
+                return Err(format!(
+                    "dimensions of {bytes} bytes together, limit {}",
+                    limits::MAX_SERIES_DIMENSION_BYTES
+                ));
+            }
             if s.measure().len() > limits::MAX_MEASURE_NAME
                 || d.iter().any(|(k, _)| k == s.measure())
             {
@@ -250,11 +261,13 @@ pub fn build(batch: &Batch, measure_name: &str) -> (Vec<TsRecord>, Vec<Refused>)
             });
             continue;
         };
-        if ty == MeasureType::Varchar && text.len() > limits::MAX_VARCHAR {
+        if ty == MeasureType::Varchar && !(1..=limits::MAX_VARCHAR).contains(&text.len()) {
+            // An empty one too: Timestream refuses the whole WriteRecords call for it (a ValidationException,
+            // not a rejected record), which would dead-letter every record of the call.
             refused.push(Refused {
                 series: s.key.clone(),
                 reason: format!(
-                    "string of {} bytes, limit {}",
+                    "string of {} bytes, allowed 1..={}",
                     text.len(),
                     limits::MAX_VARCHAR
                 ),
@@ -522,6 +535,14 @@ mod tests {
             key: "d/v".into(),
             tags: vec![("site".into(), "x".repeat(3000))],
         };
+        // Each dimension within its own limit, together over the series' 2 KB.
+        let long_tags = Series {
+            key: "d/w".into(),
+            tags: vec![
+                ("line".into(), "x".repeat(1100)),
+                ("cell".into(), "y".repeat(1100)),
+            ],
+        };
         let batch = Batch {
             agent_id: "a".into(),
             epoch: 0,
@@ -531,17 +552,26 @@ mod tests {
                 Series::new("d/device"),
                 Series::new("d/s"),
                 Series::new("d/ok"),
+                long_tags,
+                Series::new("d/empty"),
             ],
             readings: vec![
                 r(0, 1, Value::F64(1.0), Quality::Good),
                 r(1, 1, Value::F64(1.0), Quality::Good),
                 r(2, 1, Value::Str("y".repeat(3000)), Quality::Good),
                 r(3, 1, Value::F64(f64::NAN), Quality::Good),
+                r(4, 1, Value::F64(1.0), Quality::Good),
+                r(5, 1, Value::Str(String::new()), Quality::Good),
             ],
         };
         let (recs, refused) = build(&batch, "metrics");
-        assert!(recs.is_empty());
-        assert_eq!(refused.len(), 4, "{refused:?}");
+        assert!(recs.is_empty(), "{recs:?}");
+        assert_eq!(refused.len(), 6, "{refused:?}");
+        assert!(refused[4].reason.contains("bytes together"), "{refused:?}");
+        assert!(
+            refused[5].reason.contains("string of 0 bytes"),
+            "{refused:?}"
+        );
     }
 
     #[test]
