@@ -213,3 +213,44 @@ fn late_readings_are_not_evaluated_and_are_counted() {
     assert_eq!(seal(&mut b, 0).unwrap().alarm_events, 1, "ok -> hot");
     assert_eq!(b.alarms().active(), 1);
 }
+
+#[test]
+fn the_stale_clock_waits_for_the_last_part_of_a_seal() {
+    // After a restart the ready backlog is sealed in parts. A part without m/a's readings must not take the clock
+    // past m/a's last known reading while the next part holds m/a's readings, every 500 ms (no gap over the
+    // 1000 ms `after_ms`): that raised a false `stale` at 2000, then `ok` from an earlier reading.
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir.path().join("b.db"));
+    append(&mut b, "m/a", &[(1000, 1.0)]);
+    seal(&mut b, 1000).unwrap();
+    append(&mut b, "m/b", &[(1500, 1.0)]);
+    append(
+        &mut b,
+        "m/a",
+        &[(1500, 1.0), (2000, 1.0), (2500, 1.0), (3000, 1.0)],
+    );
+    let mut enc = Encoder::new(3).unwrap();
+    let mut parts = 0;
+    // One group per part.
+    while b
+        .seal(
+            i64::MAX,
+            1,
+            &mut enc,
+            &BatchConfig::default(),
+            rules(),
+            3200,
+        )
+        .unwrap()
+        .rows
+        > 0
+    {
+        parts += 1;
+    }
+    assert_eq!(parts, 2);
+    // m/b has nothing after 1500: stale at 2500, raised by the last part. Nothing for m/a.
+    assert_eq!(
+        pending(&mut b).0,
+        vec![ev("silent", 1, "m/b", "ok", "stale", 2500)]
+    );
+}

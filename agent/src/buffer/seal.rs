@@ -38,6 +38,8 @@ struct Taken {
     bytes: u64,
     /// Readings of groups that did not decode (counted as dead-lettered).
     unreadable: u64,
+    /// Ready groups (`id <= up_to`) were left for a later part: they did not fit in `max_rows`.
+    more: bool,
 }
 
 /// Everything a seal needs, taken out of the buffer by [`Buffer::seal_begin`]: run it with [`SealJob::run`], on
@@ -224,7 +226,12 @@ impl SealJob {
                     alarms.observe(o.reading.series, s, obs, &mut transitions);
                 }
             }
-            alarms.tick(now_ms.saturating_sub(alarm_lag_ms), &mut transitions);
+            // The stale clock says every reading up to it has been released: not true while ready groups wait
+            // for the next part of this seal (a backlog after a restart), whose readings could still show a
+            // series alive. The last part ticks.
+            if !taken.more {
+                alarms.tick(now_ms.saturating_sub(alarm_lag_ms), &mut transitions);
+            }
         }
         // One event per transition, EVENTS_PER_RECORD events per record (see `Buffer::alarm_records`).
         let n_alarm = if alarm_records {
@@ -455,6 +462,7 @@ impl Buffer {
             rows: 0,
             bytes: 0,
             unreadable: 0,
+            more: false,
         };
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, readings, bytes, blob FROM groups WHERE id <= ?1 ORDER BY id",
@@ -463,6 +471,7 @@ impl Buffer {
         while let Some(r) = q.next()? {
             let n = r.get::<_, i64>(1)?.max(0) as u64;
             if t.rows > 0 && t.rows + n > max_rows as u64 {
+                t.more = true;
                 break;
             }
             t.ids_last = r.get(0)?;
