@@ -266,6 +266,13 @@ struct Unit {
     by_name: HashMap<String, usize>,
 }
 
+impl Unit {
+    /// What it counts against `max_sparkplug_metrics`: its metrics and itself.
+    fn weight(&self) -> usize {
+        self.metrics.len() + 1
+    }
+}
+
 #[derive(Debug, Default)]
 struct Node {
     units: HashMap<Option<String>, Unit>,
@@ -276,8 +283,10 @@ struct Node {
 }
 
 impl Node {
+    /// What the node counts against `max_sparkplug_metrics`: its metrics, and each of its units (the node's own
+    /// and each device's, empty ones too) as one more.
     fn metric_count(&self) -> usize {
-        self.units.values().map(|u| u.metrics.len()).sum()
+        self.units.values().map(Unit::weight).sum()
     }
 }
 
@@ -446,6 +455,21 @@ impl State {
         let prefix = series_prefix(t.group, t.node, t.device);
         let mut out = Out::new(series);
 
+        if matches!(t.kind, Kind::NBirth | Kind::DBirth) {
+            // Sparkplug names each metric once in a birth. A birth repeating names would hold an alias per copy
+            // while the limit counts the name once: memory beyond `max_sparkplug_metrics`.
+            let mut names = std::collections::HashSet::new();
+            if let Some(n) = p
+                .metrics
+                .iter()
+                .filter_map(|m| m.name.as_deref())
+                .find(|n| !names.insert(*n))
+            {
+                return Err(PayloadError::BadSparkplug(format!(
+                    "birth names metric {n:?} twice"
+                )));
+            }
+        }
         match t.kind {
             Kind::NBirth => {
                 let n = self.nodes.remove(&key).map_or(0, |n| n.metric_count());
@@ -455,7 +479,8 @@ impl State {
                     .iter()
                     .filter(|m| m.name.as_deref() != Some("bdSeq"))
                     .count();
-                if self.metrics + births + self.nodes.len() > self.max_metrics {
+                // The births, the node's unit, and every other remembered node count against the limit.
+                if self.metrics + births + 1 + self.nodes.len() > self.max_metrics {
                     return Err(PayloadError::SparkplugLimit(self.max_metrics));
                 }
                 let mut node = Node {
@@ -474,11 +499,11 @@ impl State {
                 let mut node = self.nodes.remove(&key).unwrap_or_default();
                 out.seq_gap = check_seq(&mut node, p.seq);
                 if let Some(old) = node.units.remove(&device) {
-                    self.metrics -= old.metrics.len();
+                    self.metrics -= old.weight();
                     node.aliases.retain(|_, (d, _)| *d != device);
                 }
-                // Every remembered node counts against the limit like a metric.
-                if self.metrics + p.metrics.len() + self.nodes.len() + 1 > self.max_metrics {
+                // Every remembered node, and the device's unit, count against the limit like a metric.
+                if self.metrics + p.metrics.len() + 1 + self.nodes.len() + 1 > self.max_metrics {
                     if existed {
                         self.nodes.insert(key, node);
                     }
@@ -569,7 +594,7 @@ impl State {
                 if let Some(node) = self.nodes.get_mut(&key) {
                     out.seq_gap = check_seq(node, p.seq);
                     if let Some(unit) = node.units.remove(&device) {
-                        self.metrics -= unit.metrics.len();
+                        self.metrics -= unit.weight();
                         node.aliases.retain(|_, (d, _)| *d != device);
                         stale(&unit, &prefix, msg_ts, &mut out);
                     }
@@ -627,6 +652,7 @@ impl State {
                 node.aliases.insert(a, (device.clone(), i));
             }
         }
+        self.metrics += 1; // the unit itself
         node.units.insert(device, unit);
     }
 }

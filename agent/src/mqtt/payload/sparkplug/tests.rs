@@ -145,7 +145,7 @@ fn data_by_alias_uses_the_birth_names() {
     );
     assert_eq!(p.readings[0].ts_ms, NOW + 5);
     assert!(!p.seq_gap);
-    assert_eq!(s.metrics(), 3);
+    assert_eq!(s.metrics(), 5); // three metrics, and the node's and the pump's units
 }
 
 #[test]
@@ -168,8 +168,8 @@ fn deaths_mark_the_last_values_stale() {
         ]
     );
     assert_eq!(p.readings[0].ts_ms, NOW + 9);
-    assert_eq!(s.metrics(), 1);
-    // The device's aliases are gone with it.
+    assert_eq!(s.metrics(), 2); // the node's metric and unit
+                                // The device's aliases are gone with it.
     let dd = payload(None, Some(4), &[metric(None, Some(2), 0, &Raw::Float(1.0))]);
     let e = run(&mut s, "spBv1.0/plant/DDATA/gw1/pump", &dd).unwrap_err();
     assert_eq!(e.reason(), "unknown_alias");
@@ -188,7 +188,7 @@ fn a_late_will_of_an_older_session_is_ignored() {
         run(&mut s, "spBv1.0/plant/NDEATH/gw1", &old),
         Ok(Parsed::default())
     );
-    assert_eq!(s.metrics(), 3);
+    assert_eq!(s.metrics(), 5);
     let now = payload(
         None,
         None,
@@ -314,7 +314,7 @@ fn bad_input_is_refused_by_reason() {
 
 #[test]
 fn births_beyond_the_metric_limit_are_refused() {
-    let mut s = State::new(2, 0);
+    let mut s = State::new(3, 0);
     let nb = payload(
         None,
         Some(0),
@@ -344,7 +344,35 @@ fn births_beyond_the_metric_limit_are_refused() {
     for _ in 0..3 {
         run(&mut s, "spBv1.0/g/NBIRTH/n", &nb2).unwrap_or_else(|e| panic!("{e}"));
     }
-    assert_eq!(s.metrics(), 2);
+    assert_eq!(s.metrics(), 3); // two metrics and the node's unit
+}
+
+#[test]
+fn empty_device_births_and_repeated_names_count_against_the_limit() {
+    // Empty DBIRTHs of ever new devices each add a device the node remembers: counted, they stop at the limit.
+    let mut s = State::new(10, 0);
+    let empty = payload(None, Some(0), &[]);
+    let mut taken = 0;
+    for d in 0..100 {
+        if run(&mut s, &format!("spBv1.0/g/DBIRTH/n/dev-{d}"), &empty).is_ok() {
+            taken += 1;
+        }
+    }
+    assert!(s.metrics() <= 10, "{}", s.metrics());
+    assert!(taken < 10, "{taken} empty device births taken");
+    // A birth naming one metric many times (with as many aliases) is refused.
+    let mut s = State::new(100, 0);
+    let repeated: Vec<_> = (0..50)
+        .map(|a| metric(Some("x"), Some(a), 0, &Raw::Long(1)))
+        .collect();
+    let e = run(
+        &mut s,
+        "spBv1.0/g/NBIRTH/n",
+        &payload(None, Some(0), &repeated),
+    )
+    .unwrap_err();
+    assert_eq!(e.reason(), "bad_sparkplug", "{e}");
+    assert_eq!(s.metrics(), 0);
 }
 
 proptest::proptest! {
@@ -385,8 +413,8 @@ fn a_device_birth_without_its_node_birth_still_names_its_aliases() {
         vec![("plant/gw9/pump/temp".into(), Value::F64(2.0), Quality::Good)]
     );
     assert!(!p.seq_gap);
-    // The limit counts the node too: 100 metrics allowed, 1 node + 1 metric remembered.
-    assert_eq!(s.metrics(), 1);
+    // The limit counts the node too: 100 metrics allowed, 1 metric and its device's unit remembered (the node counts at the next birth).
+    assert_eq!(s.metrics(), 2);
     let mut tight = State::new(1, 0);
     let e = run(&mut tight, "spBv1.0/plant/DBIRTH/gw9/pump", &db).unwrap_err();
     assert_eq!(e.reason(), "sparkplug_limit");
