@@ -254,3 +254,38 @@ fn the_stale_clock_waits_for_the_last_part_of_a_seal() {
         vec![ev("silent", 1, "m/b", "ok", "stale", 2500)]
     );
 }
+
+#[test]
+fn the_stale_clock_stops_at_the_oldest_group_not_sealed_yet() {
+    // Live sources commit into newer groups while a seal (here one that finds nothing ready) looks at the clock:
+    // readings of those groups have not been seen, so the clock may not pass their commit time.
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir.path().join("b.db"));
+    let t = fieldlink_ops::unix_ms();
+    append(&mut b, "m/a", &[(t, 1.0)]);
+    let first = b.last_row_id();
+    seal(&mut b, t).unwrap();
+    append(&mut b, "m/a", &[(t + 500, 1.0)]);
+    let mut enc = Encoder::new(3).unwrap();
+    let later = t + 60_000;
+    let r = b
+        .seal(
+            first,
+            100_000,
+            &mut enc,
+            &BatchConfig::default(),
+            rules(),
+            later,
+        )
+        .unwrap();
+    assert_eq!(
+        r.alarm_events, 0,
+        "m/a's reading at t + 500 is still in the buffer"
+    );
+    // Sealed, it is the last one: stale from t + 1500.
+    seal(&mut b, later).unwrap();
+    assert_eq!(
+        pending(&mut b).0,
+        vec![ev("silent", 1, "m/a", "ok", "stale", t + 1500)]
+    );
+}

@@ -1052,6 +1052,22 @@ impl Buffer {
         }
     }
 
+    /// The stale clock at `now_ms`: the time up to which every reading that is not late has been released. That is
+    /// `now_ms` less the reorder window, unless a group after `after_id` (not sealed yet) was committed before
+    /// `now_ms`: its readings, and those of every newer group, have not been seen, so the clock stops at its commit
+    /// time less the reorder window. (During a long seal of a backlog, live sources commit into newer groups; a
+    /// clock at `now_ms` would raise their series stale before their readings were released.)
+    pub(super) fn stale_clock(&self, after_id: i64, now_ms: i64) -> Result<i64, BufferError> {
+        let oldest: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT committed_ms FROM groups WHERE id > ?1 ORDER BY id LIMIT 1")?
+            .query_row([after_id], |r| r.get(0))
+            .optional()?;
+        Ok(oldest
+            .map_or(now_ms, |c| c.min(now_ms))
+            .saturating_sub(self.alarm_lag_ms))
+    }
+
     /// A seal without readings: the stale clock alone may raise alarms.
     fn seal_alarm_tick(&mut self, now_ms: i64) -> Result<SealReport, BufferError> {
         self.fresh_engines()?;
@@ -1059,8 +1075,8 @@ impl Buffer {
             return Ok(SealReport::default());
         }
         let mut transitions = Vec::new();
-        self.alarms
-            .tick(now_ms.saturating_sub(self.alarm_lag_ms), &mut transitions);
+        let clock = self.stale_clock(0, now_ms)?;
+        self.alarms.tick(clock, &mut transitions);
         if transitions.is_empty() {
             return Ok(SealReport::default());
         }

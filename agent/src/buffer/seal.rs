@@ -54,7 +54,8 @@ pub struct SealJob {
     windows: crate::window::Engine,
     /// Whether alarm events become records (an alarm encoder exists).
     alarm_records: bool,
-    alarm_lag_ms: i64,
+    /// The alarm engine's stale clock for this seal ([`Buffer::stale_clock`]).
+    stale_clock: i64,
     rules: Rules,
     now_ms: i64,
     next_seq: u64,
@@ -171,7 +172,7 @@ impl SealJob {
             mut alarms,
             mut windows,
             alarm_records,
-            alarm_lag_ms,
+            stale_clock,
             rules,
             now_ms,
             next_seq,
@@ -230,7 +231,7 @@ impl SealJob {
             // for the next part of this seal (a backlog after a restart), whose readings could still show a
             // series alive. The last part ticks.
             if !taken.more {
-                alarms.tick(now_ms.saturating_sub(alarm_lag_ms), &mut transitions);
+                alarms.tick(stale_clock, &mut transitions);
             }
         }
         // One event per transition, EVENTS_PER_RECORD events per record (see `Buffer::alarm_records`).
@@ -405,6 +406,11 @@ impl Buffer {
             self.states.extend(states);
             return Err(e);
         }
+        let stale_clock = if self.alarms.is_empty() {
+            0
+        } else {
+            self.stale_clock(taken.ids_last, now_ms)?
+        };
         self.sealing = true;
         Ok(Begun::Job(Box::new(SealJob {
             taken,
@@ -414,7 +420,7 @@ impl Buffer {
             alarms: std::mem::take(&mut self.alarms),
             windows: std::mem::take(&mut self.windows),
             alarm_records: self.alarm_encoder.is_some(),
-            alarm_lag_ms: self.alarm_lag_ms,
+            stale_clock,
             rules,
             now_ms,
             next_seq: self.next_seq,

@@ -315,9 +315,9 @@ impl MqttConfig {
                 "{path}.payload.influx_timestamp_unit: line-protocol timestamps are integers: s, ms, us or ns"
             ));
         }
-        if self.payload.max_sparkplug_metrics == 0 {
+        if self.payload.max_sparkplug_metrics < 3 {
             p.push(format!(
-                "{path}.payload.max_sparkplug_metrics: must be at least 1"
+                "{path}.payload.max_sparkplug_metrics: must be at least 3 (a node, its unit and one metric)"
             ));
         }
         if self.payload.timestamp_field.is_empty() {

@@ -245,7 +245,9 @@ pub fn build(batch: &Batch, measure_name: &str) -> (Vec<TsRecord>, Vec<Refused>)
                 continue;
             }
         };
-        let Some((text, ty)) = measure(&r.value) else {
+        // A value Timestream cannot hold: a non-finite double, or an empty string (a VARCHAR is 1 to 2048 bytes).
+        let held = measure(&r.value).filter(|(text, _)| !text.is_empty());
+        let Some((text, ty)) = held else {
             if r.quality != Quality::Good {
                 // A bad reading without a value (e.g. a Modbus exception): record only its quality.
                 let m = groups.entry((d.clone(), r.ts_ms)).or_default();
@@ -255,15 +257,18 @@ pub fn build(batch: &Batch, measure_name: &str) -> (Vec<TsRecord>, Vec<Refused>)
                 );
                 continue;
             }
+            // Refused here: an empty string would have Timestream refuse the whole WriteRecords call (a
+            // ValidationException, not a rejected record), and every record of the call be dead-lettered.
             refused.push(Refused {
                 series: s.key.clone(),
-                reason: "non-finite double".into(),
+                reason: match r.value {
+                    Value::Str(_) => "string of 0 bytes, allowed 1..=2048".into(),
+                    _ => "non-finite double".into(),
+                },
             });
             continue;
         };
-        if ty == MeasureType::Varchar && !(1..=limits::MAX_VARCHAR).contains(&text.len()) {
-            // An empty one too: Timestream refuses the whole WriteRecords call for it (a ValidationException,
-            // not a rejected record), which would dead-letter every record of the call.
+        if ty == MeasureType::Varchar && text.len() > limits::MAX_VARCHAR {
             refused.push(Refused {
                 series: s.key.clone(),
                 reason: format!(
@@ -526,6 +531,23 @@ mod tests {
         assert_eq!(
             recs[0].measures,
             vec![("v_quality".into(), "bad".into(), MeasureType::Varchar)]
+        );
+    }
+
+    #[test]
+    fn an_empty_string_of_bad_quality_keeps_its_quality() {
+        let batch = Batch {
+            agent_id: "a".into(),
+            epoch: 0,
+            seq: 1,
+            series: vec![Series::new("d/e")],
+            readings: vec![r(0, 1, Value::Str(String::new()), Quality::Bad)],
+        };
+        let (recs, refused) = build(&batch, "metrics");
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(
+            recs[0].measures,
+            vec![("e_quality".into(), "bad".into(), MeasureType::Varchar)]
         );
     }
 

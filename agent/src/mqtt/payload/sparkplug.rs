@@ -455,32 +455,33 @@ impl State {
         let prefix = series_prefix(t.group, t.node, t.device);
         let mut out = Out::new(series);
 
-        if matches!(t.kind, Kind::NBirth | Kind::DBirth) {
-            // Sparkplug names each metric once in a birth. A birth repeating names would hold an alias per copy
-            // while the limit counts the name once: memory beyond `max_sparkplug_metrics`.
+        // Sparkplug names each metric once in a birth. A birth repeating names would hold an alias per copy while
+        // the limit counts the name once: memory beyond `max_sparkplug_metrics`. Refused like a birth over the
+        // limit: what was known of the node (or device) before it is forgotten too.
+        let repeated = if matches!(t.kind, Kind::NBirth | Kind::DBirth) {
             let mut names = std::collections::HashSet::new();
-            if let Some(n) = p
-                .metrics
+            p.metrics
                 .iter()
                 .filter_map(|m| m.name.as_deref())
                 .find(|n| !names.insert(*n))
-            {
-                return Err(PayloadError::BadSparkplug(format!(
-                    "birth names metric {n:?} twice"
-                )));
-            }
-        }
+                .map(|n| PayloadError::BadSparkplug(format!("birth names metric {n:?} twice")))
+        } else {
+            None
+        };
         match t.kind {
             Kind::NBirth => {
                 let n = self.nodes.remove(&key).map_or(0, |n| n.metric_count());
                 self.metrics -= n;
+                if let Some(e) = repeated {
+                    return Err(e);
+                }
                 let births = p
                     .metrics
                     .iter()
                     .filter(|m| m.name.as_deref() != Some("bdSeq"))
                     .count();
-                // The births, the node's unit, and every other remembered node count against the limit.
-                if self.metrics + births + 1 + self.nodes.len() > self.max_metrics {
+                // The births, the node's unit, the node and every other remembered node count against the limit.
+                if self.metrics + births + 1 + self.nodes.len() + 1 > self.max_metrics {
                     return Err(PayloadError::SparkplugLimit(self.max_metrics));
                 }
                 let mut node = Node {
@@ -501,6 +502,12 @@ impl State {
                 if let Some(old) = node.units.remove(&device) {
                     self.metrics -= old.weight();
                     node.aliases.retain(|_, (d, _)| *d != device);
+                }
+                if let Some(e) = repeated {
+                    if existed {
+                        self.nodes.insert(key, node);
+                    }
+                    return Err(e);
                 }
                 // Every remembered node, and the device's unit, count against the limit like a metric.
                 if self.metrics + p.metrics.len() + 1 + self.nodes.len() + 1 > self.max_metrics {

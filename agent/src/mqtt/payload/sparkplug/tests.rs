@@ -314,7 +314,7 @@ fn bad_input_is_refused_by_reason() {
 
 #[test]
 fn births_beyond_the_metric_limit_are_refused() {
-    let mut s = State::new(3, 0);
+    let mut s = State::new(4, 0);
     let nb = payload(
         None,
         Some(0),
