@@ -437,7 +437,10 @@ fn garbage_a_decompression_bomb_and_an_over_limit_reading_are_dead_lettered_and_
     let lines = v["dead_letter_lines"].as_array().unwrap();
     assert_eq!(lines.len(), 1);
     assert!(
-        lines[0]["reason"].as_str().unwrap().contains("string of 3000 bytes, allowed 1..=2048"),
+        lines[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("string of 3000 bytes, allowed 1..=2048"),
         "{}",
         lines[0]
     );
