@@ -5,8 +5,14 @@
 //! the target directory, fsynced, renamed over the target, then the directory fsynced).
 //!
 //! Keys are `/`-separated paths relative to the location. Besides writing, the compactor
-//! ([`crate::compaction`]) lists keys under a prefix, reads objects (whole, or streamed into a local file)
-//! and deletes them.
+//! ([`crate::compaction`]) lists keys under a prefix, reads objects (whole, or streamed into a local file, with
+//! the ETag of the version read) and deletes them.
+//!
+//! The compactor's writes are conditional ([`Expect`]): S3 replaces an object only if it is still the version
+//! the writer read (`If-Match` its ETag) or creates it only if there is none (`If-None-Match: *`), and answers
+//! 412 otherwise ([`StoreError::Changed`]): a writer that lost its lease, or whose request outlived it, cannot
+//! overwrite what another wrote since. A local directory ignores the conditions (one host; it is fenced by time
+//! only).
 
 use crate::land::retry::{SinkMonitor, Stopped};
 use fieldlink_ops::aws_error::CallError;
@@ -73,6 +79,32 @@ impl Location {
     }
 }
 
+/// What a write requires of the object it replaces (S3 conditional writes; a local directory ignores it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// Nothing: the write replaces whatever is there.
+    Any,
+    /// No object at the key (`If-None-Match: *`).
+    Absent,
+    /// The version of this ETag, as read (`If-Match`).
+    ETag(String),
+}
+
+/// Whether an S3 error answering a write made with `expect` says the object is not what the writer expected:
+/// 412 `PreconditionFailed`, 409 `ConditionalRequestConflict` (another conditional write of the key was under
+/// way: S3 asks to read the ETag again), or, for `If-Match`, 404 `NoSuchKey` (the object is gone). Pure.
+pub fn is_changed(expect: &Expect, code: Option<&str>, status: Option<u16>) -> bool {
+    if *expect == Expect::Any {
+        return false;
+    }
+    let gone = matches!(expect, Expect::ETag(_))
+        && (code == Some("NoSuchKey") || (code.is_none() && status == Some(404)));
+    gone || matches!(
+        code,
+        Some("PreconditionFailed" | "ConditionalRequestConflict")
+    ) || (code.is_none() && matches!(status, Some(409 | 412)))
+}
+
 /// Errors writing an object; the caller retries.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -94,6 +126,17 @@ pub enum StoreError {
         /// The cause, classified.
         error: CallError,
     },
+    /// A conditional write refused: the object is not the version the writer read ([`Expect`]). Nothing was
+    /// written; the writer reads the object again before writing it.
+    #[error("S3 {op} {key}: the object changed since it was read ({}); nothing written", error.kind)]
+    Changed {
+        /// The S3 operation.
+        op: &'static str,
+        /// The key.
+        key: String,
+        /// S3's answer (transient: it clears once the writer reads again).
+        error: CallError,
+    },
 }
 
 impl StoreError {
@@ -102,6 +145,10 @@ impl StoreError {
         match self {
             StoreError::Io { source, .. } => CallError::of_io(source),
             StoreError::S3 { error, .. } => error.clone(),
+            StoreError::Changed { error, .. } => CallError {
+                class: fieldlink_ops::aws_error::ErrorClass::Transient,
+                ..error.clone()
+            },
         }
     }
 
@@ -109,7 +156,7 @@ impl StoreError {
     pub fn operation(&self) -> &'static str {
         match self {
             StoreError::Io { .. } => "file system",
-            StoreError::S3 { op, .. } => op,
+            StoreError::S3 { op, .. } | StoreError::Changed { op, .. } => op,
         }
     }
 }
@@ -150,6 +197,17 @@ impl Store {
 
     /// Writes `bytes` at `key` (relative to the location), replacing any object there.
     pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        self.put_expecting(key, bytes, &Expect::Any).await
+    }
+
+    /// [`Store::put`] if the object at `key` is what `expect` says (S3; a local directory ignores it), else
+    /// [`StoreError::Changed`] with nothing written.
+    pub async fn put_expecting(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        expect: &Expect,
+    ) -> Result<(), StoreError> {
         match self {
             Store::Local(root) => {
                 let path = root.join(key);
@@ -168,15 +226,18 @@ impl Store {
                 prefix,
             } => {
                 let full = full_key(prefix, key);
+                let (if_match, if_none_match) = conditions(expect);
                 client
                     .put_object()
                     .bucket(bucket)
                     .key(&full)
                     .body(bytes.into())
+                    .set_if_match(if_match)
+                    .set_if_none_match(if_none_match)
                     .send()
                     .await
                     .map(|_| ())
-                    .map_err(|e| s3_error("PutObject", &full)(CallError::of_sdk(&e)))
+                    .map_err(|e| s3_write_error("PutObject", &full, expect, &e))
             }
         }
     }
@@ -233,21 +294,56 @@ fn s3_error<'a>(op: &'static str, key: &'a str) -> impl Fn(CallError) -> StoreEr
     }
 }
 
+/// The `If-Match` and `If-None-Match` headers of a write made with `expect`.
+fn conditions(expect: &Expect) -> (Option<String>, Option<String>) {
+    match expect {
+        Expect::Any => (None, None),
+        Expect::Absent => (None, Some("*".to_owned())),
+        Expect::ETag(tag) => (Some(tag.clone()), None),
+    }
+}
+
+/// The error of S3 write `op` on `key` made with `expect`: [`StoreError::Changed`] when S3 says the object is
+/// not the one `expect` names ([`is_changed`]).
+fn s3_write_error<E>(
+    op: &'static str,
+    key: &str,
+    expect: &Expect,
+    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> StoreError
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    use aws_sdk_s3::error::ProvideErrorMetadata;
+    let error = CallError::of_sdk(e);
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    if is_changed(expect, e.code(), status) {
+        return StoreError::Changed {
+            op,
+            key: key.to_owned(),
+            error,
+        };
+    }
+    s3_error(op, key)(error)
+}
+
 /// Files larger than this are written to S3 in parts of this size ([`Store::put_file`]). At the default
 /// `[aws] attempt_timeout_ms` (10 s), a part needs 0.8 MiB/s; one `PutObject` of a 512 MiB hour needed 51 MiB/s.
 /// (S3 takes parts of 5 MiB to 5 GiB, at most 10,000: up to 80 GB here.)
 pub const UPLOAD_PART_BYTES: u64 = 8 * 1024 * 1024;
 
 /// [`Store::put_file`] of a file larger than one part: `CreateMultipartUpload`, `UploadPart` per
-/// [`UPLOAD_PART_BYTES`] of the file (each streamed from the file at its offset), `CompleteMultipartUpload`;
-/// `may_write` asked before each. On a refusal or an error the upload is aborted (best effort: an upload a crash
-/// left behind is not visible as an object; a bucket lifecycle rule removes it, see docs/bronze.md).
+/// [`UPLOAD_PART_BYTES`] of the file (each streamed from the file at its offset), `CompleteMultipartUpload`
+/// (conditional on `expect`: S3 checks it when the object would appear); `may_write` asked before each. On a
+/// refusal or an error the upload is aborted (best effort: an upload a crash left behind is not visible as an
+/// object; a bucket lifecycle rule removes it, see docs/bronze.md).
 async fn multipart_upload(
     client: &aws_sdk_s3::Client,
     bucket: &str,
     key: &str,
     src: &Path,
     size: u64,
+    expect: &Expect,
     may_write: &(dyn Fn() -> bool + Sync),
 ) -> Result<bool, StoreError> {
     use aws_sdk_s3::primitives::{ByteStream, Length};
@@ -305,6 +401,7 @@ async fn multipart_upload(
         Ok(may_write().then_some(parts))
     }
     .await;
+    let (if_match, if_none_match) = conditions(expect);
     let done = match parts {
         Ok(Some(parts)) => client
             .complete_multipart_upload()
@@ -316,10 +413,12 @@ async fn multipart_upload(
                     .set_parts(Some(parts))
                     .build(),
             )
+            .set_if_match(if_match)
+            .set_if_none_match(if_none_match)
             .send()
             .await
             .map(|_| true)
-            .map_err(|e| s3_error("CompleteMultipartUpload", key)(CallError::of_sdk(&e))),
+            .map_err(|e| s3_write_error("CompleteMultipartUpload", key, expect, &e)),
         Ok(None) => Ok(false),
         Err(e) => Err(e),
     };
@@ -360,6 +459,15 @@ pub fn segment(s: &str) -> String {
 /// An error reading an S3 response body.
 fn body_error(e: impl std::fmt::Display) -> CallError {
     CallError::of_io(&std::io::Error::other(e.to_string()))
+}
+
+/// What [`Store::get_to_file`] read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// Bytes written to the file.
+    pub bytes: u64,
+    /// The ETag of the version read (S3).
+    pub etag: Option<String>,
 }
 
 /// An object found by [`Store::list`].
@@ -543,14 +651,18 @@ impl Store {
     }
 
     /// Streams the object at `key` into the local file `dest` (created or truncated, then fsynced); returns its
-    /// size. Memory: one network buffer, whatever the object's size.
-    pub async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64, StoreError> {
+    /// size and the ETag of the version read (S3; a local directory has none). Memory: one network buffer,
+    /// whatever the object's size.
+    pub async fn get_to_file(&self, key: &str, dest: &Path) -> Result<Fetched, StoreError> {
         let io = |source| StoreError::Io {
             path: dest.display().to_string(),
             source,
         };
         match self {
-            Store::Local(root) => tokio::fs::copy(root.join(key), dest).await.map_err(io),
+            Store::Local(root) => tokio::fs::copy(root.join(key), dest)
+                .await
+                .map(|bytes| Fetched { bytes, etag: None })
+                .map_err(io),
             Store::S3 {
                 client,
                 bucket,
@@ -566,6 +678,7 @@ impl Store {
                     .send()
                     .await
                     .map_err(|e| err(CallError::of_sdk(&e)))?;
+                let etag = out.e_tag().map(str::to_owned);
                 let mut file = tokio::fs::File::create(dest).await.map_err(io)?;
                 let mut n = 0u64;
                 while let Some(chunk) = out.body.try_next().await.map_err(|e| err(body_error(e)))? {
@@ -573,7 +686,7 @@ impl Store {
                     file.write_all(&chunk).await.map_err(io)?;
                 }
                 file.flush().await.map_err(io)?;
-                Ok(n)
+                Ok(Fetched { bytes: n, etag })
             }
         }
     }
@@ -583,13 +696,15 @@ impl Store {
     /// multipart upload in parts of that size beyond (each part one request, so within one attempt timeout
     /// whatever the file's size; the object appears whole at `CompleteMultipartUpload`, as S3 promises).
     ///
-    /// `may_write` is asked before each request that writes (the compactor's fencing by time, see
-    /// [`crate::compaction::lease`]): `Ok(false)` once it says no, with nothing written at `key` and a multipart
-    /// upload in progress aborted. `Ok(true)`: written.
+    /// The write is conditional on `expect` (S3; a local directory ignores it): [`StoreError::Changed`] if the
+    /// object is not what it says, with nothing written. `may_write` is asked before each request that writes
+    /// (the compactor's fencing by time, see [`crate::compaction::lease`]): `Ok(false)` once it says no, with
+    /// nothing written at `key` and a multipart upload in progress aborted. `Ok(true)`: written.
     pub async fn put_file(
         &self,
         key: &str,
         src: &Path,
+        expect: &Expect,
         may_write: &(dyn Fn() -> bool + Sync),
     ) -> Result<bool, StoreError> {
         match self {
@@ -622,24 +737,27 @@ impl Store {
                     })?
                     .len();
                 if size > UPLOAD_PART_BYTES {
-                    return multipart_upload(client, bucket, &full, src, size, may_write).await;
+                    return multipart_upload(client, bucket, &full, src, size, expect, may_write)
+                        .await;
                 }
                 if !may_write() {
                     return Ok(false);
                 }
-                let err = s3_error("PutObject", &full);
                 let body = aws_sdk_s3::primitives::ByteStream::from_path(src)
                     .await
-                    .map_err(|e| err(body_error(e)))?;
+                    .map_err(|e| s3_error("PutObject", &full)(body_error(e)))?;
+                let (if_match, if_none_match) = conditions(expect);
                 client
                     .put_object()
                     .bucket(bucket)
                     .key(&full)
                     .body(body)
+                    .set_if_match(if_match)
+                    .set_if_none_match(if_none_match)
                     .send()
                     .await
                     .map(|_| true)
-                    .map_err(|e| err(CallError::of_sdk(&e)))
+                    .map_err(|e| s3_write_error("PutObject", &full, expect, &e))
             }
         }
     }
@@ -721,5 +839,33 @@ mod tests {
         );
         assert!(Location::parse("gs://x/y").is_err());
         assert!(Location::parse("s3://ab").is_err());
+    }
+
+    #[test]
+    fn refused_conditions_are_changes_and_nothing_else_is() {
+        let tag = Expect::ETag("\"abc\"".into());
+        for expect in [&Expect::Absent, &tag] {
+            assert!(is_changed(expect, Some("PreconditionFailed"), Some(412)));
+            assert!(is_changed(expect, None, Some(412)));
+            assert!(is_changed(
+                expect,
+                Some("ConditionalRequestConflict"),
+                Some(409)
+            ));
+            assert!(!is_changed(expect, Some("AccessDenied"), Some(403)));
+            assert!(!is_changed(expect, Some("SlowDown"), Some(503)));
+            assert!(!is_changed(expect, None, None));
+        }
+        // If-Match on a key that is gone: S3 answers 404.
+        assert!(is_changed(&tag, Some("NoSuchKey"), Some(404)));
+        assert!(!is_changed(&Expect::Absent, Some("NoSuchKey"), Some(404)));
+        assert!(!is_changed(
+            &Expect::Any,
+            Some("PreconditionFailed"),
+            Some(412)
+        ));
+        assert_eq!(conditions(&Expect::Any), (None, None));
+        assert_eq!(conditions(&Expect::Absent), (None, Some("*".into())));
+        assert_eq!(conditions(&tag), (Some("\"abc\"".into()), None));
     }
 }

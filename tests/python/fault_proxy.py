@@ -21,7 +21,16 @@ Timestream WriteRecords calls may be
   - forwarded without some records, answered with RejectedRecordsException naming them with a reason, as
     Timestream does (the other records of the call are written)    (share `ts_reject` per record).
 
+S3 (the compactor's writes):
+  - with `hold_parts` set, a PutObject of a published bronze part (a key with `/part-` outside `_landing/`) is
+    held, not forwarded, and from then on every DynamoDB call gets a connection reset (`dynamodb_down`): a
+    compactor whose upload hangs while it can no longer renew its lease. `release_parts=1` forwards the held
+    uploads (in arrival order) and stops holding; their answers go to clients still waiting.
+  - CompleteMultipartUpload with `If-Match` is checked here against the object's current ETag (404 NoSuchKey,
+    412 PreconditionFailed), as S3 does: moto checks `If-Match` on PutObject but not on the completion.
+
 Control: GET /__fault/set?throttle=0.2&throttle_every=0&reject=0.3&reset=0.1&ts_throttle=0.3&ts_reject=0.1&down=0&delay_ms=0
+             &hold_parts=0&release_parts=0&dynamodb_down=0
          GET /__fault/stats  (JSON counters).
 """
 import http.client
@@ -37,11 +46,16 @@ import time
 import urllib.parse
 
 UPSTREAM = urllib.parse.urlparse(sys.argv[1])
-state = {"throttle": 0.0, "throttle_every": 0.0, "reject": 0.0, "reset": 0.0, "ts_throttle": 0.0, "ts_reject": 0.0, "down": False, "delay_ms": 0.0}
+state = {"throttle": 0.0, "throttle_every": 0.0, "reject": 0.0, "reset": 0.0, "ts_throttle": 0.0, "ts_reject": 0.0, "down": False, "delay_ms": 0.0,
+         "hold_parts": False, "dynamodb_down": False}
 stats = {"calls": 0, "throttled_calls": 0, "rejected_entries": 0, "forwarded_entries": 0, "refused_connections": 0, "reset_before": 0, "reset_after": 0,
-         "ts_calls": 0, "ts_throttled_calls": 0, "ts_rejected_records": 0, "ts_forwarded_records": 0}
+         "ts_calls": 0, "ts_throttled_calls": 0, "ts_rejected_records": 0, "ts_forwarded_records": 0,
+         "held_parts": 0, "released_parts": 0, "released_answers": [], "dynamodb_refused": 0, "multipart_if_match_refused": 0}
 lock = threading.Lock()
 rng = random.Random(7)
+released = threading.Event()
+# Held uploads forward one at a time, in the order they arrived.
+release_order = threading.Lock()
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -78,8 +92,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 for k in ("throttle", "throttle_every", "reject", "reset", "ts_throttle", "ts_reject", "delay_ms"):
                     if k in q:
                         state[k] = float(q[k][0])
-                if "down" in q:
-                    state["down"] = q["down"][0] in ("1", "true")
+                for k in ("down", "hold_parts", "dynamodb_down"):
+                    if k in q:
+                        state[k] = q[k][0] in ("1", "true")
+                if q.get("release_parts", ["0"])[0] in ("1", "true"):
+                    state["hold_parts"] = False
+                    released.set()
         with lock:
             body = json.dumps({**state, **stats}).encode()
         self.reply(200, body, [("Content-Type", "application/json")])
@@ -97,6 +115,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(2)
             return
         target = self.headers.get("X-Amz-Target", "")
+        if target.startswith("DynamoDB_") and state["dynamodb_down"]:
+            with lock:
+                stats["dynamodb_refused"] += 1
+            return self.reset_connection()
+        url = urllib.parse.urlparse(self.path)
+        if self.command == "PUT" and "/part-" in url.path and "_landing" not in url.path and "uploadId=" not in url.query:
+            with lock:
+                hold = state["hold_parts"]
+                if hold:
+                    stats["held_parts"] += 1
+                    state["dynamodb_down"] = True
+                    released.clear()
+            if hold:
+                return self.forward_when_released(body)
+        if self.command == "POST" and "uploadId=" in url.query and self.headers.get("If-Match"):
+            refused = self.multipart_if_match(url.path, self.headers["If-Match"])
+            if refused:
+                return self.reply(*refused)
         if target.startswith("Timestream_") and target.endswith(".WriteRecords"):
             return self.timestream_write(body)
         if not target.endswith(".PutRecords"):
@@ -146,6 +182,37 @@ class Handler(http.server.BaseHTTPRequestHandler):
             stats["forwarded_entries"] += len(results)
         body = json.dumps({"FailedRecordCount": failed, "Records": out}).encode()
         self.reply(200, body, [("Content-Type", "application/x-amz-json-1.1")])
+
+    def forward_when_released(self, body):
+        released.wait()
+        with release_order:
+            status, data, headers = self.forward(body)
+            with lock:
+                stats["released_parts"] += 1
+                stats["released_answers"].append(status)
+        try:
+            self.reply(status, data, headers)
+        except OSError:
+            pass  # the client gave up waiting
+
+    def multipart_if_match(self, path, expected):
+        """The refusal S3 answers a CompleteMultipartUpload whose If-Match does not hold, or None."""
+        conn = http.client.HTTPConnection(UPSTREAM.hostname, UPSTREAM.port, timeout=30)
+        conn.request("HEAD", path, headers={"Host": f"{UPSTREAM.hostname}:{UPSTREAM.port}"})
+        resp = conn.getresponse()
+        resp.read()
+        etag = resp.getheader("ETag", "")
+        conn.close()
+        xml = [("Content-Type", "application/xml")]
+        if resp.status == 404:
+            refusal = (404, b"<Error><Code>NoSuchKey</Code><Message>The specified key does not exist.</Message></Error>", xml)
+        elif etag.strip('"') != expected.strip('"'):
+            refusal = (412, b"<Error><Code>PreconditionFailed</Code><Message>At least one of the pre-conditions you specified did not hold</Message></Error>", xml)
+        else:
+            return None
+        with lock:
+            stats["multipart_if_match_refused"] += 1
+        return refusal
 
     def reset_connection(self):
         """Closes the client's connection with a TCP reset (SO_LINGER 0) instead of answering."""

@@ -252,6 +252,42 @@ pub fn compact_cmd(config: &Path, once: bool) -> Command {
     cmd
 }
 
+/// A long-running `compact` named `name` (its `worker_id`, config and log under `dir`) on `endpoint`, with its
+/// metrics on a free port; the process and that port.
+pub fn start_compactor(
+    dir: &Path,
+    endpoint: &str,
+    location: &str,
+    table: &str,
+    name: &str,
+) -> (crate::Proc, u16) {
+    let port = crate::free_port();
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        compactor_toml(endpoint, location, table, &dir.join(name), "")
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+            .replace(
+                "worker_id = \"compactor\"",
+                &format!("worker_id = \"{name}\""),
+            ),
+    )
+    .expect("writing a compactor configuration");
+    let p = crate::Proc::spawn(
+        name,
+        compact_cmd(&config, false),
+        &dir.join(format!("{name}.log")),
+    );
+    (p, port)
+}
+
+/// The value of metric `name` of the compactor serving metrics on `port` (0 while it does not answer).
+pub fn compactor_metric(port: u16, name: &str) -> f64 {
+    crate::http_get(port, "/metrics")
+        .and_then(|m| crate::metric(&m, name))
+        .unwrap_or(0.0)
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

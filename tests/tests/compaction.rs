@@ -446,36 +446,10 @@ fn one_compactor_works_at_a_time_and_another_takes_over_after_a_kill() {
         ]);
     };
     land_some("first");
-    let start = |name: &str| {
-        let port = free_port();
-        let config = dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            compactor_toml(&moto.endpoint, &location, table, &dir.path().join(name), "")
-                .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
-                .replace(
-                    "worker_id = \"compactor\"",
-                    &format!("worker_id = \"{name}\""),
-                ),
-        )
-        .unwrap();
-        let p = Proc::spawn(
-            name,
-            compact_cmd(&config, false),
-            &dir.path().join(format!("{name}.log")),
-        );
-        (p, port)
-    };
-    let leader = |port: u16| {
-        http_get(port, "/metrics")
-            .and_then(|m| metric(&m, "fieldlink_compaction_leader"))
-            .unwrap_or(0.0)
-    };
-    let published = |port: u16| {
-        http_get(port, "/metrics")
-            .and_then(|m| metric(&m, "fieldlink_compaction_hours_published_total"))
-            .unwrap_or(0.0)
-    };
+    let start = |name: &str| start_compactor(dir.path(), &moto.endpoint, &location, table, name);
+    let leader = |port: u16| compactor_metric(port, "fieldlink_compaction_leader");
+    let published =
+        |port: u16| compactor_metric(port, "fieldlink_compaction_hours_published_total");
     let (a, pa) = start("c1");
     let (b, pb) = start("c2");
     wait_for(
@@ -518,13 +492,98 @@ fn one_compactor_works_at_a_time_and_another_takes_over_after_a_kill() {
     other.terminate(Duration::from_secs(30));
 }
 
+/// A compactor whose upload of a part hangs while it can no longer renew its lease (DynamoDB unreachable, S3
+/// not: the fault proxy holds the upload and from then on resets its DynamoDB calls) loses the lease to another,
+/// which publishes the hour with a landing file that arrived meanwhile and deletes the landing files. When the
+/// held upload finally reaches S3, it must not replace the newer part: it was started in time (the fencing by
+/// time let it through), so only S3's conditional write (`If-None-Match: *` on a first publication) stops it.
+/// Before that, the late upload overwrote the part and the second landing file's rows were lost.
+#[test]
+fn a_compactor_whose_upload_outlives_its_lease_cannot_overwrite_the_next_ones_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path());
+    let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
+    let (bucket, table) = ("bronze-late", "leases-late");
+    let location = format!("s3://{bucket}/bronze");
+    shard_lease(&moto.endpoint, table, None);
+    let mut rng = fastrand::Rng::with_seed(9);
+    let mut expected: BTreeSet<Id> = BTreeSet::new();
+    let mut land_one = |name: &str, seq0: u64| {
+        let d = dir.path().join(name);
+        let ids = readings(&mut rng, name, H0, seq0, 500);
+        expected.extend(ids.iter().cloned());
+        land(&d, H0, &format!("shardId-000000000000-{seq0}"), &ids);
+        bronze(&[
+            "upload",
+            &moto.endpoint,
+            bucket,
+            "bronze",
+            d.to_str().unwrap(),
+        ]);
+    };
+    land_one("first", 1000);
+    proxy.set("hold_parts=1");
+    let (mut a, _) = start_compactor(dir.path(), &proxy.endpoint, &location, table, "stale");
+    wait_for(
+        "the first compactor's upload to be held",
+        Duration::from_secs(60),
+        || (proxy.stats()["held_parts"].as_u64() >= Some(1)).then_some(()),
+    );
+    // Lands after the first compactor read its inputs.
+    land_one("second", 2000);
+    let (mut b, pb) = start_compactor(dir.path(), &moto.endpoint, &location, table, "next");
+    wait_for(
+        "the second compactor to take over and publish the hour",
+        Duration::from_secs(60),
+        || {
+            (compactor_metric(pb, "fieldlink_compaction_hours_published_total") >= 1.0)
+                .then_some(())
+        },
+    );
+    let before = read_table(&location, &moto.endpoint);
+    check_exactly_once(&before.rows, &expected).unwrap();
+    assert_eq!(before.landing_files, 0);
+
+    let held = proxy.stats()["held_parts"].as_u64().unwrap();
+    proxy.set("release_parts=1");
+    let answers = wait_for(
+        "the held uploads to reach S3",
+        Duration::from_secs(30),
+        || {
+            let stats = proxy.stats();
+            (stats["released_parts"].as_u64() >= Some(held))
+                .then(|| stats["released_answers"].clone())
+        },
+    );
+    // Let the first compactor see its answers, and a round of the second pass.
+    proxy.set("dynamodb_down=0");
+    std::thread::sleep(Duration::from_secs(3));
+    let after = read_table(&location, &moto.endpoint);
+    check_exactly_once(&after.rows, &expected)
+        .map_err(|e| {
+            format!(
+                "{e} (S3 answered the late uploads {answers})\n{}",
+                a.log_text()
+            )
+        })
+        .unwrap();
+    assert_eq!(after.files, before.files, "the published part changed");
+    assert!(
+        answers.as_array().unwrap().iter().all(|s| s == 412),
+        "a late upload was not refused: S3 answered {answers}\n{}",
+        a.log_text()
+    );
+    a.terminate(Duration::from_secs(30));
+    b.terminate(Duration::from_secs(30));
+}
+
 /// A published file larger than one upload part goes to S3 in parts (each one request, within one attempt
 /// timeout: one `PutObject` of a 512 MiB hour had to upload at 51 MiB/s within the default 10 s attempt), appears
 /// whole and byte-identical; a fence refusing halfway aborts the upload and leaves no object and no unfinished
 /// upload behind.
 #[test]
 fn a_file_larger_than_one_part_is_uploaded_in_parts_and_a_fenced_upload_leaves_nothing() {
-    use fieldlink_cloud::store::{Location, Store, UPLOAD_PART_BYTES};
+    use fieldlink_cloud::store::{Expect, Location, Store, UPLOAD_PART_BYTES};
     let dir = tempfile::tempdir().unwrap();
     let moto = Moto::start(dir.path());
     moto.create("unused-mp", 1, "unused-db", "unused-table", "bucket-mp");
@@ -537,11 +596,11 @@ fn a_file_larger_than_one_part_is_uploaded_in_parts_and_a_fenced_upload_leaves_n
     std::fs::write(&src, &bytes).unwrap();
 
     assert!(rt
-        .block_on(store.put_file("big.bin", &src, &|| true))
+        .block_on(store.put_file("big.bin", &src, &Expect::Absent, &|| true))
         .unwrap());
     let back = dir.path().join("back.bin");
-    let n = rt.block_on(store.get_to_file("big.bin", &back)).unwrap();
-    assert_eq!(n as usize, size);
+    let got = rt.block_on(store.get_to_file("big.bin", &back)).unwrap();
+    assert_eq!(got.bytes as usize, size);
     assert!(
         std::fs::read(&back).unwrap() == bytes,
         "the object differs from the file"
@@ -568,18 +627,96 @@ fn a_file_larger_than_one_part_is_uploaded_in_parts_and_a_fenced_upload_leaves_n
     let asked = std::sync::atomic::AtomicUsize::new(0);
     let may_write = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2;
     assert!(!rt
-        .block_on(store.put_file("fenced.bin", &src, &may_write))
+        .block_on(store.put_file("fenced.bin", &src, &Expect::Any, &may_write))
         .unwrap());
     assert_eq!(rt.block_on(store.get("fenced.bin")).unwrap(), None);
     // Refused right before CompleteMultipartUpload (creation and three parts allowed): nothing appears either.
     let asked = std::sync::atomic::AtomicUsize::new(0);
     let may_write = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 4;
     assert!(!rt
-        .block_on(store.put_file("fenced-late.bin", &src, &may_write))
+        .block_on(store.put_file("fenced-late.bin", &src, &Expect::Any, &may_write))
         .unwrap());
     assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 5);
     assert_eq!(rt.block_on(store.get("fenced-late.bin")).unwrap(), None);
     let uploads =
         s3("print(len(s3.list_multipart_uploads(Bucket='bucket-mp').get('Uploads', [])))");
     assert_eq!(uploads, "0", "an aborted upload was left behind");
+}
+
+/// Writes conditional on the version read: a part (one `PutObject`, or a multipart upload completed in one step)
+/// replaces only the object of the ETag given, or is created only where there is none; otherwise the store
+/// answers `Changed` and the object stays as it was, with no unfinished upload left. moto checks `If-Match` on
+/// PutObject and `If-None-Match` on both, not `If-Match` on CompleteMultipartUpload: the fault proxy checks that
+/// one as S3 does.
+#[test]
+fn conditional_writes_replace_only_the_version_read() {
+    use fieldlink_cloud::store::{Expect, Location, Store, StoreError, UPLOAD_PART_BYTES};
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path());
+    let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
+    moto.create("unused-cw", 1, "unused-db", "unused-table", "bucket-cw");
+    let (rt, sdk) = moto_sdk(&moto);
+    let sdk = sdk
+        .into_builder()
+        .endpoint_url(proxy.endpoint.clone())
+        .build();
+    let store = Store::open(&Location::parse("s3://bucket-cw/p").unwrap(), &sdk, true);
+    let write = |name: &str, size: usize| {
+        let bytes: Vec<u8> = (0..size).map(|_| fastrand::u8(..)).collect();
+        let path = dir.path().join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        (path, bytes)
+    };
+    let read = |key: &str| {
+        let back = dir.path().join("back.bin");
+        let got = rt.block_on(store.get_to_file(key, &back)).unwrap();
+        (std::fs::read(&back).unwrap(), got.etag.unwrap())
+    };
+    let changed = |r: Result<bool, StoreError>| matches!(r, Err(StoreError::Changed { .. }));
+    let gone = Expect::ETag("\"0123456789abcdef0123456789abcdef\"".into());
+    for (key, size) in [
+        ("small.bin", 1000),
+        ("large.bin", UPLOAD_PART_BYTES as usize + 777),
+    ] {
+        let (first, first_bytes) = write("first.bin", size);
+        let (second, second_bytes) = write("second.bin", size);
+        let put =
+            |src: &Path, expect: &Expect| rt.block_on(store.put_file(key, src, expect, &|| true));
+        // If-Match on a key that is not there.
+        assert!(changed(put(&first, &gone)), "{key}: written over nothing");
+        assert!(put(&first, &Expect::Absent).unwrap());
+        let (back, etag) = read(key);
+        assert!(back == first_bytes);
+        // Created only where there is none; replaced only as read.
+        assert!(
+            changed(put(&second, &Expect::Absent)),
+            "{key}: created twice"
+        );
+        assert!(
+            changed(put(&second, &gone)),
+            "{key}: replaced another version"
+        );
+        assert!(
+            read(key).0 == first_bytes,
+            "{key}: a refused write changed the object"
+        );
+        assert!(put(&second, &Expect::ETag(etag.clone())).unwrap());
+        assert!(read(key).0 == second_bytes);
+        // The ETag read before is stale now.
+        assert!(
+            changed(put(&first, &Expect::ETag(etag))),
+            "{key}: a stale ETag replaced it"
+        );
+        assert!(read(key).0 == second_bytes);
+    }
+    assert!(proxy.stats()["multipart_if_match_refused"].as_u64() >= Some(2));
+    let mut cmd = std::process::Command::new(python());
+    cmd.args([
+        "-c",
+        "import boto3,sys; s3=boto3.client('s3', endpoint_url=sys.argv[1]); print(len(s3.list_multipart_uploads(Bucket='bucket-cw').get('Uploads', [])))",
+        &moto.endpoint,
+    ]);
+    aws_env(&mut cmd);
+    let uploads = String::from_utf8(cmd.output().unwrap().stdout).unwrap();
+    assert_eq!(uploads.trim(), "0", "a refused upload was left behind");
 }

@@ -4,14 +4,12 @@
 //! watched the counter stand still for `lease_ms` ([`Observer`]), released on shutdown. A worker restarted under
 //! the same `worker_id` takes it back at once.
 //!
-//! Object stores have no conditional writes to fence the compactor's uploads with, so the compactor fences
-//! itself by time: it starts a write (an upload, a delete) only while its last renewal is less than half a
-//! lease old ([`Hold::fresh`]). Another worker can take the lease only after watching it unrenewed for a whole
-//! lease, so a write can overlap another compactor only if it takes longer than half a lease after its check
-//! (a process paused that long mid-upload); `[aws] attempt_timeout_ms` bounds each attempt. Known limit: the SDK's
-//! retries of one request (and S3's completion of a large multipart upload) can outlast half a lease, so a
-//! compactor that cannot renew while S3 still answers can land a write after another took over; S3 conditional
-//! writes would close that (docs/bronze.md).
+//! The compactor fences its writes twice. By time: it starts a write (an upload, a delete) only while its last
+//! renewal is less than half a lease old ([`Hold::fresh`]); another worker can take the lease only after
+//! watching it unrenewed for a whole lease. By version: every part it writes replaces only the version its round
+//! read, or is created only where there was none (S3 conditional writes, [`crate::store::Expect`]), because the
+//! time fence cannot bound when a request started in time ends (the SDK's retries, S3 completing a large upload,
+//! a paused process). A local directory store has only the time fence (docs/bronze.md).
 
 use crate::lease::plan::Observer;
 use crate::lease::{Fence, LeaseTable, TableError};

@@ -12,7 +12,8 @@
 //!    the same reading carried by another batch —, bounded memory) into `part-00000.parquet` (more parts only above `max_file_mib`);
 //! 3. a split hour's part boundaries are recorded (`_compaction/dt=…/hour=…/boundaries.json`) before its first
 //!    part is written, and kept for every republish;
-//! 4. each part replaces `dt=…/hour=…/part-NNNNN.parquet` in one step (S3 PutObject; locally a rename);
+//! 4. each part replaces `dt=…/hour=…/part-NNNNN.parquet` in one step (S3 PutObject; locally a rename), on S3
+//!    only if it is still the version step 1 read (or still absent): see [`Inputs::expect`];
 //! 5. only then are the merged landing (and legacy) files deleted.
 //!
 //! With `[alarms]` the same compactor, in the same round and under the same lease, publishes the alarm table
@@ -36,7 +37,7 @@ pub use config::CompactionConfig;
 
 use crate::lease::LeaseTable;
 use crate::parquet::{ParquetConfig, LANDING};
-use crate::store::{Store, StoreError};
+use crate::store::{Expect, Store, StoreError};
 use fieldlink_ops::metrics::{Counter, Gauge, Registry};
 use lease::Hold;
 use merge::{Boundary, MergeError, Merged, Split, WriteSettings};
@@ -163,10 +164,26 @@ pub enum Table {
 struct Inputs {
     /// Keys of the hour's published parts.
     published: Vec<String>,
+    /// The ETag of each published part as read (S3), which its replacement is conditional on.
+    etags: std::collections::HashMap<String, String>,
     /// Keys of the landing files (and files of the layout before compaction) to delete once published.
     landing: Vec<String>,
     /// Local files: the published parts first, then the landing files.
     files: Vec<PathBuf>,
+}
+
+impl Inputs {
+    /// What the write of published part `key` requires: the version this round read (its ETag), or no object
+    /// if the round read none. So a compactor whose lease passed to another while it merged (or whose request
+    /// outlived its lease) cannot overwrite a part the other published since: S3 refuses the write
+    /// ([`crate::store::StoreError::Changed`]) and the landing files stay for the next round.
+    fn expect(&self, key: &str) -> Expect {
+        match self.etags.get(key) {
+            Some(tag) => Expect::ETag(tag.clone()),
+            None if self.published.iter().any(|k| k == key) => Expect::Any,
+            None => Expect::Absent,
+        }
+    }
 }
 
 /// The compactor of one process.
@@ -245,16 +262,18 @@ impl Compactor {
     }
 
     /// Writes the local file `path` at `key`, fenced like every other write: each request that writes (a part of
-    /// a large file among them) starts only while the lease is fresh and no stop was asked for.
+    /// a large file among them) starts only while the lease is fresh and no stop was asked for; and the write
+    /// replaces only the version of the object this round read (`expect`, see [`Inputs::expect`]).
     async fn put_fenced(
         &self,
         store: &Store,
         key: &str,
         path: &Path,
+        expect: &Expect,
         cancel: &CancellationToken,
     ) -> Result<(), CompactError> {
         let fresh = || !cancel.is_cancelled() && self.hold.fresh();
-        if store.put_file(key, path, &fresh).await? {
+        if store.put_file(key, path, expect, &fresh).await? {
             return Ok(());
         }
         self.check(cancel)?;
@@ -438,6 +457,7 @@ impl Compactor {
             .chain(work.inputs.iter().map(|o| o.key.clone()))
             .collect();
         let mut files: Vec<PathBuf> = Vec::new();
+        let mut etags = std::collections::HashMap::new();
         for (i, key) in published.iter().chain(landing.iter()).enumerate() {
             if cancel.is_cancelled() {
                 return Err(CompactError::Stopped);
@@ -446,13 +466,17 @@ impl Compactor {
                 Some(p) => files.push(p),
                 None => {
                     let dest = scratch.join(format!("in-{i:06}.parquet"));
-                    store.get_to_file(key, &dest).await?;
+                    let got = store.get_to_file(key, &dest).await?;
+                    if let Some(tag) = got.etag.filter(|_| i < published.len()) {
+                        etags.insert(key.clone(), tag);
+                    }
                     files.push(dest);
                 }
             }
         }
         Ok(Inputs {
             published,
+            etags,
             landing,
             files,
         })
@@ -483,13 +507,9 @@ impl Compactor {
             path: out.display().to_string(),
             source,
         })?;
-        self.put_fenced(
-            store,
-            &plan::published_key(work.hour, &merge::part_name(0)),
-            &out,
-            cancel,
-        )
-        .await?;
+        let key = plan::published_key(work.hour, &merge::part_name(0));
+        self.put_fenced(store, &key, &out, &inputs.expect(&key), cancel)
+            .await?;
         for key in &inputs.landing {
             self.check(cancel)?;
             store.delete(key).await?;
@@ -515,11 +535,9 @@ impl Compactor {
         cancel: &CancellationToken,
     ) -> Result<(Merged, bool), CompactError> {
         let hour = work.hour;
-        let Inputs {
-            published,
-            landing,
-            files: inputs,
-        } = self.inputs(store, work, scratch, cancel).await?;
+        let read = self.inputs(store, work, scratch, cancel).await?;
+        let inputs = read.files.clone();
+        let (published, landing) = (&read.published, &read.landing);
         let recorded: Option<Vec<Boundary>> = match store.get(&plan::boundaries_key(hour)).await? {
             Some(bytes) => Some(
                 serde_json::from_slice::<BoundaryRecord>(&bytes)
@@ -562,18 +580,17 @@ impl Compactor {
                 boundaries: merged.boundaries.clone(),
             })
             .map_err(|e| CompactError::Other(e.to_string()))?;
-            store.put(&plan::boundaries_key(hour), record).await?;
+            // Only if no other compactor recorded the hour's boundaries since this round looked.
+            store
+                .put_expecting(&plan::boundaries_key(hour), record, &Expect::Absent)
+                .await?;
         }
         for (i, part) in merged.parts.iter().enumerate() {
-            self.put_fenced(
-                store,
-                &plan::published_key(hour, &merge::part_name(i)),
-                &part.path,
-                cancel,
-            )
-            .await?;
+            let key = plan::published_key(hour, &merge::part_name(i));
+            self.put_fenced(store, &key, &part.path, &read.expect(&key), cancel)
+                .await?;
         }
-        for key in &landing {
+        for key in landing {
             self.check(cancel)?;
             store.delete(key).await?;
         }
