@@ -496,8 +496,9 @@ fn one_compactor_works_at_a_time_and_another_takes_over_after_a_kill() {
 /// not: the fault proxy holds the upload and from then on resets its DynamoDB calls) loses the lease to another,
 /// which publishes the hour with a landing file that arrived meanwhile and deletes the landing files. When the
 /// held upload finally reaches S3, it must not replace the newer part: it was started in time (the fencing by
-/// time let it through), so only S3's conditional write (`If-None-Match: *` on a first publication) stops it.
-/// Before that, the late upload overwrote the part and the second landing file's rows were lost.
+/// time let it through), so only S3's conditional write stops it. Twice: at the hour's first publication
+/// (`If-None-Match: *`) and at a republish for late data (`If-Match` on the ETag the stale round read). Before
+/// that, the late upload overwrote the part and the rows of the file that arrived meanwhile were lost.
 #[test]
 fn a_compactor_whose_upload_outlives_its_lease_cannot_overwrite_the_next_ones_part() {
     let dir = tempfile::tempdir().unwrap();
@@ -508,7 +509,7 @@ fn a_compactor_whose_upload_outlives_its_lease_cannot_overwrite_the_next_ones_pa
     shard_lease(&moto.endpoint, table, None);
     let mut rng = fastrand::Rng::with_seed(9);
     let mut expected: BTreeSet<Id> = BTreeSet::new();
-    let mut land_one = |name: &str, seq0: u64| {
+    let mut land_one = |name: &str, seq0: u64, expected: &mut BTreeSet<Id>| {
         let d = dir.path().join(name);
         let ids = readings(&mut rng, name, H0, seq0, 500);
         expected.extend(ids.iter().cloned());
@@ -521,60 +522,91 @@ fn a_compactor_whose_upload_outlives_its_lease_cannot_overwrite_the_next_ones_pa
             d.to_str().unwrap(),
         ]);
     };
-    land_one("first", 1000);
-    proxy.set("hold_parts=1");
-    let (mut a, _) = start_compactor(dir.path(), &proxy.endpoint, &location, table, "stale");
-    wait_for(
-        "the first compactor's upload to be held",
-        Duration::from_secs(60),
-        || (proxy.stats()["held_parts"].as_u64() >= Some(1)).then_some(()),
-    );
-    // Lands after the first compactor read its inputs.
-    land_one("second", 2000);
-    let (mut b, pb) = start_compactor(dir.path(), &moto.endpoint, &location, table, "next");
-    wait_for(
-        "the second compactor to take over and publish the hour",
-        Duration::from_secs(60),
-        || {
-            (compactor_metric(pb, "fieldlink_compaction_hours_published_total") >= 1.0)
-                .then_some(())
-        },
-    );
-    let before = read_table(&location, &moto.endpoint);
-    check_exactly_once(&before.rows, &expected).unwrap();
-    assert_eq!(before.landing_files, 0);
+    let mut published_before = None;
+    for (round, what) in ["first publication", "republish"].into_iter().enumerate() {
+        let seq0 = 1000 * (2 * round as u64 + 1);
+        land_one(&format!("read-{round}"), seq0, &mut expected);
+        proxy.set("hold_parts=1&dynamodb_down=0");
+        let stale = format!("stale-{round}");
+        let (mut a, _) = start_compactor(dir.path(), &proxy.endpoint, &location, table, &stale);
+        wait_for(
+            &format!("{what}: the first compactor's upload to be held"),
+            Duration::from_secs(60),
+            || (proxy.stats()["held_parts"].as_u64() > Some(round as u64)).then_some(()),
+        );
+        // Lands after the first compactor read its inputs.
+        land_one(&format!("meanwhile-{round}"), seq0 + 1000, &mut expected);
+        let next = format!("next-{round}");
+        let (mut b, pb) = start_compactor(dir.path(), &moto.endpoint, &location, table, &next);
+        wait_for(
+            &format!("{what}: the second compactor to take over and publish the hour"),
+            Duration::from_secs(60),
+            || {
+                (compactor_metric(pb, "fieldlink_compaction_hours_published_total") >= 1.0)
+                    .then_some(())
+            },
+        );
+        let before = read_table(&location, &moto.endpoint);
+        check_exactly_once(&before.rows, &expected).unwrap();
+        assert_eq!(before.landing_files, 0);
+        if let Some(earlier) = &published_before {
+            assert_ne!(
+                &before.files, earlier,
+                "{what}: the hour was not republished"
+            );
+        }
 
-    let held = proxy.stats()["held_parts"].as_u64().unwrap();
-    proxy.set("release_parts=1");
-    let answers = wait_for(
-        "the held uploads to reach S3",
-        Duration::from_secs(30),
-        || {
-            let stats = proxy.stats();
-            (stats["released_parts"].as_u64() >= Some(held))
-                .then(|| stats["released_answers"].clone())
-        },
-    );
-    // Let the first compactor see its answers, and a round of the second pass.
-    proxy.set("dynamodb_down=0");
-    std::thread::sleep(Duration::from_secs(3));
-    let after = read_table(&location, &moto.endpoint);
-    check_exactly_once(&after.rows, &expected)
-        .map_err(|e| {
-            format!(
-                "{e} (S3 answered the late uploads {answers})\n{}",
-                a.log_text()
-            )
-        })
-        .unwrap();
-    assert_eq!(after.files, before.files, "the published part changed");
-    assert!(
-        answers.as_array().unwrap().iter().all(|s| s == 412),
-        "a late upload was not refused: S3 answered {answers}\n{}",
-        a.log_text()
-    );
-    a.terminate(Duration::from_secs(30));
-    b.terminate(Duration::from_secs(30));
+        let held = proxy.stats()["held_parts"].as_u64().unwrap();
+        proxy.set("release_parts=1");
+        let answers = wait_for(
+            &format!("{what}: the held uploads to reach S3"),
+            Duration::from_secs(30),
+            || {
+                let stats = proxy.stats();
+                (stats["released_parts"].as_u64() >= Some(held))
+                    .then(|| stats["released_answers"].clone())
+            },
+        );
+        // Let the first compactor see its answers, and a round of the second pass.
+        proxy.set("dynamodb_down=0");
+        std::thread::sleep(Duration::from_secs(3));
+        let after = read_table(&location, &moto.endpoint);
+        check_exactly_once(&after.rows, &expected)
+            .map_err(|e| {
+                format!(
+                    "{what}: {e} (S3 answered the late uploads {answers})\n{}",
+                    a.log_text()
+                )
+            })
+            .unwrap();
+        assert_eq!(
+            after.files, before.files,
+            "{what}: the published part changed"
+        );
+        assert!(
+            answers.as_array().unwrap().iter().all(|s| s == 412),
+            "{what}: a late upload was not refused: S3 answered {answers}\n{}",
+            a.log_text()
+        );
+        if round == 0 {
+            // The first publication claimed the hour's boundaries record, one part or not: a late record from
+            // the stale round (made of fewer rows) could not land beside parts it does not match.
+            use fieldlink_cloud::store::{Location, Store};
+            let (rt, sdk) = moto_sdk(&moto);
+            let store = Store::open(&Location::parse(&location).unwrap(), &sdk, true);
+            let key = fieldlink_cloud::compaction::plan::boundaries_key(H0);
+            let record = rt.block_on(store.get(&key)).unwrap();
+            assert_eq!(
+                record.as_deref(),
+                Some(&br#"{"boundaries":[]}"#[..]),
+                "the boundaries record of a one-part hour"
+            );
+        }
+        // Both stop (the holder releases the lease), so the next round's compactors start afresh.
+        a.terminate(Duration::from_secs(30));
+        b.terminate(Duration::from_secs(30));
+        published_before = Some(after.files);
+    }
 }
 
 /// A published file larger than one upload part goes to S3 in parts (each one request, within one attempt

@@ -10,8 +10,8 @@
 //!    directory (merged and deleted like landing files); S3 objects are streamed into `work_dir` first;
 //! 2. they are merged ([`merge`]: sorted by series and time, repeats of a reading dropped — of the same batch, or
 //!    the same reading carried by another batch —, bounded memory) into `part-00000.parquet` (more parts only above `max_file_mib`);
-//! 3. a split hour's part boundaries are recorded (`_compaction/dt=…/hour=…/boundaries.json`) before its first
-//!    part is written, and kept for every republish;
+//! 3. an hour's part boundaries (none for one part) are recorded (`_compaction/dt=…/hour=…/boundaries.json`,
+//!    created only where there is none) before its first part is written, and kept for every republish;
 //! 4. each part replaces `dt=…/hour=…/part-NNNNN.parquet` in one step (S3 PutObject; locally a rename), on S3
 //!    only if it is still the version step 1 read (or still absent): see [`Inputs::expect`];
 //! 5. only then are the merged landing (and legacy) files deleted.
@@ -180,6 +180,7 @@ impl Inputs {
     fn expect(&self, key: &str) -> Expect {
         match self.etags.get(key) {
             Some(tag) => Expect::ETag(tag.clone()),
+            // Read in place from a local directory (which ignores conditions): no ETag.
             None if self.published.iter().any(|k| k == key) => Expect::Any,
             None => Expect::Absent,
         }
@@ -467,7 +468,15 @@ impl Compactor {
                 None => {
                     let dest = scratch.join(format!("in-{i:06}.parquet"));
                     let got = store.get_to_file(key, &dest).await?;
-                    if let Some(tag) = got.etag.filter(|_| i < published.len()) {
+                    if i < published.len() {
+                        // Without it the part's replacement could not be conditional: refuse rather than
+                        // write unfenced (S3 always answers one; an S3-compatible store must too).
+                        let tag = got.etag.ok_or_else(|| {
+                            CompactError::Other(format!(
+                                "{key}: the store answered no ETag; a published part is replaced only \
+                                 conditionally on the version read"
+                            ))
+                        })?;
                         etags.insert(key.clone(), tag);
                     }
                     files.push(dest);
@@ -574,7 +583,10 @@ impl Compactor {
         .await
         .map_err(|e| CompactError::Other(e.to_string()))??;
 
-        if merged.parts.len() > 1 && recorded.is_none() {
+        // The boundaries are recorded whenever none were read (an empty list for one part): a first
+        // publication claims the record, so a late record of a compactor that lost the lease (boundaries from
+        // fewer rows, or another `max_file_mib`) is refused instead of landing beside parts it does not match.
+        if recorded.is_none() {
             self.check(cancel)?;
             let record = serde_json::to_vec(&BoundaryRecord {
                 boundaries: merged.boundaries.clone(),

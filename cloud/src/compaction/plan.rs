@@ -78,7 +78,8 @@ pub fn is_part(key: &str) -> bool {
         .is_some_and(|n| n.len() == 5 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// The key of the record of an hour's part boundaries (written before its parts when an hour is split).
+/// The key of the record of an hour's part boundaries (written before its first publication's parts; an empty
+/// list for an hour of one part).
 pub fn boundaries_key(hour: i64) -> String {
     format!("{STATE}/{}/boundaries.json", partition(hour))
 }
