@@ -5,7 +5,7 @@ published bronze hours under s3://BUCKET/PREFIX (read with pyarrow, an independe
 Usage: landed.py ENDPOINT DATABASE TABLE BUCKET PREFIX
 Prints JSON: {"timestream": [[series, ts_ms, value], ...], "timestream_records": N (writes moto stored),
               "timestream_rewrites": N, "timestream_replaced": N, "timestream_erased_measures": N,
-              "timestream_conflicts": N,
+              "timestream_conflicts": N, "timestream_over_limits": [why, ...],
               "parquet": [[series, ts_ms, value], ...], "parquet_files": [key, ...],
               "landing_rows": N, "landing_files": [key, ...], "dead_letters": [key, ...],
               "dead_letter_lines": [the JSON lines of every .jsonl dead letter]}
@@ -34,6 +34,40 @@ data = json.load(urllib.request.urlopen(endpoint + "/moto-api/data.json"))
 # - the same Version with the same measures and values is a no-op (timestream_rewrites);
 # - the same Version with other content, or a lower Version, is rejected (timestream_conflicts).
 # Version defaults to 1 when a write has none.
+# moto validates none of Timestream's limits on a record; AWS rejects a record that breaks one. Every write is
+# checked here against the documented ones (Record, Dimension, MeasureValue and the quotas page), so a test
+# fails where AWS would have refused what moto stored ("timestream_over_limits").
+VALUE_BYTES = {"BOOLEAN": lambda v: 1, "BIGINT": lambda v: 8, "DOUBLE": lambda v: 8,
+               "VARCHAR": lambda v: len(v.encode()), "TIMESTAMP": lambda v: 8}
+
+
+def over_limits(rec):
+    why = []
+    dims, measures = rec["Dimensions"], rec.get("MeasureValues", [])
+    if len(dims) > 128:
+        why.append(f"{len(dims)} dimensions")
+    for d in dims:
+        if not 1 <= len(d["Name"].encode()) <= 60 or not 1 <= len(d["Value"].encode()) <= 2048:
+            why.append(f"dimension {d['Name'][:40]!r} of {len(d['Name'].encode())}/{len(d['Value'].encode())} bytes")
+    if sum(len(d["Name"].encode()) + len(d["Value"].encode()) for d in dims) > 2048:
+        why.append("dimensions over 2 KB together")
+    if not 1 <= len(measures) <= 256:
+        why.append(f"{len(measures)} measures")
+    names = [m["Name"] for m in measures]
+    if len(set(names)) != len(names):
+        why.append("a repeated measure name")
+    for m in measures:
+        if not 1 <= len(m["Name"].encode()) <= 256:
+            why.append(f"measure name of {len(m['Name'].encode())} bytes")
+        if m["Type"] == "VARCHAR" and not 1 <= len(m["Value"].encode()) <= 2048:
+            why.append(f"VARCHAR of {len(m['Value'].encode())} bytes")
+    value_bytes = sum(VALUE_BYTES[m["Type"]](m["Value"]) for m in measures)
+    if value_bytes > 2048:
+        why.append(f"measure values of {value_bytes} bytes together")
+    return why
+
+
+over = []
 n_records, rewrites, replaced, erased, conflicts = 0, 0, 0, 0, 0
 state = {}
 for t in data.get("timestreamwrite", {}).get("TimestreamTable", []):
@@ -41,6 +75,7 @@ for t in data.get("timestreamwrite", {}).get("TimestreamTable", []):
         continue
     for rec in t["records"]:
         n_records += 1
+        over += [f"record at {rec['Time']}: {w}" for w in over_limits(rec)]
         dims = tuple(sorted((d["Name"], d["Value"]) for d in rec["Dimensions"]))
         key = (dims, rec["Time"], rec.get("MeasureName"))
         version = int(rec.get("Version", 1))
@@ -104,7 +139,7 @@ for path in dead:
     if path.endswith(".jsonl"):
         with s3.open_input_stream(path) as f:
             dead_lines += [json.loads(line) for line in f.read().decode().splitlines() if line]
-print(json.dumps({"timestream": rows, "timestream_records": n_records, "timestream_rewrites": rewrites,
+print(json.dumps({"timestream_over_limits": over[:20], "timestream": rows, "timestream_records": n_records, "timestream_rewrites": rewrites,
                   "timestream_replaced": replaced, "timestream_erased_measures": erased,
                   "timestream_conflicts": conflicts, "parquet": parquet, "parquet_files": files,
                   "landing_rows": landing_rows, "landing_files": landing, "dead_letters": dead,

@@ -1206,17 +1206,35 @@ impl Cloud {
 }
 
 /// What the cloud landed for `stream` on moto, as `landed.py` reads it back (Timestream with its upsert rule
-/// applied, Parquet through pyarrow, dead letters).
+/// applied, Parquet through pyarrow, dead letters), in the tests' database, table and bucket.
 pub fn landed(moto: &Moto, stream: &str) -> serde_json::Value {
-    serde_json::from_str(&run_python(&[
+    read_landed(&moto.endpoint, CLOUD_DB, CLOUD_TABLE, CLOUD_BUCKET, stream)
+}
+
+/// `landed.py` on `endpoint` for a Timestream `database.table` and the bronze table under `s3://bucket/prefix`.
+/// Fails if a Timestream record moto stored breaks one of the limits AWS enforces (moto does not).
+pub fn read_landed(
+    endpoint: &str,
+    database: &str,
+    table: &str,
+    bucket: &str,
+    prefix: &str,
+) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&run_python(&[
         script("landed.py").to_str().unwrap(),
-        &moto.endpoint,
-        CLOUD_DB,
-        CLOUD_TABLE,
-        CLOUD_BUCKET,
-        stream,
+        endpoint,
+        database,
+        table,
+        bucket,
+        prefix,
     ]))
-    .unwrap()
+    .unwrap();
+    assert_eq!(
+        v["timestream_over_limits"],
+        serde_json::json!([]),
+        "Timestream records AWS would reject"
+    );
+    v
 }
 
 /// One batch of double readings `(series, ts_ms, value)`, with its series table, as an agent seals it.

@@ -685,15 +685,7 @@ fn stack_on_moto_lands_agent_readings_exactly_once_under_its_iam_policies() {
     stack_py(&["enforce", &moto.endpoint, "off"]);
     assert_eq!(refused_calls(&logs), "", "calls were refused");
 
-    let v: Value = serde_json::from_str(&run_python(&[
-        script("landed.py").to_str().unwrap(),
-        &moto.endpoint,
-        database,
-        table,
-        bucket,
-        "bronze",
-    ]))
-    .unwrap();
+    let v: Value = read_landed(&moto.endpoint, database, table, bucket, "bronze");
     let expected = counted(
         dataset(N)
             .into_iter()

@@ -138,20 +138,20 @@ fn mqtt_readings_land_exactly_once_in_timestream_and_parquet() {
             (metric(&m, "fieldlink_readings_sent_total")? as usize >= N).then_some(())
         },
     );
-    let landed_args = [
-        script("landed.py").to_str().unwrap().to_owned(),
-        moto.endpoint.clone(),
-        "fieldlink".into(),
-        "readings".into(),
-        "bronze-e2e".into(),
-        "bronze".into(),
-    ];
-    let landed_args: Vec<&str> = landed_args.iter().map(String::as_str).collect();
+    let landed_now = || {
+        read_landed(
+            &moto.endpoint,
+            "fieldlink",
+            "readings",
+            "bronze-e2e",
+            "bronze",
+        )
+    };
     wait_for(
         "Timestream to hold every reading",
         Duration::from_secs(90),
         || {
-            let v: serde_json::Value = serde_json::from_str(&run_python(&landed_args)).ok()?;
+            let v = landed_now();
             (v["timestream"].as_array()?.len() >= N).then_some(())
         },
     );
@@ -171,7 +171,7 @@ fn mqtt_readings_land_exactly_once_in_timestream_and_parquet() {
     );
     agent.terminate(Duration::from_secs(30));
 
-    let v: serde_json::Value = serde_json::from_str(&run_python(&landed_args)).unwrap();
+    let v: serde_json::Value = landed_now();
     let ts = counted(landed_rows(&v, "timestream"));
     let pq = counted(landed_rows(&v, "parquet"));
     assert!(
@@ -257,20 +257,20 @@ fn modbus_readings_land_in_timestream_and_parquet() {
     aws_env(&mut cmd);
     let mut cloud = Proc::spawn("fieldlink-cloud", cmd, &dir.path().join("cloud.log"));
     agent.start();
-    let landed_args = [
-        script("landed.py").to_str().unwrap().to_owned(),
-        moto.endpoint.clone(),
-        "fieldlink".into(),
-        "readings".into(),
-        "bronze-modbus".into(),
-        "bronze".into(),
-    ];
-    let landed_args: Vec<&str> = landed_args.iter().map(String::as_str).collect();
+    let landed_now = || {
+        read_landed(
+            &moto.endpoint,
+            "fieldlink",
+            "readings",
+            "bronze-modbus",
+            "bronze",
+        )
+    };
     let ts = wait_for(
         "Modbus readings in Timestream",
         Duration::from_secs(60),
         || {
-            let v: serde_json::Value = serde_json::from_str(&run_python(&landed_args)).ok()?;
+            let v = landed_now();
             let rows = landed_rows(&v, "timestream");
             (rows
                 .iter()
@@ -289,7 +289,7 @@ fn modbus_readings_land_in_timestream_and_parquet() {
     let _metrics_port_taken = std::net::TcpListener::bind(("127.0.0.1", cloud_port))
         .expect("the stopped cloud's metrics port");
     compact_once(&cloud_toml);
-    let v: serde_json::Value = serde_json::from_str(&run_python(&landed_args)).unwrap();
+    let v: serde_json::Value = landed_now();
     let ts = counted(landed_rows(&v, "timestream"));
     let pq = counted(landed_rows(&v, "parquet"));
     let pressure = |m: &BTreeMap<Key, usize>| {

@@ -8,8 +8,10 @@
 //! - time: the event time, ms;
 //! - measures: one per series measure (the last segment of the series key). A reading whose quality is not
 //!   good adds a VARCHAR measure `<measure>_quality`; a bad reading without a finite value (a Modbus exception)
-//!   lands as that quality measure alone. More than [`limits::MAX_MEASURES`] measures are cut into several
-//!   records (measures in name order);
+//!   lands as that quality measure alone. More than [`limits::MAX_MEASURES`] measures, or measure values of more
+//!   than [`limits::MAX_MEASURE_VALUE_BYTES`] together ([`value_bytes`]), are cut into several records (measures
+//!   in name order, each record filled as far as both limits allow: a record within them is never cut, so its
+//!   identity is the one earlier versions wrote);
 //! - measure name: `measure_name` from the config (default `metrics`), the same for every record;
 //! - version: a 63-bit hash of the record's content (dimensions, time, measure name, measures with types and
 //!   values), at least 1, see [`content_version`].
@@ -64,7 +66,25 @@ pub mod limits {
     /// Bytes of a series' dimension names and values together ("size of dimension name dimension value pair per
     /// series"); `measure_set` and its 16 hex digits included.
     pub const MAX_SERIES_DIMENSION_BYTES: usize = 2048;
+    /// Bytes of one multi-measure record's measure values together ("measure value size per multi-measure
+    /// record", counted by [`super::value_bytes`]). 256 DOUBLE measures make exactly 2,048; strings can pass it.
+    /// AWS also lists a "maximum record size" of 2 KB; we read it as this limit (a record of 256 doubles could
+    /// never be written otherwise, and a reported test against AWS found names, dimensions and time outside it).
+    pub const MAX_MEASURE_VALUE_BYTES: usize = 2048;
 }
+
+/// The bytes AWS counts for a measure value of type `ty` (as in its metering of writes): 1 for a BOOLEAN, 8 for a
+/// BIGINT or DOUBLE, the UTF-8 bytes of a VARCHAR. Pure.
+pub fn value_bytes(text: &str, ty: MeasureType) -> usize {
+    match ty {
+        MeasureType::Boolean => 1,
+        MeasureType::Bigint | MeasureType::Double => 8,
+        MeasureType::Varchar => text.len(),
+    }
+}
+
+/// Bytes of the `measure_set` dimension (its name and 16 hex digits).
+const MEASURE_SET_BYTES: usize = MEASURE_SET.len() + 16;
 
 /// A measure's Timestream type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,8 +229,7 @@ pub fn build(batch: &Batch, measure_name: &str) -> (Vec<TsRecord>, Vec<Refused>)
                     return Err(format!("dimension {k} too long"));
                 }
             }
-            let bytes =
-                d.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() + MEASURE_SET.len() + 16;
+            let bytes = d.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() + MEASURE_SET_BYTES;
             if bytes > limits::MAX_SERIES_DIMENSION_BYTES {
                 return Err(format!(
                     "dimensions of {bytes} bytes together, limit {}",
@@ -249,10 +268,17 @@ pub fn build(batch: &Batch, measure_name: &str) -> (Vec<TsRecord>, Vec<Refused>)
         let held = measure(&r.value).filter(|(text, _)| !text.is_empty());
         let Some((text, ty)) = held else {
             if r.quality != Quality::Good {
+                if let Err(reason) = quality_name_fits(s.measure(), r.quality) {
+                    refused.push(Refused {
+                        series: s.key.clone(),
+                        reason,
+                    });
+                    continue;
+                }
                 // A bad reading without a value (e.g. a Modbus exception): record only its quality.
                 let m = groups.entry((d.clone(), r.ts_ms)).or_default();
                 m.insert(
-                    format!("{}_quality", s.measure()),
+                    format!("{}{QUALITY_SUFFIX}", s.measure()),
                     (r.quality.as_str().to_owned(), MeasureType::Varchar),
                 );
                 continue;
@@ -279,11 +305,18 @@ pub fn build(batch: &Batch, measure_name: &str) -> (Vec<TsRecord>, Vec<Refused>)
             });
             continue;
         }
+        if let Err(reason) = quality_name_fits(s.measure(), r.quality) {
+            refused.push(Refused {
+                series: s.key.clone(),
+                reason,
+            });
+            continue;
+        }
         let m = groups.entry((d.clone(), r.ts_ms)).or_default();
         m.insert(s.measure().to_owned(), (text, ty));
         if r.quality != Quality::Good {
             m.insert(
-                format!("{}_quality", s.measure()),
+                format!("{}{QUALITY_SUFFIX}", s.measure()),
                 (r.quality.as_str().to_owned(), MeasureType::Varchar),
             );
         }
@@ -292,8 +325,9 @@ pub fn build(batch: &Batch, measure_name: &str) -> (Vec<TsRecord>, Vec<Refused>)
     let mut records = Vec::with_capacity(groups.len());
     for ((dimensions, time_ms), measures) in groups {
         let measures: Vec<_> = measures.into_iter().map(|(k, (v, t))| (k, v, t)).collect();
-        // Split records with more measures than allowed: each chunk has its own measure set, so its own identity.
-        for chunk in measures.chunks(limits::MAX_MEASURES) {
+        // Split records with more measures or bytes than allowed: each chunk has its own measure set, so its own
+        // identity.
+        for chunk in chunks(&measures) {
             let mut dims = dimensions.clone();
             dims.push((
                 MEASURE_SET.to_owned(),
@@ -312,6 +346,48 @@ pub fn build(batch: &Batch, measure_name: &str) -> (Vec<TsRecord>, Vec<Refused>)
     }
     (records, refused)
 }
+
+/// The measures of one record group cut into records of at most [`limits::MAX_MEASURES`] measures and
+/// [`limits::MAX_MEASURE_VALUE_BYTES`] of values, each filled as far as both allow, in order. Every measure fits
+/// a record alone (a VARCHAR is at most [`limits::MAX_VARCHAR`] bytes).
+fn chunks(
+    measures: &[(String, String, MeasureType)],
+) -> impl Iterator<Item = &[(String, String, MeasureType)]> {
+    let mut rest = measures;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (mut bytes, mut n) = (0, 0);
+        for (_, value, ty) in rest.iter().take(limits::MAX_MEASURES) {
+            let add = value_bytes(value, *ty);
+            if n > 0 && bytes + add > limits::MAX_MEASURE_VALUE_BYTES {
+                break;
+            }
+            bytes += add;
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// Whether the `<measure>_quality` measure a reading of quality `quality` adds (any but good) has a name
+/// Timestream takes ([`limits::MAX_MEASURE_NAME`] bytes).
+fn quality_name_fits(measure: &str, quality: Quality) -> Result<(), String> {
+    let name = measure.len() + QUALITY_SUFFIX.len();
+    if quality != Quality::Good && name > limits::MAX_MEASURE_NAME {
+        return Err(format!(
+            "quality measure name of {name} bytes, limit {}",
+            limits::MAX_MEASURE_NAME
+        ));
+    }
+    Ok(())
+}
+
+/// The suffix of a quality measure's name.
+const QUALITY_SUFFIX: &str = "_quality";
 
 /// The event times a Timestream table accepts: at most [`TimeWindow::MAX_FUTURE_MS`] ahead, and back to the
 /// memory store's retention, or to the magnetic store's when magnetic store writes are on.
@@ -594,6 +670,69 @@ mod tests {
             refused[5].reason.contains("string of 0 bytes"),
             "{refused:?}"
         );
+    }
+
+    #[test]
+    fn measure_values_past_a_records_bytes_are_cut_into_records_within_them() {
+        // Ten strings of 300 bytes at one time: 3,000 bytes of values, more than one record takes.
+        let batch = Batch {
+            agent_id: "a".into(),
+            epoch: 0,
+            seq: 1,
+            series: (0..10).map(|k| Series::new(format!("d/s{k}"))).collect(),
+            readings: (0..10)
+                .map(|k| r(k, 1, Value::Str(format!("{k}").repeat(300)), Quality::Good))
+                .collect(),
+        };
+        let (recs, refused) = build(&batch, "metrics");
+        assert!(refused.is_empty(), "{refused:?}");
+        let sizes: Vec<usize> = recs
+            .iter()
+            .map(|r| r.measures.iter().map(|(_, v, t)| value_bytes(v, *t)).sum())
+            .collect();
+        // Filled in name order as far as the limit allows.
+        assert_eq!(sizes, vec![1800, 1200]);
+        let names: Vec<&str> = recs
+            .iter()
+            .flat_map(|r| r.measures.iter().map(|m| m.0.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9"]
+        );
+        assert_ne!(identity(&recs[0]), identity(&recs[1]));
+        // Within both limits (256 doubles: exactly 2,048 bytes), a record is not cut: the same record as before.
+        let all: Vec<(u32, f64)> = (0..256).map(|k| (k, f64::from(k))).collect();
+        let (one, _) = build(&one_device(4, 5, &all), "metrics");
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].measures.len(), 256);
+        // Booleans are one byte each: 256 fit too.
+        assert_eq!(value_bytes("true", MeasureType::Boolean), 1);
+        assert_eq!(value_bytes("-1", MeasureType::Bigint), 8);
+    }
+
+    #[test]
+    fn a_quality_measure_name_past_the_limit_refuses_its_reading() {
+        let measure = "m".repeat(limits::MAX_MEASURE_NAME - 4);
+        let batch = Batch {
+            agent_id: "a".into(),
+            epoch: 0,
+            seq: 1,
+            series: vec![Series::new(format!("d/{measure}"))],
+            readings: vec![
+                r(0, 1, Value::F64(1.0), Quality::Good),
+                r(0, 2, Value::F64(1.0), Quality::Uncertain),
+                r(0, 3, Value::F64(f64::NAN), Quality::Bad),
+            ],
+        };
+        let (recs, refused) = build(&batch, "metrics");
+        // The good reading lands; the two that would add `<measure>_quality` (260 bytes) are refused whole.
+        assert_eq!(recs.len(), 1, "{recs:?}");
+        assert_eq!(recs[0].time_ms, 1);
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(refused[0]
+            .reason
+            .contains("quality measure name of 260 bytes"));
     }
 
     #[test]
