@@ -8,7 +8,12 @@ Usage:
 Every register is computed here with Python's struct module from the expected value and byte order (an
 implementation independent of fieldlink's decoder). COUNTS_FILE is rewritten after every request with
 {"requests": N, "by_function": {...}}. Addresses outside the defined blocks answer ILLEGAL DATA ADDRESS.
+
+FIELDLINK_MODBUS_SLOW=EVERY:DELAY_MS makes every EVERY-th request to unit 1 answer DELAY_MS late (a unit that
+sometimes answers after the client's timeout: on a serial line its late frame arrives while the next request
+is under way).
 """
+import os
 import asyncio
 import json
 import struct
@@ -53,17 +58,23 @@ def block(table):
     return [SimData(0, values=flat, datatype=DataType.REGISTERS)]
 
 
-counts = {"requests": 0, "by_function": {}}
+counts = {"requests": 0, "by_function": {}, "slowed": 0}
+SLOW = [int(x) for x in os.environ.get("FIELDLINK_MODBUS_SLOW", "0:0").split(":")]
+unit1_requests = [0]
 
 
-def make_action(path):
+def make_action(path, unit):
     async def action(function_code, start_address, address, count, current_registers, set_values):
+        if unit == 1 and SLOW[0]:
+            unit1_requests[0] += 1
+            if unit1_requests[0] % SLOW[0] == 0:
+                counts["slowed"] += 1
+                await asyncio.sleep(SLOW[1] / 1000)
         counts["requests"] += 1
         key = str(function_code)
         counts["by_function"][key] = counts["by_function"].get(key, 0) + 1
         with open(path + ".tmp", "w") as f:
             json.dump(counts, f)
-        import os
         os.replace(path + ".tmp", path)
         return None
     return action
@@ -79,7 +90,7 @@ def device(unit, path, offset=0):
             block(hr),
             block(INPUT),
         ),
-        action=make_action(path),
+        action=make_action(path, unit),
     )
 
 

@@ -623,6 +623,11 @@ impl ModbusDevice {
     }
 
     pub fn rtu(dir: &Path, serial: &Path) -> Self {
+        Self::rtu_slowed(dir, serial, None)
+    }
+
+    /// [`ModbusDevice::rtu`] where every `every`-th request to unit 1 is answered `delay_ms` late (`slow`).
+    pub fn rtu_slowed(dir: &Path, serial: &Path, slow: Option<(u32, u64)>) -> Self {
         let counts = dir.join("modbus-rtu.json");
         let mut cmd = Command::new(python());
         cmd.arg("-u")
@@ -630,6 +635,9 @@ impl ModbusDevice {
             .arg("rtu")
             .arg(serial)
             .arg(&counts);
+        if let Some((every, delay_ms)) = slow {
+            cmd.env("FIELDLINK_MODBUS_SLOW", format!("{every}:{delay_ms}"));
+        }
         let log = dir.join("modbus-rtu.log");
         let proc = Proc::spawn("pymodbus rtu", cmd, &log);
         wait_for("pymodbus to serve", Duration::from_secs(20), || {

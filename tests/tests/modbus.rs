@@ -152,19 +152,49 @@ fn every_type_and_order_decodes_and_points_are_coalesced() {
     );
 }
 
-#[test]
-fn two_units_share_one_rtu_bus() {
-    let dir = tempfile::tempdir().unwrap();
-    let (broker, moto) = setup(dir.path(), "rtu");
-    let (a, b) = (dir.path().join("ttyA"), dir.path().join("ttyB"));
+/// Every reading of `prefix` (not only the newest): a good one has the expected value, the illegal-address point
+/// is never good. Returns how many readings were checked.
+fn check_every_reading(records: &[DumpedRecord], prefix: &str, unit_offset: i64) -> usize {
+    let want: HashMap<String, String> = expected(unit_offset)
+        .into_iter()
+        .map(|(p, v)| (format!("{prefix}/{p}"), v))
+        .collect();
+    let mut checked = 0;
+    for r in records {
+        for ((s, ts, v, _), q) in r.readings.iter().zip(&r.quality) {
+            if *s == format!("{prefix}/missing") {
+                assert_eq!(
+                    *q, 2,
+                    "{s} at {ts}: a good value {v} for an illegal address"
+                );
+            } else if let (Some(w), 0) = (want.get(s), *q) {
+                assert_eq!(v, w, "{s} at {ts}");
+                checked += 1;
+            }
+        }
+    }
+    checked
+}
+
+/// A socat PTY pair: the device serves on the first path, the agent opens the second.
+fn pty_pair(dir: &Path) -> (Proc, std::path::PathBuf, std::path::PathBuf) {
+    let (a, b) = (dir.join("ttyA"), dir.join("ttyB"));
     let mut socat = Command::new("socat");
     socat
         .arg(format!("pty,raw,echo=0,link={}", a.display()))
         .arg(format!("pty,raw,echo=0,link={}", b.display()));
-    let _socat = Proc::spawn("socat", socat, &dir.path().join("socat.log"));
+    let socat = Proc::spawn("socat", socat, &dir.join("socat.log"));
     wait_for("the PTY pair", Duration::from_secs(10), || {
         (a.exists() && b.exists()).then_some(())
     });
+    (socat, a, b)
+}
+
+#[test]
+fn two_units_share_one_rtu_bus() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, moto) = setup(dir.path(), "rtu");
+    let (_socat, a, b) = pty_pair(dir.path());
     let _device = ModbusDevice::rtu(dir.path(), &a);
     let port = format!("port = \"{}\"\nbaud = 9600", b.display());
     let modbus = device_toml("unit1", "rtu", 1, 500).replace("{TRANSPORT}", &port)
@@ -186,6 +216,66 @@ fn two_units_share_one_rtu_bus() {
     check_device(&records, "unit1", 0);
     check_device(&records, "unit2", 1);
     agent.stop();
+}
+
+/// Unit 1 answers every fifth request 800 ms late (its timeout is 500 ms) on a bus it shares with unit 2. RTU
+/// frames carry no transaction id: the late frame arrives while the next request is under way and must never be
+/// taken as its answer. Before December 2026 the port stayed open after a timeout: the late frame answered the
+/// next request, to unit 1 (a read of another length or address decoded as this one, values marked good) or to
+/// unit 2 (a header mismatch that made the healthy unit back off and show sick).
+#[test]
+fn a_late_answer_on_an_rtu_bus_is_never_taken_for_the_next_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, moto) = setup(dir.path(), "rtu-late");
+    let (_socat, a, b) = pty_pair(dir.path());
+    let device = ModbusDevice::rtu_slowed(dir.path(), &a, Some((5, 800)));
+    let port = format!("port = \"{}\"\nbaud = 9600", b.display());
+    let modbus = device_toml("unit1", "rtu", 1, 300).replace("{TRANSPORT}", &port)
+        + &device_toml("unit2", "rtu", 2, 300).replace("{TRANSPORT}", &port);
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "rtu-late-agent",
+        broker.port,
+        &moto.endpoint,
+        "rtu-late",
+        "",
+        &modbus,
+    );
+    agent.start();
+    let slowed = || -> u64 {
+        std::fs::read_to_string(&device.counts)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["slowed"].as_u64())
+            .unwrap_or(0)
+    };
+    wait_for(
+        "unit 1 to answer late 6 times",
+        Duration::from_secs(90),
+        || (slowed() >= 6).then_some(()),
+    );
+    let errors = |unit: &str| -> f64 {
+        http_get(agent.metrics_port, "/metrics")
+            .and_then(|m| {
+                metric_with(
+                    &m,
+                    "fieldlink_modbus_transport_errors_total",
+                    &format!("device=\"{unit}\""),
+                )
+            })
+            .unwrap_or(0.0)
+    };
+    let (e1, e2) = (errors("unit1"), errors("unit2"));
+    let records = kinesis_dump(&moto.endpoint, "rtu-late");
+    let (n1, n2) = (
+        check_every_reading(&records, "unit1", 0),
+        check_every_reading(&records, "unit2", 1),
+    );
+    agent.stop();
+    eprintln!("late answers: {} slowed, unit 1 faults {e1}, unit 2 faults {e2}, good readings checked {n1} and {n2}", slowed());
+    assert!(e1 >= 1.0, "unit 1's late answers were not seen as faults");
+    assert_eq!(e2, 0.0, "unit 2 took unit 1's late answers");
+    assert!(n1 > 0 && n2 > 0, "readings of both units: {n1}, {n2}");
 }
 
 #[test]

@@ -126,17 +126,29 @@ async fn read(
     })
 }
 
-/// Polls one group of one device: every request in turn. Exceptions become `bad` readings; a transport fault
-/// ends the poll.
+/// What one poll of a group produced: the readings, and each point's deadband state once they are queued.
+struct Polled {
+    readings: Vec<NewReading>,
+    last: Vec<(usize, LastSent)>,
+}
+
+/// Polls one group of one device: every request in turn. Exceptions become `bad` readings (and the point's
+/// deadband state is forgotten: the next good value goes); a transport fault, an answer of another length than
+/// asked (a late or foreign frame: RTU has no transaction id), or a gateway's exception that its target does not
+/// answer ends the poll with nothing kept. The deadband states are the caller's to apply once the readings are
+/// queued, so a poll that fails halfway forgets nothing it did not send.
 async fn poll_group(
     ctx: &mut Context,
     plan: &DevicePlan,
     group: usize,
-    last: &mut [LastSent],
+    last: &[LastSent],
     m: &DeviceMetrics,
-) -> Result<Vec<NewReading>, Fault> {
+) -> Result<Polled, Fault> {
     let timeout = Duration::from_millis(plan.cfg.timeout_ms);
-    let mut out = Vec::new();
+    let mut out = Polled {
+        readings: Vec::new(),
+        last: Vec::new(),
+    };
     for r in &plan.groups[group].requests {
         m.requests.inc();
         let res = tokio::time::timeout(timeout, read(ctx, r))
@@ -145,17 +157,31 @@ async fn poll_group(
         let at = fieldlink_ops::unix_ms();
         match res {
             Err(e) => return Err(Fault(e.to_string())),
+            Ok(Err(exception)) if gateway_unreachable(exception) => {
+                m.exceptions.inc();
+                return Err(Fault(format!("gateway: {exception}")));
+            }
             Ok(Err(exception)) => {
                 m.exceptions.inc();
                 tracing::debug!(device = %plan.cfg.name, table = ?r.table, start = r.start, ?exception, "Modbus exception");
                 for &(i, _) in &r.points {
-                    out.push(NewReading {
+                    out.readings.push(NewReading {
                         series: plan.points[i].series.clone(),
                         ts_ms: at,
                         value: Value::F64(f64::NAN),
                         quality: Quality::Bad,
                     });
+                    out.last.push((i, LastSent::default()));
                 }
+            }
+            Ok(Ok(data)) if data.len() != usize::from(r.count) => {
+                return Err(Fault(format!(
+                    "answer of {} values to a request of {} ({:?} at {}): a late or foreign frame",
+                    data.len(),
+                    r.count,
+                    r.table,
+                    r.start
+                )));
             }
             Ok(Ok(data)) => {
                 for &(i, off) in &r.points {
@@ -166,28 +192,44 @@ async fn poll_group(
                         continue;
                     };
                     let value = plan.value_from_registers(i, regs);
-                    let send = match &value {
-                        Value::Str(s) => last[i].text(p.deadband.as_ref(), s, at),
-                        Value::F64(f) => last[i].numeric(p.deadband.as_ref(), *f, at),
-                        Value::I64(n) => last[i].numeric(p.deadband.as_ref(), *n as f64, at),
-                        Value::Bool(b) => {
-                            last[i].numeric(p.deadband.as_ref(), f64::from(u8::from(*b)), at)
+                    let rule = p.deadband.as_ref();
+                    let (send, sent) = match &value {
+                        Value::Str(s) => (last[i].text(rule, s, at), LastSent::sent_text(s, at)),
+                        v => {
+                            let f = match v {
+                                Value::F64(f) => *f,
+                                Value::I64(n) => *n as f64,
+                                Value::Bool(b) => f64::from(u8::from(*b)),
+                                Value::Str(_) => f64::NAN,
+                            };
+                            (last[i].numeric(rule, f, at), LastSent::sent_numeric(f, at))
                         }
                     };
                     if send {
-                        out.push(NewReading {
+                        out.readings.push(NewReading {
                             series: p.series.clone(),
                             ts_ms: at,
                             value,
                             quality: Quality::Good,
                         });
+                        out.last.push((i, sent));
                     }
                 }
             }
         }
     }
-    m.readings.add(out.len() as u64);
+    m.readings.add(out.readings.len() as u64);
     Ok(out)
+}
+
+/// A gateway's exception saying the device behind it does not answer (0x0A path unavailable, 0x0B target failed
+/// to respond): the device is unreachable, not a point refused.
+fn gateway_unreachable(e: tokio_modbus::ExceptionCode) -> bool {
+    matches!(
+        e,
+        tokio_modbus::ExceptionCode::GatewayPathUnavailable
+            | tokio_modbus::ExceptionCode::GatewayTargetDevice
+    )
 }
 
 /// Runs every configured device until `cancel` fires.
@@ -270,6 +312,9 @@ async fn connect(plan: &DevicePlan) -> Result<Context, Fault> {
                 });
             let stream = tokio_serial::SerialStream::open(&builder)
                 .map_err(|e| Fault(format!("opening {port}: {e}")))?;
+            // Whatever arrived before this request is not its answer.
+            tokio_serial::SerialPort::clear(&stream, tokio_serial::ClearBuffer::Input)
+                .map_err(|e| Fault(format!("clearing {port}'s input: {e}")))?;
             Ok(tokio_modbus::client::rtu::attach_slave(
                 stream,
                 Slave(cfg.unit_id),
@@ -356,12 +401,15 @@ async fn bus(
         if shared {
             c.set_slave(Slave(plan.cfg.unit_id));
         }
-        let Some(polled) = unless_stopped(&cancel, poll_group(c, plan, g, &mut last[d], m)).await
+        let Some(polled) = unless_stopped(&cancel, poll_group(c, plan, g, &last[d], m)).await
         else {
             return;
         };
         match polled {
-            Ok(readings) => {
+            Ok(Polled {
+                readings,
+                last: sent,
+            }) => {
                 backoff[d].reset();
                 retry_at[d] = None;
                 m.connected.set(1);
@@ -376,16 +424,32 @@ async fn bus(
                 {
                     return;
                 }
+                for (i, state) in sent {
+                    last[d][i] = state;
+                }
             }
             Err(Fault(why)) => {
                 fail(plan, m, &health, &mut backoff[d], &mut retry_at[d], &why);
-                // TCP: the connection is per device. RTU: reopen the port only for I/O errors, not a silent unit.
-                if !shared || !why.starts_with("timeout") {
-                    ctx = None;
+                // Reconnect. On a serial line, first let it fall silent: a late answer still on its way would
+                // otherwise be read as the answer to the next request (RTU frames carry no transaction id); the
+                // port is then reopened with its input discarded.
+                ctx = None;
+                if plan.cfg.transport == Transport::Rtu
+                    && unless_stopped(&cancel, tokio::time::sleep(quiet_after_fault(plan)))
+                        .await
+                        .is_none()
+                {
+                    return;
                 }
             }
         }
     }
+}
+
+/// How long a serial line is left silent after a fault before its port is reopened: the device's timeout (a late
+/// answer comes within about that), at most 2 s.
+fn quiet_after_fault(plan: &DevicePlan) -> Duration {
+    Duration::from_millis(plan.cfg.timeout_ms.min(2000))
 }
 
 fn fail(
@@ -402,4 +466,24 @@ fn fail(
     *retry_at = Some(Instant::now() + delay);
     health.set(&format!("modbus:{}", plan.cfg.name), false, why);
     tracing::warn!(device = %plan.cfg.name, error = %why, retry_in_ms = delay.as_millis() as u64, "Modbus device unreachable");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gateway_unreachable;
+    use tokio_modbus::ExceptionCode;
+
+    #[test]
+    fn only_a_gateways_unreachable_target_is_a_fault() {
+        assert!(gateway_unreachable(ExceptionCode::GatewayPathUnavailable));
+        assert!(gateway_unreachable(ExceptionCode::GatewayTargetDevice));
+        for e in [
+            ExceptionCode::IllegalDataAddress,
+            ExceptionCode::IllegalFunction,
+            ExceptionCode::ServerDeviceBusy,
+            ExceptionCode::ServerDeviceFailure,
+        ] {
+            assert!(!gateway_unreachable(e), "{e:?}");
+        }
+    }
 }
