@@ -10,6 +10,9 @@ Every request is forwarded to UPSTREAM_URL unchanged, except Kinesis PutRecords 
     ProvisionedThroughputExceededException or InternalFailure      (share `reject` per entry),
   - held `delay_ms` before being forwarded (a slow Kinesis: a call is in flight most of the time; the call
     reaches moto even if the client gave up on it meanwhile).
+  - limited like one Kinesis shard (`shard_bytes_per_s`, 0 = off): entries (data and partition key) are taken
+    while a bucket of one second at that rate has room, refilled continuously; the rest are refused with
+    ProvisionedThroughputExceededException, as a shard past its 1 MiB/s refuses them,
   - answered by a connection reset instead of a response (share `reset`): half of them before the call reaches
     moto (nothing written), half after moto took it (written, but the client never learns it: it must resend,
     and the batch is then twice in the stream).
@@ -33,6 +36,7 @@ Control: GET /__fault/set?throttle=0.2&throttle_every=0&reject=0.3&reset=0.1&ts_
              &hold_parts=0&release_parts=0&dynamodb_down=0
          GET /__fault/stats  (JSON counters).
 """
+import base64
 import http.client
 import http.server
 import json
@@ -47,9 +51,10 @@ import urllib.parse
 
 UPSTREAM = urllib.parse.urlparse(sys.argv[1])
 state = {"throttle": 0.0, "throttle_every": 0.0, "reject": 0.0, "reset": 0.0, "ts_throttle": 0.0, "ts_reject": 0.0, "down": False, "delay_ms": 0.0,
-         "hold_parts": False, "dynamodb_down": False}
+         "hold_parts": False, "dynamodb_down": False, "shard_bytes_per_s": 0.0}
 stats = {"calls": 0, "throttled_calls": 0, "rejected_entries": 0, "forwarded_entries": 0, "refused_connections": 0, "reset_before": 0, "reset_after": 0,
          "ts_calls": 0, "ts_throttled_calls": 0, "ts_rejected_records": 0, "ts_forwarded_records": 0,
+         "shard_accepted_bytes": 0, "shard_refused_entries": 0,
          "held_parts": 0, "released_parts": 0, "released_answers": [], "dynamodb_refused": 0, "multipart_if_match_refused": 0}
 lock = threading.Lock()
 rng = random.Random(7)
@@ -89,7 +94,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if url.path == "/__fault/set":
             q = urllib.parse.parse_qs(url.query)
             with lock:
-                for k in ("throttle", "throttle_every", "reject", "reset", "ts_throttle", "ts_reject", "delay_ms"):
+                for k in ("throttle", "throttle_every", "reject", "reset", "ts_throttle", "ts_reject", "delay_ms", "shard_bytes_per_s"):
                     if k in q:
                         state[k] = float(q[k][0])
                 for k in ("down", "hold_parts", "dynamodb_down"):
@@ -162,6 +167,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         entries = req["Records"]
         with lock:
             keep = [rng.random() >= reject for _ in entries]
+            keep, over_shard = shard_limit(entries, keep)
         req["Records"] = [e for e, k in zip(entries, keep) if k]
         results = []
         if req["Records"]:
@@ -175,7 +181,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 out.append(next(it))
             else:
                 failed += 1
-                code = "ProvisionedThroughputExceededException" if i % 2 == 0 else "InternalFailure"
+                code = "ProvisionedThroughputExceededException" if i % 2 == 0 or i in over_shard else "InternalFailure"
                 out.append({"ErrorCode": code, "ErrorMessage": "injected by fault proxy"})
         with lock:
             stats["rejected_entries"] += failed
@@ -253,6 +259,32 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.reply(419, json.dumps(err).encode(), ctype)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = handle_any
+
+
+bucket = {"tokens": 0.0, "at": time.monotonic()}
+
+
+def shard_limit(entries, keep):
+    """Under `shard_bytes_per_s`, refuses the entries past one shard's budget (called with the lock held)."""
+    rate = state["shard_bytes_per_s"]
+    if not rate:
+        return keep, set()
+    now = time.monotonic()
+    bucket["tokens"] = min(rate, bucket["tokens"] + (now - bucket["at"]) * rate)
+    bucket["at"] = now
+    out, over = [], set()
+    for i, (e, k) in enumerate(zip(entries, keep)):
+        size = len(base64.b64decode(e["Data"])) + len(e["PartitionKey"].encode())
+        if k and size <= bucket["tokens"]:
+            bucket["tokens"] -= size
+            stats["shard_accepted_bytes"] += size
+            out.append(True)
+        else:
+            if k:
+                stats["shard_refused_entries"] += 1
+                over.add(i)
+            out.append(False)
+    return out, over
 
 
 class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):

@@ -250,6 +250,82 @@ fn an_outage_is_buffered_and_drained_and_a_small_cap_drops_exactly_what_it_count
     eprintln!("outage: 3000 readings buffered and drained; drop_oldest: {sent} sent, {dropped} dropped (counted exactly); backpressure: intake paused at {taken} readings, nothing lost");
 }
 
+/// A backlog left by an outage drains at about one shard's rate: the fault proxy refuses `PutRecords` entries past
+/// a 256 KiB/s budget as a Kinesis shard past its 1 MiB/s does, and the agent's rate is set to that shard's. Each
+/// call holds at most one second at the current rate. Before December 2026 a call held up to Kinesis' 5 MiB:
+/// every call of the backlog had entries refused, each halved the rate, and the rate sat at its floor (a backlog
+/// of hours drained at about 3 KiB/s while new data came faster, until the cap dropped it).
+#[test]
+fn a_backlog_drains_at_the_shards_rate_after_an_outage() {
+    const RATE: f64 = 262_144.0;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let moto = Moto::start(dir.path());
+    moto.create("shard", 1, "unused-db", "unused-table", "unused-bucket");
+    let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "shard-agent",
+        broker.port,
+        &proxy.endpoint,
+        "shard",
+        "",
+        &format!("max_bytes_per_second = {RATE}\n"),
+    );
+    agent.start();
+    proxy.set("down=1");
+    let acked = publish_numbered(broker.port, 4000, 4000.0, 1000, dir.path());
+    wait_for(
+        "the backlog sealed while Kinesis is down",
+        Duration::from_secs(60),
+        || {
+            (agent.metric("fieldlink_readings_received_total") >= acked.len() as f64
+                && agent.metric("fieldlink_buffer_unsealed_readings") == 0.0)
+                .then_some(())
+        },
+    );
+    let started = std::time::Instant::now();
+    proxy.set(&format!("down=0&shard_bytes_per_s={RATE}"));
+    while !(agent.metric("fieldlink_buffer_pending_readings") == 0.0
+        && agent.metric("fieldlink_readings_sent_total") >= acked.len() as f64)
+    {
+        if started.elapsed() > Duration::from_secs(120) {
+            let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "the backlog did not drain in 120 s: sent {}, pending {}, rate {}; proxy {}\n{}",
+                agent.metric("fieldlink_readings_sent_total"),
+                agent.metric("fieldlink_buffer_pending_readings"),
+                agent.metric("fieldlink_send_rate_bytes_per_second"),
+                proxy.stats(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = started.elapsed().as_secs_f64();
+    let stats = proxy.stats();
+    let bytes = stats["shard_accepted_bytes"].as_f64().unwrap();
+    let ideal = bytes / RATE;
+    eprintln!(
+        "backlog of {:.0} KiB drained in {took:.1} s at the shard's {:.0} KiB/s (ideal {ideal:.1} s); {} entries refused past the shard's budget",
+        bytes / 1024.0,
+        RATE / 1024.0,
+        stats["shard_refused_entries"]
+    );
+    assert!(
+        bytes > 8.0 * RATE,
+        "a backlog of {bytes} bytes is too small to tell"
+    );
+    assert!(
+        took <= 2.0 * ideal + 5.0,
+        "drained in {took:.1} s, the shard allowed {ideal:.1} s"
+    );
+    let records = kinesis_dump(&moto.endpoint, "shard");
+    assert_exactly_once(&acked, &records);
+    agent.stop();
+}
+
 #[test]
 fn rejected_entries_and_throttled_calls_lose_nothing_and_are_counted() {
     let dir = tempfile::tempdir().unwrap();

@@ -1424,74 +1424,69 @@ impl Buffer {
     /// Pending records for one `PutRecords` call: at most `max_records` and `max_bytes` (always at least one if
     /// any is pending). They are in flight from now until acknowledged or the next call of `pending`; the
     /// overflow policy does not drop records in flight. Alarm records come first, oldest first, ahead of every
-    /// readings record. When more readings records are pending than fit, up to a quarter of the rest of the call goes
-    /// to the **newest** records and the rest to the oldest, so live data keeps flowing while a backlog drains.
-    /// Readings records are returned oldest first, after the alarm records.
+    /// readings record. When more readings records are pending than fit, up to a quarter of the rest of the call
+    /// (in records and in bytes) goes to the **newest** records and the rest to the oldest, so live data keeps
+    /// flowing while a backlog drains. Readings records are returned oldest first, after the alarm records.
+    ///
+    /// Memory: rows are read one at a time and reading stops at the budget, so a call holds about `max_bytes`
+    /// (plus one record) whatever the records' size.
     pub fn pending(
         &mut self,
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Pending>, BufferError> {
-        let read =
-            |conn: &Connection, sql: &str, limit: usize| -> Result<Vec<Pending>, BufferError> {
-                let mut stmt = conn.prepare_cached(sql)?;
-                let mut q = stmt.query([limit as i64])?;
-                let mut out = Vec::new();
-                while let Some(r) = q.next()? {
-                    out.push(Pending {
-                        seq: r.get::<_, i64>(0)? as u64,
-                        readings: r.get::<_, i64>(2)? as u64,
-                        record: r.get(1)?,
-                    });
-                }
-                Ok(out)
-            };
-        let alarms = if self.alarm_pending > 0 {
-            read(
-                &self.conn,
-                "SELECT seq, record, 0 FROM alarm_records ORDER BY seq LIMIT ?1",
-                max_records,
-            )?
-        } else {
-            Vec::new()
-        };
         let mut out: Vec<Pending> = Vec::new();
         let mut bytes = 0usize;
-        for p in alarms {
-            if !out.is_empty() && bytes + p.record.len() > max_bytes {
-                break;
-            }
-            bytes += p.record.len();
-            out.push(p);
+        if self.alarm_pending > 0 {
+            take_within(
+                &self.conn,
+                "SELECT seq, record, 0 FROM alarm_records ORDER BY seq",
+                Budget {
+                    records: max_records,
+                    bytes: max_bytes,
+                    at_least_one: true,
+                    skip_above: None,
+                },
+                &mut out,
+                &mut bytes,
+            )?;
         }
         let first_reading = out.len();
-        let max_records = max_records - out.len();
-        let live_share = if self.stats.pending_batches as usize > max_records {
-            max_records / 4
-        } else {
-            0
-        };
-        let newest = read(
-            &self.conn,
-            "SELECT seq, record, readings FROM batches ORDER BY seq DESC LIMIT ?1",
-            live_share,
-        )?;
-        let oldest = read(
-            &self.conn,
-            "SELECT seq, record, readings FROM batches ORDER BY seq LIMIT ?1",
-            max_records - newest.len(),
-        )?;
-        // Interleave: oldest first, then newest, each while the byte budget allows.
-        for p in oldest.into_iter().chain(newest.into_iter().rev()) {
-            if out[first_reading..].iter().any(|q| q.seq == p.seq) {
-                continue;
-            }
-            if !out.is_empty() && bytes + p.record.len() > max_bytes {
-                continue;
-            }
-            bytes += p.record.len();
-            out.push(p);
+        let records_left = max_records - out.len();
+        let bytes_left = max_bytes.saturating_sub(bytes);
+        // The newest first, within their quarter; then the oldest, below the newest taken, within the rest. When
+        // everything fits, that is everything; when not (a backlog, by records or by bytes), the newest have their
+        // quarter.
+        let mut newest = Vec::new();
+        let mut newest_bytes = 0usize;
+        if self.stats.pending_batches > 1 && records_left >= 4 {
+            take_within(
+                &self.conn,
+                "SELECT seq, record, readings FROM batches ORDER BY seq DESC",
+                Budget {
+                    records: records_left / 4,
+                    bytes: bytes_left / 4,
+                    at_least_one: false,
+                    skip_above: None,
+                },
+                &mut newest,
+                &mut newest_bytes,
+            )?;
         }
+        let below = newest.last().map(|p| p.seq);
+        take_within(
+            &self.conn,
+            "SELECT seq, record, readings FROM batches ORDER BY seq",
+            Budget {
+                records: records_left - newest.len(),
+                bytes: max_bytes.saturating_sub(newest_bytes),
+                at_least_one: out.is_empty() && newest.is_empty(),
+                skip_above: below,
+            },
+            &mut out,
+            &mut bytes,
+        )?;
+        out.extend(newest.into_iter().rev());
         out[first_reading..].sort_by_key(|p| p.seq);
         self.in_flight = out.iter().map(|p| p.seq).collect();
         Ok(out)
@@ -1623,5 +1618,51 @@ mod alarm_tests;
 mod model_tests;
 #[cfg(test)]
 mod tests;
+/// How much [`take_within`] may take.
+struct Budget {
+    /// Records.
+    records: usize,
+    /// Bytes of records.
+    bytes: usize,
+    /// Take the first row whatever its size (when nothing else is taken for the call: a record larger than the
+    /// budget still goes, alone).
+    at_least_one: bool,
+    /// Stop at the first row whose seq reaches this one (rows taken from the other end).
+    skip_above: Option<u64>,
+}
+
+/// Appends rows of `sql` (`seq, record, readings`, in its order) to `out` while `budget` allows, reading one row
+/// at a time: at most `budget.bytes` (in `bytes`, shared with what `out` holds) plus one record in memory.
+fn take_within(
+    conn: &Connection,
+    sql: &str,
+    budget: Budget,
+    out: &mut Vec<Pending>,
+    bytes: &mut usize,
+) -> Result<(), BufferError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut rows = stmt.query([])?;
+    let mut taken = 0;
+    while taken < budget.records {
+        let Some(r) = rows.next()? else { break };
+        let seq = r.get::<_, i64>(0)? as u64;
+        if budget.skip_above.is_some_and(|above| seq >= above) {
+            break;
+        }
+        let len = r.get_ref(1)?.as_bytes().map_or(0, <[u8]>::len);
+        if !(budget.at_least_one && taken == 0) && *bytes + len > budget.bytes {
+            break;
+        }
+        out.push(Pending {
+            seq,
+            readings: r.get::<_, i64>(2)? as u64,
+            record: r.get(1)?,
+        });
+        *bytes += len;
+        taken += 1;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod window_tests;

@@ -649,6 +649,27 @@ fn pending_interleaves_newest_records_into_a_backlog() {
         1,
         "at least one record whatever the byte budget"
     );
+    // With the byte budget binding (records of full size, a call of one second at the current rate), the newest
+    // still get their quarter of it: before, the oldest filled the budget and every newest record was skipped.
+    let sizes: Vec<usize> = b
+        .pending(500, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|p| p.record.len())
+        .collect();
+    let size = *sizes.iter().max().unwrap();
+    let got = b.pending(500, 8 * size).unwrap();
+    let seqs: Vec<u64> = got.iter().map(|p| p.seq).collect();
+    assert!(
+        seqs.contains(&20),
+        "no newest record in a call the bytes limit: {seqs:?}"
+    );
+    assert!(seqs.contains(&1), "the oldest first: {seqs:?}");
+    assert!(
+        got.iter().map(|p| p.record.len()).sum::<usize>() <= 8 * size,
+        "over the byte budget: {seqs:?}"
+    );
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
 }
 
 #[test]

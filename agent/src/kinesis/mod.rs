@@ -8,9 +8,12 @@
 //! - A failed call (timeout, network, throttling, missing stream) is retried with backoff, fetching the records
 //!   again; they stay in the buffer, so nothing is lost while Kinesis is unreachable. Records of the call under
 //!   way are never dropped by the buffer's overflow policy, so "sent" and "dropped" are counted exactly.
-//! - Adaptive rate (AIMD): calls are paced to `rate` bytes per second; throttling (an entry or a call refused
-//!   with `ProvisionedThroughputExceededException`, or a throttling error) halves the rate, down to
-//!   `min_bytes_per_second`; every clean call raises it by 1/16 of `max_bytes_per_second`.
+//! - Adaptive rate (AIMD): calls are paced to `rate` bytes per second and hold at most one second of it (a shard
+//!   takes 1 MiB/s: a 5 MiB call to one partition key had most of its entries refused even at the full rate, and
+//!   every such call halved the rate until it sat at the floor); throttling (an entry or a call refused with
+//!   `ProvisionedThroughputExceededException`, or a throttling error) and a call that timed out (an uplink too
+//!   slow for its size) halve the rate, down to `min_bytes_per_second`; every clean call raises it by 1/16 of
+//!   `max_bytes_per_second`. A call always holds at least one record.
 //! - The partition key is the agent id (configurable), never random: one agent's batches stay on one shard.
 //! - A stop never drops the call in flight (Kinesis may already hold its records; resending them at the next start
 //!   would double them): it finishes and its accepted records are deleted before the process exits, then the sender
@@ -68,6 +71,12 @@ impl Pace {
     pub fn spacing(&self, bytes: usize) -> Duration {
         Duration::from_secs_f64(bytes as f64 / self.rate)
     }
+}
+
+/// The bytes of one call: `limit` (Kinesis'), and at most one second at `rate` bytes per second (at least 1:
+/// the buffer hands out one record whatever its size). Pure.
+pub fn call_bytes(limit: usize, rate: f64) -> usize {
+    limit.min(rate as usize).max(1)
 }
 
 /// The sender.
@@ -144,8 +153,12 @@ impl Sender {
         }
     }
 
+    /// The bytes one call may carry: Kinesis' limit, and one second at the current rate.
     fn max_bytes(&self) -> usize {
-        MAX_BYTES_PER_CALL - self.max_records * self.partition_key.len()
+        call_bytes(
+            MAX_BYTES_PER_CALL - self.max_records * self.partition_key.len(),
+            self.pace.rate(),
+        )
     }
 
     /// Sends until `cancel` fires, then drains: the call in flight finishes (or times out) and its accepted
@@ -263,6 +276,7 @@ impl Sender {
         };
         self.last_call = started.elapsed();
         let throttled;
+        let mut timed_out = false;
         match result {
             Ok(out) => {
                 let results = out.records();
@@ -315,6 +329,9 @@ impl Sender {
             }
             Err(e) => {
                 self.metrics.put_calls_failed.inc();
+                let error = fieldlink_ops::aws_error::CallError::of_sdk(&e);
+                // A call that timed out was too large for the link (a slow uplink): the next ones are smaller.
+                timed_out = error.kind == "timeout";
                 throttled = matches!(
                     e.as_service_error(),
                     Some(
@@ -327,16 +344,18 @@ impl Sender {
                     .is_some_and(is_throttle_code);
                 let msg = aws_sdk_kinesis::error::DisplayErrorContext(&e).to_string();
                 // /health: one short sentence, not the SDK's nested structures (those go to the log).
-                let line = fieldlink_ops::aws_error::CallError::of_sdk(&e).sentence("PutRecords");
+                let line = error.sentence("PutRecords");
                 self.health
                     .set(COMPONENT, false, format!("{line}; records stay buffered"));
                 tracing::warn!(error = %msg, records = pending.len(), "PutRecords failed; records stay buffered");
             }
         }
-        if throttled {
+        if throttled || timed_out {
             self.pace.throttled();
-            self.metrics.throttled.inc();
             self.metrics.send_rate.set(self.pace.rate() as i64);
+        }
+        if throttled {
+            self.metrics.throttled.inc();
         }
         if self.buffer.release().await.is_err() {
             return Outcome::Stopped;
@@ -352,6 +371,20 @@ impl Sender {
 #[cfg(test)]
 mod tests {
     use super::Pace;
+
+    #[test]
+    fn a_call_holds_at_most_one_second_at_the_current_rate() {
+        use super::call_bytes;
+        let limit = 5 * 1024 * 1024;
+        assert_eq!(call_bytes(limit, 1024.0 * 1024.0), 1024 * 1024);
+        assert_eq!(call_bytes(limit, 64.0 * 1024.0 * 1024.0), limit);
+        assert_eq!(call_bytes(limit, 0.0), 1);
+        // After throttling the call shrinks with the rate, so a call can go through clean again and the rate
+        // recovers (with calls of Kinesis' 5 MiB every call to one shard was throttled).
+        let mut p = Pace::new(16 * 1024, 1024 * 1024);
+        p.throttled();
+        assert_eq!(call_bytes(limit, p.rate()), 512 * 1024);
+    }
 
     #[test]
     fn pace_halves_on_throttling_and_recovers_additively() {
