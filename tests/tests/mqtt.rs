@@ -63,6 +63,9 @@ fn publish_raw(port: u16, messages: Vec<(String, Vec<u8>)>) {
     });
 }
 
+/// Two of the subscriptions are shared (`$share/<group>/…`, as agents side by side subscribe): their messages come
+/// under their own topics and must still take the subscription's format and topic tags (before December 2026 no
+/// shared subscription matched: Sparkplug was refused as `not_json` and topic tags were lost).
 #[test]
 fn v311_and_v5_on_two_brokers_with_every_payload_format() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,7 +88,7 @@ keep_alive_s = 5
 [mqtt.payload]
 exclude = ["debug"]
 [[mqtt.topics]]
-filter = "site/#"
+filter = "$share/fleet/site/#"
 tags_from_topic = "site/{{site}}/line/{{line}}/+"
 [[mqtt.topics]]
 filter = "influx/#"
@@ -100,7 +103,7 @@ port = {}
 protocol = "5"
 keep_alive_s = 5
 [[mqtt.topics]]
-filter = "spBv1.0/#"
+filter = "$share/fleet/spBv1.0/#"
 format = "sparkplug_b"
 qos = 2
 [[mqtt.topics]]

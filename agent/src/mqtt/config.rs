@@ -274,7 +274,7 @@ impl MqttConfig {
                     t.qos
                 ));
             }
-            if let Some(problem) = filter_problem(&t.filter) {
+            if let Some(problem) = subscription_problem(&t.filter) {
                 p.push(format!("{path}.topics[{i}].filter: {problem}"));
             }
             if let Some(pattern) = &t.tags_from_topic {
@@ -327,6 +327,29 @@ impl MqttConfig {
     }
 }
 
+/// The topic filter of a subscription: a shared subscription's (`$share/<group>/<filter>`, MQTT 5 and Mosquitto's
+/// 3.1.1; `$queue/<filter>`, EMQX) without its prefix. The broker delivers its messages under their own topics, so
+/// this is what a message's topic is matched against.
+pub fn topic_filter(subscription: &str) -> &str {
+    if let Some(rest) = subscription.strip_prefix("$share/") {
+        return rest.split_once('/').map_or("", |(_, filter)| filter);
+    }
+    subscription.strip_prefix("$queue/").unwrap_or(subscription)
+}
+
+/// Checks a subscription's filter: a shared subscription's group, then the filter's wildcards.
+fn subscription_problem(subscription: &str) -> Option<String> {
+    if let Some(rest) = subscription.strip_prefix("$share/") {
+        let group = rest.split('/').next().unwrap_or_default();
+        if group.is_empty() || group.contains(['+', '#']) || !rest.contains('/') {
+            return Some(format!(
+                "a shared subscription is $share/<group>/<filter>, with a group of no wildcards, got {subscription:?}"
+            ));
+        }
+    }
+    filter_problem(topic_filter(subscription))
+}
+
 /// Checks an MQTT topic filter's wildcards (MQTT 3.1.1 section 4.7).
 pub(crate) fn filter_problem(filter: &str) -> Option<String> {
     if filter.is_empty() {
@@ -346,7 +369,26 @@ pub(crate) fn filter_problem(filter: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::filter_problem;
+    use super::{filter_problem, subscription_problem, topic_filter};
+
+    #[test]
+    fn shared_subscriptions_match_on_their_filter() {
+        assert_eq!(topic_filter("$share/fleet/spBv1.0/#"), "spBv1.0/#");
+        assert_eq!(topic_filter("$queue/plant/+/power"), "plant/+/power");
+        assert_eq!(topic_filter("plant/#"), "plant/#");
+        for ok in ["$share/g/a/#", "$queue/a/+", "$share/g/#"] {
+            assert_eq!(subscription_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "$share/g",
+            "$share//a",
+            "$share/+/a",
+            "$share/g/",
+            "$share/g/a/#/b",
+        ] {
+            assert!(subscription_problem(bad).is_some(), "{bad}");
+        }
+    }
 
     #[test]
     fn topic_filters_follow_mqtt_wildcard_rules() {

@@ -327,7 +327,7 @@ impl<'a> Route<'a> {
         let sub = cfg
             .topics
             .iter()
-            .find(|t| topic_matches(&t.filter, &msg.topic));
+            .find(|t| topic_matches(config::topic_filter(&t.filter), &msg.topic));
         let format = sub.map(|t| t.format).unwrap_or_default();
         let ack: Option<Ack> =
             (msg.qos != 0).then(|| self.acks.callback(generation, msg.qos, msg.pkid));
@@ -701,6 +701,12 @@ mod tests {
         assert!(topic_matches("#", "a"));
         assert!(!topic_matches("a/+", "a/b/c"));
         assert!(!topic_matches("a/b", "a/c"));
+        // A shared subscription's messages come under their own topics (before: none matched, so every message
+        // of `$share/g/spBv1.0/#` was mapped as JSON and refused, and topic tags were lost).
+        assert!(topic_matches(
+            config::topic_filter("$share/g/spBv1.0/#"),
+            "spBv1.0/plant/NDATA/edge1"
+        ));
     }
 
     fn msg(qos: u8, pkid: u16) -> Message {
