@@ -148,12 +148,13 @@ impl BufferHandle {
             .map_err(|_| Closed)
     }
 
-    /// Pending records for one `PutRecords` call (see [`Buffer::pending`]).
+    /// Pending records for one `PutRecords` call (see [`Buffer::pending`]); `Ok(Err(why))` when the buffer could
+    /// not read them (an I/O error, a damaged page): the caller reports it and asks again later.
     pub async fn fetch(
         &self,
         max_records: usize,
         max_bytes: usize,
-    ) -> Result<Vec<Pending>, Closed> {
+    ) -> Result<Result<Vec<Pending>, String>, Closed> {
         let (reply, rx) = oneshot::channel();
         self.ctl
             .send_async(Control::Fetch {
@@ -164,10 +165,10 @@ impl BufferHandle {
             .await
             .map_err(|_| Closed)?;
         match rx.await {
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok(v)) => Ok(Ok(v)),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "reading pending batches failed");
-                Ok(Vec::new())
+                Ok(Err(e.to_string()))
             }
             Err(_) => Err(Closed),
         }

@@ -303,7 +303,7 @@ fn error_classes_follow_the_sqlite_codes() {
 
 /// Fetches up to `max` pending records and acknowledges the first `ack`; the numbers they held.
 async fn fetch_ack(handle: &BufferHandle, max: usize, ack: usize) -> Vec<u64> {
-    let got = handle.fetch(max, usize::MAX).await.unwrap();
+    let got = handle.fetch(max, usize::MAX).await.unwrap().unwrap();
     let seqs: Vec<u64> = got.iter().take(ack).map(|p| p.seq).collect();
     handle.ack(seqs).await.unwrap();
     got.iter()
@@ -416,4 +416,57 @@ proptest! {
         prop_assert_eq!(sorted(sent), acked, "each acknowledged reading sent exactly once, nothing else");
         prop_assert_eq!(metrics.readings_received.get(), metrics.readings_sent.get(), "ledger");
     }
+}
+
+/// A fetch that cannot read the pending records (here their table is renamed away by another connection, as a
+/// damaged page under them would fail the read) answers the error, so the sender can show it in `/health`; before,
+/// it answered "nothing pending" and the agent looked idle with a backlog.
+#[test]
+fn a_fetch_that_cannot_read_says_so_instead_of_answering_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let cfg: BufferConfig =
+        toml::from_str(&format!("path = {:?}", path.display().to_string())).unwrap();
+    let batch = BatchConfig {
+        linger_ms: 10,
+        ..BatchConfig::default()
+    };
+    let order = crate::order::OrderConfig {
+        reorder_window_ms: 0,
+        ..crate::order::OrderConfig::default()
+    };
+    let metrics = crate::metrics::AgentMetrics::new(fieldlink_ops::metrics::Registry::new());
+    let (handle, thread) = spawn(&cfg, &batch, &order, "unreadable", metrics).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let readings = (0..5)
+            .map(|v| NewReading {
+                series: Series::new("d/v").into(),
+                ts_ms: v,
+                value: Value::F64(v as f64),
+                quality: Quality::Good,
+            })
+            .collect();
+        handle.append(readings, None).await.unwrap();
+        handle.flush().await.unwrap();
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .unwrap();
+        other
+            .execute_batch("ALTER TABLE batches RENAME TO batches_away")
+            .unwrap();
+        let why = handle.fetch(10, usize::MAX).await.unwrap().unwrap_err();
+        assert!(why.contains("batches"), "{why}");
+        other
+            .execute_batch("ALTER TABLE batches_away RENAME TO batches")
+            .unwrap();
+        let got = handle.fetch(10, usize::MAX).await.unwrap().unwrap();
+        assert!(!got.is_empty(), "readable again");
+    });
+    drop(handle);
+    thread.join().unwrap();
 }

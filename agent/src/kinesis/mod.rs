@@ -169,10 +169,32 @@ impl Sender {
     pub async fn run(&mut self, cancel: &CancellationToken) {
         let sealed = self.buffer.sealed();
         self.health.set(COMPONENT, true, "");
+        let mut unreadable = false;
         while !cancel.is_cancelled() {
-            let Ok(pending) = self.buffer.fetch(self.max_records, self.max_bytes()).await else {
-                return;
+            let pending = match self.buffer.fetch(self.max_records, self.max_bytes()).await {
+                Err(_) => return,
+                Ok(Err(why)) => {
+                    // Nothing can be sent while the oldest records cannot be read (a damaged page under them):
+                    // say so rather than look idle.
+                    unreadable = true;
+                    self.health.set(
+                        COMPONENT,
+                        false,
+                        format!("cannot read the buffer's pending records: {why}; retried"),
+                    );
+                    let delay = self.backoff.next_delay();
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+                Ok(Ok(p)) => p,
             };
+            if std::mem::take(&mut unreadable) {
+                self.backoff.reset();
+                self.health.set(COMPONENT, true, "");
+            }
             if pending.is_empty() {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
@@ -208,7 +230,8 @@ impl Sender {
             if left.is_zero() || left < self.last_call * 2 {
                 break;
             }
-            let Ok(pending) = self.buffer.fetch(self.max_records, self.max_bytes()).await else {
+            let Ok(Ok(pending)) = self.buffer.fetch(self.max_records, self.max_bytes()).await
+            else {
                 break;
             };
             if pending.is_empty() || self.send(pending, cancel).await == Outcome::Stopped {
