@@ -218,7 +218,7 @@ fn two_units_share_one_rtu_bus() {
     agent.stop();
 }
 
-/// Unit 1 answers every fifth request 800 ms late (its timeout is 500 ms) on a bus it shares with unit 2. RTU
+/// Unit 1 answers every fifth request 650 ms late (its timeout is 500 ms) on a bus it shares with unit 2. RTU
 /// frames carry no transaction id: the late frame arrives while the next request is under way and must never be
 /// taken as its answer. Before December 2026 the port stayed open after a timeout: the late frame answered the
 /// next request, to unit 1 (a read of another length or address decoded as this one, values marked good) or to
@@ -228,7 +228,7 @@ fn a_late_answer_on_an_rtu_bus_is_never_taken_for_the_next_ones() {
     let dir = tempfile::tempdir().unwrap();
     let (broker, moto) = setup(dir.path(), "rtu-late");
     let (_socat, a, b) = pty_pair(dir.path());
-    let device = ModbusDevice::rtu_slowed(dir.path(), &a, Some((5, 800)));
+    let device = ModbusDevice::rtu_slowed(dir.path(), &a, Some((5, 650)));
     let port = format!("port = \"{}\"\nbaud = 9600", b.display());
     let modbus = device_toml("unit1", "rtu", 1, 300).replace("{TRANSPORT}", &port)
         + &device_toml("unit2", "rtu", 2, 300).replace("{TRANSPORT}", &port);

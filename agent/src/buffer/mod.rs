@@ -1480,7 +1480,9 @@ impl Buffer {
             Budget {
                 records: records_left - newest.len(),
                 bytes: max_bytes.saturating_sub(newest_bytes),
-                at_least_one: out.is_empty() && newest.is_empty(),
+                // The oldest always send at least one record (before the newest, if they share a small
+                // budget): the backlog drains in order whatever the rate.
+                at_least_one: out.is_empty(),
                 skip_above: below,
             },
             &mut out,

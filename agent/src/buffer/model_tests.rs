@@ -451,7 +451,26 @@ fn a_fetch_that_cannot_read_says_so_instead_of_answering_nothing() {
             })
             .collect();
         handle.append(readings, None).await.unwrap();
-        handle.flush().await.unwrap();
+        // Sealed and readable first.
+        for _ in 0..500 {
+            handle.flush().await.unwrap();
+            if !handle
+                .fetch(10, usize::MAX)
+                .await
+                .unwrap()
+                .unwrap()
+                .is_empty()
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(!handle
+            .fetch(10, usize::MAX)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_empty());
         let other = rusqlite::Connection::open(&path).unwrap();
         other
             .busy_timeout(std::time::Duration::from_secs(5))

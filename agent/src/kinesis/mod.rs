@@ -353,8 +353,9 @@ impl Sender {
             Err(e) => {
                 self.metrics.put_calls_failed.inc();
                 let error = fieldlink_ops::aws_error::CallError::of_sdk(&e);
-                // A call that timed out was too large for the link (a slow uplink): the next ones are smaller.
-                timed_out = error.kind == "timeout";
+                // An attempt that timed out (not a connection that could not be made: an outage) was too large
+                // for the link (a slow uplink): the next calls are smaller.
+                timed_out = matches!(e, aws_sdk_kinesis::error::SdkError::TimeoutError(_));
                 throttled = matches!(
                     e.as_service_error(),
                     Some(

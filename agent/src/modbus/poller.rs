@@ -158,8 +158,7 @@ async fn poll_group(
         match res {
             Err(e) => return Err(Fault(e.to_string())),
             Ok(Err(exception)) if gateway_unreachable(exception) => {
-                m.exceptions.inc();
-                return Err(Fault(format!("gateway: {exception}")));
+                return Err(Fault(format!("{GATEWAY}{exception}")));
             }
             Ok(Err(exception)) => {
                 m.exceptions.inc();
@@ -174,7 +173,11 @@ async fn poll_group(
                     out.last.push((i, LastSent::default()));
                 }
             }
-            Ok(Ok(data)) if data.len() != usize::from(r.count) => {
+            // RTU only: over TCP the transaction id already ties an answer to its request, and a device that
+            // answers short still delivers the points that fit (below).
+            Ok(Ok(data))
+                if plan.cfg.transport == Transport::Rtu && data.len() != usize::from(r.count) =>
+            {
                 return Err(Fault(format!(
                     "answer of {} values to a request of {} ({:?} at {}): a late or foreign frame",
                     data.len(),
@@ -222,6 +225,9 @@ async fn poll_group(
     Ok(out)
 }
 
+/// How a fault from a gateway's exception begins.
+const GATEWAY: &str = "gateway: ";
+
 /// A gateway's exception saying the device behind it does not answer (0x0A path unavailable, 0x0B target failed
 /// to respond): the device is unreachable, not a point refused.
 fn gateway_unreachable(e: tokio_modbus::ExceptionCode) -> bool {
@@ -268,7 +274,12 @@ pub async fn run(
             cancel.clone(),
         ));
     }
-    while tasks.join_next().await.is_some() {}
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done {
+            // A bus task that panicked polls nothing more: say so (its devices' health stays as last set).
+            tracing::error!(error = %e, "a Modbus bus task ended abnormally");
+        }
+    }
 }
 
 /// Connects one TCP device, or opens a serial port and attaches the first device's unit id.
@@ -434,7 +445,9 @@ async fn bus(
                 // otherwise be read as the answer to the next request (RTU frames carry no transaction id); the
                 // port is then reopened with its input discarded.
                 ctx = None;
+                // (A gateway's exception is a whole frame: nothing else is on its way.)
                 if plan.cfg.transport == Transport::Rtu
+                    && !why.starts_with(GATEWAY)
                     && unless_stopped(&cancel, tokio::time::sleep(quiet_after_fault(plan)))
                         .await
                         .is_none()

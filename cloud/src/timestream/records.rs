@@ -10,8 +10,8 @@
 //!   good adds a VARCHAR measure `<measure>_quality`; a bad reading without a finite value (a Modbus exception)
 //!   lands as that quality measure alone. More than [`limits::MAX_MEASURES`] measures, or measure values of more
 //!   than [`limits::MAX_MEASURE_VALUE_BYTES`] together ([`value_bytes`]), are cut into several records (measures
-//!   in name order, each record filled as far as both limits allow: a record within them is never cut, so its
-//!   identity is the one earlier versions wrote);
+//!   in name order: pieces of [`limits::MAX_MEASURES`] as earlier versions cut them, and a piece over the bytes
+//!   cut again as far as they allow, so a piece within both limits keeps the identity earlier versions wrote);
 //! - measure name: `measure_name` from the config (default `metrics`), the same for every record;
 //! - version: a 63-bit hash of the record's content (dimensions, time, measure name, measures with types and
 //!   values), at least 1, see [`content_version`].
@@ -327,7 +327,10 @@ pub fn build(batch: &Batch, measure_name: &str) -> (Vec<TsRecord>, Vec<Refused>)
         let measures: Vec<_> = measures.into_iter().map(|(k, (v, t))| (k, v, t)).collect();
         // Split records with more measures or bytes than allowed: each chunk has its own measure set, so its own
         // identity.
-        for chunk in chunks(&measures) {
+        for chunk in measures
+            .chunks(limits::MAX_MEASURES)
+            .flat_map(within_value_bytes)
+        {
             let mut dims = dimensions.clone();
             dims.push((
                 MEASURE_SET.to_owned(),
@@ -347,10 +350,11 @@ pub fn build(batch: &Batch, measure_name: &str) -> (Vec<TsRecord>, Vec<Refused>)
     (records, refused)
 }
 
-/// The measures of one record group cut into records of at most [`limits::MAX_MEASURES`] measures and
-/// [`limits::MAX_MEASURE_VALUE_BYTES`] of values, each filled as far as both allow, in order. Every measure fits
-/// a record alone (a VARCHAR is at most [`limits::MAX_VARCHAR`] bytes).
-fn chunks(
+/// One record's worth of measures (at most [`limits::MAX_MEASURES`], cut as earlier versions cut them) cut
+/// further into records of at most [`limits::MAX_MEASURE_VALUE_BYTES`] of values, each filled as far as that
+/// allows, in order: a piece within the limit is exactly the record earlier versions wrote, whatever its
+/// neighbours. Every measure fits a record alone (a VARCHAR is at most [`limits::MAX_VARCHAR`] bytes).
+fn within_value_bytes(
     measures: &[(String, String, MeasureType)],
 ) -> impl Iterator<Item = &[(String, String, MeasureType)]> {
     let mut rest = measures;
@@ -359,7 +363,7 @@ fn chunks(
             return None;
         }
         let (mut bytes, mut n) = (0, 0);
-        for (_, value, ty) in rest.iter().take(limits::MAX_MEASURES) {
+        for (_, value, ty) in rest {
             let add = value_bytes(value, *ty);
             if n > 0 && bytes + add > limits::MAX_MEASURE_VALUE_BYTES {
                 break;
@@ -706,6 +710,34 @@ mod tests {
         let (one, _) = build(&one_device(4, 5, &all), "metrics");
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].measures.len(), 256);
+        // Over 256 measures, the pieces of 256 are cut as before and only a piece over the bytes is cut again: the
+        // piece after it keeps its identity (before, an earlier over-limit piece shifted every later cut).
+        let mut big = one_device(
+            6,
+            5,
+            &(0..300).map(|k| (k, f64::from(k))).collect::<Vec<_>>(),
+        );
+        for k in 0..3 {
+            big.readings[k].value = Value::Str("s".repeat(700));
+        }
+        let (recs, refused) = build(&big, "metrics");
+        assert!(refused.is_empty());
+        let (old, _) = build(
+            &one_device(
+                6,
+                5,
+                &(0..300).map(|k| (k, f64::from(k))).collect::<Vec<_>>(),
+            ),
+            "metrics",
+        );
+        assert_eq!(old.len(), 2);
+        assert_eq!(
+            recs.last(),
+            old.last(),
+            "the piece within the limits is the record it was"
+        );
+        // 2,100 + 253 × 8 bytes in the first 256: three records there, then the 44 as before.
+        assert_eq!(recs.len(), 4);
         // Booleans are one byte each: 256 fit too.
         assert_eq!(value_bytes("true", MeasureType::Boolean), 1);
         assert_eq!(value_bytes("-1", MeasureType::Bigint), 8);
