@@ -117,6 +117,7 @@ impl Validate for Config {
                 p.push(format!("modbus[{i}].name: {:?} is used twice", m.name));
             }
         }
+        p.extend(crate::modbus::fleet_problems(&self.modbus));
         let connections: Vec<(String, Vec<String>)> = self
             .mqtt
             .iter()

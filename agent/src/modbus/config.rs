@@ -164,6 +164,61 @@ fn default_gap() -> u16 {
     8
 }
 
+/// Longest deadband heartbeat, seconds: a year.
+const MAX_HEARTBEAT_S: u64 = 366 * 86_400;
+
+/// Problems between devices (each is `modbus[i]`): devices on one serial port (its path, or another path to the
+/// same device file) must agree on the line's settings (the port is opened with the settings of whichever device
+/// connects it) and have distinct unit ids, and no two devices may write one series.
+pub fn fleet_problems(devices: &[ModbusConfig]) -> Vec<String> {
+    let mut p = Vec::new();
+    let line = |d: &ModbusConfig| (d.baud, d.parity, d.data_bits, d.stop_bits);
+    let mut ports: Vec<(usize, String, std::path::PathBuf)> = Vec::new();
+    for (i, d) in devices.iter().enumerate() {
+        let Some(port) = d.port.as_deref().filter(|_| d.transport == Transport::Rtu) else {
+            continue;
+        };
+        let file = std::fs::canonicalize(port).unwrap_or_else(|_| port.into());
+        for (j, other_port, other_file) in &ports {
+            let o = &devices[*j];
+            if *other_file != file {
+                continue;
+            }
+            if other_port != port {
+                p.push(format!(
+                    "modbus[{i}].port: {port:?} is the serial device of modbus[{j}] ({other_port:?}): name it the same way, so its units share one bus"
+                ));
+            } else if line(o) != line(d) {
+                p.push(format!(
+                    "modbus[{i}]: baud, parity, data_bits and stop_bits must be those of modbus[{j}] on the same port {port:?}"
+                ));
+            }
+            if o.unit_id == d.unit_id {
+                p.push(format!(
+                    "modbus[{i}].unit_id: {} is modbus[{j}]'s on the same port {port:?}",
+                    d.unit_id
+                ));
+            }
+        }
+        ports.push((i, port.to_owned(), file));
+    }
+    let mut series: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (i, d) in devices.iter().enumerate() {
+        for pt in &d.points {
+            let key = super::point_series(d, pt).key;
+            match series.get(&key) {
+                Some(&j) if j != i => p.push(format!(
+                    "modbus[{i}].points: the series {key:?} is also modbus[{j}]'s (set series_prefix)"
+                )),
+                _ => {
+                    series.insert(key, i);
+                }
+            }
+        }
+    }
+    p
+}
+
 impl ModbusConfig {
     /// Problems with this device, prefixed by `path`.
     pub fn validate(&self, path: &str) -> Vec<String> {
@@ -195,6 +250,13 @@ impl ModbusConfig {
                 }
                 if self.baud == 0 {
                     p.push(format!("{path}.baud: must be positive"));
+                }
+                // 0 is the broadcast address (no unit answers it), 248..=255 are reserved.
+                if !(1..=247).contains(&self.unit_id) {
+                    p.push(format!(
+                        "{path}.unit_id: a serial unit is 1..=247, got {}",
+                        self.unit_id
+                    ));
                 }
             }
         }
@@ -258,6 +320,20 @@ impl ModbusConfig {
                     pt.address,
                     pt.size()
                 ));
+            }
+            if let Some(d) = &pt.deadband {
+                if !d.value.is_finite() || d.value < 0.0 {
+                    p.push(format!(
+                        "{at}.deadband.value: must be a finite number >= 0, got {}",
+                        d.value
+                    ));
+                }
+                if d.heartbeat_s > MAX_HEARTBEAT_S {
+                    p.push(format!(
+                        "{at}.deadband.heartbeat_s: at most {MAX_HEARTBEAT_S} (a year), got {}",
+                        d.heartbeat_s
+                    ));
+                }
             }
             if (pt.scale.is_some() || pt.offset.is_some())
                 && matches!(dtype, DataType::Bool | DataType::String)

@@ -17,7 +17,7 @@ pub mod decode;
 pub mod plan;
 mod poller;
 
-pub use config::{ModbusConfig, Parity, PointConfig, PollGroup, Transport};
+pub use config::{fleet_problems, ModbusConfig, Parity, PointConfig, PollGroup, Transport};
 pub use poller::run;
 
 use decode::{DataType, Raw, WordOrder};
@@ -261,6 +261,43 @@ address = 5
         ] {
             assert!(p.contains(needle), "{needle} missing in:\n{p}");
         }
+    }
+
+    #[test]
+    fn devices_sharing_a_port_or_a_series_are_checked_together() {
+        let rtu = |unit: u8, baud: u32, prefix: &str| -> ModbusConfig {
+            toml::from_str(
+                &DEVICE
+                    .replace(
+                        "transport = \"tcp\"\naddress = \"127.0.0.1:5020\"",
+                        &format!("transport = \"rtu\"\nport = \"/dev/ttyNONE9\"\nbaud = {baud}\nunit_id = {unit}\nseries_prefix = \"{prefix}\""),
+                    ),
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        assert!(fleet_problems(&[rtu(1, 9600, "a"), rtu(2, 9600, "b")]).is_empty());
+        let p = fleet_problems(&[rtu(1, 9600, "a"), rtu(1, 19200, "a")]).join("\n");
+        for needle in [
+            "modbus[1]: baud, parity",
+            "modbus[1].unit_id: 1 is modbus[0]'s",
+            "the series \"a/voltage\" is also modbus[0]'s",
+        ] {
+            assert!(p.contains(needle), "{needle} missing in:\n{p}");
+        }
+        // Broadcast and reserved serial unit ids, and a deadband that cannot compare.
+        let bad = rtu(0, 9600, "a");
+        assert!(bad
+            .validate("m")
+            .join("\n")
+            .contains("m.unit_id: a serial unit is 1..=247"));
+        let nan: ModbusConfig = toml::from_str(&DEVICE.replace(
+            "unit = \"V\"",
+            "unit = \"V\"\ndeadband = { mode = \"absolute\", value = nan, heartbeat_s = 99999999999 }",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let p = nan.validate("m").join("\n");
+        assert!(p.contains("points[0].deadband.value"), "{p}");
+        assert!(p.contains("points[0].deadband.heartbeat_s"), "{p}");
     }
 
     #[test]
