@@ -278,6 +278,64 @@ fn a_late_answer_on_an_rtu_bus_is_never_taken_for_the_next_ones() {
     assert!(n1 > 0 && n2 > 0, "readings of both units: {n1}, {n2}");
 }
 
+/// A device restarted between two polls (as a device or a firewall closing idle connections leaves the agent's
+/// connection dead): the next poll meets a reset, connects again at once and polls, with no fault counted and
+/// `/health` ok throughout. Before December 2026 that poll was lost and counted as a transport fault.
+#[test]
+fn a_connection_closed_while_idle_costs_no_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, moto) = setup(dir.path(), "idle");
+    let port = free_port();
+    let mut device = Some(ModbusDevice::tcp(dir.path(), port));
+    let modbus = device_toml("idle", "tcp", 1, 5000)
+        .replace("{TRANSPORT}", &format!("address = \"127.0.0.1:{port}\""));
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "idle-agent",
+        broker.port,
+        &moto.endpoint,
+        "idle",
+        "",
+        &modbus,
+    );
+    agent.start();
+    let metric = |name: &str| -> f64 {
+        http_get(agent.metrics_port, "/metrics")
+            .and_then(|m| metric_with(&m, name, "device=\"idle\""))
+            .unwrap_or(0.0)
+    };
+    let requests = || metric("fieldlink_modbus_requests_total");
+    wait_for("a first poll", Duration::from_secs(20), || {
+        (requests() >= 5.0).then_some(())
+    });
+    for round in 0..2 {
+        // Just after a poll: restart the device within the 5 s gap (pymodbus starts in 1-2 s).
+        let before = requests();
+        wait_for("the next poll", Duration::from_secs(10), || {
+            (requests() > before).then_some(())
+        });
+        device.take();
+        device = Some(ModbusDevice::tcp(dir.path(), port));
+        let polled = requests();
+        wait_for(
+            &format!("round {round}: a poll after the restart"),
+            Duration::from_secs(10),
+            || (requests() >= polled + 5.0).then_some(()),
+        );
+    }
+    let faults = metric("fieldlink_modbus_transport_errors_total");
+    let health = http_get(agent.metrics_port, "/health").unwrap();
+    agent.stop();
+    drop(device);
+    let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+    let why: Vec<&str> = log.lines().filter(|l| l.contains("unreachable")).collect();
+    assert_eq!(
+        faults, 0.0,
+        "a poll was lost to the dead idle connection: {why:?}"
+    );
+    assert!(health.contains("modbus:idle: ok"), "{health}");
+}
+
 #[test]
 fn a_dead_device_does_not_slow_the_others_and_resumes_by_itself() {
     let dir = tempfile::tempdir().unwrap();

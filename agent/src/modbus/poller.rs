@@ -225,6 +225,12 @@ async fn poll_group(
     Ok(out)
 }
 
+/// Whether a fault is the connection's I/O failing (reset, closed, broken pipe), not a timeout, a gateway's
+/// exception or a mismatched answer.
+fn is_io_error(why: &str) -> bool {
+    !why.starts_with("timeout") && !why.starts_with(GATEWAY) && !why.starts_with("answer of")
+}
+
 /// How a fault from a gateway's exception begins.
 const GATEWAY: &str = "gateway: ";
 
@@ -396,26 +402,44 @@ async fn bus(
             m.skipped_ticks.inc();
             continue;
         }
-        if ctx.is_none() {
-            let Some(connected) = unless_stopped(&cancel, connect(plan)).await else {
-                return;
-            };
-            match connected {
-                Ok(c) => ctx = Some(c),
-                Err(Fault(why)) => {
-                    fail(plan, m, &health, &mut backoff[d], &mut retry_at[d], &why);
-                    continue;
+        // A TCP connection that failed with an I/O error after idling (a device or a firewall closing idle
+        // connections: the next request meets a reset) is connected again at once and polled once more, rather
+        // than costing the poll; a fresh connection's fault counts.
+        let mut polled = None;
+        for attempt in 0..2 {
+            let fresh = ctx.is_none();
+            if ctx.is_none() {
+                let Some(connected) = unless_stopped(&cancel, connect(plan)).await else {
+                    return;
+                };
+                match connected {
+                    Ok(c) => ctx = Some(c),
+                    Err(fault) => {
+                        polled = Some(Err(fault));
+                        break;
+                    }
                 }
             }
+            let Some(c) = ctx.as_mut() else { break };
+            if shared {
+                c.set_slave(Slave(plan.cfg.unit_id));
+            }
+            let Some(result) = unless_stopped(&cancel, poll_group(c, plan, g, &last[d], m)).await
+            else {
+                return;
+            };
+            let retry = attempt == 0
+                && !fresh
+                && plan.cfg.transport == Transport::Tcp
+                && matches!(&result, Err(Fault(why)) if is_io_error(why));
+            polled = Some(result);
+            if !retry {
+                break;
+            }
+            tracing::debug!(device = %plan.cfg.name, "Modbus connection lost while idle; reconnecting at once");
+            ctx = None;
         }
-        let Some(c) = ctx.as_mut() else { continue };
-        if shared {
-            c.set_slave(Slave(plan.cfg.unit_id));
-        }
-        let Some(polled) = unless_stopped(&cancel, poll_group(c, plan, g, &last[d], m)).await
-        else {
-            return;
-        };
+        let Some(polled) = polled else { continue };
         match polled {
             Ok(Polled {
                 readings,
