@@ -316,7 +316,8 @@ impl AlarmsConfig {
                     // The agent would read its own status messages back as readings.
                     let probe = format!("{}/rule/series", self.topic_prefix);
                     for f in filters {
-                        if crate::mqtt::topic_matches(f, &probe) {
+                        // A shared subscription's messages match its filter (and MQTT 5 forbids No Local on it).
+                        if crate::mqtt::topic_matches(crate::mqtt::topic_filter(f), &probe) {
                             p.push(format!("{path}.topic_prefix: connection {conn:?} subscribes to {f:?}, which matches the status topics {}/…", self.topic_prefix));
                         }
                     }

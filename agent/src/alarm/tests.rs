@@ -404,6 +404,12 @@ fn status_topics_the_connection_subscribes_to_are_refused() {
     assert!(cfg
         .validate("alarms", &[("local".into(), vec!["sensors/#".into()])])
         .is_empty());
+    // A shared subscription matches on its filter (and MQTT 5 forbids No Local on it).
+    let p = cfg.validate(
+        "alarms",
+        &[("local".into(), vec!["$share/g/site/#".into()])],
+    );
+    assert!(p.iter().any(|p| p.contains("alarms.topic_prefix")), "{p:?}");
 }
 
 #[test]

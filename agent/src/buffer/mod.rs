@@ -1421,8 +1421,9 @@ impl Buffer {
         }
     }
 
-    /// Pending records for one `PutRecords` call: at most `max_records` and `max_bytes` (always at least one if
-    /// any is pending). They are in flight from now until acknowledged or the next call of `pending`; the
+    /// Pending records for one `PutRecords` call: at most `max_records` and about `max_bytes` (always at least one
+    /// oldest record, whatever its size: with the newest quarter beside it a call can pass `max_bytes` by that one
+    /// record, never Kinesis' 5 MiB). They are in flight from now until acknowledged or the next call of `pending`; the
     /// overflow policy does not drop records in flight. Alarm records come first, oldest first, ahead of every
     /// readings record. When more readings records are pending than fit, up to a quarter of the rest of the call
     /// (in records and in bytes) goes to the **newest** records and the rest to the oldest, so live data keeps

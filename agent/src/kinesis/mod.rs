@@ -192,7 +192,7 @@ impl Sender {
                 Ok(Ok(p)) => p,
             };
             if std::mem::take(&mut unreadable) {
-                self.backoff.reset();
+                // Readable again. (The backoff is the calls' too: a successful call resets it.)
                 self.health.set(COMPONENT, true, "");
             }
             if pending.is_empty() {

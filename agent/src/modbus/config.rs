@@ -167,9 +167,9 @@ fn default_gap() -> u16 {
 /// Longest deadband heartbeat, seconds: a year.
 const MAX_HEARTBEAT_S: u64 = 366 * 86_400;
 
-/// Problems between devices (each is `modbus[i]`): devices on one serial port (its path, or another path to the
-/// same device file) must agree on the line's settings (the port is opened with the settings of whichever device
-/// connects it) and have distinct unit ids, and no two devices may write one series.
+/// Problems between devices (each is `modbus[i]`): devices on one serial port must name it one way (not another
+/// path to the same device file, which would make two buses) and agree on the line's settings (the port is opened
+/// with the settings of whichever device connects it), and no two devices may write one series (key and tags).
 pub fn fleet_problems(devices: &[ModbusConfig]) -> Vec<String> {
     let mut p = Vec::new();
     let line = |d: &ModbusConfig| (d.baud, d.parity, d.data_bits, d.stop_bits);
@@ -193,25 +193,25 @@ pub fn fleet_problems(devices: &[ModbusConfig]) -> Vec<String> {
                     "modbus[{i}]: baud, parity, data_bits and stop_bits must be those of modbus[{j}] on the same port {port:?}"
                 ));
             }
-            if o.unit_id == d.unit_id {
-                p.push(format!(
-                    "modbus[{i}].unit_id: {} is modbus[{j}]'s on the same port {port:?}",
-                    d.unit_id
-                ));
-            }
         }
         ports.push((i, port.to_owned(), file));
     }
-    let mut series: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    // A series is its key and its tags (the device's, the point's, `unit`): two devices under one prefix told apart
+    // by a tag write distinct series.
+    let mut series: std::collections::HashMap<(String, Vec<(String, String)>), usize> =
+        std::collections::HashMap::new();
     for (i, d) in devices.iter().enumerate() {
         for pt in &d.points {
-            let key = super::point_series(d, pt).key;
-            match series.get(&key) {
+            let s = super::point_series(d, pt);
+            let mut tags = s.tags.clone();
+            tags.sort();
+            match series.get(&(s.key.clone(), tags.clone())) {
                 Some(&j) if j != i => p.push(format!(
-                    "modbus[{i}].points: the series {key:?} is also modbus[{j}]'s (set series_prefix)"
+                    "modbus[{i}].points: the series {:?} (with the same tags) is also modbus[{j}]'s (set series_prefix or a tag)",
+                    s.key
                 )),
                 _ => {
-                    series.insert(key, i);
+                    series.insert((s.key, tags), i);
                 }
             }
         }

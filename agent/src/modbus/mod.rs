@@ -279,11 +279,18 @@ address = 5
         let p = fleet_problems(&[rtu(1, 9600, "a"), rtu(1, 19200, "a")]).join("\n");
         for needle in [
             "modbus[1]: baud, parity",
-            "modbus[1].unit_id: 1 is modbus[0]'s",
-            "the series \"a/voltage\" is also modbus[0]'s",
+            "the series \"a/voltage\" (with the same tags) is also modbus[0]'s",
         ] {
             assert!(p.contains(needle), "{needle} missing in:\n{p}");
         }
+        // One prefix, told apart by a device tag: distinct series (a gateway's units, say).
+        let mut tagged = rtu(2, 9600, "a");
+        tagged.tags.insert("meter".into(), "4".into());
+        assert!(
+            fleet_problems(&[rtu(1, 9600, "a"), tagged]).is_empty(),
+            "{:?}",
+            fleet_problems(&[rtu(1, 9600, "a"), rtu(2, 9600, "a")])
+        );
         // Broadcast and reserved serial unit ids, and a deadband that cannot compare.
         let bad = rtu(0, 9600, "a");
         assert!(bad

@@ -406,6 +406,8 @@ async fn bus(
         // connections: the next request meets a reset) is connected again at once and polled once more, rather
         // than costing the poll; a fresh connection's fault counts.
         let mut polled = None;
+        // A port or connection that could not be opened sent nothing: no answer can be on its way.
+        let mut sent_nothing = false;
         for attempt in 0..2 {
             let fresh = ctx.is_none();
             if ctx.is_none() {
@@ -415,6 +417,7 @@ async fn bus(
                 match connected {
                     Ok(c) => ctx = Some(c),
                     Err(fault) => {
+                        sent_nothing = attempt == 0;
                         polled = Some(Err(fault));
                         break;
                     }
@@ -471,6 +474,7 @@ async fn bus(
                 ctx = None;
                 // (A gateway's exception is a whole frame: nothing else is on its way.)
                 if plan.cfg.transport == Transport::Rtu
+                    && !sent_nothing
                     && !why.starts_with(GATEWAY)
                     && unless_stopped(&cancel, tokio::time::sleep(quiet_after_fault(plan)))
                         .await

@@ -330,7 +330,7 @@ impl MqttConfig {
 /// The topic filter of a subscription: a shared subscription's (`$share/<group>/<filter>`, MQTT 5 and Mosquitto's
 /// 3.1.1; `$queue/<filter>`, EMQX) without its prefix. The broker delivers its messages under their own topics, so
 /// this is what a message's topic is matched against.
-pub(super) fn topic_filter(subscription: &str) -> &str {
+pub(crate) fn topic_filter(subscription: &str) -> &str {
     if let Some(rest) = subscription.strip_prefix("$share/") {
         return rest.split_once('/').map_or("", |(_, filter)| filter);
     }

@@ -29,7 +29,7 @@ pub mod payload;
 mod session;
 pub mod tls;
 
-pub(crate) use config::filter_problem;
+pub(crate) use config::{filter_problem, topic_filter};
 pub use config::{Format, MqttConfig, PayloadConfig, Protocol, Secret, TimeUnit, TopicConfig};
 
 use crate::buffer::{Ack, BufferHandle, Closed, Refused};
