@@ -65,9 +65,44 @@ impl DeviceMetrics {
     }
 }
 
-/// A transport fault: the connection is dropped and re-established with backoff.
+/// A transport fault: the connection is dropped and re-established with backoff. Its kind decides what else the
+/// bus does: wait for a serial line to fall silent, or reconnect a TCP device at once.
 #[derive(Debug)]
-struct Fault(String);
+struct Fault {
+    kind: FaultKind,
+    why: String,
+}
+
+/// What failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FaultKind {
+    /// The connection or the port could not be made: nothing was sent.
+    Connect,
+    /// No answer in time: one may still be on its way.
+    Timeout,
+    /// The connection's I/O failed or a frame could not be read (reset, closed, checksum, header mismatch).
+    Io,
+    /// An answer of another length than asked: a late or foreign frame.
+    Mismatch,
+    /// A gateway's exception 0x0A/0x0B (the device behind it does not answer): a whole frame, nothing else coming.
+    Gateway,
+}
+
+impl FaultKind {
+    /// Whether a frame may still be arriving on the line after this fault (RTU: let it fall silent first).
+    fn may_leave_a_frame(self) -> bool {
+        matches!(self, Self::Timeout | Self::Io | Self::Mismatch)
+    }
+}
+
+impl Fault {
+    fn new(kind: FaultKind, why: impl Into<String>) -> Self {
+        Self {
+            kind,
+            why: why.into(),
+        }
+    }
+}
 
 /// The next aligned tick of each poll group.
 #[derive(Debug)]
@@ -153,12 +188,20 @@ async fn poll_group(
         m.requests.inc();
         let res = tokio::time::timeout(timeout, read(ctx, r))
             .await
-            .map_err(|_| Fault(format!("timeout after {} ms", plan.cfg.timeout_ms)))?;
+            .map_err(|_| {
+                Fault::new(
+                    FaultKind::Timeout,
+                    format!("timeout after {} ms", plan.cfg.timeout_ms),
+                )
+            })?;
         let at = fieldlink_ops::unix_ms();
         match res {
-            Err(e) => return Err(Fault(e.to_string())),
+            Err(e) => return Err(Fault::new(FaultKind::Io, e.to_string())),
             Ok(Err(exception)) if gateway_unreachable(exception) => {
-                return Err(Fault(format!("{GATEWAY}{exception}")));
+                return Err(Fault::new(
+                    FaultKind::Gateway,
+                    format!("gateway: {exception}"),
+                ));
             }
             Ok(Err(exception)) => {
                 m.exceptions.inc();
@@ -178,13 +221,16 @@ async fn poll_group(
             Ok(Ok(data))
                 if plan.cfg.transport == Transport::Rtu && data.len() != usize::from(r.count) =>
             {
-                return Err(Fault(format!(
+                return Err(Fault::new(
+                    FaultKind::Mismatch,
+                    format!(
                     "answer of {} values to a request of {} ({:?} at {}): a late or foreign frame",
                     data.len(),
                     r.count,
                     r.table,
                     r.start
-                )));
+                ),
+                ));
             }
             Ok(Ok(data)) => {
                 for &(i, off) in &r.points {
@@ -196,17 +242,13 @@ async fn poll_group(
                     };
                     let value = plan.value_from_registers(i, regs);
                     let rule = p.deadband.as_ref();
+                    let numeric =
+                        |f: f64| (last[i].numeric(rule, f, at), LastSent::sent_numeric(f, at));
                     let (send, sent) = match &value {
                         Value::Str(s) => (last[i].text(rule, s, at), LastSent::sent_text(s, at)),
-                        v => {
-                            let f = match v {
-                                Value::F64(f) => *f,
-                                Value::I64(n) => *n as f64,
-                                Value::Bool(b) => f64::from(u8::from(*b)),
-                                Value::Str(_) => f64::NAN,
-                            };
-                            (last[i].numeric(rule, f, at), LastSent::sent_numeric(f, at))
-                        }
+                        Value::F64(f) => numeric(*f),
+                        Value::I64(n) => numeric(*n as f64),
+                        Value::Bool(b) => numeric(f64::from(u8::from(*b))),
                     };
                     if send {
                         out.readings.push(NewReading {
@@ -224,15 +266,6 @@ async fn poll_group(
     m.readings.add(out.readings.len() as u64);
     Ok(out)
 }
-
-/// Whether a fault is the connection's I/O failing (reset, closed, broken pipe), not a timeout, a gateway's
-/// exception or a mismatched answer.
-fn is_io_error(why: &str) -> bool {
-    !why.starts_with("timeout") && !why.starts_with(GATEWAY) && !why.starts_with("answer of")
-}
-
-/// How a fault from a gateway's exception begins.
-const GATEWAY: &str = "gateway: ";
 
 /// A gateway's exception saying the device behind it does not answer (0x0A path unavailable, 0x0B target failed
 /// to respond): the device is unreachable, not a point refused.
@@ -297,17 +330,21 @@ async fn connect(plan: &DevicePlan) -> Result<Context, Fault> {
             let address = cfg.address.clone().unwrap_or_default();
             let addr = tokio::time::timeout(timeout, tokio::net::lookup_host(&address))
                 .await
-                .map_err(|_| Fault(format!("resolving {address}: timeout")))?
-                .map_err(|e| Fault(format!("resolving {address}: {e}")))?
+                .map_err(|_| {
+                    Fault::new(FaultKind::Connect, format!("resolving {address}: timeout"))
+                })?
+                .map_err(|e| Fault::new(FaultKind::Connect, format!("resolving {address}: {e}")))?
                 .next()
-                .ok_or_else(|| Fault(format!("{address} resolves to nothing")))?;
+                .ok_or_else(|| {
+                    Fault::new(FaultKind::Connect, format!("{address} resolves to nothing"))
+                })?;
             tokio::time::timeout(
                 timeout,
                 tokio_modbus::client::tcp::connect_slave(addr, Slave(cfg.unit_id)),
             )
             .await
-            .map_err(|_| Fault(format!("connect to {address}: timeout")))?
-            .map_err(|e| Fault(format!("connect to {address}: {e}")))
+            .map_err(|_| Fault::new(FaultKind::Connect, format!("connect to {address}: timeout")))?
+            .map_err(|e| Fault::new(FaultKind::Connect, format!("connect to {address}: {e}")))
         }
         Transport::Rtu => {
             let port = cfg.port.clone().unwrap_or_default();
@@ -328,10 +365,11 @@ async fn connect(plan: &DevicePlan) -> Result<Context, Fault> {
                     tokio_serial::StopBits::One
                 });
             let stream = tokio_serial::SerialStream::open(&builder)
-                .map_err(|e| Fault(format!("opening {port}: {e}")))?;
+                .map_err(|e| Fault::new(FaultKind::Connect, format!("opening {port}: {e}")))?;
             // Whatever arrived before this request is not its answer.
-            tokio_serial::SerialPort::clear(&stream, tokio_serial::ClearBuffer::Input)
-                .map_err(|e| Fault(format!("clearing {port}'s input: {e}")))?;
+            tokio_serial::SerialPort::clear(&stream, tokio_serial::ClearBuffer::Input).map_err(
+                |e| Fault::new(FaultKind::Connect, format!("clearing {port}'s input: {e}")),
+            )?;
             Ok(tokio_modbus::client::rtu::attach_slave(
                 stream,
                 Slave(cfg.unit_id),
@@ -406,8 +444,6 @@ async fn bus(
         // connections: the next request meets a reset) is connected again at once and polled once more, rather
         // than costing the poll; a fresh connection's fault counts.
         let mut polled = None;
-        // A port or connection that could not be opened sent nothing: no answer can be on its way.
-        let mut sent_nothing = false;
         for attempt in 0..2 {
             let fresh = ctx.is_none();
             if ctx.is_none() {
@@ -417,7 +453,6 @@ async fn bus(
                 match connected {
                     Ok(c) => ctx = Some(c),
                     Err(fault) => {
-                        sent_nothing = attempt == 0;
                         polled = Some(Err(fault));
                         break;
                     }
@@ -434,7 +469,7 @@ async fn bus(
             let retry = attempt == 0
                 && !fresh
                 && plan.cfg.transport == Transport::Tcp
-                && matches!(&result, Err(Fault(why)) if is_io_error(why));
+                && matches!(&result, Err(f) if f.kind == FaultKind::Io);
             polled = Some(result);
             if !retry {
                 break;
@@ -466,16 +501,21 @@ async fn bus(
                     last[d][i] = state;
                 }
             }
-            Err(Fault(why)) => {
-                fail(plan, m, &health, &mut backoff[d], &mut retry_at[d], &why);
+            Err(fault) => {
+                fail(
+                    plan,
+                    m,
+                    &health,
+                    &mut backoff[d],
+                    &mut retry_at[d],
+                    &fault.why,
+                );
                 // Reconnect. On a serial line, first let it fall silent: a late answer still on its way would
                 // otherwise be read as the answer to the next request (RTU frames carry no transaction id); the
                 // port is then reopened with its input discarded.
                 ctx = None;
-                // (A gateway's exception is a whole frame: nothing else is on its way.)
                 if plan.cfg.transport == Transport::Rtu
-                    && !sent_nothing
-                    && !why.starts_with(GATEWAY)
+                    && fault.kind.may_leave_a_frame()
                     && unless_stopped(&cancel, tokio::time::sleep(quiet_after_fault(plan)))
                         .await
                         .is_none()
@@ -511,8 +551,19 @@ fn fail(
 
 #[cfg(test)]
 mod tests {
-    use super::gateway_unreachable;
+    use super::{gateway_unreachable, FaultKind};
     use tokio_modbus::ExceptionCode;
+
+    #[test]
+    fn only_faults_after_a_request_went_out_can_leave_a_frame_on_the_line() {
+        for kind in [FaultKind::Timeout, FaultKind::Io, FaultKind::Mismatch] {
+            assert!(kind.may_leave_a_frame(), "{kind:?}");
+        }
+        // A port that could not be opened sent nothing; a gateway's exception is a whole frame.
+        for kind in [FaultKind::Connect, FaultKind::Gateway] {
+            assert!(!kind.may_leave_a_frame(), "{kind:?}");
+        }
+    }
 
     #[test]
     fn only_a_gateways_unreachable_target_is_a_fault() {
