@@ -1615,12 +1615,6 @@ impl Buffer {
     }
 }
 
-#[cfg(test)]
-mod alarm_tests;
-#[cfg(test)]
-mod model_tests;
-#[cfg(test)]
-mod tests;
 /// How much [`take_within`] may take.
 struct Budget {
     /// Records.
@@ -1667,5 +1661,11 @@ fn take_within(
     Ok(())
 }
 
+#[cfg(test)]
+mod alarm_tests;
+#[cfg(test)]
+mod model_tests;
+#[cfg(test)]
+mod tests;
 #[cfg(test)]
 mod window_tests;

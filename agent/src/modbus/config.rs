@@ -196,23 +196,19 @@ pub fn fleet_problems(devices: &[ModbusConfig]) -> Vec<String> {
         }
         ports.push((i, port.to_owned(), file));
     }
-    // A series is its key and its tags (the device's, the point's, `unit`): two devices under one prefix told apart
-    // by a tag write distinct series.
-    let mut series: std::collections::HashMap<(String, Vec<(String, String)>), usize> =
+    // A series is its key and its tags (the device's, the point's, `unit`; in name order): two devices under one
+    // prefix told apart by a tag write distinct series.
+    let mut series: std::collections::HashMap<fieldlink_proto::Series, usize> =
         std::collections::HashMap::new();
     for (i, d) in devices.iter().enumerate() {
         for pt in &d.points {
             let s = super::point_series(d, pt);
-            let mut tags = s.tags.clone();
-            tags.sort();
-            match series.get(&(s.key.clone(), tags.clone())) {
-                Some(&j) if j != i => p.push(format!(
-                    "modbus[{i}].points: the series {:?} (with the same tags) is also modbus[{j}]'s (set series_prefix or a tag)",
-                    s.key
-                )),
-                _ => {
-                    series.insert((s.key, tags), i);
-                }
+            let key = s.key.clone();
+            let j = *series.entry(s).or_insert(i);
+            if j != i {
+                p.push(format!(
+                    "modbus[{i}].points: the series {key:?} (with the same tags) is also modbus[{j}]'s (set series_prefix or a tag)"
+                ));
             }
         }
     }

@@ -544,8 +544,8 @@ impl Compactor {
         cancel: &CancellationToken,
     ) -> Result<(Merged, bool), CompactError> {
         let hour = work.hour;
-        let read = self.inputs(store, work, scratch, cancel).await?;
-        let inputs = read.files.clone();
+        let mut read = self.inputs(store, work, scratch, cancel).await?;
+        let inputs = std::mem::take(&mut read.files);
         let (published, landing) = (&read.published, &read.landing);
         let recorded: Option<Vec<Boundary>> = match store.get(&plan::boundaries_key(hour)).await? {
             Some(bytes) => Some(
