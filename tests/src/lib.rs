@@ -469,6 +469,20 @@ pub fn metric(body: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// What the agent's delivery tests start from: a broker, moto with a Kinesis stream of `shards` shards (and an unused
+/// database and bucket), and the fault proxy in front of moto.
+pub fn broker_and_proxied_stream(
+    dir: &Path,
+    stream: &str,
+    shards: u32,
+) -> (Mosquitto, Moto, FaultProxy) {
+    let broker = Mosquitto::start(dir);
+    let moto = Moto::start(dir);
+    moto.create(stream, shards, "unused-db", "unused-table", "unused-bucket");
+    let proxy = FaultProxy::start(dir, &moto.endpoint);
+    (broker, moto, proxy)
+}
+
 /// The fault-injecting proxy (`tests/python/fault_proxy.py`) in front of an upstream (moto).
 pub struct FaultProxy {
     pub endpoint: String,

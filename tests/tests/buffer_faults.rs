@@ -22,10 +22,7 @@ fn health(agent: &AgentProc) -> String {
 #[test]
 fn a_lock_held_for_10_s_over_a_backlog_drops_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path());
-    let moto = Moto::start(dir.path());
-    moto.create("lock", 1, "unused-db", "unused-table", "unused-bucket");
-    let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
+    let (broker, moto, proxy) = broker_and_proxied_stream(dir.path(), "lock", 1);
     let mut agent = AgentProc::new(
         dir.path(),
         "lock-agent",
@@ -111,10 +108,7 @@ struct Disk {
 impl Disk {
     fn start(id: &str, overflow: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let broker = Mosquitto::start(dir.path());
-        let moto = Moto::start(dir.path());
-        moto.create("disk", 1, "unused-db", "unused-table", "unused-bucket");
-        let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
+        let (broker, moto, proxy) = broker_and_proxied_stream(dir.path(), "disk", 1);
         let fs = SmallFs::mount(dir.path(), "small", 24 * 1024 * 1024);
         let mut agent = AgentProc::new(
             fs.path.as_path(),

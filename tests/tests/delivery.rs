@@ -92,10 +92,7 @@ fn every_acknowledged_reading_survives_sigkill_at_random_moments() {
 #[test]
 fn an_outage_is_buffered_and_drained_and_a_small_cap_drops_exactly_what_it_counts() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path());
-    let moto = Moto::start(dir.path());
-    moto.create("outage", 1, "unused-db", "unused-table", "unused-bucket");
-    let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
+    let (broker, moto, proxy) = broker_and_proxied_stream(dir.path(), "outage", 1);
 
     // Ample cap: everything is kept through the outage and drains afterwards.
     let mut agent = AgentProc::new(
@@ -259,10 +256,7 @@ fn an_outage_is_buffered_and_drained_and_a_small_cap_drops_exactly_what_it_count
 fn a_backlog_drains_at_the_shards_rate_after_an_outage() {
     const RATE: f64 = 262_144.0;
     let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path());
-    let moto = Moto::start(dir.path());
-    moto.create("shard", 1, "unused-db", "unused-table", "unused-bucket");
-    let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
+    let (broker, moto, proxy) = broker_and_proxied_stream(dir.path(), "shard", 1);
     let mut agent = AgentProc::new(
         dir.path(),
         "shard-agent",
@@ -340,10 +334,7 @@ fn a_backlog_drains_at_the_shards_rate_after_an_outage() {
 #[test]
 fn rejected_entries_and_throttled_calls_lose_nothing_and_are_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path());
-    let moto = Moto::start(dir.path());
-    moto.create("faults", 2, "unused-db", "unused-table", "unused-bucket");
-    let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
+    let (broker, moto, proxy) = broker_and_proxied_stream(dir.path(), "faults", 2);
     // First every entry rejected: Kinesis answers, nothing moves, and /health says so.
     proxy.set("reject=1");
     let mut agent = AgentProc::new(
@@ -427,10 +418,7 @@ fn rejected_entries_and_throttled_calls_lose_nothing_and_are_counted() {
 fn graceful_stops_finish_the_call_in_flight_and_resend_nothing() {
     let rounds = 5;
     let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path());
-    let moto = Moto::start(dir.path());
-    moto.create("graceful", 1, "unused-db", "unused-table", "unused-bucket");
-    let proxy = FaultProxy::start(dir.path(), &moto.endpoint);
+    let (broker, moto, proxy) = broker_and_proxied_stream(dir.path(), "graceful", 1);
     let mut agent = AgentProc::new(
         dir.path(),
         "graceful-agent",

@@ -176,6 +176,13 @@ fn check_every_reading(records: &[DumpedRecord], prefix: &str, unit_offset: i64)
     checked
 }
 
+/// Units 1 and 2 of the pymodbus RTU device on serial `port` (9600 baud), polled every `interval_ms`.
+fn two_units_on(port: &Path, interval_ms: u64) -> String {
+    let port = format!("port = \"{}\"\nbaud = 9600", port.display());
+    device_toml("unit1", "rtu", 1, interval_ms).replace("{TRANSPORT}", &port)
+        + &device_toml("unit2", "rtu", 2, interval_ms).replace("{TRANSPORT}", &port)
+}
+
 /// A socat PTY pair: the device serves on the first path, the agent opens the second.
 fn pty_pair(dir: &Path) -> (Proc, std::path::PathBuf, std::path::PathBuf) {
     let (a, b) = (dir.join("ttyA"), dir.join("ttyB"));
@@ -196,9 +203,7 @@ fn two_units_share_one_rtu_bus() {
     let (broker, moto) = setup(dir.path(), "rtu");
     let (_socat, a, b) = pty_pair(dir.path());
     let _device = ModbusDevice::rtu(dir.path(), &a);
-    let port = format!("port = \"{}\"\nbaud = 9600", b.display());
-    let modbus = device_toml("unit1", "rtu", 1, 500).replace("{TRANSPORT}", &port)
-        + &device_toml("unit2", "rtu", 2, 500).replace("{TRANSPORT}", &port);
+    let modbus = two_units_on(&b, 500);
     let mut agent = AgentProc::new(
         dir.path(),
         "rtu-agent",
@@ -229,9 +234,7 @@ fn a_late_answer_on_an_rtu_bus_is_never_taken_for_the_next_ones() {
     let (broker, moto) = setup(dir.path(), "rtu-late");
     let (_socat, a, b) = pty_pair(dir.path());
     let device = ModbusDevice::rtu_slowed(dir.path(), &a, Some((5, 650)));
-    let port = format!("port = \"{}\"\nbaud = 9600", b.display());
-    let modbus = device_toml("unit1", "rtu", 1, 300).replace("{TRANSPORT}", &port)
-        + &device_toml("unit2", "rtu", 2, 300).replace("{TRANSPORT}", &port);
+    let modbus = two_units_on(&b, 300);
     let mut agent = AgentProc::new(
         dir.path(),
         "rtu-late-agent",
