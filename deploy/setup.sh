@@ -16,7 +16,7 @@ cross=1
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-pkgs=(mosquitto mosquitto-clients socat openssl systemd influxdb victoria-metrics)
+pkgs=(mosquitto mosquitto-clients socat openssl systemd influxdb victoria-metrics libfaketime)
 [ $cross = 1 ] && pkgs+=(libc6-armhf-cross qemu-user-static podman runc netavark aardvark-dns ca-certificates)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

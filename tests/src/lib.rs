@@ -685,6 +685,21 @@ impl ModbusDevice {
     }
 }
 
+/// Debian's libfaketime for threaded programs (package `libfaketime`, installed by `deploy/setup.sh`), to
+/// `LD_PRELOAD` into a process whose wall clock a test steps.
+pub fn faketime_lib() -> String {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists());
+    found
+        .expect("libfaketime missing: run deploy/setup.sh")
+        .display()
+        .to_string()
+}
+
 /// A fieldlink agent process with its config, restartable.
 pub struct AgentProc {
     pub config: PathBuf,

@@ -339,6 +339,106 @@ fn a_connection_closed_while_idle_costs_no_poll() {
     assert!(health.contains("modbus:idle: ok"), "{health}");
 }
 
+/// The agent's wall clock stepped back an hour while it polls (NTP correcting a gateway's clock, an operator
+/// setting it), through libfaketime: both poll groups of a device go on at their intervals, their readings stamped
+/// with the new time. Before December 2026 every group but one waited out the hour.
+#[test]
+fn a_clock_stepped_back_stops_no_poll_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, moto) = setup(dir.path(), "clock");
+    let device = ModbusDevice::tcp(dir.path(), free_port());
+    let modbus = format!(
+        r#"[[modbus]]
+name = "clock"
+transport = "tcp"
+address = "127.0.0.1:{}"
+timeout_ms = 500
+[[modbus.groups]]
+name = "fast"
+interval_ms = 400
+[[modbus.groups]]
+name = "slow"
+interval_ms = 1000
+[[modbus.points]]
+name = "fast"
+group = "fast"
+register = "holding"
+address = 0
+type = "i16"
+[[modbus.points]]
+name = "slow"
+group = "slow"
+register = "holding"
+address = 1
+type = "u16"
+"#,
+        device.port
+    );
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "clock-agent",
+        broker.port,
+        &moto.endpoint,
+        "clock",
+        "",
+        &modbus,
+    );
+    let offset = dir.path().join("clock-offset");
+    std::fs::write(&offset, "+0").unwrap();
+    agent.env = vec![
+        ("LD_PRELOAD".into(), faketime_lib()),
+        (
+            "FAKETIME_TIMESTAMP_FILE".into(),
+            offset.display().to_string(),
+        ),
+        ("FAKETIME_NO_CACHE".into(), "1".into()),
+        // Timers and the buffer's readiness run on the monotonic clock, which a step does not move.
+        ("DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    agent.start();
+    // Readings of each point stamped before `cut` (the stepped clock) and after it.
+    let counts = |cut: i64| -> HashMap<(String, bool), usize> {
+        let mut n = HashMap::new();
+        for r in kinesis_dump(&moto.endpoint, "clock") {
+            for (s, ts, _, _) in r.readings {
+                *n.entry((s, ts < cut)).or_insert(0) += 1;
+            }
+        }
+        n
+    };
+    let count = |n: &HashMap<(String, bool), usize>, s: &str, before: bool| -> usize {
+        n.get(&(format!("clock/{s}"), before)).copied().unwrap_or(0)
+    };
+    wait_for("readings of both groups", Duration::from_secs(30), || {
+        let n = counts(i64::MAX);
+        (count(&n, "fast", true) >= 3 && count(&n, "slow", true) >= 2).then_some(())
+    });
+    std::fs::write(&offset, "-3600").unwrap();
+    let cut = fieldlink_ops::unix_ms() - 1_800_000;
+    // 6 s hold 15 ticks of 400 ms and 6 of 1 s: wait (up to 16 s, for the seal and the send) until most came.
+    let start = Instant::now();
+    let n = loop {
+        let n = counts(cut);
+        let done = count(&n, "fast", true) >= 12 && count(&n, "slow", true) >= 5;
+        if done || start.elapsed() > Duration::from_secs(16) {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let health = http_get(agent.metrics_port, "/health").unwrap_or_default();
+    agent.stop();
+    drop(device);
+    let (fast, slow) = (count(&n, "fast", true), count(&n, "slow", true));
+    eprintln!(
+        "clock stepped back an hour: {fast} readings of the 400 ms group, {slow} of the 1 s group stamped with the new time"
+    );
+    assert!(
+        fast >= 12 && slow >= 5,
+        "a poll group stopped after the step: {fast} readings of the 400 ms group, {slow} of the 1 s group"
+    );
+    assert!(health.contains("modbus:clock: ok"), "{health}");
+}
+
 #[test]
 fn a_dead_device_does_not_slow_the_others_and_resumes_by_itself() {
     let dir = tempfile::tempdir().unwrap();

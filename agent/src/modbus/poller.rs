@@ -104,7 +104,8 @@ impl Fault {
     }
 }
 
-/// The next aligned tick of each poll group.
+/// The next aligned tick of each poll group, on the wall clock (readings of one interval line up across devices
+/// and restarts). Pure: every method takes the time.
 #[derive(Debug)]
 struct Schedule {
     /// `(device, group, interval ms, next tick ms)`.
@@ -112,8 +113,7 @@ struct Schedule {
 }
 
 impl Schedule {
-    fn new(devices: &[DevicePlan]) -> Self {
-        let now = fieldlink_ops::unix_ms();
+    fn new(devices: &[DevicePlan], now: i64) -> Self {
         let ticks = devices
             .iter()
             .enumerate()
@@ -123,13 +123,21 @@ impl Schedule {
                     .enumerate()
                     .map(move |(g, grp)| (d, g, grp.interval_ms as i64))
             })
-            .map(|(d, g, iv)| (d, g, iv, (now / iv + 1) * iv))
+            .map(|(d, g, iv)| (d, g, iv, next_tick(now, iv)))
             .collect();
         Self { ticks }
     }
 
-    /// The earliest due `(slot, at_ms)`.
-    fn next(&self) -> Option<(usize, i64)> {
+    /// The earliest due `(slot, at_ms)`. A tick more than its interval ahead of `now` was planned before the clock
+    /// was stepped back (NTP correcting a gateway's clock, an operator setting it): it moves to its next tick after
+    /// `now`. Before December 2026 it did not, and every group of the connection but the one being waited on
+    /// stayed unpolled for the length of the step.
+    fn next(&mut self, now: i64) -> Option<(usize, i64)> {
+        for t in &mut self.ticks {
+            if t.3 > now + t.2 {
+                t.3 = next_tick(now, t.2);
+            }
+        }
         self.ticks
             .iter()
             .enumerate()
@@ -137,15 +145,20 @@ impl Schedule {
             .map(|(i, t)| (i, t.3))
     }
 
-    /// Moves slot `i` to its next aligned tick after now; returns how many ticks were missed.
-    fn advance(&mut self, i: usize) -> u64 {
-        let now = fieldlink_ops::unix_ms();
+    /// Moves slot `i` to its next aligned tick after `now`; returns how many ticks were missed (a clock stepped
+    /// forward counts the ticks it stepped over).
+    fn advance(&mut self, i: usize, now: i64) -> u64 {
         let (_, _, iv, at) = &mut self.ticks[i];
-        let next = (now / *iv + 1) * *iv;
+        let next = next_tick(now, *iv);
         let missed = ((next - *at) / *iv - 1).max(0) as u64;
         *at = next;
         missed
     }
+}
+
+/// The first multiple of `interval_ms` after `now`.
+fn next_tick(now: i64, interval_ms: i64) -> i64 {
+    (now.div_euclid(interval_ms) + 1) * interval_ms
 }
 
 async fn read(
@@ -414,7 +427,7 @@ async fn bus(
         .map(|_| Backoff::new(Duration::from_millis(500), Duration::from_secs(30)))
         .collect();
     let mut retry_at: Vec<Option<Instant>> = vec![None; devices.len()];
-    let mut sched = Schedule::new(&devices);
+    let mut sched = Schedule::new(&devices, fieldlink_ops::unix_ms());
     let mut ctx: Option<Context> = None;
     let shared = devices.len() > 1
         || devices
@@ -424,16 +437,17 @@ async fn bus(
         health.set(&format!("modbus:{}", d.cfg.name), false, "not polled yet");
     }
     loop {
-        let Some((slot, at)) = sched.next() else {
+        let now = fieldlink_ops::unix_ms();
+        let Some((slot, at)) = sched.next(now) else {
             return;
         };
-        let wait = Duration::from_millis((at - fieldlink_ops::unix_ms()).max(0) as u64);
+        let wait = Duration::from_millis((at - now).max(0) as u64);
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
         let (d, g, _, _) = sched.ticks[slot];
-        let missed = sched.advance(slot);
+        let missed = sched.advance(slot, fieldlink_ops::unix_ms());
         let (plan, m) = (&devices[d], &metrics[d]);
         m.skipped_ticks.add(missed);
         if retry_at[d].is_some_and(|t| Instant::now() < t) {
@@ -551,7 +565,7 @@ fn fail(
 
 #[cfg(test)]
 mod tests {
-    use super::{gateway_unreachable, FaultKind};
+    use super::{gateway_unreachable, FaultKind, Schedule};
     use tokio_modbus::ExceptionCode;
 
     #[test]
@@ -577,5 +591,62 @@ mod tests {
         ] {
             assert!(!gateway_unreachable(e), "{e:?}");
         }
+    }
+
+    /// Runs the bus loop's schedule for `ms` of monotonic time from wall time `now`: wait for the next tick,
+    /// advance it. Returns the polls per slot, the skipped ticks and the wall time at the end.
+    fn run_for(sched: &mut Schedule, mut now: i64, ms: i64) -> (Vec<u32>, u64, i64) {
+        let (mut polls, mut skipped) = (vec![0; sched.ticks.len()], 0);
+        let mut elapsed = 0;
+        loop {
+            let (slot, at) = sched.next(now).unwrap();
+            let wait = (at - now).max(0);
+            assert!(wait <= sched.ticks[slot].2, "a wait of {wait} ms");
+            if elapsed + wait > ms {
+                return (polls, skipped, now);
+            }
+            (now, elapsed) = (now + wait, elapsed + wait);
+            skipped += sched.advance(slot, now);
+            polls[slot] += 1;
+        }
+    }
+
+    fn two_groups(now: i64) -> Schedule {
+        Schedule {
+            ticks: vec![
+                (0, 0, 1000, super::next_tick(now, 1000)),
+                (0, 1, 3000, super::next_tick(now, 3000)),
+            ],
+        }
+    }
+
+    #[test]
+    fn every_group_keeps_its_interval_when_the_clock_is_stepped_back() {
+        // From 500 ms past a second: 9 s hold 9 ticks of 1 s and 3 of 3 s.
+        let start = 1_796_000_000_500;
+        let mut sched = two_groups(start);
+        let (polls, skipped, now) = run_for(&mut sched, start, 9_000);
+        assert_eq!((polls, skipped), (vec![9, 3], 0));
+        // NTP steps the clock back an hour (a multiple of both intervals): the next 9 s are polled as the first.
+        let (polls, skipped, now) = run_for(&mut sched, now - 3_600_000, 9_000);
+        assert_eq!((polls, skipped), (vec![9, 3], 0));
+        // Back by 1.5 s, just after a tick of the 1 s group: it moves to the ticks of the new time; the 3 s
+        // group's next tick is still within its interval and stays.
+        let (polls, _, _) = run_for(&mut sched, now - 1_500, 3_000);
+        assert_eq!(polls, vec![3, 1]);
+        for t in &sched.ticks {
+            assert_eq!(t.3 % t.2, 0, "aligned");
+        }
+    }
+
+    #[test]
+    fn a_clock_stepped_forward_polls_each_group_once_and_counts_the_ticks_stepped_over() {
+        let start = 1_796_000_000_500;
+        let mut sched = two_groups(start);
+        let (_, _, now) = run_for(&mut sched, start, 3_000);
+        // A minute forward, just after both groups' tick at `now`: one poll each at once (no burst), then the
+        // intervals; of the 60 and 20 ticks stepped over, the two polled at once are not counted.
+        let (polls, skipped, _) = run_for(&mut sched, now + 60_000, 3_000);
+        assert_eq!((polls, skipped), (vec![4, 2], 59 + 19));
     }
 }
