@@ -19,6 +19,10 @@ Every request is forwarded to UPSTREAM_URL unchanged, except Kinesis PutRecords 
 Rejected entries are never sent to moto, so "failed" is true. With `down` set, every request gets a
 connection reset (an unreachable service).
 
+With `max_skew_s` set (0 = off), any request signed (`X-Amz-Date`) more than that many seconds from this host's
+clock is refused with 400 InvalidSignatureException "Signature expired", as AWS refuses a signature more than
+5 minutes off (moto checks no signature); the answer carries this host's `Date`, as AWS's does.
+
 Timestream WriteRecords calls may be
   - refused whole with ThrottlingException                           (share `ts_throttle`),
   - forwarded without some records, answered with RejectedRecordsException naming them with a reason, as
@@ -33,10 +37,11 @@ S3 (the compactor's writes):
     412 PreconditionFailed), as S3 does: moto checks `If-Match` on PutObject but not on the completion.
 
 Control: GET /__fault/set?throttle=0.2&throttle_every=0&reject=0.3&reset=0.1&ts_throttle=0.3&ts_reject=0.1&down=0&delay_ms=0
-             &hold_parts=0&release_parts=0&dynamodb_down=0
+             &hold_parts=0&release_parts=0&dynamodb_down=0&max_skew_s=0
          GET /__fault/stats  (JSON counters).
 """
 import base64
+import calendar
 import http.client
 import http.server
 import json
@@ -51,11 +56,12 @@ import urllib.parse
 
 UPSTREAM = urllib.parse.urlparse(sys.argv[1])
 state = {"throttle": 0.0, "throttle_every": 0.0, "reject": 0.0, "reset": 0.0, "ts_throttle": 0.0, "ts_reject": 0.0, "down": False, "delay_ms": 0.0,
-         "hold_parts": False, "dynamodb_down": False, "shard_bytes_per_s": 0.0}
+         "hold_parts": False, "dynamodb_down": False, "shard_bytes_per_s": 0.0, "max_skew_s": 0.0}
 stats = {"calls": 0, "throttled_calls": 0, "rejected_entries": 0, "forwarded_entries": 0, "refused_connections": 0, "reset_before": 0, "reset_after": 0,
          "ts_calls": 0, "ts_throttled_calls": 0, "ts_rejected_records": 0, "ts_forwarded_records": 0,
          "shard_accepted_bytes": 0, "shard_refused_entries": 0,
-         "held_parts": 0, "released_parts": 0, "released_answers": [], "dynamodb_refused": 0, "multipart_if_match_refused": 0}
+         "held_parts": 0, "released_parts": 0, "released_answers": [], "dynamodb_refused": 0, "multipart_if_match_refused": 0,
+         "skew_refused": 0}
 lock = threading.Lock()
 rng = random.Random(7)
 released = threading.Event()
@@ -94,7 +100,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if url.path == "/__fault/set":
             q = urllib.parse.parse_qs(url.query)
             with lock:
-                for k in ("throttle", "throttle_every", "reject", "reset", "ts_throttle", "ts_reject", "delay_ms", "shard_bytes_per_s"):
+                for k in ("throttle", "throttle_every", "reject", "reset", "ts_throttle", "ts_reject", "delay_ms", "shard_bytes_per_s", "max_skew_s"):
                     if k in q:
                         state[k] = float(q[k][0])
                 for k in ("down", "hold_parts", "dynamodb_down"):
@@ -119,6 +125,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(2)
             return
+        refused = self.signature_expired()
+        if refused:
+            return self.reply(*refused)
         target = self.headers.get("X-Amz-Target", "")
         if target.startswith("DynamoDB_") and state["dynamodb_down"]:
             with lock:
@@ -188,6 +197,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
             stats["forwarded_entries"] += len(results)
         body = json.dumps({"FailedRecordCount": failed, "Records": out}).encode()
         self.reply(200, body, [("Content-Type", "application/x-amz-json-1.1")])
+
+    def signature_expired(self):
+        """Under `max_skew_s`: AWS's answer to a request signed too far from its clock, or None."""
+        amz = self.headers.get("X-Amz-Date")
+        if not state["max_skew_s"] or not amz:
+            return None
+        signed = calendar.timegm(time.strptime(amz, "%Y%m%dT%H%M%SZ"))
+        now = time.time()
+        if abs(now - signed) <= state["max_skew_s"]:
+            return None
+        with lock:
+            stats["skew_refused"] += 1
+        fmt = lambda t: time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t))
+        limit = state["max_skew_s"]
+        why = (f"Signature expired: {amz} is now earlier than {fmt(now - limit)} ({fmt(now)} - {limit / 60:g} min.)"
+               if signed < now else
+               f"Signature not yet current: {amz} is still later than {fmt(now + limit)} ({fmt(now)} + {limit / 60:g} min.)")
+        err = {"__type": "InvalidSignatureException", "message": why}
+        return 400, json.dumps(err).encode(), [("Content-Type", "application/x-amz-json-1.1")]
 
     def forward_when_released(self, body):
         released.wait()

@@ -685,19 +685,27 @@ impl ModbusDevice {
     }
 }
 
-/// Debian's libfaketime for threaded programs (package `libfaketime`, installed by `deploy/setup.sh`), to
-/// `LD_PRELOAD` into a process whose wall clock a test steps.
-pub fn faketime_lib() -> String {
-    let found = std::fs::read_dir("/usr/lib")
+/// The environment that runs a process under Debian's libfaketime (package `libfaketime`, installed by
+/// `deploy/setup.sh`) with its wall clock set by `setting`: `("FAKETIME", "-7200")` (two hours behind), or
+/// `("FAKETIME_TIMESTAMP_FILE", path)` to step it while it runs (the file read at every call). The monotonic clock
+/// is left alone, as a clock step leaves it.
+pub fn faketime_env(setting: (&str, &str)) -> Vec<(String, String)> {
+    let lib = std::fs::read_dir("/usr/lib")
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
-        .find(|p| p.exists());
-    found
-        .expect("libfaketime missing: run deploy/setup.sh")
-        .display()
-        .to_string()
+        .find(|p| p.exists())
+        .expect("libfaketime missing: run deploy/setup.sh");
+    [
+        ("LD_PRELOAD", lib.display().to_string().as_str()),
+        ("DONT_FAKE_MONOTONIC", "1"),
+        ("FAKETIME_NO_CACHE", "1"),
+        setting,
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
 }
 
 /// A fieldlink agent process with its config, restartable.

@@ -331,6 +331,59 @@ fn a_backlog_drains_at_the_shards_rate_after_an_outage() {
     agent.stop();
 }
 
+/// A gateway whose clock is off by hours (booted without a battery-backed clock before NTP, or on a plant network
+/// without NTP): AWS refuses a signature more than 5 minutes from its clock, so every call would fail and the
+/// buffer fill until the clock is set. The AWS SDK measures the skew from the service's `Date` and signs by it;
+/// this test holds the agent to that, for a clock behind and one ahead, through a proxy that refuses signatures
+/// as AWS does (moto checks none).
+#[test]
+fn a_gateway_clock_hours_off_still_sends_everything_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, moto, proxy) = broker_and_proxied_stream(dir.path(), "skew", 1);
+    proxy.set("max_skew_s=300");
+    let mut acked = Vec::new();
+    for (i, offset) in ["-7200", "+5400"].into_iter().enumerate() {
+        let mut agent = AgentProc::new(
+            dir.path(),
+            &format!("skew-agent-{i}"),
+            broker.port,
+            &proxy.endpoint,
+            "skew",
+            "",
+            "",
+        );
+        agent.env = faketime_env(("FAKETIME", offset));
+        agent.start();
+        let refused = proxy.stats()["skew_refused"].as_u64().unwrap();
+        acked.extend(publish_numbered_from(
+            broker.port,
+            i as u64 * 1000,
+            300,
+            300.0,
+            0,
+            dir.path(),
+        ));
+        let health = wait_for(
+            &format!("clock {offset} s: everything sent"),
+            Duration::from_secs(60),
+            || {
+                (agent.metric("fieldlink_readings_sent_total") >= 300.0)
+                    .then(|| http_get(agent.metrics_port, "/health"))
+                    .flatten()
+            },
+        );
+        agent.stop();
+        let now_refused = proxy.stats()["skew_refused"].as_u64().unwrap();
+        eprintln!("clock {offset} s: {} calls refused for their signature's time before the agent signed by Kinesis' clock", now_refused - refused);
+        assert!(
+            now_refused > refused,
+            "the proxy refused no call of the agent whose clock is {offset} s off: the test would not see a failure"
+        );
+        assert!(health.contains("kinesis: ok"), "{health}");
+    }
+    assert_exactly_once(&acked, &kinesis_dump(&moto.endpoint, "skew"));
+}
+
 #[test]
 fn rejected_entries_and_throttled_calls_lose_nothing_and_are_counted() {
     let dir = tempfile::tempdir().unwrap();

@@ -385,16 +385,7 @@ type = "u16"
     );
     let offset = dir.path().join("clock-offset");
     std::fs::write(&offset, "+0").unwrap();
-    agent.env = vec![
-        ("LD_PRELOAD".into(), faketime_lib()),
-        (
-            "FAKETIME_TIMESTAMP_FILE".into(),
-            offset.display().to_string(),
-        ),
-        ("FAKETIME_NO_CACHE".into(), "1".into()),
-        // Timers and the buffer's readiness run on the monotonic clock, which a step does not move.
-        ("DONT_FAKE_MONOTONIC".into(), "1".into()),
-    ];
+    agent.env = faketime_env(("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()));
     agent.start();
     // Readings of each point stamped before `cut` (the stepped clock) and after it.
     let counts = |cut: i64| -> HashMap<(String, bool), usize> {
