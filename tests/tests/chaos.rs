@@ -8,8 +8,9 @@
 //! rejects entries, resets connections (before or after moto took the call) or is down for 10 s; another process holds
 //! the buffer's write lock; the buffer's filesystem is filled; the buffer file is replaced (as an operator re-images
 //! a box: intake stopped, the buffer drained to Kinesis, a graceful stop, the files deleted, a start under the same
-//! agent_id with a new epoch); kill -9 one cloud worker; restart the cloud. Faults with a duration overlap the events
-//! that follow them.
+//! agent_id with a new epoch); kill -9 one cloud worker; restart the cloud; step the agent's wall clock (as NTP does,
+//! by 1 minute to 2 hours either way, through libfaketime; the proxy refuses signatures more than 5 minutes off, as
+//! AWS does). Faults with a duration overlap the events that follow them.
 //!
 //! Checked: every acknowledged number exactly once in Parquet and in Timestream (numbers the agent took but the
 //! broker never acknowledged to the publisher at most once), nothing else landed, no Timestream conflict or erased
@@ -54,9 +55,10 @@ enum Event {
     ReplaceBuffer,
     KillWorker,
     RestartCloud,
+    StepClock,
 }
 
-const EVENTS: [Event; 11] = [
+const EVENTS: [Event; 12] = [
     Event::KillAgent,
     Event::RestartBroker,
     Event::KinesisThrottle,
@@ -68,6 +70,7 @@ const EVENTS: [Event; 11] = [
     Event::ReplaceBuffer,
     Event::KillWorker,
     Event::RestartCloud,
+    Event::StepClock,
 ];
 
 /// The end of a fault with a duration.
@@ -108,6 +111,8 @@ struct Chaos {
     workers: [Option<Cloud>; 2],
     lock: Option<Proc>,
     ballast: PathBuf,
+    /// The agent's wall-clock offset in seconds (libfaketime reads it at every call).
+    clock: PathBuf,
     /// Faults under way and when they end.
     undos: Vec<(Instant, Undo)>,
     /// When the schedule started.
@@ -200,7 +205,7 @@ impl Chaos {
             Event::HoldLock | Event::ReplaceBuffer => matches!(u, Undo::ReleaseLock),
             Event::FillDisk => matches!(u, Undo::RemoveBallast),
             Event::KillWorker | Event::RestartCloud => matches!(u, Undo::StartWorker(_)),
-            Event::KillAgent | Event::RestartBroker => false,
+            Event::KillAgent | Event::RestartBroker | Event::StepClock => false,
         }
     }
 
@@ -274,6 +279,14 @@ impl Chaos {
                 self.workers[i].take().unwrap().proc.kill();
                 Some((secs(1, 6), Undo::StartWorker(i)))
             }
+            Event::StepClock => {
+                // 1 minute to about 2 hours, back for p < 500, forward above; from real time, so the step from
+                // the clock before is anything up to 4 hours either way.
+                let secs = 60 + (p % 500) as i64 * 14;
+                let offset = if p < 500 { -secs } else { secs };
+                std::fs::write(&self.clock, format!("{offset:+}")).unwrap();
+                None
+            }
             Event::RestartCloud => {
                 for i in 0..2 {
                     self.sample_worker(i);
@@ -345,7 +358,7 @@ impl Chaos {
             metrics_port: self.agent.metrics_port,
             log: self.agent.log.clone(),
             proc: None,
-            env: Vec::new(),
+            env: self.agent.env.clone(),
             launcher: Vec::new(),
         };
         self.backlog = self.read_backlog();
@@ -508,6 +521,10 @@ fn every_acknowledged_reading_lands_exactly_once_under_a_random_fault_schedule()
         "",
     );
     agent.log = dir.join(format!("{AGENT}.log"));
+    let clock = dir.join("agent-clock-offset");
+    std::fs::write(&clock, "+0").unwrap();
+    agent.env = faketime_env(("FAKETIME_TIMESTAMP_FILE", clock.to_str().unwrap()));
+    proxy.set("max_skew_s=300");
     let config = std::fs::read_to_string(&agent.config).unwrap();
     let drain = config
         .replacen("name = \"local\"", "name = \"drain\"", 1)
@@ -533,6 +550,7 @@ fn every_acknowledged_reading_lands_exactly_once_under_a_random_fault_schedule()
         backlog: 0.0,
         workers: [None, None],
         lock: None,
+        clock,
         undos: Vec::new(),
         t0: Instant::now(),
         stats: Stats::default(),
