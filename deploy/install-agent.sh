@@ -8,8 +8,9 @@
 # `fieldlink`, /etc/fieldlink/agent.toml from the example only if there is none (root:fieldlink, 0640; an existing
 # configuration is never touched), /var/lib/fieldlink (the buffer; fieldlink, 0750), the example beside the docs.
 # On a running systemd it enables the service without starting it (the example names no real broker or stream) and
-# restarts an agent that is running (an upgrade: it seals and drains on SIGTERM, the new binary resumes from the
-# same buffer). POSIX sh, so it runs under BusyBox too.
+# restarts an agent that is running if the new version accepts its configuration (an upgrade: it seals and drains
+# on SIGTERM, the new binary resumes from the same buffer). Site changes to the unit belong in a drop-in
+# (/etc/systemd/system/fieldlink-agent.service.d/*.conf): an upgrade replaces the unit. POSIX sh (BusyBox works).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=${DESTDIR:-}
@@ -33,6 +34,20 @@ uid=$(sed -n 's/^fieldlink:[^:]*:\([0-9]*\):.*/\1/p' "$root/etc/passwd")
 
 upgrade=0
 [ -e "$root/usr/bin/fieldlink-agent" ] && upgrade=1
+# An upgrade restarts a running agent only if the new version accepts the configuration (a refused one would stop
+# a working agent for good: ExecStartPre runs check-config); the running agent keeps the old version meanwhile.
+# Into another root likewise, if the binary runs here (it may be for another architecture).
+accepted=1
+if [ "$upgrade" = 1 ] && [ -e "$root/etc/fieldlink/agent.toml" ] && "$here/fieldlink-agent" --version >/dev/null 2>&1
+then
+    if ! problems=$("$here/fieldlink-agent" check-config --config "$root/etc/fieldlink/agent.toml" 2>&1); then
+        accepted=0
+        echo "fieldlink-agent: NOT restarted: this version refuses /etc/fieldlink/agent.toml:" >&2
+        echo "$problems" >&2
+        echo "fieldlink-agent: a running agent keeps the old version; fix the configuration, check it with" \
+            "'fieldlink-agent check-config', then 'systemctl restart fieldlink-agent'." >&2
+    fi
+fi
 mkdir -p "$root/usr/bin" "$root/etc/systemd/system" "$root/etc/fieldlink" "$root/usr/share/doc/fieldlink-agent"
 # Replace the binary by rename, so a running agent keeps its old file.
 cp "$here/fieldlink-agent" "$root/usr/bin/.fieldlink-agent.new"
@@ -50,13 +65,15 @@ if [ ! -e "$root/etc/fieldlink/agent.toml" ]; then
     fresh=1
 fi
 mkdir -p "$root/var/lib/fieldlink"
-chown "$uid:$gid" "$root/var/lib/fieldlink"
+# The whole tree: a buffer kept across a re-image belongs to the old uid, and systemd's StateDirectory= fixes
+# ownership only when the directory itself is not already the user's.
+chown -R "$uid:$gid" "$root/var/lib/fieldlink"
 chmod 0750 "$root/var/lib/fieldlink"
 
 if [ -z "$root" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
     systemctl enable fieldlink-agent.service >/dev/null 2>&1 || true
-    [ "$upgrade" = 1 ] && systemctl try-restart fieldlink-agent.service || true
+    if [ "$upgrade" = 1 ] && [ "$accepted" = 1 ]; then systemctl try-restart fieldlink-agent.service || true; fi
 fi
 if [ "$fresh" = 1 ]; then
     echo "fieldlink-agent: edit /etc/fieldlink/agent.toml, check it with 'fieldlink-agent check-config'," \

@@ -102,12 +102,25 @@ if [ "$1" = configure ]; then
     gid=$(sed -n 's/^fieldlink:[^:]*:\([0-9]*\):.*/\1/p' "${DPKG_ROOT:-}/etc/group")
     chown "root:$gid" "${DPKG_ROOT:-}/etc/fieldlink/agent.toml"
     chmod 0640 "${DPKG_ROOT:-}/etc/fieldlink/agent.toml"
+    # An upgrade restarts a running agent only if the new version accepts the configuration: a refused one would
+    # stop a working agent for good (ExecStartPre runs check-config). The running agent keeps the old version.
+    accepted=1
+    if [ -n "$2" ]; then
+        if ! problems=$("${DPKG_ROOT:-}/usr/bin/fieldlink-agent" check-config \
+                --config "${DPKG_ROOT:-}/etc/fieldlink/agent.toml" 2>&1); then
+            accepted=0
+            echo "fieldlink-agent: NOT restarted: this version refuses /etc/fieldlink/agent.toml:" >&2
+            echo "$problems" >&2
+            echo "fieldlink-agent: a running agent keeps the old version; fix the configuration, check it with" \
+                "'fieldlink-agent check-config', then 'systemctl restart fieldlink-agent'." >&2
+        fi
+    fi
     if [ -z "${DPKG_ROOT:-}" ] && command -v systemctl >/dev/null; then
         if [ -d /run/systemd/system ]; then
             systemctl daemon-reload || true
         fi
         systemctl enable fieldlink-agent.service >/dev/null 2>&1 || true
-        if [ -n "$2" ] && [ -d /run/systemd/system ]; then
+        if [ -n "$2" ] && [ "$accepted" = 1 ] && [ -d /run/systemd/system ]; then
             systemctl try-restart fieldlink-agent.service || true
         fi
     fi

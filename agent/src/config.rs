@@ -91,6 +91,23 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         fieldlink_ops::config::load(path)
     }
+
+    /// What a valid configuration may still get wrong on this host, each naming its field: printed by
+    /// `check-config` and logged at start, never refused (a test may want its buffer in RAM).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = self
+            .windows
+            .dedup_warnings("windows", self.order.dedup_window_ms);
+        if let Some(fs) = crate::buffer::volatile_filesystem(&self.buffer.path) {
+            w.push(format!(
+                "buffer.path: {} is on a {fs} (memory): every reading buffered there is lost at a reboot or a \
+                 power loss, whatever `durability` says (a read-only root filesystem often mounts /var/lib so); \
+                 put it on persistent storage (under systemd also allow it: ReadWritePaths= in a drop-in)",
+                self.buffer.path.display()
+            ));
+        }
+        w
+    }
 }
 
 impl Validate for Config {
@@ -172,6 +189,23 @@ mod tests {
         let cfg = Config::from_toml(&format!("{base}{}", &readme[start..end]))
             .unwrap_or_else(|e| panic!("README.md, Edge rules: {e}"));
         assert_eq!((cfg.alarms.rules.len(), cfg.windows.rules.len()), (2, 1));
+    }
+
+    #[test]
+    fn a_buffer_in_memory_is_warned_of() {
+        let with_path = |path: &str| {
+            let example_path = EXAMPLE.lines().find(|l| l.starts_with("path = ")).unwrap();
+            let text = EXAMPLE.replacen(example_path, &format!("path = {path:?}"), 1);
+            Config::from_toml(&text).unwrap().warnings().join("\n")
+        };
+        // /dev/shm is a tmpfs on Linux (containers included); the build directory is not.
+        let shm = with_path("/dev/shm/fieldlink-test/buffer.db");
+        assert!(
+            shm.contains("buffer.path") && shm.contains("tmpfs"),
+            "{shm}"
+        );
+        let disk = with_path(concat!(env!("CARGO_MANIFEST_DIR"), "/buffer.db"));
+        assert!(!disk.contains("buffer.path"), "{disk}");
     }
 
     #[test]

@@ -76,6 +76,9 @@ fn main() -> anyhow::Result<()> {
                         println!("{line}");
                     }
                 }
+                for w in cfg.warnings() {
+                    println!("warning: {w}");
+                }
                 Ok(())
             }
             Err(e) => {

@@ -37,10 +37,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
         .publish_connection
         .as_ref()
         .map(|_| crate::alarm::StatusBoard::new());
-    for w in cfg
-        .windows
-        .dedup_warnings("windows", cfg.order.dedup_window_ms)
-    {
+    for w in cfg.warnings() {
         tracing::warn!("{w}");
     }
     let (buffer, buffer_thread) = buffer::spawn_with_rules(

@@ -10,12 +10,45 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Runs a command that must succeed; its stdout and stderr.
+fn said(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
 fn dpkg(scratch: &Path, args: &[&str]) -> String {
-    run(Command::new("dpkg")
-        .arg(format!("--root={}", scratch.display()))
-        // Scripts run outside a chroot with $DPKG_ROOT set; libc6 is not "installed" in the scratch root.
-        .args(["--force-script-chrootless", "--force-depends"])
-        .args(args))
+    said(
+        Command::new("dpkg")
+            .arg(format!("--root={}", scratch.display()))
+            // Scripts run outside a chroot with $DPKG_ROOT set; libc6 is not "installed" in the scratch root.
+            .args(["--force-script-chrootless", "--force-depends"])
+            .args(args),
+    )
+}
+
+/// A configuration this version refuses (an unknown key), as an upgrade may meet one that an earlier version
+/// accepted: the upgrade says so and does not restart the agent.
+fn refused_config(conf: &Path) -> String {
+    let text = std::fs::read_to_string(conf).unwrap();
+    std::fs::write(
+        conf,
+        text.replacen("[buffer]", "[buffer]\nmax_bytez = 5", 1),
+    )
+    .unwrap();
+    text
+}
+
+fn assert_not_restarted(said: &str) {
+    assert!(
+        said.contains("NOT restarted") && said.contains("max_bytez"),
+        "{said}"
+    );
 }
 
 /// `d/root` with empty account files and an empty dpkg database.
@@ -147,8 +180,14 @@ fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping
     std::fs::write(&conf, &edited).unwrap();
     let said = dpkg(&scratch, &["-i", deb.to_str().unwrap()]);
     assert!(!said.contains("edit /etc/fieldlink/agent.toml"), "{said}");
+    assert!(!said.contains("NOT restarted"), "{said}");
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), edited);
     assert_eq!(fieldlink_users(&scratch).len(), 1);
+
+    // An upgrade over a configuration the new version refuses: installed, not restarted, the problem named.
+    let kept = refused_config(&conf);
+    assert_not_restarted(&dpkg(&scratch, &["-i", deb.to_str().unwrap()]));
+    std::fs::write(&conf, kept).unwrap();
 
     // Remove keeps the configuration; purge removes it but keeps the buffer directory (unsent readings).
     let state = scratch.join("var/lib/fieldlink");
@@ -210,7 +249,7 @@ fn the_tarball_installs_into_a_root_and_a_second_install_keeps_the_edited_config
         .arg("-C")
         .arg(d));
     let scratch = scratch_root(d);
-    let install = || run(Command::new(d.join(&name).join("install.sh")).env("DESTDIR", &scratch));
+    let install = || said(Command::new(d.join(&name).join("install.sh")).env("DESTDIR", &scratch));
     let said = install();
     assert!(said.contains("edit /etc/fieldlink/agent.toml"), "{said}");
 
@@ -262,8 +301,22 @@ fn the_tarball_installs_into_a_root_and_a_second_install_keeps_the_edited_config
     std::fs::write(&conf, &edited).unwrap();
     let said = install();
     assert!(said.contains("kept /etc/fieldlink/agent.toml"), "{said}");
+    assert!(!said.contains("NOT restarted"), "{said}");
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), edited);
     assert_eq!(fieldlink_users(&scratch).len(), 1);
+    // Over a configuration this version refuses: said, and the configuration left as it is.
+    let kept = refused_config(&conf);
+    let refused = std::fs::read_to_string(&conf).unwrap();
+    assert_not_restarted(&install());
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), refused);
+    std::fs::write(&conf, kept).unwrap();
+    // A buffer kept from another install (another uid, as after a re-image) is given to the user.
+    let buffer = scratch.join("var/lib/fieldlink/buffer.db");
+    std::fs::write(&buffer, "unsent").unwrap();
+    std::os::unix::fs::chown(&buffer, Some(uid + 1), Some(gid + 1)).unwrap();
+    install();
+    let meta = std::fs::metadata(&buffer).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (uid, gid));
     eprintln!(
         "tarball: {} ({} bytes) installed into a root and again over an edited configuration",
         tarball.display(),

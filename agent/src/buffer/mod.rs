@@ -262,6 +262,21 @@ pub struct RefusedRow {
     pub payload_hex: Option<String>,
 }
 
+/// The kind of memory-backed filesystem (`tmpfs`, `ramfs`) that `path` would be written to — the filesystem of
+/// its nearest existing ancestor — or `None` for any other, or if it cannot be asked.
+pub fn volatile_filesystem(path: &Path) -> Option<&'static str> {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let fs = rustix::fs::statfs(existing).ok()?;
+    // `f_type` is signed on some targets; the magic numbers fit in 32 bits.
+    match fs.f_type as u64 & 0xffff_ffff {
+        TMPFS_MAGIC => Some("tmpfs"),
+        RAMFS_MAGIC => Some("ramfs"),
+        _ => None,
+    }
+}
+
 /// Reads the newest `limit` refused messages, oldest first, from a buffer file without changing it (the
 /// agent may be running: WAL mode lets a reader in).
 pub fn read_refused(path: &Path, limit: usize) -> Result<Vec<RefusedRow>, BufferError> {
