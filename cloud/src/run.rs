@@ -58,12 +58,13 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
 
     let timestream = match &cfg.timestream {
         Some(t) => {
-            let client = timestream::client(&sdk, endpoint_override)
-                .await
-                .map_err(RunError::Sink)?;
+            let Some(client) = timestream::client(&sdk, endpoint_override, &health, &cancel).await
+            else {
+                return Ok(());
+            };
             let window = timestream::time_window(&client, t).await;
             tracing::info!(window = ?window, "Timestream table");
-            Some((client, t.clone(), window, monitor("timestream")))
+            Some((client, t.clone(), window, monitor(timestream::NAME)))
         }
         None => None,
     };
@@ -125,6 +126,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
                 &registry,
                 lease_cancel.clone(),
             );
+            let compactor = compactor.with_health(health.clone());
             let c = cancel.clone();
             Some((tokio::spawn(async move { compactor.run(c).await }), keeper))
         }
@@ -240,12 +242,11 @@ pub async fn compact(
         ));
     };
     // One round is a job, not a service: nothing scrapes it, and it must not clash with a `run` on the same host.
-    let registry = if once {
-        fieldlink_ops::metrics::Registry::new()
+    let (registry, health) = if once {
+        (fieldlink_ops::metrics::Registry::new(), None)
     } else {
-        Telemetry::start(cfg.metrics_listen, cancel.clone())
-            .await?
-            .registry
+        let t = Telemetry::start(cfg.metrics_listen, cancel.clone()).await?;
+        (t.registry, Some(t.health))
     };
     let sdk = cfg.aws.sdk_config().await;
     let location = Location::parse(&p.location).map_err(RunError::Sink)?;
@@ -277,6 +278,10 @@ pub async fn compact(
             .map_err(|e| RunError::Sink(format!("compaction: {e}")))
     } else {
         tracing::info!(location = %p.location, "compactor running");
+        let compactor = match health {
+            Some(h) => compactor.with_health(h),
+            None => compactor,
+        };
         compactor.run(cancel).await;
         Ok(0)
     };

@@ -1123,3 +1123,59 @@ fn a_lease_of_a_shard_gone_from_the_stream_is_ended_not_retried_for_good() {
         "no error logged for the gone shard"
     );
 }
+
+/// Timestream's endpoint discovery failing at start (a regional outage, the task role's credentials not there yet,
+/// no route to Timestream; here real AWS with made-up credentials, or no network at all) leaves the service up,
+/// `/health` failing for `timestream` with the error while it retries; a stop ends it cleanly. Before December
+/// 2026 one failed attempt ended the process, and an orchestrator restarted it in a loop.
+#[test]
+fn a_failing_timestream_endpoint_discovery_keeps_the_service_up_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let local = dir.path().join("parquet");
+    // No endpoint override: discovery is used, as against AWS.
+    let config = cloud_toml(
+        port,
+        "http://unused",
+        "discovery",
+        "w",
+        local.to_str().unwrap(),
+        "",
+    )
+    .replace(
+        "endpoint_url = \"http://unused\"\n",
+        "connect_timeout_ms = 2000\nattempt_timeout_ms = 3000\n",
+    );
+    let mut cloud = Cloud::start_config(dir.path(), "discovery", port, &config);
+    let failing = wait_for(
+        "/health to fail for timestream",
+        Duration::from_secs(60),
+        || {
+            http_status(port, "/health").filter(|(status, body)| {
+                *status == 503 && body.contains("timestream: FAIL endpoint discovery failed")
+            })
+        },
+    );
+    // Still up after further attempts (1 s, then about 2 s and 4 s of backoff).
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(
+        cloud.proc.exited().is_none(),
+        "the service exited: {}",
+        cloud.proc.log_text()
+    );
+    let attempts = cloud
+        .proc
+        .log_text()
+        .matches("Timestream endpoint discovery failed")
+        .count();
+    assert!(
+        attempts >= 2,
+        "{attempts} attempts:\n{}",
+        cloud.proc.log_text()
+    );
+    cloud.proc.terminate(Duration::from_secs(30));
+    eprintln!(
+        "endpoint discovery failing: {attempts} attempts, /health said {:?}",
+        failing.1.trim()
+    );
+}

@@ -752,3 +752,61 @@ fn conditional_writes_replace_only_the_version_read() {
     let uploads = String::from_utf8(cmd.output().unwrap().stdout).unwrap();
     assert_eq!(uploads.trim(), "0", "a refused upload was left behind");
 }
+
+/// A compactor that cannot write its `work_dir` (a read-only root file system, a volume not mounted: here the
+/// path is a file) publishes nothing; before December 2026 only its log and a counter said so, `/health` stayed ok.
+/// Now `/health` fails for `compaction` after three failed rounds in a row, naming the error, and recovers once
+/// the directory can be made; the hours are then published with every row once.
+#[test]
+fn a_compactor_that_cannot_write_its_work_dir_fails_health_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start(dir.path());
+    let table = "leases-ro";
+    let location = "s3://bronze-ro/bronze".to_owned();
+    shard_lease(&moto.endpoint, table, None);
+    let mut rng = fastrand::Rng::with_seed(11);
+    let landed = dir.path().join("landed");
+    let mut expected: BTreeSet<Id> = BTreeSet::new();
+    for h in 0..2 {
+        let ids = readings(&mut rng, "ro", H0 + h, 1000 * (h as u64 + 1), 300);
+        expected.extend(ids.iter().cloned());
+        land(&landed, H0 + h, &format!("shardId-000000000000-{h}"), &ids);
+    }
+    bronze(&[
+        "upload",
+        &moto.endpoint,
+        "bronze-ro",
+        "bronze",
+        landed.to_str().unwrap(),
+    ]);
+    // start_compactor's work_dir is <dir>/<name>: a file there cannot be made a directory.
+    let blocker = dir.path().join("ro");
+    std::fs::write(&blocker, "not a directory").unwrap();
+    let (mut c, port) = start_compactor(dir.path(), &moto.endpoint, &location, table, "ro");
+    let health = || http_status(port, "/health");
+    let failing = wait_for(
+        "/health to fail for compaction",
+        Duration::from_secs(60),
+        || health().filter(|(status, body)| *status == 503 && body.contains("compaction: FAIL")),
+    );
+    assert!(
+        failing.1.contains("rounds in a row failed") && failing.1.contains("landing files kept"),
+        "{failing:?}"
+    );
+    assert_eq!(
+        compactor_metric(port, "fieldlink_compaction_hours_published_total"),
+        0.0
+    );
+    std::fs::remove_file(&blocker).unwrap();
+    wait_for("the two hours published", Duration::from_secs(60), || {
+        (compactor_metric(port, "fieldlink_compaction_hours_published_total") == 2.0).then_some(())
+    });
+    let ok = wait_for("/health ok again", Duration::from_secs(30), || {
+        health().filter(|(status, _)| *status == 200)
+    });
+    assert!(ok.1.contains("compaction: ok"), "{ok:?}");
+    let seen = read_table(&location, &moto.endpoint);
+    check_exactly_once(&seen.rows, &expected).unwrap();
+    c.terminate(Duration::from_secs(30));
+    eprintln!("work_dir unwritable: {}", failing.1.trim());
+}

@@ -38,7 +38,7 @@ pub use config::CompactionConfig;
 use crate::lease::LeaseTable;
 use crate::parquet::{ParquetConfig, LANDING};
 use crate::store::{Expect, Store, StoreError};
-use fieldlink_ops::metrics::{Counter, Gauge, Registry};
+use fieldlink_ops::metrics::{Counter, Gauge, Health, Registry};
 use lease::Hold;
 use merge::{Boundary, MergeError, Merged, Split, WriteSettings};
 use plan::{Closing, HourWork};
@@ -201,6 +201,47 @@ pub struct Compactor {
     table: LeaseTable,
     hold: Hold,
     metrics: CompactionMetrics,
+    /// `/health`'s `compaction` line, if this process serves one.
+    health: Option<Health>,
+    /// The first error of an hour that failed in the current round (the round goes on with the next hours).
+    hour_error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// The compactor's line in `/health`.
+pub const HEALTH: &str = "compaction";
+
+/// Rounds failed in a row before `/health` says so: one failure may be a passing S3 or DynamoDB error.
+const FAILING_ROUNDS: u32 = 3;
+
+/// Counts the compactor's failed rounds in a row and says what `/health` shows (pure). Only `/health` shows a
+/// compactor that fails for good, e.g. a `work_dir` it cannot write (a read-only root file system) or one too
+/// small for an hour: nothing is lost (the landing files stay), but no hour is published.
+#[derive(Debug, Default)]
+struct FailingRounds {
+    rounds: u32,
+}
+
+impl FailingRounds {
+    /// After a round that failed with `error` (`None`: it went well, lost the lease or was stopped): `(ok,
+    /// detail)`.
+    fn after(&mut self, error: Option<&str>, interval: Duration) -> (bool, String) {
+        let Some(error) = error else {
+            self.rounds = 0;
+            return (true, String::new());
+        };
+        self.rounds += 1;
+        if self.rounds < FAILING_ROUNDS {
+            return (true, String::new());
+        }
+        (
+            false,
+            format!(
+                "{error}; {} rounds in a row failed, retried every {} s; landing files kept",
+                self.rounds,
+                interval.as_secs_f64()
+            ),
+        )
+    }
 }
 
 /// The contents of `boundaries.json`.
@@ -233,7 +274,16 @@ impl Compactor {
             table,
             hold,
             metrics,
+            health: None,
+            hour_error: Default::default(),
         }
+    }
+
+    /// Reports in `/health` as `compaction`: failing once [`FAILING_ROUNDS`] rounds in a row failed.
+    pub fn with_health(mut self, health: Health) -> Self {
+        health.set(HEALTH, true, "");
+        self.health = Some(health);
+        self
     }
 
     /// Also publishes the alarm table in `alarms` (after the bronze hours of each round).
@@ -360,6 +410,13 @@ impl Compactor {
                 Err(e) => {
                     self.metrics.failures.inc();
                     tracing::warn!(table = ?table, hour = %plan::published_prefix(work.hour), error = %e, "publishing an hour failed; retried next round");
+                    let mut first = self.hour_error.lock().unwrap_or_else(|e| e.into_inner());
+                    first.get_or_insert_with(|| {
+                        format!(
+                            "publishing {} failed: {e}",
+                            plan::published_prefix(work.hour)
+                        )
+                    });
                     pending.push(work.hour);
                 }
             }
@@ -612,19 +669,31 @@ impl Compactor {
     /// Runs rounds every `interval_ms` while this process holds the lease, until `cancel` fires.
     pub async fn run(&self, cancel: CancellationToken) {
         let interval = Duration::from_millis(self.cfg.interval_ms);
+        let mut failing = FailingRounds::default();
         while !cancel.is_cancelled() {
             if self.hold.fresh() {
-                match self.round(&cancel).await {
-                    Ok(_) | Err(CompactError::Stopped) => {}
+                let failed = match self.round(&cancel).await {
+                    Ok(_) | Err(CompactError::Stopped) => None,
                     Err(CompactError::LeaseLost) => {
                         tracing::warn!(
                             "compactor lease lost or stale during a round; stopped writing"
-                        )
+                        );
+                        None
                     }
                     Err(e) => {
                         self.metrics.failures.inc();
-                        tracing::warn!(error = %e, "compaction round failed; retried next round")
+                        tracing::warn!(error = %e, "compaction round failed; retried next round");
+                        Some(format!("compaction round failed: {e}"))
                     }
+                };
+                let hour = self
+                    .hour_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                let (ok, detail) = failing.after(failed.or(hour).as_deref(), interval);
+                if let Some(h) = &self.health {
+                    h.set(HEALTH, ok, detail);
                 }
             }
             tokio::select! {
@@ -721,4 +790,35 @@ pub fn start(
         Compactor::new(store, cfg, own, parquet, table, hold, metrics).with_alarms(alarms),
         keeper,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FailingRounds, FAILING_ROUNDS};
+    use std::time::Duration;
+
+    #[test]
+    fn health_fails_only_after_rounds_failed_in_a_row_and_recovers_with_one_that_went_well() {
+        let mut f = FailingRounds::default();
+        let minute = Duration::from_secs(60);
+        for _ in 1..FAILING_ROUNDS {
+            assert_eq!(f.after(Some("S3: timeout"), minute), (true, String::new()));
+        }
+        // A round that went well in between starts the count again.
+        assert!(f.after(None, minute).0);
+        for _ in 1..FAILING_ROUNDS {
+            assert!(f.after(Some("x"), minute).0);
+        }
+        let (ok, detail) = f.after(
+            Some("/tmp/fieldlink-compaction: Read-only file system"),
+            minute,
+        );
+        assert!(!ok);
+        assert_eq!(
+            detail,
+            "/tmp/fieldlink-compaction: Read-only file system; 3 rounds in a row failed, retried every 60 s; landing files kept"
+        );
+        assert!(!f.after(Some("again"), minute).0);
+        assert_eq!(f.after(None, minute), (true, String::new()));
+    }
 }

@@ -8,8 +8,10 @@ pub struct LeaseConfig {
     /// Default `fieldlink-cloud-leases`. Use one table per consuming application and stream.
     #[serde(default = "default_table")]
     pub table: String,
-    /// This worker's name in `leaseOwner`. Default `<hostname>-<pid>`. Must be unique among running workers;
-    /// a worker restarted under the same name takes its leases back at once.
+    /// This worker's name in `leaseOwner`. Default `<hostname>-<pid>-<random>`, unique per process: leave it
+    /// unset. A name two running processes share makes them one worker to the others (they take nothing from
+    /// each other, and together may hold every shard); a worker restarted under its old name takes its leases
+    /// back once they expire.
     #[serde(default)]
     pub worker_id: Option<String>,
     /// A lease not renewed for this long is taken over by another worker, milliseconds. Leases are renewed

@@ -195,8 +195,10 @@ pub fn plan(
             continue;
         }
         match &l.owner {
-            // Ours by name but not worked on (a restart with the same worker id): take it back at once.
-            Some(o) if o == me => free.push(l),
+            // Ours by name but not worked on here counts as ours until it expires, as any live owner's: another
+            // process may run under this worker id (an id set once in a configuration that every replica shares).
+            // Taking it back at once, as before December 2026, had the two take each other's leases every round,
+            // and no checkpoint advanced. A worker restarted under its old id waits `lease_ms` for them.
             Some(o) if !expired(l) => load.entry(o.as_str()).or_default().push(l),
             _ => free.push(l),
         }
@@ -349,10 +351,20 @@ mod tests {
     }
 
     #[test]
-    fn a_restarted_worker_takes_its_own_leases_back_at_once() {
-        let leases = vec![lease("s0", Some("a"), 9)];
-        let acts = plan("a", &leases, &HashSet::new(), |_| false, 100);
-        assert_eq!(keys(&acts), ["s0"]);
+    fn two_processes_under_one_worker_id_take_nothing_from_each_other() {
+        // Process 1 works on s0 and s1, process 2 on s2 and s3, both as "a", beside worker "b" holding nothing.
+        let leases: Vec<Lease> = ["s0", "s1", "s2", "s3"]
+            .iter()
+            .map(|k| lease(k, Some("a"), 9))
+            .collect();
+        for held in [["s0", "s1"], ["s2", "s3"]] {
+            let held: HashSet<String> = held.iter().map(|k| k.to_string()).collect();
+            let acts = plan("a", &leases, &held, |_| false, 100);
+            assert!(acts.is_empty(), "{acts:?}");
+        }
+        // A worker restarted under its old id takes its leases back once they expired.
+        let acts = plan("a", &leases, &HashSet::new(), |_| true, 100);
+        assert_eq!(keys(&acts), ["s0", "s1", "s2", "s3"]);
     }
 
     /// The table's writes as the coordinator and its tasks do them (take, renew) on an in-memory lease.

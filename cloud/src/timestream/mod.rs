@@ -26,26 +26,73 @@ use records::{MeasureType, TimeWindow, TsRecord};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// This sink's name in `/health`, metrics and dead letters.
+pub const NAME: &str = "timestream";
+
 /// Builds the client: with an endpoint override (an emulator) *without* endpoint discovery, which would send
-/// requests to real AWS; otherwise with discovery, as Timestream requires.
+/// requests to real AWS; otherwise with discovery, as Timestream requires. Discovery is retried with backoff
+/// until it answers, `/health` failing for `timestream` meanwhile with the error (a regional outage, credentials
+/// not there yet, no route to Timestream): before December 2026 one failed attempt ended the process, and an
+/// orchestrator restarted it in a loop. `None` if `cancel` fires first.
 pub async fn client(
     sdk: &aws_config::SdkConfig,
     endpoint_override: bool,
-) -> Result<aws_sdk_timestreamwrite::Client, String> {
+    health: &fieldlink_ops::metrics::Health,
+    cancel: &CancellationToken,
+) -> Option<aws_sdk_timestreamwrite::Client> {
     // The SDK's own retries are off: throttling must reach this sink's backoff (and its metric).
     let conf = aws_sdk_timestreamwrite::config::Builder::from(sdk)
         .retry_config(aws_sdk_timestreamwrite::config::retry::RetryConfig::disabled())
         .build();
     let c = aws_sdk_timestreamwrite::Client::from_conf(conf);
     if endpoint_override {
-        return Ok(c);
+        return Some(c);
     }
-    let (c, reload) = c
-        .with_endpoint_discovery_enabled()
-        .await
-        .map_err(|e| format!("Timestream endpoint discovery: {e}"))?;
-    tokio::spawn(reload.reload_task());
-    Ok(c)
+    let mut backoff =
+        fieldlink_ops::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        match c.clone().with_endpoint_discovery_enabled().await {
+            Ok((c, reload)) => {
+                tokio::spawn(reload.reload_task());
+                health.set(NAME, true, "");
+                return Some(c);
+            }
+            Err(e) => {
+                let wait = backoff.next_delay();
+                // The chain of causes: the SDK's top error alone says only "dispatch failure".
+                let mut why = e.to_string();
+                let mut cause = e.source();
+                while let Some(c) = cause {
+                    why = format!("{why}: {c}");
+                    cause = c.source();
+                }
+                tracing::warn!(error = %why, retry_in_ms = wait.as_millis() as u64, "Timestream endpoint discovery failed");
+                health.set(
+                    NAME,
+                    false,
+                    format!(
+                        "endpoint discovery failed: {}; retrying in {} s, nothing lands meanwhile",
+                        first_line(&why),
+                        wait.as_secs().max(1)
+                    ),
+                );
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The first line of an error's text, at most 300 bytes (for `/health`).
+fn first_line(text: &str) -> &str {
+    let line = text.lines().next().unwrap_or("");
+    let mut end = line.len().min(300);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    &line[..end]
 }
 
 /// The event times the table accepts, read once at startup: the table's retention, after turning on magnetic
@@ -301,7 +348,7 @@ impl TimestreamSink {
                 break;
             };
             let (i, outcome) = done.map_err(|e| SinkError {
-                sink: "timestream",
+                sink: NAME,
                 message: e.to_string(),
             })?;
             let chunk = chunks[i];
@@ -324,28 +371,21 @@ impl TimestreamSink {
                 }
                 CallOutcome::Stopped => {
                     return Err(SinkError {
-                        sink: "timestream",
+                        sink: NAME,
                         message: "stopped while retrying WriteRecords".into(),
                     })
                 }
             }
         }
         self.dead
-            .readings(
-                "timestream",
-                origin,
-                &batch.agent_id,
-                batch.epoch,
-                batch.seq,
-                dead,
-            )
+            .readings(NAME, origin, &batch.agent_id, batch.epoch, batch.seq, dead)
             .await
     }
 }
 
 impl Sink for TimestreamSink {
     fn name(&self) -> &'static str {
-        "timestream"
+        NAME
     }
     fn write<'a>(&'a mut self, batch: &'a Batch, origin: &'a Origin) -> SinkFuture<'a> {
         Box::pin(self.write_batch(batch, origin))
