@@ -254,6 +254,70 @@ fn two_workers_share_four_shards_and_the_survivor_takes_over_after_a_sigkill() {
     );
 }
 
+/// One configuration copied to two workers with `worker_id` set in it (as a task definition shares one with every
+/// replica): they count as one worker and take nothing from each other, and everything lands once with the
+/// checkpoints moving. Before December 2026 each took the other's leases back every round ("ours by name but not
+/// worked on"): no commit finished and no checkpoint moved.
+#[test]
+fn two_workers_with_one_worker_id_take_nothing_from_each_other_and_land_everything_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "twins";
+    let moto = setup(dir.path(), stream, 4);
+    let start = |file: &str| {
+        let port = free_port();
+        let config = cloud_toml(
+            port,
+            &moto.endpoint,
+            stream,
+            "shared-id",
+            &format!("s3://{CLOUD_BUCKET}/{stream}"),
+            "",
+        );
+        Cloud::start_config(dir.path(), file, port, &config)
+    };
+    let mut a = start("twin-a");
+    wait_for(
+        "the first to take the shards",
+        Duration::from_secs(30),
+        || (a.metric("fieldlink_cloud_leases_held") == 4.0).then_some(()),
+    );
+    let mut b = start("twin-b");
+    let (recs, expected) = workload(8, 20, 100);
+    put(
+        dir.path(),
+        &moto.endpoint,
+        stream,
+        &recs,
+        &["--rate", "100"],
+    );
+    let n = expected.len();
+    let v = wait_landed(&moto, stream, n, n, Duration::from_secs(90));
+    // Commits every 2 s: checkpoints moved, and no lease went back and forth.
+    wait_for("checkpoints", Duration::from_secs(30), || {
+        (a.metric("fieldlink_cloud_checkpoints_total") >= 4.0).then_some(())
+    });
+    let lost = |c: &Cloud| {
+        http_get(c.port, "/metrics")
+            .and_then(|m| metric_with(&m, "fieldlink_cloud_lease_changes_total", "\"lost\""))
+            .unwrap_or(0.0)
+    };
+    let (lost_a, lost_b) = (lost(&a), lost(&b));
+    let held = a.metric("fieldlink_cloud_leases_held") + b.metric("fieldlink_cloud_leases_held");
+    a.proc.terminate(Duration::from_secs(30));
+    b.proc.terminate(Duration::from_secs(30));
+    assert_eq!(
+        (lost_a, lost_b),
+        (0.0, 0.0),
+        "leases lost between two processes under one worker id"
+    );
+    assert_eq!(held, 4.0, "every shard worked on");
+    assert_exactly_once(&landed(&moto, stream), &expected);
+    eprintln!(
+        "two processes under one worker id: {n} readings once, no lease lost, {} Parquet files",
+        v["parquet_files"].as_array().unwrap().len()
+    );
+}
+
 #[test]
 fn a_batch_put_twice_lands_once_even_on_another_shard() {
     let dir = tempfile::tempdir().unwrap();
