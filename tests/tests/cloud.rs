@@ -318,6 +318,69 @@ fn two_workers_with_one_worker_id_take_nothing_from_each_other_and_land_everythi
     );
 }
 
+/// The sinks of one process share each shard's checkpoint, so a sink that fails holds the others of its process
+/// back (the test above). A sink that must not wait for another runs in its own deployment, with its own lease
+/// table: a second consumer of the stream. Here Parquet and Timestream in two processes: with the Timestream
+/// table deleted, Parquet lands everything meanwhile; once the table is back, Timestream does too, each once.
+#[test]
+fn a_sink_in_its_own_deployment_keeps_landing_while_another_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "apart";
+    let moto = setup(dir.path(), stream, 1);
+    let config = |port: u16, worker: &str| {
+        cloud_toml(
+            port,
+            &moto.endpoint,
+            stream,
+            worker,
+            &format!("s3://{CLOUD_BUCKET}/{stream}"),
+            "",
+        )
+        .replace(
+            "table = \"leases-apart\"",
+            &format!("table = \"leases-apart-{worker}\""),
+        )
+    };
+    let (pq_port, ts_port) = (free_port(), free_port());
+    let pq_text = config(pq_port, "pq");
+    let ts_at = pq_text.find("[timestream]").unwrap();
+    let pq_at = pq_text.find("[parquet]").unwrap();
+    let parquet_only = format!("{}{}", &pq_text[..ts_at], &pq_text[pq_at..]);
+    let ts_text = config(ts_port, "ts");
+    let timestream_only = format!(
+        "dead_letter = \"s3://{CLOUD_BUCKET}/{stream}-ts-dead\"\n{}",
+        &ts_text[..ts_text.find("[parquet]").unwrap()]
+    );
+    let pq = Cloud::start_config(dir.path(), "pq", pq_port, &parquet_only);
+    let ts = Cloud::start_config(dir.path(), "ts", ts_port, &timestream_only);
+
+    let (first, expected_first) = workload_of(0..2, 5, 40);
+    put(dir.path(), &moto.endpoint, stream, &first, &[]);
+    let n1 = expected_first.len();
+    wait_landed(&moto, stream, n1, n1, Duration::from_secs(60));
+    timestream_table(&moto, "delete");
+    let (second, expected_second) = workload_of(2..4, 5, 40);
+    put(dir.path(), &moto.endpoint, stream, &second, &[]);
+    let line = wait_sink_failing(&ts, "timestream");
+    let n = n1 + expected_second.len();
+    // Parquet's deployment goes on: everything in Parquet while Timestream still fails (moto's data dump keeps the
+    // deleted table's records: the first part).
+    let v = wait_landed(&moto, stream, n, 0, Duration::from_secs(60));
+    assert_eq!(
+        v["timestream"].as_array().map_or(0, Vec::len),
+        n1,
+        "Timestream landed while its table was gone"
+    );
+    let pq_health = http_status(pq.port, "/health").unwrap();
+    assert_eq!(pq_health.0, 200, "{pq_health:?}");
+    timestream_table(&moto, "create");
+    let v = wait_landed(&moto, stream, n, n, Duration::from_secs(90));
+    let mut all = expected_first.clone();
+    all.extend(expected_second.clone());
+    assert_exactly_once(&v, &all);
+    eprintln!("sinks apart: Parquet landed all {n} while {line}; Timestream landed the rest once the table was back");
+}
+
 #[test]
 fn a_batch_put_twice_lands_once_even_on_another_shard() {
     let dir = tempfile::tempdir().unwrap();
