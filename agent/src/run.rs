@@ -40,7 +40,29 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     for w in cfg.warnings() {
         tracing::warn!("{w}");
     }
-    let (buffer, buffer_thread) = buffer::spawn_with_rules(
+    let notifier = std::sync::Arc::new(Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "systemd notifications off");
+        Notifier::default()
+    }));
+    // Opening checks the whole file (`quick_check`, and a migration of an older one): on an SD card a buffer of
+    // gigabytes left by days offline takes minutes, past the unit's TimeoutStartSec. Ask systemd for time while it
+    // lasts, or it would kill the agent at every start and the backlog would never go out.
+    let opening = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let ticker = {
+        let (notifier, opening, path) = (
+            notifier.clone(),
+            opening.clone(),
+            cfg.buffer.path.display().to_string(),
+        );
+        std::thread::spawn(move || {
+            let status = format!("opening the buffer {path} (checking it)");
+            while opening.load(std::sync::atomic::Ordering::Acquire) {
+                notifier.extend_start(&status, OPENING_EXTENSION);
+                std::thread::park_timeout(OPENING_EXTENSION / 3);
+            }
+        })
+    };
+    let opened = buffer::spawn_with_rules(
         &cfg.buffer,
         &cfg.batch,
         &cfg.order,
@@ -48,7 +70,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
         metrics.clone(),
         (&cfg.alarms, &cfg.windows),
         status.clone(),
-    )?;
+    );
+    opening.store(false, std::sync::atomic::Ordering::Release);
+    ticker.thread().unpark();
+    let _ = ticker.join();
+    let (buffer, buffer_thread) = opened?;
     health.set("buffer", true, "");
 
     let sdk = cfg.aws.sdk_config().await;
@@ -96,10 +122,6 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
             cancel.clone(),
         ));
     }
-    let notifier = std::sync::Arc::new(Notifier::from_env().unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "systemd notifications off");
-        Notifier::default()
-    }));
     // Runs through the drain too (systemd may keep the watchdog during a stop); ends before the buffer closes,
     // since the buffer thread stops only when every handle is gone.
     let liveness_stop = CancellationToken::new();
@@ -136,6 +158,10 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     tracing::info!(stats = %metrics.pending_batches.get(), "agent stopped; pending batches stay buffered");
     Ok(())
 }
+
+/// How much longer than its start timeout systemd is asked to wait while the buffer opens, asked again every third
+/// of it.
+const OPENING_EXTENSION: Duration = Duration::from_secs(30);
 
 /// How often the buffer thread is pinged: often enough that two answered pings fit in half systemd's watchdog
 /// timeout, and at least every 5 s for the health endpoint.

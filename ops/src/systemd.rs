@@ -83,6 +83,16 @@ impl Notifier {
         self.send(&format!("READY=1\nSTATUS={}", one_line(status)));
     }
 
+    /// Still starting: asks systemd for `needed` more than its start timeout has left, if that is shorter
+    /// (`EXTEND_TIMEOUT_USEC`), with a status line. Send it again before `needed` runs out.
+    pub fn extend_start(&self, status: &str, needed: Duration) {
+        self.send(&format!(
+            "STATUS={}\nEXTEND_TIMEOUT_USEC={}",
+            one_line(status),
+            needed.as_micros()
+        ));
+    }
+
     /// Still alive (`WATCHDOG=1`).
     pub fn watchdog(&self) {
         self.send("WATCHDOG=1");

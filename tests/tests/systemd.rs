@@ -87,6 +87,21 @@ fn ready_then_a_watchdog_fed_only_while_the_buffer_answers_then_stopping() {
         ready.1
     );
     assert!(ready.0 >= spawned);
+    // Before it, while the buffer opened (a whole-file check: minutes for a large backlog on an SD card), it asked
+    // systemd for more than TimeoutStartSec.
+    let extend = got
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(_, m)| m.contains("EXTEND_TIMEOUT_USEC="))
+        .cloned();
+    let extend = extend.expect("no EXTEND_TIMEOUT_USEC while opening the buffer");
+    assert!(
+        extend.0 <= ready.0
+            && extend.1.contains("STATUS=opening the buffer")
+            && extend.1.contains("EXTEND_TIMEOUT_USEC=30000000"),
+        "{extend:?}"
+    );
     // It turned transparent huge pages off for itself (agent/src/memory.rs: with `transparent_hugepage=always` they
     // nearly tripled the static agent's RSS).
     let pid = agent.proc.as_ref().unwrap().pid();
