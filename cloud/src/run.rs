@@ -14,7 +14,7 @@ use crate::land::retry::SinkMonitor;
 use crate::land::{Sink, SinkFactory};
 use crate::lease::LeaseTable;
 use crate::metrics::CloudMetrics;
-use crate::parquet::ParquetSink;
+use crate::parquet::{ParquetSink, StagedRows};
 use crate::store::{Location, Store};
 use crate::timestream::{self, TimestreamSink};
 use fieldlink_ops::http::{BindError, Telemetry};
@@ -133,6 +133,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
         _ => None,
     };
     let (m, d) = (metrics.clone(), dead.clone());
+    let staged = StagedRows::default();
     let sinks: SinkFactory = Arc::new(move |cancel: &CancellationToken| {
         let mut v: Vec<Box<dyn Sink>> = Vec::new();
         if let Some((client, t, window, monitor)) = &timestream {
@@ -160,6 +161,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
             v.push(Box::new(ParquetSink::new(
                 store.clone(),
                 p.clone(),
+                staged.clone(),
                 m.clone(),
                 monitor.clone(),
                 cancel.clone(),

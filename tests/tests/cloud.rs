@@ -173,6 +173,26 @@ fn assert_exactly_once(v: &serde_json::Value, expected: &BTreeMap<Key, usize>) {
     );
 }
 
+/// A worker's configuration for `stream` on moto, Parquet under the test bucket, metrics on `port`.
+fn worker_toml(port: u16, moto: &Moto, stream: &str, worker: &str) -> String {
+    cloud_toml(
+        port,
+        &moto.endpoint,
+        stream,
+        worker,
+        &format!("s3://{CLOUD_BUCKET}/{stream}"),
+        "",
+    )
+}
+
+/// Two agents per shard of a four-shard stream (explicit hash keys: the four shards split the hash range evenly).
+fn spread_over_four_shards(recs: &mut [Rec]) {
+    for r in recs.iter_mut() {
+        let a: u128 = r.pk.trim_start_matches("agent-").parse().unwrap();
+        r.hash = Some(((a % 4) * (1u128 << 126) + 1).to_string());
+    }
+}
+
 fn setup(dir: &Path, stream: &str, shards: u32) -> Moto {
     let moto = Moto::start(dir);
     moto.create(stream, shards, DB, TABLE, CLOUD_BUCKET);
@@ -203,11 +223,7 @@ fn two_workers_share_four_shards_and_the_survivor_takes_over_after_a_sigkill() {
     );
 
     let (mut recs, expected) = workload(8, 50, 200);
-    // Two agents per shard (explicit hash keys: the four shards split the hash range evenly).
-    for r in recs.iter_mut() {
-        let a: u128 = r.pk.trim_start_matches("agent-").parse().unwrap();
-        r.hash = Some(((a % 4) * (1u128 << 126) + 1).to_string());
-    }
+    spread_over_four_shards(&mut recs);
     let n = expected.len();
     let (endpoint, path) = (moto.endpoint.clone(), dir.path().to_owned());
     let producer =
@@ -265,14 +281,7 @@ fn two_workers_with_one_worker_id_take_nothing_from_each_other_and_land_everythi
     let moto = setup(dir.path(), stream, 4);
     let start = |file: &str| {
         let port = free_port();
-        let config = cloud_toml(
-            port,
-            &moto.endpoint,
-            stream,
-            "shared-id",
-            &format!("s3://{CLOUD_BUCKET}/{stream}"),
-            "",
-        );
+        let config = worker_toml(port, &moto, stream, "shared-id");
         Cloud::start_config(dir.path(), file, port, &config)
     };
     let mut a = start("twin-a");
@@ -328,15 +337,7 @@ fn a_sink_in_its_own_deployment_keeps_landing_while_another_fails() {
     let stream = "apart";
     let moto = setup(dir.path(), stream, 1);
     let config = |port: u16, worker: &str| {
-        cloud_toml(
-            port,
-            &moto.endpoint,
-            stream,
-            worker,
-            &format!("s3://{CLOUD_BUCKET}/{stream}"),
-            "",
-        )
-        .replace(
+        worker_toml(port, &moto, stream, worker).replace(
             "table = \"leases-apart\"",
             &format!("table = \"leases-apart-{worker}\""),
         )
@@ -379,6 +380,44 @@ fn a_sink_in_its_own_deployment_keeps_landing_while_another_fails() {
     all.extend(expected_second.clone());
     assert_exactly_once(&v, &all);
     eprintln!("sinks apart: Parquet landed all {n} while {line}; Timestream landed the rest once the table was back");
+}
+
+/// `[parquet] max_staged_rows` bounds the rows staged by all the shards of a process (memory that would otherwise
+/// grow with the shards a worker holds): with time-based commits 10 minutes away, four shards commit on the
+/// budget alone, and everything lands once.
+#[test]
+fn the_process_wide_staged_rows_budget_commits_shards_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = "budget";
+    let moto = setup(dir.path(), stream, 4);
+    let port = free_port();
+    let config = worker_toml(port, &moto, stream, "w")
+        .replace(
+            "commit_interval_ms = 2000\ncommit_idle_ms = 1000",
+            "commit_interval_ms = 600000\ncommit_idle_ms = 600000",
+        )
+        .replace(
+            "max_rows_per_file = 5000",
+            "max_rows_per_file = 5000\nmax_staged_rows = 1200",
+        );
+    let cloud = Cloud::start_config(dir.path(), "budget", port, &config);
+    let (mut recs, expected) = workload(8, 20, 50);
+    spread_over_four_shards(&mut recs);
+    let n = expected.len();
+    put(dir.path(), &moto.endpoint, stream, &recs, &[]);
+    // Parquet holds what committed: at most the budget (plus one batch per shard) is still staged.
+    let v = wait_landed(&moto, stream, n - 1200 - 4 * 50, 0, Duration::from_secs(60));
+    let files = cloud.metric("fieldlink_parquet_files_total");
+    assert!(files >= 4.0, "{files} files");
+    eprintln!(
+        "budget 1,200 staged rows over 4 shards: {} of {n} rows committed by the budget alone in {files} files",
+        v["parquet"].as_array().unwrap().len()
+    );
+    // A stop commits the rest; a compaction round publishes it: everything once.
+    let mut cloud = cloud;
+    cloud.proc.terminate(Duration::from_secs(30));
+    compact_once(&dir.path().join("cloud-budget.toml"));
+    assert_exactly_once(&landed(&moto, stream), &expected);
 }
 
 #[test]
@@ -1166,16 +1205,9 @@ fn latest_killed_before_its_first_checkpoint_reads_again_from_where_it_began() {
     let (recs, expected) = workload(4, 10, 50);
     let port = free_port();
     let config = |commits: &str| {
-        cloud_toml(
-            port,
-            &moto.endpoint,
-            stream,
-            "w",
-            &format!("s3://{CLOUD_BUCKET}/{stream}"),
-            "",
-        )
-        .replace("[kinesis]\n", "[kinesis]\nstart = \"latest\"\n")
-        .replace("commit_interval_ms = 2000\ncommit_idle_ms = 1000", commits)
+        worker_toml(port, &moto, stream, "w")
+            .replace("[kinesis]\n", "[kinesis]\nstart = \"latest\"\n")
+            .replace("commit_interval_ms = 2000\ncommit_idle_ms = 1000", commits)
     };
     // Put more than the margin (5 s) before the consumer first sees the shard: `latest` never reads these.
     let (before, _) = workload_of(8..10, 5, 50);

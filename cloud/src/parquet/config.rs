@@ -10,6 +10,11 @@ pub struct ParquetConfig {
     /// Memory: up to this many rows (about 100 bytes each) per shard a worker reads. Default 1000000.
     #[serde(default = "default_max_rows")]
     pub max_rows_per_file: usize,
+    /// Rows staged by all the shards this process reads, at most: past it, each shard commits at its next record
+    /// (smaller files, compacted later), so memory does not grow with the number of shards a worker holds (up to
+    /// `leases.max_leases`). About 100 bytes each. Default 2000000.
+    #[serde(default = "default_max_staged")]
+    pub max_staged_rows: usize,
     /// Rows per row group. Default 131072.
     #[serde(default = "default_row_group")]
     pub row_group_rows: usize,
@@ -20,6 +25,9 @@ pub struct ParquetConfig {
 
 fn default_max_rows() -> usize {
     1_000_000
+}
+fn default_max_staged() -> usize {
+    2_000_000
 }
 fn default_row_group() -> usize {
     131_072
@@ -37,6 +45,9 @@ impl ParquetConfig {
         }
         if self.max_rows_per_file == 0 {
             p.push(format!("{path}.max_rows_per_file: must be positive"));
+        }
+        if self.max_staged_rows == 0 {
+            p.push(format!("{path}.max_staged_rows: must be positive"));
         }
         if self.row_group_rows == 0 {
             p.push(format!("{path}.row_group_rows: must be positive"));

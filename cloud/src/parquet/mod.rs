@@ -24,6 +24,7 @@ use crate::store::Store;
 use encode::{Row, SeriesCols};
 use fieldlink_proto::Batch;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -77,6 +78,46 @@ pub fn stage(parts: &mut BTreeMap<i64, Vec<Row>>, batch: &Batch) -> usize {
     batch.readings.len()
 }
 
+/// Rows staged by every Parquet sink of a process, and how many sinks hold some (see `max_staged_rows`).
+#[derive(Debug, Clone, Default)]
+pub struct StagedRows(Arc<(AtomicUsize, AtomicUsize)>);
+
+impl StagedRows {
+    /// A sink's staged rows went from `before` to `after`.
+    fn moved(&self, before: usize, after: usize) {
+        let (rows, sinks) = &*self.0;
+        if after >= before {
+            rows.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            rows.fetch_sub(before - after, Ordering::Relaxed);
+        }
+        match (before, after) {
+            (0, a) if a > 0 => {
+                sinks.fetch_add(1, Ordering::Relaxed);
+            }
+            (b, 0) if b > 0 => {
+                sinks.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether a sink holding `staged` rows should commit to keep the process under `budget`: the total is at
+    /// the budget and this sink holds at least the average of the sinks that hold rows. The largest always
+    /// does; a shard that just committed does not commit again at every record while others hold the rows (a
+    /// commit per record would write a file and two lease-table writes per record).
+    fn over(&self, staged: usize, budget: usize) -> bool {
+        let (rows, sinks) = &*self.0;
+        let total = rows.load(Ordering::Relaxed);
+        staged > 0 && total >= budget && staged * sinks.load(Ordering::Relaxed).max(1) >= total
+    }
+
+    /// Rows staged now.
+    pub fn rows(&self) -> usize {
+        self.0 .0.load(Ordering::Relaxed)
+    }
+}
+
 /// The sink.
 #[derive(Debug)]
 pub struct ParquetSink {
@@ -84,6 +125,8 @@ pub struct ParquetSink {
     cfg: ParquetConfig,
     parts: BTreeMap<i64, Vec<Row>>,
     staged: usize,
+    /// This process's total (this sink's `staged` is part of it).
+    total: StagedRows,
     metrics: CloudMetrics,
     monitor: SinkMonitor,
     cancel: CancellationToken,
@@ -95,6 +138,7 @@ impl ParquetSink {
     pub fn new(
         store: Store,
         cfg: ParquetConfig,
+        total: StagedRows,
         metrics: CloudMetrics,
         monitor: SinkMonitor,
         cancel: CancellationToken,
@@ -104,6 +148,7 @@ impl ParquetSink {
             cfg,
             parts: BTreeMap::new(),
             staged: 0,
+            total,
             metrics,
             monitor,
             cancel,
@@ -111,7 +156,15 @@ impl ParquetSink {
     }
 
     fn stage(&mut self, batch: &Batch) {
+        let before = self.staged;
         self.staged += stage(&mut self.parts, batch);
+        self.total.moved(before, self.staged);
+    }
+
+    fn unstage(&mut self, n: usize) {
+        let before = self.staged;
+        self.staged -= n;
+        self.total.moved(before, self.staged);
     }
 
     async fn write_file(
@@ -149,7 +202,7 @@ impl ParquetSink {
 
     async fn commit_all(&mut self, first: &Origin) -> Result<(), SinkError> {
         while let Some((hour, rows)) = self.parts.pop_first() {
-            self.staged -= rows.len();
+            self.unstage(rows.len());
             self.write_file(hour, rows, first).await?;
         }
         Ok(())
@@ -166,12 +219,53 @@ impl Sink for ParquetSink {
     }
     fn wants_commit(&self) -> bool {
         self.staged >= self.cfg.max_rows_per_file
+            || self.total.over(self.staged, self.cfg.max_staged_rows)
     }
     fn commit<'a>(&'a mut self, first: &'a Origin) -> SinkFuture<'a> {
         Box::pin(self.commit_all(first))
     }
     fn discard(&mut self) {
         self.parts.clear();
-        self.staged = 0;
+        self.unstage(self.staged);
+    }
+}
+
+impl Drop for ParquetSink {
+    /// A worker that ends (its lease lost, a stop) no longer holds its rows.
+    fn drop(&mut self) {
+        self.total.moved(self.staged, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StagedRows;
+
+    #[test]
+    fn at_the_budget_the_sinks_holding_at_least_the_average_commit() {
+        let total = StagedRows::default();
+        let budget = 2_000_000;
+        for staged in [900_000, 900_000, 300_000] {
+            total.moved(0, staged);
+        }
+        assert_eq!(total.rows(), 2_100_000);
+        assert!(total.over(900_000, budget), "the largest commits");
+        assert!(!total.over(300_000, budget), "below the average: it waits");
+        // The first commits; the total falls under the budget: nobody else has to.
+        total.moved(900_000, 0);
+        assert!(!total.over(900_000, budget) && !total.over(300_000, budget));
+        // A sink that just committed and took one row does not commit at every record while others hold the rows.
+        total.moved(0, 1);
+        total.moved(300_000, 1_100_000);
+        assert_eq!(total.rows(), 2_000_001);
+        assert!(!total.over(1, budget));
+        assert!(total.over(1_100_000, budget));
+        // Nothing staged, nothing to commit.
+        assert!(!total.over(0, budget));
+        for (before, after) in [(900_000, 0), (1, 0), (1_100_000, 0)] {
+            total.moved(before, after);
+        }
+        assert_eq!(total.rows(), 0);
+        assert!(!total.over(0, 1));
     }
 }
