@@ -1,8 +1,10 @@
 //! The compactor lease: one item in the shard lease table (`leaseKey` = [`KEY`], `leaseKind` = `compactor`), held
 //! like a shard lease: taken with a write conditional on the counter the taker saw, renewed every third of
 //! `lease_ms` by incrementing the counter (conditional on owner and counter), taken over once a worker has
-//! watched the counter stand still for `lease_ms` ([`Observer`]), released on shutdown. A worker restarted under
-//! the same `worker_id` takes it back at once.
+//! watched the counter stand still for `lease_ms` ([`Observer`]), released on shutdown. A lease in this worker's
+//! name that this process does not hold is taken only once expired, like any other: another process may run under
+//! the same `worker_id` (before December 2026 the two took it from each other every round, both fresh, both
+//! compacting).
 //!
 //! The compactor fences its writes twice. By time: it starts a write (an upload, a delete) only while its last
 //! renewal is less than half a lease old ([`Hold::fresh`]); another worker can take the lease only after
@@ -71,8 +73,8 @@ impl Hold {
     }
 }
 
-/// One step of keeping the lease: renew it if held, else create it if missing and take it if free, ours by name
-/// or expired. Returns whether it is held now.
+/// One step of keeping the lease: renew it if held, else create it if missing and take it if free or expired.
+/// Returns whether it is held now.
 async fn step(
     table: &LeaseTable,
     me: &str,
@@ -119,8 +121,7 @@ async fn step(
     let now_ms = clock.elapsed().as_millis() as u64;
     observer.observe(std::slice::from_ref(&lease), now_ms);
     let lease_ms = hold.lease.as_millis() as u64;
-    let ours = lease.owner.as_deref() == Some(me);
-    if !(ours || observer.expired(&lease, now_ms, lease_ms)) {
+    if !observer.expired(&lease, now_ms, lease_ms) {
         return Ok(false);
     }
     match table.take(KEY, lease.counter, me).await? {

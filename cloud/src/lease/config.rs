@@ -9,8 +9,8 @@ pub struct LeaseConfig {
     #[serde(default = "default_table")]
     pub table: String,
     /// This worker's name in `leaseOwner`. Default `<hostname>-<pid>-<random>`, unique per process: leave it
-    /// unset. A name two running processes share makes them one worker to the others (they take nothing from
-    /// each other, and together may hold every shard); a worker restarted under its old name takes its leases
+    /// unset. Two running processes under one name take nothing from each other (each works on what it took
+    /// first) and look like one worker to the others; a worker restarted under its old name takes its leases
     /// back once they expire.
     #[serde(default)]
     pub worker_id: Option<String>,

@@ -195,10 +195,12 @@ pub fn plan(
             continue;
         }
         match &l.owner {
-            // Ours by name but not worked on here counts as ours until it expires, as any live owner's: another
-            // process may run under this worker id (an id set once in a configuration that every replica shares).
-            // Taking it back at once, as before December 2026, had the two take each other's leases every round,
-            // and no checkpoint advanced. A worker restarted under its old id waits `lease_ms` for them.
+            // Ours by name but not worked on here: another process may run under this worker id (an id set once in
+            // a configuration every replica shares), so it is left alone until it expires, and not counted as this
+            // process's (which would keep it from the shards nobody reads). Taking it back at once, as before
+            // December 2026, had the two take each other's leases every round, and no checkpoint advanced. A
+            // worker restarted under its old id, or whose task for the shard ended, waits `lease_ms` for it.
+            Some(o) if o == me && !expired(l) => {}
             Some(o) if !expired(l) => load.entry(o.as_str()).or_default().push(l),
             _ => free.push(l),
         }
@@ -365,6 +367,18 @@ mod tests {
         // A worker restarted under its old id takes its leases back once they expired.
         let acts = plan("a", &leases, &HashSet::new(), |_| true, 100);
         assert_eq!(keys(&acts), ["s0", "s1", "s2", "s3"]);
+    }
+
+    #[test]
+    fn the_other_process_under_one_worker_id_does_not_keep_this_one_from_free_shards() {
+        // Process 1 ("a") works on s0..s3, its cap; s4 and s5 are free. Process 2, also "a", cap 4: takes them.
+        let mut leases: Vec<Lease> = ["s0", "s1", "s2", "s3"]
+            .iter()
+            .map(|k| lease(k, Some("a"), 9))
+            .collect();
+        leases.extend(["s4", "s5"].iter().map(|k| lease(k, None, 0)));
+        let acts = plan("a", &leases, &HashSet::new(), |l| l.owner.is_none(), 4);
+        assert_eq!(keys(&acts), ["s4", "s5"]);
     }
 
     /// The table's writes as the coordinator and its tasks do them (take, renew) on an in-memory lease.
