@@ -695,6 +695,12 @@ impl Compactor {
                 if let Some(h) = &self.health {
                     h.set(HEALTH, ok, detail);
                 }
+            } else if !self.hold.held() {
+                // Another process compacts: what failed here is not this process's to report any more.
+                failing = FailingRounds::default();
+                if let Some(h) = &self.health {
+                    h.set(HEALTH, true, "");
+                }
             }
             tokio::select! {
                 _ = cancel.cancelled() => {}

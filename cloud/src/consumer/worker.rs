@@ -187,10 +187,13 @@ pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationTo
                 }
             },
             _ = tick.tick() => {
+                // A sink may want a commit without a new record: the process's staged rows past their budget
+                // while this shard, holding its share, gets nothing more to read.
                 let due = c.pending.is_none()
                     && c.first.is_some()
                     && (c.since.elapsed() >= shared.commit_interval
-                        || c.last_record.elapsed() >= shared.commit_idle);
+                        || c.last_record.elapsed() >= shared.commit_idle
+                        || lander.wants_commit());
                 if due {
                     if let Err(o) = commit(&shared, &shard, &mut lander, &mut c).await {
                         break o;

@@ -10,9 +10,10 @@ pub struct ParquetConfig {
     /// Memory: up to this many rows (about 100 bytes each) per shard a worker reads. Default 1000000.
     #[serde(default = "default_max_rows")]
     pub max_rows_per_file: usize,
-    /// Rows staged by all the shards this process reads, at most: past it, each shard commits at its next record
-    /// (smaller files, compacted later), so memory does not grow with the number of shards a worker holds (up to
-    /// `leases.max_leases`). About 100 bytes each. Default 2000000.
+    /// Rows staged by all the shards this process reads: past it, each shard holding at least the average commits
+    /// (at its next record, or within 250 ms if none comes; smaller files, compacted later), so memory does not
+    /// grow with the number of shards a worker holds (up to `leases.max_leases_per_worker`). About 100 bytes each.
+    /// Default 2000000.
     #[serde(default = "default_max_staged")]
     pub max_staged_rows: usize,
     /// Rows per row group. Default 131072.

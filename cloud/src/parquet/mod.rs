@@ -202,8 +202,11 @@ impl ParquetSink {
 
     async fn commit_all(&mut self, first: &Origin) -> Result<(), SinkError> {
         while let Some((hour, rows)) = self.parts.pop_first() {
-            self.unstage(rows.len());
-            self.write_file(hour, rows, first).await?;
+            // Counted until written: the rows are in memory while the file is encoded and put.
+            let n = rows.len();
+            let written = self.write_file(hour, rows, first).await;
+            self.unstage(n);
+            written?;
         }
         Ok(())
     }
