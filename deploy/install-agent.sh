@@ -44,8 +44,9 @@ then
         accepted=0
         echo "fieldlink-agent: NOT restarted: this version refuses /etc/fieldlink/agent.toml:" >&2
         echo "$problems" >&2
-        echo "fieldlink-agent: a running agent keeps the old version; fix the configuration, check it with" \
-            "'fieldlink-agent check-config', then 'systemctl restart fieldlink-agent'." >&2
+        echo "fieldlink-agent: a running agent keeps the old version until it restarts (then systemd retries every" \
+            "10 s); fix the configuration, check it with 'fieldlink-agent check-config'," \
+            "then 'systemctl restart fieldlink-agent'." >&2
     fi
 fi
 mkdir -p "$root/usr/bin" "$root/etc/systemd/system" "$root/etc/fieldlink" "$root/usr/share/doc/fieldlink-agent"
@@ -67,7 +68,7 @@ fi
 mkdir -p "$root/var/lib/fieldlink"
 # The whole tree: a buffer kept across a re-image belongs to the old uid, and systemd's StateDirectory= fixes
 # ownership only when the directory itself is not already the user's.
-chown -R "$uid:$gid" "$root/var/lib/fieldlink"
+chown -hR "$uid:$gid" "$root/var/lib/fieldlink"   # -h: a link in the tree is changed, never followed
 chmod 0750 "$root/var/lib/fieldlink"
 
 if [ -z "$root" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then

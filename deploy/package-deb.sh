@@ -105,14 +105,16 @@ if [ "$1" = configure ]; then
     # An upgrade restarts a running agent only if the new version accepts the configuration: a refused one would
     # stop a working agent for good (ExecStartPre runs check-config). The running agent keeps the old version.
     accepted=1
-    if [ -n "$2" ]; then
+    # (Into another root, only if the binary runs here: it may be for another architecture.)
+    if [ -n "$2" ] && "${DPKG_ROOT:-}/usr/bin/fieldlink-agent" --version >/dev/null 2>&1; then
         if ! problems=$("${DPKG_ROOT:-}/usr/bin/fieldlink-agent" check-config \
                 --config "${DPKG_ROOT:-}/etc/fieldlink/agent.toml" 2>&1); then
             accepted=0
             echo "fieldlink-agent: NOT restarted: this version refuses /etc/fieldlink/agent.toml:" >&2
             echo "$problems" >&2
-            echo "fieldlink-agent: a running agent keeps the old version; fix the configuration, check it with" \
-                "'fieldlink-agent check-config', then 'systemctl restart fieldlink-agent'." >&2
+            echo "fieldlink-agent: a running agent keeps the old version until it restarts (then systemd retries" \
+                "every 10 s); fix the configuration, check it with 'fieldlink-agent check-config'," \
+                "then 'systemctl restart fieldlink-agent'." >&2
         fi
     fi
     if [ -z "${DPKG_ROOT:-}" ] && command -v systemctl >/dev/null; then

@@ -47,18 +47,31 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     // Opening checks the whole file (`quick_check`, and a migration of an older one): on an SD card a buffer of
     // gigabytes left by days offline takes minutes, past the unit's TimeoutStartSec. Ask systemd for time while it
     // lasts, or it would kill the agent at every start and the backlog would never go out.
+    // At most an hour (a disk hung in the kernel would otherwise hold the start for good; an hour checks tens of
+    // gigabytes even on an SD card).
     let opening = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let why = format!(
+        "opening the buffer {} (checking it)",
+        cfg.buffer.path.display()
+    );
+    notifier.extend_start(&why, OPENING_EXTENSION);
     let ticker = {
-        let (notifier, opening, path) = (
-            notifier.clone(),
-            opening.clone(),
-            cfg.buffer.path.display().to_string(),
-        );
+        let (notifier, opening) = (notifier.clone(), opening.clone());
         std::thread::spawn(move || {
-            let status = format!("opening the buffer {path} (checking it)");
-            while opening.load(std::sync::atomic::Ordering::Acquire) {
-                notifier.extend_start(&status, OPENING_EXTENSION);
+            let since = Instant::now();
+            loop {
                 std::thread::park_timeout(OPENING_EXTENSION / 3);
+                if !opening.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                if since.elapsed() >= OPENING_LIMIT {
+                    tracing::error!(
+                        limit_s = OPENING_LIMIT.as_secs(),
+                        "the buffer is still opening; no more start time asked of systemd"
+                    );
+                    return;
+                }
+                notifier.extend_start(&why, OPENING_EXTENSION);
             }
         })
     };
@@ -162,6 +175,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
 /// How much longer than its start timeout systemd is asked to wait while the buffer opens, asked again every third
 /// of it.
 const OPENING_EXTENSION: Duration = Duration::from_secs(30);
+
+/// How long the start time is extended for an opening buffer, at most.
+const OPENING_LIMIT: Duration = Duration::from_secs(3600);
 
 /// How often the buffer thread is pinged: often enough that two answered pings fit in half systemd's watchdog
 /// timeout, and at least every 5 s for the health endpoint.

@@ -685,6 +685,14 @@ impl ModbusDevice {
     }
 }
 
+/// Writes libfaketime's offset file (e.g. `"-3600"`) whole: a new file renamed over the old, so the process never
+/// reads it half written.
+pub fn set_clock_offset(file: &Path, offset: &str) {
+    let tmp = file.with_extension("new");
+    std::fs::write(&tmp, offset).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+}
+
 /// The environment that runs a process under Debian's libfaketime (package `libfaketime`, installed by
 /// `deploy/setup.sh`) with its wall clock set by `setting`: `("FAKETIME", "-7200")` (two hours behind), or
 /// `("FAKETIME_TIMESTAMP_FILE", path)` to step it while it runs (the file read at every call). The monotonic clock

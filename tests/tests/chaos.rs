@@ -284,7 +284,7 @@ impl Chaos {
                 // the clock before is anything up to 4 hours either way.
                 let secs = 60 + (p % 500) as i64 * 14;
                 let offset = if p < 500 { -secs } else { secs };
-                std::fs::write(&self.clock, format!("{offset:+}")).unwrap();
+                set_clock_offset(&self.clock, &format!("{offset:+}"));
                 None
             }
             Event::RestartCloud => {
@@ -522,7 +522,7 @@ fn every_acknowledged_reading_lands_exactly_once_under_a_random_fault_schedule()
     );
     agent.log = dir.join(format!("{AGENT}.log"));
     let clock = dir.join("agent-clock-offset");
-    std::fs::write(&clock, "+0").unwrap();
+    set_clock_offset(&clock, "+0");
     agent.env = faketime_env(("FAKETIME_TIMESTAMP_FILE", clock.to_str().unwrap()));
     proxy.set("max_skew_s=300");
     let config = std::fs::read_to_string(&agent.config).unwrap();

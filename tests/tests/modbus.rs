@@ -384,7 +384,7 @@ type = "u16"
         &modbus,
     );
     let offset = dir.path().join("clock-offset");
-    std::fs::write(&offset, "+0").unwrap();
+    set_clock_offset(&offset, "+0");
     agent.env = faketime_env(("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()));
     agent.start();
     // Readings of each point stamped before `cut` (the stepped clock) and after it.
@@ -404,7 +404,7 @@ type = "u16"
         let n = counts(i64::MAX);
         (count(&n, "fast", true) >= 3 && count(&n, "slow", true) >= 2).then_some(())
     });
-    std::fs::write(&offset, "-3600").unwrap();
+    set_clock_offset(&offset, "-3600");
     let cut = fieldlink_ops::unix_ms() - 1_800_000;
     // 6 s hold 15 ticks of 400 ms and 6 of 1 s: wait (up to 16 s, for the seal and the send) until most came.
     let start = Instant::now();
