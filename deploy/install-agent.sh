@@ -36,11 +36,16 @@ upgrade=0
 [ -e "$root/usr/bin/fieldlink-agent" ] && upgrade=1
 # An upgrade restarts a running agent only if the new version accepts the configuration (a refused one would stop
 # a working agent for good: ExecStartPre runs check-config); the running agent keeps the old version meanwhile.
-# Into another root likewise, if the binary runs here (it may be for another architecture).
+# Into another root likewise, if the binary runs here (it may be for another architecture); on this system, a binary
+# that does not run here (another architecture, a libc too old) is not restarted into either.
 accepted=1
-if [ "$upgrade" = 1 ] && [ -e "$root/etc/fieldlink/agent.toml" ] && "$here/fieldlink-agent" --version >/dev/null 2>&1
-then
-    if ! problems=$("$here/fieldlink-agent" check-config --config "$root/etc/fieldlink/agent.toml" 2>&1); then
+if [ "$upgrade" = 1 ] && [ -e "$root/etc/fieldlink/agent.toml" ]; then
+    if ! "$here/fieldlink-agent" --version >/dev/null 2>&1; then
+        if [ -z "$root" ]; then
+            accepted=0
+            echo "fieldlink-agent: NOT restarted: the new binary does not run on this system (another architecture?)" >&2
+        fi
+    elif ! problems=$("$here/fieldlink-agent" check-config --config "$root/etc/fieldlink/agent.toml" 2>&1); then
         accepted=0
         echo "fieldlink-agent: NOT restarted: this version refuses /etc/fieldlink/agent.toml:" >&2
         echo "$problems" >&2

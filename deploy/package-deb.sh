@@ -105,8 +105,14 @@ if [ "$1" = configure ]; then
     # An upgrade restarts a running agent only if the new version accepts the configuration: a refused one would
     # stop a working agent for good (ExecStartPre runs check-config). The running agent keeps the old version.
     accepted=1
-    # (Into another root, only if the binary runs here: it may be for another architecture.)
-    if [ -n "$2" ] && "${DPKG_ROOT:-}/usr/bin/fieldlink-agent" --version >/dev/null 2>&1; then
+    # Into another root, only if the binary runs here (it may be for another architecture); on this system, a
+    # binary that does not run (a libc too old) is not restarted into either.
+    if [ -n "$2" ] && ! "${DPKG_ROOT:-}/usr/bin/fieldlink-agent" --version >/dev/null 2>&1; then
+        if [ -z "${DPKG_ROOT:-}" ]; then
+            accepted=0
+            echo "fieldlink-agent: NOT restarted: the new binary does not run on this system" >&2
+        fi
+    elif [ -n "$2" ]; then
         if ! problems=$("${DPKG_ROOT:-}/usr/bin/fieldlink-agent" check-config \
                 --config "${DPKG_ROOT:-}/etc/fieldlink/agent.toml" 2>&1); then
             accepted=0

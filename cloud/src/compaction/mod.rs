@@ -698,6 +698,10 @@ impl Compactor {
             } else if !self.hold.held() {
                 // Another process compacts: what failed here is not this process's to report any more.
                 failing = FailingRounds::default();
+                self.hour_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
                 if let Some(h) = &self.health {
                     h.set(HEALTH, true, "");
                 }

@@ -189,6 +189,8 @@ pub fn plan(
     let mut load: BTreeMap<&str, Vec<&Lease>> = BTreeMap::new();
     load.insert(me, Vec::new());
     let mut free: Vec<&Lease> = Vec::new();
+    // Leases in this worker's name that another process works on (see below).
+    let mut twin = 0;
     for l in &workable {
         if held.contains(&l.key) {
             load.entry(me).or_default().push(l);
@@ -200,7 +202,7 @@ pub fn plan(
             // process's (which would keep it from the shards nobody reads). Taking it back at once, as before
             // December 2026, had the two take each other's leases every round, and no checkpoint advanced. A
             // worker restarted under its old id, or whose task for the shard ended, waits `lease_ms` for it.
-            Some(o) if o == me && !expired(l) => {}
+            Some(o) if o == me && !expired(l) => twin += 1,
             Some(o) if !expired(l) => load.entry(o.as_str()).or_default().push(l),
             _ => free.push(l),
         }
@@ -227,8 +229,10 @@ pub fn plan(
             .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(a.0)));
         if let Some((w, ls)) = busiest {
             // Over the target, or (a worker holding nothing is invisible to the others, so targets can be
-            // too generous) at least two more than this worker: either way the steal narrows the gap.
-            if ls.len() > target || ls.len() >= mine + 2 {
+            // too generous) at least two more than this worker: either way the steal narrows the gap. This
+            // worker's name holds its twin's leases too: the others balance against the name, and counting only
+            // this process's, a twin and a third worker stole one lease back and forth every round.
+            if ls.len() > target || ls.len() >= mine + twin + 2 {
                 if let Some(l) = ls.last() {
                     actions.push(Action::Steal {
                         key: l.key.clone(),
@@ -367,6 +371,22 @@ mod tests {
         // A worker restarted under its old id takes its leases back once they expired.
         let acts = plan("a", &leases, &HashSet::new(), |_| true, 100);
         assert_eq!(keys(&acts), ["s0", "s1", "s2", "s3"]);
+    }
+
+    #[test]
+    fn a_twin_beside_a_third_worker_steals_nothing() {
+        // "a" (another process) works on s0 and s1, "b" on s2 and s3; a second process "a" starts.
+        let leases = vec![
+            lease("s0", Some("a"), 9),
+            lease("s1", Some("a"), 9),
+            lease("s2", Some("b"), 9),
+            lease("s3", Some("b"), 9),
+        ];
+        let acts = plan("a", &leases, &HashSet::new(), |_| false, 100);
+        assert!(acts.is_empty(), "{acts:?}");
+        // And b, seeing "a" at 2, steals nothing either.
+        let held: HashSet<String> = ["s2".to_string(), "s3".to_string()].into();
+        assert!(plan("b", &leases, &held, |_| false, 100).is_empty());
     }
 
     #[test]
