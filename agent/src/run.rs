@@ -9,6 +9,8 @@ use crate::metrics::AgentMetrics;
 use fieldlink_ops::http::{BindError, Telemetry};
 use fieldlink_ops::metrics::Health;
 use fieldlink_ops::systemd::Notifier;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -40,53 +42,27 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     for w in cfg.warnings() {
         tracing::warn!("{w}");
     }
-    let notifier = std::sync::Arc::new(Notifier::from_env().unwrap_or_else(|e| {
+    let notifier = Arc::new(Notifier::from_env().unwrap_or_else(|e| {
         tracing::warn!(error = %e, "systemd notifications off");
         Notifier::default()
     }));
     // Opening checks the whole file (`quick_check`, and a migration of an older one): on an SD card a buffer of
-    // gigabytes left by days offline takes minutes, past the unit's TimeoutStartSec. Ask systemd for time while it
-    // lasts, or it would kill the agent at every start and the backlog would never go out.
-    // At most an hour (a disk hung in the kernel would otherwise hold the start for good; an hour checks tens of
-    // gigabytes even on an SD card).
-    let opening = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // gigabytes left by days offline takes minutes, past the unit's TimeoutStartSec.
     let why = format!(
         "opening the buffer {} (checking it)",
         cfg.buffer.path.display()
     );
-    notifier.extend_start(&why, OPENING_EXTENSION);
-    let ticker = {
-        let (notifier, opening) = (notifier.clone(), opening.clone());
-        std::thread::spawn(move || {
-            let since = Instant::now();
-            loop {
-                std::thread::park_timeout(OPENING_EXTENSION / 3);
-                if !opening.load(std::sync::atomic::Ordering::Acquire) {
-                    return;
-                }
-                if since.elapsed() >= OPENING_LIMIT {
-                    tracing::error!(
-                        limit_s = OPENING_LIMIT.as_secs(),
-                        "the buffer is still opening; no more start time asked of systemd"
-                    );
-                    return;
-                }
-                notifier.extend_start(&why, OPENING_EXTENSION);
-            }
-        })
-    };
-    let opened = buffer::spawn_with_rules(
-        &cfg.buffer,
-        &cfg.batch,
-        &cfg.order,
-        &cfg.agent_id,
-        metrics.clone(),
-        (&cfg.alarms, &cfg.windows),
-        status.clone(),
-    );
-    opening.store(false, std::sync::atomic::Ordering::Release);
-    ticker.thread().unpark();
-    let _ = ticker.join();
+    let opened = extending_start(&notifier, why, || {
+        buffer::spawn_with_rules(
+            &cfg.buffer,
+            &cfg.batch,
+            &cfg.order,
+            &cfg.agent_id,
+            metrics.clone(),
+            (&cfg.alarms, &cfg.windows),
+            status.clone(),
+        )
+    });
     let (buffer, buffer_thread) = opened?;
     health.set("buffer", true, "");
 
@@ -172,12 +148,45 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     Ok(())
 }
 
-/// How much longer than its start timeout systemd is asked to wait while the buffer opens, asked again every third
-/// of it.
-const OPENING_EXTENSION: Duration = Duration::from_secs(30);
+/// How much longer than its start timeout systemd is asked to wait while start-up work runs, asked again every
+/// third of it.
+const START_EXTENSION: Duration = Duration::from_secs(30);
 
-/// How long the start time is extended for an opening buffer, at most.
-const OPENING_LIMIT: Duration = Duration::from_secs(3600);
+/// How long the start time is extended, at most: a disk hung in the kernel would otherwise hold the start for good
+/// (an hour checks tens of gigabytes even on an SD card).
+const START_EXTENSION_LIMIT: Duration = Duration::from_secs(3600);
+
+/// Runs `work` (blocking) while asking systemd for more start time (`EXTEND_TIMEOUT_USEC`, status `why`), so a
+/// long start-up is not killed at TimeoutStartSec at every start, and a backlog never stranded by it.
+fn extending_start<T>(notifier: &Arc<Notifier>, why: String, work: impl FnOnce() -> T) -> T {
+    notifier.extend_start(&why, START_EXTENSION);
+    let done = Arc::new(AtomicBool::new(false));
+    let ticker = {
+        let (notifier, done) = (notifier.clone(), done.clone());
+        std::thread::spawn(move || {
+            let since = Instant::now();
+            loop {
+                std::thread::park_timeout(START_EXTENSION / 3);
+                if done.load(Ordering::Acquire) {
+                    return;
+                }
+                if since.elapsed() >= START_EXTENSION_LIMIT {
+                    tracing::error!(
+                        limit_s = START_EXTENSION_LIMIT.as_secs(),
+                        "start-up still running; no more start time asked of systemd: {why}"
+                    );
+                    return;
+                }
+                notifier.extend_start(&why, START_EXTENSION);
+            }
+        })
+    };
+    let out = work();
+    done.store(true, Ordering::Release);
+    ticker.thread().unpark();
+    let _ = ticker.join();
+    out
+}
 
 /// How often the buffer thread is pinged: often enough that two answered pings fit in half systemd's watchdog
 /// timeout, and at least every 5 s for the health endpoint.
@@ -195,7 +204,7 @@ fn liveness_interval(watchdog: Option<Duration>) -> Duration {
 /// its buffer handle) or when the buffer closes.
 async fn liveness(
     buffer: BufferHandle,
-    notifier: std::sync::Arc<Notifier>,
+    notifier: Arc<Notifier>,
     health: Health,
     interval: Duration,
     stop: CancellationToken,

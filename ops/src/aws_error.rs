@@ -126,6 +126,12 @@ fn short(text: &str) -> String {
     }
 }
 
+/// The innermost cause of `e`, first line, at most [`MAX_MESSAGE`] characters: for an error that is not a call's
+/// (the SDK's own setup, e.g. Timestream's endpoint discovery), in one short sentence.
+pub fn brief(e: &(dyn std::error::Error + 'static)) -> String {
+    short(&root_cause(e))
+}
+
 /// The innermost cause of `e` (the SDK wraps the interesting part several levels deep).
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;

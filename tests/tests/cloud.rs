@@ -301,7 +301,7 @@ fn two_workers_with_one_worker_id_take_nothing_from_each_other_and_land_everythi
     );
     let n = expected.len();
     let v = wait_landed(&moto, stream, n, n, Duration::from_secs(90));
-    // Commits every 2 s: checkpoints moved, and no lease went back and forth.
+    // Commits every 2 s: checkpoints moved.
     wait_for("checkpoints", Duration::from_secs(30), || {
         (a.metric("fieldlink_cloud_checkpoints_total") >= 4.0).then_some(())
     });
@@ -331,7 +331,7 @@ fn two_workers_with_one_worker_id_take_nothing_from_each_other_and_land_everythi
 }
 
 /// The sinks of one process share each shard's checkpoint, so a sink that fails holds the others of its process
-/// back (the test above). A sink that must not wait for another runs in its own deployment, with its own lease
+/// back (`a_deleted_timestream_table_fails_health_holds_the_checkpoint_and_recovers_by_itself_once_recreated`). A sink that must not wait for another runs in its own deployment, with its own lease
 /// table: a second consumer of the stream. Here Parquet and Timestream in two processes: with the Timestream
 /// table deleted, Parquet lands everything meanwhile; once the table is back, Timestream does too, each once.
 #[test]

@@ -286,6 +286,15 @@ impl Compactor {
         self
     }
 
+    fn hour_errors(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.hour_error.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The first error of an hour that failed since the last call.
+    fn take_hour_error(&self) -> Option<String> {
+        self.hour_errors().take()
+    }
+
     /// Also publishes the alarm table in `alarms` (after the bronze hours of each round).
     pub fn with_alarms(mut self, alarms: Option<Store>) -> Self {
         self.alarms = alarms;
@@ -410,8 +419,7 @@ impl Compactor {
                 Err(e) => {
                     self.metrics.failures.inc();
                     tracing::warn!(table = ?table, hour = %plan::published_prefix(work.hour), error = %e, "publishing an hour failed; retried next round");
-                    let mut first = self.hour_error.lock().unwrap_or_else(|e| e.into_inner());
-                    first.get_or_insert_with(|| {
+                    self.hour_errors().get_or_insert_with(|| {
                         format!(
                             "publishing {} failed: {e}",
                             plan::published_prefix(work.hour)
@@ -686,22 +694,15 @@ impl Compactor {
                         Some(format!("compaction round failed: {e}"))
                     }
                 };
-                let hour = self
-                    .hour_error
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take();
-                let (ok, detail) = failing.after(failed.or(hour).as_deref(), interval);
+                let (ok, detail) =
+                    failing.after(failed.or(self.take_hour_error()).as_deref(), interval);
                 if let Some(h) = &self.health {
                     h.set(HEALTH, ok, detail);
                 }
             } else if !self.hold.held() {
                 // Another process compacts: what failed here is not this process's to report any more.
                 failing = FailingRounds::default();
-                self.hour_error
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take();
+                self.take_hour_error();
                 if let Some(h) = &self.health {
                     h.set(HEALTH, true, "");
                 }

@@ -113,7 +113,8 @@ impl StagedRows {
     }
 
     /// Rows staged now.
-    pub fn rows(&self) -> usize {
+    #[cfg(test)]
+    fn rows(&self) -> usize {
         self.0 .0.load(Ordering::Relaxed)
     }
 }

@@ -59,20 +59,13 @@ pub async fn client(
             }
             Err(e) => {
                 let wait = backoff.next_delay();
-                // The chain of causes: the SDK's top error alone says only "dispatch failure".
-                let mut why = e.to_string();
-                let mut cause = e.source();
-                while let Some(c) = cause {
-                    why = format!("{why}: {c}");
-                    cause = c.source();
-                }
-                tracing::warn!(error = %why, retry_in_ms = wait.as_millis() as u64, "Timestream endpoint discovery failed");
+                tracing::warn!(error = ?e, retry_in_ms = wait.as_millis() as u64, "Timestream endpoint discovery failed");
                 health.set(
                     NAME,
                     false,
                     format!(
                         "endpoint discovery failed: {}; retrying in {} s, nothing lands meanwhile",
-                        first_line(&why),
+                        fieldlink_ops::aws_error::brief(e.as_ref()),
                         wait.as_secs().max(1)
                     ),
                 );
@@ -83,16 +76,6 @@ pub async fn client(
             }
         }
     }
-}
-
-/// The first line of an error's text, at most 300 bytes (for `/health`).
-fn first_line(text: &str) -> &str {
-    let line = text.lines().next().unwrap_or("");
-    let mut end = line.len().min(300);
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
-    &line[..end]
 }
 
 /// The event times the table accepts, read once at startup: the table's retention, after turning on magnetic
