@@ -52,8 +52,16 @@ fn a_lock_held_for_10_s_over_a_backlog_drops_nothing() {
         locked.exists().then_some(())
     });
     let t0 = Instant::now();
-    // Readings keep arriving while the lock is held: every commit fails with SQLITE_BUSY.
-    acked.extend(publish_numbered(broker.port, 2000, 1000.0, 0, dir.path()));
+    // Readings keep arriving while the lock is held: every commit fails with SQLITE_BUSY. New numbers (and so
+    // new times): repeats of the first ones would be dropped by the agent's dedup and prove nothing.
+    acked.extend(publish_numbered_from(
+        broker.port,
+        6000,
+        2000,
+        1000.0,
+        0,
+        dir.path(),
+    ));
     wait_for("a failed commit", Duration::from_secs(20), || {
         (agent.metric("fieldlink_buffer_errors_total") > 0.0).then_some(())
     });
@@ -75,6 +83,11 @@ fn a_lock_held_for_10_s_over_a_backlog_drops_nothing() {
     let problem = exactly_once(&acked, &got);
     assert!(problem.is_empty(), "after a held lock: {problem}");
     assert_eq!(agent.metric("fieldlink_readings_dropped_total"), 0.0);
+    assert_eq!(
+        agent.metric("fieldlink_readings_deduplicated_total"),
+        0.0,
+        "nothing was published twice: a retried commit must not store a group twice"
+    );
     let (received, accounted) = agent.ledger();
     assert_eq!(received, accounted, "ledger");
     agent.stop();

@@ -388,6 +388,12 @@ impl Chaos {
         for ext in ["db", "db-wal", "db-shm"] {
             let _ = std::fs::remove_file(self.fs.path.join(format!("{AGENT}.{ext}")));
         }
+        let db = self.fs.path.join(format!("{AGENT}.db"));
+        assert!(
+            !db.exists(),
+            "seed {}: the buffer file was not replaced",
+            self.seed
+        );
         self.start_agent();
     }
 }

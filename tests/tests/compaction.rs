@@ -34,15 +34,23 @@ fn hours_are_published_exactly_once_through_compactor_kills_at_random_points() {
     let moto = Moto::start(dir.path());
     let (bucket, table) = ("bronze-kills", "leases-kills");
     let location = format!("s3://{bucket}/bronze");
-    // Small parts, so the big hour is split and its republishes keep the boundaries.
+    // Small parts, so the big hour is split and its republishes keep the boundaries. A killed compactor keeps
+    // the lease until it expires: the shortest lease lets the next process take it within a second.
     let config = compactor_setup(
         dir.path(),
         &moto.endpoint,
         &location,
         table,
         Some(now_ms()),
-        "max_file_mib = 1",
+        "max_file_mib = 1\nlease_ms = 1000",
     );
+    let log = dir.path().join("compact.log");
+    let taken = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("compactor lease taken")
+            .count()
+    };
 
     // Six hours of landing files from three agents, each file repeating part of the one before (resends landed
     // by two processes), and one hour large enough for several parts.
@@ -101,11 +109,15 @@ fn hours_are_published_exactly_once_through_compactor_kills_at_random_points() {
             land(&late, hour, &format!("shardId-000000000001-{batch}"), &ids);
         }
         upload(&late);
-        let delay = rng.u64(50..2500);
-        let mut p = Proc::spawn(
-            "compactor",
-            compact_cmd(&config, false),
-            &dir.path().join("compact.log"),
+        // Killed at a random moment of its work: after it took the lease (the one it killed holds it until it
+        // expires), within the next rounds.
+        let delay = rng.u64(0..2500);
+        let before = taken();
+        let mut p = Proc::spawn("compactor", compact_cmd(&config, false), &log);
+        wait_for(
+            "the compactor to take the lease",
+            Duration::from_secs(30),
+            || (taken() > before).then_some(()),
         );
         std::thread::sleep(Duration::from_millis(delay));
         p.kill();
@@ -182,7 +194,7 @@ fn hours_are_published_exactly_once_through_compactor_kills_at_random_points() {
         rerun.files, seen.files,
         "a rerun over inputs already published changed the published files"
     );
-    let log = std::fs::read_to_string(dir.path().join("compact.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
     eprintln!(
         "seed {seed}: {} rows in {} files exactly once after {kills} kills ({} hours published by the killed processes, big hour in {} parts)",
         expected.len(),
@@ -401,6 +413,8 @@ fn memory_stays_bounded_on_an_hour_larger_than_the_cap() {
         .unwrap_or_else(|| panic!("no round logged:\n{text}"));
     let seen = read_table(&root.display().to_string(), "");
     assert_eq!(seen.rows.len() as u64, rows);
+    let distinct: BTreeSet<&Id> = seen.rows.iter().collect();
+    assert_eq!(distinct.len() as u64, rows, "a row twice in the hour");
     assert_eq!(seen.landing_files, 0);
     eprintln!(
         "hour of {rows} rows in {files} files ({:.0} MiB decoded, {} MiB published): published in {took:.1} s ({:.0} rows/s with start-up), peak RSS {} MiB, cap {cap_mib} MiB",
