@@ -91,7 +91,7 @@ fn yes() -> bool {
 #[serde(deny_unknown_fields)]
 pub struct WindowsConfig {
     /// Open windows held at most, over all rules, series and sizes (each about 100 bytes in memory). A reading
-    /// that needs a new window beyond the cap is treated as late (counted in
+    /// that needs a new window beyond the cap is left out of it and sent raw, whatever `keep_raw` (counted in
     /// `fieldlink_window_overflow_total`). Default 100000.
     #[serde(default = "default_max_open")]
     pub max_open_windows: usize,

@@ -474,22 +474,25 @@ impl Engine {
     ) -> RawFate {
         let rules = self.matching(series_id, series);
         let x = numeric(obs.value, obs.quality);
-        let (mut withhold, mut late_raw) = (false, false);
+        let (mut withhold, mut late_raw, mut kept_out) = (false, false, false);
         for &r in &rules {
-            let late = self.observe_rule(r, series_id, obs.ts_ms, x, out);
+            let (late, overflow) = self.observe_rule(r, series_id, obs.ts_ms, x, out);
             let rule = &self.rules[r];
             withhold |= !rule.keep_raw;
-            late_raw |= late && rule.late == LatePolicy::Raw;
+            late_raw |= (late || overflow) && rule.late == LatePolicy::Raw;
+            kept_out |= overflow;
         }
         self.matches.insert(series_id, rules);
-        match (x, late_raw, withhold) {
+        // A reading the cap kept out of a window is never withheld: the cap is the agent's limit, not the
+        // operator's choice.
+        match (x, late_raw, withhold && !kept_out) {
             (None, _, _) | (Some(_), false, false) => RawFate::Send,
             (Some(_), true, _) => RawFate::SendLate,
             (Some(_), false, true) => RawFate::Withhold,
         }
     }
 
-    /// One rule: returns whether the reading was late (or overflowed) for it.
+    /// One rule: returns whether the reading was late for it, and whether the cap kept it out of a window.
     fn observe_rule(
         &mut self,
         r: usize,
@@ -497,7 +500,7 @@ impl Engine {
         ts: i64,
         x: Option<f64>,
         out: &mut Vec<Emitted>,
-    ) -> bool {
+    ) -> (bool, bool) {
         let rule = &self.rules[r];
         let st = self.states.entry((r, sid)).or_insert_with(|| PairState {
             open: vec![Vec::new(); rule.sizes.len()],
@@ -513,9 +516,8 @@ impl Engine {
             .saturating_sub(rule.lateness)
             .max(st.closed_to.unwrap_or(i64::MIN));
         st.closed_to = Some(watermark);
-        let mut late = false;
+        let (mut late, mut overflow) = (false, false);
         if let Some(x) = x {
-            let mut overflow = false;
             for (k, &size) in rule.sizes.iter().enumerate() {
                 let start = ts.div_euclid(size).saturating_mul(size);
                 if start.saturating_add(size) <= watermark {
@@ -540,7 +542,6 @@ impl Engine {
             } else {
                 self.uncommitted.aggregated += 1;
             }
-            late |= overflow;
         }
         // Close every window the watermark has passed.
         for (k, &size) in rule.sizes.iter().enumerate() {
@@ -564,7 +565,7 @@ impl Engine {
             self.open -= closed;
             self.uncommitted.closed += closed as u64;
         }
-        late
+        (late, overflow)
     }
 
     /// The derived series of an emitted value of `source`: `<key>/<function>_<size>`, the source's tags.

@@ -203,28 +203,29 @@ fn negative_event_times_use_floor_alignment() {
     assert_eq!(out[0].1, -60_000);
 }
 
+/// A reading that needs a new window beyond the cap is left out of it and counted; it is sent raw, flagged late
+/// under `late = "raw"`, and also under `keep_raw = false` with the default `late = "drop"`, where an aggregated
+/// reading is withheld and a late one dropped by choice: the cap is the agent's limit, not the operator's choice.
 #[test]
-fn beyond_the_cap_a_new_window_is_an_overflow_handled_as_late() {
-    let mut e = engine(&format!(
-        "max_open_windows = 2\n{POWER}late = \"raw\"\nallowed_lateness_ms = 600000\n"
-    ));
-    let (fates, _) = feed(
-        &mut e,
-        "plant/m/power",
-        &[(0, 1.0), (60_000, 1.0), (120_000, 1.0), (1_000, 1.0)],
-    );
-    assert_eq!(
-        fates,
-        vec![
-            RawFate::Send,
-            RawFate::Send,
-            RawFate::SendLate,
-            RawFate::Send
-        ]
-    );
-    e.committed();
-    assert_eq!(e.counts().overflow, 1);
-    assert_eq!(e.open_windows(), 2);
+fn beyond_the_cap_a_new_window_is_an_overflow_and_its_reading_is_sent_raw() {
+    use RawFate::{Send, SendLate, Withhold};
+    for (settings, want) in [
+        ("late = \"raw\"", [Send, Send, SendLate, Send]),
+        ("keep_raw = false", [Withhold, Withhold, Send, Withhold]),
+    ] {
+        let mut e = engine(&format!(
+            "max_open_windows = 2\n{POWER}{settings}\nallowed_lateness_ms = 600000\n"
+        ));
+        let (fates, _) = feed(
+            &mut e,
+            "plant/m/power",
+            &[(0, 1.0), (60_000, 1.0), (120_000, 1.0), (1_000, 1.0)],
+        );
+        assert_eq!(fates, want, "{settings}");
+        e.committed();
+        assert_eq!(e.counts().overflow, 1);
+        assert_eq!(e.open_windows(), 2);
+    }
 }
 
 #[test]
