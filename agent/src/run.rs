@@ -52,6 +52,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
         "opening the buffer {} (checking it)",
         cfg.buffer.path.display()
     );
+    // Not ready until it is open: `/health` answers from the start.
+    health.set("buffer", false, why.clone());
     let opened = extending_start(&notifier, why, || {
         buffer::spawn_with_rules(
             &cfg.buffer,

@@ -1,35 +1,52 @@
-//! One cancellation token for the whole process, cancelled by SIGTERM or SIGINT.
+//! One cancellation token for the whole process, cancelled by SIGTERM or SIGINT. A second signal during the stop
+//! exits at once: nothing the process acknowledged depends on the stop finishing (both binaries survive a
+//! `kill -9` anywhere), so an operator who does not want to wait for the drain need not reach for SIGKILL.
 
 use tokio_util::sync::CancellationToken;
 
-/// Spawns a task that cancels `token` on SIGTERM or Ctrl-C.
+/// The exit status after a second signal (128 + SIGINT, as a shell reports an interrupted command).
+pub const SECOND_SIGNAL_EXIT: i32 = 130;
+
+/// Spawns a task that cancels `token` on SIGTERM or Ctrl-C, and exits the process on the next one.
 pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot install SIGTERM handler");
-                        let _ = ctrl_c.await;
-                        token.cancel();
-                        return;
-                    }
-                };
+            use tokio::signal::unix::{signal, SignalKind};
+            let (mut int, mut term) = match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(i), Ok(t)) => (i, t),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!(error = %e, "cannot install the SIGINT/SIGTERM handlers");
+                    let _ = tokio::signal::ctrl_c().await;
+                    token.cancel();
+                    return;
+                }
+            };
             tokio::select! {
-                _ = ctrl_c => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
                 _ = token.cancelled() => return,
             }
+            tracing::info!("shutdown requested");
+            token.cancel();
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            tracing::warn!(
+                "second shutdown signal: exiting now, without finishing the stop (what was acknowledged is committed)"
+            );
+            std::process::exit(SECOND_SIGNAL_EXIT);
         }
         #[cfg(not(unix))]
         {
-            let _ = ctrl_c.await;
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutdown requested");
+            token.cancel();
         }
-        tracing::info!("shutdown requested");
-        token.cancel();
     });
 }
 

@@ -346,6 +346,7 @@ fn worker(
         held: None,
         headroom,
         seal_error: None,
+        dropped: None,
         seal_rows: usize::MAX,
         status: status.map(|b| (b, alarms.topic_prefix.clone())),
     };
@@ -434,6 +435,9 @@ struct Worker {
     headroom: u64,
     /// The last seal's error, until a seal succeeds.
     seal_error: Option<String>,
+    /// Readings the overflow policy dropped recently: `(last drop, readings since the count began)`; shown in
+    /// `/health` for [`DROPS_SHOWN`] after the last drop.
+    dropped: Option<(Instant, u64)>,
     /// Rows one seal takes at most: halved after a seal failed for disk space, doubled back after each success.
     seal_rows: usize,
     /// Where committed alarm statuses go for the local MQTT publisher, with the topic prefix.
@@ -455,6 +459,9 @@ struct Held {
 
 /// How often a held group's repeated failure is logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// How long `/health` shows the readings the overflow policy dropped, after the last drop.
+const DROPS_SHOWN: Duration = Duration::from_secs(60);
 
 /// Readings a seal seals on the buffer thread at once, at most (a few milliseconds of commits held back, less than
 /// handing them to the seal thread costs); larger parts, and the parts after these, go to the seal thread.
@@ -753,11 +760,14 @@ impl Worker {
     fn drop_for(&mut self, bytes: u64) {
         let target = self.buffer.stats().bytes().saturating_sub(bytes);
         match self.buffer.drop_oldest(target) {
-            Ok(n) if n > 0 => tracing::warn!(
-                readings = n,
-                bytes,
-                "buffer disk full: dropped the oldest batches"
-            ),
+            Ok(n) if n > 0 => {
+                tracing::warn!(
+                    readings = n,
+                    bytes,
+                    "buffer disk full: dropped the oldest batches"
+                );
+                self.note_dropped(n);
+            }
             Ok(_) => {}
             Err(e) => {
                 self.metrics.buffer_errors.inc();
@@ -790,17 +800,46 @@ impl Worker {
                 ));
             }
         }
-        self.seal_error.clone()
+        if let Some(e) = &self.seal_error {
+            return Some(e.clone());
+        }
+        if let Some((at, n)) = self.dropped {
+            if at.elapsed() < DROPS_SHOWN {
+                return Some(format!(
+                    "at its cap (drop_oldest): {n} readings dropped, the last {:.0} s ago",
+                    at.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        (self.cfg.overflow == OverflowPolicy::Backpressure && self.over_cap()).then(|| {
+            format!(
+                "at its cap (backpressure): {:.1} of {:.1} MiB, intake paused until Kinesis takes the backlog",
+                self.buffer.stats().bytes() as f64 / 1048576.0,
+                self.cfg.max_bytes as f64 / 1048576.0
+            )
+        })
+    }
+
+    /// Counts readings the overflow policy dropped, for `/health`.
+    fn note_dropped(&mut self, n: u64) {
+        let since = match self.dropped {
+            Some((at, total)) if at.elapsed() < DROPS_SHOWN => total,
+            _ => 0,
+        };
+        self.dropped = Some((Instant::now(), since + n));
     }
 
     fn enforce_cap(&mut self) {
         if self.cfg.overflow == OverflowPolicy::DropOldest && self.over_cap() {
             match self.buffer.drop_oldest(self.cfg.max_bytes) {
-                Ok(n) if n > 0 => tracing::warn!(
-                    readings = n,
-                    max_bytes = self.cfg.max_bytes,
-                    "buffer full: dropped the oldest batches"
-                ),
+                Ok(n) if n > 0 => {
+                    tracing::warn!(
+                        readings = n,
+                        max_bytes = self.cfg.max_bytes,
+                        "buffer full: dropped the oldest batches"
+                    );
+                    self.note_dropped(n);
+                }
                 Ok(_) => {}
                 Err(e) => {
                     self.metrics.buffer_errors.inc();
@@ -1317,6 +1356,41 @@ mod tests {
         );
         let ledger = w.buffer.ledger();
         assert_eq!((ledger.appended, ledger.deduplicated), (n + 5, 0));
+    }
+
+    /// At its cap the buffer says so in `/health`: what `drop_oldest` dropped (for a minute after the last drop),
+    /// or that `backpressure` paused intake (while over the cap).
+    #[test]
+    fn at_its_cap_the_buffer_reports_drops_or_paused_intake() {
+        for policy in [OverflowPolicy::DropOldest, OverflowPolicy::Backpressure] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut w, _handle, _) = worker_with_backlog(dir.path());
+            let (reply, _rx) = oneshot::channel();
+            w.control(Control::Flush { reply });
+            assert_eq!(w.problem(), None, "{policy:?}: under the cap");
+            w.cfg.overflow = policy;
+            w.cfg.max_bytes = w.buffer.stats().bytes() / 2;
+            assert!(!w.accepting() || policy == OverflowPolicy::DropOldest);
+            w.enforce_cap();
+            let problem = w.problem().unwrap_or_default();
+            match policy {
+                OverflowPolicy::DropOldest => {
+                    let dropped = w.buffer.ledger().dropped;
+                    assert!(dropped > 0);
+                    assert!(
+                        problem.contains(&format!("{dropped} readings dropped")),
+                        "{problem}"
+                    );
+                    w.dropped = w.dropped.map(|(_, n)| (Instant::now() - DROPS_SHOWN, n));
+                    assert_eq!(w.problem(), None, "shown for a minute after the last drop");
+                }
+                OverflowPolicy::Backpressure => {
+                    assert!(problem.contains("intake paused"), "{problem}");
+                    w.cfg.max_bytes *= 4;
+                    assert_eq!(w.problem(), None, "back under the cap");
+                }
+            }
+        }
     }
 
     /// A part of at most [`OFFLOAD_ROWS`] readings is sealed on the buffer thread at once (no hand-over); a larger
