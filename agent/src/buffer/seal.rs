@@ -398,6 +398,12 @@ impl Buffer {
         if taken.rows == 0 && taken.ids_last == 0 {
             return self.seal_alarm_tick(now_ms).map(Begun::Idle);
         }
+        // Before the states are taken: an error from here on must put them back.
+        let stale_clock = if self.alarms.is_empty() {
+            0
+        } else {
+            self.stale_clock(taken.ids_last, now_ms)?
+        };
         // Series states and series of every series involved.
         let mut states: HashMap<i64, SeriesState> = HashMap::new();
         let mut series: HashMap<i64, Series> = HashMap::new();
@@ -406,11 +412,6 @@ impl Buffer {
             self.states.extend(states);
             return Err(e);
         }
-        let stale_clock = if self.alarms.is_empty() {
-            0
-        } else {
-            self.stale_clock(taken.ids_last, now_ms)?
-        };
         self.sealing = true;
         Ok(Begun::Job(Box::new(SealJob {
             taken,

@@ -486,17 +486,24 @@ pub async fn run(
         .client_id
         .clone()
         .unwrap_or_else(|| format!("fieldlink-{agent_id}-{}", cfg.name));
-    let tls = match cfg.tls.as_ref().map(tls::client_config).transpose() {
-        Ok(t) => t.map(|c| rumqttc::TlsConfiguration::Rustls(Arc::new(c))),
-        Err(e) => {
-            // Checked by `validate` before anything started; a file changed since then is reported here.
-            tracing::error!(connection = %cfg.name, error = %e, "TLS configuration failed; connection not started");
-            health.set(&component, false, format!("tls: {e}"));
-            return;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    // Checked by `validate` before anything started; a file changed since then (a certificate being renewed) is
+    // reported and read again with backoff: the connection starts once it reads.
+    let tls = loop {
+        match cfg.tls.as_ref().map(tls::client_config).transpose() {
+            Ok(t) => break t.map(|c| rumqttc::TlsConfiguration::Rustls(Arc::new(c))),
+            Err(e) => {
+                tracing::error!(connection = %cfg.name, error = %e, "TLS configuration failed; connection not started, trying again");
+                health.set(&component, false, format!("tls: {e}"));
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
         }
     };
+    backoff.reset();
     let mut session = Session::new(&cfg, client_id, credentials(&cfg), tls);
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let acks = Arc::new(AckQueue::default());
     let mut mapper = Mapper::new(cfg.payload.clone());
     let mut generation = 0u64;

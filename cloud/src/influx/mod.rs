@@ -361,15 +361,11 @@ impl InfluxClient {
             Err(e) => return Reply::Failed(CallError::of_http(400, &e.to_string())),
         };
         let call = async {
-            let resp = self.http.request(req).await.map_err(|e| {
-                let mut msg = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg = s.to_string();
-                    src = s.source();
-                }
-                transport_error(&msg)
-            })?;
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| transport_error(&fieldlink_ops::aws_error::brief(&e)))?;
             let status = resp.status().as_u16();
             let after = resp
                 .headers()
