@@ -242,7 +242,7 @@ impl SealJob {
         };
 
         // Window rules: the released readings feed the windows; closed windows add derived readings.
-        let mut step = windows::window_step(&mut windows, released.out, &series);
+        let mut step = windows::window_step(&mut windows, released.out, &series, now_ms);
         series.extend(step.derived.iter().map(|(id, s)| (*id, s.clone())));
         let rows = device_order(std::mem::take(&mut step.rows), &series);
 

@@ -57,9 +57,12 @@ fn seal(b: &mut Buffer) -> Result<SealReport, BufferError> {
         &mut enc,
         &BatchConfig::default(),
         rules,
-        0,
+        NOW_MS,
     )
 }
+
+/// The seals' wall-clock time: after every event time here (no watermark passes it).
+const NOW_MS: i64 = 1_000_000_000;
 
 /// Every pending reading as `(series, ts, value, late)`, acknowledged (so the next call gives only new ones).
 type Got = (String, i64, String, bool);

@@ -86,13 +86,14 @@ impl Buffer {
     }
 }
 
-/// Feeds the released readings (each series in event-time order) to the windows and turns the result into
-/// rows: raw readings per their fate, then the closed windows' readings. Without rules, every reading is a
-/// row as released.
+/// Feeds the released readings (each series in event-time order) to the windows at the seal's wall-clock time
+/// `now_ms` and turns the result into rows: raw readings per their fate, then the closed windows' readings.
+/// Without rules, every reading is a row as released.
 pub(super) fn window_step(
     windows: &mut Engine,
     released: Vec<order::Out>,
     series: &HashMap<i64, Series>,
+    now_ms: i64,
 ) -> WindowStep {
     // The released late flag, or set by a window rule.
     let row = |o: order::Out, flag: bool| Row {
@@ -111,6 +112,7 @@ pub(super) fn window_step(
             ..WindowStep::default()
         };
     }
+    windows.set_clock(now_ms);
     let mut step = WindowStep::default();
     let mut emitted: Vec<Emitted> = Vec::new();
     for o in released {

@@ -1,4 +1,5 @@
-//! Windowed aggregates computed on the agent, in event-time order. Pure: no I/O, no clock.
+//! Windowed aggregates computed on the agent, in event-time order. Pure: no I/O; the seal's wall-clock time is
+//! given ([`Engine::set_clock`]).
 //!
 //! The buffer's seal ([`crate::buffer::Buffer::seal`]) feeds every released reading (in each series' event-time
 //! order; late readings of [`crate::order`] where they come) to [`Engine::observe`], which adds it to the open
@@ -12,9 +13,12 @@
 //! # A rule on one series
 //! Each `(rule, series)` pair has a [`PairState`]: the newest event time seen (every reading of the series counts,
 //! aggregated or not) and, per window size, the open windows ordered by start. With `L` the rule's allowed
-//! lateness, the pair's **watermark** is `newest − L`, and never lower than a watermark the pair applied before
-//! (kept in its state as `closed_to`): raising `L`, or restarting with a larger one, cannot open a window that was
-//! already closed and emitted. A window `[start, start + size)` (aligned to the Unix epoch)
+//! lateness, the pair's **watermark** is `min(newest, now) − L` (`now`: the seal's wall-clock time), and never
+//! lower than a watermark the pair applied before (kept in its state as `closed_to`): raising `L`, or restarting
+//! with a larger one, cannot open a window that was already closed and emitted. One reading stamped hours ahead
+//! (a device's clock glitch, within the source's `max_future_ms`) joins its future window but moves the
+//! watermark no further than the present, so it neither closes the open windows early nor makes the readings
+//! of the next hours late. A window `[start, start + size)` (aligned to the Unix epoch)
 //! closes when the watermark reaches its end (`end <= watermark`); it then gives one reading per function of
 //! series `<series>/<function>_<size>` with **event time = the window's start**, quality good.
 //!
@@ -346,6 +350,8 @@ pub struct Engine {
     counts: Counts,
     /// Counted since the last [`Engine::committed`].
     uncommitted: Counts,
+    /// The seal's wall-clock time, Unix ms: no watermark passes it ([`Engine::set_clock`]).
+    now_ms: i64,
 }
 
 impl Default for Engine {
@@ -383,7 +389,14 @@ impl Engine {
             max_open,
             counts: Counts::default(),
             uncommitted: Counts::default(),
+            now_ms: i64::MAX,
         }
+    }
+
+    /// The wall-clock time of the seal that feeds the next readings, Unix ms: no pair's watermark passes it.
+    /// Until set, the watermark follows the readings alone.
+    pub fn set_clock(&mut self, now_ms: i64) {
+        self.now_ms = now_ms;
     }
 
     /// Compiles the configured rules.
@@ -513,6 +526,7 @@ impl Engine {
         let newest = st.newest.map_or(ts, |n| n.max(ts));
         st.newest = Some(newest);
         let watermark = newest
+            .min(self.now_ms)
             .saturating_sub(rule.lateness)
             .max(st.closed_to.unwrap_or(i64::MIN));
         st.closed_to = Some(watermark);

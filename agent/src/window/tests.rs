@@ -228,6 +228,40 @@ fn beyond_the_cap_a_new_window_is_an_overflow_and_its_reading_is_sent_raw() {
     }
 }
 
+/// A reading stamped 20 h ahead (a device clock's glitch) joins its own window but moves the watermark no
+/// further than the seal's clock: the open window is not closed early and the readings after it, reaching the
+/// seal within the allowed lateness, are aggregated, not late (under `keep_raw = false` and `late = "drop"` they
+/// were deleted for 20 h).
+#[test]
+fn a_reading_from_the_future_neither_closes_windows_early_nor_makes_the_next_ones_late() {
+    const GLITCH: i64 = 20 * 3_600_000;
+    let mut e = engine(&format!(
+        "{POWER}keep_raw = false\nallowed_lateness_ms = 5000\n"
+    ));
+    e.set_clock(119_500);
+    let (fates, out) = feed(
+        &mut e,
+        "plant/m/power",
+        &[(60_000, 1.0), (90_000, 2.0), (GLITCH, 9.0), (119_000, 3.0)],
+    );
+    assert_eq!(fates, vec![RawFate::Withhold; 4]);
+    assert!(out.is_empty(), "closed early: {out:?}");
+    e.set_clock(126_000);
+    let (fates, out) = feed(&mut e, "plant/m/power", &[(125_000, 4.0)]);
+    assert_eq!(fates, vec![RawFate::Withhold]);
+    let k = |f: &str| format!("plant/m/power/{f}_60s");
+    assert!(
+        out.contains(&(k("count"), 60_000, Value::I64(3))),
+        "{out:?}"
+    );
+    assert!(
+        out.contains(&(k("sum"), 60_000, Value::F64(6.0))),
+        "{out:?}"
+    );
+    e.committed();
+    assert_eq!(e.counts().late, 0);
+}
+
 #[test]
 fn tags_must_match_and_are_carried_to_derived_series() {
     let mut e = engine(&format!("{POWER}tags = {{ site = \"muc\" }}\n"));
