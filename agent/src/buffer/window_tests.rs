@@ -24,8 +24,12 @@ functions = ["max"]
 "#;
 
 fn open(path: &Path) -> Buffer {
+    open_with(path, RULES)
+}
+
+fn open_with(path: &Path, rules: &str) -> Buffer {
     let mut b = Buffer::open(path, Durability::Normal, "edge-1").unwrap();
-    let cfg: WindowsConfig = toml::from_str(RULES).unwrap();
+    let cfg: WindowsConfig = toml::from_str(rules).unwrap();
     b.enable_windows(crate::window::Engine::from_config(&cfg))
         .unwrap();
     b
@@ -184,6 +188,50 @@ fn a_failed_seal_or_a_reopen_neither_repeats_nor_loses_a_window() {
             got("m/a/count_1s", 1000, "2i", false),
             got("m/a/mean_1s", 1000, "6", false)
         ]
+    );
+}
+
+/// A rule narrowed while a series' window was open (`m/+` to `m/b`): the next start finds the pair orphaned, the
+/// next seal emits its window (final: no reading of `m/a` joins it any more) instead of holding it open for good,
+/// and a later start emits nothing again.
+#[test]
+fn a_window_of_a_series_a_narrowed_rule_no_longer_matches_is_closed_once_at_the_next_seal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.db");
+    let mut b = open(&path);
+    append(&mut b, "m/a", &[(100, 1.0), (200, 3.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(drain(&mut b), vec![], "[0, 1000) open");
+    drop(b);
+    let narrowed = RULES.replace("series = \"m/+\"", "series = \"m/b\"");
+    let mut b = open_with(&path, &narrowed);
+    assert_eq!(b.windows().open_windows(), 1);
+    append(&mut b, "m/a", &[(300, 5.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            got("m/a", 300, "5", false),
+            got("m/a/count_1s", 0, "2i", false),
+            got("m/a/mean_1s", 0, "2", false)
+        ],
+        "the reading goes raw (no rule matches it), the old window closes"
+    );
+    assert_eq!(b.windows().open_windows(), 0);
+    drop(b);
+    let mut b = open_with(&path, &narrowed);
+    append(&mut b, "k/x", &[(100, 1.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(drain(&mut b), vec![got("k/x", 100, "1", false)]);
+    // Widened again: a late reading of the emitted window does not open it a second time.
+    drop(b);
+    let mut b = open(&path);
+    append(&mut b, "m/a", &[(900, 7.0), (1100, 1.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![got("m/a", 900, "7", true)],
+        "late for the emitted window: sent raw and flagged (late = raw); 1100 joins an open window"
     );
 }
 

@@ -11,7 +11,7 @@
 use super::{Buffer, BufferError};
 use crate::batch::Row;
 use crate::order;
-use crate::window::{Emitted, Engine, Obs, RawFate};
+use crate::window::{Emitted, Engine, Loaded, Obs, RawFate};
 use fieldlink_proto::{Quality, Reading, Series};
 use foldhash::{HashMap, HashMapExt};
 use rusqlite::params;
@@ -58,14 +58,44 @@ impl Buffer {
                 Some("injected reload failure".into()),
             )));
         }
-        let mut stmt = self
-            .conn
-            .prepare("SELECT rule, series_id, state FROM window_state")?;
+        let mut stmt = self.conn.prepare(
+            "SELECT w.rule, w.series_id, w.state, s.key, s.tags FROM window_state w \
+             LEFT JOIN series s ON s.id = w.series_id",
+        )?;
         let mut q = stmt.query([])?;
+        let (mut no_rule, mut unreadable, mut orphans) = (0u64, 0u64, 0u64);
         while let Some(r) = q.next()? {
             let rule: String = r.get(0)?;
             let state: Vec<u8> = r.get(2)?;
-            self.windows.load_state(&rule, r.get(1)?, &state);
+            let key: Option<String> = r.get(3)?;
+            let series = key.map(|key| Series {
+                key,
+                tags: r
+                    .get::<_, Option<String>>(4)
+                    .ok()
+                    .flatten()
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or_default(),
+            });
+            match self
+                .windows
+                .load_state(&rule, r.get(1)?, series.as_ref(), &state)
+            {
+                Loaded::Yes => {}
+                Loaded::Orphan => orphans += 1,
+                Loaded::NoRule => no_rule += 1,
+                Loaded::Unreadable => unreadable += 1,
+            }
+        }
+        if no_rule + unreadable + orphans > 0 {
+            tracing::warn!(
+                no_rule,
+                unreadable,
+                orphans,
+                "window states: those of rules no longer configured wait in the buffer for the rule (their open \
+                 windows are not computed on); unreadable ones are left as they are; pairs whose series a rule no \
+                 longer matches have their open windows closed by the next seal"
+            );
         }
         Ok(())
     }
@@ -115,6 +145,9 @@ pub(super) fn window_step(
     windows.set_clock(now_ms);
     let mut step = WindowStep::default();
     let mut emitted: Vec<Emitted> = Vec::new();
+    // Pairs whose series a rule no longer matches: their windows close now, named after the series they had.
+    let orphans = windows.close_orphans(&mut emitted);
+    let orphan_series: HashMap<i64, Series> = orphans.into_iter().collect();
     for o in released {
         let fate = match series.get(&o.reading.series) {
             Some(s) => windows.observe(
@@ -137,7 +170,10 @@ pub(super) fn window_step(
     }
     let mut ids: HashMap<Series, i64> = HashMap::new();
     for e in emitted {
-        let Some(source) = series.get(&e.series_id) else {
+        let Some(source) = series
+            .get(&e.series_id)
+            .or_else(|| orphan_series.get(&e.series_id))
+        else {
             continue;
         };
         let s = windows.derived_series(&e, source);

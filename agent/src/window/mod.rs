@@ -284,6 +284,42 @@ impl PairState {
     }
 }
 
+/// Closes the pair's windows that end at or before `watermark` into `out` (all of them at `i64::MAX`, raising
+/// `closed_to` to the last end so none reopens); returns how many.
+fn close_through(
+    rule: &Rule,
+    r: usize,
+    sid: i64,
+    st: &mut PairState,
+    watermark: i64,
+    out: &mut Vec<Emitted>,
+) -> usize {
+    let mut total = 0;
+    for (k, &size) in rule.sizes.iter().enumerate() {
+        let list = &mut st.open[k];
+        let closed = list
+            .iter()
+            .take_while(|(s, _)| s.saturating_add(size) <= watermark)
+            .count();
+        for (start, acc) in list.drain(..closed) {
+            let end = start.saturating_add(size);
+            st.closed_to = Some(st.closed_to.map_or(end, |c| c.max(end)));
+            for &func in &rule.funcs {
+                out.push(Emitted {
+                    rule: r,
+                    series_id: sid,
+                    size: k,
+                    func,
+                    start_ms: start,
+                    value: acc.value(func),
+                });
+            }
+        }
+        total += closed;
+    }
+    total
+}
+
 /// One value of a closed window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Emitted {
@@ -299,6 +335,19 @@ pub struct Emitted {
     pub start_ms: i64,
     /// The value.
     pub value: Value,
+}
+
+/// What [`Engine::load_state`] made of a persisted pair state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loaded {
+    /// Loaded.
+    Yes,
+    /// Loaded, with open windows of a series the rule no longer matches: the next seal closes them.
+    Orphan,
+    /// Not loaded: no rule of that name is configured (its open windows wait in the buffer for it).
+    NoRule,
+    /// Not loaded: the bytes are not a state this version reads (its open windows are not computed on).
+    Unreadable,
 }
 
 /// What becomes of a raw reading after the windows saw it.
@@ -352,6 +401,9 @@ pub struct Engine {
     uncommitted: Counts,
     /// The seal's wall-clock time, Unix ms: no watermark passes it ([`Engine::set_clock`]).
     now_ms: i64,
+    /// Loaded pairs with open windows whose series the rule no longer matches: closed by the next seal
+    /// ([`Engine::close_orphans`]).
+    orphans: Vec<(usize, i64, Series)>,
 }
 
 impl Default for Engine {
@@ -390,6 +442,7 @@ impl Engine {
             counts: Counts::default(),
             uncommitted: Counts::default(),
             now_ms: i64::MAX,
+            orphans: Vec::new(),
         }
     }
 
@@ -449,19 +502,34 @@ impl Engine {
         self.counts = counts;
     }
 
-    /// Restores a persisted state; ignored (false) if the rule is no longer configured or the bytes are malformed.
-    pub fn load_state(&mut self, rule: &str, series_id: i64, bytes: &[u8]) -> bool {
+    /// Restores a persisted state of the pair of `rule` and the series `series_id` (`series`, if the buffer
+    /// still knows it). A pair with open windows whose series the rule no longer matches is loaded and its windows
+    /// closed by the next seal ([`Engine::close_orphans`]).
+    pub fn load_state(
+        &mut self,
+        rule: &str,
+        series_id: i64,
+        series: Option<&Series>,
+        bytes: &[u8],
+    ) -> Loaded {
         let Some(&r) = self.by_name.get(rule) else {
-            return false;
+            return Loaded::NoRule;
         };
         let Some(st) = PairState::from_bytes(bytes, &self.rules[r].sizes) else {
-            return false;
+            return Loaded::Unreadable;
         };
-        self.open += st.windows();
+        let windows = st.windows();
+        self.open += windows;
         if let Some(old) = self.states.insert((r, series_id), st) {
             self.open -= old.windows();
         }
-        true
+        match series {
+            Some(s) if windows > 0 && !self.rules[r].matches(s) => {
+                self.orphans.push((r, series_id, s.clone()));
+                Loaded::Orphan
+            }
+            _ => Loaded::Yes,
+        }
     }
 
     fn matching(&mut self, series_id: i64, series: &Series) -> Vec<usize> {
@@ -557,29 +625,33 @@ impl Engine {
                 self.uncommitted.aggregated += 1;
             }
         }
-        // Close every window the watermark has passed.
-        for (k, &size) in rule.sizes.iter().enumerate() {
-            let list = &mut st.open[k];
-            let closed = list
-                .iter()
-                .take_while(|(s, _)| s.saturating_add(size) <= watermark)
-                .count();
-            for (start, acc) in list.drain(..closed) {
-                for &func in &rule.funcs {
-                    out.push(Emitted {
-                        rule: r,
-                        series_id: sid,
-                        size: k,
-                        func,
-                        start_ms: start,
-                        value: acc.value(func),
-                    });
-                }
-            }
+        let closed = close_through(rule, r, sid, st, watermark, out);
+        self.open -= closed;
+        self.uncommitted.closed += closed as u64;
+        (late, overflow)
+    }
+
+    /// Closes every open window of the pairs whose series the rule no longer matches (found by
+    /// [`Engine::load_state`]: the rule's filter or tags changed since they were opened). No reading will join
+    /// them any more, so their aggregates are final; each pair keeps its state, every window it emitted closed
+    /// for good. Returns the pairs' series, for the emitted readings' names.
+    pub fn close_orphans(&mut self, out: &mut Vec<Emitted>) -> Vec<(i64, Series)> {
+        let orphans = std::mem::take(&mut self.orphans);
+        let mut named = Vec::with_capacity(orphans.len());
+        for (r, sid, series) in orphans {
+            let Some(st) = self.states.get_mut(&(r, sid)) else {
+                continue;
+            };
+            let closed = close_through(&self.rules[r], r, sid, st, i64::MAX, out);
             self.open -= closed;
             self.uncommitted.closed += closed as u64;
+            if !st.dirty {
+                st.dirty = true;
+                self.dirty.push((r, sid));
+            }
+            named.push((sid, series));
         }
-        (late, overflow)
+        named
     }
 
     /// The derived series of an emitted value of `source`: `<key>/<function>_<size>`, the source's tags.

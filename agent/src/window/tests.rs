@@ -332,7 +332,7 @@ keep_raw = false
                     // The commit failed: reload the committed states and do the chunk again.
                     e.reset();
                     for ((r, sid), b) in &db {
-                        assert!(e.load_state(r, *sid, b));
+                        assert_eq!(e.load_state(r, *sid, None, b), Loaded::Yes);
                     }
                     out.clear();
                     f.clear();
@@ -360,7 +360,7 @@ keep_raw = false
                 let open = e.open_windows();
                 e = engine(cfg);
                 for ((r, sid), b) in &db {
-                    assert!(e.load_state(r, *sid, b));
+                    assert_eq!(e.load_state(r, *sid, None, b), Loaded::Yes);
                 }
                 assert_eq!(e.open_windows(), open);
                 i = end;
@@ -508,7 +508,7 @@ fn raising_the_lateness_does_not_open_a_window_that_was_emitted() {
     let saved = e.state(0, 1).unwrap().to_bytes(&[1000]);
     // Restarted with 10 s of lateness: the watermark would be 1500 - 10000, but [0, 1000) was emitted.
     let mut e = engine(&rule(10_000));
-    assert!(e.load_state("w", 1, &saved));
+    assert_eq!(e.load_state("w", 1, None, &saved), Loaded::Yes);
     let (fates, out) = feed(&mut e, "a/b", &[(200, 5.0), (1700, 3.0)]);
     assert_eq!(fates[0], RawFate::Send, "late for the rule, sent raw");
     assert!(out.is_empty(), "nothing emitted twice: {out:?}");
