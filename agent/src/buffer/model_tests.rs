@@ -155,7 +155,8 @@ proptest! {
         let mut m = Model::default();
         let mut next_number = 1u64;
         for op in ops {
-            let (_, before) = contents(&b);
+            let (before_unsealed, before) = contents(&b);
+            let unchanged = |b: &Buffer| contents(b) == (before_unsealed.clone(), before.clone());
             match op.clone() {
                 Op::Fault(code) => b.fault = Some(code),
                 Op::Append(groups) => {
@@ -184,14 +185,20 @@ proptest! {
                             m.committed.extend(nums);
                             m.since_open.0 += n;
                         }
-                        Err(e) => prop_assert!(failing, "unexpected error {}", e),
+                        Err(e) => {
+                            prop_assert!(failing, "unexpected error {}", e);
+                            prop_assert!(unchanged(&b), "a failed append changed the buffer");
+                        }
                     }
                 }
                 Op::Seal(max_rows) => {
                     let failing = b.fault.is_some();
                     match b.seal(i64::MAX, max_rows, &mut enc, &cfg, rules(), 0) {
                         Ok(r) => prop_assert!(!failing || r.rows == 0, "a fault must fail a seal that writes"),
-                        Err(e) => prop_assert!(failing, "unexpected error {}", e),
+                        Err(e) => {
+                            prop_assert!(failing, "unexpected error {}", e);
+                            prop_assert!(unchanged(&b), "a failed seal changed the buffer");
+                        }
                     }
                 }
                 Op::FetchAck { max, ack } => {
@@ -233,10 +240,19 @@ proptest! {
                                 })
                                 .collect();
                             prop_assert_eq!(n, gone.len() as u64);
+                            // The oldest go first: a record older than a dropped one stays only while in flight.
+                            if let Some(newest_gone) = before.keys().filter(|s| !after.contains_key(s)).max() {
+                                for kept in after.keys().filter(|s| *s < newest_gone) {
+                                    prop_assert!(m.in_flight.contains(kept), "record {} kept, a newer one dropped", kept);
+                                }
+                            }
                             m.dropped.extend(gone);
                             m.since_open.2 += n;
                         }
-                        Err(_) => prop_assert!(failing),
+                        Err(_) => {
+                            prop_assert!(failing);
+                            prop_assert!(unchanged(&b), "a failed drop changed the buffer");
+                        }
                     }
                 }
                 Op::Reopen => {

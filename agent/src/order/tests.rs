@@ -18,6 +18,21 @@ fn rules(late: LatePolicy) -> Rules {
     }
 }
 
+/// `(series, ts, value bits, late)` of every released reading, in order.
+fn readings_of(r: &Released) -> Vec<(i64, i64, u64, bool)> {
+    r.out
+        .iter()
+        .map(|o| (o.reading.series, o.reading.ts_ms, bits(&o.reading.value), o.late))
+        .collect()
+}
+
+fn bits(v: &Value) -> u64 {
+    match v {
+        Value::F64(f) => f.to_bits(),
+        _ => 0,
+    }
+}
+
 fn ts_of(r: &Released) -> Vec<(i64, i64, bool)> {
     r.out
         .iter()
@@ -124,7 +139,7 @@ impl Model {
         &mut self,
         mut input: Vec<Pending>,
         rules: Rules,
-    ) -> (Vec<(i64, i64, bool)>, u64, usize) {
+    ) -> (Vec<(i64, i64, u64, bool)>, u64, usize) {
         input.sort_by_key(|p| p.series); // stable, like grouping
         let mut series: Vec<i64> = input.iter().map(|p| p.series).collect();
         series.dedup();
@@ -135,10 +150,7 @@ impl Model {
             for p in rows {
                 let last = *self.last.get(&s).unwrap_or(&i64::MIN);
                 let horizon = last.saturating_sub(rules.dedup_window_ms);
-                let bits = match p.value {
-                    Value::F64(f) => f.to_bits(),
-                    _ => 0,
-                };
+                let bits = bits(&p.value);
                 let seen = self.seen.entry(s).or_default();
                 if p.ts_ms >= horizon
                     && seen
@@ -154,7 +166,7 @@ impl Model {
                 if late && rules.late == LatePolicy::DeadLetter {
                     dead += 1;
                 } else {
-                    out.push((s, p.ts_ms, late));
+                    out.push((s, p.ts_ms, bits, late));
                 }
             }
         }
@@ -176,7 +188,7 @@ proptest! {
             let n = call.len();
             let r = release(call.clone(), &mut states, rules);
             let (out, dups, dead_n) = model.release(call, rules);
-            prop_assert_eq!(ts_of(&r), out);
+            prop_assert_eq!(readings_of(&r), out);
             prop_assert_eq!(r.duplicates, dups);
             prop_assert_eq!(r.dead_lettered.len(), dead_n);
             // Every reading is accounted for exactly once.
@@ -293,7 +305,7 @@ proptest! {
         for call in calls {
             let r = release(call.clone(), &mut states, rules);
             let (out, dups, _) = model.release(call, rules);
-            prop_assert_eq!(ts_of(&r), out);
+            prop_assert_eq!(readings_of(&r), out);
             prop_assert_eq!(r.duplicates, dups);
             for st in states.values_mut() {
                 // Every remembered reading is within the window, and persistence keeps exactly them.
