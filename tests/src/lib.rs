@@ -1422,14 +1422,17 @@ pub fn alarm_model(
 }
 
 /// `rounds` SIGKILLs of a running agent at seeded random moments (50–600 ms apart; the seed is printed), each
-/// followed by a restart; the agent runs at the end.
-pub fn sigkill_rounds(agent: &mut AgentProc, rounds: usize) {
+/// followed by a restart; the agent runs at the end. Returns the moments of the kills.
+pub fn sigkill_rounds(agent: &mut AgentProc, rounds: usize) -> Vec<Instant> {
     let seed = fastrand::u64(..);
     eprintln!("kill schedule seed {seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
+    let mut kills = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         std::thread::sleep(Duration::from_millis(rng.u64(50..600)));
         agent.kill9();
+        kills.push(Instant::now());
         agent.start();
     }
+    kills
 }

@@ -62,13 +62,22 @@ fn every_acknowledged_reading_survives_sigkill_at_random_moments() {
     let rate = 1500.0;
     let count = (rate * 0.45 * rounds as f64) as usize + 1000;
     let (port, path) = (broker.port, dir.path().to_path_buf());
-    let publisher = std::thread::spawn(move || publish_numbered(port, count, rate, 0, &path));
-    sigkill_rounds(&mut agent, rounds);
-    let acked = publisher.join().unwrap();
+    let publisher = std::thread::spawn(move || {
+        let acked = publish_numbered(port, count, rate, 0, &path);
+        (acked, Instant::now())
+    });
+    let kills = sigkill_rounds(&mut agent, rounds);
+    let (acked, published) = publisher.join().unwrap();
     assert!(
         acked.len() > count * 9 / 10,
         "the broker acknowledged only {} of {count}",
         acked.len()
+    );
+    // The kills must hit an agent taking data, not one idling after the publisher finished.
+    let while_publishing = kills.iter().filter(|&&k| k < published).count();
+    assert!(
+        while_publishing >= rounds / 4,
+        "only {while_publishing} of {rounds} kills came while readings were published"
     );
 
     wait_for(
@@ -86,7 +95,7 @@ fn every_acknowledged_reading_survives_sigkill_at_random_moments() {
     let resent = assert_resends_identical(&records);
     assert_exactly_once(&acked, &records);
     eprintln!(
-        "{rounds} SIGKILL rounds: {} readings acknowledged by the broker, all in Kinesis; {} records, {resent} resent byte-identical",
+        "{rounds} SIGKILL rounds ({while_publishing} while publishing): {} readings acknowledged by the broker, all in Kinesis; {} records, {resent} resent byte-identical",
         acked.len(),
         records.len()
     );
@@ -231,6 +240,16 @@ fn an_outage_is_buffered_and_drained_and_a_small_cap_drops_exactly_what_it_count
         taken < 2.0 * acked_bp.len() as f64 * 0.8,
         "backpressure did not stop intake: {taken} readings taken"
     );
+    // Intake resumes only while seals shrink the counted size below the cap (records are compressed): the
+    // buffer stays at its cap, past it by one commit at most.
+    for _ in 0..10 {
+        let bytes = bp.metric("fieldlink_buffer_bytes");
+        assert!(
+            bytes <= 1.25 * 1_048_576.0,
+            "backpressure let the buffer grow to {bytes} bytes, cap 1 MiB"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     wait_for("/health to show the pause", Duration::from_secs(15), || {
         http_get(bp.metrics_port, "/health").filter(|h| h.contains("intake paused"))
     });

@@ -284,6 +284,23 @@ fn modbus_readings_land_in_timestream_and_parquet() {
         .iter()
         .any(|r| r.0 == "plant/pump-7/pressure" && f64::from_bits(r.2) == 230.5));
     agent.stop();
+    // Every pressure reading the agent sent (its stop drains the buffer), each once: what both sinks must hold.
+    let sent: BTreeMap<Key, usize> = counted(
+        kinesis_dump(&moto.endpoint, "fieldlink-modbus")
+            .iter()
+            .flat_map(|r| r.readings.iter())
+            .filter(|r| r.0 == "plant/pump-7/pressure")
+            .map(|r| (r.0.clone(), r.1, r.2.parse::<f64>().unwrap().to_bits())),
+    );
+    assert!(sent.len() >= 5, "{} pressure readings sent", sent.len());
+    wait_for(
+        "every sent reading in Timestream",
+        Duration::from_secs(60),
+        || {
+            let ts = counted(landed_rows(&landed_now(), "timestream"));
+            sent.keys().all(|k| ts.contains_key(k)).then_some(())
+        },
+    );
     cloud.terminate(Duration::from_secs(30));
     // A one-shot compaction serves no metrics: another process holding the config's port does not stop it.
     let _metrics_port_taken = std::net::TcpListener::bind(("127.0.0.1", cloud_port))
@@ -292,21 +309,21 @@ fn modbus_readings_land_in_timestream_and_parquet() {
     let v: serde_json::Value = landed_now();
     let ts = counted(landed_rows(&v, "timestream"));
     let pq = counted(landed_rows(&v, "parquet"));
-    let pressure = |m: &BTreeMap<Key, usize>| {
+    let only_pressure = |m: &BTreeMap<Key, usize>| -> BTreeMap<Key, usize> {
         m.iter()
             .filter(|(k, _)| k.0 == "plant/pump-7/pressure")
-            .map(|(_, n)| *n)
-            .sum::<usize>()
+            .map(|(k, n)| (k.clone(), *n))
+            .collect()
     };
-    assert!(
-        pressure(&pq) >= 5,
-        "Parquet holds {} pressure readings",
-        pressure(&pq)
+    assert_eq!(
+        only_pressure(&pq),
+        sent,
+        "Parquet holds exactly the pressure readings sent, each once"
     );
     assert_eq!(
-        pressure(&ts),
-        pressure(&pq),
-        "Timestream and Parquet hold the same Modbus readings"
+        only_pressure(&ts),
+        sent,
+        "Timestream holds exactly the pressure readings sent"
     );
     assert!(
         ts.values().all(|&n| n == 1) && pq.values().all(|&n| n == 1),

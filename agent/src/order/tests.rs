@@ -18,11 +18,21 @@ fn rules(late: LatePolicy) -> Rules {
     }
 }
 
-/// `(series, ts, value bits, late)` of every released reading, in order.
-fn readings_of(r: &Released) -> Vec<(i64, i64, u64, bool)> {
+/// A released reading as the model tests compare it: `(series, ts, value bits, late)`.
+type Out4 = (i64, i64, u64, bool);
+
+/// Every released reading, in order.
+fn readings_of(r: &Released) -> Vec<Out4> {
     r.out
         .iter()
-        .map(|o| (o.reading.series, o.reading.ts_ms, bits(&o.reading.value), o.late))
+        .map(|o| {
+            (
+                o.reading.series,
+                o.reading.ts_ms,
+                bits(&o.reading.value),
+                o.late,
+            )
+        })
         .collect()
 }
 
@@ -139,7 +149,7 @@ impl Model {
         &mut self,
         mut input: Vec<Pending>,
         rules: Rules,
-    ) -> (Vec<(i64, i64, u64, bool)>, u64, usize) {
+    ) -> (Vec<Out4>, u64, usize) {
         input.sort_by_key(|p| p.series); // stable, like grouping
         let mut series: Vec<i64> = input.iter().map(|p| p.series).collect();
         series.dedup();
