@@ -716,6 +716,81 @@ mod tests {
         ));
     }
 
+    /// TLS files that fail to load when the connection starts (a certificate being renewed after `check-config`
+    /// passed) are reported in `/health` and read again with backoff until they load; the task does not end.
+    #[test]
+    fn tls_files_that_fail_to_load_are_read_again_until_they_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cfg: MqttConfig = toml::from_str(&format!(
+            "name = \"edge\"\nhost = \"127.0.0.1\"\nport = 1\n[tls]\nca_file = {:?}\n[[topics]]\nfilter = \"#\"\n",
+            ca.display().to_string()
+        ))
+        .unwrap();
+        let buffer: crate::buffer::BufferConfig = toml::from_str(&format!(
+            "path = {:?}",
+            dir.path().join("b.db").display().to_string()
+        ))
+        .unwrap();
+        let registry = Registry::new();
+        let (handle, thread) = crate::buffer::spawn(
+            &buffer,
+            &crate::batch::BatchConfig::default(),
+            &crate::order::OrderConfig::default(),
+            "edge-1",
+            crate::metrics::AgentMetrics::new(registry.clone()),
+        )
+        .unwrap();
+        let health = Health::new();
+        let line = |h: &Health| {
+            h.report()
+                .1
+                .lines()
+                .find(|l| l.starts_with("mqtt:edge:"))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(run(
+                cfg,
+                None,
+                "edge-1".into(),
+                handle,
+                registry,
+                health.clone(),
+                cancel.clone(),
+            ));
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            assert!(
+                line(&health).contains("FAIL tls: ca_file"),
+                "{}",
+                line(&health)
+            );
+            assert!(!task.is_finished(), "the connection task ended");
+            std::fs::copy("/etc/ssl/certs/ca-certificates.crt", &ca).unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while line(&health).contains("FAIL tls:") {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the TLS files were not read again: {}",
+                    line(&health)
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            cancel.cancel();
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("the task stops on cancel")
+                .unwrap();
+        });
+        thread.join().unwrap();
+    }
+
     fn msg(qos: u8, pkid: u16) -> Message {
         Message {
             topic: "t".into(),
