@@ -145,11 +145,7 @@ struct Model {
 }
 
 impl Model {
-    fn release(
-        &mut self,
-        mut input: Vec<Pending>,
-        rules: Rules,
-    ) -> (Vec<Out4>, u64, usize) {
+    fn release(&mut self, mut input: Vec<Pending>, rules: Rules) -> (Vec<Out4>, u64, usize) {
         input.sort_by_key(|p| p.series); // stable, like grouping
         let mut series: Vec<i64> = input.iter().map(|p| p.series).collect();
         series.dedup();
