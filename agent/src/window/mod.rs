@@ -12,13 +12,15 @@
 //!
 //! # A rule on one series
 //! Each `(rule, series)` pair has a [`PairState`]: the newest event time seen (every reading of the series counts,
-//! aggregated or not) and, per window size, the open windows ordered by start. With `L` the rule's allowed
-//! lateness, the pair's **watermark** is `min(newest, now) − L` (`now`: the seal's wall-clock time), and never
-//! lower than a watermark the pair applied before (kept in its state as `closed_to`): raising `L`, or restarting
-//! with a larger one, cannot open a window that was already closed and emitted. One reading stamped hours ahead
-//! (a device's clock glitch, within the source's `max_future_ms`) joins its future window but moves the
-//! watermark no further than the present, so it neither closes the open windows early nor makes the readings
-//! of the next hours late. A window `[start, start + size)` (aligned to the Unix epoch)
+//! aggregated or not, except one more than [`FUTURE_JUMP_MS`] ahead of both that newest time and the seal's wall
+//! clock) and, per window size, the open windows ordered by start. With `L` the rule's allowed lateness, the
+//! pair's **watermark** is `newest − L`, and never lower than a watermark the pair applied before (kept in its
+//! state as `closed_to`): raising `L`, or restarting with a larger one, cannot open a window that was already
+//! closed and emitted. One reading stamped hours ahead (a device's clock glitch, within the source's
+//! `max_future_ms`) joins its future window but does not move the watermark, so it neither closes the open
+//! windows early nor makes the readings of the next hours late; readings that advance steadily move it whatever
+//! the agent's own clock says (a gateway booted with a wrong clock). A window `[start, start + size)` (aligned to
+//! the Unix epoch)
 //! closes when the watermark reaches its end (`end <= watermark`); it then gives one reading per function of
 //! series `<series>/<function>_<size>` with **event time = the window's start**, quality good.
 //!
@@ -337,6 +339,11 @@ pub struct Emitted {
     pub value: Value,
 }
 
+/// How far ahead of both its series' newest reading and the seal's wall clock a reading may be and still move
+/// the watermark: one hour. A glitch further ahead would close every open window and make the next readings
+/// late; a series that resumes after a pause, or an agent clock behind the devices', stays within it.
+pub const FUTURE_JUMP_MS: i64 = 3_600_000;
+
 /// What [`Engine::load_state`] made of a persisted pair state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Loaded {
@@ -399,7 +406,7 @@ pub struct Engine {
     counts: Counts,
     /// Counted since the last [`Engine::committed`].
     uncommitted: Counts,
-    /// The seal's wall-clock time, Unix ms: no watermark passes it ([`Engine::set_clock`]).
+    /// The seal's wall-clock time, Unix ms ([`Engine::set_clock`]).
     now_ms: i64,
     /// Loaded pairs with open windows whose series the rule no longer matches: closed by the next seal
     /// ([`Engine::close_orphans`]).
@@ -446,8 +453,9 @@ impl Engine {
         }
     }
 
-    /// The wall-clock time of the seal that feeds the next readings, Unix ms: no pair's watermark passes it.
-    /// Until set, the watermark follows the readings alone.
+    /// The wall-clock time of the seal that feeds the next readings, Unix ms: a reading more than
+    /// [`FUTURE_JUMP_MS`] ahead of it and of its series' newest reading does not move the watermark. Until set,
+    /// every reading does.
     pub fn set_clock(&mut self, now_ms: i64) {
         self.now_ms = now_ms;
     }
@@ -591,10 +599,14 @@ impl Engine {
             st.dirty = true;
             self.dirty.push((r, sid));
         }
-        let newest = st.newest.map_or(ts, |n| n.max(ts));
+        // A reading more than `FUTURE_JUMP_MS` ahead of both the series' newest and the clock does not move it.
+        let newest = match st.newest {
+            None => ts,
+            Some(n) if ts <= n.max(self.now_ms).saturating_add(FUTURE_JUMP_MS) => n.max(ts),
+            Some(n) => n,
+        };
         st.newest = Some(newest);
         let watermark = newest
-            .min(self.now_ms)
             .saturating_sub(rule.lateness)
             .max(st.closed_to.unwrap_or(i64::MIN));
         st.closed_to = Some(watermark);

@@ -228,10 +228,10 @@ fn beyond_the_cap_a_new_window_is_an_overflow_and_its_reading_is_sent_raw() {
     }
 }
 
-/// A reading stamped 20 h ahead (a device clock's glitch) joins its own window but moves the watermark no
-/// further than the seal's clock: the open window is not closed early and the readings after it, reaching the
-/// seal within the allowed lateness, are aggregated, not late (under `keep_raw = false` and `late = "drop"` they
-/// were deleted for 20 h).
+/// A reading stamped 20 h ahead (a device clock's glitch) joins its own window but does not move the watermark
+/// (it is more than an hour ahead of the series and of the seal's clock): the open window is not closed early and
+/// the readings after it are aggregated, not late (under `keep_raw = false` and `late = "drop"` they were deleted
+/// for 20 h). An agent clock behind the devices' does not hold windows back.
 #[test]
 fn a_reading_from_the_future_neither_closes_windows_early_nor_makes_the_next_ones_late() {
     const GLITCH: i64 = 20 * 3_600_000;
@@ -260,6 +260,23 @@ fn a_reading_from_the_future_neither_closes_windows_early_nor_makes_the_next_one
     );
     e.committed();
     assert_eq!(e.counts().late, 0);
+
+    // An agent clock far behind its devices' (booted with its image's time): steady readings still close windows.
+    let mut e = engine(POWER);
+    e.set_clock(0);
+    let (_, out) = feed(
+        &mut e,
+        "plant/m/power",
+        &[
+            (GLITCH, 1.0),
+            (GLITCH + 30_000, 2.0),
+            (GLITCH + 60_000, 3.0),
+        ],
+    );
+    assert!(
+        out.contains(&(k("count"), GLITCH, Value::I64(2))),
+        "{out:?}"
+    );
 }
 
 #[test]
