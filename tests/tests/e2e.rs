@@ -286,7 +286,7 @@ fn modbus_readings_land_in_timestream_and_parquet() {
     agent.stop();
     // Every pressure reading the agent sent (its stop drains the buffer), each once: what both sinks must hold.
     let sent: BTreeMap<Key, usize> = counted(
-        kinesis_dump(&moto.endpoint, "fieldlink-modbus")
+        unique_batches(&kinesis_dump(&moto.endpoint, "fieldlink-modbus"))
             .iter()
             .flat_map(|r| r.readings.iter())
             .filter(|r| r.0 == "plant/pump-7/pressure")

@@ -806,7 +806,7 @@ impl Worker {
         if let Some((at, n)) = self.dropped {
             if at.elapsed() < DROPS_SHOWN {
                 return Some(format!(
-                    "at its cap (drop_oldest): {n} readings dropped, the last {:.0} s ago",
+                    "drop_oldest dropped {n} readings (cap or full disk), the last {:.0} s ago",
                     at.elapsed().as_secs_f64()
                 ));
             }
@@ -1378,7 +1378,7 @@ mod tests {
                     let dropped = w.buffer.ledger().dropped;
                     assert!(dropped > 0);
                     assert!(
-                        problem.contains(&format!("{dropped} readings dropped")),
+                        problem.contains(&format!("dropped {dropped} readings")),
                         "{problem}"
                     );
                     w.dropped = w.dropped.map(|(_, n)| (Instant::now() - DROPS_SHOWN, n));

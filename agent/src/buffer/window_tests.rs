@@ -235,6 +235,28 @@ fn a_window_of_a_series_a_narrowed_rule_no_longer_matches_is_closed_once_at_the_
     );
 }
 
+/// An orphan whose derived key the wire format refuses (the rule's functions changed to a longer name than a
+/// long key leaves room for) is left out with a warning: the seal goes through, instead of failing every seal.
+#[test]
+fn an_orphans_window_whose_key_is_too_long_is_left_out_and_sealing_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.db");
+    let rule = |f: &str| {
+        format!("[[rules]]\nname = \"long\"\nseries = \"m/+\"\nsizes_ms = [1000]\nfunctions = [\"{f}\"]\nkeep_raw = false\n")
+    };
+    let key = format!("m/{}", "x".repeat(1015)); // with "/max_1s": 1024 bytes, the most a key may have
+    let mut b = open_with(&path, &rule("max"));
+    append(&mut b, &key, &[(100, 1.0), (200, 3.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(b.windows().open_windows(), 1);
+    drop(b);
+    let mut b = open_with(&path, &rule("count"));
+    append(&mut b, "k/x", &[(100, 1.0)]);
+    seal(&mut b).expect("the seal goes through");
+    assert_eq!(drain(&mut b), vec![got("k/x", 100, "1", false)]);
+    assert_eq!(b.windows().open_windows(), 0);
+}
+
 #[test]
 fn a_failed_seal_whose_reload_fails_too_reloads_the_windows_before_the_next_seal() {
     let dir = tempfile::tempdir().unwrap();

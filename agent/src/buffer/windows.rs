@@ -177,6 +177,12 @@ pub(super) fn window_step(
             continue;
         };
         let s = windows.derived_series(&e, source);
+        if let Err(err) = fieldlink_proto::check_series(&s.key, &s.tags) {
+            // Only an orphan's window can get here (a rule's functions or sizes changed since it matched a long
+            // key): one unsendable reading must not fail every seal.
+            tracing::warn!(series = %source.key, error = %err, "a window's reading cannot be sent; left out");
+            continue;
+        }
         let next = -(ids.len() as i64) - 1;
         let id = *ids.entry(s.clone()).or_insert(next);
         step.derived.entry(id).or_insert(s);

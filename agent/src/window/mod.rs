@@ -13,7 +13,7 @@
 //! # A rule on one series
 //! Each `(rule, series)` pair has a [`PairState`]: the newest event time seen (every reading of the series counts,
 //! aggregated or not, except one more than [`FUTURE_JUMP_MS`] ahead of both that newest time and the seal's wall
-//! clock) and, per window size, the open windows ordered by start. With `L` the rule's allowed lateness, the
+//! clock until the pair's next reading confirms it) and, per window size, the open windows ordered by start. With `L` the rule's allowed lateness, the
 //! pair's **watermark** is `newest − L`, and never lower than a watermark the pair applied before (kept in its
 //! state as `closed_to`): raising `L`, or restarting with a larger one, cannot open a window that was already
 //! closed and emitted. One reading stamped hours ahead (a device's clock glitch, within the source's
@@ -27,13 +27,14 @@
 //! A reading is aggregated when it is a finite number (integers and booleans as f64; booleans 0 and 1) of good or
 //! uncertain quality. Per size, if its window has closed already it is **late** for the rule (counted once per
 //! reading and rule); if the window is not open and [`Engine`] holds `max_open` windows, it **overflows**
-//! (counted) and is handled like a late reading. Otherwise it joins its window: count + 1, sum + x (f64, in the
+//! (counted) and is left out of that window. Otherwise it joins its window: count + 1, sum + x (f64, in the
 //! order of the calls), min, max, first (earliest event time; of equal times the first call), last (latest event
 //! time; of equal times the last call). Mean is `sum / count`.
 //!
 //! The raw reading's fate ([`RawFate`]): readings the windows cannot aggregate are always sent; otherwise a reading
-//! late (or overflowing) for a rule whose `late = "raw"` is sent with the late flag; otherwise it is withheld when
-//! any matching rule has `keep_raw = false`, and sent if not.
+//! late (or overflowing) for a rule whose `late = "raw"` is sent with the late flag; otherwise one that overflowed
+//! for any rule is sent (the cap never deletes a reading); otherwise it is withheld when any matching rule has
+//! `keep_raw = false`, and sent if not.
 //!
 //! Memory: open windows of one pair and size are at most `L / size + 2` in steady state; all of them together at
 //! most `max_open` (plus what a restart loads under a lowered cap). Pair states are a few bytes each when no
@@ -286,6 +287,32 @@ impl PairState {
     }
 }
 
+/// The pair's newest event time after a reading at `ts`, the seal's clock at `now_ms`. A reading more than
+/// [`FUTURE_JUMP_MS`] ahead of both the newest time so far and the clock is held aside (`ahead`, in memory) and
+/// moves the newest time only when the pair's next such reading is within [`FUTURE_JUMP_MS`] of it: a single
+/// glitch does not close the open windows, a real jump (a device clock set forward, a series resuming ahead of an
+/// agent clock that is behind) is taken one reading late. A reading within reach forgets a held one.
+fn newest_after(
+    newest: Option<i64>,
+    ts: i64,
+    now_ms: i64,
+    ahead: &mut HashMap<(usize, i64), i64>,
+    pair: (usize, i64),
+) -> Option<i64> {
+    let reach = newest.map_or(now_ms, |n| n.max(now_ms));
+    if ts <= reach.saturating_add(FUTURE_JUMP_MS) {
+        ahead.remove(&pair);
+        return Some(newest.map_or(ts, |n| n.max(ts)));
+    }
+    match ahead.insert(pair, ts) {
+        Some(held) if ts.abs_diff(held) <= FUTURE_JUMP_MS as u64 => {
+            ahead.remove(&pair);
+            Some(newest.map_or(ts, |n| n.max(ts)))
+        }
+        _ => newest,
+    }
+}
+
 /// Closes the pair's windows that end at or before `watermark` into `out` (all of them at `i64::MAX`, raising
 /// `closed_to` to the last end so none reopens); returns how many.
 fn close_through(
@@ -339,9 +366,9 @@ pub struct Emitted {
     pub value: Value,
 }
 
-/// How far ahead of both its series' newest reading and the seal's wall clock a reading may be and still move
-/// the watermark: one hour. A glitch further ahead would close every open window and make the next readings
-/// late; a series that resumes after a pause, or an agent clock behind the devices', stays within it.
+/// How far ahead of both its series' newest reading and the seal's wall clock a reading may be and move the
+/// watermark at once: one hour. One further ahead is held aside until the pair's next reading confirms it
+/// ([`newest_after`]): a lone glitch would close every open window and make the next readings late.
 pub const FUTURE_JUMP_MS: i64 = 3_600_000;
 
 /// What [`Engine::load_state`] made of a persisted pair state.
@@ -411,6 +438,9 @@ pub struct Engine {
     /// Loaded pairs with open windows whose series the rule no longer matches: closed by the next seal
     /// ([`Engine::close_orphans`]).
     orphans: Vec<(usize, i64, Series)>,
+    /// Per pair, a reading held aside for being far ahead ([`newest_after`]); not persisted (after a restart a
+    /// jump is taken one reading later).
+    ahead: HashMap<(usize, i64), i64>,
 }
 
 impl Default for Engine {
@@ -450,6 +480,7 @@ impl Engine {
             uncommitted: Counts::default(),
             now_ms: i64::MAX,
             orphans: Vec::new(),
+            ahead: HashMap::default(),
         }
     }
 
@@ -599,17 +630,13 @@ impl Engine {
             st.dirty = true;
             self.dirty.push((r, sid));
         }
-        // A reading more than `FUTURE_JUMP_MS` ahead of both the series' newest and the clock does not move it.
-        let newest = match st.newest {
-            None => ts,
-            Some(n) if ts <= n.max(self.now_ms).saturating_add(FUTURE_JUMP_MS) => n.max(ts),
-            Some(n) => n,
-        };
-        st.newest = Some(newest);
-        let watermark = newest
-            .saturating_sub(rule.lateness)
-            .max(st.closed_to.unwrap_or(i64::MIN));
-        st.closed_to = Some(watermark);
+        st.newest = newest_after(st.newest, ts, self.now_ms, &mut self.ahead, (r, sid));
+        let watermark = st
+            .newest
+            .map(|n| n.saturating_sub(rule.lateness))
+            .max(st.closed_to);
+        st.closed_to = watermark;
+        let watermark = watermark.unwrap_or(i64::MIN);
         let (mut late, mut overflow) = (false, false);
         if let Some(x) = x {
             for (k, &size) in rule.sizes.iter().enumerate() {

@@ -277,6 +277,50 @@ fn a_reading_from_the_future_neither_closes_windows_early_nor_makes_the_next_one
         out.contains(&(k("count"), GLITCH, Value::I64(2))),
         "{out:?}"
     );
+
+    // A device stamping two hours ahead of a right agent clock, silent overnight: its morning readings are more
+    // than an hour ahead of both its last reading and the clock; the second one confirms the jump.
+    const H: i64 = 3_600_000;
+    let mut e = engine(POWER);
+    e.set_clock(18 * H);
+    feed(
+        &mut e,
+        "plant/m/power",
+        &[(20 * H, 1.0), (20 * H + 30_000, 1.0)],
+    );
+    e.set_clock(30 * H);
+    let (_, out) = feed(
+        &mut e,
+        "plant/m/power",
+        &[
+            (32 * H, 1.0),
+            (32 * H + 30_000, 2.0),
+            (32 * H + 60_000, 3.0),
+        ],
+    );
+    assert!(
+        out.contains(&(k("count"), 20 * H, Value::I64(2))),
+        "{out:?}"
+    );
+    assert!(
+        out.contains(&(k("count"), 32 * H, Value::I64(2))),
+        "{out:?}"
+    );
+
+    // A glitch as a pair's first reading: held aside, the next readings set the watermark.
+    let mut e = engine(POWER);
+    e.set_clock(119_500);
+    let (_, out) = feed(
+        &mut e,
+        "plant/m/power",
+        &[(GLITCH, 9.0), (60_000, 1.0), (90_000, 2.0), (125_000, 3.0)],
+    );
+    assert!(
+        out.contains(&(k("count"), 60_000, Value::I64(2))),
+        "{out:?}"
+    );
+    e.committed();
+    assert_eq!(e.counts().late, 0);
 }
 
 #[test]
