@@ -13,8 +13,8 @@
 //! # A rule on one series
 //! Each `(rule, series)` pair has a [`PairState`]: the newest event time seen (every reading of the series counts,
 //! aggregated or not, except one more than [`FUTURE_JUMP_MS`] ahead of both that newest time and the seal's wall
-//! clock until the pair's next reading confirms it) and, per window size, the open windows ordered by start. With `L` the rule's allowed lateness, the
-//! pair's **watermark** is `newest − L`, and never lower than a watermark the pair applied before (kept in its
+//! clock until the pair's next reading confirms it) and, per window size, the open windows ordered by start. With
+//! `L` the rule's allowed lateness, the pair's **watermark** is `newest − L`, and never lower than a watermark the pair applied before (kept in its
 //! state as `closed_to`): raising `L`, or restarting with a larger one, cannot open a window that was already
 //! closed and emitted. One reading stamped hours ahead (a device's clock glitch, within the source's
 //! `max_future_ms`) joins its future window but does not move the watermark, so it neither closes the open
@@ -288,15 +288,17 @@ impl PairState {
 }
 
 /// The pair's newest event time after a reading at `ts`, the seal's clock at `now_ms`. A reading more than
-/// [`FUTURE_JUMP_MS`] ahead of both the newest time so far and the clock is held aside (`ahead`, in memory) and
-/// moves the newest time only when the pair's next such reading is within [`FUTURE_JUMP_MS`] of it: a single
-/// glitch does not close the open windows, a real jump (a device clock set forward, a series resuming ahead of an
-/// agent clock that is behind) is taken one reading late. A reading within reach forgets a held one.
+/// [`FUTURE_JUMP_MS`] ahead of both the newest time so far and the clock is held aside (`ahead`, in memory, with its
+/// clock) and moves the newest time only when the pair's next such reading is later and ahead of its own seal's
+/// clock by the same offset, within [`FUTURE_JUMP_MS`]: a lone glitch (or a stuck clock repeating one time) does
+/// not close the open windows; a steady offset (a device clock set forward, or in another time zone; an agent
+/// clock that is behind), however far apart its readings, is taken one reading late. A reading within reach
+/// forgets a held one.
 fn newest_after(
     newest: Option<i64>,
     ts: i64,
     now_ms: i64,
-    ahead: &mut HashMap<(usize, i64), i64>,
+    ahead: &mut HashMap<(usize, i64), (i64, i64)>,
     pair: (usize, i64),
 ) -> Option<i64> {
     let reach = newest.map_or(now_ms, |n| n.max(now_ms));
@@ -304,8 +306,12 @@ fn newest_after(
         ahead.remove(&pair);
         return Some(newest.map_or(ts, |n| n.max(ts)));
     }
-    match ahead.insert(pair, ts) {
-        Some(held) if ts.abs_diff(held) <= FUTURE_JUMP_MS as u64 => {
+    let offset = |t: i64, now: i64| t.saturating_sub(now);
+    match ahead.insert(pair, (ts, now_ms)) {
+        Some((held, held_now))
+            if ts > held
+                && offset(ts, now_ms).abs_diff(offset(held, held_now)) <= FUTURE_JUMP_MS as u64 =>
+        {
             ahead.remove(&pair);
             Some(newest.map_or(ts, |n| n.max(ts)))
         }
@@ -368,7 +374,8 @@ pub struct Emitted {
 
 /// How far ahead of both its series' newest reading and the seal's wall clock a reading may be and move the
 /// watermark at once: one hour. One further ahead is held aside until the pair's next reading confirms it
-/// ([`newest_after`]): a lone glitch would close every open window and make the next readings late.
+/// ([`newest_after`]): a lone glitch would close every open window and make the next readings late. Two readings
+/// ahead of the clock by the same offset do confirm it: a glitch that repeats so is taken for a clock.
 pub const FUTURE_JUMP_MS: i64 = 3_600_000;
 
 /// What [`Engine::load_state`] made of a persisted pair state.
@@ -438,9 +445,9 @@ pub struct Engine {
     /// Loaded pairs with open windows whose series the rule no longer matches: closed by the next seal
     /// ([`Engine::close_orphans`]).
     orphans: Vec<(usize, i64, Series)>,
-    /// Per pair, a reading held aside for being far ahead ([`newest_after`]); not persisted (after a restart a
-    /// jump is taken one reading later).
-    ahead: HashMap<(usize, i64), i64>,
+    /// Per pair, a reading held aside for being far ahead, with its seal's clock ([`newest_after`]); not persisted
+    /// (after a restart a jump is taken one reading later).
+    ahead: HashMap<(usize, i64), (i64, i64)>,
 }
 
 impl Default for Engine {

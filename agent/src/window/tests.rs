@@ -323,6 +323,53 @@ fn a_reading_from_the_future_neither_closes_windows_early_nor_makes_the_next_one
     assert_eq!(e.counts().late, 0);
 }
 
+/// Readings ahead of the agent's clock by a steady two hours, two hours apart (each beyond reach of the last):
+/// the second confirms the offset and windows close; glitches that do not keep one offset, or that a reading in
+/// reach came between, confirm nothing.
+#[test]
+fn a_steady_clock_offset_is_taken_however_slow_the_series_and_glitches_are_not() {
+    const H: i64 = 3_600_000;
+    let k = |f: &str| format!("plant/m/power/{f}_60s");
+    let mut e = engine(POWER);
+    let mut out = Vec::new();
+    for i in 0..4 {
+        e.set_clock(10 * H + 2 * i * H);
+        out.extend(feed(&mut e, "plant/m/power", &[(12 * H + 2 * i * H, 1.0)]).1);
+    }
+    for start in [12 * H, 14 * H, 16 * H] {
+        assert!(
+            out.contains(&(k("count"), start, Value::I64(1))),
+            "{start}: {out:?}"
+        );
+    }
+
+    // Two glitches three hours apart at the same clock, then a glitch a second after one a reading in reach
+    // came after: nothing closes early, nothing is late.
+    let mut e = engine(POWER);
+    e.set_clock(100_000);
+    let (_, out) = feed(
+        &mut e,
+        "plant/m/power",
+        &[
+            (60_000, 1.0),
+            (20 * H, 9.0),
+            (23 * H, 9.0),
+            (70_000, 2.0),
+            (23 * H + 1_000, 9.0),
+            (90_000, 3.0),
+        ],
+    );
+    assert!(out.is_empty(), "closed early: {out:?}");
+    e.set_clock(125_000);
+    let (_, out) = feed(&mut e, "plant/m/power", &[(121_000, 4.0)]);
+    assert!(
+        out.contains(&(k("count"), 60_000, Value::I64(3))),
+        "{out:?}"
+    );
+    e.committed();
+    assert_eq!(e.counts().late, 0);
+}
+
 #[test]
 fn tags_must_match_and_are_carried_to_derived_series() {
     let mut e = engine(&format!("{POWER}tags = {{ site = \"muc\" }}\n"));
