@@ -161,6 +161,14 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// A series as its `series` row stores it: the key, and the tags as JSON `[[name, value], ...]`.
+fn series_of_row(key: String, tags: &str) -> Series {
+    Series {
+        key,
+        tags: serde_json::from_str(tags).unwrap_or_default(),
+    }
+}
+
 /// Current schema version: 2 stores unsealed readings in `groups`; version 1 (one row per reading in `readings`) is
 /// migrated at open.
 const SCHEMA_VERSION: i64 = 2;
@@ -1304,10 +1312,7 @@ impl Buffer {
             .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         Ok(row.map(|(key, tags)| {
-            let s = Series {
-                key,
-                tags: serde_json::from_str(&tags).unwrap_or_default(),
-            };
+            let s = series_of_row(key, &tags);
             self.series_by_id.insert(id, s.clone());
             s
         }))

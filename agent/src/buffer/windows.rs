@@ -67,16 +67,8 @@ impl Buffer {
         while let Some(r) = q.next()? {
             let rule: String = r.get(0)?;
             let state: Vec<u8> = r.get(2)?;
-            let key: Option<String> = r.get(3)?;
-            let series = key.map(|key| Series {
-                key,
-                tags: r
-                    .get::<_, Option<String>>(4)
-                    .ok()
-                    .flatten()
-                    .and_then(|t| serde_json::from_str(&t).ok())
-                    .unwrap_or_default(),
-            });
+            let (key, tags): (Option<String>, Option<String>) = (r.get(3)?, r.get(4)?);
+            let series = key.map(|key| super::series_of_row(key, tags.as_deref().unwrap_or("[]")));
             match self
                 .windows
                 .load_state(&rule, r.get(1)?, series.as_ref(), &state)

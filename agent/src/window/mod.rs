@@ -13,16 +13,16 @@
 //! # A rule on one series
 //! Each `(rule, series)` pair has a [`PairState`]: the newest event time seen (every reading of the series counts,
 //! aggregated or not, except one more than [`FUTURE_JUMP_MS`] ahead of both that newest time and the seal's wall
-//! clock until the pair's next reading confirms it) and, per window size, the open windows ordered by start. With
-//! `L` the rule's allowed lateness, the pair's **watermark** is `newest − L`, and never lower than a watermark the pair applied before (kept in its
-//! state as `closed_to`): raising `L`, or restarting with a larger one, cannot open a window that was already
-//! closed and emitted. One reading stamped hours ahead (a device's clock glitch, within the source's
-//! `max_future_ms`) joins its future window but does not move the watermark, so it neither closes the open
-//! windows early nor makes the readings of the next hours late; readings that advance steadily move it whatever
-//! the agent's own clock says (a gateway booted with a wrong clock). A window `[start, start + size)` (aligned to
-//! the Unix epoch)
-//! closes when the watermark reaches its end (`end <= watermark`); it then gives one reading per function of
-//! series `<series>/<function>_<size>` with **event time = the window's start**, quality good.
+//! clock until a later reading ahead by the same offset confirms it: `newest_after`) and, per window size, the
+//! open windows ordered by start. With `L` the rule's allowed lateness, the pair's **watermark** is `newest − L`,
+//! and never lower than a watermark the pair applied before (kept in its state as `closed_to`): raising `L`, or
+//! restarting with a larger one, cannot open a window that was already closed and emitted. One reading stamped
+//! hours ahead (a device's clock glitch, within the source's `max_future_ms`) joins its future window but does not
+//! move the watermark, so it neither closes the open windows early nor makes the readings of the next hours late;
+//! readings that advance steadily move it whatever the agent's own clock says (a gateway booted with a wrong
+//! clock). A window `[start, start + size)` (aligned to the Unix epoch) closes when the watermark reaches its end
+//! (`end <= watermark`); it then gives one reading per function of series `<series>/<function>_<size>` with
+//! **event time = the window's start**, quality good.
 //!
 //! A reading is aggregated when it is a finite number (integers and booleans as f64; booleans 0 and 1) of good or
 //! uncertain quality. Per size, if its window has closed already it is **late** for the rule (counted once per
@@ -374,7 +374,7 @@ pub struct Emitted {
 
 /// How far ahead of both its series' newest reading and the seal's wall clock a reading may be and move the
 /// watermark at once: one hour. One further ahead is held aside until the pair's next reading confirms it
-/// ([`newest_after`]): a lone glitch would close every open window and make the next readings late. Two readings
+/// (`newest_after`): a lone glitch would close every open window and make the next readings late. Two readings
 /// ahead of the clock by the same offset do confirm it: a glitch that repeats so is taken for a clock.
 pub const FUTURE_JUMP_MS: i64 = 3_600_000;
 
