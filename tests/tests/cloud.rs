@@ -331,8 +331,9 @@ fn two_workers_with_one_worker_id_take_nothing_from_each_other_and_land_everythi
 }
 
 /// The sinks of one process share each shard's checkpoint, so a sink that fails holds the others of its process
-/// back (`a_deleted_timestream_table_fails_health_holds_the_checkpoint_and_recovers_by_itself_once_recreated`). A sink that must not wait for another runs in its own deployment, with its own lease
-/// table: a second consumer of the stream. Here Parquet and Timestream in two processes: with the Timestream
+/// back (`a_deleted_timestream_table_fails_health_holds_the_checkpoint_and_recovers_by_itself_once_recreated`).
+/// A sink that must not wait for another runs in its own deployment, with its own lease table: a second consumer
+/// of the stream. Here Parquet and Timestream in two processes: with the Timestream
 /// table deleted, Parquet lands everything meanwhile; once the table is back, Timestream does too, each once.
 #[test]
 fn a_sink_in_its_own_deployment_keeps_landing_while_another_fails() {
