@@ -569,3 +569,118 @@ fn a_stop_while_intake_is_paused_does_not_wait_for_the_modbus_poller() {
         "intake paused at the cap with {held} Modbus readings taken; SIGTERM in {stop_s:.1} s"
     );
 }
+
+/// Another process holds the buffer's write lock (a backup tool, `sqlite3` left open) when the agent is stopped,
+/// with Modbus polls in a commit that failed on it: a poll has no other copy. The close retries the commit for a
+/// bounded time; with the lock freed then, every poll queued before the stop lands in Kinesis once after the next
+/// start (before December 2026 the close gave the held commit up). The one poll waiting for room in the full queue
+/// at the stop was never queued, and is dropped.
+#[test]
+fn a_stop_while_another_process_holds_the_buffers_lock_keeps_the_queued_modbus_polls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, moto) = setup(dir.path(), "heldstop");
+    let device = ModbusDevice::tcp(dir.path(), free_port());
+    let modbus = device_toml("held", "tcp", 1, 100).replace(
+        "{TRANSPORT}",
+        &format!("address = \"127.0.0.1:{}\"", device.port),
+    );
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "held-agent",
+        broker.port,
+        &moto.endpoint,
+        "heldstop",
+        "queue_capacity = 4",
+        &modbus,
+    );
+    agent.start();
+    let polled = |agent: &AgentProc| -> f64 {
+        http_get(agent.metrics_port, "/metrics")
+            .and_then(|m| metric_with(&m, "fieldlink_modbus_readings_total", "device=\"held\""))
+            .unwrap_or(0.0)
+    };
+    wait_for("readings sent", Duration::from_secs(30), || {
+        (agent.metric("fieldlink_readings_sent_total") > 0.0).then_some(())
+    });
+
+    let locked = dir.path().join("locked");
+    let mut holder = Command::new(python());
+    holder
+        .arg(script("hold_write_lock.py"))
+        .arg(dir.path().join("held-agent.db"))
+        .arg("120")
+        .arg(&locked);
+    let mut holder = Proc::spawn("lock holder", holder, &dir.path().join("holder.log"));
+    wait_for("the lock", Duration::from_secs(10), || {
+        locked.exists().then_some(())
+    });
+    wait_for("a failed commit", Duration::from_secs(20), || {
+        (agent.metric("fieldlink_buffer_errors_total") > 0.0).then_some(())
+    });
+    // The queue fills and the poller waits for room: its count stops.
+    let taken = wait_for(
+        "the poller to wait for room",
+        Duration::from_secs(30),
+        || {
+            let before = polled(&agent);
+            std::thread::sleep(Duration::from_secs(2));
+            (polled(&agent) == before).then_some(before)
+        },
+    );
+    let proc = agent.proc.as_mut().unwrap();
+    assert!(proc.signal("-TERM"));
+    let t0 = Instant::now();
+    // The lock outlives the flush's seal, the drain and the start of the close; it goes once the close says it
+    // is retrying. Each attempt under the lock waits out SQLite's 5 s busy timeout; the stop must not wait behind
+    // them (it took as long as the lock before December 2026: 115 s of a 120 s lock).
+    wait_for(
+        "the close to retry the held commit",
+        Duration::from_secs(25),
+        || {
+            proc.log_text()
+                .contains("closing the buffer with a commit held")
+                .then_some(())
+        },
+    );
+    let to_close = t0.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    holder.kill();
+    proc.wait(Duration::from_secs(30));
+    let stop = t0.elapsed();
+    agent.proc = None;
+    let log = std::fs::read_to_string(dir.path().join("held-agent.log")).unwrap_or_default();
+    assert!(
+        log.contains("held buffer commit went through") && !log.contains("commit still failing"),
+        "the held commit was not stored at the close:\n{log}"
+    );
+
+    // The next start (the device gone: no new polls) sends what the close committed and sealed.
+    drop(device);
+    agent.start();
+    wait_for("the buffer to drain", Duration::from_secs(60), || {
+        (agent.metric("fieldlink_buffer_pending_readings") == 0.0
+            && agent.metric("fieldlink_buffer_unsealed_readings") == 0.0)
+            .then_some(())
+    });
+    agent.stop();
+    let records = unique_batches(&kinesis_dump(&moto.endpoint, "heldstop"));
+    let mut seen = std::collections::HashSet::new();
+    let mut landed = 0.0;
+    for r in &records {
+        for (s, ts, _, _) in &r.readings {
+            if s.starts_with("held/") {
+                assert!(seen.insert((s.clone(), *ts)), "{s} at {ts} landed twice");
+                landed += 1.0;
+            }
+        }
+    }
+    // 18 points per poll; at most the poll waiting for room at the stop is missing.
+    assert!(
+        landed <= taken && landed >= taken - 18.0,
+        "{taken} readings polled before the stop, {landed} landed"
+    );
+    eprintln!(
+        "lock held over the stop: the close began {to_close:.1?} after SIGTERM, the agent exited after {stop:.1?}; \
+         {taken} readings polled, {landed} landed once"
+    );
+}

@@ -455,6 +455,8 @@ struct Held {
     retry_at: Instant,
     backoff: Backoff,
     why: String,
+    /// The last attempt failed on a lock another process holds (`SQLITE_BUSY`): a seal would wait on it too.
+    locked: bool,
 }
 
 /// How often a held group's repeated failure is logged.
@@ -472,6 +474,11 @@ const SLOW_PART: Duration = Duration::from_secs(30);
 
 /// Longest wait between two retries of a held group.
 const MAX_RETRY: Duration = Duration::from_secs(2);
+
+/// How long the close retries a commit that fails (a lock another process holds, a disk error) before giving up
+/// what it holds. systemd is asked for the drain deadline plus 30 s to stop: a last attempt may wait out SQLite's
+/// 5 s busy timeout past this, and the final seal follows.
+const CLOSE_RETRY: Duration = Duration::from_secs(10);
 
 impl Worker {
     fn run(mut self) {
@@ -511,21 +518,21 @@ impl Worker {
             }
             Ok(Msg::Sealed(Err(_))) => panic!("the seal thread stopped (it panicked)"),
             Ok(Msg::Ctl(Err(_)) | Msg::Data(Err(_))) => {
-                // Every handle is gone. The selector may see the control channel closed while appends are
-                // still queued on the data channel: commit them (cancelled ones are dropped, their sources
-                // deliver them again; a Modbus reading has no other copy) unless a group is held for room.
-                // Then seal what is left and stop. A held group was never acknowledged: its sources (the
-                // broker) still have it.
-                while self.held.is_none() {
-                    let Ok(a) = self.data.try_recv() else { break };
-                    let held = self.gather(a);
-                    self.try_commit(held);
-                }
+                // Every handle is gone: commit what is still held or queued, then seal what is left and stop.
+                self.commit_at_close(Instant::now() + CLOSE_RETRY);
                 self.seal_all();
                 tracing::info!(stats = ?self.buffer.stats(), "buffer closed");
                 return false;
             }
             Err(_) => {}
+        }
+        // Control messages queued meanwhile are served before a held group's retry and the seal tick: under a lock
+        // another process holds, each of those waits out SQLite's busy timeout (5 s), and a flush or a stop behind
+        // a queue of pings would wait minutes (a stop did: it lasted as long as the lock). Only those queued now:
+        // the retry and the tick still get their turn.
+        for _ in 0..self.ctl.len() {
+            let Ok(c) = self.ctl.try_recv() else { break };
+            self.control(c);
         }
         if self
             .held
@@ -536,11 +543,60 @@ impl Worker {
                 self.try_commit(h);
             }
         }
+        // No seal while a commit waits on another process's lock: it would wait out the busy timeout on the same
+        // lock, holding back control messages (a stop) and the commit's retry; it resumes once the commit goes in.
         if Instant::now() >= *next_seal {
-            self.seal_tick();
+            if !self.held.as_ref().is_some_and(|h| h.locked) {
+                self.seal_tick();
+            }
             *next_seal = Instant::now() + linger;
         }
         true
+    }
+
+    /// At the close (every handle gone): commits the held group and the appends still queued, retrying a failed
+    /// commit with its backoff until `deadline`. Appends whose source stopped waiting are dropped (an MQTT broker
+    /// delivers them again), but a Modbus reading has no other copy: a commit held by another process's lock or
+    /// a disk error at the stop is waited for a little longer ([`CLOSE_RETRY`]) instead of losing it. What is still
+    /// held at the deadline is lost, and said so.
+    fn commit_at_close(&mut self, deadline: Instant) {
+        let mut told = false;
+        loop {
+            if let Some(mut held) = self.held.take() {
+                held.group
+                    .retain(|a| !a.ack.as_ref().is_some_and(Ack::is_cancelled));
+                if held.group.is_empty() {
+                    continue;
+                }
+                if !told {
+                    told = true;
+                    tracing::warn!(
+                        readings = held.group.iter().map(|a| a.readings.len()).sum::<usize>(),
+                        why = %held.why,
+                        "closing the buffer with a commit held: retrying it for up to {} s",
+                        CLOSE_RETRY.as_secs()
+                    );
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    let readings: usize = held.group.iter().map(|a| a.readings.len()).sum();
+                    let queued: usize = self.data.drain().map(|a| a.readings.len()).sum();
+                    tracing::error!(
+                        readings = readings + queued,
+                        why = %held.why,
+                        "buffer closed with a commit still failing: these readings were not stored (MQTT \
+                         messages among them are delivered again by the broker; Modbus polls are lost)"
+                    );
+                    return;
+                }
+                std::thread::sleep(held.retry_at.min(deadline).saturating_duration_since(now));
+                self.try_commit(held);
+                continue;
+            }
+            let Ok(a) = self.data.try_recv() else { return };
+            let held = self.gather(a);
+            self.try_commit(held);
+        }
     }
 
     /// Whether appends are taken now: no group is held for room, and under `backpressure` the buffer is not over
@@ -644,6 +700,7 @@ impl Worker {
             retry_at: now,
             backoff: Backoff::new(Duration::from_millis(50), MAX_RETRY),
             why: String::new(),
+            locked: false,
         }
     }
 
@@ -684,6 +741,7 @@ impl Worker {
         if let Err(e) = res {
             self.metrics.buffer_errors.inc();
             let class = e.class();
+            held.locked = class == ErrorClass::Busy;
             if class == ErrorClass::Full {
                 held.limit = (n / 2).max(1);
                 self.buffer.release_wal();
@@ -1201,15 +1259,15 @@ mod tests {
         }
     }
 
-    /// A worker with a backlog of several seal parts, ready now; returns the backlog's size.
-    fn worker_with_backlog(dir: &std::path::Path) -> (Worker, BufferHandle, u64) {
+    /// A worker on `dir/b.db` and its handle (no thread: the tests turn its loop).
+    fn new_worker(dir: &std::path::Path) -> (Worker, BufferHandle) {
         let cfg: BufferConfig = toml::from_str(&format!(
             "path = {:?}\ndurability = \"normal\"",
             dir.join("b.db").display().to_string()
         ))
         .unwrap();
         let metrics = AgentMetrics::new(fieldlink_ops::metrics::Registry::new());
-        let (mut w, handle) = worker(
+        worker(
             &cfg,
             &BatchConfig::default(),
             &OrderConfig::default(),
@@ -1218,7 +1276,12 @@ mod tests {
             (&AlarmsConfig::default(), &WindowsConfig::default()),
             None,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A worker with a backlog of several seal parts, ready now; returns the backlog's size.
+    fn worker_with_backlog(dir: &std::path::Path) -> (Worker, BufferHandle, u64) {
+        let (mut w, handle) = new_worker(dir);
         // More than one part whatever limits the part (2 × max(max_readings, 10,000) readings, or the
         // transaction budget): whole groups of 8192 at most, so at least three parts.
         let n = 3 * w.batch.max_readings.max(10_000) * 2;
@@ -1436,5 +1499,65 @@ mod tests {
             0,
             "no part was sealed twice"
         );
+    }
+    /// Another process holds the buffer's write lock (a backup tool, `sqlite3` left open) over the stop, with a
+    /// Modbus poll's readings (no acknowledgement: no other copy) in a commit that failed on it. The close waits
+    /// for the lock instead of giving the readings up (it did before December 2026), but not for good.
+    #[test]
+    fn the_close_retries_a_commit_held_by_another_processs_lock_for_a_bounded_time() {
+        for lock_freed in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut w, handle) = new_worker(dir.path());
+            // SQLite's busy timeout (5 s) shortened: each failed attempt takes this long.
+            w.buffer
+                .conn
+                .busy_timeout(Duration::from_millis(100))
+                .unwrap();
+            let other = rusqlite::Connection::open(dir.path().join("b.db")).unwrap();
+            other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+            for k in 0..3 {
+                handle
+                    .data
+                    .try_send(Append {
+                        readings: vec![reading(format!("plc/r{k}"), 1), reading("plc/x".into(), k)],
+                        refused: None,
+                        ack: None,
+                    })
+                    .unwrap();
+            }
+            let linger = Duration::from_secs(3600);
+            let mut next_seal = Instant::now() + linger;
+            assert!(w.step(&mut next_seal, linger));
+            assert!(w.held.is_some(), "the commit failed on the lock");
+            drop(handle);
+            let t0 = Instant::now();
+            if lock_freed {
+                let freer = std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_secs(1));
+                    other.execute_batch("COMMIT").unwrap();
+                });
+                while w.step(&mut next_seal, linger) {}
+                freer.join().unwrap();
+                let stats = w.buffer.stats();
+                assert_eq!(
+                    (stats.unsealed_readings, stats.pending_readings),
+                    (0, 6),
+                    "committed once the lock was freed, then sealed"
+                );
+                assert_eq!(w.buffer.ledger().appended, 6);
+                assert!(t0.elapsed() >= Duration::from_millis(900));
+            } else {
+                w.commit_at_close(Instant::now() + Duration::from_millis(500));
+                assert!(
+                    t0.elapsed() < Duration::from_secs(2),
+                    "the close gave up at its deadline: {:?}",
+                    t0.elapsed()
+                );
+                assert!(w.held.is_none());
+                assert_eq!(w.buffer.stats().unsealed_readings, 0);
+                assert_eq!(w.buffer.ledger().appended, 0);
+                drop(other);
+            }
+        }
     }
 }
