@@ -196,7 +196,7 @@ fn ready_then_a_watchdog_fed_only_while_the_buffer_answers_then_stopping() {
     );
     assert!(problem.is_empty(), "after the stall: {problem}");
 
-    // SIGTERM: STOPPING=1, asking for the drain deadline (2 s in this config) + 30 s.
+    // SIGTERM: STOPPING=1, asking for the drain deadline (2 s in this config) + 60 s.
     agent.stop();
     stop.store(true, Ordering::Relaxed);
     listener.join().unwrap();
@@ -207,7 +207,7 @@ fn ready_then_a_watchdog_fed_only_while_the_buffer_answers_then_stopping() {
         .map(|(_, m)| m.clone())
         .unwrap_or_else(|| panic!("no STOPPING=1 among {} messages", all.len()));
     assert!(
-        stopping.contains("EXTEND_TIMEOUT_USEC=32000000"),
+        stopping.contains("EXTEND_TIMEOUT_USEC=62000000"),
         "{stopping}"
     );
     eprintln!(

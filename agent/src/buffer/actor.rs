@@ -715,6 +715,9 @@ impl Worker {
         if held.group.is_empty() {
             return;
         }
+        // Set again below if this attempt fails on the lock: a group then held for disk room must not hold seals
+        // back (sealing and sending are what free the room).
+        held.locked = false;
         let mut n = held.limit.min(held.group.len());
         let need = loop {
             let bytes: u64 = held.group[..n]
@@ -1529,6 +1532,30 @@ mod tests {
             let mut next_seal = Instant::now() + linger;
             assert!(w.step(&mut next_seal, linger));
             assert!(w.held.is_some(), "the commit failed on the lock");
+            // Queued behind the held group: a Modbus poll (kept), and an MQTT message whose connection stopped
+            // waiting (dropped: the broker delivers it again; never committed, never acknowledged).
+            let modbus_behind = reading("plc/behind".into(), 1);
+            handle
+                .data
+                .try_send(Append {
+                    readings: vec![modbus_behind],
+                    refused: None,
+                    ack: None,
+                })
+                .unwrap();
+            let acked = Arc::new(AtomicBool::new(false));
+            let on_commit = acked.clone();
+            handle
+                .data
+                .try_send(Append {
+                    readings: vec![reading("mqtt/gone".into(), 1)],
+                    refused: None,
+                    ack: Some(Ack {
+                        on_commit: Box::new(move || on_commit.store(true, Ordering::SeqCst)),
+                        cancelled: Arc::new(AtomicBool::new(true)),
+                    }),
+                })
+                .unwrap();
             drop(handle);
             let t0 = Instant::now();
             if lock_freed {
@@ -1541,10 +1568,11 @@ mod tests {
                 let stats = w.buffer.stats();
                 assert_eq!(
                     (stats.unsealed_readings, stats.pending_readings),
-                    (0, 6),
+                    (0, 7),
                     "committed once the lock was freed, then sealed"
                 );
-                assert_eq!(w.buffer.ledger().appended, 6);
+                assert_eq!(w.buffer.ledger().appended, 7);
+                assert!(!acked.load(Ordering::SeqCst), "the stopped MQTT message");
                 assert!(t0.elapsed() >= Duration::from_millis(900));
             } else {
                 w.commit_at_close(Instant::now() + Duration::from_millis(500));
@@ -1554,10 +1582,58 @@ mod tests {
                     t0.elapsed()
                 );
                 assert!(w.held.is_none());
+                assert!(w.data.is_empty(), "the queue was given up too");
                 assert_eq!(w.buffer.stats().unsealed_readings, 0);
                 assert_eq!(w.buffer.ledger().appended, 0);
+                assert!(!acked.load(Ordering::SeqCst));
                 drop(other);
             }
         }
+    }
+
+    /// A held group holds seal ticks back only while its last attempt failed on another process's lock: once it
+    /// waits for disk room instead (or fails otherwise), seals run again, since sealing and sending are what free
+    /// room.
+    #[test]
+    fn a_held_group_holds_seals_back_only_while_it_waits_on_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, handle) = new_worker(dir.path());
+        w.buffer
+            .conn
+            .busy_timeout(Duration::from_millis(100))
+            .unwrap();
+        let other = rusqlite::Connection::open(dir.path().join("b.db")).unwrap();
+        other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        handle
+            .data
+            .try_send(Append {
+                readings: vec![reading("plc/x".into(), 1)],
+                refused: None,
+                ack: None,
+            })
+            .unwrap();
+        let linger = Duration::from_secs(3600);
+        let mut next_seal = Instant::now() + linger;
+        assert!(w.step(&mut next_seal, linger));
+        assert!(w.held.as_ref().is_some_and(|h| h.locked));
+        other.execute_batch("COMMIT").unwrap();
+        // The lock is gone, and the disk is short of room (more headroom asked than any disk has).
+        w.headroom = u64::MAX / 4;
+        let held = w.held.take().unwrap();
+        w.try_commit(held);
+        assert!(
+            w.held
+                .as_ref()
+                .is_some_and(|h| !h.locked && h.why.contains("intake paused")),
+            "held for disk room, not the lock"
+        );
+        w.headroom = 0;
+        w.buffer.fault = Some(rusqlite::ffi::SQLITE_IOERR);
+        let held = w.held.take().unwrap();
+        w.try_commit(held);
+        assert!(
+            w.held.as_ref().is_some_and(|h| !h.locked),
+            "held for an I/O error, not the lock"
+        );
     }
 }

@@ -116,8 +116,9 @@
 //! # Errors
 //! A failed commit never loses or drops anything by itself. The group stays held (unacknowledged, sources wait) and
 //! is retried with backoff while the thread goes on serving fetches, acknowledgements, flushes and pings, so
-//! sending continues and a shutdown is never blocked; once every handle is gone (the stop), the close retries it
-//! for up to 10 s more (a Modbus poll has no other copy), then gives it up with an error log. By [`ErrorClass`]: `SQLITE_FULL` halves the group committed
+//! sending continues and a shutdown is not held up by it; once every handle is gone (the stop), the close retries
+//! it for up to 10 s more (a Modbus poll has no other copy), then gives it up with an error log. No seal tick is
+//! started while the held group's last attempt failed on another process's lock (it would wait on the same lock). By [`ErrorClass`]: `SQLITE_FULL` halves the group committed
 //! per attempt, truncates the WAL and, under `drop_oldest` only, drops the oldest records for the space needed;
 //! a lock held by another process (`SQLITE_BUSY`) and I/O errors only wait. A seal that fails for space seals half
 //! as many readings next time (whole groups: at least one). An acknowledgement whose delete keeps failing for 30 s is given up: its records stay
