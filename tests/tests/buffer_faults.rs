@@ -304,3 +304,94 @@ fn a_full_disk_under_drop_oldest_drops_the_oldest_counted_and_keeps_taking() {
         "full disk (drop_oldest): {received} taken, {dropped} dropped (counted), {sent} sent"
     );
 }
+
+/// An operator starts a second agent on the buffer file of a running one (a copy of the configuration with another
+/// metrics port run by hand beside the service; two containers sharing a volume during an update). Each would seal
+/// the other's readings with its own sequence numbers and dedup states. The second is refused at once, naming the
+/// file and the running agent's pid; the first loses and doubles nothing; once it is killed (-9), the next start
+/// takes the buffer at once.
+#[test]
+fn a_second_agent_on_a_running_agents_buffer_is_refused_and_the_first_is_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, moto, proxy) = broker_and_proxied_stream(dir.path(), "shared", 1);
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "shared-agent",
+        broker.port,
+        &proxy.endpoint,
+        "shared",
+        "",
+        "",
+    );
+    agent.start();
+    let mut acked = publish_numbered(broker.port, 1000, 2000.0, 0, dir.path());
+
+    let second = AgentProc::new(
+        dir.path(),
+        "by-hand",
+        broker.port,
+        &proxy.endpoint,
+        "shared",
+        "",
+        "",
+    );
+    let text = std::fs::read_to_string(&agent.config).unwrap().replace(
+        &format!("127.0.0.1:{}", agent.metrics_port),
+        &format!("127.0.0.1:{}", second.metrics_port),
+    );
+    std::fs::write(&second.config, text).unwrap();
+    let mut cmd = std::process::Command::new(bin("fieldlink-agent"));
+    cmd.arg("run").arg("--config").arg(&second.config);
+    let log = dir.path().join("by-hand.out");
+    let mut by_hand = Proc::spawn("second agent", cmd, &log);
+    let status = wait_for("the second agent to exit", Duration::from_secs(15), || {
+        by_hand.exited()
+    });
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    let pid = agent.proc.as_ref().unwrap().pid();
+    assert!(
+        !status.success()
+            && out.contains("shared-agent.db is in use by another process")
+            && out.contains(&format!("pid {pid}")),
+        "{status}:\n{out}"
+    );
+
+    acked.extend(publish_numbered_from(
+        broker.port,
+        1000,
+        1000,
+        2000.0,
+        0,
+        dir.path(),
+    ));
+    agent.kill9();
+    agent.start();
+    acked.extend(publish_numbered_from(
+        broker.port,
+        2000,
+        1000,
+        2000.0,
+        0,
+        dir.path(),
+    ));
+    wait_for("everything sent", Duration::from_secs(60), || {
+        (agent.metric("fieldlink_buffer_pending_readings") == 0.0
+            && agent.metric("fieldlink_buffer_unsealed_readings") == 0.0
+            && agent.metric("fieldlink_readings_received_total") > 0.0)
+            .then_some(())
+    });
+    agent.stop();
+    let problem = exactly_once(&acked, &numbers_once(&moto, "shared", "shared-agent"));
+    assert!(
+        problem.is_empty(),
+        "beside a refused second agent: {problem}"
+    );
+    eprintln!(
+        "second agent refused: {}; {} acknowledged readings each once",
+        out.lines()
+            .find(|l| l.contains("in use"))
+            .unwrap_or_default()
+            .trim(),
+        acked.len()
+    );
+}

@@ -140,6 +140,8 @@
 //! - The agent never deletes a database file. One that SQLite cannot read is renamed to
 //!   `<path>.corrupt-<unix ms>` (with its `-wal` and `-shm` files) and a new buffer is started, with an error log;
 //!   a file of a newer schema is refused.
+//! - One process per buffer file: [`Buffer::open`] takes an exclusive `flock` on `<path>.lock` ([`lock_file`])
+//!   and is refused, naming the holder's pid, while another process holds it.
 
 mod actor;
 mod config;
@@ -217,6 +219,70 @@ pub enum BufferError {
     /// Buffered readings cannot be turned into a record.
     #[error("cannot encode buffered readings: {0}")]
     Encode(#[from] EncodeError),
+    /// Another process has the buffer open (see [`lock_file`]).
+    #[error(
+        "{path} is in use by another process ({holder}): one agent per buffer file. Stop the other agent, or give \
+         this one its own [buffer] path"
+    )]
+    InUse {
+        /// The buffer file.
+        path: String,
+        /// What the lock file says of its holder (`pid N`).
+        holder: String,
+    },
+}
+
+/// The lock file of the buffer at `path`: `<path>.lock`.
+pub fn lock_path(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.lock", path.display()))
+}
+
+/// Takes the buffer's exclusive lock (`flock` on [`lock_path`], held as long as the returned file is open): one
+/// process per buffer file. Two agents on one file — a service and a copy started by hand with another
+/// configuration, two containers sharing a volume during an update — would each seal the other's readings with
+/// their own cached sequence numbers and dedup states, sending readings twice under different batch identities;
+/// SQLite's locks serialise transactions, not that. The lock goes with the process (`kill -9` included); the file
+/// stays, holding the last holder's pid for the error message. A filesystem without `flock` support gets a
+/// warning and no lock. SQLite's own locks are POSIX locks on the database file, separate from this one.
+pub fn lock_file(path: &Path) -> Result<Option<std::fs::File>, BufferError> {
+    use std::io::{Read, Seek, Write};
+    let lock = lock_path(path);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock)
+        .map_err(|e| BufferError::Incompatible {
+            path: path.display().to_string(),
+            why: format!("cannot open its lock file {}: {e}", lock.display()),
+        })?;
+    match f.try_lock() {
+        Ok(()) => {
+            let _ = f
+                .set_len(0)
+                .and_then(|()| f.rewind())
+                .and_then(|()| writeln!(f, "pid {}", std::process::id()));
+            Ok(Some(f))
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            let holder = holder.trim();
+            Err(BufferError::InUse {
+                path: path.display().to_string(),
+                holder: if holder.is_empty() {
+                    "unknown pid".into()
+                } else {
+                    holder.to_owned()
+                },
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!(lock = %lock.display(), error = %e, "cannot lock the buffer (filesystem without flock?): running without the one-agent-per-buffer check");
+            Ok(None)
+        }
+    }
 }
 
 /// A reading as a source hands it to the buffer.
@@ -399,6 +465,8 @@ pub struct SealReport {
 pub struct Buffer {
     conn: Connection,
     path: PathBuf,
+    /// The buffer's lock ([`lock_file`]), released when the buffer is dropped (after its connection closes).
+    _lock: Option<std::fs::File>,
     agent_id: String,
     epoch: u64,
     next_seq: u64,
@@ -660,17 +728,21 @@ pub const STATE_LOG_SEALS: u64 = 32;
 
 impl Buffer {
     /// Opens (or creates) the buffer at `path`. A file SQLite cannot read is moved aside (see the module doc).
+    /// Refused while another process has it open ([`lock_file`]).
     pub fn open(path: &Path, durability: Durability, agent_id: &str) -> Result<Self, BufferError> {
-        match Self::open_checked(path, durability, agent_id) {
+        let lock = lock_file(path)?;
+        let mut b = match Self::open_checked(path, durability, agent_id) {
             Err(BufferError::Sqlite(e)) if is_corruption(&e) => {
                 let aside = move_aside(path)?;
                 tracing::error!(path = %path.display(), moved_to = %aside.display(), error = %e, "buffer database is corrupt; moved aside, starting a new buffer");
                 let mut b = Self::open_checked(path, durability, agent_id)?;
                 b.moved_aside = Some(aside);
-                Ok(b)
+                b
             }
-            other => other,
-        }
+            other => other?,
+        };
+        b._lock = lock;
+        Ok(b)
     }
 
     fn open_checked(
@@ -791,6 +863,7 @@ impl Buffer {
             ledger: Ledger::default(),
             last_row_id: 0,
             moved_aside: None,
+            _lock: None,
             in_flight: std::collections::HashSet::new(),
             alarms: Engine::default(),
             alarm_lag_ms: 0,

@@ -1374,3 +1374,35 @@ fn readings_the_wire_format_refuses_are_dead_lettered_and_the_rest_sealed() {
         "nothing left to stall the next seal"
     );
 }
+
+/// One process per buffer file: a second open is refused, naming the holder, until the first is dropped. A buffer
+/// moved aside as corrupt keeps the lock of its path.
+#[test]
+fn a_buffer_open_elsewhere_is_refused_naming_its_holder_until_it_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(&dir);
+    let err = Buffer::open(&dir.path().join("b.db"), Durability::Normal, "edge-2").unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, BufferError::InUse { .. })
+            && msg.contains(&format!("pid {}", std::process::id()))
+            && msg.contains("b.db"),
+        "{msg}"
+    );
+    drop(first);
+    let again = open(&dir);
+    assert_eq!(
+        std::fs::read_to_string(lock_path(&dir.path().join("b.db"))).unwrap(),
+        format!("pid {}\n", std::process::id())
+    );
+    drop(again);
+
+    // A corrupt file is moved aside under the lock; the new buffer holds it.
+    std::fs::write(dir.path().join("b.db"), vec![0x55u8; 8192]).unwrap();
+    let fresh = open(&dir);
+    assert!(fresh.moved_aside.is_some());
+    assert!(matches!(
+        Buffer::open(&dir.path().join("b.db"), Durability::Normal, "edge-1"),
+        Err(BufferError::InUse { .. })
+    ));
+}
