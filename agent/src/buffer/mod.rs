@@ -242,21 +242,26 @@ pub fn lock_path(path: &Path) -> PathBuf {
 /// configuration, two containers sharing a volume during an update — would each seal the other's readings with
 /// their own cached sequence numbers and dedup states, sending readings twice under different batch identities;
 /// SQLite's locks serialise transactions, not that. The lock goes with the process (`kill -9` included); the file
-/// stays, holding the last holder's pid for the error message. A filesystem without `flock` support gets a
-/// warning and no lock. SQLite's own locks are POSIX locks on the database file, separate from this one.
+/// stays, holding the last holder's pid for the error message. Only another holder refuses: a lock file that
+/// cannot be created (a full disk at the first start after an upgrade, a read-only directory the database itself
+/// may still work in) or a filesystem without `flock` gets a warning and no lock, since refusing to start would
+/// strand the backlog. SQLite's own locks are POSIX locks on the database file, separate from this one.
 pub fn lock_file(path: &Path) -> Result<Option<std::fs::File>, BufferError> {
     use std::io::{Read, Seek, Write};
     let lock = lock_path(path);
-    let mut f = std::fs::OpenOptions::new()
+    let opened = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&lock)
-        .map_err(|e| BufferError::Incompatible {
-            path: path.display().to_string(),
-            why: format!("cannot open its lock file {}: {e}", lock.display()),
-        })?;
+        .open(&lock);
+    let mut f = match opened {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(lock = %lock.display(), error = %e, "cannot open the buffer's lock file: running without the one-agent-per-buffer check");
+            return Ok(None);
+        }
+    };
     match f.try_lock() {
         Ok(()) => {
             let _ = f

@@ -1405,4 +1405,9 @@ fn a_buffer_open_elsewhere_is_refused_naming_its_holder_until_it_is_closed() {
         Buffer::open(&dir.path().join("b.db"), Durability::Normal, "edge-1"),
         Err(BufferError::InUse { .. })
     ));
+
+    // A lock file that cannot be opened (here a directory in its place) does not keep the buffer from opening.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir(lock_path(&other.path().join("b.db"))).unwrap();
+    let _unlocked = open(&other);
 }
