@@ -114,6 +114,8 @@ pub(crate) async fn run(
     let mut observer = Observer::new();
     let mut held: HashMap<String, Held> = HashMap::new();
     let mut known: HashSet<String> = HashSet::new();
+    // Shards whose lease vanished from the table: their next creation is reported.
+    let mut vanished: HashSet<String> = HashSet::new();
     let mut next_sync = Instant::now();
     while !cancel.is_cancelled() {
         // New shards get leases (children always from their start: nothing after a split is skipped).
@@ -126,15 +128,24 @@ pub(crate) async fn run(
                         }
                         // `latest` is the moment the lease is created, written as such: a worker taking the
                         // lease after a restart, before the first checkpoint, reads from there too.
+                        // A lease that vanished with the table (below) is read from the shard's start whatever
+                        // `start` says: its records since the last checkpoint were never all landed, and a replay
+                        // lands nothing twice, while `latest` would skip them.
                         let start = match cfg.start {
-                            StartPosition::Latest if s.parents.is_empty() => {
+                            StartPosition::Latest
+                                if s.parents.is_empty() && !vanished.contains(&s.id) =>
+                            {
                                 at_timestamp(fieldlink_ops::unix_ms() - LATEST_MARGIN_MS)
                             }
                             _ => TRIM_HORIZON.to_owned(),
                         };
                         match table.create(&s.id, &s.parents, &start).await {
                             Ok(created) => {
-                                if created {
+                                let again = vanished.remove(&s.id);
+                                if created && again {
+                                    tracing::warn!(shard = %s.id, start = %start, "lease created again: the lease table no longer held it (deleted and recreated?); the shard is read again from its start, and what landed before lands again as the same rows (bronze keeps them once, Timestream and InfluxDB rewrite the same points)");
+                                    metrics.lease_changes("recreated").inc();
+                                } else if created {
                                     tracing::info!(shard = %s.id, parents = ?s.parents, "lease created");
                                 }
                                 known.insert(s.id.clone());
@@ -206,6 +217,25 @@ pub(crate) async fn run(
         match table.list().await {
             Ok(all) => {
                 health.set("leases", true, "");
+                // Leases are never deleted: a known shard without one lost it with the table (deleted and
+                // recreated under the running service). Created again at once, as a restart would; otherwise no
+                // worker would ever read its shard again, while every check said ok.
+                let listed: HashSet<&str> = all.iter().map(|l| l.key.as_str()).collect();
+                let before = known.len();
+                known.retain(|k| {
+                    let kept = listed.contains(k.as_str());
+                    if !kept {
+                        vanished.insert(k.clone());
+                    }
+                    kept
+                });
+                if known.len() < before {
+                    tracing::warn!(
+                        shards = before - known.len(),
+                        "shard leases vanished from the lease table; creating them again"
+                    );
+                    next_sync = Instant::now();
+                }
                 let now_ms = clock.elapsed().as_millis() as u64;
                 observer.observe(&all, now_ms);
                 // A held lease whose owner or take changed was lost even if a renewal has not failed yet.
@@ -272,6 +302,10 @@ pub(crate) async fn run(
             Err(e) => {
                 health.set("leases", false, e.to_string());
                 tracing::warn!(error = %e, "listing leases failed");
+                // A table deleted under the running service is created again, as at the start.
+                if let Err(e) = table.ensure().await {
+                    tracing::warn!(error = %e, "lease table not ready");
+                }
             }
         }
         metrics.leases_held.set(held.len() as i64);
