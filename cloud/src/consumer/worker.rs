@@ -109,7 +109,7 @@ pub(crate) async fn work(shared: Arc<Shared>, lease: Lease, stop: CancellationTo
     if let (Start::After(checkpoint), false) = (&start, shared.warmup.is_zero()) {
         // Another process may have landed the records before the checkpoint: learn them, so an agent's resend
         // of one of them after the checkpoint is skipped rather than landed twice.
-        let since = fieldlink_ops::unix_ms() - shared.warmup.as_millis() as i64;
+        let since = warm_since(lease.watermark_ms, fieldlink_ops::unix_ms(), shared.warmup);
         let t = Instant::now();
         let claimed = reader::warm(
             &shared.kinesis,
@@ -338,10 +338,36 @@ where
     }
 }
 
+/// Where the resend memory's warm-up starts reading: `warmup` before the shard's time watermark (every record
+/// that arrived before it is checkpointed), not before now. A shard taken while it is behind (after an outage of
+/// the cloud, or with workers added to drain a backlog) has its checkpoint far behind now, and its last landed
+/// records with it: counted back from now, the warm-up would start past the checkpoint and learn nothing. Never
+/// later than now (Kinesis refuses a timestamp ahead of its clock); from now without a watermark.
+fn warm_since(watermark_ms: Option<i64>, now_ms: i64, warmup: Duration) -> i64 {
+    watermark_ms.unwrap_or(now_ms).min(now_ms) - warmup.as_millis() as i64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::lease::at_timestamp;
+
+    #[test]
+    fn the_warm_up_counts_back_from_the_watermark_not_from_now() {
+        let five_min = Duration::from_secs(300);
+        let now = 1_764_900_000_000;
+        // Two hours behind: the five minutes before the checkpoint, not the last five.
+        assert_eq!(
+            warm_since(Some(now - 7_200_000), now, five_min),
+            now - 7_500_000
+        );
+        assert_eq!(warm_since(None, now, five_min), now - 300_000);
+        assert_eq!(
+            warm_since(Some(now + 60_000), now, five_min),
+            now - 300_000,
+            "a watermark ahead of this host's clock"
+        );
+    }
 
     #[test]
     fn every_checkpoint_form_reads_from_where_it_says() {
