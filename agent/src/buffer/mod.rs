@@ -232,9 +232,22 @@ pub enum BufferError {
     },
 }
 
-/// The lock file of the buffer at `path`: `<path>.lock`.
+/// The lock file of the buffer at `path`: `<path>.lock`, of the path resolved (symbolic links, `..`), so two
+/// names of one file share one lock. A file not created yet resolves through its directory.
 pub fn lock_path(path: &Path) -> PathBuf {
-    PathBuf::from(format!("{}.lock", path.display()))
+    let real = std::fs::canonicalize(path)
+        .ok()
+        .or_else(|| {
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            Some(std::fs::canonicalize(dir).ok()?.join(path.file_name()?))
+        })
+        .unwrap_or_else(|| path.to_owned());
+    let mut name = real.into_os_string();
+    name.push(".lock");
+    PathBuf::from(name)
 }
 
 /// Takes the buffer's exclusive lock (`flock` on [`lock_path`], held as long as the returned file is open): one
@@ -242,19 +255,22 @@ pub fn lock_path(path: &Path) -> PathBuf {
 /// configuration, two containers sharing a volume during an update — would each seal the other's readings with
 /// their own cached sequence numbers and dedup states, sending readings twice under different batch identities;
 /// SQLite's locks serialise transactions, not that. The lock goes with the process (`kill -9` included); the file
-/// stays, holding the last holder's pid for the error message. Only another holder refuses: a lock file that
+/// stays, holding the last holder's pid for the error message (not rewritten where it cannot be written: a file left
+/// by an agent run once as another user is locked read-only). Only another holder refuses: a lock file that
 /// cannot be created (a full disk at the first start after an upgrade, a read-only directory the database itself
 /// may still work in) or a filesystem without `flock` gets a warning and no lock, since refusing to start would
 /// strand the backlog. SQLite's own locks are POSIX locks on the database file, separate from this one.
 pub fn lock_file(path: &Path) -> Result<Option<std::fs::File>, BufferError> {
     use std::io::{Read, Seek, Write};
     let lock = lock_path(path);
+    // Read-only where it cannot be written (left by an agent run once as another user): `flock` needs no more.
     let opened = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&lock);
+        .open(&lock)
+        .or_else(|_| std::fs::File::open(&lock));
     let mut f = match opened {
         Ok(f) => f,
         Err(e) => {

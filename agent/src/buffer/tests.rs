@@ -1406,6 +1406,15 @@ fn a_buffer_open_elsewhere_is_refused_naming_its_holder_until_it_is_closed() {
         Err(BufferError::InUse { .. })
     ));
 
+    // Another name of the same file (a symbolic link) shares its lock.
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(dir.path().join("b.db"), &link).unwrap();
+    assert!(matches!(
+        Buffer::open(&link, Durability::Normal, "edge-1"),
+        Err(BufferError::InUse { .. })
+    ));
+    drop(fresh);
+
     // A lock file that cannot be opened (here a directory in its place) does not keep the buffer from opening.
     let other = tempfile::tempdir().unwrap();
     std::fs::create_dir(lock_path(&other.path().join("b.db"))).unwrap();

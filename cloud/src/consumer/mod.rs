@@ -114,8 +114,10 @@ pub(crate) async fn run(
     let mut observer = Observer::new();
     let mut held: HashMap<String, Held> = HashMap::new();
     let mut known: HashSet<String> = HashSet::new();
-    // Shards whose lease vanished from the table: their next creation is reported.
-    let mut vanished: HashSet<String> = HashSet::new();
+    // Shards whose lease vanished from the table, with the checkpoint it last had: created again there.
+    let mut vanished: HashMap<String, String> = HashMap::new();
+    // Each shard lease's checkpoint as last listed.
+    let mut checkpoints: HashMap<String, String> = HashMap::new();
     let mut next_sync = Instant::now();
     while !cancel.is_cancelled() {
         // New shards get leases (children always from their start: nothing after a split is skipped).
@@ -128,22 +130,22 @@ pub(crate) async fn run(
                         }
                         // `latest` is the moment the lease is created, written as such: a worker taking the
                         // lease after a restart, before the first checkpoint, reads from there too.
-                        // A lease that vanished with the table (below) is read from the shard's start whatever
-                        // `start` says: its records since the last checkpoint were never all landed, and a replay
-                        // lands nothing twice, while `latest` would skip them.
-                        let start = match cfg.start {
-                            StartPosition::Latest
-                                if s.parents.is_empty() && !vanished.contains(&s.id) =>
-                            {
+                        // A lease that vanished with the table (below) goes on from the checkpoint it last had
+                        // (durable in every sink: nothing after it is skipped, a finished shard stays finished),
+                        // whatever `start` says: `latest` would skip what arrived since, the shard's start would
+                        // replay the whole retention.
+                        let start = match (vanished.get(&s.id), cfg.start) {
+                            (Some(checkpoint), _) => checkpoint.clone(),
+                            (None, StartPosition::Latest) if s.parents.is_empty() => {
                                 at_timestamp(fieldlink_ops::unix_ms() - LATEST_MARGIN_MS)
                             }
                             _ => TRIM_HORIZON.to_owned(),
                         };
                         match table.create(&s.id, &s.parents, &start).await {
                             Ok(created) => {
-                                let again = vanished.remove(&s.id);
+                                let again = vanished.remove(&s.id).is_some();
                                 if created && again {
-                                    tracing::warn!(shard = %s.id, start = %start, "lease created again: the lease table no longer held it (deleted and recreated?); the shard is read again from its start, and what landed before lands again as the same rows (bronze keeps them once, Timestream and InfluxDB rewrite the same points)");
+                                    tracing::warn!(shard = %s.id, checkpoint = %start, "lease created again at its last checkpoint: the lease table no longer held it (deleted and recreated?)");
                                     metrics.lease_changes("recreated").inc();
                                 } else if created {
                                     tracing::info!(shard = %s.id, parents = ?s.parents, "lease created");
@@ -218,17 +220,24 @@ pub(crate) async fn run(
             Ok(all) => {
                 health.set("leases", true, "");
                 // Leases are never deleted: a known shard without one lost it with the table (deleted and
-                // recreated under the running service). Created again at once, as a restart would; otherwise no
-                // worker would ever read its shard again, while every check said ok.
+                // recreated under the running service). Created again at once, at the checkpoint it was last listed
+                // with (from the shard's start if never listed); otherwise no worker would ever read its shard
+                // again, while every check said ok.
                 let listed: HashSet<&str> = all.iter().map(|l| l.key.as_str()).collect();
                 let before = known.len();
                 known.retain(|k| {
                     let kept = listed.contains(k.as_str());
                     if !kept {
-                        vanished.insert(k.clone());
+                        let at = checkpoints
+                            .get(k)
+                            .cloned()
+                            .unwrap_or_else(|| TRIM_HORIZON.to_owned());
+                        vanished.insert(k.clone(), at);
                     }
                     kept
                 });
+                checkpoints.clear();
+                checkpoints.extend(all.iter().map(|l| (l.key.clone(), l.checkpoint.clone())));
                 if known.len() < before {
                     tracing::warn!(
                         shards = before - known.len(),
@@ -302,9 +311,15 @@ pub(crate) async fn run(
             Err(e) => {
                 health.set("leases", false, e.to_string());
                 tracing::warn!(error = %e, "listing leases failed");
-                // A table deleted under the running service is created again, as at the start.
-                if let Err(e) = table.ensure().await {
-                    tracing::warn!(error = %e, "lease table not ready");
+                // A table deleted under the running service is created again, as at the start (only then: a table
+                // that exists but is busy, or a failed call, is waited out by the next rounds, renewing).
+                if table.missing().await {
+                    tokio::select! {
+                        r = table.ensure() => if let Err(e) = r {
+                            tracing::warn!(error = %e, "lease table not ready");
+                        },
+                        () = cancel.cancelled() => {}
+                    }
                 }
             }
         }

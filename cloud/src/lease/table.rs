@@ -127,6 +127,22 @@ impl LeaseTable {
         }
     }
 
+    /// Whether the table is known not to exist (`DescribeTable` says so; any other answer or error: no).
+    pub async fn missing(&self) -> bool {
+        match self
+            .client
+            .describe_table()
+            .table_name(&self.name)
+            .send()
+            .await
+        {
+            Ok(_) => false,
+            Err(e) => e
+                .as_service_error()
+                .is_some_and(|s| s.is_resource_not_found_exception()),
+        }
+    }
+
     /// Creates the table (on-demand capacity) if it does not exist, and waits until it is active.
     pub async fn ensure(&self) -> Result<(), TableError> {
         let exists = match self
