@@ -232,20 +232,12 @@ pub enum BufferError {
     },
 }
 
-/// The lock file of the buffer at `path`: `<path>.lock`, of the path resolved (symbolic links, `..`), so two
-/// names of one file share one lock. A file not created yet resolves through its directory.
+/// The lock file of the buffer at `path`: `<path>.lock`. The lock is on the file (its inode), so any name of its
+/// directory (a symbolic link, `..`, a relative path) reaches the same lock; the file name is taken as configured
+/// (a symbolic link to the database file has a lock of its own: resolving it would change the lock's name with the
+/// link's state, e.g. a link created after the first start, or renamed aside with a corrupt file).
 pub fn lock_path(path: &Path) -> PathBuf {
-    let real = std::fs::canonicalize(path)
-        .ok()
-        .or_else(|| {
-            let dir = path
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            Some(std::fs::canonicalize(dir).ok()?.join(path.file_name()?))
-        })
-        .unwrap_or_else(|| path.to_owned());
-    let mut name = real.into_os_string();
+    let mut name = path.as_os_str().to_owned();
     name.push(".lock");
     PathBuf::from(name)
 }
@@ -263,14 +255,15 @@ pub fn lock_path(path: &Path) -> PathBuf {
 pub fn lock_file(path: &Path) -> Result<Option<std::fs::File>, BufferError> {
     use std::io::{Read, Seek, Write};
     let lock = lock_path(path);
-    // Read-only where it cannot be written (left by an agent run once as another user): `flock` needs no more.
+    // Read-only where it cannot be written (left by an agent run once as another user): a local `flock` needs no
+    // more (over NFS an exclusive lock needs a writable file: the read-only one gets the warning below).
     let opened = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(&lock)
-        .or_else(|_| std::fs::File::open(&lock));
+        .or_else(|e| std::fs::File::open(&lock).map_err(|_| e));
     let mut f = match opened {
         Ok(f) => f,
         Err(e) => {

@@ -1406,17 +1406,24 @@ fn a_buffer_open_elsewhere_is_refused_naming_its_holder_until_it_is_closed() {
         Err(BufferError::InUse { .. })
     ));
 
-    // Another name of the same file (a symbolic link) shares its lock.
-    let link = dir.path().join("link.db");
-    std::os::unix::fs::symlink(dir.path().join("b.db"), &link).unwrap();
+    // The same file through another name of its directory (a symbolic link) shares its lock.
+    let aside = tempfile::tempdir().unwrap();
+    let link = aside.path().join("state");
+    std::os::unix::fs::symlink(dir.path(), &link).unwrap();
     assert!(matches!(
-        Buffer::open(&link, Durability::Normal, "edge-1"),
+        Buffer::open(&link.join("b.db"), Durability::Normal, "edge-1"),
         Err(BufferError::InUse { .. })
     ));
     drop(fresh);
 
-    // A lock file that cannot be opened (here a directory in its place) does not keep the buffer from opening.
+    // A lock file that cannot be opened (here a link into a directory that does not exist) does not keep the
+    // buffer from opening: it runs without the check.
     let other = tempfile::tempdir().unwrap();
-    std::fs::create_dir(lock_path(&other.path().join("b.db"))).unwrap();
-    let _unlocked = open(&other);
+    std::os::unix::fs::symlink(
+        "/nonexistent-fieldlink/x",
+        lock_path(&other.path().join("b.db")),
+    )
+    .unwrap();
+    let unlocked = open(&other);
+    assert!(unlocked._lock.is_none());
 }

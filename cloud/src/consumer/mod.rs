@@ -15,7 +15,7 @@ pub(crate) mod worker;
 pub use config::{ConsumerConfig, StartPosition};
 
 use crate::lease::plan::{self, Action, Observer};
-use crate::lease::{at_timestamp, Fence, LeaseConfig, TRIM_HORIZON};
+use crate::lease::{at_timestamp, Fence, Lease, LeaseConfig, TRIM_HORIZON};
 use aws_sdk_kinesis::error::DisplayErrorContext;
 use fieldlink_ops::backoff::Backoff;
 use fieldlink_ops::metrics::Health;
@@ -114,10 +114,11 @@ pub(crate) async fn run(
     let mut observer = Observer::new();
     let mut held: HashMap<String, Held> = HashMap::new();
     let mut known: HashSet<String> = HashSet::new();
-    // Shards whose lease vanished from the table, with the checkpoint it last had: created again there.
-    let mut vanished: HashMap<String, String> = HashMap::new();
-    // Each shard lease's checkpoint as last listed.
-    let mut checkpoints: HashMap<String, String> = HashMap::new();
+    // Shards whose lease vanished from the table, with the lease as last listed (none if never listed): created
+    // again as it was.
+    let mut vanished: HashMap<String, Option<Lease>> = HashMap::new();
+    // Each shard lease as last listed.
+    let mut last_listed: HashMap<String, Lease> = HashMap::new();
     let mut next_sync = Instant::now();
     while !cancel.is_cancelled() {
         // New shards get leases (children always from their start: nothing after a split is skipped).
@@ -130,22 +131,31 @@ pub(crate) async fn run(
                         }
                         // `latest` is the moment the lease is created, written as such: a worker taking the
                         // lease after a restart, before the first checkpoint, reads from there too.
-                        // A lease that vanished with the table (below) goes on from the checkpoint it last had
-                        // (durable in every sink: nothing after it is skipped, a finished shard stays finished),
-                        // whatever `start` says: `latest` would skip what arrived since, the shard's start would
-                        // replay the whole retention.
-                        let start = match (vanished.get(&s.id), cfg.start) {
-                            (Some(checkpoint), _) => checkpoint.clone(),
-                            (None, StartPosition::Latest) if s.parents.is_empty() => {
+                        // A lease that vanished with the table (below) is created again as last listed: from its
+                        // checkpoint (durable in every sink: nothing after it is skipped, a finished shard stays
+                        // finished) with its begun commit, whatever `start` says (`latest` would skip what arrived
+                        // since, the shard's start would replay the whole retention); never listed, from the
+                        // shard's start.
+                        let start = match cfg.start {
+                            StartPosition::Latest
+                                if s.parents.is_empty() && !vanished.contains_key(&s.id) =>
+                            {
                                 at_timestamp(fieldlink_ops::unix_ms() - LATEST_MARGIN_MS)
                             }
                             _ => TRIM_HORIZON.to_owned(),
                         };
-                        match table.create(&s.id, &s.parents, &start).await {
+                        let res = match vanished.get(&s.id) {
+                            Some(Some(last)) => table.create_again(last).await,
+                            _ => table.create(&s.id, &s.parents, &start).await,
+                        };
+                        match res {
                             Ok(created) => {
-                                let again = vanished.remove(&s.id).is_some();
-                                if created && again {
-                                    tracing::warn!(shard = %s.id, checkpoint = %start, "lease created again at its last checkpoint: the lease table no longer held it (deleted and recreated?)");
+                                let again = vanished.remove(&s.id);
+                                if let (true, Some(last)) = (created, &again) {
+                                    let checkpoint = last
+                                        .as_ref()
+                                        .map_or(start.as_str(), |l| l.checkpoint.as_str());
+                                    tracing::warn!(shard = %s.id, checkpoint = %checkpoint, "lease created again: the lease table no longer held it (deleted and recreated?)");
                                     metrics.lease_changes("recreated").inc();
                                 } else if created {
                                     tracing::info!(shard = %s.id, parents = ?s.parents, "lease created");
@@ -228,16 +238,12 @@ pub(crate) async fn run(
                 known.retain(|k| {
                     let kept = listed.contains(k.as_str());
                     if !kept {
-                        let at = checkpoints
-                            .get(k)
-                            .cloned()
-                            .unwrap_or_else(|| TRIM_HORIZON.to_owned());
-                        vanished.insert(k.clone(), at);
+                        vanished.insert(k.clone(), last_listed.get(k).cloned());
                     }
                     kept
                 });
-                checkpoints.clear();
-                checkpoints.extend(all.iter().map(|l| (l.key.clone(), l.checkpoint.clone())));
+                last_listed.clear();
+                last_listed.extend(all.iter().map(|l| (l.key.clone(), l.clone())));
                 if known.len() < before {
                     tracing::warn!(
                         shards = before - known.len(),

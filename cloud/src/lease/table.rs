@@ -250,18 +250,54 @@ impl LeaseTable {
         parents: &[String],
         checkpoint: &str,
     ) -> Result<bool, TableError> {
+        self.put_new(shard, parents, checkpoint, None, 0).await
+    }
+
+    /// Creates again, unless it exists, a lease the table lost (deleted and recreated under the running service),
+    /// as `last` was listed: its checkpoint (a `LATEST` one, never checkpointed, from the shard's start), its begun
+    /// commit (so the next reader repeats exactly that commit, whose files a paused writer may still be putting),
+    /// its parents, no owner, and a counter above the last one listed (fence values never repeat across the two
+    /// tables). Returns whether it was created.
+    pub async fn create_again(&self, last: &Lease) -> Result<bool, TableError> {
+        let checkpoint = if last.checkpoint == super::plan::LATEST {
+            super::plan::TRIM_HORIZON
+        } else {
+            last.checkpoint.as_str()
+        };
+        let counter = last.counter.max(last.take_counter.unwrap_or(0)) + 1;
+        self.put_new(
+            &last.key,
+            &last.parents,
+            checkpoint,
+            last.pending.as_deref(),
+            counter,
+        )
+        .await
+    }
+
+    async fn put_new(
+        &self,
+        shard: &str,
+        parents: &[String],
+        checkpoint: &str,
+        pending: Option<&str>,
+        counter: u64,
+    ) -> Result<bool, TableError> {
         let mut req = self
             .client
             .put_item()
             .table_name(&self.name)
             .item("leaseKey", s(shard))
-            .item("leaseCounter", n(0))
+            .item("leaseCounter", n(counter))
             .item("checkpoint", s(checkpoint))
             .item("checkpointSubSequenceNumber", n(0))
             .item("ownerSwitchesSinceCheckpoint", n(0))
             .condition_expression("attribute_not_exists(leaseKey)");
         if !parents.is_empty() {
             req = req.item("parentShardIds", AttributeValue::Ss(parents.to_vec()));
+        }
+        if let Some(p) = pending {
+            req = req.item("pendingCheckpoint", s(p));
         }
         match req.send().await {
             Ok(_) => Ok(true),
