@@ -774,9 +774,9 @@ fn a_task_whose_lease_was_lost_and_retaken_can_no_longer_commit_while_the_curren
 }
 
 /// A lease created again after the table lost it (deleted and recreated under the running service) is the lease as
-/// last listed: its checkpoint, its begun commit (the next reader repeats exactly that commit, whose files a paused
-/// writer may still be putting) and a counter above the old one, so a task fenced on the old table can never
-/// commit on the new one, even once the new lease has been taken as often.
+/// last listed: its checkpoint, its begun commit (the next reader repeats that commit, whose files a paused writer
+/// may still be putting) and a counter no fence of the old table holds, so a task fenced on the old table can never
+/// commit on the new one, not even one whose take came after the listing.
 #[test]
 fn a_lease_created_again_keeps_its_checkpoint_and_begun_commit_and_fences_the_old_tasks() {
     let dir = tempfile::tempdir().unwrap();
@@ -801,6 +801,15 @@ fn a_lease_created_again_keeps_its_checkpoint_and_begun_commit_and_fences_the_ol
         assert!(t.checkpoint(shard, "10", &old).await.unwrap());
         assert!(t.begin_commit(shard, "20", &old).await.unwrap());
         let last = t.list().await.unwrap().pop().unwrap();
+        // After the listing, before the deletion: w1 renews, then w2 steals the lease (its task's fence is newer
+        // than the listing by two).
+        assert!(t.renew(shard, last.counter, "w1").await.unwrap());
+        let stolen = t
+            .take(shard, last.counter + 1, "w2")
+            .await
+            .unwrap()
+            .unwrap();
+        let newer = Fence::of(&stolen).unwrap();
 
         // The table is reset; the lease is created again as listed.
         run_python(&[
@@ -822,12 +831,15 @@ fn a_lease_created_again_keeps_its_checkpoint_and_begun_commit_and_fences_the_ol
             ("10", Some("20"), &last.parents, &None)
         );
         assert!(again.counter > last.counter);
-        // Taken again by the same worker as many times as the old lease was: the old task stays fenced out.
+        // Taken again by either worker, again and again: neither old task (fenced on the listed lease, or on a
+        // take after the listing) can commit on the new table.
         let mut counter = again.counter;
-        for _ in 0..4 {
-            let taken = t.take(shard, counter, "w1").await.unwrap().unwrap();
-            assert!(!t.begin_commit(shard, "30", &old).await.unwrap());
-            assert!(!t.checkpoint(shard, "30", &old).await.unwrap());
+        for who in ["w2", "w1", "w2", "w1"] {
+            let taken = t.take(shard, counter, who).await.unwrap().unwrap();
+            for f in [&old, &newer] {
+                assert!(!t.begin_commit(shard, "30", f).await.unwrap());
+                assert!(!t.checkpoint(shard, "30", f).await.unwrap());
+            }
             counter = taken.counter;
         }
     });

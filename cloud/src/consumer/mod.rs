@@ -15,7 +15,7 @@ pub(crate) mod worker;
 pub use config::{ConsumerConfig, StartPosition};
 
 use crate::lease::plan::{self, Action, Observer};
-use crate::lease::{at_timestamp, Fence, Lease, LeaseConfig, TRIM_HORIZON};
+use crate::lease::{at_timestamp, Fence, Lease, LeaseConfig, LeaseTable, TRIM_HORIZON};
 use aws_sdk_kinesis::error::DisplayErrorContext;
 use fieldlink_ops::backoff::Backoff;
 use fieldlink_ops::metrics::Health;
@@ -154,7 +154,7 @@ pub(crate) async fn run(
                                 if let (true, Some(last)) = (created, &again) {
                                     let checkpoint = last
                                         .as_ref()
-                                        .map_or(start.as_str(), |l| l.checkpoint.as_str());
+                                        .map_or(start.as_str(), LeaseTable::checkpoint_again);
                                     tracing::warn!(shard = %s.id, checkpoint = %checkpoint, "lease created again: the lease table no longer held it (deleted and recreated?)");
                                     metrics.lease_changes("recreated").inc();
                                 } else if created {

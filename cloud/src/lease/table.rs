@@ -254,25 +254,35 @@ impl LeaseTable {
     }
 
     /// Creates again, unless it exists, a lease the table lost (deleted and recreated under the running service),
-    /// as `last` was listed: its checkpoint (a `LATEST` one, never checkpointed, from the shard's start), its begun
-    /// commit (so the next reader repeats exactly that commit, whose files a paused writer may still be putting),
-    /// its parents, no owner, and a counter above the last one listed (fence values never repeat across the two
-    /// tables). Returns whether it was created.
+    /// as `last` was listed: its checkpoint ([`LeaseTable::checkpoint_again`]), its begun commit as listed (the next
+    /// reader repeats that commit, whose files a paused writer may still be putting; a commit begun after the
+    /// listing is not known), its parents, no owner, and a counter that no fence of the old table can hold: above
+    /// the last one listed and at least the current Unix time in ms (the old table's counters may have moved on
+    /// since the listing by a few renewals and takes, never by the milliseconds elapsed since the lease was
+    /// created). Returns whether it was created.
     pub async fn create_again(&self, last: &Lease) -> Result<bool, TableError> {
-        let checkpoint = if last.checkpoint == super::plan::LATEST {
+        let checkpoint = Self::checkpoint_again(last);
+        // A `LATEST` lease's begun commit started where `LATEST` resolved, not at the shard's start: not repeated.
+        let pending = last
+            .pending
+            .as_deref()
+            .filter(|_| last.checkpoint != super::plan::LATEST);
+        let listed = last.counter.max(last.take_counter.unwrap_or(0));
+        let counter = listed
+            .saturating_add(1)
+            .max(fieldlink_ops::unix_ms().max(0) as u64);
+        self.put_new(&last.key, &last.parents, checkpoint, pending, counter)
+            .await
+    }
+
+    /// The checkpoint [`LeaseTable::create_again`] writes for `last`: its own, or the shard's start for a `LATEST`
+    /// one (written by earlier versions, never checkpointed: `LATEST` now would skip what arrived since).
+    pub fn checkpoint_again(last: &Lease) -> &str {
+        if last.checkpoint == super::plan::LATEST {
             super::plan::TRIM_HORIZON
         } else {
             last.checkpoint.as_str()
-        };
-        let counter = last.counter.max(last.take_counter.unwrap_or(0)) + 1;
-        self.put_new(
-            &last.key,
-            &last.parents,
-            checkpoint,
-            last.pending.as_deref(),
-            counter,
-        )
-        .await
+        }
     }
 
     async fn put_new(
