@@ -395,3 +395,53 @@ fn a_second_agent_on_a_running_agents_buffer_is_refused_and_the_first_is_untouch
         acked.len()
     );
 }
+
+/// An operator lowers `[buffer] max_bytes` below the backlog between two runs, under `backpressure`: the start
+/// says so, intake pauses (nothing dropped) and, once Kinesis is back, every acknowledged reading lands once.
+#[test]
+fn a_cap_lowered_below_the_backlog_between_runs_is_said_and_drops_nothing_under_backpressure() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, moto, proxy) = broker_and_proxied_stream(dir.path(), "lowered", 1);
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "lowered-agent",
+        broker.port,
+        &proxy.endpoint,
+        "lowered",
+        "overflow = \"backpressure\"",
+        "",
+    );
+    agent.start();
+    proxy.set("down=1");
+    let acked = publish_numbered(broker.port, 3000, 3000.0, 1000, dir.path());
+    wait_for("the backlog to be sealed", Duration::from_secs(30), || {
+        (agent.metric("fieldlink_buffer_pending_readings") >= acked.len() as f64).then_some(())
+    });
+    let held = agent.metric("fieldlink_buffer_bytes");
+    agent.stop();
+    let text = std::fs::read_to_string(&agent.config).unwrap().replace(
+        "overflow = \"backpressure\"",
+        "overflow = \"backpressure\"\nmax_bytes = 1048576",
+    );
+    std::fs::write(&agent.config, text).unwrap();
+    assert!(held > 1_048_576.0, "{held} bytes buffered");
+    agent.start();
+    let log = dir.path().join("lowered-agent.log");
+    wait_for("the start's warning", Duration::from_secs(20), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("the buffer holds more than [buffer] max_bytes")
+            .then_some(())
+    });
+    proxy.set("down=0");
+    wait_for("the backlog to drain", Duration::from_secs(120), || {
+        (agent.metric("fieldlink_buffer_pending_readings") == 0.0
+            && agent.metric("fieldlink_buffer_unsealed_readings") == 0.0)
+            .then_some(())
+    });
+    assert_eq!(agent.metric("fieldlink_readings_dropped_total"), 0.0);
+    agent.stop();
+    let problem = exactly_once(&acked, &numbers_once(&moto, "lowered", "lowered-agent"));
+    assert!(problem.is_empty(), "after the cap was lowered: {problem}");
+    eprintln!("cap lowered to 1 MiB under a {held} B backlog: said at the start, nothing dropped, {} readings once", acked.len());
+}

@@ -305,6 +305,23 @@ fn worker(
     if buffer.moved_aside().is_some() {
         metrics.buffer_corrupt.inc();
     }
+    // A cap lowered below the backlog (a configuration edit): said before the policy acts on it.
+    let held = buffer.stats().bytes();
+    if held > cfg.max_bytes {
+        let what = match cfg.overflow {
+            OverflowPolicy::DropOldest => {
+                "drop_oldest drops the oldest batches down to it at the first seal"
+            }
+            OverflowPolicy::Backpressure => {
+                "backpressure pauses intake until sending brings it under"
+            }
+        };
+        tracing::warn!(
+            buffer_bytes = held,
+            max_bytes = cfg.max_bytes,
+            "the buffer holds more than [buffer] max_bytes (lowered since the last run?): {what}"
+        );
+    }
     let encoder = Encoder::new(batch.zstd_level)?;
     let (data_tx, data) = flume::bounded(cfg.queue_capacity);
     let (ctl_tx, ctl) = flume::bounded(64);
