@@ -141,15 +141,13 @@ fn every_type_and_order_decodes_and_points_are_coalesced() {
     });
     check_device(&records, "meter", 0);
     agent.stop();
-    // One request per table per poll, however many points: the server saw equal counts of each function.
+    // One request per table per poll, however many points: the server saw equal counts of each function, but for
+    // the last poll, which the stop may cut between two of its requests (seen once in CI: 5, 4, 4, 4).
     let (_, by) = device.requests();
-    let (fc1, fc2, fc3, fc4) = (by["1"], by["2"], by["3"], by["4"]);
-    assert!(fc3 >= 3, "{by:?}");
-    assert_eq!(
-        (fc1, fc2, fc4),
-        (fc3, fc3, fc3),
-        "requests per function: {by:?}"
-    );
+    let counts = [by["1"], by["2"], by["3"], by["4"]];
+    let (lo, hi) = (*counts.iter().min().unwrap(), *counts.iter().max().unwrap());
+    assert!(lo >= 3, "{by:?}");
+    assert!(hi - lo <= 1, "requests per function: {by:?}");
 }
 
 /// Every reading of `prefix` (not only the newest): a good one has the expected value, the illegal-address point
