@@ -1299,6 +1299,31 @@ mod tests {
         .unwrap()
     }
 
+    /// A worker whose buffer another connection holds locked (`BEGIN EXCLUSIVE`, as a `sqlite3` left open), with
+    /// SQLite's busy timeout shortened to 100 ms (each failed attempt takes this long); the locking connection.
+    fn worker_under_lock(dir: &std::path::Path) -> (Worker, BufferHandle, rusqlite::Connection) {
+        let (w, handle) = new_worker(dir);
+        w.buffer
+            .conn
+            .busy_timeout(Duration::from_millis(100))
+            .unwrap();
+        let other = rusqlite::Connection::open(dir.join("b.db")).unwrap();
+        other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        (w, handle, other)
+    }
+
+    /// Queues a Modbus poll's readings: no acknowledgement, no other copy.
+    fn queue_poll(handle: &BufferHandle, readings: Vec<NewReading>) {
+        handle
+            .data
+            .try_send(Append {
+                readings,
+                refused: None,
+                ack: None,
+            })
+            .unwrap();
+    }
+
     /// A worker with a backlog of several seal parts, ready now; returns the backlog's size.
     fn worker_with_backlog(dir: &std::path::Path) -> (Worker, BufferHandle, u64) {
         let (mut w, handle) = new_worker(dir);
@@ -1520,6 +1545,7 @@ mod tests {
             "no part was sealed twice"
         );
     }
+
     /// Another process holds the buffer's write lock (a backup tool, `sqlite3` left open) over the stop, with a
     /// Modbus poll's readings (no acknowledgement: no other copy) in a commit that failed on it. The close waits
     /// for the lock instead of giving the readings up (it did before December 2026), but not for good.
@@ -1527,23 +1553,12 @@ mod tests {
     fn the_close_retries_a_commit_held_by_another_processs_lock_for_a_bounded_time() {
         for lock_freed in [true, false] {
             let dir = tempfile::tempdir().unwrap();
-            let (mut w, handle) = new_worker(dir.path());
-            // SQLite's busy timeout (5 s) shortened: each failed attempt takes this long.
-            w.buffer
-                .conn
-                .busy_timeout(Duration::from_millis(100))
-                .unwrap();
-            let other = rusqlite::Connection::open(dir.path().join("b.db")).unwrap();
-            other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+            let (mut w, handle, other) = worker_under_lock(dir.path());
             for k in 0..3 {
-                handle
-                    .data
-                    .try_send(Append {
-                        readings: vec![reading(format!("plc/r{k}"), 1), reading("plc/x".into(), k)],
-                        refused: None,
-                        ack: None,
-                    })
-                    .unwrap();
+                queue_poll(
+                    &handle,
+                    vec![reading(format!("plc/r{k}"), 1), reading("plc/x".into(), k)],
+                );
             }
             let linger = Duration::from_secs(3600);
             let mut next_seal = Instant::now() + linger;
@@ -1551,15 +1566,7 @@ mod tests {
             assert!(w.held.is_some(), "the commit failed on the lock");
             // Queued behind the held group: a Modbus poll (kept), and an MQTT message whose connection stopped
             // waiting (dropped: the broker delivers it again; never committed, never acknowledged).
-            let modbus_behind = reading("plc/behind".into(), 1);
-            handle
-                .data
-                .try_send(Append {
-                    readings: vec![modbus_behind],
-                    refused: None,
-                    ack: None,
-                })
-                .unwrap();
+            queue_poll(&handle, vec![reading("plc/behind".into(), 1)]);
             let acked = Arc::new(AtomicBool::new(false));
             let on_commit = acked.clone();
             handle
@@ -1614,21 +1621,8 @@ mod tests {
     #[test]
     fn a_held_group_holds_seals_back_only_while_it_waits_on_the_lock() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, handle) = new_worker(dir.path());
-        w.buffer
-            .conn
-            .busy_timeout(Duration::from_millis(100))
-            .unwrap();
-        let other = rusqlite::Connection::open(dir.path().join("b.db")).unwrap();
-        other.execute_batch("BEGIN EXCLUSIVE").unwrap();
-        handle
-            .data
-            .try_send(Append {
-                readings: vec![reading("plc/x".into(), 1)],
-                refused: None,
-                ack: None,
-            })
-            .unwrap();
+        let (mut w, handle, other) = worker_under_lock(dir.path());
+        queue_poll(&handle, vec![reading("plc/x".into(), 1)]);
         let linger = Duration::from_secs(3600);
         let mut next_seal = Instant::now() + linger;
         assert!(w.step(&mut next_seal, linger));
