@@ -847,15 +847,20 @@ shutdown_drain_ms = 2000
             }
             last = health.or(last);
             if Instant::now() >= deadline {
-                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 panic!(
                     "timed out after 30s waiting for the agent to subscribe; /health last said {last:?}; the agent's log ends:\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    self.log_tail(40)
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The last `lines` lines of the agent's log (for a failing test's message).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
     /// The running agent's memory settings (`agent/src/memory.rs`): its start-up log's `memory settings` line,
