@@ -259,3 +259,74 @@ fn windows_over_the_dataset_through_kill_9_rounds_equal_pyarrow_exactly_once() {
     );
     agent.stop();
 }
+
+/// A series that stops reporting (a meter removed, a sensor broken) under `keep_raw = false`: its readings were
+/// acknowledged and folded into open windows, and before `idle_close_ms` no reading ever came to close them, so they
+/// never landed. Now the agent's clock closes them: each window lands once with every acknowledged reading in it,
+/// and no raw reading is sent.
+#[test]
+fn the_last_windows_of_series_that_stop_reporting_land_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let moto = Moto::start(dir.path());
+    moto.create("idle", 1, "unused-db", "unused-table", "unused-bucket");
+    let rule = r#"
+[[windows.rules]]
+name = "idle"
+series = "crash/+/n"
+sizes_ms = [1000]
+functions = ["count", "sum"]
+keep_raw = false
+idle_close_ms = 2000
+"#;
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "idle-agent",
+        broker.port,
+        &moto.endpoint,
+        "idle",
+        "",
+        rule,
+    );
+    agent.start();
+    // Message i: series crash/dev<i % 10>/n, value i, event time T + i (T a whole second): one window per series.
+    let acked = publish_numbered(broker.port, 200, 400.0, 0, dir.path());
+    assert_eq!(acked.len(), 200);
+    let mut want = BTreeMap::new();
+    for n in &acked {
+        let key = format!("crash/dev{}/n", n % 10);
+        let e = want.entry(key).or_insert((0u64, 0u64));
+        e.0 += 1;
+        e.1 += n;
+    }
+    let derived = |records: &[DumpedRecord]| {
+        let mut got: BTreeMap<String, usize> = BTreeMap::new();
+        for r in unique_batches(records) {
+            for (s, ts, v, late) in r.readings {
+                assert!(!late && ts == 1_772_431_200_000, "{s} {ts} {late}");
+                *got.entry(format!("{s}={v}")).or_insert(0) += 1;
+            }
+        }
+        got
+    };
+    wait_for(
+        "the silent series' windows in Kinesis",
+        Duration::from_secs(60),
+        || (derived(&kinesis_dump(&moto.endpoint, "idle")).len() >= 20).then_some(()),
+    );
+    agent.stop();
+    let got = derived(&kinesis_dump(&moto.endpoint, "idle"));
+    let expected: BTreeMap<String, usize> = want
+        .iter()
+        .flat_map(|(k, (count, sum))| {
+            [
+                (format!("{k}/count_1s={count}"), 1),
+                (format!("{k}/sum_1s={sum}.0"), 1),
+            ]
+        })
+        .collect();
+    assert_eq!(
+        got, expected,
+        "each window once, with every acknowledged reading, and no raw reading"
+    );
+}

@@ -1101,8 +1101,9 @@ impl Worker {
         match res {
             Ok(r) if r.rows == 0 => {
                 self.seal_error = None;
-                if r.alarm_events > 0 {
-                    self.sealed.notify_one(); // the stale clock raised alarms: send them now
+                if r.alarm_events > 0 || r.batches > 0 {
+                    // The stale clock raised alarms, or the clock closed a silent series' windows: send them now.
+                    self.sealed.notify_one();
                 }
                 false
             }

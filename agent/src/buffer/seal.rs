@@ -395,7 +395,9 @@ impl Buffer {
             .query_row([up_to, max_rows as i64], |r| r.get(0))?;
         let mut pending = Vec::with_capacity(ready.clamp(0, max_rows as i64) as usize);
         let taken = self.take_groups(up_to, max_rows, &mut pending)?;
-        if taken.rows == 0 && taken.ids_last == 0 {
+        // Silent series whose windows the clock closes (and orphaned windows) are sealed without any reading.
+        let idle = self.windows.idle_due(now_ms);
+        if taken.rows == 0 && taken.ids_last == 0 && !self.windows.has_due() {
             return self.seal_alarm_tick(now_ms).map(Begun::Idle);
         }
         // Before the states are taken: an error from here on must put them back.
@@ -407,7 +409,10 @@ impl Buffer {
         // Series states and series of every series involved.
         let mut states: HashMap<i64, SeriesState> = HashMap::new();
         let mut series: HashMap<i64, Series> = HashMap::new();
-        if let Err(e) = self.take_involved(&pending, &mut states, &mut series) {
+        if let Err(e) = self
+            .take_involved(&pending, &mut states, &mut series)
+            .and_then(|()| self.name_idle(&idle, &mut series))
+        {
             // Back where they were: a state with deltas must stay held (see `Buffer::state`).
             self.states.extend(states);
             return Err(e);
@@ -451,6 +456,23 @@ impl Buffer {
                         why: format!("reading refers to missing series {}", p.series),
                     })?;
                 series.insert(p.series, s);
+            }
+        }
+        Ok(())
+    }
+
+    /// The series of the silent pairs whose windows the clock closes in this seal (they name the derived
+    /// readings); a series the buffer no longer knows is left out (its windows' readings are then left out too).
+    fn name_idle(
+        &mut self,
+        idle: &[i64],
+        series: &mut HashMap<i64, Series>,
+    ) -> Result<(), BufferError> {
+        for &sid in idle {
+            if let std::collections::hash_map::Entry::Vacant(slot) = series.entry(sid) {
+                if let Some(s) = self.series_by_id(sid)? {
+                    slot.insert(s);
+                }
             }
         }
         Ok(())

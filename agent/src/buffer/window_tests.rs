@@ -49,6 +49,10 @@ fn append(b: &mut Buffer, key: &str, readings: &[(i64, f64)]) {
 }
 
 fn seal(b: &mut Buffer) -> Result<SealReport, BufferError> {
+    seal_at(b, NOW_MS)
+}
+
+fn seal_at(b: &mut Buffer, now_ms: i64) -> Result<SealReport, BufferError> {
     let mut enc = Encoder::new(3).unwrap();
     let rules = Rules {
         dedup_window_ms: 60_000,
@@ -61,7 +65,7 @@ fn seal(b: &mut Buffer) -> Result<SealReport, BufferError> {
         &mut enc,
         &BatchConfig::default(),
         rules,
-        NOW_MS,
+        now_ms,
     )
 }
 
@@ -280,6 +284,69 @@ fn a_failed_seal_whose_reload_fails_too_reloads_the_windows_before_the_next_seal
         vec![
             got("m/a/count_1s", 0, "3i", false),
             got("m/a/mean_1s", 0, "3", false)
+        ]
+    );
+}
+
+/// A series that stopped reporting under `keep_raw = false`: a seal with no reading ready closes its open window
+/// once the clock says it is silent for `idle_close_ms` past the window's end (before, the readings folded into it
+/// never landed), in a transaction that keeps the state, so neither a failed seal nor a reopen repeats or loses it.
+/// A window of a narrowed rule (an orphan) closes without any reading too.
+#[test]
+fn a_seal_without_readings_closes_the_windows_of_a_silent_series_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.db");
+    let rules = RULES.replace(
+        "keep_raw = false",
+        "keep_raw = false\nidle_close_ms = 60000",
+    );
+    let mut b = open_with(&path, &rules);
+    append(&mut b, "m/a", &[(100, 1.0), (200, 3.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(drain(&mut b), vec![], "[0, 1000) open (lateness 500)");
+    // The watermark would reach 1000 at NOW_MS + 1300: silent 60 s beyond that, the window closes.
+    let closes = NOW_MS + 1300 + 60_000;
+    let r = seal_at(&mut b, closes - 1).unwrap();
+    assert_eq!((r.batches, drain(&mut b)), (0, vec![]));
+    // (The pairs are scanned once a second of the clock.)
+    b.fault = Some(rusqlite::ffi::SQLITE_IOERR);
+    assert!(seal_at(&mut b, closes + 1_000).is_err());
+    assert_eq!(drain(&mut b), vec![], "nothing committed");
+    // The failed seal reloaded the states, and with them the silence's start: timed again from the next scan.
+    seal_at(&mut b, closes + 2_000).unwrap();
+    assert_eq!(drain(&mut b), vec![]);
+    let r = seal_at(&mut b, closes + 2_000 + 61_300).unwrap();
+    assert_eq!(r.batches, 1);
+    let want = vec![
+        got("m/a/count_1s", 0, "2i", false),
+        got("m/a/mean_1s", 0, "2", false),
+    ];
+    assert_eq!(drain(&mut b), want);
+    assert_eq!(b.windows().open_windows(), 0);
+    let l = b.ledger();
+    assert_eq!((l.window_withheld, l.window_derived), (2, 2));
+    drop(b);
+    let mut b = open_with(&path, &rules);
+    assert_eq!(b.windows().open_windows(), 0, "closed for good");
+    seal_at(&mut b, closes + 10_000_000).unwrap();
+    seal_at(&mut b, closes + 20_000_000).unwrap();
+    assert_eq!(drain(&mut b), vec![]);
+
+    // An orphan's window closes at the next seal, readings or not.
+    append(&mut b, "m/b", &[(100, 1.0)]);
+    seal(&mut b).unwrap();
+    drop(b);
+    let mut b = open_with(
+        &path,
+        &rules.replace("series = \"m/+\"", "series = \"m/c\""),
+    );
+    assert_eq!(b.windows().open_windows(), 1);
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            got("m/b/count_1s", 0, "1i", false),
+            got("m/b/mean_1s", 0, "1", false)
         ]
     );
 }

@@ -160,6 +160,8 @@ pub(super) fn window_step(
             RawFate::Withhold => step.withheld += 1,
         }
     }
+    // After the released readings: a pair with one among them is not silent any more.
+    windows.close_idle(&mut emitted);
     let mut ids: HashMap<Series, i64> = HashMap::new();
     for e in emitted {
         let Some(source) = series

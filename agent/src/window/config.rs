@@ -76,10 +76,22 @@ pub struct WindowRuleConfig {
     /// A reading whose window has already closed: `drop` (default) or `raw` (sent raw with the late flag).
     #[serde(default)]
     pub late: LatePolicy,
+    /// How long, by the agent's clock, a series may stay silent past the moment its watermark would have
+    /// reached a window's end (had it gone on reporting at the clock's pace) before that window is closed anyway:
+    /// the last windows of a series that stops reporting (a sensor removed or broken) are sent, instead of waiting
+    /// for a reading that never comes (under `keep_raw = false` the readings in them would never land). A reading
+    /// of that window arriving later is late. 0: only the series' own readings close its windows. Default 3600000
+    /// (one hour), at most 1 day. The silence is timed in memory: a restart starts it again.
+    #[serde(default = "default_idle_close")]
+    pub idle_close_ms: u64,
     /// Send the raw readings too. `false`: the matched readings feed the windows and are deleted in the same
     /// transaction, never sent (readings the windows cannot aggregate are always sent). Default true.
     #[serde(default = "yes")]
     pub keep_raw: bool,
+}
+
+fn default_idle_close() -> u64 {
+    3_600_000
 }
 
 fn yes() -> bool {
@@ -177,6 +189,12 @@ impl WindowRuleConfig {
             p.push(format!(
                 "{path}.allowed_lateness_ms: at most {MAX_SPAN_MS}, got {}",
                 self.allowed_lateness_ms
+            ));
+        }
+        if self.idle_close_ms > MAX_SPAN_MS {
+            p.push(format!(
+                "{path}.idle_close_ms: at most {MAX_SPAN_MS}, got {}",
+                self.idle_close_ms
             ));
         }
         p

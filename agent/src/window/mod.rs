@@ -24,6 +24,12 @@
 //! (`end <= watermark`); it then gives one reading per function of series `<series>/<function>_<size>` with
 //! **event time = the window's start**, quality good.
 //!
+//! A pair whose series stops reporting would hold its last windows open for good. The seal's clock closes them:
+//! with `seen` the clock when the pair's last reading was observed (in memory; after a load, the first scan),
+//! its open windows ending at or before `newest + (now − seen) − L − idle_close_ms` close ([`Engine::idle_due`],
+//! [`Engine::close_idle`]), as the watermark would have had the series gone on at the clock's pace, `idle_close_ms`
+//! later. Any reading of the pair restarts the silence, so a reporting series is closed by its readings only.
+//!
 //! A reading is aggregated when it is a finite number (integers and booleans as f64; booleans 0 and 1) of good or
 //! uncertain quality. Per size, if its window has closed already it is **late** for the rule (counted once per
 //! reading and rule); if the window is not open and [`Engine`] holds `max_open` windows, it **overflows**
@@ -65,6 +71,8 @@ pub struct Rule {
     suffixes: Vec<String>,
     funcs: Vec<Func>,
     lateness: i64,
+    /// `idle_close_ms` (0: never).
+    idle_close: i64,
     late: LatePolicy,
     keep_raw: bool,
     /// The longest `/<function>_<size>` suffix, bytes.
@@ -91,6 +99,7 @@ impl Rule {
             suffixes,
             funcs: c.functions.clone(),
             lateness: c.allowed_lateness_ms.min(i64::MAX as u64) as i64,
+            idle_close: c.idle_close_ms.min(i64::MAX as u64) as i64,
             late: c.late,
             keep_raw: c.keep_raw,
             longest_suffix,
@@ -285,6 +294,31 @@ impl PairState {
     fn windows(&self) -> usize {
         self.open.iter().map(Vec::len).sum()
     }
+
+    /// The end of the open window that ends first, if any is open.
+    fn first_end(&self, sizes: &[i64]) -> Option<i64> {
+        self.open
+            .iter()
+            .zip(sizes)
+            .filter_map(|(list, &size)| list.first().map(|(s, _)| s.saturating_add(size)))
+            .min()
+    }
+}
+
+/// The watermark the clock gives a silent pair at `now_ms` (`idle_close_ms`): the watermark it would have reached
+/// had its newest reading, taken when the clock said `seen`, been followed by readings at the clock's pace, less
+/// `idle_close_ms`. `None` if the rule never closes on the clock or the pair has no reading.
+fn idle_watermark(rule: &Rule, st: &PairState, seen: i64, now_ms: i64) -> Option<i64> {
+    if rule.idle_close == 0 {
+        return None;
+    }
+    let silent = now_ms.saturating_sub(seen).max(0);
+    Some(
+        st.newest?
+            .saturating_add(silent)
+            .saturating_sub(rule.lateness)
+            .saturating_sub(rule.idle_close),
+    )
 }
 
 /// The pair's newest event time after a reading at `ts`, the seal's clock at `now_ms`. A reading more than
@@ -378,6 +412,9 @@ pub struct Emitted {
 /// ahead of the clock by the same offset do confirm it: a glitch that repeats so is taken for a clock.
 pub const FUTURE_JUMP_MS: i64 = 3_600_000;
 
+/// How often [`Engine::idle_due`] scans the pairs, ms of the seal's clock.
+const IDLE_SCAN_MS: i64 = 1000;
+
 /// What [`Engine::load_state`] made of a persisted pair state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Loaded {
@@ -448,6 +485,13 @@ pub struct Engine {
     /// Per pair, a reading held aside for being far ahead, with its seal's clock ([`newest_after`]); not persisted
     /// (after a restart a jump is taken one reading later).
     ahead: HashMap<(usize, i64), (i64, i64)>,
+    /// Per pair, the seal's clock when its last reading was observed, or when a scan first met it after a load;
+    /// not persisted (a restart times the silence again).
+    seen: HashMap<(usize, i64), i64>,
+    /// Pairs the last scan found with a window the clock closes ([`Engine::idle_due`]).
+    idle: Vec<(usize, i64)>,
+    /// The clock from which the next scan runs (one a second at most).
+    next_idle_scan: i64,
 }
 
 impl Default for Engine {
@@ -488,6 +532,9 @@ impl Engine {
             now_ms: i64::MAX,
             orphans: Vec::new(),
             ahead: HashMap::default(),
+            seen: HashMap::default(),
+            idle: Vec::new(),
+            next_idle_scan: i64::MIN,
         }
     }
 
@@ -638,6 +685,7 @@ impl Engine {
             self.dirty.push((r, sid));
         }
         st.newest = newest_after(st.newest, ts, self.now_ms, &mut self.ahead, (r, sid));
+        self.seen.insert((r, sid), self.now_ms);
         let watermark = st
             .newest
             .map(|n| n.saturating_sub(rule.lateness))
@@ -698,6 +746,61 @@ impl Engine {
             named.push((sid, series));
         }
         named
+    }
+
+    /// Scans, at most once a second of the clock, for pairs of silent series with an open window the clock closes
+    /// at `now_ms` (the rule's `idle_close_ms`, see [`idle_watermark`]); returns their series ids. The seal loads
+    /// those series (to name the derived readings), seals even when no reading is ready, and closes the windows
+    /// with [`Engine::close_idle`] after it observed the released readings (a pair with one among them is not
+    /// silent any more).
+    pub fn idle_due(&mut self, now_ms: i64) -> Vec<i64> {
+        if now_ms >= self.next_idle_scan {
+            self.next_idle_scan = now_ms.saturating_add(IDLE_SCAN_MS);
+            self.idle.clear();
+            for (&(r, sid), st) in &self.states {
+                let rule = &self.rules[r];
+                let Some(end) = st.first_end(&rule.sizes) else {
+                    continue;
+                };
+                let seen = *self.seen.entry((r, sid)).or_insert(now_ms);
+                if idle_watermark(rule, st, seen, now_ms).is_some_and(|w| end <= w) {
+                    self.idle.push((r, sid));
+                }
+            }
+        }
+        self.idle.iter().map(|&(_, sid)| sid).collect()
+    }
+
+    /// Whether the next seal has windows to close without any reading: pairs found by [`Engine::idle_due`], or
+    /// orphans ([`Engine::close_orphans`]).
+    pub fn has_due(&self) -> bool {
+        !self.idle.is_empty() || !self.orphans.is_empty()
+    }
+
+    /// Closes the open windows of the pairs [`Engine::idle_due`] found that the clock of the seal
+    /// ([`Engine::set_clock`]) still closes, into `out`; each pair keeps its state, every window it emitted closed
+    /// for good (a reading of one arriving later is late).
+    pub fn close_idle(&mut self, out: &mut Vec<Emitted>) {
+        for (r, sid) in std::mem::take(&mut self.idle) {
+            let (Some(st), Some(&seen)) =
+                (self.states.get_mut(&(r, sid)), self.seen.get(&(r, sid)))
+            else {
+                continue;
+            };
+            let Some(w) = idle_watermark(&self.rules[r], st, seen, self.now_ms) else {
+                continue;
+            };
+            let closed = close_through(&self.rules[r], r, sid, st, w, out);
+            if closed == 0 {
+                continue;
+            }
+            self.open -= closed;
+            self.uncommitted.closed += closed as u64;
+            if !st.dirty {
+                st.dirty = true;
+                self.dirty.push((r, sid));
+            }
+        }
     }
 
     /// The derived series of an emitted value of `source`: `<key>/<function>_<size>`, the source's tags.

@@ -539,6 +539,7 @@ tags = { "" = "x" }
 sizes_ms = [50, 60000, 60000]
 functions = []
 allowed_lateness_ms = 90000000
+idle_close_ms = 90000000
 [[rules]]
 name = "ok"
 series = "a/#"
@@ -562,6 +563,7 @@ functions = ["sum"]
         "windows.rules[0].sizes_ms[2]: 60000 is listed twice",
         "windows.rules[0].functions",
         "windows.rules[0].allowed_lateness_ms",
+        "windows.rules[0].idle_close_ms",
         "windows.rules[1].sizes_ms",
         "windows.rules[1].functions[1]: mean is listed twice",
         "windows.rules[2].name: \"ok\" is used twice",
@@ -659,4 +661,95 @@ fn two_rules_that_would_write_one_derived_series_are_refused() {
     assert!(config::filters_overlap("+/b", "a/+"));
     assert!(!config::filters_overlap("a/+", "a"));
     assert!(!config::filters_overlap("a/b", "a/b/c"));
+}
+
+/// Closes what `idle_due` finds at the clock `now`, as a seal without readings does; `(derived key, start, value)`.
+fn idle_close(e: &mut Engine, key: &str, now: i64) -> Vec<(String, i64, Value)> {
+    let due = e.idle_due(now);
+    e.set_clock(now);
+    let mut out = Vec::new();
+    e.close_idle(&mut out);
+    assert_eq!(
+        due.is_empty(),
+        out.is_empty(),
+        "idle_due and close_idle disagree at {now}"
+    );
+    let s = Series::new(key);
+    out.iter()
+        .map(|x| (e.derived_series(x, &s).key, x.start_ms, x.value.clone()))
+        .collect()
+}
+
+/// A series that stops reporting (a sensor removed): its open window closes once the clock is `idle_close_ms` past
+/// the moment its watermark would have reached the window's end, so the readings folded into it land (under
+/// `keep_raw = false` they never did: no reading came to close it). A reading of that window arriving later is
+/// late; one of the next window opens it as usual. `idle_close_ms = 0` keeps the old behaviour.
+#[test]
+fn the_clock_closes_the_last_windows_of_a_series_that_stopped_reporting() {
+    const IDLE: i64 = 600_000;
+    let rule =
+        format!("{POWER}keep_raw = false\nallowed_lateness_ms = 5000\nidle_close_ms = {IDLE}\n");
+    let mut e = engine(&rule);
+    // The device stamps 30 s behind the agent's clock: the silence is timed by the clock, whatever the offset.
+    e.set_clock(100_000);
+    let (fates, out) = feed(
+        &mut e,
+        "plant/m/power",
+        &[(60_000, 1.0), (65_000, 2.0), (70_000, 3.0)],
+    );
+    assert_eq!(fates, vec![RawFate::Withhold; 3]);
+    assert!(out.is_empty());
+    // The watermark would reach 120000 (the window's end) at clock 100000 + 55000; the window closes IDLE later.
+    let closes_at = 100_000 + (120_000 + 5_000 - 70_000) + IDLE;
+    assert!(idle_close(&mut e, "plant/m/power", closes_at - 1_000).is_empty());
+    let k = |f: &str| format!("plant/m/power/{f}_60s");
+    let out = idle_close(&mut e, "plant/m/power", closes_at);
+    assert!(
+        out.contains(&(k("count"), 60_000, Value::I64(3))),
+        "{out:?}"
+    );
+    assert!(
+        out.contains(&(k("sum"), 60_000, Value::F64(6.0))),
+        "{out:?}"
+    );
+    assert_eq!(e.open_windows(), 0);
+    assert!(e.take_dirty().len() == 1, "the closed state is persisted");
+    assert!(idle_close(&mut e, "plant/m/power", closes_at + 60_000).is_empty());
+    // A reading of the closed window is late; one of the next window is aggregated.
+    let (_, out) = feed(&mut e, "plant/m/power", &[(110_000, 4.0), (130_000, 5.0)]);
+    assert!(out.is_empty());
+    e.committed();
+    assert_eq!((e.counts().late, e.counts().aggregated), (1, 4));
+
+    // A series still reporting is never closed by the clock: each reading restarts the silence.
+    let mut e = engine(&rule);
+    for i in 0..30 {
+        let now = 100_000 + i * IDLE;
+        e.set_clock(now);
+        feed(&mut e, "plant/m/power", &[(60_000 + i, 1.0)]);
+        assert!(idle_close(&mut e, "plant/m/power", now + IDLE - 1).is_empty());
+    }
+
+    // 0: only readings close windows.
+    let mut e = engine(&format!("{POWER}idle_close_ms = 0\n"));
+    e.set_clock(100_000);
+    feed(&mut e, "plant/m/power", &[(60_000, 1.0)]);
+    assert!(idle_close(&mut e, "plant/m/power", i64::MAX / 2).is_empty());
+}
+
+/// The silence is timed in memory: after a reload (a restart, a failed commit) it starts at the first scan, so a
+/// window is never closed earlier than it would have been without the restart.
+#[test]
+fn after_a_reload_the_silence_is_timed_from_the_first_scan() {
+    let mut e = engine(&format!("{POWER}idle_close_ms = 60000\n"));
+    e.set_clock(100_000);
+    feed(&mut e, "plant/m/power", &[(60_000, 1.0)]);
+    let (rule, sid, bytes) = e.take_dirty().pop().unwrap();
+    let mut e = engine(&format!("{POWER}idle_close_ms = 60000\n"));
+    assert_eq!(e.load_state(&rule, sid, None, &bytes), Loaded::Yes);
+    // Long after the window would have closed without the restart: the first scan only starts the timer.
+    assert!(idle_close(&mut e, "plant/m/power", 10_000_000).is_empty());
+    assert!(idle_close(&mut e, "plant/m/power", 10_000_000 + 119_000).is_empty());
+    let out = idle_close(&mut e, "plant/m/power", 10_000_000 + 120_000);
+    assert_eq!(out.len(), 7, "{out:?}");
 }
