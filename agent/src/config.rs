@@ -98,6 +98,10 @@ impl Config {
         let mut w = self
             .windows
             .dedup_warnings("windows", self.order.dedup_window_ms);
+        w.extend(self.windows.idle_warnings(
+            "windows",
+            self.order.reorder_window_ms + self.batch.linger_ms,
+        ));
         if let Some(fs) = crate::buffer::volatile_filesystem(&self.buffer.path) {
             w.push(format!(
                 "buffer.path: {} is on a {fs} (memory): every reading buffered there is lost at a reboot or a \

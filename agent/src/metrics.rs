@@ -65,6 +65,8 @@ pub struct AgentMetrics {
     pub window_late: Counter,
     /// Readings that needed a new window beyond `[windows] max_open_windows`.
     pub window_overflow: Counter,
+    /// Windows of silent series closed by the intake clock (`idle_close_ms`).
+    pub window_idle_closed: Counter,
     /// Windows open.
     pub windows_open: Gauge,
 }
@@ -178,6 +180,10 @@ impl AgentMetrics {
             window_overflow: c(
                 "fieldlink_window_overflow_total",
                 "Readings that needed a new window beyond max_open_windows (handled like late readings).",
+            ),
+            window_idle_closed: c(
+                "fieldlink_window_idle_closed_total",
+                "Windows of silent series closed by the clock (idle_close_ms), not by a reading.",
             ),
             windows_open: g("fieldlink_windows_open", "Windows open (all rules, series and sizes)."),
             registry,

@@ -62,7 +62,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
             &cfg.agent_id,
             metrics.clone(),
             (&cfg.alarms, &cfg.windows),
-            status.clone(),
+            (status.clone(), Some(health.clone())),
         )
     });
     let (buffer, buffer_thread) = opened?;

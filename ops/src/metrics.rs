@@ -165,6 +165,13 @@ impl Health {
         let mut c = self.components.lock().unwrap_or_else(|e| e.into_inner());
         c.insert(component.to_owned(), (ok, detail.into()));
     }
+    /// Whether a component whose name starts with `prefix` is failing.
+    pub fn failing(&self, prefix: &str) -> bool {
+        let c = self.components.lock().unwrap_or_else(|e| e.into_inner());
+        c.range(prefix.to_owned()..)
+            .take_while(|(name, _)| name.starts_with(prefix))
+            .any(|(_, (ok, _))| !ok)
+    }
     /// `(all ok, one line per component)`.
     pub fn report(&self) -> (bool, String) {
         let c = self.components.lock().unwrap_or_else(|e| e.into_inner());
@@ -208,5 +215,12 @@ mod tests {
         let (ok, body) = h.report();
         assert!(!ok);
         assert!(body.contains("kinesis: FAIL unreachable"));
+        assert!(h.failing("kinesis") && !h.failing("buffer") && !h.failing("mqtt:"));
+        h.set("mqtt:a", true, "");
+        h.set("mqtt:b", false, "connecting");
+        h.set("n", true, "");
+        assert!(h.failing("mqtt:"));
+        h.set("mqtt:b", true, "subscribed");
+        assert!(!h.failing("mqtt:"));
     }
 }

@@ -260,6 +260,44 @@ fn windows_over_the_dataset_through_kill_9_rounds_equal_pyarrow_exactly_once() {
     agent.stop();
 }
 
+/// A rule over the numbered readings' series (`crash/dev<k>/n`): 1-second windows (message i, event time T + i,
+/// T a whole second: one window per series), count and sum, raw readings withheld, `idle_close_ms` as given.
+fn idle_rule(idle_close_ms: u64) -> String {
+    format!(
+        "[[windows.rules]]\nname = \"idle\"\nseries = \"crash/+/n\"\nsizes_ms = [1000]\nfunctions = [\"count\", \"sum\"]\nkeep_raw = false\nidle_close_ms = {idle_close_ms}\n"
+    )
+}
+
+/// The derived readings a dump holds, as `series=value` with how often (unique batches); no raw reading, none late.
+fn idle_windows(records: &[DumpedRecord]) -> BTreeMap<String, usize> {
+    let mut got = BTreeMap::new();
+    for r in unique_batches(records) {
+        for (s, ts, v, late) in r.readings {
+            assert!(!late && ts == 1_772_431_200_000, "{s} {ts} {late}");
+            *got.entry(format!("{s}={v}")).or_insert(0) += 1;
+        }
+    }
+    got
+}
+
+/// What [`idle_windows`] must find for the acknowledged numbers: each series' window once, with all of them.
+fn idle_windows_of(acked: &[u64]) -> BTreeMap<String, usize> {
+    let mut sums: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for n in acked {
+        let e = sums.entry(format!("crash/dev{}/n", n % 10)).or_default();
+        e.0 += 1;
+        e.1 += n;
+    }
+    sums.iter()
+        .flat_map(|(k, (count, sum))| {
+            [
+                (format!("{k}/count_1s={count}"), 1),
+                (format!("{k}/sum_1s={sum}.0"), 1),
+            ]
+        })
+        .collect()
+}
+
 /// A series that stops reporting (a meter removed, a sensor broken) under `keep_raw = false`: its readings were
 /// acknowledged and folded into open windows, and before `idle_close_ms` no reading ever came to close them, so they
 /// never landed. Now the agent's clock closes them: each window lands once with every acknowledged reading in it,
@@ -270,15 +308,7 @@ fn the_last_windows_of_series_that_stop_reporting_land_once() {
     let broker = Mosquitto::start(dir.path());
     let moto = Moto::start(dir.path());
     moto.create("idle", 1, "unused-db", "unused-table", "unused-bucket");
-    let rule = r#"
-[[windows.rules]]
-name = "idle"
-series = "crash/+/n"
-sizes_ms = [1000]
-functions = ["count", "sum"]
-keep_raw = false
-idle_close_ms = 2000
-"#;
+    let rule = idle_rule(2000);
     let mut agent = AgentProc::new(
         dir.path(),
         "idle-agent",
@@ -286,47 +316,76 @@ idle_close_ms = 2000
         &moto.endpoint,
         "idle",
         "",
-        rule,
+        &rule,
     );
     agent.start();
-    // Message i: series crash/dev<i % 10>/n, value i, event time T + i (T a whole second): one window per series.
     let acked = publish_numbered(broker.port, 200, 400.0, 0, dir.path());
     assert_eq!(acked.len(), 200);
-    let mut want = BTreeMap::new();
-    for n in &acked {
-        let key = format!("crash/dev{}/n", n % 10);
-        let e = want.entry(key).or_insert((0u64, 0u64));
-        e.0 += 1;
-        e.1 += n;
-    }
-    let derived = |records: &[DumpedRecord]| {
-        let mut got: BTreeMap<String, usize> = BTreeMap::new();
-        for r in unique_batches(records) {
-            for (s, ts, v, late) in r.readings {
-                assert!(!late && ts == 1_772_431_200_000, "{s} {ts} {late}");
-                *got.entry(format!("{s}={v}")).or_insert(0) += 1;
-            }
-        }
-        got
-    };
     wait_for(
         "the silent series' windows in Kinesis",
         Duration::from_secs(60),
-        || (derived(&kinesis_dump(&moto.endpoint, "idle")).len() >= 20).then_some(()),
+        || (idle_windows(&kinesis_dump(&moto.endpoint, "idle")).len() >= 20).then_some(()),
     );
     agent.stop();
-    let got = derived(&kinesis_dump(&moto.endpoint, "idle"));
-    let expected: BTreeMap<String, usize> = want
-        .iter()
-        .flat_map(|(k, (count, sum))| {
-            [
-                (format!("{k}/count_1s={count}"), 1),
-                (format!("{k}/sum_1s={sum}.0"), 1),
-            ]
-        })
-        .collect();
     assert_eq!(
-        got, expected,
+        idle_windows(&kinesis_dump(&moto.endpoint, "idle")),
+        idle_windows_of(&acked),
         "each window once, with every acknowledged reading, and no raw reading"
+    );
+}
+
+/// The broker out of reach for longer than `idle_close_ms`: the series are not silent, the agent is cut off (the
+/// broker keeps their readings for it). The silence is timed on the intake clock, which stands still while an MQTT
+/// connection is down, so the windows wait for the readings that come after the outage: each lands once with all
+/// of them. (Timed on the wall clock, the windows closed during the outage with half their readings, and the rest
+/// came late and were deleted unsent.)
+#[test]
+fn a_broker_outage_longer_than_idle_close_ms_closes_no_window_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let broker = Mosquitto::start_persistent(dir.path(), port);
+    let moto = Moto::start(dir.path());
+    moto.create("pause", 1, "unused-db", "unused-table", "unused-bucket");
+    let rule = idle_rule(6000);
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "pause-agent",
+        port,
+        &moto.endpoint,
+        "pause",
+        "",
+        &rule,
+    );
+    agent.start();
+    let mut acked = publish_numbered_from(port, 0, 100, 400.0, 0, dir.path());
+    drop(broker);
+    let mqtt = |state: &str| {
+        http_get(agent.metrics_port, "/health")
+            .is_some_and(|h| h.contains(&format!("mqtt:local: {state}")))
+    };
+    wait_for(
+        "the agent to see the broker gone",
+        Duration::from_secs(10),
+        || mqtt("FAIL").then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(15));
+    let _broker = Mosquitto::start_persistent(dir.path(), port);
+    wait_for(
+        "the agent to subscribe again",
+        Duration::from_secs(30),
+        || mqtt("ok").then_some(()),
+    );
+    acked.extend(publish_numbered_from(port, 100, 100, 400.0, 0, dir.path()));
+    assert_eq!(acked.len(), 200);
+    wait_for("the windows in Kinesis", Duration::from_secs(60), || {
+        (idle_windows(&kinesis_dump(&moto.endpoint, "pause")).len() >= 20).then_some(())
+    });
+    assert_eq!(agent.metric("fieldlink_window_late_readings_total"), 0.0);
+    assert_eq!(agent.metric("fieldlink_window_idle_closed_total"), 10.0);
+    agent.stop();
+    assert_eq!(
+        idle_windows(&kinesis_dump(&moto.endpoint, "pause")),
+        idle_windows_of(&acked),
+        "each window once, with the readings from before and after the outage"
     );
 }

@@ -26,6 +26,7 @@ use crate::metrics::AgentMetrics;
 use crate::order::OrderConfig;
 use crate::window::WindowsConfig;
 use fieldlink_ops::backoff::Backoff;
+use fieldlink_ops::metrics::Health;
 use fieldlink_proto::Encoder;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -264,11 +265,13 @@ pub fn spawn_with_alarms(
         agent_id,
         metrics,
         (alarms, &WindowsConfig::default()),
-        status,
+        (status, None),
     )
 }
 
-/// [`spawn_with_alarms`] with window rules too (see "Windows" in the buffer's doc).
+/// [`spawn_with_alarms`] with window rules too (see "Windows" in the buffer's doc). `boards`: where alarm
+/// statuses go (as in [`spawn_with_alarms`]), and the health board the MQTT connections report to (`mqtt:<name>`):
+/// the window rules' intake clock stands still while one is down (the broker keeps their readings for later).
 pub fn spawn_with_rules(
     cfg: &BufferConfig,
     batch: &BatchConfig,
@@ -276,9 +279,10 @@ pub fn spawn_with_rules(
     agent_id: &str,
     metrics: AgentMetrics,
     rules: (&AlarmsConfig, &WindowsConfig),
-    status: Option<StatusBoard>,
+    (status, sources): (Option<StatusBoard>, Option<Health>),
 ) -> Result<(BufferHandle, std::thread::JoinHandle<()>), BufferError> {
-    let (worker, handle) = worker(cfg, batch, order, agent_id, metrics, rules, status)?;
+    let (mut worker, handle) = worker(cfg, batch, order, agent_id, metrics, rules, status)?;
+    worker.sources = sources;
     let join = std::thread::Builder::new()
         .name("buffer".into())
         .spawn(move || worker.run())
@@ -366,6 +370,8 @@ fn worker(
         dropped: None,
         seal_rows: usize::MAX,
         status: status.map(|b| (b, alarms.topic_prefix.clone())),
+        intake: IntakeClock::new(Instant::now()),
+        sources: None,
     };
     worker.post_all_statuses();
     worker.publish();
@@ -459,6 +465,37 @@ struct Worker {
     seal_rows: usize,
     /// Where committed alarm statuses go for the local MQTT publisher, with the topic prefix.
     status: Option<(StatusBoard, String)>,
+    /// The window rules' intake clock (see [`IntakeClock`]).
+    intake: IntakeClock,
+    /// The health board of the MQTT connections, if any ([`spawn_with_rules`]).
+    sources: Option<Health>,
+}
+
+/// A monotonic clock, ms, that advances only while the agent takes readings: the buffer accepts appends and no
+/// MQTT connection is down. The window rules time a series' silence on it (`idle_close_ms`), so a pause the
+/// agent causes or suffers (intake paused under `backpressure`, a broker out of reach while it queues the
+/// readings) is not taken for the series' silence, nor is a step of the wall clock. Advanced at each seal by the
+/// time since the one before, if intake runs then (seals come every `linger_ms`). Pure.
+#[derive(Debug)]
+struct IntakeClock {
+    last: Instant,
+    ms: i64,
+}
+
+impl IntakeClock {
+    fn new(now: Instant) -> Self {
+        Self { last: now, ms: 0 }
+    }
+
+    /// The clock at `now`, after the time since the last call if `taking` readings.
+    fn advance(&mut self, now: Instant, taking: bool) -> i64 {
+        if taking {
+            let step = now.saturating_duration_since(self.last).as_millis();
+            self.ms = self.ms.saturating_add(step.min(i64::MAX as u128) as i64);
+        }
+        self.last = now;
+        self.ms
+    }
 }
 
 /// A group waiting to be committed. Its acknowledgements have not run: the sources still own the messages.
@@ -959,11 +996,19 @@ impl Worker {
     /// Every `linger_ms`: the commits that have waited the reorder window become ready and, unless the last seal
     /// is still under way (a part is out), a seal of them starts.
     fn seal_tick(&mut self) {
+        self.advance_intake_clock();
         self.advance_ready(false);
         if !self.part_out() {
             self.seal_upto = self.ready_id;
             self.next_part();
         }
+    }
+
+    /// Gives the next seal the window rules' intake clock.
+    fn advance_intake_clock(&mut self) {
+        let taking = self.accepting() && !self.sources.as_ref().is_some_and(|h| h.failing("mqtt:"));
+        let ms = self.intake.advance(Instant::now(), taking);
+        self.buffer.set_intake_clock(ms);
     }
 
     /// Takes the next part of the seal (up to [`Worker::max_part_rows`] ready readings, whole groups). Parts are
@@ -1064,6 +1109,7 @@ impl Worker {
 
     /// Seals everything committed, on this thread (a flush, the shutdown): the part out is waited for first.
     fn seal_all(&mut self) {
+        self.advance_intake_clock();
         if self.part_out() {
             let (sealed, encoder) = *self
                 .sealer
@@ -1253,6 +1299,7 @@ impl Worker {
             let (c, pc) = (self.buffer.windows().counts(), self.published_windows);
             m.window_late.add(c.late - pc.late);
             m.window_overflow.add(c.overflow - pc.overflow);
+            m.window_idle_closed.add(c.idle_closed - pc.idle_closed);
             m.windows_open
                 .set(self.buffer.windows().open_windows() as i64);
             self.published_windows = c;
@@ -1391,6 +1438,18 @@ mod tests {
     /// While a part of a seal is out on the seal thread, appends are committed and acknowledged (the seal used to
     /// run on the buffer thread and hold every commit back for a part's length); they are newer than what was
     /// ready, so this seal does not take them, and the whole backlog still gets sealed, once.
+    /// The window rules' intake clock stands still while the agent takes no readings, whatever the wall clock.
+    #[test]
+    fn the_intake_clock_stands_still_while_intake_is_paused() {
+        let t0 = Instant::now();
+        let mut c = IntakeClock::new(t0);
+        let s = Duration::from_secs;
+        assert_eq!(c.advance(t0 + s(1), true), 1000);
+        assert_eq!(c.advance(t0 + s(3601), false), 1000, "an hour paused");
+        assert_eq!(c.advance(t0 + s(3602), true), 2000);
+        assert_eq!(c.advance(t0 + s(3602), true), 2000);
+    }
+
     #[test]
     fn appends_are_committed_while_a_seal_part_is_out_and_not_sealed_by_it() {
         let dir = tempfile::tempdir().unwrap();

@@ -518,6 +518,8 @@ pub struct Buffer {
     alarm_out: Vec<AlarmEvent>,
     /// The window rules and their states (empty: no rules).
     windows: crate::window::Engine,
+    /// The intake clock the next seal gives the window rules ([`Buffer::set_intake_clock`]).
+    intake_clock: Option<i64>,
     /// The alarm and window engines may hold state no transaction committed (a seal failed and so did reloading
     /// them): the next seal reloads them before anything else, and fails while it cannot.
     engines_stale: bool,
@@ -885,6 +887,7 @@ impl Buffer {
             alarm_pending: 0,
             alarm_out: Vec::new(),
             windows: crate::window::Engine::default(),
+            intake_clock: None,
             engines_stale: false,
             sealing: false,
             #[cfg(test)]

@@ -396,7 +396,13 @@ impl Buffer {
         let mut pending = Vec::with_capacity(ready.clamp(0, max_rows as i64) as usize);
         let taken = self.take_groups(up_to, max_rows, &mut pending)?;
         // Silent series whose windows the clock closes (and orphaned windows) are sealed without any reading.
-        let idle = self.windows.idle_due(now_ms);
+        let idle = match self.intake_clock {
+            Some(c) => {
+                self.windows.set_intake_clock(c);
+                self.windows.idle_due(c)
+            }
+            None => Vec::new(),
+        };
         if taken.rows == 0 && taken.ids_last == 0 && !self.windows.has_due() {
             return self.seal_alarm_tick(now_ms).map(Begun::Idle);
         }

@@ -52,7 +52,9 @@ fn seal(b: &mut Buffer) -> Result<SealReport, BufferError> {
     seal_at(b, NOW_MS)
 }
 
+/// A seal at `now_ms` on both the wall clock and the intake clock.
 fn seal_at(b: &mut Buffer, now_ms: i64) -> Result<SealReport, BufferError> {
+    b.set_intake_clock(now_ms);
     let mut enc = Encoder::new(3).unwrap();
     let rules = Rules {
         dedup_window_ms: 60_000,

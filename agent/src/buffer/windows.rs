@@ -39,6 +39,13 @@ impl Buffer {
         self.reload_windows()
     }
 
+    /// The intake clock for the next seals, ms (see [`crate::window::Engine::set_intake_clock`]): the buffer
+    /// thread's monotonic clock, standing still while the agent takes no readings. Until it is set, window rules
+    /// close no window of a silent series.
+    pub fn set_intake_clock(&mut self, ms: i64) {
+        self.intake_clock = Some(ms);
+    }
+
     /// The window engine (rules, states, counts).
     pub fn windows(&self) -> &Engine {
         &self.windows
@@ -163,11 +170,15 @@ pub(super) fn window_step(
     // After the released readings: a pair with one among them is not silent any more.
     windows.close_idle(&mut emitted);
     let mut ids: HashMap<Series, i64> = HashMap::new();
+    let mut unnamed = 0u64;
     for e in emitted {
         let Some(source) = series
             .get(&e.series_id)
             .or_else(|| orphan_series.get(&e.series_id))
         else {
+            // A silent pair whose series the buffer no longer knows (an edited or damaged file): no name to send
+            // its windows under.
+            unnamed += 1;
             continue;
         };
         let s = windows.derived_series(&e, source);
@@ -191,6 +202,12 @@ pub(super) fn window_step(
                 late: false,
             },
         });
+    }
+    if unnamed > 0 {
+        tracing::warn!(
+            readings = unnamed,
+            "closed windows of a series the buffer no longer knows are left out"
+        );
     }
     step.dirty = windows.take_dirty();
     step

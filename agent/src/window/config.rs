@@ -76,12 +76,13 @@ pub struct WindowRuleConfig {
     /// A reading whose window has already closed: `drop` (default) or `raw` (sent raw with the late flag).
     #[serde(default)]
     pub late: LatePolicy,
-    /// How long, by the agent's clock, a series may stay silent past the moment its watermark would have
-    /// reached a window's end (had it gone on reporting at the clock's pace) before that window is closed anyway:
-    /// the last windows of a series that stops reporting (a sensor removed or broken) are sent, instead of waiting
-    /// for a reading that never comes (under `keep_raw = false` the readings in them would never land). A reading
-    /// of that window arriving later is late. 0: only the series' own readings close its windows. Default 3600000
-    /// (one hour), at most 1 day. The silence is timed in memory: a restart starts it again.
+    /// How long a series may stay silent past the moment its watermark would have reached a window's end (had it
+    /// gone on reporting at the clock's pace) before that window is closed anyway: the last windows of a series
+    /// that stops reporting (a sensor removed or broken) are sent, instead of waiting for a reading that never
+    /// comes (under `keep_raw = false` the readings in them would never land). A reading of that window arriving
+    /// later is late. Timed on the agent's intake clock: monotonic, standing still while the agent takes no
+    /// readings (intake paused, an MQTT connection down), in memory (a restart starts it again). 0: only the
+    /// series' own readings close its windows. Default 3600000 (one hour), at most 1 day.
     #[serde(default = "default_idle_close")]
     pub idle_close_ms: u64,
     /// Send the raw readings too. `false`: the matched readings feed the windows and are deleted in the same
@@ -220,6 +221,23 @@ impl WindowsConfig {
             }
         }
         p
+    }
+
+    /// Rules whose `idle_close_ms` is shorter than a reading may wait in the agent before its windows see it
+    /// (`held_ms`: `[order] reorder_window_ms` + `[batch] linger_ms`): a series whose readings all wait so long
+    /// could have its window closed before they are released, and they would be late. Logged at start.
+    pub fn idle_warnings(&self, path: &str, held_ms: u64) -> Vec<String> {
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.idle_close_ms > 0 && r.idle_close_ms < held_ms)
+            .map(|(i, r)| {
+                format!(
+                    "{path}.rules[{i}].idle_close_ms: {} is shorter than order.reorder_window_ms +                      batch.linger_ms ({held_ms} ms), how long a reading can wait before the windows see it: a                      window could close by the clock before its readings are released; raise it above {held_ms}",
+                    r.idle_close_ms
+                )
+            })
+            .collect()
     }
 
     /// Every problem, each naming its field.

@@ -24,11 +24,12 @@
 //! (`end <= watermark`); it then gives one reading per function of series `<series>/<function>_<size>` with
 //! **event time = the window's start**, quality good.
 //!
-//! A pair whose series stops reporting would hold its last windows open for good. The seal's clock closes them:
-//! with `seen` the clock when the pair's last reading was observed (in memory; after a load, the first scan),
-//! its open windows ending at or before `newest + (now − seen) − L − idle_close_ms` close ([`Engine::idle_due`],
-//! [`Engine::close_idle`]), as the watermark would have had the series gone on at the clock's pace, `idle_close_ms`
-//! later. Any reading of the pair restarts the silence, so a reporting series is closed by its readings only.
+//! A pair whose series stops reporting would hold its last windows open for good. The seal's **intake clock**
+//! closes them (monotonic, standing still while the agent takes no readings: [`Engine::set_intake_clock`]): with
+//! `seen` that clock when the pair's last reading was observed (in memory; after a load, the first scan), its
+//! open windows ending at or before `newest + (now − seen) − L − idle_close_ms` close ([`Engine::idle_due`],
+//! [`Engine::close_idle`]), as the watermark would have had the series gone on at the clock's pace,
+//! `idle_close_ms` later. Any reading of the pair restarts the silence.
 //!
 //! A reading is aggregated when it is a finite number (integers and booleans as f64; booleans 0 and 1) of good or
 //! uncertain quality. Per size, if its window has closed already it is **late** for the rule (counted once per
@@ -305,16 +306,23 @@ impl PairState {
     }
 }
 
-/// The watermark the clock gives a silent pair at `now_ms` (`idle_close_ms`): the watermark it would have reached
-/// had its newest reading, taken when the clock said `seen`, been followed by readings at the clock's pace, less
-/// `idle_close_ms`. `None` if the rule never closes on the clock or the pair has no reading.
-fn idle_watermark(rule: &Rule, st: &PairState, seen: i64, now_ms: i64) -> Option<i64> {
+/// The watermark the intake clock gives a silent pair at `now` (`idle_close_ms`): the watermark it would have
+/// reached had its newest reading, taken when the intake clock said `seen`, been followed by readings at the
+/// clock's pace, less `idle_close_ms`. (A pair whose only readings were held aside for being far ahead has no
+/// newest time: its latest aggregated reading stands in.) `None` if the rule never closes on the clock.
+fn idle_watermark(rule: &Rule, st: &PairState, seen: i64, now: i64) -> Option<i64> {
     if rule.idle_close == 0 {
         return None;
     }
-    let silent = now_ms.saturating_sub(seen).max(0);
+    let newest = st.newest.or_else(|| {
+        st.open
+            .iter()
+            .flat_map(|list| list.iter().map(|(_, acc)| acc.last.0))
+            .max()
+    })?;
+    let silent = now.saturating_sub(seen).max(0);
     Some(
-        st.newest?
+        newest
             .saturating_add(silent)
             .saturating_sub(rule.lateness)
             .saturating_sub(rule.idle_close),
@@ -412,7 +420,7 @@ pub struct Emitted {
 /// ahead of the clock by the same offset do confirm it: a glitch that repeats so is taken for a clock.
 pub const FUTURE_JUMP_MS: i64 = 3_600_000;
 
-/// How often [`Engine::idle_due`] scans the pairs, ms of the seal's clock.
+/// How often [`Engine::idle_due`] scans the pairs, ms of the intake clock.
 const IDLE_SCAN_MS: i64 = 1000;
 
 /// What [`Engine::load_state`] made of a persisted pair state.
@@ -461,6 +469,8 @@ pub struct Counts {
     pub overflow: u64,
     /// Windows closed.
     pub closed: u64,
+    /// Of those, windows of silent series closed by the intake clock (`idle_close_ms`).
+    pub idle_closed: u64,
 }
 
 /// The rules and the state of every `(rule, series)` pair seen.
@@ -485,9 +495,13 @@ pub struct Engine {
     /// Per pair, a reading held aside for being far ahead, with its seal's clock ([`newest_after`]); not persisted
     /// (after a restart a jump is taken one reading later).
     ahead: HashMap<(usize, i64), (i64, i64)>,
-    /// Per pair, the seal's clock when its last reading was observed, or when a scan first met it after a load;
-    /// not persisted (a restart times the silence again).
+    /// The intake clock of the seal that feeds the next readings ([`Engine::set_intake_clock`]).
+    intake_ms: Option<i64>,
+    /// Per pair with open windows, the intake clock when its last reading was observed, or when a scan first met
+    /// it after a load; not persisted (a restart times the silence again).
     seen: HashMap<(usize, i64), i64>,
+    /// Whether any rule closes windows on the clock (`idle_close_ms` > 0).
+    any_idle: bool,
     /// Pairs the last scan found with a window the clock closes ([`Engine::idle_due`]).
     idle: Vec<(usize, i64)>,
     /// The clock from which the next scan runs (one a second at most).
@@ -514,6 +528,7 @@ fn numeric(v: &Value, q: Quality) -> Option<f64> {
 impl Engine {
     /// An engine over `rules` holding at most `max_open` windows, every state fresh.
     pub fn new(rules: Vec<Rule>, max_open: usize) -> Self {
+        let any_idle = rules.iter().any(|r| r.idle_close > 0);
         let by_name = rules
             .iter()
             .enumerate()
@@ -532,9 +547,11 @@ impl Engine {
             now_ms: i64::MAX,
             orphans: Vec::new(),
             ahead: HashMap::default(),
+            intake_ms: None,
             seen: HashMap::default(),
             idle: Vec::new(),
             next_idle_scan: i64::MIN,
+            any_idle,
         }
     }
 
@@ -543,6 +560,14 @@ impl Engine {
     /// every reading does.
     pub fn set_clock(&mut self, now_ms: i64) {
         self.now_ms = now_ms;
+    }
+
+    /// The intake clock of the seal that feeds the next readings, ms: a monotonic clock that stands still while
+    /// the agent itself takes no readings (intake paused under `backpressure`, a broker connection down), so
+    /// that such a pause, or a step of the wall clock, is not taken for a series' silence. Until set, no pair's
+    /// silence is timed.
+    pub fn set_intake_clock(&mut self, ms: i64) {
+        self.intake_ms = Some(ms);
     }
 
     /// Compiles the configured rules.
@@ -580,6 +605,7 @@ impl Engine {
         c.late += u.late;
         c.overflow += u.overflow;
         c.closed += u.closed;
+        c.idle_closed += u.idle_closed;
     }
 
     /// The state of a pair, if it has one.
@@ -685,7 +711,9 @@ impl Engine {
             self.dirty.push((r, sid));
         }
         st.newest = newest_after(st.newest, ts, self.now_ms, &mut self.ahead, (r, sid));
-        self.seen.insert((r, sid), self.now_ms);
+        if let (true, Some(c)) = (rule.idle_close > 0, self.intake_ms) {
+            self.seen.insert((r, sid), c);
+        }
         let watermark = st
             .newest
             .map(|n| n.saturating_sub(rule.lateness))
@@ -748,23 +776,37 @@ impl Engine {
         named
     }
 
-    /// Scans, at most once a second of the clock, for pairs of silent series with an open window the clock closes
-    /// at `now_ms` (the rule's `idle_close_ms`, see [`idle_watermark`]); returns their series ids. The seal loads
-    /// those series (to name the derived readings), seals even when no reading is ready, and closes the windows
-    /// with [`Engine::close_idle`] after it observed the released readings (a pair with one among them is not
-    /// silent any more).
-    pub fn idle_due(&mut self, now_ms: i64) -> Vec<i64> {
-        if now_ms >= self.next_idle_scan {
-            self.next_idle_scan = now_ms.saturating_add(IDLE_SCAN_MS);
+    /// Scans, at most once a second of the intake clock `now` ([`Engine::set_intake_clock`]), for pairs of silent
+    /// series with an open window the clock closes (the rule's `idle_close_ms`, see [`idle_watermark`]); returns
+    /// their series ids. The seal loads those series (to name the derived readings), seals even when no reading
+    /// is ready, and closes the windows with [`Engine::close_idle`] after it observed the released readings (a
+    /// pair with one among them is not silent any more). A scan visits every pair state.
+    pub fn idle_due(&mut self, now: i64) -> Vec<i64> {
+        if !self.any_idle {
+            return Vec::new();
+        }
+        if now >= self.next_idle_scan {
+            self.next_idle_scan = now.saturating_add(IDLE_SCAN_MS);
             self.idle.clear();
-            for (&(r, sid), st) in &self.states {
-                let rule = &self.rules[r];
+            let Self {
+                states,
+                rules,
+                seen,
+                idle,
+                ..
+            } = self;
+            for (&(r, sid), st) in states.iter() {
+                let rule = &rules[r];
+                if rule.idle_close == 0 {
+                    continue;
+                }
                 let Some(end) = st.first_end(&rule.sizes) else {
+                    seen.remove(&(r, sid));
                     continue;
                 };
-                let seen = *self.seen.entry((r, sid)).or_insert(now_ms);
-                if idle_watermark(rule, st, seen, now_ms).is_some_and(|w| end <= w) {
-                    self.idle.push((r, sid));
+                let seen = *seen.entry((r, sid)).or_insert(now);
+                if idle_watermark(rule, st, seen, now).is_some_and(|w| end <= w) {
+                    idle.push((r, sid));
                 }
             }
         }
@@ -777,17 +819,21 @@ impl Engine {
         !self.idle.is_empty() || !self.orphans.is_empty()
     }
 
-    /// Closes the open windows of the pairs [`Engine::idle_due`] found that the clock of the seal
-    /// ([`Engine::set_clock`]) still closes, into `out`; each pair keeps its state, every window it emitted closed
-    /// for good (a reading of one arriving later is late).
+    /// Closes the open windows of the pairs [`Engine::idle_due`] found that the seal's intake clock
+    /// ([`Engine::set_intake_clock`]) still closes, into `out`; each pair keeps its state, every window it emitted
+    /// closed for good (a reading of one arriving later is late).
     pub fn close_idle(&mut self, out: &mut Vec<Emitted>) {
-        for (r, sid) in std::mem::take(&mut self.idle) {
+        let idle = std::mem::take(&mut self.idle);
+        let Some(now) = self.intake_ms else {
+            return;
+        };
+        for (r, sid) in idle {
             let (Some(st), Some(&seen)) =
                 (self.states.get_mut(&(r, sid)), self.seen.get(&(r, sid)))
             else {
                 continue;
             };
-            let Some(w) = idle_watermark(&self.rules[r], st, seen, self.now_ms) else {
+            let Some(w) = idle_watermark(&self.rules[r], st, seen, now) else {
                 continue;
             };
             let closed = close_through(&self.rules[r], r, sid, st, w, out);
@@ -796,6 +842,7 @@ impl Engine {
             }
             self.open -= closed;
             self.uncommitted.closed += closed as u64;
+            self.uncommitted.idle_closed += closed as u64;
             if !st.dirty {
                 st.dirty = true;
                 self.dirty.push((r, sid));

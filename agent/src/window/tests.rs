@@ -570,6 +570,16 @@ functions = ["sum"]
     ] {
         assert!(all.contains(want), "{want} missing from:\n{all}");
     }
+    let idle: WindowsConfig = toml::from_str(
+        "[[rules]]\nname = \"a\"\nseries = \"#\"\nsizes_ms = [1000]\nfunctions = [\"count\"]\nidle_close_ms = 500\n",
+    )
+    .unwrap();
+    let w = idle.idle_warnings("windows", 1200);
+    assert!(
+        w.len() == 1 && w[0].starts_with("windows.rules[0].idle_close_ms: 500 is shorter"),
+        "{w:?}"
+    );
+    assert!(idle.idle_warnings("windows", 400).is_empty());
     let warnings = cfg.dedup_warnings("windows", 60_000);
     assert_eq!(warnings.len(), 2, "{warnings:?}");
     assert!(warnings[1].starts_with(
@@ -663,10 +673,11 @@ fn two_rules_that_would_write_one_derived_series_are_refused() {
     assert!(!config::filters_overlap("a/b", "a/b/c"));
 }
 
-/// Closes what `idle_due` finds at the clock `now`, as a seal without readings does; `(derived key, start, value)`.
+/// Closes what `idle_due` finds at the intake clock `now`, as a seal without readings does; `(derived key, start,
+/// value)`.
 fn idle_close(e: &mut Engine, key: &str, now: i64) -> Vec<(String, i64, Value)> {
+    e.set_intake_clock(now);
     let due = e.idle_due(now);
-    e.set_clock(now);
     let mut out = Vec::new();
     e.close_idle(&mut out);
     assert_eq!(
@@ -680,73 +691,96 @@ fn idle_close(e: &mut Engine, key: &str, now: i64) -> Vec<(String, i64, Value)> 
         .collect()
 }
 
-/// A series that stops reporting (a sensor removed): its open window closes once the clock is `idle_close_ms` past
-/// the moment its watermark would have reached the window's end, so the readings folded into it land (under
-/// `keep_raw = false` they never did: no reading came to close it). A reading of that window arriving later is
-/// late; one of the next window opens it as usual. `idle_close_ms = 0` keeps the old behaviour.
+/// Feeds readings of series 1 at the intake clock `now` (and a wall clock far from the readings' times).
+fn feed_at(
+    e: &mut Engine,
+    now: i64,
+    readings: &[(i64, f64)],
+) -> (Vec<RawFate>, Vec<(String, i64, Value)>) {
+    e.set_clock(1_800_000_000_000);
+    e.set_intake_clock(now);
+    feed(e, "plant/m/power", readings)
+}
+
+/// A series that stops reporting (a sensor removed): its open window closes once the intake clock is
+/// `idle_close_ms` past the moment its watermark would have reached the window's end, so the readings folded into
+/// it land (under `keep_raw = false` they never did: no reading came to close it). A reading of that window
+/// arriving later is late; one of the next window opens it as usual. `idle_close_ms = 0` keeps the old behaviour.
 #[test]
 fn the_clock_closes_the_last_windows_of_a_series_that_stopped_reporting() {
     const IDLE: i64 = 600_000;
     let rule =
         format!("{POWER}keep_raw = false\nallowed_lateness_ms = 5000\nidle_close_ms = {IDLE}\n");
     let mut e = engine(&rule);
-    // The device stamps 30 s behind the agent's clock: the silence is timed by the clock, whatever the offset.
-    e.set_clock(100_000);
-    let (fates, out) = feed(
+    // Event times far from both clocks: the silence is timed by the intake clock, whatever the offset.
+    let (fates, out) = feed_at(
         &mut e,
-        "plant/m/power",
+        100_000,
         &[(60_000, 1.0), (65_000, 2.0), (70_000, 3.0)],
     );
     assert_eq!(fates, vec![RawFate::Withhold; 3]);
     assert!(out.is_empty());
-    // The watermark would reach 120000 (the window's end) at clock 100000 + 55000; the window closes IDLE later.
+    // The watermark would reach 120000 (the window's end) 55 s after the last reading; the window closes IDLE
+    // later.
     let closes_at = 100_000 + (120_000 + 5_000 - 70_000) + IDLE;
     assert!(idle_close(&mut e, "plant/m/power", closes_at - 1_000).is_empty());
     let k = |f: &str| format!("plant/m/power/{f}_60s");
     let out = idle_close(&mut e, "plant/m/power", closes_at);
-    assert!(
-        out.contains(&(k("count"), 60_000, Value::I64(3))),
-        "{out:?}"
-    );
-    assert!(
-        out.contains(&(k("sum"), 60_000, Value::F64(6.0))),
-        "{out:?}"
-    );
+    for want in [(k("count"), Value::I64(3)), (k("sum"), Value::F64(6.0))] {
+        assert!(out.contains(&(want.0, 60_000, want.1)), "{out:?}");
+    }
     assert_eq!(e.open_windows(), 0);
     assert!(e.take_dirty().len() == 1, "the closed state is persisted");
     assert!(idle_close(&mut e, "plant/m/power", closes_at + 60_000).is_empty());
     // A reading of the closed window is late; one of the next window is aggregated.
-    let (_, out) = feed(&mut e, "plant/m/power", &[(110_000, 4.0), (130_000, 5.0)]);
+    let (_, out) = feed_at(
+        &mut e,
+        closes_at + 60_000,
+        &[(110_000, 4.0), (130_000, 5.0)],
+    );
     assert!(out.is_empty());
     e.committed();
-    assert_eq!((e.counts().late, e.counts().aggregated), (1, 4));
+    let c = e.counts();
+    assert_eq!((c.late, c.aggregated, c.idle_closed), (1, 4, 1));
 
-    // A series still reporting is never closed by the clock: each reading restarts the silence.
+    // Each reading restarts the silence: readings IDLE apart whose times do not advance (so only the clock could
+    // close their window) never let it close; without the restart the second scan would.
     let mut e = engine(&rule);
-    for i in 0..30 {
+    for i in 0..5 {
         let now = 100_000 + i * IDLE;
-        e.set_clock(now);
-        feed(&mut e, "plant/m/power", &[(60_000 + i, 1.0)]);
-        assert!(idle_close(&mut e, "plant/m/power", now + IDLE - 1).is_empty());
+        feed_at(&mut e, now, &[(60_000 + i, 1.0)]);
+        assert!(idle_close(&mut e, "plant/m/power", now + IDLE).is_empty());
     }
+    assert!(!idle_close(&mut e, "plant/m/power", 100_000 + 5 * IDLE + 70_000).is_empty());
+
+    // A pair whose only reading is held aside for being hours ahead of the clocks has no newest time: the reading
+    // stands in, and its window closes too.
+    let mut e = engine(&rule);
+    e.set_clock(0);
+    e.set_intake_clock(0);
+    feed(&mut e, "plant/m/power", &[(20 * 3_600_000, 1.0)]);
+    assert_eq!(e.open_windows(), 1);
+    assert_eq!(
+        idle_close(&mut e, "plant/m/power", 60_000 + 5_000 + IDLE).len(),
+        7
+    );
 
     // 0: only readings close windows.
     let mut e = engine(&format!("{POWER}idle_close_ms = 0\n"));
-    e.set_clock(100_000);
-    feed(&mut e, "plant/m/power", &[(60_000, 1.0)]);
+    feed_at(&mut e, 100_000, &[(60_000, 1.0)]);
     assert!(idle_close(&mut e, "plant/m/power", i64::MAX / 2).is_empty());
 }
 
 /// The silence is timed in memory: after a reload (a restart, a failed commit) it starts at the first scan, so a
-/// window is never closed earlier than it would have been without the restart.
+/// window is never closed earlier than it would have been without it.
 #[test]
 fn after_a_reload_the_silence_is_timed_from_the_first_scan() {
-    let mut e = engine(&format!("{POWER}idle_close_ms = 60000\n"));
-    e.set_clock(100_000);
-    feed(&mut e, "plant/m/power", &[(60_000, 1.0)]);
-    let (rule, sid, bytes) = e.take_dirty().pop().unwrap();
-    let mut e = engine(&format!("{POWER}idle_close_ms = 60000\n"));
-    assert_eq!(e.load_state(&rule, sid, None, &bytes), Loaded::Yes);
+    let rule = format!("{POWER}idle_close_ms = 60000\n");
+    let mut e = engine(&rule);
+    feed_at(&mut e, 100_000, &[(60_000, 1.0)]);
+    let (name, sid, bytes) = e.take_dirty().pop().unwrap();
+    let mut e = engine(&rule);
+    assert_eq!(e.load_state(&name, sid, None, &bytes), Loaded::Yes);
     // Long after the window would have closed without the restart: the first scan only starts the timer.
     assert!(idle_close(&mut e, "plant/m/power", 10_000_000).is_empty());
     assert!(idle_close(&mut e, "plant/m/power", 10_000_000 + 119_000).is_empty());
