@@ -153,6 +153,8 @@ impl Registry {
 #[derive(Debug, Clone, Default)]
 pub struct Health {
     components: Arc<Mutex<BTreeMap<String, (bool, String)>>>,
+    /// Source connections that were up and are down now ([`Health::set_link`]).
+    links_down: Arc<Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl Health {
@@ -165,12 +167,23 @@ impl Health {
         let mut c = self.components.lock().unwrap_or_else(|e| e.into_inner());
         c.insert(component.to_owned(), (ok, detail.into()));
     }
-    /// Whether a component whose name starts with `prefix` is failing.
-    pub fn failing(&self, prefix: &str) -> bool {
-        let c = self.components.lock().unwrap_or_else(|e| e.into_inner());
-        c.range(prefix.to_owned()..)
-            .take_while(|(name, _)| name.starts_with(prefix))
-            .any(|(_, (ok, _))| !ok)
+    /// Records whether the connection of a source whose peer keeps readings for it (an MQTT broker) is up. Only a
+    /// connection that was up counts as down: one that never came up in this process is not waited for.
+    pub fn set_link(&self, component: &str, up: bool) {
+        let mut d = self.links_down.lock().unwrap_or_else(|e| e.into_inner());
+        if up {
+            d.remove(component);
+        } else {
+            d.insert(component.to_owned());
+        }
+    }
+    /// Whether a source connection that was up is down.
+    pub fn links_down(&self) -> bool {
+        !self
+            .links_down
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
     /// `(all ok, one line per component)`.
     pub fn report(&self) -> (bool, String) {
@@ -215,12 +228,12 @@ mod tests {
         let (ok, body) = h.report();
         assert!(!ok);
         assert!(body.contains("kinesis: FAIL unreachable"));
-        assert!(h.failing("kinesis") && !h.failing("buffer") && !h.failing("mqtt:"));
-        h.set("mqtt:a", true, "");
-        h.set("mqtt:b", false, "connecting");
-        h.set("n", true, "");
-        assert!(h.failing("mqtt:"));
-        h.set("mqtt:b", true, "subscribed");
-        assert!(!h.failing("mqtt:"));
+        assert!(!h.links_down());
+        h.set_link("mqtt:a", false);
+        h.set_link("mqtt:b", false);
+        h.set_link("mqtt:a", true);
+        assert!(h.links_down());
+        h.set_link("mqtt:b", true);
+        assert!(!h.links_down());
     }
 }

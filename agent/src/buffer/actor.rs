@@ -271,7 +271,7 @@ pub fn spawn_with_alarms(
 
 /// [`spawn_with_alarms`] with window rules too (see "Windows" in the buffer's doc). `boards`: where alarm
 /// statuses go (as in [`spawn_with_alarms`]), and the health board the MQTT connections report to (`mqtt:<name>`):
-/// the window rules' intake clock stands still while one is down (the broker keeps their readings for later).
+/// the window rules' intake clock stands still while one that was up is down (the broker keeps their readings).
 pub fn spawn_with_rules(
     cfg: &BufferConfig,
     batch: &BatchConfig,
@@ -471,8 +471,9 @@ struct Worker {
     sources: Option<Health>,
 }
 
-/// A monotonic clock, ms, that advances only while the agent takes readings: the buffer accepts appends and no
-/// MQTT connection is down. The window rules time a series' silence on it (`idle_close_ms`), so a pause the
+/// A monotonic clock, ms, that advances only while the agent takes readings: the buffer accepts appends (no
+/// commit held, for disk room or on another process's lock; intake not paused under `backpressure`) and no MQTT
+/// connection that was up is down. The window rules time a series' silence on it (`idle_close_ms`), so a pause the
 /// agent causes or suffers (intake paused under `backpressure`, a broker out of reach while it queues the
 /// readings) is not taken for the series' silence, nor is a step of the wall clock. Advanced at each seal by the
 /// time since the one before, if intake runs then (seals come every `linger_ms`). Pure.
@@ -602,6 +603,9 @@ impl Worker {
         if Instant::now() >= *next_seal {
             if !self.held.as_ref().is_some_and(|h| h.locked) {
                 self.seal_tick();
+            } else {
+                // Intake waits on the lock: the window rules' intake clock stands still meanwhile.
+                self.intake.advance(Instant::now(), false);
             }
             *next_seal = Instant::now() + linger;
         }
@@ -1006,7 +1010,7 @@ impl Worker {
 
     /// Gives the next seal the window rules' intake clock.
     fn advance_intake_clock(&mut self) {
-        let taking = self.accepting() && !self.sources.as_ref().is_some_and(|h| h.failing("mqtt:"));
+        let taking = self.accepting() && !self.sources.as_ref().is_some_and(Health::links_down);
         let ms = self.intake.advance(Instant::now(), taking);
         self.buffer.set_intake_clock(ms);
     }
@@ -1435,9 +1439,6 @@ mod tests {
         w.part_done(sealed, encoder);
     }
 
-    /// While a part of a seal is out on the seal thread, appends are committed and acknowledged (the seal used to
-    /// run on the buffer thread and hold every commit back for a part's length); they are newer than what was
-    /// ready, so this seal does not take them, and the whole backlog still gets sealed, once.
     /// The window rules' intake clock stands still while the agent takes no readings, whatever the wall clock.
     #[test]
     fn the_intake_clock_stands_still_while_intake_is_paused() {
@@ -1450,6 +1451,9 @@ mod tests {
         assert_eq!(c.advance(t0 + s(3602), true), 2000);
     }
 
+    /// While a part of a seal is out on the seal thread, appends are committed and acknowledged (the seal used to
+    /// run on the buffer thread and hold every commit back for a part's length); they are newer than what was
+    /// ready, so this seal does not take them, and the whole backlog still gets sealed, once.
     #[test]
     fn appends_are_committed_while_a_seal_part_is_out_and_not_sealed_by_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -1705,6 +1709,35 @@ mod tests {
         assert!(
             w.held.as_ref().is_some_and(|h| !h.locked),
             "held for an I/O error, not the lock"
+        );
+    }
+
+    /// While a commit waits on another process's lock, no seal tick runs, and the window rules' intake clock stands
+    /// still: once the lock goes, the first tick does not count the wait as the series' silence (it did: a lock held
+    /// longer than `idle_close_ms` closed the windows whose readings were held behind it, and made them late).
+    #[test]
+    fn the_intake_clock_stands_still_while_a_commit_waits_on_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, handle, other) = worker_under_lock(dir.path());
+        queue_poll(&handle, vec![reading("plc/x".into(), 1)]);
+        let linger = Duration::from_secs(3600);
+        let mut next_seal = Instant::now() + linger;
+        assert!(w.step(&mut next_seal, linger));
+        assert!(w.held.as_ref().is_some_and(|h| h.locked));
+        // The last tick was ten minutes ago; the tick due now finds the commit still waiting on the lock.
+        w.intake = IntakeClock::new(Instant::now() - Duration::from_secs(600));
+        next_seal = Instant::now();
+        assert!(w.step(&mut next_seal, linger));
+        assert!(w.held.as_ref().is_some_and(|h| h.locked));
+        other.execute_batch("COMMIT").unwrap();
+        let held = w.held.take().unwrap();
+        w.try_commit(held);
+        assert!(w.held.is_none(), "committed once the lock is gone");
+        w.seal_tick();
+        assert!(
+            w.intake.ms < 1000,
+            "the wait counted as intake time: {} ms",
+            w.intake.ms
         );
     }
 }

@@ -395,11 +395,17 @@ impl Buffer {
             .query_row([up_to, max_rows as i64], |r| r.get(0))?;
         let mut pending = Vec::with_capacity(ready.clamp(0, max_rows as i64) as usize);
         let taken = self.take_groups(up_to, max_rows, &mut pending)?;
-        // Silent series whose windows the clock closes (and orphaned windows) are sealed without any reading.
+        // Silent series whose windows the clock closes (and orphaned windows) are sealed without any reading. Not
+        // while ready groups wait for a later part of this seal (a backlog after a restart, a seal that fell behind):
+        // their readings could still show a series alive.
         let idle = match self.intake_clock {
-            Some(c) => {
+            Some(c) if !taken.more => {
                 self.windows.set_intake_clock(c);
                 self.windows.idle_due(c)
+            }
+            Some(c) => {
+                self.windows.set_intake_clock(c);
+                Vec::new()
             }
             None => Vec::new(),
         };

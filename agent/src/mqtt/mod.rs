@@ -534,6 +534,7 @@ pub async fn run(
         if let Some(e) = failed {
             // The session dropped the connection; the next poll reconnects.
             link_up = false;
+            health.set_link(&component, false);
             m.connected.set(0);
             m.reconnects.inc();
             health.set(&component, false, e.clone());
@@ -601,6 +602,7 @@ pub async fn run(
                 last_ping = Instant::now();
                 generation += 1;
                 link_up = true;
+                health.set_link(&component, true);
                 backoff.reset();
                 m.connected.set(1);
                 health.set(&component, false, "connected, subscribing");
@@ -635,6 +637,10 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(e) => {
+                // (Before the first CONNACK nothing was up: a connection that never came up is not waited for.)
+                if generation > 0 {
+                    health.set_link(&component, false);
+                }
                 link_up = false;
                 m.connected.set(0);
                 m.reconnects.inc();

@@ -233,7 +233,9 @@ impl WindowsConfig {
             .filter(|(_, r)| r.idle_close_ms > 0 && r.idle_close_ms < held_ms)
             .map(|(i, r)| {
                 format!(
-                    "{path}.rules[{i}].idle_close_ms: {} is shorter than order.reorder_window_ms +                      batch.linger_ms ({held_ms} ms), how long a reading can wait before the windows see it: a                      window could close by the clock before its readings are released; raise it above {held_ms}",
+                    "{path}.rules[{i}].idle_close_ms: {} is shorter than order.reorder_window_ms + \
+                     batch.linger_ms ({held_ms} ms), how long a reading can wait before the windows see it: a \
+                     window could close by the clock before its readings are released; raise it above {held_ms}",
                     r.idle_close_ms
                 )
             })
