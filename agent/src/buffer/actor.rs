@@ -1364,6 +1364,20 @@ mod tests {
         (w, handle, other)
     }
 
+    /// A worker under another connection's lock ([`worker_under_lock`]) holding a Modbus poll's commit on it, its
+    /// handle and that connection.
+    fn poll_held_on_the_lock(
+        dir: &std::path::Path,
+    ) -> (Worker, BufferHandle, rusqlite::Connection) {
+        let (mut w, handle, other) = worker_under_lock(dir);
+        queue_poll(&handle, vec![reading("plc/x".into(), 1)]);
+        let linger = Duration::from_secs(3600);
+        let mut next_seal = Instant::now() + linger;
+        assert!(w.step(&mut next_seal, linger));
+        assert!(w.held.as_ref().is_some_and(|h| h.locked));
+        (w, handle, other)
+    }
+
     /// Queues a Modbus poll's readings: no acknowledgement, no other copy.
     fn queue_poll(handle: &BufferHandle, readings: Vec<NewReading>) {
         handle
@@ -1685,12 +1699,7 @@ mod tests {
     #[test]
     fn a_held_group_holds_seals_back_only_while_it_waits_on_the_lock() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, handle, other) = worker_under_lock(dir.path());
-        queue_poll(&handle, vec![reading("plc/x".into(), 1)]);
-        let linger = Duration::from_secs(3600);
-        let mut next_seal = Instant::now() + linger;
-        assert!(w.step(&mut next_seal, linger));
-        assert!(w.held.as_ref().is_some_and(|h| h.locked));
+        let (mut w, _handle, other) = poll_held_on_the_lock(dir.path());
         other.execute_batch("COMMIT").unwrap();
         // The lock is gone, and the disk is short of room (more headroom asked than any disk has).
         w.headroom = u64::MAX / 4;
@@ -1718,15 +1727,11 @@ mod tests {
     #[test]
     fn the_intake_clock_stands_still_while_a_commit_waits_on_the_lock() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, handle, other) = worker_under_lock(dir.path());
-        queue_poll(&handle, vec![reading("plc/x".into(), 1)]);
+        let (mut w, _handle, other) = poll_held_on_the_lock(dir.path());
         let linger = Duration::from_secs(3600);
-        let mut next_seal = Instant::now() + linger;
-        assert!(w.step(&mut next_seal, linger));
-        assert!(w.held.as_ref().is_some_and(|h| h.locked));
         // The last tick was ten minutes ago; the tick due now finds the commit still waiting on the lock.
         w.intake = IntakeClock::new(Instant::now() - Duration::from_secs(600));
-        next_seal = Instant::now();
+        let mut next_seal = Instant::now();
         assert!(w.step(&mut next_seal, linger));
         assert!(w.held.as_ref().is_some_and(|h| h.locked));
         other.execute_batch("COMMIT").unwrap();
