@@ -150,16 +150,28 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `cond` every 100 ms until it returns `Some` or `timeout` passes.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, cond: impl FnMut() -> Option<T>) -> T {
+    wait_for_or(what, timeout, cond, String::new)
+}
+
+/// [`wait_for`], whose panic at the timeout ends with `diagnose()`: what the test can tell about why.
+pub fn wait_for_or<T>(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> Option<T>,
+    diagnose: impl FnOnce() -> String,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = cond() {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                diagnose()
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -854,6 +866,24 @@ shutdown_drain_ms = 2000
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The agent's intake and sending counters and the end of its log, for a failing test's message.
+    pub fn diagnosis(&self) -> String {
+        let m = http_get(self.metrics_port, "/metrics").unwrap_or_default();
+        let g = |n: &str| metric(&m, n).map_or("?".into(), |v| v.to_string());
+        format!(
+            "agent: received {}, sent {}, unsealed {}, pending {}, deduplicated {}, PutRecords failed {}, rate {}; /health: {:?}; its log ends:\n{}",
+            g("fieldlink_readings_received_total"),
+            g("fieldlink_readings_sent_total"),
+            g("fieldlink_buffer_unsealed_readings"),
+            g("fieldlink_buffer_pending_readings"),
+            g("fieldlink_readings_deduplicated_total"),
+            g("fieldlink_put_calls_failed_total"),
+            g("fieldlink_send_rate_bytes_per_second"),
+            http_get(self.metrics_port, "/health"),
+            self.log_tail(40)
+        )
     }
 
     /// The last `lines` lines of the agent's log (for a failing test's message).

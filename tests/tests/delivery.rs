@@ -315,17 +315,7 @@ fn a_backlog_drains_at_the_shards_rate_after_an_outage() {
     );
     proxy.set(&format!("down=0&shard_bytes_per_s={RATE}"));
     let restored = std::time::Instant::now();
-    let state = |what: &str| {
-        format!(
-            "{what}: sent {}, pending {}, rate {}, failed calls {}; proxy {}; the agent's log ends:\n{}",
-            agent.metric("fieldlink_readings_sent_total"),
-            agent.metric("fieldlink_buffer_pending_readings"),
-            agent.metric("fieldlink_send_rate_bytes_per_second"),
-            agent.metric("fieldlink_put_calls_failed_total"),
-            proxy.stats(),
-            agent.log_tail(40)
-        )
-    };
+    let state = |what: &str| format!("{what}: proxy {}; {}", proxy.stats(), agent.diagnosis());
     // Timed from the first record sent: the backoff left from the outage (up to 20 s) is not the drain. On a
     // loaded machine the first calls can also time out (15 s each, each followed by a backoff).
     while agent.metric("fieldlink_readings_sent_total") == 0.0 {

@@ -768,13 +768,29 @@ fn qos2_through_a_kill(protocol: &str) {
         "the broker acknowledged only {}",
         acked.len()
     );
-    wait_for(
+    let missing = || {
+        let got: BTreeSet<u64> = numbers_in(&kinesis_dump(&moto.endpoint, "qos2"))
+            .into_iter()
+            .collect();
+        acked
+            .iter()
+            .filter(|n| !got.contains(n))
+            .copied()
+            .collect::<Vec<u64>>()
+    };
+    wait_for_or(
         "every acknowledged reading in Kinesis",
         Duration::from_secs(60),
+        || missing().is_empty().then_some(()),
         || {
-            let got = numbers_in(&kinesis_dump(&moto.endpoint, "qos2"));
-            let set: BTreeSet<u64> = got.iter().copied().collect();
-            acked.iter().all(|n| set.contains(n)).then_some(())
+            let m = missing();
+            format!(
+                "{} of {} acknowledged missing, e.g. {:?}; {}",
+                m.len(),
+                acked.len(),
+                &m[..m.len().min(10)],
+                agent.diagnosis()
+            )
         },
     );
     let health = http_get(agent.metrics_port, "/health").unwrap();
