@@ -370,7 +370,10 @@ fn worker(
         dropped: None,
         seal_rows: usize::MAX,
         status: status.map(|b| (b, alarms.topic_prefix.clone())),
-        intake: IntakeClock::new(Instant::now()),
+        intake: IntakeClock::new(
+            Instant::now(),
+            (2 * Duration::from_millis(batch.linger_ms)).max(Duration::from_secs(1)),
+        ),
         sources: None,
     };
     worker.post_all_statuses();
@@ -476,23 +479,57 @@ struct Worker {
 /// connection that was up is down. The window rules time a series' silence on it (`idle_close_ms`), so a pause the
 /// agent causes or suffers (intake paused under `backpressure`, a broker out of reach while it queues the
 /// readings) is not taken for the series' silence, nor is a step of the wall clock. Advanced at each seal by the
-/// time since the one before, if intake runs then (seals come every `linger_ms`). Pure.
+/// time since the one before, if intake runs then (seals come every `linger_ms`), by at most `max_step` (time the
+/// buffer thread spent away from its loop, in a retried deletion or a long commit, is time it took no readings).
+/// A down connection holds it for at most [`LINK_WAIT`] from when it was first seen down (a broker gone for good
+/// must not stop every window rule's clock). Pure.
 #[derive(Debug)]
 struct IntakeClock {
     last: Instant,
     ms: i64,
+    max_step: Duration,
+    /// Since when a source connection has been seen down (continuously), if it is.
+    down_since: Option<Instant>,
+    /// Whether the end of that wait was said.
+    told: bool,
 }
 
+/// How long a down source connection holds the intake clock at most.
+const LINK_WAIT: Duration = Duration::from_secs(3600);
+
 impl IntakeClock {
-    fn new(now: Instant) -> Self {
-        Self { last: now, ms: 0 }
+    fn new(now: Instant, max_step: Duration) -> Self {
+        Self {
+            last: now,
+            ms: 0,
+            max_step,
+            down_since: None,
+            told: false,
+        }
     }
 
-    /// The clock at `now`, after the time since the last call if `taking` readings.
+    /// Whether a source connection seen `down` at `now` holds the clock (for [`LINK_WAIT`] from when it was
+    /// first seen down), and whether this call is the first past that wait (to say so).
+    fn link_holds(&mut self, now: Instant, down: bool) -> (bool, bool) {
+        if !down {
+            self.down_since = None;
+            self.told = false;
+            return (false, false);
+        }
+        let since = *self.down_since.get_or_insert(now);
+        if now.saturating_duration_since(since) < LINK_WAIT {
+            return (true, false);
+        }
+        (false, !std::mem::replace(&mut self.told, true))
+    }
+
+    /// The clock at `now`, after the time since the last call (at most `max_step`) if `taking` readings.
     fn advance(&mut self, now: Instant, taking: bool) -> i64 {
         if taking {
-            let step = now.saturating_duration_since(self.last).as_millis();
-            self.ms = self.ms.saturating_add(step.min(i64::MAX as u128) as i64);
+            let step = now.saturating_duration_since(self.last).min(self.max_step);
+            self.ms = self
+                .ms
+                .saturating_add(step.as_millis().min(i64::MAX as u128) as i64);
         }
         self.last = now;
         self.ms
@@ -1010,8 +1047,17 @@ impl Worker {
 
     /// Gives the next seal the window rules' intake clock.
     fn advance_intake_clock(&mut self) {
-        let taking = self.accepting() && !self.sources.as_ref().is_some_and(Health::links_down);
-        let ms = self.intake.advance(Instant::now(), taking);
+        let now = Instant::now();
+        let down = self.sources.as_ref().is_some_and(Health::links_down);
+        let (holds, expired) = self.intake.link_holds(now, down);
+        if expired {
+            tracing::warn!(
+                waited_s = LINK_WAIT.as_secs(),
+                "an MQTT connection has been down for an hour: window rules time silences again (idle_close_ms)"
+            );
+        }
+        let taking = self.accepting() && !holds;
+        let ms = self.intake.advance(now, taking);
         self.buffer.set_intake_clock(ms);
     }
 
@@ -1457,12 +1503,21 @@ mod tests {
     #[test]
     fn the_intake_clock_stands_still_while_intake_is_paused() {
         let t0 = Instant::now();
-        let mut c = IntakeClock::new(t0);
         let s = Duration::from_secs;
+        let mut c = IntakeClock::new(t0, s(2));
         assert_eq!(c.advance(t0 + s(1), true), 1000);
         assert_eq!(c.advance(t0 + s(3601), false), 1000, "an hour paused");
         assert_eq!(c.advance(t0 + s(3602), true), 2000);
         assert_eq!(c.advance(t0 + s(3602), true), 2000);
+        // The buffer thread away from its loop for a minute (a retried deletion): at most one step counts.
+        assert_eq!(c.advance(t0 + s(3662), true), 4000);
+        // A connection down holds it for an hour from when it was first seen down, then says so once.
+        assert_eq!(c.link_holds(t0 + s(4000), true), (true, false));
+        assert_eq!(c.link_holds(t0 + s(7599), true), (true, false));
+        assert_eq!(c.link_holds(t0 + s(7600), true), (false, true));
+        assert_eq!(c.link_holds(t0 + s(7601), true), (false, false));
+        assert_eq!(c.link_holds(t0 + s(7602), false), (false, false));
+        assert_eq!(c.link_holds(t0 + s(7603), true), (true, false));
     }
 
     /// While a part of a seal is out on the seal thread, appends are committed and acknowledged (the seal used to
@@ -1730,7 +1785,10 @@ mod tests {
         let (mut w, _handle, other) = poll_held_on_the_lock(dir.path());
         let linger = Duration::from_secs(3600);
         // The last tick was ten minutes ago; the tick due now finds the commit still waiting on the lock.
-        w.intake = IntakeClock::new(Instant::now() - Duration::from_secs(600));
+        w.intake = IntakeClock::new(
+            Instant::now() - Duration::from_secs(600),
+            Duration::from_secs(3600),
+        );
         let mut next_seal = Instant::now();
         assert!(w.step(&mut next_seal, linger));
         assert!(w.held.as_ref().is_some_and(|h| h.locked));

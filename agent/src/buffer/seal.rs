@@ -398,6 +398,7 @@ impl Buffer {
         // Silent series whose windows the clock closes (and orphaned windows) are sealed without any reading. Not
         // while ready groups wait for a later part of this seal (a backlog after a restart, a seal that fell behind):
         // their readings could still show a series alive.
+        self.windows.forget_idle();
         let idle = match self.intake_clock {
             Some(c) if !taken.more => {
                 self.windows.set_intake_clock(c);

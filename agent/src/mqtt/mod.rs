@@ -534,7 +534,8 @@ pub async fn run(
         if let Some(e) = failed {
             // The session dropped the connection; the next poll reconnects.
             link_up = false;
-            health.set_link(&component, false);
+            // A clean session's broker keeps nothing for it: nothing to wait for.
+            health.set_link(&component, cfg.clean_session);
             m.connected.set(0);
             m.reconnects.inc();
             health.set(&component, false, e.clone());
@@ -639,7 +640,7 @@ pub async fn run(
             Err(e) => {
                 // (Before the first CONNACK nothing was up: a connection that never came up is not waited for.)
                 if generation > 0 {
-                    health.set_link(&component, false);
+                    health.set_link(&component, cfg.clean_session);
                 }
                 link_up = false;
                 m.connected.set(0);

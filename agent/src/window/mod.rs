@@ -813,6 +813,12 @@ impl Engine {
         self.idle.iter().map(|&(_, sid)| sid).collect()
     }
 
+    /// Forgets what the last [`Engine::idle_due`] found (a seal that did not get to close it: it failed before its
+    /// job, or waits for a later part).
+    pub fn forget_idle(&mut self) {
+        self.idle.clear();
+    }
+
     /// Whether the next seal has windows to close without any reading: pairs found by [`Engine::idle_due`], or
     /// orphans ([`Engine::close_orphans`]).
     pub fn has_due(&self) -> bool {
