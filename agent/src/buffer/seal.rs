@@ -399,16 +399,12 @@ impl Buffer {
         // while ready groups wait for a later part of this seal (a backlog after a restart, a seal that fell behind):
         // their readings could still show a series alive.
         self.windows.forget_idle();
+        if let Some(c) = self.intake_clock {
+            self.windows.set_intake_clock(c);
+        }
         let idle = match self.intake_clock {
-            Some(c) if !taken.more => {
-                self.windows.set_intake_clock(c);
-                self.windows.idle_due(c)
-            }
-            Some(c) => {
-                self.windows.set_intake_clock(c);
-                Vec::new()
-            }
-            None => Vec::new(),
+            Some(c) if !taken.more => self.windows.idle_due(c),
+            _ => Vec::new(),
         };
         if taken.rows == 0 && taken.ids_last == 0 && !self.windows.has_due() {
             return self.seal_alarm_tick(now_ms).map(Begun::Idle);

@@ -361,6 +361,14 @@ fn newest_after(
     }
 }
 
+/// Lists `pair` among the states to persist with the seal, once.
+fn mark_dirty(dirty: &mut Vec<(usize, i64)>, st: &mut PairState, pair: (usize, i64)) {
+    if !st.dirty {
+        st.dirty = true;
+        dirty.push(pair);
+    }
+}
+
 /// Closes the pair's windows that end at or before `watermark` into `out` (all of them at `i64::MAX`, raising
 /// `closed_to` to the last end so none reopens); returns how many.
 fn close_through(
@@ -706,10 +714,7 @@ impl Engine {
             open: vec![Vec::new(); rule.sizes.len()],
             ..PairState::default()
         });
-        if !st.dirty {
-            st.dirty = true;
-            self.dirty.push((r, sid));
-        }
+        mark_dirty(&mut self.dirty, st, (r, sid));
         st.newest = newest_after(st.newest, ts, self.now_ms, &mut self.ahead, (r, sid));
         if let (true, Some(c)) = (rule.idle_close > 0, self.intake_ms) {
             self.seen.insert((r, sid), c);
@@ -767,10 +772,7 @@ impl Engine {
             let closed = close_through(&self.rules[r], r, sid, st, i64::MAX, out);
             self.open -= closed;
             self.uncommitted.closed += closed as u64;
-            if !st.dirty {
-                st.dirty = true;
-                self.dirty.push((r, sid));
-            }
+            mark_dirty(&mut self.dirty, st, (r, sid));
             named.push((sid, series));
         }
         named
@@ -849,10 +851,7 @@ impl Engine {
             self.open -= closed;
             self.uncommitted.closed += closed as u64;
             self.uncommitted.idle_closed += closed as u64;
-            if !st.dirty {
-                st.dirty = true;
-                self.dirty.push((r, sid));
-            }
+            mark_dirty(&mut self.dirty, st, (r, sid));
         }
     }
 
