@@ -390,3 +390,71 @@ fn a_broker_outage_longer_than_idle_close_ms_closes_no_window_early() {
         "each window once, with the readings from before and after the outage"
     );
 }
+
+/// An operator edits the window rules between two runs of an agent whose windows hold acknowledged readings (under
+/// `keep_raw = false`, deleted unsent when they were folded in). Renamed, the rule takes its open windows over and
+/// adds the next readings to them; removed, its open windows are sent at the next start with the functions it had.
+/// Each window lands once with every acknowledged reading. (Before, the renamed rule started empty windows beside
+/// the old ones, which waited in the buffer for a rule of the old name, as the removed rule's did: 300 acknowledged
+/// readings never landed.)
+#[test]
+fn a_window_rule_renamed_then_removed_between_runs_loses_and_doubles_no_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let moto = Moto::start(dir.path());
+    moto.create("edits", 1, "unused-db", "unused-table", "unused-bucket");
+    let rule = idle_rule(0);
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "edits-agent",
+        broker.port,
+        &moto.endpoint,
+        "edits",
+        "",
+        &rule,
+    );
+    let folded = |agent: &AgentProc, n: f64| {
+        wait_for("the readings folded in", Duration::from_secs(60), || {
+            (agent.metric("fieldlink_window_raw_withheld_total") == n
+                && agent.metric("fieldlink_buffer_unsealed_readings") == 0.0)
+                .then_some(())
+        })
+    };
+    let edit = |agent: &AgentProc, from: &str, to: &str| {
+        let text = std::fs::read_to_string(&agent.config).unwrap();
+        assert!(text.contains(from), "{from}");
+        std::fs::write(&agent.config, text.replace(from, to)).unwrap();
+    };
+    agent.start();
+    let mut acked = publish_numbered_from(broker.port, 0, 200, 400.0, 0, dir.path());
+    folded(&agent, 200.0);
+    agent.stop();
+    edit(&agent, "name = \"idle\"", "name = \"renamed\"");
+    agent.start();
+    acked.extend(publish_numbered_from(
+        broker.port,
+        200,
+        100,
+        400.0,
+        0,
+        dir.path(),
+    ));
+    folded(&agent, 100.0);
+    agent.stop();
+    assert!(
+        idle_windows(&kinesis_dump(&moto.endpoint, "edits")).is_empty(),
+        "the windows are still open"
+    );
+    edit(&agent, &rule.replace("\"idle\"", "\"renamed\""), "");
+    agent.start();
+    wait_for("the windows in Kinesis", Duration::from_secs(60), || {
+        (idle_windows(&kinesis_dump(&moto.endpoint, "edits")).len() >= 20).then_some(())
+    });
+    agent.stop();
+    assert_eq!(acked.len(), 300);
+    assert_eq!(
+        idle_windows(&kinesis_dump(&moto.endpoint, "edits")),
+        idle_windows_of(&acked),
+        "each window once, with the readings of both runs"
+    );
+}

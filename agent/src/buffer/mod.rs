@@ -43,6 +43,7 @@
 //! alarm_state(rule TEXT, series_id INTEGER, state BLOB, PRIMARY KEY(rule, series_id))   -- alarm::State::to_bytes
 //! alarm_seq(rule TEXT PRIMARY KEY, next INTEGER)      -- each rule's next alarm sequence number
 //! window_state(rule TEXT, series_id INTEGER, state BLOB, PRIMARY KEY(rule, series_id))  -- window::PairState
+//! window_rule(name TEXT PRIMARY KEY, functions TEXT)  -- each window rule's functions when its states were written
 //! ```
 //!
 //! # Dedup states
@@ -520,6 +521,9 @@ pub struct Buffer {
     windows: crate::window::Engine,
     /// The intake clock the next seal gives the window rules ([`Buffer::set_intake_clock`]).
     intake_clock: Option<i64>,
+    /// The configured window rules' functions are in `window_rule` (written by the first seal that writes window
+    /// states after the engine was loaded).
+    window_rules_written: bool,
     /// The alarm and window engines may hold state no transaction committed (a seal failed and so did reloading
     /// them): the next seal reloads them before anything else, and fails while it cannot.
     engines_stale: bool,
@@ -807,7 +811,8 @@ impl Buffer {
              CREATE TABLE IF NOT EXISTS alarm_records(seq INTEGER PRIMARY KEY, record BLOB NOT NULL, events INTEGER NOT NULL, sealed_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS alarm_state(rule TEXT NOT NULL, series_id INTEGER NOT NULL, state BLOB NOT NULL, PRIMARY KEY(rule, series_id));
              CREATE TABLE IF NOT EXISTS alarm_seq(rule TEXT PRIMARY KEY, next INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS window_state(rule TEXT NOT NULL, series_id INTEGER NOT NULL, state BLOB NOT NULL, PRIMARY KEY(rule, series_id));",
+             CREATE TABLE IF NOT EXISTS window_state(rule TEXT NOT NULL, series_id INTEGER NOT NULL, state BLOB NOT NULL, PRIMARY KEY(rule, series_id));
+             CREATE TABLE IF NOT EXISTS window_rule(name TEXT PRIMARY KEY, functions TEXT NOT NULL);",
         )?;
         let get = |k: &str| -> rusqlite::Result<Option<rusqlite::types::Value>> {
             conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
@@ -888,6 +893,7 @@ impl Buffer {
             alarm_out: Vec::new(),
             windows: crate::window::Engine::default(),
             intake_clock: None,
+            window_rules_written: false,
             engines_stale: false,
             sealing: false,
             #[cfg(test)]

@@ -352,3 +352,76 @@ fn a_seal_without_readings_closes_the_windows_of_a_silent_series_once() {
         ]
     );
 }
+
+/// A `keep_raw = false` rule removed while a window held readings (deleted unsent when they were folded in): the
+/// next seal sends the window's aggregates with the functions the rule had, once, through a failed seal and later
+/// starts. Renamed instead, the rule under its new name takes the window over and emits it once with every reading.
+#[test]
+fn a_removed_or_renamed_rules_open_window_lands_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.db");
+    let mut b = open(&path);
+    append(&mut b, "m/a", &[(100, 1.0), (200, 3.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![],
+        "[0, 1000) open, the readings withheld"
+    );
+    drop(b);
+    // The last rule removed: no rule is configured any more.
+    let without = "";
+    let mut b = open_with(&path, without);
+    append(&mut b, "k/x", &[(50, 4.0)]);
+    b.fault = Some(rusqlite::ffi::SQLITE_IOERR);
+    assert!(seal(&mut b).is_err(), "the first try fails");
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            got("k/x", 50, "4", false),
+            got("m/a/count_1s", 0, "2i", false),
+            got("m/a/mean_1s", 0, "2", false)
+        ]
+    );
+    drop(b);
+    let mut b = open_with(&path, without);
+    append(&mut b, "k/x", &[(1100, 1.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![got("k/x", 1100, "1", false)],
+        "not again"
+    );
+    drop(b);
+
+    let path = dir.path().join("renamed.db");
+    let mut b = open(&path);
+    append(&mut b, "m/a", &[(100, 1.0), (200, 3.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(drain(&mut b), vec![]);
+    drop(b);
+    let renamed = RULES.replace("name = \"mean\"", "name = \"average\"");
+    let mut b = open_with(&path, &renamed);
+    append(&mut b, "m/a", &[(500, 8.0), (1600, 0.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            got("m/a/count_1s", 0, "3i", false),
+            got("m/a/mean_1s", 0, "4", false)
+        ],
+        "one window, every reading"
+    );
+    drop(b);
+    let mut b = open_with(&path, &renamed);
+    append(&mut b, "m/a", &[(2600, 2.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            got("m/a/count_1s", 1000, "1i", false),
+            got("m/a/mean_1s", 1000, "0", false)
+        ]
+    );
+}

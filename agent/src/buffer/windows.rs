@@ -3,15 +3,20 @@
 //!
 //! ```sql
 //! window_state(rule TEXT, series_id INTEGER, state BLOB, PRIMARY KEY(rule, series_id))  -- window::PairState
+//! window_rule(name TEXT PRIMARY KEY, functions TEXT)  -- function names, comma-separated
 //! ```
-//! The table was added without a schema version change: an older agent ignores it (and computes no windows).
+//! The tables were added without a schema version change: an older agent ignores them (and computes no windows).
 //! A seal writes the changed pair states in its transaction, beside the records that hold the closed windows'
 //! readings and the deletion of the readings that fed them; a failed commit reloads the engine from the table.
+//! The first seal that writes states after a load also writes every configured rule's functions in its
+//! transaction, so the functions of any committed open window are known: a rule removed, or a size taken out of
+//! one, between two runs has its open windows closed with them at the next seal ([`Engine::load_state`]) rather
+//! than held for good (under `keep_raw = false`, their readings were deleted unsent).
 
 use super::{Buffer, BufferError};
 use crate::batch::Row;
 use crate::order;
-use crate::window::{Emitted, Engine, Loaded, Obs, RawFate};
+use crate::window::{Emitted, Engine, Func, Loaded, Obs, RawFate};
 use fieldlink_proto::{Quality, Reading, Series};
 use foldhash::{HashMap, HashMapExt};
 use rusqlite::params;
@@ -54,9 +59,7 @@ impl Buffer {
     /// Replaces the engine's states with the committed ones.
     pub(super) fn reload_windows(&mut self) -> Result<(), BufferError> {
         self.windows.reset();
-        if self.windows.is_empty() {
-            return Ok(());
-        }
+        self.window_rules_written = false;
         #[cfg(test)]
         if self.reload_faults > 0 {
             self.reload_faults -= 1;
@@ -65,6 +68,19 @@ impl Buffer {
                 Some("injected reload failure".into()),
             )));
         }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, functions FROM window_rule")?;
+        let mut q = stmt.query([])?;
+        while let Some(r) = q.next()? {
+            let (name, functions): (String, String) = (r.get(0)?, r.get(1)?);
+            // Names this version does not know leave the rule's functions unknown.
+            if let Some(funcs) = functions.split(',').map(Func::from_name).collect() {
+                self.windows.remember_functions(&name, funcs);
+            }
+        }
+        drop(q);
+        drop(stmt);
         let mut stmt = self.conn.prepare(
             "SELECT w.rule, w.series_id, w.state, s.key, s.tags FROM window_state w \
              LEFT JOIN series s ON s.id = w.series_id",
@@ -80,7 +96,7 @@ impl Buffer {
                 .windows
                 .load_state(&rule, r.get(1)?, series.as_ref(), &state)
             {
-                Loaded::Yes => {}
+                Loaded::Yes | Loaded::Closed => {}
                 Loaded::Orphan => orphans += 1,
                 Loaded::NoRule => no_rule += 1,
                 Loaded::Unreadable => unreadable += 1,
@@ -91,9 +107,10 @@ impl Buffer {
                 no_rule,
                 unreadable,
                 orphans,
-                "window states: those of rules no longer configured wait in the buffer for the rule (their open \
-                 windows are not computed on); unreadable ones are left as they are; pairs whose series a rule no \
-                 longer matches have their open windows closed by the next seal"
+                "window states: open windows no configured rule computes on any more (a rule removed, narrowed, or \
+                 without their size) are closed by the next seal, or handed to the rule that now writes their \
+                 series; those of removed rules whose functions are unknown wait in the buffer for the rule; \
+                 unreadable ones are left as they are"
             );
         }
         Ok(())
@@ -104,6 +121,17 @@ impl Buffer {
         &mut self,
         dirty: &[(String, i64, Vec<u8>)],
     ) -> Result<(), BufferError> {
+        if !dirty.is_empty() && !self.window_rules_written {
+            for rule in self.windows.rules() {
+                let funcs: Vec<&str> = rule.functions().iter().map(|f| f.name()).collect();
+                self.conn
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO window_rule(name, functions) VALUES (?1, ?2)",
+                    )?
+                    .execute(params![rule.name, funcs.join(",")])?;
+            }
+            self.window_rules_written = true;
+        }
         for (rule, sid, state) in dirty {
             self.conn
                 .prepare_cached(

@@ -36,6 +36,21 @@ impl Func {
             Func::Last => "last",
         }
     }
+
+    /// The function named `name` ([`Func::name`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            Func::Count,
+            Func::Min,
+            Func::Max,
+            Func::Mean,
+            Func::Sum,
+            Func::First,
+            Func::Last,
+        ]
+        .into_iter()
+        .find(|f| f.name() == name)
+    }
 }
 
 /// What happens to a reading whose window has already closed.

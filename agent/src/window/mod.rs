@@ -31,6 +31,14 @@
 //! [`Engine::close_idle`]), as the watermark would have had the series gone on at the clock's pace,
 //! `idle_close_ms` later. Any reading of the pair restarts the silence.
 //!
+//! # Rules edited between runs
+//! Open windows that no configured rule computes on any more ([`Engine::load_state`]: the rule was removed, no longer
+//! has their size, or no longer matches the series) are closed by the next seal ([`Engine::close_orphans`]), under
+//! a retired rule with the functions the rule had when its states were committed ([`Engine::remember_functions`]),
+//! or handed over to each configured rule that now writes their derived series for that series (same size, a
+//! function in common: a rule renamed or split), merged with its window of the same start. Either way the state
+//! rows written with that seal hold them no more: none is emitted twice, none is left open for good.
+//!
 //! A reading is aggregated when it is a finite number (integers and booleans as f64; booleans 0 and 1) of good or
 //! uncertain quality. Per size, if its window has closed already it is **late** for the rule (counted once per
 //! reading and rule); if the window is not open and [`Engine`] holds `max_open` windows, it **overflows**
@@ -78,6 +86,9 @@ pub struct Rule {
     keep_raw: bool,
     /// The longest `/<function>_<size>` suffix, bytes.
     longest_suffix: usize,
+    /// A rule no longer configured, or the sizes a configured rule no longer has ([`Engine::load_state`]): it
+    /// matches nothing, and only closes the windows it was loaded with.
+    retired: bool,
 }
 
 impl Rule {
@@ -104,13 +115,42 @@ impl Rule {
             late: c.late,
             keep_raw: c.keep_raw,
             longest_suffix,
+            retired: false,
         }
+    }
+
+    /// A rule that only closes the windows of sizes `sizes` loaded under the name `name`, with the functions
+    /// `funcs` they were opened with.
+    fn retired(name: &str, sizes: &[i64], funcs: Vec<Func>) -> Self {
+        Self {
+            name: name.to_string(),
+            filter: String::new(),
+            tags: Vec::new(),
+            sizes: sizes.to_vec(),
+            suffixes: sizes
+                .iter()
+                .map(|&s| size_suffix(s.max(1) as u64))
+                .collect(),
+            funcs,
+            lateness: 0,
+            idle_close: 0,
+            late: LatePolicy::Drop,
+            keep_raw: true,
+            longest_suffix: 0,
+            retired: true,
+        }
+    }
+
+    /// Its functions.
+    pub fn functions(&self) -> &[Func] {
+        &self.funcs
     }
 
     /// Whether the rule applies to `series` (a series whose derived keys would exceed the wire format's key limit
     /// never matches).
     pub fn matches(&self, series: &Series) -> bool {
-        series.key.len() + self.longest_suffix <= MAX_KEY_BYTES
+        !self.retired
+            && series.key.len() + self.longest_suffix <= MAX_KEY_BYTES
             && crate::mqtt::topic_matches(&self.filter, &series.key)
             && self
                 .tags
@@ -163,6 +203,21 @@ impl Acc {
         }
         if ts >= self.last.0 {
             self.last = (ts, x);
+        }
+    }
+
+    /// Adds the readings of `earlier`, a window of the same start whose readings were all observed before this
+    /// one's (ties of event time resolve as if they had come in that order).
+    fn merge_earlier(&mut self, earlier: &Acc) {
+        self.count += earlier.count;
+        self.sum += earlier.sum;
+        self.min = self.min.min(earlier.min);
+        self.max = self.max.max(earlier.max);
+        if earlier.first.0 <= self.first.0 {
+            self.first = earlier.first;
+        }
+        if earlier.last.0 > self.last.0 {
+            self.last = earlier.last;
         }
     }
 
@@ -235,54 +290,13 @@ impl PairState {
     /// Parses [`PairState::to_bytes`] for a rule with `sizes`: windows of sizes the rule no longer has are left
     /// out. `None` if malformed.
     pub fn from_bytes(b: &[u8], sizes: &[i64]) -> Option<Self> {
-        let mut at = 0usize;
-        let mut take = |n: usize| -> Option<&[u8]> {
-            let s = b.get(at..at.checked_add(n)?)?;
-            at += n;
-            Some(s)
-        };
-        let word = |s: &[u8]| -> i64 { i64::from_le_bytes(s.try_into().unwrap_or_default()) };
-        let float = |s: &[u8]| -> f64 { f64::from_le_bytes(s.try_into().unwrap_or_default()) };
-        let version = take(1)?[0];
-        if !(1..=2).contains(&version) {
-            return None;
-        }
-        let mut time = || -> Option<Option<i64>> {
-            Some(match take(1)?[0] {
-                0 => None,
-                _ => Some(word(take(8)?)),
-            })
-        };
-        let newest = time()?;
-        let closed_to = if version >= 2 { time()? } else { None };
-        let lists = take(1)?[0] as usize;
+        let (newest, closed_to, lists) = parse_state(b)?;
         let mut open = vec![Vec::new(); sizes.len()];
-        for _ in 0..lists {
-            let size = word(take(8)?);
-            let n = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-            let body = take(n.checked_mul(WINDOW_BYTES)?)?;
-            let Some(k) = sizes.iter().position(|&s| s == size) else {
-                continue;
-            };
-            for w in body.chunks_exact(WINDOW_BYTES) {
-                let i = |j: usize| word(&w[8 * j..8 * j + 8]);
-                let f = |j: usize| float(&w[8 * j..8 * j + 8]);
-                open[k].push((
-                    i(0),
-                    Acc {
-                        count: i(1) as u64,
-                        sum: f(2),
-                        min: f(3),
-                        max: f(4),
-                        first: (i(5), f(6)),
-                        last: (i(7), f(8)),
-                    },
-                ));
+        for (size, windows) in lists {
+            if let Some(k) = sizes.iter().position(|&s| s == size) {
+                open[k].extend(windows);
+                open[k].sort_by_key(|(s, _)| *s);
             }
-            open[k].sort_by_key(|(s, _)| *s);
-        }
-        if at != b.len() {
-            return None;
         }
         Some(Self {
             newest,
@@ -290,6 +304,18 @@ impl PairState {
             open,
             dirty: false,
         })
+    }
+
+    /// The sizes of the open windows in [`PairState::to_bytes`], each once in the order stored. `None` if
+    /// malformed.
+    pub fn open_sizes(b: &[u8]) -> Option<Vec<i64>> {
+        let mut sizes: Vec<i64> = Vec::new();
+        for (size, windows) in parse_state(b)?.2 {
+            if !windows.is_empty() && !sizes.contains(&size) {
+                sizes.push(size);
+            }
+        }
+        Some(sizes)
     }
 
     fn windows(&self) -> usize {
@@ -304,6 +330,63 @@ impl PairState {
             .filter_map(|(list, &size)| list.first().map(|(s, _)| s.saturating_add(size)))
             .min()
     }
+}
+
+/// A persisted state's parts: newest, closed_to and per stored size its windows.
+type StateParts = (Option<i64>, Option<i64>, Vec<(i64, Vec<(i64, Acc)>)>);
+
+/// Parses [`PairState::to_bytes`] whatever the sizes. `None` if malformed.
+fn parse_state(b: &[u8]) -> Option<StateParts> {
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = b.get(at..at.checked_add(n)?)?;
+        at += n;
+        Some(s)
+    };
+    let word = |s: &[u8]| -> i64 { i64::from_le_bytes(s.try_into().unwrap_or_default()) };
+    let float = |s: &[u8]| -> f64 { f64::from_le_bytes(s.try_into().unwrap_or_default()) };
+    let version = take(1)?[0];
+    if !(1..=2).contains(&version) {
+        return None;
+    }
+    let mut time = || -> Option<Option<i64>> {
+        Some(match take(1)?[0] {
+            0 => None,
+            _ => Some(word(take(8)?)),
+        })
+    };
+    let newest = time()?;
+    let closed_to = if version >= 2 { time()? } else { None };
+    let n_lists = take(1)?[0] as usize;
+    let mut lists = Vec::with_capacity(n_lists);
+    for _ in 0..n_lists {
+        let size = word(take(8)?);
+        let n = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        let body = take(n.checked_mul(WINDOW_BYTES)?)?;
+        let windows = body
+            .chunks_exact(WINDOW_BYTES)
+            .map(|w| {
+                let i = |j: usize| word(&w[8 * j..8 * j + 8]);
+                let f = |j: usize| float(&w[8 * j..8 * j + 8]);
+                (
+                    i(0),
+                    Acc {
+                        count: i(1) as u64,
+                        sum: f(2),
+                        min: f(3),
+                        max: f(4),
+                        first: (i(5), f(6)),
+                        last: (i(7), f(8)),
+                    },
+                )
+            })
+            .collect();
+        lists.push((size, windows));
+    }
+    if at != b.len() {
+        return None;
+    }
+    Some((newest, closed_to, lists))
 }
 
 /// The watermark the intake clock gives a silent pair at `now` (`idle_close_ms`): the watermark it would have
@@ -436,9 +519,16 @@ const IDLE_SCAN_MS: i64 = 1000;
 pub enum Loaded {
     /// Loaded.
     Yes,
-    /// Loaded, with open windows of a series the rule no longer matches: the next seal closes them.
+    /// Loaded, with open windows no configured rule computes on any more (the rule no longer matches the series,
+    /// no longer has their size, or is no longer configured): the next seal closes them
+    /// ([`Engine::close_orphans`]).
     Orphan,
-    /// Not loaded: no rule of that name is configured (its open windows wait in the buffer for it).
+    /// Not loaded: no rule of that name is configured and the state has no open window (it stays in the buffer:
+    /// should the rule come back, the windows it emitted do not open again).
+    Closed,
+    /// Not loaded: no rule of that name is configured, and the functions of its open windows are not known (a
+    /// state committed before they were kept, or of a series the buffer no longer knows): they wait in the
+    /// buffer for the rule.
     NoRule,
     /// Not loaded: the bytes are not a state this version reads (its open windows are not computed on).
     Unreadable,
@@ -484,7 +574,14 @@ pub struct Counts {
 /// The rules and the state of every `(rule, series)` pair seen.
 #[derive(Debug, Clone)]
 pub struct Engine {
+    /// The configured rules, then the retired ones ([`Rule::retired`]).
     rules: Vec<Rule>,
+    /// How many of `rules` are configured.
+    active: usize,
+    /// Retired rules by name and sizes: their index in `rules`.
+    retired: HashMap<(String, Vec<i64>), usize>,
+    /// The functions each rule had when its states were last committed ([`Engine::remember_functions`]).
+    functions: HashMap<String, Vec<Func>>,
     by_name: HashMap<String, usize>,
     matches: HashMap<i64, Vec<usize>>,
     states: HashMap<(usize, i64), PairState>,
@@ -497,7 +594,7 @@ pub struct Engine {
     uncommitted: Counts,
     /// The seal's wall-clock time, Unix ms ([`Engine::set_clock`]).
     now_ms: i64,
-    /// Loaded pairs with open windows whose series the rule no longer matches: closed by the next seal
+    /// Loaded pairs with open windows no configured rule computes on: closed by the next seal
     /// ([`Engine::close_orphans`]).
     orphans: Vec<(usize, i64, Series)>,
     /// Per pair, a reading held aside for being far ahead, with its seal's clock ([`newest_after`]); not persisted
@@ -543,7 +640,10 @@ impl Engine {
             .map(|(i, r)| (r.name.clone(), i))
             .collect();
         Self {
+            active: rules.len(),
             rules,
+            retired: HashMap::new(),
+            functions: HashMap::new(),
             by_name,
             matches: HashMap::new(),
             states: HashMap::new(),
@@ -586,14 +686,14 @@ impl Engine {
         )
     }
 
-    /// The rules.
+    /// The configured rules.
     pub fn rules(&self) -> &[Rule] {
-        &self.rules
+        &self.rules[..self.active]
     }
 
-    /// Whether there is any rule.
+    /// Whether there is nothing to compute: no rule is configured, and no window loaded waits to be closed.
     pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
+        self.active == 0 && self.orphans.is_empty()
     }
 
     /// Windows open now.
@@ -625,13 +725,24 @@ impl Engine {
     /// buffer); the committed counts stay.
     pub fn reset(&mut self) {
         let counts = self.counts;
-        *self = Self::new(std::mem::take(&mut self.rules), self.max_open);
+        let mut rules = std::mem::take(&mut self.rules);
+        rules.truncate(self.active);
+        *self = Self::new(rules, self.max_open);
         self.counts = counts;
     }
 
+    /// The functions the rule `rule` had when its states were last committed (the buffer keeps them beside the
+    /// states): the windows it left open are closed with them should it no longer be configured, or no longer have
+    /// their size. Called before [`Engine::load_state`].
+    pub fn remember_functions(&mut self, rule: &str, funcs: Vec<Func>) {
+        self.functions.insert(rule.to_string(), funcs);
+    }
+
     /// Restores a persisted state of the pair of `rule` and the series `series_id` (`series`, if the buffer
-    /// still knows it). A pair with open windows whose series the rule no longer matches is loaded and its windows
-    /// closed by the next seal ([`Engine::close_orphans`]).
+    /// still knows it). Open windows no configured rule computes on any more are loaded and closed by the next
+    /// seal ([`Engine::close_orphans`]): those of a series the rule no longer matches, and, if the series is
+    /// known, those of a size the rule no longer has or of a rule no longer configured (under a retired rule
+    /// with the functions they were opened with: [`Engine::remember_functions`], else the rule's own).
     pub fn load_state(
         &mut self,
         rule: &str,
@@ -639,24 +750,70 @@ impl Engine {
         series: Option<&Series>,
         bytes: &[u8],
     ) -> Loaded {
-        let Some(&r) = self.by_name.get(rule) else {
-            return Loaded::NoRule;
-        };
-        let Some(st) = PairState::from_bytes(bytes, &self.rules[r].sizes) else {
+        let Some(stored) = PairState::open_sizes(bytes) else {
             return Loaded::Unreadable;
+        };
+        let active = self.by_name.get(rule).copied();
+        let gone: Vec<i64> = stored
+            .into_iter()
+            .filter(|z| active.is_none_or(|a| !self.rules[a].sizes.contains(z)))
+            .collect();
+        let mut retired = false;
+        if let Some(s) = series.filter(|_| !gone.is_empty()) {
+            if let Some(t) = self.retire(rule, gone.clone(), active) {
+                self.insert_state(t, series_id, bytes);
+                self.orphans.push((t, series_id, s.clone()));
+                retired = true;
+            }
+        }
+        let Some(r) = active else {
+            return match (retired, gone.is_empty()) {
+                (true, _) => Loaded::Orphan,
+                (false, true) => Loaded::Closed,
+                (false, false) => Loaded::NoRule,
+            };
+        };
+        let windows = self.insert_state(r, series_id, bytes);
+        match series {
+            Some(s) if windows > 0 && !self.rules[r].matches(s) => {
+                self.orphans.push((r, series_id, s.clone()));
+                Loaded::Orphan
+            }
+            _ if retired => Loaded::Orphan,
+            _ => Loaded::Yes,
+        }
+    }
+
+    /// The retired rule closing windows of `sizes` loaded under the name `name`, made once; `None` if their
+    /// functions are not known.
+    fn retire(&mut self, name: &str, sizes: Vec<i64>, active: Option<usize>) -> Option<usize> {
+        let key = (name.to_string(), sizes);
+        if let Some(&t) = self.retired.get(&key) {
+            return Some(t);
+        }
+        let funcs = self
+            .functions
+            .get(name)
+            .cloned()
+            .or_else(|| active.map(|a| self.rules[a].funcs.clone()))
+            .filter(|f| !f.is_empty())?;
+        let t = self.rules.len();
+        self.rules.push(Rule::retired(name, &key.1, funcs));
+        self.retired.insert(key, t);
+        Some(t)
+    }
+
+    /// Puts the pair's persisted state (read for its rule's sizes) in memory; returns its open windows.
+    fn insert_state(&mut self, r: usize, series_id: i64, bytes: &[u8]) -> usize {
+        let Some(st) = PairState::from_bytes(bytes, &self.rules[r].sizes) else {
+            return 0;
         };
         let windows = st.windows();
         self.open += windows;
         if let Some(old) = self.states.insert((r, series_id), st) {
             self.open -= old.windows();
         }
-        match series {
-            Some(s) if windows > 0 && !self.rules[r].matches(s) => {
-                self.orphans.push((r, series_id, s.clone()));
-                Loaded::Orphan
-            }
-            _ => Loaded::Yes,
-        }
+        windows
     }
 
     fn matching(&mut self, series_id: i64, series: &Series) -> Vec<usize> {
@@ -666,7 +823,7 @@ impl Engine {
         if self.matches.len() >= MATCH_CACHE_MAX {
             self.matches.clear();
         }
-        (0..self.rules.len())
+        (0..self.active)
             .filter(|&i| self.rules[i].matches(series))
             .collect()
     }
@@ -758,24 +915,102 @@ impl Engine {
         (late, overflow)
     }
 
-    /// Closes every open window of the pairs whose series the rule no longer matches (found by
-    /// [`Engine::load_state`]: the rule's filter or tags changed since they were opened). No reading will join
-    /// them any more, so their aggregates are final; each pair keeps its state, every window it emitted closed
-    /// for good. Returns the pairs' series, for the emitted readings' names.
+    /// Closes every open window no configured rule computes on any more (found by [`Engine::load_state`]: the
+    /// rule's filter or tags changed since they were opened, it no longer has their size, or it is no longer
+    /// configured). A window whose derived series a configured rule now writes (a rule renamed, split or merged)
+    /// is handed over to that rule instead, and emitted by it when it closes, once, with the readings of both
+    /// ([`Engine::hand_over`]). No reading will join the others any more, so their aggregates are final; each
+    /// pair keeps its state, every window it emitted closed for good. Returns the pairs' series, for the emitted
+    /// readings' names.
     pub fn close_orphans(&mut self, out: &mut Vec<Emitted>) -> Vec<(i64, Series)> {
         let orphans = std::mem::take(&mut self.orphans);
         let mut named = Vec::with_capacity(orphans.len());
         for (r, sid, series) in orphans {
-            let Some(st) = self.states.get_mut(&(r, sid)) else {
+            let Some(mut st) = self.states.remove(&(r, sid)) else {
                 continue;
             };
-            let closed = close_through(&self.rules[r], r, sid, st, i64::MAX, out);
+            self.hand_over(r, sid, &series, &mut st);
+            let closed = close_through(&self.rules[r], r, sid, &mut st, i64::MAX, out);
             self.open -= closed;
             self.uncommitted.closed += closed as u64;
-            mark_dirty(&mut self.dirty, st, (r, sid));
+            self.states.insert((r, sid), st);
+            // The row to write is the configured rule's of that name, if there is one: a retired rule's windows
+            // were a part of its state.
+            let owner = match self.by_name.get(&self.rules[r].name) {
+                Some(&a) if self.states.contains_key(&(a, sid)) => a,
+                _ => r,
+            };
+            if let Some(st) = self.states.get_mut(&(owner, sid)) {
+                mark_dirty(&mut self.dirty, st, (owner, sid));
+            }
             named.push((sid, series));
         }
         named
+    }
+
+    /// Moves the open windows of `st` (the orphaned pair of rule `r` and `series`) whose derived series a configured
+    /// rule now writes for `series` (same size, a function in common) into each such rule's state, merged with its
+    /// window of the same start, where that rule has not closed the window yet. A window stays in `st` (and is
+    /// closed with `r`'s functions) only if no such rule took it.
+    fn hand_over(&mut self, r: usize, sid: i64, series: &Series, st: &mut PairState) {
+        let Self {
+            rules,
+            states,
+            dirty,
+            open,
+            active,
+            ..
+        } = self;
+        let old = &rules[r];
+        let heirs: Vec<usize> = (0..*active)
+            .filter(|&b| {
+                let new = &rules[b];
+                b != r
+                    && new.funcs.iter().any(|f| old.funcs.contains(f))
+                    && new.sizes.iter().any(|z| old.sizes.contains(z))
+                    && new.matches(series)
+            })
+            .collect();
+        for (k, &size) in old.sizes.iter().enumerate() {
+            let mut kept = Vec::new();
+            for (start, acc) in std::mem::take(&mut st.open[k]) {
+                let mut taken = false;
+                for &b in &heirs {
+                    let rule = &rules[b];
+                    let Some(kb) = rule.sizes.iter().position(|&z| z == size) else {
+                        continue;
+                    };
+                    let heir = states.entry((b, sid)).or_insert_with(|| PairState {
+                        open: vec![Vec::new(); rule.sizes.len()],
+                        ..PairState::default()
+                    });
+                    let watermark = heir
+                        .newest
+                        .map(|n| n.saturating_sub(rule.lateness))
+                        .max(heir.closed_to)
+                        .unwrap_or(i64::MIN);
+                    if start.saturating_add(size) <= watermark {
+                        continue;
+                    }
+                    let list = &mut heir.open[kb];
+                    match list.binary_search_by_key(&start, |(s, _)| *s) {
+                        Ok(i) => list[i].1.merge_earlier(&acc),
+                        Err(i) => {
+                            list.insert(i, (start, acc));
+                            *open += 1;
+                        }
+                    }
+                    mark_dirty(dirty, heir, (b, sid));
+                    taken = true;
+                }
+                if taken {
+                    *open -= 1;
+                } else {
+                    kept.push((start, acc));
+                }
+            }
+            st.open[k] = kept;
+        }
     }
 
     /// Scans, at most once a second of the intake clock `now` ([`Engine::set_intake_clock`]), for pairs of silent

@@ -787,3 +787,192 @@ fn after_a_reload_the_silence_is_timed_from_the_first_scan() {
     let out = idle_close(&mut e, "plant/m/power", 10_000_000 + 120_000);
     assert_eq!(out.len(), 7, "{out:?}");
 }
+
+/// The committed rows of `e` (`take_dirty`) merged into `db`.
+fn commit(e: &mut Engine, db: &mut std::collections::BTreeMap<(String, i64), Vec<u8>>) {
+    db.extend(e.take_dirty().into_iter().map(|(r, s, b)| ((r, s), b)));
+    e.committed();
+}
+
+/// The rows an engine of `MEAN` commits after `readings` of `s/a`.
+fn committed_after(readings: &[(i64, f64)]) -> std::collections::BTreeMap<(String, i64), Vec<u8>> {
+    let mut db = std::collections::BTreeMap::new();
+    let mut e = engine(MEAN);
+    feed(&mut e, "s/a", readings);
+    commit(&mut e, &mut db);
+    db
+}
+
+/// A fresh engine of `cfg` loaded from `db` (series 1 is `key`), the functions of rule `remembered` known; returns
+/// it and what each row's load gave.
+fn restart(
+    cfg: &str,
+    db: &std::collections::BTreeMap<(String, i64), Vec<u8>>,
+    key: &str,
+    remembered: &[(&str, &[Func])],
+) -> (Engine, Vec<Loaded>) {
+    let mut e = engine(cfg);
+    for (name, funcs) in remembered {
+        e.remember_functions(name, funcs.to_vec());
+    }
+    let s = Series::new(key);
+    let loaded = db
+        .iter()
+        .map(|((r, sid), b)| e.load_state(r, *sid, Some(&s), b))
+        .collect();
+    (e, loaded)
+}
+
+/// Closes the orphans as a seal does; `(derived key, start, value)`.
+fn close_orphans(e: &mut Engine, key: &str) -> Vec<(String, i64, Value)> {
+    let mut out = Vec::new();
+    e.close_orphans(&mut out);
+    let s = Series::new(key);
+    out.iter()
+        .map(|x| (e.derived_series(x, &s).key, x.start_ms, x.value.clone()))
+        .collect()
+}
+
+const MEAN: &str = r#"
+[[rules]]
+name = "m"
+series = "s/+"
+sizes_ms = [1000, 5000]
+functions = ["count", "mean"]
+allowed_lateness_ms = 2000
+keep_raw = false
+"#;
+
+const OTHER: &str = r#"
+[[rules]]
+name = "o"
+series = "x/+"
+sizes_ms = [1000]
+functions = ["max"]
+"#;
+
+/// A rule removed between two runs (under `keep_raw = false` its readings were deleted unsent): its open windows
+/// close at the next seal with the functions it had, once; then its state stays, with nothing open, so a window
+/// it emitted does not open again should the rule come back. Without the functions, they wait.
+#[test]
+fn a_removed_rules_open_windows_close_once_with_the_functions_they_had() {
+    let mut db = std::collections::BTreeMap::new();
+    let mut e = engine(MEAN);
+    let (fates, out) = feed(&mut e, "s/a", &[(100, 1.0), (300, 3.0), (1200, 5.0)]);
+    assert!(fates.iter().all(|f| *f == RawFate::Withhold));
+    assert!(out.is_empty());
+    commit(&mut e, &mut db);
+    let funcs = [Func::Count, Func::Mean];
+    let (mut e, loaded) = restart(OTHER, &db, "s/a", &[("m", &funcs)]);
+    assert_eq!(loaded, vec![Loaded::Orphan]);
+    assert_eq!(e.open_windows(), 3);
+    assert!(e.has_due(), "a seal is due without any reading");
+    let k = |f: &str| format!("s/a/{f}");
+    assert_eq!(
+        close_orphans(&mut e, "s/a"),
+        vec![
+            (k("count_1s"), 0, Value::I64(2)),
+            (k("mean_1s"), 0, Value::F64(2.0)),
+            (k("count_1s"), 1000, Value::I64(1)),
+            (k("mean_1s"), 1000, Value::F64(5.0)),
+            (k("count_5s"), 0, Value::I64(3)),
+            (k("mean_5s"), 0, Value::F64(3.0)),
+        ]
+    );
+    assert_eq!(e.open_windows(), 0);
+    commit(&mut e, &mut db);
+    let (mut e, loaded) = restart(OTHER, &db, "s/a", &[("m", &funcs)]);
+    assert_eq!(loaded, vec![Loaded::Closed]);
+    assert!(close_orphans(&mut e, "s/a").is_empty());
+    // The rule back: a late reading of an emitted window does not open it again.
+    let (mut e, _) = restart(MEAN, &db, "s/a", &[]);
+    feed(&mut e, "s/a", &[(900, 7.0)]);
+    e.committed();
+    assert_eq!((e.counts().late, e.open_windows()), (1, 0));
+    // Functions unknown (a state committed by a version that did not keep them): the windows wait.
+    let db = committed_after(&[(100, 1.0)]);
+    let (mut e, loaded) = restart(OTHER, &db, "s/a", &[]);
+    assert_eq!(loaded, vec![Loaded::NoRule]);
+    assert!(close_orphans(&mut e, "s/a").is_empty());
+}
+
+/// A size taken out of a rule: its open windows close at the next seal, the other sizes' stay open and go on, and
+/// the state written then has none of the removed size (a later start closes nothing again).
+#[test]
+fn a_size_taken_out_of_a_rule_closes_its_windows_once_and_keeps_the_others() {
+    let mut db = committed_after(&[(100, 1.0), (300, 3.0)]);
+    let fewer = MEAN.replace("[1000, 5000]", "[5000]");
+    let funcs = [Func::Count, Func::Mean];
+    let (mut e, loaded) = restart(&fewer, &db, "s/a", &[("m", &funcs)]);
+    assert_eq!(loaded, vec![Loaded::Orphan]);
+    assert_eq!(e.open_windows(), 2);
+    let k = |f: &str| format!("s/a/{f}");
+    assert_eq!(
+        close_orphans(&mut e, "s/a"),
+        vec![
+            (k("count_1s"), 0, Value::I64(2)),
+            (k("mean_1s"), 0, Value::F64(2.0)),
+        ]
+    );
+    let (_, out) = feed(&mut e, "s/a", &[(4000, 5.0), (7000, 0.0)]);
+    assert_eq!(
+        out,
+        vec![
+            (k("count_5s"), 0, Value::I64(3)),
+            (k("mean_5s"), 0, Value::F64(3.0)),
+        ]
+    );
+    commit(&mut e, &mut db);
+    let (mut e, loaded) = restart(&fewer, &db, "s/a", &[("m", &funcs)]);
+    assert_eq!(loaded, vec![Loaded::Yes]);
+    assert_eq!(e.open_windows(), 1, "[5000, 10000)");
+    assert!(close_orphans(&mut e, "s/a").is_empty());
+}
+
+/// A rule renamed (or its series taken over by another rule writing the same derived series): the open windows go
+/// on in the configured rule and close once, with the readings of both, instead of two values for one window.
+#[test]
+fn a_renamed_rule_takes_over_the_open_windows() {
+    let mut db = committed_after(&[(100, 1.0), (300, 3.0)]);
+    let renamed = MEAN.replace("name = \"m\"", "name = \"n\"");
+    let funcs = [Func::Count, Func::Mean];
+    let (mut e, loaded) = restart(&renamed, &db, "s/a", &[("m", &funcs)]);
+    assert_eq!(loaded, vec![Loaded::Orphan]);
+    assert!(close_orphans(&mut e, "s/a").is_empty(), "handed over");
+    assert_eq!(e.open_windows(), 2);
+    let (fates, out) = feed(&mut e, "s/a", &[(500, 8.0), (7000, 0.0)]);
+    assert_eq!(fates, vec![RawFate::Withhold; 2]);
+    let k = |f: &str| format!("s/a/{f}");
+    assert_eq!(
+        out,
+        vec![
+            (k("count_1s"), 0, Value::I64(3)),
+            (k("mean_1s"), 0, Value::F64(4.0)),
+            (k("count_5s"), 0, Value::I64(3)),
+            (k("mean_5s"), 0, Value::F64(4.0)),
+        ]
+    );
+    commit(&mut e, &mut db);
+    assert_eq!(db.len(), 2);
+    let (mut e, loaded) = restart(&renamed, &db, "s/a", &[("m", &funcs)]);
+    assert_eq!(
+        loaded,
+        vec![Loaded::Closed, Loaded::Yes],
+        "m emptied, n open"
+    );
+    assert_eq!(e.open_windows(), 2, "[7000, 8000) and [5000, 10000)");
+    assert!(close_orphans(&mut e, "s/a").is_empty());
+    // Handed over after the heir saw readings of the window: merged, the heir's readings the later ones.
+    let mut db = committed_after(&[(100, 1.0), (200, 2.0)]);
+    let mut heir = engine(&renamed);
+    feed(&mut heir, "s/a", &[(200, 9.0), (600, 3.0)]);
+    commit(&mut heir, &mut db);
+    let (mut e, _) = restart(&renamed, &db, "s/a", &[("m", &funcs)]);
+    assert!(close_orphans(&mut e, "s/a").is_empty());
+    let st = e.state(0, 1).unwrap();
+    let acc = st.open[0][0].1;
+    assert_eq!(
+        (acc.count, acc.sum, acc.min, acc.max, acc.first, acc.last),
+        (4, 15.0, 1.0, 9.0, (100, 1.0), (600, 3.0))
+    );
+}
