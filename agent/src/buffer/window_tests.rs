@@ -425,3 +425,30 @@ fn a_removed_or_renamed_rules_open_window_lands_once() {
         ]
     );
 }
+
+/// States committed by a version that did not keep the rules' functions (an upgrade): a start with the rule
+/// configured writes them at once, so a run that commits no state before the rule is removed still leaves its
+/// windows closable.
+#[test]
+fn a_rules_functions_are_kept_from_the_first_start_after_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.db");
+    let mut b = open(&path);
+    append(&mut b, "m/a", &[(100, 1.0), (200, 3.0)]);
+    seal(&mut b).unwrap();
+    drop(b);
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute("DELETE FROM window_rule", [])
+        .unwrap();
+    drop(open(&path)); // the upgraded agent's first run: no seal
+    let mut b = open_with(&path, "");
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            got("m/a/count_1s", 0, "2i", false),
+            got("m/a/mean_1s", 0, "2", false)
+        ]
+    );
+}

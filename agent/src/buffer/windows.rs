@@ -102,6 +102,19 @@ impl Buffer {
                 Loaded::Unreadable => unreadable += 1,
             }
         }
+        // The functions of a configured rule the table does not know yet (a first start, or the first after an
+        // upgrade), now: a run that commits no state would leave them unknown should the rule be removed next.
+        // The seals write them all again (a rule whose functions changed); failing here changes nothing else.
+        for rule in self.windows.rules() {
+            let funcs: Vec<&str> = rule.functions().iter().map(|f| f.name()).collect();
+            if let Err(e) = self.conn.execute(
+                "INSERT OR IGNORE INTO window_rule(name, functions) VALUES (?1, ?2)",
+                params![rule.name, funcs.join(",")],
+            ) {
+                tracing::debug!(error = %e, "window rules' functions not written at load");
+                break;
+            }
+        }
         if no_rule + unreadable + orphans > 0 {
             tracing::warn!(
                 no_rule,

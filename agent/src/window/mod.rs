@@ -36,8 +36,12 @@
 //! has their size, or no longer matches the series) are closed by the next seal ([`Engine::close_orphans`]), under
 //! a retired rule with the functions the rule had when its states were committed ([`Engine::remember_functions`]),
 //! or handed over to each configured rule that now writes their derived series for that series (same size, a
-//! function in common: a rule renamed or split), merged with its window of the same start. Either way the state
-//! rows written with that seal hold them no more: none is emitted twice, none is left open for good.
+//! function in common: a rule renamed or split), merged with its window of the same start, together with the end
+//! through which the old rule closed each shared size. Either way the state rows written with that seal hold them
+//! no more: none is emitted twice, none is left open for good. A close of all windows (these) notes per size the
+//! end through which it emitted (`emitted_to`) instead of raising the pair's `closed_to`: a window emitted so never
+//! opens again (a size or rule put back), and a window of another size that was never open is not taken for
+//! closed.
 //!
 //! A reading is aggregated when it is a finite number (integers and booleans as f64; booleans 0 and 1) of good or
 //! uncertain quality. Per size, if its window has closed already it is **late** for the rule (counted once per
@@ -245,6 +249,10 @@ pub struct PairState {
     pub closed_to: Option<i64>,
     /// Per size of the rule (same order): the open windows `(start, aggregate)`, by start.
     pub open: Vec<Vec<(i64, Acc)>>,
+    /// Per window size (of this rule or not), the end through which windows of that size were emitted, or taken for
+    /// emitted under another rule name, beyond `closed_to` ([`Engine::close_orphans`]): a reading of one is late.
+    /// Dropped once `closed_to` passes it; usually empty.
+    pub emitted_to: Vec<(i64, i64)>,
     dirty: bool,
 }
 
@@ -253,11 +261,14 @@ const WINDOW_BYTES: usize = 72;
 
 impl PairState {
     /// Serialises: version 2, newest and closed_to (each flag + i64), per size `(size_ms, n, n × window)`;
-    /// little-endian. (Version 1, read too, had no closed_to.)
+    /// little-endian; version 3 when `emitted_to` is not empty, followed by its length (u8) and `(size_ms, end)`
+    /// pairs. (Version 1, read too, had no closed_to; an agent from before version 3 reads most states.)
     pub fn to_bytes(&self, sizes: &[i64]) -> Vec<u8> {
         let n: usize = self.open.iter().map(Vec::len).sum();
-        let mut b = Vec::with_capacity(25 + 12 * sizes.len() + WINDOW_BYTES * n);
-        b.push(2);
+        let mut b = Vec::with_capacity(
+            26 + 12 * sizes.len() + WINDOW_BYTES * n + 16 * self.emitted_to.len(),
+        );
+        b.push(if self.emitted_to.is_empty() { 2 } else { 3 });
         for t in [self.newest, self.closed_to] {
             match t {
                 Some(t) => {
@@ -284,13 +295,21 @@ impl PairState {
                 }
             }
         }
+        if !self.emitted_to.is_empty() {
+            let kept = &self.emitted_to[..self.emitted_to.len().min(u8::MAX as usize)];
+            b.push(kept.len() as u8);
+            for (size, end) in kept {
+                b.extend_from_slice(&size.to_le_bytes());
+                b.extend_from_slice(&end.to_le_bytes());
+            }
+        }
         b
     }
 
     /// Parses [`PairState::to_bytes`] for a rule with `sizes`: windows of sizes the rule no longer has are left
     /// out. `None` if malformed.
     pub fn from_bytes(b: &[u8], sizes: &[i64]) -> Option<Self> {
-        let (newest, closed_to, lists) = parse_state(b)?;
+        let (newest, closed_to, lists, emitted_to) = parse_state(b)?;
         let mut open = vec![Vec::new(); sizes.len()];
         for (size, windows) in lists {
             if let Some(k) = sizes.iter().position(|&s| s == size) {
@@ -302,20 +321,42 @@ impl PairState {
             newest,
             closed_to,
             open,
+            emitted_to,
             dirty: false,
         })
     }
 
-    /// The sizes of the open windows in [`PairState::to_bytes`], each once in the order stored. `None` if
-    /// malformed.
-    pub fn open_sizes(b: &[u8]) -> Option<Vec<i64>> {
-        let mut sizes: Vec<i64> = Vec::new();
+    /// The sizes stored in [`PairState::to_bytes`], each once in the order stored, with whether it holds open
+    /// windows. `None` if malformed.
+    pub fn stored_sizes(b: &[u8]) -> Option<Vec<(i64, bool)>> {
+        let mut sizes: Vec<(i64, bool)> = Vec::new();
         for (size, windows) in parse_state(b)?.2 {
-            if !windows.is_empty() && !sizes.contains(&size) {
-                sizes.push(size);
+            match sizes.iter_mut().find(|(z, _)| *z == size) {
+                Some((_, open)) => *open |= !windows.is_empty(),
+                None => sizes.push((size, !windows.is_empty())),
             }
         }
         Some(sizes)
+    }
+
+    /// The end through which windows of `size` are closed beyond `closed_to` (`emitted_to`), or `i64::MIN`.
+    fn emitted_through(&self, size: i64) -> i64 {
+        self.emitted_to
+            .iter()
+            .find(|(z, _)| *z == size)
+            .map_or(i64::MIN, |&(_, end)| end)
+    }
+
+    /// Windows of `size` ending at or before `end` are closed; returns whether that is new.
+    fn note_emitted(&mut self, size: i64, end: i64) -> bool {
+        if end <= self.closed_to.unwrap_or(i64::MIN) || end <= self.emitted_through(size) {
+            return false;
+        }
+        match self.emitted_to.iter_mut().find(|(z, _)| *z == size) {
+            Some(e) => e.1 = end,
+            None => self.emitted_to.push((size, end)),
+        }
+        true
     }
 
     fn windows(&self) -> usize {
@@ -332,8 +373,13 @@ impl PairState {
     }
 }
 
-/// A persisted state's parts: newest, closed_to and per stored size its windows.
-type StateParts = (Option<i64>, Option<i64>, Vec<(i64, Vec<(i64, Acc)>)>);
+/// A persisted state's parts: newest, closed_to, per stored size its windows, and `emitted_to`.
+type StateParts = (
+    Option<i64>,
+    Option<i64>,
+    Vec<(i64, Vec<(i64, Acc)>)>,
+    Vec<(i64, i64)>,
+);
 
 /// Parses [`PairState::to_bytes`] whatever the sizes. `None` if malformed.
 fn parse_state(b: &[u8]) -> Option<StateParts> {
@@ -346,7 +392,7 @@ fn parse_state(b: &[u8]) -> Option<StateParts> {
     let word = |s: &[u8]| -> i64 { i64::from_le_bytes(s.try_into().unwrap_or_default()) };
     let float = |s: &[u8]| -> f64 { f64::from_le_bytes(s.try_into().unwrap_or_default()) };
     let version = take(1)?[0];
-    if !(1..=2).contains(&version) {
+    if !(1..=3).contains(&version) {
         return None;
     }
     let mut time = || -> Option<Option<i64>> {
@@ -383,10 +429,16 @@ fn parse_state(b: &[u8]) -> Option<StateParts> {
             .collect();
         lists.push((size, windows));
     }
+    let mut emitted_to = Vec::new();
+    if version >= 3 {
+        for _ in 0..take(1)?[0] {
+            emitted_to.push((word(take(8)?), word(take(8)?)));
+        }
+    }
     if at != b.len() {
         return None;
     }
-    Some((newest, closed_to, lists))
+    Some((newest, closed_to, lists, emitted_to))
 }
 
 /// The watermark the intake clock gives a silent pair at `now` (`idle_close_ms`): the watermark it would have
@@ -452,8 +504,9 @@ fn mark_dirty(dirty: &mut Vec<(usize, i64)>, st: &mut PairState, pair: (usize, i
     }
 }
 
-/// Closes the pair's windows that end at or before `watermark` into `out` (all of them at `i64::MAX`, raising
-/// `closed_to` to the last end so none reopens); returns how many.
+/// Closes the pair's windows that end at or before `watermark` into `out`, raising `closed_to` to the last end so
+/// none reopens; at `i64::MAX` all of them, noting each size's last end in `emitted_to` instead (the windows of the
+/// other sizes that end before it were not closed); returns how many.
 fn close_through(
     rule: &Rule,
     r: usize,
@@ -469,9 +522,9 @@ fn close_through(
             .iter()
             .take_while(|(s, _)| s.saturating_add(size) <= watermark)
             .count();
+        let mut last_end = None;
         for (start, acc) in list.drain(..closed) {
-            let end = start.saturating_add(size);
-            st.closed_to = Some(st.closed_to.map_or(end, |c| c.max(end)));
+            last_end = Some(start.saturating_add(size));
             for &func in &rule.funcs {
                 out.push(Emitted {
                     rule: r,
@@ -482,6 +535,13 @@ fn close_through(
                     value: acc.value(func),
                 });
             }
+        }
+        match last_end {
+            Some(end) if watermark == i64::MAX => {
+                st.note_emitted(size, end);
+            }
+            Some(end) => st.closed_to = Some(st.closed_to.map_or(end, |c| c.max(end))),
+            None => {}
         }
         total += closed;
     }
@@ -750,27 +810,36 @@ impl Engine {
         series: Option<&Series>,
         bytes: &[u8],
     ) -> Loaded {
-        let Some(stored) = PairState::open_sizes(bytes) else {
+        let Some(stored) = PairState::stored_sizes(bytes) else {
             return Loaded::Unreadable;
         };
         let active = self.by_name.get(rule).copied();
-        let gone: Vec<i64> = stored
-            .into_iter()
-            .filter(|z| active.is_none_or(|a| !self.rules[a].sizes.contains(z)))
-            .collect();
+        // A removed rule's every size (what it closed is handed to the rule that now writes its series, if any);
+        // a configured rule's open sizes it no longer has.
+        let gone: Vec<i64> = match active {
+            None => stored.iter().map(|&(z, _)| z).collect(),
+            Some(a) => stored
+                .iter()
+                .filter(|&&(z, open)| open && !self.rules[a].sizes.contains(&z))
+                .map(|&(z, _)| z)
+                .collect(),
+        };
+        let open_gone = stored.iter().any(|&(z, open)| open && gone.contains(&z));
         let mut retired = false;
         if let Some(s) = series.filter(|_| !gone.is_empty()) {
-            if let Some(t) = self.retire(rule, gone.clone(), active) {
-                self.insert_state(t, series_id, bytes);
-                self.orphans.push((t, series_id, s.clone()));
-                retired = true;
+            if let Some(t) = self.retire(rule, gone, active) {
+                if open_gone || !self.heirs(t, s).is_empty() {
+                    self.insert_state(t, series_id, bytes);
+                    self.orphans.push((t, series_id, s.clone()));
+                    retired = true;
+                }
             }
         }
         let Some(r) = active else {
-            return match (retired, gone.is_empty()) {
+            return match (retired, open_gone) {
                 (true, _) => Loaded::Orphan,
-                (false, true) => Loaded::Closed,
-                (false, false) => Loaded::NoRule,
+                (false, false) => Loaded::Closed,
+                (false, true) => Loaded::NoRule,
             };
         };
         let windows = self.insert_state(r, series_id, bytes);
@@ -882,11 +951,15 @@ impl Engine {
             .max(st.closed_to);
         st.closed_to = watermark;
         let watermark = watermark.unwrap_or(i64::MIN);
+        if !st.emitted_to.is_empty() {
+            st.emitted_to.retain(|&(_, end)| end > watermark);
+        }
         let (mut late, mut overflow) = (false, false);
         if let Some(x) = x {
             for (k, &size) in rule.sizes.iter().enumerate() {
                 let start = ts.div_euclid(size).saturating_mul(size);
-                if start.saturating_add(size) <= watermark {
+                let end = start.saturating_add(size);
+                if end <= watermark || end <= st.emitted_through(size) {
                     late = true;
                     continue;
                 }
@@ -929,87 +1002,128 @@ impl Engine {
             let Some(mut st) = self.states.remove(&(r, sid)) else {
                 continue;
             };
+            let (emitted_before, windows_before) = (st.emitted_to.clone(), st.windows());
             self.hand_over(r, sid, &series, &mut st);
+            let handed = windows_before - st.windows();
             let closed = close_through(&self.rules[r], r, sid, &mut st, i64::MAX, out);
             self.open -= closed;
             self.uncommitted.closed += closed as u64;
-            self.states.insert((r, sid), st);
             // The row to write is the configured rule's of that name, if there is one: a retired rule's windows
-            // were a part of its state.
+            // were a part of its state, and what they closed goes into it.
             let owner = match self.by_name.get(&self.rules[r].name) {
-                Some(&a) if self.states.contains_key(&(a, sid)) => a,
-                _ => r,
+                Some(&a) if a != r && self.states.contains_key(&(a, sid)) => Some(a),
+                _ => None,
             };
-            if let Some(st) = self.states.get_mut(&(owner, sid)) {
-                mark_dirty(&mut self.dirty, st, (owner, sid));
+            let noted = std::mem::take(&mut st.emitted_to);
+            let changed = closed + handed > 0 || noted != emitted_before;
+            let (pair, target) = match owner {
+                Some(a) => {
+                    self.states.insert((r, sid), st);
+                    (a, self.states.get_mut(&(a, sid)))
+                }
+                None => {
+                    st.emitted_to = noted.clone();
+                    self.states.insert((r, sid), st);
+                    (r, self.states.get_mut(&(r, sid)))
+                }
+            };
+            if let Some(target) = target {
+                for &(size, end) in &noted {
+                    target.note_emitted(size, end);
+                }
+                if changed {
+                    mark_dirty(&mut self.dirty, target, (pair, sid));
+                }
             }
             named.push((sid, series));
         }
         named
     }
 
-    /// Moves the open windows of `st` (the orphaned pair of rule `r` and `series`) whose derived series a configured
-    /// rule now writes for `series` (same size, a function in common) into each such rule's state, merged with its
-    /// window of the same start, where that rule has not closed the window yet. A window stays in `st` (and is
-    /// closed with `r`'s functions) only if no such rule took it.
-    fn hand_over(&mut self, r: usize, sid: i64, series: &Series, st: &mut PairState) {
-        let Self {
-            rules,
-            states,
-            dirty,
-            open,
-            active,
-            ..
-        } = self;
-        let old = &rules[r];
-        let heirs: Vec<usize> = (0..*active)
+    /// The configured rules that write a derived series of rule `r` for `series`: they match it, and share a size
+    /// and a function with `r` (a rule renamed, split, or merged into another).
+    fn heirs(&self, r: usize, series: &Series) -> Vec<usize> {
+        let old = &self.rules[r];
+        (0..self.active)
             .filter(|&b| {
-                let new = &rules[b];
+                let new = &self.rules[b];
                 b != r
                     && new.funcs.iter().any(|f| old.funcs.contains(f))
                     && new.sizes.iter().any(|z| old.sizes.contains(z))
                     && new.matches(series)
             })
-            .collect();
+            .collect()
+    }
+
+    /// Hands what `st` (the orphaned pair of rule `r` and `series`) holds of the derived series a configured rule
+    /// now writes for `series` ([`Engine::heirs`]) to each such rule's state: its open windows, merged with the
+    /// heir's window of the same start, where the heir has not closed that window yet; and, per shared size, the
+    /// end through which `r` closed that size's windows (its `closed_to`, its `emitted_to`), so that a late reading
+    /// does not open for the heir a window `r` emitted. A window stays in `st` (and is closed with `r`'s functions)
+    /// only if no heir took it.
+    fn hand_over(&mut self, r: usize, sid: i64, series: &Series, st: &mut PairState) {
+        let heirs = self.heirs(r, series);
+        if heirs.is_empty() {
+            return;
+        }
+        let Self {
+            rules,
+            states,
+            dirty,
+            open,
+            ..
+        } = self;
+        let old = &rules[r];
         for (k, &size) in old.sizes.iter().enumerate() {
-            let mut kept = Vec::new();
-            for (start, acc) in std::mem::take(&mut st.open[k]) {
-                let mut taken = false;
-                for &b in &heirs {
-                    let rule = &rules[b];
-                    let Some(kb) = rule.sizes.iter().position(|&z| z == size) else {
-                        continue;
-                    };
-                    let heir = states.entry((b, sid)).or_insert_with(|| PairState {
-                        open: vec![Vec::new(); rule.sizes.len()],
-                        ..PairState::default()
-                    });
-                    let watermark = heir
-                        .newest
-                        .map(|n| n.saturating_sub(rule.lateness))
-                        .max(heir.closed_to)
-                        .unwrap_or(i64::MIN);
+            let through = st
+                .closed_to
+                .unwrap_or(i64::MIN)
+                .max(st.emitted_through(size));
+            let windows = std::mem::take(&mut st.open[k]);
+            let mut taken = vec![false; windows.len()];
+            for &b in &heirs {
+                let rule = &rules[b];
+                let Some(kb) = rule.sizes.iter().position(|&z| z == size) else {
+                    continue;
+                };
+                let heir = states.entry((b, sid)).or_insert_with(|| PairState {
+                    open: vec![Vec::new(); rule.sizes.len()],
+                    ..PairState::default()
+                });
+                let watermark = heir
+                    .newest
+                    .map(|n| n.saturating_sub(rule.lateness))
+                    .max(heir.closed_to)
+                    .unwrap_or(i64::MIN)
+                    .max(heir.emitted_through(size));
+                let mut changed = false;
+                for (i, (start, acc)) in windows.iter().enumerate() {
                     if start.saturating_add(size) <= watermark {
                         continue;
                     }
                     let list = &mut heir.open[kb];
-                    match list.binary_search_by_key(&start, |(s, _)| *s) {
-                        Ok(i) => list[i].1.merge_earlier(&acc),
-                        Err(i) => {
-                            list.insert(i, (start, acc));
+                    match list.binary_search_by_key(start, |(s, _)| *s) {
+                        Ok(j) => list[j].1.merge_earlier(acc),
+                        Err(j) => {
+                            list.insert(j, (*start, *acc));
                             *open += 1;
                         }
                     }
-                    mark_dirty(dirty, heir, (b, sid));
-                    taken = true;
+                    taken[i] = true;
+                    changed = true;
                 }
-                if taken {
-                    *open -= 1;
-                } else {
-                    kept.push((start, acc));
+                changed |= heir.note_emitted(size, through);
+                if changed {
+                    mark_dirty(dirty, heir, (b, sid));
                 }
             }
-            st.open[k] = kept;
+            for (i, w) in windows.into_iter().enumerate() {
+                if taken[i] {
+                    *open -= 1;
+                } else {
+                    st.open[k].push(w);
+                }
+            }
         }
     }
 

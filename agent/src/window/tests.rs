@@ -517,6 +517,16 @@ allowed_lateness_ms = 10000
     let old = PairState::from_bytes(&v1, &[1000, 5000]).unwrap();
     assert_eq!((old.newest, old.closed_to), (st.newest, None));
     assert_eq!(old.open, st.open);
+    // Version 3: what was emitted beyond closed_to, per size, kept whatever the sizes read.
+    let mut ahead = st.clone();
+    ahead.emitted_to = vec![(1000, 9000), (60_000, 60_000)];
+    let b3 = ahead.to_bytes(&[1000, 5000]);
+    assert_eq!((b[0], b3[0]), (2, 3));
+    assert_eq!(
+        PairState::from_bytes(&b3, &[5000]).unwrap().emitted_to,
+        ahead.emitted_to
+    );
+    assert!(PairState::from_bytes(&b3[..b3.len() - 1], &[1000]).is_none());
     let fewer = PairState::from_bytes(&b, &[5000]).unwrap();
     assert_eq!(fewer.open, vec![st.open[1].clone()]);
     assert!(PairState::from_bytes(&b[..b.len() - 1], &[1000, 5000]).is_none());
@@ -957,11 +967,12 @@ fn a_renamed_rule_takes_over_the_open_windows() {
     let (mut e, loaded) = restart(&renamed, &db, "s/a", &[("m", &funcs)]);
     assert_eq!(
         loaded,
-        vec![Loaded::Closed, Loaded::Yes],
-        "m emptied, n open"
+        vec![Loaded::Orphan, Loaded::Yes],
+        "m emptied (loaded for what it closed: n writes its series), n open"
     );
     assert_eq!(e.open_windows(), 2, "[7000, 8000) and [5000, 10000)");
     assert!(close_orphans(&mut e, "s/a").is_empty());
+    assert!(e.take_dirty().is_empty(), "nothing new to write");
     // Handed over after the heir saw readings of the window: merged, the heir's readings the later ones.
     let mut db = committed_after(&[(100, 1.0), (200, 2.0)]);
     let mut heir = engine(&renamed);
@@ -974,5 +985,72 @@ fn a_renamed_rule_takes_over_the_open_windows() {
     assert_eq!(
         (acc.count, acc.sum, acc.min, acc.max, acc.first, acc.last),
         (4, 15.0, 1.0, 9.0, (100, 1.0), (600, 3.0))
+    );
+}
+
+/// A size taken out and put back, or a rule removed and added again: a window emitted at the removal does not open
+/// again (it would come out twice), and a window of another size that was never open is not taken for closed (its
+/// readings would be late, under `keep_raw = false` and `late = "drop"` deleted).
+#[test]
+fn a_size_or_rule_put_back_neither_reopens_an_emitted_window_nor_drops_readings() {
+    let funcs = [Func::Count, Func::Mean];
+    let fewer = MEAN.replace("[1000, 5000]", "[1000]");
+    for between in [fewer.as_str(), OTHER] {
+        let mut db = committed_after(&[(100, 1.0), (300, 3.0)]);
+        let (mut e, _) = restart(between, &db, "s/a", &[("m", &funcs)]);
+        let closed = close_orphans(&mut e, "s/a");
+        assert!(
+            closed.contains(&("s/a/count_5s".into(), 0, Value::I64(2))),
+            "{closed:?}"
+        );
+        commit(&mut e, &mut db);
+        let (mut e, _) = restart(MEAN, &db, "s/a", &[("m", &funcs)]);
+        assert!(close_orphans(&mut e, "s/a").is_empty());
+        let (fates, out) = feed(&mut e, "s/a", &[(3000, 4.0), (9000, 0.0)]);
+        assert_eq!(fates, vec![RawFate::Withhold; 2], "{between}");
+        e.committed();
+        assert_eq!(
+            e.counts().late,
+            1,
+            "3000 is late for the emitted [0, 5000): {between}"
+        );
+        let k = |f: &str| format!("s/a/{f}");
+        assert!(
+            out.contains(&(k("count_1s"), 3000, Value::I64(1))),
+            "[3000, 4000) was never open: {out:?}"
+        );
+        assert!(
+            !out.iter()
+                .any(|(key, start, _)| key.ends_with("_5s") && *start == 0),
+            "[0, 5000) was emitted at the removal, not again: {out:?}"
+        );
+    }
+}
+
+/// A rule renamed after its windows closed: what the old name emitted stays closed under the new one (a late
+/// reading of such a window is late, not a second, partial value).
+#[test]
+fn a_renamed_rule_keeps_what_the_old_name_emitted_closed() {
+    let mut db = committed_after(&[(100, 1.0), (7000, 3.0)]);
+    let renamed = MEAN.replace("name = \"m\"", "name = \"n\"");
+    let funcs = [Func::Count, Func::Mean];
+    let (mut e, loaded) = restart(&renamed, &db, "s/a", &[("m", &funcs)]);
+    assert_eq!(loaded, vec![Loaded::Orphan], "loaded for what it closed");
+    assert!(close_orphans(&mut e, "s/a").is_empty());
+    commit(&mut e, &mut db);
+    let (mut e, _) = restart(&renamed, &db, "s/a", &[("m", &funcs)]);
+    let (fates, out) = feed(&mut e, "s/a", &[(4500, 2.0)]);
+    e.committed();
+    assert_eq!(
+        e.counts().late,
+        1,
+        "[4000, 5000) and [0, 5000) were emitted under m"
+    );
+    assert_eq!(fates, vec![RawFate::Withhold], "late = drop");
+    assert!(out.is_empty());
+    assert_eq!(
+        e.open_windows(),
+        2,
+        "m's [7000, 8000) and [5000, 10000), now n's"
     );
 }
