@@ -253,6 +253,9 @@ pub struct PairState {
     /// emitted under another rule name, beyond `closed_to` ([`Engine::close_orphans`]): a reading of one is late.
     /// Dropped once `closed_to` passes it; usually empty.
     pub emitted_to: Vec<(i64, i64)>,
+    /// With open windows, the intake clock when the pair's last reading was observed, or when a scan first met it
+    /// after a load ([`Engine::idle_due`]); not persisted (a restart times the silence again).
+    seen: Option<i64>,
     dirty: bool,
 }
 
@@ -322,6 +325,7 @@ impl PairState {
             closed_to,
             open,
             emitted_to,
+            seen: None,
             dirty: false,
         })
     }
@@ -662,9 +666,6 @@ pub struct Engine {
     ahead: HashMap<(usize, i64), (i64, i64)>,
     /// The intake clock of the seal that feeds the next readings ([`Engine::set_intake_clock`]).
     intake_ms: Option<i64>,
-    /// Per pair with open windows, the intake clock when its last reading was observed, or when a scan first met
-    /// it after a load; not persisted (a restart times the silence again).
-    seen: HashMap<(usize, i64), i64>,
     /// Whether any rule closes windows on the clock (`idle_close_ms` > 0).
     any_idle: bool,
     /// Pairs the last scan found with a window the clock closes ([`Engine::idle_due`]).
@@ -716,7 +717,6 @@ impl Engine {
             orphans: Vec::new(),
             ahead: HashMap::default(),
             intake_ms: None,
-            seen: HashMap::default(),
             idle: Vec::new(),
             next_idle_scan: i64::MIN,
             any_idle,
@@ -943,7 +943,7 @@ impl Engine {
         mark_dirty(&mut self.dirty, st, (r, sid));
         st.newest = newest_after(st.newest, ts, self.now_ms, &mut self.ahead, (r, sid));
         if let (true, Some(c)) = (rule.idle_close > 0, self.intake_ms) {
-            self.seen.insert((r, sid), c);
+            st.seen = Some(c);
         }
         let watermark = st
             .newest
@@ -1142,20 +1142,19 @@ impl Engine {
             let Self {
                 states,
                 rules,
-                seen,
                 idle,
                 ..
             } = self;
-            for (&(r, sid), st) in states.iter() {
+            for (&(r, sid), st) in states.iter_mut() {
                 let rule = &rules[r];
                 if rule.idle_close == 0 {
                     continue;
                 }
                 let Some(end) = st.first_end(&rule.sizes) else {
-                    seen.remove(&(r, sid));
+                    st.seen = None;
                     continue;
                 };
-                let seen = *seen.entry((r, sid)).or_insert(now);
+                let seen = *st.seen.get_or_insert(now);
                 if idle_watermark(rule, st, seen, now).is_some_and(|w| end <= w) {
                     idle.push((r, sid));
                 }
@@ -1185,9 +1184,10 @@ impl Engine {
             return;
         };
         for (r, sid) in idle {
-            let (Some(st), Some(&seen)) =
-                (self.states.get_mut(&(r, sid)), self.seen.get(&(r, sid)))
-            else {
+            let Some(st) = self.states.get_mut(&(r, sid)) else {
+                continue;
+            };
+            let Some(seen) = st.seen else {
                 continue;
             };
             let Some(w) = idle_watermark(&self.rules[r], st, seen, now) else {
