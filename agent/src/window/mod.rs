@@ -32,14 +32,16 @@
 //! `idle_close_ms` later. Any reading of the pair restarts the silence.
 //!
 //! # Rules edited between runs
-//! Open windows that no configured rule computes on any more ([`Engine::load_state`]: the rule was removed, no longer
-//! has their size, or no longer matches the series) are closed by the next seal ([`Engine::close_orphans`]), under
-//! a retired rule with the functions the rule had when its states were committed ([`Engine::remember_functions`]),
-//! or handed over to each configured rule that now writes their derived series for that series (same size, a
-//! function in common: a rule renamed or split), merged with its window of the same start, together with the end
-//! through which the old rule closed each shared size. Either way the state rows written with that seal hold them
-//! no more: none is emitted twice, none is left open for good. A close of all windows (these) notes per size the
-//! end through which it emitted (`emitted_to`) instead of raising the pair's `closed_to`: a window emitted so never
+//! [`Engine::load_state`] queues the pairs an edit concerns, and the next seal settles them
+//! ([`Engine::close_orphans`]): open windows no configured rule computes on any more (the rule was removed, no
+//! longer has their size, or no longer matches the series) close, under a retired rule with the functions the rule
+//! had when its states were committed ([`Engine::remember_functions`]); and each derived series a rule wrote and no
+//! longer writes goes on in the configured rule that now writes it for that series (its heir: a rule renamed,
+//! split, merged, or given a function): the heir notes per size the end through which the old pair closed windows,
+//! keeps its own window of a start (both saw the same readings), takes a copy of one it does not have and has not
+//! closed, and the old rule emits only the functions no heir took. The state rows written with that seal hold the
+//! result: none is emitted twice, none is left open for good. A close of all windows notes per size the end
+//! through which it emitted (`emitted_to`) instead of raising the pair's `closed_to`: a window emitted so never
 //! opens again (a size or rule put back), and a window of another size that was never open is not taken for
 //! closed.
 //!
@@ -210,21 +212,6 @@ impl Acc {
         }
     }
 
-    /// Adds the readings of `earlier`, a window of the same start whose readings were all observed before this
-    /// one's (ties of event time resolve as if they had come in that order).
-    fn merge_earlier(&mut self, earlier: &Acc) {
-        self.count += earlier.count;
-        self.sum += earlier.sum;
-        self.min = self.min.min(earlier.min);
-        self.max = self.max.max(earlier.max);
-        if earlier.first.0 <= self.first.0 {
-            self.first = earlier.first;
-        }
-        if earlier.last.0 > self.last.0 {
-            self.last = earlier.last;
-        }
-    }
-
     /// The value of function `f`.
     pub fn value(&self, f: Func) -> Value {
         match f {
@@ -250,8 +237,8 @@ pub struct PairState {
     /// Per size of the rule (same order): the open windows `(start, aggregate)`, by start.
     pub open: Vec<Vec<(i64, Acc)>>,
     /// Per window size (of this rule or not), the end through which windows of that size were emitted, or taken for
-    /// emitted under another rule name, beyond `closed_to` ([`Engine::close_orphans`]): a reading of one is late.
-    /// Dropped once `closed_to` passes it; usually empty.
+    /// emitted under another rule name, beyond `closed_to` ([`Engine::close_orphans`]): a reading of one that is not
+    /// open here is late. Dropped once `closed_to` passes it; usually empty.
     pub emitted_to: Vec<(i64, i64)>,
     /// With open windows, the intake clock when the pair's last reading was observed, or when a scan first met it
     /// after a load ([`Engine::idle_due`]); not persisted (a restart times the silence again).
@@ -635,6 +622,20 @@ pub struct Counts {
     pub idle_closed: u64,
 }
 
+/// A loaded pair ([`Engine::load_state`]) that the next seal settles ([`Engine::close_orphans`]).
+#[derive(Debug, Clone)]
+struct Succession {
+    /// The state's rule (a retired one, or a configured one).
+    src: usize,
+    series_id: i64,
+    series: Series,
+    /// The derived series `(function, size)` the state's rule wrote for the series and no longer writes.
+    lost: Vec<(Func, i64)>,
+    /// Whether its open windows close (no configured rule computes on them any more), or stay (the rule goes on
+    /// with other functions).
+    close: bool,
+}
+
 /// The rules and the state of every `(rule, series)` pair seen.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -658,9 +659,9 @@ pub struct Engine {
     uncommitted: Counts,
     /// The seal's wall-clock time, Unix ms ([`Engine::set_clock`]).
     now_ms: i64,
-    /// Loaded pairs with open windows no configured rule computes on: closed by the next seal
-    /// ([`Engine::close_orphans`]).
-    orphans: Vec<(usize, i64, Series)>,
+    /// Loaded pairs whose windows the next seal closes, or whose derived series another configured rule may now
+    /// write ([`Engine::close_orphans`]).
+    orphans: Vec<Succession>,
     /// Per pair, a reading held aside for being far ahead, with its seal's clock ([`newest_after`]); not persisted
     /// (after a restart a jump is taken one reading later).
     ahead: HashMap<(usize, i64), (i64, i64)>,
@@ -814,62 +815,133 @@ impl Engine {
             return Loaded::Unreadable;
         };
         let active = self.by_name.get(rule).copied();
-        // A removed rule's every size (what it closed is handed to the rule that now writes its series, if any);
-        // a configured rule's open sizes it no longer has.
-        let gone: Vec<i64> = match active {
-            None => stored.iter().map(|&(z, _)| z).collect(),
-            Some(a) => stored
-                .iter()
-                .filter(|&&(z, open)| open && !self.rules[a].sizes.contains(&z))
-                .map(|&(z, _)| z)
-                .collect(),
-        };
-        let open_gone = stored.iter().any(|&(z, open)| open && gone.contains(&z));
-        let mut retired = false;
-        if let Some(s) = series.filter(|_| !gone.is_empty()) {
-            if let Some(t) = self.retire(rule, gone, active) {
-                if open_gone || !self.heirs(t, s).is_empty() {
-                    self.insert_state(t, series_id, bytes);
-                    self.orphans.push((t, series_id, s.clone()));
-                    retired = true;
-                }
-            }
-        }
+        let remembered = self
+            .functions
+            .get(rule)
+            .cloned()
+            .or_else(|| active.map(|a| self.rules[a].funcs.clone()))
+            .filter(|f| !f.is_empty());
+        let mut settled = false;
         let Some(r) = active else {
-            return match (retired, open_gone) {
-                (true, _) => Loaded::Orphan,
-                (false, false) => Loaded::Closed,
+            // A removed rule: its open windows close; what it wrote goes to the rule that writes it now.
+            let open = stored.iter().any(|&(_, open)| open);
+            let sizes: Vec<i64> = stored.iter().map(|&(z, _)| z).collect();
+            if let (Some(s), Some(funcs), false) = (series, remembered, sizes.is_empty()) {
+                let t = self.retire(rule, sizes, funcs);
+                settled = self.settle(t, series_id, s, bytes, true, open);
+            }
+            return match (settled, open) {
+                (true, true) => Loaded::Orphan,
+                (_, false) => Loaded::Closed,
                 (false, true) => Loaded::NoRule,
             };
         };
         let windows = self.insert_state(r, series_id, bytes);
-        match series {
-            Some(s) if windows > 0 && !self.rules[r].matches(s) => {
-                self.orphans.push((r, series_id, s.clone()));
-                Loaded::Orphan
+        let Some(s) = series else {
+            return Loaded::Yes;
+        };
+        if !self.rules[r].matches(s) {
+            // Narrowed: its windows of this series close.
+            settled = windows > 0 && self.settle(r, series_id, s, bytes, true, true);
+        } else if let Some(funcs) = &remembered {
+            // Functions the rule no longer has: another configured rule may write them now.
+            let gone: Vec<Func> = funcs
+                .iter()
+                .copied()
+                .filter(|f| !self.rules[r].funcs.contains(f))
+                .collect();
+            if !gone.is_empty() {
+                settled |= self.settle_functions(r, series_id, s, &gone);
             }
-            _ if retired => Loaded::Orphan,
-            _ => Loaded::Yes,
+        }
+        // Open windows of sizes the rule no longer has close, with the functions they were opened with.
+        let gone: Vec<i64> = stored
+            .iter()
+            .filter(|&&(z, open)| open && !self.rules[r].sizes.contains(&z))
+            .map(|&(z, _)| z)
+            .collect();
+        if let (Some(funcs), false) = (remembered, gone.is_empty()) {
+            let t = self.retire(rule, gone, funcs);
+            settled |= self.settle(t, series_id, s, bytes, true, true);
+        }
+        if settled {
+            Loaded::Orphan
+        } else {
+            Loaded::Yes
         }
     }
 
-    /// The retired rule closing windows of `sizes` loaded under the name `name`, made once; `None` if their
-    /// functions are not known.
-    fn retire(&mut self, name: &str, sizes: Vec<i64>, active: Option<usize>) -> Option<usize> {
+    /// Queues the pair of rule `src` (its state read from `bytes` unless it is loaded already) for the next seal:
+    /// `close` its open windows, or hand what it writes to the rules that now write it. Returns whether queued (not
+    /// when there is nothing to close, `must`, and no other rule writes its derived series).
+    fn settle(
+        &mut self,
+        src: usize,
+        series_id: i64,
+        series: &Series,
+        bytes: &[u8],
+        close: bool,
+        must: bool,
+    ) -> bool {
+        let rule = &self.rules[src];
+        let lost: Vec<(Func, i64)> = rule
+            .funcs
+            .iter()
+            .flat_map(|&f| rule.sizes.iter().map(move |&z| (f, z)))
+            .collect();
+        if !must && self.heirs(src, &lost, series).is_empty() {
+            return false;
+        }
+        if !self.states.contains_key(&(src, series_id)) {
+            self.insert_state(src, series_id, bytes);
+        }
+        self.orphans.push(Succession {
+            src,
+            series_id,
+            series: series.clone(),
+            lost,
+            close,
+        });
+        true
+    }
+
+    /// Queues the configured rule `r`'s pair for handing the functions `gone` it no longer has to the rules that now
+    /// write them (its windows stay); returns whether any does.
+    fn settle_functions(
+        &mut self,
+        r: usize,
+        series_id: i64,
+        series: &Series,
+        gone: &[Func],
+    ) -> bool {
+        let rule = &self.rules[r];
+        let lost: Vec<(Func, i64)> = gone
+            .iter()
+            .flat_map(|&f| rule.sizes.iter().map(move |&z| (f, z)))
+            .collect();
+        if self.heirs(r, &lost, series).is_empty() {
+            return false;
+        }
+        self.orphans.push(Succession {
+            src: r,
+            series_id,
+            series: series.clone(),
+            lost,
+            close: false,
+        });
+        true
+    }
+
+    /// The retired rule closing windows of `sizes` loaded under the name `name`, opened with `funcs`, made once.
+    fn retire(&mut self, name: &str, sizes: Vec<i64>, funcs: Vec<Func>) -> usize {
         let key = (name.to_string(), sizes);
         if let Some(&t) = self.retired.get(&key) {
-            return Some(t);
+            return t;
         }
-        let funcs = self
-            .functions
-            .get(name)
-            .cloned()
-            .or_else(|| active.map(|a| self.rules[a].funcs.clone()))
-            .filter(|f| !f.is_empty())?;
         let t = self.rules.len();
         self.rules.push(Rule::retired(name, &key.1, funcs));
         self.retired.insert(key, t);
-        Some(t)
+        t
     }
 
     /// Puts the pair's persisted state (read for its rule's sizes) in memory; returns its open windows.
@@ -959,13 +1031,16 @@ impl Engine {
             for (k, &size) in rule.sizes.iter().enumerate() {
                 let start = ts.div_euclid(size).saturating_mul(size);
                 let end = start.saturating_add(size);
-                if end <= watermark || end <= st.emitted_through(size) {
+                if end <= watermark {
                     late = true;
                     continue;
                 }
+                let through = st.emitted_through(size);
                 let list = &mut st.open[k];
                 match list.binary_search_by_key(&start, |(s, _)| *s) {
                     Ok(i) => list[i].1.add(ts, x),
+                    // Emitted under another rule name, or at a rule's edit (a window open here takes readings).
+                    Err(_) if end <= through => late = true,
                     Err(_) if self.open >= self.max_open => {
                         self.uncommitted.overflow += 1;
                         overflow = true;
@@ -988,143 +1063,205 @@ impl Engine {
         (late, overflow)
     }
 
-    /// Closes every open window no configured rule computes on any more (found by [`Engine::load_state`]: the
+    /// Settles the pairs [`Engine::load_state`] queued: the windows no configured rule computes on any more (the
     /// rule's filter or tags changed since they were opened, it no longer has their size, or it is no longer
-    /// configured). A window whose derived series a configured rule now writes (a rule renamed, split or merged)
-    /// is handed over to that rule instead, and emitted by it when it closes, once, with the readings of both
-    /// ([`Engine::hand_over`]). No reading will join the others any more, so their aggregates are final; each
-    /// pair keeps its state, every window it emitted closed for good. Returns the pairs' series, for the emitted
+    /// configured) close, and what a pair's rule wrote and no longer writes goes to the configured rules that now
+    /// write the same derived series for that series (**heirs**: a rule renamed, split, merged, or given a function
+    /// another rule had). Two passes:
+    ///
+    /// 1. Each heir's pair notes, per shared size, the end through which the old pair closed windows (its
+    ///    `closed_to`, its `emitted_to`): a late reading does not open for the heir a window the old rule emitted.
+    /// 2. Per open window of the old pair and heir: if the heir has a window of that start, it saw the same
+    ///    readings (both rules matched the series) and emits the shared functions; if the window is still open for
+    ///    the heir, a copy goes to it and it emits them; if it is closed for the heir, the old rule emits them.
+    ///    Windows that close are emitted with the old rule's functions no heir took (final: no reading joins them
+    ///    any more), and noted in `emitted_to` so none opens again.
+    ///
+    /// The state rows written with the seal hold the result. Returns the closed pairs' series, for the emitted
     /// readings' names.
     pub fn close_orphans(&mut self, out: &mut Vec<Emitted>) -> Vec<(i64, Series)> {
-        let orphans = std::mem::take(&mut self.orphans);
-        let mut named = Vec::with_capacity(orphans.len());
-        for (r, sid, series) in orphans {
-            let Some(mut st) = self.states.remove(&(r, sid)) else {
+        let pending = std::mem::take(&mut self.orphans);
+        for p in &pending {
+            self.inherit_closed(p);
+        }
+        let mut named = Vec::with_capacity(pending.len());
+        for p in pending {
+            let Some(mut st) = self.states.remove(&(p.src, p.series_id)) else {
                 continue;
             };
             let (emitted_before, windows_before) = (st.emitted_to.clone(), st.windows());
-            self.hand_over(r, sid, &series, &mut st);
-            let handed = windows_before - st.windows();
-            let closed = close_through(&self.rules[r], r, sid, &mut st, i64::MAX, out);
-            self.open -= closed;
-            self.uncommitted.closed += closed as u64;
+            let closed = self.hand_over(&p, &mut st, out);
+            let changed =
+                closed > 0 || st.windows() != windows_before || st.emitted_to != emitted_before;
+            let (r, sid) = (p.src, p.series_id);
             // The row to write is the configured rule's of that name, if there is one: a retired rule's windows
             // were a part of its state, and what they closed goes into it.
             let owner = match self.by_name.get(&self.rules[r].name) {
                 Some(&a) if a != r && self.states.contains_key(&(a, sid)) => Some(a),
                 _ => None,
             };
-            let noted = std::mem::take(&mut st.emitted_to);
-            let changed = closed + handed > 0 || noted != emitted_before;
-            let (pair, target) = match owner {
-                Some(a) => {
-                    self.states.insert((r, sid), st);
-                    (a, self.states.get_mut(&(a, sid)))
-                }
-                None => {
-                    st.emitted_to = noted.clone();
-                    self.states.insert((r, sid), st);
-                    (r, self.states.get_mut(&(r, sid)))
-                }
+            let noted = match owner {
+                Some(_) => std::mem::take(&mut st.emitted_to),
+                None => st.emitted_to.clone(),
             };
-            if let Some(target) = target {
+            self.states.insert((r, sid), st);
+            let pair = (owner.unwrap_or(r), sid);
+            if let Some(target) = self.states.get_mut(&pair) {
                 for &(size, end) in &noted {
                     target.note_emitted(size, end);
                 }
                 if changed {
-                    mark_dirty(&mut self.dirty, target, (pair, sid));
+                    mark_dirty(&mut self.dirty, target, pair);
                 }
             }
-            named.push((sid, series));
+            if p.close {
+                named.push((sid, p.series));
+            }
         }
         named
     }
 
-    /// The configured rules that write a derived series of rule `r` for `series`: they match it, and share a size
-    /// and a function with `r` (a rule renamed, split, or merged into another).
-    fn heirs(&self, r: usize, series: &Series) -> Vec<usize> {
-        let old = &self.rules[r];
+    /// The configured rules other than `src` that write one of the derived series `lost` for `series`.
+    fn heirs(&self, src: usize, lost: &[(Func, i64)], series: &Series) -> Vec<usize> {
         (0..self.active)
             .filter(|&b| {
                 let new = &self.rules[b];
-                b != r
-                    && new.funcs.iter().any(|f| old.funcs.contains(f))
-                    && new.sizes.iter().any(|z| old.sizes.contains(z))
+                b != src
+                    && lost
+                        .iter()
+                        .any(|(f, z)| new.funcs.contains(f) && new.sizes.contains(z))
                     && new.matches(series)
             })
             .collect()
     }
 
-    /// Hands what `st` (the orphaned pair of rule `r` and `series`) holds of the derived series a configured rule
-    /// now writes for `series` ([`Engine::heirs`]) to each such rule's state: its open windows, merged with the
-    /// heir's window of the same start, where the heir has not closed that window yet; and, per shared size, the
-    /// end through which `r` closed that size's windows (its `closed_to`, its `emitted_to`), so that a late reading
-    /// does not open for the heir a window `r` emitted. A window stays in `st` (and is closed with `r`'s functions)
-    /// only if no heir took it.
-    fn hand_over(&mut self, r: usize, sid: i64, series: &Series, st: &mut PairState) {
-        let heirs = self.heirs(r, series);
-        if heirs.is_empty() {
+    /// Pass 1 of [`Engine::close_orphans`] for `p`: each heir's pair notes, per shared size, the end through which
+    /// `p`'s pair closed windows.
+    fn inherit_closed(&mut self, p: &Succession) {
+        let heirs = self.heirs(p.src, &p.lost, &p.series);
+        let Some(st) = self.states.get(&(p.src, p.series_id)) else {
             return;
+        };
+        let through: Vec<(i64, i64)> = self.rules[p.src]
+            .sizes
+            .iter()
+            .map(|&z| {
+                (
+                    z,
+                    st.closed_to.unwrap_or(i64::MIN).max(st.emitted_through(z)),
+                )
+            })
+            .collect();
+        for b in heirs {
+            let rule = &self.rules[b];
+            let heir = self
+                .states
+                .entry((b, p.series_id))
+                .or_insert_with(|| PairState {
+                    open: vec![Vec::new(); rule.sizes.len()],
+                    ..PairState::default()
+                });
+            let mut changed = false;
+            for &(z, end) in &through {
+                if p.lost
+                    .iter()
+                    .any(|&(f, lz)| lz == z && rule.funcs.contains(&f))
+                    && rule.sizes.contains(&z)
+                {
+                    changed |= heir.note_emitted(z, end);
+                }
+            }
+            if changed {
+                mark_dirty(&mut self.dirty, heir, (b, p.series_id));
+            }
         }
+    }
+
+    /// Pass 2 of [`Engine::close_orphans`] for `p`, whose pair's state is `st`: hands its open windows to the
+    /// heirs, and with `p.close` closes them (the functions no heir took into `out`); returns how many closed.
+    fn hand_over(&mut self, p: &Succession, st: &mut PairState, out: &mut Vec<Emitted>) -> usize {
+        let heirs = self.heirs(p.src, &p.lost, &p.series);
         let Self {
             rules,
             states,
             dirty,
             open,
+            uncommitted,
             ..
         } = self;
-        let old = &rules[r];
+        let old = &rules[p.src];
+        let mut total = 0;
         for (k, &size) in old.sizes.iter().enumerate() {
-            let through = st
-                .closed_to
-                .unwrap_or(i64::MIN)
-                .max(st.emitted_through(size));
-            let windows = std::mem::take(&mut st.open[k]);
-            let mut taken = vec![false; windows.len()];
-            for &b in &heirs {
-                let rule = &rules[b];
-                let Some(kb) = rule.sizes.iter().position(|&z| z == size) else {
-                    continue;
-                };
-                let heir = states.entry((b, sid)).or_insert_with(|| PairState {
-                    open: vec![Vec::new(); rule.sizes.len()],
-                    ..PairState::default()
-                });
-                let watermark = heir
-                    .newest
-                    .map(|n| n.saturating_sub(rule.lateness))
-                    .max(heir.closed_to)
-                    .unwrap_or(i64::MIN)
-                    .max(heir.emitted_through(size));
-                let mut changed = false;
-                for (i, (start, acc)) in windows.iter().enumerate() {
-                    if start.saturating_add(size) <= watermark {
+            let lost: Vec<Func> = p
+                .lost
+                .iter()
+                .filter(|&&(_, z)| z == size)
+                .map(|&(f, _)| f)
+                .collect();
+            if lost.is_empty() {
+                continue;
+            }
+            let windows = if p.close {
+                std::mem::take(&mut st.open[k])
+            } else {
+                st.open[k].clone()
+            };
+            let mut last_end = None;
+            for (start, acc) in windows {
+                let mut taken: Vec<Func> = Vec::new();
+                for &b in &heirs {
+                    let rule = &rules[b];
+                    let Some(kb) = rule.sizes.iter().position(|&z| z == size) else {
                         continue;
-                    }
+                    };
+                    let shared = lost.iter().filter(|f| rule.funcs.contains(f));
+                    let Some(heir) = states.get_mut(&(b, p.series_id)) else {
+                        continue;
+                    };
+                    let watermark = heir
+                        .newest
+                        .map(|n| n.saturating_sub(rule.lateness))
+                        .max(heir.closed_to)
+                        .unwrap_or(i64::MIN)
+                        .max(heir.emitted_through(size));
                     let list = &mut heir.open[kb];
-                    match list.binary_search_by_key(start, |(s, _)| *s) {
-                        Ok(j) => list[j].1.merge_earlier(acc),
-                        Err(j) => {
-                            list.insert(j, (*start, *acc));
+                    match list.binary_search_by_key(&start, |(s, _)| *s) {
+                        Ok(_) => taken.extend(shared),
+                        Err(j) if start.saturating_add(size) > watermark => {
+                            list.insert(j, (start, acc));
                             *open += 1;
+                            mark_dirty(dirty, heir, (b, p.series_id));
+                            taken.extend(shared);
                         }
+                        Err(_) => {}
                     }
-                    taken[i] = true;
-                    changed = true;
                 }
-                changed |= heir.note_emitted(size, through);
-                if changed {
-                    mark_dirty(dirty, heir, (b, sid));
+                if !p.close {
+                    continue;
+                }
+                total += 1;
+                // Noted only if emitted here: a window an heir took entirely is the heir's.
+                if old.funcs.iter().any(|f| !taken.contains(f)) {
+                    last_end = Some(start.saturating_add(size));
+                }
+                for &func in old.funcs.iter().filter(|f| !taken.contains(f)) {
+                    out.push(Emitted {
+                        rule: p.src,
+                        series_id: p.series_id,
+                        size: k,
+                        func,
+                        start_ms: start,
+                        value: acc.value(func),
+                    });
                 }
             }
-            for (i, w) in windows.into_iter().enumerate() {
-                if taken[i] {
-                    *open -= 1;
-                } else {
-                    st.open[k].push(w);
-                }
+            if let Some(end) = last_end {
+                st.note_emitted(size, end);
             }
         }
+        *open -= total;
+        uncommitted.closed += total as u64;
+        total
     }
 
     /// Scans, at most once a second of the intake clock `now` ([`Engine::set_intake_clock`]), for pairs of silent

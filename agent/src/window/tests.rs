@@ -967,24 +967,88 @@ fn a_renamed_rule_takes_over_the_open_windows() {
     let (mut e, loaded) = restart(&renamed, &db, "s/a", &[("m", &funcs)]);
     assert_eq!(
         loaded,
-        vec![Loaded::Orphan, Loaded::Yes],
-        "m emptied (loaded for what it closed: n writes its series), n open"
+        vec![Loaded::Closed, Loaded::Yes],
+        "m emptied (settled again for what it closed: n writes its series), n open"
     );
     assert_eq!(e.open_windows(), 2, "[7000, 8000) and [5000, 10000)");
     assert!(close_orphans(&mut e, "s/a").is_empty());
     assert!(e.take_dirty().is_empty(), "nothing new to write");
-    // Handed over after the heir saw readings of the window: merged, the heir's readings the later ones.
+    // The heir already has a window of that start: both rules matched the series and saw the same readings, so
+    // the heir's window stands, not a sum of both, and the old rule does not emit it.
     let mut db = committed_after(&[(100, 1.0), (200, 2.0)]);
     let mut heir = engine(&renamed);
-    feed(&mut heir, "s/a", &[(200, 9.0), (600, 3.0)]);
+    feed(&mut heir, "s/a", &[(100, 1.0), (200, 2.0)]);
     commit(&mut heir, &mut db);
     let (mut e, _) = restart(&renamed, &db, "s/a", &[("m", &funcs)]);
     assert!(close_orphans(&mut e, "s/a").is_empty());
-    let st = e.state(0, 1).unwrap();
-    let acc = st.open[0][0].1;
+    let acc = e.state(0, 1).unwrap().open[0][0].1;
+    assert_eq!((acc.count, acc.sum), (2, 3.0));
+}
+
+/// Rules on one series, split, merged, or a function moved between them while they ran together: each derived
+/// series' window comes out once, with every reading once.
+#[test]
+fn rules_split_merged_or_trading_functions_emit_each_window_once() {
+    let rule = |name: &str, funcs: &str| {
+        format!(
+            "[[rules]]\nname = \"{name}\"\nseries = \"s/+\"\nsizes_ms = [1000]\nfunctions = [{funcs}]\nallowed_lateness_ms = 2000\n"
+        )
+    };
+    let run = |before: &str, after: &str, remembered: &[(&str, &[Func])]| {
+        let mut db = std::collections::BTreeMap::new();
+        let mut e = engine(before);
+        feed(&mut e, "s/a", &[(100, 1.0), (300, 3.0)]);
+        commit(&mut e, &mut db);
+        let (mut e, _) = restart(after, &db, "s/a", remembered);
+        let mut out = close_orphans(&mut e, "s/a");
+        commit(&mut e, &mut db);
+        // Another start settles nothing again.
+        let (mut e, _) = restart(after, &db, "s/a", remembered);
+        out.extend(close_orphans(&mut e, "s/a"));
+        let (_, later) = feed(&mut e, "s/a", &[(500, 5.0), (4000, 0.0)]);
+        out.extend(later);
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    };
+    let k = |f: &str| format!("s/a/{f}_1s");
+    let (count, mean, max) = (
+        (k("count"), 0, Value::I64(3)),
+        (k("mean"), 0, Value::F64(3.0)),
+        (k("max"), 0, Value::F64(5.0)),
+    );
+    let (c, m, x) = (Func::Count, Func::Mean, Func::Max);
+    // Merged: a {count} and b {max} into a new c {count, max}.
+    let before = format!("{}{}", rule("a", "\"count\""), rule("b", "\"max\""));
+    let after = rule("c", "\"count\", \"max\"");
     assert_eq!(
-        (acc.count, acc.sum, acc.min, acc.max, acc.first, acc.last),
-        (4, 15.0, 1.0, 9.0, (100, 1.0), (600, 3.0))
+        run(&before, &after, &[("a", &[c]), ("b", &[x])]),
+        vec![count.clone(), max.clone()]
+    );
+    // Split, the name kept: a {count, mean} into a {mean} and a new d {count}.
+    let before = rule("a", "\"count\", \"mean\"");
+    let after = format!("{}{}", rule("a", "\"mean\""), rule("d", "\"count\""));
+    assert_eq!(
+        run(&before, &after, &[("a", &[c, m])]),
+        vec![count.clone(), mean.clone()]
+    );
+    // A function moved to a rule that ran beside: a {count}, b {mean} into b {count, mean}.
+    let before = format!("{}{}", rule("a", "\"count\""), rule("b", "\"mean\""));
+    let after = rule("b", "\"count\", \"mean\"");
+    assert_eq!(
+        run(&before, &after, &[("a", &[c]), ("b", &[m])]),
+        vec![count.clone(), mean.clone()]
+    );
+    // Split into two new rules: a {count, mean} into e {count} and f {mean, max}.
+    let before = rule("a", "\"count\", \"mean\"");
+    let after = format!(
+        "{}{}",
+        rule("e", "\"count\""),
+        rule("f", "\"mean\", \"max\"")
+    );
+    assert_eq!(
+        run(&before, &after, &[("a", &[c, m])]),
+        vec![count, max, mean],
+        "f's max from the handed window too"
     );
 }
 
@@ -1035,7 +1099,7 @@ fn a_renamed_rule_keeps_what_the_old_name_emitted_closed() {
     let renamed = MEAN.replace("name = \"m\"", "name = \"n\"");
     let funcs = [Func::Count, Func::Mean];
     let (mut e, loaded) = restart(&renamed, &db, "s/a", &[("m", &funcs)]);
-    assert_eq!(loaded, vec![Loaded::Orphan], "loaded for what it closed");
+    assert_eq!(loaded, vec![Loaded::Orphan], "its open windows go to n");
     assert!(close_orphans(&mut e, "s/a").is_empty());
     commit(&mut e, &mut db);
     let (mut e, _) = restart(&renamed, &db, "s/a", &[("m", &funcs)]);
