@@ -37,19 +37,30 @@ impl Func {
         }
     }
 
+    /// Every function, in the order of their codes ([`Func::code`]).
+    pub const ALL: [Func; 7] = [
+        Func::Count,
+        Func::Min,
+        Func::Max,
+        Func::Mean,
+        Func::Sum,
+        Func::First,
+        Func::Last,
+    ];
+
     /// The function named `name` ([`Func::name`]).
     pub fn from_name(name: &str) -> Option<Self> {
-        [
-            Func::Count,
-            Func::Min,
-            Func::Max,
-            Func::Mean,
-            Func::Sum,
-            Func::First,
-            Func::Last,
-        ]
-        .into_iter()
-        .find(|f| f.name() == name)
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Its code in persisted window states.
+    pub fn code(self) -> u8 {
+        Self::ALL.iter().position(|&f| f == self).unwrap_or(0) as u8
+    }
+
+    /// The function of code `code` ([`Func::code`]).
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.get(code as usize).copied()
     }
 }
 

@@ -32,18 +32,17 @@
 //! `idle_close_ms` later. Any reading of the pair restarts the silence.
 //!
 //! # Rules edited between runs
-//! [`Engine::load_state`] queues the pairs an edit concerns, and the next seal settles them
-//! ([`Engine::close_orphans`]): open windows no configured rule computes on any more (the rule was removed, no
-//! longer has their size, or no longer matches the series) close, under a retired rule with the functions the rule
-//! had when its states were committed ([`Engine::remember_functions`]); and each derived series a rule wrote and no
-//! longer writes goes on in the configured rule that now writes it for that series (its heir: a rule renamed,
-//! split, merged, or given a function): the heir notes per size the end through which the old pair closed windows,
-//! keeps its own window of a start (both saw the same readings), takes a copy of one it does not have and has not
-//! closed, and the old rule emits only the functions no heir took. The state rows written with that seal hold the
-//! result: none is emitted twice, none is left open for good. A close of all windows notes per size the end
-//! through which it emitted (`emitted_to`) instead of raising the pair's `closed_to`: a window emitted so never
-//! opens again (a size or rule put back), and a window of another size that was never open is not taken for
-//! closed.
+//! [`Engine::load_state`] queues what an edit asks of each loaded pair, and the next seal settles it
+//! ([`Engine::close_orphans`]), in its transaction. Each derived series keeps a record of the windows it emitted,
+//! whichever rule wrote them (`emitted_to`, per size and function): the windows an edit closed, and, when a rule
+//! stops writing one of its derived series, those it closed through its `closed_to`. Every close skips a function
+//! the record holds for the window, and a reading of a window that is not open is late when the record holds every
+//! function of the rule for it: **no derived window is emitted twice**. Open windows no configured rule computes on
+//! any more (the rule removed, narrowed, or without their size) close under a retired rule with the functions
+//! they were opened with ([`Engine::remember_functions`]); before, each goes to the configured rules that now write
+//! its derived series for that series (heirs: a rule renamed, split, merged, or given a function): a copy if the
+//! heir has not closed or opened that window, else the heir keeps the window that took more readings; the old rule
+//! emits only the functions no heir took.
 //!
 //! A reading is aggregated when it is a finite number (integers and booleans as f64; booleans 0 and 1) of good or
 //! uncertain quality. Per size, if its window has closed already it is **late** for the rule (counted once per
@@ -226,6 +225,10 @@ impl Acc {
     }
 }
 
+/// `(size, function, lo, hi)`: function `function` of the windows of `size` ending in `lo..=hi` was emitted
+/// ([`PairState::emitted_to`]).
+pub type Emission = (i64, Func, i64, i64);
+
 /// What a `(rule, series)` pair remembers. Persisted with [`PairState::to_bytes`].
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct PairState {
@@ -236,10 +239,12 @@ pub struct PairState {
     pub closed_to: Option<i64>,
     /// Per size of the rule (same order): the open windows `(start, aggregate)`, by start.
     pub open: Vec<Vec<(i64, Acc)>>,
-    /// Per window size (of this rule or not), the end through which windows of that size were emitted, or taken for
-    /// emitted under another rule name, beyond `closed_to` ([`Engine::close_orphans`]): a reading of one that is not
-    /// open here is late. Dropped once `closed_to` passes it; usually empty.
-    pub emitted_to: Vec<(i64, i64)>,
+    /// Windows emitted beyond `closed_to` at an edit of the rules ([`Engine::close_orphans`]): `(size, function,
+    /// lo, hi)`, the windows of that size ending in `lo..=hi` had that function emitted, here or under another rule
+    /// name. Such a window that is open here emits the other functions only; one that is not open is late when
+    /// every function of the rule was emitted for it. An entry is dropped once `closed_to` reaches `hi`; usually
+    /// there is none.
+    pub emitted_to: Vec<Emission>,
     /// With open windows, the intake clock when the pair's last reading was observed, or when a scan first met it
     /// after a load ([`Engine::idle_due`]); not persisted (a restart times the silence again).
     seen: Option<i64>,
@@ -251,12 +256,13 @@ const WINDOW_BYTES: usize = 72;
 
 impl PairState {
     /// Serialises: version 2, newest and closed_to (each flag + i64), per size `(size_ms, n, n × window)`;
-    /// little-endian; version 3 when `emitted_to` is not empty, followed by its length (u8) and `(size_ms, end)`
-    /// pairs. (Version 1, read too, had no closed_to; an agent from before version 3 reads most states.)
+    /// little-endian; version 3 when `emitted_to` is not empty, followed by its length (u16) and its entries
+    /// `(size_ms i64, function code u8, lo i64, hi i64)`. (Version 1, read too, had no closed_to; an agent from
+    /// before version 3 reads the states that have no such entry.)
     pub fn to_bytes(&self, sizes: &[i64]) -> Vec<u8> {
         let n: usize = self.open.iter().map(Vec::len).sum();
         let mut b = Vec::with_capacity(
-            26 + 12 * sizes.len() + WINDOW_BYTES * n + 16 * self.emitted_to.len(),
+            27 + 12 * sizes.len() + WINDOW_BYTES * n + 25 * self.emitted_to.len(),
         );
         b.push(if self.emitted_to.is_empty() { 2 } else { 3 });
         for t in [self.newest, self.closed_to] {
@@ -286,11 +292,14 @@ impl PairState {
             }
         }
         if !self.emitted_to.is_empty() {
-            let kept = &self.emitted_to[..self.emitted_to.len().min(u8::MAX as usize)];
-            b.push(kept.len() as u8);
-            for (size, end) in kept {
+            // At most a rule's open windows times seven functions per close: far below the count's limit.
+            let kept = &self.emitted_to[..self.emitted_to.len().min(u16::MAX as usize)];
+            b.extend_from_slice(&(kept.len() as u16).to_le_bytes());
+            for &(size, func, lo, hi) in kept {
                 b.extend_from_slice(&size.to_le_bytes());
-                b.extend_from_slice(&end.to_le_bytes());
+                b.push(func.code());
+                b.extend_from_slice(&lo.to_le_bytes());
+                b.extend_from_slice(&hi.to_le_bytes());
             }
         }
         b
@@ -330,22 +339,31 @@ impl PairState {
         Some(sizes)
     }
 
-    /// The end through which windows of `size` are closed beyond `closed_to` (`emitted_to`), or `i64::MIN`.
-    fn emitted_through(&self, size: i64) -> i64 {
+    /// Whether function `f` of the window of `size` ending at `end` was emitted at an edit of the rules
+    /// (`emitted_to`).
+    fn emitted(&self, size: i64, f: Func, end: i64) -> bool {
         self.emitted_to
             .iter()
-            .find(|(z, _)| *z == size)
-            .map_or(i64::MIN, |&(_, end)| end)
+            .any(|&(z, g, lo, hi)| z == size && g == f && lo <= end && end <= hi)
     }
 
-    /// Windows of `size` ending at or before `end` are closed; returns whether that is new.
-    fn note_emitted(&mut self, size: i64, end: i64) -> bool {
-        if end <= self.closed_to.unwrap_or(i64::MIN) || end <= self.emitted_through(size) {
+    /// Notes that function `f` of the windows of `size` ending in `lo..=hi` was emitted; returns whether that is
+    /// new.
+    fn note_emitted(&mut self, size: i64, f: Func, lo: i64, hi: i64) -> bool {
+        let covered = self
+            .emitted_to
+            .iter()
+            .any(|&(z, g, l, h)| z == size && g == f && l <= lo && hi <= h);
+        if covered {
             return false;
         }
-        match self.emitted_to.iter_mut().find(|(z, _)| *z == size) {
-            Some(e) => e.1 = end,
-            None => self.emitted_to.push((size, end)),
+        match self
+            .emitted_to
+            .iter_mut()
+            .find(|(z, g, l, _)| *z == size && *g == f && *l == i64::MIN && lo == i64::MIN)
+        {
+            Some(e) => e.3 = hi,
+            None => self.emitted_to.push((size, f, lo, hi)),
         }
         true
     }
@@ -369,7 +387,7 @@ type StateParts = (
     Option<i64>,
     Option<i64>,
     Vec<(i64, Vec<(i64, Acc)>)>,
-    Vec<(i64, i64)>,
+    Vec<Emission>,
 );
 
 /// Parses [`PairState::to_bytes`] whatever the sizes. `None` if malformed.
@@ -422,8 +440,11 @@ fn parse_state(b: &[u8]) -> Option<StateParts> {
     }
     let mut emitted_to = Vec::new();
     if version >= 3 {
-        for _ in 0..take(1)?[0] {
-            emitted_to.push((word(take(8)?), word(take(8)?)));
+        let n = u16::from_le_bytes(take(2)?.try_into().ok()?);
+        for _ in 0..n {
+            let size = word(take(8)?);
+            let func = Func::from_code(take(1)?[0])?;
+            emitted_to.push((size, func, word(take(8)?), word(take(8)?)));
         }
     }
     if at != b.len() {
@@ -495,9 +516,17 @@ fn mark_dirty(dirty: &mut Vec<(usize, i64)>, st: &mut PairState, pair: (usize, i
     }
 }
 
-/// Closes the pair's windows that end at or before `watermark` into `out`, raising `closed_to` to the last end so
-/// none reopens; at `i64::MAX` all of them, noting each size's last end in `emitted_to` instead (the windows of the
-/// other sizes that end before it were not closed); returns how many.
+/// Every `(function, size)` of `funcs` and `sizes`.
+fn combos(funcs: &[Func], sizes: &[i64]) -> Vec<(Func, i64)> {
+    funcs
+        .iter()
+        .flat_map(|&f| sizes.iter().map(move |&z| (f, z)))
+        .collect()
+}
+
+/// Closes the pair's windows that end at or before `watermark` into `out` (the functions `emitted_to` has not emitted
+/// for them yet), raising `closed_to` to the last end so none reopens; at `i64::MAX` all of them, noting each
+/// window's functions in `emitted_to` instead (the windows between them were not closed); returns how many.
 fn close_through(
     rule: &Rule,
     r: usize,
@@ -513,10 +542,13 @@ fn close_through(
             .iter()
             .take_while(|(s, _)| s.saturating_add(size) <= watermark)
             .count();
-        let mut last_end = None;
-        for (start, acc) in list.drain(..closed) {
-            last_end = Some(start.saturating_add(size));
+        let windows: Vec<(i64, Acc)> = list.drain(..closed).collect();
+        for (start, acc) in windows {
+            let end = start.saturating_add(size);
             for &func in &rule.funcs {
+                if !st.emitted_to.is_empty() && st.emitted(size, func, end) {
+                    continue;
+                }
                 out.push(Emitted {
                     rule: r,
                     series_id: sid,
@@ -525,14 +557,13 @@ fn close_through(
                     start_ms: start,
                     value: acc.value(func),
                 });
+                if watermark == i64::MAX {
+                    st.note_emitted(size, func, end, end);
+                }
             }
-        }
-        match last_end {
-            Some(end) if watermark == i64::MAX => {
-                st.note_emitted(size, end);
+            if watermark != i64::MAX {
+                st.closed_to = Some(st.closed_to.map_or(end, |c| c.max(end)));
             }
-            Some(end) => st.closed_to = Some(st.closed_to.map_or(end, |c| c.max(end))),
-            None => {}
         }
         total += closed;
     }
@@ -662,6 +693,9 @@ pub struct Engine {
     /// Loaded pairs whose windows the next seal closes, or whose derived series another configured rule may now
     /// write ([`Engine::close_orphans`]).
     orphans: Vec<Succession>,
+    /// Per series, the windows loaded rows hold as emitted (`emitted_to`), for the configured rules that write
+    /// those derived series ([`Engine::close_orphans`]).
+    history: HashMap<i64, (Series, Vec<Emission>)>,
     /// Per pair, a reading held aside for being far ahead, with its seal's clock ([`newest_after`]); not persisted
     /// (after a restart a jump is taken one reading later).
     ahead: HashMap<(usize, i64), (i64, i64)>,
@@ -716,6 +750,7 @@ impl Engine {
             uncommitted: Counts::default(),
             now_ms: i64::MAX,
             orphans: Vec::new(),
+            history: HashMap::new(),
             ahead: HashMap::default(),
             intake_ms: None,
             idle: Vec::new(),
@@ -754,7 +789,7 @@ impl Engine {
 
     /// Whether there is nothing to compute: no rule is configured, and no window loaded waits to be closed.
     pub fn is_empty(&self) -> bool {
-        self.active == 0 && self.orphans.is_empty()
+        self.active == 0 && self.orphans.is_empty() && self.dirty.is_empty()
     }
 
     /// Windows open now.
@@ -800,10 +835,16 @@ impl Engine {
     }
 
     /// Restores a persisted state of the pair of `rule` and the series `series_id` (`series`, if the buffer
-    /// still knows it). Open windows no configured rule computes on any more are loaded and closed by the next
-    /// seal ([`Engine::close_orphans`]): those of a series the rule no longer matches, and, if the series is
-    /// known, those of a size the rule no longer has or of a rule no longer configured (under a retired rule
-    /// with the functions they were opened with: [`Engine::remember_functions`], else the rule's own).
+    /// still knows it), and queues what an edit of the rules since it was committed asks of it for the next seal
+    /// ([`Engine::close_orphans`]). For a known series whose rule's functions are known
+    /// ([`Engine::remember_functions`], else the rule's own):
+    /// - each derived series the pair's rule wrote and no longer writes (the rule removed, or no longer matching
+    ///   the series, or without that function or size) keeps, in the pair's `emitted_to`, the windows it closed
+    ///   (through `closed_to`): whatever rule writes it later leaves them closed;
+    /// - open windows no configured rule computes on any more close, under the pair's rule or a retired one with
+    ///   the functions they were opened with, and each goes first to the configured rules that now write its
+    ///   derived series (heirs);
+    /// - open windows of functions the rule no longer has go to the heirs as well (they stay open for the rest).
     pub fn load_state(
         &mut self,
         rule: &str,
@@ -821,80 +862,119 @@ impl Engine {
             .cloned()
             .or_else(|| active.map(|a| self.rules[a].funcs.clone()))
             .filter(|f| !f.is_empty());
-        let mut settled = false;
-        let Some(r) = active else {
-            // A removed rule: its open windows close; what it wrote goes to the rule that writes it now.
-            let open = stored.iter().any(|&(_, open)| open);
-            let sizes: Vec<i64> = stored.iter().map(|&(z, _)| z).collect();
-            if let (Some(s), Some(funcs), false) = (series, remembered, sizes.is_empty()) {
-                let t = self.retire(rule, sizes, funcs);
-                settled = self.settle(t, series_id, s, bytes, true, open);
-            }
-            return match (settled, open) {
-                (true, true) => Loaded::Orphan,
-                (_, false) => Loaded::Closed,
-                (false, true) => Loaded::NoRule,
+        let open = stored.iter().any(|&(_, open)| open);
+        let sizes: Vec<i64> = stored.iter().map(|&(z, _)| z).collect();
+        let (Some(s), Some(funcs)) = (series, remembered) else {
+            return match active {
+                Some(r) => {
+                    self.insert_state(r, series_id, bytes);
+                    Loaded::Yes
+                }
+                None if open => Loaded::NoRule,
+                None => Loaded::Closed,
             };
         };
-        let windows = self.insert_state(r, series_id, bytes);
-        let Some(s) = series else {
-            return Loaded::Yes;
-        };
-        if !self.rules[r].matches(s) {
-            // Narrowed: its windows of this series close.
-            settled = windows > 0 && self.settle(r, series_id, s, bytes, true, true);
-        } else if let Some(funcs) = &remembered {
-            // Functions the rule no longer has: another configured rule may write them now.
-            let gone: Vec<Func> = funcs
-                .iter()
-                .copied()
-                .filter(|f| !self.rules[r].funcs.contains(f))
-                .collect();
-            if !gone.is_empty() {
-                settled |= self.settle_functions(r, series_id, s, &gone);
+        let Some(r) = active else {
+            // A removed rule: its open windows close (or go to heirs); what it wrote stays closed.
+            if sizes.is_empty() {
+                return Loaded::Closed;
             }
-        }
-        // Open windows of sizes the rule no longer has close, with the functions they were opened with.
-        let gone: Vec<i64> = stored
+            let t = self.retire(rule, sizes.clone(), funcs.clone());
+            self.insert_state(t, series_id, bytes);
+            let lost = combos(&funcs, &sizes);
+            self.keep_closed(t, series_id, s, &lost);
+            if open {
+                self.queue(t, series_id, s, lost, true);
+                return Loaded::Orphan;
+            }
+            if !self.dirty.contains(&(t, series_id)) {
+                // Nothing to write or close: its entries are in `history`.
+                self.states.remove(&(t, series_id));
+            }
+            return Loaded::Closed;
+        };
+        let windows = self.insert_state(r, series_id, bytes);
+        let rule_now = &self.rules[r];
+        let matches = rule_now.matches(s);
+        // What the rule wrote and no longer writes for this series.
+        let lost: Vec<(Func, i64)> = combos(&funcs, &sizes)
+            .into_iter()
+            .filter(|(f, z)| !matches || !rule_now.funcs.contains(f) || !rule_now.sizes.contains(z))
+            .collect();
+        self.keep_closed(r, series_id, s, &lost);
+        let mut queued = false;
+        // Open windows of a series the rule no longer matches, or of sizes it no longer has, close (or go to
+        // heirs) under a retired rule with the functions they were opened with; the rule's row keeps none.
+        let closing: Vec<i64> = stored
             .iter()
-            .filter(|&&(z, open)| open && !self.rules[r].sizes.contains(&z))
+            .filter(|&&(z, open)| open && (!matches || !self.rules[r].sizes.contains(&z)))
             .map(|&(z, _)| z)
             .collect();
-        if let (Some(funcs), false) = (remembered, gone.is_empty()) {
-            let t = self.retire(rule, gone, funcs);
-            settled |= self.settle(t, series_id, s, bytes, true, true);
+        if !closing.is_empty() {
+            let t = self.retire(rule, closing.clone(), funcs.clone());
+            self.insert_state(t, series_id, bytes);
+            if !matches {
+                if let Some(st) = self.states.get_mut(&(r, series_id)) {
+                    for list in &mut st.open {
+                        self.open -= list.len();
+                        list.clear();
+                    }
+                }
+            }
+            self.queue(t, series_id, s, combos(&funcs, &closing), true);
+            queued = true;
         }
-        if settled {
+        // Open windows of functions the rule no longer has: copies go to the heirs.
+        let gone: Vec<(Func, i64)> = lost
+            .iter()
+            .copied()
+            .filter(|(_, z)| matches && self.rules[r].sizes.contains(z))
+            .collect();
+        if matches && windows > 0 && !gone.is_empty() {
+            self.queue(r, series_id, s, gone, false);
+            queued = true;
+        }
+        if queued {
             Loaded::Orphan
         } else {
             Loaded::Yes
         }
     }
 
-    /// Queues the pair of rule `src` (its state read from `bytes` unless it is loaded already) for the next seal:
-    /// `close` its open windows, or hand what it writes to the rules that now write it. Returns whether queued (not
-    /// when there is nothing to close, `must`, and no other rule writes its derived series).
-    fn settle(
+    /// Notes in the state of `owner` (the row of the pair of `src`) that the derived series `lost` of `series` keep
+    /// the windows `src`'s pair closed, and keeps what the row holds of emitted windows for the next seal's
+    /// configured rules ([`Engine::close_orphans`]).
+    fn keep_closed(&mut self, owner: usize, series_id: i64, series: &Series, lost: &[(Func, i64)]) {
+        let Some(st) = self.states.get_mut(&(owner, series_id)) else {
+            return;
+        };
+        let mut changed = false;
+        if let Some(c) = st.closed_to {
+            for &(f, z) in lost {
+                changed |= st.note_emitted(z, f, i64::MIN, c);
+            }
+        }
+        if changed {
+            mark_dirty(&mut self.dirty, st, (owner, series_id));
+        }
+        if !st.emitted_to.is_empty() {
+            let entry = self
+                .history
+                .entry(series_id)
+                .or_insert_with(|| (series.clone(), Vec::new()));
+            entry.1.extend(st.emitted_to.iter().copied());
+        }
+    }
+
+    /// Queues `src`'s pair for the next seal ([`Engine::close_orphans`]).
+    fn queue(
         &mut self,
         src: usize,
         series_id: i64,
         series: &Series,
-        bytes: &[u8],
+        lost: Vec<(Func, i64)>,
         close: bool,
-        must: bool,
-    ) -> bool {
-        let rule = &self.rules[src];
-        let lost: Vec<(Func, i64)> = rule
-            .funcs
-            .iter()
-            .flat_map(|&f| rule.sizes.iter().map(move |&z| (f, z)))
-            .collect();
-        if !must && self.heirs(src, &lost, series).is_empty() {
-            return false;
-        }
-        if !self.states.contains_key(&(src, series_id)) {
-            self.insert_state(src, series_id, bytes);
-        }
+    ) {
         self.orphans.push(Succession {
             src,
             series_id,
@@ -902,34 +982,6 @@ impl Engine {
             lost,
             close,
         });
-        true
-    }
-
-    /// Queues the configured rule `r`'s pair for handing the functions `gone` it no longer has to the rules that now
-    /// write them (its windows stay); returns whether any does.
-    fn settle_functions(
-        &mut self,
-        r: usize,
-        series_id: i64,
-        series: &Series,
-        gone: &[Func],
-    ) -> bool {
-        let rule = &self.rules[r];
-        let lost: Vec<(Func, i64)> = gone
-            .iter()
-            .flat_map(|&f| rule.sizes.iter().map(move |&z| (f, z)))
-            .collect();
-        if self.heirs(r, &lost, series).is_empty() {
-            return false;
-        }
-        self.orphans.push(Succession {
-            src: r,
-            series_id,
-            series: series.clone(),
-            lost,
-            close: false,
-        });
-        true
     }
 
     /// The retired rule closing windows of `sizes` loaded under the name `name`, opened with `funcs`, made once.
@@ -1023,9 +1075,6 @@ impl Engine {
             .max(st.closed_to);
         st.closed_to = watermark;
         let watermark = watermark.unwrap_or(i64::MIN);
-        if !st.emitted_to.is_empty() {
-            st.emitted_to.retain(|&(_, end)| end > watermark);
-        }
         let (mut late, mut overflow) = (false, false);
         if let Some(x) = x {
             for (k, &size) in rule.sizes.iter().enumerate() {
@@ -1035,12 +1084,13 @@ impl Engine {
                     late = true;
                     continue;
                 }
-                let through = st.emitted_through(size);
+                let emitted = !st.emitted_to.is_empty()
+                    && rule.funcs.iter().all(|&f| st.emitted(size, f, end));
                 let list = &mut st.open[k];
                 match list.binary_search_by_key(&start, |(s, _)| *s) {
                     Ok(i) => list[i].1.add(ts, x),
-                    // Emitted under another rule name, or at a rule's edit (a window open here takes readings).
-                    Err(_) if end <= through => late = true,
+                    // Every function emitted at an edit of the rules (a window open here takes readings).
+                    Err(_) if emitted => late = true,
                     Err(_) if self.open >= self.max_open => {
                         self.uncommitted.overflow += 1;
                         overflow = true;
@@ -1058,6 +1108,13 @@ impl Engine {
             }
         }
         let closed = close_through(rule, r, sid, st, watermark, out);
+        if !st.emitted_to.is_empty() {
+            // Windows ending at or before the watermark are closed now: entries of derived series the rule writes
+            // are kept by the watermark from here on.
+            st.emitted_to.retain(|&(z, f, _, hi)| {
+                hi > watermark || !rule.funcs.contains(&f) || !rule.sizes.contains(&z)
+            });
+        }
         self.open -= closed;
         self.uncommitted.closed += closed as u64;
         (late, overflow)
@@ -1081,8 +1138,24 @@ impl Engine {
     /// readings' names.
     pub fn close_orphans(&mut self, out: &mut Vec<Emitted>) -> Vec<(i64, Series)> {
         let pending = std::mem::take(&mut self.orphans);
-        for p in &pending {
-            self.inherit_closed(p);
+        let history = std::mem::take(&mut self.history);
+        for (sid, (series, emitted)) in &history {
+            self.inherit(*sid, series, emitted);
+        }
+        // A pair whose windows close here emits none of its derived series' windows another rule emitted.
+        for p in pending.iter().filter(|p| p.close) {
+            let (Some((_, emitted)), Some(st)) = (
+                history.get(&p.series_id),
+                self.states.get_mut(&(p.src, p.series_id)),
+            ) else {
+                continue;
+            };
+            let rule = &self.rules[p.src];
+            for &(z, f, lo, hi) in emitted {
+                if rule.funcs.contains(&f) && rule.sizes.contains(&z) {
+                    st.note_emitted(z, f, lo, hi);
+                }
+            }
         }
         let mut named = Vec::with_capacity(pending.len());
         for p in pending {
@@ -1107,8 +1180,8 @@ impl Engine {
             self.states.insert((r, sid), st);
             let pair = (owner.unwrap_or(r), sid);
             if let Some(target) = self.states.get_mut(&pair) {
-                for &(size, end) in &noted {
-                    target.note_emitted(size, end);
+                for &(size, f, lo, hi) in &noted {
+                    target.note_emitted(size, f, lo, hi);
                 }
                 if changed {
                     mark_dirty(&mut self.dirty, target, pair);
@@ -1135,44 +1208,33 @@ impl Engine {
             .collect()
     }
 
-    /// Pass 1 of [`Engine::close_orphans`] for `p`: each heir's pair notes, per shared size, the end through which
-    /// `p`'s pair closed windows.
-    fn inherit_closed(&mut self, p: &Succession) {
-        let heirs = self.heirs(p.src, &p.lost, &p.series);
-        let Some(st) = self.states.get(&(p.src, p.series_id)) else {
-            return;
-        };
-        let through: Vec<(i64, i64)> = self.rules[p.src]
-            .sizes
-            .iter()
-            .map(|&z| {
-                (
-                    z,
-                    st.closed_to.unwrap_or(i64::MIN).max(st.emitted_through(z)),
-                )
-            })
-            .collect();
-        for b in heirs {
+    /// Pass 1 of [`Engine::close_orphans`]: each configured rule that matches `series` notes, of the windows the
+    /// loaded rows hold as emitted (`emitted`), those of the derived series it writes.
+    fn inherit(&mut self, series_id: i64, series: &Series, emitted: &[Emission]) {
+        for b in 0..self.active {
             let rule = &self.rules[b];
+            let mine: Vec<&Emission> = emitted
+                .iter()
+                .filter(|(z, f, ..)| rule.funcs.contains(f) && rule.sizes.contains(z))
+                .collect();
+            if mine.is_empty() || !rule.matches(series) {
+                continue;
+            }
             let heir = self
                 .states
-                .entry((b, p.series_id))
+                .entry((b, series_id))
                 .or_insert_with(|| PairState {
                     open: vec![Vec::new(); rule.sizes.len()],
                     ..PairState::default()
                 });
             let mut changed = false;
-            for &(z, end) in &through {
-                if p.lost
-                    .iter()
-                    .any(|&(f, lz)| lz == z && rule.funcs.contains(&f))
-                    && rule.sizes.contains(&z)
-                {
-                    changed |= heir.note_emitted(z, end);
+            for &&(z, f, lo, hi) in &mine {
+                if hi > heir.closed_to.unwrap_or(i64::MIN) {
+                    changed |= heir.note_emitted(z, f, lo, hi);
                 }
             }
             if changed {
-                mark_dirty(&mut self.dirty, heir, (b, p.series_id));
+                mark_dirty(&mut self.dirty, heir, (b, series_id));
             }
         }
     }
@@ -1206,8 +1268,8 @@ impl Engine {
             } else {
                 st.open[k].clone()
             };
-            let mut last_end = None;
             for (start, acc) in windows {
+                let end = start.saturating_add(size);
                 let mut taken: Vec<Func> = Vec::new();
                 for &b in &heirs {
                     let rule = &rules[b];
@@ -1215,19 +1277,27 @@ impl Engine {
                         continue;
                     };
                     let shared = lost.iter().filter(|f| rule.funcs.contains(f));
-                    let Some(heir) = states.get_mut(&(b, p.series_id)) else {
-                        continue;
-                    };
+                    let heir = states.entry((b, p.series_id)).or_insert_with(|| PairState {
+                        open: vec![Vec::new(); rule.sizes.len()],
+                        ..PairState::default()
+                    });
                     let watermark = heir
                         .newest
                         .map(|n| n.saturating_sub(rule.lateness))
                         .max(heir.closed_to)
-                        .unwrap_or(i64::MIN)
-                        .max(heir.emitted_through(size));
+                        .unwrap_or(i64::MIN);
                     let list = &mut heir.open[kb];
                     match list.binary_search_by_key(&start, |(s, _)| *s) {
-                        Ok(_) => taken.extend(shared),
-                        Err(j) if start.saturating_add(size) > watermark => {
+                        // Both rules matched the series for part of the window at least, and saw the same
+                        // readings meanwhile: the one that took more readings was there first and holds them all.
+                        Ok(j) => {
+                            if acc.count > list[j].1.count {
+                                list[j].1 = acc;
+                                mark_dirty(dirty, heir, (b, p.series_id));
+                            }
+                            taken.extend(shared);
+                        }
+                        Err(j) if end > watermark => {
                             list.insert(j, (start, acc));
                             *open += 1;
                             mark_dirty(dirty, heir, (b, p.series_id));
@@ -1240,11 +1310,11 @@ impl Engine {
                     continue;
                 }
                 total += 1;
-                // Noted only if emitted here: a window an heir took entirely is the heir's.
-                if old.funcs.iter().any(|f| !taken.contains(f)) {
-                    last_end = Some(start.saturating_add(size));
-                }
-                for &func in old.funcs.iter().filter(|f| !taken.contains(f)) {
+                // The functions no heir took and not emitted yet; each noted (a window an heir took is the heir's).
+                for &func in &old.funcs {
+                    if taken.contains(&func) || st.emitted(size, func, end) {
+                        continue;
+                    }
                     out.push(Emitted {
                         rule: p.src,
                         series_id: p.series_id,
@@ -1253,10 +1323,8 @@ impl Engine {
                         start_ms: start,
                         value: acc.value(func),
                     });
+                    st.note_emitted(size, func, end, end);
                 }
-            }
-            if let Some(end) = last_end {
-                st.note_emitted(size, end);
             }
         }
         *open -= total;
@@ -1309,7 +1377,10 @@ impl Engine {
     /// Whether the next seal has windows to close without any reading: pairs found by [`Engine::idle_due`], or
     /// orphans ([`Engine::close_orphans`]).
     pub fn has_due(&self) -> bool {
-        !self.idle.is_empty() || !self.orphans.is_empty()
+        !self.idle.is_empty()
+            || !self.orphans.is_empty()
+            || !self.dirty.is_empty()
+            || (self.active > 0 && !self.history.is_empty())
     }
 
     /// Closes the open windows of the pairs [`Engine::idle_due`] found that the seal's intake clock
