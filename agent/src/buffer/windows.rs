@@ -102,6 +102,7 @@ impl Buffer {
                 Loaded::Unreadable => unreadable += 1,
             }
         }
+        self.windows.loaded();
         // The functions of a configured rule the table does not know yet (a first start, or the first after an
         // upgrade), now: a run that commits no state would leave them unknown should the rule be removed next.
         // The seals write them all again (a rule whose functions changed); failing here changes nothing else.

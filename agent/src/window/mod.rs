@@ -941,6 +941,14 @@ impl Engine {
         }
     }
 
+    /// After the last [`Engine::load_state`] of a load: drops the per-series records no seal will use (no rule is
+    /// configured and no window closes).
+    pub fn loaded(&mut self) {
+        if self.active == 0 && self.orphans.is_empty() {
+            self.history = HashMap::new();
+        }
+    }
+
     /// Notes in the state of `owner` (the row of the pair of `src`) that the derived series `lost` of `series` keep
     /// the windows `src`'s pair closed, and keeps what the row holds of emitted windows for the next seal's
     /// configured rules ([`Engine::close_orphans`]).

@@ -1144,6 +1144,7 @@ impl Stored {
         for ((rule, sid), bytes) in &self.states {
             e.load_state(rule, *sid, Some(&Series::new(format!("s/{sid}"))), bytes);
         }
+        e.loaded();
         for r in e.rules() {
             self.functions
                 .entry(r.name.clone())
