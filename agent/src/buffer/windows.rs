@@ -72,8 +72,10 @@ impl Buffer {
             .conn
             .prepare("SELECT name, functions FROM window_rule")?;
         let mut q = stmt.query([])?;
+        let mut known = std::collections::HashSet::new();
         while let Some(r) = q.next()? {
             let (name, functions): (String, String) = (r.get(0)?, r.get(1)?);
+            known.insert(name.clone());
             // Names this version does not know leave the rule's functions unknown.
             if let Some(funcs) = functions.split(',').map(Func::from_name).collect() {
                 self.windows.remember_functions(&name, funcs);
@@ -106,7 +108,14 @@ impl Buffer {
         // The functions of a configured rule the table does not know yet (a first start, or the first after an
         // upgrade), now: a run that commits no state would leave them unknown should the rule be removed next.
         // The seals write them all again (a rule whose functions changed); failing here changes nothing else.
-        for rule in self.windows.rules() {
+        // Only those the table lacks: an insert takes the write lock, which another process may hold (a reload
+        // after a seal that failed on it must not wait for it again).
+        for rule in self
+            .windows
+            .rules()
+            .iter()
+            .filter(|r| !known.contains(&r.name))
+        {
             let funcs: Vec<&str> = rule.functions().iter().map(|f| f.name()).collect();
             if let Err(e) = self.conn.execute(
                 "INSERT OR IGNORE INTO window_rule(name, functions) VALUES (?1, ?2)",

@@ -256,7 +256,7 @@ const WINDOW_BYTES: usize = 72;
 
 impl PairState {
     /// Serialises: version 2, newest and closed_to (each flag + i64), per size `(size_ms, n, n × window)`;
-    /// little-endian; version 3 when `emitted_to` is not empty, followed by its length (u16) and its entries
+    /// little-endian; version 3 when `emitted_to` is not empty, followed by its length (u32) and its entries
     /// `(size_ms i64, function code u8, lo i64, hi i64)`. (Version 1, read too, had no closed_to; an agent from
     /// before version 3 reads the states that have no such entry.)
     pub fn to_bytes(&self, sizes: &[i64]) -> Vec<u8> {
@@ -292,10 +292,8 @@ impl PairState {
             }
         }
         if !self.emitted_to.is_empty() {
-            // At most a rule's open windows times seven functions per close: far below the count's limit.
-            let kept = &self.emitted_to[..self.emitted_to.len().min(u16::MAX as usize)];
-            b.extend_from_slice(&(kept.len() as u16).to_le_bytes());
-            for &(size, func, lo, hi) in kept {
+            b.extend_from_slice(&(self.emitted_to.len() as u32).to_le_bytes());
+            for &(size, func, lo, hi) in &self.emitted_to {
                 b.extend_from_slice(&size.to_le_bytes());
                 b.push(func.code());
                 b.extend_from_slice(&lo.to_le_bytes());
@@ -308,7 +306,13 @@ impl PairState {
     /// Parses [`PairState::to_bytes`] for a rule with `sizes`: windows of sizes the rule no longer has are left
     /// out. `None` if malformed.
     pub fn from_bytes(b: &[u8], sizes: &[i64]) -> Option<Self> {
-        let (newest, closed_to, lists, emitted_to) = parse_state(b)?;
+        let (newest, closed_to, lists, records) = parse_state(b)?;
+        // Sorted and merged as `note_emitted` keeps them, whatever the bytes held.
+        let mut emitted = Self::default();
+        for (size, f, lo, hi) in records {
+            emitted.note_emitted(size, f, lo, hi);
+        }
+        let emitted_to = emitted.emitted_to;
         let mut open = vec![Vec::new(); sizes.len()];
         for (size, windows) in lists {
             if let Some(k) = sizes.iter().position(|&s| s == size) {
@@ -340,31 +344,52 @@ impl PairState {
     }
 
     /// Whether function `f` of the window of `size` ending at `end` was emitted at an edit of the rules
-    /// (`emitted_to`).
+    /// (`emitted_to`). Logarithmic in the records.
     fn emitted(&self, size: i64, f: Func, end: i64) -> bool {
-        self.emitted_to
-            .iter()
-            .any(|&(z, g, lo, hi)| z == size && g == f && lo <= end && end <= hi)
+        let key = (size, f.code(), end);
+        // The last record starting at or before `end` (records of one size and function are disjoint).
+        let at = self
+            .emitted_to
+            .partition_point(|&(z, g, lo, _)| (z, g.code(), lo) <= key);
+        at > 0 && {
+            let (z, g, _, hi) = self.emitted_to[at - 1];
+            z == size && g == f && end <= hi
+        }
     }
 
     /// Notes that function `f` of the windows of `size` ending in `lo..=hi` was emitted; returns whether that is
-    /// new.
+    /// new. The records stay sorted by size, function and `lo`, and those of one size and function disjoint:
+    /// overlapping or adjacent ones (window ends are multiples of the size) merge, so a close of consecutive
+    /// windows leaves one record.
     fn note_emitted(&mut self, size: i64, f: Func, lo: i64, hi: i64) -> bool {
-        let covered = self
-            .emitted_to
-            .iter()
-            .any(|&(z, g, l, h)| z == size && g == f && l <= lo && hi <= h);
-        if covered {
+        if lo > hi || (lo == hi && self.emitted(size, f, lo)) {
             return false;
         }
-        match self
-            .emitted_to
-            .iter_mut()
-            .find(|(z, g, l, _)| *z == size && *g == f && *l == i64::MIN && lo == i64::MIN)
+        let same = |e: &Emission| e.0 == size && e.1 == f;
+        let reach = |h: i64| h.saturating_add(size.max(1));
+        // Records of this size and function that touch [lo, hi].
+        let first = self.emitted_to.partition_point(|e| {
+            (e.0, e.1.code()) < (size, f.code()) || (same(e) && reach(e.3) < lo)
+        });
+        let mut last = first;
+        while last < self.emitted_to.len()
+            && same(&self.emitted_to[last])
+            && self.emitted_to[last].2 <= reach(hi)
         {
-            Some(e) => e.3 = hi,
-            None => self.emitted_to.push((size, f, lo, hi)),
+            last += 1;
         }
+        let (mut new_lo, mut new_hi) = (lo, hi);
+        if let (Some(a), Some(b)) = (self.emitted_to.get(first), last.checked_sub(1)) {
+            if last > first {
+                if a.2 <= lo && self.emitted_to[b].3 >= hi && last - first == 1 {
+                    return false;
+                }
+                new_lo = new_lo.min(a.2);
+                new_hi = new_hi.max(self.emitted_to[b].3);
+            }
+        }
+        self.emitted_to
+            .splice(first..last, [(size, f, new_lo, new_hi)]);
         true
     }
 
@@ -440,7 +465,7 @@ fn parse_state(b: &[u8]) -> Option<StateParts> {
     }
     let mut emitted_to = Vec::new();
     if version >= 3 {
-        let n = u16::from_le_bytes(take(2)?.try_into().ok()?);
+        let n = u32::from_le_bytes(take(4)?.try_into().ok()?);
         for _ in 0..n {
             let size = word(take(8)?);
             let func = Func::from_code(take(1)?[0])?;
@@ -887,7 +912,7 @@ impl Engine {
                 self.queue(t, series_id, s, lost, true);
                 return Loaded::Orphan;
             }
-            if !self.dirty.contains(&(t, series_id)) {
+            if !self.states.get(&(t, series_id)).is_some_and(|st| st.dirty) {
                 // Nothing to write or close: its entries are in `history`.
                 self.states.remove(&(t, series_id));
             }
@@ -1278,7 +1303,8 @@ impl Engine {
             };
             for (start, acc) in windows {
                 let end = start.saturating_add(size);
-                let mut taken: Vec<Func> = Vec::new();
+                // Functions an heir takes; and those an heir writes but had closed the window for.
+                let (mut taken, mut missed): (Vec<Func>, Vec<Func>) = (Vec::new(), Vec::new());
                 for &b in &heirs {
                     let rule = &rules[b];
                     let Some(kb) = rule.sizes.iter().position(|&z| z == size) else {
@@ -1311,15 +1337,17 @@ impl Engine {
                             mark_dirty(dirty, heir, (b, p.series_id));
                             taken.extend(shared);
                         }
-                        Err(_) => {}
+                        Err(_) => missed.extend(shared),
                     }
                 }
-                if !p.close {
-                    continue;
+                // Closing: the functions no heir took. Staying open (the rule goes on with other functions): those
+                // an heir writes but closed the window for, now (no one else would).
+                let emit: Vec<Func> = if p.close { old.funcs.clone() } else { missed };
+                if p.close {
+                    total += 1;
                 }
-                total += 1;
-                // The functions no heir took and not emitted yet; each noted (a window an heir took is the heir's).
-                for &func in &old.funcs {
+                // Each noted (a window an heir took is the heir's).
+                for func in emit {
                     if taken.contains(&func) || st.emitted(size, func, end) {
                         continue;
                     }

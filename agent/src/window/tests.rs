@@ -532,7 +532,7 @@ allowed_lateness_ms = 10000
     );
     assert!(PairState::from_bytes(&b3[..b3.len() - 1], &[1000]).is_none());
     let mut bad_func = b3.clone();
-    let at = b3.len() - 17; // the last entry's function code
+    let at = b3.len() - 17; // the last record's function code
     bad_func[at] = 7;
     assert!(PairState::from_bytes(&bad_func, &[1000]).is_none());
     let fewer = PairState::from_bytes(&b, &[5000]).unwrap();
@@ -1345,5 +1345,101 @@ fn an_heir_added_mid_window_goes_on_with_the_readings_from_its_start() {
             ("s/1/count_1s".into(), 0, Value::I64(3)),
             ("s/1/max_1s".into(), 0, Value::F64(3.0)),
         ]
+    );
+}
+
+/// A function moved from a rule that is still configured to one with a shorter lateness that has already closed
+/// some of the windows: those windows' value of it is emitted at the edit (neither rule would later), once.
+#[test]
+fn a_function_moved_to_a_rule_that_closed_the_window_is_emitted_at_the_edit() {
+    let rule = |name: &str, funcs: &str, lateness: u32| {
+        format!("[[rules]]\nname = \"{name}\"\nseries = \"s/+\"\nsizes_ms = [1000]\nfunctions = [{funcs}]\nallowed_lateness_ms = {lateness}\n")
+    };
+    let mut stored = Stored::default();
+    let before = format!(
+        "{}{}",
+        rule("a", "\"count\"", 2000),
+        rule("b", "\"max\"", 0)
+    );
+    let mut e = stored.load(&before);
+    let (_, out) = feed(&mut e, "s/1", &[(100, 1.0), (1500, 2.0)]);
+    assert_eq!(
+        out,
+        vec![("s/1/max_1s".into(), 0, Value::F64(1.0))],
+        "b closed [0, 1000)"
+    );
+    stored.commit(&mut e);
+    let after = format!(
+        "{}{}",
+        rule("a", "\"sum\"", 2000),
+        rule("b", "\"max\", \"count\"", 0)
+    );
+    let mut e = stored.load(&after);
+    let mut edit = Vec::new();
+    e.close_orphans(&mut edit);
+    let s = Series::new("s/1");
+    let edit: Vec<(String, i64, Value)> = edit
+        .iter()
+        .map(|x| (e.derived_series(x, &s).key, x.start_ms, x.value.clone()))
+        .collect();
+    assert_eq!(edit, vec![("s/1/count_1s".into(), 0, Value::I64(1))]);
+    stored.commit(&mut e);
+    let (_, out) = feed(&mut e, "s/1", &[(5000, 0.0)]);
+    assert!(
+        !out.iter()
+            .any(|(k, start, _)| k == "s/1/count_1s" && *start == 0),
+        "not again: {out:?}"
+    );
+    assert!(
+        out.contains(&("s/1/count_1s".into(), 1000, Value::I64(1))),
+        "{out:?}"
+    );
+    assert!(
+        out.contains(&("s/1/sum_1s".into(), 0, Value::F64(1.0))),
+        "{out:?}"
+    );
+}
+
+/// The records of emitted windows stay sorted and merged: consecutive windows make one record, a gap two, and a
+/// lookup answers for each window end.
+#[test]
+fn records_of_emitted_windows_merge_and_answer_per_window() {
+    let mut st = PairState::default();
+    for end in [1000, 2000, 3000, 5000] {
+        assert!(st.note_emitted(1000, Func::Max, end, end));
+    }
+    assert!(!st.note_emitted(1000, Func::Max, 2000, 2000), "known");
+    assert!(st.note_emitted(1000, Func::Count, i64::MIN, 500));
+    assert!(st.note_emitted(3000, Func::Max, 3000, 3000));
+    assert_eq!(
+        st.emitted_to,
+        vec![
+            (1000, Func::Count, i64::MIN, 500),
+            (1000, Func::Max, 1000, 3000),
+            (1000, Func::Max, 5000, 5000),
+            (3000, Func::Max, 3000, 3000),
+        ]
+    );
+    for (end, want) in [
+        (0, false),
+        (1000, true),
+        (3000, true),
+        (4000, false),
+        (5000, true),
+        (6000, false),
+    ] {
+        assert_eq!(st.emitted(1000, Func::Max, end), want, "{end}");
+    }
+    assert!(st.emitted(1000, Func::Count, -7000) && !st.emitted(1000, Func::Count, 1000));
+    assert!(st.note_emitted(1000, Func::Max, 4000, 4000));
+    assert_eq!(
+        st.emitted_to[1],
+        (1000, Func::Max, 1000, 5000),
+        "the gap filled"
+    );
+    let b = st.to_bytes(&[]);
+    assert_eq!(
+        PairState::from_bytes(&b, &[]).unwrap().emitted_to,
+        st.emitted_to
     );
 }
