@@ -466,3 +466,32 @@ fn a_rules_functions_are_kept_from_the_first_start_after_an_upgrade() {
         ]
     );
 }
+
+/// A function moved, at a restart, from a rule that goes on to one with a shorter lateness that had already closed
+/// the window: the first seal, with no reading of the series, sends that function's value of the window, named.
+#[test]
+fn a_function_moved_at_a_restart_is_sent_by_a_seal_without_readings() {
+    let rule = |name: &str, funcs: &str, lateness: u32| {
+        format!("[[rules]]\nname = \"{name}\"\nseries = \"m/+\"\nsizes_ms = [1000]\nfunctions = [{funcs}]\nallowed_lateness_ms = {lateness}\nkeep_raw = false\n")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.db");
+    let before = format!(
+        "{}{}",
+        rule("a", "\"count\"", 2000),
+        rule("b", "\"max\"", 0)
+    );
+    let mut b = open_with(&path, &before);
+    append(&mut b, "m/a", &[(100, 4.0), (1500, 2.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(drain(&mut b), vec![got("m/a/max_1s", 0, "4", false)]);
+    drop(b);
+    let after = format!(
+        "{}{}",
+        rule("a", "\"sum\"", 2000),
+        rule("b", "\"max\", \"count\"", 0)
+    );
+    let mut b = open_with(&path, &after);
+    seal(&mut b).unwrap();
+    assert_eq!(drain(&mut b), vec![got("m/a/count_1s", 0, "1i", false)]);
+}

@@ -1117,13 +1117,23 @@ impl Engine {
                     late = true;
                     continue;
                 }
-                let emitted = !st.emitted_to.is_empty()
-                    && rule.funcs.iter().all(|&f| st.emitted(size, f, end));
+                // Functions of this window emitted at an edit of the rules: the reading is late for them (their
+                // values went out without it), and for the window if it is not open here and all were.
+                let (some, all) = if st.emitted_to.is_empty() {
+                    (false, false)
+                } else {
+                    let n = rule
+                        .funcs
+                        .iter()
+                        .filter(|&&f| st.emitted(size, f, end))
+                        .count();
+                    (n > 0, n == rule.funcs.len())
+                };
+                late |= some;
                 let list = &mut st.open[k];
                 match list.binary_search_by_key(&start, |(s, _)| *s) {
                     Ok(i) => list[i].1.add(ts, x),
-                    // Every function emitted at an edit of the rules (a window open here takes readings).
-                    Err(_) if emitted => late = true,
+                    Err(_) if all => {}
                     Err(_) if self.open >= self.max_open => {
                         self.uncommitted.overflow += 1;
                         overflow = true;
@@ -1196,6 +1206,7 @@ impl Engine {
                 continue;
             };
             let (emitted_before, windows_before) = (st.emitted_to.clone(), st.windows());
+            let out_before = out.len();
             let closed = self.hand_over(&p, &mut st, out);
             let changed =
                 closed > 0 || st.windows() != windows_before || st.emitted_to != emitted_before;
@@ -1220,7 +1231,8 @@ impl Engine {
                     mark_dirty(&mut self.dirty, target, pair);
                 }
             }
-            if p.close {
+            // Named for every value emitted here: a pair that stays open emits too (a function it no longer has).
+            if out.len() > out_before {
                 named.push((sid, p.series));
             }
         }
