@@ -44,6 +44,7 @@
 //! alarm_seq(rule TEXT PRIMARY KEY, next INTEGER)      -- each rule's next alarm sequence number
 //! window_state(rule TEXT, series_id INTEGER, state BLOB, PRIMARY KEY(rule, series_id))  -- window::PairState
 //! window_rule(name TEXT PRIMARY KEY, functions TEXT)  -- each window rule's functions when its states were written
+//! window_since(rule TEXT, series_id INTEGER, size INTEGER, func TEXT, since INTEGER, PRIMARY KEY(rule, series_id, size, func))
 //! ```
 //!
 //! # Dedup states
@@ -812,7 +813,8 @@ impl Buffer {
              CREATE TABLE IF NOT EXISTS alarm_state(rule TEXT NOT NULL, series_id INTEGER NOT NULL, state BLOB NOT NULL, PRIMARY KEY(rule, series_id));
              CREATE TABLE IF NOT EXISTS alarm_seq(rule TEXT PRIMARY KEY, next INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS window_state(rule TEXT NOT NULL, series_id INTEGER NOT NULL, state BLOB NOT NULL, PRIMARY KEY(rule, series_id));
-             CREATE TABLE IF NOT EXISTS window_rule(name TEXT PRIMARY KEY, functions TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS window_rule(name TEXT PRIMARY KEY, functions TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS window_since(rule TEXT NOT NULL, series_id INTEGER NOT NULL, size INTEGER NOT NULL, func TEXT NOT NULL, since INTEGER NOT NULL, PRIMARY KEY(rule, series_id, size, func));",
         )?;
         let get = |k: &str| -> rusqlite::Result<Option<rusqlite::types::Value>> {
             conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))

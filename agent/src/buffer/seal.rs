@@ -577,7 +577,7 @@ impl Buffer {
             .collect();
         let res = self.in_tx(|b| {
             b.write_alarms(&alarm_recs, &alarm_dirty, now_ms)?;
-            b.write_windows(&o.step.dirty)?;
+            b.write_windows(&o.step.dirty, &o.step.since)?;
             for x in &o.built {
                 b.conn
                     .prepare_cached("INSERT INTO batches(seq, record, readings, sealed_ms) VALUES (?1, ?2, ?3, ?4)")?

@@ -4,6 +4,9 @@
 //! ```sql
 //! window_state(rule TEXT, series_id INTEGER, state BLOB, PRIMARY KEY(rule, series_id))  -- window::PairState
 //! window_rule(name TEXT PRIMARY KEY, functions TEXT)  -- function names, comma-separated
+//! window_since(rule TEXT, series_id INTEGER, size INTEGER, func TEXT, since INTEGER,
+//!              PRIMARY KEY(rule, series_id, size, func))
+//!     -- per size and function the lowest window end a pair emitted; func '' marks a pair whose history is known
 //! ```
 //! The tables were added without a schema version change: an older agent ignores them (and computes no windows).
 //! A seal writes the changed pair states in its transaction, beside the records that hold the closed windows'
@@ -16,7 +19,7 @@
 use super::{Buffer, BufferError};
 use crate::batch::Row;
 use crate::order;
-use crate::window::{Emitted, Engine, Func, Loaded, Obs, RawFate};
+use crate::window::{Emitted, Engine, Func, Loaded, Obs, RawFate, SizeFunc};
 use fieldlink_proto::{Quality, Reading, Series};
 use foldhash::{HashMap, HashMapExt};
 use rusqlite::params;
@@ -35,6 +38,8 @@ pub(super) struct WindowStep {
     pub derived_readings: u64,
     /// Changed pair states: `(rule, series id, bytes)`.
     pub dirty: Vec<(String, i64, Vec<u8>)>,
+    /// Changed lowest open window ends: `(rule, series id, function, since)` ([`Engine::take_since`]).
+    pub since: Vec<(String, i64, Option<SizeFunc>, i64)>,
 }
 
 impl Buffer {
@@ -79,6 +84,24 @@ impl Buffer {
             // Names this version does not know leave the rule's functions unknown.
             if let Some(funcs) = functions.split(',').map(Func::from_name).collect() {
                 self.windows.remember_functions(&name, funcs);
+            }
+        }
+        drop(q);
+        drop(stmt);
+        let mut stmt = self
+            .conn
+            .prepare("SELECT rule, series_id, size, func, since FROM window_since")?;
+        let mut q = stmt.query([])?;
+        while let Some(r) = q.next()? {
+            let (rule, func): (String, String) = (r.get(0)?, r.get(3)?);
+            match Func::from_name(&func) {
+                Some(f) => {
+                    self.windows
+                        .remember_since(&rule, r.get(1)?, Some((r.get(2)?, f)), r.get(4)?)
+                }
+                None if func.is_empty() => self.windows.remember_since(&rule, r.get(1)?, None, 0),
+                // A function this version does not know: the pair's history is taken as unknown.
+                None => {}
             }
         }
         drop(q);
@@ -143,7 +166,17 @@ impl Buffer {
     pub(super) fn write_windows(
         &mut self,
         dirty: &[(String, i64, Vec<u8>)],
+        since: &[(String, i64, Option<SizeFunc>, i64)],
     ) -> Result<(), BufferError> {
+        for (rule, sid, key, lo) in since {
+            let (size, func) = key.map_or((0, ""), |(z, f)| (z, f.name()));
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO window_since(rule, series_id, size, func, since) VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT(rule, series_id, size, func) DO UPDATE SET since = min(since, excluded.since)",
+                )?
+                .execute(params![rule, sid, size, func, lo])?;
+        }
         if !dirty.is_empty() && !self.window_rules_written {
             for rule in self.windows.rules() {
                 let funcs: Vec<&str> = rule.functions().iter().map(|f| f.name()).collect();
@@ -261,5 +294,6 @@ pub(super) fn window_step(
         );
     }
     step.dirty = windows.take_dirty();
+    step.since = windows.take_since();
     step
 }

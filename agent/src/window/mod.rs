@@ -248,6 +248,12 @@ pub struct PairState {
     /// With open windows, the intake clock when the pair's last reading was observed, or when a scan first met it
     /// after a load ([`Engine::idle_due`]); not persisted (a restart times the silence again).
     seen: Option<i64>,
+    /// Per window size and function, the lowest end of a window the pair emitted that function for; one missing
+    /// never was. `None` when not known (a state from before it
+    /// was kept: any window). Persisted beside the state ([`Engine::take_since`], [`Engine::remember_since`]).
+    since: Option<Vec<(SizeFunc, i64)>>,
+    /// `since` as last persisted (`None`: nothing yet).
+    since_written: Option<Vec<(SizeFunc, i64)>>,
     dirty: bool,
 }
 
@@ -326,6 +332,8 @@ impl PairState {
             open,
             emitted_to,
             seen: None,
+            since: None,
+            since_written: None,
             dirty: false,
         })
     }
@@ -533,6 +541,48 @@ fn newest_after(
     }
 }
 
+/// A window size and a function: one derived series of a pair.
+pub type SizeFunc = (i64, Func);
+
+/// Lowers the pair's `since` of `key` to `end` (the end of a window it emitted that function of that size for),
+/// listing it to persist when it changed.
+fn lower_since(
+    st: &mut PairState,
+    key: SizeFunc,
+    end: i64,
+    since_dirty: &mut Vec<(usize, i64)>,
+    pair: (usize, i64),
+) {
+    let Some(since) = &mut st.since else {
+        return;
+    };
+    match since.iter_mut().find(|(k, _)| *k == key) {
+        Some(e) if e.1 <= end => return,
+        Some(e) => e.1 = end,
+        None => since.push((key, end)),
+    }
+    since_dirty.push(pair);
+}
+
+impl PairState {
+    /// The state of a pair seen for the first time, for a rule with `sizes` windows sizes.
+    fn fresh(sizes: usize) -> Self {
+        Self {
+            open: vec![Vec::new(); sizes],
+            since: Some(Vec::new()),
+            ..Self::default()
+        }
+    }
+
+    /// The lowest window end for which the pair can have emitted `key` (`None`: never).
+    fn since_of(&self, key: SizeFunc) -> Option<i64> {
+        match &self.since {
+            None => Some(i64::MIN),
+            Some(v) => v.iter().find(|(k, _)| *k == key).map(|&(_, e)| e),
+        }
+    }
+}
+
 /// Lists `pair` among the states to persist with the seal, once.
 fn mark_dirty(dirty: &mut Vec<(usize, i64)>, st: &mut PairState, pair: (usize, i64)) {
     if !st.dirty {
@@ -550,15 +600,15 @@ fn combos(funcs: &[Func], sizes: &[i64]) -> Vec<(Func, i64)> {
 }
 
 /// Closes the pair's windows that end at or before `watermark` into `out` (the functions `emitted_to` has not emitted
-/// for them yet), raising `closed_to` to the last end so none reopens; at `i64::MAX` all of them, noting each
-/// window's functions in `emitted_to` instead (the windows between them were not closed); returns how many.
+/// for them yet), raising `closed_to` to the last end so none reopens, and lowering `since` to the first emitted;
+/// returns how many.
 fn close_through(
     rule: &Rule,
-    r: usize,
-    sid: i64,
+    (r, sid): (usize, i64),
     st: &mut PairState,
     watermark: i64,
     out: &mut Vec<Emitted>,
+    since_dirty: &mut Vec<(usize, i64)>,
 ) -> usize {
     let mut total = 0;
     for (k, &size) in rule.sizes.iter().enumerate() {
@@ -582,13 +632,9 @@ fn close_through(
                     start_ms: start,
                     value: acc.value(func),
                 });
-                if watermark == i64::MAX {
-                    st.note_emitted(size, func, end, end);
-                }
+                lower_since(st, (size, func), end, since_dirty, (r, sid));
             }
-            if watermark != i64::MAX {
-                st.closed_to = Some(st.closed_to.map_or(end, |c| c.max(end)));
-            }
+            st.closed_to = Some(st.closed_to.map_or(end, |c| c.max(end)));
         }
         total += closed;
     }
@@ -721,6 +767,10 @@ pub struct Engine {
     /// Per series, the windows loaded rows hold as emitted (`emitted_to`), for the configured rules that write
     /// those derived series ([`Engine::close_orphans`]).
     history: HashMap<i64, (Series, Vec<Emission>)>,
+    /// Per row `(rule name, series id)`, its persisted `since` ([`Engine::remember_since`]).
+    since_of: HashMap<(String, i64), Vec<(SizeFunc, i64)>>,
+    /// Pairs whose `since` changed since it was persisted.
+    since_dirty: Vec<(usize, i64)>,
     /// Per pair, a reading held aside for being far ahead, with its seal's clock ([`newest_after`]); not persisted
     /// (after a restart a jump is taken one reading later).
     ahead: HashMap<(usize, i64), (i64, i64)>,
@@ -776,6 +826,8 @@ impl Engine {
             now_ms: i64::MAX,
             orphans: Vec::new(),
             history: HashMap::new(),
+            since_of: HashMap::new(),
+            since_dirty: Vec::new(),
             ahead: HashMap::default(),
             intake_ms: None,
             idle: Vec::new(),
@@ -857,6 +909,51 @@ impl Engine {
     /// their size. Called before [`Engine::load_state`].
     pub fn remember_functions(&mut self, rule: &str, funcs: Vec<Func>) {
         self.functions.insert(rule.to_string(), funcs);
+    }
+
+    /// One persisted row of the pair of `rule` and `series_id` ([`Engine::take_since`]): the lowest window end it
+    /// emitted function `key.1` of size `key.0` for, or (`None`) that the pair's history is known. Called before
+    /// [`Engine::load_state`]; a state loaded without any is taken to have emitted any window.
+    pub fn remember_since(
+        &mut self,
+        rule: &str,
+        series_id: i64,
+        key: Option<SizeFunc>,
+        since: i64,
+    ) {
+        let v = self
+            .since_of
+            .entry((rule.to_string(), series_id))
+            .or_default();
+        if let Some(k) = key {
+            v.push((k, since));
+        }
+    }
+
+    /// The changes of the pairs' lowest emitted window ends since they were persisted: `(rule name, series id,
+    /// (size, function), since)`, where none marks a pair whose history is known, to persist with the seal (beside
+    /// [`Engine::take_dirty`]).
+    pub fn take_since(&mut self) -> Vec<(String, i64, Option<SizeFunc>, i64)> {
+        let mut d = Vec::new();
+        for (r, sid) in std::mem::take(&mut self.since_dirty) {
+            let Some(st) = self.states.get_mut(&(r, sid)) else {
+                continue;
+            };
+            let Some(since) = &st.since else {
+                continue;
+            };
+            if st.since_written.is_none() {
+                d.push((self.rules[r].name.clone(), sid, None, i64::MAX));
+            }
+            let written = st.since_written.get_or_insert_with(Vec::new);
+            for &(k, end) in since {
+                if !written.contains(&(k, end)) {
+                    d.push((self.rules[r].name.clone(), sid, Some(k), end));
+                }
+            }
+            *written = since.clone();
+        }
+        d
     }
 
     /// Restores a persisted state of the pair of `rule` and the series `series_id` (`series`, if the buffer
@@ -982,9 +1079,13 @@ impl Engine {
             return;
         };
         let mut changed = false;
+        // The windows it can have emitted: from the first it had open for the function (unknown: any) through its
+        // watermark.
         if let Some(c) = st.closed_to {
             for &(f, z) in lost {
-                changed |= st.note_emitted(z, f, i64::MIN, c);
+                if let Some(lo) = st.since_of((z, f)) {
+                    changed |= st.note_emitted(z, f, lo, c);
+                }
             }
         }
         if changed {
@@ -1031,9 +1132,15 @@ impl Engine {
 
     /// Puts the pair's persisted state (read for its rule's sizes) in memory; returns its open windows.
     fn insert_state(&mut self, r: usize, series_id: i64, bytes: &[u8]) -> usize {
-        let Some(st) = PairState::from_bytes(bytes, &self.rules[r].sizes) else {
+        let Some(mut st) = PairState::from_bytes(bytes, &self.rules[r].sizes) else {
             return 0;
         };
+        let since = self
+            .since_of
+            .get(&(self.rules[r].name.clone(), series_id))
+            .cloned();
+        st.since.clone_from(&since);
+        st.since_written = since;
         let windows = st.windows();
         self.open += windows;
         if let Some(old) = self.states.insert((r, series_id), st) {
@@ -1093,10 +1200,10 @@ impl Engine {
         out: &mut Vec<Emitted>,
     ) -> (bool, bool) {
         let rule = &self.rules[r];
-        let st = self.states.entry((r, sid)).or_insert_with(|| PairState {
-            open: vec![Vec::new(); rule.sizes.len()],
-            ..PairState::default()
-        });
+        let st = self
+            .states
+            .entry((r, sid))
+            .or_insert_with(|| PairState::fresh(rule.sizes.len()));
         mark_dirty(&mut self.dirty, st, (r, sid));
         st.newest = newest_after(st.newest, ts, self.now_ms, &mut self.ahead, (r, sid));
         if let (true, Some(c)) = (rule.idle_close > 0, self.intake_ms) {
@@ -1150,7 +1257,7 @@ impl Engine {
                 self.uncommitted.aggregated += 1;
             }
         }
-        let closed = close_through(rule, r, sid, st, watermark, out);
+        let closed = close_through(rule, (r, sid), st, watermark, out, &mut self.since_dirty);
         if !st.emitted_to.is_empty() {
             // Windows ending at or before the watermark are closed now: entries of derived series the rule writes
             // are kept by the watermark from here on.
@@ -1268,10 +1375,7 @@ impl Engine {
             let heir = self
                 .states
                 .entry((b, series_id))
-                .or_insert_with(|| PairState {
-                    open: vec![Vec::new(); rule.sizes.len()],
-                    ..PairState::default()
-                });
+                .or_insert_with(|| PairState::fresh(rule.sizes.len()));
             let mut changed = false;
             for &&(z, f, lo, hi) in &mine {
                 if hi > heir.closed_to.unwrap_or(i64::MIN) {
@@ -1294,6 +1398,7 @@ impl Engine {
             dirty,
             open,
             uncommitted,
+            since_dirty,
             ..
         } = self;
         let old = &rules[p.src];
@@ -1323,10 +1428,9 @@ impl Engine {
                         continue;
                     };
                     let shared = lost.iter().filter(|f| rule.funcs.contains(f));
-                    let heir = states.entry((b, p.series_id)).or_insert_with(|| PairState {
-                        open: vec![Vec::new(); rule.sizes.len()],
-                        ..PairState::default()
-                    });
+                    let heir = states
+                        .entry((b, p.series_id))
+                        .or_insert_with(|| PairState::fresh(rule.sizes.len()));
                     let watermark = heir
                         .newest
                         .map(|n| n.saturating_sub(rule.lateness))
@@ -1372,6 +1476,7 @@ impl Engine {
                         value: acc.value(func),
                     });
                     st.note_emitted(size, func, end, end);
+                    lower_since(st, (size, func), end, since_dirty, (p.src, p.series_id));
                 }
             }
         }
@@ -1449,7 +1554,7 @@ impl Engine {
             let Some(w) = idle_watermark(&self.rules[r], st, seen, now) else {
                 continue;
             };
-            let closed = close_through(&self.rules[r], r, sid, st, w, out);
+            let closed = close_through(&self.rules[r], (r, sid), st, w, out, &mut self.since_dirty);
             if closed == 0 {
                 continue;
             }
@@ -1475,6 +1580,10 @@ impl Engine {
         for (r, sid) in std::mem::take(&mut self.dirty) {
             if let Some(st) = self.states.get_mut(&(r, sid)) {
                 st.dirty = false;
+                if st.since.is_some() && st.since_written.is_none() {
+                    // A pair of this version written for the first time: its history is known from here on.
+                    self.since_dirty.push((r, sid));
+                }
                 d.push((
                     self.rules[r].name.clone(),
                     sid,
