@@ -1213,6 +1213,7 @@ impl Buffer {
                     b.conn
                         .prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?
                         .execute([next_seq as i64])?;
+                    b.mark_window_since(next_seq)?;
                     Ok(())
                 })?;
                 Ok((records.len(), events, next_seq))

@@ -605,6 +605,7 @@ impl Buffer {
                 .execute([log_seal.saturating_sub(STATE_LOG_SEALS) as i64])?;
             b.conn.prepare_cached("DELETE FROM groups WHERE id <= ?1")?.execute([taken.ids_last])?;
             b.conn.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?.execute([next_seq as i64])?;
+            b.mark_window_since(next_seq)?;
             Ok(())
         });
         if let Err(e) = res {

@@ -495,3 +495,51 @@ fn a_function_moved_at_a_restart_is_sent_by_a_seal_without_readings() {
     seal(&mut b).unwrap();
     assert_eq!(drain(&mut b), vec![got("m/a/count_1s", 0, "1i", false)]);
 }
+
+/// A rule renamed: what the old name emitted stays closed under the new one from the first window it emitted on
+/// (kept in `window_since`), so a reading of an earlier window the old name never emitted still gets its value.
+/// When another (older) agent sealed the buffer since, `window_since` is not trusted and the old name's whole
+/// watermark counts: that reading is late (sent raw and flagged, `late = "raw"`).
+#[test]
+fn a_renamed_rule_trusts_the_first_emitted_window_only_when_this_version_sealed_last() {
+    let rule = |name: &str| {
+        format!("[[rules]]\nname = \"{name}\"\nseries = \"m/+\"\nsizes_ms = [1000]\nfunctions = [\"count\"]\nlate = \"raw\"\nkeep_raw = false\n")
+    };
+    for older_sealed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        let mut b = open_with(&path, &rule("a"));
+        append(&mut b, "m/a", &[(100, 1.0), (3500, 1.0)]);
+        seal(&mut b).unwrap();
+        assert_eq!(drain(&mut b), vec![got("m/a/count_1s", 0, "1i", false)]);
+        drop(b);
+        if older_sealed {
+            rusqlite::Connection::open(&path)
+                .unwrap()
+                .execute(
+                    "UPDATE meta SET value = value + 1 WHERE key = 'next_seq'",
+                    [],
+                )
+                .unwrap();
+        }
+        let mut b = open_with(&path, &rule("b"));
+        append(&mut b, "m/a", &[(-500, 1.0), (5000, 1.0)]);
+        seal(&mut b).unwrap();
+        let want = if older_sealed {
+            vec![
+                got("m/a", -500, "1", true),
+                got("m/a/count_1s", 3000, "1i", false),
+            ]
+        } else {
+            vec![
+                got("m/a/count_1s", -1000, "1i", false),
+                got("m/a/count_1s", 3000, "1i", false),
+            ]
+        };
+        assert_eq!(
+            drain(&mut b),
+            want,
+            "an older agent sealed since: {older_sealed}"
+        );
+    }
+}

@@ -22,7 +22,7 @@ use crate::order;
 use crate::window::{Emitted, Engine, Func, Loaded, Obs, RawFate, SizeFunc};
 use fieldlink_proto::{Quality, Reading, Series};
 use foldhash::{HashMap, HashMapExt};
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 
 /// What the windows made of one seal's released readings.
 #[derive(Debug, Default)]
@@ -38,7 +38,7 @@ pub(super) struct WindowStep {
     pub derived_readings: u64,
     /// Changed pair states: `(rule, series id, bytes)`.
     pub dirty: Vec<(String, i64, Vec<u8>)>,
-    /// Changed lowest open window ends: `(rule, series id, function, since)` ([`Engine::take_since`]).
+    /// Changed lowest emitted window ends: `(rule, series id, (size, function), since)` ([`Engine::take_since`]).
     pub since: Vec<(String, i64, Option<SizeFunc>, i64)>,
 }
 
@@ -88,9 +88,21 @@ impl Buffer {
         }
         drop(q);
         drop(stmt);
-        let mut stmt = self
-            .conn
-            .prepare("SELECT rule, series_id, size, func, since FROM window_since")?;
+        // `window_since` is kept by this version only: trusted if no other sealed since this version's last seal
+        // (an older agent rewrites the states without it).
+        let seq = |key: &str| -> Result<Option<i64>, BufferError> {
+            Ok(self
+                .conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()?)
+        };
+        let trusted =
+            seq("window_since_seq")?.is_some_and(|s| Some(s) == seq("next_seq").ok().flatten());
+        let mut stmt = self.conn.prepare(if trusted {
+            "SELECT rule, series_id, size, func, since FROM window_since"
+        } else {
+            "SELECT rule, series_id, size, func, since FROM window_since WHERE 0"
+        })?;
         let mut q = stmt.query([])?;
         while let Some(r) = q.next()? {
             let (rule, func): (String, String) = (r.get(0)?, r.get(3)?);
@@ -100,7 +112,7 @@ impl Buffer {
                         .remember_since(&rule, r.get(1)?, Some((r.get(2)?, f)), r.get(4)?)
                 }
                 None if func.is_empty() => self.windows.remember_since(&rule, r.get(1)?, None, 0),
-                // A function this version does not know: the pair's history is taken as unknown.
+                // A function this version does not know: the row is skipped (only known functions are looked up).
                 None => {}
             }
         }
@@ -159,6 +171,17 @@ impl Buffer {
                  unreadable ones are left as they are"
             );
         }
+        Ok(())
+    }
+
+    /// Inside a transaction that moved `next_seq` to `next_seq`: notes that `window_since` is current as of it
+    /// (see [`Buffer::reload_windows`]).
+    pub(super) fn mark_window_since(&mut self, next_seq: u64) -> Result<(), BufferError> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('window_since_seq', ?1)",
+            )?
+            .execute([next_seq as i64])?;
         Ok(())
     }
 

@@ -35,7 +35,8 @@
 //! [`Engine::load_state`] queues what an edit asks of each loaded pair, and the next seal settles it
 //! ([`Engine::close_orphans`]), in its transaction. Each derived series keeps a record of the windows it emitted,
 //! whichever rule wrote them (`emitted_to`, per size and function): the windows an edit closed, and, when a rule
-//! stops writing one of its derived series, those it closed through its `closed_to`. Every close skips a function
+//! stops writing one of its derived series, those it closed from the first window it emitted for it (`since`,
+//! persisted beside the states; unknown for states from before it was kept: from any) through its `closed_to`. Every close skips a function
 //! the record holds for the window, and a reading of a window that is not open is late when the record holds every
 //! function of the rule for it: **no derived window is emitted twice**. Open windows no configured rule computes on
 //! any more (the rule removed, narrowed, or without their size) close under a retired rule with the functions
@@ -57,8 +58,9 @@
 //! `keep_raw = false`, and sent if not.
 //!
 //! Memory: open windows of one pair and size are at most `L / size + 2` in steady state; all of them together at
-//! most `max_open` (plus what a restart loads under a lowered cap). Pair states are a few bytes each when no
-//! window is open and are all held in memory, like alarm states.
+//! most `max_open` (plus what a restart loads under a lowered cap; a hand-over at an edit can copy windows beyond
+//! it). Pair states are about a hundred bytes each when no window is open (more with records of an edit and the
+//! first emitted window end per size and function) and are all held in memory, like alarm states.
 
 mod config;
 
@@ -1066,6 +1068,7 @@ impl Engine {
     /// After the last [`Engine::load_state`] of a load: drops the per-series records no seal will use (no rule is
     /// configured and no window closes).
     pub fn loaded(&mut self) {
+        self.since_of = HashMap::new();
         if self.active == 0 && self.orphans.is_empty() {
             self.history = HashMap::new();
         }
