@@ -674,8 +674,8 @@ const IDLE_SCAN_MS: i64 = 1000;
 pub enum Loaded {
     /// Loaded.
     Yes,
-    /// Loaded, with open windows no configured rule computes on any more (the rule no longer matches the series,
-    /// no longer has their size, or is no longer configured): the next seal closes them
+    /// Loaded, with open windows an edit of the rules concerns (the rule no longer matches the series, no longer
+    /// has their size or some function, or is no longer configured): the next seal settles them
     /// ([`Engine::close_orphans`]).
     Orphan,
     /// Not loaded: no rule of that name is configured and the state has no open window (it stays in the buffer:
@@ -1279,16 +1279,17 @@ impl Engine {
     /// write the same derived series for that series (**heirs**: a rule renamed, split, merged, or given a function
     /// another rule had). Two passes:
     ///
-    /// 1. Each heir's pair notes, per shared size, the end through which the old pair closed windows (its
-    ///    `closed_to`, its `emitted_to`): a late reading does not open for the heir a window the old rule emitted.
-    /// 2. Per open window of the old pair and heir: if the heir has a window of that start, it saw the same
-    ///    readings (both rules matched the series) and emits the shared functions; if the window is still open for
-    ///    the heir, a copy goes to it and it emits them; if it is closed for the heir, the old rule emits them.
-    ///    Windows that close are emitted with the old rule's functions no heir took (final: no reading joins them
-    ///    any more), and noted in `emitted_to` so none opens again.
+    /// 1. The records of emitted windows every loaded row of a series holds (`emitted_to`, with those `load_state`
+    ///    made of a rule's watermark) go to each configured rule that writes those derived series and matches the
+    ///    series, and to each pair whose windows close here: none of them emits such a window again.
+    /// 2. Per open window of a queued pair and heir: if the heir has a window of that start too, both saw the same
+    ///    readings for part of it and the one with more readings stays with the heir, which emits the shared
+    ///    functions; if the window is still open for the heir, a copy goes to it; if it is closed for the heir, the
+    ///    old rule emits them now (also a rule that goes on without that function). Windows that close are emitted
+    ///    with the old rule's functions no heir took and not emitted already, each noted in `emitted_to`.
     ///
-    /// The state rows written with the seal hold the result. Returns the closed pairs' series, for the emitted
-    /// readings' names.
+    /// The state rows written with the seal hold the result. Returns the series of the pairs that emitted, for the
+    /// emitted readings' names.
     pub fn close_orphans(&mut self, out: &mut Vec<Emitted>) -> Vec<(i64, Series)> {
         let pending = std::mem::take(&mut self.orphans);
         let history = std::mem::take(&mut self.history);
