@@ -146,7 +146,10 @@ fn every_type_and_order_decodes_and_points_are_coalesced() {
     let (_, by) = device.requests();
     let counts = [by["1"], by["2"], by["3"], by["4"]];
     let (lo, hi) = (*counts.iter().min().unwrap(), *counts.iter().max().unwrap());
-    assert!(lo >= 3, "{by:?}");
+    assert!(
+        lo >= 2,
+        "at least two polls, so equal counts mean one request per table per poll: {by:?}"
+    );
     assert!(hi - lo <= 1, "requests per function: {by:?}");
 }
 
