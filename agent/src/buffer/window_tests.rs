@@ -103,6 +103,19 @@ fn drain(b: &mut Buffer) -> Vec<Got> {
     out
 }
 
+/// A buffer file at `path` whose rule `mean` (`RULES`) holds the window [0, 1000) of `m/a` open with 1 and 3:
+/// committed, nothing sent (the readings withheld).
+fn with_open_window(path: &Path) {
+    let mut b = open(path);
+    append(&mut b, "m/a", &[(100, 1.0), (200, 3.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(
+        drain(&mut b),
+        vec![],
+        "[0, 1000) open, the readings withheld"
+    );
+}
+
 fn got(k: &str, ts: i64, v: &str, late: bool) -> Got {
     (k.into(), ts, v.into(), late)
 }
@@ -204,11 +217,7 @@ fn a_failed_seal_or_a_reopen_neither_repeats_nor_loses_a_window() {
 fn a_window_of_a_series_a_narrowed_rule_no_longer_matches_is_closed_once_at_the_next_seal() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("b.db");
-    let mut b = open(&path);
-    append(&mut b, "m/a", &[(100, 1.0), (200, 3.0)]);
-    seal(&mut b).unwrap();
-    assert_eq!(drain(&mut b), vec![], "[0, 1000) open");
-    drop(b);
+    with_open_window(&path);
     let narrowed = RULES.replace("series = \"m/+\"", "series = \"m/b\"");
     let mut b = open_with(&path, &narrowed);
     assert_eq!(b.windows().open_windows(), 1);
@@ -374,15 +383,7 @@ fn a_seal_without_readings_closes_the_windows_of_a_silent_series_once() {
 fn a_removed_or_renamed_rules_open_window_lands_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("b.db");
-    let mut b = open(&path);
-    append(&mut b, "m/a", &[(100, 1.0), (200, 3.0)]);
-    seal(&mut b).unwrap();
-    assert_eq!(
-        drain(&mut b),
-        vec![],
-        "[0, 1000) open, the readings withheld"
-    );
-    drop(b);
+    with_open_window(&path);
     // The last rule removed: no rule is configured any more.
     let without = "";
     let mut b = open_with(&path, without);
@@ -410,11 +411,7 @@ fn a_removed_or_renamed_rules_open_window_lands_once() {
     drop(b);
 
     let path = dir.path().join("renamed.db");
-    let mut b = open(&path);
-    append(&mut b, "m/a", &[(100, 1.0), (200, 3.0)]);
-    seal(&mut b).unwrap();
-    assert_eq!(drain(&mut b), vec![]);
-    drop(b);
+    with_open_window(&path);
     let renamed = RULES.replace("name = \"mean\"", "name = \"average\"");
     let mut b = open_with(&path, &renamed);
     append(&mut b, "m/a", &[(500, 8.0), (1600, 0.0)]);
@@ -447,10 +444,7 @@ fn a_removed_or_renamed_rules_open_window_lands_once() {
 fn a_rules_functions_are_kept_from_the_first_start_after_an_upgrade() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("b.db");
-    let mut b = open(&path);
-    append(&mut b, "m/a", &[(100, 1.0), (200, 3.0)]);
-    seal(&mut b).unwrap();
-    drop(b);
+    with_open_window(&path);
     rusqlite::Connection::open(&path)
         .unwrap()
         .execute("DELETE FROM window_rule", [])

@@ -89,35 +89,18 @@ impl Buffer {
         drop(q);
         drop(stmt);
         // `window_since` is kept by this version only: trusted if no other sealed since this version's last seal
-        // (an older agent rewrites the states without it).
-        let seq = |key: &str| -> Result<Option<i64>, BufferError> {
-            Ok(self
-                .conn
-                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-                .optional()?)
-        };
-        let trusted =
-            seq("window_since_seq")?.is_some_and(|s| Some(s) == seq("next_seq").ok().flatten());
-        let mut stmt = self.conn.prepare(if trusted {
-            "SELECT rule, series_id, size, func, since FROM window_since"
-        } else {
-            "SELECT rule, series_id, size, func, since FROM window_since WHERE 0"
-        })?;
-        let mut q = stmt.query([])?;
-        while let Some(r) = q.next()? {
-            let (rule, func): (String, String) = (r.get(0)?, r.get(3)?);
-            match Func::from_name(&func) {
-                Some(f) => {
-                    self.windows
-                        .remember_since(&rule, r.get(1)?, Some((r.get(2)?, f)), r.get(4)?)
-                }
-                None if func.is_empty() => self.windows.remember_since(&rule, r.get(1)?, None, 0),
-                // A function this version does not know: the row is skipped (only known functions are looked up).
-                None => {}
-            }
+        // (an older agent rewrites the states without it). `next_seq` is the committed one here.
+        let since_seq: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'window_since_seq'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if since_seq == Some(self.next_seq as i64) {
+            self.load_window_since()?;
         }
-        drop(q);
-        drop(stmt);
         let mut stmt = self.conn.prepare(
             "SELECT w.rule, w.series_id, w.state, s.key, s.tags FROM window_state w \
              LEFT JOIN series s ON s.id = w.series_id",
@@ -151,10 +134,9 @@ impl Buffer {
             .iter()
             .filter(|r| !known.contains(&r.name))
         {
-            let funcs: Vec<&str> = rule.functions().iter().map(|f| f.name()).collect();
             if let Err(e) = self.conn.execute(
                 "INSERT OR IGNORE INTO window_rule(name, functions) VALUES (?1, ?2)",
-                params![rule.name, funcs.join(",")],
+                params![rule.name, functions_text(rule)],
             ) {
                 tracing::debug!(error = %e, "window rules' functions not written at load");
                 break;
@@ -170,6 +152,27 @@ impl Buffer {
                  series; those of removed rules whose functions are unknown wait in the buffer for the rule; \
                  unreadable ones are left as they are"
             );
+        }
+        Ok(())
+    }
+
+    /// The rows of `window_since`, into the engine.
+    fn load_window_since(&mut self) -> Result<(), BufferError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT rule, series_id, size, func, since FROM window_since")?;
+        let mut q = stmt.query([])?;
+        while let Some(r) = q.next()? {
+            let (rule, func): (String, String) = (r.get(0)?, r.get(3)?);
+            match Func::from_name(&func) {
+                Some(f) => {
+                    self.windows
+                        .remember_since(&rule, r.get(1)?, Some((r.get(2)?, f)), r.get(4)?)
+                }
+                None if func.is_empty() => self.windows.remember_since(&rule, r.get(1)?, None, 0),
+                // A function this version does not know: the row is skipped (only known functions are looked up).
+                None => {}
+            }
         }
         Ok(())
     }
@@ -202,12 +205,11 @@ impl Buffer {
         }
         if !dirty.is_empty() && !self.window_rules_written {
             for rule in self.windows.rules() {
-                let funcs: Vec<&str> = rule.functions().iter().map(|f| f.name()).collect();
                 self.conn
                     .prepare_cached(
                         "INSERT OR REPLACE INTO window_rule(name, functions) VALUES (?1, ?2)",
                     )?
-                    .execute(params![rule.name, funcs.join(",")])?;
+                    .execute(params![rule.name, functions_text(rule)])?;
             }
             self.window_rules_written = true;
         }
@@ -220,6 +222,12 @@ impl Buffer {
         }
         Ok(())
     }
+}
+
+/// A rule's functions as `window_rule` keeps them: names, comma-separated (read back with [`Func::from_name`]).
+fn functions_text(rule: &crate::window::Rule) -> String {
+    let names: Vec<&str> = rule.functions().iter().map(|f| f.name()).collect();
+    names.join(",")
 }
 
 /// Feeds the released readings (each series in event-time order) to the windows at the seal's wall-clock time

@@ -241,11 +241,13 @@ pub struct PairState {
     pub closed_to: Option<i64>,
     /// Per size of the rule (same order): the open windows `(start, aggregate)`, by start.
     pub open: Vec<Vec<(i64, Acc)>>,
-    /// Windows emitted beyond `closed_to` at an edit of the rules ([`Engine::close_orphans`]): `(size, function,
-    /// lo, hi)`, the windows of that size ending in `lo..=hi` had that function emitted, here or under another rule
-    /// name. Such a window that is open here emits the other functions only; one that is not open is late when
-    /// every function of the rule was emitted for it. An entry is dropped once `closed_to` reaches `hi`; usually
-    /// there is none.
+    /// Windows of a derived series emitted, here or under another rule name, that an edit of the rules made count
+    /// ([`Engine::load_state`], [`Engine::close_orphans`]): `(size, function, lo, hi)`, the windows of that size
+    /// ending in `lo..=hi` had that function emitted. Such a window that is open here emits the other functions
+    /// only; a reading of one is late for the rule (of one not open: not aggregated when every function of the
+    /// rule was emitted for it). A record of a derived series the rule writes is dropped once its watermark
+    /// reaches `hi`; one of a series it does not write is kept. Sorted and merged ([`PairState::note_emitted`]);
+    /// usually there is none.
     pub emitted_to: Vec<Emission>,
     /// With open windows, the intake clock when the pair's last reading was observed, or when a scan first met it
     /// after a load ([`Engine::idle_due`]); not persisted (a restart times the silence again).
@@ -389,14 +391,13 @@ impl PairState {
             last += 1;
         }
         let (mut new_lo, mut new_hi) = (lo, hi);
-        if let (Some(a), Some(b)) = (self.emitted_to.get(first), last.checked_sub(1)) {
-            if last > first {
-                if a.2 <= lo && self.emitted_to[b].3 >= hi && last - first == 1 {
-                    return false;
-                }
-                new_lo = new_lo.min(a.2);
-                new_hi = new_hi.max(self.emitted_to[b].3);
+        if last > first {
+            let (a, b) = (self.emitted_to[first], self.emitted_to[last - 1]);
+            if last - first == 1 && a.2 <= lo && hi <= a.3 {
+                return false;
             }
+            new_lo = new_lo.min(a.2);
+            new_hi = new_hi.max(b.3);
         }
         self.emitted_to
             .splice(first..last, [(size, f, new_lo, new_hi)]);
@@ -574,6 +575,21 @@ impl PairState {
             since: Some(Vec::new()),
             ..Self::default()
         }
+    }
+
+    /// Notes the records `emitted` of the derived series `rule` writes that reach past the pair's watermark;
+    /// returns whether any is new.
+    fn note_records(&mut self, rule: &Rule, emitted: &[Emission]) -> bool {
+        let mut changed = false;
+        for &(z, f, lo, hi) in emitted {
+            if rule.funcs.contains(&f)
+                && rule.sizes.contains(&z)
+                && hi > self.closed_to.unwrap_or(i64::MIN)
+            {
+                changed |= self.note_emitted(z, f, lo, hi);
+            }
+        }
+        changed
     }
 
     /// The lowest window end for which the pair can have emitted `key` (`None`: never).
@@ -1052,7 +1068,7 @@ impl Engine {
         let gone: Vec<(Func, i64)> = lost
             .iter()
             .copied()
-            .filter(|(_, z)| matches && self.rules[r].sizes.contains(z))
+            .filter(|(_, z)| self.rules[r].sizes.contains(z))
             .collect();
         if matches && windows > 0 && !gone.is_empty() {
             self.queue(r, series_id, s, gone, false);
@@ -1298,17 +1314,11 @@ impl Engine {
         }
         // A pair whose windows close here emits none of its derived series' windows another rule emitted.
         for p in pending.iter().filter(|p| p.close) {
-            let (Some((_, emitted)), Some(st)) = (
+            if let (Some((_, emitted)), Some(st)) = (
                 history.get(&p.series_id),
                 self.states.get_mut(&(p.src, p.series_id)),
-            ) else {
-                continue;
-            };
-            let rule = &self.rules[p.src];
-            for &(z, f, lo, hi) in emitted {
-                if rule.funcs.contains(&f) && rule.sizes.contains(&z) {
-                    st.note_emitted(z, f, lo, hi);
-                }
+            ) {
+                st.note_records(&self.rules[p.src], emitted);
             }
         }
         let mut named = Vec::with_capacity(pending.len());
@@ -1369,24 +1379,16 @@ impl Engine {
     fn inherit(&mut self, series_id: i64, series: &Series, emitted: &[Emission]) {
         for b in 0..self.active {
             let rule = &self.rules[b];
-            let mine: Vec<&Emission> = emitted
-                .iter()
-                .filter(|(z, f, ..)| rule.funcs.contains(f) && rule.sizes.contains(z))
-                .collect();
-            if mine.is_empty() || !rule.matches(series) {
+            let writes =
+                |&(z, f, ..): &Emission| rule.funcs.contains(&f) && rule.sizes.contains(&z);
+            if !emitted.iter().any(writes) || !rule.matches(series) {
                 continue;
             }
             let heir = self
                 .states
                 .entry((b, series_id))
                 .or_insert_with(|| PairState::fresh(rule.sizes.len()));
-            let mut changed = false;
-            for &&(z, f, lo, hi) in &mine {
-                if hi > heir.closed_to.unwrap_or(i64::MIN) {
-                    changed |= heir.note_emitted(z, f, lo, hi);
-                }
-            }
-            if changed {
+            if heir.note_records(rule, emitted) {
                 mark_dirty(&mut self.dirty, heir, (b, series_id));
             }
         }
@@ -1462,12 +1464,12 @@ impl Engine {
                 }
                 // Closing: the functions no heir took. Staying open (the rule goes on with other functions): those
                 // an heir writes but closed the window for, now (no one else would).
-                let emit: Vec<Func> = if p.close { old.funcs.clone() } else { missed };
+                let emit: &[Func] = if p.close { &old.funcs } else { &missed };
                 if p.close {
                     total += 1;
                 }
                 // Each noted (a window an heir took is the heir's).
-                for func in emit {
+                for &func in emit {
                     if taken.contains(&func) || st.emitted(size, func, end) {
                         continue;
                     }
