@@ -26,4 +26,4 @@ pub mod order;
 mod run;
 pub mod window;
 
-pub use run::{run, RunError};
+pub use run::{drain, run, RunError};

@@ -38,6 +38,18 @@ enum Command {
     },
     /// Print a documented example configuration.
     GenerateConfig,
+    /// Before a buffer file is given up (a gateway re-imaged, replaced or retired, an SD card swapped), with the
+    /// agent stopped: close every open window, seal everything and send it to Kinesis. Exit status 0 once the file
+    /// holds nothing Kinesis has not acknowledged, 3 if something is left at the timeout (what, on stdout), 1 on
+    /// an error (the agent still running holds the buffer's lock).
+    Drain {
+        /// Configuration file.
+        #[arg(short, long, default_value = "/etc/fieldlink/agent.toml")]
+        config: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+    },
     /// Print the newest source messages the payload mapping refused (topic, reason, payload), one JSON object
     /// per line, oldest first. Reads the buffer file; the agent may be running.
     Refused {
@@ -96,6 +108,21 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Drain { config, timeout_s } => {
+            let cfg = Config::load(&config)
+                .with_context(|| format!("configuration {}", config.display()))?;
+            cfg.log.init();
+            let path = cfg.buffer.path.clone();
+            let left = fieldlink_ops::shutdown::run_until_signal(Some(1), |cancel| {
+                fieldlink_agent::drain(cfg, std::time::Duration::from_secs(timeout_s), cancel)
+            })
+            .context("starting the async runtime")??;
+            println!("{}", drain_report(&path, timeout_s, &left));
+            if !left.is_drained() {
+                std::process::exit(3);
+            }
+            Ok(())
+        }
         Command::Run { config } => {
             let cfg = Config::load(&config)
                 .with_context(|| format!("configuration {}", config.display()))?;
@@ -113,4 +140,38 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// What `drain` prints: whether the file may go, what is left, and what only the file holds.
+fn drain_report(
+    path: &std::path::Path,
+    timeout_s: u64,
+    left: &fieldlink_agent::buffer::Left,
+) -> String {
+    let mut out = if left.is_drained() {
+        format!(
+            "drained: {} holds nothing Kinesis has not acknowledged",
+            path.display()
+        )
+    } else {
+        format!(
+            "not drained after {timeout_s} s: {} holds {} unsealed readings, {} records ({} readings) and {} alarm \
+             records Kinesis has not acknowledged, {} open windows; keep the file and run drain again once Kinesis \
+             can be reached (or start the agent)",
+            path.display(),
+            left.unsealed_readings,
+            left.pending_batches,
+            left.pending_readings,
+            left.alarm_records,
+            left.open_windows
+        )
+    };
+    if left.dead_letters + left.refused > 0 {
+        out.push_str(&format!(
+            "\nkept only in the file: {} dead-lettered readings, {} refused source messages (`fieldlink-agent refused` \
+             prints those)",
+            left.dead_letters, left.refused
+        ));
+    }
+    out
 }

@@ -2,7 +2,7 @@
 //! sources stop → unsealed readings are sealed → the sender finishes the `PutRecords` call in flight and drains for
 //! `shutdown_drain_ms` → the buffer closes.
 
-use crate::buffer::{self, BufferError, BufferHandle, Closed};
+use crate::buffer::{self, BufferError, BufferHandle, Closed, Left};
 use crate::config::Config;
 use crate::kinesis::Sender;
 use crate::metrics::AgentMetrics;
@@ -24,6 +24,9 @@ pub enum RunError {
     /// The metrics endpoint could not bind.
     #[error(transparent)]
     Metrics(#[from] BindError),
+    /// A drain could not count what the buffer holds.
+    #[error("counting what the buffer holds: {0}")]
+    Count(String),
 }
 
 /// Runs the agent until `cancel` fires, then shuts down gracefully.
@@ -55,27 +58,16 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     // Not ready until it is open: `/health` answers from the start.
     health.set("buffer", false, why.clone());
     let opened = extending_start(&notifier, why, || {
-        buffer::spawn_with_rules(
-            &cfg.buffer,
-            &cfg.batch,
-            &cfg.order,
-            &cfg.agent_id,
+        open_buffer(
+            &cfg,
             metrics.clone(),
-            (&cfg.alarms, &cfg.windows),
             (status.clone(), Some(health.clone())),
         )
     });
     let (buffer, buffer_thread) = opened?;
     health.set("buffer", true, "");
 
-    let sdk = cfg.aws.sdk_config().await;
-    // The sender retries (only the failed entries, with backoff) and adapts its rate to throttling itself; SDK
-    // retries would hide throttling from it.
-    let kinesis = aws_sdk_kinesis::Client::from_conf(
-        aws_sdk_kinesis::config::Builder::from(&sdk)
-            .retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled())
-            .build(),
-    );
+    let kinesis = kinesis_client(&cfg).await;
     let mut sender = Sender::new(
         &cfg.kinesis,
         &cfg.agent_id,
@@ -148,6 +140,81 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), RunError>
     let _ = tokio::task::spawn_blocking(move || buffer_thread.join()).await;
     tracing::info!(stats = %metrics.pending_batches.get(), "agent stopped; pending batches stay buffered");
     Ok(())
+}
+
+/// Opens the configured buffer with the configured rules and starts its thread ([`buffer::spawn_with_rules`]).
+fn open_buffer(
+    cfg: &Config,
+    metrics: AgentMetrics,
+    boards: (Option<crate::alarm::StatusBoard>, Option<Health>),
+) -> Result<(BufferHandle, std::thread::JoinHandle<()>), BufferError> {
+    buffer::spawn_with_rules(
+        &cfg.buffer,
+        &cfg.batch,
+        &cfg.order,
+        &cfg.agent_id,
+        metrics,
+        (&cfg.alarms, &cfg.windows),
+        boards,
+    )
+}
+
+/// The Kinesis client of the sender. The sender retries (only the failed entries, with backoff) and adapts its rate
+/// to throttling itself; SDK retries would hide throttling from it.
+async fn kinesis_client(cfg: &Config) -> aws_sdk_kinesis::Client {
+    let sdk = cfg.aws.sdk_config().await;
+    aws_sdk_kinesis::Client::from_conf(
+        aws_sdk_kinesis::config::Builder::from(&sdk)
+            .retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled())
+            .build(),
+    )
+}
+
+/// `fieldlink-agent drain`, before a buffer file is given up (a gateway re-imaged, replaced or retired, an SD card
+/// swapped): with no source running, closes every open window (see [`crate::window::Engine::close_all`]), seals
+/// everything unsealed and sends everything sealed, as the stop's drain does, until nothing is left, `timeout`
+/// passes, or `cancel` fires (a signal: a `PutRecords` call in flight then is abandoned and its records are sent
+/// again by the next run, same identity, which the cloud skips). Returns what the file still holds. The agent
+/// must not be running: the buffer's lock refuses a second process.
+pub async fn drain(
+    cfg: Config,
+    timeout: Duration,
+    cancel: CancellationToken,
+) -> Result<Left, RunError> {
+    let metrics = AgentMetrics::new(fieldlink_ops::metrics::Registry::new());
+    let health = Health::new();
+    let (buffer, buffer_thread) = open_buffer(&cfg, metrics.clone(), (None, None))?;
+    let _ = buffer.flush_closing_windows().await;
+    let kinesis = kinesis_client(&cfg).await;
+    let kinesis_cfg = crate::kinesis::KinesisConfig {
+        shutdown_drain_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+        ..cfg.kinesis.clone()
+    };
+    let mut sender = Sender::new(
+        &kinesis_cfg,
+        &cfg.agent_id,
+        kinesis,
+        buffer.clone(),
+        metrics,
+        health,
+    );
+    // Stopped from the start: the sender goes straight to its drain, which sends until the buffer is empty or the
+    // deadline.
+    let stopped = CancellationToken::new();
+    stopped.cancel();
+    tokio::select! {
+        () = sender.run(&stopped) => {}
+        () = cancel.cancelled() => tracing::warn!("drain interrupted"),
+    }
+    drop(sender);
+    let left = buffer.left().await;
+    drop(buffer);
+    let _ = tokio::task::spawn_blocking(move || buffer_thread.join()).await;
+    match left {
+        Ok(Ok(left)) => Ok(left),
+        Ok(Err(why)) => Err(RunError::Count(why)),
+        Err(Closed) => Err(RunError::Count("the buffer thread stopped".into())),
+    }
 }
 
 /// What a stop may take beyond `shutdown_drain_ms`, asked of systemd (`EXTEND_TIMEOUT_USEC`). Under a lock another

@@ -8,7 +8,7 @@
 use fieldlink_e2e::*;
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const RULES: &str = r#"
 [[windows.rules]]
@@ -457,4 +457,91 @@ fn a_window_rule_renamed_then_removed_between_runs_loses_and_doubles_no_window()
         idle_windows_of(&acked),
         "each window once, with the readings of both runs"
     );
+}
+
+/// Runs `fieldlink-agent drain` on `agent`'s configuration.
+fn drain(agent: &AgentProc, timeout_s: u64) -> std::process::Output {
+    let mut cmd = std::process::Command::new(bin("fieldlink-agent"));
+    cmd.arg("drain")
+        .arg("--config")
+        .arg(&agent.config)
+        .arg("--timeout-s")
+        .arg(timeout_s.to_string());
+    aws_env(&mut cmd);
+    cmd.output().unwrap()
+}
+
+/// A gateway about to be re-imaged (or replaced, or its SD card swapped) under a `keep_raw = false` rule: its
+/// acknowledged readings are folded into open windows, deleted unsent, and the windows wait for later readings
+/// that this buffer file will never see. `fieldlink-agent drain`, run with the agent stopped, closes them and sends
+/// everything; its exit status says whether the file may go: 3 (and what is left) while Kinesis cannot be reached,
+/// 0 once every window landed, each once with every reading. Refused while the agent runs (the buffer's lock).
+/// Before it, the operator had no way to flush the windows: the readings in them went with the file.
+#[test]
+fn drain_sends_the_open_windows_before_a_buffer_file_is_given_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let moto = Moto::start(dir.path());
+    moto.create("drain", 1, "unused-db", "unused-table", "unused-bucket");
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "drain-agent",
+        broker.port,
+        &moto.endpoint,
+        "drain",
+        "",
+        &idle_rule(0),
+    );
+    agent.start();
+    let acked = publish_numbered(broker.port, 200, 400.0, 0, dir.path());
+    assert_eq!(acked.len(), 200);
+    wait_for("the readings folded in", Duration::from_secs(60), || {
+        (agent.metric("fieldlink_window_raw_withheld_total") == 200.0
+            && agent.metric("fieldlink_buffer_unsealed_readings") == 0.0)
+            .then_some(())
+    });
+    let out = drain(&agent, 5);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("in use by another process"),
+        "refused while the agent runs: {stderr}"
+    );
+    agent.stop();
+    let dumped = || kinesis_dump(&moto.endpoint, "drain");
+    assert!(idle_windows(&dumped()).is_empty(), "the windows are open");
+
+    // Kinesis out of reach: the windows are closed and sealed, and the records wait in the file.
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        config.replace(&moto.endpoint, "http://127.0.0.1:9"),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = drain(&agent, 3);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.starts_with("not drained after 3 s")
+            && stdout.contains("0 unsealed readings")
+            && stdout.contains("0 open windows")
+            && !stdout.contains(" 0 records"),
+        "{stdout}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    std::fs::write(&agent.config, &config).unwrap();
+    let out = drain(&agent, 60);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.starts_with("drained: "), "{stdout}");
+    let want = idle_windows_of(&acked);
+    assert_eq!(want.len(), 20);
+    assert_eq!(idle_windows(&dumped()), want, "each window once, all 200");
+    // Again: nothing left, nothing sent twice.
+    let out = drain(&agent, 60);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(dumped().len(), unique_batches(&dumped()).len());
+    assert_eq!(idle_windows(&dumped()), want);
 }

@@ -17,8 +17,8 @@
 
 use super::seal::{Begun, SealJob, Sealed};
 use super::{
-    Buffer, BufferConfig, BufferError, ErrorClass, Ledger, NewReading, OverflowPolicy, Refused,
-    SealReport,
+    Buffer, BufferConfig, BufferError, ErrorClass, Ledger, Left, NewReading, OverflowPolicy,
+    Refused, SealReport,
 };
 use crate::alarm::{status, AlarmsConfig, Engine, StatusBoard};
 use crate::batch::BatchConfig;
@@ -93,6 +93,13 @@ enum Control {
     },
     Flush {
         reply: oneshot::Sender<()>,
+    },
+    /// A flush that closes every open window too, and every later seal with it ([`Buffer::close_all_windows`]).
+    FlushClosingWindows {
+        reply: oneshot::Sender<()>,
+    },
+    Left {
+        reply: oneshot::Sender<Result<Left, String>>,
     },
     Release,
     Ping {
@@ -198,6 +205,29 @@ impl BufferHandle {
         let (reply, rx) = oneshot::channel();
         self.ctl
             .send_async(Control::Flush { reply })
+            .await
+            .map_err(|_| Closed)?;
+        rx.await.map_err(|_| Closed)
+    }
+
+    /// Closes every open window, with the readings it holds, and seals everything unsealed, ignoring the reorder
+    /// window; every later seal closes the windows too (`fieldlink-agent drain`: nothing comes in any more).
+    /// Returns once done.
+    pub async fn flush_closing_windows(&self) -> Result<(), Closed> {
+        let (reply, rx) = oneshot::channel();
+        self.ctl
+            .send_async(Control::FlushClosingWindows { reply })
+            .await
+            .map_err(|_| Closed)?;
+        rx.await.map_err(|_| Closed)
+    }
+
+    /// What the file holds that Kinesis has not acknowledged, and what only it holds; `Ok(Err(why))` when the
+    /// buffer could not count it.
+    pub async fn left(&self) -> Result<Result<Left, String>, Closed> {
+        let (reply, rx) = oneshot::channel();
+        self.ctl
+            .send_async(Control::Left { reply })
             .await
             .map_err(|_| Closed)?;
         rx.await.map_err(|_| Closed)
@@ -749,6 +779,14 @@ impl Worker {
             Control::Flush { reply } => {
                 self.seal_all();
                 let _ = reply.send(());
+            }
+            Control::FlushClosingWindows { reply } => {
+                self.buffer.close_all_windows();
+                self.seal_all();
+                let _ = reply.send(());
+            }
+            Control::Left { reply } => {
+                let _ = reply.send(self.buffer.left().map_err(|e| e.to_string()));
             }
             Control::Ping { reply } => {
                 let _ = reply.send(self.problem());

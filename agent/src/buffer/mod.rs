@@ -463,6 +463,32 @@ pub struct Ledger {
     pub window_withheld: u64,
 }
 
+/// What a buffer file holds that Kinesis has not acknowledged, and what only the file holds ([`Buffer::left`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Left {
+    /// Readings committed and not sealed.
+    pub unsealed_readings: u64,
+    /// Sealed records not acknowledged by Kinesis.
+    pub pending_batches: u64,
+    /// Readings inside those records.
+    pub pending_readings: u64,
+    /// Alarm records not acknowledged by Kinesis.
+    pub alarm_records: u64,
+    /// Open windows: under `keep_raw = false` the readings folded into them have no other copy.
+    pub open_windows: u64,
+    /// Readings in the dead-letter table (late, unsendable): kept only in the file.
+    pub dead_letters: u64,
+    /// Source messages the payload mapping refused (`fieldlink-agent refused`): kept only in the file.
+    pub refused: u64,
+}
+
+impl Left {
+    /// Whether everything the file holds for the cloud is in Kinesis (dead letters and refused messages aside).
+    pub fn is_drained(&self) -> bool {
+        self.unsealed_readings + self.pending_batches + self.alarm_records + self.open_windows == 0
+    }
+}
+
 /// What one seal did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SealReport {
@@ -522,6 +548,8 @@ pub struct Buffer {
     windows: crate::window::Engine,
     /// The intake clock the next seal gives the window rules ([`Buffer::set_intake_clock`]).
     intake_clock: Option<i64>,
+    /// Every seal from now on closes every open window ([`Buffer::close_all_windows`]).
+    closing_windows: bool,
     /// The configured window rules' functions are in `window_rule` (written by the first seal that writes window
     /// states after the engine was loaded).
     window_rules_written: bool,
@@ -895,6 +923,7 @@ impl Buffer {
             alarm_out: Vec::new(),
             windows: crate::window::Engine::default(),
             intake_clock: None,
+            closing_windows: false,
             window_rules_written: false,
             engines_stale: false,
             sealing: false,
@@ -1089,6 +1118,25 @@ impl Buffer {
     /// The alarm engine (rules and states).
     pub fn alarms(&self) -> &Engine {
         &self.alarms
+    }
+
+    /// What the file holds that Kinesis has not acknowledged, and what only it holds ([`Left`]).
+    pub fn left(&self) -> Result<Left, BufferError> {
+        let count = |table: &str| -> Result<u64, BufferError> {
+            let n: i64 =
+                self.conn
+                    .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?;
+            Ok(n as u64)
+        };
+        Ok(Left {
+            unsealed_readings: self.stats.unsealed_readings,
+            pending_batches: self.stats.pending_batches,
+            pending_readings: self.stats.pending_readings,
+            alarm_records: self.alarm_pending,
+            open_windows: self.windows.open_windows() as u64,
+            dead_letters: count("dead_letters")?,
+            refused: count("refused")?,
+        })
     }
 
     /// Alarm records not yet accepted by Kinesis.

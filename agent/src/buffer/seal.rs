@@ -402,9 +402,14 @@ impl Buffer {
         if let Some(c) = self.intake_clock {
             self.windows.set_intake_clock(c);
         }
-        let idle = match self.intake_clock {
-            Some(c) if !taken.more => self.windows.idle_due(c),
-            _ => Vec::new(),
+        if self.closing_windows {
+            self.windows.close_all();
+        }
+        let idle = match (self.intake_clock, self.closing_windows) {
+            _ if taken.more => Vec::new(),
+            (Some(c), _) => self.windows.idle_due(c),
+            (None, true) => self.windows.idle_due(i64::MIN),
+            (None, false) => Vec::new(),
         };
         if taken.rows == 0 && taken.ids_last == 0 && !self.windows.has_due() {
             return self.seal_alarm_tick(now_ms).map(Begun::Idle);

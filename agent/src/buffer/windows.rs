@@ -56,6 +56,12 @@ impl Buffer {
         self.intake_clock = Some(ms);
     }
 
+    /// Every seal from now on closes every open window, with the readings it holds, and seals them even with no
+    /// reading ready (`fieldlink-agent drain`: see [`crate::window::Engine::close_all`]).
+    pub fn close_all_windows(&mut self) {
+        self.closing_windows = true;
+    }
+
     /// The window engine (rules, states, counts).
     pub fn windows(&self) -> &Engine {
         &self.windows

@@ -800,6 +800,8 @@ pub struct Engine {
     idle: Vec<(usize, i64)>,
     /// The clock from which the next scan runs (one a second at most).
     next_idle_scan: i64,
+    /// Every open window closes at the next seals, whatever the clock ([`Engine::close_all`]).
+    closing_all: bool,
 }
 
 impl Default for Engine {
@@ -851,6 +853,7 @@ impl Engine {
             idle: Vec::new(),
             next_idle_scan: i64::MIN,
             any_idle,
+            closing_all: false,
         }
     }
 
@@ -1491,12 +1494,37 @@ impl Engine {
         total
     }
 
+    /// From now on every open window closes at the next seal, with the readings it holds, whatever the clock and
+    /// `idle_close_ms` (`fieldlink-agent drain`, before a buffer file is given up: the readings a `keep_raw =
+    /// false` rule folded into open windows have no other copy). Closed so, a window is closed for good, as by the
+    /// clock: a reading of it arriving later is late. [`Engine::idle_due`] then returns every pair with an open
+    /// window, and [`Engine::close_idle`] closes all their windows.
+    pub fn close_all(&mut self) {
+        self.closing_all = true;
+    }
+
     /// Scans, at most once a second of the intake clock `now` ([`Engine::set_intake_clock`]), for pairs of silent
     /// series with an open window the clock closes (the rule's `idle_close_ms`, see [`idle_watermark`]); returns
     /// their series ids. The seal loads those series (to name the derived readings), seals even when no reading
     /// is ready, and closes the windows with [`Engine::close_idle`] after it observed the released readings (a
     /// pair with one among them is not silent any more). A scan visits every pair state.
     pub fn idle_due(&mut self, now: i64) -> Vec<i64> {
+        if self.closing_all {
+            let Self {
+                states,
+                rules,
+                idle,
+                ..
+            } = self;
+            idle.clear();
+            idle.extend(
+                states
+                    .iter()
+                    .filter(|(&(r, _), st)| st.first_end(&rules[r].sizes).is_some())
+                    .map(|(&pair, _)| pair),
+            );
+            return idle.iter().map(|&(_, sid)| sid).collect();
+        }
         if !self.any_idle {
             return Vec::new();
         }
@@ -1543,21 +1571,31 @@ impl Engine {
     }
 
     /// Closes the open windows of the pairs [`Engine::idle_due`] found that the seal's intake clock
-    /// ([`Engine::set_intake_clock`]) still closes, into `out`; each pair keeps its state, every window it emitted
-    /// closed for good (a reading of one arriving later is late).
+    /// ([`Engine::set_intake_clock`]) still closes, into `out` (after [`Engine::close_all`]: every open window of
+    /// every pair); each pair keeps its state, every window it emitted closed for good (a reading of one arriving
+    /// later is late).
     pub fn close_idle(&mut self, out: &mut Vec<Emitted>) {
+        let (now, all) = (self.intake_ms, self.closing_all);
+        if all {
+            // Also the windows the seal's readings opened after the scan (their series are the seal's own).
+            self.idle_due(i64::MIN);
+        }
         let idle = std::mem::take(&mut self.idle);
-        let Some(now) = self.intake_ms else {
+        if now.is_none() && !all {
             return;
-        };
+        }
         for (r, sid) in idle {
             let Some(st) = self.states.get_mut(&(r, sid)) else {
                 continue;
             };
-            let Some(seen) = st.seen else {
-                continue;
+            let w = if all {
+                Some(i64::MAX)
+            } else {
+                st.seen
+                    .zip(now)
+                    .and_then(|(seen, now)| idle_watermark(&self.rules[r], st, seen, now))
             };
-            let Some(w) = idle_watermark(&self.rules[r], st, seen, now) else {
+            let Some(w) = w else {
                 continue;
             };
             let closed = close_through(&self.rules[r], (r, sid), st, w, out, &mut self.since_dirty);
@@ -1566,7 +1604,9 @@ impl Engine {
             }
             self.open -= closed;
             self.uncommitted.closed += closed as u64;
-            self.uncommitted.idle_closed += closed as u64;
+            if !all {
+                self.uncommitted.idle_closed += closed as u64;
+            }
             mark_dirty(&mut self.dirty, st, (r, sid));
         }
     }

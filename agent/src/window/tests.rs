@@ -1494,3 +1494,80 @@ fn records_of_emitted_windows_merge_and_answer_per_window() {
         st.emitted_to
     );
 }
+
+/// `fieldlink-agent drain`: every open window closes, with its readings, whatever the clocks and `idle_close_ms`
+/// (0 here: the clock never closes them), every size and several series at once, and no intake clock needed. Closed
+/// so, a window stays closed: a reading of it arriving later is late.
+#[test]
+fn close_all_closes_every_open_window_with_its_readings_and_for_good() {
+    let rule = r#"
+[[rules]]
+name = "m"
+series = "plant/+/power"
+sizes_ms = [60000, 600000]
+functions = ["count", "sum"]
+keep_raw = false
+idle_close_ms = 0
+"#;
+    let mut e = engine(rule);
+    let (a, b) = (Series::new("plant/a/power"), Series::new("plant/b/power"));
+    let mut out = Vec::new();
+    for (sid, s, ts, v) in [
+        (1, &a, 60_000, 1.0),
+        (1, &a, 61_000, 2.0),
+        (2, &b, 130_000, 5.0),
+    ] {
+        assert_eq!(
+            e.observe(sid, s, obs(ts, &Value::F64(v)), &mut out),
+            RawFate::Withhold
+        );
+    }
+    assert!(out.is_empty());
+    assert_eq!(e.open_windows(), 4);
+    // Without close_all nothing is due (no rule closes on the clock).
+    assert!(e.idle_due(i64::MAX / 2).is_empty());
+    e.close_all();
+    let mut due = e.idle_due(i64::MIN);
+    due.sort_unstable();
+    assert_eq!(due, vec![1, 2]);
+    assert!(e.has_due());
+    e.close_idle(&mut out);
+    let mut got: Vec<(String, i64, Value)> = out
+        .iter()
+        .map(|x| {
+            let s = if x.series_id == 1 { &a } else { &b };
+            (e.derived_series(x, s).key, x.start_ms, x.value.clone())
+        })
+        .collect();
+    got.sort_by(|x, y| (&x.0, x.1).cmp(&(&y.0, y.1)));
+    let want = |k: &str, start: i64, v: Value| (k.to_owned(), start, v);
+    assert_eq!(
+        got,
+        vec![
+            want("plant/a/power/count_600s", 0, Value::I64(2)),
+            want("plant/a/power/count_60s", 60_000, Value::I64(2)),
+            want("plant/a/power/sum_600s", 0, Value::F64(3.0)),
+            want("plant/a/power/sum_60s", 60_000, Value::F64(3.0)),
+            want("plant/b/power/count_600s", 0, Value::I64(1)),
+            want("plant/b/power/count_60s", 120_000, Value::I64(1)),
+            want("plant/b/power/sum_600s", 0, Value::F64(5.0)),
+            want("plant/b/power/sum_60s", 120_000, Value::F64(5.0)),
+        ]
+    );
+    assert_eq!(e.open_windows(), 0);
+    assert_eq!(e.take_dirty().len(), 2, "both closed states are persisted");
+    e.committed();
+    assert_eq!(
+        e.counts().idle_closed,
+        0,
+        "not counted as closed by the clock"
+    );
+    // Nothing open: nothing due.
+    assert!(e.idle_due(i64::MIN).is_empty());
+    // A reading of a closed window is late.
+    let mut out = Vec::new();
+    e.observe(1, &a, obs(62_000, &Value::F64(9.0)), &mut out);
+    assert!(out.is_empty());
+    e.committed();
+    assert_eq!(e.counts().late, 1);
+}
