@@ -173,5 +173,12 @@ fn drain_report(
             left.dead_letters, left.refused
         ));
     }
+    if left.window_states_unloaded > 0 {
+        out.push_str(&format!(
+            "\nkept only in the file: {} window states this agent cannot read or has no rule for (their open windows \
+             cannot be sent)",
+            left.window_states_unloaded
+        ));
+    }
     out
 }

@@ -524,9 +524,9 @@ fn drain_sends_the_open_windows_before_a_buffer_file_is_given_up() {
     assert_eq!(out.status.code(), Some(3), "{stdout}");
     assert!(
         stdout.starts_with("not drained after 3 s")
-            && stdout.contains("0 unsealed readings")
-            && stdout.contains("0 open windows")
-            && !stdout.contains(" 0 records"),
+            && stdout.contains("holds 0 unsealed readings, ")
+            && !stdout.contains("holds 0 unsealed readings, 0 records")
+            && stdout.contains(", 0 open windows;"),
         "{stdout}"
     );
     assert!(started.elapsed() < Duration::from_secs(30));

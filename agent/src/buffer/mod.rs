@@ -480,6 +480,9 @@ pub struct Left {
     pub dead_letters: u64,
     /// Source messages the payload mapping refused (`fieldlink-agent refused`): kept only in the file.
     pub refused: u64,
+    /// Window states this agent cannot read, or of a removed rule whose functions it does not know: their open
+    /// windows cannot be sent; kept only in the file.
+    pub window_states_unloaded: u64,
 }
 
 impl Left {
@@ -548,8 +551,12 @@ pub struct Buffer {
     windows: crate::window::Engine,
     /// The intake clock the next seal gives the window rules ([`Buffer::set_intake_clock`]).
     intake_clock: Option<i64>,
-    /// Every seal from now on closes every open window ([`Buffer::close_all_windows`]).
-    closing_windows: bool,
+    /// `fieldlink-agent drain` ([`Buffer::close_all_windows`]): every seal closes every open window and raises no
+    /// stale alarm.
+    draining: bool,
+    /// Window states the last load left unloaded (no rule with known functions, or unreadable): their open windows
+    /// cannot be sent.
+    windows_unloaded: u64,
     /// The configured window rules' functions are in `window_rule` (written by the first seal that writes window
     /// states after the engine was loaded).
     window_rules_written: bool,
@@ -923,7 +930,8 @@ impl Buffer {
             alarm_out: Vec::new(),
             windows: crate::window::Engine::default(),
             intake_clock: None,
-            closing_windows: false,
+            draining: false,
+            windows_unloaded: 0,
             window_rules_written: false,
             engines_stale: false,
             sealing: false,
@@ -1122,6 +1130,12 @@ impl Buffer {
 
     /// What the file holds that Kinesis has not acknowledged, and what only it holds ([`Left`]).
     pub fn left(&self) -> Result<Left, BufferError> {
+        if self.engines_stale {
+            return Err(BufferError::Incompatible {
+                path: self.path.display().to_string(),
+                why: "its window and alarm states could not be reloaded after a failed seal".into(),
+            });
+        }
         let count = |table: &str| -> Result<u64, BufferError> {
             let n: i64 =
                 self.conn
@@ -1136,6 +1150,7 @@ impl Buffer {
             open_windows: self.windows.open_windows() as u64,
             dead_letters: count("dead_letters")?,
             refused: count("refused")?,
+            window_states_unloaded: self.windows_unloaded,
         })
     }
 
@@ -1242,7 +1257,7 @@ impl Buffer {
     /// A seal without readings: the stale clock alone may raise alarms.
     fn seal_alarm_tick(&mut self, now_ms: i64) -> Result<SealReport, BufferError> {
         self.fresh_engines()?;
-        if self.alarms.is_empty() {
+        if self.alarms.is_empty() || self.draining {
             return Ok(SealReport::default());
         }
         let mut transitions = Vec::new();

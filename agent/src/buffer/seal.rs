@@ -402,10 +402,10 @@ impl Buffer {
         if let Some(c) = self.intake_clock {
             self.windows.set_intake_clock(c);
         }
-        if self.closing_windows {
+        if self.draining && !taken.more {
             self.windows.close_all();
         }
-        let idle = match (self.intake_clock, self.closing_windows) {
+        let idle = match (self.intake_clock, self.draining) {
             _ if taken.more => Vec::new(),
             (Some(c), _) => self.windows.idle_due(c),
             (None, true) => self.windows.idle_due(i64::MIN),
@@ -417,6 +417,9 @@ impl Buffer {
         // Before the states are taken: an error from here on must put them back.
         let stale_clock = if self.alarms.is_empty() {
             0
+        } else if self.draining {
+            // No source runs: silence says nothing of the devices.
+            i64::MIN
         } else {
             self.stale_clock(taken.ids_last, now_ms)?
         };

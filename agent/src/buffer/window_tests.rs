@@ -593,3 +593,53 @@ fn closing_all_windows_sends_every_open_window_once_and_left_counts_what_is_left
     seal(&mut b).unwrap();
     assert_eq!(drain(&mut b), vec![got("m/a", 300, "5", true)]);
 }
+
+/// A drain's seal in several parts (a backlog of unsealed readings): only the last part closes every window, so
+/// each lands named and once; windows of series the first part does not hold are not closed by it (closed there,
+/// their values had no series name and were dropped, and later readings of the windows came late).
+#[test]
+fn a_drain_sealed_in_parts_closes_every_window_once_in_its_last_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir.path().join("b.db"));
+    append(&mut b, "m/a", &[(100, 1.0), (200, 3.0)]);
+    seal(&mut b).unwrap();
+    assert_eq!(drain(&mut b), vec![]);
+    append(&mut b, "m/b", &[(100, 4.0)]);
+    append(&mut b, "m/b", &[(200, 6.0)]);
+    append(&mut b, "m/a", &[(300, 5.0)]);
+    b.close_all_windows();
+    let mut enc = Encoder::new(3).unwrap();
+    let rules = Rules {
+        dedup_window_ms: 60_000,
+        max_recent: 1024,
+        late: LatePolicy::Flag,
+    };
+    let mut parts = 0;
+    while b
+        .seal(
+            i64::MAX,
+            1,
+            &mut enc,
+            &BatchConfig::default(),
+            rules,
+            NOW_MS,
+        )
+        .unwrap()
+        .rows
+        > 0
+    {
+        parts += 1;
+    }
+    assert_eq!(parts, 3, "one group per part");
+    assert_eq!(
+        drain(&mut b),
+        vec![
+            got("m/a/count_1s", 0, "3i", false),
+            got("m/a/mean_1s", 0, "3", false),
+            got("m/b/count_1s", 0, "2i", false),
+            got("m/b/mean_1s", 0, "5", false),
+        ]
+    );
+    assert!(b.left().unwrap().is_drained());
+    assert_eq!(b.ledger().window_withheld, 5);
+}

@@ -56,10 +56,11 @@ impl Buffer {
         self.intake_clock = Some(ms);
     }
 
-    /// Every seal from now on closes every open window, with the readings it holds, and seals them even with no
-    /// reading ready (`fieldlink-agent drain`: see [`crate::window::Engine::close_all`]).
+    /// `fieldlink-agent drain` (no source runs): from now on the last part of every seal closes every open window,
+    /// with the readings it holds, even with no reading ready (see [`crate::window::Engine::close_all`]), and no
+    /// seal raises a stale alarm (silence says nothing of the devices).
     pub fn close_all_windows(&mut self) {
-        self.closing_windows = true;
+        self.draining = true;
     }
 
     /// The window engine (rules, states, counts).
@@ -129,6 +130,7 @@ impl Buffer {
             }
         }
         self.windows.loaded();
+        self.windows_unloaded = no_rule + unreadable;
         // The functions of a configured rule the table does not know yet (a first start, or the first after an
         // upgrade), now: a run that commits no state would leave them unknown should the rule be removed next.
         // The seals write them all again (a rule whose functions changed); failing here changes nothing else.

@@ -800,7 +800,7 @@ pub struct Engine {
     idle: Vec<(usize, i64)>,
     /// The clock from which the next scan runs (one a second at most).
     next_idle_scan: i64,
-    /// Every open window closes at the next seals, whatever the clock ([`Engine::close_all`]).
+    /// Every open window closes at this seal, whatever the clock ([`Engine::close_all`]).
     closing_all: bool,
 }
 
@@ -1494,11 +1494,13 @@ impl Engine {
         total
     }
 
-    /// From now on every open window closes at the next seal, with the readings it holds, whatever the clock and
-    /// `idle_close_ms` (`fieldlink-agent drain`, before a buffer file is given up: the readings a `keep_raw =
-    /// false` rule folded into open windows have no other copy). Closed so, a window is closed for good, as by the
-    /// clock: a reading of it arriving later is late. [`Engine::idle_due`] then returns every pair with an open
-    /// window, and [`Engine::close_idle`] closes all their windows.
+    /// Every open window closes at this seal, with the readings it holds, whatever the clock and `idle_close_ms`
+    /// (`fieldlink-agent drain`, before a buffer file is given up: the readings a `keep_raw = false` rule folded
+    /// into open windows have no other copy). [`Engine::idle_due`] then returns every pair with an open window,
+    /// and [`Engine::close_idle`] closes all their windows, also those the seal's readings opened, and ends it
+    /// ([`Engine::forget_idle`] too). Only the last part of a seal may close all: the series of a pair the scan
+    /// did not find must be among the seal's. Closed so, a window is closed for good, as by the clock: a reading
+    /// of it arriving later is late.
     pub fn close_all(&mut self) {
         self.closing_all = true;
     }
@@ -1559,6 +1561,7 @@ impl Engine {
     /// job, or waits for a later part).
     pub fn forget_idle(&mut self) {
         self.idle.clear();
+        self.closing_all = false;
     }
 
     /// Whether the next seal has windows to close without any reading: pairs found by [`Engine::idle_due`], or
@@ -1579,6 +1582,7 @@ impl Engine {
         if all {
             // Also the windows the seal's readings opened after the scan (their series are the seal's own).
             self.idle_due(i64::MIN);
+            self.closing_all = false;
         }
         let idle = std::mem::take(&mut self.idle);
         if now.is_none() && !all {
