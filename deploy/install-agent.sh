@@ -4,13 +4,14 @@
 #   ./install.sh                   # onto this system
 #   DESTDIR=/mnt/rootfs ./install.sh   # into a root filesystem (an SD card image, a chroot): no systemctl calls
 #
-# What the .deb does: the binary to /usr/bin, the unit to /etc/systemd/system/, the system user and group
-# `fieldlink`, /etc/fieldlink/agent.toml from the example only if there is none (root:fieldlink, 0640; an existing
-# configuration is never touched), /var/lib/fieldlink (the buffer; fieldlink, 0750), the example beside the docs.
-# On a running systemd it enables the service without starting it (the example names no real broker or stream) and
-# restarts an agent that is running if the new version accepts its configuration (an upgrade: it seals and drains
-# on SIGTERM, the new binary resumes from the same buffer). Site changes to the unit belong in a drop-in
-# (/etc/systemd/system/fieldlink-agent.service.d/*.conf): an upgrade replaces the unit. POSIX sh (BusyBox works).
+# What the .deb does: the binary to /usr/bin, the units to /etc/systemd/system/ (the drain's never enabled), the
+# system user and group `fieldlink`, /etc/fieldlink/agent.toml from the example only if there is none
+# (root:fieldlink, 0640; an existing configuration is never touched), /var/lib/fieldlink (the buffer; fieldlink,
+# 0750), the example beside the docs. On a running systemd it enables the service without starting it (the example
+# names no real broker or stream) and restarts an agent that is running if the new version accepts its configuration
+# (an upgrade: it seals and drains on SIGTERM, the new binary resumes from the same buffer). Site changes to the
+# unit belong in a drop-in (/etc/systemd/system/fieldlink-agent.service.d/*.conf): an upgrade replaces the unit.
+# POSIX sh (BusyBox works).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=${DESTDIR:-}
@@ -59,8 +60,10 @@ mkdir -p "$root/usr/bin" "$root/etc/systemd/system" "$root/etc/fieldlink" "$root
 cp "$here/fieldlink-agent" "$root/usr/bin/.fieldlink-agent.new"
 chmod 0755 "$root/usr/bin/.fieldlink-agent.new"
 mv -f "$root/usr/bin/.fieldlink-agent.new" "$root/usr/bin/fieldlink-agent"
-cp "$here/fieldlink-agent.service" "$root/etc/systemd/system/fieldlink-agent.service"
-chmod 0644 "$root/etc/systemd/system/fieldlink-agent.service"
+for unit in fieldlink-agent.service fieldlink-agent-drain.service; do
+    cp "$here/$unit" "$root/etc/systemd/system/$unit"
+    chmod 0644 "$root/etc/systemd/system/$unit"
+done
 cp "$here/agent.example.toml" "$root/usr/share/doc/fieldlink-agent/agent.example.toml"
 chmod 0644 "$root/usr/share/doc/fieldlink-agent/agent.example.toml"
 fresh=0

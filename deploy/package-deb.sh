@@ -8,14 +8,14 @@
 # standard library for armv7 is available to us). Without --binary it builds the release binary for TRIPLE, default
 # this machine's (a glibc build). Prints the path of the .deb (default directory target/deb/).
 #
-# The package installs /usr/bin/fieldlink-agent, the systemd unit (deploy/systemd/), /etc/fieldlink/agent.toml (a
-# conffile: the documented example, `check-config` clean) and the README. Its postinst creates the system user
-# `fieldlink`, makes the configuration readable by root and that group only, and enables the service without
-# starting it (the example configuration names no real broker or stream); an upgrade restarts a running agent
-# (SIGTERM: it seals and drains, then the new binary resumes from the same buffer). Removing the package stops the
-# agent; purging keeps /var/lib/fieldlink, which may hold readings not yet sent. A static binary (no program
-# interpreter, no shared libraries) depends on nothing; for a dynamic one libc6's minimum version is read off the
-# binary's GLIBC_ symbol versions.
+# The package installs /usr/bin/fieldlink-agent, the systemd units (deploy/systemd/: the agent, and the drain, never
+# enabled), /etc/fieldlink/agent.toml (a conffile: the documented example, `check-config` clean) and the README. Its
+# postinst creates the system user `fieldlink`, makes the configuration readable by root and that group only, and
+# enables the service without starting it (the example configuration names no real broker or stream); an upgrade
+# restarts a running agent (SIGTERM: it seals and drains, then the new binary resumes from the same buffer).
+# Removing the package stops the agent; purging keeps /var/lib/fieldlink, which may hold readings not yet sent. A
+# static binary (no program interpreter, no shared libraries) depends on nothing; for a dynamic one libc6's minimum
+# version is read off the binary's GLIBC_ symbol versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,6 +56,7 @@ chmod 0755 "$root"
 trap 'rm -rf "$root"' EXIT
 install -D -m 0755 "$binary" "$root/usr/bin/fieldlink-agent"
 install -D -m 0644 deploy/systemd/fieldlink-agent.service "$root/lib/systemd/system/fieldlink-agent.service"
+install -D -m 0644 deploy/systemd/fieldlink-agent-drain.service "$root/lib/systemd/system/fieldlink-agent-drain.service"
 install -D -m 0644 deploy/agent.example.toml "$root/etc/fieldlink/agent.toml"
 install -D -m 0644 README.md "$root/usr/share/doc/fieldlink-agent/README.md"
 printf 'fieldlink-agent\nLicense: Apache-2.0\n' > "$root/usr/share/doc/fieldlink-agent/copyright"

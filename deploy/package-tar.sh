@@ -4,10 +4,10 @@
 #   deploy/package-tar.sh --target TRIPLE --binary PATH [--out DIR]
 #
 # Writes DIR/fieldlink-agent-<version>-<arch>.tar.gz (arch x86_64, aarch64 or armv7; default DIR target/dist) and
-# prints its path. Inside, under fieldlink-agent-<version>-<arch>/: the binary, the systemd unit
+# prints its path. Inside, under fieldlink-agent-<version>-<arch>/: the binary, the systemd units
 # (deploy/systemd/), the documented example configuration, and install.sh (deploy/install-agent.sh), which does
 # what the .deb's maintainer scripts do: the system user `fieldlink`, /etc/fieldlink/agent.toml (never overwritten),
-# /var/lib/fieldlink, the unit, enabled but not started.
+# /var/lib/fieldlink, the agent's unit enabled but not started (the drain's never enabled).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +34,7 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 install -D -m 0755 "$binary" "$stage/$name/fieldlink-agent"
 install -m 0644 deploy/systemd/fieldlink-agent.service "$stage/$name/fieldlink-agent.service"
+install -m 0644 deploy/systemd/fieldlink-agent-drain.service "$stage/$name/fieldlink-agent-drain.service"
 install -m 0644 deploy/agent.example.toml "$stage/$name/agent.example.toml"
 install -m 0755 deploy/install-agent.sh "$stage/$name/install.sh"
 mkdir -p "$out"

@@ -46,7 +46,7 @@ enum Command {
         /// Configuration file.
         #[arg(short, long, default_value = "/etc/fieldlink/agent.toml")]
         config: PathBuf,
-        /// Give up after this many seconds.
+        /// Stop sending after this many seconds (opening and sealing the buffer come first).
         #[arg(long, default_value_t = 600)]
         timeout_s: u64,
     },
@@ -117,7 +117,7 @@ fn main() -> anyhow::Result<()> {
                 fieldlink_agent::drain(cfg, std::time::Duration::from_secs(timeout_s), cancel)
             })
             .context("starting the async runtime")??;
-            println!("{}", drain_report(&path, timeout_s, &left));
+            println!("{}", drain_report(&path, &left));
             if !left.is_drained() {
                 std::process::exit(3);
             }
@@ -143,11 +143,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// What `drain` prints: whether the file may go, what is left, and what only the file holds.
-fn drain_report(
-    path: &std::path::Path,
-    timeout_s: u64,
-    left: &fieldlink_agent::buffer::Left,
-) -> String {
+fn drain_report(path: &std::path::Path, left: &fieldlink_agent::buffer::Left) -> String {
     let mut out = if left.is_drained() {
         format!(
             "drained: {} holds nothing Kinesis has not acknowledged",
@@ -155,9 +151,9 @@ fn drain_report(
         )
     } else {
         format!(
-            "not drained after {timeout_s} s: {} holds {} unsealed readings, {} records ({} readings) and {} alarm \
-             records Kinesis has not acknowledged, {} open windows; keep the file and run drain again once Kinesis \
-             can be reached (or start the agent)",
+            "not drained: {} holds {} unsealed readings, {} records ({} readings) and {} alarm records Kinesis has \
+             not acknowledged, {} open windows; keep the file and run drain again once Kinesis can be reached (or \
+             start the agent)",
             path.display(),
             left.unsealed_readings,
             left.pending_batches,
@@ -166,18 +162,24 @@ fn drain_report(
             left.open_windows
         )
     };
+    if let Some(aside) = &left.moved_aside {
+        out.push_str(&format!(
+            "\nthe file was damaged: the agent moved it aside to {} (what it held is there, not drained)",
+            aside.display()
+        ));
+    }
+    if left.window_states_unloaded > 0 {
+        out.push_str(&format!(
+            "\n{} window states this agent cannot send: unreadable, or with open windows of a removed rule whose \
+             functions it does not know (configure the rule again to send them)",
+            left.window_states_unloaded
+        ));
+    }
     if left.dead_letters + left.refused > 0 {
         out.push_str(&format!(
             "\nkept only in the file: {} dead-lettered readings, {} refused source messages (`fieldlink-agent refused` \
              prints those)",
             left.dead_letters, left.refused
-        ));
-    }
-    if left.window_states_unloaded > 0 {
-        out.push_str(&format!(
-            "\nkept only in the file: {} window states this agent cannot read or has no rule for (their open windows \
-             cannot be sent)",
-            left.window_states_unloaded
         ));
     }
     out

@@ -27,6 +27,9 @@ pub enum RunError {
     /// A drain could not count what the buffer holds.
     #[error("counting what the buffer holds: {0}")]
     Count(String),
+    /// A drain found no buffer file (a wrong path, a mount not up): it does not create one.
+    #[error("no buffer file at {0} (check [buffer] path, and that its file system is mounted)")]
+    NoBuffer(String),
 }
 
 /// Runs the agent until `cancel` fires, then shuts down gracefully.
@@ -181,6 +184,9 @@ pub async fn drain(
     timeout: Duration,
     cancel: CancellationToken,
 ) -> Result<Left, RunError> {
+    if !cfg.buffer.path.exists() {
+        return Err(RunError::NoBuffer(cfg.buffer.path.display().to_string()));
+    }
     let metrics = AgentMetrics::new(fieldlink_ops::metrics::Registry::new());
     let health = Health::new();
     let (buffer, buffer_thread) = open_buffer(&cfg, metrics.clone(), (None, None))?;

@@ -125,6 +125,10 @@ fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping
             "-rw-r--r-- root/root",
             "./lib/systemd/system/fieldlink-agent.service",
         ),
+        (
+            "-rw-r--r-- root/root",
+            "./lib/systemd/system/fieldlink-agent-drain.service",
+        ),
         ("-rw-r--r-- root/root", "./etc/fieldlink/agent.toml"),
         (
             "-rw-r--r-- root/root",
@@ -165,10 +169,13 @@ fn the_deb_installs_upgrades_keeping_an_edited_config_removes_and_purges_keeping
         .args(["check-config", "--config"])
         .arg(&conf));
     assert!(checked.contains(": OK"), "{checked}");
-    assert_eq!(
-        std::fs::read(scratch.join("lib/systemd/system/fieldlink-agent.service")).unwrap(),
-        std::fs::read(root().join("deploy/systemd/fieldlink-agent.service")).unwrap()
-    );
+    for unit in ["fieldlink-agent.service", "fieldlink-agent-drain.service"] {
+        assert_eq!(
+            std::fs::read(scratch.join("lib/systemd/system").join(unit)).unwrap(),
+            std::fs::read(root().join("deploy/systemd").join(unit)).unwrap(),
+            "{unit}"
+        );
+    }
     let conffiles =
         std::fs::read_to_string(scratch.join("var/lib/dpkg/info/fieldlink-agent.conffiles"))
             .unwrap();
@@ -237,6 +244,7 @@ fn the_tarball_installs_into_a_root_and_a_second_install_keeps_the_edited_config
     let mut expected = vec![
         want("-rw-r--r--", "agent.example.toml"),
         want("-rw-r--r--", "fieldlink-agent.service"),
+        want("-rw-r--r--", "fieldlink-agent-drain.service"),
         want("-rwxr-xr-x", "fieldlink-agent"),
         want("-rwxr-xr-x", "install.sh"),
     ];
@@ -263,10 +271,13 @@ fn the_tarball_installs_into_a_root_and_a_second_install_keeps_the_edited_config
         std::fs::metadata(&installed).unwrap().permissions().mode() & 0o777,
         0o755
     );
-    assert_eq!(
-        std::fs::read(scratch.join("etc/systemd/system/fieldlink-agent.service")).unwrap(),
-        std::fs::read(root().join("deploy/systemd/fieldlink-agent.service")).unwrap()
-    );
+    for unit in ["fieldlink-agent.service", "fieldlink-agent-drain.service"] {
+        assert_eq!(
+            std::fs::read(scratch.join("etc/systemd/system").join(unit)).unwrap(),
+            std::fs::read(root().join("deploy/systemd").join(unit)).unwrap(),
+            "{unit}"
+        );
+    }
     let users = fieldlink_users(&scratch);
     assert_eq!(users.len(), 1, "{users:?}");
     assert!(

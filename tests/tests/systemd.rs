@@ -224,26 +224,39 @@ fn ready_then_a_watchdog_fed_only_while_the_buffer_answers_then_stopping() {
     );
 }
 
-/// `systemd-analyze verify` accepts the shipped unit (with `ExecStart` pointed at the built binary): no unknown
-/// keys, no bad values, a command that exists. It warns without failing, so any output is a failure here.
+/// `systemd-analyze verify` accepts the shipped units, the agent's and the drain's, side by side (with `ExecStart`
+/// pointed at the built binary): no unknown keys, no bad values, commands that exist. It warns without failing, so
+/// any output is a failure here.
 #[test]
-fn the_shipped_unit_file_verifies() {
-    let unit =
-        std::fs::read_to_string(root().join("deploy/systemd/fieldlink-agent.service")).unwrap();
-    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
+fn the_shipped_unit_files_verify() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fieldlink-agent.service");
     let agent = bin("fieldlink-agent");
-    std::fs::write(
-        &path,
-        unit.replace("/usr/bin/fieldlink-agent", agent.to_str().unwrap()),
-    )
-    .unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(&path)
-        .output()
-        .expect("systemd-analyze (deploy/setup.sh installs systemd)");
+    let units = ["fieldlink-agent.service", "fieldlink-agent-drain.service"].map(|name| {
+        let text = std::fs::read_to_string(root().join("deploy/systemd").join(name)).unwrap();
+        let path = dir.path().join(name);
+        let local = text.replace("/usr/bin/fieldlink-agent", agent.to_str().unwrap());
+        std::fs::write(&path, &local).unwrap();
+        (text, path)
+    });
+    let [(unit, path), (drain, drain_path)] = &units;
+    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
+    // Starting the drain stops the agent first, and runs the drain command.
+    assert!(
+        drain.contains("Conflicts=fieldlink-agent.service")
+            && drain.contains("After=fieldlink-agent.service")
+            && drain.contains(
+                "ExecStart=/usr/bin/fieldlink-agent drain --config /etc/fieldlink/agent.toml"
+            )
+            && drain.contains("Type=oneshot")
+    );
+    let verify = |paths: &[&std::path::Path]| {
+        Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .args(paths)
+            .output()
+            .expect("systemd-analyze (deploy/setup.sh installs systemd)")
+    };
+    let out = verify(&[path, drain_path]);
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -251,11 +264,7 @@ fn the_shipped_unit_file_verifies() {
     );
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
     // And the check catches a mistake.
-    std::fs::write(&path, unit.replace("ProtectClock=", "ProtectClok=")).unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    std::fs::write(path, unit.replace("ProtectClock=", "ProtectClok=")).unwrap();
+    let out = verify(&[path]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("ProtectClok"));
 }

@@ -492,6 +492,12 @@ fn drain_sends_the_open_windows_before_a_buffer_file_is_given_up() {
         "",
         &idle_rule(0),
     );
+    // No buffer file yet (a wrong path, a mount not up): refused, and none created.
+    let out = drain(&agent, 5);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no buffer file at"), "{stderr}");
+    assert!(!dir.path().join("drain-agent.db").exists());
     agent.start();
     let acked = publish_numbered(broker.port, 200, 400.0, 0, dir.path());
     assert_eq!(acked.len(), 200);
@@ -523,7 +529,7 @@ fn drain_sends_the_open_windows_before_a_buffer_file_is_given_up() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(3), "{stdout}");
     assert!(
-        stdout.starts_with("not drained after 3 s")
+        stdout.starts_with("not drained: ")
             && stdout.contains("holds 0 unsealed readings, ")
             && !stdout.contains("holds 0 unsealed readings, 0 records")
             && stdout.contains(", 0 open windows;"),

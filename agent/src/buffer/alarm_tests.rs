@@ -289,3 +289,19 @@ fn the_stale_clock_stops_at_the_oldest_group_not_sealed_yet() {
         vec![ev("silent", 1, "m/a", "ok", "stale", t + 1500)]
     );
 }
+
+/// `fieldlink-agent drain` runs no source: the silence of its series says nothing of the devices, so no seal of a
+/// drain raises a stale alarm, with or without readings; the readings it seals are evaluated as usual.
+#[test]
+fn a_drain_raises_no_stale_alarm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir.path().join("b.db"));
+    append(&mut b, "m/a", &[(5000, 1.0)]);
+    seal(&mut b, 5500).unwrap();
+    b.close_all_windows();
+    assert_eq!(seal(&mut b, 60_000).unwrap().alarm_events, 0, "no reading");
+    append(&mut b, "m/b", &[(5000, 9.5)]);
+    let r = seal(&mut b, 60_000).unwrap();
+    assert_eq!(r.alarm_events, 1, "m/b hot; neither stale");
+    assert_eq!(seal(&mut b, 120_000).unwrap().alarm_events, 0);
+}

@@ -464,7 +464,7 @@ pub struct Ledger {
 }
 
 /// What a buffer file holds that Kinesis has not acknowledged, and what only the file holds ([`Buffer::left`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Left {
     /// Readings committed and not sealed.
     pub unsealed_readings: u64,
@@ -480,15 +480,23 @@ pub struct Left {
     pub dead_letters: u64,
     /// Source messages the payload mapping refused (`fieldlink-agent refused`): kept only in the file.
     pub refused: u64,
-    /// Window states this agent cannot read, or of a removed rule whose functions it does not know: their open
-    /// windows cannot be sent; kept only in the file.
+    /// Window states this agent cannot send: unreadable, or with open windows of a removed rule whose functions it
+    /// does not know (configured again, the rule takes them up).
     pub window_states_unloaded: u64,
+    /// Where the file was moved when the open found it damaged (a new, empty buffer took its place).
+    pub moved_aside: Option<PathBuf>,
 }
 
 impl Left {
-    /// Whether everything the file holds for the cloud is in Kinesis (dead letters and refused messages aside).
+    /// Whether everything the file held for the cloud is in Kinesis (dead letters and refused messages aside).
     pub fn is_drained(&self) -> bool {
-        self.unsealed_readings + self.pending_batches + self.alarm_records + self.open_windows == 0
+        self.unsealed_readings
+            + self.pending_batches
+            + self.alarm_records
+            + self.open_windows
+            + self.window_states_unloaded
+            == 0
+            && self.moved_aside.is_none()
     }
 }
 
@@ -1151,6 +1159,7 @@ impl Buffer {
             dead_letters: count("dead_letters")?,
             refused: count("refused")?,
             window_states_unloaded: self.windows_unloaded,
+            moved_aside: self.moved_aside.clone(),
         })
     }
 

@@ -54,6 +54,11 @@ fn seal(b: &mut Buffer) -> Result<SealReport, BufferError> {
 
 /// A seal at `now_ms` on both the wall clock and the intake clock.
 fn seal_at(b: &mut Buffer, now_ms: i64) -> Result<SealReport, BufferError> {
+    seal_part(b, now_ms, 100_000)
+}
+
+/// A seal (or one part of it) of at most `max_rows` readings, at `now_ms` on both clocks.
+fn seal_part(b: &mut Buffer, now_ms: i64, max_rows: usize) -> Result<SealReport, BufferError> {
     b.set_intake_clock(now_ms);
     let mut enc = Encoder::new(3).unwrap();
     let rules = Rules {
@@ -63,7 +68,7 @@ fn seal_at(b: &mut Buffer, now_ms: i64) -> Result<SealReport, BufferError> {
     };
     b.seal(
         i64::MAX,
-        100_000,
+        max_rows,
         &mut enc,
         &BatchConfig::default(),
         rules,
@@ -565,6 +570,13 @@ fn closing_all_windows_sends_every_open_window_once_and_left_counts_what_is_left
     assert_eq!(b.left().unwrap().unsealed_readings, 1);
     b.close_all_windows();
     b.fault = Some(rusqlite::ffi::SQLITE_IOERR);
+    b.reload_faults = 1;
+    assert!(seal(&mut b).is_err());
+    assert!(
+        b.left().is_err(),
+        "the states could not be reloaded: nothing to count on"
+    );
+    b.fault = Some(rusqlite::ffi::SQLITE_IOERR);
     assert!(seal(&mut b).is_err());
     assert_eq!(b.left().unwrap().open_windows, 2, "nothing committed");
     seal(&mut b).unwrap();
@@ -608,26 +620,8 @@ fn a_drain_sealed_in_parts_closes_every_window_once_in_its_last_part() {
     append(&mut b, "m/b", &[(200, 6.0)]);
     append(&mut b, "m/a", &[(300, 5.0)]);
     b.close_all_windows();
-    let mut enc = Encoder::new(3).unwrap();
-    let rules = Rules {
-        dedup_window_ms: 60_000,
-        max_recent: 1024,
-        late: LatePolicy::Flag,
-    };
     let mut parts = 0;
-    while b
-        .seal(
-            i64::MAX,
-            1,
-            &mut enc,
-            &BatchConfig::default(),
-            rules,
-            NOW_MS,
-        )
-        .unwrap()
-        .rows
-        > 0
-    {
+    while seal_part(&mut b, NOW_MS, 1).unwrap().rows > 0 {
         parts += 1;
     }
     assert_eq!(parts, 3, "one group per part");

@@ -622,7 +622,7 @@ fn combos(funcs: &[Func], sizes: &[i64]) -> Vec<(Func, i64)> {
 /// returns how many.
 fn close_through(
     rule: &Rule,
-    (r, sid): (usize, i64),
+    pair: (usize, i64),
     st: &mut PairState,
     watermark: i64,
     out: &mut Vec<Emitted>,
@@ -637,26 +637,68 @@ fn close_through(
             .count();
         let windows: Vec<(i64, Acc)> = list.drain(..closed).collect();
         for (start, acc) in windows {
-            let end = start.saturating_add(size);
-            for &func in &rule.funcs {
-                if !st.emitted_to.is_empty() && st.emitted(size, func, end) {
-                    continue;
-                }
-                out.push(Emitted {
-                    rule: r,
-                    series_id: sid,
-                    size: k,
-                    func,
-                    start_ms: start,
-                    value: acc.value(func),
-                });
-                lower_since(st, (size, func), end, since_dirty, (r, sid));
-            }
+            let end = emit_window(rule, pair, st, (k, start), &acc, out, since_dirty);
             st.closed_to = Some(st.closed_to.map_or(end, |c| c.max(end)));
         }
         total += closed;
     }
     total
+}
+
+/// Closes every open window of a pair, whatever the watermark ([`Engine::close_all`]): each is emitted and recorded
+/// in `emitted_to` rather than by moving `closed_to` (the watermark) to its end, so that a later reading of one of
+/// those windows is late for it while a reading of any other window, of any size, is not (an agent started again
+/// on the file after a drain: the watermark moved to the end of a pair's largest window would make every reading
+/// until then late). Returns how many windows closed.
+fn close_every_window(
+    rule: &Rule,
+    pair: (usize, i64),
+    st: &mut PairState,
+    out: &mut Vec<Emitted>,
+    since_dirty: &mut Vec<(usize, i64)>,
+) -> usize {
+    let mut total = 0;
+    for (k, &size) in rule.sizes.iter().enumerate() {
+        let windows = std::mem::take(&mut st.open[k]);
+        total += windows.len();
+        for (start, acc) in windows {
+            let end = emit_window(rule, pair, st, (k, start), &acc, out, since_dirty);
+            for &func in &rule.funcs {
+                st.note_emitted(size, func, end, end);
+            }
+        }
+    }
+    total
+}
+
+/// Emits the functions of the window of size index `k` starting at `start` that `emitted_to` does not hold;
+/// returns the window's end.
+fn emit_window(
+    rule: &Rule,
+    (r, sid): (usize, i64),
+    st: &mut PairState,
+    (k, start): (usize, i64),
+    acc: &Acc,
+    out: &mut Vec<Emitted>,
+    since_dirty: &mut Vec<(usize, i64)>,
+) -> i64 {
+    let size = rule.sizes[k];
+    let end = start.saturating_add(size);
+    for &func in &rule.funcs {
+        if !st.emitted_to.is_empty() && st.emitted(size, func, end) {
+            continue;
+        }
+        out.push(Emitted {
+            rule: r,
+            series_id: sid,
+            size: k,
+            func,
+            start_ms: start,
+            value: acc.value(func),
+        });
+        lower_since(st, (size, func), end, since_dirty, (r, sid));
+    }
+    end
 }
 
 /// One value of a closed window.
@@ -1592,17 +1634,19 @@ impl Engine {
             let Some(st) = self.states.get_mut(&(r, sid)) else {
                 continue;
             };
-            let w = if all {
-                Some(i64::MAX)
+            let rule = &self.rules[r];
+            let closed = if all {
+                close_every_window(rule, (r, sid), st, out, &mut self.since_dirty)
             } else {
-                st.seen
+                let w = st
+                    .seen
                     .zip(now)
-                    .and_then(|(seen, now)| idle_watermark(&self.rules[r], st, seen, now))
+                    .and_then(|(seen, now)| idle_watermark(rule, st, seen, now));
+                let Some(w) = w else {
+                    continue;
+                };
+                close_through(rule, (r, sid), st, w, out, &mut self.since_dirty)
             };
-            let Some(w) = w else {
-                continue;
-            };
-            let closed = close_through(&self.rules[r], (r, sid), st, w, out, &mut self.since_dirty);
             if closed == 0 {
                 continue;
             }

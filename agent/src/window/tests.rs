@@ -1555,7 +1555,8 @@ idle_close_ms = 0
         ]
     );
     assert_eq!(e.open_windows(), 0);
-    assert_eq!(e.take_dirty().len(), 2, "both closed states are persisted");
+    let saved = e.take_dirty();
+    assert_eq!(saved.len(), 2, "both closed states are persisted");
     e.committed();
     assert_eq!(
         e.counts().idle_closed,
@@ -1564,10 +1565,44 @@ idle_close_ms = 0
     );
     // Nothing open: nothing due.
     assert!(e.idle_due(i64::MIN).is_empty());
-    // A reading of a closed window is late.
+    // A reading of a closed window is late, of each size, and opens nothing.
     let mut out = Vec::new();
     e.observe(1, &a, obs(62_000, &Value::F64(9.0)), &mut out);
     assert!(out.is_empty());
+    assert_eq!(e.open_windows(), 0);
     e.committed();
     assert_eq!(e.counts().late, 1);
+    // A reading of another window is not late for that window, though the pair's largest closed window ends later
+    // (10 min): the 1 min window opens and closes by the watermark as usual; the reading is late for the closed
+    // 10 min window only.
+    e.observe(1, &a, obs(130_000, &Value::F64(4.0)), &mut out);
+    assert_eq!(e.open_windows(), 1);
+    e.observe(1, &a, obs(700_000, &Value::F64(6.0)), &mut out);
+    let got: Vec<(String, i64, Value)> = out
+        .iter()
+        .map(|x| (e.derived_series(x, &a).key, x.start_ms, x.value.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("plant/a/power/count_60s".to_owned(), 120_000, Value::I64(1)),
+            ("plant/a/power/sum_60s".to_owned(), 120_000, Value::F64(4.0)),
+        ]
+    );
+    e.committed();
+    assert_eq!((e.counts().late, e.counts().aggregated), (2, 4));
+    // The records are stored with the states: reloaded, a reading of a closed window of `b` is late and opens
+    // nothing; one of its next 1 min window opens it.
+    let mut reloaded = engine(rule);
+    for (r, sid, bytes) in &saved {
+        assert_eq!(reloaded.load_state(r, *sid, None, bytes), Loaded::Yes);
+    }
+    reloaded.loaded();
+    assert_eq!(reloaded.open_windows(), 0);
+    reloaded.observe(2, &b, obs(125_000, &Value::F64(1.0)), &mut out);
+    assert_eq!(reloaded.open_windows(), 0);
+    reloaded.observe(2, &b, obs(185_000, &Value::F64(1.0)), &mut out);
+    assert_eq!(reloaded.open_windows(), 1);
+    reloaded.committed();
+    assert_eq!(reloaded.counts().late, 2);
 }
