@@ -1589,6 +1589,10 @@ idle_close_ms = 0
             ("plant/a/power/sum_60s".to_owned(), 120_000, Value::F64(4.0)),
         ]
     );
+    assert!(
+        e.state(0, 1).unwrap().emitted_to.is_empty(),
+        "the records go once the watermark passed them"
+    );
     e.committed();
     assert_eq!((e.counts().late, e.counts().aggregated), (2, 4));
     // The records are stored with the states: reloaded, a reading of a closed window of `b` is late and opens
