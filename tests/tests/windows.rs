@@ -413,13 +413,6 @@ fn a_window_rule_renamed_then_removed_between_runs_loses_and_doubles_no_window()
         "",
         &rule,
     );
-    let folded = |agent: &AgentProc, n: f64| {
-        wait_for("the readings folded in", Duration::from_secs(60), || {
-            (agent.metric("fieldlink_window_raw_withheld_total") == n
-                && agent.metric("fieldlink_buffer_unsealed_readings") == 0.0)
-                .then_some(())
-        })
-    };
     let edit = |agent: &AgentProc, from: &str, to: &str| {
         let text = std::fs::read_to_string(&agent.config).unwrap();
         assert!(text.contains(from), "{from}");
@@ -427,7 +420,7 @@ fn a_window_rule_renamed_then_removed_between_runs_loses_and_doubles_no_window()
     };
     agent.start();
     let mut acked = publish_numbered_from(broker.port, 0, 200, 400.0, 0, dir.path());
-    folded(&agent, 200.0);
+    wait_folded(&agent, 200.0);
     agent.stop();
     edit(&agent, "name = \"idle\"", "name = \"renamed\"");
     agent.start();
@@ -439,7 +432,7 @@ fn a_window_rule_renamed_then_removed_between_runs_loses_and_doubles_no_window()
         0,
         dir.path(),
     ));
-    folded(&agent, 100.0);
+    wait_folded(&agent, 100.0);
     agent.stop();
     assert!(
         idle_windows(&kinesis_dump(&moto.endpoint, "edits")).is_empty(),
@@ -457,6 +450,16 @@ fn a_window_rule_renamed_then_removed_between_runs_loses_and_doubles_no_window()
         idle_windows_of(&acked),
         "each window once, with the readings of both runs"
     );
+}
+
+/// Waits until `agent` has folded `n` readings into windows (withheld under `keep_raw = false`) and holds none
+/// unsealed.
+fn wait_folded(agent: &AgentProc, n: f64) {
+    wait_for("the readings folded in", Duration::from_secs(60), || {
+        (agent.metric("fieldlink_window_raw_withheld_total") == n
+            && agent.metric("fieldlink_buffer_unsealed_readings") == 0.0)
+            .then_some(())
+    })
 }
 
 /// Runs `fieldlink-agent drain` on `agent`'s configuration.
@@ -501,11 +504,7 @@ fn drain_sends_the_open_windows_before_a_buffer_file_is_given_up() {
     agent.start();
     let acked = publish_numbered(broker.port, 200, 400.0, 0, dir.path());
     assert_eq!(acked.len(), 200);
-    wait_for("the readings folded in", Duration::from_secs(60), || {
-        (agent.metric("fieldlink_window_raw_withheld_total") == 200.0
-            && agent.metric("fieldlink_buffer_unsealed_readings") == 0.0)
-            .then_some(())
-    });
+    wait_folded(&agent, 200.0);
     let out = drain(&agent, 5);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

@@ -1137,13 +1137,9 @@ impl Buffer {
     }
 
     /// What the file holds that Kinesis has not acknowledged, and what only it holds ([`Left`]).
-    pub fn left(&self) -> Result<Left, BufferError> {
-        if self.engines_stale {
-            return Err(BufferError::Incompatible {
-                path: self.path.display().to_string(),
-                why: "its window and alarm states could not be reloaded after a failed seal".into(),
-            });
-        }
+    /// States a failed seal left stale are reloaded first (the error if they cannot be: nothing to count on).
+    pub fn left(&mut self) -> Result<Left, BufferError> {
+        self.fresh_engines()?;
         let count = |table: &str| -> Result<u64, BufferError> {
             let n: i64 =
                 self.conn
@@ -1253,6 +1249,10 @@ impl Buffer {
     /// time less the reorder window. (During a long seal of a backlog, live sources commit into newer groups; a
     /// clock at `now_ms` would raise their series stale before their readings were released.)
     pub(super) fn stale_clock(&self, after_id: i64, now_ms: i64) -> Result<i64, BufferError> {
+        if self.draining {
+            // No source runs: silence says nothing of the devices (no level is stale at the earliest time).
+            return Ok(i64::MIN);
+        }
         let oldest: Option<i64> = self
             .conn
             .prepare_cached("SELECT committed_ms FROM groups WHERE id > ?1 ORDER BY id LIMIT 1")?
@@ -1266,7 +1266,7 @@ impl Buffer {
     /// A seal without readings: the stale clock alone may raise alarms.
     fn seal_alarm_tick(&mut self, now_ms: i64) -> Result<SealReport, BufferError> {
         self.fresh_engines()?;
-        if self.alarms.is_empty() || self.draining {
+        if self.alarms.is_empty() {
             return Ok(SealReport::default());
         }
         let mut transitions = Vec::new();

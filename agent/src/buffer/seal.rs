@@ -402,14 +402,11 @@ impl Buffer {
         if let Some(c) = self.intake_clock {
             self.windows.set_intake_clock(c);
         }
-        if self.draining && !taken.more {
-            self.windows.close_all();
-        }
-        let idle = match (self.intake_clock, self.draining) {
+        let idle = match self.intake_clock {
             _ if taken.more => Vec::new(),
-            (Some(c), _) => self.windows.idle_due(c),
-            (None, true) => self.windows.idle_due(i64::MIN),
-            (None, false) => Vec::new(),
+            _ if self.draining => self.windows.close_all(),
+            Some(c) => self.windows.idle_due(c),
+            None => Vec::new(),
         };
         if taken.rows == 0 && taken.ids_last == 0 && !self.windows.has_due() {
             return self.seal_alarm_tick(now_ms).map(Begun::Idle);
@@ -417,9 +414,6 @@ impl Buffer {
         // Before the states are taken: an error from here on must put them back.
         let stale_clock = if self.alarms.is_empty() {
             0
-        } else if self.draining {
-            // No source runs: silence says nothing of the devices.
-            i64::MIN
         } else {
             self.stale_clock(taken.ids_last, now_ms)?
         };

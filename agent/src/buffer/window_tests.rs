@@ -570,7 +570,7 @@ fn closing_all_windows_sends_every_open_window_once_and_left_counts_what_is_left
     assert_eq!(b.left().unwrap().unsealed_readings, 1);
     b.close_all_windows();
     b.fault = Some(rusqlite::ffi::SQLITE_IOERR);
-    b.reload_faults = 1;
+    b.reload_faults = 2;
     assert!(seal(&mut b).is_err());
     assert!(
         b.left().is_err(),

@@ -1538,13 +1538,32 @@ impl Engine {
 
     /// Every open window closes at this seal, with the readings it holds, whatever the clock and `idle_close_ms`
     /// (`fieldlink-agent drain`, before a buffer file is given up: the readings a `keep_raw = false` rule folded
-    /// into open windows have no other copy). [`Engine::idle_due`] then returns every pair with an open window,
-    /// and [`Engine::close_idle`] closes all their windows, also those the seal's readings opened, and ends it
-    /// ([`Engine::forget_idle`] too). Only the last part of a seal may close all: the series of a pair the scan
-    /// did not find must be among the seal's. Closed so, a window is closed for good, as by the clock: a reading
-    /// of it arriving later is late.
-    pub fn close_all(&mut self) {
+    /// into open windows have no other copy); returns the series ids of the pairs with an open window, for the
+    /// seal to name, as [`Engine::idle_due`] does. [`Engine::close_idle`] closes all their windows, also those the
+    /// seal's readings opened, and ends it ([`Engine::forget_idle`] too). Only the last part of a seal may close
+    /// all: the series of a pair found by neither must be among the seal's. Closed so, a window is closed for good,
+    /// as by the clock: a reading of it arriving later is late.
+    pub fn close_all(&mut self) -> Vec<i64> {
         self.closing_all = true;
+        self.scan_open();
+        self.idle.iter().map(|&(_, sid)| sid).collect()
+    }
+
+    /// Every pair with an open window, into `idle`.
+    fn scan_open(&mut self) {
+        let Self {
+            states,
+            rules,
+            idle,
+            ..
+        } = self;
+        idle.clear();
+        idle.extend(
+            states
+                .iter()
+                .filter(|(&(r, _), st)| st.first_end(&rules[r].sizes).is_some())
+                .map(|(&pair, _)| pair),
+        );
     }
 
     /// Scans, at most once a second of the intake clock `now` ([`Engine::set_intake_clock`]), for pairs of silent
@@ -1553,22 +1572,6 @@ impl Engine {
     /// is ready, and closes the windows with [`Engine::close_idle`] after it observed the released readings (a
     /// pair with one among them is not silent any more). A scan visits every pair state.
     pub fn idle_due(&mut self, now: i64) -> Vec<i64> {
-        if self.closing_all {
-            let Self {
-                states,
-                rules,
-                idle,
-                ..
-            } = self;
-            idle.clear();
-            idle.extend(
-                states
-                    .iter()
-                    .filter(|(&(r, _), st)| st.first_end(&rules[r].sizes).is_some())
-                    .map(|(&pair, _)| pair),
-            );
-            return idle.iter().map(|&(_, sid)| sid).collect();
-        }
         if !self.any_idle {
             return Vec::new();
         }
@@ -1623,7 +1626,7 @@ impl Engine {
         let (now, all) = (self.intake_ms, self.closing_all);
         if all {
             // Also the windows the seal's readings opened after the scan (their series are the seal's own).
-            self.idle_due(i64::MIN);
+            self.scan_open();
             self.closing_all = false;
         }
         let idle = std::mem::take(&mut self.idle);
