@@ -360,7 +360,32 @@ fn a_state_at_its_window_does_not_grow_its_allocation() {
         s.recent.capacity(),
         s.remembered()
     );
-    assert_eq!(std::mem::size_of_val(&s.recent[0]), 12);
+    assert_eq!(std::mem::size_of_val(&s.recent[0]), 8);
+}
+
+#[test]
+fn a_state_stored_with_64_bit_identities_still_recognises_its_readings() {
+    // What a version before December 2026 stored: the newest time, then (ts, whole FNV-1a hash) pairs.
+    let (a, b) = (p(1, 1_000, 21.5), p(1, 1_200, 0.1));
+    let mut old = 1_200i64.to_le_bytes().to_vec();
+    for r in [&a, &b] {
+        old.extend_from_slice(&r.ts_ms.to_le_bytes());
+        old.extend_from_slice(&fnv(r.ts_ms, &r.value).to_le_bytes());
+    }
+    let loaded = SeriesState::from_bytes(&old);
+    // Stored again by this version (zero-extended 32-bit identities) and loaded: the same state.
+    assert_eq!(SeriesState::from_bytes(&loaded.to_bytes()), loaded);
+    for st in [loaded.clone(), SeriesState::from_bytes(&loaded.to_bytes())] {
+        let mut states = HashMap::from_iter([(1, st)]);
+        let other = p(1, 1_000, 21.6);
+        let r = release(
+            vec![a.clone(), b.clone(), other.clone()],
+            &mut states,
+            rules(LatePolicy::Flag),
+        );
+        assert_eq!(r.duplicates, 2, "both stored readings are duplicates");
+        assert_eq!(readings_of(&r), vec![(1, 1_000, 21.6f64.to_bits(), true)]);
+    }
 }
 
 #[test]
