@@ -18,7 +18,7 @@
 use super::group::{get_varint, put_varint};
 
 /// Appends `series`' delta: its newest released time and the `(series, ts, identity)` run it remembered.
-pub(crate) fn push(blob: &mut Vec<u8>, series: i64, last_ts: i64, run: &[(i64, i64, u32)]) {
+pub(crate) fn push(blob: &mut Vec<u8>, series: i64, last_ts: i64, run: &[(i64, i64, u64)]) {
     put_varint(blob, series as u64);
     put_varint(blob, 8 + 16 * run.len() as u64);
     crate::order::put_delta(blob, last_ts, run);
@@ -74,9 +74,9 @@ mod tests {
 
     #[test]
     fn entries_give_back_what_was_pushed_as_delta_bytes_would_write_it() {
-        type Run = (i64, i64, Vec<(i64, i64, u32)>);
+        type Run = (i64, i64, Vec<(i64, i64, u64)>);
         let runs: [Run; 3] = [
-            (7, 1_000, vec![(7, 990, 1), (7, 1_000, u32::MAX)]),
+            (7, 1_000, vec![(7, 990, 1), (7, 1_000, u64::MAX)]),
             (300, i64::MIN, vec![]),
             (i64::MAX, -5, vec![(i64::MAX, -5, 42)]),
         ];

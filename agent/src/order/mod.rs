@@ -57,18 +57,19 @@ pub struct Out {
 
 /// What a series remembers between releases.
 ///
-/// Memory: 8 bytes per remembered reading (its event time as an offset from `base`, and its 32-bit identity),
+/// Memory: 12 bytes per remembered reading (its event time as an offset from `base`, and its 64-bit identity),
 /// instead of 16 for an `(i64, u64)` pair. The states are the agent's largest data: one entry per reading of the
-/// dedup window, 4.8 MB at 10,000 readings/s and 60 s (see docs/memory.md).
+/// dedup window, 7.2 MB at 10,000 readings/s and 60 s (see docs/memory.md).
 #[derive(Debug, Clone)]
 pub struct SeriesState {
     /// Newest released event time (`i64::MIN` before the first).
     pub last_ts: i64,
     /// Event time the offsets in `recent` count from: at or before the oldest remembered reading.
     base: i64,
-    /// Recently released readings, oldest first: `[ts - base, identity]` ([`identity`]). A ring: forgetting the
-    /// oldest moves nothing (a `Vec` moved the whole window down at every release of every series).
-    recent: VecDeque<[u32; 2]>,
+    /// Recently released readings, oldest first: `[ts - base, identity low half, identity high half]`, where the
+    /// identity is the hash of (ts, value). A ring: forgetting the oldest moves nothing (a `Vec` moved the whole
+    /// window down at every release of every series).
+    recent: VecDeque<[u32; 3]>,
     /// The `state_log` row holding this state's oldest delta stored since its last whole state, 0 if none (the
     /// buffer's bookkeeping, not part of the state).
     pub(crate) logged_since: u64,
@@ -89,10 +90,10 @@ impl Default for SeriesState {
 }
 
 /// One remembered reading.
-fn entry(base: i64, ts: i64, id: u32) -> [u32; 2] {
+fn entry(base: i64, ts: i64, id: u64) -> [u32; 3] {
     // In range: callers rebase first.
     let off = (i128::from(ts) - i128::from(base)) as u32;
-    [off, id]
+    [off, id as u32, (id >> 32) as u32]
 }
 
 impl SeriesState {
@@ -107,10 +108,13 @@ impl SeriesState {
     }
 
     /// `(ts, identity)` of the remembered readings, oldest first.
-    pub fn recent(&self) -> impl ExactSizeIterator<Item = (i64, u32)> + '_ {
-        self.recent
-            .iter()
-            .map(|e| (self.base + i64::from(e[0]), e[1]))
+    pub fn recent(&self) -> impl ExactSizeIterator<Item = (i64, u64)> + '_ {
+        self.recent.iter().map(|e| {
+            (
+                self.base + i64::from(e[0]),
+                u64::from(e[1]) | (u64::from(e[2]) << 32),
+            )
+        })
     }
 
     /// Readings remembered.
@@ -118,13 +122,13 @@ impl SeriesState {
         self.recent.len()
     }
 
-    /// Serialises to bytes: `last_ts` then `(ts, identity)` pairs, little-endian, each identity in 8 bytes (the
-    /// format of versions that kept 64-bit identities; [`stored_identity`] reads both).
+    /// Serialises to bytes: `last_ts` then `(ts, hash)` pairs, little-endian.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(8 + 16 * self.recent.len());
         b.extend_from_slice(&self.last_ts.to_le_bytes());
         for (ts, h) in self.recent() {
-            put_pair(&mut b, ts, h);
+            b.extend_from_slice(&ts.to_le_bytes());
+            b.extend_from_slice(&h.to_le_bytes());
         }
         b
     }
@@ -136,19 +140,19 @@ impl SeriesState {
 
     /// Whether a reading of `ts` with identity `id` is remembered: `recent` is ordered by event time, so only the
     /// entries of `ts` are looked at (found by binary search).
-    fn remembers(&self, ts: i64, id: u32) -> bool {
+    fn remembers(&self, ts: i64, id: u64) -> bool {
         self.position(ts, id).is_some()
     }
 
     /// Where the reading of `ts` with identity `id` is in `recent`, if remembered.
-    fn position(&self, ts: i64, id: u32) -> Option<usize> {
+    fn position(&self, ts: i64, id: u64) -> Option<usize> {
         let off = self.offset(ts)?;
         // Readings mostly come newer than everything remembered (and a whole state loads oldest first): no
         // search then.
         if self.recent.back().is_none_or(|x| x[0] < off) {
             return None;
         }
-        let e = [off, id];
+        let e = [off, id as u32, (id >> 32) as u32];
         let first = self.recent.partition_point(|x| x[0] < off);
         self.recent
             .range(first..)
@@ -159,13 +163,13 @@ impl SeriesState {
 
     /// Remembers a reading of `ts` (at or after every horizon used so far), keeping `recent` ordered by event
     /// time (a late reading goes before newer ones).
-    fn remember(&mut self, ts: i64, id: u32) {
+    fn remember(&mut self, ts: i64, id: u64) {
         if self.recent.is_empty() {
             self.base = ts;
         } else if self.offset(ts).is_none() {
             // Rebase. A remembered reading more than u32::MAX ms (49 days) before `ts` or the newest one is
             // behind any horizon (the window is at most a day): forgotten.
-            let old: Vec<(i64, u32)> = self.recent().collect();
+            let old: Vec<(i64, u64)> = self.recent().collect();
             let newest = old.last().map_or(ts, |&(t, _)| t).max(ts);
             let fits = |t: i64| i128::from(newest) - i128::from(t) <= i128::from(u32::MAX);
             if !fits(ts) {
@@ -173,7 +177,7 @@ impl SeriesState {
                 // under a newer whole state): behind every horizon, and a base there would cut the newer offsets.
                 return;
             }
-            let keep: Vec<(i64, u32)> = old.into_iter().filter(|&(t, _)| fits(t)).collect();
+            let keep: Vec<(i64, u64)> = old.into_iter().filter(|&(t, _)| fits(t)).collect();
             self.base = keep.first().map_or(ts, |&(t, _)| t).min(ts);
             let base = self.base;
             self.recent.clear();
@@ -231,7 +235,7 @@ impl SeriesState {
         let word = |i: usize| i64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
         self.recent.reserve_exact((b.len() - 8) / 16);
         for i in (8..b.len()).step_by(16) {
-            let (ts, id) = (word(i), stored_identity(word(i + 8) as u64));
+            let (ts, id) = (word(i), word(i + 8) as u64);
             // A live state remembers a reading once: one that a delta holds again was forgotten in between (it
             // fell out of `max_recent`) and remembered anew, so it moves to where the delta puts it (which decides
             // what the next overflow forgets). A whole state an earlier version wrote to the file after the delta
@@ -271,52 +275,29 @@ pub struct Released {
     pub dead_lettered: Vec<Pending>,
     /// `(series, ts, identity)` of every reading the states remembered, in the order remembered (so grouped by
     /// series, in series order): what a state stored before this call lacks ([`delta_bytes`]).
-    pub remembered: Vec<(i64, i64, u32)>,
+    pub remembered: Vec<(i64, i64, u64)>,
 }
 
 /// What a state remembered since it was stored, as [`SeriesState::apply_delta`] reads it ([`SeriesState::to_bytes`]'s
 /// format): the state's newest released time, then the `(ts, identity)` pairs of `remembered` (its series' run of
 /// [`Released::remembered`]) in order.
-pub fn delta_bytes(last_ts: i64, remembered: &[(i64, i64, u32)]) -> Vec<u8> {
+pub fn delta_bytes(last_ts: i64, remembered: &[(i64, i64, u64)]) -> Vec<u8> {
     let mut b = Vec::with_capacity(8 + 16 * remembered.len());
     put_delta(&mut b, last_ts, remembered);
     b
 }
 
 /// [`delta_bytes`], appended to `b`.
-pub fn put_delta(b: &mut Vec<u8>, last_ts: i64, remembered: &[(i64, i64, u32)]) {
+pub fn put_delta(b: &mut Vec<u8>, last_ts: i64, remembered: &[(i64, i64, u64)]) {
     b.extend_from_slice(&last_ts.to_le_bytes());
-    for &(_, ts, h) in remembered {
-        put_pair(b, ts, h);
+    for (_, ts, h) in remembered {
+        b.extend_from_slice(&ts.to_le_bytes());
+        b.extend_from_slice(&h.to_le_bytes());
     }
 }
 
-/// One stored `(ts, identity)` pair: 16 bytes, the identity zero-extended to 64 bits.
-fn put_pair(b: &mut Vec<u8>, ts: i64, id: u32) {
-    b.extend_from_slice(&ts.to_le_bytes());
-    b.extend_from_slice(&u64::from(id).to_le_bytes());
-}
-
-/// The identity a stored pair holds. Versions before December 2026 stored the whole 64-bit hash, this one its fold
-/// zero-extended; folding both gives the identity [`identity`] computes (a zero-extended fold folds to itself).
-fn stored_identity(stored: u64) -> u32 {
-    fold(stored)
-}
-
-/// The 64-bit hash folded to 32 bits (both halves: FNV-1a's low bits alone mix poorly).
-fn fold(h: u64) -> u32 {
-    (h ^ (h >> 32)) as u32
-}
-
-/// The dedup identity of a reading within its series: [`fnv`] folded to 32 bits. A reading is matched only against
-/// remembered readings of its own series and timestamp, so a false match needs two different values of one series
-/// at one millisecond (of which InfluxDB and Timestream keep one anyway) and then has odds of 2^-32.
-fn identity(ts: i64, v: &Value) -> u32 {
-    fold(fnv(ts, v))
-}
-
-/// FNV-1a over the timestamp and the value's bits (the identity versions before December 2026 stored whole).
-fn fnv(ts: i64, v: &Value) -> u64 {
+/// FNV-1a over the timestamp and the value's bits: the dedup identity of a reading within its series.
+fn identity(ts: i64, v: &Value) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         for &b in bytes {
