@@ -162,6 +162,13 @@ fn drain_report(path: &std::path::Path, left: &fieldlink_agent::buffer::Left) ->
             left.open_windows
         )
     };
+    if left.acknowledged_undeleted > 0 {
+        out.push_str(&format!(
+            "\n{} records Kinesis acknowledged are still in the file: deleting them failed (another process held \
+             its lock?); an agent run on it sends them again, and the cloud skips the copies",
+            left.acknowledged_undeleted
+        ));
+    }
     if let Some(aside) = &left.moved_aside {
         out.push_str(&format!(
             "\nthe file was damaged: the agent moved it aside to {} (what it held is there, not drained)",

@@ -911,6 +911,18 @@ shutdown_drain_ms = 2000
         (line, thp_enabled_line(&proc.pid().to_string()))
     }
 
+    /// `fieldlink-agent drain` on this agent's configuration, with the AWS test environment.
+    pub fn drain_command(&self, timeout_s: u64) -> Command {
+        let mut cmd = Command::new(bin("fieldlink-agent"));
+        cmd.arg("drain")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--timeout-s")
+            .arg(timeout_s.to_string());
+        aws_env(&mut cmd);
+        cmd
+    }
+
     /// SIGKILL.
     pub fn kill9(&mut self) {
         if let Some(mut p) = self.proc.take() {

@@ -39,18 +39,7 @@ fn a_lock_held_for_10_s_over_a_backlog_drops_nothing() {
         (agent.metric("fieldlink_buffer_pending_readings") >= acked.len() as f64).then_some(())
     });
 
-    let locked = dir.path().join("locked");
-    let db = dir.path().join("lock-agent.db");
-    let mut holder = std::process::Command::new(python());
-    holder
-        .arg(script("hold_write_lock.py"))
-        .arg(&db)
-        .arg("10")
-        .arg(&locked);
-    let mut holder = Proc::spawn("lock holder", holder, &dir.path().join("holder.log"));
-    wait_for("the lock", Duration::from_secs(10), || {
-        locked.exists().then_some(())
-    });
+    let mut holder = hold_lock(dir.path(), "lock-agent.db", 10);
     let t0 = Instant::now();
     // Readings keep arriving while the lock is held: every commit fails with SQLITE_BUSY. New numbers (and so
     // new times): repeats of the first ones would be dropped by the agent's dedup and prove nothing.
@@ -444,4 +433,170 @@ fn a_cap_lowered_below_the_backlog_between_runs_is_said_and_drops_nothing_under_
     let problem = exactly_once(&acked, &numbers_once(&moto, "lowered", "lowered-agent"));
     assert!(problem.is_empty(), "after the cap was lowered: {problem}");
     eprintln!("cap lowered to 1 MiB under a {held} B backlog: said at the start, nothing dropped, {} readings once", acked.len());
+}
+
+/// Another process holding `db`'s write lock for `secs` (returns once it holds it).
+fn hold_lock(dir: &std::path::Path, db: &str, secs: u64) -> Proc {
+    let locked = dir.join(format!("locked-{secs}"));
+    let mut holder = std::process::Command::new(python());
+    holder
+        .arg(script("hold_write_lock.py"))
+        .arg(dir.join(db))
+        .arg(secs.to_string())
+        .arg(&locked);
+    let holder = Proc::spawn("lock holder", holder, &dir.join("holder.log"));
+    wait_for("the lock", Duration::from_secs(10), || {
+        locked.exists().then_some(())
+    });
+    holder
+}
+
+/// Records (batches) in a stopped agent's buffer file.
+fn agent_pending_records(db: &std::path::Path) -> u64 {
+    run_python(&[
+        "-c",
+        "import sqlite3,sys; print(sqlite3.connect(sys.argv[1], timeout=30).execute('SELECT count(*) FROM batches').fetchone()[0])",
+        db.to_str().unwrap(),
+    ])
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+/// Sealed records waiting in `agent`'s buffer: `n` numbered readings (`pad` bytes of text each) taken while
+/// Kinesis was down, then the agent stopped gracefully, as before a re-imaging.
+fn backlog_then_stop(
+    agent: &mut AgentProc,
+    proxy: &FaultProxy,
+    broker: &Mosquitto,
+    n: usize,
+    pad: usize,
+    dir: &std::path::Path,
+) -> Vec<u64> {
+    agent.start();
+    proxy.set("down=1");
+    let acked = publish_numbered(broker.port, n, 3000.0, pad, dir);
+    wait_for("the backlog to be sealed", Duration::from_secs(60), || {
+        (agent.metric("fieldlink_buffer_pending_readings") >= acked.len() as f64).then_some(())
+    });
+    agent.stop();
+    acked
+}
+
+/// An operator draining a buffer file before it goes (docs/reference.md, "Before a buffer file goes"), in two
+/// situations no other test drives: the drain killed (`kill -9`, a lost SSH session's shell, an OOM kill) while
+/// its calls are in flight, then run again while another process (`sqlite3` opened to look, a backup) holds the
+/// file's write lock. The second run waits the lock out and finishes: every acknowledged reading is in Kinesis
+/// once (a call abandoned by the kill is resent under the same batch identity, which the cloud skips), and a
+/// third run finds nothing left and sends nothing.
+#[test]
+fn a_drain_killed_mid_send_then_run_under_a_held_lock_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, moto, proxy) = broker_and_proxied_stream(dir.path(), "drainops", 1);
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "drainops-agent",
+        broker.port,
+        &proxy.endpoint,
+        "drainops",
+        "",
+        "",
+    );
+    let acked = backlog_then_stop(&mut agent, &proxy, &broker, 6000, 500, dir.path());
+
+    // A slow Kinesis, limited like one shard: the drain needs several calls, and is killed after the first
+    // entries went through.
+    proxy.set("down=0&delay_ms=300&shard_bytes_per_s=500000");
+    let mut first = Proc::spawn(
+        "drain",
+        agent.drain_command(120),
+        &dir.path().join("drain-1.log"),
+    );
+    wait_for("the drain's first entries", Duration::from_secs(60), || {
+        (proxy.stats()["forwarded_entries"].as_u64() > Some(0)).then_some(())
+    });
+    first.kill();
+    let sent_before = numbers_once(&moto, "drainops", "drainops-agent").len();
+    assert!(
+        sent_before < acked.len(),
+        "the drain was killed after it finished ({sent_before} readings sent): the test proves nothing"
+    );
+
+    proxy.set("delay_ms=0&shard_bytes_per_s=0");
+    // A lock held past the drain's timeout: the drain gives up in bounded time and says the file is not drained.
+    let mut holder = hold_lock(dir.path(), "drainops-agent.db", 40);
+    let t0 = Instant::now();
+    let out = agent.drain_command(5).output().unwrap();
+    let took = t0.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "drain --timeout-s 5 under a 40 s lock: exit {:?} after {:.1} s\n{stdout}",
+        out.status.code(),
+        took.as_secs_f64(),
+    );
+    // The sending stops at the timeout; deleting what Kinesis acknowledged is given up after 30 s.
+    assert!(took < Duration::from_secs(38), "{took:?}");
+    holder.wait(Duration::from_secs(60));
+    // What Kinesis acknowledged but the lock kept in the file is named, and not counted as unsent.
+    let acknowledged: u64 = stdout
+        .split(" records Kinesis acknowledged are still in the file")
+        .next()
+        .and_then(|s| s.rsplit('\n').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no acknowledged records named: {stdout}"));
+    assert!(acknowledged > 0, "{stdout}");
+    let unsent: u64 = stdout
+        .split(" records (")
+        .next()
+        .and_then(|s| s.rsplit(", ").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let in_file = agent_pending_records(&dir.path().join("drainops-agent.db"));
+    assert_eq!(unsent + acknowledged, in_file, "{stdout}");
+    assert_eq!(
+        out.status.code(),
+        Some(if unsent > 0 { 3 } else { 0 }),
+        "{stdout}"
+    );
+
+    let mut holder = hold_lock(dir.path(), "drainops-agent.db", 8);
+    let t0 = Instant::now();
+    let out = agent.drain_command(120).output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    eprintln!(
+        "drain under an 8 s lock: exit {:?} after {:.1} s\n{stdout}\n{stderr}",
+        out.status.code(),
+        t0.elapsed().as_secs_f64()
+    );
+    holder.wait(Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.starts_with("drained: "), "{stdout}");
+    let got = numbers_once(&moto, "drainops", "drainops-agent");
+    let problem = exactly_once(&acked, &got);
+    assert!(
+        problem.is_empty(),
+        "after a killed drain and a held lock: {problem}"
+    );
+
+    let dump = kinesis_dump(&moto.endpoint, "drainops");
+    let records = dump.len();
+    eprintln!(
+        "{sent_before} readings in Kinesis when the first drain was killed; {records} records in the end, {} batches",
+        unique_batches(&dump).len()
+    );
+    let out = agent.drain_command(60).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        kinesis_dump(&moto.endpoint, "drainops").len(),
+        records,
+        "a drained file sends nothing"
+    );
 }

@@ -464,14 +464,7 @@ fn wait_folded(agent: &AgentProc, n: f64) {
 
 /// Runs `fieldlink-agent drain` on `agent`'s configuration.
 fn drain(agent: &AgentProc, timeout_s: u64) -> std::process::Output {
-    let mut cmd = std::process::Command::new(bin("fieldlink-agent"));
-    cmd.arg("drain")
-        .arg("--config")
-        .arg(&agent.config)
-        .arg("--timeout-s")
-        .arg(timeout_s.to_string());
-    aws_env(&mut cmd);
-    cmd.output().unwrap()
+    agent.drain_command(timeout_s).output().unwrap()
 }
 
 /// A gateway about to be re-imaged (or replaced, or its SD card swapped) under a `keep_raw = false` rule: its

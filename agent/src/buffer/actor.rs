@@ -768,6 +768,7 @@ impl Worker {
                             // They stay in flight until the next fetch: Kinesis has them, so `drop_oldest`
                             // must not count them as dropped.
                             self.metrics.buffer_errors.inc();
+                            self.buffer.note_undeleted(&seqs);
                             tracing::error!(error = %e, records = seqs.len(), "deleting acknowledged batches keeps failing; they stay buffered and will be resent");
                             break;
                         }

@@ -164,6 +164,7 @@ use fieldlink_proto::alarm::{AlarmBatch, AlarmEncoder, AlarmEvent};
 use fieldlink_proto::{EncodeError, Encoder, Quality, Series, Value};
 use foldhash::{HashMap, HashMapExt};
 use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -183,6 +184,10 @@ const SCHEMA_VERSION: i64 = 2;
 pub const MAX_GROUP_READINGS: u64 = 8192;
 /// Version-1 rows moved into `groups` per migration transaction at open.
 const MIGRATE_CHUNK: usize = MAX_GROUP_READINGS as usize;
+/// Sequence numbers of acknowledged records whose deletion failed that the buffer remembers, at most (the oldest go
+/// first).
+const UNDELETED_MAX: usize = 65_536;
+
 /// Series (and series states) cached in memory before the cache is dropped and refilled from the tables.
 const SERIES_CACHE_MAX: usize = 100_000;
 /// Dead letters kept.
@@ -474,6 +479,10 @@ pub struct Left {
     pub pending_readings: u64,
     /// Alarm records not acknowledged by Kinesis.
     pub alarm_records: u64,
+    /// Records (readings and alarm records) Kinesis acknowledged that are still in the file: deleting them failed
+    /// for 30 s (another process held the file's write lock). Not counted above. Sent again if an agent
+    /// runs on the file (same batch identity: the cloud skips the copy).
+    pub acknowledged_undeleted: u64,
     /// Open windows: under `keep_raw = false` the readings folded into them have no other copy.
     pub open_windows: u64,
     /// Readings in the dead-letter table (late, unsendable): kept only in the file.
@@ -523,6 +532,10 @@ pub struct Buffer {
     agent_id: String,
     epoch: u64,
     next_seq: u64,
+    /// Sequence numbers of records Kinesis acknowledged whose deletion was given up ([`Buffer::note_undeleted`]),
+    /// at most [`UNDELETED_MAX`]. Only [`Buffer::left`] reads it, for what is still in the file; losing entries
+    /// only makes it report more as not acknowledged.
+    undeleted: BTreeSet<u64>,
     series_ids: HashMap<Series, i64>,
     /// The same by the address of the interned series a reading shares (hashing a pointer, not the key and tags);
     /// each entry holds its `Arc`, so the address cannot be reused by another series while the entry exists.
@@ -917,6 +930,7 @@ impl Buffer {
             agent_id: agent_id.to_owned(),
             epoch,
             next_seq: next_seq as u64,
+            undeleted: BTreeSet::new(),
             series_ids: HashMap::new(),
             series_by_arc: HashMap::new(),
             series_by_arc_bytes: 0,
@@ -1146,17 +1160,53 @@ impl Buffer {
                     .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?;
             Ok(n as u64)
         };
+        let (acked_batches, acked_readings, acked_alarm) = self.undeleted_in_file()?;
         Ok(Left {
             unsealed_readings: self.stats.unsealed_readings,
-            pending_batches: self.stats.pending_batches,
-            pending_readings: self.stats.pending_readings,
-            alarm_records: self.alarm_pending,
+            pending_batches: self.stats.pending_batches.saturating_sub(acked_batches),
+            pending_readings: self.stats.pending_readings.saturating_sub(acked_readings),
+            alarm_records: self.alarm_pending.saturating_sub(acked_alarm),
+            acknowledged_undeleted: acked_batches + acked_alarm,
             open_windows: self.windows.open_windows() as u64,
             dead_letters: count("dead_letters")?,
             refused: count("refused")?,
             window_states_unloaded: self.windows_unloaded,
             moved_aside: self.moved_aside.clone(),
         })
+    }
+
+    /// Of the records Kinesis acknowledged whose deletion was given up, those still in the file: `(batches,
+    /// their readings, alarm records)`.
+    fn undeleted_in_file(&self) -> Result<(u64, u64, u64), BufferError> {
+        let (mut batches, mut readings, mut alarm) = (0, 0, 0);
+        for &seq in &self.undeleted {
+            let seq = seq as i64;
+            let n: Option<i64> = self
+                .conn
+                .prepare_cached("SELECT readings FROM batches WHERE seq = ?1")?
+                .query_row([seq], |r| r.get(0))
+                .optional()?;
+            if let Some(n) = n {
+                batches += 1;
+                readings += n as u64;
+            } else if self
+                .conn
+                .prepare_cached("SELECT 1 FROM alarm_records WHERE seq = ?1")?
+                .exists([seq])?
+            {
+                alarm += 1;
+            }
+        }
+        Ok((batches, readings, alarm))
+    }
+
+    /// Records Kinesis acknowledged (`seqs`) whose deletion was given up: they stay in the file and are sent again,
+    /// and [`Buffer::left`] counts them apart from the records Kinesis has not acknowledged.
+    pub fn note_undeleted(&mut self, seqs: &[u64]) {
+        self.undeleted.extend(seqs);
+        while self.undeleted.len() > UNDELETED_MAX {
+            self.undeleted.pop_first();
+        }
     }
 
     /// Alarm records not yet accepted by Kinesis.
@@ -1722,6 +1772,7 @@ impl Buffer {
         gone.pending_batches += alarm_seqs.len() as u64;
         for s in seqs {
             self.in_flight.remove(s);
+            self.undeleted.remove(s);
         }
         self.ledger.sent += gone.pending_readings;
         Ok((gone.pending_batches, gone.pending_readings))
