@@ -1200,6 +1200,26 @@ impl Buffer {
         Ok((batches, readings, alarm))
     }
 
+    /// Deletes the records Kinesis acknowledged whose deletion was given up (but those in flight again: their
+    /// acknowledgement deletes them), counted sent.
+    fn delete_undeleted(&mut self) -> Result<(), BufferError> {
+        let seqs: Vec<u64> = self
+            .undeleted
+            .iter()
+            .copied()
+            .filter(|s| !self.in_flight.contains(s))
+            .collect();
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let gone = self.delete_batches(&seqs)?;
+        for s in &seqs {
+            self.undeleted.remove(s);
+        }
+        self.ledger.sent += gone.pending_readings;
+        Ok(())
+    }
+
     /// Records Kinesis acknowledged (`seqs`) whose deletion was given up: they stay in the file and are sent again,
     /// and [`Buffer::left`] counts them apart from the records Kinesis has not acknowledged.
     pub fn note_undeleted(&mut self, seqs: &[u64]) {
@@ -1809,8 +1829,12 @@ impl Buffer {
     }
 
     /// `drop_oldest`: deletes the oldest pending records not in flight until the counted size is at most
-    /// `max_bytes` (or none is left). Returns the readings dropped.
+    /// `max_bytes` (or none is left). Returns the readings dropped. Records Kinesis acknowledged whose deletion was
+    /// given up go first, counted sent: deleting them loses nothing.
     pub fn drop_oldest(&mut self, max_bytes: u64) -> Result<u64, BufferError> {
+        if self.stats.bytes() > max_bytes {
+            self.delete_undeleted()?;
+        }
         let mut dropped = 0;
         while self.stats.bytes() > max_bytes && self.stats.pending_batches > 0 {
             let excess = self.stats.bytes() - max_bytes;

@@ -672,18 +672,24 @@ fn pending_interleaves_newest_records_into_a_backlog() {
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
 }
 
-#[test]
-fn drop_oldest_frees_space_and_counts_the_readings() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut b = open(&dir);
+/// `groups` groups of 50 readings of random values (50 series), each appended and sealed (records of about
+/// `target` bytes).
+fn seal_groups_of_50(b: &mut Buffer, groups: i64, target: usize) {
     let mut enc = Encoder::new(3).unwrap();
-    for i in 0..10 {
+    for i in 0..groups {
         let group: Vec<_> = (0..50)
             .map(|j| reading(&format!("d{j}/v"), i * 100 + j, fastrand::f64()))
             .collect();
         b.append([group.as_slice()]).unwrap();
-        seal_all(&mut b, &mut enc, 1024);
+        seal_all(b, &mut enc, target);
     }
+}
+
+#[test]
+fn drop_oldest_frees_space_and_counts_the_readings() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir);
+    seal_groups_of_50(&mut b, 10, 1024);
     let before = b.stats();
     let cap = before.bytes() / 2;
     let dropped = b.drop_oldest(cap).unwrap();
@@ -1480,4 +1486,38 @@ fn left_counts_acknowledged_records_still_in_the_file_apart() {
     let left = b.left().unwrap();
     assert_eq!((left.pending_batches, left.acknowledged_undeleted), (0, 0));
     assert!(left.is_drained());
+}
+
+/// Over the cap, records Kinesis acknowledged whose deletion was given up are deleted before any unsent one, and
+/// counted sent, not dropped (they were counted dropped once the sender let go of them).
+#[test]
+fn drop_oldest_deletes_acknowledged_records_first_and_counts_them_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir);
+    seal_groups_of_50(&mut b, 4, 1 << 20);
+    let pending = b.pending(500, usize::MAX).unwrap();
+    assert_eq!(pending.len(), 4);
+    let newest = pending.iter().map(|p| p.seq).max().unwrap();
+    b.note_undeleted(&[newest]);
+    let kept = b.drop_oldest(0).unwrap();
+    assert_eq!(
+        (kept, b.ledger().sent, b.stats().pending_batches),
+        (0, 0, 4),
+        "records in flight are neither deleted nor dropped"
+    );
+    b.release_in_flight();
+    let before = b.stats();
+    let dropped = b.drop_oldest(before.bytes() - 1).unwrap();
+    assert_eq!(dropped, 0, "the acknowledged record was enough");
+    assert_eq!(b.ledger().sent, 50);
+    assert_eq!(b.ledger().dropped, 0);
+    let left: Vec<u64> = b
+        .pending(500, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|p| p.seq)
+        .collect();
+    assert_eq!(left.len(), 3);
+    assert!(!left.contains(&newest));
+    assert_eq!(b.left().unwrap().acknowledged_undeleted, 0);
 }
