@@ -305,3 +305,31 @@ fn a_drain_raises_no_stale_alarm() {
     assert_eq!(r.alarm_events, 1, "m/b hot; neither stale");
     assert_eq!(seal(&mut b, 120_000).unwrap().alarm_events, 0);
 }
+
+/// An alarm record Kinesis acknowledged whose deletion was given up is counted apart by `left`, like a record of
+/// readings; the one not acknowledged stays counted.
+#[test]
+fn left_counts_an_acknowledged_alarm_record_still_in_the_file_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(&dir.path().join("b.db"));
+    append(&mut b, "m/a", &[(10, 1.0), (20, 6.0)]);
+    seal(&mut b, 0).unwrap();
+    append(&mut b, "m/a", &[(30, 9.5)]);
+    seal(&mut b, 0).unwrap();
+    let alarm_seqs: Vec<u64> = b
+        .pending(10, usize::MAX)
+        .unwrap()
+        .iter()
+        .filter(|p| p.readings == 0)
+        .map(|p| p.seq)
+        .collect();
+    assert_eq!(alarm_seqs.len(), 2, "an alarm record per seal");
+    let left = b.left().unwrap();
+    assert_eq!((left.alarm_records, left.acknowledged_undeleted), (2, 0));
+    b.note_undeleted(&alarm_seqs[..1]);
+    let left = b.left().unwrap();
+    assert_eq!((left.alarm_records, left.acknowledged_undeleted), (1, 1));
+    b.ack(&alarm_seqs).unwrap();
+    let left = b.left().unwrap();
+    assert_eq!((left.alarm_records, left.acknowledged_undeleted), (0, 0));
+}

@@ -124,7 +124,8 @@
 //! per attempt, truncates the WAL and, under `drop_oldest` only, drops the oldest records for the space needed;
 //! a lock held by another process (`SQLITE_BUSY`) and I/O errors only wait. A seal that fails for space seals half
 //! as many readings next time (whole groups: at least one). An acknowledgement whose delete keeps failing for 30 s is given up: its records stay
-//! pending and are sent again under the same batch identity (the cloud skips the resend).
+//! in the file, counted pending, and are sent again under the same batch identity (the cloud skips the resend);
+//! the buffer notes them, so [`Buffer::left`] counts them apart and `drop_oldest` deletes them first, counted sent.
 //!
 //! # Invariants
 //! - `meta.next_seq` is greater than every `batches.seq` ever written; sequence numbers are never reused.
@@ -421,7 +422,8 @@ pub struct Stats {
     pub unsealed_readings: u64,
     /// Their counted size.
     pub unsealed_bytes: u64,
-    /// Sealed records not yet acknowledged by Kinesis.
+    /// Sealed records in the file: not yet acknowledged by Kinesis, or acknowledged but not deleted (a delete
+    /// given up under another process's lock).
     pub pending_batches: u64,
     /// Readings inside those records.
     pub pending_readings: u64,
@@ -507,6 +509,16 @@ impl Left {
             == 0
             && self.moved_aside.is_none()
     }
+}
+
+/// Records counted in the file ([`Buffer::left`]).
+struct InFile {
+    /// Sealed records of readings.
+    batches: u64,
+    /// Readings inside them.
+    readings: u64,
+    /// Alarm records.
+    alarm_records: u64,
 }
 
 /// What one seal did.
@@ -1160,13 +1172,15 @@ impl Buffer {
                     .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?;
             Ok(n as u64)
         };
-        let (acked_batches, acked_readings, acked_alarm) = self.undeleted_in_file()?;
+        // Counted in the file, not taken from the running counts: whether the file may go rests on this.
+        let all = self.records_in_file()?;
+        let acked = self.undeleted_in_file()?;
         Ok(Left {
             unsealed_readings: self.stats.unsealed_readings,
-            pending_batches: self.stats.pending_batches.saturating_sub(acked_batches),
-            pending_readings: self.stats.pending_readings.saturating_sub(acked_readings),
-            alarm_records: self.alarm_pending.saturating_sub(acked_alarm),
-            acknowledged_undeleted: acked_batches + acked_alarm,
+            pending_batches: all.batches - acked.batches,
+            pending_readings: all.readings - acked.readings,
+            alarm_records: all.alarm_records - acked.alarm_records,
+            acknowledged_undeleted: acked.batches + acked.alarm_records,
             open_windows: self.windows.open_windows() as u64,
             dead_letters: count("dead_letters")?,
             refused: count("refused")?,
@@ -1175,9 +1189,26 @@ impl Buffer {
         })
     }
 
-    /// Of the records Kinesis acknowledged whose deletion was given up, those still in the file: `(batches,
-    /// their readings, alarm records)`.
-    fn undeleted_in_file(&self) -> Result<(u64, u64, u64), BufferError> {
+    /// The records in the file.
+    fn records_in_file(&self) -> Result<InFile, BufferError> {
+        let (batches, readings): (i64, i64) = self.conn.query_row(
+            "SELECT count(*), coalesce(sum(readings), 0) FROM batches",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let alarm: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM alarm_records", [], |r| r.get(0))?;
+        Ok(InFile {
+            batches: batches as u64,
+            readings: readings as u64,
+            alarm_records: alarm as u64,
+        })
+    }
+
+    /// Of the records Kinesis acknowledged whose deletion was given up, those still in the file (a subset of
+    /// [`Buffer::records_in_file`]).
+    fn undeleted_in_file(&self) -> Result<InFile, BufferError> {
         let (mut batches, mut readings, mut alarm) = (0, 0, 0);
         for &seq in &self.undeleted {
             let seq = seq as i64;
@@ -1197,7 +1228,11 @@ impl Buffer {
                 alarm += 1;
             }
         }
-        Ok((batches, readings, alarm))
+        Ok(InFile {
+            batches,
+            readings,
+            alarm_records: alarm,
+        })
     }
 
     /// Deletes the records Kinesis acknowledged whose deletion was given up (but those in flight again: their
