@@ -8,7 +8,8 @@
 # points/s of the coalesced plan next to a naive one-request-per-point poller; the cloud's decode + Parquet
 # readings/s on one core next to pyarrow writing the same readings.
 # Usage: deploy/bench.sh     (release build; starts its own Mosquitto and moto server)
-# The RSS figure alone: target/release/bench rss (options and what the RSS is made of: docs/memory.md).
+# The RSS figure alone: target/release/bench rss; after a 2 s stall of the agent: FIELDLINK_BENCH_RSS_STALL_S=2
+# target/release/bench rss (options and what the RSS is made of: docs/memory.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/setup.sh --no-cross

@@ -405,6 +405,7 @@ fn worker(
             (2 * Duration::from_millis(batch.linger_ms)).max(Duration::from_secs(1)),
         ),
         sources: None,
+        give_back: crate::memory::GiveBack::default(),
     };
     worker.post_all_statuses();
     worker.publish();
@@ -438,8 +439,10 @@ impl Sealer {
         std::thread::Builder::new()
             .name("seal".into())
             .spawn(move || {
+                let mut give_back = crate::memory::GiveBack::default();
                 for (job, mut encoder) in job_rx.iter() {
                     let sealed = job.run(&mut encoder);
+                    give_back.tick();
                     if done_tx.send(Box::new((sealed, encoder))).is_err() {
                         return;
                     }
@@ -502,6 +505,8 @@ struct Worker {
     intake: IntakeClock,
     /// The health board of the MQTT connections, if any ([`spawn_with_rules`]).
     sources: Option<Health>,
+    /// Hands this thread's free heap memory back after parts, once a second at most.
+    give_back: crate::memory::GiveBack,
 }
 
 /// A monotonic clock, ms, that advances only while the agent takes readings: the buffer accepts appends (no
@@ -1193,6 +1198,7 @@ impl Worker {
         // After every part, not only at the end of a seal: a large backlog takes many parts, and alarm statuses
         // and metrics should not wait for the last.
         self.after_part();
+        self.give_back.tick();
         more
     }
 

@@ -625,6 +625,8 @@ fn thread_names(pid: u32) -> String {
 /// reach their steady size (`dedup_window_ms`, 60 s of event time: 600,000 readings) after 60 s. The peak is
 /// read at 15 s too (earlier versions' figure) and at the end. The agent inherits this process's environment
 /// (`MALLOC_ARENA_MAX=…`; and see [`overrides`]); `FIELDLINK_BENCH_RSS_SECS` runs longer or shorter.
+/// `FIELDLINK_BENCH_RSS_STALL_S=N` stops the agent (SIGSTOP) for N s at 40 s while the publisher goes on, as a
+/// busy host or a slow `fsync` would: the seal after it catches up on N s of readings at once.
 fn steady_rss(
     dir: &std::path::Path,
     broker: &Mosquitto,
@@ -647,6 +649,24 @@ fn steady_rss(
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(75u64);
+    let stall_s: u64 = std::env::var("FIELDLINK_BENCH_RSS_STALL_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if stall_s > 0 {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(40));
+            let kill = |sig: &str| {
+                let _ = std::process::Command::new("kill")
+                    .arg(sig)
+                    .arg(pid_agent.to_string())
+                    .status();
+            };
+            kill("-STOP");
+            std::thread::sleep(Duration::from_secs(stall_s));
+            kill("-CONT");
+        });
+    }
     let mut trace = Vec::new();
     let mut hwm_15s = None;
     let sent = rt.block_on(async {
@@ -678,8 +698,13 @@ fn steady_rss(
     std::thread::sleep(Duration::from_secs(2));
     let hwm = vm_hwm_kib(pid_agent);
     let mib = |kib: u64| kib as f64 / 1024.0;
+    let stalled = if stall_s > 0 {
+        format!(", stopped for {stall_s} s at 40 s")
+    } else {
+        String::new()
+    };
     println!(
-        "agent at 10,000 readings/s for {secs} s: peak RSS (VmHWM) {:.1} MiB ({} at 15 s)",
+        "agent at 10,000 readings/s for {secs} s{stalled}: peak RSS (VmHWM) {:.1} MiB ({} at 15 s)",
         mib(hwm),
         hwm_15s.map_or("not reached".into(), |k| format!("{:.1} MiB", mib(k)))
     );
