@@ -74,11 +74,12 @@ pub const GIVE_BACK_EVERY: std::time::Duration = std::time::Duration::from_secs(
 
 /// Hands back, at most once per [`GIVE_BACK_EVERY`], the memory the calling thread's allocator heap holds free:
 /// pages emptied by freed objects (also those freed by other threads, which mimalloc only queues), and pages kept
-/// for reuse. The buffer and seal threads tick it after each part of a seal. Without it, the few MB a seal that
-/// catches up after a stall (a slow `fsync`, a busy host) allocates at once stayed resident for good: after a 2 s
-/// stall the agent's RSS stayed 3.6 MiB higher (docs/memory.md). Once a second costs nothing measurable; after every
-/// part it would, at the pipeline's rate (a hundred parts a second), purge pages the next part faults in again.
-/// A no-op with the C library's allocator (the glibc builds).
+/// for reuse. The buffer and seal threads tick it after each part of a seal (so what an idle agent's last part
+/// left waits for the next part). Without it, the few MB a seal that catches up after a stall (a slow `fsync`, a
+/// busy host) allocates at once stayed resident for good: after a 2 s stall the agent's RSS stayed 3.5–4 MiB
+/// higher (docs/memory.md). Once a second is two calls a second (their cost not measured: the pipeline benches
+/// drive the buffer without these threads); after every part, at the pipeline's rate (a hundred parts a second),
+/// it would purge pages the next part faults in again. A no-op with the C library's allocator (the glibc builds).
 #[derive(Debug, Default)]
 pub struct GiveBack {
     last: Option<std::time::Instant>,
@@ -100,7 +101,8 @@ impl GiveBack {
 #[cfg(target_env = "musl")]
 #[allow(unsafe_code)]
 fn collect() {
-    // SAFETY: collects the calling thread's own mimalloc heap; safe to call at any time from any thread.
+    // SAFETY: collects the calling thread's own mimalloc heap and purges the process's arenas (thread-safe); it
+    // only reads mimalloc's options, whose setters `tune` ran before any thread existed.
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
 

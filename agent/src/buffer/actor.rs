@@ -960,15 +960,17 @@ impl Worker {
     fn drop_for(&mut self, bytes: u64) {
         let target = self.buffer.stats().bytes().saturating_sub(bytes);
         match self.buffer.drop_oldest(target) {
-            Ok(n) if n > 0 => {
-                tracing::warn!(
-                    readings = n,
-                    bytes,
-                    "buffer disk full: dropped the oldest batches"
-                );
-                self.note_dropped(n);
+            Ok(d) => {
+                self.metrics.records_sent.add(d.acknowledged_records);
+                if d.readings > 0 {
+                    tracing::warn!(
+                        readings = d.readings,
+                        bytes,
+                        "buffer disk full: dropped the oldest batches"
+                    );
+                    self.note_dropped(d.readings);
+                }
             }
-            Ok(_) => {}
             Err(e) => {
                 self.metrics.buffer_errors.inc();
                 tracing::error!(error = %e, "dropping the oldest batches failed");
@@ -1032,15 +1034,17 @@ impl Worker {
     fn enforce_cap(&mut self) {
         if self.cfg.overflow == OverflowPolicy::DropOldest && self.over_cap() {
             match self.buffer.drop_oldest(self.cfg.max_bytes) {
-                Ok(n) if n > 0 => {
-                    tracing::warn!(
-                        readings = n,
-                        max_bytes = self.cfg.max_bytes,
-                        "buffer full: dropped the oldest batches"
-                    );
-                    self.note_dropped(n);
+                Ok(d) => {
+                    self.metrics.records_sent.add(d.acknowledged_records);
+                    if d.readings > 0 {
+                        tracing::warn!(
+                            readings = d.readings,
+                            max_bytes = self.cfg.max_bytes,
+                            "buffer full: dropped the oldest batches"
+                        );
+                        self.note_dropped(d.readings);
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => {
                     self.metrics.buffer_errors.inc();
                     tracing::error!(error = %e, "dropping the oldest batches failed");

@@ -511,6 +511,15 @@ impl Left {
     }
 }
 
+/// What [`Buffer::drop_oldest`] deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Dropped {
+    /// Readings of records Kinesis had not acknowledged: dropped.
+    pub readings: u64,
+    /// Records Kinesis had acknowledged, whose deletion had been given up: sent.
+    pub acknowledged_records: u64,
+}
+
 /// Records counted in the file ([`Buffer::left`]).
 struct InFile {
     /// Sealed records of readings.
@@ -1235,9 +1244,10 @@ impl Buffer {
         })
     }
 
-    /// Deletes the records Kinesis acknowledged whose deletion was given up (but those in flight again: their
-    /// acknowledgement deletes them), counted sent.
-    fn delete_undeleted(&mut self) -> Result<(), BufferError> {
+    /// Acknowledges again the records Kinesis acknowledged whose deletion was given up (but those in flight
+    /// again: their own acknowledgement will): deleted, readings and alarm records alike, and counted sent.
+    /// Returns the records deleted.
+    fn ack_undeleted(&mut self) -> Result<u64, BufferError> {
         let seqs: Vec<u64> = self
             .undeleted
             .iter()
@@ -1245,14 +1255,9 @@ impl Buffer {
             .filter(|s| !self.in_flight.contains(s))
             .collect();
         if seqs.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
-        let gone = self.delete_batches(&seqs)?;
-        for s in &seqs {
-            self.undeleted.remove(s);
-        }
-        self.ledger.sent += gone.pending_readings;
-        Ok(())
+        Ok(self.ack(&seqs)?.0)
     }
 
     /// Records Kinesis acknowledged (`seqs`) whose deletion was given up: they stay in the file and are sent again,
@@ -1864,12 +1869,24 @@ impl Buffer {
     }
 
     /// `drop_oldest`: deletes the oldest pending records not in flight until the counted size is at most
-    /// `max_bytes` (or none is left). Returns the readings dropped. Records Kinesis acknowledged whose deletion was
-    /// given up go first, counted sent: deleting them loses nothing.
-    pub fn drop_oldest(&mut self, max_bytes: u64) -> Result<u64, BufferError> {
-        if self.stats.bytes() > max_bytes {
-            self.delete_undeleted()?;
-        }
+    /// `max_bytes` (or none is left). Records Kinesis acknowledged whose deletion was given up go first, as
+    /// acknowledged (counted sent): deleting them loses nothing.
+    pub fn drop_oldest(&mut self, max_bytes: u64) -> Result<Dropped, BufferError> {
+        let acknowledged_records = if self.stats.bytes() > max_bytes {
+            self.ack_undeleted()?
+        } else {
+            0
+        };
+        let readings = self.drop_unsent(max_bytes)?;
+        Ok(Dropped {
+            readings,
+            acknowledged_records,
+        })
+    }
+
+    /// The cap loop of [`Buffer::drop_oldest`]: the oldest records not in flight, counted dropped. Returns the
+    /// readings dropped.
+    fn drop_unsent(&mut self, max_bytes: u64) -> Result<u64, BufferError> {
         let mut dropped = 0;
         while self.stats.bytes() > max_bytes && self.stats.pending_batches > 0 {
             let excess = self.stats.bytes() - max_bytes;

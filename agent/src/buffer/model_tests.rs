@@ -229,7 +229,9 @@ proptest! {
                     let failing = b.fault.is_some();
                     let cap = b.stats().bytes() * u64::from(pct) / 100;
                     match b.drop_oldest(cap) {
-                        Ok(n) => {
+                        Ok(d) => {
+                            prop_assert_eq!(d.acknowledged_records, 0, "nothing was acknowledged and kept");
+                            let n = d.readings;
                             let (_, after) = contents(&b);
                             let gone: Vec<u64> = before
                                 .iter()

@@ -692,7 +692,7 @@ fn drop_oldest_frees_space_and_counts_the_readings() {
     seal_groups_of_50(&mut b, 10, 1024);
     let before = b.stats();
     let cap = before.bytes() / 2;
-    let dropped = b.drop_oldest(cap).unwrap();
+    let dropped = b.drop_oldest(cap).unwrap().readings;
     assert!(b.stats().bytes() <= cap);
     assert_eq!(
         dropped,
@@ -1502,13 +1502,20 @@ fn drop_oldest_deletes_acknowledged_records_first_and_counts_them_sent() {
     let kept = b.drop_oldest(0).unwrap();
     assert_eq!(
         (kept, b.ledger().sent, b.stats().pending_batches),
-        (0, 0, 4),
+        (Dropped::default(), 0, 4),
         "records in flight are neither deleted nor dropped"
     );
     b.release_in_flight();
     let before = b.stats();
     let dropped = b.drop_oldest(before.bytes() - 1).unwrap();
-    assert_eq!(dropped, 0, "the acknowledged record was enough");
+    assert_eq!(
+        dropped,
+        Dropped {
+            readings: 0,
+            acknowledged_records: 1
+        },
+        "the acknowledged record was enough"
+    );
     assert_eq!(b.ledger().sent, 50);
     assert_eq!(b.ledger().dropped, 0);
     let left: Vec<u64> = b

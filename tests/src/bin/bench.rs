@@ -653,7 +653,7 @@ fn steady_rss(
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    if stall_s > 0 {
+    if stall_s > 0 && secs > 40 + stall_s {
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_secs(40));
             let kill = |sig: &str| {
