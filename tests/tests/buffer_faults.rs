@@ -527,19 +527,20 @@ fn a_drain_killed_mid_send_then_run_under_a_held_lock_loses_and_doubles_nothing(
     // Kinesis refuses some entries: only those it accepted may be counted as acknowledged.
     proxy.set("delay_ms=0&shard_bytes_per_s=0&reject=0.3");
     // A lock held past the drain's timeout: the drain gives up in bounded time and says the file is not drained.
-    let mut holder = hold_lock(dir.path(), "drainops-agent.db", 40);
+    let mut holder = hold_lock(dir.path(), "drainops-agent.db", 60);
     let t0 = Instant::now();
     let out = agent.drain_command(5).output().unwrap();
     let took = t0.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!(
-        "drain --timeout-s 5 under a 40 s lock: exit {:?} after {:.1} s\n{stdout}",
+        "drain --timeout-s 5 under a 60 s lock: exit {:?} after {:.1} s\n{stdout}",
         out.status.code(),
         took.as_secs_f64(),
     );
-    // The sending stops at the timeout; deleting what Kinesis acknowledged is given up after 30 s.
-    assert!(took < Duration::from_secs(38), "{took:?}");
-    holder.wait(Duration::from_secs(60));
+    // The sending stops at the timeout; deleting what Kinesis acknowledged is given up after 30 s (~31 s in all
+    // here; the lock outlasts it by far, and the bound leaves room for a slow start on a busy machine).
+    assert!(took < Duration::from_secs(50), "{took:?}");
+    holder.wait(Duration::from_secs(90));
     // What Kinesis acknowledged but the lock kept in the file is named, and not counted as unsent.
     let acknowledged: u64 = stdout
         .split(" records Kinesis acknowledged are still in the file")

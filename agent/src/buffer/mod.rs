@@ -554,8 +554,8 @@ pub struct Buffer {
     epoch: u64,
     next_seq: u64,
     /// Sequence numbers of records Kinesis acknowledged whose deletion was given up ([`Buffer::note_undeleted`]),
-    /// at most [`UNDELETED_MAX`]. Only [`Buffer::left`] reads it, for what is still in the file; losing entries
-    /// only makes it report more as not acknowledged.
+    /// at most [`UNDELETED_MAX`]. [`Buffer::left`] counts those still in the file apart, and
+    /// [`Buffer::drop_oldest`] deletes them first; losing entries only makes both treat them as not acknowledged.
     undeleted: BTreeSet<u64>,
     series_ids: HashMap<Series, i64>,
     /// The same by the address of the interned series a reading shares (hashing a pointer, not the key and tags);
