@@ -505,6 +505,9 @@ fn a_drain_killed_mid_send_then_run_under_a_held_lock_loses_and_doubles_nothing(
         "",
     );
     let acked = backlog_then_stop(&mut agent, &proxy, &broker, 6000, 500, dir.path());
+    // A file created is said (it is also what an edited `[buffer] path` looks like); a file reopened is not.
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert_eq!(log.matches("new buffer file").count(), 1, "{log}");
 
     // A slow Kinesis, limited like one shard: the drain needs several calls, and is killed after the first
     // entries went through.
@@ -532,6 +535,7 @@ fn a_drain_killed_mid_send_then_run_under_a_held_lock_loses_and_doubles_nothing(
     let out = agent.drain_command(5).output().unwrap();
     let took = t0.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("new buffer file"));
     eprintln!(
         "drain --timeout-s 5 under a 60 s lock: exit {:?} after {:.1} s\n{stdout}",
         out.status.code(),

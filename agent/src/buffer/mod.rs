@@ -897,7 +897,9 @@ impl Buffer {
             conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
                 .optional()
         };
-        match get("schema_version")? {
+        let schema_version = get("schema_version")?;
+        let created = schema_version.is_none();
+        match schema_version {
             None => {
                 conn.execute(
                     "INSERT INTO meta(key, value) VALUES ('schema_version', ?1), ('next_seq', 1)",
@@ -937,7 +939,17 @@ impl Buffer {
                     "INSERT OR REPLACE INTO meta(key, value) VALUES ('epoch', ?1)",
                     [e as i64],
                 )?;
-                tracing::info!(epoch = %format!("{e:016x}"), "new buffer epoch");
+                if created {
+                    // Also what an edit of `[buffer] path` looks like: say where the backlog of the old path is.
+                    tracing::warn!(
+                        path = %path.display(),
+                        epoch = %format!("{e:016x}"),
+                        "new buffer file; readings buffered under another [buffer] path stay in that file until an \
+                         agent runs on it (`fieldlink-agent drain --config` with that path sends them)"
+                    );
+                } else {
+                    tracing::info!(epoch = %format!("{e:016x}"), "new buffer epoch");
+                }
                 e
             }
         };
