@@ -57,28 +57,51 @@ pub struct Out {
 
 /// What a series remembers between releases.
 ///
-/// Memory: 12 bytes per remembered reading (its event time as an offset from `base`, and its 64-bit identity),
-/// instead of 16 for an `(i64, u64)` pair. The states are the agent's largest data: one entry per reading of the
-/// dedup window, 7.2 MB at 10,000 readings/s and 60 s (see docs/memory.md).
+/// Memory: 8 bytes per remembered reading (its event time as an offset from `base`, and its identity folded to 32
+/// bits), 12 once the series is *wide*. The states are the agent's largest data: one entry per reading of the
+/// dedup window, 4.8 MB at 10,000 readings/s and 60 s (see docs/memory.md).
+///
+/// **Narrow and wide.** A reading is compared only with remembered readings of its own millisecond. A series
+/// with at most one reading per millisecond meets there only a redelivery of the same reading or a rare
+/// correction, and the 32-bit fold of its identity tells them apart (a false match: odds 2^-32 per correction).
+/// A series faster than 1 kHz (timestamps in µs or ns are cut to ms) compares thousands of distinct readings a
+/// second: at 32 bits one of them would be taken for a duplicate about every day. So a series starts narrow and
+/// turns wide, for good, at its first distinct reading of a millisecond it already holds (a differing fold proves
+/// it distinct): from then on it also keeps each identity's high half and compares all 64 bits, except with the
+/// entries it held before (those of `narrow_until` and earlier, which have no high half). A state loaded from
+/// the file starts narrow again (the stored format does not say). What this costs: a series' first distinct pair
+/// of one millisecond whose folds match (2^-32, once per series and start) is taken as one reading.
 #[derive(Debug, Clone)]
 pub struct SeriesState {
     /// Newest released event time (`i64::MIN` before the first).
     pub last_ts: i64,
     /// Event time the offsets in `recent` count from: at or before the oldest remembered reading.
     base: i64,
-    /// Recently released readings, oldest first: `[ts - base, identity low half, identity high half]`, where the
-    /// identity is the hash of (ts, value). A ring: forgetting the oldest moves nothing (a `Vec` moved the whole
-    /// window down at every release of every series).
-    recent: VecDeque<[u32; 3]>,
+    /// Recently released readings, oldest first: `[ts - base, fold(identity)]`, where the identity is the hash
+    /// of (ts, value) ([`fold`]). A ring: forgetting the oldest moves nothing (a `Vec` moved the whole window
+    /// down at every release of every series).
+    recent: VecDeque<[u32; 2]>,
+    /// Wide series only: the identities' high halves, one per entry of `recent` (0 for those of `narrow_until`
+    /// and earlier); empty while narrow.
+    high: VecDeque<u32>,
+    /// `None` while narrow; once wide, the newest event time remembered before (entries up to it have no high
+    /// half).
+    narrow_until: Option<i64>,
     /// The `state_log` row holding this state's oldest delta stored since its last whole state, 0 if none (the
     /// buffer's bookkeeping, not part of the state).
     pub(crate) logged_since: u64,
 }
 
-/// Equal when they remember the same readings (whatever their bases).
+/// Equal when they remember the same readings (whatever their bases), compared as a narrow state compares
+/// them: by time and folded identity (a wide state and the narrow one loaded from it decide alike).
 impl PartialEq for SeriesState {
     fn eq(&self, other: &Self) -> bool {
-        self.last_ts == other.last_ts && self.recent().eq(other.recent())
+        let folded = |s: &Self| {
+            s.recent()
+                .map(|(ts, id)| (ts, fold(id)))
+                .collect::<Vec<_>>()
+        };
+        self.last_ts == other.last_ts && folded(self) == folded(other)
     }
 }
 impl Eq for SeriesState {}
@@ -89,11 +112,19 @@ impl Default for SeriesState {
     }
 }
 
-/// One remembered reading.
-fn entry(base: i64, ts: i64, id: u64) -> [u32; 3] {
-    // In range: callers rebase first.
-    let off = (i128::from(ts) - i128::from(base)) as u32;
-    [off, id as u32, (id >> 32) as u32]
+/// An identity folded to 32 bits: its halves XORed (folding the fold again gives it back).
+fn fold(id: u64) -> u32 {
+    (id ^ (id >> 32)) as u32
+}
+
+/// What [`SeriesState::position`] found among the entries of one millisecond.
+enum Found {
+    /// The reading is remembered, at this index of `recent`.
+    At(usize),
+    /// It is not, but a distinct reading of its millisecond is.
+    Distinct,
+    /// Nothing of its millisecond is remembered.
+    Nothing,
 }
 
 impl SeriesState {
@@ -103,17 +134,24 @@ impl SeriesState {
             last_ts: i64::MIN,
             base: 0,
             recent: VecDeque::new(),
+            high: VecDeque::new(),
+            narrow_until: None,
             logged_since: 0,
         }
     }
 
-    /// `(ts, identity)` of the remembered readings, oldest first.
+    /// `(ts, identity)` of the remembered readings, oldest first: the whole identity where the state keeps it
+    /// (a wide series' newer entries), else its fold (which [`fold`] leaves as it is).
     pub fn recent(&self) -> impl ExactSizeIterator<Item = (i64, u64)> + '_ {
-        self.recent.iter().map(|e| {
-            (
-                self.base + i64::from(e[0]),
-                u64::from(e[1]) | (u64::from(e[2]) << 32),
-            )
+        self.recent.iter().enumerate().map(|(i, e)| {
+            let ts = self.base + i64::from(e[0]);
+            match self.narrow_until {
+                Some(until) if ts > until => {
+                    let hi = self.high[i];
+                    (ts, u64::from(e[1] ^ hi) | (u64::from(hi) << 32))
+                }
+                _ => (ts, u64::from(e[1])),
+            }
         })
     }
 
@@ -122,7 +160,12 @@ impl SeriesState {
         self.recent.len()
     }
 
-    /// Serialises to bytes: `last_ts` then `(ts, hash)` pairs, little-endian.
+    /// Whether the series turned wide (compares 64-bit identities).
+    pub fn is_wide(&self) -> bool {
+        self.narrow_until.is_some()
+    }
+
+    /// Serialises to bytes: `last_ts` then `(ts, identity)` pairs ([`SeriesState::recent`]), little-endian.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(8 + 16 * self.recent.len());
         b.extend_from_slice(&self.last_ts.to_le_bytes());
@@ -138,27 +181,58 @@ impl SeriesState {
         u32::try_from(i128::from(ts) - i128::from(self.base)).ok()
     }
 
-    /// Whether a reading of `ts` with identity `id` is remembered: `recent` is ordered by event time, so only the
-    /// entries of `ts` are looked at (found by binary search).
-    fn remembers(&self, ts: i64, id: u64) -> bool {
-        self.position(ts, id).is_some()
+    /// Whether a reading of `ts` with identity `id` is remembered; if not, and a distinct reading of its
+    /// millisecond is, the series turns wide (see [`SeriesState`]).
+    fn remembers(&mut self, ts: i64, id: u64) -> bool {
+        match self.position(ts, id) {
+            Found::At(_) => true,
+            Found::Distinct => {
+                self.widen();
+                false
+            }
+            Found::Nothing => false,
+        }
     }
 
-    /// Where the reading of `ts` with identity `id` is in `recent`, if remembered.
-    fn position(&self, ts: i64, id: u64) -> Option<usize> {
-        let off = self.offset(ts)?;
+    /// Where the reading of `ts` with identity `id` is in `recent`: `recent` is ordered by event time, so only
+    /// the entries of `ts` are looked at (found by binary search).
+    fn position(&self, ts: i64, id: u64) -> Found {
+        let Some(off) = self.offset(ts) else {
+            return Found::Nothing;
+        };
         // Readings mostly come newer than everything remembered (and a whole state loads oldest first): no
         // search then.
         if self.recent.back().is_none_or(|x| x[0] < off) {
-            return None;
+            return Found::Nothing;
         }
-        let e = [off, id as u32, (id >> 32) as u32];
+        let (f, hi) = (fold(id), (id >> 32) as u32);
+        let whole = self.narrow_until.is_some_and(|until| ts > until);
         let first = self.recent.partition_point(|x| x[0] < off);
-        self.recent
-            .range(first..)
-            .take_while(|x| x[0] == off)
-            .position(|x| *x == e)
-            .map(|i| first + i)
+        let mut found = Found::Nothing;
+        for (i, x) in self.recent.range(first..).enumerate() {
+            if x[0] != off {
+                break;
+            }
+            if x[1] == f && (!whole || self.high[first + i] == hi) {
+                return Found::At(first + i);
+            }
+            found = Found::Distinct;
+        }
+        found
+    }
+
+    /// Turns the series wide: the entries held so far keep their folds only.
+    fn widen(&mut self) {
+        if self.narrow_until.is_none() {
+            self.narrow_until = Some(
+                self.recent
+                    .back()
+                    .map_or(i64::MIN, |e| self.base + i64::from(e[0])),
+            );
+            let mut high = VecDeque::with_capacity(self.recent.capacity());
+            high.extend(std::iter::repeat_n(0, self.recent.len()));
+            self.high = high;
+        }
     }
 
     /// Remembers a reading of `ts` (at or after every horizon used so far), keeping `recent` ordered by event
@@ -179,17 +253,40 @@ impl SeriesState {
             }
             let keep: Vec<(i64, u64)> = old.into_iter().filter(|&(t, _)| fits(t)).collect();
             self.base = keep.first().map_or(ts, |&(t, _)| t).min(ts);
-            let base = self.base;
             self.recent.clear();
-            self.recent
-                .extend(keep.into_iter().map(|(t, h)| entry(base, t, h)));
+            self.high.clear();
+            for (t, h) in keep {
+                self.push(t, h);
+            }
         }
-        let e = entry(self.base, ts, id);
-        if self.recent.back().is_none_or(|x| x[0] <= e[0]) {
+        self.push(ts, id);
+    }
+
+    /// Adds an entry in event-time order (after those of its own time), `ts` within range of `base`.
+    fn push(&mut self, ts: i64, id: u64) {
+        // In range: callers rebase first.
+        let off = (i128::from(ts) - i128::from(self.base)) as u32;
+        let (e, hi) = ([off, fold(id)], (id >> 32) as u32);
+        let wide = self.narrow_until.is_some();
+        if self.recent.back().is_none_or(|x| x[0] <= off) {
             self.recent.push_back(e);
+            if wide {
+                self.high.push_back(hi);
+            }
         } else {
-            let at = self.recent.partition_point(|x| x[0] <= e[0]);
+            let at = self.recent.partition_point(|x| x[0] <= off);
             self.recent.insert(at, e);
+            if wide {
+                self.high.insert(at, hi);
+            }
+        }
+    }
+
+    /// Removes the oldest `n` entries.
+    fn forget_oldest(&mut self, n: usize) {
+        self.recent.drain(..n);
+        if self.narrow_until.is_some() {
+            self.high.drain(..n);
         }
     }
 
@@ -207,13 +304,33 @@ impl SeriesState {
         } else {
             self.recent.len()
         };
-        self.recent.drain(..n);
+        self.forget_oldest(n);
     }
 
     /// Keeps the newest `max` readings.
     fn keep_newest(&mut self, max: usize) {
-        let over = self.recent.len().saturating_sub(max);
-        self.recent.drain(..over);
+        self.forget_oldest(self.recent.len().saturating_sub(max));
+    }
+
+    /// Makes room for `room` more readings at once, and gives back what is more than a quarter beyond that.
+    fn make_room(&mut self, room: usize) {
+        let need = self.recent.len() + room;
+        let over = |cap: usize| cap > need + need / 4 + 16;
+        if over(self.recent.capacity()) {
+            self.recent.shrink_to(need);
+        }
+        self.recent.reserve_exact(room);
+        if self.narrow_until.is_some() {
+            if over(self.high.capacity()) {
+                self.high.shrink_to(need);
+            }
+            self.high.reserve_exact(room);
+        }
+    }
+
+    /// Bytes the entries take (their allocations' capacity).
+    pub fn heap_bytes(&self) -> usize {
+        self.recent.capacity() * 8 + self.high.capacity() * 4
     }
 
     /// Parses [`SeriesState::to_bytes`]; a malformed blob gives a fresh state.
@@ -233,7 +350,7 @@ impl SeriesState {
             return;
         }
         let word = |i: usize| i64::from_le_bytes(b[i..i + 8].try_into().unwrap_or_default());
-        self.recent.reserve_exact((b.len() - 8) / 16);
+        self.make_room((b.len() - 8) / 16);
         for i in (8..b.len()).step_by(16) {
             let (ts, id) = (word(i), word(i + 8) as u64);
             // A live state remembers a reading once: one that a delta holds again was forgotten in between (it
@@ -242,8 +359,11 @@ impl SeriesState {
             // may hold it too: moved, it still counts once toward `max_recent`, though among readings of the same
             // millisecond it may then sit elsewhere than that version had it (which matters only past
             // `max_recent` readings of one series at one millisecond, where dedup keeps only the newest anyway).
-            if let Some(at) = self.position(ts, id) {
+            if let Found::At(at) = self.position(ts, id) {
                 self.recent.remove(at);
+                if self.narrow_until.is_some() {
+                    self.high.remove(at);
+                }
             }
             self.remember(ts, id);
         }
@@ -446,14 +566,9 @@ pub fn release(
         // capacity on the way, and a state's capacity stays close to its length.
         st.forget_before(st.last_ts.saturating_sub(rules.dedup_window_ms));
         st.keep_newest(rules.max_recent); // a no-op but on a state just loaded from its deltas
-        let room = n.min(rules.max_recent);
-        // A state just loaded from its whole state and deltas (or one whose rate dropped) may have room for far
-        // more than it keeps: give back what is more than a quarter beyond the need.
-        let need = st.recent.len() + room;
-        if st.recent.capacity() > need + need / 4 + 16 {
-            st.recent.shrink_to(need);
-        }
-        st.recent.reserve_exact(room);
+                                          // A state just loaded from its whole state and deltas (or one whose rate dropped) may have room for far
+                                          // more than it keeps: `make_room` gives back what is more than a quarter beyond the need.
+        st.make_room(n.min(rules.max_recent));
         for p in rows {
             let id = identity(p.ts_ms, &p.value);
             let horizon = st.last_ts.saturating_sub(rules.dedup_window_ms);
