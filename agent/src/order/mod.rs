@@ -67,10 +67,12 @@ pub struct Out {
 /// A series faster than 1 kHz (timestamps in µs or ns are cut to ms) compares thousands of distinct readings a
 /// second: at 32 bits one of them would be taken for a duplicate about every day. So a series starts narrow and
 /// turns wide, for good, at its first distinct reading of a millisecond it already holds (a differing fold proves
-/// it distinct): from then on it also keeps each identity's high half and compares all 64 bits, except with the
-/// entries it held before (those of `narrow_until` and earlier, which have no high half). A state loaded from
-/// the file starts narrow again (the stored format does not say). What this costs: a series' first distinct pair
-/// of one millisecond whose folds match (2^-32, once per series and start) is taken as one reading.
+/// it distinct): from then on it keeps each new entry's high half too and compares all 64 bits with it. Only the
+/// entries it held before (high half 0) are still compared by their fold: each alone in its millisecond, they
+/// meet only redeliveries, corrections and late readings. A state loaded from the file starts narrow again (the
+/// stored format does not say). What this costs: a series' first distinct pair of one millisecond whose folds
+/// match (2^-32, once per series and start) is taken as one reading, and so is a correction or late reading whose
+/// fold matches an entry compared by its fold (2^-32 each).
 #[derive(Debug, Clone)]
 pub struct SeriesState {
     /// Newest released event time (`i64::MIN` before the first).
@@ -81,19 +83,20 @@ pub struct SeriesState {
     /// of (ts, value) ([`fold`]). A ring: forgetting the oldest moves nothing (a `Vec` moved the whole window
     /// down at every release of every series).
     recent: VecDeque<[u32; 2]>,
-    /// Wide series only: the identities' high halves, one per entry of `recent` (0 for those of `narrow_until`
-    /// and earlier); empty while narrow.
+    /// Wide series only: the identities' high halves, one per entry of `recent`, 0 for the entries remembered
+    /// before the series turned wide (an entry whose high half is 0 compares by its fold: the same whether it is
+    /// unknown or 0, as `(fold ^ 0) | 0 << 32` is the whole identity then); empty while narrow.
     high: VecDeque<u32>,
-    /// `None` while narrow; once wide, the newest event time remembered before (entries up to it have no high
-    /// half).
-    narrow_until: Option<i64>,
+    /// The series turned wide.
+    wide: bool,
     /// The `state_log` row holding this state's oldest delta stored since its last whole state, 0 if none (the
     /// buffer's bookkeeping, not part of the state).
     pub(crate) logged_since: u64,
 }
 
 /// Equal when they remember the same readings (whatever their bases), compared as a narrow state compares
-/// them: by time and folded identity (a wide state and the narrow one loaded from it decide alike).
+/// them: by time and folded identity (a wide state and the narrow one loaded from it decide alike but for a
+/// reading whose fold matches a distinct remembered one).
 impl PartialEq for SeriesState {
     fn eq(&self, other: &Self) -> bool {
         let folded = |s: &Self| {
@@ -135,23 +138,20 @@ impl SeriesState {
             base: 0,
             recent: VecDeque::new(),
             high: VecDeque::new(),
-            narrow_until: None,
+            wide: false,
             logged_since: 0,
         }
     }
 
     /// `(ts, identity)` of the remembered readings, oldest first: the whole identity where the state keeps it
-    /// (a wide series' newer entries), else its fold (which [`fold`] leaves as it is).
+    /// (a wide series' entries since it turned wide), else its fold (which [`fold`] leaves as it is).
     pub fn recent(&self) -> impl ExactSizeIterator<Item = (i64, u64)> + '_ {
         self.recent.iter().enumerate().map(|(i, e)| {
-            let ts = self.base + i64::from(e[0]);
-            match self.narrow_until {
-                Some(until) if ts > until => {
-                    let hi = self.high[i];
-                    (ts, u64::from(e[1] ^ hi) | (u64::from(hi) << 32))
-                }
-                _ => (ts, u64::from(e[1])),
-            }
+            let hi = self.high.get(i).copied().unwrap_or(0);
+            (
+                self.base + i64::from(e[0]),
+                u64::from(e[1] ^ hi) | (u64::from(hi) << 32),
+            )
         })
     }
 
@@ -162,7 +162,7 @@ impl SeriesState {
 
     /// Whether the series turned wide (compares 64-bit identities).
     pub fn is_wide(&self) -> bool {
-        self.narrow_until.is_some()
+        self.wide
     }
 
     /// Serialises to bytes: `last_ts` then `(ts, identity)` pairs ([`SeriesState::recent`]), little-endian.
@@ -206,14 +206,14 @@ impl SeriesState {
             return Found::Nothing;
         }
         let (f, hi) = (fold(id), (id >> 32) as u32);
-        let whole = self.narrow_until.is_some_and(|until| ts > until);
         let first = self.recent.partition_point(|x| x[0] < off);
         let mut found = Found::Nothing;
         for (i, x) in self.recent.range(first..).enumerate() {
             if x[0] != off {
                 break;
             }
-            if x[1] == f && (!whole || self.high[first + i] == hi) {
+            // A narrow entry (high half 0, or none kept) compares by its fold.
+            if x[1] == f && self.high.get(first + i).is_none_or(|&h| h == 0 || h == hi) {
                 return Found::At(first + i);
             }
             found = Found::Distinct;
@@ -221,14 +221,10 @@ impl SeriesState {
         found
     }
 
-    /// Turns the series wide: the entries held so far keep their folds only.
+    /// Turns the series wide: the entries held so far keep their folds only (high half 0).
     fn widen(&mut self) {
-        if self.narrow_until.is_none() {
-            self.narrow_until = Some(
-                self.recent
-                    .back()
-                    .map_or(i64::MIN, |e| self.base + i64::from(e[0])),
-            );
+        if !self.wide {
+            self.wide = true;
             let mut high = VecDeque::with_capacity(self.recent.capacity());
             high.extend(std::iter::repeat_n(0, self.recent.len()));
             self.high = high;
@@ -267,7 +263,7 @@ impl SeriesState {
         // In range: callers rebase first.
         let off = (i128::from(ts) - i128::from(self.base)) as u32;
         let (e, hi) = ([off, fold(id)], (id >> 32) as u32);
-        let wide = self.narrow_until.is_some();
+        let wide = self.wide;
         if self.recent.back().is_none_or(|x| x[0] <= off) {
             self.recent.push_back(e);
             if wide {
@@ -285,7 +281,7 @@ impl SeriesState {
     /// Removes the oldest `n` entries.
     fn forget_oldest(&mut self, n: usize) {
         self.recent.drain(..n);
-        if self.narrow_until.is_some() {
+        if self.wide {
             self.high.drain(..n);
         }
     }
@@ -320,7 +316,7 @@ impl SeriesState {
             self.recent.shrink_to(need);
         }
         self.recent.reserve_exact(room);
-        if self.narrow_until.is_some() {
+        if self.wide {
             if over(self.high.capacity()) {
                 self.high.shrink_to(need);
             }
@@ -344,7 +340,8 @@ impl SeriesState {
     /// malformed blob is ignored. Loading a state is its whole state, then its deltas in the order stored: the
     /// next [`release`] forgets what a live state would have forgotten
     /// (the window from the newest time, then the oldest beyond `max_recent`, which depend only on the
-    /// readings remembered and their order), so a loaded state decides every reading as the live one did.
+    /// readings remembered and their order), so a loaded state decides every reading as the live one did (but
+    /// where the live one was wide and the loaded one, narrow, meets a distinct reading whose fold matches).
     pub fn apply_delta(&mut self, b: &[u8]) {
         if b.len() < 8 || !(b.len() - 8).is_multiple_of(16) {
             return;
@@ -361,7 +358,7 @@ impl SeriesState {
             // `max_recent` readings of one series at one millisecond, where dedup keeps only the newest anyway).
             if let Found::At(at) = self.position(ts, id) {
                 self.recent.remove(at);
-                if self.narrow_until.is_some() {
+                if self.wide {
                     self.high.remove(at);
                 }
             }

@@ -210,8 +210,8 @@ proptest! {
 }
 
 /// The buffer stores a state as a whole now and then and as deltas (what it remembered since) in between: a state
-/// loaded from them decides every later reading as the live state does, and equals it once its series was
-/// released.
+/// loaded from them decides every later reading as the live state does (but for identities whose folds match,
+/// which these values never have), and equals it once its series was released.
 fn check_deltas_decide_as_live(
     calls: Vec<Vec<Pending>>,
     rules: Rules,
@@ -239,6 +239,11 @@ fn check_deltas_decide_as_live(
         for (sid, st) in &live {
             // A loaded state may still hold what the live one forgot until its series is released again (a
             // release forgets first, so that decides nothing).
+            prop_assert_eq!(
+                st.high.len(),
+                if st.is_wide() { st.recent.len() } else { 0 }
+            );
+            prop_assert!(st.high.capacity() <= 2 * st.high.len() + 40);
             if involved.contains(sid) {
                 let l = &loaded[sid];
                 prop_assert_eq!(Some(st), loaded.get(sid));
@@ -316,6 +321,7 @@ proptest! {
             for st in states.values_mut() {
                 // Every remembered reading is within the window, and persistence keeps exactly them.
                 prop_assert!(st.recent().all(|(ts, _)| ts >= st.last_ts.saturating_sub(window)));
+                prop_assert_eq!(st.high.len(), if st.is_wide() { st.recent.len() } else { 0 });
                 if reload {
                     *st = SeriesState::from_bytes(&st.to_bytes());
                 }
@@ -533,6 +539,28 @@ fn distinct_readings_of_one_millisecond_whose_identities_share_32_bits_are_both_
     call.extend([p(1, ts, a), p(1, ts, b)]);
     let r = release(call, &mut states, rules);
     assert_eq!((r.out.len(), r.duplicates), (4, 0));
+    // The colliding pair in the millisecond that turns the series wide, after a third reading: the reading that
+    // turns it wide keeps its whole identity, so the next one is compared by 64 bits.
+    let c = 0.125;
+    assert_ne!(
+        fold(identity(ts, &Value::F64(c))),
+        fold(identity(ts, &Value::F64(a)))
+    );
+    let mut states = HashMap::default();
+    let r = release(
+        vec![p(1, ts, c), p(1, ts, a), p(1, ts, b)],
+        &mut states,
+        rules,
+    );
+    assert_eq!(
+        (readings_of(&r), r.duplicates),
+        (vec![sent(c), sent(a), sent(b)], 0)
+    );
+    // A late pair in a wide series, behind newer readings.
+    let mut states = wide();
+    release(vec![p(1, ts + 5, 1.0)], &mut states, rules);
+    let r = release(vec![p(1, ts, a), p(1, ts, b)], &mut states, rules);
+    assert_eq!((r.out.len(), r.late_flagged, r.duplicates), (2, 2, 0));
 }
 
 #[test]
@@ -557,13 +585,14 @@ fn a_series_turns_wide_at_its_first_distinct_pair_of_one_millisecond_and_starts_
     let s = &states[&1];
     assert!(s.is_wide());
     assert_eq!((s.remembered(), s.high.len()), (5, 5));
-    // The newer entries keep their whole identity, the older ones their fold.
+    // The entries since it turned wide (the one that turned it included) keep their whole identity, the older ones
+    // their fold.
     let id = |ts: i64, v: f64| identity(ts, &Value::F64(v));
     let expect: Vec<(i64, u64)> = [(1, 1.0), (2, 2.0), (3, 3.0), (3, 3.5), (4, 4.0)]
         .into_iter()
         .map(|(ts, v)| {
             let i = id(ts, v);
-            (ts, if ts > 3 { i } else { u64::from(fold(i)) })
+            (ts, if v > 3.0 { i } else { u64::from(fold(i)) })
         })
         .collect();
     assert_eq!(s.recent().collect::<Vec<_>>(), expect);
@@ -585,8 +614,8 @@ fn a_series_turns_wide_at_its_first_distinct_pair_of_one_millisecond_and_starts_
 
 #[test]
 fn a_narrow_series_takes_a_first_pair_of_one_millisecond_whose_folds_match_for_one_reading() {
-    // The price of 8-byte entries (odds 2^-32 per series and start; docs/memory.md): pinned so that it stays the
-    // only one. The same pair in a wide series goes out whole (above).
+    // The price of 8-byte entries (odds 2^-32 per series and start; docs/memory.md), shown. The same pair in a wide
+    // series goes out whole (above).
     let ts = 1_000;
     let (a, b) = colliding_pair(ts);
     let mut states = HashMap::default();
