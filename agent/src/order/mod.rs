@@ -15,7 +15,10 @@
 //! of event time behind the newest; memory per series is bounded.
 
 mod config;
+mod entries;
 pub use config::OrderConfig;
+
+use entries::{Entries, SHORT_MAX};
 
 use fieldlink_proto::{Quality, Value};
 use foldhash::HashMap;
@@ -57,9 +60,11 @@ pub struct Out {
 
 /// What a series remembers between releases.
 ///
-/// Memory: 8 bytes per remembered reading (its event time as an offset from `base`, and its identity folded to 32
-/// bits), 12 once the series is *wide*. The states are the agent's largest data: one entry per reading of the
-/// dedup window, 4.8 MB at 10,000 readings/s and 60 s (see docs/memory.md).
+/// Memory: 6 bytes per remembered reading (its event time as a 16-bit offset from `base`, and its identity folded
+/// to 32 bits), 8 with 32-bit offsets where the readings held span more than 65,535 ms (a `dedup_window_ms` over
+/// that, or a seal that catches up on more than that), and 4 more once the series is *wide*. The states are the
+/// agent's largest data: one entry per reading of the dedup window, 3.6 MB at 10,000 readings/s and 60 s (see
+/// docs/memory.md).
 ///
 /// **Narrow and wide.** A reading is compared only with remembered readings of its own millisecond. A series
 /// with at most one reading per millisecond meets there only a redelivery of the same reading or a rare
@@ -79,10 +84,10 @@ pub struct SeriesState {
     pub last_ts: i64,
     /// Event time the offsets in `recent` count from: at or before the oldest remembered reading.
     base: i64,
-    /// Recently released readings, oldest first: `[ts - base, fold(identity)]`, where the identity is the hash
-    /// of (ts, value) ([`fold`]). A ring: forgetting the oldest moves nothing (a `Vec` moved the whole window
+    /// Recently released readings, oldest first: `(ts - base, fold(identity))`, where the identity is the hash
+    /// of (ts, value) ([`fold`]). Rings: forgetting the oldest moves nothing (a `Vec` moved the whole window
     /// down at every release of every series).
-    recent: VecDeque<[u32; 2]>,
+    recent: Entries,
     /// Wide series only: the identities' high halves, one per entry of `recent`, 0 for the entries remembered
     /// before the series turned wide (an entry whose high half is 0 compares by its fold: the same whether it is
     /// unknown or 0, as `(fold ^ 0) | 0 << 32` is the whole identity then); empty while narrow.
@@ -120,6 +125,10 @@ fn fold(id: u64) -> u32 {
     (id ^ (id >> 32)) as u32
 }
 
+/// Room left above the newest entry when long entries are laid out short again: a state whose readings span
+/// close to [`SHORT_MAX`] would otherwise move between the layouts at nearly every release.
+const SHORT_HEADROOM_MS: u32 = 4_096;
+
 /// What [`SeriesState::position`] found among the entries of one millisecond.
 enum Found {
     /// The reading is remembered, at this index of `recent`.
@@ -136,7 +145,7 @@ impl SeriesState {
         Self {
             last_ts: i64::MIN,
             base: 0,
-            recent: VecDeque::new(),
+            recent: Entries::new(),
             high: VecDeque::new(),
             wide: false,
             logged_since: 0,
@@ -146,11 +155,11 @@ impl SeriesState {
     /// `(ts, identity)` of the remembered readings, oldest first: the whole identity where the state keeps it
     /// (a wide series' entries since it turned wide), else its fold (which [`fold`] leaves as it is).
     pub fn recent(&self) -> impl ExactSizeIterator<Item = (i64, u64)> + '_ {
-        self.recent.iter().enumerate().map(|(i, e)| {
+        (0..self.recent.len()).map(|i| {
             let hi = self.high.get(i).copied().unwrap_or(0);
             (
-                self.base + i64::from(e[0]),
-                u64::from(e[1] ^ hi) | (u64::from(hi) << 32),
+                self.base + i64::from(self.recent.off(i)),
+                u64::from(self.recent.fold(i) ^ hi) | (u64::from(hi) << 32),
             )
         })
     }
@@ -176,9 +185,11 @@ impl SeriesState {
         b
     }
 
-    /// Offset of `ts` from `base`, if it fits.
+    /// Offset of `ts` from `base`, if the entries' layout holds it.
     fn offset(&self, ts: i64) -> Option<u32> {
-        u32::try_from(i128::from(ts) - i128::from(self.base)).ok()
+        u32::try_from(i128::from(ts) - i128::from(self.base))
+            .ok()
+            .filter(|&off| off <= self.recent.max_off())
     }
 
     /// Whether a reading of `ts` with identity `id` is remembered; if not, and a distinct reading of its
@@ -200,25 +211,16 @@ impl SeriesState {
         let Some(off) = self.offset(ts) else {
             return Found::Nothing;
         };
-        // Readings mostly come newer than everything remembered (and a whole state loads oldest first): no
-        // search then.
-        if self.recent.back().is_none_or(|x| x[0] < off) {
-            return Found::Nothing;
-        }
         let (f, hi) = (fold(id), (id >> 32) as u32);
-        let first = self.recent.partition_point(|x| x[0] < off);
-        let mut found = Found::Nothing;
-        for (i, x) in self.recent.range(first..).enumerate() {
-            if x[0] != off {
-                break;
-            }
-            // A narrow entry (high half 0, or none kept) compares by its fold.
-            if x[1] == f && self.high.get(first + i).is_none_or(|&h| h == 0 || h == hi) {
-                return Found::At(first + i);
-            }
-            found = Found::Distinct;
+        // A narrow entry (high half 0, or none kept) compares by its fold.
+        let high = &self.high;
+        match self.recent.find(off, |i, x| {
+            x == f && high.get(i).is_none_or(|&h| h == 0 || h == hi)
+        }) {
+            (Some(at), _) => Found::At(at),
+            (None, true) => Found::Distinct,
+            (None, false) => Found::Nothing,
         }
-        found
     }
 
     /// Turns the series wide: the entries held so far keep their folds only (high half 0).
@@ -236,51 +238,71 @@ impl SeriesState {
     fn remember(&mut self, ts: i64, id: u64) {
         if self.recent.is_empty() {
             self.base = ts;
-        } else if self.offset(ts).is_none() {
-            // Rebase. A remembered reading more than u32::MAX ms (49 days) before `ts` or the newest one is
-            // behind any horizon (the window is at most a day): forgotten.
+        } else if self.offset(ts).is_none() && !self.rebase(ts) {
+            return;
+        }
+        self.push(ts, id);
+    }
+
+    /// Moves `base` so that `ts` fits, re-laying the entries long when they and `ts` span more than short
+    /// entries hold; false when `ts` is too far behind the newest entry to be remembered.
+    fn rebase(&mut self, ts: i64) -> bool {
+        let at = |i: usize| self.base + i64::from(self.recent.off(i));
+        let (lo, hi) = (at(0).min(ts), at(self.recent.len() - 1).max(ts));
+        let span = i128::from(hi) - i128::from(lo);
+        if span <= i128::from(u32::MAX) {
+            // Within 49 days: every entry stays.
+            let short = span <= i128::from(SHORT_MAX);
+            let delta = self.base - lo;
+            if short == self.recent.is_short() {
+                self.recent.shift(delta);
+            } else {
+                self.recent = self.recent.relaid(short, delta, 0);
+            }
+            self.base = lo;
+            return true;
+        }
+        {
+            // A remembered reading more than u32::MAX ms (49 days) before `ts` or the newest one is behind any
+            // horizon (the window is at most a day): forgotten.
             let old: Vec<(i64, u64)> = self.recent().collect();
             let newest = old.last().map_or(ts, |&(t, _)| t).max(ts);
             let fits = |t: i64| i128::from(newest) - i128::from(t) <= i128::from(u32::MAX);
             if !fits(ts) {
                 // Only a replayed delta can be this far behind what the state holds (one an earlier version left
                 // under a newer whole state): behind every horizon, and a base there would cut the newer offsets.
-                return;
+                return false;
             }
             let keep: Vec<(i64, u64)> = old.into_iter().filter(|&(t, _)| fits(t)).collect();
             self.base = keep.first().map_or(ts, |&(t, _)| t).min(ts);
-            self.recent.clear();
+            let newest = keep.last().map_or(ts, |&(t, _)| t).max(ts);
+            self.recent = if newest - self.base <= i64::from(SHORT_MAX) {
+                Entries::new()
+            } else {
+                Entries::Long(VecDeque::new())
+            };
             self.high.clear();
             for (t, h) in keep {
                 self.push(t, h);
             }
         }
-        self.push(ts, id);
+        true
     }
 
     /// Adds an entry in event-time order (after those of its own time), `ts` within range of `base`.
     fn push(&mut self, ts: i64, id: u64) {
         // In range: callers rebase first.
         let off = (i128::from(ts) - i128::from(self.base)) as u32;
-        let (e, hi) = ([off, fold(id)], (id >> 32) as u32);
-        let wide = self.wide;
-        if self.recent.back().is_none_or(|x| x[0] <= off) {
-            self.recent.push_back(e);
-            if wide {
-                self.high.push_back(hi);
-            }
-        } else {
-            let at = self.recent.partition_point(|x| x[0] <= off);
-            self.recent.insert(at, e);
-            if wide {
-                self.high.insert(at, hi);
-            }
+        let (f, hi) = (fold(id), (id >> 32) as u32);
+        let at = self.recent.push(off, f);
+        if self.wide {
+            self.high.insert(at, hi);
         }
     }
 
     /// Removes the oldest `n` entries.
     fn forget_oldest(&mut self, n: usize) {
-        self.recent.drain(..n);
+        self.recent.drain_front(n);
         if self.wide {
             self.high.drain(..n);
         }
@@ -296,7 +318,7 @@ impl SeriesState {
             // Counted from the oldest: a release forgets none or a few, and each reading is forgotten once, while a
             // binary search touched a cache line per step of a window that, for 1,000 busy series, is 12 MB (5.5 %
             // of the pipeline).
-            self.recent.iter().take_while(|e| e[0] < h).count()
+            self.recent.count_below(h)
         } else {
             self.recent.len()
         };
@@ -308,8 +330,22 @@ impl SeriesState {
         self.forget_oldest(self.recent.len().saturating_sub(max));
     }
 
-    /// Makes room for `room` more readings at once, and gives back what is more than a quarter beyond that.
+    /// Makes room for `room` more readings at once, and gives back what is more than a quarter beyond that. Long
+    /// entries that span little enough again (a catch-up's readings forgotten) are laid out short, from the
+    /// oldest, with [`SHORT_HEADROOM_MS`] left for newer readings before the next move of the base.
     fn make_room(&mut self, room: usize) {
+        if !self.recent.is_short() {
+            let last = self.recent.last_off().unwrap_or(0);
+            let first = if self.recent.is_empty() {
+                0
+            } else {
+                self.recent.off(0)
+            };
+            if last - first <= SHORT_MAX - SHORT_HEADROOM_MS {
+                self.recent = self.recent.relaid(true, -i64::from(first), room);
+                self.base += i64::from(first);
+            }
+        }
         let need = self.recent.len() + room;
         let over = |cap: usize| cap > need + need / 4 + 16;
         if over(self.recent.capacity()) {
@@ -326,7 +362,7 @@ impl SeriesState {
 
     /// Bytes the entries take (their allocations' capacity).
     pub fn heap_bytes(&self) -> usize {
-        self.recent.capacity() * 8 + self.high.capacity() * 4
+        self.recent.capacity() * self.recent.entry_bytes() + self.high.capacity() * 4
     }
 
     /// Parses [`SeriesState::to_bytes`]; a malformed blob gives a fresh state.

@@ -366,10 +366,11 @@ fn a_state_at_its_window_does_not_grow_its_allocation() {
         s.recent.capacity(),
         s.remembered()
     );
-    // 8 bytes per reading: a series with one reading per millisecond stays narrow.
-    assert_eq!(std::mem::size_of_val(&s.recent[0]), 8);
+    // 6 bytes per reading: a 60 s window spans less than short entries hold, and a series with one reading per
+    // millisecond stays narrow.
+    assert_eq!((s.recent.entry_bytes(), s.recent.is_short()), (6, true));
     assert!(!s.is_wide());
-    assert_eq!(s.heap_bytes(), s.recent.capacity() * 8);
+    assert_eq!(s.heap_bytes(), s.recent.capacity() * 6);
 }
 
 #[test]
@@ -626,4 +627,51 @@ fn a_narrow_series_takes_a_first_pair_of_one_millisecond_whose_folds_match_for_o
     );
     assert_eq!((r.out.len(), r.duplicates), (1, 1));
     assert!(!states[&1].is_wide());
+}
+
+#[test]
+fn entries_are_short_within_65_s_long_beyond_and_short_again_after_a_catch_up() {
+    let window = |ms: i64| Rules {
+        dedup_window_ms: ms,
+        max_recent: 1024,
+        late: LatePolicy::Flag,
+    };
+    let rules = window(60_000);
+    // One reading a second, seconds `from..to`.
+    let call = |from: i64, to: i64| -> Vec<Pending> {
+        (from..to).map(|i| p(1, i * 1000, i as f64)).collect()
+    };
+    let mut st = HashMap::default();
+    release(call(0, 50), &mut st, rules);
+    assert!(st[&1].recent.is_short());
+    // A catch-up of 200 s in one release: its entries span more than 65,535 ms on the way.
+    let r = release(call(50, 250), &mut st, rules);
+    assert_eq!((r.out.len(), r.duplicates), (200, 0));
+    assert!(!st[&1].recent.is_short());
+    // The next release forgets down to the window and lays the entries short again; every reading of the window
+    // is recognised when it comes again.
+    let r = release(call(190, 250), &mut st, rules);
+    assert_eq!((r.out.len(), r.duplicates), (0, 60));
+    assert!(st[&1].recent.is_short());
+    // Time moves on for 15 minutes (the base moves forward every few seconds): still short, and the window's
+    // readings, the oldest one's millisecond included, recognised.
+    for k in 25..115 {
+        let r = release(call(k * 10, k * 10 + 10), &mut st, rules);
+        assert_eq!((r.out.len(), r.duplicates), (10, 0));
+    }
+    let r = release(call(1090, 1150), &mut st, rules);
+    assert_eq!((r.out.len(), r.duplicates), (0, 60));
+    let s = &st[&1];
+    assert!(s.recent.is_short());
+    assert_eq!((s.remembered(), s.last_ts), (61, 1_149_000));
+    // And a reading newer than all of them goes out.
+    let r = release(call(1150, 1151), &mut st, rules);
+    assert_eq!((r.out.len(), r.duplicates), (1, 0));
+    // A 2-minute window spans more than short entries hold: long, and recognised alike.
+    let rules = window(120_000);
+    let mut st = HashMap::default();
+    release(call(0, 300), &mut st, rules);
+    let r = release(call(180, 300), &mut st, rules);
+    assert_eq!((r.out.len(), r.duplicates), (0, 120));
+    assert!(!st[&1].recent.is_short());
 }
