@@ -1,7 +1,8 @@
 //! The remembered readings of one series' dedup state ([`super::SeriesState`]): `(offset, fold)` pairs in
 //! event-time order, the offset counting milliseconds from the state's base and the fold being the reading's
 //! identity folded to 32 bits. Laid out **short** (6 bytes: a 16-bit offset) while the readings held span at most
-//! [`SHORT_MAX`] ms, which the default 60 s dedup window does, and **long** (8 bytes: a 32-bit offset) otherwise.
+//! [`SHORT_MAX`] ms, as those of the default 60 s dedup window do, and **long** (8 bytes: a 32-bit offset)
+//! otherwise.
 //! The state moves its base and re-lays the entries; this type only holds them.
 
 use std::collections::VecDeque;
@@ -62,6 +63,15 @@ impl Entries {
     /// No entries, short.
     pub(super) fn new() -> Self {
         Entries::Short(VecDeque::new())
+    }
+
+    /// No entries, short or long, with room for `n`.
+    pub(super) fn with_capacity(short: bool, n: usize) -> Self {
+        if short {
+            Entries::Short(VecDeque::with_capacity(n))
+        } else {
+            Entries::Long(VecDeque::with_capacity(n))
+        }
     }
 
     pub(super) fn len(&self) -> usize {
@@ -198,12 +208,7 @@ impl Entries {
     /// The same entries laid out short or long, with `delta` added to every offset (each result must fit),
     /// and room for `room` more.
     pub(super) fn relaid(&self, short: bool, delta: i64, room: usize) -> Self {
-        let n = self.len() + room;
-        let mut out = if short {
-            Entries::Short(VecDeque::with_capacity(n))
-        } else {
-            Entries::Long(VecDeque::with_capacity(n))
-        };
+        let mut out = Self::with_capacity(short, self.len() + room);
         for i in 0..self.len() {
             out.push_back((i64::from(self.off(i)) + delta) as u32, self.fold(i));
         }

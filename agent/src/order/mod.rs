@@ -61,8 +61,9 @@ pub struct Out {
 /// What a series remembers between releases.
 ///
 /// Memory: 6 bytes per remembered reading (its event time as a 16-bit offset from `base`, and its identity folded
-/// to 32 bits), 8 with 32-bit offsets where the readings held span more than 65,535 ms (a `dedup_window_ms` over
-/// that, or a seal that catches up on more than that), and 4 more once the series is *wide*. The states are the
+/// to 32 bits) while the readings held span at most 65,535 ms, as within the default `dedup_window_ms` (60 s),
+/// 8 with 32-bit offsets while they span more (a longer window, or a release that catches up on more, until the
+/// next release of the series), and 4 more once the series is *wide*. The states are the
 /// agent's largest data: one entry per reading of the dedup window, 3.6 MB at 10,000 readings/s and 60 s (see
 /// docs/memory.md).
 ///
@@ -124,10 +125,6 @@ impl Default for SeriesState {
 fn fold(id: u64) -> u32 {
     (id ^ (id >> 32)) as u32
 }
-
-/// Room left above the newest entry when long entries are laid out short again: a state whose readings span
-/// close to [`SHORT_MAX`] would otherwise move between the layouts at nearly every release.
-const SHORT_HEADROOM_MS: u32 = 4_096;
 
 /// What [`SeriesState::position`] found among the entries of one millisecond.
 enum Found {
@@ -235,7 +232,14 @@ impl SeriesState {
 
     /// Remembers a reading of `ts` (at or after every horizon used so far), keeping `recent` ordered by event
     /// time (a late reading goes before newer ones).
-    fn remember(&mut self, ts: i64, id: u64) {
+    ///
+    /// `horizon`: the entries older than it can no longer be matched (the release's next horizon). Forgotten
+    /// before the base moves, so that a series slower than one reading per `SHORT_MAX - dedup_window_ms` ms
+    /// does not span more than its window for a moment and flip between the layouts at every release.
+    fn remember(&mut self, ts: i64, id: u64, horizon: i64) {
+        if self.offset(ts).is_none() && !self.recent.is_empty() {
+            self.forget_before(horizon);
+        }
         if self.recent.is_empty() {
             self.base = ts;
         } else if self.offset(ts).is_none() && !self.rebase(ts) {
@@ -245,7 +249,8 @@ impl SeriesState {
     }
 
     /// Moves `base` so that `ts` fits, re-laying the entries long when they and `ts` span more than short
-    /// entries hold; false when `ts` is too far behind the newest entry to be remembered.
+    /// entries hold (and short when they no longer do); false when `ts` is too far behind the newest entry to be
+    /// remembered.
     fn rebase(&mut self, ts: i64) -> bool {
         let at = |i: usize| self.base + i64::from(self.recent.off(i));
         let (lo, hi) = (at(0).min(ts), at(self.recent.len() - 1).max(ts));
@@ -257,7 +262,8 @@ impl SeriesState {
             if short == self.recent.is_short() {
                 self.recent.shift(delta);
             } else {
-                self.recent = self.recent.relaid(short, delta, 0);
+                let room = self.recent.capacity() - self.recent.len();
+                self.recent = self.recent.relaid(short, delta, room);
             }
             self.base = lo;
             return true;
@@ -276,11 +282,8 @@ impl SeriesState {
             let keep: Vec<(i64, u64)> = old.into_iter().filter(|&(t, _)| fits(t)).collect();
             self.base = keep.first().map_or(ts, |&(t, _)| t).min(ts);
             let newest = keep.last().map_or(ts, |&(t, _)| t).max(ts);
-            self.recent = if newest - self.base <= i64::from(SHORT_MAX) {
-                Entries::new()
-            } else {
-                Entries::Long(VecDeque::new())
-            };
+            let short = newest - self.base <= i64::from(SHORT_MAX);
+            self.recent = Entries::with_capacity(short, self.recent.capacity());
             self.high.clear();
             for (t, h) in keep {
                 self.push(t, h);
@@ -332,7 +335,7 @@ impl SeriesState {
 
     /// Makes room for `room` more readings at once, and gives back what is more than a quarter beyond that. Long
     /// entries that span little enough again (a catch-up's readings forgotten) are laid out short, from the
-    /// oldest, with [`SHORT_HEADROOM_MS`] left for newer readings before the next move of the base.
+    /// oldest.
     fn make_room(&mut self, room: usize) {
         if !self.recent.is_short() {
             let last = self.recent.last_off().unwrap_or(0);
@@ -341,7 +344,7 @@ impl SeriesState {
             } else {
                 self.recent.off(0)
             };
-            if last - first <= SHORT_MAX - SHORT_HEADROOM_MS {
+            if last - first <= SHORT_MAX {
                 self.recent = self.recent.relaid(true, -i64::from(first), room);
                 self.base += i64::from(first);
             }
@@ -398,7 +401,7 @@ impl SeriesState {
                     self.high.remove(at);
                 }
             }
-            self.remember(ts, id);
+            self.remember(ts, id, i64::MIN);
         }
         self.last_ts = self.last_ts.max(word(0));
     }
@@ -611,7 +614,11 @@ pub fn release(
             }
             let late = p.ts_ms < st.last_ts;
             if p.ts_ms >= horizon {
-                st.remember(p.ts_ms, id);
+                let next_horizon = st
+                    .last_ts
+                    .max(p.ts_ms)
+                    .saturating_sub(rules.dedup_window_ms);
+                st.remember(p.ts_ms, id, next_horizon);
                 r.remembered.push((sid, p.ts_ms, id));
             }
             st.last_ts = st.last_ts.max(p.ts_ms);

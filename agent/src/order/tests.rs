@@ -290,6 +290,94 @@ proptest! {
     }
 }
 
+/// `calls` released give what the model gives, and every state remembers only readings within the window (its
+/// high halves one per entry when wide), also when stored and loaded between calls (`reload`).
+fn check_matches_the_model(
+    calls: Vec<Vec<Pending>>,
+    window: i64,
+    reload: bool,
+) -> Result<(), TestCaseError> {
+    let rules = Rules {
+        dedup_window_ms: window,
+        max_recent: usize::MAX,
+        late: LatePolicy::Flag,
+    };
+    let (mut states, mut model) = (HashMap::default(), Model::default());
+    for call in calls {
+        let r = release(call.clone(), &mut states, rules);
+        let (out, dups, _) = model.release(call, rules);
+        prop_assert_eq!(readings_of(&r), out);
+        prop_assert_eq!(r.duplicates, dups);
+        for st in states.values_mut() {
+            // Every remembered reading is within the window, and persistence keeps exactly them.
+            prop_assert!(st
+                .recent()
+                .all(|(ts, _)| ts >= st.last_ts.saturating_sub(window)));
+            prop_assert_eq!(
+                st.high.len(),
+                if st.is_wide() { st.recent.len() } else { 0 }
+            );
+            if reload {
+                *st = SeriesState::from_bytes(&st.to_bytes());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Timestamps around the 65,535 ms short entries span (and the windows near it, below), so states move their
+/// base, and lay their entries short and long, at and next to the boundary.
+fn arb_layout_calls() -> impl Strategy<Value = Vec<Vec<Pending>>> {
+    let near = prop_oneof![
+        Just(0i64),
+        Just(4_000),
+        Just(61_438),
+        Just(65_533),
+        Just(65_535),
+        Just(65_536),
+        Just(70_000),
+        Just(131_071),
+        Just(200_000),
+    ];
+    let reading =
+        (0i64..3, near, 0i64..4, 0u8..3).prop_map(|(s, t, j, v)| p(s, t + j, f64::from(v)));
+    prop::collection::vec(prop::collection::vec(reading, 0..20), 1..8)
+}
+
+/// Windows around the span of short entries.
+fn arb_layout_window() -> impl Strategy<Value = i64> {
+    prop_oneof![
+        0i64..30,
+        59_000i64..67_000,
+        Just(65_532),
+        Just(65_535),
+        Just(65_536),
+        Just(140_000)
+    ]
+}
+
+proptest! {
+    #[test]
+    fn release_matches_the_model_around_the_short_entries_span(
+        calls in arb_layout_calls(),
+        window in arb_layout_window(),
+        reload in any::<bool>(),
+    ) {
+        check_matches_the_model(calls, window, reload)?;
+    }
+
+    #[test]
+    fn a_state_stored_as_deltas_decides_as_the_live_one_around_the_short_entries_span(
+        calls in arb_layout_calls(),
+        window in arb_layout_window(),
+        max_recent in 1usize..10,
+        deltas_per_whole in 0usize..4,
+    ) {
+        let rules = Rules { dedup_window_ms: window, max_recent, late: LatePolicy::Flag };
+        check_deltas_decide_as_live(calls, rules, deltas_per_whole)?;
+    }
+}
+
 /// Timestamps that jump by more than the 49 days a state's 32-bit offsets span (and to the ends of i64), so
 /// states rebase, forget and round-trip through bytes between calls.
 fn arb_far_calls() -> impl Strategy<Value = Vec<Vec<Pending>>> {
@@ -311,22 +399,7 @@ proptest! {
         window in prop_oneof![0i64..30, Just(86_400_000i64)],
         reload in any::<bool>(),
     ) {
-        let rules = Rules { dedup_window_ms: window, max_recent: usize::MAX, late: LatePolicy::Flag };
-        let (mut states, mut model) = (HashMap::default(), Model::default());
-        for call in calls {
-            let r = release(call.clone(), &mut states, rules);
-            let (out, dups, _) = model.release(call, rules);
-            prop_assert_eq!(readings_of(&r), out);
-            prop_assert_eq!(r.duplicates, dups);
-            for st in states.values_mut() {
-                // Every remembered reading is within the window, and persistence keeps exactly them.
-                prop_assert!(st.recent().all(|(ts, _)| ts >= st.last_ts.saturating_sub(window)));
-                prop_assert_eq!(st.high.len(), if st.is_wide() { st.recent.len() } else { 0 });
-                if reload {
-                    *st = SeriesState::from_bytes(&st.to_bytes());
-                }
-            }
-        }
+        check_matches_the_model(calls, window, reload)?;
     }
 }
 
@@ -630,29 +703,27 @@ fn a_narrow_series_takes_a_first_pair_of_one_millisecond_whose_folds_match_for_o
 }
 
 #[test]
-fn entries_are_short_within_65_s_long_beyond_and_short_again_after_a_catch_up() {
+fn entries_are_short_within_65_s_long_beyond_and_short_again_when_they_fit() {
     let window = |ms: i64| Rules {
         dedup_window_ms: ms,
         max_recent: 1024,
         late: LatePolicy::Flag,
     };
     let rules = window(60_000);
-    // One reading a second, seconds `from..to`.
+    // One reading a second of series 1, seconds `from..to`.
     let call = |from: i64, to: i64| -> Vec<Pending> {
         (from..to).map(|i| p(1, i * 1000, i as f64)).collect()
     };
     let mut st = HashMap::default();
     release(call(0, 50), &mut st, rules);
     assert!(st[&1].recent.is_short());
-    // A catch-up of 200 s in one release: its entries span more than 65,535 ms on the way.
+    // A catch-up of 200 s in one release: the base moves on the way, behind the window, and the entries stay
+    // short; every reading of the window is recognised when it comes again.
     let r = release(call(50, 250), &mut st, rules);
     assert_eq!((r.out.len(), r.duplicates), (200, 0));
-    assert!(!st[&1].recent.is_short());
-    // The next release forgets down to the window and lays the entries short again; every reading of the window
-    // is recognised when it comes again.
+    assert!(st[&1].recent.is_short());
     let r = release(call(190, 250), &mut st, rules);
     assert_eq!((r.out.len(), r.duplicates), (0, 60));
-    assert!(st[&1].recent.is_short());
     // Time moves on for 15 minutes (the base moves forward every few seconds): still short, and the window's
     // readings, the oldest one's millisecond included, recognised.
     for k in 25..115 {
@@ -667,11 +738,31 @@ fn entries_are_short_within_65_s_long_beyond_and_short_again_after_a_catch_up() 
     // And a reading newer than all of them goes out.
     let r = release(call(1150, 1151), &mut st, rules);
     assert_eq!((r.out.len(), r.duplicates), (1, 0));
+    // A series with a reading every 10 s: what it holds would span 70 s for a moment at each release, until
+    // the release forgets the oldest; forgotten first, it stays short (it flipped to long and back at every
+    // release).
+    let mut st = HashMap::default();
+    for k in 0..50 {
+        release(vec![p(2, k * 10_000, k as f64)], &mut st, rules);
+        assert!(st[&2].recent.is_short(), "long after reading {k}");
+    }
+    let r = release(
+        (44..50).map(|k| p(2, k * 10_000, k as f64)).collect(),
+        &mut st,
+        rules,
+    );
+    assert_eq!((r.out.len(), r.duplicates), (0, 6));
     // A 2-minute window spans more than short entries hold: long, and recognised alike.
     let rules = window(120_000);
     let mut st = HashMap::default();
     release(call(0, 300), &mut st, rules);
+    assert!(!st[&1].recent.is_short());
     let r = release(call(180, 300), &mut st, rules);
     assert_eq!((r.out.len(), r.duplicates), (0, 120));
-    assert!(!st[&1].recent.is_short());
+    // Quiet for a while: the next release forgets what fell out of the window, and the one after lays what is
+    // left short again.
+    release(call(1000, 1001), &mut st, rules);
+    let r = release(call(1000, 1002), &mut st, rules);
+    assert_eq!((r.out.len(), r.duplicates), (1, 1));
+    assert!(st[&1].recent.is_short());
 }
