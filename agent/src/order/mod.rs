@@ -62,8 +62,8 @@ pub struct Out {
 ///
 /// Memory: 6 bytes per remembered reading (its event time as a 16-bit offset from `base`, and its identity folded
 /// to 32 bits) while the readings held span at most 65,535 ms, as within the default `dedup_window_ms` (60 s),
-/// 8 with 32-bit offsets while they span more (a longer window, or a release that catches up on more, until the
-/// next release of the series), and 4 more once the series is *wide*. The states are the
+/// 8 with 32-bit offsets while they span more (a window over 65,535 ms; or a state just loaded from the file,
+/// until the next release of its series), and 4 more once the series is *wide*. The states are the
 /// agent's largest data: one entry per reading of the dedup window, 3.6 MB at 10,000 readings/s and 60 s (see
 /// docs/memory.md).
 ///
@@ -334,8 +334,8 @@ impl SeriesState {
     }
 
     /// Makes room for `room` more readings at once, and gives back what is more than a quarter beyond that. Long
-    /// entries that span little enough again (a catch-up's readings forgotten) are laid out short, from the
-    /// oldest.
+    /// entries that span little enough again (older ones forgotten, or a state loaded from the file) are laid out
+    /// short, from the oldest.
     fn make_room(&mut self, room: usize) {
         if !self.recent.is_short() {
             let last = self.recent.last_off().unwrap_or(0);

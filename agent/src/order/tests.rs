@@ -759,6 +759,16 @@ fn entries_are_short_within_65_s_long_beyond_and_short_again_when_they_fit() {
     assert!(!st[&1].recent.is_short());
     let r = release(call(180, 300), &mut st, rules);
     assert_eq!((r.out.len(), r.duplicates), (0, 120));
+    // Short entries whose zero moved (a late reading moves the base back), then laid long: still recognised.
+    let mut st3 = HashMap::default();
+    let at = |ms: &[i64]| -> Vec<Pending> { ms.iter().map(|&t| p(3, t, t as f64)).collect() };
+    release(at(&[4_000]), &mut st3, rules);
+    release(at(&[0]), &mut st3, rules);
+    assert!(st3[&3].recent.is_short());
+    release(at(&[70_000]), &mut st3, rules);
+    assert!(!st3[&3].recent.is_short());
+    let r = release(at(&[0, 4_000, 70_000]), &mut st3, rules);
+    assert_eq!((r.out.len(), r.duplicates), (0, 3));
     // Quiet for a while: the next release forgets what fell out of the window, and the one after lays what is
     // left short again.
     release(call(1000, 1001), &mut st, rules);
