@@ -60,6 +60,13 @@ for b in "${builds[@]}"; do
       fi
       echo "$bin: static, $(stat -c %s "$bin") bytes"
     fi
+    if [ "$p" = fieldlink-agent ]; then
+      # agent/build.rs laid the functions the agent runs out first (deploy/hot-text/agent.order): check it did.
+      hot=$(readelf -SW "$bin" | sed -n 's/.* \.text\.hot  *PROGBITS  *[0-9a-f]*  *[0-9a-f]*  *\([0-9a-f]*\) .*/\1/p')
+      [ -n "$hot" ] && [ $((16#$hot)) -gt 1048576 ] \
+        || { echo "build-static: $bin has no .text.hot of its hot functions (agent/build.rs)" >&2; exit 1; }
+      echo "$bin: .text.hot $((16#$hot / 1024)) KiB"
+    fi
   done
   took "$triple ($profile)"
 done

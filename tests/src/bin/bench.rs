@@ -627,6 +627,8 @@ fn thread_names(pid: u32) -> String {
 /// (`MALLOC_ARENA_MAX=…`; and see [`overrides`]); `FIELDLINK_BENCH_RSS_SECS` runs longer or shorter.
 /// `FIELDLINK_BENCH_RSS_STALL_S=N` stops the agent (SIGSTOP) for N s at 40 s while the publisher goes on, as a
 /// busy host or a slow `fsync` would: the seal after it catches up on N s of readings at once.
+/// `FIELDLINK_BENCH_TEXT_PAGES=FILE` writes the agent's mapped code pages there before stopping it
+/// (`deploy/hot-text.sh`).
 fn steady_rss(
     dir: &std::path::Path,
     broker: &Mosquitto,
@@ -723,5 +725,42 @@ fn steady_rss(
         agent.metric("fieldlink_readings_received_total"),
         agent.metric("fieldlink_readings_sent_total")
     );
+    if let Ok(out) = std::env::var("FIELDLINK_BENCH_TEXT_PAGES") {
+        let pages = text_pages(pid_agent).expect("reading the agent's pagemap");
+        std::fs::write(&out, pages).expect("writing FIELDLINK_BENCH_TEXT_PAGES");
+        println!("  pages of code mapped in the agent written to {out}");
+    }
     agent.stop();
+}
+
+/// The pages of executable file mappings present in `pid` (its pagemap), for `deploy/hot-text.sh`: a line
+/// `map LO-HI PATH` per mapping, then a hex address per present page. Run on a build whose every function starts
+/// on its own 64 KiB (the kernel's fault-around window), a present page is a function the process ran.
+fn text_pages(pid: u32) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    const PAGE: u64 = 4096;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mut pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
+    let mut out = String::new();
+    for line in maps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || !f[1].contains('x') || !f[5].starts_with('/') {
+            continue;
+        }
+        let (lo, hi) = f[0].split_once('-').expect("maps range");
+        let (lo, hi) = (
+            u64::from_str_radix(lo, 16).expect("maps address"),
+            u64::from_str_radix(hi, 16).expect("maps address"),
+        );
+        out += &format!("map {lo:x}-{hi:x} {}\n", f[5]);
+        let mut entries = vec![0u8; ((hi - lo) / PAGE * 8) as usize];
+        pagemap.seek(SeekFrom::Start(lo / PAGE * 8))?;
+        pagemap.read_exact(&mut entries)?;
+        for (i, e) in entries.chunks_exact(8).enumerate() {
+            if u64::from_le_bytes(e.try_into().expect("8 bytes")) >> 63 == 1 {
+                out += &format!("{:x}\n", lo + i as u64 * PAGE);
+            }
+        }
+    }
+    Ok(out)
 }
