@@ -17,6 +17,9 @@ pub mod alarm;
 pub mod batch;
 pub mod buffer;
 pub mod config;
+#[cfg(test)]
+#[path = "../build/hot_text.rs"]
+mod hot_text;
 pub mod kinesis;
 pub mod memory;
 pub mod metrics;
