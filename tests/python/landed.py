@@ -32,9 +32,11 @@ endpoint, database, table, bucket, prefix = sys.argv[1:6]
 
 
 def moto_data():
-    """moto's dump of its models. It walks them while other requests may change them (its server is threaded) and
-    once answered 500 in CI mid-run (December 2026): an error of the emulator's dump, not of what fieldlink wrote,
-    so asked up to 5 times; any other error, or a fifth 500, fails the test as before."""
+    """moto's dump of its models (moto 5.2.5, moto_api/_internal/responses.py `model_data`) iterates every
+    model's tracked instances and json-dumps their attributes with no lock while its threaded server handles the
+    cloud's writes, so a change under it is a RuntimeError and a 500 (seen once in CI, December 2026): an error
+    of the emulator's dump, not of what fieldlink wrote. Asked up to 5 times; any other error, or a fifth 500,
+    fails the test as before."""
     for attempt in range(5):
         try:
             return json.load(urllib.request.urlopen(endpoint + "/moto-api/data.json"))
