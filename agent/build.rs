@@ -6,8 +6,8 @@
 //! of its 5.7 MiB, and ~5.5 MiB stayed resident. `deploy/hot-text/agent.order` (written by
 //! `deploy/hot-text.sh` from traced runs) lists the functions run; this script turns it into a linker script that
 //! places, in an output section `.text.hot` before `.text`: those functions by exact symbol (the traced target),
-//! then the same names with the symbol hash as a wildcard (other targets, other versions of the dependencies),
-//! then the `warm` globs. A stale list only costs memory: every function is still linked, anything unlisted goes
+//! then the same names with what differs by target, compiler and dependency version as wildcards (a legacy
+//! symbol's hash, a v0 symbol's crate disambiguators: `build/hot_text.rs`), then the `warm` globs. A stale list only costs memory: every function is still linked, anything unlisted goes
 //! to `.text` as before. `FIELDLINK_HOT_TEXT=0` turns it off (the trace build itself).
 
 #[path = "build/hot_text.rs"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Records which functions the agent runs and writes deploy/hot-text/agent.order, the list agent/build.rs lays out
-# first in the shipped static builds (so the kernel maps ~2.5 MiB of code instead of ~5.5: docs/memory.md).
+# first in the shipped static builds (so the kernel keeps ~3 MiB of code resident instead of ~5.5 on x86_64: docs/memory.md).
 #
 #   deploy/hot-text.sh
 #
