@@ -218,13 +218,13 @@ impl SealJob {
                     late_skipped += 1;
                     continue;
                 }
-                if let Some(s) = series.get(&o.reading.series) {
+                if let Some(s) = series.get(&o.series) {
                     let obs = Obs {
-                        ts_ms: o.reading.ts_ms,
-                        value: &o.reading.value,
-                        quality: o.reading.quality,
+                        ts_ms: o.ts_ms,
+                        value: &o.value,
+                        quality: o.quality,
                     };
-                    alarms.observe(o.reading.series, s, obs, &mut transitions);
+                    alarms.observe(o.series, s, obs, &mut transitions);
                 }
             }
             // The stale clock says every reading up to it has been released: not true while ready groups wait

@@ -637,3 +637,29 @@ fn a_drain_sealed_in_parts_closes_every_window_once_in_its_last_part() {
     assert!(b.left().unwrap().is_drained());
     assert_eq!(b.ledger().window_withheld, 5);
 }
+
+/// Memory: without window rules the released readings become rows in their own allocation (a row has a released
+/// reading's layout), not in a vector of their own: the capacity is the released vector's, not a fresh one's.
+#[test]
+fn without_rules_the_rows_take_the_released_readings_allocation() {
+    let mut released = Vec::with_capacity(1000);
+    released.extend((0..700).map(|i| crate::order::Out {
+        series: 1,
+        ts_ms: i,
+        value: Value::F64(i as f64),
+        quality: Quality::Good,
+        late: false,
+    }));
+    let step = windows::window_step(
+        &mut crate::window::Engine::default(),
+        released,
+        &HashMap::new(),
+        0,
+    );
+    assert_eq!(step.rows.len(), 700);
+    assert_eq!(
+        step.rows.capacity(),
+        1000,
+        "the rows were not collected in place"
+    );
+}

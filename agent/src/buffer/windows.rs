@@ -238,6 +238,12 @@ fn functions_text(rule: &crate::window::Rule) -> String {
     names.join(",")
 }
 
+const _: () = assert!(
+    std::mem::size_of::<Row>() == std::mem::size_of::<order::Out>()
+        && std::mem::align_of::<Row>() == std::mem::align_of::<order::Out>(),
+    "`window_step` turns released readings into rows in place only while both have one layout"
+);
+
 /// Feeds the released readings (each series in event-time order) to the windows at the seal's wall-clock time
 /// `now_ms` and turns the result into rows: raw readings per their fate, then the closed windows' readings.
 /// Without rules, every reading is a row as released.
@@ -249,16 +255,17 @@ pub(super) fn window_step(
 ) -> WindowStep {
     // The released late flag, or set by a window rule.
     let row = |o: order::Out, flag: bool| Row {
-        series_id: o.reading.series,
+        series_id: o.series,
         reading: Reading {
             series: 0,
-            ts_ms: o.reading.ts_ms,
-            value: o.reading.value,
-            quality: o.reading.quality,
+            ts_ms: o.ts_ms,
+            value: o.value,
+            quality: o.quality,
             late: o.late || flag,
         },
     };
     if windows.is_empty() {
+        // In place: a row has a released reading's layout (checked below), so the rows take its allocation.
         return WindowStep {
             rows: released.into_iter().map(|o| row(o, false)).collect(),
             ..WindowStep::default()
@@ -271,14 +278,14 @@ pub(super) fn window_step(
     let orphans = windows.close_orphans(&mut emitted);
     let orphan_series: HashMap<i64, Series> = orphans.into_iter().collect();
     for o in released {
-        let fate = match series.get(&o.reading.series) {
+        let fate = match series.get(&o.series) {
             Some(s) => windows.observe(
-                o.reading.series,
+                o.series,
                 s,
                 Obs {
-                    ts_ms: o.reading.ts_ms,
-                    value: &o.reading.value,
-                    quality: o.reading.quality,
+                    ts_ms: o.ts_ms,
+                    value: &o.value,
+                    quality: o.quality,
                 },
                 &mut emitted,
             ),

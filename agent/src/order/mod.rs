@@ -49,13 +49,45 @@ pub struct Pending {
     pub quality: Quality,
 }
 
-/// A released reading.
+/// A released reading: a [`Pending`] and its late flag, in a [`Pending`]'s 48 bytes (the flag takes padding), so
+/// that [`release`] writes its output into the readings' own allocation instead of a second vector of every
+/// reading (and the buffer's rows reuse it after that).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Out {
-    /// The reading.
-    pub reading: Pending,
+    /// Buffer series id.
+    pub series: i64,
+    /// Event time, Unix ms.
+    pub ts_ms: i64,
+    /// Value.
+    pub value: Value,
+    /// Quality.
+    pub quality: Quality,
     /// Flagged late.
     pub late: bool,
+}
+
+const _: () = assert!(
+    std::mem::size_of::<Out>() == std::mem::size_of::<Pending>()
+        && std::mem::align_of::<Out>() == std::mem::align_of::<Pending>(),
+    "`release` collects its output in place only while `Out` has `Pending`'s layout"
+);
+
+impl Out {
+    fn of(p: Pending, late: bool) -> Self {
+        let Pending {
+            series,
+            ts_ms,
+            value,
+            quality,
+        } = p;
+        Out {
+            series,
+            ts_ms,
+            value,
+            quality,
+            late,
+        }
+    }
 }
 
 /// What a series remembers between releases.
@@ -517,12 +549,12 @@ fn by_series_and_time(pending: Vec<Pending>) -> (Vec<Pending>, Vec<(i64, usize)>
     for (p, to) in pending.into_iter().zip(at) {
         placed[to] = Some(p);
     }
-    // Sized first: `flatten` gives no lower bound, so `collect` would grow the vector by doubling (a copy of every
-    // reading per doubling, and fresh pages each time).
-    let mut pending: Vec<Pending> = Vec::with_capacity(n);
-    pending.extend(placed.into_iter().flatten());
     // `at` is a permutation (each series' readings go to its own range, one place each): every place was filled.
-    assert_eq!(pending.len(), n, "a reading lost in the release's order");
+    // Collected in place (an `Option<Pending>` has a `Pending`'s size): no third vector of every reading.
+    let mut pending: Vec<Pending> = placed
+        .into_iter()
+        .map(|p| p.expect("a reading lost in the release's order"))
+        .collect();
     let mut start = 0;
     for &(_, n) in &runs {
         let run = &mut pending[start..start + n];
@@ -588,53 +620,100 @@ pub fn release(
     rules: Rules,
 ) -> Released {
     let (pending, runs) = by_series_and_time(pending);
-    let mut r = Released {
-        out: Vec::with_capacity(pending.len()),
-        remembered: Vec::with_capacity(pending.len()),
-        ..Released::default()
+    let mut r = Releaser {
+        states,
+        rules,
+        runs: runs.into_iter(),
+        open: None,
+        left: 0,
+        released: Released {
+            remembered: Vec::with_capacity(pending.len()),
+            ..Released::default()
+        },
     };
-    let mut rest = pending.into_iter();
-    for (sid, n) in runs {
-        let rows = rest.by_ref().take(n);
-        let st = states.entry(sid).or_default();
-        // Memory: the states are the agent's largest data (see `SeriesState`). Forget what already fell out of the window before making room, and make
-        // room once, for this call's readings (capped at what may be kept): `recent` then never doubles its
-        // capacity on the way, and a state's capacity stays close to its length.
-        st.forget_before(st.last_ts.saturating_sub(rules.dedup_window_ms));
-        st.keep_newest(rules.max_recent); // a no-op but on a state just loaded from its deltas
-                                          // A state just loaded from its whole state and deltas (or one whose rate dropped) may have room for far
-                                          // more than it keeps: `make_room` gives back what is more than a quarter beyond the need.
-        st.make_room(n.min(rules.max_recent));
-        for p in rows {
-            let id = identity(p.ts_ms, &p.value);
-            let horizon = st.last_ts.saturating_sub(rules.dedup_window_ms);
-            if p.ts_ms >= horizon && st.remembers(p.ts_ms, id) {
-                r.duplicates += 1;
-                continue;
-            }
-            let late = p.ts_ms < st.last_ts;
-            if p.ts_ms >= horizon {
-                let next_horizon = st
-                    .last_ts
-                    .max(p.ts_ms)
-                    .saturating_sub(rules.dedup_window_ms);
-                st.remember(p.ts_ms, id, next_horizon);
-                r.remembered.push((sid, p.ts_ms, id));
-            }
-            st.last_ts = st.last_ts.max(p.ts_ms);
-            if late && rules.late == LatePolicy::DeadLetter {
-                r.dead_lettered.push(p);
-                continue;
-            }
-            if late {
-                r.late_flagged += 1;
-            }
-            r.out.push(Out { reading: p, late });
+    // In place: `Out` has `Pending`'s layout, so the output takes the readings' allocation.
+    let out: Vec<Out> = pending.into_iter().filter_map(|p| r.take(p)).collect();
+    Released { out, ..r.released }
+}
+
+/// The state of one [`release`]: the series whose run of readings is being released (its state taken out of
+/// `states` for the run, put back at its end), and what the release found so far.
+struct Releaser<'a> {
+    states: &'a mut HashMap<i64, SeriesState>,
+    rules: Rules,
+    /// The runs of [`by_series_and_time`]: each series' id and its number of readings, in the readings' order.
+    runs: std::vec::IntoIter<(i64, usize)>,
+    open: Option<(i64, SeriesState)>,
+    /// Readings of the open run still to come.
+    left: usize,
+    /// Everything but `out`.
+    released: Released,
+}
+
+impl Releaser<'_> {
+    /// The next reading (in [`by_series_and_time`]'s order): to send, or withheld as a duplicate or dead letter.
+    fn take(&mut self, p: Pending) -> Option<Out> {
+        let rules = self.rules;
+        if self.left == 0 {
+            let (sid, n) = self.runs.next().expect("the runs cover every reading");
+            let mut st = self.states.remove(&sid).unwrap_or_default();
+            // Memory: the states are the agent's largest data (see `SeriesState`). Forget what already fell out of
+            // the window before making room, and make room once, for this run's readings (capped at what may be
+            // kept): `recent` then never doubles its capacity on the way, and a state's capacity stays close to
+            // its length. A state just loaded from its whole state and deltas (or one whose rate dropped) may have
+            // room for far more than it keeps: `make_room` gives back what is more than a quarter beyond the need.
+            st.forget_before(st.last_ts.saturating_sub(rules.dedup_window_ms));
+            st.keep_newest(rules.max_recent); // a no-op but on a state just loaded from its deltas
+            st.make_room(n.min(rules.max_recent));
+            self.open = Some((sid, st));
+            self.left = n;
         }
-        st.forget_before(st.last_ts.saturating_sub(rules.dedup_window_ms));
-        st.keep_newest(rules.max_recent);
+        self.left -= 1;
+        let (sid, st) = self.open.as_mut().expect("a run is open");
+        let out = release_one(*sid, st, p, rules, &mut self.released);
+        if self.left == 0 {
+            let (sid, mut st) = self.open.take().expect("a run is open");
+            st.forget_before(st.last_ts.saturating_sub(rules.dedup_window_ms));
+            st.keep_newest(rules.max_recent);
+            self.states.insert(sid, st);
+        }
+        out
     }
-    r
+}
+
+/// Releases one reading of series `sid` against its state: `None` for a duplicate or a late reading withheld
+/// (counted, or kept, in `r`).
+fn release_one(
+    sid: i64,
+    st: &mut SeriesState,
+    p: Pending,
+    rules: Rules,
+    r: &mut Released,
+) -> Option<Out> {
+    let id = identity(p.ts_ms, &p.value);
+    let horizon = st.last_ts.saturating_sub(rules.dedup_window_ms);
+    if p.ts_ms >= horizon && st.remembers(p.ts_ms, id) {
+        r.duplicates += 1;
+        return None;
+    }
+    let late = p.ts_ms < st.last_ts;
+    if p.ts_ms >= horizon {
+        let next_horizon = st
+            .last_ts
+            .max(p.ts_ms)
+            .saturating_sub(rules.dedup_window_ms);
+        st.remember(p.ts_ms, id, next_horizon);
+        r.remembered.push((sid, p.ts_ms, id));
+    }
+    st.last_ts = st.last_ts.max(p.ts_ms);
+    if late && rules.late == LatePolicy::DeadLetter {
+        r.dead_lettered.push(p);
+        return None;
+    }
+    if late {
+        r.late_flagged += 1;
+    }
+    Some(Out::of(p, late))
 }
 
 #[cfg(test)]
