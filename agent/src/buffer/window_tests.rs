@@ -638,8 +638,9 @@ fn a_drain_sealed_in_parts_closes_every_window_once_in_its_last_part() {
     assert_eq!(b.ledger().window_withheld, 5);
 }
 
-/// Memory: without window rules the released readings become rows in their own allocation (a row has a released
-/// reading's layout), not in a vector of their own: the capacity is the released vector's, not a fresh one's.
+/// Memory: without window rules the released readings become rows in their own allocation, not in a vector of
+/// their own: a row has a released reading's layout, so the capacity stays the released vector's (a fresh vector's
+/// would be the rows' count).
 #[test]
 fn without_rules_the_rows_take_the_released_readings_allocation() {
     let mut released = Vec::with_capacity(1000);

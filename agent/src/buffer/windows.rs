@@ -265,7 +265,7 @@ pub(super) fn window_step(
         },
     };
     if windows.is_empty() {
-        // In place: a row has a released reading's layout (checked below), so the rows take its allocation.
+        // In place: a row has a released reading's layout (checked above), so the rows take its allocation.
         return WindowStep {
             rows: released.into_iter().map(|o| row(o, false)).collect(),
             ..WindowStep::default()

@@ -620,6 +620,16 @@ pub fn release(
     rules: Rules,
 ) -> Released {
     let (pending, runs) = by_series_and_time(pending);
+    release_sorted(pending, runs, states, rules)
+}
+
+/// [`release`] of readings in [`by_series_and_time`]'s order, with its runs.
+fn release_sorted(
+    pending: Vec<Pending>,
+    runs: Vec<(i64, usize)>,
+    states: &mut HashMap<i64, SeriesState>,
+    rules: Rules,
+) -> Released {
     let mut r = Releaser {
         states,
         rules,
