@@ -140,13 +140,53 @@ pub fn assert_thp_on_here() {
     );
 }
 
-/// A port nobody listens on right now.
+/// Ports [`free_port`] hands out: below Linux's ephemeral range (32768–60999 by default), so the kernel never
+/// gives one to an outgoing connection or to another `bind(0)` between our check and the server's bind. (A port
+/// from `bind(0)` was taken that way once: an agent in a CI run failed with "Address already in use".)
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_768;
+
+/// A claim older than this is taken for a leftover of an earlier run, and its port handed out again.
+const PORT_CLAIM_TTL: Duration = Duration::from_secs(3600);
+
+/// A port nobody listens on right now, and that no other test of this machine got from here within the last hour:
+/// each is claimed by a file created exclusively under the temporary directory (test binaries run as separate
+/// processes, their tests as threads).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let dir = std::env::temp_dir().join("fieldlink-test-ports");
+    std::fs::create_dir_all(&dir).expect("creating the test ports' claim directory");
+    for _ in 0..10_000 {
+        let port = fastrand::u16(TEST_PORTS);
+        if claim_port(&dir.join(port.to_string())) && TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!(
+        "no free test port in {TEST_PORTS:?} after 10,000 tries (claims in {})",
+        dir.display()
+    );
+}
+
+/// Claims the port whose claim file is `file`: creates it, or replaces a claim older than [`PORT_CLAIM_TTL`].
+fn claim_port(file: &Path) -> bool {
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(file)
+            .is_ok()
+    };
+    if create() {
+        return true;
+    }
+    let stale = std::fs::metadata(file)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > PORT_CLAIM_TTL);
+    // Two processes finding one claim stale at the same moment could both take it (one removing the other's new
+    // claim); the bind check still refuses a port already listened on.
+    stale && std::fs::remove_file(file).is_ok() && create()
 }
 
 /// Polls `cond` every 100 ms until it returns `Some` or `timeout` passes.
