@@ -8,8 +8,9 @@ pub enum Durability {
     /// `synchronous=FULL`: every commit is fsynced before MQTT acks go out. Survives power loss. Default.
     #[default]
     Full,
-    /// `synchronous=NORMAL` in WAL mode: survives a crash or kill -9 of the agent, but the last commits before a
-    /// power loss may be lost even though they were acknowledged. Faster on SD cards and eMMC.
+    /// `synchronous=NORMAL` in WAL mode, but for seals (fsynced, so a record is sent only once its seal is on the
+    /// disk): survives a crash or kill -9 of the agent, but the commits since the last seal are lost on power
+    /// loss even though they were acknowledged. Faster on SD cards and eMMC.
     Normal,
 }
 

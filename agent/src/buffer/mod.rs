@@ -548,6 +548,8 @@ pub struct SealReport {
 pub struct Buffer {
     conn: Connection,
     path: PathBuf,
+    /// How commits reach the disk; a seal's commit always does ([`Buffer::in_sealing_tx`]).
+    durability: Durability,
     /// The buffer's lock ([`lock_file`]), released when the buffer is dropped (after its connection closes).
     _lock: Option<std::fs::File>,
     agent_id: String,
@@ -610,6 +612,9 @@ pub struct Buffer {
     /// Test hook: the next transaction fails with this SQLite result code (after its statements ran).
     #[cfg(test)]
     pub(crate) fault: Option<std::ffi::c_int>,
+    /// Test record: `PRAGMA synchronous` (1 NORMAL, 2 FULL) at the last transaction's commit.
+    #[cfg(test)]
+    pub(crate) committed_with: i64,
     /// Test hook: this many reloads of the window states fail (after the engine was reset).
     #[cfg(test)]
     pub(crate) reload_faults: u32,
@@ -960,6 +965,7 @@ impl Buffer {
         let mut b = Self {
             conn,
             path: path.to_owned(),
+            durability,
             agent_id: agent_id.to_owned(),
             epoch,
             next_seq: next_seq as u64,
@@ -992,6 +998,8 @@ impl Buffer {
             sealing: false,
             #[cfg(test)]
             fault: None,
+            #[cfg(test)]
+            committed_with: 0,
             #[cfg(test)]
             reload_faults: 0,
         };
@@ -1402,7 +1410,7 @@ impl Buffer {
             .and_then(|(records, events)| {
                 let dirty = self.alarms.take_dirty();
                 let next_seq = self.next_seq + records.len() as u64;
-                self.in_tx(|b| {
+                self.in_sealing_tx(|b| {
                     b.write_alarms(&records, &dirty, now_ms)?;
                     b.conn
                         .prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_seq'")?
@@ -1429,6 +1437,26 @@ impl Buffer {
         }
     }
 
+    /// Like [`Buffer::in_tx`] for a transaction that writes records to send, committed with `synchronous=FULL`
+    /// whatever the durability: a record goes to Kinesis only once its seal is on the disk. Under `normal`, a
+    /// power cut could otherwise take a seal whose record was sent, and the next seal would number other readings
+    /// with the same sequence number (the cloud lands both, as a collision). The fsync also makes every earlier
+    /// commit durable (the WAL is written in order): one per seal, where `full` has one per commit.
+    fn in_sealing_tx<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, BufferError>,
+    ) -> Result<T, BufferError> {
+        if self.durability == Durability::Full {
+            return self.in_tx(f);
+        }
+        self.conn.execute_batch("PRAGMA synchronous=FULL")?;
+        let res = self.in_tx(f);
+        let back = self.conn.execute_batch("PRAGMA synchronous=NORMAL");
+        let v = res?;
+        back?;
+        Ok(v)
+    }
+
     /// Runs `f` inside `BEGIN IMMEDIATE … COMMIT`, rolling back if it fails.
     fn in_tx<T>(
         &mut self,
@@ -1449,6 +1477,12 @@ impl Buffer {
                 None => f(b),
             }
         };
+        #[cfg(test)]
+        {
+            self.committed_with = self
+                .conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+        }
         match f(self) {
             Ok(v) => match self.conn.execute_batch("COMMIT") {
                 Ok(()) => Ok(v),

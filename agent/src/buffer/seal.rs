@@ -577,7 +577,7 @@ impl Buffer {
             .filter(|(_, st)| aged(st, log_seal))
             .map(|(sid, _)| *sid)
             .collect();
-        let res = self.in_tx(|b| {
+        let res = self.in_sealing_tx(|b| {
             b.write_alarms(&alarm_recs, &alarm_dirty, now_ms)?;
             b.write_windows(&o.step.dirty, &o.step.since)?;
             for x in &o.built {

@@ -314,6 +314,27 @@ fn a_failed_seal_gives_back_the_states_with_their_deltas() {
     assert_eq!((l.deduplicated, l.appended - l.deduplicated), (1, 1002));
 }
 
+#[test]
+fn under_normal_durability_a_seal_commits_with_fsync_and_the_rest_without() {
+    let (_dir, mut enc, mut b) = with_a_delta();
+    let synchronous = |b: &Buffer| -> i64 {
+        b.conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(synchronous(&b), 1, "normal: NORMAL between seals");
+    seal_one(&mut b, &mut enc, "a/x", 2000, 1.0);
+    assert_eq!(b.committed_with, 2, "the seal committed with FULL");
+    assert_eq!(synchronous(&b), 1, "NORMAL again after the seal");
+    b.append([vec![reading("a/x", 2001, 1.0)].as_slice()])
+        .unwrap();
+    b.fault = Some(rusqlite::ffi::SQLITE_IOERR);
+    assert!(b
+        .seal(i64::MAX, 100_000, &mut enc, &cfg(1024), rules(), 0)
+        .is_err());
+    assert_eq!(synchronous(&b), 1, "NORMAL again after a failed seal");
+}
+
 /// Set in the child process of the test below: the buffer directory it works in and dies in.
 const KILLED_CHILD: &str = "FIELDLINK_TEST_KILLED_WITH_A_PART_OUT";
 
