@@ -7,6 +7,7 @@
 
 pub mod bronze;
 pub mod influx;
+pub mod powercut;
 
 use std::collections::BTreeMap;
 use std::io::Read;
