@@ -17,11 +17,14 @@
  *
  * With $POWERCUT_KILL_AT = N the process kills itself (SIGKILL) right after its Nth write or truncation of a
  * watched file other than the lock file: a cut in the middle of a transaction or a checkpoint, where a timer
- * would mostly land between them.
+ * would mostly land between them. With $POWERCUT_KILL_FILE set, it does so right after the first such write
+ * made while that file exists (a test running the process for a while creates it when it wants the cut).
  *
  * The process's writes keep their meaning: only the journal is added, under one lock. Intercepted: open,
  * open64, pwrite64, pwrite, write, ftruncate64, ftruncate, fsync, fdatasync, close (what SQLite and Rust's
- * std call on Linux with glibc). Not modelled: renames and removals, and torn sectors inside one write. */
+ * std call on Linux with glibc). writev, pwritev, fallocate and O_TRUNC on a watched file abort the process: they
+ * are not journalled, and a test must not pass unjournalled writes as durable. Not modelled: renames and removals,
+ * memory-mapped writes, and torn sectors inside one write. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <dlfcn.h>
@@ -199,7 +202,8 @@ static void count(int fd) {
         return;
     writes++;
     const char *at = getenv("POWERCUT_KILL_AT");
-    if (at && writes == atol(at))
+    const char *file = getenv("POWERCUT_KILL_FILE");
+    if ((at && writes == atol(at)) || (file && access(file, F_OK) == 0))
         kill(getpid(), SIGKILL);
 }
 
@@ -219,6 +223,8 @@ static int journal(int fd) {
     } while (0)
 
 static int open_with(int (*real)(const char *, int, ...), const char *path, int flags, mode_t mode) {
+    if ((flags & O_TRUNC) && watched(path) && access(path, F_OK) == 0)
+        abort(); /* a truncation at open is not journalled */
     int created = (flags & O_CREAT) && watched(path) && access(path, F_OK) != 0;
     int fd = real(path, flags, mode);
     track(fd, path, created);
@@ -335,4 +341,50 @@ int close(int fd) {
             real_close(j);
     }
     return real_close(fd);
+}
+
+/* Not journalled: on a watched file, abort (see the top); on any other, the real call. */
+static void refuse_watched(int fd) {
+    if (journal(fd) >= 0)
+        abort();
+}
+
+ssize_t writev(int fd, const struct iovec *iov, int n) {
+    static ssize_t (*real)(int, const struct iovec *, int);
+    if (!real)
+        real = dlsym(RTLD_NEXT, "writev");
+    refuse_watched(fd);
+    return real(fd, iov, n);
+}
+
+ssize_t pwritev(int fd, const struct iovec *iov, int n, off_t off) {
+    static ssize_t (*real)(int, const struct iovec *, int, off_t);
+    if (!real)
+        real = dlsym(RTLD_NEXT, "pwritev");
+    refuse_watched(fd);
+    return real(fd, iov, n, off);
+}
+
+ssize_t pwritev64(int fd, const struct iovec *iov, int n, off64_t off) {
+    static ssize_t (*real)(int, const struct iovec *, int, off64_t);
+    if (!real)
+        real = dlsym(RTLD_NEXT, "pwritev64");
+    refuse_watched(fd);
+    return real(fd, iov, n, off);
+}
+
+int fallocate(int fd, int mode, off_t off, off_t len) {
+    static int (*real)(int, int, off_t, off_t);
+    if (!real)
+        real = dlsym(RTLD_NEXT, "fallocate");
+    refuse_watched(fd);
+    return real(fd, mode, off, len);
+}
+
+int posix_fallocate(int fd, off_t off, off_t len) {
+    static int (*real)(int, off_t, off_t);
+    if (!real)
+        real = dlsym(RTLD_NEXT, "posix_fallocate");
+    refuse_watched(fd);
+    return real(fd, off, len);
 }

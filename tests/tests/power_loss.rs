@@ -22,7 +22,8 @@ const RATE: f64 = 1500.0;
 
 /// Runs an agent with `durability`, publishing numbered readings at [`RATE`] while its power is cut `rounds`
 /// times (every second cut keeps a random first part of the unsynced writes). Returns the numbers the broker
-/// acknowledged, what the cuts undid, the moto server, the agent (running, unwatched) and the directory.
+/// acknowledged, what the cuts undid, the moto server, the agent (running, its writes still journalled, no cut
+/// planned), the broker and the directory.
 fn publish_through_power_cuts(
     durability: &str,
     rounds: usize,
@@ -71,7 +72,14 @@ fn publish_through_power_cuts(
         while Instant::now() < deadline && agent.proc.as_mut().unwrap().exited().is_none() {
             std::thread::sleep(Duration::from_millis(5));
         }
-        if agent.proc.as_mut().unwrap().exited().is_some() {
+        if let Some(status) = agent.proc.as_mut().unwrap().exited() {
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(
+                status.signal(),
+                Some(9),
+                "the agent exited by itself with {status}, not by its SIGKILL at a write; its log ends:\n{}",
+                agent.log_tail(30)
+            );
             at_a_write += 1;
         }
         agent.kill9();
@@ -97,6 +105,10 @@ fn publish_through_power_cuts(
     agent.env = cut.env();
     agent.start();
     eprintln!("{at_a_write} of {rounds} cuts right after a write to the buffer, the rest at a random time");
+    assert!(
+        at_a_write > 0,
+        "no cut came right after a write to the buffer: POWERCUT_KILL_AT did not work"
+    );
     let (acked, published) = publisher.join().unwrap();
     assert!(
         acked.len() > count * 9 / 10,

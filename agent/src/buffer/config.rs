@@ -9,8 +9,8 @@ pub enum Durability {
     #[default]
     Full,
     /// `synchronous=NORMAL` in WAL mode, but for seals (fsynced, so a record is sent only once its seal is on the
-    /// disk): survives a crash or kill -9 of the agent, but the commits since the last seal are lost on power
-    /// loss even though they were acknowledged. Faster on SD cards and eMMC.
+    /// disk): survives a crash or kill -9 of the agent, but a power loss may take the commits since the last
+    /// seal or WAL checkpoint even though they were acknowledged. Faster on SD cards and eMMC.
     Normal,
 }
 

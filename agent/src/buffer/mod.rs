@@ -1451,10 +1451,12 @@ impl Buffer {
         }
         self.conn.execute_batch("PRAGMA synchronous=FULL")?;
         let res = self.in_tx(f);
-        let back = self.conn.execute_batch("PRAGMA synchronous=NORMAL");
-        let v = res?;
-        back?;
-        Ok(v)
+        // Not an error of the seal, which committed or not as `res` says (reporting a committed seal as failed
+        // would leave the next one to reuse its numbers): commits stay fsynced until the next seal sets it back.
+        if let Err(e) = self.conn.execute_batch("PRAGMA synchronous=NORMAL") {
+            tracing::warn!(error = %e, "cannot set synchronous=NORMAL back after a seal; commits are fsynced meanwhile");
+        }
+        res
     }
 
     /// Runs `f` inside `BEGIN IMMEDIATE … COMMIT`, rolling back if it fails.
@@ -1462,6 +1464,12 @@ impl Buffer {
         &mut self,
         f: impl FnOnce(&mut Self) -> Result<T, BufferError>,
     ) -> Result<T, BufferError> {
+        #[cfg(test)]
+        {
+            self.committed_with = self
+                .conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+        }
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         #[cfg(test)]
         let f = {
@@ -1477,12 +1485,6 @@ impl Buffer {
                 None => f(b),
             }
         };
-        #[cfg(test)]
-        {
-            self.committed_with = self
-                .conn
-                .query_row("PRAGMA synchronous", [], |r| r.get(0))?;
-        }
         match f(self) {
             Ok(v) => match self.conn.execute_batch("COMMIT") {
                 Ok(()) => Ok(v),
