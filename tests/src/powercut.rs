@@ -67,6 +67,13 @@ impl PowerCut {
     /// The environment a process needs to be watched. The journals start empty.
     pub fn env(&self) -> Vec<(String, String)> {
         self.clear();
+        self.env_keeping()
+    }
+
+    /// The environment of a process that touches the watched files while the watched process is down (a
+    /// reader, a lock holder, a second agent): its writes and syncs must be journalled too, or a later cut would
+    /// play back writes it made durable. Unlike [`PowerCut::env`] it keeps the journals.
+    pub fn env_keeping(&self) -> Vec<(String, String)> {
         vec![
             ("LD_PRELOAD".into(), self.library.display().to_string()),
             ("POWERCUT_PREFIX".into(), self.prefix.display().to_string()),
@@ -75,6 +82,11 @@ impl PowerCut {
                 self.journal.display().to_string(),
             ),
         ]
+    }
+
+    /// Forgets the journals: for files the test removed itself (their unsynced writes went with them).
+    pub fn forget(&self) {
+        self.clear();
     }
 
     fn clear(&self) {

@@ -4,7 +4,9 @@
 //! The world: Mosquitto (persistent), two QoS 1 publishers of numbered readings with payload timestamps
 //! (`publish_numbered.py`, topics `chaos-a/…` and `chaos-b/…`), one agent whose buffer is on a 64 MiB tmpfs, Kinesis
 //! (moto, 2 shards) behind the fault proxy, two cloud workers sharing the shards, Timestream and Parquet on moto.
-//! One event every 1–4 s, chosen by `fastrand` from the seed: kill -9 the agent; restart the broker; Kinesis throttles,
+//! One event every 1–4 s, chosen by `fastrand` from the seed: kill -9 the agent; cut the power under it (it is
+//! killed right after its next write to the buffer and the writes not yet synced are undone, all or a later part
+//! of them: [`fieldlink_e2e::powercut`]); restart the broker; Kinesis throttles,
 //! rejects entries, resets connections (before or after moto took the call) or is down for 10 s; another process holds
 //! the buffer's write lock; the buffer's filesystem is filled; the buffer file is replaced (as an operator re-images
 //! a box: intake stopped, the buffer drained to Kinesis, a graceful stop, the files deleted, a start under the same
@@ -26,6 +28,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use fieldlink_e2e::powercut::{Keep, PowerCut};
 use fieldlink_e2e::*;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -45,6 +48,7 @@ const HEADROOM: u64 = 4 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
     KillAgent,
+    CutPower,
     RestartBroker,
     KinesisThrottle,
     KinesisReject,
@@ -58,8 +62,9 @@ enum Event {
     StepClock,
 }
 
-const EVENTS: [Event; 12] = [
+const EVENTS: [Event; 13] = [
     Event::KillAgent,
+    Event::CutPower,
     Event::RestartBroker,
     Event::KinesisThrottle,
     Event::KinesisReject,
@@ -93,6 +98,10 @@ struct Stats {
     agent_deduplicated: f64,
     cloud_duplicates: f64,
     ledger_checks: usize,
+    /// Power cuts that came right after a write to the buffer (the rest: at a moment without writes for 5 s).
+    cuts_at_a_write: usize,
+    /// Unsynced writes to the database and its WAL the cuts undid.
+    cut_writes_undone: usize,
 }
 
 struct Chaos {
@@ -113,6 +122,10 @@ struct Chaos {
     ballast: PathBuf,
     /// The agent's wall-clock offset in seconds (libfaketime reads it at every call).
     clock: PathBuf,
+    /// The journals of unsynced writes to the buffer's files, and the file whose existence makes the agent kill
+    /// itself at its next write to them.
+    power: PowerCut,
+    cut_now: PathBuf,
     /// Faults under way and when they end.
     undos: Vec<(Instant, Undo)>,
     /// When the schedule started.
@@ -131,11 +144,16 @@ impl Chaos {
         if !db.exists() {
             return 0.0;
         }
-        run_python(&[
-            "-c",
-            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], timeout=60); print(c.execute('SELECT coalesce(sum(readings), 0) FROM groups').fetchone()[0] + c.execute('SELECT coalesce(sum(readings), 0) FROM batches').fetchone()[0])",
-            db.to_str().unwrap(),
-        ])
+        // Journalled like the agent: closing the last connection checkpoints and syncs the file.
+        run_ok(
+            std::process::Command::new(python())
+                .args([
+                    "-c",
+                    "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], timeout=60); print(c.execute('SELECT coalesce(sum(readings), 0) FROM groups').fetchone()[0] + c.execute('SELECT coalesce(sum(readings), 0) FROM batches').fetchone()[0])",
+                    db.to_str().unwrap(),
+                ])
+                .envs(self.power.env_keeping()),
+        )
         .trim()
         .parse()
         .unwrap()
@@ -202,7 +220,10 @@ impl Chaos {
             | Event::KinesisReject
             | Event::KinesisReset
             | Event::KinesisDown => matches!(u, Undo::ProxyNormal),
-            Event::HoldLock | Event::ReplaceBuffer => matches!(u, Undo::ReleaseLock),
+            // A power cut would take the lock holder down too: its lock ends first.
+            Event::HoldLock | Event::ReplaceBuffer | Event::CutPower => {
+                matches!(u, Undo::ReleaseLock)
+            }
             Event::FillDisk => matches!(u, Undo::RemoveBallast),
             Event::KillWorker | Event::RestartCloud => matches!(u, Undo::StartWorker(_)),
             Event::KillAgent | Event::RestartBroker | Event::StepClock => false,
@@ -224,6 +245,10 @@ impl Chaos {
                 );
                 self.agent.kill9();
                 self.start_agent();
+                None
+            }
+            Event::CutPower => {
+                self.cut_power(p);
                 None
             }
             Event::RestartBroker => {
@@ -252,7 +277,8 @@ impl Chaos {
                 cmd.arg(script("hold_write_lock.py"))
                     .arg(self.db())
                     .arg(format!("{:.1}", d.as_secs_f64()))
-                    .arg(&locked);
+                    .arg(&locked)
+                    .envs(self.power.env_keeping());
                 self.lock = Some(Proc::spawn(
                     "lock holder",
                     cmd,
@@ -341,6 +367,50 @@ impl Chaos {
         }
     }
 
+    /// The agent dies right after its next write to the buffer (or after 5 s without one) and the buffer's
+    /// files lose the writes not yet synced: all of them for an even `p`, else a random later part of them.
+    fn cut_power(&mut self, p: u64) {
+        Self::check_ledger(
+            &self.agent,
+            self.backlog,
+            self.seed,
+            "before a power cut",
+            &mut self.stats,
+        );
+        std::fs::write(&self.cut_now, b"").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let proc = self.agent.proc.as_mut().unwrap();
+        let status = loop {
+            match proc.exited() {
+                Some(s) => break Some(s),
+                None if Instant::now() >= deadline => break None,
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        if let Some(status) = status {
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(
+                status.signal(),
+                Some(9),
+                "seed {}: the agent exited with {status}, not by its SIGKILL at a write",
+                self.seed
+            );
+            self.stats.cuts_at_a_write += 1;
+        }
+        self.agent.kill9();
+        std::fs::remove_file(&self.cut_now).unwrap();
+        let keep = if p.is_multiple_of(2) {
+            Keep::Nothing
+        } else {
+            Keep::RandomPrefix
+        };
+        let undone = self
+            .power
+            .cut(keep, &mut fastrand::Rng::with_seed(self.seed ^ p));
+        self.stats.cut_writes_undone += undone.database_writes;
+        self.start_agent();
+    }
+
     /// What an operator re-imaging a box does: stop intake, let the buffer drain to Kinesis, stop gracefully, delete
     /// the buffer, start again under the same agent_id (a new epoch). Meanwhile the broker queues for the session.
     fn replace_buffer(&mut self) {
@@ -388,6 +458,7 @@ impl Chaos {
         for ext in ["db", "db-wal", "db-shm"] {
             let _ = std::fs::remove_file(self.fs.path.join(format!("{AGENT}.{ext}")));
         }
+        self.power.forget();
         let db = self.fs.path.join(format!("{AGENT}.db"));
         assert!(
             !db.exists(),
@@ -530,6 +601,18 @@ fn every_acknowledged_reading_lands_exactly_once_under_a_random_fault_schedule()
     let clock = dir.join("agent-clock-offset");
     set_clock_offset(&clock, "+0");
     agent.env = faketime_env(("FAKETIME_TIMESTAMP_FILE", clock.to_str().unwrap()));
+    // Power cuts: the journals live beside, not on the buffer's small filesystem (filling it must not stop them).
+    let power = PowerCut::new(&dir, &fs.path.join(format!("{AGENT}.db")));
+    let cut_now = dir.join("cut-power-now");
+    for (k, v) in power.env() {
+        match agent.env.iter_mut().find(|(key, _)| *key == k) {
+            Some((_, preload)) => *preload = format!("{preload}:{v}"),
+            None => agent.env.push((k, v)),
+        }
+    }
+    agent
+        .env
+        .push(("POWERCUT_KILL_FILE".into(), cut_now.display().to_string()));
     proxy.set("max_skew_s=300");
     let config = std::fs::read_to_string(&agent.config).unwrap();
     let drain = config
@@ -557,6 +640,8 @@ fn every_acknowledged_reading_lands_exactly_once_under_a_random_fault_schedule()
         workers: [None, None],
         lock: None,
         clock,
+        power,
+        cut_now,
         undos: Vec::new(),
         t0: Instant::now(),
         stats: Stats::default(),
@@ -670,7 +755,7 @@ fn every_acknowledged_reading_lands_exactly_once_under_a_random_fault_schedule()
     let proxy = world.proxy.stats();
     let mean = |v: &[u128]| v.iter().sum::<u128>() / v.len().max(1) as u128;
     eprintln!(
-        "chaos summary: seed {seed}; schedule {chaos_s:.0} s, setup {setup_s:.0} s, catch-up {catch_up_s:.1} s, wall {:.0} s; events {:?}; readings published {}, acked {acked_n}, in parquet {}, in timestream {} ({} records written, {} rewrites); agent processes {} (start mean {} ms, max {} ms), drains before a replacement {:?} ms, ledger checks {}, readings received >= {}, deduplicated by the agent >= {}; batches skipped as duplicates by the cloud >= {}; proxy: {} PutRecords calls, {} throttled, {} entries rejected, {}+{} reset before/after, {} refused; {} landed.py polls",
+        "chaos summary: seed {seed}; schedule {chaos_s:.0} s, setup {setup_s:.0} s, catch-up {catch_up_s:.1} s, wall {:.0} s; events {:?}; readings published {}, acked {acked_n}, in parquet {}, in timestream {} ({} records written, {} rewrites); agent processes {} (start mean {} ms, max {} ms), drains before a replacement {:?} ms, power cuts right after a write {} (unsynced writes undone {}), ledger checks {}, readings received >= {}, deduplicated by the agent >= {}; batches skipped as duplicates by the cloud >= {}; proxy: {} PutRecords calls, {} throttled, {} entries rejected, {}+{} reset before/after, {} refused; {} landed.py polls",
         wall.elapsed().as_secs_f64(),
         world.stats.events,
         count * PREFIXES.len(),
@@ -682,6 +767,8 @@ fn every_acknowledged_reading_lands_exactly_once_under_a_random_fault_schedule()
         mean(&world.stats.agent_start_ms),
         world.stats.agent_start_ms.iter().max().unwrap_or(&0),
         world.stats.drain_ms,
+        world.stats.cuts_at_a_write,
+        world.stats.cut_writes_undone,
         world.stats.ledger_checks,
         world.stats.agent_received,
         world.stats.agent_deduplicated,
