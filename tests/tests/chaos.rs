@@ -220,7 +220,8 @@ impl Chaos {
             | Event::KinesisReject
             | Event::KinesisReset
             | Event::KinesisDown => matches!(u, Undo::ProxyNormal),
-            // A power cut would take the lock holder down too: its lock ends first.
+            // The lock holder is on the same box: rather than die with the power (its open connection would keep
+            // the next opener from rebuilding the WAL index), it is waited out first.
             Event::HoldLock | Event::ReplaceBuffer | Event::CutPower => {
                 matches!(u, Undo::ReleaseLock)
             }
@@ -399,6 +400,12 @@ impl Chaos {
         }
         self.agent.kill9();
         std::fs::remove_file(&self.cut_now).unwrap();
+        // Undoing a truncation writes bytes back, which a disk needs no room for: a ballast filling the buffer's
+        // filesystem is set aside for the cut and put back.
+        let ballast = std::fs::metadata(&self.ballast).map(|m| m.len()).ok();
+        if ballast.is_some() {
+            std::fs::remove_file(&self.ballast).unwrap();
+        }
         let keep = if p.is_multiple_of(2) {
             Keep::Nothing
         } else {
@@ -408,6 +415,9 @@ impl Chaos {
             .power
             .cut(keep, &mut fastrand::Rng::with_seed(self.seed ^ p));
         self.stats.cut_writes_undone += undone.database_writes;
+        if let Some(len) = ballast {
+            fill(&self.ballast, len);
+        }
         self.start_agent();
     }
 
@@ -428,7 +438,14 @@ impl Chaos {
             metrics_port: self.agent.metrics_port,
             log: self.agent.log.clone(),
             proc: None,
-            env: self.agent.env.clone(),
+            // Journalled as the agent, but never cut.
+            env: self
+                .agent
+                .env
+                .iter()
+                .filter(|(k, _)| k != "POWERCUT_KILL_FILE")
+                .cloned()
+                .collect(),
             launcher: Vec::new(),
         };
         self.backlog = self.read_backlog();
