@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// What survives of the writes since a file's last sync.
 #[derive(Clone, Copy, Debug)]
@@ -31,6 +32,39 @@ pub struct Undone {
     pub kept: usize,
     /// Files removed: created, but their directory not synced since.
     pub files_removed: usize,
+}
+
+impl std::ops::AddAssign for Undone {
+    fn add_assign(&mut self, u: Undone) {
+        self.writes += u.writes;
+        self.database_writes += u.database_writes;
+        self.kept += u.kept;
+        self.files_removed += u.files_removed;
+    }
+}
+
+/// Waits until `deadline` for a watched process to kill itself at its planned write (`POWERCUT_KILL_AT`,
+/// `POWERCUT_KILL_FILE`): true if it did, false if it still runs. Any other end (an abort of the library, an
+/// error exit) panics with `what` and the end of its log.
+pub fn killed_at_a_write(proc: &mut crate::Proc, deadline: Instant, what: &str) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    loop {
+        if let Some(status) = proc.exited() {
+            let log = proc.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            assert_eq!(
+                status.signal(),
+                Some(9),
+                "{what}: exited with {status}, not by its SIGKILL at a write; its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// The watched files of one process (those whose path starts with `prefix`) and their journals.
@@ -66,7 +100,7 @@ impl PowerCut {
 
     /// The environment a process needs to be watched. The journals start empty.
     pub fn env(&self) -> Vec<(String, String)> {
-        self.clear();
+        self.forget();
         self.env_keeping()
     }
 
@@ -86,10 +120,6 @@ impl PowerCut {
 
     /// Forgets the journals: for files the test removed itself (their unsynced writes went with them).
     pub fn forget(&self) {
-        self.clear();
-    }
-
-    fn clear(&self) {
         for e in std::fs::read_dir(&self.journal).unwrap() {
             std::fs::remove_file(e.unwrap().path()).unwrap();
         }
@@ -131,7 +161,7 @@ impl PowerCut {
             }
             undone.kept += kept;
         }
-        self.clear();
+        self.forget();
         undone
     }
 }

@@ -28,7 +28,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use fieldlink_e2e::powercut::{Keep, PowerCut};
+use fieldlink_e2e::powercut::{killed_at_a_write, Keep, PowerCut};
 use fieldlink_e2e::*;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -380,22 +380,8 @@ impl Chaos {
         );
         std::fs::write(&self.cut_now, b"").unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        let proc = self.agent.proc.as_mut().unwrap();
-        let status = loop {
-            match proc.exited() {
-                Some(s) => break Some(s),
-                None if Instant::now() >= deadline => break None,
-                None => std::thread::sleep(Duration::from_millis(5)),
-            }
-        };
-        if let Some(status) = status {
-            use std::os::unix::process::ExitStatusExt;
-            assert_eq!(
-                status.signal(),
-                Some(9),
-                "seed {}: the agent exited with {status}, not by its SIGKILL at a write",
-                self.seed
-            );
+        let what = format!("seed {}: the agent", self.seed);
+        if killed_at_a_write(self.agent.proc.as_mut().unwrap(), deadline, &what) {
             self.stats.cuts_at_a_write += 1;
         }
         self.agent.kill9();

@@ -13,7 +13,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use fieldlink_e2e::powercut::{Keep, PowerCut, Undone};
+use fieldlink_e2e::powercut::{killed_at_a_write, Keep, PowerCut, Undone};
 use fieldlink_e2e::*;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -69,17 +69,7 @@ fn publish_through_power_cuts(
         // start-up included); if it has not got that far by a random deadline, the test kills it. The first
         // agent, which had to subscribe before the publisher started, is killed at a random time.
         let deadline = Instant::now() + Duration::from_millis(rng.u64(300..1500));
-        while Instant::now() < deadline && agent.proc.as_mut().unwrap().exited().is_none() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if let Some(status) = agent.proc.as_mut().unwrap().exited() {
-            use std::os::unix::process::ExitStatusExt;
-            assert_eq!(
-                status.signal(),
-                Some(9),
-                "the agent exited by itself with {status}, not by its SIGKILL at a write; its log ends:\n{}",
-                agent.log_tail(30)
-            );
+        if killed_at_a_write(agent.proc.as_mut().unwrap(), deadline, "the agent") {
             at_a_write += 1;
         }
         agent.kill9();
@@ -89,11 +79,7 @@ fn publish_through_power_cuts(
         } else {
             Keep::RandomPrefix
         };
-        let u = cut.cut(keep, &mut rng);
-        undone.writes += u.writes;
-        undone.database_writes += u.database_writes;
-        undone.kept += u.kept;
-        undone.files_removed += u.files_removed;
+        undone += cut.cut(keep, &mut rng);
         if round + 1 < rounds {
             agent.env = cut.env();
             agent
