@@ -224,9 +224,10 @@ pub async fn drain(
 }
 
 /// What a stop may take beyond `shutdown_drain_ms`, asked of systemd (`EXTEND_TIMEOUT_USEC`). Under a lock another
-/// process holds over the stop, every buffer transaction waits out SQLite's 5 s busy timeout: the connections'
-/// last acknowledgements and the flush (5–15 s), then the close's retry of a held commit (10 s and a last 5 s
-/// attempt) and its final seal (5 s); measured 15 s with the lock freed during the close.
+/// process holds over the stop, every buffer transaction waits out SQLite's 5 s busy timeout: a held commit's
+/// retry and an acknowledgement's delete under way (5–10 s; the flush seals nothing while a commit waits on the
+/// lock), then the close's retry of a held commit (10 s and a last 5 s attempt) and its final seal (5 s); measured
+/// 5–10 s with the lock freed during the close.
 const STOP_MARGIN: Duration = Duration::from_secs(60);
 
 /// How much longer than its start timeout systemd is asked to wait while start-up work runs, asked again every

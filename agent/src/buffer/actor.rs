@@ -33,9 +33,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
-/// How long an acknowledgement's delete is retried before the thread gives up on it (the records stay pending).
-const ACK_PATIENCE: Duration = Duration::from_secs(30);
-
 /// Called once the readings it came with are durably committed (queues the MQTT PUBACK).
 pub type AckFn = Box<dyn FnOnce() + Send>;
 
@@ -200,7 +197,8 @@ impl BufferHandle {
             .map_err(|_| Closed)
     }
 
-    /// Seals everything unsealed now, ignoring the reorder window (shutdown); returns once done.
+    /// Seals everything unsealed now, ignoring the reorder window (shutdown); returns once done. Seals nothing while
+    /// a commit waits on another process's lock (the close seals after its retry of the commit).
     pub async fn flush(&self) -> Result<(), Closed> {
         let (reply, rx) = oneshot::channel();
         self.ctl
@@ -395,6 +393,8 @@ fn worker(
         published: Ledger::default(),
         published_windows: crate::window::Counts::default(),
         held: None,
+        undeleted_retry: None,
+        lock_probe: None,
         headroom,
         seal_error: None,
         dropped: None,
@@ -490,6 +490,14 @@ struct Worker {
     /// A group of appends taken from the queue but not committed yet (a failed commit, or no disk room): retried
     /// at `retry_at`; no new appends are taken meanwhile, while control (fetch, acknowledge, flush) is served.
     held: Option<Held>,
+    /// When the deletion of records Kinesis acknowledged that failed ([`Buffer::note_undeleted`]) is tried again,
+    /// and its backoff; `None` while none waits.
+    undeleted_retry: Option<(Instant, Backoff)>,
+    /// Set while the last write failed on another process's lock (`SQLITE_BUSY`): when the writes nobody waits for
+    /// (seal ticks, retried deletions) may try again, and its backoff. Each attempt under the lock waits out
+    /// SQLite's 5 s busy timeout on this thread; back to back, they held appends back for good (control is served
+    /// first, then the tick) and a stop for tens of seconds. Any write that goes through clears it.
+    lock_probe: Option<(Instant, Backoff)>,
     /// Bytes kept free on the buffer's filesystem: `min_free_bytes`, at most an eighth of a small filesystem.
     headroom: u64,
     /// The last seal's error, until a seal succeeds.
@@ -515,7 +523,7 @@ struct Worker {
 /// agent causes or suffers (intake paused under `backpressure`, a broker out of reach while it queues the
 /// readings) is not taken for the series' silence, nor is a step of the wall clock. Advanced at each seal by the
 /// time since the one before, if intake runs then (seals come every `linger_ms`), by at most `max_step` (time the
-/// buffer thread spent away from its loop, in a retried deletion or a long commit, is time it took no readings).
+/// buffer thread spent away from its loop, in a commit or a deletion waiting on a lock, is time it took no readings).
 /// A down connection holds it for at most [`LINK_WAIT`] from when it was first seen down (a broker gone for good
 /// must not stop every window rule's clock). Pure.
 #[derive(Debug)]
@@ -602,6 +610,16 @@ const SLOW_PART: Duration = Duration::from_secs(30);
 /// Longest wait between two retries of a held group.
 const MAX_RETRY: Duration = Duration::from_secs(2);
 
+/// First and longest wait before the deletion of acknowledged records that failed is tried again (nothing waits
+/// for it: the records are not sent again meanwhile, they only take room).
+const DELETE_RETRY_MIN: Duration = Duration::from_secs(1);
+const DELETE_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// First and longest wait, after a write failed on another process's lock, before a seal tick or a retried
+/// deletion tries again (a held commit's own retries go on meanwhile: a sealing tick or deletion is not urgent).
+const LOCK_PROBE_MIN: Duration = Duration::from_secs(1);
+const LOCK_PROBE_MAX: Duration = Duration::from_secs(10);
+
 /// How long the close retries a commit that fails (a lock another process holds, a disk error) before giving up
 /// what it holds. systemd is asked for the drain deadline plus 30 s to stop: a last attempt may wait out SQLite's
 /// 5 s busy timeout past this, and the final seal follows.
@@ -618,10 +636,13 @@ impl Worker {
     /// retry, and serves it. `false` once every handle is gone and the thread has closed the buffer.
     fn step(&mut self, next_seal: &mut Instant, linger: Duration) -> bool {
         let accepting = self.accepting();
-        let until = self
+        let mut until = self
             .held
             .as_ref()
             .map_or(*next_seal, |h| h.retry_at.min(*next_seal));
+        if let Some(at) = self.undeleted_due_at() {
+            until = until.min(at);
+        }
         let wait = until.saturating_duration_since(Instant::now());
         // Served in this order when several are ready (flume's selector without `eventual-fairness`): control,
         // a sealed part, appends. A sealed part before appends: under steady intake there is always an append
@@ -648,6 +669,11 @@ impl Worker {
                 // Every handle is gone: commit what is still held or queued, then seal what is left and stop.
                 self.commit_at_close(Instant::now() + CLOSE_RETRY);
                 self.seal_all();
+                // Once more if the final seal went through (no lock in the way): what is left is sent again at the
+                // next start, and the cloud skips it.
+                if self.buffer.has_undeleted() && self.seal_error.is_none() {
+                    self.delete_undeleted();
+                }
                 tracing::info!(stats = ?self.buffer.stats(), "buffer closed");
                 return false;
             }
@@ -670,14 +696,21 @@ impl Worker {
                 self.try_commit(h);
             }
         }
-        // No seal while a commit waits on another process's lock: it would wait out the busy timeout on the same
-        // lock, holding back control messages (a stop) and the commit's retry; it resumes once the commit goes in.
+        if self
+            .undeleted_due_at()
+            .is_some_and(|at| Instant::now() >= at)
+        {
+            self.delete_undeleted();
+        }
+        // No seal while a commit waits on another process's lock, or until the lock's next probe: it would wait out
+        // the busy timeout on the same lock, holding back control messages (a stop), appends and the commit's
+        // retry; it resumes once a write goes in.
         if Instant::now() >= *next_seal {
-            if !self.held.as_ref().is_some_and(|h| h.locked) {
+            if !self.lock_waits(Instant::now()) {
                 self.seal_tick();
             } else {
-                // Intake waits on the lock: the window rules' intake clock stands still meanwhile.
-                self.intake.advance(Instant::now(), false);
+                // The clock stands still while intake waits on the lock (a held commit), runs while it takes.
+                self.advance_intake_clock();
             }
             *next_seal = Instant::now() + linger;
         }
@@ -736,6 +769,71 @@ impl Worker {
             && !(self.cfg.overflow == OverflowPolicy::Backpressure && self.over_cap())
     }
 
+    /// When the deletion of acknowledged records that failed is due: at its retry, not before the lock's next
+    /// probe, never while a commit waits on another process's lock (the deletion would wait out the busy timeout on
+    /// it too; it resumes once the commit goes in).
+    fn undeleted_due_at(&self) -> Option<Instant> {
+        if self.held.as_ref().is_some_and(|h| h.locked) || !self.buffer.has_undeleted() {
+            return None;
+        }
+        let at = self.undeleted_retry.as_ref().map(|(at, _)| *at)?;
+        Some(
+            self.lock_probe
+                .as_ref()
+                .map_or(at, |(probe, _)| at.max(*probe)),
+        )
+    }
+
+    /// Whether the writes nobody waits for (a seal tick, a retried deletion) wait for another process's lock at
+    /// `now`: a commit is held on it, or the last write failed on it and its next probe is later.
+    fn lock_waits(&self, now: Instant) -> bool {
+        self.held.as_ref().is_some_and(|h| h.locked)
+            || self.lock_probe.as_ref().is_some_and(|(at, _)| now < *at)
+    }
+
+    /// Notes how a write ended: one that failed on another process's lock sets the lock's next probe (with
+    /// backoff), one that went through ends the wait.
+    fn note_write(&mut self, class: Option<ErrorClass>) {
+        if class != Some(ErrorClass::Busy) {
+            self.lock_probe = None;
+            return;
+        }
+        let (at, backoff) = self
+            .lock_probe
+            .get_or_insert_with(|| (Instant::now(), Backoff::new(LOCK_PROBE_MIN, LOCK_PROBE_MAX)));
+        *at = Instant::now() + backoff.next_delay().max(LOCK_PROBE_MIN);
+    }
+
+    /// Tries the deletion of acknowledged records that failed once; counts them sent when it goes through, or sets
+    /// the next try.
+    fn delete_undeleted(&mut self) {
+        let res = self.buffer.ack_undeleted();
+        self.note_write(res.as_ref().err().map(BufferError::class));
+        match res {
+            Ok(records) => {
+                self.metrics.records_sent.add(records);
+                self.undeleted_retry = None;
+                if records > 0 {
+                    tracing::info!(records, "acknowledged batches deleted after all");
+                    self.publish();
+                }
+            }
+            Err(e) => {
+                self.metrics.buffer_errors.inc();
+                let (at, backoff) = self.undeleted_retry.get_or_insert_with(|| {
+                    (
+                        Instant::now(),
+                        Backoff::new(DELETE_RETRY_MIN, DELETE_RETRY_MAX),
+                    )
+                });
+                *at = Instant::now() + backoff.next_delay();
+                if backoff.attempts() % 10 == 0 {
+                    tracing::error!(error = %e, "deleting acknowledged batches still fails; retried");
+                }
+            }
+        }
+    }
+
     fn over_cap(&self) -> bool {
         self.buffer.stats().bytes() > self.cfg.max_bytes
     }
@@ -754,36 +852,39 @@ impl Worker {
                 );
             }
             Control::Ack { seqs, reply } => {
-                let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-                let started = Instant::now();
-                loop {
-                    match self.buffer.ack(&seqs) {
-                        Ok((records, _)) => {
-                            self.metrics.records_sent.add(records);
-                            break;
+                let res = self.buffer.ack(&seqs);
+                self.note_write(res.as_ref().err().map(BufferError::class));
+                match res {
+                    Ok((records, _)) => self.metrics.records_sent.add(records),
+                    Err(e) => {
+                        // Not retried here: under another process's lock each attempt waits out the busy
+                        // timeout, and the sender, and a stop behind it, would wait with this thread (a stop
+                        // waited 30 s). Kinesis has the records: they are not fetched again, and the loop retries
+                        // their deletion.
+                        self.metrics.buffer_errors.inc();
+                        if !self.buffer.has_undeleted() || self.undeleted_retry.is_none() {
+                            let mut backoff = Backoff::new(DELETE_RETRY_MIN, DELETE_RETRY_MAX);
+                            self.undeleted_retry =
+                                Some((Instant::now() + backoff.next_delay(), backoff));
                         }
-                        Err(e) if started.elapsed() < ACK_PATIENCE => {
-                            self.metrics.buffer_errors.inc();
-                            tracing::error!(error = %e, "deleting acknowledged batches failed; retrying");
-                            std::thread::sleep(backoff.next_delay());
-                        }
-                        Err(e) => {
-                            // Give up rather than wedge the thread: the records stay pending and are sent again
-                            // (same epoch and sequence number: the cloud skips the resend).
-                            // They stay in flight until the next fetch: Kinesis has them, so `drop_oldest`
-                            // must not count them as dropped.
-                            self.metrics.buffer_errors.inc();
-                            self.buffer.note_undeleted(&seqs);
-                            tracing::error!(error = %e, records = seqs.len(), "deleting acknowledged batches keeps failing; they stay buffered and will be resent");
-                            break;
-                        }
+                        self.buffer.note_undeleted(&seqs);
+                        tracing::error!(
+                            error = %e,
+                            records = seqs.len(),
+                            "deleting acknowledged batches failed; Kinesis has them, so they are not sent again, \
+                             and the deletion is retried"
+                        );
                     }
                 }
                 self.publish();
                 let _ = reply.send(());
             }
             Control::Flush { reply } => {
-                self.seal_all();
+                // Not while a commit waits on another process's lock: the seal would wait out the busy timeout on
+                // it too, and fail; the close seals after its own retry of the commit.
+                if !self.held.as_ref().is_some_and(|h| h.locked) {
+                    self.seal_all();
+                }
                 let _ = reply.send(());
             }
             Control::FlushClosingWindows { reply } => {
@@ -792,6 +893,10 @@ impl Worker {
                 let _ = reply.send(());
             }
             Control::Left { reply } => {
+                // The drain's count: a deletion still waiting gets its try first.
+                if self.buffer.has_undeleted() {
+                    self.delete_undeleted();
+                }
                 let _ = reply.send(self.buffer.left().map_err(|e| e.to_string()));
             }
             Control::Ping { reply } => {
@@ -880,6 +985,7 @@ impl Worker {
             part.iter().map(|a| a.readings.as_slice()),
             part.iter().filter_map(|a| a.refused.as_deref()),
         );
+        self.note_write(res.as_ref().err().map(BufferError::class));
         if let Err(e) = res {
             self.metrics.buffer_errors.inc();
             let class = e.class();
@@ -1242,6 +1348,7 @@ impl Worker {
     /// Counts the outcome of one part of a seal that took at most `max_rows`; whether the seal goes on (it ends
     /// with a part that found nothing ready, or with an error, retried at the next tick).
     fn part_result(&mut self, res: Result<SealReport, BufferError>, max_rows: usize) -> bool {
+        self.note_write(res.as_ref().err().map(BufferError::class));
         let full_size = self.full_part_rows();
         match res {
             Ok(r) if r.rows == 0 => {
@@ -1450,13 +1557,27 @@ mod tests {
     /// SQLite's busy timeout shortened to 100 ms (each failed attempt takes this long); the locking connection.
     fn worker_under_lock(dir: &std::path::Path) -> (Worker, BufferHandle, rusqlite::Connection) {
         let (w, handle) = new_worker(dir);
+        let other = lock_out(&w, dir);
+        (w, handle, other)
+    }
+
+    /// Another connection's lock on `w`'s buffer, `dir/b.db` (`BEGIN EXCLUSIVE`), with `w`'s busy timeout shortened
+    /// to 100 ms; the locking connection (dropping it frees the lock).
+    fn lock_out(w: &Worker, dir: &std::path::Path) -> rusqlite::Connection {
         w.buffer
             .conn
             .busy_timeout(Duration::from_millis(100))
             .unwrap();
         let other = rusqlite::Connection::open(dir.join("b.db")).unwrap();
         other.execute_batch("BEGIN EXCLUSIVE").unwrap();
-        (w, handle, other)
+        other
+    }
+
+    /// Commits `n` one-reading groups straight to `w`'s buffer, ready to seal.
+    fn commit_ready(w: &mut Worker, n: i64) {
+        let readings: Vec<NewReading> = (0..n).map(|i| reading(format!("dev{i}/m"), i)).collect();
+        w.buffer.append(readings.chunks(1)).unwrap();
+        w.ready_id = w.buffer.last_row_id();
     }
 
     /// A worker under another connection's lock ([`worker_under_lock`]) holding a Modbus poll's commit on it, its
@@ -1546,6 +1667,120 @@ mod tests {
     fn run_part(w: &mut Worker, (job, mut encoder): (Box<SealJob>, Encoder)) {
         let sealed = job.run(&mut encoder);
         w.part_done(sealed, encoder);
+    }
+
+    /// An acknowledgement whose deletion fails on another process's lock answers after one attempt (it was retried
+    /// in place for 30 s, and the sender and a stop behind it waited: a stop under a lock took over 30 s). Kinesis
+    /// has the records: they are not fetched again, the loop's retries fail while the lock stays, and the first
+    /// one after it deletes them, counted sent.
+    #[test]
+    fn an_acknowledgement_under_a_lock_answers_at_once_and_the_loop_deletes_its_records_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _handle) = new_worker(dir.path());
+        commit_ready(&mut w, 4);
+        w.seal_all();
+        let seqs: Vec<u64> = w
+            .buffer
+            .pending(100, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|p| p.seq)
+            .collect();
+        let records = seqs.len() as u64;
+        assert!(records > 0);
+
+        let other = lock_out(&w, dir.path());
+        let t0 = Instant::now();
+        let (reply, mut rx) = oneshot::channel();
+        w.control(Control::Ack { seqs, reply });
+        assert!(rx.try_recv().is_ok(), "answered");
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "one attempt, not a retry loop: {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(
+            w.buffer.stats().pending_batches,
+            records,
+            "still in the file"
+        );
+        assert!(
+            w.buffer.pending(100, usize::MAX).unwrap().is_empty(),
+            "Kinesis has them: not fetched again"
+        );
+
+        let linger = Duration::from_secs(3600);
+        let mut next_seal = Instant::now() + linger;
+        let due_now = |w: &mut Worker| w.undeleted_retry.as_mut().unwrap().0 = Instant::now();
+        due_now(&mut w);
+        assert!(w.step(&mut next_seal, linger));
+        assert_eq!(w.buffer.stats().pending_batches, records, "the lock stays");
+        assert!(
+            w.undeleted_retry.as_ref().unwrap().0 > Instant::now(),
+            "retried later"
+        );
+
+        drop(other);
+        due_now(&mut w);
+        assert!(w.step(&mut next_seal, linger));
+        assert_eq!(
+            w.buffer.stats().pending_batches,
+            0,
+            "deleted once the lock went"
+        );
+        assert_eq!(w.metrics.records_sent.get(), records);
+        assert!(w.undeleted_retry.is_none() && !w.buffer.has_undeleted());
+    }
+
+    /// A seal tick that failed on another process's lock, with no commit held, keeps the next ticks from trying
+    /// until the lock's probe (each attempt waits out the busy timeout: back to back, control was served, then a
+    /// tick, and appends never got a turn); appends are taken meanwhile, and once a write goes through the ticks
+    /// seal again.
+    #[test]
+    fn a_seal_that_failed_on_a_lock_waits_for_the_probe_and_appends_get_their_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, handle) = new_worker(dir.path());
+        commit_ready(&mut w, 4);
+        let other = lock_out(&w, dir.path());
+        let errors = |w: &Worker| w.metrics.buffer_errors.get();
+        let linger = Duration::from_secs(3600);
+
+        let mut due = Instant::now();
+        assert!(w.step(&mut due, linger));
+        assert_eq!(errors(&w), 1, "the tick's seal failed on the lock");
+        assert!(w.lock_waits(Instant::now()));
+
+        // Ticks due again and again: none tries before the probe; the queued poll is taken and held on the lock.
+        queue_poll(&handle, vec![reading("plc/x".into(), 9)]);
+        // A ping queued before each turn, as the agent's watchdog and the sender's fetches keep it.
+        for _ in 0..3 {
+            let (reply, _rx) = oneshot::channel();
+            handle.ctl.try_send(Control::Ping { reply }).unwrap();
+            let mut due = Instant::now();
+            assert!(w.step(&mut due, linger));
+        }
+        assert_eq!(errors(&w), 1, "no tick tried");
+        let mut due = Instant::now();
+        assert!(w.step(&mut due, linger));
+        assert_eq!(errors(&w), 2, "one more error: the poll's commit");
+        assert!(w.held.as_ref().is_some_and(|h| h.locked));
+
+        drop(other);
+        w.held.as_mut().unwrap().retry_at = Instant::now();
+        let mut due = Instant::now();
+        assert!(w.step(&mut due, linger));
+        assert!(
+            w.held.is_none() && w.lock_probe.is_none(),
+            "the commit went in"
+        );
+        let mut due = Instant::now();
+        assert!(w.step(&mut due, linger));
+        let stats = w.buffer.stats();
+        assert_eq!(
+            (stats.pending_readings, stats.unsealed_readings),
+            (4, 1),
+            "sealed again (the poll waits its reorder window)"
+        );
     }
 
     /// The window rules' intake clock stands still while the agent takes no readings, whatever the wall clock.
@@ -1795,6 +2030,35 @@ mod tests {
                 drop(other);
             }
         }
+    }
+
+    /// A stop's flush while a commit waits on another process's lock tries no seal (it waited out the busy timeout
+    /// on the same lock and failed: 5 s more of every stop under a lock); once the lock goes, the close commits the
+    /// poll and seals everything.
+    #[test]
+    fn a_flush_while_a_commit_waits_on_the_lock_leaves_the_seal_to_the_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, handle) = new_worker(dir.path());
+        commit_ready(&mut w, 1);
+        let other = lock_out(&w, dir.path());
+        queue_poll(&handle, vec![reading("plc/x".into(), 2)]);
+        let linger = Duration::from_secs(3600);
+        let mut next_seal = Instant::now() + linger;
+        assert!(w.step(&mut next_seal, linger));
+        assert!(w.held.as_ref().is_some_and(|h| h.locked));
+        assert_eq!(w.metrics.buffer_errors.get(), 1);
+
+        let (reply, mut rx) = oneshot::channel();
+        w.control(Control::Flush { reply });
+        assert!(rx.try_recv().is_ok(), "answered");
+        assert_eq!(w.metrics.buffer_errors.get(), 1, "no seal tried");
+        assert_eq!(w.buffer.stats().unsealed_readings, 1);
+
+        drop(other);
+        drop(handle);
+        assert!(!w.step(&mut next_seal, linger), "closed");
+        let stats = w.buffer.stats();
+        assert_eq!((stats.unsealed_readings, stats.pending_readings), (0, 2));
     }
 
     /// A held group holds seal ticks back only while its last attempt failed on another process's lock: once it

@@ -123,9 +123,12 @@
 //! started while the held group's last attempt failed on another process's lock (it would wait on the same lock). By [`ErrorClass`]: `SQLITE_FULL` halves the group committed
 //! per attempt, truncates the WAL and, under `drop_oldest` only, drops the oldest records for the space needed;
 //! a lock held by another process (`SQLITE_BUSY`) and I/O errors only wait. A seal that fails for space seals half
-//! as many readings next time (whole groups: at least one). An acknowledgement whose delete keeps failing for 30 s is given up: its records stay
-//! in the file, counted pending, and are sent again under the same batch identity (the cloud skips the resend);
-//! the buffer notes them, so [`Buffer::left`] counts them apart and `drop_oldest` deletes them first, counted sent.
+//! as many readings next time (whole groups: at least one). An acknowledgement whose delete fails is not retried in
+//! place (under another process's lock each attempt waits out the busy timeout, and the sender and a stop would
+//! wait with it): the buffer notes its records ([`Buffer::note_undeleted`]), which stay in the file, counted
+//! pending, are not fetched again, and are deleted by a later [`Buffer::ack_undeleted`] (the buffer thread retries
+//! it with backoff); [`Buffer::left`] counts them apart and `drop_oldest` deletes them first, counted sent. Only a
+//! restart before that deletion sends them again, under the same batch identity (the cloud skips the copy).
 //!
 //! # Invariants
 //! - `meta.next_seq` is greater than every `batches.seq` ever written; sequence numbers are never reused.
@@ -555,9 +558,11 @@ pub struct Buffer {
     agent_id: String,
     epoch: u64,
     next_seq: u64,
-    /// Sequence numbers of records Kinesis acknowledged whose deletion was given up ([`Buffer::note_undeleted`]),
-    /// at most [`UNDELETED_MAX`]. [`Buffer::left`] counts those still in the file apart, and
-    /// [`Buffer::drop_oldest`] deletes them first; losing entries only makes both treat them as not acknowledged.
+    /// Sequence numbers of records Kinesis acknowledged whose deletion failed ([`Buffer::note_undeleted`]), at
+    /// most [`UNDELETED_MAX`]. [`Buffer::pending`] does not fetch them again, [`Buffer::ack_undeleted`] deletes
+    /// them, [`Buffer::left`] counts those still in the file apart, and [`Buffer::drop_oldest`] deletes them first.
+    /// Losing entries (the cap, a restart) only makes them count as not acknowledged: they are sent again under
+    /// the same batch identity, and the cloud skips the copies.
     undeleted: BTreeSet<u64>,
     series_ids: HashMap<Series, i64>,
     /// The same by the address of the interned series a reading shares (hashing a pointer, not the key and tags);
@@ -1264,25 +1269,28 @@ impl Buffer {
         })
     }
 
-    /// Acknowledges again the records Kinesis acknowledged whose deletion was given up (but those in flight
-    /// again: their own acknowledgement will): deleted, readings and alarm records alike, and counted sent.
-    /// Returns the records deleted.
-    fn ack_undeleted(&mut self) -> Result<u64, BufferError> {
-        let seqs: Vec<u64> = self
-            .undeleted
-            .iter()
-            .copied()
-            .filter(|s| !self.in_flight.contains(s))
-            .collect();
-        if seqs.is_empty() {
+    /// Deletes again the records Kinesis acknowledged whose deletion failed, readings and alarm records alike,
+    /// counted sent. Returns the records deleted.
+    pub fn ack_undeleted(&mut self) -> Result<u64, BufferError> {
+        if self.undeleted.is_empty() {
             return Ok(0);
         }
+        let seqs: Vec<u64> = self.undeleted.iter().copied().collect();
         Ok(self.ack(&seqs)?.0)
     }
 
-    /// Records Kinesis acknowledged (`seqs`) whose deletion was given up: they stay in the file and are sent again,
-    /// and [`Buffer::left`] counts them apart from the records Kinesis has not acknowledged.
+    /// Whether records Kinesis acknowledged wait for their deletion ([`Buffer::note_undeleted`]).
+    pub fn has_undeleted(&self) -> bool {
+        !self.undeleted.is_empty()
+    }
+
+    /// Records Kinesis acknowledged (`seqs`) whose deletion failed: they stay in the file, counted pending, until
+    /// [`Buffer::ack_undeleted`] deletes them; they are no longer in flight and not fetched again, and
+    /// [`Buffer::left`] counts them apart from the records Kinesis has not acknowledged.
     pub fn note_undeleted(&mut self, seqs: &[u64]) {
+        for s in seqs {
+            self.in_flight.remove(s);
+        }
         self.undeleted.extend(seqs);
         while self.undeleted.len() > UNDELETED_MAX {
             self.undeleted.pop_first();
@@ -1774,7 +1782,8 @@ impl Buffer {
 
     /// Pending records for one `PutRecords` call: at most `max_records` and about `max_bytes` (always at least one
     /// oldest record, whatever its size: with the newest quarter beside it a call can pass `max_bytes` by that one
-    /// record, never Kinesis' 5 MiB). They are in flight from now until acknowledged or the next call of `pending`; the
+    /// record, never Kinesis' 5 MiB), leaving out those Kinesis acknowledged whose deletion failed
+    /// ([`Buffer::note_undeleted`]). They are in flight from now until acknowledged or the next call of `pending`; the
     /// overflow policy does not drop records in flight. Alarm records come first, oldest first, ahead of every
     /// readings record. When more readings records are pending than fit, up to a quarter of the rest of the call
     /// (in records and in bytes) goes to the **newest** records and the rest to the oldest, so live data keeps
@@ -1791,7 +1800,7 @@ impl Buffer {
         let mut bytes = 0usize;
         if self.alarm_pending > 0 {
             take_within(
-                &self.conn,
+                (&self.conn, &self.undeleted),
                 "SELECT seq, record, 0 FROM alarm_records ORDER BY seq",
                 Budget {
                     records: max_records,
@@ -1813,7 +1822,7 @@ impl Buffer {
         let mut newest_bytes = 0usize;
         if self.stats.pending_batches > 1 && records_left >= 4 {
             take_within(
-                &self.conn,
+                (&self.conn, &self.undeleted),
                 "SELECT seq, record, readings FROM batches ORDER BY seq DESC",
                 Budget {
                     records: records_left / 4,
@@ -1827,7 +1836,7 @@ impl Buffer {
         }
         let below = newest.last().map(|p| p.seq);
         take_within(
-            &self.conn,
+            (&self.conn, &self.undeleted),
             "SELECT seq, record, readings FROM batches ORDER BY seq",
             Budget {
                 records: records_left - newest.len(),
@@ -1997,9 +2006,10 @@ struct Budget {
 }
 
 /// Appends rows of `sql` (`seq, record, readings`, in its order) to `out` while `budget` allows, reading one row
-/// at a time: at most `budget.bytes` (in `bytes`, shared with what `out` holds) plus one record in memory.
+/// at a time: at most `budget.bytes` (in `bytes`, shared with what `out` holds) plus one record in memory. Rows
+/// whose seq is in `acknowledged` (Kinesis has them) are passed over.
 fn take_within(
-    conn: &Connection,
+    (conn, acknowledged): (&Connection, &BTreeSet<u64>),
     sql: &str,
     budget: Budget,
     out: &mut Vec<Pending>,
@@ -2013,6 +2023,9 @@ fn take_within(
         let seq = r.get::<_, i64>(0)? as u64;
         if budget.skip_above.is_some_and(|above| seq >= above) {
             break;
+        }
+        if acknowledged.contains(&seq) {
+            continue;
         }
         let len = r.get_ref(1)?.as_bytes().map_or(0, <[u8]>::len);
         if !(budget.at_least_one && taken == 0) && *bytes + len > budget.bytes {
