@@ -45,11 +45,25 @@ impl std::ops::AddAssign for Undone {
 
 /// Waits until `deadline` for a watched process to kill itself at its planned write (`POWERCUT_KILL_AT`,
 /// `POWERCUT_KILL_FILE`): true if it did, false if it still runs. Any other end (an abort of the library, an
-/// error exit) panics with `what` and the end of its log.
+/// error exit, an exit 0) panics with `what` and the end of its log.
 pub fn killed_at_a_write(proc: &mut crate::Proc, deadline: Instant, what: &str) -> bool {
+    ended_at_a_write(proc, deadline, what, false) == Some(true)
+}
+
+/// [`killed_at_a_write`] for a process that may finish first (`finishes`: an exit 0 is `Some(false)`); `None`
+/// while it runs.
+pub fn ended_at_a_write(
+    proc: &mut crate::Proc,
+    deadline: Instant,
+    what: &str,
+    finishes: bool,
+) -> Option<bool> {
     use std::os::unix::process::ExitStatusExt;
     loop {
         if let Some(status) = proc.exited() {
+            if finishes && status.success() {
+                return Some(false);
+            }
             let log = proc.log_text();
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
             assert_eq!(
@@ -58,10 +72,10 @@ pub fn killed_at_a_write(proc: &mut crate::Proc, deadline: Instant, what: &str) 
                 "{what}: exited with {status}, not by its SIGKILL at a write; its log ends:\n{}",
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
-            return true;
+            return Some(true);
         }
         if Instant::now() >= deadline {
-            return false;
+            return None;
         }
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -1,9 +1,11 @@
 //! What an operator's world does to the buffer, end to end against real Mosquitto and moto (Kinesis made
 //! unreachable through the fault proxy): another process holding the buffer's write lock over a backlog, and the
-//! buffer's filesystem filling up (a tmpfs the test mounts, like a full SD card).
+//! buffer's filesystem filling up (a tmpfs the test mounts, like a full SD card), and the drain before a buffer
+//! file goes, killed, run under a lock, and cut by power failures.
 
 #![allow(clippy::unwrap_used)]
 
+use fieldlink_e2e::powercut::{ended_at_a_write, Keep, PowerCut, Undone};
 use fieldlink_e2e::*;
 use std::time::{Duration, Instant};
 
@@ -617,5 +619,78 @@ fn a_drain_killed_mid_send_then_run_under_a_held_lock_loses_and_doubles_nothing(
         kinesis_dump(&moto.endpoint, "drainops").len(),
         records,
         "a drained file sends nothing"
+    );
+}
+
+/// The drain of a buffer file before it goes (a gateway re-imaged, an SD card swapped) cut by power failures:
+/// each drain kills itself right after a random write to the file (a delete of what Kinesis acknowledged, the
+/// flush's seal, a checkpoint) and its unsynced writes are undone, as a power cut would leave the card. Records
+/// whose delete the cut took are sent again by the next drain under the same batch identity (the cloud skips the
+/// copies); the last drain exits 0, and every acknowledged reading is in Kinesis exactly once.
+#[test]
+fn a_drain_through_power_cuts_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, moto, proxy) = broker_and_proxied_stream(dir.path(), "draincut", 1);
+    let mut agent = AgentProc::new(
+        dir.path(),
+        "draincut-agent",
+        broker.port,
+        &proxy.endpoint,
+        "draincut",
+        "",
+        "",
+    );
+    let acked = backlog_then_stop(&mut agent, &proxy, &broker, 6000, 200, dir.path());
+    // A Kinesis limited like one shard: the drain needs many calls, each followed by a delete.
+    proxy.set("down=0&shard_bytes_per_s=400000");
+    let cut = PowerCut::new(dir.path(), &dir.path().join("draincut-agent.db"));
+    let seed = fastrand::u64(..);
+    eprintln!("drain power cut seed {seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let (mut undone, mut cuts) = (Undone::default(), 0);
+    for round in 0..6 {
+        let mut cmd = agent.drain_command(120);
+        cmd.envs(cut.env())
+            .env("POWERCUT_KILL_AT", rng.u64(1..16).to_string());
+        let mut drain = Proc::spawn("drain", cmd, &dir.path().join(format!("drain-{round}.log")));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        match ended_at_a_write(&mut drain, deadline, "the drain", true) {
+            Some(true) => {}
+            Some(false) => break, // it finished before its planned write
+            None => panic!("the drain neither finished nor reached its planned write in 60 s"),
+        }
+        cuts += 1;
+        let keep = if round % 2 == 0 {
+            Keep::Nothing
+        } else {
+            Keep::RandomPrefix
+        };
+        undone += cut.cut(keep, &mut rng);
+    }
+    assert!(
+        cuts >= 2 && undone.database_writes > 0,
+        "{cuts} drains cut, {undone:?}: the cuts did not reach the drain's writes"
+    );
+    let mut cmd = agent.drain_command(120);
+    cmd.envs(cut.env());
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.starts_with("drained: "), "{stdout}");
+    let dump = kinesis_dump(&moto.endpoint, "draincut");
+    let problem = exactly_once(&acked, &numbers_in(&unique_batches(&dump)));
+    assert!(
+        problem.is_empty(),
+        "after {cuts} power cuts in drains: {problem}"
+    );
+    eprintln!(
+        "{cuts} drains cut by power failures: {} writes undone ({} to the database and its WAL), {} kept; {} readings \
+         in Kinesis once, {} records for {} batches",
+        undone.writes,
+        undone.database_writes,
+        undone.kept,
+        acked.len(),
+        dump.len(),
+        unique_batches(&dump).len()
     );
 }

@@ -669,9 +669,9 @@ impl Worker {
                 // Every handle is gone: commit what is still held or queued, then seal what is left and stop.
                 self.commit_at_close(Instant::now() + CLOSE_RETRY);
                 self.seal_all();
-                // Once more if the final seal went through (no lock in the way): what is left is sent again at the
-                // next start, and the cloud skips it.
-                if self.buffer.has_undeleted() && self.seal_error.is_none() {
+                // Once more unless the last write met another process's lock and its probe is not due (it would wait
+                // out the busy timeout on it): what is left is sent again at the next start, and the cloud skips it.
+                if self.buffer.has_undeleted() && !self.lock_waits(Instant::now()) {
                     self.delete_undeleted();
                 }
                 tracing::info!(stats = ?self.buffer.stats(), "buffer closed");
@@ -791,11 +791,18 @@ impl Worker {
             || self.lock_probe.as_ref().is_some_and(|(at, _)| now < *at)
     }
 
-    /// Notes how a write ended: one that failed on another process's lock sets the lock's next probe (with
-    /// backoff), one that went through ends the wait.
+    /// Notes how a write ended (`None`: it committed; only writes that reached the database, not a seal that found
+    /// nothing to write): one that failed on another process's lock sets the lock's next probe (with backoff), one
+    /// that went through ends the wait, and a deletion of acknowledged records that waits is due at once (under
+    /// `backpressure` they keep intake paused until deleted).
     fn note_write(&mut self, class: Option<ErrorClass>) {
         if class != Some(ErrorClass::Busy) {
-            self.lock_probe = None;
+            if self.lock_probe.take().is_some() {
+                if let Some((at, backoff)) = &mut self.undeleted_retry {
+                    *at = Instant::now();
+                    backoff.reset();
+                }
+            }
             return;
         }
         let (at, backoff) = self
@@ -881,7 +888,9 @@ impl Worker {
             }
             Control::Flush { reply } => {
                 // Not while a commit waits on another process's lock: the seal would wait out the busy timeout on
-                // it too, and fail; the close seals after its own retry of the commit.
+                // it too, and fail; the close seals after its own retry of the commit. (A lock freed since the
+                // commit's last attempt, at most MAX_RETRY ago, leaves the readings of the reorder window for the
+                // close to seal and the next start to send.)
                 if !self.held.as_ref().is_some_and(|h| h.locked) {
                     self.seal_all();
                 }
@@ -1348,7 +1357,12 @@ impl Worker {
     /// Counts the outcome of one part of a seal that took at most `max_rows`; whether the seal goes on (it ends
     /// with a part that found nothing ready, or with an error, retried at the next tick).
     fn part_result(&mut self, res: Result<SealReport, BufferError>, max_rows: usize) -> bool {
-        self.note_write(res.as_ref().err().map(BufferError::class));
+        match &res {
+            Err(e) => self.note_write(Some(e.class())),
+            Ok(r) if r.rows > 0 || r.batches > 0 || r.alarm_events > 0 => self.note_write(None),
+            // Found nothing to write: says nothing of the lock.
+            Ok(_) => {}
+        }
         let full_size = self.full_part_rows();
         match res {
             Ok(r) if r.rows == 0 => {
@@ -1573,9 +1587,10 @@ mod tests {
         other
     }
 
-    /// Commits `n` one-reading groups straight to `w`'s buffer, ready to seal.
-    fn commit_ready(w: &mut Worker, n: i64) {
-        let readings: Vec<NewReading> = (0..n).map(|i| reading(format!("dev{i}/m"), i)).collect();
+    /// Commits one-reading groups (series `dev{i}/m` at `i` ms for each `i` of `range`) straight to `w`'s buffer,
+    /// ready to seal.
+    fn commit_ready(w: &mut Worker, range: std::ops::Range<i64>) {
+        let readings: Vec<NewReading> = range.map(|i| reading(format!("dev{i}/m"), i)).collect();
         w.buffer.append(readings.chunks(1)).unwrap();
         w.ready_id = w.buffer.last_row_id();
     }
@@ -1604,6 +1619,18 @@ mod tests {
                 ack: None,
             })
             .unwrap();
+    }
+
+    /// [`commit_ready`], sealed; the sequence numbers of the records, fetched (in flight, as the sender holds them).
+    fn sealed_and_fetched(w: &mut Worker, range: std::ops::Range<i64>) -> Vec<u64> {
+        commit_ready(w, range);
+        w.seal_all();
+        w.buffer
+            .pending(100, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|p| p.seq)
+            .collect()
     }
 
     /// A worker with a backlog of several seal parts, ready now; returns the backlog's size.
@@ -1671,21 +1698,13 @@ mod tests {
 
     /// An acknowledgement whose deletion fails on another process's lock answers after one attempt (it was retried
     /// in place for 30 s, and the sender and a stop behind it waited: a stop under a lock took over 30 s). Kinesis
-    /// has the records: they are not fetched again, the loop's retries fail while the lock stays, and the first
-    /// one after it deletes them, counted sent.
+    /// has the records: they are not fetched again, the loop's retries wait for the lock's probe and fail while the
+    /// lock stays, and once a write goes through the delete follows at once, counted sent.
     #[test]
     fn an_acknowledgement_under_a_lock_answers_at_once_and_the_loop_deletes_its_records_later() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, _handle) = new_worker(dir.path());
-        commit_ready(&mut w, 4);
-        w.seal_all();
-        let seqs: Vec<u64> = w
-            .buffer
-            .pending(100, usize::MAX)
-            .unwrap()
-            .iter()
-            .map(|p| p.seq)
-            .collect();
+        let (mut w, handle) = new_worker(dir.path());
+        let seqs = sealed_and_fetched(&mut w, 0..4);
         let records = seqs.len() as u64;
         assert!(records > 0);
 
@@ -1709,10 +1728,20 @@ mod tests {
             "Kinesis has them: not fetched again"
         );
 
+        // The retry waits for the lock's probe, which the failed delete set.
+        let probe = w.lock_probe.as_ref().expect("the delete met the lock").0;
+        let retry = w.undeleted_retry.as_ref().unwrap().0;
+        assert_eq!(w.undeleted_due_at(), Some(retry.max(probe)));
+        w.undeleted_retry.as_mut().unwrap().0 = Instant::now();
+        assert!(
+            w.undeleted_due_at().unwrap() >= probe,
+            "not before the probe"
+        );
+
+        // Both due while the lock stays: one attempt, which fails and sets the next.
         let linger = Duration::from_secs(3600);
         let mut next_seal = Instant::now() + linger;
-        let due_now = |w: &mut Worker| w.undeleted_retry.as_mut().unwrap().0 = Instant::now();
-        due_now(&mut w);
+        w.lock_probe.as_mut().unwrap().0 = Instant::now();
         assert!(w.step(&mut next_seal, linger));
         assert_eq!(w.buffer.stats().pending_batches, records, "the lock stays");
         assert!(
@@ -1720,9 +1749,12 @@ mod tests {
             "retried later"
         );
 
+        // The lock goes; the first write that goes through (a poll's commit) makes the delete due at once, in the
+        // same turn (under backpressure the records would keep intake paused until deleted).
         drop(other);
-        due_now(&mut w);
+        queue_poll(&handle, vec![reading("plc/x".into(), 9)]);
         assert!(w.step(&mut next_seal, linger));
+        assert!(w.held.is_none(), "the poll committed");
         assert_eq!(
             w.buffer.stats().pending_batches,
             0,
@@ -1730,6 +1762,41 @@ mod tests {
         );
         assert_eq!(w.metrics.records_sent.get(), records);
         assert!(w.undeleted_retry.is_none() && !w.buffer.has_undeleted());
+    }
+
+    /// Acknowledged records whose delete met another process's lock: the drain's count (`Left`) tries the delete
+    /// first, and so does the close, once the lock's probe is due; a seal that finds nothing to write says nothing
+    /// of the lock (it kept clearing the probe).
+    #[test]
+    fn the_count_and_the_close_try_a_waiting_delete_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let acked_under_lock = |w: &mut Worker, readings| {
+            let seqs = sealed_and_fetched(w, readings);
+            let other = lock_out(w, dir.path());
+            let (reply, _rx) = oneshot::channel();
+            w.control(Control::Ack { seqs, reply });
+            assert!(w.buffer.has_undeleted() && w.lock_probe.is_some());
+            // A tick with nothing to seal leaves the probe as it is.
+            w.seal_tick();
+            assert!(w.lock_probe.is_some(), "an empty seal cleared the probe");
+            drop(other);
+        };
+
+        let (mut w, handle) = new_worker(dir.path());
+        acked_under_lock(&mut w, 0..2);
+        let (reply, mut rx) = oneshot::channel();
+        w.control(Control::Left { reply });
+        let left = rx.try_recv().unwrap().unwrap();
+        assert_eq!((left.acknowledged_undeleted, left.pending_batches), (0, 0));
+
+        acked_under_lock(&mut w, 2..4);
+        w.lock_probe.as_mut().unwrap().0 = Instant::now();
+        drop(handle);
+        let linger = Duration::from_secs(3600);
+        let mut next_seal = Instant::now() + linger;
+        assert!(!w.step(&mut next_seal, linger), "closed");
+        assert_eq!(w.buffer.stats().pending_batches, 0);
+        assert!(!w.buffer.has_undeleted());
     }
 
     /// A seal tick that failed on another process's lock, with no commit held, keeps the next ticks from trying
@@ -1740,7 +1807,7 @@ mod tests {
     fn a_seal_that_failed_on_a_lock_waits_for_the_probe_and_appends_get_their_turn() {
         let dir = tempfile::tempdir().unwrap();
         let (mut w, handle) = new_worker(dir.path());
-        commit_ready(&mut w, 4);
+        commit_ready(&mut w, 0..4);
         let other = lock_out(&w, dir.path());
         let errors = |w: &Worker| w.metrics.buffer_errors.get();
         let linger = Duration::from_secs(3600);
@@ -2039,7 +2106,7 @@ mod tests {
     fn a_flush_while_a_commit_waits_on_the_lock_leaves_the_seal_to_the_close() {
         let dir = tempfile::tempdir().unwrap();
         let (mut w, handle) = new_worker(dir.path());
-        commit_ready(&mut w, 1);
+        commit_ready(&mut w, 0..1);
         let other = lock_out(&w, dir.path());
         queue_poll(&handle, vec![reading("plc/x".into(), 2)]);
         let linger = Duration::from_secs(3600);

@@ -485,8 +485,8 @@ pub struct Left {
     /// Alarm records not acknowledged by Kinesis.
     pub alarm_records: u64,
     /// Records (readings and alarm records) Kinesis acknowledged that are still in the file: deleting them failed
-    /// for 30 s (another process held the file's write lock). Not counted above. Sent again if an agent
-    /// runs on the file (same batch identity: the cloud skips the copy).
+    /// (another process held the file's write lock) and no retry went through yet. Not counted above. Sent again if
+    /// an agent runs on the file (same batch identity: the cloud skips the copy).
     pub acknowledged_undeleted: u64,
     /// Open windows: under `keep_raw = false` the readings folded into them have no other copy.
     pub open_windows: u64,
@@ -1240,7 +1240,7 @@ impl Buffer {
         })
     }
 
-    /// Of the records Kinesis acknowledged whose deletion was given up, those still in the file (a subset of
+    /// Of the records Kinesis acknowledged whose deletion failed, those still in the file (a subset of
     /// [`Buffer::records_in_file`]).
     fn undeleted_in_file(&self) -> Result<InFile, BufferError> {
         let (mut batches, mut readings, mut alarm) = (0, 0, 0);
@@ -1926,7 +1926,7 @@ impl Buffer {
     }
 
     /// `drop_oldest`: deletes the oldest pending records not in flight until the counted size is at most
-    /// `max_bytes` (or none is left). Records Kinesis acknowledged whose deletion was given up go first, as
+    /// `max_bytes` (or none is left). Records Kinesis acknowledged whose deletion failed go first, as
     /// acknowledged (counted sent): deleting them loses nothing.
     pub fn drop_oldest(&mut self, max_bytes: u64) -> Result<Dropped, BufferError> {
         let acknowledged_records = if self.stats.bytes() > max_bytes {
