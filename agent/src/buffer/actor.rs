@@ -792,8 +792,8 @@ impl Worker {
     }
 
     /// Notes how a write ended (`None`: it committed; only writes that reached the database, not a seal that found
-    /// nothing to write): one that failed on another process's lock sets the lock's next probe (with backoff), one
-    /// that went through ends the wait, and a deletion of acknowledged records that waits is due at once (under
+    /// nothing to write): one that failed on another process's lock sets the lock's next probe (with backoff); one
+    /// that went through, or failed for another reason (it got the lock), ends the wait, and a deletion of acknowledged records that waits is due at once (under
     /// `backpressure` they keep intake paused until deleted).
     fn note_write(&mut self, class: Option<ErrorClass>) {
         if class != Some(ErrorClass::Busy) {
@@ -1797,6 +1797,31 @@ mod tests {
         assert!(!w.step(&mut next_seal, linger), "closed");
         assert_eq!(w.buffer.stats().pending_batches, 0);
         assert!(!w.buffer.has_undeleted());
+    }
+
+    /// A close while the lock that failed an acknowledgement's delete is still held, its probe not due, tries no
+    /// delete (it would wait out the busy timeout, 5 s more of the stop): the records stay, and the next start
+    /// sends them again under the same identity. (Keyed on the final seal's error before, which a seal that found
+    /// nothing to write left clear.)
+    #[test]
+    fn a_close_under_the_lock_tries_no_delete_before_the_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, handle) = new_worker(dir.path());
+        let seqs = sealed_and_fetched(&mut w, 0..2);
+        let _other = lock_out(&w, dir.path());
+        let (reply, _rx) = oneshot::channel();
+        w.control(Control::Ack { seqs, reply });
+        assert!(w
+            .lock_probe
+            .as_ref()
+            .is_some_and(|(at, _)| *at > Instant::now()));
+        let errors = w.metrics.buffer_errors.get();
+        drop(handle);
+        let linger = Duration::from_secs(3600);
+        let mut next_seal = Instant::now() + linger;
+        assert!(!w.step(&mut next_seal, linger), "closed");
+        assert_eq!(w.metrics.buffer_errors.get(), errors, "no delete tried");
+        assert!(w.buffer.has_undeleted());
     }
 
     /// A seal tick that failed on another process's lock, with no commit held, keeps the next ticks from trying
