@@ -773,7 +773,7 @@ impl Worker {
     /// probe, never while a commit waits on another process's lock (the deletion would wait out the busy timeout on
     /// it too; it resumes once the commit goes in).
     fn undeleted_due_at(&self) -> Option<Instant> {
-        if self.held.as_ref().is_some_and(|h| h.locked) || !self.buffer.has_undeleted() {
+        if self.commit_waits_on_lock() || !self.buffer.has_undeleted() {
             return None;
         }
         let at = self.undeleted_retry.as_ref().map(|(at, _)| *at)?;
@@ -784,11 +784,27 @@ impl Worker {
         )
     }
 
+    /// Whether a held commit failed on another process's lock and waits for it.
+    fn commit_waits_on_lock(&self) -> bool {
+        self.held.as_ref().is_some_and(|h| h.locked)
+    }
+
+    /// Sets the next try of the deletion of acknowledged records that failed: after the backoff's next delay,
+    /// starting a backoff if none runs.
+    fn schedule_delete_retry(&mut self) {
+        let (at, backoff) = self.undeleted_retry.get_or_insert_with(|| {
+            (
+                Instant::now(),
+                Backoff::new(DELETE_RETRY_MIN, DELETE_RETRY_MAX),
+            )
+        });
+        *at = Instant::now() + backoff.next_delay();
+    }
+
     /// Whether the writes nobody waits for (a seal tick, a retried deletion) wait for another process's lock at
     /// `now`: a commit is held on it, or the last write failed on it and its next probe is later.
     fn lock_waits(&self, now: Instant) -> bool {
-        self.held.as_ref().is_some_and(|h| h.locked)
-            || self.lock_probe.as_ref().is_some_and(|(at, _)| now < *at)
+        self.commit_waits_on_lock() || self.lock_probe.as_ref().is_some_and(|(at, _)| now < *at)
     }
 
     /// Notes how a write ended (`None`: it committed; only writes that reached the database, not a seal that found
@@ -827,14 +843,12 @@ impl Worker {
             }
             Err(e) => {
                 self.metrics.buffer_errors.inc();
-                let (at, backoff) = self.undeleted_retry.get_or_insert_with(|| {
-                    (
-                        Instant::now(),
-                        Backoff::new(DELETE_RETRY_MIN, DELETE_RETRY_MAX),
-                    )
-                });
-                *at = Instant::now() + backoff.next_delay();
-                if backoff.attempts() % 10 == 0 {
+                self.schedule_delete_retry();
+                if self
+                    .undeleted_retry
+                    .as_ref()
+                    .is_some_and(|(_, b)| b.attempts() % 10 == 0)
+                {
                     tracing::error!(error = %e, "deleting acknowledged batches still fails; retried");
                 }
             }
@@ -869,10 +883,11 @@ impl Worker {
                         // waited 30 s). Kinesis has the records: they are not fetched again, and the loop retries
                         // their deletion.
                         self.metrics.buffer_errors.inc();
-                        if !self.buffer.has_undeleted() || self.undeleted_retry.is_none() {
-                            let mut backoff = Backoff::new(DELETE_RETRY_MIN, DELETE_RETRY_MAX);
-                            self.undeleted_retry =
-                                Some((Instant::now() + backoff.next_delay(), backoff));
+                        if !self.buffer.has_undeleted() {
+                            self.undeleted_retry = None; // a retry of deletions gone by other ways
+                        }
+                        if self.undeleted_retry.is_none() {
+                            self.schedule_delete_retry();
                         }
                         self.buffer.note_undeleted(&seqs);
                         tracing::error!(
@@ -891,7 +906,7 @@ impl Worker {
                 // it too, and fail; the close seals after its own retry of the commit. (A lock freed since the
                 // commit's last attempt, at most MAX_RETRY ago, leaves the readings of the reorder window for the
                 // close to seal and the next start to send.)
-                if !self.held.as_ref().is_some_and(|h| h.locked) {
+                if !self.commit_waits_on_lock() {
                     self.seal_all();
                 }
                 let _ = reply.send(());

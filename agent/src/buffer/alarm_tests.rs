@@ -356,3 +356,44 @@ fn over_the_cap_an_acknowledged_alarm_record_kept_by_a_lock_is_deleted_as_sent()
     let left = b.left().unwrap();
     assert_eq!((left.alarm_records, left.acknowledged_undeleted), (0, 0));
 }
+
+/// An acknowledgement whose deletion fails at any of its transactions deletes nothing: its retry counts every
+/// record, alarm records and records of readings, exactly once (when alarm records went in a transaction of their
+/// own, a failure after it left them deleted but never counted sent).
+#[test]
+fn an_acknowledgement_failing_at_any_write_counts_each_record_once_on_its_retry() {
+    for skip in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(&dir.path().join("b.db"));
+        append(&mut b, "m/a", &[(10, 1.0), (20, 6.0)]);
+        append(&mut b, "n/b", &[(10, 1.0), (20, 2.0)]);
+        seal(&mut b, 0).unwrap();
+        let seqs: Vec<u64> = b
+            .pending(10, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|p| p.seq)
+            .collect();
+        assert_eq!(b.alarm_records_pending(), 1);
+        assert!(seqs.len() >= 2, "{seqs:?}");
+        b.fault = Some(rusqlite::ffi::SQLITE_IOERR);
+        b.fault_skip = skip;
+        let (mut records, mut readings, mut tries) = (0, 0, 0);
+        while tries < 3 {
+            tries += 1;
+            if let Ok((r, n)) = b.ack(&seqs) {
+                (records, readings) = (records + r, readings + n);
+                if b.fault.is_none() {
+                    break;
+                }
+            }
+        }
+        assert_eq!(
+            (records, readings),
+            (seqs.len() as u64, 4),
+            "the fault after {skip} transactions, {tries} tries"
+        );
+        assert_eq!(b.alarm_records_pending(), 0);
+        assert_eq!(b.stats().pending_batches, 0);
+    }
+}

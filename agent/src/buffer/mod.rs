@@ -617,6 +617,9 @@ pub struct Buffer {
     /// Test hook: the next transaction fails with this SQLite result code (after its statements ran).
     #[cfg(test)]
     pub(crate) fault: Option<std::ffi::c_int>,
+    /// Test hook: `fault` waits for this many transactions to go through first.
+    #[cfg(test)]
+    pub(crate) fault_skip: u32,
     /// Test record: `PRAGMA synchronous` (1 NORMAL, 2 FULL) at the last transaction's commit.
     #[cfg(test)]
     pub(crate) committed_with: i64,
@@ -1003,6 +1006,8 @@ impl Buffer {
             sealing: false,
             #[cfg(test)]
             fault: None,
+            #[cfg(test)]
+            fault_skip: 0,
             #[cfg(test)]
             committed_with: 0,
             #[cfg(test)]
@@ -1481,7 +1486,12 @@ impl Buffer {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         #[cfg(test)]
         let f = {
-            let fault = self.fault.take();
+            let fault = if self.fault.is_some() && self.fault_skip > 0 {
+                self.fault_skip -= 1;
+                None
+            } else {
+                self.fault.take()
+            };
             move |b: &mut Self| match fault {
                 Some(code) => {
                     let _ = f(b); // the transaction's writes happen, then the commit fails
@@ -1855,69 +1865,69 @@ impl Buffer {
         Ok(out)
     }
 
-    /// Deletes records Kinesis acknowledged; counts their readings as sent. Unknown sequence numbers (already
-    /// dropped by the overflow policy) are ignored. Returns `(records, readings)` deleted.
+    /// Deletes records Kinesis acknowledged, alarm records and records of readings in one transaction; counts
+    /// their readings as sent. Unknown sequence numbers (already dropped by the overflow policy) are ignored.
+    /// Returns `(records, readings)` deleted. On an error nothing was deleted: a retry counts every record once.
     pub fn ack(&mut self, seqs: &[u64]) -> Result<(u64, u64), BufferError> {
-        let mut alarm_seqs = Vec::new();
-        if self.alarm_pending > 0 {
-            let gone = self.in_tx(|b| {
-                let mut gone = Vec::new();
-                for &s in seqs {
-                    if b.conn
+        let alarms_pending = self.alarm_pending > 0;
+        let (alarm_records, gone) = self.in_tx(|b| {
+            let mut alarm_records = 0;
+            let mut rest = Vec::with_capacity(seqs.len());
+            for &s in seqs {
+                if alarms_pending
+                    && b.conn
                         .prepare_cached("DELETE FROM alarm_records WHERE seq = ?1")?
                         .execute([s as i64])?
                         > 0
-                    {
-                        gone.push(s);
-                    }
+                {
+                    alarm_records += 1;
+                } else {
+                    rest.push(s);
                 }
-                Ok(gone)
-            })?;
-            self.alarm_pending -= gone.len() as u64;
-            alarm_seqs = gone;
-        }
-        let rest: Vec<u64> = seqs
-            .iter()
-            .copied()
-            .filter(|s| !alarm_seqs.contains(s))
-            .collect();
-        let mut gone = if rest.is_empty() && !alarm_seqs.is_empty() {
-            Stats::default()
-        } else {
-            self.delete_batches(&rest)?
-        };
-        gone.pending_batches += alarm_seqs.len() as u64;
+            }
+            Ok((alarm_records, b.delete_batch_rows(&rest)?))
+        })?;
+        self.alarm_pending -= alarm_records;
+        self.count_deleted(&gone);
         for s in seqs {
             self.in_flight.remove(s);
             self.undeleted.remove(s);
         }
         self.ledger.sent += gone.pending_readings;
-        Ok((gone.pending_batches, gone.pending_readings))
+        Ok((gone.pending_batches + alarm_records, gone.pending_readings))
     }
 
     fn delete_batches(&mut self, seqs: &[u64]) -> Result<Stats, BufferError> {
-        let gone = self.in_tx(|b| {
-            let mut gone = Stats::default();
-            for &s in seqs {
-                let row: Option<(i64, i64)> = b
-                    .conn
-                    .prepare_cached(
-                        "DELETE FROM batches WHERE seq = ?1 RETURNING readings, length(record)",
-                    )?
-                    .query_row([s as i64], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()?;
-                if let Some((readings, bytes)) = row {
-                    gone.pending_batches += 1;
-                    gone.pending_readings += readings as u64;
-                    gone.pending_bytes += bytes as u64;
-                }
+        let gone = self.in_tx(|b| b.delete_batch_rows(seqs))?;
+        self.count_deleted(&gone);
+        Ok(gone)
+    }
+
+    /// Deletes records of readings inside the caller's transaction; returns what they held.
+    fn delete_batch_rows(&mut self, seqs: &[u64]) -> Result<Stats, BufferError> {
+        let mut gone = Stats::default();
+        for &s in seqs {
+            let row: Option<(i64, i64)> = self
+                .conn
+                .prepare_cached(
+                    "DELETE FROM batches WHERE seq = ?1 RETURNING readings, length(record)",
+                )?
+                .query_row([s as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if let Some((readings, bytes)) = row {
+                gone.pending_batches += 1;
+                gone.pending_readings += readings as u64;
+                gone.pending_bytes += bytes as u64;
             }
-            Ok(gone)
-        })?;
+        }
+        Ok(gone)
+    }
+
+    /// Takes deleted records of readings (after their transaction committed) out of the stats.
+    fn count_deleted(&mut self, gone: &Stats) {
         self.stats.pending_batches -= gone.pending_batches;
         self.stats.pending_readings -= gone.pending_readings;
         self.stats.pending_bytes -= gone.pending_bytes;
-        Ok(gone)
     }
 
     /// Forgets the in-flight records (their call failed): the overflow policy may drop them again.
