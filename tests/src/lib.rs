@@ -1149,6 +1149,22 @@ impl SmallFs {
     }
 }
 
+/// Writes up to `bytes` into a new file at `path`, like another process's data (a runaway log, a core dump): less
+/// if the filesystem fills first, so `u64::MAX` fills it to the last byte.
+pub fn fill(path: &Path, bytes: u64) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0x5a_u8; 1 << 20];
+    let mut written = 0;
+    while written < bytes {
+        let n = (bytes - written).min(chunk.len() as u64) as usize;
+        if f.write_all(&chunk[..n]).is_err() {
+            break;
+        }
+        written += n as u64;
+    }
+}
+
 impl Drop for SmallFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();

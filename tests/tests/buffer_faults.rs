@@ -296,6 +296,82 @@ fn a_full_disk_under_drop_oldest_drops_the_oldest_counted_and_keeps_taking() {
     );
 }
 
+/// Another process fills the buffer's filesystem to the last byte (a runaway log, a core dump) while readings arrive
+/// and Kinesis takes them: below the headroom the agent pauses intake and says so in `/health`, keeps answering,
+/// and whatever it was writing (a commit, a seal, the delete of records Kinesis acknowledged) fails on the full disk
+/// and waits. Once the file is deleted it resumes by itself, without a restart: every acknowledged reading lands
+/// in Kinesis once, none is dropped, the ledger balances.
+#[test]
+fn a_disk_filled_to_the_last_byte_by_another_process_loses_and_doubles_nothing() {
+    let Disk {
+        dir,
+        broker,
+        moto,
+        proxy: _proxy,
+        fs,
+        mut agent,
+    } = Disk::start("filled-agent", "backpressure");
+    agent.start();
+    let publisher =
+        NumberedPublisher::spawn(broker.port, "crash", 0, 24_000, 1500.0, 200, dir.path(), 1);
+    wait_for("readings sent", Duration::from_secs(30), || {
+        (agent.metric("fieldlink_readings_sent_total") > 0.0).then_some(())
+    });
+    let (sent, taken) = (
+        agent.metric("fieldlink_readings_sent_total"),
+        agent.metric("fieldlink_readings_received_total"),
+    );
+    let ballast = fs.path.join("ballast");
+    fill(&ballast, u64::MAX);
+    let filled = Instant::now();
+    let full = fs.free();
+    assert_eq!(full, 0, "the filesystem was not filled");
+    wait_for(
+        "intake to pause for disk space",
+        Duration::from_secs(30),
+        || health(&agent).contains("intake paused").then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let h = health(&agent);
+    assert!(
+        !h.contains("has not answered") && h.contains("intake paused"),
+        "on a full disk the buffer thread keeps answering and says why intake waits: {h}"
+    );
+    let taken_while_full = agent.metric("fieldlink_readings_received_total");
+    let errors = agent.metric("fieldlink_buffer_errors_total");
+    let full_s = filled.elapsed().as_secs_f64();
+    // Writes on the full disk are tried at a probe backing off from 1 to 10 s: before, each seal tick (every
+    // 200 ms) failed again and logged, ~7 errors a second into the full disk's journal.
+    assert!(
+        errors / full_s < 2.0,
+        "{errors} buffer errors in {full_s:.1} s on the full disk"
+    );
+    std::fs::remove_file(&ballast).unwrap();
+    let acked = publisher.finish(Duration::from_secs(120));
+    wait_for("everything to arrive", Duration::from_secs(120), || {
+        (agent.metric("fieldlink_readings_received_total") >= acked.len() as f64
+            && agent.metric("fieldlink_buffer_pending_readings") == 0.0
+            && agent.metric("fieldlink_buffer_unsealed_readings") == 0.0)
+            .then_some(())
+    });
+    let got = numbers_once(&moto, "disk", "filled-agent");
+    let problem = exactly_once(&acked, &got);
+    assert!(
+        problem.is_empty(),
+        "after a disk filled by another process: {problem}"
+    );
+    assert_eq!(agent.metric("fieldlink_readings_dropped_total"), 0.0);
+    let (received, accounted) = agent.ledger();
+    assert_eq!(received, accounted, "ledger");
+    assert!(health(&agent).contains("buffer: ok"), "{}", health(&agent));
+    agent.stop();
+    eprintln!(
+        "disk filled by another process: {taken} readings taken ({sent} sent) before, {taken_while_full} when it had been \
+         full 5 s, {errors} buffer errors in {full_s:.1} s full; after the file went, {} acknowledged readings landed once",
+        acked.len()
+    );
+}
+
 /// An operator starts a second agent on the buffer file of a running one (a copy of the configuration with another
 /// metrics port run by hand beside the service; two containers sharing a volume during an update). Each would seal
 /// the other's readings with its own sequence numbers and dedup states. The second is refused at once, naming the

@@ -31,8 +31,7 @@
 use fieldlink_e2e::powercut::{killed_at_a_write, Keep, PowerCut};
 use fieldlink_e2e::*;
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const STREAM: &str = "chaos";
@@ -469,20 +468,6 @@ impl Chaos {
             self.seed
         );
         self.start_agent();
-    }
-}
-
-/// Writes up to `bytes` into a new file at `path` (less if the filesystem fills first).
-fn fill(path: &Path, bytes: u64) {
-    let mut f = std::fs::File::create(path).unwrap();
-    let chunk = vec![0x5a_u8; 1 << 20];
-    let mut written = 0;
-    while written < bytes {
-        let n = (bytes - written).min(chunk.len() as u64) as usize;
-        if f.write_all(&chunk[..n]).is_err() {
-            break;
-        }
-        written += n as u64;
     }
 }
 

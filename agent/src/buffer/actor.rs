@@ -394,7 +394,7 @@ fn worker(
         published_windows: crate::window::Counts::default(),
         held: None,
         undeleted_retry: None,
-        lock_probe: None,
+        write_probe: None,
         headroom,
         seal_error: None,
         dropped: None,
@@ -493,11 +493,13 @@ struct Worker {
     /// When the deletion of records Kinesis acknowledged that failed ([`Buffer::note_undeleted`]) is tried again,
     /// and its backoff; `None` while none waits.
     undeleted_retry: Option<(Instant, Backoff)>,
-    /// Set while the last write failed on another process's lock (`SQLITE_BUSY`): when the writes nobody waits for
-    /// (seal ticks, retried deletions) may try again, and its backoff. Each attempt under the lock waits out
-    /// SQLite's 5 s busy timeout on this thread; back to back, they held appends back for good (control is served
-    /// first, then the tick) and a stop for tens of seconds. Any write that goes through clears it.
-    lock_probe: Option<(Instant, Backoff)>,
+    /// Set while the last write failed on another process's lock (`SQLITE_BUSY`) or on a full disk
+    /// (`SQLITE_FULL`): when the writes nobody waits for (seal ticks, retried deletions) may try again, and its
+    /// backoff. Each attempt under the lock waits out SQLite's 5 s busy timeout on this thread; back to back, they
+    /// held appends back for good (control is served first, then the tick) and a stop for tens of seconds. On a
+    /// disk another process filled, each tick's seal failed again at once and logged (ten lines a second into the
+    /// full disk's journal). Any write that goes through clears it.
+    write_probe: Option<(Instant, Backoff)>,
     /// Bytes kept free on the buffer's filesystem: `min_free_bytes`, at most an eighth of a small filesystem.
     headroom: u64,
     /// The last seal's error, until a seal succeeds.
@@ -615,10 +617,10 @@ const MAX_RETRY: Duration = Duration::from_secs(2);
 const DELETE_RETRY_MIN: Duration = Duration::from_secs(1);
 const DELETE_RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// First and longest wait, after a write failed on another process's lock, before a seal tick or a retried
-/// deletion tries again (a held commit's own retries go on meanwhile: a sealing tick or deletion is not urgent).
-const LOCK_PROBE_MIN: Duration = Duration::from_secs(1);
-const LOCK_PROBE_MAX: Duration = Duration::from_secs(10);
+/// First and longest wait, after a write failed on another process's lock or a full disk, before a seal tick or a
+/// retried deletion tries again (a held commit's own retries go on meanwhile: a sealing tick or deletion is not urgent).
+const WRITE_PROBE_MIN: Duration = Duration::from_secs(1);
+const WRITE_PROBE_MAX: Duration = Duration::from_secs(10);
 
 /// How long the close retries a commit that fails (a lock another process holds, a disk error) before giving up
 /// what it holds. systemd is asked for the drain deadline plus 30 s to stop: a last attempt may wait out SQLite's
@@ -669,9 +671,9 @@ impl Worker {
                 // Every handle is gone: commit what is still held or queued, then seal what is left and stop.
                 self.commit_at_close(Instant::now() + CLOSE_RETRY);
                 self.seal_all();
-                // Once more unless the last write met another process's lock and its probe is not due (it would wait
-                // out the busy timeout on it): what is left is sent again at the next start, and the cloud skips it.
-                if self.buffer.has_undeleted() && !self.lock_waits(Instant::now()) {
+                // Once more unless the last write met another process's lock (or a full disk) and its probe is not
+                // due (it would wait out the busy timeout on it): what is left is sent again at the next start, and the cloud skips it.
+                if self.buffer.has_undeleted() && !self.writes_wait(Instant::now()) {
                     self.delete_undeleted();
                 }
                 tracing::info!(stats = ?self.buffer.stats(), "buffer closed");
@@ -702,11 +704,12 @@ impl Worker {
         {
             self.delete_undeleted();
         }
-        // No seal while a commit waits on another process's lock, or until the lock's next probe: it would wait out
-        // the busy timeout on the same lock, holding back control messages (a stop), appends and the commit's
-        // retry; it resumes once a write goes in.
+        // No seal while a commit waits on another process's lock, or until the next probe after a write failed on
+        // a lock or a full disk: it would wait out the busy timeout on the same lock, holding back control messages
+        // (a stop), appends and the commit's retry, or fail again at once on the full disk; it resumes once a write
+        // goes in.
         if Instant::now() >= *next_seal {
-            if !self.lock_waits(Instant::now()) {
+            if !self.writes_wait(Instant::now()) {
                 self.seal_tick();
             } else {
                 // The clock stands still while intake waits on the lock (a held commit), runs while it takes.
@@ -769,7 +772,7 @@ impl Worker {
             && !(self.cfg.overflow == OverflowPolicy::Backpressure && self.over_cap())
     }
 
-    /// When the deletion of acknowledged records that failed is due: at its retry, not before the lock's next
+    /// When the deletion of acknowledged records that failed is due: at its retry, not before the writes' next
     /// probe, never while a commit waits on another process's lock (the deletion would wait out the busy timeout on
     /// it too; it resumes once the commit goes in).
     fn undeleted_due_at(&self) -> Option<Instant> {
@@ -778,7 +781,7 @@ impl Worker {
         }
         let at = self.undeleted_retry.as_ref().map(|(at, _)| *at)?;
         Some(
-            self.lock_probe
+            self.write_probe
                 .as_ref()
                 .map_or(at, |(probe, _)| at.max(*probe)),
         )
@@ -801,19 +804,20 @@ impl Worker {
         *at = Instant::now() + backoff.next_delay();
     }
 
-    /// Whether the writes nobody waits for (a seal tick, a retried deletion) wait for another process's lock at
-    /// `now`: a commit is held on it, or the last write failed on it and its next probe is later.
-    fn lock_waits(&self, now: Instant) -> bool {
-        self.commit_waits_on_lock() || self.lock_probe.as_ref().is_some_and(|(at, _)| now < *at)
+    /// Whether the writes nobody waits for (a seal tick, a retried deletion) wait at `now`: a commit is held on
+    /// another process's lock, or the last write failed on a lock or a full disk and its next probe is later.
+    fn writes_wait(&self, now: Instant) -> bool {
+        self.commit_waits_on_lock() || self.write_probe.as_ref().is_some_and(|(at, _)| now < *at)
     }
 
     /// Notes how a write ended (`None`: it committed; only writes that reached the database, not a seal that found
-    /// nothing to write): one that failed on another process's lock sets the lock's next probe (with backoff); one
-    /// that went through, or failed for another reason (it got the lock), ends the wait, and a deletion of acknowledged records that waits is due at once (under
+    /// nothing to write): one that failed on another process's lock or a full disk sets the next probe (with
+    /// backoff); one that went through, or failed for another reason (an I/O error: it got the lock and the
+    /// space), ends the wait, and a deletion of acknowledged records that waits is due at once (under
     /// `backpressure` they keep intake paused until deleted).
     fn note_write(&mut self, class: Option<ErrorClass>) {
-        if class != Some(ErrorClass::Busy) {
-            if self.lock_probe.take().is_some() {
+        if !matches!(class, Some(ErrorClass::Busy | ErrorClass::Full)) {
+            if self.write_probe.take().is_some() {
                 if let Some((at, backoff)) = &mut self.undeleted_retry {
                     *at = Instant::now();
                     backoff.reset();
@@ -821,10 +825,13 @@ impl Worker {
             }
             return;
         }
-        let (at, backoff) = self
-            .lock_probe
-            .get_or_insert_with(|| (Instant::now(), Backoff::new(LOCK_PROBE_MIN, LOCK_PROBE_MAX)));
-        *at = Instant::now() + backoff.next_delay().max(LOCK_PROBE_MIN);
+        let (at, backoff) = self.write_probe.get_or_insert_with(|| {
+            (
+                Instant::now(),
+                Backoff::new(WRITE_PROBE_MIN, WRITE_PROBE_MAX),
+            )
+        });
+        *at = Instant::now() + backoff.next_delay().max(WRITE_PROBE_MIN);
     }
 
     /// Tries the deletion of acknowledged records that failed once; counts them sent when it goes through, or sets
@@ -1135,6 +1142,13 @@ impl Worker {
         if let Some(e) = &self.seal_error {
             return Some(e.clone());
         }
+        if self.buffer.has_undeleted() && self.undeleted_retry.is_some() {
+            // Under another process's lock with nothing else to write, this is the only sign of it.
+            return Some(format!(
+                "{} records Kinesis acknowledged are still in the buffer: deleting them failed, retried",
+                self.buffer.undeleted_records()
+            ));
+        }
         if let Some((at, n)) = self.dropped {
             if at.elapsed() < DROPS_SHOWN {
                 return Some(format!(
@@ -1370,7 +1384,7 @@ impl Worker {
     }
 
     /// Counts the outcome of one part of a seal that took at most `max_rows`; whether the seal goes on (it ends
-    /// with a part that found nothing ready, or with an error, retried at the next tick).
+    /// with a part that found nothing ready, or with an error, retried at a later tick: after the probe when it failed on a lock or a full disk).
     fn part_result(&mut self, res: Result<SealReport, BufferError>, max_rows: usize) -> bool {
         match &res {
             Err(e) => self.note_write(Some(e.class())),
@@ -1406,7 +1420,7 @@ impl Worker {
             }
             Err(e) => {
                 self.metrics.buffer_errors.inc();
-                tracing::error!(error = %e, rows = max_rows, "sealing failed; retried at the next tick");
+                tracing::error!(error = %e, rows = max_rows, "sealing failed; retried");
                 if e.class() == ErrorClass::Full {
                     // A seal writes its records before it deletes the rows: on a full disk, seal less at a
                     // time (and under drop_oldest free the space of the records it would write).
@@ -1742,9 +1756,15 @@ mod tests {
             w.buffer.pending(100, usize::MAX).unwrap().is_empty(),
             "Kinesis has them: not fetched again"
         );
+        assert!(
+            w.problem()
+                .is_some_and(|p| p.starts_with(&format!("{records} records Kinesis acknowledged"))),
+            "/health says so: {:?}",
+            w.problem()
+        );
 
         // The retry waits for the lock's probe, which the failed delete set.
-        let probe = w.lock_probe.as_ref().expect("the delete met the lock").0;
+        let probe = w.write_probe.as_ref().expect("the delete met the lock").0;
         let retry = w.undeleted_retry.as_ref().unwrap().0;
         assert_eq!(w.undeleted_due_at(), Some(retry.max(probe)));
         w.undeleted_retry.as_mut().unwrap().0 = Instant::now();
@@ -1756,7 +1776,7 @@ mod tests {
         // Both due while the lock stays: one attempt, which fails and sets the next.
         let linger = Duration::from_secs(3600);
         let mut next_seal = Instant::now() + linger;
-        w.lock_probe.as_mut().unwrap().0 = Instant::now();
+        w.write_probe.as_mut().unwrap().0 = Instant::now();
         assert!(w.step(&mut next_seal, linger));
         assert_eq!(w.buffer.stats().pending_batches, records, "the lock stays");
         assert!(
@@ -1777,6 +1797,7 @@ mod tests {
         );
         assert_eq!(w.metrics.records_sent.get(), records);
         assert!(w.undeleted_retry.is_none() && !w.buffer.has_undeleted());
+        assert_eq!(w.problem(), None);
     }
 
     /// Acknowledged records whose delete met another process's lock: the drain's count (`Left`) tries the delete
@@ -1790,10 +1811,10 @@ mod tests {
             let other = lock_out(w, dir.path());
             let (reply, _rx) = oneshot::channel();
             w.control(Control::Ack { seqs, reply });
-            assert!(w.buffer.has_undeleted() && w.lock_probe.is_some());
+            assert!(w.buffer.has_undeleted() && w.write_probe.is_some());
             // A tick with nothing to seal leaves the probe as it is.
             w.seal_tick();
-            assert!(w.lock_probe.is_some(), "an empty seal cleared the probe");
+            assert!(w.write_probe.is_some(), "an empty seal cleared the probe");
             drop(other);
         };
 
@@ -1805,7 +1826,7 @@ mod tests {
         assert_eq!((left.acknowledged_undeleted, left.pending_batches), (0, 0));
 
         acked_under_lock(&mut w, 2..4);
-        w.lock_probe.as_mut().unwrap().0 = Instant::now();
+        w.write_probe.as_mut().unwrap().0 = Instant::now();
         drop(handle);
         let linger = Duration::from_secs(3600);
         let mut next_seal = Instant::now() + linger;
@@ -1827,7 +1848,7 @@ mod tests {
         let (reply, _rx) = oneshot::channel();
         w.control(Control::Ack { seqs, reply });
         assert!(w
-            .lock_probe
+            .write_probe
             .as_ref()
             .is_some_and(|(at, _)| *at > Instant::now()));
         let errors = w.metrics.buffer_errors.get();
@@ -1855,7 +1876,7 @@ mod tests {
         let mut due = Instant::now();
         assert!(w.step(&mut due, linger));
         assert_eq!(errors(&w), 1, "the tick's seal failed on the lock");
-        assert!(w.lock_waits(Instant::now()));
+        assert!(w.writes_wait(Instant::now()));
 
         // Ticks due again and again: none tries before the probe; the queued poll is taken and held on the lock.
         queue_poll(&handle, vec![reading("plc/x".into(), 9)]);
@@ -1877,7 +1898,7 @@ mod tests {
         let mut due = Instant::now();
         assert!(w.step(&mut due, linger));
         assert!(
-            w.held.is_none() && w.lock_probe.is_none(),
+            w.held.is_none() && w.write_probe.is_none(),
             "the commit went in"
         );
         let mut due = Instant::now();
@@ -1888,6 +1909,36 @@ mod tests {
             (4, 1),
             "sealed again (the poll waits its reorder window)"
         );
+    }
+
+    /// A seal that failed on a full disk (another process filled it) keeps the next ticks from trying until the
+    /// probe: each failed again at once and logged, ten lines a second into the full disk's journal. At the probe
+    /// the tick seals again, and a write that goes through ends the wait.
+    #[test]
+    fn a_seal_that_failed_on_a_full_disk_waits_for_the_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _handle) = new_worker(dir.path());
+        commit_ready(&mut w, 0..4);
+        w.buffer.fault = Some(rusqlite::ffi::SQLITE_FULL);
+        let errors = |w: &Worker| w.metrics.buffer_errors.get();
+        let linger = Duration::from_secs(3600);
+        let mut due = Instant::now();
+        assert!(w.step(&mut due, linger));
+        assert_eq!(errors(&w), 1, "the tick's seal failed on the full disk");
+        assert!(w.writes_wait(Instant::now()));
+        for _ in 0..3 {
+            let mut due = Instant::now();
+            assert!(w.step(&mut due, linger));
+        }
+        assert_eq!(errors(&w), 1, "no tick tried before the probe");
+        assert_eq!(w.buffer.stats().unsealed_readings, 4);
+
+        w.write_probe.as_mut().unwrap().0 = Instant::now();
+        let mut due = Instant::now();
+        assert!(w.step(&mut due, linger));
+        let stats = w.buffer.stats();
+        assert_eq!((stats.pending_readings, stats.unsealed_readings), (4, 0));
+        assert!(w.write_probe.is_none(), "the seal went through: no wait");
     }
 
     /// The window rules' intake clock stands still while the agent takes no readings, whatever the wall clock.

@@ -1289,6 +1289,11 @@ impl Buffer {
         !self.undeleted.is_empty()
     }
 
+    /// How many records Kinesis acknowledged wait for their deletion.
+    pub fn undeleted_records(&self) -> usize {
+        self.undeleted.len()
+    }
+
     /// Records Kinesis acknowledged (`seqs`) whose deletion failed: they stay in the file, counted pending, until
     /// [`Buffer::ack_undeleted`] deletes them; they are no longer in flight and not fetched again, and
     /// [`Buffer::left`] counts them apart from the records Kinesis has not acknowledged.
