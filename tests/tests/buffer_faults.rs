@@ -324,29 +324,35 @@ fn a_disk_filled_to_the_last_byte_by_another_process_loses_and_doubles_nothing()
     );
     let ballast = fs.path.join("ballast");
     fill(&ballast, u64::MAX);
-    let filled = Instant::now();
+    // A failed seal gives the WAL's blocks back (`wal_checkpoint(TRUNCATE)`): a little may be free again.
     let full = fs.free();
-    assert_eq!(full, 0, "the filesystem was not filled");
+    assert!(
+        full < 1 << 20,
+        "the filesystem was not filled: {full} B free"
+    );
     wait_for(
         "intake to pause for disk space",
         Duration::from_secs(30),
         || health(&agent).contains("intake paused").then_some(()),
     );
+    // Seals that fail on the full disk are halved at each tick (~3 s to one row), then tried at a probe backing off
+    // from 1 to 10 s: before, each seal tick (every 200 ms) failed again and logged for as long as the disk was
+    // full, 25 errors in 5 s.
+    std::thread::sleep(Duration::from_secs(4));
+    let errors_before = agent.metric("fieldlink_buffer_errors_total");
     std::thread::sleep(Duration::from_secs(5));
+    let errors = agent.metric("fieldlink_buffer_errors_total");
+    assert!(
+        errors - errors_before <= 5.0,
+        "{} buffer errors in 5 s on the full disk",
+        errors - errors_before
+    );
     let h = health(&agent);
     assert!(
         !h.contains("has not answered") && h.contains("intake paused"),
         "on a full disk the buffer thread keeps answering and says why intake waits: {h}"
     );
     let taken_while_full = agent.metric("fieldlink_readings_received_total");
-    let errors = agent.metric("fieldlink_buffer_errors_total");
-    let full_s = filled.elapsed().as_secs_f64();
-    // Writes on the full disk are tried at a probe backing off from 1 to 10 s: before, each seal tick (every
-    // 200 ms) failed again and logged, ~7 errors a second into the full disk's journal.
-    assert!(
-        errors / full_s < 2.0,
-        "{errors} buffer errors in {full_s:.1} s on the full disk"
-    );
     std::fs::remove_file(&ballast).unwrap();
     let acked = publisher.finish(Duration::from_secs(120));
     wait_for("everything to arrive", Duration::from_secs(120), || {
@@ -364,11 +370,16 @@ fn a_disk_filled_to_the_last_byte_by_another_process_loses_and_doubles_nothing()
     assert_eq!(agent.metric("fieldlink_readings_dropped_total"), 0.0);
     let (received, accounted) = agent.ledger();
     assert_eq!(received, accounted, "ledger");
-    assert!(health(&agent).contains("buffer: ok"), "{}", health(&agent));
+    // The catch-up after the file went can itself meet the headroom of this 24 MiB filesystem for a moment (a
+    // commit held, then through once sends free room): the buffer is ok again by itself.
+    wait_for("the buffer to be ok", Duration::from_secs(30), || {
+        health(&agent).contains("buffer: ok").then_some(())
+    });
     agent.stop();
     eprintln!(
         "disk filled by another process: {taken} readings taken ({sent} sent) before, {taken_while_full} when it had been \
-         full 5 s, {errors} buffer errors in {full_s:.1} s full; after the file went, {} acknowledged readings landed once",
+         full 9 s, {errors} buffer errors ({} in its last 5 s); after the file went, {} acknowledged readings landed once",
+        errors - errors_before,
         acked.len()
     );
 }
@@ -765,8 +776,9 @@ fn a_drain_through_power_cuts_loses_and_doubles_nothing() {
     let (mut undone, mut cuts, mut seal_cuts) = (Undone::default(), 0, 0);
     for round in 0..6 {
         let mut cmd = agent.drain_command(120);
-        // The first drain's first writes are the WAL index's, then its seal of the tail (from the 2nd or 3rd,
-        // measured); the later ones reach past it, to deletes.
+        // The first drain is cut before its seal of the tail is done (a cut at its 1st counted write undid no
+        // database write in one run; from its 2nd, database and WAL writes); the later drains' cuts reach past
+        // the seal, to deletes.
         let kill_at = if round == 0 {
             rng.u64(4..9)
         } else {
@@ -801,7 +813,7 @@ fn a_drain_through_power_cuts_loses_and_doubles_nothing() {
     );
     assert!(
         seal_cuts > 0,
-        "no cut undid a drain's writes with the tail left unsealed: none landed in the drain's seal"
+        "no cut undid a drain's database writes with the tail left unsealed: none landed before its seal was done"
     );
     let mut cmd = agent.drain_command(120);
     cmd.envs(cut.env());
@@ -821,7 +833,7 @@ fn a_drain_through_power_cuts_loses_and_doubles_nothing() {
         "after {cuts} power cuts in drains: {problem}"
     );
     eprintln!(
-        "{cuts} drains cut by power failures ({seal_cuts} in their seal): {} writes undone ({} to the database and its WAL), {} kept; {} readings \
+        "{cuts} drains cut by power failures ({seal_cuts} before their seal was done): {} writes undone ({} to the database and its WAL), {} kept; {} readings \
          in Kinesis once, {} records for {} batches",
         undone.writes,
         undone.database_writes,

@@ -395,6 +395,7 @@ fn worker(
         held: None,
         undeleted_retry: None,
         write_probe: None,
+        probe_on_lock: false,
         headroom,
         seal_error: None,
         dropped: None,
@@ -500,6 +501,8 @@ struct Worker {
     /// disk another process filled, each tick's seal failed again at once and logged (ten lines a second into the
     /// full disk's journal). Any write that goes through clears it.
     write_probe: Option<(Instant, Backoff)>,
+    /// Whether the write that set [`Worker::write_probe`] last failed on another process's lock (not a full disk).
+    probe_on_lock: bool,
     /// Bytes kept free on the buffer's filesystem: `min_free_bytes`, at most an eighth of a small filesystem.
     headroom: u64,
     /// The last seal's error, until a seal succeeds.
@@ -671,9 +674,9 @@ impl Worker {
                 // Every handle is gone: commit what is still held or queued, then seal what is left and stop.
                 self.commit_at_close(Instant::now() + CLOSE_RETRY);
                 self.seal_all();
-                // Once more unless the last write met another process's lock (or a full disk) and its probe is not
-                // due (it would wait out the busy timeout on it): what is left is sent again at the next start, and the cloud skips it.
-                if self.buffer.has_undeleted() && !self.writes_wait(Instant::now()) {
+                // Once more unless the last write met another process's lock and its probe is not due (it would wait
+                // out the busy timeout on it): what is left is sent again at the next start, and the cloud skips it.
+                if self.buffer.has_undeleted() && !self.lock_waits(Instant::now()) {
                     self.delete_undeleted();
                 }
                 tracing::info!(stats = ?self.buffer.stats(), "buffer closed");
@@ -810,10 +813,17 @@ impl Worker {
         self.commit_waits_on_lock() || self.write_probe.as_ref().is_some_and(|(at, _)| now < *at)
     }
 
+    /// [`Worker::writes_wait`] on another process's lock only, where each attempt waits out SQLite's busy timeout;
+    /// on a full disk a write fails at once.
+    fn lock_waits(&self, now: Instant) -> bool {
+        self.commit_waits_on_lock()
+            || (self.probe_on_lock && self.write_probe.as_ref().is_some_and(|(at, _)| now < *at))
+    }
+
     /// Notes how a write ended (`None`: it committed; only writes that reached the database, not a seal that found
     /// nothing to write): one that failed on another process's lock or a full disk sets the next probe (with
-    /// backoff); one that went through, or failed for another reason (an I/O error: it got the lock and the
-    /// space), ends the wait, and a deletion of acknowledged records that waits is due at once (under
+    /// backoff); one that went through, or failed for another reason (an I/O error, which no wait is known to
+    /// help), ends the wait, and a deletion of acknowledged records that waits is due at once (under
     /// `backpressure` they keep intake paused until deleted).
     fn note_write(&mut self, class: Option<ErrorClass>) {
         if !matches!(class, Some(ErrorClass::Busy | ErrorClass::Full)) {
@@ -825,6 +835,7 @@ impl Worker {
             }
             return;
         }
+        self.probe_on_lock = class == Some(ErrorClass::Busy);
         let (at, backoff) = self.write_probe.get_or_insert_with(|| {
             (
                 Instant::now(),
@@ -1387,6 +1398,9 @@ impl Worker {
     /// with a part that found nothing ready, or with an error, retried at a later tick: after the probe when it failed on a lock or a full disk).
     fn part_result(&mut self, res: Result<SealReport, BufferError>, max_rows: usize) -> bool {
         match &res {
+            // A seal that failed on a full disk and can still be halved tries again, smaller, at the next tick
+            // (from 20,000 rows to 1 in ~3 s); the probe's wait starts once it cannot.
+            Err(e) if e.class() == ErrorClass::Full && max_rows > 1 => {}
             Err(e) => self.note_write(Some(e.class())),
             Ok(r) if r.rows > 0 || r.batches > 0 || r.alarm_events > 0 => self.note_write(None),
             // Found nothing to write: says nothing of the lock.
@@ -1860,6 +1874,27 @@ mod tests {
         assert!(w.buffer.has_undeleted());
     }
 
+    /// A close after an acknowledgement's delete failed on a full disk, its probe not due, still tries the delete
+    /// (on a full disk a write fails at once, no busy timeout to wait out): here the disk has room again and the
+    /// records go, instead of being sent again at the next start.
+    #[test]
+    fn a_close_after_a_delete_failed_on_a_full_disk_tries_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, handle) = new_worker(dir.path());
+        let seqs = sealed_and_fetched(&mut w, 0..2);
+        w.buffer.fault = Some(rusqlite::ffi::SQLITE_FULL);
+        let (reply, _rx) = oneshot::channel();
+        w.control(Control::Ack { seqs, reply });
+        assert!(w.buffer.has_undeleted());
+        assert!(w.writes_wait(Instant::now()) && !w.lock_waits(Instant::now()));
+        drop(handle);
+        let linger = Duration::from_secs(3600);
+        let mut next_seal = Instant::now() + linger;
+        assert!(!w.step(&mut next_seal, linger), "closed");
+        assert!(!w.buffer.has_undeleted(), "deleted at the close");
+        assert_eq!(w.buffer.stats().pending_batches, 0);
+    }
+
     /// A seal tick that failed on another process's lock, with no commit held, keeps the next ticks from trying
     /// until the lock's probe (each attempt waits out the busy timeout: back to back, control was served, then a
     /// tick, and appends never got a turn); appends are taken meanwhile, and once a write goes through the ticks
@@ -1911,28 +1946,49 @@ mod tests {
         );
     }
 
-    /// A seal that failed on a full disk (another process filled it) keeps the next ticks from trying until the
-    /// probe: each failed again at once and logged, ten lines a second into the full disk's journal. At the probe
-    /// the tick seals again, and a write that goes through ends the wait.
+    /// A seal that failed on a full disk (another process filled it) tries again at the next tick with half the
+    /// rows, down to one; then the next ticks wait for the probe (each failed again at once and logged, ten lines a
+    /// second into the full disk's journal). At the probe the tick seals again, and a write that goes through ends
+    /// the wait.
     #[test]
-    fn a_seal_that_failed_on_a_full_disk_waits_for_the_probe() {
+    fn a_seal_that_failed_on_a_full_disk_halves_then_waits_for_the_probe() {
         let dir = tempfile::tempdir().unwrap();
         let (mut w, _handle) = new_worker(dir.path());
         commit_ready(&mut w, 0..4);
-        w.buffer.fault = Some(rusqlite::ffi::SQLITE_FULL);
         let errors = |w: &Worker| w.metrics.buffer_errors.get();
         let linger = Duration::from_secs(3600);
-        let mut due = Instant::now();
-        assert!(w.step(&mut due, linger));
-        assert_eq!(errors(&w), 1, "the tick's seal failed on the full disk");
-        assert!(w.writes_wait(Instant::now()));
+        let first = w.max_part_rows();
+        assert!(first > 1);
+        while !w.writes_wait(Instant::now()) {
+            assert!(
+                errors(&w) < 20,
+                "no probe after {} failed seals",
+                errors(&w)
+            );
+            w.buffer.fault = Some(rusqlite::ffi::SQLITE_FULL);
+            let mut due = Instant::now();
+            assert!(w.step(&mut due, linger));
+        }
+        assert_eq!(w.max_part_rows(), 1, "halved to one row before the wait");
+        let mut sizes = vec![first];
+        while sizes[sizes.len() - 1] > 1 {
+            sizes.push(sizes[sizes.len() - 1] / 2);
+        }
+        assert_eq!(
+            errors(&w),
+            sizes.len() as u64,
+            "one failed seal per size: {sizes:?}"
+        );
+        let failed = errors(&w);
+        w.buffer.fault = Some(rusqlite::ffi::SQLITE_FULL);
         for _ in 0..3 {
             let mut due = Instant::now();
             assert!(w.step(&mut due, linger));
         }
-        assert_eq!(errors(&w), 1, "no tick tried before the probe");
+        assert_eq!(errors(&w), failed, "no tick tried before the probe");
         assert_eq!(w.buffer.stats().unsealed_readings, 4);
 
+        w.buffer.fault = None;
         w.write_probe.as_mut().unwrap().0 = Instant::now();
         let mut due = Instant::now();
         assert!(w.step(&mut due, linger));
