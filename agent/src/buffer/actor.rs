@@ -1067,8 +1067,12 @@ impl Worker {
             }
         }
         if !held.group.is_empty() {
-            // The rest of a group split for disk space: next, right after serving control.
+            // The rest of a group split for disk space: next, right after serving control, in parts twice as large
+            // (halved down to one message on a full disk, the rest would otherwise go one message and one fsync at
+            // a time while intake waits), with a fresh backoff.
             held.retry_at = Instant::now();
+            held.limit = n.saturating_mul(2);
+            held.backoff.reset();
             self.held = Some(held);
         }
         self.enforce_cap();
@@ -2300,6 +2304,42 @@ mod tests {
         assert!(
             w.held.as_ref().is_some_and(|h| !h.locked),
             "held for an I/O error, not the lock"
+        );
+    }
+
+    /// A group split down to one message per commit on a full disk goes in parts twice as large each once the disk
+    /// has room again: a few commits, not one per message (and one fsync each) while intake waits.
+    #[test]
+    fn a_group_split_on_a_full_disk_commits_its_rest_in_growing_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, handle) = new_worker(dir.path());
+        for i in 0..64 {
+            queue_poll(&handle, vec![reading(format!("plc/p{i}"), i)]);
+        }
+        let linger = Duration::from_secs(3600);
+        let mut next_seal = Instant::now() + linger;
+        w.buffer.fault = Some(rusqlite::ffi::SQLITE_FULL);
+        assert!(w.step(&mut next_seal, linger));
+        assert_eq!(
+            w.held.as_ref().map(|h| h.group.len()),
+            Some(64),
+            "one group"
+        );
+        while w.held.as_ref().is_some_and(|h| h.limit > 1) {
+            w.buffer.fault = Some(rusqlite::ffi::SQLITE_FULL);
+            let held = w.held.take().unwrap();
+            w.try_commit(held);
+        }
+        let mut commits = 0;
+        while let Some(held) = w.held.take() {
+            commits += 1;
+            assert!(commits <= 64);
+            w.try_commit(held);
+        }
+        assert_eq!(w.buffer.stats().unsealed_readings, 64);
+        assert_eq!(
+            commits, 7,
+            "parts of 1, 2, 4, 8, 16, 32 and the last message"
         );
     }
 
